@@ -1,0 +1,16 @@
+//! Shelfsync's shared core: everything the agent and the hub must agree on, with no I/O and no
+//! clock. CRDTs ([`counter`]), identities ([`id`]), quantity rules ([`qty`]), the journal
+//! ([`journal`]), wire messages and codec ([`wire`]) and the sans-IO sync sessions ([`sync`]).
+#![warn(missing_docs)]
+
+pub mod counter;
+pub mod id;
+pub mod journal;
+pub mod qty;
+pub mod sync;
+pub mod wire;
+
+pub use counter::{CounterError, CounterMap, PnCounter, PnEntry, StateDigest};
+pub use id::{IdError, Incarnation, NodeId, Sku, StoreId, WriterId};
+pub use journal::{EventFlag, EventKind, JournalEvent, UnixMs};
+pub use qty::{QtyError, StockFigures};

@@ -1,0 +1,886 @@
+//! Sans-IO sync sessions: [`AgentSession`] and [`HubSession`] take frames and `now` in and hand
+//! frames, timers and effects out. They never touch a socket, a disk or the clock, so the network
+//! code only moves bytes between QUIC streams and these state machines, and a seeded simulator can
+//! drive thousands of partitions, losses and crashes in milliseconds.
+//!
+//! Each direction of a connection is a watermark protocol over the sender's local sequence:
+//! the sender ships "entries changed in `(after, upto]`", the receiver merges them durably and only
+//! then acks `upto`. A frame whose `after` is beyond what the receiver has seen reveals a gap
+//! (something was lost), which closes the connection; the next connection resumes from the
+//! receiver's durable watermark, which it states in `Hello`/`Welcome`. Merging is idempotent, so
+//! resending a range is always safe.
+//!
+//! The host fulfils [`Effect`]s in the order they are polled and reports back through the matching
+//! method (`delta_read`, `delta_applied`, ...).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::counter::{PnEntry, StateDigest};
+use crate::id::{Sku, StoreId, WriterId};
+use crate::journal::JournalEvent;
+use crate::wire::{
+    close_code, Ack, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, JournalBatch, Welcome, DELTA_ENTRIES_MAX,
+    JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION,
+};
+
+/// Timing and flow-control knobs of a session.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// How long a local change waits for company before it is shipped (coalesces bursts).
+    pub coalesce: Duration,
+    /// How often the agent offers an anti-entropy digest.
+    pub digest_interval: Duration,
+    /// How soon the agent tries again when it was too busy to take a digest.
+    pub digest_retry: Duration,
+    /// Most unacknowledged frames in flight per direction and kind.
+    pub window: usize,
+    /// Most entries per delta frame.
+    pub delta_limit: usize,
+    /// Most events per journal batch.
+    pub journal_limit: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            coalesce: Duration::from_millis(2),
+            digest_interval: Duration::from_secs(30),
+            digest_retry: Duration::from_secs(1),
+            window: 4,
+            delta_limit: DELTA_ENTRIES_MAX,
+            journal_limit: JOURNAL_BATCH_MAX,
+        }
+    }
+}
+
+/// Which QUIC stream a frame belongs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The bidirectional state stream: handshake, deltas, acks, digests.
+    State,
+    /// The unidirectional, lower-priority journal stream.
+    Journal,
+}
+
+/// A frame to send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transmit {
+    /// Where.
+    pub stream: StreamKind,
+    /// What.
+    pub frame: Frame,
+}
+
+/// The answer to [`Effect::ReadDelta`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaRead {
+    /// The read covers every local sequence up to here: the sequence of the last entry when the
+    /// limit was reached, the local head otherwise (read in the same snapshot as the entries).
+    pub upto: u64,
+    /// The entries, in sequence order.
+    pub entries: Vec<(Sku, WriterId, PnEntry)>,
+}
+
+/// The answer to [`Effect::ReadJournal`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JournalRead {
+    /// As [`DeltaRead::upto`], over the journal sequence.
+    pub upto: u64,
+    /// The events, in sequence order.
+    pub events: Vec<JournalEvent>,
+}
+
+/// Work for the host. Fulfil in the order polled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Hub only: an agent writer said hello. Look up what the hub durably applied from it and
+    /// call [`HubSession::accept`].
+    LookupPeer {
+        /// The agent's writer.
+        writer: WriterId,
+    },
+    /// The handshake is complete.
+    Established {
+        /// The peer's writer.
+        peer: WriterId,
+    },
+    /// Read local counter entries the peer should have with sequence above `after`, at most
+    /// `limit`, in sequence order; answer with `delta_read`. At the hub, `full` means "include the
+    /// agent's own current writer too" (a resync), which normal deltas leave out to avoid echoes.
+    ReadDelta {
+        /// Exclusive lower bound.
+        after: u64,
+        /// Most entries.
+        limit: usize,
+        /// Full-state resend.
+        full: bool,
+    },
+    /// Merge these entries durably, record `delta.upto` as applied from `peer` in the same
+    /// transaction, then call `delta_applied`.
+    ApplyDelta {
+        /// Whose sequence `delta.upto` is in.
+        peer: WriterId,
+        /// The entries.
+        delta: Delta,
+    },
+    /// The peer durably holds our counter entries up to `upto` (persist for status).
+    Acked {
+        /// Who acked.
+        peer: WriterId,
+        /// Up to where.
+        upto: u64,
+    },
+    /// Read local journal events the peer should have, above `after`; answer with `journal_read`.
+    ReadJournal {
+        /// Exclusive lower bound.
+        after: u64,
+        /// Most events.
+        limit: usize,
+    },
+    /// Store these events durably (grow-only set by id), record `batch.upto` as applied from
+    /// `peer`, then call `journal_applied`.
+    ApplyJournal {
+        /// Whose journal sequence.
+        peer: WriterId,
+        /// The events.
+        batch: JournalBatch,
+    },
+    /// The peer durably holds our journal up to `upto`.
+    JournalAcked {
+        /// Who acked.
+        peer: WriterId,
+        /// Up to where.
+        upto: u64,
+    },
+    /// Compute the digest of this store's counter entries together with the local sequence they
+    /// were read at (agent: the head; hub: the highest sequence among this store's entries) and
+    /// call `digest_computed`.
+    ComputeDigest,
+    /// The hub compared digests (for metrics and logs).
+    DigestCompared {
+        /// Whether they were equal. If not, a full resync has started.
+        matched: bool,
+    },
+}
+
+/// Why a session ended. The host closes the connection with `code` and logs `message`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{} (code {code}){}: {message}", close_code::name(*code), if *from_peer { ", said the peer" } else { "" })]
+pub struct SessionError {
+    /// One of [`close_code`].
+    pub code: u32,
+    /// What went wrong.
+    pub message: String,
+    /// The peer closed with this error (we received an `Error` frame).
+    pub from_peer: bool,
+}
+
+impl SessionError {
+    fn new(code: u32, message: impl Into<String>) -> Self {
+        SessionError { code, message: message.into(), from_peer: false }
+    }
+    fn violation(message: impl Into<String>) -> Self {
+        Self::new(close_code::PROTOCOL_VIOLATION, message)
+    }
+}
+
+/// One direction of shipping: a watermark over the local sequence.
+#[derive(Debug)]
+struct Outbox {
+    head: u64,
+    sent: u64,
+    max_sent: u64,
+    acked: u64,
+    inflight: VecDeque<u64>,
+    reading: bool,
+    restart_pending: bool,
+    full_until: u64,
+    due: Option<Instant>,
+}
+
+impl Outbox {
+    fn new(head: u64) -> Self {
+        Outbox {
+            head,
+            sent: 0,
+            max_sent: 0,
+            acked: 0,
+            inflight: VecDeque::new(),
+            reading: false,
+            restart_pending: false,
+            full_until: 0,
+            due: None,
+        }
+    }
+
+    fn start(&mut self, now: Instant, from: u64) {
+        self.sent = from;
+        self.max_sent = from;
+        self.acked = from;
+        self.due = None;
+        self.arm(now, Duration::ZERO);
+    }
+
+    fn arm(&mut self, now: Instant, delay: Duration) {
+        if self.head > self.sent && self.due.is_none() && !self.reading {
+            self.due = Some(now + delay);
+        }
+    }
+
+    fn notify(&mut self, now: Instant, head: u64, coalesce: Duration) {
+        self.head = self.head.max(head);
+        self.arm(now, coalesce);
+    }
+
+    fn poll_read(&mut self, now: Instant, window: usize) -> Option<(u64, bool)> {
+        if self.reading || self.inflight.len() >= window || !self.due.is_some_and(|d| d <= now) {
+            return None;
+        }
+        self.due = None;
+        if self.head <= self.sent {
+            return None;
+        }
+        self.reading = true;
+        Some((self.sent, self.sent < self.full_until))
+    }
+
+    /// Returns the `after` of the frame to send, if the read produced one.
+    fn read_done(&mut self, now: Instant, upto: u64, nonempty: bool) -> Result<Option<u64>, SessionError> {
+        if !self.reading {
+            return Err(SessionError::new(close_code::INTERNAL, "host answered a read nobody asked for"));
+        }
+        self.reading = false;
+        if upto < self.sent {
+            return Err(SessionError::new(
+                close_code::INTERNAL,
+                format!("host read up to {upto}, below what was already sent ({})", self.sent),
+            ));
+        }
+        let after = self.sent;
+        self.head = self.head.max(upto);
+        self.sent = upto;
+        self.max_sent = self.max_sent.max(upto);
+        if nonempty {
+            self.inflight.push_back(upto);
+        } else if self.inflight.is_empty() {
+            self.acked = self.acked.max(upto);
+        }
+        if self.restart_pending {
+            self.restart_pending = false;
+            self.full_until = self.full_until.max(self.head);
+            self.sent = 0;
+        }
+        self.arm(now, Duration::ZERO);
+        Ok(nonempty.then_some(after))
+    }
+
+    fn ack(&mut self, now: Instant, upto: u64) -> Result<bool, SessionError> {
+        if upto > self.max_sent {
+            return Err(SessionError::violation(format!("ack of {upto} beyond what was sent ({})", self.max_sent)));
+        }
+        while self.inflight.front().is_some_and(|u| *u <= upto) {
+            self.inflight.pop_front();
+        }
+        let before = self.acked;
+        self.acked = self.acked.max(upto);
+        if self.inflight.is_empty() && !self.reading {
+            self.acked = self.acked.max(self.sent);
+        }
+        self.arm(now, Duration::ZERO);
+        Ok(self.acked > before)
+    }
+
+    /// Resend everything from the start (anti-entropy found a difference).
+    fn restart_full(&mut self, now: Instant) {
+        if self.reading {
+            self.restart_pending = true;
+        } else {
+            self.full_until = self.full_until.max(self.head).max(self.sent);
+            self.sent = 0;
+            self.due = None;
+            self.arm(now, Duration::ZERO);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        !self.reading && self.inflight.is_empty() && self.sent >= self.head && self.acked >= self.sent
+    }
+}
+
+/// One direction of receiving.
+#[derive(Debug, Default)]
+struct Inbox {
+    received: u64,
+    applied: u64,
+}
+
+impl Inbox {
+    fn receive(&mut self, what: &str, after: u64, upto: u64) -> Result<(), SessionError> {
+        if after > self.received {
+            return Err(SessionError::violation(format!(
+                "{what} starts after {after} but only {} was received: a frame was lost",
+                self.received
+            )));
+        }
+        self.received = self.received.max(upto);
+        Ok(())
+    }
+
+    fn applied(&mut self, upto: u64) -> Result<u64, SessionError> {
+        if upto > self.received {
+            return Err(SessionError::new(
+                close_code::INTERNAL,
+                format!("host applied {upto}, beyond what was received"),
+            ));
+        }
+        self.applied = self.applied.max(upto);
+        Ok(self.applied)
+    }
+
+    fn settled(&self) -> bool {
+        self.applied >= self.received
+    }
+}
+
+/// What both sessions share: the two outboxes, two inboxes, and the queues to the host.
+#[derive(Debug)]
+struct Link {
+    config: SyncConfig,
+    peer: Option<WriterId>,
+    counters_out: Outbox,
+    journal_out: Outbox,
+    counters_in: Inbox,
+    journal_in: Inbox,
+    transmits: VecDeque<Transmit>,
+    effects: VecDeque<Effect>,
+    failed: bool,
+}
+
+impl Link {
+    fn new(config: SyncConfig, head: u64, journal_head: u64) -> Self {
+        Link {
+            config,
+            peer: None,
+            counters_out: Outbox::new(head),
+            journal_out: Outbox::new(journal_head),
+            counters_in: Inbox::default(),
+            journal_in: Inbox::default(),
+            transmits: VecDeque::new(),
+            effects: VecDeque::new(),
+            failed: false,
+        }
+    }
+
+    fn send(&mut self, stream: StreamKind, frame: FrameV1) {
+        self.transmits.push_back(Transmit { stream, frame: Frame::V1(frame) });
+    }
+
+    fn fail(&mut self, err: SessionError) -> SessionError {
+        if !self.failed && !err.from_peer {
+            let mut message = err.message.clone();
+            message.truncate(MESSAGE_MAX_LEN);
+            self.send(StreamKind::State, FrameV1::Error(ErrorMsg { code: err.code, message }));
+        }
+        self.failed = true;
+        err
+    }
+
+    fn peer(&self) -> WriterId {
+        self.peer.clone().expect("established sessions know their peer")
+    }
+
+    fn drive(&mut self, now: Instant) {
+        if self.peer.is_none() || self.failed {
+            return;
+        }
+        if let Some((after, full)) = self.counters_out.poll_read(now, self.config.window) {
+            self.effects.push_back(Effect::ReadDelta { after, limit: self.config.delta_limit, full });
+        }
+        if let Some((after, _)) = self.journal_out.poll_read(now, self.config.window) {
+            self.effects.push_back(Effect::ReadJournal { after, limit: self.config.journal_limit });
+        }
+    }
+
+    fn established(&mut self, now: Instant, peer: WriterId, counters_from: u64, journal_from: u64) {
+        self.peer = Some(peer.clone());
+        self.counters_out.start(now, counters_from);
+        self.journal_out.start(now, journal_from);
+        self.effects.push_back(Effect::Established { peer });
+    }
+
+    /// Frames both roles handle the same way once established.
+    fn handle_common(&mut self, now: Instant, frame: FrameV1) -> Result<Option<FrameV1>, SessionError> {
+        if self.peer.is_none() {
+            return Ok(Some(frame));
+        }
+        match frame {
+            FrameV1::Delta(delta) => {
+                self.counters_in.receive("delta", delta.after, delta.upto)?;
+                self.effects.push_back(Effect::ApplyDelta { peer: self.peer(), delta });
+            }
+            FrameV1::Ack(Ack { upto }) => {
+                if self.counters_out.ack(now, upto)? {
+                    self.effects.push_back(Effect::Acked { peer: self.peer(), upto: self.counters_out.acked });
+                }
+            }
+            FrameV1::Journal(batch) => {
+                self.journal_in.receive("journal batch", batch.after, batch.upto)?;
+                self.effects.push_back(Effect::ApplyJournal { peer: self.peer(), batch });
+            }
+            FrameV1::JournalAck(Ack { upto }) => {
+                if self.journal_out.ack(now, upto)? {
+                    self.effects.push_back(Effect::JournalAcked { peer: self.peer(), upto: self.journal_out.acked });
+                }
+            }
+            FrameV1::Error(e) => {
+                return Err(SessionError { code: e.code, message: e.message, from_peer: true });
+            }
+            other => return Ok(Some(other)),
+        }
+        Ok(None)
+    }
+
+    fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
+        if let Some(after) = self.counters_out.read_done(now, read.upto, !read.entries.is_empty())? {
+            let delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)));
+            self.send(StreamKind::State, FrameV1::Delta(delta));
+        }
+        Ok(())
+    }
+
+    fn delta_applied(&mut self, upto: u64) -> Result<(), SessionError> {
+        let applied = self.counters_in.applied(upto)?;
+        self.send(StreamKind::State, FrameV1::Ack(Ack { upto: applied }));
+        Ok(())
+    }
+
+    fn journal_read(&mut self, now: Instant, read: JournalRead) -> Result<(), SessionError> {
+        if let Some(after) = self.journal_out.read_done(now, read.upto, !read.events.is_empty())? {
+            self.send(
+                StreamKind::Journal,
+                FrameV1::Journal(JournalBatch { after, upto: read.upto, events: read.events }),
+            );
+        }
+        Ok(())
+    }
+
+    fn journal_applied(&mut self, upto: u64) -> Result<(), SessionError> {
+        let applied = self.journal_in.applied(upto)?;
+        self.send(StreamKind::State, FrameV1::JournalAck(Ack { upto: applied }));
+        Ok(())
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [self.counters_out.due, self.journal_out.due].into_iter().flatten().min()
+    }
+}
+
+macro_rules! common_api {
+    () => {
+        /// The next frame to send.
+        pub fn poll_transmit(&mut self) -> Option<Transmit> {
+            self.link.transmits.pop_front()
+        }
+
+        /// The next piece of work for the host.
+        pub fn poll_effect(&mut self) -> Option<Effect> {
+            self.link.effects.pop_front()
+        }
+
+        /// The host made local changes: the counter and journal heads are now these.
+        pub fn local_head(&mut self, now: Instant, counter_head: u64, journal_head: u64) {
+            let coalesce = self.link.config.coalesce;
+            self.link.counters_out.notify(now, counter_head, coalesce);
+            self.link.journal_out.notify(now, journal_head, coalesce);
+            self.drive(now);
+        }
+
+        /// Answer to [`Effect::ReadDelta`].
+        pub fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
+            let r = self.link.delta_read(now, read);
+            self.check(now, r)
+        }
+
+        /// Answer to [`Effect::ApplyDelta`]: the entries up to `upto` are durable.
+        pub fn delta_applied(&mut self, now: Instant, upto: u64) -> Result<(), SessionError> {
+            let r = self.link.delta_applied(upto);
+            self.check(now, r)
+        }
+
+        /// Answer to [`Effect::ReadJournal`].
+        pub fn journal_read(&mut self, now: Instant, read: JournalRead) -> Result<(), SessionError> {
+            let r = self.link.journal_read(now, read);
+            self.check(now, r)
+        }
+
+        /// Answer to [`Effect::ApplyJournal`]: the events up to `upto` are durable.
+        pub fn journal_applied(&mut self, now: Instant, upto: u64) -> Result<(), SessionError> {
+            let r = self.link.journal_applied(upto);
+            self.check(now, r)
+        }
+
+        /// The peer's writer, once the handshake is complete.
+        pub fn peer(&self) -> Option<&WriterId> {
+            self.link.peer.as_ref()
+        }
+
+        /// Whether the handshake is complete and the session has not failed.
+        pub fn is_established(&self) -> bool {
+            self.link.peer.is_some() && !self.link.failed
+        }
+
+        /// Highest local counter sequence the peer acked on this connection.
+        pub fn acked(&self) -> u64 {
+            self.link.counters_out.acked
+        }
+
+        /// Highest local journal sequence the peer acked on this connection.
+        pub fn journal_acked(&self) -> u64 {
+            self.link.journal_out.acked
+        }
+
+        /// Highest peer counter sequence durably applied here.
+        pub fn applied(&self) -> u64 {
+            self.link.counters_in.applied
+        }
+
+        /// Whether nothing is in flight in either direction.
+        pub fn is_idle(&self) -> bool {
+            self.link.counters_out.idle()
+                && self.link.journal_out.idle()
+                && self.link.counters_in.settled()
+                && self.link.journal_in.settled()
+                && self.link.effects.is_empty()
+                && self.link.transmits.is_empty()
+        }
+
+        fn check(&mut self, now: Instant, r: Result<(), SessionError>) -> Result<(), SessionError> {
+            match r {
+                Ok(()) => {
+                    self.drive(now);
+                    Ok(())
+                }
+                Err(e) => Err(self.link.fail(e)),
+            }
+        }
+    };
+}
+
+/// The agent's end of a sync connection.
+#[derive(Debug)]
+pub struct AgentSession {
+    link: Link,
+    store: StoreId,
+    writer: WriterId,
+    hub_writer: Option<WriterId>,
+    next_digest: Option<Instant>,
+    digesting: bool,
+}
+
+/// What an agent knows durably about its hub when it connects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentResume {
+    /// The hub incarnation the watermarks below refer to.
+    pub hub_writer: Option<WriterId>,
+    /// Highest hub counter sequence durably applied.
+    pub applied: u64,
+    /// Highest hub journal sequence durably stored.
+    pub journal_applied: u64,
+    /// Local counter head.
+    pub head: u64,
+    /// Local journal head.
+    pub journal_head: u64,
+}
+
+impl AgentSession {
+    /// Starts a session on a fresh connection; the `Hello` is queued at once.
+    pub fn new(config: SyncConfig, store: StoreId, writer: WriterId, resume: AgentResume) -> Self {
+        let mut link = Link::new(config, resume.head, resume.journal_head);
+        link.counters_in.received = resume.applied;
+        link.counters_in.applied = resume.applied;
+        link.journal_in.received = resume.journal_applied;
+        link.journal_in.applied = resume.journal_applied;
+        link.send(
+            StreamKind::State,
+            FrameV1::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                store: store.clone(),
+                writer: writer.clone(),
+                hub_writer: resume.hub_writer.clone(),
+                applied: resume.applied,
+                journal_applied: resume.journal_applied,
+            }),
+        );
+        AgentSession { link, store, writer, hub_writer: resume.hub_writer, next_digest: None, digesting: false }
+    }
+
+    common_api!();
+
+    /// The store this agent is.
+    pub fn store(&self) -> &StoreId {
+        &self.store
+    }
+
+    /// Feeds one received frame.
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+        let r = self.handle_inner(now, frame);
+        self.check(now, r)
+    }
+
+    fn handle_inner(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+        let Frame::V1(frame) = frame;
+        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        match frame {
+            FrameV1::Welcome(w) if self.link.peer.is_none() => {
+                if w.protocol != PROTOCOL_VERSION {
+                    return Err(SessionError::new(
+                        close_code::VERSION_MISMATCH,
+                        format!("hub speaks protocol {}, this agent speaks {PROTOCOL_VERSION}", w.protocol),
+                    ));
+                }
+                if !w.hub_writer.is_hub() {
+                    return Err(SessionError::violation(format!("welcome names {} as the hub's writer", w.hub_writer)));
+                }
+                if self.hub_writer.as_ref() != Some(&w.hub_writer) {
+                    // Our watermarks refer to another life of the hub: take everything anew.
+                    self.link.counters_in = Inbox::default();
+                    self.link.journal_in = Inbox::default();
+                    self.hub_writer = Some(w.hub_writer.clone());
+                }
+                let from = if w.applied <= self.link.counters_out.head { w.applied } else { 0 };
+                let jfrom = if w.journal_applied <= self.link.journal_out.head { w.journal_applied } else { 0 };
+                self.link.established(now, w.hub_writer, from, jfrom);
+                self.next_digest = Some(now);
+                Ok(())
+            }
+            FrameV1::Resync if self.link.peer.is_some() => {
+                self.link.counters_out.restart_full(now);
+                Ok(())
+            }
+            FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
+            other => Err(SessionError::violation(format!("unexpected {} from the hub", frame_name(&other)))),
+        }
+    }
+
+    /// Timers fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.drive(now);
+    }
+
+    /// When the session next wants `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let digest = if self.digesting { None } else { self.next_digest };
+        [self.link.poll_timeout(), digest].into_iter().flatten().min()
+    }
+
+    /// Answer to [`Effect::ComputeDigest`]: the digest of all the store's counter entries here,
+    /// and the local head it was taken at.
+    pub fn digest_computed(&mut self, now: Instant, digest: StateDigest, head: u64) -> Result<(), SessionError> {
+        self.digesting = false;
+        let quiet =
+            head == self.link.counters_out.acked && self.link.counters_out.idle() && self.link.counters_in.settled();
+        if quiet {
+            self.link.send(
+                StreamKind::State,
+                FrameV1::Digest(DigestMsg { head, applied: self.link.counters_in.applied, digest }),
+            );
+            self.next_digest = Some(now + self.link.config.digest_interval);
+        } else {
+            self.next_digest = Some(now + self.link.config.digest_retry);
+        }
+        self.drive(now);
+        Ok(())
+    }
+
+    fn drive(&mut self, now: Instant) {
+        self.link.drive(now);
+        if self.link.peer.is_some()
+            && !self.link.failed
+            && !self.digesting
+            && self.next_digest.is_some_and(|t| t <= now)
+        {
+            self.digesting = true;
+            self.next_digest = None;
+            self.link.effects.push_back(Effect::ComputeDigest);
+        }
+    }
+
+    /// This agent's writer.
+    pub fn writer(&self) -> &WriterId {
+        &self.writer
+    }
+}
+
+/// The hub's end of one agent's connection.
+#[derive(Debug)]
+pub struct HubSession {
+    link: Link,
+    store: StoreId,
+    hub_writer: WriterId,
+    hello: Option<Hello>,
+    pending_digest: Option<DigestMsg>,
+}
+
+impl HubSession {
+    /// A session for a connection whose certificate names `store`.
+    pub fn new(config: SyncConfig, store: StoreId, hub_writer: WriterId, head: u64, journal_head: u64) -> Self {
+        HubSession { link: Link::new(config, head, journal_head), store, hub_writer, hello: None, pending_digest: None }
+    }
+
+    common_api!();
+
+    /// The store on the other end (from its certificate).
+    pub fn store(&self) -> &StoreId {
+        &self.store
+    }
+
+    /// Feeds one received frame.
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+        let r = self.handle_inner(now, frame);
+        self.check(now, r)
+    }
+
+    fn handle_inner(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
+        let Frame::V1(frame) = frame;
+        // Authorisation first: a store may only write its own writers' entries and events.
+        match &frame {
+            FrameV1::Delta(d) => {
+                if let Some(w) = d.writers.iter().find(|w| !w.is_store(&self.store)) {
+                    return Err(SessionError::new(
+                        close_code::UNAUTHORIZED,
+                        format!("store {} sent entries of writer {w}, which is not one of its own", self.store),
+                    ));
+                }
+            }
+            FrameV1::Journal(b) => {
+                if let Some(e) = b.events.iter().find(|e| e.store != self.store || !e.writer.is_store(&self.store)) {
+                    return Err(SessionError::new(
+                        close_code::UNAUTHORIZED,
+                        format!(
+                            "store {} sent journal event {} of store {} by {}",
+                            self.store, e.id, e.store, e.writer
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        match frame {
+            FrameV1::Hello(h) if self.hello.is_none() => {
+                if h.protocol != PROTOCOL_VERSION {
+                    return Err(SessionError::new(
+                        close_code::VERSION_MISMATCH,
+                        format!("agent speaks protocol {}, this hub speaks {PROTOCOL_VERSION}", h.protocol),
+                    ));
+                }
+                if h.store != self.store {
+                    return Err(SessionError::new(
+                        close_code::UNAUTHORIZED,
+                        format!("certificate names store {} but hello claims {}", self.store, h.store),
+                    ));
+                }
+                if !h.writer.is_store(&self.store) {
+                    return Err(SessionError::new(
+                        close_code::UNAUTHORIZED,
+                        format!("store {} claims writer {}", self.store, h.writer),
+                    ));
+                }
+                self.link.effects.push_back(Effect::LookupPeer { writer: h.writer.clone() });
+                self.hello = Some(h);
+                Ok(())
+            }
+            FrameV1::Digest(d) if self.link.peer.is_some() => {
+                // Compare only when both sides describe the same moment: we applied all the agent
+                // had, and the agent applied all we sent. Otherwise wait for the next digest.
+                let out = &self.link.counters_out;
+                let comparable = self.link.counters_in.applied >= d.head
+                    && self.link.counters_in.settled()
+                    && out.idle()
+                    && d.applied == out.sent
+                    && self.pending_digest.is_none();
+                if comparable {
+                    self.pending_digest = Some(d);
+                    self.link.effects.push_back(Effect::ComputeDigest);
+                }
+                Ok(())
+            }
+            other => {
+                Err(SessionError::violation(format!("unexpected {} from store {}", frame_name(&other), self.store)))
+            }
+        }
+    }
+
+    /// Answer to [`Effect::LookupPeer`]: what the hub durably applied from this agent writer.
+    pub fn accept(&mut self, now: Instant, applied: u64, journal_applied: u64) -> Result<(), SessionError> {
+        let Some(h) = self.hello.clone() else {
+            return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
+        };
+        self.link.counters_in.received = applied;
+        self.link.counters_in.applied = applied;
+        self.link.journal_in.received = journal_applied;
+        self.link.journal_in.applied = journal_applied;
+        let same_hub = h.hub_writer.as_ref() == Some(&self.hub_writer);
+        let from = if same_hub && h.applied <= self.link.counters_out.head { h.applied } else { 0 };
+        let jfrom = if same_hub && h.journal_applied <= self.link.journal_out.head { h.journal_applied } else { 0 };
+        self.link.send(
+            StreamKind::State,
+            FrameV1::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                hub_writer: self.hub_writer.clone(),
+                applied,
+                journal_applied,
+            }),
+        );
+        self.link.established(now, h.writer, from, jfrom);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Answer to [`Effect::ComputeDigest`]: the digest of the store's counters at the hub and the
+    /// highest hub sequence among them.
+    pub fn digest_computed(&mut self, now: Instant, digest: StateDigest, store_head: u64) -> Result<(), SessionError> {
+        let Some(remote) = self.pending_digest.take() else { return Ok(()) };
+        if store_head > self.link.counters_out.sent {
+            // Something changed here since; the next digest will tell.
+            return Ok(());
+        }
+        let matched = remote.digest == digest;
+        if !matched {
+            self.link.send(StreamKind::State, FrameV1::Resync);
+            self.link.counters_out.restart_full(now);
+        }
+        self.link.effects.push_back(Effect::DigestCompared { matched });
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Timers fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.drive(now);
+    }
+
+    /// When the session next wants `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout()
+    }
+
+    fn drive(&mut self, now: Instant) {
+        self.link.drive(now);
+    }
+}
+
+fn frame_name(f: &FrameV1) -> &'static str {
+    match f {
+        FrameV1::Hello(_) => "hello",
+        FrameV1::Welcome(_) => "welcome",
+        FrameV1::Delta(_) => "delta",
+        FrameV1::Ack(_) => "ack",
+        FrameV1::Digest(_) => "digest",
+        FrameV1::Resync => "resync",
+        FrameV1::Journal(_) => "journal batch",
+        FrameV1::JournalAck(_) => "journal ack",
+        FrameV1::Error(_) => "error",
+    }
+}
