@@ -1,1 +1,256 @@
-fn main() {}
+//! `shelfsync-agent`: the store agent's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use shelfsync_agent::client::ApiClient;
+use shelfsync_agent::config::AgentConfig;
+use shelfsync_agent::db::{Db, DbOptions};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "shelfsync-agent",
+    version,
+    about = "Shelfsync store agent: an offline-first stock ledger beside the point of sale"
+)]
+struct Cli {
+    /// The running agent's API (for sell, return, count, adjust, stock, status).
+    #[arg(long, global = true, env = "SHELFSYNC_AGENT_URL", default_value = "http://127.0.0.1:7070")]
+    agent: String,
+    /// Bearer token of the agent's API, if it requires one.
+    #[arg(long, global = true, env = "SHELFSYNC_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the server's raw JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the store's database (standalone with --store-id, or from a hub bundle).
+    Init {
+        /// The store id, e.g. store-012 (standalone: no hub).
+        #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+        store_id: Option<String>,
+        /// A credential bundle written by `shelfsync-hub store add`.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Where the database lives.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Run the agent: the POS API and the sync client.
+    Run {
+        /// TOML config file (see config/agent.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `api.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Record a sale of QTY units.
+    Sell {
+        sku: String,
+        qty: i64,
+        /// Idempotency id (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// Record a customer return of QTY units.
+    Return {
+        sku: String,
+        qty: i64,
+        /// Idempotency id (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// Record a physical count of N units.
+    Count {
+        sku: String,
+        n: i64,
+        /// Idempotency id (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// Record an adjustment of DELTA units (negative for shrinkage).
+    Adjust {
+        sku: String,
+        #[arg(allow_hyphen_values = true)]
+        delta: i64,
+        /// Why (damage, theft, found, ...).
+        #[arg(long)]
+        reason: String,
+        /// Idempotency id (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// Show stock of one SKU, or list all.
+    Stock {
+        sku: Option<String>,
+        /// List from after this SKU.
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show the agent's identity, ledger and sync state.
+    Status,
+    /// Copy the database with SQLite's online backup API (safe while the agent runs).
+    Backup {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Destination file (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let client = ApiClient::new(cli.agent.clone(), cli.token.clone());
+    let id = |id: Option<Uuid>| id.unwrap_or_else(Uuid::now_v7).to_string();
+    let answer = match cli.cmd {
+        Cmd::Init { store_id, bundle, data_dir } => return init(store_id, bundle, data_dir),
+        Cmd::Run { config, data_dir, listen } => {
+            let mut cfg = AgentConfig::load(config.as_deref())?;
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.api.listen = l;
+            }
+            init_tracing(&cfg.log.filter);
+            shelfsync_agent::server::run(cfg, shutdown_signal()).await?;
+            return Ok(());
+        }
+        Cmd::Backup { data_dir, to } => {
+            let path = data_dir.join("agent.db");
+            let db = tokio::task::spawn_blocking(move || Db::open(&path, DbOptions::default())).await??;
+            db.backup(to.clone()).await?;
+            println!("backed up to {}", to.display());
+            return Ok(());
+        }
+        Cmd::Sell { sku, qty, id: i } => {
+            client.post("/v1/sales", &json!({"id": id(i), "lines": [{"sku": sku, "qty": qty}]})).await?.1
+        }
+        Cmd::Return { sku, qty, id: i } => {
+            client.post("/v1/returns", &json!({"id": id(i), "lines": [{"sku": sku, "qty": qty}]})).await?.1
+        }
+        Cmd::Count { sku, n, id: i } => {
+            client.post("/v1/counts", &json!({"id": id(i), "sku": sku, "counted": n})).await?.1
+        }
+        Cmd::Adjust { sku, delta, reason, id: i } => {
+            client.post("/v1/adjustments", &json!({"id": id(i), "sku": sku, "delta": delta, "reason": reason})).await?.1
+        }
+        Cmd::Stock { sku: Some(sku), .. } => client.get(&format!("/v1/stock/{sku}")).await?,
+        Cmd::Stock { sku: None, after, limit } => {
+            let mut path = format!("/v1/stock?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={a}"));
+            }
+            client.get(&path).await?
+        }
+        Cmd::Status => client.get("/v1/status").await?,
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print_human(&answer);
+    }
+    Ok(())
+}
+
+fn print_human(v: &Value) {
+    let s = |v: &Value, k: &str| v.get(k).map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string()));
+    if let Some(lines) = v.get("lines").and_then(Value::as_array) {
+        for l in lines {
+            let flags = l.get("flags").and_then(Value::as_array).filter(|f| !f.is_empty());
+            println!(
+                "{} {:>6}  on_hand {}  held {}  sellable {}{}",
+                s(l, "sku").unwrap_or_default(),
+                s(l, "delta").unwrap_or_default(),
+                s(l, "on_hand").unwrap_or_default(),
+                s(l, "held").unwrap_or_default(),
+                s(l, "sellable").unwrap_or_default(),
+                flags.map(|f| format!("  flags {}", Value::Array(f.clone()))).unwrap_or_default(),
+            );
+        }
+    } else if let Some(items) = v.get("items").and_then(Value::as_array) {
+        println!("{:<24} {:>10} {:>8} {:>10}", "SKU", "ON_HAND", "HELD", "SELLABLE");
+        for i in items {
+            println!(
+                "{:<24} {:>10} {:>8} {:>10}",
+                s(i, "sku").unwrap_or_default(),
+                s(i, "on_hand").unwrap_or_default(),
+                s(i, "held").unwrap_or_default(),
+                s(i, "sellable").unwrap_or_default()
+            );
+        }
+        if let Some(next) = v.get("next").and_then(Value::as_str) {
+            println!("(more: --after {next})");
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+fn init(store_id: Option<String>, bundle: Option<PathBuf>, data_dir: PathBuf) -> anyhow::Result<()> {
+    let path = data_dir.join("agent.db");
+    let store = match (store_id, bundle) {
+        (Some(s), None) => s.parse().with_context(|| format!("--store-id {s:?}"))?,
+        (None, Some(_)) => bail!("--bundle is not supported by this build yet; use --store-id"),
+        _ => bail!("give exactly one of --store-id or --bundle"),
+    };
+    let identity = Db::create(&path, &store, DbOptions::default())?;
+    println!("initialised store {} (writer {}) in {}", identity.store, identity.writer, path.display());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,267 @@
+//! The agent's local HTTP API for the point of sale (DESIGN §7).
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shelfsync_shared::Sku;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::db::{Db, DbError};
+use crate::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiQuery};
+use crate::ledger::{self, Change, LedgerError, Line, Outcome, RecordRequest};
+use crate::status::SyncStatus;
+
+/// Largest page of `GET /v1/stock`.
+pub const STOCK_PAGE_MAX: usize = 1000;
+/// Default page of `GET /v1/stock`.
+pub const STOCK_PAGE_DEFAULT: usize = 100;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The ledger.
+    pub db: Db,
+    /// Live sync state.
+    pub sync: watch::Receiver<SyncStatus>,
+    /// Required bearer token, if any.
+    pub token: Option<Arc<str>>,
+}
+
+/// The router, apart from `main` so tests can drive it.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .route("/sales", post(post_sale))
+        .route("/returns", post(post_return))
+        .route("/adjustments", post(post_adjustment))
+        .route("/counts", post(post_count))
+        .route("/stock", get(get_stock_page))
+        .route("/stock/{sku}", get(get_stock))
+        .route("/status", get(get_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(crate::http::healthz))
+        .fallback(crate::http::no_route)
+        .method_not_allowed_fallback(|| async { crate::http::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        match bearer(req.headers()) {
+            Some(got) if constant_time_eq(got.as_bytes(), expected.as_bytes()) => {}
+            Some(_) => return ApiError::unauthorized("bearer token is not valid for this agent").into_response(),
+            None => return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Counter(c) => ApiError::invalid(c.to_string()),
+            DbError::Closed => ApiError::unavailable("the agent is shutting down"),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::IdempotencyConflict { .. } => ApiError::conflict("idempotency_conflict", e.to_string()),
+            LedgerError::Invalid(m) => ApiError::invalid(m),
+            LedgerError::Counter(c) => ApiError::invalid(c.to_string()),
+            LedgerError::Db(d) => d.into(),
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::invalid(format!("id must be a UUID, got {:?}", truncate(id))))
+}
+
+fn parse_sku(field: &str, sku: &str) -> Result<Sku, ApiError> {
+    sku.parse().map_err(|e| ApiError::invalid(format!("{field}: {e}")))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn parse_time(at: Option<&str>) -> Result<Option<i64>, ApiError> {
+    at.map(|s| {
+        s.parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond())
+            .map_err(|e| ApiError::invalid(format!("occurred_at must be an RFC 3339 timestamp: {e}")))
+    })
+    .transpose()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: String,
+    qty: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinesBody {
+    id: String,
+    lines: Vec<LineBody>,
+    occurred_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentBody {
+    id: String,
+    sku: String,
+    delta: i64,
+    reason: String,
+    occurred_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountBody {
+    id: String,
+    sku: String,
+    counted: i64,
+    occurred_at: Option<String>,
+}
+
+fn lines(body: &LinesBody) -> Result<Vec<Line>, ApiError> {
+    if body.lines.len() > shelfsync_shared::qty::LINES_MAX {
+        return Err(ApiError::invalid(format!(
+            "lines has {} entries; the limit is {}",
+            body.lines.len(),
+            shelfsync_shared::qty::LINES_MAX
+        )));
+    }
+    body.lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let sku = parse_sku(&format!("lines[{i}].sku"), &l.sku)?;
+            let max = shelfsync_shared::qty::LINE_QTY_MAX;
+            if l.qty < 1 || l.qty as u64 > max {
+                return Err(ApiError::invalid(format!("lines[{i}].qty must be between 1 and {max}, got {}", l.qty)));
+            }
+            Ok(Line { sku, qty: l.qty as u64 })
+        })
+        .collect()
+}
+
+async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiError> {
+    let (outcome, response) = ledger::record(&state.db, req).await?;
+    let status = match outcome {
+        Outcome::Created => StatusCode::CREATED,
+        Outcome::Replayed => StatusCode::OK,
+    };
+    Ok((status, Json(response)).into_response())
+}
+
+async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
+    let req = RecordRequest {
+        id: parse_id(&body.id)?,
+        change: Change::Sale { lines: lines(&body)? },
+        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+    };
+    record(&state, req).await
+}
+
+async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
+    let req = RecordRequest {
+        id: parse_id(&body.id)?,
+        change: Change::Return { lines: lines(&body)? },
+        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+    };
+    record(&state, req).await
+}
+
+async fn post_adjustment(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<AdjustmentBody>,
+) -> Result<Response, ApiError> {
+    let req = RecordRequest {
+        id: parse_id(&body.id)?,
+        change: Change::Adjustment { sku: parse_sku("sku", &body.sku)?, delta: body.delta, reason: body.reason },
+        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+    };
+    record(&state, req).await
+}
+
+async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountBody>) -> Result<Response, ApiError> {
+    let req = RecordRequest {
+        id: parse_id(&body.id)?,
+        change: Change::Count { sku: parse_sku("sku", &body.sku)?, counted: body.counted },
+        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+    };
+    record(&state, req).await
+}
+
+async fn get_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    match ledger::stock(&state.db, sku.clone()).await? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::not_found(format!("sku {sku} has never been seen at this store"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct StockPage {
+    items: Vec<ledger::StockView>,
+    next: Option<String>,
+}
+
+async fn get_stock_page(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<StockPage>, ApiError> {
+    let limit = q.limit.unwrap_or(STOCK_PAGE_DEFAULT);
+    if limit == 0 || limit > STOCK_PAGE_MAX {
+        return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
+    }
+    let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
+    let items = ledger::stock_page(&state.db, after, limit).await?;
+    let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
+    Ok(Json(StockPage { items, next }))
+}
+
+async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ledger = ledger::status(&state.db).await?;
+    let id = state.db.identity();
+    let sync = state.sync.borrow().clone();
+    Ok(Json(json!({
+        "store": id.store,
+        "writer": id.writer,
+        "incarnation_started_at": ledger::rfc3339(id.incarnation_started_ms),
+        "skus": ledger.skus,
+        "journal_events": ledger.journal_events,
+        "unsynced_changes": ledger.unsynced_changes,
+        "unsynced_events": ledger.unsynced_events,
+        "counter_head": ledger.counter_head,
+        "journal_head": ledger.journal_head,
+        "last_sync_at": ledger.last_sync_ms.map(ledger::rfc3339),
+        "sync": sync,
+    })))
+}

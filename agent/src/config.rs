@@ -1,0 +1,282 @@
+//! Agent configuration: a serde struct where every key has a default, loaded from TOML, then
+//! overridden by `SHELFSYNC_AGENT__SECTION__KEY` environment variables and command-line flags,
+//! then validated with errors that name the key. Every key is documented in `config/agent.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// How hard SQLite works to make a commit survive power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync the WAL on every commit: an acknowledged sale survives power loss.
+    Full,
+    /// fsync only at checkpoints: survives a process crash, may lose the last commits on power loss.
+    Normal,
+}
+
+impl Synchronous {
+    /// The PRAGMA value.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where the database and credential bundle live.
+    pub data_dir: PathBuf,
+    /// Local HTTP API.
+    pub api: ApiConfig,
+    /// SQLite.
+    pub storage: StorageConfig,
+    /// Sync with the hub.
+    pub sync: SyncSection,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[api]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Listen address of the POS API.
+    pub listen: SocketAddr,
+    /// Bearer token required on `/v1/*` when non-empty.
+    pub token: String,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// `[storage]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `full` or `normal`.
+    pub synchronous: Synchronous,
+    /// Most requests committed together in one transaction.
+    pub group_commit_max: usize,
+}
+
+/// `[sync]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// Sync with the hub at all (needs a bundle in `<data_dir>/bundle`).
+    pub enabled: bool,
+    /// Override of the bundle's hub address (`host:port`); empty = use the bundle's.
+    pub hub_addr: String,
+    /// First reconnect delay.
+    pub backoff_ms_min: u64,
+    /// Longest reconnect delay.
+    pub backoff_ms_max: u64,
+    /// How long a change waits for company before it is shipped.
+    pub coalesce_ms: u64,
+    /// Anti-entropy digest period.
+    pub digest_interval_secs: u64,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `shelfsync_agent=debug`. `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+const fn default_listen() -> SocketAddr {
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7070)
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: PathBuf::from("/var/lib/shelfsync-agent"),
+            api: ApiConfig::default(),
+            storage: StorageConfig::default(),
+            sync: SyncSection::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: default_listen(), token: String::new(), max_body_bytes: 64 * 1024 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { synchronous: Synchronous::Full, group_commit_max: 256 }
+    }
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            enabled: true,
+            hub_addr: String::new(),
+            backoff_ms_min: 200,
+            backoff_ms_max: 30_000,
+            coalesce_ms: 2,
+            digest_interval_secs: 30,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { filter: "info".into() }
+    }
+}
+
+/// A configuration problem, naming the key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// An environment override could not be applied.
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    /// A key has a value that cannot work.
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Prefix of environment overrides: `SHELFSYNC_AGENT__API__LISTEN=127.0.0.1:7171`.
+pub const ENV_PREFIX: &str = "SHELFSYNC_AGENT__";
+
+impl AgentConfig {
+    /// Loads `path` (if given) over the defaults, then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut value = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        crate::config::apply_env(&mut value, ENV_PREFIX, std::env::vars())?;
+        let path = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<defaults>"));
+        toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path, message: e.to_string() })
+    }
+
+    /// Rejects combinations that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+        if self.api.max_body_bytes < 1024 || self.api.max_body_bytes > 16 << 20 {
+            return bad("api.max_body_bytes", "must be between 1024 and 16777216");
+        }
+        if self.storage.group_commit_max == 0 || self.storage.group_commit_max > 10_000 {
+            return bad("storage.group_commit_max", "must be between 1 and 10000");
+        }
+        if self.sync.backoff_ms_min == 0 || self.sync.backoff_ms_min > self.sync.backoff_ms_max {
+            return bad("sync.backoff_ms_min", "must be at least 1 and at most sync.backoff_ms_max");
+        }
+        if self.sync.coalesce_ms > 1000 {
+            return bad("sync.coalesce_ms", "must be at most 1000");
+        }
+        if self.sync.digest_interval_secs == 0 {
+            return bad("sync.digest_interval_secs", "must be at least 1");
+        }
+        if !self.api.listen.ip().is_loopback() && self.api.token.is_empty() {
+            return bad("api.token", "must be set when api.listen is not a loopback address");
+        }
+        Ok(())
+    }
+
+    /// The SQLite file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("agent.db")
+    }
+
+    /// The credential bundle directory.
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.data_dir.join("bundle")
+    }
+}
+
+/// Applies `PREFIX` + `SECTION__KEY` environment variables to a TOML table. Values parse as TOML
+/// (so numbers and booleans keep their type) and fall back to strings.
+pub fn apply_env(
+    table: &mut toml::Table,
+    prefix: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in vars {
+        let Some(path) = var.strip_prefix(prefix) else { continue };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(ConfigError::Env { var, message: "empty key segment".into() });
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw.clone()));
+        let mut cursor = &mut *table;
+        for key in &keys[..keys.len() - 1] {
+            let entry = cursor.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(ConfigError::Env { var, message: format!("{key} is not a section") }),
+            };
+        }
+        cursor.insert(keys[keys.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_env_overrides_apply() {
+        let c = AgentConfig::default();
+        c.validate().unwrap();
+        let mut t = toml::Table::new();
+        let vars = vec![
+            ("SHELFSYNC_AGENT__API__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            ("SHELFSYNC_AGENT__STORAGE__GROUP_COMMIT_MAX".to_string(), "8".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        apply_env(&mut t, ENV_PREFIX, vars.into_iter()).unwrap();
+        let c: AgentConfig = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!(c.api.listen.port(), 9999);
+        assert_eq!(c.storage.group_commit_max, 8);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = AgentConfig::default();
+        c.storage.group_commit_max = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.group_commit_max"));
+        let mut c = AgentConfig::default();
+        c.api.listen = "0.0.0.0:7070".parse().unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("api.token"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let t: toml::Table = "[api]\nlisten_addr = \"x\"".parse().unwrap();
+        let err = toml::Value::Table(t).try_into::<AgentConfig>().unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+}

@@ -1,0 +1,444 @@
+//! The agent's SQLite store and the thread that owns it.
+//!
+//! One writer thread owns the read-write connection and commits requests in groups: it takes every
+//! job waiting in its queue, runs each inside its own SAVEPOINT (a failing request rolls back alone),
+//! commits once, and only then answers every caller. One reader thread serves queries from a second
+//! connection (WAL readers never block the writer). No tokio worker ever waits on SQLite.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use shelfsync_shared::counter::sum_entries;
+use shelfsync_shared::{CounterError, Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Synchronous;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the ledger.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+     CREATE TABLE counters (
+        sku TEXT NOT NULL, writer TEXT NOT NULL,
+        p INTEGER NOT NULL CHECK (p >= 0), n INTEGER NOT NULL CHECK (n >= 0),
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (sku, writer)) WITHOUT ROWID;
+     CREATE UNIQUE INDEX counters_seq ON counters(seq);
+     CREATE TABLE stock (sku TEXT PRIMARY KEY, on_hand INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE requests (
+        id BLOB PRIMARY KEY, kind TEXT NOT NULL, fingerprint BLOB NOT NULL,
+        response TEXT NOT NULL, recorded_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id BLOB NOT NULL, line INTEGER NOT NULL, kind TEXT NOT NULL, store TEXT NOT NULL,
+        sku TEXT NOT NULL, delta INTEGER NOT NULL, reason TEXT,
+        occurred_at_ms INTEGER NOT NULL, recorded_at_ms INTEGER NOT NULL,
+        writer TEXT NOT NULL, flags INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (id, line));
+     CREATE TABLE hub_link (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        hub_writer TEXT, applied INTEGER NOT NULL DEFAULT 0, journal_applied INTEGER NOT NULL DEFAULT 0,
+        acked INTEGER NOT NULL DEFAULT 0, journal_acked INTEGER NOT NULL DEFAULT 0,
+        last_sync_ms INTEGER);
+     INSERT INTO hub_link (id) VALUES (1);",
+];
+
+/// Storage failures. Cloneable so one failed group commit can answer every request in it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite said no.
+    #[error("database error: {0}")]
+    Sqlite(String),
+    /// `run` before `init`.
+    #[error("no agent database at {0}; run `shelfsync-agent init` first")]
+    NotInitialized(PathBuf),
+    /// `init` twice.
+    #[error("an agent database already exists at {0}")]
+    AlreadyExists(PathBuf),
+    /// The database was made by a newer agent.
+    #[error("database schema version {found} is newer than this agent understands ({known})")]
+    TooNew { found: u32, known: u32 },
+    /// Something in the file is not what this agent wrote.
+    #[error("database content is invalid: {0}")]
+    Corrupt(String),
+    /// The storage thread has stopped.
+    #[error("the storage thread has stopped")]
+    Closed,
+    /// Counter arithmetic refused a change.
+    #[error(transparent)]
+    Counter(#[from] CounterError),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        DbError::Sqlite(e.to_string())
+    }
+}
+
+/// Who this database is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The store.
+    pub store: StoreId,
+    /// The writer of this database's life.
+    pub writer: WriterId,
+    /// When this incarnation began.
+    pub incarnation_started_ms: i64,
+}
+
+/// How to open the database.
+#[derive(Clone, Copy, Debug)]
+pub struct DbOptions {
+    /// `PRAGMA synchronous`.
+    pub synchronous: Synchronous,
+    /// Most jobs per group commit.
+    pub group_commit_max: usize,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions { synchronous: Synchronous::Full, group_commit_max: 256 }
+    }
+}
+
+/// Highest local sequences, published after every commit so the sync client can ship at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heads {
+    /// Counter sequence.
+    pub counter: u64,
+    /// Journal sequence.
+    pub journal: u64,
+}
+
+type Finisher = Box<dyn FnOnce(Option<&DbError>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Handle to the storage threads. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<WriteJob>,
+    reader: mpsc::Sender<ReadJob>,
+    identity: Identity,
+    heads: watch::Receiver<Heads>,
+    path: PathBuf,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn open_conn(path: &Path, flags: OpenFlags, sync: Synchronous) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", sync.pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if version > known {
+        return Err(DbError::TooNew { found: version, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, DbError> {
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+}
+
+fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+fn mint_incarnation(conn: &Connection, store: &StoreId) -> Result<Identity, DbError> {
+    let incarnation = Incarnation::from_u64(rand::random::<u64>());
+    let writer = WriterId::new(NodeId::Store(store.clone()), incarnation);
+    let started = now_ms();
+    meta_set(conn, "store_id", store.as_str())?;
+    meta_set(conn, "writer", &writer.to_string())?;
+    meta_set(conn, "incarnation_started_ms", &started.to_string())?;
+    conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+    Ok(Identity { store: store.clone(), writer, incarnation_started_ms: started })
+}
+
+fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
+    let get = |k: &str| meta_get(conn, k)?.ok_or_else(|| DbError::Corrupt(format!("meta key {k} is missing")));
+    let store: StoreId = get("store_id")?.parse().map_err(|e| DbError::Corrupt(format!("store_id: {e}")))?;
+    let writer: WriterId = get("writer")?.parse().map_err(|e| DbError::Corrupt(format!("writer: {e}")))?;
+    let started =
+        get("incarnation_started_ms")?.parse().map_err(|e| DbError::Corrupt(format!("incarnation_started_ms: {e}")))?;
+    if !writer.is_store(&store) {
+        return Err(DbError::Corrupt(format!("writer {writer} does not belong to store {store}")));
+    }
+    Ok(Identity { store, writer, incarnation_started_ms: started })
+}
+
+/// Reads the current heads.
+pub fn heads(conn: &Connection) -> Result<Heads, DbError> {
+    let counter: Option<u64> = conn.query_row("SELECT MAX(seq) FROM counters", [], |r| r.get(0))?;
+    let journal: Option<u64> = conn.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
+    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0) })
+}
+
+impl Db {
+    /// Creates a new database for `store` with a fresh writer incarnation. Blocking.
+    pub fn create(path: &Path, store: &StoreId, opts: DbOptions) -> Result<Identity, DbError> {
+        if path.exists() {
+            return Err(DbError::AlreadyExists(path.to_owned()));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::Sqlite(format!("creating {}: {e}", dir.display())))?;
+        }
+        let mut conn = open_conn(path, OpenFlags::default(), opts.synchronous)?;
+        migrate(&mut conn)?;
+        let tx = conn.transaction()?;
+        let identity = mint_incarnation(&tx, store)?;
+        tx.commit()?;
+        Ok(identity)
+    }
+
+    /// Opens an existing database and starts its threads. Blocking; call from `spawn_blocking`
+    /// or before the runtime starts. A database restored from a backup takes a new incarnation.
+    pub fn open(path: &Path, opts: DbOptions) -> Result<Db, DbError> {
+        if !path.exists() {
+            return Err(DbError::NotInitialized(path.to_owned()));
+        }
+        let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
+        migrate(&mut conn)?;
+        let identity = {
+            let tx = conn.transaction()?;
+            let current = load_identity(&tx)?;
+            let identity = if meta_get(&tx, "restored_copy")?.is_some() {
+                let fresh = mint_incarnation(&tx, &current.store)?;
+                tracing::warn!(old = %current.writer, new = %fresh.writer, "database was restored from a backup; minted a new writer incarnation");
+                fresh
+            } else {
+                current
+            };
+            tx.commit()?;
+            identity
+        };
+        let reader_conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY, opts.synchronous)?;
+        let initial = heads(&conn)?;
+        let (heads_tx, heads_rx) = watch::channel(initial);
+        let (wtx, wrx) = mpsc::channel::<WriteJob>(4096);
+        let (rtx, rrx) = mpsc::channel::<ReadJob>(4096);
+        let max = opts.group_commit_max.max(1);
+        thread::Builder::new()
+            .name("agent-db-writer".into())
+            .spawn(move || writer_loop(conn, wrx, heads_tx, max))
+            .map_err(|e| DbError::Sqlite(format!("spawning writer thread: {e}")))?;
+        thread::Builder::new()
+            .name("agent-db-reader".into())
+            .spawn(move || reader_loop(reader_conn, rrx))
+            .map_err(|e| DbError::Sqlite(format!("spawning reader thread: {e}")))?;
+        Ok(Db { inner: Arc::new(Inner { writer: wtx, reader: rtx, identity, heads: heads_rx, path: path.to_owned() }) })
+    }
+
+    /// Who this database is.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Heads, updated after every commit.
+    pub fn heads(&self) -> watch::Receiver<Heads> {
+        self.inner.heads.clone()
+    }
+
+    /// Runs `f` inside the next group commit; answers only after the commit is durable.
+    pub async fn write<R, E>(&self, f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, E>>();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finisher = Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    Some(e) if ok => Err(E::from(e.clone())),
+                    _ => result,
+                });
+            });
+            (ok, finish)
+        });
+        self.inner.writer.send(job).await.map_err(|_| E::from(DbError::Closed))?;
+        rx.await.map_err(|_| E::from(DbError::Closed))?
+    }
+
+    /// Runs `f` on the reader connection.
+    pub async fn read<R, E>(&self, f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.inner.reader.send(job).await.map_err(|_| E::from(DbError::Closed))?;
+        rx.await.map_err(|_| E::from(DbError::Closed))?
+    }
+
+    /// Copies the live database to `to` with SQLite's online backup API. The copy is marked so
+    /// that whoever opens it as a live database mints a new writer incarnation.
+    pub async fn backup(&self, to: PathBuf) -> Result<(), DbError> {
+        self.read(move |conn| {
+            if to.exists() {
+                return Err(DbError::AlreadyExists(to.clone()));
+            }
+            conn.backup(rusqlite::MAIN_DB, &to, None)?;
+            let copy = Connection::open(&to)?;
+            meta_set(&copy, "restored_copy", "1")?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, heads_tx: watch::Sender<Heads>, max: usize) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(max);
+    let mut finishers: Vec<Finisher> = Vec::with_capacity(max);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(e) = begun {
+            let err = DbError::from(e);
+            tracing::error!(error = %err, "cannot begin a transaction");
+            for job in batch.drain(..) {
+                // Run nothing; tell each caller why.
+                drop(job);
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            if let Err(e) = savepoint {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                break;
+            }
+            let (ok, finish) = job(&conn);
+            let end =
+                if ok { conn.execute_batch("RELEASE job") } else { conn.execute_batch("ROLLBACK TO job; RELEASE job") };
+            if let Err(e) = end {
+                tracing::error!(error = %e, "cannot close a savepoint");
+            }
+            finishers.push(finish);
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(DbError::from);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, jobs = finishers.len(), "group commit failed; every request in it is refused");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for finish in finishers.drain(..) {
+            finish(committed.as_ref().err());
+        }
+        if committed.is_ok() {
+            match heads(&conn) {
+                Ok(h) => {
+                    heads_tx.send_if_modified(|old| {
+                        let changed = *old != h;
+                        *old = h;
+                        changed
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read heads"),
+            }
+        }
+    }
+}
+
+fn reader_loop(conn: Connection, mut rx: mpsc::Receiver<ReadJob>) {
+    while let Some(job) = rx.blocking_recv() {
+        job(&conn);
+    }
+}
+
+/// A stock row as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StockRow {
+    /// The SKU.
+    pub sku: Sku,
+    /// Σp − Σn over all writers.
+    pub on_hand: i64,
+}
+
+/// `on_hand` of one SKU, or `None` if the store never saw it.
+pub fn on_hand(conn: &Connection, sku: &Sku) -> Result<Option<i64>, DbError> {
+    Ok(conn.query_row("SELECT on_hand FROM stock WHERE sku = ?1", [sku.as_str()], |r| r.get(0)).optional()?)
+}
+
+/// Recomputes the materialised `on_hand` of `sku` from its counter entries.
+pub fn refresh_stock(conn: &Connection, sku: &Sku) -> Result<i64, DbError> {
+    let mut stmt = conn.prepare_cached("SELECT p, n FROM counters WHERE sku = ?1")?;
+    let entries = stmt
+        .query_map([sku.as_str()], |r| Ok(PnEntry { p: r.get(0)?, n: r.get(1)? }))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let value = sum_entries(&entries)?;
+    conn.prepare_cached(
+        "INSERT INTO stock (sku, on_hand) VALUES (?1, ?2) ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand",
+    )?
+    .execute(params![sku.as_str(), value])?;
+    Ok(value)
+}
+
+/// One counter entry.
+pub fn entry(conn: &Connection, sku: &Sku, writer: &WriterId) -> Result<Option<PnEntry>, DbError> {
+    Ok(conn
+        .prepare_cached("SELECT p, n FROM counters WHERE sku = ?1 AND writer = ?2")?
+        .query_row(params![sku.as_str(), writer.to_string()], |r| Ok(PnEntry { p: r.get(0)?, n: r.get(1)? }))
+        .optional()?)
+}
+
+/// Writes one entry with the next counter sequence.
+pub fn put_entry(conn: &Connection, sku: &Sku, writer: &WriterId, e: PnEntry) -> Result<u64, DbError> {
+    let seq: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?;
+    conn.prepare_cached(
+        "INSERT INTO counters (sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+    )?
+    .execute(params![sku.as_str(), writer.to_string(), e.p, e.n, seq])?;
+    Ok(seq)
+}
+
+/// Parses a SKU read back from the database.
+pub fn sku_col(s: String) -> Result<Sku, DbError> {
+    s.parse().map_err(|e| DbError::Corrupt(format!("sku in database: {e}")))
+}
+
+/// Parses a writer read back from the database.
+pub fn writer_col(s: String) -> Result<WriterId, DbError> {
+    s.parse().map_err(|e| DbError::Corrupt(format!("writer in database: {e}")))
+}

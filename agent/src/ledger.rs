@@ -1,0 +1,409 @@
+//! The POS operations: sales, returns, adjustments and counts, each one idempotent by the
+//! caller's id, recorded as journal events and counter changes in one transaction.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shelfsync_shared::qty::{check_range, ADJUST_DELTA_MAX, COUNT_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::{EventFlag, EventKind, QtyError, Sku, StockFigures, UnixMs};
+use uuid::Uuid;
+
+use crate::db::{self, Db, DbError, Identity};
+
+/// How far in the future a caller's `occurred_at` may be (clock skew allowance).
+pub const OCCURRED_AT_FUTURE_MAX_MS: i64 = 24 * 3600 * 1000;
+
+/// Why a POS request was refused. Nothing of a refused request is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Same id, different body.
+    #[error("request id {id} was already used for a different {kind} request")]
+    IdempotencyConflict { id: Uuid, kind: String },
+    /// The request breaks a rule; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// Counter arithmetic refused (overflow).
+    #[error("{0}")]
+    Counter(#[from] shelfsync_shared::CounterError),
+    /// Storage failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Db(e.into())
+    }
+}
+
+impl From<QtyError> for LedgerError {
+    fn from(e: QtyError) -> Self {
+        LedgerError::Invalid(e.to_string())
+    }
+}
+
+/// One line of a sale or return.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    /// The product.
+    pub sku: Sku,
+    /// Units, 1 to [`LINE_QTY_MAX`].
+    pub qty: u64,
+}
+
+/// What a request changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Units leave with a customer.
+    Sale { lines: Vec<Line> },
+    /// Units come back from a customer.
+    Return { lines: Vec<Line> },
+    /// A correction with a reason.
+    Adjustment { sku: Sku, delta: i64, reason: String },
+    /// A physical count.
+    Count { sku: Sku, counted: i64 },
+}
+
+impl Change {
+    /// The journal kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Change::Sale { .. } => EventKind::Sale,
+            Change::Return { .. } => EventKind::Return,
+            Change::Adjustment { .. } => EventKind::Adjustment,
+            Change::Count { .. } => EventKind::Count,
+        }
+    }
+
+    /// Checks every limit; the message names the field.
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        match self {
+            Change::Sale { lines } | Change::Return { lines } => {
+                if lines.is_empty() {
+                    return Err(LedgerError::Invalid("lines must not be empty".into()));
+                }
+                if lines.len() > LINES_MAX {
+                    return Err(LedgerError::Invalid(format!(
+                        "lines has {} entries; the limit is {LINES_MAX}",
+                        lines.len()
+                    )));
+                }
+                for (i, l) in lines.iter().enumerate() {
+                    let qty = i64::try_from(l.qty).unwrap_or(i64::MAX);
+                    check_range("qty", qty, 1, LINE_QTY_MAX as i64)
+                        .map_err(|e| LedgerError::Invalid(format!("lines[{i}]: {e}")))?;
+                }
+            }
+            Change::Adjustment { delta, reason, .. } => {
+                if *delta == 0 {
+                    return Err(QtyError::Zero { field: "delta" }.into());
+                }
+                check_range("delta", *delta, -ADJUST_DELTA_MAX, ADJUST_DELTA_MAX)?;
+                if reason.trim().is_empty() {
+                    return Err(LedgerError::Invalid("reason must not be empty".into()));
+                }
+                if reason.len() > REASON_MAX_LEN {
+                    return Err(LedgerError::Invalid(format!(
+                        "reason is {} bytes long; the limit is {REASON_MAX_LEN}",
+                        reason.len()
+                    )));
+                }
+            }
+            Change::Count { counted, .. } => {
+                check_range("counted", *counted, 0, COUNT_MAX)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A POS request: the caller's idempotency id, the change, and optionally when it happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordRequest {
+    /// Idempotency id, supplied by the caller.
+    pub id: Uuid,
+    /// The change.
+    pub change: Change,
+    /// When it happened (the caller's clock); defaults to when it was recorded.
+    pub occurred_at_ms: Option<UnixMs>,
+}
+
+impl RecordRequest {
+    /// A stable hash of everything that makes two requests "the same request".
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let canonical = serde_json::to_vec(&(&self.change, self.occurred_at_ms)).expect("requests serialise");
+        Sha256::digest(canonical).to_vec()
+    }
+}
+
+/// The outcome of one line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineResult {
+    /// The product.
+    pub sku: Sku,
+    /// Change of `on_hand` this line made.
+    pub delta: i64,
+    /// `on_hand` after the line.
+    pub on_hand: i64,
+    /// Units held for online orders.
+    pub held: u64,
+    /// `on_hand − held`.
+    pub sellable: i64,
+    /// For counts: what the store believed before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_on_hand: Option<i64>,
+    /// Things to look at.
+    pub flags: Vec<EventFlag>,
+}
+
+/// What the POS gets back (and gets again on a retry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordResponse {
+    /// The request id.
+    pub id: Uuid,
+    /// What kind of change.
+    pub kind: EventKind,
+    /// RFC 3339.
+    pub occurred_at: String,
+    /// RFC 3339.
+    pub recorded_at: String,
+    /// One result per line.
+    pub lines: Vec<LineResult>,
+    /// Union of the lines' flags.
+    pub flags: Vec<EventFlag>,
+}
+
+/// Whether the request was new or a retry of an earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// First time: recorded now.
+    Created,
+    /// Seen before with the same body: nothing changed.
+    Replayed,
+}
+
+/// Formats milliseconds as RFC 3339.
+pub fn rfc3339(ms: UnixMs) -> String {
+    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
+}
+
+/// Records a POS request durably (group-committed). Answers after the commit.
+pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordResponse), LedgerError> {
+    req.change.validate()?;
+    let now = jiff::Timestamp::now().as_millisecond();
+    if let Some(at) = req.occurred_at_ms {
+        if at > now + OCCURRED_AT_FUTURE_MAX_MS {
+            return Err(LedgerError::Invalid(format!(
+                "occurred_at {} is more than 24 hours in the future",
+                rfc3339(at)
+            )));
+        }
+    }
+    let identity = db.identity().clone();
+    db.write(move |conn| record_in(conn, &identity, &req, now)).await
+}
+
+fn record_in(
+    conn: &Connection,
+    me: &Identity,
+    req: &RecordRequest,
+    now: UnixMs,
+) -> Result<(Outcome, RecordResponse), LedgerError> {
+    let fingerprint = req.fingerprint();
+    let kind = req.change.kind();
+    let earlier: Option<(String, Vec<u8>, String)> = conn
+        .prepare_cached("SELECT kind, fingerprint, response FROM requests WHERE id = ?1")?
+        .query_row([req.id.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .map_err(DbError::from)?;
+    if let Some((earlier_kind, earlier_fp, response)) = earlier {
+        if earlier_kind != kind.as_str() || earlier_fp != fingerprint {
+            return Err(LedgerError::IdempotencyConflict { id: req.id, kind: earlier_kind });
+        }
+        let response = serde_json::from_str(&response)
+            .map_err(|e| DbError::Corrupt(format!("stored response of {}: {e}", req.id)))?;
+        return Ok((Outcome::Replayed, response));
+    }
+
+    let occurred = req.occurred_at_ms.unwrap_or(now);
+    let (lines, reason): (Vec<(Sku, Option<i64>, Option<i64>)>, Option<&str>) = match &req.change {
+        Change::Sale { lines } => (lines.iter().map(|l| (l.sku.clone(), Some(-(l.qty as i64)), None)).collect(), None),
+        Change::Return { lines } => (lines.iter().map(|l| (l.sku.clone(), Some(l.qty as i64), None)).collect(), None),
+        Change::Adjustment { sku, delta, reason } => (vec![(sku.clone(), Some(*delta), None)], Some(reason.as_str())),
+        Change::Count { sku, counted } => (vec![(sku.clone(), None, Some(*counted))], None),
+    };
+
+    let mut results = Vec::with_capacity(lines.len());
+    for (line_no, (sku, delta, counted)) in lines.into_iter().enumerate() {
+        let before = db::on_hand(conn, &sku)?;
+        let known = before.is_some();
+        let before = before.unwrap_or(0);
+        let delta = match (delta, counted) {
+            (Some(d), _) => d,
+            (None, Some(c)) => c.checked_sub(before).ok_or(shelfsync_shared::CounterError::ValueOverflow)?,
+            (None, None) => unreachable!("every line has a delta or a count"),
+        };
+        let on_hand = if delta != 0 || !known {
+            if delta != 0 {
+                let current = db::entry(conn, &sku, &me.writer)?.unwrap_or_default();
+                let next = current.apply(&me.writer, delta)?;
+                db::put_entry(conn, &sku, &me.writer, next)?;
+            }
+            db::refresh_stock(conn, &sku)?
+        } else {
+            before
+        };
+        let figures = StockFigures { on_hand, held: 0, safety_stock: 0 };
+        let mut flags = Vec::new();
+        if !known {
+            flags.push(EventFlag::UnknownSku);
+        }
+        if on_hand < 0 {
+            flags.push(EventFlag::NegativeStock);
+        }
+        conn.prepare_cached(
+            "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(DbError::from)?
+        .execute(params![
+            req.id.as_bytes().as_slice(),
+            line_no as i64,
+            kind.as_str(),
+            me.store.as_str(),
+            sku.as_str(),
+            delta,
+            reason,
+            occurred,
+            now,
+            me.writer.to_string(),
+            EventFlag::to_bits(&flags),
+        ])
+        .map_err(DbError::from)?;
+        results.push(LineResult {
+            sku,
+            delta,
+            on_hand,
+            held: figures.held,
+            sellable: figures.sellable(),
+            previous_on_hand: counted.map(|_| before),
+            flags,
+        });
+    }
+    let mut all_flags: Vec<EventFlag> = results.iter().flat_map(|l| l.flags.iter().copied()).collect();
+    all_flags.sort();
+    all_flags.dedup();
+    let response = RecordResponse {
+        id: req.id,
+        kind,
+        occurred_at: rfc3339(occurred),
+        recorded_at: rfc3339(now),
+        lines: results,
+        flags: all_flags,
+    };
+    conn.prepare_cached(
+        "INSERT INTO requests (id, kind, fingerprint, response, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(DbError::from)?
+    .execute(params![
+        req.id.as_bytes().as_slice(),
+        kind.as_str(),
+        fingerprint,
+        serde_json::to_string(&response).expect("responses serialise"),
+        now
+    ])
+    .map_err(DbError::from)?;
+    Ok((Outcome::Created, response))
+}
+
+/// What `GET /v1/stock/{sku}` shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockView {
+    /// The product.
+    pub sku: Sku,
+    /// Physical units.
+    pub on_hand: i64,
+    /// Units held for online orders.
+    pub held: u64,
+    /// `on_hand − held`.
+    pub sellable: i64,
+}
+
+fn view(sku: Sku, on_hand: i64) -> StockView {
+    let f = StockFigures { on_hand, held: 0, safety_stock: 0 };
+    StockView { sku, on_hand, held: f.held, sellable: f.sellable() }
+}
+
+/// One SKU's stock, or `None` if the store never saw it.
+pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
+    db.read(move |conn| Ok(db::on_hand(conn, &sku)?.map(|on_hand| view(sku, on_hand)))).await
+}
+
+/// A page of stock in SKU order, starting after `after`.
+pub async fn stock_page(db: &Db, after: Option<Sku>, limit: usize) -> Result<Vec<StockView>, DbError> {
+    db.read(move |conn| {
+        let mut stmt = conn.prepare_cached("SELECT sku, on_hand FROM stock WHERE sku > ?1 ORDER BY sku LIMIT ?2")?;
+        let after = after.map(String::from).unwrap_or_default();
+        let rows =
+            stmt.query_map(params![after, limit as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sku, on_hand) = row?;
+            out.push(view(db::sku_col(sku)?, on_hand));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Ledger figures for `/v1/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerStatus {
+    /// SKUs the store has seen.
+    pub skus: u64,
+    /// Journal events held (own and hub-authored).
+    pub journal_events: u64,
+    /// Own counter entries changed since the hub's last ack.
+    pub unsynced_changes: u64,
+    /// Own journal events not yet acked by the hub.
+    pub unsynced_events: u64,
+    /// Local counter sequence.
+    pub counter_head: u64,
+    /// Local journal sequence.
+    pub journal_head: u64,
+    /// Last time the hub acked something (ms).
+    pub last_sync_ms: Option<i64>,
+}
+
+/// Status figures.
+pub async fn status(db: &Db) -> Result<LedgerStatus, DbError> {
+    let store_prefix = format!("{}@", db.identity().store);
+    db.read(move |conn| {
+        let count = |sql: &str| -> Result<u64, DbError> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
+        let (acked, journal_acked, last_sync_ms): (u64, u64, Option<i64>) =
+            conn.query_row("SELECT acked, journal_acked, last_sync_ms FROM hub_link WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        let h = db::heads(conn)?;
+        let unsynced_changes: u64 = conn.query_row(
+            "SELECT COUNT(*) FROM counters WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3",
+            params![acked, store_prefix.len() as i64, store_prefix],
+            |r| r.get(0),
+        )?;
+        let unsynced_events: u64 = conn.query_row(
+            "SELECT COUNT(*) FROM journal WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3",
+            params![journal_acked, store_prefix.len() as i64, store_prefix],
+            |r| r.get(0),
+        )?;
+        Ok(LedgerStatus {
+            skus: count("SELECT COUNT(*) FROM stock")?,
+            journal_events: count("SELECT COUNT(*) FROM journal")?,
+            unsynced_changes,
+            unsynced_events,
+            counter_head: h.counter,
+            journal_head: h.journal,
+            last_sync_ms,
+        })
+    })
+    .await
+}

@@ -1,0 +1,18 @@
+//! Shelfsync store agent: an offline-first stock ledger beside the point of sale.
+//!
+//! - [`db`]: the SQLite store and the threads that own it (group commit).
+//! - [`ledger`]: sales, returns, adjustments and counts, idempotent by the caller's id.
+//! - [`api`]: the local HTTP API for the POS; [`http`] the error and extractor plumbing.
+//! - [`sync`]: the QUIC client that keeps the hub up to date.
+//! - [`client`]: a typed client of the API (used by the CLI, tests and benchmarks).
+//! - [`config`], [`server`]: configuration and start-up.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod ledger;
+pub mod server;
+pub mod status;
+pub mod sync;
