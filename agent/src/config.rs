@@ -274,6 +274,19 @@ mod tests {
     }
 
     #[test]
+    fn example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let from_file: AgentConfig = toml::from_str(&text).unwrap();
+        let as_value = |c: &AgentConfig| toml::Value::try_from(c).unwrap();
+        assert_eq!(
+            as_value(&from_file),
+            as_value(&AgentConfig::default()),
+            "config/agent.toml drifted from the defaults"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let t: toml::Table = "[api]\nlisten_addr = \"x\"".parse().unwrap();
         let err = toml::Value::Table(t).try_into::<AgentConfig>().unwrap_err();

@@ -148,7 +148,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 cfg.api.listen = l;
             }
             init_tracing(&cfg.log.filter);
-            shelfsync_agent::server::run(cfg, shutdown_signal()).await?;
+            let agent = shelfsync_agent::server::start(cfg).await?;
+            // One machine-readable line, so scripts and tests learn the bound port.
+            println!("shelfsync-agent listening on {}", agent.url());
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            agent.stop().await?;
             return Ok(());
         }
         Cmd::Backup { data_dir, to } => {

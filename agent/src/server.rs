@@ -1,6 +1,5 @@
 //! Starting and stopping an agent: open the ledger, serve the POS API, run the sync client.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -93,12 +92,4 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     });
     tracing::info!(%addr, store = %db.identity().store, writer = %db.identity().writer, "agent API listening");
     Ok(RunningAgent { addr, db, sync: sync_rx, shutdown: Some(shutdown_tx), server, sync_task })
-}
-
-/// Runs until `shutdown` resolves.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let agent = start(config).await?;
-    shutdown.await;
-    tracing::info!("shutting down");
-    agent.stop().await
 }

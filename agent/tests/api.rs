@@ -1,0 +1,366 @@
+//! The POS API through a real socket on 127.0.0.1:0 with a real SQLite file in a temp dir.
+
+use std::collections::HashSet;
+
+use rand::{RngExt, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use shelfsync_agent::config::AgentConfig;
+use shelfsync_agent::db::{Db, DbOptions};
+use shelfsync_agent::server::{start, RunningAgent};
+use uuid::Uuid;
+
+struct Harness {
+    agent: RunningAgent,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness_with(mutate: impl FnOnce(&mut AgentConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::default();
+    config.data_dir = dir.path().to_owned();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    mutate(&mut config);
+    Db::create(&config.db_path(), &"store-1".parse().unwrap(), DbOptions::default()).unwrap();
+    let agent = start(config).await.unwrap();
+    Harness { agent, http: reqwest::Client::new(), _dir: dir }
+}
+
+async fn harness() -> Harness {
+    harness_with(|_| {}).await
+}
+
+impl Harness {
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self.http.post(format!("{}{path}", self.agent.url())).json(&body).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.http.get(format!("{}{path}", self.agent.url())).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn on_hand(&self, sku: &str) -> i64 {
+        let (s, v) = self.get(&format!("/v1/stock/{sku}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["on_hand"].as_i64().unwrap()
+    }
+
+    async fn status(&self) -> Value {
+        self.get("/v1/status").await.1
+    }
+}
+
+fn id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+fn sale(id: &str, sku: &str, qty: i64) -> Value {
+    json!({"id": id, "lines": [{"sku": sku, "qty": qty}]})
+}
+
+#[tokio::test]
+async fn sale_return_adjust_count_move_on_hand() {
+    let h = harness().await;
+    let (s, v) = h.post("/v1/counts", json!({"id": id(), "sku": "HSS-001", "counted": 10})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["lines"][0]["delta"], 10);
+    assert_eq!(v["lines"][0]["previous_on_hand"], 0);
+
+    let (s, v) = h
+        .post("/v1/sales", json!({"id": id(), "lines": [{"sku": "HSS-001", "qty": 2}, {"sku": "HSS-001", "qty": 1}]}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["lines"][0]["on_hand"], 8);
+    assert_eq!(v["lines"][1]["on_hand"], 7);
+    assert_eq!(v["lines"][1]["sellable"], 7);
+    assert_eq!(v["lines"][1]["held"], 0);
+    assert_eq!(v["flags"], json!([]));
+
+    let (s, v) = h.post("/v1/returns", sale(&id(), "HSS-001", 1)).await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(8)));
+    let (s, v) =
+        h.post("/v1/adjustments", json!({"id": id(), "sku": "HSS-001", "delta": -3, "reason": "damaged"})).await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(5)));
+
+    // A count is the difference to what the store believed.
+    let (s, v) = h.post("/v1/counts", json!({"id": id(), "sku": "HSS-001", "counted": 4})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(v["lines"][0]["delta"], -1);
+    assert_eq!(v["lines"][0]["previous_on_hand"], 5);
+    assert_eq!(h.on_hand("HSS-001").await, 4);
+
+    let (s, v) = h.get("/v1/stock/HSS-001").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"sku": "HSS-001", "on_hand": 4, "held": 0, "sellable": 4}));
+    let st = h.status().await;
+    assert_eq!(st["journal_events"], 6);
+    assert_eq!(st["skus"], 1);
+    assert_eq!(st["store"], "store-1");
+    assert!(st["writer"].as_str().unwrap().starts_with("store-1@"));
+    assert_eq!(st["sync"]["state"], "disabled");
+}
+
+#[tokio::test]
+async fn unknown_sku_sale_is_accepted_and_flagged() {
+    let h = harness().await;
+    let (s, v) = h.get("/v1/stock/NEVER-SEEN").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"], "not_found");
+    let (s, v) = h.post("/v1/sales", sale(&id(), "NEVER-SEEN", 2)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["lines"][0]["on_hand"], -2);
+    assert_eq!(v["flags"], json!(["unknown_sku", "negative_stock"]));
+    assert_eq!(h.on_hand("NEVER-SEEN").await, -2);
+    // Now known: a second sale is only negative.
+    let (_, v) = h.post("/v1/sales", sale(&id(), "NEVER-SEEN", 1)).await;
+    assert_eq!(v["flags"], json!(["negative_stock"]));
+}
+
+#[tokio::test]
+async fn idempotent_by_id() {
+    let h = harness().await;
+    h.post("/v1/counts", json!({"id": id(), "sku": "A", "counted": 10})).await;
+    let sid = id();
+    let (s1, v1) = h.post("/v1/sales", sale(&sid, "A", 3)).await;
+    let (s2, v2) = h.post("/v1/sales", sale(&sid, "A", 3)).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::OK));
+    assert_eq!(v1, v2, "a retry gets the first answer");
+    assert_eq!(h.on_hand("A").await, 7);
+    let (s, v) = h.post("/v1/sales", sale(&sid, "A", 4)).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["error"], "idempotency_conflict");
+    assert!(v["message"].as_str().unwrap().contains(&sid));
+    // Same id at another endpoint is a different body too.
+    let (s, v) = h.post("/v1/returns", sale(&sid, "A", 3)).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")));
+    assert_eq!(h.on_hand("A").await, 7);
+    assert_eq!(h.status().await["journal_events"], 2);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_change_nothing() {
+    let h = harness_with(|c| c.api.max_body_bytes = 4096).await;
+    h.post("/v1/counts", json!({"id": id(), "sku": "A", "counted": 5})).await;
+    let before = h.status().await["journal_events"].clone();
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        (
+            "/v1/sales",
+            json!({"id": "nope", "lines": [{"sku": "A", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id must be a UUID",
+        ),
+        ("/v1/sales", json!({"id": id(), "lines": []}), StatusCode::UNPROCESSABLE_ENTITY, "lines must not be empty"),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 1}, {"sku": "B", "qty": 0}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "lines[1].qty must be between 1",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 100001}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "lines[0].qty",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "a/b", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "lines[0].sku",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "x".repeat(65), "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the limit is 64",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "occurred_at": "yesterday"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "occurred_at",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "occurred_at": "2999-01-01T00:00:00Z"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "in the future",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": "two"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "qty",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "store": "x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown field",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": 0, "reason": "x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "delta must not be zero",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": -1, "reason": " "}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason must not be empty",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": 2000000, "reason": "x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "delta must be between",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": 1, "reason": "r".repeat(201)}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason is 201 bytes",
+        ),
+        (
+            "/v1/counts",
+            json!({"id": id(), "sku": "A", "counted": -1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "counted must be between 0",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let (s, v) = h.post(path, body.clone()).await;
+        assert_eq!(s, status, "{path} {body} -> {v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{path} {body}: {v} lacks {needle:?}");
+        assert!(v["error"].is_string());
+    }
+    let lines: Vec<Value> = (0..101).map(|_| json!({"sku": "A", "qty": 1})).collect();
+    let (s, v) = h.post("/v1/sales", json!({"id": id(), "lines": lines})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(v["message"].as_str().unwrap().contains("limit is 100"), "{v}");
+
+    // Malformed JSON, wrong content type, oversized body.
+    let url = format!("{}/v1/sales", h.agent.url());
+    let r = h.http.post(&url).header("content-type", "application/json").body("{\"id\":").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_json");
+    let r = h.http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "pad": "x".repeat(8000)});
+    let r = h.http.post(&url).json(&big).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "payload_too_large");
+
+    // Query and path validation; unknown routes.
+    let (s, v) = h.get("/v1/stock?limit=0").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")));
+    let (s, _) = h.get("/v1/stock?limit=abc").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = h.get("/v1/stock/bad%2Fsku").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, v) = h.get("/v1/nothing").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+
+    assert_eq!(h.on_hand("A").await, 5, "no refused request changed stock");
+    assert_eq!(h.status().await["journal_events"], before, "no refused request reached the journal");
+}
+
+#[tokio::test]
+async fn token_is_required_when_configured() {
+    let h = harness_with(|c| c.api.token = "s3cret".into()).await;
+    let url = format!("{}/v1/stock", h.agent.url());
+    let r = h.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
+    let r = h.http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = h.http.get(&url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = h.http.get(format!("{}/healthz", h.agent.url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "health checks need no token");
+}
+
+#[tokio::test]
+async fn stock_pages_in_sku_order() {
+    let h = harness().await;
+    for i in 0..25 {
+        h.post("/v1/counts", json!({"id": id(), "sku": format!("SKU-{i:03}"), "counted": i})).await;
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/stock?limit=10".to_string();
+    loop {
+        let (s, v) = h.get(&path).await;
+        assert_eq!(s, StatusCode::OK);
+        for item in v["items"].as_array().unwrap() {
+            seen.push(item["sku"].as_str().unwrap().to_owned());
+        }
+        match v["next"].as_str() {
+            Some(next) => path = format!("/v1/stock?limit=10&after={next}"),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("SKU-{i:03}")).collect();
+    assert_eq!(seen, expected);
+}
+
+/// 8 concurrent clients each post 500 sales and randomly re-send ids already used (their own and
+/// each other's): on_hand falls by exactly the number of distinct sales, and the journal holds
+/// exactly that many rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_under_concurrent_retries() {
+    let h = harness().await;
+    let (s, _) = h.post("/v1/counts", json!({"id": id(), "sku": "HOT", "counted": 100000})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let ids: Vec<Vec<String>> = (0..8).map(|_| (0..500).map(|_| id()).collect()).collect();
+    let url = format!("{}/v1/sales", h.agent.url());
+    let mut tasks = Vec::new();
+    for (client, mine) in ids.iter().cloned().enumerate() {
+        let (url, http, all) = (url.clone(), h.http.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(client as u64);
+            let mut sent = HashSet::new();
+            for sid in &mine {
+                let mut batch = vec![sid.clone()];
+                if rng.random_bool(0.3) {
+                    let other = &all[rng.random_range(0..8)];
+                    batch.push(other[rng.random_range(0..other.len())].clone());
+                }
+                for sid in batch {
+                    let r = http.post(&url).json(&sale(&sid, "HOT", 1)).send().await.unwrap();
+                    assert!(r.status() == StatusCode::CREATED || r.status() == StatusCode::OK, "{}", r.status());
+                    sent.insert(sid);
+                }
+            }
+            sent
+        }));
+    }
+    let mut distinct = HashSet::new();
+    for t in tasks {
+        distinct.extend(t.await.unwrap());
+    }
+    let n = distinct.len() as i64;
+    assert!(n >= 4000, "every client's own ids were sent");
+    assert_eq!(h.on_hand("HOT").await, 100000 - n);
+    assert_eq!(h.status().await["journal_events"].as_i64().unwrap(), n + 1);
+}
+
+#[tokio::test]
+async fn backup_copy_mints_a_new_incarnation() {
+    let h = harness().await;
+    h.post("/v1/sales", sale(&id(), "A", 1)).await;
+    let to = h._dir.path().join("copy.db");
+    h.agent.db.backup(to.clone()).await.unwrap();
+    let original = h.agent.db.identity().clone();
+    let restored = tokio::task::spawn_blocking(move || Db::open(&to, DbOptions::default())).await.unwrap().unwrap();
+    assert_eq!(restored.identity().store, original.store);
+    assert_ne!(restored.identity().writer, original.writer, "a restored copy must never reuse the writer");
+    // The restored copy still holds the sale recorded before the backup.
+    let stock = shelfsync_agent::ledger::stock(&restored, "A".parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(stock.on_hand, -1);
+}
