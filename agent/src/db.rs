@@ -1,20 +1,16 @@
-//! The agent's SQLite store and the thread that owns it.
-//!
-//! One writer thread owns the read-write connection and commits requests in groups: it takes every
-//! job waiting in its queue, runs each inside its own SAVEPOINT (a failing request rolls back alone),
-//! commits once, and only then answers every caller. One reader thread serves queries from a second
-//! connection (WAL readers never block the writer). No tokio worker ever waits on SQLite.
+//! The agent's SQLite store: schema, migrations, identity and the row-level helpers, on top of
+//! [`crate::sqlite::SqliteThreads`] (one group-committing writer thread, one reader thread).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use shelfsync_shared::counter::sum_entries;
 use shelfsync_shared::{CounterError, Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
 use crate::config::Synchronous;
+use crate::sqlite::{AfterCommit, SqliteError, SqliteThreads};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -71,6 +67,15 @@ pub enum DbError {
     Counter(#[from] CounterError),
 }
 
+impl From<SqliteError> for DbError {
+    fn from(e: SqliteError) -> Self {
+        match e {
+            SqliteError::Sqlite(m) => DbError::Sqlite(m),
+            SqliteError::Closed => DbError::Closed,
+        }
+    }
+}
+
 impl From<rusqlite::Error> for DbError {
     fn from(e: rusqlite::Error) -> Self {
         DbError::Sqlite(e.to_string())
@@ -112,10 +117,6 @@ pub struct Heads {
     pub journal: u64,
 }
 
-type Finisher = Box<dyn FnOnce(Option<&DbError>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
-type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
-
 /// Handle to the storage threads. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -123,8 +124,7 @@ pub struct Db {
 }
 
 struct Inner {
-    writer: mpsc::Sender<WriteJob>,
-    reader: mpsc::Sender<ReadJob>,
+    threads: SqliteThreads,
     identity: Identity,
     heads: watch::Receiver<Heads>,
     path: PathBuf,
@@ -134,7 +134,8 @@ fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
-fn open_conn(path: &Path, flags: OpenFlags, sync: Synchronous) -> Result<Connection, DbError> {
+/// Opens a connection in WAL mode with the given durability.
+pub fn open_conn(path: &Path, flags: OpenFlags, sync: Synchronous) -> Result<Connection, DbError> {
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -143,13 +144,14 @@ fn open_conn(path: &Path, flags: OpenFlags, sync: Synchronous) -> Result<Connect
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+/// Applies the migrations `PRAGMA user_version` says have not run yet, each in its own transaction.
+pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), DbError> {
     let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let known = MIGRATIONS.len() as u32;
+    let known = migrations.len() as u32;
     if version > known {
         return Err(DbError::TooNew { found: version, known });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, sql) in migrations.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)?;
@@ -158,11 +160,13 @@ fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     Ok(())
 }
 
-fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, DbError> {
+/// One `meta` value.
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, DbError> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
-fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), DbError> {
+/// Sets one `meta` value.
+pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), DbError> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [key, value],
@@ -210,7 +214,7 @@ impl Db {
             std::fs::create_dir_all(dir).map_err(|e| DbError::Sqlite(format!("creating {}: {e}", dir.display())))?;
         }
         let mut conn = open_conn(path, OpenFlags::default(), opts.synchronous)?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, MIGRATIONS)?;
         let tx = conn.transaction()?;
         let identity = mint_incarnation(&tx, store)?;
         tx.commit()?;
@@ -224,7 +228,7 @@ impl Db {
             return Err(DbError::NotInitialized(path.to_owned()));
         }
         let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, MIGRATIONS)?;
         let identity = {
             let tx = conn.transaction()?;
             let current = load_identity(&tx)?;
@@ -241,18 +245,15 @@ impl Db {
         let reader_conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY, opts.synchronous)?;
         let initial = heads(&conn)?;
         let (heads_tx, heads_rx) = watch::channel(initial);
-        let (wtx, wrx) = mpsc::channel::<WriteJob>(4096);
-        let (rtx, rrx) = mpsc::channel::<ReadJob>(4096);
-        let max = opts.group_commit_max.max(1);
-        thread::Builder::new()
-            .name("agent-db-writer".into())
-            .spawn(move || writer_loop(conn, wrx, heads_tx, max))
-            .map_err(|e| DbError::Sqlite(format!("spawning writer thread: {e}")))?;
-        thread::Builder::new()
-            .name("agent-db-reader".into())
-            .spawn(move || reader_loop(reader_conn, rrx))
-            .map_err(|e| DbError::Sqlite(format!("spawning reader thread: {e}")))?;
-        Ok(Db { inner: Arc::new(Inner { writer: wtx, reader: rtx, identity, heads: heads_rx, path: path.to_owned() }) })
+        let after_commit: AfterCommit = Box::new(move |conn| match heads(conn) {
+            Ok(h) => {
+                heads_tx.send_if_modified(|old| std::mem::replace(old, h) != h);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read heads"),
+        });
+        let threads = SqliteThreads::spawn("agent", conn, vec![reader_conn], opts.group_commit_max, after_commit)
+            .map_err(|e| DbError::Sqlite(format!("spawning storage threads: {e}")))?;
+        Ok(Db { inner: Arc::new(Inner { threads, identity, heads: heads_rx, path: path.to_owned() }) })
     }
 
     /// Who this database is.
@@ -276,20 +277,8 @@ impl Db {
         R: Send + 'static,
         E: From<DbError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<Result<R, E>>();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let finish: Finisher = Box::new(move |commit_error| {
-                let _ = tx.send(match commit_error {
-                    Some(e) if ok => Err(E::from(e.clone())),
-                    _ => result,
-                });
-            });
-            (ok, finish)
-        });
-        self.inner.writer.send(job).await.map_err(|_| E::from(DbError::Closed))?;
-        rx.await.map_err(|_| E::from(DbError::Closed))?
+        let r: Result<Result<R, E>, DbError> = self.inner.threads.write(move |conn| Ok(f(conn))).await;
+        r.map_err(E::from)?
     }
 
     /// Runs `f` on the reader connection.
@@ -298,12 +287,8 @@ impl Db {
         R: Send + 'static,
         E: From<DbError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: ReadJob = Box::new(move |conn| {
-            let _ = tx.send(f(conn));
-        });
-        self.inner.reader.send(job).await.map_err(|_| E::from(DbError::Closed))?;
-        rx.await.map_err(|_| E::from(DbError::Closed))?
+        let r: Result<Result<R, E>, DbError> = self.inner.threads.read(move |conn| Ok(f(conn))).await;
+        r.map_err(E::from)?
     }
 
     /// Copies the live database to `to` with SQLite's online backup API. The copy is marked so
@@ -319,70 +304,6 @@ impl Db {
             Ok(())
         })
         .await
-    }
-}
-
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, heads_tx: watch::Sender<Heads>, max: usize) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(max);
-    let mut finishers: Vec<Finisher> = Vec::with_capacity(max);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let begun = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begun {
-            let err = DbError::from(e);
-            tracing::error!(error = %err, "cannot begin a transaction");
-            for job in batch.drain(..) {
-                // Run nothing; tell each caller why.
-                drop(job);
-            }
-            continue;
-        }
-        for job in batch.drain(..) {
-            let savepoint = conn.execute_batch("SAVEPOINT job");
-            if let Err(e) = savepoint {
-                tracing::error!(error = %e, "cannot open a savepoint");
-                break;
-            }
-            let (ok, finish) = job(&conn);
-            let end =
-                if ok { conn.execute_batch("RELEASE job") } else { conn.execute_batch("ROLLBACK TO job; RELEASE job") };
-            if let Err(e) = end {
-                tracing::error!(error = %e, "cannot close a savepoint");
-            }
-            finishers.push(finish);
-        }
-        let committed = conn.execute_batch("COMMIT").map_err(DbError::from);
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, jobs = finishers.len(), "group commit failed; every request in it is refused");
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for finish in finishers.drain(..) {
-            finish(committed.as_ref().err());
-        }
-        if committed.is_ok() {
-            match heads(&conn) {
-                Ok(h) => {
-                    heads_tx.send_if_modified(|old| {
-                        let changed = *old != h;
-                        *old = h;
-                        changed
-                    });
-                }
-                Err(e) => tracing::error!(error = %e, "cannot read heads"),
-            }
-        }
-    }
-}
-
-fn reader_loop(conn: Connection, mut rx: mpsc::Receiver<ReadJob>) {
-    while let Some(job) = rx.blocking_recv() {
-        job(&conn);
     }
 }
 

@@ -14,5 +14,6 @@ pub mod db;
 pub mod http;
 pub mod ledger;
 pub mod server;
+pub mod sqlite;
 pub mod status;
 pub mod sync;

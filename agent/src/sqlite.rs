@@ -1,0 +1,164 @@
+//! SQLite on its own threads: one writer thread that group-commits, and reader threads on their
+//! own connections (WAL readers never block the writer). Used by the agent's ledger and the hub.
+//!
+//! The writer takes every job waiting in its queue, runs each inside its own SAVEPOINT (a failing
+//! job rolls back alone), commits once, and only then answers every caller: one fsync for a whole
+//! burst of requests. No tokio worker ever waits on SQLite.
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+/// Storage failure of a group commit, shared by every job in the group.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SqliteError {
+    /// SQLite said no.
+    #[error("database error: {0}")]
+    Sqlite(String),
+    /// The storage threads have stopped.
+    #[error("the storage thread has stopped")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for SqliteError {
+    fn from(e: rusqlite::Error) -> Self {
+        SqliteError::Sqlite(e.to_string())
+    }
+}
+
+type Finisher = Box<dyn FnOnce(Option<&SqliteError>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Called on the writer thread after every successful commit (e.g. to publish new heads).
+pub type AfterCommit = Box<dyn FnMut(&Connection) + Send>;
+
+/// Handle to the storage threads. Cheap to clone; the threads stop when every handle is dropped.
+#[derive(Clone)]
+pub struct SqliteThreads {
+    writer: mpsc::Sender<WriteJob>,
+    reader: mpsc::Sender<ReadJob>,
+}
+
+impl SqliteThreads {
+    /// Starts the writer on `write_conn` and one reader per connection in `read_conns`.
+    pub fn spawn(
+        name: &str,
+        write_conn: Connection,
+        read_conns: Vec<Connection>,
+        group_commit_max: usize,
+        after_commit: AfterCommit,
+    ) -> std::io::Result<Self> {
+        let (wtx, wrx) = mpsc::channel::<WriteJob>(4096);
+        let (rtx, rrx) = mpsc::channel::<ReadJob>(4096);
+        let max = group_commit_max.max(1);
+        thread::Builder::new()
+            .name(format!("{name}-db-writer"))
+            .spawn(move || writer_loop(write_conn, wrx, max, after_commit))?;
+        let rrx = Arc::new(Mutex::new(rrx));
+        for (i, conn) in read_conns.into_iter().enumerate() {
+            let rrx = rrx.clone();
+            thread::Builder::new().name(format!("{name}-db-reader-{i}")).spawn(move || reader_loop(conn, rrx))?;
+        }
+        Ok(SqliteThreads { writer: wtx, reader: rtx })
+    }
+
+    /// Runs `f` inside the next group commit; answers only after the commit is durable.
+    /// If `f` fails, only its own changes are rolled back.
+    pub async fn write<R, E>(&self, f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<SqliteError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, E>>();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finisher = Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    Some(e) if ok => Err(E::from(e.clone())),
+                    _ => result,
+                });
+            });
+            (ok, finish)
+        });
+        self.writer.send(job).await.map_err(|_| E::from(SqliteError::Closed))?;
+        rx.await.map_err(|_| E::from(SqliteError::Closed))?
+    }
+
+    /// Runs `f` on a reader connection.
+    pub async fn read<R, E>(&self, f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<SqliteError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.reader.send(job).await.map_err(|_| E::from(SqliteError::Closed))?;
+        rx.await.map_err(|_| E::from(SqliteError::Closed))?
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, mut after_commit: AfterCommit) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(max);
+    let mut finishers: Vec<Finisher> = Vec::with_capacity(max);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the jobs answers their callers with `Closed`; log the cause here.
+            tracing::error!(error = %e, jobs = batch.len(), "cannot begin a transaction; refusing the batch");
+            batch.clear();
+            continue;
+        }
+        for job in batch.drain(..) {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                continue;
+            }
+            let (ok, finish) = job(&conn);
+            let end =
+                if ok { conn.execute_batch("RELEASE job") } else { conn.execute_batch("ROLLBACK TO job; RELEASE job") };
+            if let Err(e) = end {
+                tracing::error!(error = %e, "cannot close a savepoint");
+            }
+            finishers.push(finish);
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(SqliteError::from);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, jobs = finishers.len(), "group commit failed; every request in it is refused");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for finish in finishers.drain(..) {
+            finish(committed.as_ref().err());
+        }
+        if committed.is_ok() {
+            after_commit(&conn);
+        }
+    }
+}
+
+fn reader_loop(conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadJob>>>) {
+    loop {
+        let job = {
+            let mut rx = match rx.lock() {
+                Ok(rx) => rx,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            rx.blocking_recv()
+        };
+        match job {
+            Some(job) => job(&conn),
+            None => return,
+        }
+    }
+}
