@@ -13,6 +13,8 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod quic;
+pub mod replica;
 pub mod server;
 pub mod sqlite;
 pub mod status;
