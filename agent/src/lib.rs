@@ -8,6 +8,7 @@
 //! - [`config`], [`server`]: configuration and start-up.
 
 pub mod api;
+pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
+use shelfsync_agent::bundle::Bundle;
 use shelfsync_agent::client::ApiClient;
 use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
@@ -229,9 +230,21 @@ fn print_human(v: &Value) {
 
 fn init(store_id: Option<String>, bundle: Option<PathBuf>, data_dir: PathBuf) -> anyhow::Result<()> {
     let path = data_dir.join("agent.db");
+    if path.exists() {
+        bail!("an agent database already exists at {}", path.display());
+    }
     let store = match (store_id, bundle) {
         (Some(s), None) => s.parse().with_context(|| format!("--store-id {s:?}"))?,
-        (None, Some(_)) => bail!("--bundle is not supported by this build yet; use --store-id"),
+        (None, Some(b)) => {
+            let bundle = Bundle::copy(&b, &data_dir.join("bundle"))?;
+            println!(
+                "bundle for store {} (hub {}) copied into {}",
+                bundle.store_id,
+                bundle.hub_addr,
+                data_dir.display()
+            );
+            bundle.store_id
+        }
         _ => bail!("give exactly one of --store-id or --bundle"),
     };
     let identity = Db::create(&path, &store, DbOptions::default())?;

@@ -1,25 +1,239 @@
-//! The agent's sync client: connects to the hub over QUIC and moves bytes between the streams
-//! and a [`shelfsync_shared::sync::AgentSession`].
+//! The agent's sync client: connects to the hub over QUIC with the store's certificate, resumes
+//! from the durable watermarks, and lets [`crate::quic::drive`] move frames between the streams
+//! and an [`AgentSession`]. Reconnects with jittered exponential backoff, forever: the store works
+//! the same with the hub unreachable for days.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shelfsync_shared::sync::{AgentSession, Effect, SessionError, SyncConfig};
+use shelfsync_shared::wire::close_code;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::bundle::Bundle;
 use crate::config::AgentConfig;
-use crate::db::Db;
+use crate::db::{Db, DbError};
+use crate::quic::{drive, DriveError, EffectHost, FrameStats};
+use crate::replica;
 use crate::server::StartError;
-use crate::status::SyncStatus;
+use crate::status::{SyncState, SyncStatus};
 
 /// Starts the sync client if this agent has a bundle and sync is enabled.
 pub fn spawn(
     config: &AgentConfig,
-    _db: Db,
-    _status: watch::Sender<SyncStatus>,
+    db: Db,
+    status: watch::Sender<SyncStatus>,
 ) -> Result<Option<JoinHandle<()>>, StartError> {
     if !config.sync.enabled || !config.bundle_dir().exists() {
         return Ok(None);
     }
-    Err(StartError::Other(format!(
-        "{} holds a hub bundle but this build of the agent cannot sync yet",
-        config.bundle_dir().display()
-    )))
+    let bundle = Bundle::load(&config.bundle_dir()).map_err(|e| StartError::Other(e.to_string()))?;
+    if bundle.store_id != db.identity().store {
+        return Err(StartError::Other(format!(
+            "bundle in {} is for store {} but this database is store {}",
+            config.bundle_dir().display(),
+            bundle.store_id,
+            db.identity().store
+        )));
+    }
+    let hub_addr = if config.sync.hub_addr.is_empty() { bundle.hub_addr.clone() } else { config.sync.hub_addr.clone() };
+    let client_config = bundle.client_config().map_err(|e| StartError::Other(e.to_string()))?;
+    let client = SyncClient {
+        db,
+        hub_addr,
+        server_name: bundle.server_name.clone(),
+        client_config,
+        session_config: SyncConfig {
+            coalesce: Duration::from_millis(config.sync.coalesce_ms),
+            digest_interval: Duration::from_secs(config.sync.digest_interval_secs),
+            ..SyncConfig::default()
+        },
+        backoff_min: Duration::from_millis(config.sync.backoff_ms_min),
+        backoff_max: Duration::from_millis(config.sync.backoff_ms_max),
+        status,
+        stats: Arc::default(),
+    };
+    Ok(Some(tokio::spawn(client.run())))
+}
+
+struct SyncClient {
+    db: Db,
+    hub_addr: String,
+    server_name: String,
+    client_config: quinn::ClientConfig,
+    session_config: SyncConfig,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    status: watch::Sender<SyncStatus>,
+    stats: Arc<FrameStats>,
+}
+
+/// The n-th reconnect delay: exponential from `min`, capped at `max`, uniformly jittered over its
+/// upper half so a fleet of stores does not reconnect in lockstep after a hub restart.
+pub fn backoff(min: Duration, max: Duration, attempt: u32, jitter: f64) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+    exp.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+impl SyncClient {
+    async fn run(self) {
+        self.status.send_modify(|s| {
+            s.state = SyncState::Connecting;
+            s.hub_addr = Some(self.hub_addr.clone());
+        });
+        let mut endpoint: Option<quinn::Endpoint> = None;
+        let mut failures = 0u32;
+        loop {
+            self.status.send_modify(|s| {
+                s.state = SyncState::Connecting;
+                s.attempts += 1;
+            });
+            let outcome = self.connect_once(&mut endpoint).await;
+            let established = self.status.borrow().state == SyncState::Connected;
+            let error = match &outcome {
+                Ok(()) => "connection closed".to_owned(),
+                Err(e) => e.clone(),
+            };
+            tracing::info!(hub = %self.hub_addr, error = %error, "sync connection ended");
+            self.status.send_modify(|s| {
+                s.state = SyncState::Connecting;
+                s.connected_since = None;
+                s.last_error = Some(error);
+            });
+            failures = if established { 0 } else { failures.saturating_add(1) };
+            let delay = backoff(self.backoff_min, self.backoff_max, failures, rand::random::<f64>());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn connect_once(&self, endpoint: &mut Option<quinn::Endpoint>) -> Result<(), String> {
+        let addr: SocketAddr = tokio::net::lookup_host(&self.hub_addr)
+            .await
+            .map_err(|e| format!("resolving {}: {e}", self.hub_addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.hub_addr))?;
+        let ep = match endpoint {
+            Some(ep) => ep.clone(),
+            None => {
+                let bind: SocketAddr =
+                    if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+                let ep = quinn::Endpoint::client(bind).map_err(|e| format!("binding a UDP socket: {e}"))?;
+                endpoint.insert(ep).clone()
+            }
+        };
+        let connecting = ep
+            .connect_with(self.client_config.clone(), addr, &self.server_name)
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let conn = connecting.await.map_err(|e| format!("handshake with {addr}: {e}"))?;
+        // A refused certificate still completes the handshake here; the refusal arrives on the
+        // first stream operation, so "connected" waits for the hub's Welcome.
+        let (send, recv) = conn.open_bi().await.map_err(|e| format!("opening the state stream: {e}"))?;
+        let resume = replica::resume(&self.db).await.map_err(|e| format!("reading watermarks: {e}"))?;
+        let id = self.db.identity();
+        let mut session = AgentSession::new(self.session_config.clone(), id.store.clone(), id.writer.clone(), resume);
+        let mut host = AgentHost { db: self.db.clone(), status: self.status.clone() };
+        let peer = format!("hub {addr}");
+        let result =
+            drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), self.stats.clone(), &peer).await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(DriveError::Session(e)) => Err(describe_session_error(&e)),
+            Err(DriveError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
+                let code = c.error_code.into_inner() as u32;
+                Err(format!(
+                    "hub closed the connection: {} ({})",
+                    close_code::name(code),
+                    String::from_utf8_lossy(&c.reason)
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn describe_session_error(e: &SessionError) -> String {
+    if e.from_peer {
+        format!("hub refused: {} ({})", close_code::name(e.code), e.message)
+    } else {
+        format!("{} ({})", close_code::name(e.code), e.message)
+    }
+}
+
+struct AgentHost {
+    db: Db,
+    status: watch::Sender<SyncStatus>,
+}
+
+fn internal(what: &str, e: DbError) -> SessionError {
+    SessionError { code: close_code::INTERNAL, message: format!("{what}: {e}"), from_peer: false }
+}
+
+impl EffectHost<AgentSession> for AgentHost {
+    async fn effect(&mut self, session: &mut AgentSession, effect: Effect) -> Result<(), SessionError> {
+        match effect {
+            Effect::Established { peer } => {
+                tracing::info!(hub = %peer, "connected to the hub");
+                let since = crate::ledger::rfc3339(jiff::Timestamp::now().as_millisecond());
+                self.status.send_modify(|s| {
+                    s.state = SyncState::Connected;
+                    s.hub_writer = Some(peer.to_string());
+                    s.connected_since = Some(since);
+                    s.last_error = None;
+                });
+            }
+            Effect::ReadDelta { after, limit, .. } => {
+                let read =
+                    replica::read_delta(&self.db, after, limit).await.map_err(|e| internal("reading a delta", e))?;
+                session.delta_read(Instant::now(), read)?;
+            }
+            Effect::ApplyDelta { peer, delta } => {
+                let upto = delta.upto;
+                replica::apply_delta(&self.db, peer, delta).await.map_err(|e| internal("applying a delta", e))?;
+                session.delta_applied(Instant::now(), upto)?;
+            }
+            Effect::Acked { upto, .. } => {
+                replica::set_acked(&self.db, upto).await.map_err(|e| internal("recording an ack", e))?;
+            }
+            Effect::ReadJournal { after, limit } => {
+                let read = replica::read_journal(&self.db, after, limit)
+                    .await
+                    .map_err(|e| internal("reading the journal", e))?;
+                session.journal_read(Instant::now(), read)?;
+            }
+            Effect::ApplyJournal { peer, batch } => {
+                let upto = batch.upto;
+                replica::apply_journal(&self.db, peer, batch)
+                    .await
+                    .map_err(|e| internal("storing journal events", e))?;
+                session.journal_applied(Instant::now(), upto)?;
+            }
+            Effect::JournalAcked { upto, .. } => {
+                replica::set_journal_acked(&self.db, upto).await.map_err(|e| internal("recording a journal ack", e))?;
+            }
+            Effect::ComputeDigest => {
+                let (digest, head) =
+                    replica::digest(&self.db).await.map_err(|e| internal("computing the digest", e))?;
+                session.digest_computed(Instant::now(), digest, head)?;
+            }
+            Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+        assert_eq!(backoff(min, max, 0, 1.0), min);
+        assert_eq!(backoff(min, max, 0, 0.0), min / 2);
+        assert_eq!(backoff(min, max, 3, 1.0), Duration::from_millis(1600));
+        assert_eq!(backoff(min, max, 30, 1.0), max);
+        assert!(backoff(min, max, 30, 0.0) >= max / 2);
+    }
 }

@@ -1,2 +1,20 @@
 //! Shelfsync hub: merges every store into one availability view and serves headquarters and the
 //! online storefront.
+//!
+//! - [`storage`]: the storage trait; [`sqlite`] its SQLite implementation.
+//! - [`pki`]: the private CA that identifies stores.
+//! - [`quic_server`]: authenticates agents and runs their sync sessions.
+//! - [`api`]: the HTTP API; [`metrics`]: Prometheus counters; [`state`]: what tasks share.
+//! - [`admin`]: verbs on the data directory; [`server`]: start-up; [`config`]: configuration.
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod pki;
+pub mod quic_server;
+pub mod server;
+pub mod sqlite;
+pub mod state;
+pub mod storage;

@@ -1,1 +1,192 @@
-fn main() {}
+//! `shelfsync-hub`: headquarters' command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shelfsync_hub::config::HubConfig;
+use shelfsync_hub::storage::Role;
+use shelfsync_hub::{admin, demo, server};
+use shelfsync_shared::StoreId;
+
+#[derive(Parser)]
+#[command(name = "shelfsync-hub", version, about = "Shelfsync hub: one true view of every store's stock")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the hub database and its private certificate authority.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Manage stores.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Run the hub: QUIC sync endpoint and HTTP API.
+    Serve {
+        /// TOML config file (see config/hub.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides quic.listen.
+        #[arg(long)]
+        quic_listen: Option<SocketAddr>,
+        /// Overrides http.listen.
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+    },
+    /// Online backup of the hub database (safe while the hub runs).
+    Backup {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Destination file (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// A hub and three in-process stores selling over real QUIC on loopback.
+    Demo {
+        /// Exit after this many seconds of trading (default: run until Ctrl-C).
+        #[arg(long)]
+        for_secs: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Register a store and write its credential bundle for `shelfsync-agent init --bundle`.
+    Add {
+        id: String,
+        /// Directory to write the bundle into.
+        #[arg(long)]
+        out: PathBuf,
+        /// The address agents dial (host:port of the hub's QUIC endpoint).
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        hub_addr: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revoke every certificate of a store; a running hub drops it within seconds.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an API token; prints only the token.
+    Create {
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn store_id(s: &str) -> anyhow::Result<StoreId> {
+    s.parse().map_err(|e| anyhow::anyhow!("store id {s:?}: {e}"))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Init { data_dir } => {
+            let writer = admin::init(&data_dir).await?;
+            println!("initialised hub {writer} in {}", data_dir.display());
+        }
+        Cmd::Store { cmd: StoreCmd::Add { id, out, hub_addr, data_dir } } => {
+            let store = store_id(&id)?;
+            admin::add_store(&data_dir, &store, &out, &hub_addr).await?;
+            println!("store {store} registered; bundle written to {}", out.display());
+        }
+        Cmd::Store { cmd: StoreCmd::Revoke { id, data_dir } } => {
+            let store = store_id(&id)?;
+            let n = admin::revoke_store(&data_dir, &store).await?;
+            println!("store {store} revoked ({n} certificate(s))");
+        }
+        Cmd::Token { cmd: TokenCmd::Create { role, data_dir } } => {
+            println!("{}", admin::create_token(&data_dir, role).await?);
+        }
+        Cmd::Serve { config, data_dir, quic_listen, http_listen } => {
+            let mut cfg = HubConfig::load(config.as_deref())?;
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(a) = quic_listen {
+                cfg.quic.listen = a;
+            }
+            if let Some(a) = http_listen {
+                cfg.http.listen = a;
+            }
+            init_tracing(&cfg.log.filter);
+            let hub = server::start(cfg).await?;
+            // Machine-readable lines, so scripts and tests learn the bound ports.
+            println!("shelfsync-hub quic on {}", hub.quic_addr);
+            println!("shelfsync-hub listening on {}", hub.url());
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            hub.stop().await;
+        }
+        Cmd::Backup { data_dir, to } => {
+            admin::backup(&data_dir, &to).await?;
+            println!("backed up to {}", to.display());
+        }
+        Cmd::Demo { for_secs } => {
+            init_tracing("warn");
+            demo::run(for_secs, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

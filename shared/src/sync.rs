@@ -189,7 +189,11 @@ impl SessionError {
 #[derive(Debug)]
 struct Outbox {
     head: u64,
+    /// Everything up to here was read (possibly finding nothing for the peer).
     sent: u64,
+    /// `upto` of the last frame actually sent: the next frame's `after`. Ranges that held
+    /// nothing for the peer are covered by the next frame that does carry something.
+    transmitted: u64,
     max_sent: u64,
     acked: u64,
     inflight: VecDeque<u64>,
@@ -204,6 +208,7 @@ impl Outbox {
         Outbox {
             head,
             sent: 0,
+            transmitted: 0,
             max_sent: 0,
             acked: 0,
             inflight: VecDeque::new(),
@@ -216,6 +221,7 @@ impl Outbox {
 
     fn start(&mut self, now: Instant, from: u64) {
         self.sent = from;
+        self.transmitted = from;
         self.max_sent = from;
         self.acked = from;
         self.due = None;
@@ -257,19 +263,22 @@ impl Outbox {
                 format!("host read up to {upto}, below what was already sent ({})", self.sent),
             ));
         }
-        let after = self.sent;
+        let after = self.transmitted;
         self.head = self.head.max(upto);
         self.sent = upto;
-        self.max_sent = self.max_sent.max(upto);
         if nonempty {
+            self.transmitted = upto;
+            self.max_sent = self.max_sent.max(upto);
             self.inflight.push_back(upto);
         } else if self.inflight.is_empty() {
+            // Nothing in flight and nothing new for the peer: it holds all it needs up to here.
             self.acked = self.acked.max(upto);
         }
         if self.restart_pending {
             self.restart_pending = false;
             self.full_until = self.full_until.max(self.head);
             self.sent = 0;
+            self.transmitted = 0;
         }
         self.arm(now, Duration::ZERO);
         Ok(nonempty.then_some(after))
@@ -298,6 +307,7 @@ impl Outbox {
         } else {
             self.full_until = self.full_until.max(self.head).max(self.sent);
             self.sent = 0;
+            self.transmitted = 0;
             self.due = None;
             self.arm(now, Duration::ZERO);
         }

@@ -1,0 +1,94 @@
+//! Admin verbs that work on a hub's data directory directly (they also work while the hub runs:
+//! SQLite in WAL mode arbitrates, and the running hub notices revocations within seconds).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shelfsync_agent::bundle::Bundle;
+use shelfsync_shared::StoreId;
+
+use crate::api::{new_token, token_hash};
+use crate::pki::Pki;
+use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
+use crate::storage::{CertRecord, HubStorage, Role, StorageError};
+
+/// Admin failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Storage said no.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The PKI said no.
+    #[error("pki: {0}")]
+    Pki(String),
+    /// Writing the bundle failed.
+    #[error("bundle: {0}")]
+    Bundle(String),
+}
+
+fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki")
+}
+
+async fn open(data_dir: &Path) -> Result<Arc<SqliteStorage>, AdminError> {
+    let path = db_path(data_dir);
+    let s = tokio::task::spawn_blocking(move || {
+        SqliteStorage::open(&path, SqliteOptions { readers: 1, ..Default::default() })
+    })
+    .await
+    .map_err(|e| StorageError::Backend(e.to_string()))??;
+    Ok(Arc::new(s))
+}
+
+/// Creates the hub database and its private CA.
+pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
+    Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
+    let path = db_path(data_dir);
+    let writer = tokio::task::spawn_blocking(move || SqliteStorage::create(&path))
+        .await
+        .map_err(|e| StorageError::Backend(e.to_string()))??;
+    Ok(writer.to_string())
+}
+
+/// Registers a store, issues its certificate and writes its credential bundle to `out`.
+pub async fn add_store(data_dir: &Path, store: &StoreId, out: &Path, hub_addr: &str) -> Result<(), AdminError> {
+    let pki = Pki::load(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
+    let storage = open(data_dir).await?;
+    let cert = pki.issue_store(store).map_err(|e| AdminError::Pki(e.to_string()))?;
+    storage
+        .add_store(
+            store.clone(),
+            CertRecord {
+                serial: cert.serial_hex.clone(),
+                store: store.clone(),
+                fingerprint: cert.fingerprint_sha256_hex.clone(),
+                revoked_at_ms: None,
+            },
+        )
+        .await?;
+    Bundle::write(out, store, hub_addr, pki.ca_cert_pem(), &cert.cert_pem, &cert.key_pem)
+        .map_err(|e| AdminError::Bundle(e.to_string()))?;
+    Ok(())
+}
+
+/// Revokes every certificate of a store; returns how many.
+pub async fn revoke_store(data_dir: &Path, store: &StoreId) -> Result<usize, AdminError> {
+    let storage = open(data_dir).await?;
+    Ok(storage.revoke_store(store.clone()).await?.len())
+}
+
+/// Creates an API token; returns it (the hub keeps only its hash).
+pub async fn create_token(data_dir: &Path, role: Role) -> Result<String, AdminError> {
+    let storage = open(data_dir).await?;
+    let token = new_token();
+    storage.add_token(token_hash(&token), role).await?;
+    Ok(token)
+}
+
+/// Online backup of the hub database.
+pub async fn backup(data_dir: &Path, to: &Path) -> Result<(), AdminError> {
+    let storage = open(data_dir).await?;
+    storage.backup(to.to_owned()).await?;
+    Ok(())
+}

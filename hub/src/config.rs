@@ -1,0 +1,202 @@
+//! Hub configuration: defaults, TOML file, `SHELFSYNC_HUB__SECTION__KEY` environment overrides,
+//! flags, then validation naming the key. Every key is documented in `config/hub.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shelfsync_agent::config::{apply_env, ConfigError, Synchronous};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SHELFSYNC_HUB__";
+
+/// The whole hub configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Database, PKI and backups.
+    pub data_dir: PathBuf,
+    /// QUIC sync endpoint.
+    pub quic: QuicSection,
+    /// HTTP API.
+    pub http: HttpSection,
+    /// SQLite.
+    pub storage: StorageSection,
+    /// Sync behaviour.
+    pub sync: SyncSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `[quic]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicSection {
+    /// Where agents connect.
+    pub listen: SocketAddr,
+    /// Most concurrent agent connections.
+    pub max_connections: usize,
+}
+
+/// `[http]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// The API, dashboard and metrics.
+    pub listen: SocketAddr,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Most SKUs in one batch availability query.
+    pub max_batch_skus: usize,
+}
+
+/// `[storage]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// `full` or `normal`.
+    pub synchronous: Synchronous,
+    /// Most writes per group commit.
+    pub group_commit_max: usize,
+    /// Reader threads.
+    pub readers: usize,
+}
+
+/// `[sync]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// How long a hub change waits for company before it is pushed to a store.
+    pub coalesce_ms: u64,
+    /// How often connected stores are re-checked against revocations.
+    pub revocation_check_secs: u64,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `tracing` filter; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            data_dir: PathBuf::from("/var/lib/shelfsync-hub"),
+            quic: QuicSection::default(),
+            http: HttpSection::default(),
+            storage: StorageSection::default(),
+            sync: SyncSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+impl Default for QuicSection {
+    fn default() -> Self {
+        QuicSection { listen: "0.0.0.0:7443".parse().expect("valid"), max_connections: 10_000 }
+    }
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: "127.0.0.1:8080".parse().expect("valid"),
+            max_body_bytes: 256 * 1024,
+            max_batch_skus: 100,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection { synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
+    }
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection { coalesce_ms: 2, revocation_check_secs: 5 }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { filter: "info".into() }
+    }
+}
+
+impl HubConfig {
+    /// Loads `path` (if given) over the defaults, then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, ENV_PREFIX, std::env::vars())?;
+        let path = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<defaults>"));
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path, message: e.to_string() })
+    }
+
+    /// Rejects values that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+        if self.http.max_body_bytes < 1024 || self.http.max_body_bytes > 64 << 20 {
+            return bad("http.max_body_bytes", "must be between 1024 and 67108864");
+        }
+        if self.http.max_batch_skus == 0 || self.http.max_batch_skus > 1000 {
+            return bad("http.max_batch_skus", "must be between 1 and 1000");
+        }
+        if self.quic.max_connections == 0 {
+            return bad("quic.max_connections", "must be at least 1");
+        }
+        if self.storage.group_commit_max == 0 || self.storage.group_commit_max > 10_000 {
+            return bad("storage.group_commit_max", "must be between 1 and 10000");
+        }
+        if self.storage.readers == 0 || self.storage.readers > 64 {
+            return bad("storage.readers", "must be between 1 and 64");
+        }
+        if self.sync.coalesce_ms > 1000 {
+            return bad("sync.coalesce_ms", "must be at most 1000");
+        }
+        if self.sync.revocation_check_secs == 0 {
+            return bad("sync.revocation_check_secs", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The PKI directory.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/hub.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let from_file: HubConfig = toml::from_str(&text).unwrap();
+        let v = |c: &HubConfig| toml::Value::try_from(c).unwrap();
+        assert_eq!(v(&from_file), v(&HubConfig::default()), "config/hub.toml drifted from the defaults");
+        HubConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = HubConfig::default();
+        c.storage.readers = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.readers"));
+    }
+}

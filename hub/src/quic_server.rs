@@ -1,0 +1,251 @@
+//! The hub's QUIC endpoint: authenticates each agent by its certificate (the store id comes from
+//! the certificate, never from a message), refuses unknown and revoked certificates, and runs one
+//! [`HubSession`] per connection through [`shelfsync_agent::quic::drive`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shelfsync_agent::quic::{drive, DriveError, EffectHost, FrameStats};
+use shelfsync_shared::sync::{Effect, HubSession, SessionError, SyncConfig};
+use shelfsync_shared::wire::close_code;
+use shelfsync_shared::StoreId;
+
+use crate::metrics::Metrics;
+use crate::pki::{self, Pki};
+use crate::state::Hub;
+use crate::storage::StorageError;
+
+/// Builds the server TLS config with a CRL of every revoked certificate.
+pub async fn server_config(hub: &Hub, pki: &Pki) -> Result<quinn::ServerConfig, String> {
+    let revoked = hub.storage.revoked_serials().await.map_err(|e| e.to_string())?;
+    let crls = if revoked.is_empty() { Vec::new() } else { vec![pki.crl(&revoked).map_err(|e| e.to_string())?] };
+    pki.server_config(crls).map_err(|e| e.to_string())
+}
+
+/// Accepts agent connections until the endpoint closes.
+pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, sync: SyncConfig, max_connections: usize) {
+    let open = Arc::new(AtomicUsize::new(0));
+    while let Some(incoming) = endpoint.accept().await {
+        if open.load(Ordering::Relaxed) >= max_connections {
+            Metrics::inc(&hub.metrics.connections_refused_total);
+            tracing::warn!(peer = %incoming.remote_address(), max_connections, "refusing connection: at the limit");
+            incoming.refuse();
+            continue;
+        }
+        let (hub, sync, open) = (hub.clone(), sync.clone(), open.clone());
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            handle(hub, incoming, sync).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Periodically closes connections of revoked stores and refreshes the endpoint's CRL, so a
+/// `store revoke` made by the CLI (another process) takes effect on a running hub.
+pub async fn watch_revocations(hub: Arc<Hub>, endpoint: quinn::Endpoint, pki: Arc<Pki>, every: Duration) {
+    let mut known = hub.storage.revoked_serials().await.map(|r| r.len()).unwrap_or(0);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let revoked = match hub.storage.revoked_serials().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read revocations");
+                continue;
+            }
+        };
+        if revoked.len() != known {
+            known = revoked.len();
+            match server_config(&hub, &pki).await {
+                Ok(cfg) => endpoint.set_server_config(Some(cfg)),
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the TLS config with the new CRL"),
+            }
+        }
+        for (store, live) in hub.all_live() {
+            if revoked.iter().any(|(serial, _)| *serial == live.serial) {
+                tracing::warn!(%store, "closing the connection of a revoked store");
+                live.conn.close(quinn::VarInt::from_u32(close_code::REVOKED), b"certificate revoked");
+            }
+        }
+    }
+}
+
+fn refusal_code(e: &StorageError) -> u32 {
+    match e {
+        StorageError::Revoked(_) => close_code::REVOKED,
+        StorageError::UnknownStore(_) | StorageError::Invalid(_) => close_code::UNAUTHORIZED,
+        _ => close_code::INTERNAL,
+    }
+}
+
+async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            Metrics::inc(&hub.metrics.connections_refused_total);
+            tracing::warn!(peer = %remote, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let ident = match pki::peer_identity(&conn) {
+        Ok(i) => i,
+        Err(e) => {
+            Metrics::inc(&hub.metrics.connections_refused_total);
+            tracing::warn!(peer = %remote, error = %e, "refusing a connection without a usable store certificate");
+            conn.close(quinn::VarInt::from_u32(close_code::UNAUTHORIZED), b"no usable store certificate");
+            return;
+        }
+    };
+    let store = ident.store.clone();
+    let peer = format!("store {store} at {remote}");
+    if let Err(e) = hub.storage.check_cert(store.clone(), ident.serial_hex.clone()).await {
+        Metrics::inc(&hub.metrics.connections_refused_total);
+        let code = refusal_code(&e);
+        tracing::warn!(peer, serial = %ident.serial_hex, error = %e, code = close_code::name(code), "refusing connection");
+        conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
+        return;
+    }
+    let (send, recv) = match tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(peer, error = %e, "connection ended before the state stream opened");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer, "no state stream within 30 s; closing");
+            conn.close(quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"no hello");
+            return;
+        }
+    };
+    let heads = match hub.storage.heads().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(peer, error = %e, "cannot read heads");
+            conn.close(quinn::VarInt::from_u32(close_code::INTERNAL), b"storage error");
+            return;
+        }
+    };
+    let mut session =
+        HubSession::new(sync, store.clone(), hub.storage.hub_writer().clone(), heads.counter, heads.journal);
+    let wake = hub.subscribe(&store, heads);
+    let conn_id = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
+    hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let mut host = HubHost { hub: hub.clone(), store: store.clone() };
+    let stats = Arc::new(FrameStats::default());
+    let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
+    hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    hub.disconnected(&store, conn_id);
+    let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
+    match result {
+        Ok(()) => tracing::info!(peer, "sync connection closed"),
+        Err(DriveError::Session(e)) => {
+            match e.code {
+                close_code::UNAUTHORIZED => Metrics::inc(&hub.metrics.connections_unauthorized_total),
+                close_code::PROTOCOL_VIOLATION | close_code::VERSION_MISMATCH => {
+                    Metrics::inc(&hub.metrics.connections_protocol_errors_total)
+                }
+                _ => {}
+            }
+            tracing::warn!(peer, error = %e, "sync session ended with an error");
+        }
+        Err(DriveError::Io(e)) => {
+            Metrics::inc(&hub.metrics.connections_protocol_errors_total);
+            tracing::warn!(peer, error = %e, "sync stream error");
+        }
+        Err(DriveError::Connection(e)) => tracing::info!(peer, reason = %e, "sync connection lost"),
+    }
+}
+
+struct HubHost {
+    hub: Arc<Hub>,
+    store: StoreId,
+}
+
+fn internal(what: &str, e: StorageError) -> SessionError {
+    let code = match e {
+        StorageError::Invalid(_) | StorageError::UnknownStore(_) | StorageError::Revoked(_) => close_code::UNAUTHORIZED,
+        _ => close_code::INTERNAL,
+    };
+    SessionError { code, message: format!("{what}: {e}"), from_peer: false }
+}
+
+impl EffectHost<HubSession> for HubHost {
+    async fn effect(&mut self, session: &mut HubSession, effect: Effect) -> Result<(), SessionError> {
+        let (hub, store) = (&self.hub, &self.store);
+        let now = Instant::now;
+        match effect {
+            Effect::LookupPeer { writer } => {
+                let marks = hub.storage.lookup_peer(store.clone(), writer).await.map_err(|e| internal("lookup", e))?;
+                session.accept(now(), marks.applied, marks.journal_applied)?;
+            }
+            Effect::Established { peer } => {
+                Metrics::inc(&hub.metrics.connections_accepted_total);
+                tracing::info!(%store, writer = %peer, "store connected");
+                let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
+            }
+            Effect::ReadDelta { after, limit, full } => {
+                let exclude = if full { None } else { session.peer().cloned() };
+                let read = hub
+                    .storage
+                    .read_delta(store.clone(), exclude, after, limit)
+                    .await
+                    .map_err(|e| internal("reading a delta", e))?;
+                session.delta_read(now(), read)?;
+            }
+            Effect::ApplyDelta { peer, delta } => {
+                let upto = delta.upto;
+                let applied = hub
+                    .storage
+                    .apply_delta(store.clone(), peer, delta)
+                    .await
+                    .map_err(|e| internal("applying a delta", e))?;
+                Metrics::inc(&hub.metrics.deltas_applied_total);
+                hub.metrics.entries_merged_total.fetch_add(applied.entries_changed as u64, Ordering::Relaxed);
+                session.delta_applied(now(), upto)?;
+            }
+            Effect::Acked { peer, upto } => {
+                hub.storage.set_acked(store.clone(), peer, upto).await.map_err(|e| internal("recording an ack", e))?;
+            }
+            Effect::ReadJournal { after, limit } => {
+                let read = hub
+                    .storage
+                    .read_journal(store.clone(), after, limit)
+                    .await
+                    .map_err(|e| internal("reading the journal", e))?;
+                session.journal_read(now(), read)?;
+            }
+            Effect::ApplyJournal { peer, batch } => {
+                let upto = batch.upto;
+                hub.storage
+                    .apply_journal(store.clone(), peer, batch)
+                    .await
+                    .map_err(|e| internal("storing journal events", e))?;
+                Metrics::inc(&hub.metrics.journal_batches_applied_total);
+                session.journal_applied(now(), upto)?;
+            }
+            Effect::JournalAcked { peer, upto } => {
+                hub.storage
+                    .set_journal_acked(store.clone(), peer, upto)
+                    .await
+                    .map_err(|e| internal("recording a journal ack", e))?;
+            }
+            Effect::ComputeDigest => {
+                let (digest, head) =
+                    hub.storage.digest(store.clone()).await.map_err(|e| internal("computing the digest", e))?;
+                session.digest_computed(now(), digest, head)?;
+            }
+            Effect::DigestCompared { matched } => {
+                if matched {
+                    Metrics::inc(&hub.metrics.digests_matched_total);
+                } else {
+                    Metrics::inc(&hub.metrics.digests_mismatched_total);
+                    tracing::warn!(%store, "anti-entropy digests differ; full resync started");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! Starting and stopping a hub: storage, the QUIC sync endpoint and the HTTP API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shelfsync_agent::config::ConfigError;
+use shelfsync_shared::sync::SyncConfig;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{router, ApiState};
+use crate::config::HubConfig;
+use crate::pki::Pki;
+use crate::quic_server;
+use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
+use crate::state::Hub;
+use crate::storage::StorageError;
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The PKI could not be loaded or used.
+    #[error("pki: {0}")]
+    Pki(String),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: SocketAddr, message: String },
+    /// Something else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running hub (in this process).
+pub struct RunningHub {
+    /// Where agents connect.
+    pub quic_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Shared state.
+    pub hub: Arc<Hub>,
+    endpoint: quinn::Endpoint,
+    shutdown: Option<oneshot::Sender<()>>,
+    http: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningHub {
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Closes every agent connection and the API, and waits for them.
+    pub async fn stop(mut self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        let _ = (&mut self.http).await;
+    }
+}
+
+/// Opens the hub's state and starts serving. Returns once both endpoints listen.
+pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
+    config.validate()?;
+    let path = db_path(&config.data_dir);
+    let opts = SqliteOptions {
+        synchronous: config.storage.synchronous,
+        group_commit_max: config.storage.group_commit_max,
+        readers: config.storage.readers,
+    };
+    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, opts))
+        .await
+        .map_err(|e| HubError::Other(format!("opening storage: {e}")))??;
+    let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
+    let hub = Hub::new(Arc::new(storage));
+
+    let server_config = quic_server::server_config(&hub, &pki).await.map_err(HubError::Pki)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
+        .map_err(|e| HubError::Bind { addr: config.quic.listen, message: e.to_string() })?;
+    let quic_addr =
+        endpoint.local_addr().map_err(|e| HubError::Bind { addr: config.quic.listen, message: e.to_string() })?;
+    let sync = SyncConfig { coalesce: Duration::from_millis(config.sync.coalesce_ms), ..SyncConfig::default() };
+    let mut tasks =
+        vec![tokio::spawn(quic_server::serve(hub.clone(), endpoint.clone(), sync, config.quic.max_connections))];
+    tasks.push(tokio::spawn(quic_server::watch_revocations(
+        hub.clone(),
+        endpoint.clone(),
+        pki.clone(),
+        Duration::from_secs(config.sync.revocation_check_secs),
+    )));
+
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
+    let http_addr =
+        listener.local_addr().map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
+    let app =
+        router(ApiState { hub: hub.clone(), max_batch_skus: config.http.max_batch_skus }, config.http.max_body_bytes);
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.await;
+            })
+            .await
+    });
+    tracing::info!(%quic_addr, %http_addr, writer = %hub.storage.hub_writer(), "hub listening");
+    Ok(RunningHub { quic_addr, http_addr, hub, endpoint, shutdown: Some(shutdown_tx), http, tasks })
+}

@@ -1,0 +1,755 @@
+//! [`HubStorage`] on SQLite: one group-committing writer thread and a few reader threads
+//! ([`SqliteThreads`]), WAL, migrations in code.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sha2::{Digest as _, Sha256};
+use shelfsync_agent::config::Synchronous;
+use shelfsync_agent::db::{self as adb, DbError};
+use shelfsync_agent::replica::{event_from_row, insert_event};
+use shelfsync_agent::sqlite::{SqliteError, SqliteThreads};
+use shelfsync_shared::counter::{sum_entries, StateDigest};
+use shelfsync_shared::sync::{DeltaRead, JournalRead};
+use shelfsync_shared::wire::{Delta, JournalBatch};
+use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, PnEntry, Sku, StoreId, WriterId};
+
+use crate::storage::*;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: stores, counters, journal, idempotency, tokens.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+     CREATE TABLE stores (
+        id TEXT PRIMARY KEY, created_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER, last_seen_ms INTEGER) WITHOUT ROWID;
+     CREATE TABLE certs (
+        serial TEXT PRIMARY KEY, store TEXT NOT NULL REFERENCES stores(id),
+        fingerprint TEXT NOT NULL, issued_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER) WITHOUT ROWID;
+     CREATE TABLE counters (
+        store TEXT NOT NULL, sku TEXT NOT NULL, writer TEXT NOT NULL,
+        p INTEGER NOT NULL CHECK (p >= 0), n INTEGER NOT NULL CHECK (n >= 0), seq INTEGER NOT NULL,
+        PRIMARY KEY (store, sku, writer)) WITHOUT ROWID;
+     CREATE UNIQUE INDEX counters_seq ON counters(seq);
+     CREATE INDEX counters_store_seq ON counters(store, seq);
+     CREATE TABLE stock (
+        store TEXT NOT NULL, sku TEXT NOT NULL, on_hand INTEGER NOT NULL,
+        PRIMARY KEY (store, sku)) WITHOUT ROWID;
+     CREATE INDEX stock_sku ON stock(sku, store);
+     CREATE TABLE peers (
+        store TEXT NOT NULL, writer TEXT NOT NULL,
+        applied INTEGER NOT NULL DEFAULT 0, journal_applied INTEGER NOT NULL DEFAULT 0,
+        acked INTEGER NOT NULL DEFAULT 0, journal_acked INTEGER NOT NULL DEFAULT 0,
+        last_seen_ms INTEGER,
+        PRIMARY KEY (store, writer)) WITHOUT ROWID;
+     CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id BLOB NOT NULL, line INTEGER NOT NULL, kind TEXT NOT NULL, store TEXT NOT NULL,
+        sku TEXT NOT NULL, delta INTEGER NOT NULL, reason TEXT,
+        occurred_at_ms INTEGER NOT NULL, recorded_at_ms INTEGER NOT NULL,
+        writer TEXT NOT NULL, flags INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (store, id, line));
+     CREATE INDEX journal_store_seq ON journal(store, seq);
+     CREATE TABLE requests (
+        id BLOB PRIMARY KEY, kind TEXT NOT NULL, fingerprint BLOB NOT NULL,
+        response TEXT NOT NULL, recorded_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE tokens (
+        hash BLOB PRIMARY KEY, role TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER) WITHOUT ROWID;",
+];
+
+impl From<DbError> for StorageError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Corrupt(m) => StorageError::Corrupt(m),
+            DbError::Counter(c) => StorageError::Invalid(c.to_string()),
+            other => StorageError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl From<SqliteError> for StorageError {
+    fn from(e: SqliteError) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
+impl From<shelfsync_shared::CounterError> for StorageError {
+    fn from(e: shelfsync_shared::CounterError) -> Self {
+        StorageError::Invalid(e.to_string())
+    }
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// Options for opening the hub database.
+#[derive(Clone, Copy, Debug)]
+pub struct SqliteOptions {
+    /// Durability.
+    pub synchronous: Synchronous,
+    /// Most writes per group commit.
+    pub group_commit_max: usize,
+    /// Reader threads.
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
+    }
+}
+
+/// The SQLite implementation of [`HubStorage`].
+pub struct SqliteStorage {
+    threads: SqliteThreads,
+    hub_writer: WriterId,
+}
+
+/// The hub database file in a data dir.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("hub.db")
+}
+
+fn mint(conn: &Connection) -> Result<WriterId, StorageError> {
+    let writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
+    adb::meta_set(conn, "writer", &writer.to_string())?;
+    adb::meta_set(conn, "incarnation_started_ms", &now_ms().to_string())?;
+    conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+    Ok(writer)
+}
+
+impl SqliteStorage {
+    /// Creates a new hub database (refuses to overwrite one).
+    pub fn create(path: &Path) -> Result<WriterId, StorageError> {
+        if path.exists() {
+            return Err(StorageError::Invalid(format!("a hub database already exists at {}", path.display())));
+        }
+        let mut conn = adb::open_conn(path, OpenFlags::default(), Synchronous::Full)?;
+        adb::migrate(&mut conn, MIGRATIONS)?;
+        let tx = conn.transaction()?;
+        let w = mint(&tx)?;
+        tx.commit()?;
+        Ok(w)
+    }
+
+    /// Opens an existing hub database and starts its threads. Blocking.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
+        if !path.exists() {
+            return Err(StorageError::Invalid(format!(
+                "no hub database at {}; run `shelfsync-hub init --data-dir` first",
+                path.display()
+            )));
+        }
+        let mut conn = adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
+        adb::migrate(&mut conn, MIGRATIONS)?;
+        let hub_writer = {
+            let tx = conn.transaction()?;
+            let w = if adb::meta_get(&tx, "restored_copy")?.is_some() {
+                let w = mint(&tx)?;
+                tracing::warn!(writer = %w, "hub database was restored from a backup; minted a new writer incarnation");
+                w
+            } else {
+                let w =
+                    adb::meta_get(&tx, "writer")?.ok_or_else(|| StorageError::Corrupt("meta.writer missing".into()))?;
+                w.parse().map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?
+            };
+            tx.commit()?;
+            w
+        };
+        let mut readers = Vec::new();
+        for _ in 0..opts.readers.max(1) {
+            readers.push(adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY, opts.synchronous)?);
+        }
+        let threads = SqliteThreads::spawn("hub", conn, readers, opts.group_commit_max, Box::new(|_| {}))
+            .map_err(|e| StorageError::Backend(format!("spawning storage threads: {e}")))?;
+        Ok(SqliteStorage { threads, hub_writer })
+    }
+
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StorageResult<R> + Send + 'static,
+    ) -> StorageResult<R> {
+        self.threads.write(f).await
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StorageResult<R> + Send + 'static,
+    ) -> StorageResult<R> {
+        self.threads.read(f).await
+    }
+}
+
+fn heads(conn: &Connection) -> StorageResult<HubHeads> {
+    let counter: Option<u64> = conn.query_row("SELECT MAX(seq) FROM counters", [], |r| r.get(0))?;
+    let journal: Option<u64> = conn.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
+    Ok(HubHeads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0) })
+}
+
+fn entry(conn: &Connection, store: &StoreId, sku: &Sku, writer: &WriterId) -> StorageResult<PnEntry> {
+    Ok(conn
+        .prepare_cached("SELECT p, n FROM counters WHERE store = ?1 AND sku = ?2 AND writer = ?3")?
+        .query_row(params![store.as_str(), sku.as_str(), writer.to_string()], |r| {
+            Ok(PnEntry { p: r.get(0)?, n: r.get(1)? })
+        })
+        .optional()?
+        .unwrap_or_default())
+}
+
+fn put_entry(conn: &Connection, store: &StoreId, sku: &Sku, writer: &WriterId, e: PnEntry) -> StorageResult<()> {
+    let seq: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?;
+    conn.prepare_cached(
+        "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+    )?
+    .execute(params![store.as_str(), sku.as_str(), writer.to_string(), e.p, e.n, seq])?;
+    Ok(())
+}
+
+fn refresh_stock(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult<i64> {
+    let entries = conn
+        .prepare_cached("SELECT p, n FROM counters WHERE store = ?1 AND sku = ?2")?
+        .query_map(params![store.as_str(), sku.as_str()], |r| Ok(PnEntry { p: r.get(0)?, n: r.get(1)? }))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let value = sum_entries(&entries)?;
+    conn.prepare_cached(
+        "INSERT INTO stock (store, sku, on_hand) VALUES (?1, ?2, ?3)
+         ON CONFLICT (store, sku) DO UPDATE SET on_hand = excluded.on_hand",
+    )?
+    .execute(params![store.as_str(), sku.as_str(), value])?;
+    Ok(value)
+}
+
+fn on_hand(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult<i64> {
+    Ok(conn
+        .prepare_cached("SELECT on_hand FROM stock WHERE store = ?1 AND sku = ?2")?
+        .query_row(params![store.as_str(), sku.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn store_exists(conn: &Connection, store: &StoreId) -> StorageResult<Option<Option<i64>>> {
+    Ok(conn
+        .prepare_cached("SELECT revoked_at_ms FROM stores WHERE id = ?1")?
+        .query_row([store.as_str()], |r| r.get(0))
+        .optional()?)
+}
+
+fn require_store(conn: &Connection, store: &StoreId) -> StorageResult<()> {
+    match store_exists(conn, store)? {
+        None => Err(StorageError::UnknownStore(store.clone())),
+        Some(Some(_)) => Err(StorageError::Revoked(store.clone())),
+        Some(None) => Ok(()),
+    }
+}
+
+fn sku_col(s: String) -> StorageResult<Sku> {
+    Ok(adb::sku_col(s)?)
+}
+
+fn store_col(s: String) -> StorageResult<StoreId> {
+    s.parse().map_err(|e| StorageError::Corrupt(format!("store id in database: {e}")))
+}
+
+fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
+        .execute(params![store.as_str(), writer.to_string()])?;
+    Ok(())
+}
+
+impl HubStorage for SqliteStorage {
+    fn hub_writer(&self) -> &WriterId {
+        &self.hub_writer
+    }
+
+    fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            if store_exists(conn, &store)?.is_some() {
+                return Err(StorageError::StoreExists(store));
+            }
+            let now = now_ms();
+            conn.execute("INSERT INTO stores (id, created_at_ms) VALUES (?1, ?2)", params![store.as_str(), now])?;
+            conn.execute(
+                "INSERT INTO certs (serial, store, fingerprint, issued_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![cert.serial, store.as_str(), cert.fingerprint, now],
+            )?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn revoke_store(&self, store: StoreId) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+        self.write(move |conn| {
+            if store_exists(conn, &store)?.is_none() {
+                return Err(StorageError::UnknownStore(store));
+            }
+            let now = now_ms();
+            conn.execute(
+                "UPDATE stores SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+                params![store.as_str(), now],
+            )?;
+            conn.execute(
+                "UPDATE certs SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE store = ?1",
+                params![store.as_str(), now],
+            )?;
+            let serials = conn
+                .prepare("SELECT serial FROM certs WHERE store = ?1")?
+                .query_map([store.as_str()], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(serials)
+        })
+        .boxed()
+    }
+
+    fn revoked_serials(&self) -> BoxFuture<'_, StorageResult<Vec<(String, i64)>>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare("SELECT serial, revoked_at_ms FROM certs WHERE revoked_at_ms IS NOT NULL ORDER BY serial")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+        .boxed()
+    }
+
+    fn check_cert(&self, store: StoreId, serial: String) -> BoxFuture<'_, StorageResult<()>> {
+        self.read(move |conn| {
+            require_store(conn, &store)?;
+            let row: Option<(String, Option<i64>)> = conn
+                .query_row("SELECT store, revoked_at_ms FROM certs WHERE serial = ?1", [&serial], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            match row {
+                None => Err(StorageError::Invalid(format!("certificate {serial} was never issued to store {store}"))),
+                Some((owner, _)) if owner != store.as_str() => {
+                    Err(StorageError::Invalid(format!("certificate {serial} belongs to store {owner}, not {store}")))
+                }
+                Some((_, Some(_))) => Err(StorageError::Revoked(store)),
+                Some((_, None)) => Ok(()),
+            }
+        })
+        .boxed()
+    }
+
+    fn stores(&self) -> BoxFuture<'_, StorageResult<Vec<StoreInfo>>> {
+        self.read(|conn| {
+            let mut out = Vec::new();
+            let rows = conn
+                .prepare("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms FROM stores ORDER BY id")?
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut peers = conn.prepare(
+                "SELECT writer, applied, acked, journal_applied, journal_acked, last_seen_ms FROM peers
+                 WHERE store = ?1 ORDER BY last_seen_ms DESC",
+            )?;
+            for (id, created_at_ms, revoked_at_ms, last_seen_ms) in rows {
+                let writers = peers
+                    .query_map([&id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    })?
+                    .map(|row| {
+                        let (w, applied, acked, journal_applied, journal_acked, last_seen_ms) = row?;
+                        Ok(WriterMarks {
+                            writer: adb::writer_col(w)?,
+                            applied,
+                            acked,
+                            journal_applied,
+                            journal_acked,
+                            last_seen_ms,
+                        })
+                    })
+                    .collect::<StorageResult<Vec<_>>>()?;
+                out.push(StoreInfo { id: store_col(id)?, created_at_ms, revoked_at_ms, last_seen_ms, writers });
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
+
+    fn touch_store(&self, store: StoreId, at_ms: i64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE stores SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
+                params![store.as_str(), at_ms],
+            )?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn add_token(&self, hash: Vec<u8>, role: Role) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO tokens (hash, role, created_at_ms) VALUES (?1, ?2, ?3)",
+                params![hash, role.as_str(), now_ms()],
+            )?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn token_role(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<Role>>> {
+        self.read(move |conn| {
+            let role: Option<String> = conn
+                .prepare_cached("SELECT role FROM tokens WHERE hash = ?1 AND revoked_at_ms IS NULL")?
+                .query_row([hash], |r| r.get(0))
+                .optional()?;
+            role.map(|r| Role::parse(&r).ok_or_else(|| StorageError::Corrupt(format!("token role {r:?}")))).transpose()
+        })
+        .boxed()
+    }
+
+    fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>> {
+        self.read(heads).boxed()
+    }
+
+    fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT applied, journal_applied FROM peers WHERE store = ?1 AND writer = ?2")?
+                .query_row(params![store.as_str(), writer.to_string()], |r| {
+                    Ok(PeerMarks { applied: r.get(0)?, journal_applied: r.get(1)? })
+                })
+                .optional()?
+                .unwrap_or_default())
+        })
+        .boxed()
+    }
+
+    fn apply_delta(&self, store: StoreId, peer: WriterId, delta: Delta) -> BoxFuture<'_, StorageResult<Applied>> {
+        self.write(move |conn| {
+            require_store(conn, &store)?;
+            let mut touched = BTreeSet::new();
+            let mut entries_changed = 0;
+            for (sku, writer, incoming) in delta.entries() {
+                // The session already refused foreign writers; storage refuses them too.
+                if !writer.is_store(&store) {
+                    return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
+                }
+                incoming.check(writer)?;
+                let current = entry(conn, &store, sku, writer)?;
+                if !current.covers(incoming) {
+                    put_entry(conn, &store, sku, writer, current.join(incoming))?;
+                    touched.insert(sku.clone());
+                    entries_changed += 1;
+                }
+            }
+            let mut changed = Vec::with_capacity(touched.len());
+            for sku in touched {
+                let v = refresh_stock(conn, &store, &sku)?;
+                changed.push((sku, v));
+            }
+            let now = now_ms();
+            ensure_peer(conn, &store, &peer)?;
+            conn.prepare_cached(
+                "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4 WHERE store = ?1 AND writer = ?2",
+            )?
+            .execute(params![store.as_str(), peer.to_string(), delta.upto, now])?;
+            conn.prepare_cached("UPDATE stores SET last_seen_ms = ?2 WHERE id = ?1")?
+                .execute(params![store.as_str(), now])?;
+            Ok(Applied { changed, entries_changed })
+        })
+        .boxed()
+    }
+
+    fn read_delta(
+        &self,
+        store: StoreId,
+        exclude: Option<WriterId>,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, StorageResult<DeltaRead>> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let exclude = exclude.map(|w| w.to_string()).unwrap_or_default();
+            let mut stmt = tx.prepare_cached(
+                "SELECT sku, writer, p, n, seq FROM counters
+                 WHERE store = ?1 AND seq > ?2 AND writer <> ?3 ORDER BY seq LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![store.as_str(), after, exclude, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get::<_, u64>(4)?))
+            })?;
+            let mut entries = Vec::new();
+            let mut last = after;
+            for row in rows {
+                let (sku, writer, p, n, seq) = row?;
+                entries.push((sku_col(sku)?, adb::writer_col(writer)?, PnEntry { p, n }));
+                last = seq;
+            }
+            drop(stmt);
+            let upto = if entries.len() == limit { last } else { heads(&tx)?.counter.max(after) };
+            tx.finish()?;
+            Ok(DeltaRead { upto, entries })
+        })
+        .boxed()
+    }
+
+    fn set_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            ensure_peer(conn, &store, &peer)?;
+            conn.prepare_cached("UPDATE peers SET acked = ?3, last_seen_ms = ?4 WHERE store = ?1 AND writer = ?2")?
+                .execute(params![store.as_str(), peer.to_string(), upto, now_ms()])?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn apply_journal(&self, store: StoreId, peer: WriterId, batch: JournalBatch) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            require_store(conn, &store)?;
+            for e in &batch.events {
+                if e.store != store || !e.writer.is_store(&store) {
+                    return Err(StorageError::Invalid(format!(
+                        "journal event {} does not belong to store {store}",
+                        e.id
+                    )));
+                }
+                insert_event(conn, e)?;
+            }
+            ensure_peer(conn, &store, &peer)?;
+            conn.prepare_cached(
+                "UPDATE peers SET journal_applied = MAX(journal_applied, ?3) WHERE store = ?1 AND writer = ?2",
+            )?
+            .execute(params![store.as_str(), peer.to_string(), batch.upto])?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> BoxFuture<'_, StorageResult<JournalRead>> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+                 FROM journal WHERE store = ?1 AND seq > ?2 AND substr(writer, 1, 4) = 'hub@' ORDER BY seq LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![store.as_str(), after, limit as i64])?;
+            let mut events = Vec::new();
+            let mut last = after;
+            while let Some(r) = rows.next()? {
+                last = r.get("seq")?;
+                events.push(event_from_row(r)??);
+            }
+            drop(rows);
+            drop(stmt);
+            let upto = if events.len() == limit { last } else { heads(&tx)?.journal.max(after) };
+            tx.finish()?;
+            Ok(JournalRead { upto, events })
+        })
+        .boxed()
+    }
+
+    fn set_journal_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            ensure_peer(conn, &store, &peer)?;
+            conn.prepare_cached("UPDATE peers SET journal_acked = ?3 WHERE store = ?1 AND writer = ?2")?
+                .execute(params![store.as_str(), peer.to_string(), upto])?;
+            Ok(())
+        })
+        .boxed()
+    }
+
+    fn digest(&self, store: StoreId) -> BoxFuture<'_, StorageResult<(StateDigest, u64)>> {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let mut d = StateDigest::default();
+            let mut head = 0u64;
+            {
+                let mut stmt = tx.prepare_cached("SELECT sku, writer, p, n, seq FROM counters WHERE store = ?1")?;
+                let mut rows = stmt.query([store.as_str()])?;
+                while let Some(r) = rows.next()? {
+                    let sku = sku_col(r.get(0)?)?;
+                    let writer = adb::writer_col(r.get(1)?)?;
+                    d.add(&sku, &writer, PnEntry { p: r.get(2)?, n: r.get(3)? });
+                    head = head.max(r.get(4)?);
+                }
+            }
+            tx.finish()?;
+            Ok((d, head))
+        })
+        .boxed()
+    }
+
+    fn hub_change(&self, req: HubChangeRequest) -> BoxFuture<'_, StorageResult<HubChangeOutcome>> {
+        let hub = self.hub_writer.clone();
+        self.write(move |conn| hub_change_in(conn, &hub, &req)).boxed()
+    }
+
+    fn stock_of(&self, skus: Vec<Sku>) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>> {
+        self.read(move |conn| {
+            let mut out = Vec::new();
+            let mut stmt = conn.prepare_cached("SELECT store, on_hand FROM stock WHERE sku = ?1 ORDER BY store")?;
+            for sku in skus {
+                let rows = stmt.query_map([sku.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                for row in rows {
+                    let (store, on_hand) = row?;
+                    out.push(StoreStock { store: store_col(store)?, sku: sku.clone(), on_hand });
+                }
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
+
+    fn store_stock(
+        &self,
+        store: StoreId,
+        after: Option<Sku>,
+        limit: usize,
+    ) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>> {
+        self.read(move |conn| {
+            if store_exists(conn, &store)?.is_none() {
+                return Err(StorageError::UnknownStore(store));
+            }
+            let after = after.map(String::from).unwrap_or_default();
+            let rows = conn
+                .prepare_cached("SELECT sku, on_hand FROM stock WHERE store = ?1 AND sku > ?2 ORDER BY sku LIMIT ?3")?
+                .query_map(params![store.as_str(), after, limit as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(sku, on_hand)| Ok(StoreStock { store: store.clone(), sku: sku_col(sku)?, on_hand }))
+                .collect()
+        })
+        .boxed()
+    }
+
+    fn journal_count(&self, store: Option<StoreId>) -> BoxFuture<'_, StorageResult<u64>> {
+        self.read(move |conn| {
+            Ok(match store {
+                Some(s) => {
+                    conn.query_row("SELECT COUNT(*) FROM journal WHERE store = ?1", [s.as_str()], |r| r.get(0))?
+                }
+                None => conn.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0))?,
+            })
+        })
+        .boxed()
+    }
+
+    fn backup(&self, to: PathBuf) -> BoxFuture<'_, StorageResult<()>> {
+        self.read(move |conn| {
+            if to.exists() {
+                return Err(StorageError::Invalid(format!("{} already exists", to.display())));
+            }
+            conn.backup(rusqlite::MAIN_DB, &to, None)?;
+            let copy = Connection::open(&to)?;
+            adb::meta_set(&copy, "restored_copy", "1")?;
+            Ok(())
+        })
+        .boxed()
+    }
+}
+
+fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> StorageResult<HubChangeOutcome> {
+    let kind = match &req.change {
+        HubChange::Restock { .. } => EventKind::Restock,
+        HubChange::Transfer { .. } => EventKind::Transfer,
+    };
+    let fingerprint = Sha256::digest(serde_json::to_vec(&(&req.change, &req.reason)).expect("serialises")).to_vec();
+    let earlier: Option<(String, Vec<u8>, String)> = conn
+        .prepare_cached("SELECT kind, fingerprint, response FROM requests WHERE id = ?1")?
+        .query_row([req.id.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((k, fp, response)) = earlier {
+        if k != kind.as_str() || fp != fingerprint {
+            return Err(StorageError::IdempotencyConflict { id: req.id, kind: k });
+        }
+        let response: HubChangeResponse =
+            serde_json::from_str(&response).map_err(|e| StorageError::Corrupt(format!("stored response: {e}")))?;
+        return Ok(HubChangeOutcome { created: false, response, stores: Vec::new(), heads: heads(conn)? });
+    }
+    // (store, sku, delta, reason) per side.
+    let mut moves: Vec<(StoreId, Sku, i64, Option<String>)> = Vec::new();
+    match &req.change {
+        HubChange::Restock { store, lines } => {
+            require_store(conn, store)?;
+            for l in lines {
+                moves.push((store.clone(), l.sku.clone(), l.qty as i64, req.reason.clone()));
+            }
+        }
+        HubChange::Transfer { from, to, lines } => {
+            require_store(conn, from)?;
+            require_store(conn, to)?;
+            for l in lines {
+                let have = on_hand(conn, from, &l.sku)?;
+                let already: i64 =
+                    moves.iter().filter(|(s, k, d, _)| s == from && k == &l.sku && *d < 0).map(|(_, _, d, _)| -d).sum();
+                if have - already < l.qty as i64 {
+                    return Err(StorageError::InsufficientStock {
+                        store: from.clone(),
+                        sku: l.sku.clone(),
+                        on_hand: have - already,
+                        wanted: l.qty,
+                    });
+                }
+                let why = |dir: &str, other: &StoreId| {
+                    Some(match &req.reason {
+                        Some(r) => format!("{dir} {other}: {r}"),
+                        None => format!("{dir} {other}"),
+                    })
+                };
+                moves.push((from.clone(), l.sku.clone(), -(l.qty as i64), why("to", to)));
+                moves.push((to.clone(), l.sku.clone(), l.qty as i64, why("from", from)));
+            }
+        }
+    }
+    let now = now_ms();
+    let mut lines = Vec::new();
+    let mut stores: Vec<StoreId> = Vec::new();
+    let mut line_no: std::collections::HashMap<StoreId, u32> = Default::default();
+    for (store, sku, delta, reason) in moves {
+        let next = entry(conn, &store, &sku, hub)?.apply(hub, delta)?;
+        put_entry(conn, &store, &sku, hub, next)?;
+        let on_hand = refresh_stock(conn, &store, &sku)?;
+        let n = line_no.entry(store.clone()).or_default();
+        insert_event(
+            conn,
+            &JournalEvent {
+                id: req.id,
+                line: *n,
+                kind,
+                store: store.clone(),
+                sku: sku.clone(),
+                delta,
+                reason,
+                occurred_at_ms: now,
+                recorded_at_ms: now,
+                writer: hub.clone(),
+                flags: Vec::new(),
+            },
+        )?;
+        *n += 1;
+        if !stores.contains(&store) {
+            stores.push(store.clone());
+        }
+        lines.push(ChangedLine { store, sku, delta, on_hand });
+    }
+    let response = HubChangeResponse {
+        id: req.id,
+        kind: kind.as_str().to_owned(),
+        lines,
+        recorded_at: shelfsync_agent::ledger::rfc3339(now),
+    };
+    conn.prepare_cached(
+        "INSERT INTO requests (id, kind, fingerprint, response, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        req.id.as_bytes().as_slice(),
+        kind.as_str(),
+        fingerprint,
+        serde_json::to_string(&response).expect("serialises"),
+        now
+    ])?;
+    Ok(HubChangeOutcome { created: true, response, stores, heads: heads(conn)? })
+}

@@ -1,0 +1,102 @@
+//! What the hub's tasks share: storage, the registry of live agent connections, the per-store
+//! change notifications that wake their sync sessions, and metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use shelfsync_agent::db::Heads;
+use shelfsync_shared::StoreId;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::storage::{HubHeads, HubStorage};
+
+/// One live agent connection.
+#[derive(Clone)]
+pub struct LiveConn {
+    /// Registry id of this connection.
+    pub id: u64,
+    /// The QUIC connection (to close it on revocation).
+    pub conn: quinn::Connection,
+    /// Serial of the certificate it authenticated with.
+    pub serial: String,
+    /// When it connected (ms).
+    pub since_ms: i64,
+}
+
+/// State shared by every hub task.
+pub struct Hub {
+    /// Durable state.
+    pub storage: Arc<dyn HubStorage>,
+    /// Counters.
+    pub metrics: Metrics,
+    live: Mutex<HashMap<StoreId, LiveConn>>,
+    wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
+    next_conn: AtomicU64,
+}
+
+impl Hub {
+    /// Wraps a storage.
+    pub fn new(storage: Arc<dyn HubStorage>) -> Arc<Hub> {
+        Arc::new(Hub {
+            storage,
+            metrics: Metrics::default(),
+            live: Mutex::default(),
+            wakers: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// Registers a connection of `store`, closing an older one of the same store (the agent has
+    /// reconnected before the hub noticed the old one die). Returns the registry id.
+    pub fn connected(&self, store: &StoreId, conn: quinn::Connection, serial: String) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let since_ms = jiff::Timestamp::now().as_millisecond();
+        let old = self.live.lock().expect("live lock").insert(store.clone(), LiveConn { id, conn, serial, since_ms });
+        if let Some(old) = old {
+            old.conn.close(quinn::VarInt::from_u32(0), b"superseded by a newer connection");
+        }
+        id
+    }
+
+    /// Forgets connection `id` of `store` (if it is still the registered one).
+    pub fn disconnected(&self, store: &StoreId, id: u64) {
+        let mut live = self.live.lock().expect("live lock");
+        if live.get(store).is_some_and(|c| c.id == id) {
+            live.remove(store);
+        }
+    }
+
+    /// The live connection of a store.
+    pub fn live(&self, store: &StoreId) -> Option<LiveConn> {
+        self.live.lock().expect("live lock").get(store).cloned()
+    }
+
+    /// Every live connection.
+    pub fn all_live(&self) -> Vec<(StoreId, LiveConn)> {
+        self.live.lock().expect("live lock").iter().map(|(s, c)| (s.clone(), c.clone())).collect()
+    }
+
+    /// A receiver that wakes when `store`'s data at the hub changes.
+    pub fn subscribe(&self, store: &StoreId, now: HubHeads) -> watch::Receiver<Heads> {
+        let mut wakers = self.wakers.lock().expect("wakers lock");
+        wakers
+            .entry(store.clone())
+            .or_insert_with(|| watch::channel(Heads { counter: now.counter, journal: now.journal }).0)
+            .subscribe()
+    }
+
+    /// `stores`' data changed; the heads are now `heads`. Wakes their sessions.
+    pub fn notify(&self, stores: &[StoreId], heads: HubHeads) {
+        let wakers = self.wakers.lock().expect("wakers lock");
+        for s in stores {
+            if let Some(w) = wakers.get(s) {
+                w.send_modify(|h| {
+                    h.counter = h.counter.max(heads.counter);
+                    h.journal = h.journal.max(heads.journal);
+                });
+            }
+        }
+    }
+}

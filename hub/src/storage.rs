@@ -1,0 +1,319 @@
+//! The hub's state behind a storage trait (DESIGN §10). SQLite ([`crate::sqlite::SqliteStorage`])
+//! is the embedded default; the trait is the seam where a PostgreSQL implementation would let
+//! several stateless hubs share one database.
+//!
+//! Every method is one transaction. Writes answer only after their commit is durable.
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use shelfsync_shared::counter::StateDigest;
+use shelfsync_shared::sync::{DeltaRead, JournalRead};
+use shelfsync_shared::wire::{Delta, JournalBatch};
+use shelfsync_shared::{Sku, StoreId, WriterId};
+use uuid::Uuid;
+
+/// Storage failures and refusals of hub operations.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The backend failed.
+    #[error("storage: {0}")]
+    Backend(String),
+    /// No such store.
+    #[error("unknown store {0}")]
+    UnknownStore(StoreId),
+    /// The store exists already.
+    #[error("store {0} already exists")]
+    StoreExists(StoreId),
+    /// The store's certificates are revoked.
+    #[error("store {0} is revoked")]
+    Revoked(StoreId),
+    /// Same idempotency id, different body.
+    #[error("request id {id} was already used for a different {kind} request")]
+    IdempotencyConflict {
+        /// The id.
+        id: Uuid,
+        /// What it was used for.
+        kind: String,
+    },
+    /// Not enough stock for a transfer.
+    #[error("store {store} has {on_hand} of {sku}, fewer than the {wanted} to transfer")]
+    InsufficientStock {
+        /// From where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// What the hub believes is there.
+        on_hand: i64,
+        /// What was asked.
+        wanted: u64,
+    },
+    /// The request breaks a rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// Data in storage is not what the hub wrote.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// Result alias.
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// Roles of API tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read-only: availability, stores, stock, conflicts, metrics.
+    Viewer,
+    /// The online storefront: what a viewer may, plus reservations and the change feed.
+    Storefront,
+    /// Headquarters: everything, including restocks and transfers.
+    Admin,
+}
+
+impl Role {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Storefront => "storefront",
+            Role::Admin => "admin",
+        }
+    }
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "viewer" => Role::Viewer,
+            "storefront" => Role::Storefront,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// What the hub durably applied from one agent writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerMarks {
+    /// Highest agent counter sequence applied.
+    pub applied: u64,
+    /// Highest agent journal sequence stored.
+    pub journal_applied: u64,
+}
+
+/// Global heads of the hub's sequences after a write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HubHeads {
+    /// Counter sequence.
+    pub counter: u64,
+    /// Journal sequence.
+    pub journal: u64,
+}
+
+/// What applying an agent's delta changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// SKUs whose `on_hand` changed, with the new value.
+    pub changed: Vec<(Sku, i64)>,
+    /// Entries that changed.
+    pub entries_changed: usize,
+}
+
+/// One line of a restock or transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QtyLine {
+    /// The product.
+    pub sku: Sku,
+    /// Units (positive).
+    pub qty: u64,
+}
+
+/// A hub-authored change of store stock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HubChange {
+    /// Units delivered to a store.
+    Restock {
+        /// Where.
+        store: StoreId,
+        /// What.
+        lines: Vec<QtyLine>,
+    },
+    /// Units moved from one store to another.
+    Transfer {
+        /// From.
+        from: StoreId,
+        /// To.
+        to: StoreId,
+        /// What.
+        lines: Vec<QtyLine>,
+    },
+}
+
+/// The outcome of a restock or transfer line at one store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedLine {
+    /// Where.
+    pub store: StoreId,
+    /// What.
+    pub sku: Sku,
+    /// Change of `on_hand`.
+    pub delta: i64,
+    /// `on_hand` after.
+    pub on_hand: i64,
+}
+
+/// Answer to a restock or transfer (stored for idempotent replays).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubChangeResponse {
+    /// The request id.
+    pub id: Uuid,
+    /// `restock` or `transfer`.
+    pub kind: String,
+    /// Per store and SKU.
+    pub lines: Vec<ChangedLine>,
+    /// RFC 3339.
+    pub recorded_at: String,
+}
+
+/// A hub-authored change with its idempotency id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubChangeRequest {
+    /// Idempotency id.
+    pub id: Uuid,
+    /// What.
+    pub change: HubChange,
+    /// Free text.
+    pub reason: Option<String>,
+}
+
+/// Outcome of a hub change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubChangeOutcome {
+    /// First time (false: replay of an earlier identical request).
+    pub created: bool,
+    /// The answer.
+    pub response: HubChangeResponse,
+    /// Stores whose counters changed, and the heads after the commit.
+    pub stores: Vec<StoreId>,
+    /// Heads after the commit.
+    pub heads: HubHeads,
+}
+
+/// One store's row of a SKU's stock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStock {
+    /// Where.
+    pub store: StoreId,
+    /// What.
+    pub sku: Sku,
+    /// Σp − Σn.
+    pub on_hand: i64,
+}
+
+/// A registered store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreInfo {
+    /// Id.
+    pub id: StoreId,
+    /// When registered (ms).
+    pub created_at_ms: i64,
+    /// When revoked (ms).
+    pub revoked_at_ms: Option<i64>,
+    /// Last time the hub heard from it (ms).
+    pub last_seen_ms: Option<i64>,
+    /// Per agent writer: what the hub applied and what the agent acked.
+    pub writers: Vec<WriterMarks>,
+}
+
+/// Watermarks of one agent writer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterMarks {
+    /// The agent writer.
+    pub writer: WriterId,
+    /// Highest agent counter sequence the hub applied.
+    pub applied: u64,
+    /// Highest hub counter sequence the agent acked.
+    pub acked: u64,
+    /// Highest agent journal sequence the hub stored.
+    pub journal_applied: u64,
+    /// Highest hub journal sequence the agent acked.
+    pub journal_acked: u64,
+    /// Last contact (ms).
+    pub last_seen_ms: Option<i64>,
+}
+
+/// A certificate on record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Hex serial.
+    pub serial: String,
+    /// The store it names.
+    pub store: StoreId,
+    /// SHA-256 of the DER, hex.
+    pub fingerprint: String,
+    /// Revocation time.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// The hub's state.
+pub trait HubStorage: Send + Sync + 'static {
+    /// The hub's writer in this database's life.
+    fn hub_writer(&self) -> &WriterId;
+
+    /// Registers a store with its first certificate.
+    fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>>;
+    /// Revokes a store and all its certificates; returns the revoked serials.
+    fn revoke_store(&self, store: StoreId) -> BoxFuture<'_, StorageResult<Vec<String>>>;
+    /// Every revoked certificate serial with its revocation time (for the CRL).
+    fn revoked_serials(&self) -> BoxFuture<'_, StorageResult<Vec<(String, i64)>>>;
+    /// Whether a connecting certificate is acceptable: known, for that store, not revoked.
+    fn check_cert(&self, store: StoreId, serial: String) -> BoxFuture<'_, StorageResult<()>>;
+    /// All stores.
+    fn stores(&self) -> BoxFuture<'_, StorageResult<Vec<StoreInfo>>>;
+    /// Records contact with a store.
+    fn touch_store(&self, store: StoreId, at_ms: i64) -> BoxFuture<'_, StorageResult<()>>;
+
+    /// Stores a new API token's hash.
+    fn add_token(&self, hash: Vec<u8>, role: Role) -> BoxFuture<'_, StorageResult<()>>;
+    /// The role of a token hash, if valid.
+    fn token_role(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<Role>>>;
+
+    /// Current global heads.
+    fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>>;
+    /// What the hub applied from an agent writer (zero if never seen).
+    fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>>;
+    /// Merges an agent's delta and records `delta.upto` as applied, in one transaction.
+    fn apply_delta(&self, store: StoreId, peer: WriterId, delta: Delta) -> BoxFuture<'_, StorageResult<Applied>>;
+    /// Entries of `store` above `after` (all writers except `exclude`), sequence order.
+    fn read_delta(
+        &self,
+        store: StoreId,
+        exclude: Option<WriterId>,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, StorageResult<DeltaRead>>;
+    /// Records that an agent writer acked hub counter sequences up to `upto`.
+    fn set_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>>;
+    /// Stores an agent's journal events and records `batch.upto`.
+    fn apply_journal(&self, store: StoreId, peer: WriterId, batch: JournalBatch) -> BoxFuture<'_, StorageResult<()>>;
+    /// Hub-authored journal events of `store` above `after`.
+    fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> BoxFuture<'_, StorageResult<JournalRead>>;
+    /// Records that an agent writer acked hub journal sequences up to `upto`.
+    fn set_journal_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>>;
+    /// Digest of `store`'s entries and the highest sequence among them.
+    fn digest(&self, store: StoreId) -> BoxFuture<'_, StorageResult<(StateDigest, u64)>>;
+
+    /// A restock or transfer, idempotent by id.
+    fn hub_change(&self, req: HubChangeRequest) -> BoxFuture<'_, StorageResult<HubChangeOutcome>>;
+    /// Stock of some SKUs at every store that has them.
+    fn stock_of(&self, skus: Vec<Sku>) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>>;
+    /// A page of one store's stock in SKU order.
+    fn store_stock(
+        &self,
+        store: StoreId,
+        after: Option<Sku>,
+        limit: usize,
+    ) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>>;
+    /// Journal events held for a store (count).
+    fn journal_count(&self, store: Option<StoreId>) -> BoxFuture<'_, StorageResult<u64>>;
+    /// Online backup to a new file; the copy mints a new hub incarnation when opened.
+    fn backup(&self, to: std::path::PathBuf) -> BoxFuture<'_, StorageResult<()>>;
+}
