@@ -225,6 +225,7 @@ async fn get_stores(State(state): State<ApiState>) -> Result<Json<Value>, ApiErr
                 "last_seen": s.last_seen_ms.map(rfc3339),
                 "created_at": rfc3339(s.created_at_ms),
                 "revoked": s.revoked_at_ms.is_some(),
+                "journal_events": s.journal_events,
                 "writers": s.writers.iter().map(|w| json!({
                     "writer": w.writer,
                     "applied": w.applied,

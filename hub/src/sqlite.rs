@@ -369,7 +369,16 @@ impl HubStorage for SqliteStorage {
                         })
                     })
                     .collect::<StorageResult<Vec<_>>>()?;
-                out.push(StoreInfo { id: store_col(id)?, created_at_ms, revoked_at_ms, last_seen_ms, writers });
+                let journal_events: u64 =
+                    conn.query_row("SELECT COUNT(*) FROM journal WHERE store = ?1", [&id], |r| r.get(0))?;
+                out.push(StoreInfo {
+                    id: store_col(id)?,
+                    created_at_ms,
+                    revoked_at_ms,
+                    last_seen_ms,
+                    writers,
+                    journal_events,
+                });
             }
             Ok(out)
         })

@@ -221,6 +221,8 @@ pub struct StoreInfo {
     pub last_seen_ms: Option<i64>,
     /// Per agent writer: what the hub applied and what the agent acked.
     pub writers: Vec<WriterMarks>,
+    /// Journal events held for this store (its own and hub-authored).
+    pub journal_events: u64,
 }
 
 /// Watermarks of one agent writer.

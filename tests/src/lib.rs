@@ -1,3 +1,4 @@
 //! Test support for Shelfsync's end-to-end tests and benchmarks.
 
+pub mod cluster;
 pub mod procs;

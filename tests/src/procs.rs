@@ -46,6 +46,8 @@ where
 /// A running child process that announced `... listening on <url>` on stdout.
 pub struct Proc {
     child: Child,
+    /// stdout lines seen before the announcement.
+    pub early_lines: Vec<String>,
     /// The URL from the announcement line.
     pub url: String,
     /// What was started, for messages.
@@ -77,11 +79,13 @@ impl Proc {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {bin_name}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut early_lines = Vec::new();
         let announce = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.expect("reading stdout") {
                 if let Some((_, url)) = line.split_once("listening on ") {
                     return Some(url.trim().to_owned());
                 }
+                early_lines.push(line);
             }
             None
         })
@@ -93,7 +97,12 @@ impl Proc {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Proc { child, url, name: bin_name.to_owned() }
+        Proc { child, early_lines, url, name: bin_name.to_owned() }
+    }
+
+    /// The rest of an early stdout line after `prefix` (e.g. `"quic on "`).
+    pub fn extra_line(&self, prefix: &str) -> Option<String> {
+        self.early_lines.iter().find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.trim().to_owned()))
     }
 
     /// `kill -9`: no shutdown, no flush, no goodbye.

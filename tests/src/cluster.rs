@@ -1,0 +1,243 @@
+//! A hub and store agents as real processes on loopback, for end-to-end tests: set-up through the
+//! real CLIs (`init`, `store add`, `token create`, `init --bundle`), then `serve` and `run`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::procs::{wait_until, Proc};
+
+/// A running hub plus its stores' data dirs and agents.
+pub struct Cluster {
+    /// Everything lives here.
+    pub dir: tempfile::TempDir,
+    /// The hub process (None while stopped).
+    pub hub: Option<Proc>,
+    /// The hub's QUIC address (kept across restarts).
+    pub quic_addr: String,
+    /// An admin token.
+    pub admin_token: String,
+    /// Store ids.
+    pub stores: Vec<String>,
+    /// Running agents by index (None while stopped).
+    pub agents: Vec<Option<Proc>>,
+    /// Extra environment for agents (e.g. pointing them at a proxy).
+    pub agent_env: Vec<(String, String)>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Initialises a hub, registers `n` stores (`store-0`, ...), starts the hub and the agents.
+    pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, Vec::new()).await
+    }
+
+    /// As [`Cluster::start`], with extra agent environment.
+    pub async fn start_with(n: usize, agent_env: Vec<(String, String)>) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub_dir = dir.path().join("hub");
+        let hd = hub_dir.to_str().unwrap();
+        Proc::run_ok("shelfsync-hub", &["init", "--data-dir", hd]).await;
+        let admin_token = Proc::run_ok("shelfsync-hub", &["token", "create", "--role", "admin", "--data-dir", hd])
+            .await
+            .trim()
+            .to_owned();
+        let mut c = Cluster {
+            dir,
+            hub: None,
+            quic_addr: "127.0.0.1:0".into(),
+            admin_token,
+            stores: (0..n).map(|i| format!("store-{i}")).collect(),
+            agents: (0..n).map(|_| None).collect(),
+            agent_env,
+            http: reqwest::Client::new(),
+        };
+        c.start_hub().await;
+        for i in 0..n {
+            let bundle = c.dir.path().join(format!("bundle-{i}"));
+            let store = c.stores[i].clone();
+            Proc::run_ok(
+                "shelfsync-hub",
+                &[
+                    "store",
+                    "add",
+                    &store,
+                    "--out",
+                    bundle.to_str().unwrap(),
+                    "--hub-addr",
+                    &c.quic_addr,
+                    "--data-dir",
+                    hd,
+                ],
+            )
+            .await;
+            let ad = c.agent_dir(i);
+            Proc::run_ok(
+                "shelfsync-agent",
+                &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()],
+            )
+            .await;
+            c.start_agent(i).await;
+        }
+        c
+    }
+
+    /// The hub's data dir.
+    pub fn hub_dir(&self) -> PathBuf {
+        self.dir.path().join("hub")
+    }
+
+    /// A store's data dir.
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    /// Starts (or restarts) the hub on the same QUIC address.
+    pub async fn start_hub(&mut self) {
+        assert!(self.hub.is_none(), "hub already running");
+        let hd = self.hub_dir();
+        let hub = Proc::start(
+            "shelfsync-hub",
+            &[
+                "serve",
+                "--data-dir",
+                hd.to_str().unwrap(),
+                "--quic-listen",
+                &self.quic_addr,
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")],
+        )
+        .await;
+        if self.quic_addr.ends_with(":0") {
+            self.quic_addr = hub.extra_line("quic on ").expect("hub announces its QUIC address");
+        }
+        self.hub = Some(hub);
+    }
+
+    /// Stops the hub cleanly.
+    pub async fn stop_hub(&mut self) {
+        self.hub.take().expect("hub running").stop().await;
+    }
+
+    /// Starts a store's agent.
+    pub async fn start_agent(&mut self, i: usize) {
+        assert!(self.agents[i].is_none());
+        let ad = self.agent_dir(i);
+        let mut env: Vec<(&str, &str)> =
+            vec![("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "500"), ("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MIN", "50")];
+        env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let p = Proc::start(
+            "shelfsync-agent",
+            &["run", "--data-dir", ad.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+            &env,
+        )
+        .await;
+        self.agents[i] = Some(p);
+    }
+
+    /// `kill -9` a store's agent.
+    pub async fn kill_agent(&mut self, i: usize) {
+        self.agents[i].take().expect("agent running").kill9().await;
+    }
+
+    /// The hub's API URL.
+    pub fn hub_url(&self) -> String {
+        self.hub.as_ref().expect("hub running").url.clone()
+    }
+
+    /// A store agent's API URL.
+    pub fn agent_url(&self, i: usize) -> String {
+        self.agents[i].as_ref().expect("agent running").url.clone()
+    }
+
+    /// GET on the hub with the admin token.
+    pub async fn hub_get(&self, path: &str) -> Value {
+        let r = self.http.get(format!("{}{path}", self.hub_url())).bearer_auth(&self.admin_token).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// POST on the hub with the admin token; returns status and body.
+    pub async fn hub_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.hub_url()))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A sale of `qty` × `sku` at store `i`; returns the HTTP status.
+    pub async fn sell(&self, i: usize, sku: &str, qty: u64) -> u16 {
+        let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": sku, "qty": qty}]});
+        let r = self.http.post(format!("{}/v1/sales", self.agent_url(i))).json(&body).send().await.unwrap();
+        r.status().as_u16()
+    }
+
+    /// A restock at the hub.
+    pub async fn restock(&self, i: usize, sku: &str, qty: u64) {
+        let (s, v) = self
+            .hub_post(
+                "/v1/restocks",
+                json!({"id": Uuid::now_v7(), "store": self.stores[i], "lines": [{"sku": sku, "qty": qty}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+
+    /// `on_hand` of a SKU at a store's agent (0 if never seen).
+    pub async fn agent_on_hand(&self, i: usize, sku: &str) -> i64 {
+        let r = self.http.get(format!("{}/v1/stock/{sku}", self.agent_url(i))).send().await.unwrap();
+        if r.status() == 404 {
+            return 0;
+        }
+        r.json::<Value>().await.unwrap()["on_hand"].as_i64().unwrap()
+    }
+
+    /// `on_hand` of a SKU per store as the hub sees it.
+    pub async fn hub_on_hand(&self, sku: &str) -> BTreeMap<String, i64> {
+        let v = self.hub_get(&format!("/v1/availability/{sku}")).await;
+        v["stores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["store"].as_str().unwrap().to_owned(), s["on_hand"].as_i64().unwrap()))
+            .collect()
+    }
+
+    /// An agent's `/v1/status`.
+    pub async fn agent_status(&self, i: usize) -> Value {
+        self.http.get(format!("{}/v1/status", self.agent_url(i))).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Waits until the hub's view of `skus` equals every running agent's, and returns it.
+    pub async fn converged(&self, skus: &[&str], deadline: Duration) -> BTreeMap<(String, String), i64> {
+        wait_until("hub and agents to agree", deadline, || async {
+            let mut all = BTreeMap::new();
+            for sku in skus {
+                let hub = self.hub_on_hand(sku).await;
+                for (i, store) in self.stores.iter().enumerate() {
+                    if self.agents[i].is_none() {
+                        continue;
+                    }
+                    let at_agent = self.agent_on_hand(i, sku).await;
+                    let at_hub = hub.get(store).copied().unwrap_or(0);
+                    if at_agent != at_hub {
+                        return None;
+                    }
+                    all.insert((store.clone(), sku.to_string()), at_hub);
+                }
+            }
+            Some(all)
+        })
+        .await
+    }
+}
