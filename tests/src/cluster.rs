@@ -218,6 +218,20 @@ impl Cluster {
         self.http.get(format!("{}/v1/status", self.agent_url(i))).send().await.unwrap().json().await.unwrap()
     }
 
+    /// Waits until the hub's view of `skus` at store `i` equals that agent's.
+    pub async fn converged_store(&self, i: usize, skus: &[&str], deadline: Duration) {
+        wait_until("hub and agent to agree", deadline, || async {
+            for sku in skus {
+                let at_hub = self.hub_on_hand(sku).await.get(&self.stores[i]).copied().unwrap_or(0);
+                if self.agent_on_hand(i, sku).await != at_hub {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await
+    }
+
     /// Waits until the hub's view of `skus` equals every running agent's, and returns it.
     pub async fn converged(&self, skus: &[&str], deadline: Duration) -> BTreeMap<(String, String), i64> {
         wait_until("hub and agents to agree", deadline, || async {
