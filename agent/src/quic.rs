@@ -126,13 +126,17 @@ pub enum DriveError {
     Connection(#[from] quinn::ConnectionError),
 }
 
-/// Byte counters of one connection's frames (payload, not UDP overhead).
+/// Byte counters of a connection's frames (payload, not QUIC/UDP overhead), per stream kind.
 #[derive(Debug, Default)]
 pub struct FrameStats {
-    /// Frame bytes sent.
-    pub sent: AtomicU64,
-    /// Frame bytes received.
-    pub received: AtomicU64,
+    /// Frame bytes sent on the state stream (counters, acks, digests).
+    pub sent_state: AtomicU64,
+    /// Frame bytes sent on the journal stream.
+    pub sent_journal: AtomicU64,
+    /// Frame bytes received on the state stream.
+    pub received_state: AtomicU64,
+    /// Frame bytes received on journal streams.
+    pub received_journal: AtomicU64,
     /// Frames received.
     pub frames_received: AtomicU64,
 }
@@ -169,6 +173,7 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
                 let mut progressed = false;
                 while let Some(t) = session.poll_transmit() {
                     progressed = true;
+                    let kind = t.stream;
                     let stream = match t.stream {
                         StreamKind::State => &mut send,
                         StreamKind::Journal => match &mut journal {
@@ -181,8 +186,11 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
                             }
                         },
                     };
-                    let n = write_frame(stream, &t.frame).await?;
-                    stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    let n = write_frame(stream, &t.frame).await? as u64;
+                    match kind {
+                        StreamKind::State => stats.sent_state.fetch_add(n, Ordering::Relaxed),
+                        StreamKind::Journal => stats.sent_journal.fetch_add(n, Ordering::Relaxed),
+                    };
                 }
                 while let Some(e) = session.poll_effect() {
                     progressed = true;
@@ -260,13 +268,18 @@ fn spawn_readers(
     tx: mpsc::Sender<Result<Frame, DriveError>>,
     stats: Arc<FrameStats>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let state = tokio::spawn(read_stream(recv, tx.clone(), stats.clone()));
+    let state = tokio::spawn(read_stream(recv, tx.clone(), stats.clone(), StreamKind::State));
     let uni = tokio::spawn(async move {
         let mut streams = Vec::new();
         loop {
             match conn.accept_uni().await {
                 Ok(recv) if streams.len() < UNI_STREAMS_MAX => {
-                    streams.push(AbortOnDrop(vec![tokio::spawn(read_stream(recv, tx.clone(), stats.clone()))]));
+                    streams.push(AbortOnDrop(vec![tokio::spawn(read_stream(
+                        recv,
+                        tx.clone(),
+                        stats.clone(),
+                        StreamKind::Journal,
+                    ))]));
                 }
                 Ok(_) => {
                     let _ = tx
@@ -284,11 +297,20 @@ fn spawn_readers(
     vec![state, uni]
 }
 
-async fn read_stream(mut recv: RecvStream, tx: mpsc::Sender<Result<Frame, DriveError>>, stats: Arc<FrameStats>) {
+async fn read_stream(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Result<Frame, DriveError>>,
+    stats: Arc<FrameStats>,
+    kind: StreamKind,
+) {
     loop {
         match read_frame(&mut recv).await {
             Ok(Some((frame, n))) => {
-                stats.received.fetch_add(n as u64, Ordering::Relaxed);
+                let counter = match kind {
+                    StreamKind::State => &stats.received_state,
+                    StreamKind::Journal => &stats.received_journal,
+                };
+                counter.fetch_add(n as u64, Ordering::Relaxed);
                 stats.frames_received.fetch_add(1, Ordering::Relaxed);
                 if tx.send(Ok(frame)).await.is_err() {
                     return;

@@ -36,6 +36,8 @@ pub struct RunningAgent {
     pub db: Db,
     /// Live sync state.
     pub sync: watch::Receiver<SyncStatus>,
+    /// Sync traffic counters.
+    pub sync_stats: Arc<crate::sync::SyncStats>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     sync_task: Option<JoinHandle<()>>,
@@ -77,7 +79,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.api.listen, source })?;
 
     let (sync_tx, sync_rx) = watch::channel(SyncStatus::disabled());
-    let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx)?;
+    let sync_stats = Arc::new(crate::sync::SyncStats::default());
+    let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone())?;
 
     let token = (!config.api.token.is_empty()).then(|| Arc::<str>::from(config.api.token.as_str()));
     let state = AppState { db: db.clone(), sync: sync_rx.clone(), token };
@@ -91,5 +94,5 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
             .await
     });
     tracing::info!(%addr, store = %db.identity().store, writer = %db.identity().writer, "agent API listening");
-    Ok(RunningAgent { addr, db, sync: sync_rx, shutdown: Some(shutdown_tx), server, sync_task })
+    Ok(RunningAgent { addr, db, sync: sync_rx, sync_stats, shutdown: Some(shutdown_tx), server, sync_task })
 }

@@ -20,11 +20,49 @@ use crate::replica;
 use crate::server::StartError;
 use crate::status::{SyncState, SyncStatus};
 
+/// Traffic of the sync client over its lifetime: frame payload per stream kind, and UDP bytes
+/// (QUIC framing, TLS, retransmissions included) of every connection so far.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    /// Frame counters, cumulative over connections.
+    pub frames: Arc<FrameStats>,
+    udp_sent_closed: std::sync::atomic::AtomicU64,
+    udp_received_closed: std::sync::atomic::AtomicU64,
+    current: std::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl SyncStats {
+    /// UDP bytes (sent, received) so far, the live connection included.
+    pub fn udp_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let live = self.current.lock().expect("stats lock").as_ref().map(|c| c.stats().udp_tx.bytes);
+        let live_rx = self.current.lock().expect("stats lock").as_ref().map(|c| c.stats().udp_rx.bytes);
+        (
+            self.udp_sent_closed.load(Relaxed) + live.unwrap_or(0),
+            self.udp_received_closed.load(Relaxed) + live_rx.unwrap_or(0),
+        )
+    }
+
+    fn connection_started(&self, conn: &quinn::Connection) {
+        *self.current.lock().expect("stats lock") = Some(conn.clone());
+    }
+
+    fn connection_ended(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(c) = self.current.lock().expect("stats lock").take() {
+            let s = c.stats();
+            self.udp_sent_closed.fetch_add(s.udp_tx.bytes, Relaxed);
+            self.udp_received_closed.fetch_add(s.udp_rx.bytes, Relaxed);
+        }
+    }
+}
+
 /// Starts the sync client if this agent has a bundle and sync is enabled.
 pub fn spawn(
     config: &AgentConfig,
     db: Db,
     status: watch::Sender<SyncStatus>,
+    stats: Arc<SyncStats>,
 ) -> Result<Option<JoinHandle<()>>, StartError> {
     if !config.sync.enabled || !config.bundle_dir().exists() {
         return Ok(None);
@@ -53,7 +91,7 @@ pub fn spawn(
         backoff_min: Duration::from_millis(config.sync.backoff_ms_min),
         backoff_max: Duration::from_millis(config.sync.backoff_ms_max),
         status,
-        stats: Arc::default(),
+        stats,
     };
     Ok(Some(tokio::spawn(client.run())))
 }
@@ -67,7 +105,7 @@ struct SyncClient {
     backoff_min: Duration,
     backoff_max: Duration,
     status: watch::Sender<SyncStatus>,
-    stats: Arc<FrameStats>,
+    stats: Arc<SyncStats>,
 }
 
 /// The n-th reconnect delay: exponential from `min`, capped at `max`, uniformly jittered over its
@@ -135,8 +173,10 @@ impl SyncClient {
         let mut session = AgentSession::new(self.session_config.clone(), id.store.clone(), id.writer.clone(), resume);
         let mut host = AgentHost { db: self.db.clone(), status: self.status.clone() };
         let peer = format!("hub {addr}");
-        let result =
-            drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), self.stats.clone(), &peer).await;
+        self.stats.connection_started(&conn);
+        let frames = self.stats.frames.clone();
+        let result = drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), frames, &peer).await;
+        self.stats.connection_ended();
         match result {
             Ok(()) => Ok(()),
             Err(DriveError::Session(e)) => Err(describe_session_error(&e)),

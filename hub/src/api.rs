@@ -342,6 +342,11 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
     if outcome.created {
         Metrics::inc(&state.hub.metrics.hub_changes_total);
         state.hub.notify(&outcome.stores, outcome.heads);
+        state.hub.stock_changed(outcome.response.lines.iter().map(|l| crate::state::StockChange {
+            store: l.store.clone(),
+            sku: l.sku.clone(),
+            on_hand: l.on_hand,
+        }));
     }
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(outcome.response)).into_response())

@@ -13,7 +13,7 @@ use shelfsync_shared::StoreId;
 
 use crate::metrics::Metrics;
 use crate::pki::{self, Pki};
-use crate::state::Hub;
+use crate::state::{Hub, StockChange};
 use crate::storage::StorageError;
 
 /// Builds the server TLS config with a CRL of every revoked certificate.
@@ -204,6 +204,11 @@ impl EffectHost<HubSession> for HubHost {
                     .map_err(|e| internal("applying a delta", e))?;
                 Metrics::inc(&hub.metrics.deltas_applied_total);
                 hub.metrics.entries_merged_total.fetch_add(applied.entries_changed as u64, Ordering::Relaxed);
+                hub.stock_changed(applied.changed.iter().map(|(sku, on_hand)| StockChange {
+                    store: store.clone(),
+                    sku: sku.clone(),
+                    on_hand: *on_hand,
+                }));
                 session.delta_applied(now(), upto)?;
             }
             Effect::Acked { peer, upto } => {

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use shelfsync_agent::db::Heads;
-use shelfsync_shared::StoreId;
-use tokio::sync::watch;
+use shelfsync_shared::{Sku, StoreId};
+use tokio::sync::{broadcast, watch};
 
 use crate::metrics::Metrics;
 use crate::storage::{HubHeads, HubStorage};
@@ -25,6 +25,20 @@ pub struct LiveConn {
     pub since_ms: i64,
 }
 
+/// A store's `on_hand` of a SKU changed at the hub (after the commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StockChange {
+    /// Where.
+    pub store: StoreId,
+    /// What.
+    pub sku: Sku,
+    /// The new value.
+    pub on_hand: i64,
+}
+
+/// Capacity of the stock change broadcast; slow subscribers see `Lagged` and must re-read.
+pub const STOCK_EVENTS_CAPACITY: usize = 16_384;
+
 /// State shared by every hub task.
 pub struct Hub {
     /// Durable state.
@@ -34,6 +48,7 @@ pub struct Hub {
     live: Mutex<HashMap<StoreId, LiveConn>>,
     wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
     next_conn: AtomicU64,
+    stock_events: broadcast::Sender<StockChange>,
 }
 
 impl Hub {
@@ -45,6 +60,7 @@ impl Hub {
             live: Mutex::default(),
             wakers: Mutex::default(),
             next_conn: AtomicU64::new(1),
+            stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
         })
     }
 
@@ -85,6 +101,18 @@ impl Hub {
             .entry(store.clone())
             .or_insert_with(|| watch::channel(Heads { counter: now.counter, journal: now.journal }).0)
             .subscribe()
+    }
+
+    /// Every committed change of a store's `on_hand`, as it happens.
+    pub fn stock_events(&self) -> broadcast::Receiver<StockChange> {
+        self.stock_events.subscribe()
+    }
+
+    /// Publishes committed stock changes.
+    pub fn stock_changed(&self, changes: impl IntoIterator<Item = StockChange>) {
+        for c in changes {
+            let _ = self.stock_events.send(c);
+        }
     }
 
     /// `stores`' data changed; the heads are now `heads`. Wakes their sessions.
