@@ -126,7 +126,7 @@ impl Default for SyncSection {
             hub_addr: String::new(),
             backoff_ms_min: 200,
             backoff_ms_max: 30_000,
-            coalesce_ms: 2,
+            coalesce_ms: 0,
             digest_interval_secs: 30,
         }
     }

@@ -343,9 +343,14 @@ pub fn entry(conn: &Connection, sku: &Sku, writer: &WriterId) -> Result<Option<P
         .optional()?)
 }
 
-/// Writes one entry with the next counter sequence.
-pub fn put_entry(conn: &Connection, sku: &Sku, writer: &WriterId, e: PnEntry) -> Result<u64, DbError> {
-    let seq: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?;
+/// The next free counter sequence. A job takes it once and counts up: jobs run one at a time on
+/// the writer connection, so nobody else can take the same numbers.
+pub fn next_seq(conn: &Connection) -> Result<u64, DbError> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?)
+}
+
+/// Writes one entry stamped with `seq` (from [`next_seq`]).
+pub fn put_entry(conn: &Connection, sku: &Sku, writer: &WriterId, e: PnEntry, seq: u64) -> Result<u64, DbError> {
     conn.prepare_cached(
         "INSERT INTO counters (sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",

@@ -247,7 +247,7 @@ fn record_in(
             if delta != 0 {
                 let current = db::entry(conn, &sku, &me.writer)?.unwrap_or_default();
                 let next = current.apply(&me.writer, delta)?;
-                db::put_entry(conn, &sku, &me.writer, next)?;
+                db::put_entry(conn, &sku, &me.writer, next, db::next_seq(conn)?)?;
             }
             db::refresh_stock(conn, &sku)?
         } else {

@@ -81,11 +81,13 @@ pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), Db
     db.write(move |conn| {
         adopt_hub(conn, &peer)?;
         let mut touched = std::collections::BTreeSet::new();
+        let mut seq = db::next_seq(conn)?;
         for (sku, writer, incoming) in delta.entries() {
             incoming.check(writer)?;
             let current = db::entry(conn, sku, writer)?.unwrap_or_default();
             if !current.covers(incoming) {
-                db::put_entry(conn, sku, writer, current.join(incoming))?;
+                db::put_entry(conn, sku, writer, current.join(incoming), seq)?;
+                seq += 1;
                 touched.insert(sku.clone());
             }
         }

@@ -117,7 +117,7 @@ impl Default for StorageSection {
 
 impl Default for SyncSection {
     fn default() -> Self {
-        SyncSection { coalesce_ms: 2, revocation_check_secs: 5 }
+        SyncSection { coalesce_ms: 0, revocation_check_secs: 5 }
     }
 }
 

@@ -206,8 +206,20 @@ fn entry(conn: &Connection, store: &StoreId, sku: &Sku, writer: &WriterId) -> St
         .unwrap_or_default())
 }
 
-fn put_entry(conn: &Connection, store: &StoreId, sku: &Sku, writer: &WriterId, e: PnEntry) -> StorageResult<()> {
-    let seq: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?;
+/// The next free counter sequence. A job takes it once and counts up: jobs run one at a time on
+/// the writer connection, so nobody else can take the same numbers.
+fn next_seq(conn: &Connection) -> StorageResult<u64> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?)
+}
+
+fn put_entry(
+    conn: &Connection,
+    store: &StoreId,
+    sku: &Sku,
+    writer: &WriterId,
+    e: PnEntry,
+    seq: u64,
+) -> StorageResult<()> {
     conn.prepare_cached(
         "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
@@ -440,6 +452,7 @@ impl HubStorage for SqliteStorage {
             require_store(conn, &store)?;
             let mut touched = BTreeSet::new();
             let mut entries_changed = 0;
+            let mut seq = next_seq(conn)?;
             for (sku, writer, incoming) in delta.entries() {
                 // The session already refused foreign writers; storage refuses them too.
                 if !writer.is_store(&store) {
@@ -448,7 +461,8 @@ impl HubStorage for SqliteStorage {
                 incoming.check(writer)?;
                 let current = entry(conn, &store, sku, writer)?;
                 if !current.covers(incoming) {
-                    put_entry(conn, &store, sku, writer, current.join(incoming))?;
+                    put_entry(conn, &store, sku, writer, current.join(incoming), seq)?;
+                    seq += 1;
                     touched.insert(sku.clone());
                     entries_changed += 1;
                 }
@@ -717,9 +731,11 @@ fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> S
     let mut lines = Vec::new();
     let mut stores: Vec<StoreId> = Vec::new();
     let mut line_no: std::collections::HashMap<StoreId, u32> = Default::default();
+    let mut seq = next_seq(conn)?;
     for (store, sku, delta, reason) in moves {
         let next = entry(conn, &store, &sku, hub)?.apply(hub, delta)?;
-        put_entry(conn, &store, &sku, hub, next)?;
+        put_entry(conn, &store, &sku, hub, next, seq)?;
+        seq += 1;
         let on_hand = refresh_stock(conn, &store, &sku)?;
         let n = line_no.entry(store.clone()).or_default();
         insert_event(

@@ -44,7 +44,7 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            coalesce: Duration::from_millis(2),
+            coalesce: Duration::ZERO,
             digest_interval: Duration::from_secs(30),
             digest_retry: Duration::from_secs(1),
             window: 4,

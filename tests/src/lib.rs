@@ -1,4 +1,5 @@
 //! Test support for Shelfsync's end-to-end tests and benchmarks.
 
 pub mod cluster;
+pub mod inproc;
 pub mod procs;

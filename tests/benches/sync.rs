@@ -1,0 +1,282 @@
+//! Sync benchmarks: end-to-end propagation latency, catch-up after a long offline period (next
+//! to automerge syncing the same changes as `Counter` increments), and hub merge throughput.
+//!
+//! `cargo bench -p shelfsync-tests --bench sync` (set `SHELFSYNC_BENCH_QUICK=1` for a smoke run).
+//! Everything runs in this process on loopback sockets; figures are medians where rounds repeat.
+//! The machine is shared: compare figures within one run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::sync::SyncDoc;
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ReadDoc, ScalarValue, ROOT};
+use serde_json::json;
+use shelfsync_agent::config::Synchronous;
+use shelfsync_agent::ledger::{self, Change, Line, RecordRequest};
+use shelfsync_shared::wire::Delta;
+use shelfsync_shared::{Incarnation, NodeId, PnEntry, Sku, WriterId};
+use shelfsync_tests::inproc::Chain;
+use uuid::Uuid;
+
+fn quick() -> bool {
+    std::env::var_os("SHELFSYNC_BENCH_QUICK").is_some()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Sale sent to an agent's API → the new on_hand committed at the hub (the hub's stock event).
+async fn propagation(n: usize, rounds: usize) -> anyhow::Result<(f64, f64, usize)> {
+    let chain = Chain::start(n, Synchronous::Full, Synchronous::Full).await?;
+    chain.all_connected().await;
+    let http = reqwest::Client::new();
+    let urls: Vec<String> = (0..n).map(|i| format!("{}/v1/sales", chain.agent(i).url())).collect();
+    let mut samples = Vec::new();
+    let mut events = chain.hub.hub.stock_events();
+    for round in 0..rounds {
+        let expected = -(round as i64 + 1);
+        let started: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let (http, url, started, store) = (http.clone(), url.clone(), started.clone(), chain.stores[i].to_string());
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "P", "qty": 1}]});
+                started.lock().unwrap().insert(store, Instant::now());
+                let r = http.post(url).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201);
+            }));
+        }
+        let mut pending = n;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while pending > 0 {
+            let ev = tokio::time::timeout_at(deadline, events.recv()).await??;
+            if ev.sku.as_str() == "P" && ev.on_hand == expected {
+                let at = Instant::now();
+                let t0 = started.lock().unwrap().get(ev.store.as_str()).copied().expect("sent before seen");
+                samples.push(at - t0);
+                pending -= 1;
+            }
+        }
+        for t in tasks {
+            t.await?;
+        }
+    }
+    samples.sort();
+    let out = (pct(&samples, 0.5), pct(&samples, 0.99), samples.len());
+    chain.stop().await;
+    Ok(out)
+}
+
+struct CatchUp {
+    sales: usize,
+    skus: usize,
+    counters_ms: f64,
+    journal_ms: f64,
+    state_bytes: u64,
+    journal_bytes: u64,
+    udp_bytes: u64,
+}
+
+/// An agent offline for `sales` sales over `skus` SKUs comes back: time until the hub's stock is
+/// exact, time until the journal is complete, and bytes on the wire.
+async fn catch_up(sales: usize, skus: usize) -> anyhow::Result<CatchUp> {
+    let mut chain = Chain::start(1, Synchronous::Normal, Synchronous::Full).await?;
+    chain.all_connected().await;
+    chain.stop_agent(0).await?;
+    chain.start_agent(0, false).await?;
+    let names: Vec<Sku> = (0..skus).map(|i| format!("C-{i:06}").parse().unwrap()).collect();
+    let lines_per_request = 100;
+    let requests = sales / lines_per_request;
+    let db = chain.agent(0).db.clone();
+    let workers = 16;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (db, names) = (db.clone(), names.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in (w..requests).step_by(workers) {
+                let lines = (0..lines_per_request)
+                    .map(|j| Line { sku: names[(k * lines_per_request + j) % names.len()].clone(), qty: 1 })
+                    .collect();
+                let req = RecordRequest { id: Uuid::now_v7(), change: Change::Sale { lines }, occurred_at_ms: None };
+                ledger::record(&db, req).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let per_sku = (sales / skus) as i64;
+    chain.stop_agent(0).await?;
+
+    let storage = chain.hub.hub.storage.clone();
+    let start = Instant::now();
+    chain.start_agent(0, true).await?;
+    // Counters: every SKU at the hub reaches −per_sku.
+    loop {
+        let rows = storage.stock_of(names.clone()).await?;
+        if rows.len() == skus && rows.iter().all(|r| r.on_hand == -per_sku) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "counters did not converge");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let counters_ms = start.elapsed().as_secs_f64() * 1e3;
+    let state_bytes_at_counters = {
+        let f = &chain.agent(0).sync_stats.frames;
+        f.sent_state.load(std::sync::atomic::Ordering::Relaxed)
+            + f.received_state.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    loop {
+        if storage.journal_count(Some(chain.stores[0].clone())).await? as usize >= sales {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(1200), "journal did not complete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let journal_ms = start.elapsed().as_secs_f64() * 1e3;
+    let stats = &chain.agent(0).sync_stats;
+    let (tx, rx) = stats.udp_bytes();
+    let journal_bytes = stats.frames.sent_journal.load(std::sync::atomic::Ordering::Relaxed);
+    let out = CatchUp {
+        sales,
+        skus,
+        counters_ms,
+        journal_ms,
+        state_bytes: state_bytes_at_counters,
+        journal_bytes,
+        udp_bytes: tx + rx,
+    };
+    chain.stop().await;
+    Ok(out)
+}
+
+/// The same offline period as automerge `Counter` increments: one document, one counter per SKU,
+/// a change per 100 increments (one POS request), then automerge's sync protocol to a replica that
+/// had the document before the store went offline.
+fn automerge_catch_up(sales: usize, skus: usize) -> anyhow::Result<(f64, u64, f64)> {
+    let names: Vec<String> = (0..skus).map(|i| format!("C-{i:06}")).collect();
+    let mut store = AutoCommit::new();
+    for n in &names {
+        store.put(ROOT, n.as_str(), ScalarValue::counter(0))?;
+    }
+    store.commit();
+    let mut hub = store.fork();
+    let record = Instant::now();
+    for k in 0..sales / 100 {
+        for j in 0..100 {
+            store.increment(ROOT, names[(k * 100 + j) % skus].as_str(), -1)?;
+        }
+        store.commit();
+    }
+    let record_ms = record.elapsed().as_secs_f64() * 1e3;
+    let (mut s_store, mut s_hub) = (automerge::sync::State::new(), automerge::sync::State::new());
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    loop {
+        let mut progressed = false;
+        if let Some(m) = store.sync().generate_sync_message(&mut s_store) {
+            let enc = m.encode();
+            bytes += enc.len() as u64;
+            hub.sync().receive_sync_message(&mut s_hub, automerge::sync::Message::decode(&enc)?)?;
+            progressed = true;
+        }
+        if let Some(m) = hub.sync().generate_sync_message(&mut s_hub) {
+            let enc = m.encode();
+            bytes += enc.len() as u64;
+            store.sync().receive_sync_message(&mut s_store, automerge::sync::Message::decode(&enc)?)?;
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+    let sync_ms = start.elapsed().as_secs_f64() * 1e3;
+    let check = hub.get(ROOT, names[0].as_str())?.and_then(|(v, _)| v.to_i64());
+    anyhow::ensure!(check == Some(-((sales / skus) as i64)), "automerge replica has {check:?}");
+    Ok((sync_ms, bytes, record_ms))
+}
+
+/// Deltas of 4096 fresh entries per store, applied straight to the hub's storage by `stores`
+/// concurrent sessions (group commit), synchronous=FULL.
+async fn merge_throughput(stores: usize, deltas_per_store: usize) -> anyhow::Result<f64> {
+    let chain = Chain::start(stores, Synchronous::Normal, Synchronous::Full).await?;
+    let storage = chain.hub.hub.storage.clone();
+    // The agents stay idle; the benchmark writes as if it were them, with fresh writers.
+    let skus: Vec<Sku> = (0..4096).map(|i| format!("M-{i:05}").parse().unwrap()).collect();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..stores {
+        let (storage, skus, store) = (storage.clone(), skus.clone(), chain.stores[s].clone());
+        tasks.push(tokio::spawn(async move {
+            let writer = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(0xbe9c + s as u64));
+            for r in 0..deltas_per_store {
+                let e = PnEntry { p: 0, n: r as u64 + 1 };
+                let delta = Delta::build(0, (r as u64 + 1) * 4096, skus.iter().map(|k| (k, &writer, e)));
+                storage.apply_delta(store.clone(), writer.clone(), delta).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let rate = (stores * deltas_per_store * 4096) as f64 / start.elapsed().as_secs_f64();
+    chain.stop().await;
+    Ok(rate)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let q = quick();
+    println!(
+        "== end-to-end propagation: sale sent to an agent's API -> committed at the hub (synchronous=FULL both ends)"
+    );
+    println!("{:<8} {:>8} {:>10} {:>10}", "agents", "samples", "p50 ms", "p99 ms");
+    for (n, rounds) in [(1, if q { 50 } else { 300 }), (50, if q { 4 } else { 20 })] {
+        let (p50, p99, samples) = propagation(n, rounds).await?;
+        println!("{n:<8} {samples:>8} {p50:>10.2} {p99:>10.2}");
+    }
+
+    println!("\n== catch-up after an offline period (agent synchronous=NORMAL for the set-up; hub FULL)");
+    println!(
+        "{:<10} {:>7} {:>14} {:>16} {:>14} {:>16} {:>12}",
+        "sales", "skus", "counters ms", "counter MiB", "journal ms", "journal MiB", "UDP MiB"
+    );
+    let sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
+    for &sales in sizes {
+        let c = catch_up(sales, 10_000).await?;
+        println!(
+            "{:<10} {:>7} {:>14.0} {:>16.2} {:>14.0} {:>16.2} {:>12.2}",
+            c.sales,
+            c.skus,
+            c.counters_ms,
+            mib(c.state_bytes),
+            c.journal_ms,
+            mib(c.journal_bytes),
+            mib(c.udp_bytes)
+        );
+    }
+    println!(
+        "\n== the same changes as automerge Counter increments (one change per 100 increments), sync to a replica"
+    );
+    println!("{:<10} {:>7} {:>14} {:>16} {:>16}", "sales", "skus", "sync ms", "sync MiB", "record ms");
+    let am_sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
+    for &sales in am_sizes {
+        let (ms, bytes, record_ms) = automerge_catch_up(sales, 10_000)?;
+        println!("{:<10} {:>7} {:>14.0} {:>16.2} {:>16.0}", sales, 10_000, ms, mib(bytes), record_ms);
+    }
+
+    println!("\n== hub merge throughput (4096-entry deltas straight into storage, synchronous=FULL)");
+    println!("{:<8} {:>16}", "stores", "entries/s");
+    for stores in [1, 8] {
+        let rate = merge_throughput(stores, if q { 3 } else { 20 }).await?;
+        println!("{stores:<8} {rate:>16.0}");
+    }
+    Ok(())
+}
