@@ -210,6 +210,9 @@ impl EffectHost<HubSession> for HubHost {
                     on_hand: *on_hand,
                 }));
                 session.delta_applied(now(), upto)?;
+                // The merged entries took new hub sequences; telling our own session lets its
+                // outbox skip them (they came from this agent) so digests stay comparable.
+                session.local_head(now(), applied.heads.counter, applied.heads.journal);
             }
             Effect::Acked { peer, upto } => {
                 hub.storage.set_acked(store.clone(), peer, upto).await.map_err(|e| internal("recording an ack", e))?;

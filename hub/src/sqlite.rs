@@ -480,7 +480,7 @@ impl HubStorage for SqliteStorage {
             .execute(params![store.as_str(), peer.to_string(), delta.upto, now])?;
             conn.prepare_cached("UPDATE stores SET last_seen_ms = ?2 WHERE id = ?1")?
                 .execute(params![store.as_str(), now])?;
-            Ok(Applied { changed, entries_changed })
+            Ok(Applied { changed, entries_changed, heads: heads(conn)? })
         })
         .boxed()
     }

@@ -115,6 +115,8 @@ pub struct Applied {
     pub changed: Vec<(Sku, i64)>,
     /// Entries that changed.
     pub entries_changed: usize,
+    /// Heads after the commit.
+    pub heads: HubHeads,
 }
 
 /// One line of a restock or transfer.

@@ -804,11 +804,13 @@ impl HubSession {
             FrameV1::Digest(d) if self.link.peer.is_some() => {
                 // Compare only when both sides describe the same moment: we applied all the agent
                 // had, and the agent applied all we sent. Otherwise wait for the next digest.
+                // The agent sends a digest only when the hub has acked all it wrote, so "we applied
+                // everything received" covers the agent's side; the agent must have applied the
+                // last frame we sent, and nothing may be in flight from us.
                 let out = &self.link.counters_out;
-                let comparable = self.link.counters_in.applied >= d.head
-                    && self.link.counters_in.settled()
+                let comparable = self.link.counters_in.settled()
                     && out.idle()
-                    && d.applied == out.sent
+                    && d.applied == out.transmitted
                     && self.pending_digest.is_none();
                 if comparable {
                     self.pending_digest = Some(d);
