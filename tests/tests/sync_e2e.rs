@@ -160,3 +160,35 @@ async fn offline_sales_converge_exactly_and_kill_9_loses_nothing() {
     })
     .await;
 }
+
+/// The hub loses a store's entry behind everyone's back (a bad restore, a bug): the agent's
+/// anti-entropy digest on reconnect differs, a full resync follows, and the hub is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anti_entropy_repairs_a_damaged_hub() {
+    let mut c = Cluster::start(1).await;
+    c.restock(0, "D", 20).await;
+    for _ in 0..5 {
+        assert_eq!(c.sell(0, "D", 1).await, 201);
+    }
+    c.converged(&["D"], DEADLINE).await;
+    c.stop_hub().await;
+    {
+        let db = rusqlite::Connection::open(c.hub_dir().join("hub.db")).unwrap();
+        let n = db.execute("DELETE FROM counters WHERE store = 'store-0' AND writer LIKE 'store-0@%'", []).unwrap();
+        assert_eq!(n, 1);
+        db.execute("UPDATE stock SET on_hand = 20 WHERE store = 'store-0' AND sku = 'D'", []).unwrap();
+    }
+    c.start_hub().await;
+    let all = c.converged(&["D"], DEADLINE).await;
+    assert_eq!(all[&("store-0".into(), "D".into())], 15);
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", c.hub_url()))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("shelfsync_hub_digests_mismatched_total 1"), "{metrics}");
+}
