@@ -105,8 +105,12 @@ impl PnCounter {
 
     /// `writer` changes the value by `delta` locally; the entry is stamped with `seq`.
     /// Returns the writer's new entry, which is also the delta to ship.
+    /// A zero change changes nothing (no entry, no sequence).
     pub fn apply(&mut self, writer: &WriterId, delta: i64, seq: u64) -> Result<PnEntry, CounterError> {
         let current = self.slots.get(writer).map(|s| s.entry).unwrap_or_default();
+        if delta == 0 {
+            return Ok(current);
+        }
         let entry = current.apply(writer, delta)?;
         self.slots.insert(writer.clone(), Slot { entry, seq });
         Ok(entry)
@@ -225,6 +229,9 @@ impl CounterMap {
 
     /// A local change by `writer`; returns the new entry.
     pub fn apply(&mut self, sku: &Sku, writer: &WriterId, delta: i64) -> Result<PnEntry, CounterError> {
+        if delta == 0 {
+            return Ok(self.counters.get(sku).map(|c| c.entry(writer)).unwrap_or_default());
+        }
         let counter = self.counters.entry(sku.clone()).or_default();
         let entry = counter.apply(writer, delta, self.seq + 1)?;
         self.seq += 1;
