@@ -45,6 +45,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/stock", get(get_stock_page))
         .route("/stock/{sku}", get(get_stock))
         .route("/status", get(get_status))
+        .route("/holds", get(get_holds))
+        .route("/holds/{id}/fulfil", post(post_fulfil))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .nest("/v1", v1)
@@ -264,4 +266,20 @@ async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Va
         "last_sync_at": ledger.last_sync_ms.map(ledger::rfc3339),
         "sync": sync,
     })))
+}
+
+async fn get_holds(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let items = crate::holds::list(&state.db).await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn post_fulfil(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match crate::holds::fulfil(&state.db, id).await? {
+        Some((outcome, response)) => {
+            let status = if outcome == Outcome::Created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok((status, Json(response)).into_response())
+        }
+        None => Err(ApiError::not_found(format!("no hold {id} at this store"))),
+    }
 }

@@ -39,6 +39,8 @@ const MIGRATIONS: &[&str] = &[
         acked INTEGER NOT NULL DEFAULT 0, journal_acked INTEGER NOT NULL DEFAULT 0,
         last_sync_ms INTEGER);
      INSERT INTO hub_link (id) VALUES (1);",
+    // 2: online holds pushed down by the hub.
+    crate::holds::MIGRATION,
 ];
 
 /// Storage failures. Cloneable so one failed group commit can answer every request in it.
@@ -115,6 +117,8 @@ pub struct Heads {
     pub counter: u64,
     /// Journal sequence.
     pub journal: u64,
+    /// Hub only: bumped whenever a store's holds change (the agent leaves it at 0).
+    pub holds: u64,
 }
 
 /// Handle to the storage threads. Cheap to clone.
@@ -201,7 +205,7 @@ fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
 pub fn heads(conn: &Connection) -> Result<Heads, DbError> {
     let counter: Option<u64> = conn.query_row("SELECT MAX(seq) FROM counters", [], |r| r.get(0))?;
     let journal: Option<u64> = conn.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
-    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0) })
+    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0 })
 }
 
 impl Db {

@@ -131,9 +131,13 @@ pub struct RecordRequest {
 impl RecordRequest {
     /// A stable hash of everything that makes two requests "the same request".
     pub fn fingerprint(&self) -> Vec<u8> {
-        let canonical = serde_json::to_vec(&(&self.change, self.occurred_at_ms)).expect("requests serialise");
-        Sha256::digest(canonical).to_vec()
+        fingerprint_of(&(&self.change, self.occurred_at_ms))
     }
+}
+
+/// SHA-256 of the canonical JSON of a request body: equal bodies, equal fingerprints.
+pub fn fingerprint_of(body: &impl Serialize) -> Vec<u8> {
+    Sha256::digest(serde_json::to_vec(body).expect("request bodies serialise")).to_vec()
 }
 
 /// The outcome of one line.
@@ -154,6 +158,9 @@ pub struct LineResult {
     pub previous_on_hand: Option<i64>,
     /// Things to look at.
     pub flags: Vec<EventFlag>,
+    /// Online holds of this SKU the line dipped into (the store may not be able to serve them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endangered_holds: Vec<crate::holds::HoldView>,
 }
 
 /// What the POS gets back (and gets again on a retry).
@@ -253,7 +260,7 @@ fn record_in(
         } else {
             before
         };
-        let figures = StockFigures { on_hand, held: 0, safety_stock: 0 };
+        let figures = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
         let mut flags = Vec::new();
         if !known {
             flags.push(EventFlag::UnknownSku);
@@ -261,6 +268,14 @@ fn record_in(
         if on_hand < 0 {
             flags.push(EventFlag::NegativeStock);
         }
+        // A sale that leaves fewer units than are promised online still happens (the goods are
+        // here), but the POS is told which online orders it endangers.
+        let endangered = if delta < 0 && figures.held > 0 && figures.sellable() < 0 {
+            flags.push(EventFlag::DipsIntoHolds);
+            crate::holds::open_for(conn, &sku)?
+        } else {
+            Vec::new()
+        };
         conn.prepare_cached(
             "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -288,6 +303,7 @@ fn record_in(
             sellable: figures.sellable(),
             previous_on_hand: counted.map(|_| before),
             flags,
+            endangered_holds: endangered,
         });
     }
     let mut all_flags: Vec<EventFlag> = results.iter().flat_map(|l| l.flags.iter().copied()).collect();
@@ -329,14 +345,14 @@ pub struct StockView {
     pub sellable: i64,
 }
 
-fn view(sku: Sku, on_hand: i64) -> StockView {
-    let f = StockFigures { on_hand, held: 0, safety_stock: 0 };
-    StockView { sku, on_hand, held: f.held, sellable: f.sellable() }
+fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
+    let f = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
+    Ok(StockView { sku, on_hand, held: f.held, sellable: f.sellable() })
 }
 
 /// One SKU's stock, or `None` if the store never saw it.
 pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
-    db.read(move |conn| Ok(db::on_hand(conn, &sku)?.map(|on_hand| view(sku, on_hand)))).await
+    db.read(move |conn| db::on_hand(conn, &sku)?.map(|on_hand| view(conn, sku, on_hand)).transpose()).await
 }
 
 /// A page of stock in SKU order, starting after `after`.
@@ -349,7 +365,7 @@ pub async fn stock_page(db: &Db, after: Option<Sku>, limit: usize) -> Result<Vec
         let mut out = Vec::new();
         for row in rows {
             let (sku, on_hand) = row?;
-            out.push(view(db::sku_col(sku)?, on_hand));
+            out.push(view(conn, db::sku_col(sku)?, on_hand)?);
         }
         Ok(out)
     })

@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod holds;
 pub mod http;
 pub mod ledger;
 pub mod quic;

@@ -110,6 +110,15 @@ pub trait EffectHost<S> {
         session: &mut S,
         effect: Effect,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send;
+
+    /// Local heads moved (after `session.local_head`); for host-specific pushes such as holds.
+    fn heads_changed(
+        &mut self,
+        _session: &mut S,
+        _heads: Heads,
+    ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Why a connection ended.
@@ -214,6 +223,7 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
                     }
                     let h = *heads.borrow_and_update();
                     session.local_head(Instant::now(), h.counter, h.journal);
+                    host.heads_changed(session, h).await?;
                 }
             }
         }

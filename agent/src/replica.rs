@@ -60,8 +60,9 @@ pub async fn read_delta(db: &Db, after: u64, limit: usize) -> Result<DeltaRead, 
         }
         drop(stmt);
         let upto = if entries.len() == limit { last } else { db::heads(&tx)?.counter.max(after) };
+        let fulfilled = crate::holds::fulfilled_between(&tx, after, upto)?;
         tx.finish()?;
-        Ok(DeltaRead { upto, entries })
+        Ok(DeltaRead { upto, entries, fulfilled })
     })
     .await
 }

@@ -257,6 +257,9 @@ impl EffectHost<AgentSession> for AgentHost {
                     replica::digest(&self.db).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(Instant::now(), digest, head)?;
             }
+            Effect::ApplyHolds { snapshot } => {
+                crate::holds::apply_snapshot(&self.db, snapshot).await.map_err(|e| internal("storing holds", e))?;
+            }
             Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => {}
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! The hub's HTTP API (DESIGN §7): availability for the storefront, stores and stock for
 //! headquarters, hub-authored restocks and transfers, metrics. Bearer tokens with roles.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use shelfsync_agent::http::{bearer, ApiError, ApiJson, ApiQuery};
 use shelfsync_agent::ledger::rfc3339;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
-use shelfsync_shared::{Sku, StockFigures, StoreId};
+use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -33,6 +33,8 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// Most SKUs per batch availability query.
     pub max_batch_skus: usize,
+    /// Reservation lease limits.
+    pub reservations: crate::config::ReservationsSection,
 }
 
 /// Hashes a token for storage and lookup (tokens are never stored in clear).
@@ -55,13 +57,23 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/stores", get(get_stores))
         .route("/v1/stores/{id}/stock", get(get_store_stock))
         .route("/metrics", get(get_metrics))
+        .route("/v1/conflicts", get(get_conflicts))
+        .route("/v1/changes", get(get_changes))
+        .route("/v1/events", get(crate::feed::get_events))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
+    let storefront = Router::new()
+        .route("/v1/reservations", post(post_reservation))
+        .route("/v1/reservations/{id}", get(get_reservation).delete(delete_reservation))
+        .route("/v1/reservations/{id}/commit", post(post_commit))
+        .route("/v1/reservations/{id}/extend", post(post_extend))
+        .route_layer(middleware::from_fn_with_state((state.clone(), Role::Storefront), require_role));
     let admin = Router::new()
         .route("/v1/restocks", post(post_restock))
         .route("/v1/transfers", post(post_transfer))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     Router::new()
         .merge(viewer)
+        .merge(storefront)
         .merge(admin)
         .route("/healthz", get(shelfsync_agent::http::healthz))
         .fallback(shelfsync_agent::http::no_route)
@@ -112,6 +124,18 @@ impl From<StorageError> for ApiError {
                     .with("available", on_hand.max(0))
             }
             StorageError::Invalid(m) => ApiError::invalid(m),
+            StorageError::Unavailable { ref sku, available, ref store } => {
+                let sku = sku.to_string();
+                let mut err = ApiError::conflict("insufficient_stock", e.to_string())
+                    .with("sku", sku)
+                    .with("available", available);
+                if let Some(s) = store {
+                    err = err.with("store", s.to_string());
+                }
+                err
+            }
+            StorageError::NotFound(m) => ApiError::not_found(m),
+            StorageError::InvalidState(m) => ApiError::conflict("invalid_state", m),
             StorageError::Backend(_) | StorageError::Corrupt(_) => ApiError::internal(e),
         }
     }
@@ -125,14 +149,17 @@ fn parse_store(field: &str, s: &str) -> Result<StoreId, ApiError> {
     s.parse().map_err(|e| ApiError::invalid(format!("{field}: {e}")))
 }
 
-/// One store's figures for a SKU.
 #[derive(Serialize)]
 struct StoreAvailability {
     store: StoreId,
     on_hand: i64,
     held: u64,
+    safety_stock: u64,
+    raw_available: u64,
+    staleness_discount: u64,
     available: u64,
     last_seen: Option<String>,
+    silent_secs: i64,
     connected: bool,
 }
 
@@ -141,39 +168,36 @@ struct SkuAvailability {
     sku: Sku,
     on_hand: i64,
     held: u64,
+    raw_available: u64,
     available: u64,
     stores: Vec<StoreAvailability>,
 }
 
 async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
-    let hub = &state.hub;
-    let stores = hub.storage.stores().await?;
-    let info: HashMap<StoreId, (Option<i64>, Option<i64>)> =
-        stores.into_iter().map(|s| (s.id, (s.revoked_at_ms, s.last_seen_ms))).collect();
-    let rows = hub.storage.stock_of(skus.clone()).await?;
-    let mut by_sku: BTreeMap<Sku, Vec<StoreAvailability>> = skus.iter().map(|s| (s.clone(), Vec::new())).collect();
-    for row in rows {
-        let Some((revoked, last_seen)) = info.get(&row.store) else { continue };
-        if revoked.is_some() {
-            continue; // a revoked store offers nothing online
-        }
-        let f = StockFigures { on_hand: row.on_hand, held: 0, safety_stock: 0 };
-        by_sku.entry(row.sku.clone()).or_default().push(StoreAvailability {
-            connected: hub.live(&row.store).is_some(),
-            store: row.store,
-            on_hand: f.on_hand,
-            held: f.held,
-            available: f.available(),
-            last_seen: last_seen.map(rfc3339),
-        });
-    }
-    Ok(skus
+    let now = state.hub.now();
+    let rows = state.hub.storage.availability(skus, now.clone()).await?;
+    Ok(rows
         .into_iter()
-        .map(|sku| {
-            let stores = by_sku.remove(&sku).unwrap_or_default();
+        .map(|(sku, figs)| {
+            let stores: Vec<StoreAvailability> = figs
+                .into_iter()
+                .map(|f| StoreAvailability {
+                    connected: now.connected.contains(&f.store),
+                    store: f.store,
+                    on_hand: f.on_hand,
+                    held: f.held,
+                    safety_stock: f.safety_stock,
+                    raw_available: f.raw_available,
+                    staleness_discount: f.staleness_discount,
+                    available: f.available,
+                    last_seen: f.last_seen_ms.map(rfc3339),
+                    silent_secs: f.silent_ms / 1000,
+                })
+                .collect();
             SkuAvailability {
                 on_hand: stores.iter().map(|s| s.on_hand).fold(0i64, i64::saturating_add),
-                held: stores.iter().map(|s| s.held).sum(),
+                held: stores.iter().map(|s| s.held).fold(0u64, u64::saturating_add),
+                raw_available: stores.iter().map(|s| s.raw_available).fold(0u64, u64::saturating_add),
                 available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
                 stores,
                 sku,
@@ -260,11 +284,20 @@ async fn get_store_stock(
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
     let rows = state.hub.storage.store_stock(store.clone(), after, limit).await?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.sku.to_string())).flatten();
+    let skus: Vec<Sku> = rows.iter().map(|r| r.sku.clone()).collect();
+    let figs: HashMap<Sku, (u64, u64)> = state
+        .hub
+        .storage
+        .availability(skus, state.hub.now())
+        .await?
+        .into_iter()
+        .filter_map(|(sku, f)| f.into_iter().find(|f| f.store == store).map(|f| (sku, (f.held, f.available))))
+        .collect();
     let items: Vec<Value> = rows
         .into_iter()
         .map(|r| {
-            let f = StockFigures { on_hand: r.on_hand, held: 0, safety_stock: 0 };
-            json!({"sku": r.sku, "on_hand": f.on_hand, "held": f.held, "available": f.available()})
+            let (held, available) = figs.get(&r.sku).copied().unwrap_or((0, 0));
+            json!({"sku": r.sku, "on_hand": r.on_hand, "held": held, "available": available})
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
@@ -338,7 +371,8 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
 }
 
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
-    let outcome = state.hub.storage.hub_change(req).await?;
+    let outcome = state.hub.storage.hub_change(req, state.hub.now()).await?;
+    state.hub.holds_changed(&outcome.holds_changed);
     if outcome.created {
         Metrics::inc(&state.hub.metrics.hub_changes_total);
         state.hub.notify(&outcome.stores, outcome.heads);
@@ -374,4 +408,169 @@ async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<Transf
         reason: b.reason,
     };
     hub_change(&state, req).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReservationBody {
+    id: String,
+    lines: Vec<LineBody>,
+    ttl_secs: Option<u64>,
+    pickup_store: Option<String>,
+    customer: Option<String>,
+}
+
+fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
+    let r = &state.reservations;
+    let ttl = ttl.unwrap_or(r.default_ttl_secs);
+    if ttl == 0 || ttl > r.max_ttl_secs {
+        return Err(ApiError::invalid(format!("ttl_secs must be between 1 and {}, got {ttl}", r.max_ttl_secs)));
+    }
+    Ok(ttl)
+}
+
+async fn post_reservation(
+    State(state): State<ApiState>,
+    ApiJson(b): ApiJson<ReservationBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&b.id)?;
+    let lines = parse_lines(&b.lines)?;
+    let ttl_secs = check_ttl(&state, b.ttl_secs)?;
+    let pickup_store = b.pickup_store.as_deref().map(|s| parse_store("pickup_store", s)).transpose()?;
+    if let Some(c) = &b.customer {
+        if c.is_empty() || c.len() > crate::reserve::CUSTOMER_MAX_LEN {
+            return Err(ApiError::invalid(format!(
+                "customer must be 1 to {} bytes, got {}",
+                crate::reserve::CUSTOMER_MAX_LEN,
+                c.len()
+            )));
+        }
+    }
+    let req = crate::reserve::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
+    let w = state.hub.storage.create_reservation(req, state.hub.now()).await?;
+    state.hub.holds_changed(&w.stores);
+    let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(w.view)).into_response())
+}
+
+async fn get_reservation(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    match state.hub.storage.reservation(id).await? {
+        Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
+        None => Err(ApiError::not_found(format!("no reservation {id}"))),
+    }
+}
+
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let k = v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key must be ASCII"))?;
+            if k.is_empty() || k.len() > 128 {
+                return Err(ApiError::invalid("Idempotency-Key must be 1 to 128 characters"));
+            }
+            Ok(Some(k.to_owned()))
+        }
+    }
+}
+
+async fn act(
+    state: &ApiState,
+    id: &str,
+    action: crate::reserve::Action,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(id)?;
+    let key = idempotency_key(headers)?;
+    let w = state.hub.storage.act(id, action, key, jiff::Timestamp::now().as_millisecond()).await?;
+    state.hub.holds_changed(&w.stores);
+    Ok(Json(w.view).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExtendBody {
+    ttl_secs: Option<u64>,
+}
+
+async fn post_extend(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<ExtendBody>,
+) -> Result<Response, ApiError> {
+    let ttl_secs = check_ttl(&state, b.ttl_secs)?;
+    act(&state, &id, crate::reserve::Action::Extend { ttl_secs }, &headers).await
+}
+
+async fn post_commit(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    act(&state, &id, crate::reserve::Action::Commit, &headers).await
+}
+
+async fn delete_reservation(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    act(&state, &id, crate::reserve::Action::Release, &headers).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConflictQuery {
+    store: Option<String>,
+    sku: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn get_conflicts(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ConflictQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::invalid(format!("limit must be between 1 and 1000, got {limit}")));
+    }
+    if let Some(s) = &q.status {
+        if s != "open" && s != "resolved" {
+            return Err(ApiError::invalid(format!("status must be open or resolved, got {s:?}")));
+        }
+    }
+    let filter = crate::storage::ConflictFilter {
+        store: q.store.as_deref().map(|s| parse_store("store", s)).transpose()?,
+        sku: q.sku.as_deref().map(|s| parse_sku("sku", s)).transpose()?,
+        status: q.status,
+        limit,
+    };
+    let items = state.hub.storage.conflicts(filter).await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+/// Largest page of the change feed.
+pub const CHANGES_PAGE_MAX: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn get_changes(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ChangesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > CHANGES_PAGE_MAX {
+        return Err(ApiError::invalid(format!("limit must be between 1 and {CHANGES_PAGE_MAX}, got {limit}")));
+    }
+    let after = q.after.unwrap_or(0);
+    let items = state.hub.storage.changes_after(after, limit).await?;
+    let next = items.last().map(|e| e.cursor).unwrap_or(after);
+    Ok(Json(json!({ "items": items, "next": next })))
 }

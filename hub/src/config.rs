@@ -24,8 +24,61 @@ pub struct HubConfig {
     pub storage: StorageSection,
     /// Sync behaviour.
     pub sync: SyncSection,
+    /// Online reservations.
+    pub reservations: ReservationsSection,
+    /// Discounting silent stores online.
+    pub staleness: StalenessSection,
     /// Logging.
     pub log: LogSection,
+    /// Webhook endpoints for the change feed.
+    pub webhooks: Vec<crate::feed::WebhookConfig>,
+}
+
+/// `[reservations]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReservationsSection {
+    /// Lease when a reservation names no `ttl_secs`.
+    pub default_ttl_secs: u64,
+    /// Longest lease a reservation or extension may ask.
+    pub max_ttl_secs: u64,
+    /// How often due leases are expired.
+    pub expiry_check_ms: u64,
+}
+
+/// `[staleness]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StalenessSection {
+    /// Discount what a silent store offers online.
+    pub enabled: bool,
+    /// Silence shorter than this costs nothing.
+    pub grace_secs: u64,
+    /// Time constant of the sales velocity estimate.
+    pub velocity_window_secs: u64,
+}
+
+impl Default for ReservationsSection {
+    fn default() -> Self {
+        ReservationsSection { default_ttl_secs: 900, max_ttl_secs: 7 * 24 * 3600, expiry_check_ms: 200 }
+    }
+}
+
+impl Default for StalenessSection {
+    fn default() -> Self {
+        StalenessSection { enabled: true, grace_secs: 60, velocity_window_secs: 3600 }
+    }
+}
+
+impl StalenessSection {
+    /// As storage wants it.
+    pub fn to_staleness(&self) -> crate::reserve::Staleness {
+        crate::reserve::Staleness {
+            enabled: self.enabled,
+            grace_ms: self.grace_secs as i64 * 1000,
+            tau_ms: self.velocity_window_secs.max(1) as i64 * 1000,
+        }
+    }
 }
 
 /// `[quic]`
@@ -88,7 +141,10 @@ impl Default for HubConfig {
             http: HttpSection::default(),
             storage: StorageSection::default(),
             sync: SyncSection::default(),
+            reservations: ReservationsSection::default(),
+            staleness: StalenessSection::default(),
             log: LogSection::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -166,6 +222,30 @@ impl HubConfig {
         }
         if self.sync.coalesce_ms > 1000 {
             return bad("sync.coalesce_ms", "must be at most 1000");
+        }
+        let r = &self.reservations;
+        if r.max_ttl_secs == 0 || r.max_ttl_secs > crate::reserve::TTL_SECS_MAX {
+            return bad("reservations.max_ttl_secs", "must be between 1 and 604800");
+        }
+        if r.default_ttl_secs == 0 || r.default_ttl_secs > r.max_ttl_secs {
+            return bad("reservations.default_ttl_secs", "must be at least 1 and at most reservations.max_ttl_secs");
+        }
+        if r.expiry_check_ms == 0 || r.expiry_check_ms > 60_000 {
+            return bad("reservations.expiry_check_ms", "must be between 1 and 60000");
+        }
+        if self.staleness.velocity_window_secs == 0 {
+            return bad("staleness.velocity_window_secs", "must be at least 1");
+        }
+        if self.webhooks.len() > 32 {
+            return bad("webhooks", "at most 32 endpoints");
+        }
+        for w in &self.webhooks {
+            if !w.url.starts_with("http://") {
+                return bad("webhooks.url", "must start with http:// (terminate TLS in a sidecar or proxy)");
+            }
+            if w.secret.len() < 16 {
+                return bad("webhooks.secret", "must be at least 16 bytes");
+            }
         }
         if self.sync.revocation_check_secs == 0 {
             return bad("sync.revocation_check_secs", "must be at least 1");

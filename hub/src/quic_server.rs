@@ -133,7 +133,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
     let wake = hub.subscribe(&store, heads);
     let conn_id = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let mut host = HubHost { hub: hub.clone(), store: store.clone() };
+    let mut host = HubHost { hub: hub.clone(), store: store.clone(), holds_seen: 0 };
     let stats = Arc::new(FrameStats::default());
     let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
     hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -162,6 +162,17 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
 struct HubHost {
     hub: Arc<Hub>,
     store: StoreId,
+    /// The holds wake-up counter last acted on.
+    holds_seen: u64,
+}
+
+impl HubHost {
+    async fn push_holds(&mut self, session: &mut HubSession) -> Result<(), SessionError> {
+        let snapshot =
+            self.hub.storage.holds_snapshot(self.store.clone()).await.map_err(|e| internal("reading holds", e))?;
+        session.send_holds(snapshot);
+        Ok(())
+    }
 }
 
 fn internal(what: &str, e: StorageError) -> SessionError {
@@ -185,6 +196,7 @@ impl EffectHost<HubSession> for HubHost {
                 Metrics::inc(&hub.metrics.connections_accepted_total);
                 tracing::info!(%store, writer = %peer, "store connected");
                 let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
+                self.push_holds(session).await?;
             }
             Effect::ReadDelta { after, limit, full } => {
                 let exclude = if full { None } else { session.peer().cloned() };
@@ -199,7 +211,7 @@ impl EffectHost<HubSession> for HubHost {
                 let upto = delta.upto;
                 let applied = hub
                     .storage
-                    .apply_delta(store.clone(), peer, delta)
+                    .apply_delta(store.clone(), peer, delta, hub.now())
                     .await
                     .map_err(|e| internal("applying a delta", e))?;
                 Metrics::inc(&hub.metrics.deltas_applied_total);
@@ -209,6 +221,7 @@ impl EffectHost<HubSession> for HubHost {
                     sku: sku.clone(),
                     on_hand: *on_hand,
                 }));
+                hub.holds_changed(&applied.holds_changed);
                 session.delta_applied(now(), upto)?;
                 // The merged entries took new hub sequences; telling our own session lets its
                 // outbox skip them (they came from this agent) so digests stay comparable.
@@ -245,6 +258,7 @@ impl EffectHost<HubSession> for HubHost {
                     hub.storage.digest(store.clone()).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(now(), digest, head)?;
             }
+            Effect::ApplyHolds { .. } => {}
             Effect::DigestCompared { matched } => {
                 if matched {
                     Metrics::inc(&hub.metrics.digests_matched_total);
@@ -252,6 +266,20 @@ impl EffectHost<HubSession> for HubHost {
                     Metrics::inc(&hub.metrics.digests_mismatched_total);
                     tracing::warn!(%store, "anti-entropy digests differ; full resync started");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    async fn heads_changed(
+        &mut self,
+        session: &mut HubSession,
+        heads: shelfsync_agent::db::Heads,
+    ) -> Result<(), SessionError> {
+        if heads.holds != self.holds_seen {
+            self.holds_seen = heads.holds;
+            if session.is_established() {
+                self.push_holds(session).await?;
             }
         }
         Ok(())

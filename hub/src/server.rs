@@ -76,6 +76,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     config.validate()?;
     let path = db_path(&config.data_dir);
     let opts = SqliteOptions {
+        staleness: config.staleness.to_staleness(),
         synchronous: config.storage.synchronous,
         group_commit_max: config.storage.group_commit_max,
         readers: config.storage.readers,
@@ -106,8 +107,18 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         .map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
     let http_addr =
         listener.local_addr().map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
-    let app =
-        router(ApiState { hub: hub.clone(), max_batch_skus: config.http.max_batch_skus }, config.http.max_body_bytes);
+    tasks.push(tokio::spawn(expire_leases(hub.clone(), Duration::from_millis(config.reservations.expiry_check_ms))));
+    for w in &config.webhooks {
+        tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
+    }
+    let app = router(
+        ApiState {
+            hub: hub.clone(),
+            max_batch_skus: config.http.max_batch_skus,
+            reservations: config.reservations.clone(),
+        },
+        config.http.max_body_bytes,
+    );
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -118,4 +129,17 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     });
     tracing::info!(%quic_addr, %http_addr, writer = %hub.storage.hub_writer(), "hub listening");
     Ok(RunningHub { quic_addr, http_addr, hub, endpoint, shutdown: Some(shutdown_tx), http, tasks })
+}
+
+/// Expires due reservation leases, on time, and pushes the freed holds to the stores.
+async fn expire_leases(hub: Arc<Hub>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match hub.storage.expire_due(jiff::Timestamp::now().as_millisecond()).await {
+            Ok(stores) => hub.holds_changed(&stores),
+            Err(e) => tracing::error!(error = %e, "expiring reservations"),
+        }
+    }
 }

@@ -11,7 +11,11 @@ use sha2::{Digest as _, Sha256};
 use shelfsync_agent::config::Synchronous;
 use shelfsync_agent::db::{self as adb, DbError};
 use shelfsync_agent::replica::{event_from_row, insert_event};
-use shelfsync_agent::sqlite::{SqliteError, SqliteThreads};
+use shelfsync_agent::sqlite::{AfterCommit, SqliteError, SqliteThreads};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::reserve::{self, Staleness};
 use shelfsync_shared::counter::{sum_entries, StateDigest};
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
 use shelfsync_shared::wire::{Delta, JournalBatch};
@@ -58,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE tokens (
         hash BLOB PRIMARY KEY, role TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
         revoked_at_ms INTEGER) WITHOUT ROWID;",
+    // 2: reservations, holds, conflicts, the change feed.
+    crate::reserve::MIGRATION,
 ];
 
 impl From<DbError> for StorageError {
@@ -95,6 +101,8 @@ fn now_ms() -> i64 {
 /// Options for opening the hub database.
 #[derive(Clone, Copy, Debug)]
 pub struct SqliteOptions {
+    /// How silent stores are discounted online.
+    pub staleness: Staleness,
     /// Durability.
     pub synchronous: Synchronous,
     /// Most writes per group commit.
@@ -105,7 +113,12 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
+        SqliteOptions {
+            staleness: Staleness::default(),
+            synchronous: Synchronous::Full,
+            group_commit_max: 512,
+            readers: 2,
+        }
     }
 }
 
@@ -113,6 +126,8 @@ impl Default for SqliteOptions {
 pub struct SqliteStorage {
     threads: SqliteThreads,
     hub_writer: WriterId,
+    staleness: Staleness,
+    change_head: watch::Receiver<u64>,
 }
 
 /// The hub database file in a data dir.
@@ -170,9 +185,17 @@ impl SqliteStorage {
         for _ in 0..opts.readers.max(1) {
             readers.push(adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_ONLY, opts.synchronous)?);
         }
-        let threads = SqliteThreads::spawn("hub", conn, readers, opts.group_commit_max, Box::new(|_| {}))
+        let (head_tx, change_head) = watch::channel(reserve::changes_head(&conn)?);
+        // Wake change-feed readers (SSE, webhooks) after every commit that appended events.
+        let after_commit: AfterCommit = Box::new(move |conn| match reserve::changes_head(conn) {
+            Ok(h) => {
+                head_tx.send_if_modified(|old| std::mem::replace(old, h) != h);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the change feed head"),
+        });
+        let threads = SqliteThreads::spawn("hub", conn, readers, opts.group_commit_max, after_commit)
             .map_err(|e| StorageError::Backend(format!("spawning storage threads: {e}")))?;
-        Ok(SqliteStorage { threads, hub_writer })
+        Ok(SqliteStorage { threads, hub_writer, staleness: opts.staleness, change_head })
     }
 
     async fn write<R: Send + 'static>(
@@ -447,9 +470,17 @@ impl HubStorage for SqliteStorage {
         .boxed()
     }
 
-    fn apply_delta(&self, store: StoreId, peer: WriterId, delta: Delta) -> BoxFuture<'_, StorageResult<Applied>> {
+    fn apply_delta(
+        &self,
+        store: StoreId,
+        peer: WriterId,
+        delta: Delta,
+        now: Now,
+    ) -> BoxFuture<'_, StorageResult<Applied>> {
+        let st = self.staleness;
         self.write(move |conn| {
             require_store(conn, &store)?;
+            let mut holds_changed = BTreeSet::new();
             let mut touched = BTreeSet::new();
             let mut entries_changed = 0;
             let mut seq = next_seq(conn)?;
@@ -467,12 +498,21 @@ impl HubStorage for SqliteStorage {
                     entries_changed += 1;
                 }
             }
+            // Close the holds the store picked in the same transaction that lowers on_hand, so a
+            // picked unit is never counted both as held and as gone.
+            if reserve::fulfil(conn, &store, &delta.fulfilled, now.ms)? {
+                holds_changed.insert(store.clone());
+            }
             let mut changed = Vec::with_capacity(touched.len());
             for sku in touched {
+                let old = on_hand(conn, &store, &sku)?;
                 let v = refresh_stock(conn, &store, &sku)?;
+                reserve::record_velocity(conn, &store, &sku, old, v, now.ms, st.tau_ms)?;
+                reserve::emit_availability(conn, &store, &sku, now.ms)?;
+                holds_changed.extend(reserve::reconcile(conn, &store, &sku, v, &now, st)?);
                 changed.push((sku, v));
             }
-            let now = now_ms();
+            let now = now.ms;
             ensure_peer(conn, &store, &peer)?;
             conn.prepare_cached(
                 "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4 WHERE store = ?1 AND writer = ?2",
@@ -480,7 +520,12 @@ impl HubStorage for SqliteStorage {
             .execute(params![store.as_str(), peer.to_string(), delta.upto, now])?;
             conn.prepare_cached("UPDATE stores SET last_seen_ms = ?2 WHERE id = ?1")?
                 .execute(params![store.as_str(), now])?;
-            Ok(Applied { changed, entries_changed, heads: heads(conn)? })
+            Ok(Applied {
+                changed,
+                entries_changed,
+                heads: heads(conn)?,
+                holds_changed: holds_changed.into_iter().collect(),
+            })
         })
         .boxed()
     }
@@ -512,7 +557,7 @@ impl HubStorage for SqliteStorage {
             drop(stmt);
             let upto = if entries.len() == limit { last } else { heads(&tx)?.counter.max(after) };
             tx.finish()?;
-            Ok(DeltaRead { upto, entries })
+            Ok(DeltaRead { upto, entries, fulfilled: Vec::new() })
         })
         .boxed()
     }
@@ -603,9 +648,76 @@ impl HubStorage for SqliteStorage {
         .boxed()
     }
 
-    fn hub_change(&self, req: HubChangeRequest) -> BoxFuture<'_, StorageResult<HubChangeOutcome>> {
-        let hub = self.hub_writer.clone();
-        self.write(move |conn| hub_change_in(conn, &hub, &req)).boxed()
+    fn hub_change(&self, req: HubChangeRequest, now: Now) -> BoxFuture<'_, StorageResult<HubChangeOutcome>> {
+        let (hub, st) = (self.hub_writer.clone(), self.staleness);
+        self.write(move |conn| hub_change_in(conn, &hub, &req, &now, st)).boxed()
+    }
+
+    fn create_reservation(&self, req: ReservationRequest, now: Now) -> BoxFuture<'_, StorageResult<Written>> {
+        let st = self.staleness;
+        self.write(move |conn| reserve::create(conn, &req, &now, st)).boxed()
+    }
+
+    fn reservation(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<ReservationView>>> {
+        self.read(move |conn| reserve::view(conn, id)).boxed()
+    }
+
+    fn act(&self, id: Uuid, action: Action, key: Option<String>, now_ms: i64) -> BoxFuture<'_, StorageResult<Written>> {
+        self.write(move |conn| reserve::act(conn, id, action, key.as_deref(), now_ms)).boxed()
+    }
+
+    fn expire_due(&self, now_ms: i64) -> BoxFuture<'_, StorageResult<Vec<StoreId>>> {
+        self.write(move |conn| reserve::expire_due(conn, now_ms)).boxed()
+    }
+
+    fn holds_snapshot(&self, store: StoreId) -> BoxFuture<'_, StorageResult<shelfsync_shared::wire::HoldsSnapshot>> {
+        self.read(move |conn| reserve::holds_snapshot(conn, &store)).boxed()
+    }
+
+    fn availability(&self, skus: Vec<Sku>, now: Now) -> BoxFuture<'_, StorageResult<Vec<(Sku, Vec<StoreFigures>)>>> {
+        let st = self.staleness;
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let out = skus
+                .into_iter()
+                .map(|sku| Ok((sku.clone(), reserve::figures(&tx, &sku, &now, st)?)))
+                .collect::<StorageResult<Vec<_>>>()?;
+            tx.finish()?;
+            Ok(out)
+        })
+        .boxed()
+    }
+
+    fn conflicts(&self, f: ConflictFilter) -> BoxFuture<'_, StorageResult<Vec<Conflict>>> {
+        self.read(move |conn| reserve::conflicts(conn, f.store.as_ref(), f.sku.as_ref(), f.status.as_deref(), f.limit))
+            .boxed()
+    }
+
+    fn changes_after(&self, cursor: u64, limit: usize) -> BoxFuture<'_, StorageResult<Vec<ChangeEvent>>> {
+        self.read(move |conn| reserve::changes_after(conn, cursor, limit)).boxed()
+    }
+
+    fn change_head(&self) -> watch::Receiver<u64> {
+        self.change_head.clone()
+    }
+
+    fn webhook_cursor(&self, url: String) -> BoxFuture<'_, StorageResult<Option<u64>>> {
+        self.read(move |conn| {
+            Ok(conn.query_row("SELECT cursor FROM webhook_cursors WHERE url = ?1", [url], |r| r.get(0)).optional()?)
+        })
+        .boxed()
+    }
+
+    fn set_webhook_cursor(&self, url: String, cursor: u64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO webhook_cursors (url, cursor) VALUES (?1, ?2)
+                 ON CONFLICT (url) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
+                params![url, cursor],
+            )?;
+            Ok(())
+        })
+        .boxed()
     }
 
     fn stock_of(&self, skus: Vec<Sku>) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>> {
@@ -674,7 +786,13 @@ impl HubStorage for SqliteStorage {
     }
 }
 
-fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> StorageResult<HubChangeOutcome> {
+fn hub_change_in(
+    conn: &Connection,
+    hub: &WriterId,
+    req: &HubChangeRequest,
+    now_ctx: &Now,
+    st: Staleness,
+) -> StorageResult<HubChangeOutcome> {
     let kind = match &req.change {
         HubChange::Restock { .. } => EventKind::Restock,
         HubChange::Transfer { .. } => EventKind::Transfer,
@@ -690,7 +808,13 @@ fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> S
         }
         let response: HubChangeResponse =
             serde_json::from_str(&response).map_err(|e| StorageError::Corrupt(format!("stored response: {e}")))?;
-        return Ok(HubChangeOutcome { created: false, response, stores: Vec::new(), heads: heads(conn)? });
+        return Ok(HubChangeOutcome {
+            created: false,
+            response,
+            stores: Vec::new(),
+            heads: heads(conn)?,
+            holds_changed: Vec::new(),
+        });
     }
     // (store, sku, delta, reason) per side.
     let mut moves: Vec<(StoreId, Sku, i64, Option<String>)> = Vec::new();
@@ -731,12 +855,15 @@ fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> S
     let mut lines = Vec::new();
     let mut stores: Vec<StoreId> = Vec::new();
     let mut line_no: std::collections::HashMap<StoreId, u32> = Default::default();
+    let mut holds_changed = BTreeSet::new();
     let mut seq = next_seq(conn)?;
     for (store, sku, delta, reason) in moves {
         let next = entry(conn, &store, &sku, hub)?.apply(hub, delta)?;
         put_entry(conn, &store, &sku, hub, next, seq)?;
         seq += 1;
         let on_hand = refresh_stock(conn, &store, &sku)?;
+        reserve::emit_availability(conn, &store, &sku, now)?;
+        holds_changed.extend(reserve::reconcile(conn, &store, &sku, on_hand, now_ctx, st)?);
         let n = line_no.entry(store.clone()).or_default();
         insert_event(
             conn,
@@ -776,5 +903,11 @@ fn hub_change_in(conn: &Connection, hub: &WriterId, req: &HubChangeRequest) -> S
         serde_json::to_string(&response).expect("serialises"),
         now
     ])?;
-    Ok(HubChangeOutcome { created: true, response, stores, heads: heads(conn)? })
+    Ok(HubChangeOutcome {
+        created: true,
+        response,
+        stores,
+        heads: heads(conn)?,
+        holds_changed: holds_changed.into_iter().collect(),
+    })
 }

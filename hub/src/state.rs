@@ -89,6 +89,24 @@ impl Hub {
         self.live.lock().expect("live lock").get(store).cloned()
     }
 
+    /// The time and the set of connected stores, for availability and reconciliation.
+    pub fn now(&self) -> crate::reserve::Now {
+        crate::reserve::Now {
+            ms: jiff::Timestamp::now().as_millisecond(),
+            connected: self.live.lock().expect("live lock").keys().cloned().collect(),
+        }
+    }
+
+    /// Stores whose holds changed: wakes their sessions to send a new snapshot.
+    pub fn holds_changed(&self, stores: &[StoreId]) {
+        let wakers = self.wakers.lock().expect("wakers lock");
+        for s in stores {
+            if let Some(w) = wakers.get(s) {
+                w.send_modify(|h| h.holds += 1);
+            }
+        }
+    }
+
     /// Every live connection.
     pub fn all_live(&self) -> Vec<(StoreId, LiveConn)> {
         self.live.lock().expect("live lock").iter().map(|(s, c)| (s.clone(), c.clone())).collect()
@@ -99,7 +117,7 @@ impl Hub {
         let mut wakers = self.wakers.lock().expect("wakers lock");
         wakers
             .entry(store.clone())
-            .or_insert_with(|| watch::channel(Heads { counter: now.counter, journal: now.journal }).0)
+            .or_insert_with(|| watch::channel(Heads { counter: now.counter, journal: now.journal, holds: 0 }).0)
             .subscribe()
     }
 

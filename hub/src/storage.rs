@@ -10,7 +10,26 @@ use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
 use shelfsync_shared::wire::{Delta, JournalBatch};
 use shelfsync_shared::{Sku, StoreId, WriterId};
+use tokio::sync::watch;
 use uuid::Uuid;
+
+pub use crate::reserve::{
+    Action, ChangeEvent, Conflict, Now, ReservationRequest, ReservationView, StoreFigures, Written,
+};
+use shelfsync_shared::wire::HoldsSnapshot;
+
+/// Which conflicts to list.
+#[derive(Clone, Debug, Default)]
+pub struct ConflictFilter {
+    /// Only this store.
+    pub store: Option<StoreId>,
+    /// Only this SKU.
+    pub sku: Option<Sku>,
+    /// `open` or `resolved`.
+    pub status: Option<String>,
+    /// Most rows.
+    pub limit: usize,
+}
 
 /// Storage failures and refusals of hub operations.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -50,6 +69,22 @@ pub enum StorageError {
     /// The request breaks a rule.
     #[error("{0}")]
     Invalid(String),
+    /// Not enough units can be promised.
+    #[error("only {available} of {sku} available{}", store.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
+    Unavailable {
+        /// What.
+        sku: Sku,
+        /// How many could be promised.
+        available: u64,
+        /// The pickup store, if one was named.
+        store: Option<StoreId>,
+    },
+    /// No such thing.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing is in a state that does not allow this.
+    #[error("{0}")]
+    InvalidState(String),
     /// Data in storage is not what the hub wrote.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -111,6 +146,8 @@ pub struct HubHeads {
 /// What applying an agent's delta changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
+    /// Stores whose holds changed (fulfilments, oversell reconciliation).
+    pub holds_changed: Vec<StoreId>,
     /// SKUs whose `on_hand` changed, with the new value.
     pub changed: Vec<(Sku, i64)>,
     /// Entries that changed.
@@ -197,6 +234,8 @@ pub struct HubChangeOutcome {
     pub stores: Vec<StoreId>,
     /// Heads after the commit.
     pub heads: HubHeads,
+    /// Stores whose holds changed (a transfer can oversell its source).
+    pub holds_changed: Vec<StoreId>,
 }
 
 /// One store's row of a SKU's stock.
@@ -284,8 +323,15 @@ pub trait HubStorage: Send + Sync + 'static {
     fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>>;
     /// What the hub applied from an agent writer (zero if never seen).
     fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>>;
-    /// Merges an agent's delta and records `delta.upto` as applied, in one transaction.
-    fn apply_delta(&self, store: StoreId, peer: WriterId, delta: Delta) -> BoxFuture<'_, StorageResult<Applied>>;
+    /// Merges an agent's delta, closes the holds it fulfilled, reconciles any oversell and records
+    /// `delta.upto` as applied, in one transaction.
+    fn apply_delta(
+        &self,
+        store: StoreId,
+        peer: WriterId,
+        delta: Delta,
+        now: Now,
+    ) -> BoxFuture<'_, StorageResult<Applied>>;
     /// Entries of `store` above `after` (all writers except `exclude`), sequence order.
     fn read_delta(
         &self,
@@ -306,7 +352,30 @@ pub trait HubStorage: Send + Sync + 'static {
     fn digest(&self, store: StoreId) -> BoxFuture<'_, StorageResult<(StateDigest, u64)>>;
 
     /// A restock or transfer, idempotent by id.
-    fn hub_change(&self, req: HubChangeRequest) -> BoxFuture<'_, StorageResult<HubChangeOutcome>>;
+    fn hub_change(&self, req: HubChangeRequest, now: Now) -> BoxFuture<'_, StorageResult<HubChangeOutcome>>;
+
+    /// Reserves all lines or none (idempotent by reservation id).
+    fn create_reservation(&self, req: ReservationRequest, now: Now) -> BoxFuture<'_, StorageResult<Written>>;
+    /// A reservation's current state.
+    fn reservation(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<ReservationView>>>;
+    /// Extend, commit or release (idempotent under `key`).
+    fn act(&self, id: Uuid, action: Action, key: Option<String>, now_ms: i64) -> BoxFuture<'_, StorageResult<Written>>;
+    /// Expires due leases; returns the stores whose holds changed.
+    fn expire_due(&self, now_ms: i64) -> BoxFuture<'_, StorageResult<Vec<StoreId>>>;
+    /// A store's open holds.
+    fn holds_snapshot(&self, store: StoreId) -> BoxFuture<'_, StorageResult<HoldsSnapshot>>;
+    /// Per SKU, every store's figures (raw and offered availability).
+    fn availability(&self, skus: Vec<Sku>, now: Now) -> BoxFuture<'_, StorageResult<Vec<(Sku, Vec<StoreFigures>)>>>;
+    /// Conflicts, newest first.
+    fn conflicts(&self, filter: ConflictFilter) -> BoxFuture<'_, StorageResult<Vec<Conflict>>>;
+    /// Change feed events after `cursor`.
+    fn changes_after(&self, cursor: u64, limit: usize) -> BoxFuture<'_, StorageResult<Vec<ChangeEvent>>>;
+    /// The newest change cursor, updated after every commit.
+    fn change_head(&self) -> watch::Receiver<u64>;
+    /// A webhook's delivery cursor.
+    fn webhook_cursor(&self, url: String) -> BoxFuture<'_, StorageResult<Option<u64>>>;
+    /// Records a webhook's delivery cursor.
+    fn set_webhook_cursor(&self, url: String, cursor: u64) -> BoxFuture<'_, StorageResult<()>>;
     /// Stock of some SKUs at every store that has them.
     fn stock_of(&self, skus: Vec<Sku>) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>>;
     /// A page of one store's stock in SKU order.

@@ -20,8 +20,8 @@ use crate::counter::{PnEntry, StateDigest};
 use crate::id::{Sku, StoreId, WriterId};
 use crate::journal::JournalEvent;
 use crate::wire::{
-    close_code, Ack, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, JournalBatch, Welcome, DELTA_ENTRIES_MAX,
-    JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION,
+    close_code, Ack, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, HoldsSnapshot, JournalBatch, Welcome,
+    DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -80,6 +80,8 @@ pub struct DeltaRead {
     pub upto: u64,
     /// The entries, in sequence order.
     pub entries: Vec<(Sku, WriterId, PnEntry)>,
+    /// Agent only: holds fulfilled with their counter change in this range.
+    pub fulfilled: Vec<uuid::Uuid>,
 }
 
 /// The answer to [`Effect::ReadJournal`].
@@ -157,6 +159,12 @@ pub enum Effect {
     /// were read at (agent: the head; hub: the highest sequence among this store's entries) and
     /// call `digest_computed`.
     ComputeDigest,
+    /// Agent only: replace the store's holds with this snapshot (durably; no ack is sent, a new
+    /// connection always brings a fresh snapshot).
+    ApplyHolds {
+        /// The hub's holds for this store.
+        snapshot: HoldsSnapshot,
+    },
     /// The hub compared digests (for metrics and logs).
     DigestCompared {
         /// Whether they were equal. If not, a full resync has started.
@@ -452,8 +460,10 @@ impl Link {
     }
 
     fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
-        if let Some(after) = self.counters_out.read_done(now, read.upto, !read.entries.is_empty())? {
-            let delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)));
+        let nonempty = !read.entries.is_empty() || !read.fulfilled.is_empty();
+        if let Some(after) = self.counters_out.read_done(now, read.upto, nonempty)? {
+            let mut delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)));
+            delta.fulfilled = read.fulfilled;
             self.send(StreamKind::State, FrameV1::Delta(delta));
         }
         Ok(())
@@ -668,6 +678,13 @@ impl AgentSession {
                 self.link.counters_out.restart_full(now);
                 Ok(())
             }
+            FrameV1::Holds(snapshot) if self.link.peer.is_some() => {
+                if let Some(h) = snapshot.holds.iter().find(|h| h.qty == 0) {
+                    return Err(SessionError::violation(format!("hold {} has no units", h.id)));
+                }
+                self.link.effects.push_back(Effect::ApplyHolds { snapshot });
+                Ok(())
+            }
             FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
             other => Err(SessionError::violation(format!("unexpected {} from the hub", frame_name(&other)))),
         }
@@ -824,6 +841,13 @@ impl HubSession {
         }
     }
 
+    /// Sends the store's current holds (call after `Established` and whenever they change).
+    pub fn send_holds(&mut self, snapshot: HoldsSnapshot) {
+        if self.is_established() {
+            self.link.send(StreamKind::State, FrameV1::Holds(snapshot));
+        }
+    }
+
     /// Answer to [`Effect::LookupPeer`]: what the hub durably applied from this agent writer.
     pub fn accept(&mut self, now: Instant, applied: u64, journal_applied: u64) -> Result<(), SessionError> {
         let Some(h) = self.hello.clone() else {
@@ -894,5 +918,6 @@ fn frame_name(f: &FrameV1) -> &'static str {
         FrameV1::Journal(_) => "journal batch",
         FrameV1::JournalAck(_) => "journal ack",
         FrameV1::Error(_) => "error",
+        FrameV1::Holds(_) => "holds",
     }
 }

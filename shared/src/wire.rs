@@ -23,6 +23,10 @@ pub const DELTA_WRITERS_MAX: usize = 1024;
 pub const JOURNAL_BATCH_MAX: usize = 512;
 /// Longest error message in an `Error` frame.
 pub const MESSAGE_MAX_LEN: usize = 1024;
+/// Most fulfilled holds named in one delta frame.
+pub const DELTA_FULFILLED_MAX: usize = 1024;
+/// Most holds in one holds snapshot.
+pub const HOLDS_MAX: usize = 4096;
 
 /// QUIC application close codes. The same numbers appear in logs on both sides.
 pub mod close_code {
@@ -81,6 +85,64 @@ pub enum FrameV1 {
     JournalAck(Ack),
     /// The sender is about to close the connection, and why.
     Error(ErrorMsg),
+    /// Hub → agent: every open hold (online reservation) allocated to this store, replacing the
+    /// previous snapshot (state stream).
+    Holds(HoldsSnapshot),
+}
+
+/// Whether a hold is merely reserved or paid for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    /// Reserved by an online order, not yet paid; expires.
+    Held,
+    /// Paid; waits to be picked.
+    Committed,
+}
+
+impl HoldStatus {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Held => "held",
+            HoldStatus::Committed => "committed",
+        }
+    }
+
+    /// Parses the snake_case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "held" => Some(HoldStatus::Held),
+            "committed" => Some(HoldStatus::Committed),
+            _ => None,
+        }
+    }
+}
+
+/// Units of one SKU promised to one online reservation at this store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The hold (allocation) id; the store fulfils by this id.
+    pub id: uuid::Uuid,
+    /// The reservation it belongs to.
+    pub reservation: uuid::Uuid,
+    /// What.
+    pub sku: Sku,
+    /// How many.
+    pub qty: u64,
+    /// Reserved or paid.
+    pub status: HoldStatus,
+    /// When an unpaid hold lapses (ms), if it does.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// All open holds of a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldsSnapshot {
+    /// Increases with every change at the hub.
+    pub version: u64,
+    /// The holds.
+    pub holds: Vec<Hold>,
 }
 
 /// First frame of an agent.
@@ -138,6 +200,10 @@ pub struct Delta {
     pub writers: Vec<WriterId>,
     /// Entries.
     pub entries: Vec<WireEntry>,
+    /// Agent → hub: holds the store fulfilled whose counter change lies in this range. The hub
+    /// closes them in the same transaction that merges the entries, so `available` never counts a
+    /// picked unit twice.
+    pub fulfilled: Vec<uuid::Uuid>,
 }
 
 impl Delta {
@@ -159,7 +225,7 @@ impl Delta {
             };
             wire.push(WireEntry { sku: sku.clone(), writer: idx as u32, p: e.p, n: e.n });
         }
-        Delta { after, upto, writers, entries: wire }
+        Delta { after, upto, writers, entries: wire, fulfilled: Vec::new() }
     }
 
     /// Entries with their writers resolved. Call only on validated frames.
@@ -235,6 +301,7 @@ impl Frame {
             FrameV1::Delta(d) => {
                 limit("delta entries", d.entries.len(), DELTA_ENTRIES_MAX)?;
                 limit("delta writers", d.writers.len(), DELTA_WRITERS_MAX)?;
+                limit("delta fulfilled holds", d.fulfilled.len(), DELTA_FULFILLED_MAX)?;
                 if d.upto < d.after {
                     return Err(CodecError::Limit(format!("delta range ({}, {}] is backwards", d.after, d.upto)));
                 }
@@ -260,6 +327,7 @@ impl Frame {
                 }
             }
             FrameV1::Error(e) => limit("error message bytes", e.message.len(), MESSAGE_MAX_LEN)?,
+            FrameV1::Holds(h) => limit("holds", h.holds.len(), HOLDS_MAX)?,
             _ => {}
         }
         Ok(())
@@ -361,6 +429,7 @@ mod tests {
         let bad = Frame::V1(FrameV1::Delta(Delta {
             after: 0,
             upto: 1,
+            fulfilled: vec![],
             writers: vec![],
             entries: vec![WireEntry { sku: "A".parse().unwrap(), writer: 0, p: 1, n: 0 }],
         }));

@@ -276,7 +276,7 @@ impl Sim {
                     }
                 }
                 let upto = if entries.len() == limit { last } else { a.counters.head().max(after) };
-                s.delta_read(now, DeltaRead { upto, entries })
+                s.delta_read(now, DeltaRead { upto, entries, fulfilled: vec![] })
             }
             Effect::ReadJournal { after, limit } => {
                 let mut events = Vec::new();
@@ -305,6 +305,7 @@ impl Sim {
                 s.digest_computed(now, d, head)
             }
             Effect::Established { .. } | Effect::Acked { .. } | Effect::JournalAcked { .. } => Ok(()),
+            Effect::ApplyHolds { .. } => Ok(()),
             Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => panic!("hub-only effect at an agent"),
         }
     }
@@ -329,7 +330,14 @@ impl Sim {
                 rows.sort_by_key(|r| r.0);
                 rows.truncate(limit);
                 let upto = if rows.len() == limit { rows.last().unwrap().0 } else { hub.seq.max(after) };
-                s.delta_read(now, DeltaRead { upto, entries: rows.into_iter().map(|(_, k, w, e)| (k, w, e)).collect() })
+                s.delta_read(
+                    now,
+                    DeltaRead {
+                        upto,
+                        entries: rows.into_iter().map(|(_, k, w, e)| (k, w, e)).collect(),
+                        fulfilled: vec![],
+                    },
+                )
             }
             Effect::ReadJournal { after, limit } => {
                 let mut events = Vec::new();
@@ -373,6 +381,7 @@ impl Sim {
                 Ok(())
             }
             Effect::Established { .. } | Effect::Acked { .. } | Effect::JournalAcked { .. } => Ok(()),
+            Effect::ApplyHolds { .. } => panic!("agent-only effect at the hub"),
         }
     }
 

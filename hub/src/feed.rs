@@ -1,0 +1,188 @@
+//! The live change feed: Server-Sent Events whose ids are the feed's cursors (`Last-Event-ID`
+//! resumes exactly where a client left off), and webhooks POSTed at least once, in order, with
+//! an HMAC-SHA256 signature.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use shelfsync_agent::http::{ApiError, ApiQuery};
+
+use crate::api::ApiState;
+use crate::reserve::ChangeEvent;
+use crate::state::Hub;
+
+/// Events read from storage per round trip.
+const FEED_BATCH: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    after: Option<u64>,
+}
+
+/// `GET /v1/events`: SSE from `Last-Event-ID` (or `?after=`), else from now.
+pub(crate) async fn get_events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let storage = state.hub.storage.clone();
+    let head = storage.change_head();
+    let start = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a change cursor (a non-negative integer)"))?,
+        None => q.after.unwrap_or(*head.borrow()),
+    };
+    let stream = futures_util::stream::unfold(
+        (start, VecDeque::<ChangeEvent>::new(), head, storage),
+        |(mut cursor, mut buf, mut head, storage)| async move {
+            loop {
+                if let Some(ev) = buf.pop_front() {
+                    cursor = ev.cursor;
+                    let data = serde_json::to_string(&ev).expect("events serialise");
+                    let e = Event::default().id(ev.cursor.to_string()).event(ev.kind.clone()).data(data);
+                    return Some((Ok(e), (cursor, buf, head, storage)));
+                }
+                // Mark the head seen before reading, so a commit between the read and the wait
+                // still wakes us.
+                head.borrow_and_update();
+                match storage.changes_after(cursor, FEED_BATCH).await {
+                    Ok(v) if !v.is_empty() => buf.extend(v),
+                    Ok(_) => {
+                        if head.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the change feed for an SSE client");
+                        return None;
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// One webhook endpoint (`[[webhooks]]` in hub.toml).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` URL to POST events to (terminate TLS in a sidecar or proxy).
+    pub url: String,
+    /// HMAC-SHA256 key for the `X-Shelfsync-Signature` header.
+    pub secret: String,
+    /// Event kinds to deliver; empty = all.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+/// `sha256=<hex>` of HMAC-SHA256(secret, body).
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(body);
+    let out = mac.finalize().into_bytes();
+    format!("sha256={}", out.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Delivers the feed to one endpoint forever: in order, at least once (the cursor is saved after
+/// delivery), retrying with exponential backoff up to `backoff_max`.
+pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duration) {
+    let storage = hub.storage.clone();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+    let mut head = storage.change_head();
+    let mut cursor = loop {
+        match storage.webhook_cursor(cfg.url.clone()).await {
+            Ok(Some(c)) => break c,
+            Ok(None) => {
+                // A new endpoint starts from now rather than replaying all history.
+                let now = *head.borrow();
+                if storage.set_webhook_cursor(cfg.url.clone(), now).await.is_ok() {
+                    break now;
+                }
+            }
+            Err(e) => tracing::error!(url = %cfg.url, error = %e, "reading the webhook cursor"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    loop {
+        head.borrow_and_update();
+        let events = match storage.changes_after(cursor, 100).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(url = %cfg.url, error = %e, "reading the change feed for a webhook");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if events.is_empty() {
+            if head.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        for ev in events {
+            if cfg.kinds.is_empty() || cfg.kinds.iter().any(|k| *k == ev.kind) {
+                deliver(&client, &cfg, &ev, backoff_max).await;
+            }
+            cursor = ev.cursor;
+        }
+        if let Err(e) = storage.set_webhook_cursor(cfg.url.clone(), cursor).await {
+            tracing::error!(url = %cfg.url, error = %e, "saving the webhook cursor");
+        }
+    }
+}
+
+async fn deliver(client: &reqwest::Client, cfg: &WebhookConfig, ev: &ChangeEvent, backoff_max: Duration) {
+    let body = serde_json::to_vec(ev).expect("events serialise");
+    let sig = signature(&cfg.secret, &body);
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        let r = client
+            .post(&cfg.url)
+            .header("content-type", "application/json")
+            .header("x-shelfsync-event-id", ev.cursor.to_string())
+            .header("x-shelfsync-event", ev.kind.as_str())
+            .header("x-shelfsync-signature", &sig)
+            .body(body.clone())
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => return,
+            Ok(resp) => {
+                tracing::warn!(url = %cfg.url, cursor = ev.cursor, status = %resp.status(), attempt, "webhook refused; retrying")
+            }
+            Err(e) => {
+                tracing::warn!(url = %cfg.url, cursor = ev.cursor, error = %e, attempt, "webhook unreachable; retrying")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(backoff_max);
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_is_rfc_4231_hmac_sha256() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            super::signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}
