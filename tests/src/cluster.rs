@@ -26,6 +26,8 @@ pub struct Cluster {
     pub agents: Vec<Option<Proc>>,
     /// Extra environment for agents (e.g. pointing them at a proxy).
     pub agent_env: Vec<(String, String)>,
+    /// Extra environment for the hub (config overrides).
+    pub hub_env: Vec<(String, String)>,
     http: reqwest::Client,
 }
 
@@ -37,6 +39,11 @@ impl Cluster {
 
     /// As [`Cluster::start`], with extra agent environment.
     pub async fn start_with(n: usize, agent_env: Vec<(String, String)>) -> Cluster {
+        Self::start_full(n, agent_env, Vec::new()).await
+    }
+
+    /// As [`Cluster::start`], with extra agent and hub environment.
+    pub async fn start_full(n: usize, agent_env: Vec<(String, String)>, hub_env: Vec<(String, String)>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hub_dir = dir.path().join("hub");
         let hd = hub_dir.to_str().unwrap();
@@ -53,6 +60,7 @@ impl Cluster {
             stores: (0..n).map(|i| format!("store-{i}")).collect(),
             agents: (0..n).map(|_| None).collect(),
             agent_env,
+            hub_env,
             http: reqwest::Client::new(),
         };
         c.start_hub().await;
@@ -110,7 +118,10 @@ impl Cluster {
                 "--http-listen",
                 "127.0.0.1:0",
             ],
-            &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")],
+            &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")]
+                .into_iter()
+                .chain(self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .collect::<Vec<_>>(),
         )
         .await;
         if self.quic_addr.ends_with(":0") {
@@ -160,6 +171,16 @@ impl Cluster {
         let r = self.http.get(format!("{}{path}", self.hub_url())).bearer_auth(&self.admin_token).send().await.unwrap();
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().await.unwrap()
+    }
+
+    /// A call on the hub with the admin token; returns status and body.
+    pub async fn hub_call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.hub_url())).bearer_auth(&self.admin_token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     /// POST on the hub with the admin token; returns status and body.

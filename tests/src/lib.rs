@@ -4,3 +4,4 @@ pub mod cluster;
 pub mod inproc;
 pub mod procs;
 pub mod proxy;
+pub mod webhook;
