@@ -50,6 +50,7 @@ impl RunningAgent {
             let _ = tx.send(());
         }
         if let Some(task) = self.sync_task.take() {
+            self.sync_stats.close().await;
             task.abort();
             let _ = task.await;
         }

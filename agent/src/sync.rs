@@ -29,6 +29,7 @@ pub struct SyncStats {
     udp_sent_closed: std::sync::atomic::AtomicU64,
     udp_received_closed: std::sync::atomic::AtomicU64,
     current: std::sync::Mutex<Option<quinn::Connection>>,
+    endpoint: std::sync::Mutex<Option<quinn::Endpoint>>,
 }
 
 impl SyncStats {
@@ -41,6 +42,16 @@ impl SyncStats {
             self.udp_sent_closed.load(Relaxed) + live.unwrap_or(0),
             self.udp_received_closed.load(Relaxed) + live_rx.unwrap_or(0),
         )
+    }
+
+    /// Closes the connection cleanly (the hub learns at once that the store left) and waits,
+    /// briefly, for the close to go out.
+    pub async fn close(&self) {
+        let ep = self.endpoint.lock().expect("stats lock").clone();
+        if let Some(ep) = ep {
+            ep.close(quinn::VarInt::from_u32(0), b"agent stopping");
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
     }
 
     fn connection_started(&self, conn: &quinn::Connection) {
@@ -158,6 +169,7 @@ impl SyncClient {
                 let bind: SocketAddr =
                     if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
                 let ep = quinn::Endpoint::client(bind).map_err(|e| format!("binding a UDP socket: {e}"))?;
+                *self.stats.endpoint.lock().expect("stats lock") = Some(ep.clone());
                 endpoint.insert(ep).clone()
             }
         };

@@ -137,8 +137,9 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
     let stats = Arc::new(FrameStats::default());
     let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
     hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    // last_seen stays at the last frame that carried data: a connection that died silently was
+    // not "seen" until its idle timeout.
     hub.disconnected(&store, conn_id);
-    let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
     match result {
         Ok(()) => tracing::info!(peer, "sync connection closed"),
         Err(DriveError::Session(e)) => {

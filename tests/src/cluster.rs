@@ -151,6 +151,11 @@ impl Cluster {
         self.agents[i] = Some(p);
     }
 
+    /// Stops a store's agent cleanly (SIGTERM).
+    pub async fn stop_agent(&mut self, i: usize) {
+        self.agents[i].take().expect("agent running").stop().await;
+    }
+
     /// `kill -9` a store's agent.
     pub async fn kill_agent(&mut self, i: usize) {
         self.agents[i].take().expect("agent running").kill9().await;

@@ -246,3 +246,41 @@ async fn leases_expire_extend_commit_and_fulfil() {
     let (s, _) = c.hub_call(Method::DELETE, &format!("/v1/reservations/{extended}"), None).await;
     assert_eq!(s, 409);
 }
+
+/// A store that goes dark is offered online minus its recent sales velocity × silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_store_offers_less_online() {
+    let hub_env = vec![
+        ("SHELFSYNC_HUB__STALENESS__GRACE_SECS".to_string(), "0".to_string()),
+        ("SHELFSYNC_HUB__STALENESS__VELOCITY_WINDOW_SECS".to_string(), "10".to_string()),
+    ];
+    let mut c = Cluster::start_full(1, vec![], hub_env).await;
+    c.restock(0, "V", 100).await;
+    for _ in 0..20 {
+        assert_eq!(c.sell(0, "V", 1).await, 201);
+    }
+    c.converged(&["V"], DEADLINE).await;
+    let a = c.hub_get("/v1/availability/V").await;
+    assert_eq!(
+        (a["stores"][0]["staleness_discount"].as_u64(), a["available"].as_u64()),
+        (Some(0), Some(80)),
+        "connected: no discount"
+    );
+    c.stop_agent(0).await; // a clean goodbye: the hub knows at once the store is gone
+                           // 20 units sold within a 10 s window is ~2 units/s: after a few seconds of silence the offer shrinks.
+    let a = wait_until("a staleness discount", DEADLINE, || async {
+        let a = c.hub_get("/v1/availability/V").await;
+        (a["stores"][0]["staleness_discount"].as_u64().unwrap() >= 2).then_some(a)
+    })
+    .await;
+    let s = &a["stores"][0];
+    assert_eq!(s["connected"], false);
+    assert_eq!(s["raw_available"], 80, "{a}");
+    assert_eq!(s["available"].as_u64().unwrap(), 80 - s["staleness_discount"].as_u64().unwrap());
+    assert!(s["last_seen"].is_string());
+    // Reservations see the discounted figure.
+    let offered = s["available"].as_u64().unwrap();
+    let (st, e) = reserve(&c, json!({"id": Uuid::now_v7(), "lines": [{"sku": "V", "qty": 80}]})).await;
+    assert_eq!(st, 409, "{e}");
+    assert!(e["available"].as_u64().unwrap() <= offered, "reservations see the discounted figure: {e} vs {a}");
+}
