@@ -119,6 +119,16 @@ pub trait EffectHost<S> {
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send {
         async { Ok(()) }
     }
+
+    /// When the host wants `on_deadline` (e.g. a rate-limited push is due).
+    fn poll_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// The host's deadline passed.
+    fn on_deadline(&mut self, _session: &mut S) -> impl std::future::Future<Output = Result<(), SessionError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Why a connection ended.
@@ -209,14 +219,19 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
                     break;
                 }
             }
-            let timeout = session.poll_timeout();
+            let timeout = [session.poll_timeout(), host.poll_deadline()].into_iter().flatten().min();
             tokio::select! {
                 frame = rx.recv() => match frame {
                     Some(Ok(frame)) => session.handle_frame(Instant::now(), frame)?,
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
                 },
-                _ = sleep_until(timeout) => session.handle_timeout(Instant::now()),
+                _ = sleep_until(timeout) => {
+                    session.handle_timeout(Instant::now());
+                    if host.poll_deadline().is_some_and(|d| d <= Instant::now()) {
+                        host.on_deadline(session).await?;
+                    }
+                }
                 changed = heads.changed() => {
                     if changed.is_err() {
                         return Ok(());

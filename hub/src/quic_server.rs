@@ -133,7 +133,8 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
     let wake = hub.subscribe(&store, heads);
     let conn_id = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let mut host = HubHost { hub: hub.clone(), store: store.clone(), holds_seen: 0 };
+    let mut host =
+        HubHost { hub: hub.clone(), store: store.clone(), holds_seen: 0, holds_dirty: false, holds_pushed: None };
     let stats = Arc::new(FrameStats::default());
     let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
     hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -165,10 +166,19 @@ struct HubHost {
     store: StoreId,
     /// The holds wake-up counter last acted on.
     holds_seen: u64,
+    /// A holds change not yet pushed.
+    holds_dirty: bool,
+    /// When the last snapshot went out.
+    holds_pushed: Option<Instant>,
 }
+
+/// Least time between two holds snapshots to one store: a burst of reservations becomes one push.
+const HOLDS_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 impl HubHost {
     async fn push_holds(&mut self, session: &mut HubSession) -> Result<(), SessionError> {
+        self.holds_dirty = false;
+        self.holds_pushed = Some(Instant::now());
         let snapshot =
             self.hub.storage.holds_snapshot(self.store.clone()).await.map_err(|e| internal("reading holds", e))?;
         session.send_holds(snapshot);
@@ -279,9 +289,26 @@ impl EffectHost<HubSession> for HubHost {
     ) -> Result<(), SessionError> {
         if heads.holds != self.holds_seen {
             self.holds_seen = heads.holds;
-            if session.is_established() {
+            self.holds_dirty = true;
+            let due = self.holds_pushed.is_none_or(|t| t.elapsed() >= HOLDS_PUSH_INTERVAL);
+            if due && session.is_established() {
                 self.push_holds(session).await?;
             }
+        }
+        Ok(())
+    }
+
+    fn poll_deadline(&self) -> Option<Instant> {
+        if self.holds_dirty {
+            Some(self.holds_pushed.map_or_else(Instant::now, |t| t + HOLDS_PUSH_INTERVAL))
+        } else {
+            None
+        }
+    }
+
+    async fn on_deadline(&mut self, session: &mut HubSession) -> Result<(), SessionError> {
+        if self.holds_dirty && session.is_established() {
+            self.push_holds(session).await?;
         }
         Ok(())
     }

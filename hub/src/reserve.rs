@@ -35,6 +35,10 @@ pub const MIGRATION: &str = "
         status TEXT NOT NULL, created_seq INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL) WITHOUT ROWID;
      CREATE INDEX allocations_open ON allocations(store, sku, status);
      CREATE INDEX allocations_reservation ON allocations(reservation, line);
+     CREATE INDEX allocations_seq ON allocations(created_seq);
+     CREATE TABLE held_totals (
+        store TEXT NOT NULL, sku TEXT NOT NULL, qty INTEGER NOT NULL CHECK (qty >= 0),
+        PRIMARY KEY (store, sku)) WITHOUT ROWID;
      CREATE TABLE store_holds (store TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE conflicts (
         id BLOB PRIMARY KEY, kind TEXT NOT NULL, store TEXT NOT NULL, sku TEXT NOT NULL,
@@ -118,24 +122,48 @@ fn uuid_col(b: &[u8]) -> StorageResult<Uuid> {
     Uuid::from_slice(b).map_err(|e| StorageError::Corrupt(format!("uuid in database: {e}")))
 }
 
-/// Units of `sku` at `store` promised to open reservations.
+/// Units of `sku` at `store` promised to open reservations. Kept as a running total (changed with
+/// every allocation that opens, shrinks or closes) so a hot SKU with thousands of open holds
+/// costs one row read, not a scan.
 pub fn held(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult<u64> {
     let v: Option<u64> = conn
-        .prepare_cached(
-            "SELECT SUM(qty) FROM allocations WHERE store = ?1 AND sku = ?2 AND status IN ('held', 'committed')",
-        )?
-        .query_row(params![store.as_str(), sku.as_str()], |r| r.get(0))?;
+        .prepare_cached("SELECT qty FROM held_totals WHERE store = ?1 AND sku = ?2")?
+        .query_row(params![store.as_str(), sku.as_str()], |r| r.get(0))
+        .optional()?;
     Ok(v.unwrap_or(0))
+}
+
+fn adjust_held(conn: &Connection, store: &StoreId, sku: &Sku, delta: i64) -> StorageResult<()> {
+    if delta >= 0 {
+        conn.prepare_cached(
+            "INSERT INTO held_totals (store, sku, qty) VALUES (?1, ?2, ?3)
+             ON CONFLICT (store, sku) DO UPDATE SET qty = qty + excluded.qty",
+        )?
+        .execute(params![store.as_str(), sku.as_str(), delta])?;
+    } else {
+        // The CHECK (qty >= 0) catches any bookkeeping slip instead of letting it go negative.
+        let n = conn
+            .prepare_cached("UPDATE held_totals SET qty = qty + ?3 WHERE store = ?1 AND sku = ?2")?
+            .execute(params![store.as_str(), sku.as_str(), delta])?;
+        if n == 0 {
+            return Err(StorageError::Corrupt(format!("no held total for {store}/{sku} to lower")));
+        }
+    }
+    Ok(())
+}
+
+fn is_open(status: &str) -> bool {
+    status == "held" || status == "committed"
 }
 
 /// Figures of `sku` at every (unrevoked) store that has a counter for it.
 pub fn figures(conn: &Connection, sku: &Sku, now: &Now, st: Staleness) -> StorageResult<Vec<StoreFigures>> {
     let mut stmt = conn.prepare_cached(
         "SELECT s.store, s.on_hand, st.last_seen_ms, v.score, v.updated_at_ms,
-                (SELECT COALESCE(SUM(a.qty), 0) FROM allocations a
-                  WHERE a.store = s.store AND a.sku = s.sku AND a.status IN ('held', 'committed'))
+                COALESCE(h.qty, 0)
          FROM stock s JOIN stores st ON st.id = s.store
          LEFT JOIN velocity v ON v.store = s.store AND v.sku = s.sku
+         LEFT JOIN held_totals h ON h.store = s.store AND h.sku = s.sku
          WHERE s.sku = ?1 AND st.revoked_at_ms IS NULL ORDER BY s.store",
     )?;
     let rows = stmt
@@ -437,6 +465,9 @@ fn insert_alloc(
         seq,
         now_ms
     ])?;
+    if is_open(status) {
+        adjust_held(conn, store, sku, qty as i64)?;
+    }
     Ok(id)
 }
 
@@ -572,16 +603,16 @@ pub fn create(conn: &Connection, req: &ReservationRequest, now: &Now, st: Stalen
     Ok(Written { created: true, view, stores: stores.into_iter().collect() })
 }
 
-fn open_allocs(conn: &Connection, id: Uuid) -> StorageResult<Vec<(Uuid, StoreId, Sku)>> {
+fn open_allocs(conn: &Connection, id: Uuid) -> StorageResult<Vec<(Uuid, StoreId, Sku, u64)>> {
     let rows = conn
         .prepare_cached(
-            "SELECT id, store, sku FROM allocations WHERE reservation = ?1 AND status IN ('held', 'committed')",
+            "SELECT id, store, sku, qty FROM allocations WHERE reservation = ?1 AND status IN ('held', 'committed')",
         )?
         .query_map([id.as_bytes().as_slice()], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, u64>(3)?))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter().map(|(a, s, k)| Ok((uuid_col(&a)?, store_col(s)?, sku_col(k)?))).collect()
+    rows.into_iter().map(|(a, s, k, q)| Ok((uuid_col(&a)?, store_col(s)?, sku_col(k)?, q))).collect()
 }
 
 /// Moves a reservation and its open allocations to `to` (`committed`, `released`, `expired`).
@@ -597,7 +628,10 @@ fn transition(conn: &Connection, id: Uuid, to: &str, now_ms: i64) -> StorageResu
     .execute(params![id.as_bytes().as_slice(), to, now_ms, expires.is_some()])?;
     let mut stores = BTreeSet::new();
     let mut touched = BTreeSet::new();
-    for (_, s, k) in allocs {
+    for (_, s, k, q) in allocs {
+        if !is_open(to) {
+            adjust_held(conn, &s, &k, -(q as i64))?;
+        }
         stores.insert(s.clone());
         touched.insert((s, k));
     }
@@ -653,7 +687,7 @@ pub fn act(conn: &Connection, id: Uuid, action: Action, key: Option<&str>, now_m
                 "UPDATE reservations SET expires_at_ms = ?2, updated_at_ms = ?3 WHERE id = ?1",
                 params![id.as_bytes().as_slice(), now_ms + ttl_secs as i64 * 1000, now_ms],
             )?;
-            let stores: BTreeSet<StoreId> = open_allocs(conn, id)?.into_iter().map(|(_, s, _)| s).collect();
+            let stores: BTreeSet<StoreId> = open_allocs(conn, id)?.into_iter().map(|(_, s, _, _)| s).collect();
             for s in &stores {
                 bump_holds(conn, s)?;
             }
@@ -695,16 +729,24 @@ pub fn expire_due(conn: &Connection, now_ms: i64) -> StorageResult<Vec<StoreId>>
 pub fn fulfil(conn: &Connection, store: &StoreId, holds: &[Uuid], now_ms: i64) -> StorageResult<bool> {
     let mut any = false;
     for h in holds {
-        let row: Option<(Vec<u8>, String)> = conn
-            .prepare_cached("SELECT reservation, status FROM allocations WHERE id = ?1 AND store = ?2")?
-            .query_row(params![h.as_bytes().as_slice(), store.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        let row: Option<(Vec<u8>, String, String, u64)> = conn
+            .prepare_cached("SELECT reservation, status, sku, qty FROM allocations WHERE id = ?1 AND store = ?2")?
+            .query_row(params![h.as_bytes().as_slice(), store.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
-        let Some((res, status)) = row else {
+        let Some((res, status, sku, qty)) = row else {
             tracing::warn!(%store, hold = %h, "store fulfilled a hold the hub does not know at that store");
             continue;
         };
         if status == "fulfilled" {
             continue;
+        }
+        if is_open(&status) {
+            adjust_held(conn, store, &sku_col(sku)?, -(qty as i64))?;
+        } else {
+            // The hub had already moved, released or expired it, but the customer got the goods.
+            tracing::warn!(%store, hold = %h, %status, "store fulfilled a hold the hub had closed");
         }
         conn.prepare_cached("UPDATE allocations SET status = 'fulfilled', updated_at_ms = ?2 WHERE id = ?1")?
             .execute(params![h.as_bytes().as_slice(), now_ms])?;
@@ -866,6 +908,7 @@ pub fn reconcile(
         let take = qty.min(remaining);
         remaining -= take;
         // Shrink (or close) the allocation at the oversold store.
+        adjust_held(conn, store, sku, -(take as i64))?;
         if take == qty {
             conn.execute(
                 "UPDATE allocations SET status = 'moved', updated_at_ms = ?2 WHERE id = ?1",
