@@ -76,6 +76,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .merge(storefront)
         .merge(admin)
         .route("/healthz", get(shelfsync_agent::http::healthz))
+        .route("/", get(dashboard))
         .fallback(shelfsync_agent::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_agent::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -301,6 +302,11 @@ async fn get_store_stock(
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
+}
+
+/// The dashboard page (static; it asks for a token and calls the API with it).
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {

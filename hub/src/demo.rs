@@ -111,6 +111,7 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
 
     println!("Shelfsync demo — hub and {} stores on loopback, data in {}", STORES.len(), tmp.path().display());
     println!("  hub API        {}", hub.url());
+    println!("  dashboard      {}/  (paste the admin token)", hub.url());
     println!("  QUIC sync      {}", hub.quic_addr);
     for (s, c) in STORES.iter().zip(&clients) {
         println!("  {s} POS API {}", c.base());

@@ -79,6 +79,9 @@ async fn tokens_and_roles_are_enforced() {
     assert_eq!(s, StatusCode::CREATED);
     let (s, _) = h.call("GET", "/healthz", None, None).await;
     assert_eq!(s, StatusCode::OK);
+    let (s, page) = h.call("GET", "/", None, None).await;
+    assert_eq!(s, StatusCode::OK, "the dashboard page itself is static; its data needs a token");
+    assert!(page.as_str().unwrap().contains("Shelfsync — headquarters"));
     let (s, v) = h.call("GET", "/metrics", Some(&h.viewer), None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(v.as_str().unwrap().contains("shelfsync_hub_http_unauthorized_total 4"), "{v}");
