@@ -33,7 +33,8 @@ pub struct SyncConfig {
     pub digest_interval: Duration,
     /// How soon the agent tries again when it was too busy to take a digest.
     pub digest_retry: Duration,
-    /// Most unacknowledged frames in flight per direction and kind.
+    /// Most unacknowledged frames in flight per direction and kind. At the hub it must not exceed
+    /// [`EARLY_JOURNAL_MAX`].
     pub window: usize,
     /// Most entries per delta frame.
     pub delta_limit: usize,
@@ -53,6 +54,11 @@ impl Default for SyncConfig {
         }
     }
 }
+
+/// Most journal batches an agent holds that arrived before the hub's `Welcome`. The journal has
+/// its own stream, so its first batches may overtake the `Welcome`; the hub sends at most its
+/// window of them before it needs an ack, which the agent can only send once established.
+pub const EARLY_JOURNAL_MAX: usize = 16;
 
 /// Which QUIC stream a frame belongs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -596,6 +602,8 @@ pub struct AgentSession {
     hub_writer: Option<WriterId>,
     next_digest: Option<Instant>,
     digesting: bool,
+    /// Journal batches that overtook the `Welcome` (see [`EARLY_JOURNAL_MAX`]).
+    early_journal: Vec<JournalBatch>,
 }
 
 /// What an agent knows durably about its hub when it connects.
@@ -632,7 +640,15 @@ impl AgentSession {
                 journal_applied: resume.journal_applied,
             }),
         );
-        AgentSession { link, store, writer, hub_writer: resume.hub_writer, next_digest: None, digesting: false }
+        AgentSession {
+            link,
+            store,
+            writer,
+            hub_writer: resume.hub_writer,
+            next_digest: None,
+            digesting: false,
+            early_journal: Vec::new(),
+        }
     }
 
     common_api!();
@@ -672,6 +688,18 @@ impl AgentSession {
                 let jfrom = if w.journal_applied <= self.link.journal_out.head { w.journal_applied } else { 0 };
                 self.link.established(now, w.hub_writer, from, jfrom);
                 self.next_digest = Some(now);
+                for batch in std::mem::take(&mut self.early_journal) {
+                    self.link.handle_common(now, FrameV1::Journal(batch))?;
+                }
+                Ok(())
+            }
+            FrameV1::Journal(batch) if self.link.peer.is_none() => {
+                if self.early_journal.len() >= EARLY_JOURNAL_MAX {
+                    return Err(SessionError::violation(format!(
+                        "more than {EARLY_JOURNAL_MAX} journal batches before the welcome"
+                    )));
+                }
+                self.early_journal.push(batch);
                 Ok(())
             }
             FrameV1::Resync if self.link.peer.is_some() => {

@@ -1,12 +1,24 @@
 //! A deterministic, seeded simulation of one hub and several agents driven through the sans-IO
-//! sessions, with in-memory "durable" stores, frame loss, duplication, reordering, partitions and
-//! crash-restarts. After healing, every replica must converge and every change must be counted
-//! exactly once.
+//! sessions, with in-memory "durable" stores and hosts that fulfil effects in order but late (as a
+//! database thread does). Faults: frame loss, duplication and reordering within a stream, partitions,
+//! crash-restarts (uncommitted work is lost), and a fake clock that jumps. After healing, every
+//! replica must converge, every change must be counted exactly once, journals must be complete, and
+//! a digest round must find every store equal.
+//!
+//! Oracles checked while running, besides convergence at the end:
+//! - a session may fail only on a connection that suffered an injected fault (frames on
+//!   *different* streams overtaking each other is normal QUIC, not a fault);
+//! - whatever a session reports as acknowledged is durable at the peer (acks follow commits);
+//! - digests never differ unless a test tampered with a replica (or frames were reordered within
+//!   a stream, which a real QUIC stream never does);
+//! - a failing session tells its peer why in an `Error` frame.
 //!
 //! A failing seed is printed; add it to `REGRESSION_SEEDS` so it runs forever after.
-//! `SHELFSYNC_SIM_SEEDS=N` runs N random seeds besides the regression list.
+//! `SHELFSYNC_SIM_SEEDS=N` runs N random seeds besides the regression list;
+//! `SHELFSYNC_SIM_SEED=0x...` replays one seed and `SHELFSYNC_SIM_TRACE=<store index>` prints that
+//! store's frames, faults and effects.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -15,82 +27,247 @@ use shelfsync_shared::counter::{CounterMap, PnEntry, StateDigest};
 use shelfsync_shared::sync::{
     AgentResume, AgentSession, DeltaRead, Effect, HubSession, JournalRead, SessionError, StreamKind, SyncConfig,
 };
-use shelfsync_shared::wire::{self, close_code, Delta, Frame, FrameV1, Hello, JournalBatch, PROTOCOL_VERSION};
+use shelfsync_shared::wire::{self, close_code, Delta, Frame, FrameV1, Hello, JournalBatch, Welcome, PROTOCOL_VERSION};
 use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
-const REGRESSION_SEEDS: &[u64] = &[1, 2, 3, 42, 0x5eed, 0xdead_beef];
-const STEPS: usize = 3000;
+/// Seeds that run on every `cargo test`. Add any seed a random run reports.
+const REGRESSION_SEEDS: &[u64] = &[1, 2, 3, 42, 0x5eed, 0xdead_beef, 0x7a7a_0001, 0xc0ff_ee00, 0x9461_0c03_3a71_7e8d];
+/// Random seeds per run unless `SHELFSYNC_SIM_SEEDS` says otherwise.
+const DEFAULT_RANDOM_SEEDS: u64 = 80;
+const STEPS: usize = 4000;
 const STORES: usize = 5;
 const SKUS: usize = 4;
 
-fn cfg() -> SyncConfig {
-    // Small frames so ranges split into several chunks.
-    SyncConfig { delta_limit: 3, journal_limit: 4, window: 2, ..SyncConfig::default() }
-}
+const UP: usize = 0;
+const DOWN: usize = 1;
 
 fn sku(i: usize) -> Sku {
     format!("SKU-{i}").parse().unwrap()
 }
 
-/// An apply the host has started but not yet committed (lost on crash).
-enum Pending {
-    Delta(WriterId, Delta),
-    Journal(WriterId, JournalBatch),
+/// The simulation carries the state and journal streams; any other stream (catalog) would share
+/// the journal's lane.
+fn lane(k: StreamKind) -> usize {
+    if k == StreamKind::State {
+        0
+    } else {
+        1
+    }
 }
 
-struct Agent {
-    store: StoreId,
-    writer: WriterId,
+/// Every frame crosses the simulated network as bytes.
+fn to_wire(frame: &Frame) -> Vec<u8> {
+    wire::encode(frame).unwrap_or_else(|e| panic!("a session produced a frame the codec refuses: {e}: {frame:?}"))
+}
+
+fn from_wire(bytes: &[u8]) -> Frame {
+    let (frame, used) = wire::decode(bytes).expect("valid frame").expect("complete frame");
+    assert_eq!(used, bytes.len(), "one frame per buffer");
+    frame
+}
+
+/// Per-seed variation of timing, flow control and fault rates.
+#[derive(Clone, Debug)]
+struct Knobs {
+    cfg: SyncConfig,
+    loss: f64,
+    dup: f64,
+    reorder: f64,
+    /// Probability that a host works through its queue as soon as work arrives.
+    eager_host: f64,
+    /// Probability that a session hears of new local heads at once (else some steps later).
+    eager_heads: f64,
+    /// How long a connection that lost a frame lingers before its idle timeout kills it.
+    idle_timeout_ms: u64,
+}
+
+impl Knobs {
+    fn random(rng: &mut StdRng) -> Knobs {
+        let cfg = SyncConfig {
+            coalesce: Duration::from_millis(if rng.random_bool(0.5) { 0 } else { rng.random_range(1..20) }),
+            digest_interval: Duration::from_millis(rng.random_range(50..3000)),
+            digest_retry: Duration::from_millis(rng.random_range(10..500)),
+            window: rng.random_range(1..5),
+            delta_limit: rng.random_range(1..6),
+            journal_limit: rng.random_range(1..6),
+        };
+        Knobs {
+            cfg,
+            loss: rng.random_range(0.0..0.03),
+            dup: rng.random_range(0.0..0.03),
+            reorder: rng.random_range(0.0..0.03),
+            eager_host: rng.random_range(0.0..1.0),
+            eager_heads: rng.random_range(0.0..1.0),
+            idle_timeout_ms: rng.random_range(10..500),
+        }
+    }
+}
+
+/// What an agent keeps in SQLite.
+#[derive(Default)]
+struct AgentDb {
     counters: CounterMap,
     hub_writer: Option<WriterId>,
     applied: u64,
     journal_applied: u64,
+    /// (local journal seq, event), in seq order.
     journal: Vec<(u64, JournalEvent)>,
     journal_keys: HashSet<(Uuid, u32)>,
-    session: Option<AgentSession>,
-    pending: VecDeque<Pending>,
 }
 
-impl Agent {
+impl AgentDb {
     fn journal_head(&self) -> u64 {
         self.journal.last().map_or(0, |(s, _)| *s)
     }
+
+    fn resume(&self) -> AgentResume {
+        AgentResume {
+            hub_writer: self.hub_writer.clone(),
+            applied: self.applied,
+            journal_applied: self.journal_applied,
+            head: self.counters.head(),
+            journal_head: self.journal_head(),
+        }
+    }
+
     fn add_event(&mut self, e: JournalEvent) {
         if self.journal_keys.insert((e.id, e.line)) {
             let seq = self.journal_head() + 1;
             self.journal.push((seq, e));
         }
     }
+
+    /// Watermarks refer to one life of the hub; a new life starts them over.
+    fn adopt_hub(&mut self, peer: &WriterId) {
+        if self.hub_writer.as_ref() != Some(peer) {
+            self.hub_writer = Some(peer.clone());
+            self.applied = 0;
+            self.journal_applied = 0;
+        }
+    }
+
+    /// One transaction: merge and record the watermark.
+    fn apply_delta(&mut self, peer: &WriterId, delta: &Delta) -> Result<(), String> {
+        self.adopt_hub(peer);
+        self.counters.merge(delta.entries()).map_err(|e| e.to_string())?;
+        self.applied = self.applied.max(delta.upto);
+        Ok(())
+    }
+
+    fn apply_journal(&mut self, store: &StoreId, peer: &WriterId, batch: &JournalBatch) -> Result<(), String> {
+        self.adopt_hub(peer);
+        for e in &batch.events {
+            if &e.store != store {
+                return Err(format!("{store} received event {} of store {}", e.id, e.store));
+            }
+            self.add_event(e.clone());
+        }
+        self.journal_applied = self.journal_applied.max(batch.upto);
+        Ok(())
+    }
+
+    /// Entries of this store's own writers above `after`, in seq order, at most `limit`.
+    fn read_delta(&self, store: &StoreId, after: u64, limit: usize) -> DeltaRead {
+        let mut entries = Vec::new();
+        for (seq, k, w, e) in self.counters.delta_since(after) {
+            if !w.is_store(store) {
+                continue;
+            }
+            entries.push((k, w, e));
+            if entries.len() == limit {
+                return DeltaRead { upto: seq, entries, fulfilled: vec![] };
+            }
+        }
+        DeltaRead { upto: self.counters.head().max(after), entries, fulfilled: vec![] }
+    }
+
+    fn read_journal(&self, store: &StoreId, after: u64, limit: usize) -> JournalRead {
+        let mut events = Vec::new();
+        for (seq, e) in self.journal.iter().filter(|(seq, e)| *seq > after && e.writer.is_store(store)) {
+            events.push(e.clone());
+            if events.len() == limit {
+                return JournalRead { upto: *seq, events };
+            }
+        }
+        JournalRead { upto: self.journal_head().max(after), events }
+    }
 }
 
+/// What the hub keeps in its database. One GLOBAL sequence across stores for counters, one for
+/// the journal; reads for a store filter by store.
 #[derive(Default)]
 struct HubDb {
     seq: u64,
     entries: BTreeMap<(StoreId, Sku, WriterId), (PnEntry, u64)>,
-    peers: HashMap<(StoreId, WriterId), (u64, u64)>,
+    /// (store, agent writer) → (counters applied, journal applied).
+    marks: BTreeMap<(StoreId, WriterId), (u64, u64)>,
+    journal_seq: u64,
     journal: Vec<(u64, JournalEvent)>,
     journal_keys: HashSet<(StoreId, Uuid, u32)>,
 }
 
 impl HubDb {
-    fn merge(&mut self, store: &StoreId, sku: &Sku, w: &WriterId, e: PnEntry) {
-        let key = (store.clone(), sku.clone(), w.clone());
+    fn merge(&mut self, store: &StoreId, k: &Sku, w: &WriterId, e: PnEntry) {
+        let key = (store.clone(), k.clone(), w.clone());
         let cur = self.entries.get(&key).map(|x| x.0).unwrap_or_default();
         if !cur.covers(e) {
             self.seq += 1;
             self.entries.insert(key, (cur.join(e), self.seq));
         }
     }
-    fn journal_head(&self) -> u64 {
-        self.journal.last().map_or(0, |(s, _)| *s)
-    }
+
     fn add_event(&mut self, e: JournalEvent) {
         if self.journal_keys.insert((e.store.clone(), e.id, e.line)) {
-            let seq = self.journal_head() + 1;
-            self.journal.push((seq, e));
+            self.journal_seq += 1;
+            self.journal.push((self.journal_seq, e));
         }
     }
+
+    /// Store `store`'s entries above `after` in seq order, leaving out `exclude`'s.
+    fn read_delta(&self, store: &StoreId, exclude: Option<&WriterId>, after: u64, limit: usize) -> DeltaRead {
+        let mut rows: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|((st, _, w), (_, seq))| st == store && *seq > after && Some(w) != exclude)
+            .map(|((_, k, w), (e, seq))| (*seq, k.clone(), w.clone(), *e))
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let upto = if rows.len() >= limit {
+            rows.truncate(limit);
+            rows.last().unwrap().0
+        } else {
+            self.seq.max(after)
+        };
+        DeltaRead { upto, entries: rows.into_iter().map(|(_, k, w, e)| (k, w, e)).collect(), fulfilled: vec![] }
+    }
+
+    fn read_journal(&self, store: &StoreId, exclude: Option<&WriterId>, after: u64, limit: usize) -> JournalRead {
+        let mut events = Vec::new();
+        for (seq, e) in self.journal.iter().filter(|(seq, e)| *seq > after && &e.store == store) {
+            if Some(&e.writer) == exclude {
+                continue;
+            }
+            events.push(e.clone());
+            if events.len() == limit {
+                return JournalRead { upto: *seq, events };
+            }
+        }
+        JournalRead { upto: self.journal_seq.max(after), events }
+    }
+
+    fn digest(&self, store: &StoreId) -> (StateDigest, u64) {
+        let mut d = StateDigest::default();
+        let mut head = 0;
+        for ((st, k, w), (e, seq)) in &self.entries {
+            if st == store {
+                d.add(k, w, *e);
+                head = head.max(*seq);
+            }
+        }
+        (d, head)
+    }
+
     fn store_state(&self, store: &StoreId) -> BTreeMap<(Sku, WriterId), PnEntry> {
         self.entries
             .iter()
@@ -100,78 +277,125 @@ impl HubDb {
     }
 }
 
-/// One link: frames in flight per direction and stream, encoded.
-#[derive(Default)]
-struct Link {
-    up: [VecDeque<Vec<u8>>; 2],
-    down: [VecDeque<Vec<u8>>; 2],
-    connected: bool,
-    /// A frame was lost: a real QUIC connection would be dead (its idle timeout closes it).
-    doomed: bool,
+struct Agent {
+    store: StoreId,
+    writer: WriterId,
+    db: AgentDb,
+    session: Option<AgentSession>,
+    /// The host's queue of effects, tagged with the connection they came from.
+    work: VecDeque<(u64, Effect)>,
+    /// The session has not heard of the latest local heads yet.
+    heads_dirty: bool,
+    /// Local changes made (journal events of its own).
+    changes: usize,
 }
 
-fn lane(k: StreamKind) -> usize {
-    match k {
-        StreamKind::State => 0,
-        StreamKind::Journal => 1,
-    }
+/// One connection: frames in flight per direction and stream, as bytes.
+struct Link {
+    gen: u64,
+    q: [[VecDeque<Vec<u8>>; 2]; 2],
+    /// A fault touched a frame of this connection, so a session error is expected.
+    faulted: bool,
+    /// A frame of this connection was reordered or duplicated within its stream. Then a `Digest`
+    /// may reach the hub after a later `Delta` and compare unequal: one needless full resync, which
+    /// a real (ordered) QUIC stream cannot cause.
+    shuffled: bool,
+    /// A frame was lost: QUIC would never deliver the rest of its stream, and the idle timeout
+    /// closes the connection at this time (ms).
+    dies_at: Option<u64>,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    delivered: u64,
+    lost: u64,
+    duplicated: u64,
+    reordered: u64,
+    partitions: u64,
+    crashes: u64,
+    expected_errors: u64,
+    connects: u64,
+    /// Digest comparisons before healing.
+    compared_under_faults: u64,
+    /// Digests that differed on connections whose frames were reordered or duplicated.
+    shuffled_mismatches: u64,
+    /// Full-state reads the hub served after a digest mismatch.
+    full_reads: u64,
+    /// Per store: digests compared equal / different at the hub.
+    matched: [u64; STORES],
+    mismatched: [u64; STORES],
 }
 
 struct Sim {
     rng: StdRng,
+    knobs: Knobs,
     t0: Instant,
     ms: u64,
     hub_writer: WriterId,
     hub: HubDb,
-    hub_sessions: HashMap<usize, HubSession>,
-    hub_pending: VecDeque<(usize, Pending)>,
+    hub_sessions: Vec<Option<HubSession>>,
+    hub_work: VecDeque<(usize, u64, Effect)>,
+    hub_heads_dirty: [bool; STORES],
     agents: Vec<Agent>,
-    links: Vec<Link>,
+    links: Vec<Option<Link>>,
+    next_gen: u64,
     ledger: BTreeMap<(StoreId, Sku), i64>,
+    next_event: u128,
     faults: bool,
-    next_event: u64,
-    resyncs: u64,
-    digests: u64,
+    /// Whether local changes happen in this phase.
+    busy: bool,
+    /// An eager host is working through its queue.
+    draining: bool,
+    stats: Stats,
+    /// The first broken invariant noticed while running.
+    failure: Option<String>,
+    /// Whether durable watermarks tell the truth (false once a test tampers with a replica).
+    trust_acks: bool,
+    /// `SHELFSYNC_SIM_TRACE=<store index>` prints that store's frames and effects.
+    trace: Option<usize>,
 }
 
 impl Sim {
     fn new(seed: u64) -> Sim {
-        let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(seed ^ 0xabcdef));
+        let mut rng = StdRng::seed_from_u64(seed);
+        let knobs = Knobs::random(&mut rng);
+        let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(rng.random()));
         let agents = (0..STORES)
             .map(|i| {
                 let store: StoreId = format!("store-{i}").parse().unwrap();
                 Agent {
-                    writer: WriterId::new(
-                        NodeId::Store(store.clone()),
-                        Incarnation::from_u64(seed.wrapping_add(i as u64)),
-                    ),
+                    writer: WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(rng.random())),
                     store,
-                    counters: CounterMap::new(),
-                    hub_writer: None,
-                    applied: 0,
-                    journal_applied: 0,
-                    journal: Vec::new(),
-                    journal_keys: HashSet::new(),
+                    db: AgentDb::default(),
                     session: None,
-                    pending: VecDeque::new(),
+                    work: VecDeque::new(),
+                    heads_dirty: false,
+                    changes: 0,
                 }
             })
             .collect();
         Sim {
-            rng: StdRng::seed_from_u64(seed),
+            rng,
+            knobs,
             t0: Instant::now(),
             ms: 0,
             hub_writer,
             hub: HubDb::default(),
-            hub_sessions: HashMap::new(),
-            hub_pending: VecDeque::new(),
+            hub_sessions: (0..STORES).map(|_| None).collect(),
+            hub_work: VecDeque::new(),
+            hub_heads_dirty: [false; STORES],
             agents,
-            links: (0..STORES).map(|_| Link::default()).collect(),
+            links: (0..STORES).map(|_| None).collect(),
+            next_gen: 1,
             ledger: BTreeMap::new(),
+            next_event: 0,
             faults: true,
-            next_event: 1,
-            resyncs: 0,
-            digests: 0,
+            busy: true,
+            draining: false,
+            stats: Stats::default(),
+            failure: None,
+            trust_acks: true,
+            trace: std::env::var("SHELFSYNC_SIM_TRACE").ok().and_then(|v| v.parse().ok()),
         }
     }
 
@@ -179,393 +403,525 @@ impl Sim {
         self.t0 + Duration::from_millis(self.ms)
     }
 
-    fn event_id(&mut self) -> Uuid {
-        self.next_event += 1;
-        Uuid::from_u128(self.next_event as u128)
+    fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(format!("at {} ms: {why}", self.ms));
+        }
     }
+
+    fn trace(&self, i: usize, what: impl FnOnce() -> String) {
+        if self.trace == Some(i) {
+            eprintln!("{:>7} ms store-{i}: {}", self.ms, what());
+        }
+    }
+
+    fn live(&self, i: usize, gen: u64) -> bool {
+        self.links[i].as_ref().is_some_and(|l| l.gen == gen)
+    }
+
+    // ---- connections ----
 
     fn connect(&mut self, i: usize) {
-        self.disconnect(i);
+        if self.links[i].is_some() {
+            return;
+        }
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        self.stats.connects += 1;
+        let cfg = self.knobs.cfg.clone();
         let a = &mut self.agents[i];
-        let resume = AgentResume {
-            hub_writer: a.hub_writer.clone(),
-            applied: a.applied,
-            journal_applied: a.journal_applied,
-            head: a.counters.head(),
-            journal_head: a.journal_head(),
-        };
-        a.session = Some(AgentSession::new(cfg(), a.store.clone(), a.writer.clone(), resume));
-        let hs =
-            HubSession::new(cfg(), a.store.clone(), self.hub_writer.clone(), self.hub.seq, self.hub.journal_head());
-        self.hub_sessions.insert(i, hs);
-        self.links[i].connected = true;
+        a.session = Some(AgentSession::new(cfg.clone(), a.store.clone(), a.writer.clone(), a.db.resume()));
+        a.heads_dirty = false;
+        self.hub_sessions[i] =
+            Some(HubSession::new(cfg, a.store.clone(), self.hub_writer.clone(), self.hub.seq, self.hub.journal_seq));
+        self.hub_heads_dirty[i] = false;
+        self.links[i] = Some(Link { gen, q: Default::default(), faulted: false, shuffled: false, dies_at: None });
         self.pump(i);
     }
 
-    /// Both ends drop the connection; in-flight frames vanish. Pending applies stay (the hosts
-    /// will commit them; only a crash loses them) but acks for them go nowhere.
+    /// Both ends drop the connection and in-flight frames vanish. Work the hosts already took on
+    /// stays queued: applies still commit (nobody hears of it), reads are dropped.
     fn disconnect(&mut self, i: usize) {
+        self.trace(i, || "disconnect".into());
         self.agents[i].session = None;
-        self.hub_sessions.remove(&i);
-        self.links[i] = Link::default();
+        self.hub_sessions[i] = None;
+        self.links[i] = None;
     }
 
-    fn close_on(&mut self, i: usize, r: Result<(), SessionError>) {
-        if r.is_err() {
-            self.disconnect(i);
+    /// A session failed: it must have queued an `Error` frame naming the code (unless the peer
+    /// closed first); then the connection closes. On a connection no fault touched, that is a bug.
+    fn session_failed(&mut self, i: usize, at_hub: bool, err: SessionError) {
+        self.trace(i, || format!("{} session failed: {err}", if at_hub { "hub" } else { "agent" }));
+        let faulted = self.links[i].as_ref().is_none_or(|l| l.faulted);
+        let last = if at_hub {
+            let s = self.hub_sessions[i].as_mut();
+            s.and_then(|s| std::iter::from_fn(|| s.poll_transmit()).last())
+        } else {
+            let s = self.agents[i].session.as_mut();
+            s.and_then(|s| std::iter::from_fn(|| s.poll_transmit()).last())
+        };
+        if !err.from_peer {
+            let told = last.map(|t| from_wire(&to_wire(&t.frame)));
+            if !matches!(&told, Some(Frame::V1(FrameV1::Error(e))) if e.code == err.code) {
+                self.fail(format!("store-{i}: failing session did not send an Error frame ({err}); last {told:?}"));
+            }
         }
+        let side = if at_hub { "hub" } else { "agent" };
+        if faulted {
+            self.stats.expected_errors += 1;
+        } else {
+            self.fail(format!("store-{i}: {side} session failed on a connection no fault touched: {err}"));
+        }
+        self.disconnect(i);
     }
 
-    /// Moves transmits onto the link and fulfils effects until both sessions are quiet.
+    /// Moves transmits onto the link and effects into the hosts' queues; an eager host then works.
     fn pump(&mut self, i: usize) {
-        for _ in 0..10_000 {
-            let mut progressed = false;
-            let now = self.now();
-            if let Some(s) = self.agents[i].session.as_mut() {
-                while let Some(t) = s.poll_transmit() {
-                    progressed = true;
-                    self.links[i].up[lane(t.stream)].push_back(wire::encode(&t.frame).unwrap());
-                }
-            }
-            if let Some(s) = self.hub_sessions.get_mut(&i) {
-                while let Some(t) = s.poll_transmit() {
-                    progressed = true;
-                    self.links[i].down[lane(t.stream)].push_back(wire::encode(&t.frame).unwrap());
-                }
-            }
-            let effect = self.agents[i].session.as_mut().and_then(|s| s.poll_effect());
-            if let Some(e) = effect {
-                progressed = true;
-                let r = self.agent_effect(i, e, now);
-                self.close_on(i, r);
-            }
-            let effect = self.hub_sessions.get_mut(&i).and_then(|s| s.poll_effect());
-            if let Some(e) = effect {
-                progressed = true;
-                let r = self.hub_effect(i, e, now);
-                self.close_on(i, r);
-            }
-            if !progressed {
-                return;
-            }
-        }
-        panic!("session {i} never settles");
-    }
-
-    fn agent_effect(&mut self, i: usize, e: Effect, now: Instant) -> Result<(), SessionError> {
+        let Some(link) = self.links[i].as_mut() else { return };
+        let gen = link.gen;
         let a = &mut self.agents[i];
-        let Some(mut session) = a.session.take() else { return Ok(()) };
-        let r = Self::agent_effect_on(a, &mut session, e, now);
-        a.session = Some(session);
-        r
-    }
-
-    fn agent_effect_on(a: &mut Agent, s: &mut AgentSession, e: Effect, now: Instant) -> Result<(), SessionError> {
-        match e {
-            Effect::ReadDelta { after, limit, .. } => {
-                let mut entries = Vec::new();
-                let mut last = after;
-                for (seq, sku, w, e) in a.counters.delta_since(after) {
-                    if !w.is_store(&a.store) {
-                        continue;
-                    }
-                    entries.push((sku, w, e));
-                    last = seq;
-                    if entries.len() == limit {
-                        break;
-                    }
-                }
-                let upto = if entries.len() == limit { last } else { a.counters.head().max(after) };
-                s.delta_read(now, DeltaRead { upto, entries, fulfilled: vec![] })
+        if let Some(s) = a.session.as_mut() {
+            while let Some(t) = s.poll_transmit() {
+                link.q[UP][lane(t.stream)].push_back(to_wire(&t.frame));
             }
-            Effect::ReadJournal { after, limit } => {
-                let mut events = Vec::new();
-                let mut last = after;
-                for (seq, e) in a.journal.iter().filter(|(seq, e)| *seq > after && e.writer.is_store(&a.store)) {
-                    events.push(e.clone());
-                    last = *seq;
-                    if events.len() == limit {
-                        break;
-                    }
-                }
-                let upto = if events.len() == limit { last } else { a.journal_head().max(after) };
-                s.journal_read(now, JournalRead { upto, events })
+            while let Some(e) = s.poll_effect() {
+                a.work.push_back((gen, e));
             }
-            Effect::ApplyDelta { peer, delta } => {
-                a.pending.push_back(Pending::Delta(peer, delta));
-                Ok(())
+        }
+        if let Some(s) = self.hub_sessions[i].as_mut() {
+            while let Some(t) = s.poll_transmit() {
+                link.q[DOWN][lane(t.stream)].push_back(to_wire(&t.frame));
             }
-            Effect::ApplyJournal { peer, batch } => {
-                a.pending.push_back(Pending::Journal(peer, batch));
-                Ok(())
+            while let Some(e) = s.poll_effect() {
+                self.hub_work.push_back((i, gen, e));
             }
-            Effect::ComputeDigest => {
-                let d = a.counters.digest();
-                let head = a.counters.head();
-                s.digest_computed(now, d, head)
-            }
-            Effect::Established { .. } | Effect::Acked { .. } | Effect::JournalAcked { .. } => Ok(()),
-            Effect::ApplyHolds { .. } => Ok(()),
-            Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => panic!("hub-only effect at an agent"),
+        }
+        // Not re-entered: work done here pumps again, and the outer loop picks up what it queues.
+        if !self.draining && self.rng.random_bool(self.knobs.eager_host) {
+            self.draining = true;
+            while self.agent_work(i) | self.hub_work_one() {}
+            self.draining = false;
         }
     }
 
-    fn hub_effect(&mut self, i: usize, e: Effect, now: Instant) -> Result<(), SessionError> {
-        let store = self.agents[i].store.clone();
-        let hub = &mut self.hub;
-        let Some(s) = self.hub_sessions.get_mut(&i) else { return Ok(()) };
-        match e {
-            Effect::LookupPeer { writer } => {
-                let (applied, japplied) = hub.peers.get(&(store, writer)).copied().unwrap_or((0, 0));
-                s.accept(now, applied, japplied)
-            }
-            Effect::ReadDelta { after, limit, full } => {
-                let exclude = if full { None } else { s.peer().cloned() };
-                let mut rows: Vec<_> = hub
-                    .entries
-                    .iter()
-                    .filter(|((st, _, w), (_, seq))| *st == store && *seq > after && Some(w) != exclude.as_ref())
-                    .map(|((_, k, w), (e, seq))| (*seq, k.clone(), w.clone(), *e))
-                    .collect();
-                rows.sort_by_key(|r| r.0);
-                rows.truncate(limit);
-                let upto = if rows.len() == limit { rows.last().unwrap().0 } else { hub.seq.max(after) };
-                s.delta_read(
-                    now,
-                    DeltaRead {
-                        upto,
-                        entries: rows.into_iter().map(|(_, k, w, e)| (k, w, e)).collect(),
-                        fulfilled: vec![],
-                    },
-                )
-            }
-            Effect::ReadJournal { after, limit } => {
-                let mut events = Vec::new();
-                let mut last = after;
-                for (seq, e) in
-                    hub.journal.iter().filter(|(seq, e)| *seq > after && e.store == store && e.writer.is_hub())
-                {
-                    events.push(e.clone());
-                    last = *seq;
-                    if events.len() == limit {
-                        break;
-                    }
-                }
-                let upto = if events.len() == limit { last } else { hub.journal_head().max(after) };
-                s.journal_read(now, JournalRead { upto, events })
-            }
-            Effect::ApplyDelta { peer, delta } => {
-                self.hub_pending.push_back((i, Pending::Delta(peer, delta)));
-                Ok(())
-            }
-            Effect::ApplyJournal { peer, batch } => {
-                self.hub_pending.push_back((i, Pending::Journal(peer, batch)));
-                Ok(())
-            }
-            Effect::ComputeDigest => {
-                let mut d = StateDigest::default();
-                let mut head = 0;
-                for ((st, k, w), (e, seq)) in &hub.entries {
-                    if *st == store {
-                        d.add(k, w, *e);
-                        head = head.max(*seq);
-                    }
-                }
-                s.digest_computed(now, d, head)
-            }
-            Effect::DigestCompared { matched } => {
-                self.digests += 1;
-                if !matched {
-                    self.resyncs += 1;
-                }
-                Ok(())
-            }
-            Effect::Established { .. } | Effect::Acked { .. } | Effect::JournalAcked { .. } => Ok(()),
-            Effect::ApplyHolds { .. } => panic!("agent-only effect at the hub"),
-        }
-    }
+    // ---- hosts ----
 
-    /// The agent host commits its oldest pending apply.
-    fn commit_agent(&mut self, i: usize) {
+    /// The agent host fulfils its oldest effect. Returns whether there was one.
+    fn agent_work(&mut self, i: usize) -> bool {
+        let Some((gen, effect)) = self.agents[i].work.pop_front() else { return false };
+        let live = self.live(i, gen);
+        self.trace(i, || {
+            format!("agent host (conn {gen}, live {live}): {effect:?} [head {}]", self.agents[i].db.counters.head())
+        });
         let now = self.now();
         let a = &mut self.agents[i];
-        let Some(p) = a.pending.pop_front() else { return };
-        let r = match p {
-            Pending::Delta(peer, delta) => {
-                if a.hub_writer.as_ref() != Some(&peer) {
-                    a.hub_writer = Some(peer);
-                    a.applied = 0;
-                    a.journal_applied = 0;
+        let store = a.store.clone();
+        let mut r = Ok(());
+        match effect {
+            Effect::ApplyDelta { peer, delta } => {
+                if let Err(e) = a.db.apply_delta(&peer, &delta) {
+                    self.fail(e);
+                    return true;
                 }
-                a.counters.merge(delta.entries()).unwrap();
-                a.applied = a.applied.max(delta.upto);
-                let (h, j) = (a.counters.head(), a.journal_head());
-                a.session.as_mut().map(|s| {
-                    let r = s.delta_applied(now, delta.upto);
-                    // The real agent's writer thread publishes its new heads after every commit.
-                    s.local_head(now, h, j);
-                    r
-                })
+                a.heads_dirty = true;
+                if live {
+                    r = a.session.as_mut().unwrap().delta_applied(now, delta.upto);
+                }
             }
-            Pending::Journal(peer, batch) => {
-                if a.hub_writer.as_ref() != Some(&peer) {
-                    a.hub_writer = Some(peer);
-                    a.applied = 0;
-                    a.journal_applied = 0;
+            Effect::ApplyJournal { peer, batch } => {
+                if let Err(e) = a.db.apply_journal(&store, &peer, &batch) {
+                    self.fail(e);
+                    return true;
                 }
-                for e in &batch.events {
-                    assert_eq!(e.store, a.store);
-                    a.add_event(e.clone());
+                a.heads_dirty = true;
+                if live {
+                    r = a.session.as_mut().unwrap().journal_applied(now, batch.upto);
                 }
-                a.journal_applied = a.journal_applied.max(batch.upto);
-                a.session.as_mut().map(|s| s.journal_applied(now, batch.upto))
             }
-        };
-        // A commit after a reconnect belongs to the old connection: the new session never asked
-        // for it, so the host must not report it there (real hosts hold the session they serve).
-        if let Some(Err(_)) = r {
-            self.disconnect(i);
+            Effect::ReadDelta { after, limit, .. } if live => {
+                let read = a.db.read_delta(&store, after, limit);
+                r = a.session.as_mut().unwrap().delta_read(now, read);
+            }
+            Effect::ReadJournal { after, limit } if live => {
+                let read = a.db.read_journal(&store, after, limit);
+                r = a.session.as_mut().unwrap().journal_read(now, read);
+            }
+            Effect::ComputeDigest if live => {
+                let (d, head) = (a.db.counters.digest(), a.db.counters.head());
+                r = a.session.as_mut().unwrap().digest_computed(now, d, head);
+            }
+            Effect::LookupPeer { .. } | Effect::DigestCompared { .. } | Effect::ApplyHolds { .. } => {
+                self.fail(format!("store-{i}: agent got {effect:?}"));
+            }
+            _ => {}
+        }
+        if let Err(e) = r {
+            self.session_failed(i, false, e);
         }
         self.pump(i);
+        true
     }
 
-    fn commit_hub(&mut self) {
+    /// The hub host (one database thread for all connections) fulfils its oldest effect.
+    fn hub_work_one(&mut self) -> bool {
+        let Some((i, gen, effect)) = self.hub_work.pop_front() else { return false };
+        let live = self.live(i, gen);
+        self.trace(i, || format!("hub host (conn {gen}, live {live}): {effect:?} [hub seq {}]", self.hub.seq));
         let now = self.now();
-        let Some((i, p)) = self.hub_pending.pop_front() else { return };
         let store = self.agents[i].store.clone();
-        let r = match p {
-            Pending::Delta(peer, delta) => {
+        let mut r = Ok(());
+        match effect {
+            Effect::LookupPeer { writer } if live => {
+                let (applied, japplied) = self.hub.marks.get(&(store, writer)).copied().unwrap_or((0, 0));
+                r = self.hub_sessions[i].as_mut().unwrap().accept(now, applied, japplied);
+            }
+            Effect::ApplyDelta { peer, delta } => {
                 for (k, w, e) in delta.entries() {
-                    assert!(w.is_store(&store), "the session let a foreign writer through");
+                    if !w.is_store(&store) {
+                        self.fail(format!("the hub session let {w}'s entry through from {store}"));
+                    }
                     self.hub.merge(&store, k, w, e);
                 }
-                let m = self.hub.peers.entry((store, peer)).or_default();
+                let m = self.hub.marks.entry((store, peer)).or_default();
                 m.0 = m.0.max(delta.upto);
-                let (h, j) = (self.hub.seq, self.hub.journal_head());
-                self.hub_sessions.get_mut(&i).map(|s| {
-                    let r = s.delta_applied(now, delta.upto);
-                    // As the real hub does: its own session learns the new heads, so its outbox
-                    // knows the merged entries need not go back.
-                    s.local_head(now, h, j);
-                    r
-                })
+                self.hub_heads_dirty = [true; STORES];
+                if live {
+                    let (h, j) = (self.hub.seq, self.hub.journal_seq);
+                    let s = self.hub_sessions[i].as_mut().unwrap();
+                    r = s.delta_applied(now, delta.upto);
+                    // As the real hub does: its own session learns the heads its merge moved.
+                    if r.is_ok() {
+                        s.local_head(now, h, j);
+                        self.hub_heads_dirty[i] = false;
+                    }
+                }
             }
-            Pending::Journal(peer, batch) => {
+            Effect::ApplyJournal { peer, batch } => {
                 for e in &batch.events {
+                    if e.store != store || !e.writer.is_store(&store) {
+                        self.fail(format!("the hub session let event {} of {} through from {store}", e.id, e.writer));
+                    }
                     self.hub.add_event(e.clone());
                 }
-                let m = self.hub.peers.entry((store, peer)).or_default();
+                let m = self.hub.marks.entry((store, peer)).or_default();
                 m.1 = m.1.max(batch.upto);
-                self.hub_sessions.get_mut(&i).map(|s| s.journal_applied(now, batch.upto))
+                self.hub_heads_dirty = [true; STORES];
+                if live {
+                    r = self.hub_sessions[i].as_mut().unwrap().journal_applied(now, batch.upto);
+                }
             }
-        };
-        if let Some(Err(_)) = r {
-            self.disconnect(i);
+            Effect::ReadDelta { after, limit, full } if live => {
+                self.stats.full_reads += u64::from(full);
+                let s = self.hub_sessions[i].as_mut().unwrap();
+                let exclude = if full { None } else { s.peer().cloned() };
+                let read = self.hub.read_delta(&store, exclude.as_ref(), after, limit);
+                r = s.delta_read(now, read);
+            }
+            Effect::ReadJournal { after, limit } if live => {
+                let s = self.hub_sessions[i].as_mut().unwrap();
+                let exclude = s.peer().cloned();
+                let read = self.hub.read_journal(&store, exclude.as_ref(), after, limit);
+                r = s.journal_read(now, read);
+            }
+            Effect::ComputeDigest if live => {
+                let (d, head) = self.hub.digest(&store);
+                r = self.hub_sessions[i].as_mut().unwrap().digest_computed(now, d, head);
+            }
+            Effect::DigestCompared { matched } if live => {
+                if self.faults {
+                    self.stats.compared_under_faults += 1;
+                }
+                if matched {
+                    self.stats.matched[i] += 1;
+                } else if self.links[i].as_ref().is_some_and(|l| l.shuffled) {
+                    self.stats.shuffled_mismatches += 1;
+                } else {
+                    self.stats.mismatched[i] += 1;
+                    if self.trust_acks {
+                        let at_hub = self.hub.store_state(&store);
+                        let at_agent = self.agents[i].db.counters.state();
+                        let diff: Vec<_> = at_hub
+                            .iter()
+                            .filter(|(k, e)| at_agent.get(*k) != Some(*e))
+                            .map(|(k, e)| format!("{k:?}: hub {e:?} agent {:?}", at_agent.get(k)))
+                            .chain(
+                                at_agent
+                                    .iter()
+                                    .filter(|(k, _)| !at_hub.contains_key(*k))
+                                    .map(|(k, e)| format!("{k:?}: agent only {e:?}")),
+                            )
+                            .collect();
+                        self.fail(format!(
+                            "{store}: digests differed though nobody tampered; differences now: {diff:?}"
+                        ));
+                    }
+                }
+            }
+            Effect::ApplyHolds { .. } => self.fail(format!("hub got {effect:?}")),
+            _ => {}
+        }
+        if let Err(e) = r {
+            self.session_failed(i, true, e);
         }
         self.pump(i);
+        true
     }
 
-    fn local_sale(&mut self, i: usize) {
-        let k = sku(self.rng.random_range(0..SKUS));
-        let delta: i64 =
-            if self.rng.random_bool(0.8) { -self.rng.random_range(1..4) } else { self.rng.random_range(1..3) };
-        let id = self.event_id();
+    /// Sessions hear of the current local heads (the hosts' "heads changed" watch).
+    fn notify_agent(&mut self, i: usize) {
         let now = self.now();
         let a = &mut self.agents[i];
-        a.counters.apply(&k, &a.writer.clone(), delta).unwrap();
-        let e = JournalEvent {
-            id,
-            line: 0,
-            kind: if delta < 0 { EventKind::Sale } else { EventKind::Return },
-            store: a.store.clone(),
-            sku: k.clone(),
-            delta,
-            reason: None,
-            occurred_at_ms: self.ms as i64,
-            recorded_at_ms: self.ms as i64,
-            writer: a.writer.clone(),
-            flags: vec![],
-        };
-        a.add_event(e);
-        *self.ledger.entry((a.store.clone(), k)).or_default() += delta;
-        let (h, j) = (a.counters.head(), a.journal_head());
+        if !std::mem::take(&mut a.heads_dirty) {
+            return;
+        }
+        let (h, j) = (a.db.counters.head(), a.db.journal_head());
         if let Some(s) = a.session.as_mut() {
             s.local_head(now, h, j);
         }
         self.pump(i);
     }
 
-    fn restock(&mut self, i: usize) {
-        let k = sku(self.rng.random_range(0..SKUS));
-        let qty: i64 = self.rng.random_range(1..10);
-        let store = self.agents[i].store.clone();
-        let hw = self.hub_writer.clone();
-        let cur = self.hub.entries.get(&(store.clone(), k.clone(), hw.clone())).map(|x| x.0).unwrap_or_default();
-        let next = cur.apply(&hw, qty).unwrap();
-        self.hub.merge(&store, &k, &hw, next);
-        let id = self.event_id();
-        self.hub.add_event(JournalEvent {
-            id,
-            line: 0,
-            kind: EventKind::Restock,
-            store: store.clone(),
-            sku: k.clone(),
-            delta: qty,
-            reason: None,
-            occurred_at_ms: self.ms as i64,
-            recorded_at_ms: self.ms as i64,
-            writer: hw,
-            flags: vec![],
-        });
-        *self.ledger.entry((store, k)).or_default() += qty;
-        let (h, j, now) = (self.hub.seq, self.hub.journal_head(), self.now());
-        if let Some(s) = self.hub_sessions.get_mut(&i) {
+    fn notify_hub(&mut self, i: usize) {
+        if !std::mem::take(&mut self.hub_heads_dirty[i]) {
+            return;
+        }
+        let (now, h, j) = (self.now(), self.hub.seq, self.hub.journal_seq);
+        if let Some(s) = self.hub_sessions[i].as_mut() {
             s.local_head(now, h, j);
         }
         self.pump(i);
     }
 
-    /// Delivers (or mangles) the next frame of one queue of link `i`.
-    fn deliver(&mut self, i: usize, up: bool, stream: usize) {
-        let faults = self.faults;
-        let roll: f64 = self.rng.random_range(0.0..1.0);
-        let q = if up { &mut self.links[i].up[stream] } else { &mut self.links[i].down[stream] };
-        let Some(bytes) = q.pop_front() else { return };
-        if faults && roll < 0.03 {
-            self.links[i].doomed = true;
-            return; // lost
+    fn maybe_notify(&mut self, i: usize) {
+        if self.rng.random_bool(self.knobs.eager_heads) {
+            self.notify_agent(i);
+            for k in 0..STORES {
+                self.notify_hub(k);
+            }
         }
-        if faults && roll < 0.06 {
-            q.push_front(bytes.clone()); // duplicated
-        } else if faults && roll < 0.09 && !q.is_empty() {
-            let next = q.pop_front().unwrap(); // reordered
-            q.push_front(bytes);
-            q.push_front(next);
+    }
+
+    // ---- "acked" means "durable at the peer" ----
+
+    /// Everything a session reports as acknowledged by its peer must be durable there: acks are
+    /// sent only after the receiver's transaction commits (DESIGN §4). Checked against the
+    /// databases, so a premature or optimistic ack is caught even when nothing is lost later.
+    fn check_acks(&mut self, i: usize) {
+        if !self.trust_acks {
             return;
         }
-        let (frame, used) = wire::decode(&bytes).unwrap().unwrap();
-        assert_eq!(used, bytes.len());
-        let now = self.now();
-        let r = if up {
-            match self.hub_sessions.get_mut(&i) {
-                Some(s) => s.handle_frame(now, frame),
-                None => Ok(()),
+        let mut why = Vec::new();
+        if let Some(s) = self.agents[i].session.as_ref() {
+            why.extend(self.hub_holds_agent_counters(i, s.acked()).err());
+            why.extend(self.hub_holds_agent_journal(i, s.journal_acked()).err());
+        }
+        if let Some(s) = self.hub_sessions[i].as_ref() {
+            why.extend(self.agent_holds_hub_counters(i, s.acked()).err());
+            why.extend(self.agent_holds_hub_journal(i, s.journal_acked()).err());
+        }
+        if let Some(w) = why.into_iter().next() {
+            self.fail(w);
+        }
+    }
+
+    fn hub_holds_agent_counters(&self, i: usize, upto: u64) -> Result<(), String> {
+        let a = &self.agents[i];
+        for (seq, k, w, e) in a.db.counters.delta_since(0).into_iter().take_while(|r| r.0 <= upto) {
+            let at_hub =
+                self.hub.entries.get(&(a.store.clone(), k.clone(), w.clone())).map_or_else(Default::default, |x| x.0);
+            if w.is_store(&a.store) && !at_hub.covers(e) {
+                return Err(format!(
+                    "{}: agent counters acked up to {upto}, but the hub holds {k}/{w} as {at_hub:?}, the agent {e:?} (seq {seq})",
+                    a.store
+                ));
             }
-        } else {
-            match self.agents[i].session.as_mut() {
-                Some(s) => s.handle_frame(now, frame),
-                None => Ok(()),
+        }
+        Ok(())
+    }
+
+    fn agent_holds_hub_counters(&self, i: usize, upto: u64) -> Result<(), String> {
+        let a = &self.agents[i];
+        for ((st, k, w), (e, seq)) in &self.hub.entries {
+            let at_agent = a.db.counters.get(k).map_or_else(Default::default, |c| c.entry(w));
+            if *st == a.store && *seq <= upto && !at_agent.covers(*e) {
+                return Err(format!(
+                    "{}: hub counters acked up to {upto}, but the agent holds {k}/{w} as {at_agent:?}, the hub {e:?} (seq {seq})",
+                    a.store
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn hub_holds_agent_journal(&self, i: usize, upto: u64) -> Result<(), String> {
+        let a = &self.agents[i];
+        for (seq, e) in a.db.journal.iter().take_while(|(seq, _)| *seq <= upto) {
+            if e.writer.is_store(&a.store) && !self.hub.journal_keys.contains(&(a.store.clone(), e.id, e.line)) {
+                return Err(format!(
+                    "{}: agent journal acked up to {upto}, but the hub lacks event {} (seq {seq})",
+                    a.store, e.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn agent_holds_hub_journal(&self, i: usize, upto: u64) -> Result<(), String> {
+        let a = &self.agents[i];
+        for (seq, e) in self.hub.journal.iter().take_while(|(seq, _)| *seq <= upto) {
+            if e.store == a.store && e.writer != a.writer && !a.db.journal_keys.contains(&(e.id, e.line)) {
+                return Err(format!(
+                    "{}: hub journal acked up to {upto}, but the agent lacks event {} (seq {seq})",
+                    a.store, e.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ---- local activity (the ground truth) ----
+
+    fn event(&mut self, kind: EventKind, store: &StoreId, k: &Sku, delta: i64, writer: &WriterId) -> JournalEvent {
+        self.next_event += 1;
+        JournalEvent {
+            id: Uuid::from_u128(self.next_event),
+            line: 0,
+            kind,
+            store: store.clone(),
+            sku: k.clone(),
+            delta,
+            reason: None,
+            occurred_at_ms: self.ms as i64,
+            recorded_at_ms: self.ms as i64,
+            writer: writer.clone(),
+            flags: vec![],
+        }
+    }
+
+    fn local_sale(&mut self, i: usize) {
+        let k = sku(self.rng.random_range(0..SKUS));
+        let delta: i64 =
+            if self.rng.random_bool(0.8) { -self.rng.random_range(1..4) } else { self.rng.random_range(1..3) };
+        let (store, writer) = (self.agents[i].store.clone(), self.agents[i].writer.clone());
+        let kind = if delta < 0 { EventKind::Sale } else { EventKind::Return };
+        let e = self.event(kind, &store, &k, delta, &writer);
+        let a = &mut self.agents[i];
+        // Event and counter change are one transaction.
+        a.db.counters.apply(&k, &writer, delta).unwrap();
+        a.db.add_event(e);
+        a.changes += 1;
+        a.heads_dirty = true;
+        *self.ledger.entry((store, k)).or_default() += delta;
+        self.maybe_notify(i);
+    }
+
+    fn restock(&mut self, i: usize) {
+        let k = sku(self.rng.random_range(0..SKUS));
+        let qty: i64 =
+            if self.rng.random_bool(0.9) { self.rng.random_range(1..10) } else { -self.rng.random_range(1..3) };
+        let store = self.agents[i].store.clone();
+        let hw = self.hub_writer.clone();
+        let cur = self.hub.entries.get(&(store.clone(), k.clone(), hw.clone())).map(|x| x.0).unwrap_or_default();
+        let next = cur.apply(&hw, qty).unwrap();
+        let kind = if qty > 0 { EventKind::Restock } else { EventKind::Adjustment };
+        let e = self.event(kind, &store, &k, qty, &hw);
+        self.hub.merge(&store, &k, &hw, next);
+        self.hub.add_event(e);
+        *self.ledger.entry((store, k)).or_default() += qty;
+        self.hub_heads_dirty = [true; STORES];
+        self.maybe_notify(i);
+    }
+
+    // ---- the network ----
+
+    /// Delivers (or mangles) one frame of one queue of link `i`.
+    fn deliver(&mut self, i: usize, dir: usize, stream: usize) {
+        enum Fault {
+            Lose,
+            Duplicate,
+            Reorder(usize),
+        }
+        let len = self.links[i].as_ref().map_or(0, |l| l.q[dir][stream].len());
+        if len == 0 {
+            return;
+        }
+        let (loss, dup, reorder) = (self.knobs.loss, self.knobs.dup, self.knobs.reorder);
+        let roll: f64 = self.rng.random_range(0.0..1.0);
+        let fault = match roll {
+            _ if !self.faults => None,
+            r if r < loss => Some(Fault::Lose),
+            r if r < loss + dup => Some(Fault::Duplicate),
+            r if r < loss + dup + reorder && len > 1 => Some(Fault::Reorder(self.rng.random_range(1..len))),
+            _ => None,
+        };
+        let dies_at = self.ms + self.knobs.idle_timeout_ms;
+        let link = self.links[i].as_mut().unwrap();
+        let q = &mut link.q[dir][stream];
+        let bytes = match fault {
+            None => q.pop_front().unwrap(),
+            Some(Fault::Lose) => {
+                let lost = q.pop_front().unwrap();
+                link.faulted = true;
+                link.dies_at.get_or_insert(dies_at);
+                self.stats.lost += 1;
+                self.trace(i, || format!("FAULT lost {:?}", from_wire(&lost)));
+                return;
+            }
+            Some(Fault::Duplicate) => {
+                link.faulted = true;
+                link.shuffled = true;
+                self.stats.duplicated += 1;
+                q.front().unwrap().clone()
+            }
+            Some(Fault::Reorder(k)) => {
+                link.faulted = true;
+                link.shuffled = true;
+                self.stats.reordered += 1;
+                q.remove(k).unwrap()
             }
         };
+        self.stats.delivered += 1;
+        let frame = from_wire(&bytes);
+        self.trace(i, || {
+            let dir = if dir == UP { "agent -> hub" } else { "hub -> agent" };
+            let fault = match fault {
+                None => "",
+                Some(Fault::Duplicate) => " (FAULT duplicated)",
+                Some(_) => " (FAULT overtook earlier frames)",
+            };
+            format!("{dir}{fault}: {frame:?}")
+        });
+        let now = self.now();
+        let r = if dir == UP {
+            self.hub_sessions[i].as_mut().unwrap().handle_frame(now, frame)
+        } else {
+            self.agents[i].session.as_mut().unwrap().handle_frame(now, frame)
+        };
+        if let Err(e) = r {
+            self.session_failed(i, dir == UP, e);
+        }
         self.pump(i);
-        self.close_on(i, r);
+    }
+
+    /// Delivers the head of a random non-empty queue of link `i`, if any.
+    fn deliver_any(&mut self, i: usize) -> bool {
+        let Some(link) = self.links[i].as_ref() else { return false };
+        let queues: Vec<(usize, usize)> =
+            (0..2).flat_map(|d| (0..2).map(move |s| (d, s))).filter(|&(d, s)| !link.q[d][s].is_empty()).collect();
+        if queues.is_empty() {
+            return false;
+        }
+        let (d, s) = queues[self.rng.random_range(0..queues.len())];
+        self.deliver(i, d, s);
+        true
     }
 
     fn fire_timers(&mut self) {
         let now = self.now();
         for i in 0..STORES {
-            if self.links[i].doomed {
-                self.disconnect(i); // the idle timeout of a connection that lost a frame
+            let Some(link) = self.links[i].as_ref() else { continue };
+            if link.dies_at.is_some_and(|t| t <= self.ms) {
+                self.disconnect(i);
                 continue;
             }
             if let Some(s) = self.agents[i].session.as_mut() {
@@ -573,7 +929,7 @@ impl Sim {
                     s.handle_timeout(now);
                 }
             }
-            if let Some(s) = self.hub_sessions.get_mut(&i) {
+            if let Some(s) = self.hub_sessions[i].as_mut() {
                 if s.poll_timeout().is_some_and(|t| t <= now) {
                     s.handle_timeout(now);
                 }
@@ -583,138 +939,200 @@ impl Sim {
     }
 
     fn crash_agent(&mut self, i: usize) {
+        self.stats.crashes += 1;
         self.disconnect(i);
-        self.agents[i].pending.clear();
+        self.agents[i].work.clear();
+        self.agents[i].heads_dirty = false;
     }
 
     fn crash_hub(&mut self) {
+        self.stats.crashes += 1;
         for i in 0..STORES {
             self.disconnect(i);
         }
-        self.hub_pending.clear();
+        self.hub_work.clear();
+        self.hub_heads_dirty = [false; STORES];
     }
 
-    fn step(&mut self) {
-        self.ms += self.rng.random_range(0..5);
+    fn step(&mut self, n: usize) {
+        // Busy and calm phases: in calm ones nothing changes locally, so sessions settle and
+        // anti-entropy compares digests while faults keep happening.
+        if n.is_multiple_of(400) {
+            self.busy = self.rng.random_bool(0.6);
+        }
+        self.ms += match self.rng.random_range(0..1000) {
+            0..=4 => self.rng.random_range(0..2 * self.knobs.cfg.digest_interval.as_millis() as u64 + 1),
+            _ => self.rng.random_range(0..4),
+        };
         let i = self.rng.random_range(0..STORES);
-        match self.rng.random_range(0..100) {
-            0..=24 => self.local_sale(i),
-            25..=29 => self.restock(i),
-            30..=69 => {
-                let up = self.rng.random_bool(0.5);
-                let stream = if self.rng.random_bool(0.8) { 0 } else { 1 };
-                self.deliver(i, up, stream);
+        match self.rng.random_range(0..10_000) {
+            0..=1599 if self.busy => self.local_sale(i),
+            1600..=1999 if self.busy => self.restock(i),
+            0..=1999 => {}
+            2000..=6499 => {
+                self.deliver_any(i);
             }
-            70..=79 => self.commit_agent(i),
-            80..=89 => self.commit_hub(),
-            90..=93 => {
-                if !self.links[i].connected {
-                    self.connect(i);
+            6500..=7299 => {
+                for _ in 0..self.rng.random_range(1..4) {
+                    self.agent_work(i);
                 }
             }
-            94..=95 => self.disconnect(i),
-            96 => self.crash_agent(i),
-            97 => {
-                if self.rng.random_bool(0.2) {
-                    self.crash_hub();
+            7300..=8099 => {
+                for _ in 0..self.rng.random_range(1..4) {
+                    self.hub_work_one();
                 }
             }
+            8100..=8349 => self.notify_agent(i),
+            8350..=8599 => self.notify_hub(i),
+            8600..=8899 => self.connect(i),
+            8900..=8949 => {
+                if self.links[i].is_some() {
+                    self.stats.partitions += 1;
+                    self.disconnect(i);
+                }
+            }
+            8950..=8979 => self.crash_agent(i),
+            8980..=8989 => self.crash_hub(),
             _ => self.fire_timers(),
         }
     }
 
+    // ---- healing and checking ----
+
     fn quiet(&self) -> bool {
-        self.hub_pending.is_empty()
+        self.hub_work.is_empty()
+            && !self.hub_heads_dirty.iter().any(|d| *d)
             && (0..STORES).all(|i| {
-                let l = &self.links[i];
-                l.connected
-                    && l.up.iter().chain(l.down.iter()).all(VecDeque::is_empty)
-                    && self.agents[i].pending.is_empty()
-                    && self.agents[i].session.as_ref().is_some_and(|s| s.is_established() && s.is_idle())
-                    && self.hub_sessions.get(&i).is_some_and(|s| s.is_established() && s.is_idle())
+                let a = &self.agents[i];
+                self.links[i].as_ref().is_some_and(|l| l.q.iter().flatten().all(VecDeque::is_empty))
+                    && a.work.is_empty()
+                    && !a.heads_dirty
+                    && a.session.as_ref().is_some_and(|s| s.is_established() && s.is_idle())
+                    && self.hub_sessions[i].as_ref().is_some_and(|s| s.is_established() && s.is_idle())
             })
     }
 
-    /// No more faults: reconnect everything and run until quiet (and one digest round later).
-    fn heal(&mut self) -> Result<(), String> {
-        self.faults = false;
-        for i in 0..STORES {
-            if self.links[i].doomed {
-                self.disconnect(i);
-            }
-        }
-        let mut quiet_rounds = 0;
-        for round in 0..20_000 {
-            for i in 0..STORES {
-                if !self.links[i].connected {
-                    self.connect(i);
-                }
-                for up in [true, false] {
-                    for stream in 0..2 {
-                        while !(if up { &self.links[i].up[stream] } else { &self.links[i].down[stream] }).is_empty() {
-                            self.deliver(i, up, stream);
-                        }
-                    }
-                }
-                while !self.agents[i].pending.is_empty() {
-                    self.commit_agent(i);
-                }
-            }
-            while !self.hub_pending.is_empty() {
-                self.commit_hub();
-            }
-            if self.quiet() {
-                quiet_rounds += 1;
-                if quiet_rounds > 120 {
-                    return Ok(());
-                }
-            } else {
-                quiet_rounds = 0;
-            }
-            self.ms += if round % 50 == 49 { 31_000 } else { 100 }; // now and then past a digest interval
-            self.fire_timers();
-        }
-        let why: Vec<String> = (0..STORES)
+    fn describe(&self) -> String {
+        let links: Vec<String> = (0..STORES)
             .map(|i| {
-                let l = &self.links[i];
+                let l = self.links[i].as_ref();
                 format!(
-                    "link {i}: connected {} queued {:?} pending {} agent {:?} hub {:?}",
-                    l.connected,
-                    l.up.iter().chain(l.down.iter()).map(VecDeque::len).collect::<Vec<_>>(),
-                    self.agents[i].pending.len(),
+                    "store-{i}: link {:?} queued {:?} agent work {} hub session {:?} agent session {:?}",
+                    l.map(|l| l.gen),
+                    l.map(|l| l.q.iter().flatten().map(VecDeque::len).collect::<Vec<_>>()),
+                    self.agents[i].work.len(),
+                    self.hub_sessions[i].as_ref().map(|s| (s.is_established(), s.is_idle())),
                     self.agents[i].session.as_ref().map(|s| (s.is_established(), s.is_idle())),
-                    self.hub_sessions.get(&i).map(|s| (s.is_established(), s.is_idle())),
                 )
             })
             .collect();
-        Err(format!("did not quiesce after healing: {why:?}"))
+        format!("hub work {}; {}", self.hub_work.len(), links.join("; "))
+    }
+
+    /// Without faults, runs until every connection is established and idle and the hosts are done.
+    fn run_until_quiet(&mut self) -> Result<(), String> {
+        for _ in 0..5_000 {
+            for i in 0..STORES {
+                self.connect(i);
+            }
+            for _ in 0..100_000 {
+                let mut progressed = false;
+                for i in 0..STORES {
+                    progressed |= self.deliver_any(i);
+                    progressed |= self.agent_work(i);
+                    progressed |= self.hub_work_one();
+                    if self.agents[i].heads_dirty || self.hub_heads_dirty[i] {
+                        progressed = true;
+                        self.notify_agent(i);
+                        self.notify_hub(i);
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            for i in 0..STORES {
+                self.check_acks(i);
+            }
+            if let Some(f) = &self.failure {
+                return Err(f.clone());
+            }
+            if self.quiet() {
+                return Ok(());
+            }
+            self.ms += 10;
+            self.fire_timers();
+        }
+        Err(format!("did not quiesce after healing: {}", self.describe()))
+    }
+
+    /// No more faults: connections that lost frames time out, everything reconnects and settles,
+    /// then anti-entropy runs until every store has had its digests compared equal.
+    fn heal(&mut self) -> Result<(), String> {
+        self.faults = false;
+        for i in 0..STORES {
+            if self.links[i].as_ref().is_some_and(|l| l.faulted) {
+                self.disconnect(i);
+            }
+        }
+        self.run_until_quiet()?;
+        let before = self.stats.matched;
+        for _ in 0..50 {
+            self.ms += self.knobs.cfg.digest_interval.as_millis() as u64 + 1;
+            self.fire_timers();
+            self.run_until_quiet()?;
+            if (0..STORES).all(|i| self.stats.matched[i] > before[i]) {
+                return Ok(());
+            }
+        }
+        Err(format!("digest rounds never matched every store: before {before:?}, now {:?}", self.stats.matched))
     }
 
     fn check(&self) -> Result<(), String> {
-        for a in &self.agents {
+        if let Some(f) = &self.failure {
+            return Err(f.clone());
+        }
+        for (i, a) in self.agents.iter().enumerate() {
             let at_hub = self.hub.store_state(&a.store);
-            let at_agent = a.counters.state();
+            let at_agent = a.db.counters.state();
             if at_hub != at_agent {
                 return Err(format!("{}: agent {at_agent:?} != hub {at_hub:?}", a.store));
             }
-            for k in 0..SKUS {
-                let k = sku(k);
+            for k in (0..SKUS).map(sku) {
                 let expected = self.ledger.get(&(a.store.clone(), k.clone())).copied().unwrap_or(0);
-                let got = a.counters.value(&k).unwrap();
+                let got = a.db.counters.value(&k).unwrap();
                 if got != expected {
                     return Err(format!("{} {k}: value {got}, ledger says {expected}", a.store));
                 }
             }
-            for (_, e) in &a.journal {
-                if e.writer.is_store(&a.store) && !self.hub.journal_keys.contains(&(a.store.clone(), e.id, e.line)) {
+            let own = a.db.journal.iter().filter(|(_, e)| e.writer == a.writer).count();
+            if own != a.changes {
+                return Err(format!("{}: {own} own journal events for {} changes", a.store, a.changes));
+            }
+            for (_, e) in &a.db.journal {
+                if e.store != a.store {
+                    return Err(format!("{} holds event {} of {}", a.store, e.id, e.store));
+                }
+                if e.writer == a.writer && !self.hub.journal_keys.contains(&(a.store.clone(), e.id, e.line)) {
                     return Err(format!("hub misses {}'s event {}", a.store, e.id));
                 }
             }
-            for (_, e) in &self.hub.journal {
-                if e.store == a.store && !a.journal_keys.contains(&(e.id, e.line)) {
-                    return Err(format!("{} misses hub event {}", a.store, e.id));
+            for (_, e) in self.hub.journal.iter().filter(|(_, e)| e.store == a.store) {
+                if !a.db.journal_keys.contains(&(e.id, e.line)) {
+                    return Err(format!("{} misses hub event {} by {}", a.store, e.id, e.writer));
                 }
             }
+            if self.stats.mismatched[i] > 0 {
+                return Err(format!(
+                    "{}: digests differed {} times though nobody tampered with a replica",
+                    a.store, self.stats.mismatched[i]
+                ));
+            }
+        }
+        let hub_events = self.hub.journal.len();
+        let all_events = self.next_event as usize;
+        if hub_events != all_events {
+            return Err(format!("hub journal holds {hub_events} events of {all_events} made"));
         }
         Ok(())
     }
@@ -725,8 +1143,12 @@ fn run(seed: u64) -> Result<Sim, String> {
     for i in 0..STORES {
         sim.connect(i);
     }
-    for _ in 0..STEPS {
-        sim.step();
+    for n in 0..STEPS {
+        sim.step(n);
+        sim.check_acks(n % STORES);
+        if let Some(f) = &sim.failure {
+            return Err(f.clone());
+        }
     }
     sim.heal()?;
     sim.check()?;
@@ -734,70 +1156,179 @@ fn run(seed: u64) -> Result<Sim, String> {
 }
 
 fn run_or_panic(seed: u64) -> Sim {
+    let knobs = Knobs::random(&mut StdRng::seed_from_u64(seed));
     match std::panic::catch_unwind(|| run(seed)) {
         Ok(Ok(sim)) => sim,
-        Ok(Err(reason)) => panic!("simulation failed for seed {seed:#x}: {reason}; add it to REGRESSION_SEEDS"),
+        Ok(Err(reason)) => {
+            panic!("simulation failed for seed {seed:#x}: {reason}; add it to REGRESSION_SEEDS (knobs {knobs:?})")
+        }
         Err(p) => {
             let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            panic!("simulation panicked for seed {seed:#x}: {msg:?}; add it to REGRESSION_SEEDS")
+            panic!("simulation panicked for seed {seed:#x}: {msg:?}; add it to REGRESSION_SEEDS (knobs {knobs:?})")
         }
+    }
+}
+
+fn parse_seed(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
     }
 }
 
 #[test]
 fn regression_seeds_converge() {
+    if let Some(seed) = std::env::var("SHELFSYNC_SIM_SEED").ok().as_deref().and_then(parse_seed) {
+        let sim = run_or_panic(seed);
+        eprintln!("seed {seed:#x}: {:?}", sim.stats);
+        return;
+    }
+    let mut totals = Stats::default();
     for &seed in REGRESSION_SEEDS {
         let sim = run_or_panic(seed);
-        let changes: usize = sim.agents.iter().map(|a| a.journal.len()).sum();
-        assert!(changes > 100, "seed {seed:#x} exercised too little ({changes} events)");
-        assert!(sim.digests > 0, "seed {seed:#x}: anti-entropy never compared digests");
-        assert_eq!(sim.resyncs, 0, "seed {seed:#x}: digests differed without any divergence");
+        let changes: usize = sim.agents.iter().map(|a| a.changes).sum();
+        assert!(changes > 100, "seed {seed:#x} exercised too little ({changes} local changes)");
+        let s = &sim.stats;
+        totals.lost += s.lost;
+        totals.duplicated += s.duplicated;
+        totals.reordered += s.reordered;
+        totals.partitions += s.partitions;
+        totals.crashes += s.crashes;
+        totals.expected_errors += s.expected_errors;
+        totals.connects += s.connects;
+        totals.delivered += s.delivered;
+        totals.compared_under_faults += s.compared_under_faults;
+        totals.shuffled_mismatches += s.shuffled_mismatches;
+        for i in 0..STORES {
+            totals.matched[i] += s.matched[i];
+        }
     }
+    // The fault injection must actually inject, or the test proves little.
+    for (what, n) in [
+        ("lost", totals.lost),
+        ("duplicated", totals.duplicated),
+        ("reordered", totals.reordered),
+        ("partitions", totals.partitions),
+        ("crashes", totals.crashes),
+        ("session errors", totals.expected_errors),
+        ("digest comparisons before healing", totals.compared_under_faults),
+    ] {
+        assert!(n > 0, "no {what} across the regression seeds");
+    }
+    eprintln!("regression seeds: {totals:?}");
 }
 
 #[test]
 fn random_seeds_converge() {
-    let n: u64 = std::env::var("SHELFSYNC_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let n: u64 = std::env::var("SHELFSYNC_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RANDOM_SEEDS);
     let base: u64 = rand::random();
     let started = Instant::now();
     for k in 0..n {
         run_or_panic(base.wrapping_add(k));
     }
-    eprintln!("{n} random seeds x {STEPS} steps in {:?} (base seed {base:#x})", started.elapsed());
+    let took = started.elapsed();
+    eprintln!(
+        "{n} random seeds x {STEPS} steps in {took:?} ({:.0} steps/s; base seed {base:#x})",
+        (n as f64 * STEPS as f64) / took.as_secs_f64().max(1e-9)
+    );
+}
+
+/// Runs a healthy system to convergence, returns it.
+fn converged(seed: u64) -> Sim {
+    let mut sim = Sim::new(seed);
+    for i in 0..STORES {
+        sim.connect(i);
+    }
+    for n in 0..400 {
+        let i = n % STORES;
+        if n % 7 == 0 {
+            sim.restock(i);
+        } else {
+            sim.local_sale(i);
+        }
+    }
+    sim.heal().unwrap();
+    sim.check().unwrap();
+    sim
 }
 
 #[test]
 fn anti_entropy_repairs_a_divergence() {
-    let mut sim = Sim::new(7);
-    for i in 0..STORES {
-        sim.connect(i);
-    }
-    for _ in 0..200 {
-        let i = sim.rng.random_range(0..STORES);
-        sim.local_sale(i);
-    }
-    sim.heal().unwrap();
-    sim.check().unwrap();
-    // Behind every session's back, the hub loses one of store-0's entries (a bad restore, a bug).
+    let mut sim = converged(7);
     let store = sim.agents[0].store.clone();
-    let key = sim.hub.entries.keys().find(|(s, ..)| *s == store).cloned().expect("store-0 sold something");
-    sim.hub.entries.remove(&key);
+    let agent_writer = sim.agents[0].writer.clone();
+    let hub_writer = sim.hub_writer.clone();
+
+    // 1. Behind every session's back, the hub loses one of store-0's entries and another one goes
+    //    back in time (a bad restore, a bug).
+    let mut agent_keys =
+        sim.hub.entries.keys().filter(|(s, _, w)| *s == store && *w == agent_writer).cloned().collect::<Vec<_>>();
+    assert!(agent_keys.len() >= 2, "store-0 sold at least two SKUs");
+    sim.hub.entries.remove(&agent_keys.pop().unwrap());
+    let older = sim.hub.entries.get_mut(&agent_keys.pop().unwrap()).unwrap();
+    older.0.n -= 1;
+    sim.trust_acks = false; // the hub's watermarks now claim entries it lost
     assert!(sim.check().is_err(), "the tampering is visible");
-    let before = sim.resyncs;
+    let (before, full_before) = (sim.stats.mismatched[0], sim.stats.full_reads);
     sim.heal().unwrap(); // includes digest rounds
-    assert!(sim.resyncs > before, "the digest comparison noticed ({} comparisons)", sim.digests);
+    assert!(sim.stats.mismatched[0] > before, "the digest comparison noticed");
+    assert!(sim.stats.full_reads > full_before, "the hub resent the store's full state");
+    sim.stats.mismatched[0] = 0; // the tampering was deliberate
+    sim.check().unwrap();
+
+    // 2. The agent loses the hub's restock entry for one SKU. Rebuild its counters without it
+    //    (sequence numbers start over), then make sale/return pairs (value unchanged) until the
+    //    head is back above where the hub last acked it.
+    let a = &mut sim.agents[0];
+    let old_head = a.db.counters.head();
+    let state = a.db.counters.state();
+    let lost = state.keys().find(|(_, w)| *w == hub_writer).cloned().expect("store-0 was restocked");
+    let mut rebuilt = CounterMap::new();
+    rebuilt.merge(state.iter().filter(|(key, _)| **key != lost).map(|((k, w), e)| (k, w, *e))).unwrap();
+    while rebuilt.head() <= old_head {
+        rebuilt.apply(&sku(0), &agent_writer, 1).unwrap();
+        rebuilt.apply(&sku(0), &agent_writer, -1).unwrap();
+    }
+    a.db.counters = rebuilt;
+    a.heads_dirty = true;
+    sim.disconnect(0); // the agent restarts on its repaired database
+    assert!(sim.check().is_err(), "the tampering is visible");
+    let before = sim.stats.mismatched[0];
+    sim.heal().unwrap();
+    assert!(sim.stats.mismatched[0] > before, "the digest comparison noticed");
+    sim.stats.mismatched[0] = 0;
     sim.check().unwrap();
 }
 
+/// Every frame a test feeds a session goes through the codec first.
+fn via_wire(frame: Frame) -> Frame {
+    from_wire(&to_wire(&frame))
+}
+
 fn hello(store: &str, writer: WriterId, protocol: u32) -> Frame {
-    Frame::V1(FrameV1::Hello(Hello {
+    via_wire(Frame::V1(FrameV1::Hello(Hello {
         protocol,
         store: store.parse().unwrap(),
         writer,
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
-    }))
+    })))
+}
+
+fn error_sent(transmits: impl Iterator<Item = shelfsync_shared::sync::Transmit>, code: u32) -> bool {
+    transmits.map(|t| via_wire(t.frame)).any(|f| matches!(f, Frame::V1(FrameV1::Error(ref e)) if e.code == code))
+}
+
+fn established_hub(store: &str, me: &WriterId, hub_writer: &WriterId) -> HubSession {
+    let now = Instant::now();
+    let mut hub = HubSession::new(SyncConfig::default(), store.parse().unwrap(), hub_writer.clone(), 0, 0);
+    hub.handle_frame(now, hello(store, me.clone(), PROTOCOL_VERSION)).unwrap();
+    assert!(matches!(hub.poll_effect(), Some(Effect::LookupPeer { .. })));
+    hub.accept(now, 0, 0).unwrap();
+    while hub.poll_transmit().is_some() {}
+    while hub.poll_effect().is_some() {}
+    hub
 }
 
 #[test]
@@ -806,38 +1337,135 @@ fn foreign_writers_and_wrong_versions_are_refused() {
     let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
     let me = WriterId::new(NodeId::Store("s1".parse().unwrap()), Incarnation::from_u64(2));
     let other = WriterId::new(NodeId::Store("s2".parse().unwrap()), Incarnation::from_u64(3));
-
-    let mut hub = HubSession::new(cfg(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
-    hub.handle_frame(now, hello("s1", me.clone(), PROTOCOL_VERSION)).unwrap();
-    assert!(matches!(hub.poll_effect(), Some(Effect::LookupPeer { .. })));
-    hub.accept(now, 0, 0).unwrap();
     let k = sku(0);
-    let delta = Delta::build(0, 1, [(&k, &other, PnEntry { p: 5, n: 0 })]);
-    let err = hub.handle_frame(now, Frame::V1(FrameV1::Delta(delta))).unwrap_err();
+
+    // A store sends entries of another store's writer (alongside its own).
+    let mut hub = established_hub("s1", &me, &hub_writer);
+    let delta = Delta::build(0, 2, [(&k, &me, PnEntry { p: 1, n: 0 }), (&k, &other, PnEntry { p: 5, n: 0 })]);
+    let err = hub.handle_frame(now, via_wire(Frame::V1(FrameV1::Delta(delta)))).unwrap_err();
     assert_eq!(err.code, close_code::UNAUTHORIZED);
     assert!(err.message.contains("s2@"), "{err}");
-    // The refusal is also told to the peer before closing.
-    let mut saw_error = false;
-    while let Some(t) = hub.poll_transmit() {
-        saw_error |= matches!(t.frame, Frame::V1(FrameV1::Error(ref e)) if e.code == close_code::UNAUTHORIZED);
-    }
-    assert!(saw_error);
+    assert_eq!(hub.poll_effect(), None, "nothing of it reaches the database");
+    assert!(error_sent(std::iter::from_fn(|| hub.poll_transmit()), close_code::UNAUTHORIZED), "the peer is told why");
 
-    let mut hub = HubSession::new(cfg(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
+    // ... or the hub's own writer's.
+    let mut hub = established_hub("s1", &me, &hub_writer);
+    let delta = Delta::build(0, 1, [(&k, &hub_writer, PnEntry { p: 5, n: 0 })]);
+    let err = hub.handle_frame(now, via_wire(Frame::V1(FrameV1::Delta(delta)))).unwrap_err();
+    assert_eq!(err.code, close_code::UNAUTHORIZED);
+
+    // ... or journal events of another store.
+    let mut hub = established_hub("s1", &me, &hub_writer);
+    let ev = JournalEvent {
+        id: Uuid::from_u128(9),
+        line: 0,
+        kind: EventKind::Sale,
+        store: "s2".parse().unwrap(),
+        sku: k.clone(),
+        delta: -1,
+        reason: None,
+        occurred_at_ms: 0,
+        recorded_at_ms: 0,
+        writer: me.clone(),
+        flags: vec![],
+    };
+    let batch = JournalBatch { after: 0, upto: 1, events: vec![ev] };
+    let err = hub.handle_frame(now, via_wire(Frame::V1(FrameV1::Journal(batch)))).unwrap_err();
+    assert_eq!(err.code, close_code::UNAUTHORIZED);
+
+    // A hello from a protocol this hub does not speak.
+    let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
     let err = hub.handle_frame(now, hello("s1", me.clone(), PROTOCOL_VERSION + 1)).unwrap_err();
     assert_eq!(err.code, close_code::VERSION_MISMATCH);
+    assert!(err.message.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)), "{err}");
+    assert!(error_sent(std::iter::from_fn(|| hub.poll_transmit()), close_code::VERSION_MISMATCH));
+    assert_eq!(hub.poll_effect(), None, "no peer lookup for a refused hello");
 
-    let mut hub = HubSession::new(cfg(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
+    // The certificate's store wins over the hello's.
+    let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
     let err = hub.handle_frame(now, hello("s2", other, PROTOCOL_VERSION)).unwrap_err();
-    assert_eq!(err.code, close_code::UNAUTHORIZED, "the certificate's store wins over the hello's");
+    assert_eq!(err.code, close_code::UNAUTHORIZED);
 
-    // An agent refuses a hub speaking another version.
-    let mut agent = AgentSession::new(cfg(), "s1".parse().unwrap(), me, AgentResume::default());
-    let welcome = Frame::V1(FrameV1::Welcome(shelfsync_shared::wire::Welcome {
-        protocol: 9,
+    // An agent refuses a hub speaking another version, and says so.
+    let mut agent = AgentSession::new(SyncConfig::default(), "s1".parse().unwrap(), me, AgentResume::default());
+    while agent.poll_transmit().is_some() {}
+    let welcome = via_wire(Frame::V1(FrameV1::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION + 1,
         hub_writer,
         applied: 0,
         journal_applied: 0,
-    }));
-    assert_eq!(agent.handle_frame(now, welcome).unwrap_err().code, close_code::VERSION_MISMATCH);
+    })));
+    let err = agent.handle_frame(now, welcome).unwrap_err();
+    assert_eq!(err.code, close_code::VERSION_MISMATCH);
+    assert!(error_sent(std::iter::from_fn(|| agent.poll_transmit()), close_code::VERSION_MISMATCH));
+    assert!(!agent.is_established());
+}
+
+/// The journal has its own QUIC stream, so the hub's first journal batch can reach the agent
+/// before the `Welcome` on the state stream (the agent's stream readers feed one queue). The agent
+/// must keep it and apply it once established, not call it a protocol violation.
+#[test]
+fn journal_batch_overtaking_the_welcome_is_kept() {
+    let now = Instant::now();
+    let store: StoreId = "s1".parse().unwrap();
+    let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
+    let me = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(2));
+    let restock = JournalEvent {
+        id: Uuid::from_u128(1),
+        line: 0,
+        kind: EventKind::Restock,
+        store: store.clone(),
+        sku: sku(0),
+        delta: 3,
+        reason: None,
+        occurred_at_ms: 0,
+        recorded_at_ms: 0,
+        writer: hub_writer.clone(),
+        flags: vec![],
+    };
+
+    let mut agent = AgentSession::new(SyncConfig::default(), store.clone(), me.clone(), AgentResume::default());
+    let mut hub = HubSession::new(SyncConfig::default(), store.clone(), hub_writer.clone(), 0, 7);
+    hub.handle_frame(now, via_wire(agent.poll_transmit().unwrap().frame)).unwrap();
+    assert!(matches!(hub.poll_effect(), Some(Effect::LookupPeer { .. })));
+    hub.accept(now, 0, 0).unwrap();
+    while let Some(e) = hub.poll_effect() {
+        if let Effect::ReadJournal { after: 0, .. } = e {
+            hub.journal_read(now, JournalRead { upto: 7, events: vec![restock.clone()] }).unwrap();
+        }
+    }
+    let (mut state, mut journal) = (Vec::new(), Vec::new());
+    while let Some(t) = hub.poll_transmit() {
+        assert!(matches!(t.stream, StreamKind::State | StreamKind::Journal), "no catalog traffic expected here");
+        let lane = if t.stream == StreamKind::State { &mut state } else { &mut journal };
+        lane.push(via_wire(t.frame));
+    }
+    assert!(matches!(state[0], Frame::V1(FrameV1::Welcome(_))));
+    assert_eq!(journal.len(), 1);
+
+    // The journal stream wins the race.
+    agent.handle_frame(now, journal.remove(0)).expect("an early journal batch is no violation");
+    assert_eq!(agent.poll_effect(), None, "nothing is applied before the handshake completes");
+    for f in state {
+        agent.handle_frame(now, f).unwrap();
+    }
+    assert!(agent.is_established());
+    let effects: Vec<Effect> = std::iter::from_fn(|| agent.poll_effect()).collect();
+    assert!(matches!(effects[0], Effect::Established { .. }), "{effects:?}");
+    let applied = effects.iter().position(
+        |e| matches!(e, Effect::ApplyJournal { batch, .. } if batch.events == vec![restock.clone()] && batch.upto == 7),
+    );
+    assert!(applied.is_some(), "the kept batch is applied after the welcome: {effects:?}");
+    agent.journal_applied(now, 7).unwrap();
+    let acks: Vec<Frame> = std::iter::from_fn(|| agent.poll_transmit()).map(|t| via_wire(t.frame)).collect();
+    assert!(acks.contains(&Frame::V1(FrameV1::JournalAck(wire::Ack { upto: 7 }))), "{acks:?}");
+
+    // Early batches are bounded: a hub never has more than its window in flight before an ack.
+    let mut agent = AgentSession::new(SyncConfig::default(), store.clone(), me, AgentResume::default());
+    let batch = |n: u64| via_wire(Frame::V1(FrameV1::Journal(JournalBatch { after: n, upto: n + 1, events: vec![] })));
+    for n in 0..shelfsync_shared::sync::EARLY_JOURNAL_MAX as u64 {
+        agent.handle_frame(now, batch(n)).unwrap();
+    }
+    let err = agent.handle_frame(now, batch(99)).unwrap_err();
+    assert_eq!(err.code, close_code::PROTOCOL_VIOLATION);
 }
