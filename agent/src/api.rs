@@ -33,6 +33,8 @@ pub struct AppState {
     pub sync: watch::Receiver<SyncStatus>,
     /// Required bearer token, if any.
     pub token: Option<Arc<str>>,
+    /// The catalog replica and this store's overrides.
+    pub catalog: Arc<crate::catalog::AgentCatalog>,
 }
 
 /// The router, apart from `main` so tests can drive it.
@@ -46,6 +48,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/stock/{sku}", get(get_stock))
         .route("/status", get(get_status))
         .route("/holds", get(get_holds))
+        .route("/catalog/{sku}", get(get_catalog))
+        .route("/catalog/{sku}/overrides", axum::routing::put(put_overrides))
         .route("/holds/{id}/fulfil", post(post_fulfil))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -282,4 +286,55 @@ async fn post_fulfil(State(state): State<AppState>, Path(id): Path<String>) -> R
         }
         None => Err(ApiError::not_found(format!("no hold {id} at this store"))),
     }
+}
+
+async fn get_catalog(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    let store = state.db.identity().store.clone();
+    let s2 = sku.clone();
+    let view = state.db.read(move |conn| crate::catalog::view(conn, &s2, Some(&store))).await?;
+    match view {
+        Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
+        None => Err(ApiError::not_found(format!("sku {sku} is not in the catalog this store has"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverridesBody {
+    safety_stock: Option<u64>,
+    low_stock_threshold: Option<u64>,
+}
+
+async fn put_overrides(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+    ApiJson(b): ApiJson<OverridesBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    let o = crate::catalog::Overrides { safety_stock: b.safety_stock, low_stock_threshold: b.low_stock_threshold };
+    state.catalog.set_overrides(&state.db, &sku, o).await.map_err(|e| match e {
+        crate::catalog::CatalogError::Invalid(m) => ApiError::invalid(m),
+        other => ApiError::internal(other),
+    })?;
+    let store = state.db.identity().store.clone();
+    let s2 = sku.clone();
+    let (view, overrides) = state
+        .db
+        .read(move |conn| {
+            Ok::<_, DbError>((
+                crate::catalog::view(conn, &s2, Some(&store))?,
+                crate::catalog::store_overrides(conn, &store, &s2)?,
+            ))
+        })
+        .await?;
+    Ok(Json(match view {
+        Some(v) => serde_json::to_value(v).expect("serialises"),
+        None => {
+            json!({"sku": sku, "overrides": overrides, "note": "not in the catalog yet; the overrides apply once it is"})
+        }
+    }))
 }

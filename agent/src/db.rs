@@ -41,6 +41,8 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO hub_link (id) VALUES (1);",
     // 2: online holds pushed down by the hub.
     crate::holds::MIGRATION,
+    // 3: the catalog replica and this store's overrides.
+    crate::catalog::MIGRATION,
 ];
 
 /// Storage failures. Cloneable so one failed group commit can answer every request in it.
@@ -119,6 +121,8 @@ pub struct Heads {
     pub journal: u64,
     /// Hub only: bumped whenever a store's holds change (the agent leaves it at 0).
     pub holds: u64,
+    /// Bumped when the catalog documents change locally (agent: its overrides; hub: the catalog).
+    pub catalog: u64,
 }
 
 /// Handle to the storage threads. Cheap to clone.
@@ -205,7 +209,12 @@ fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
 pub fn heads(conn: &Connection) -> Result<Heads, DbError> {
     let counter: Option<u64> = conn.query_row("SELECT MAX(seq) FROM counters", [], |r| r.get(0))?;
     let journal: Option<u64> = conn.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
-    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0 })
+    let catalog: u64 = conn.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM doc_chunks WHERE doc = ?1",
+        [crate::catalog::LOCAL_OVERRIDES_DOC],
+        |r| r.get(0),
+    )?;
+    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0, catalog })
 }
 
 impl Db {

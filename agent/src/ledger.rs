@@ -243,14 +243,22 @@ fn record_in(
     let mut results = Vec::with_capacity(lines.len());
     for (line_no, (sku, delta, counted)) in lines.into_iter().enumerate() {
         let before = db::on_hand(conn, &sku)?;
-        let known = before.is_some();
+        let seen = before.is_some();
+        // With a catalog, "unknown" means "not in it"; a store without one (standalone) falls
+        // back to "never seen here".
+        let standing = crate::catalog::standing(conn, &sku)?;
+        let known = match standing {
+            Some((listed, _)) => listed,
+            None => seen,
+        };
+        let inactive = matches!(standing, Some((true, false)));
         let before = before.unwrap_or(0);
         let delta = match (delta, counted) {
             (Some(d), _) => d,
             (None, Some(c)) => c.checked_sub(before).ok_or(shelfsync_shared::CounterError::ValueOverflow)?,
             (None, None) => unreachable!("every line has a delta or a count"),
         };
-        let on_hand = if delta != 0 || !known {
+        let on_hand = if delta != 0 || !seen {
             if delta != 0 {
                 let current = db::entry(conn, &sku, &me.writer)?.unwrap_or_default();
                 let next = current.apply(&me.writer, delta)?;
@@ -264,6 +272,9 @@ fn record_in(
         let mut flags = Vec::new();
         if !known {
             flags.push(EventFlag::UnknownSku);
+        }
+        if inactive {
+            flags.push(EventFlag::InactiveSku);
         }
         if on_hand < 0 {
             flags.push(EventFlag::NegativeStock);
@@ -343,11 +354,14 @@ pub struct StockView {
     pub held: u64,
     /// `on_hand − held`.
     pub sellable: i64,
+    /// The catalog's name for it, if the store has a catalog that lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
     let f = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
-    Ok(StockView { sku, on_hand, held: f.held, sellable: f.sellable() })
+    Ok(StockView { name: crate::catalog::name_of(conn, &sku)?, sku, on_hand, held: f.held, sellable: f.sellable() })
 }
 
 /// One SKU's stock, or `None` if the store never saw it.

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -152,9 +152,11 @@ pub struct FrameStats {
     pub sent_state: AtomicU64,
     /// Frame bytes sent on the journal stream.
     pub sent_journal: AtomicU64,
+    /// Frame bytes sent on the catalog stream.
+    pub sent_catalog: AtomicU64,
     /// Frame bytes received on the state stream.
     pub received_state: AtomicU64,
-    /// Frame bytes received on journal streams.
+    /// Frame bytes received on unidirectional streams (journal and catalog).
     pub received_journal: AtomicU64,
     /// Frames received.
     pub frames_received: AtomicU64,
@@ -181,6 +183,7 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
     let readers = spawn_readers(conn.clone(), recv, tx, stats.clone());
     let _guard = AbortOnDrop(readers);
     let mut journal: Option<SendStream> = None;
+    let mut catalog: Option<SendStream> = None;
     {
         let h = *heads.borrow_and_update();
         session.local_head(Instant::now(), h.counter, h.journal);
@@ -204,11 +207,21 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
                                 journal.insert(s)
                             }
                         },
+                        StreamKind::Catalog => match &mut catalog {
+                            Some(s) => s,
+                            None => {
+                                let s = conn.open_uni().await?;
+                                // The catalog is reference data: it yields to stock too.
+                                let _ = s.set_priority(-1);
+                                catalog.insert(s)
+                            }
+                        },
                     };
                     let n = write_frame(stream, &t.frame).await? as u64;
                     match kind {
                         StreamKind::State => stats.sent_state.fetch_add(n, Ordering::Relaxed),
                         StreamKind::Journal => stats.sent_journal.fetch_add(n, Ordering::Relaxed),
+                        StreamKind::Catalog => stats.sent_catalog.fetch_add(n, Ordering::Relaxed),
                     };
                 }
                 while let Some(e) = session.poll_effect() {
@@ -333,7 +346,7 @@ async fn read_stream(
             Ok(Some((frame, n))) => {
                 let counter = match kind {
                     StreamKind::State => &stats.received_state,
-                    StreamKind::Journal => &stats.received_journal,
+                    StreamKind::Journal | StreamKind::Catalog => &stats.received_journal,
                 };
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 stats.frames_received.fetch_add(1, Ordering::Relaxed);

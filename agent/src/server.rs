@@ -80,11 +80,14 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.api.listen, source })?;
 
     let (sync_tx, sync_rx) = watch::channel(SyncStatus::disabled());
+    let catalog = crate::catalog::AgentCatalog::load(&db)
+        .await
+        .map_err(|e| StartError::Other(format!("loading the catalog: {e}")))?;
     let sync_stats = Arc::new(crate::sync::SyncStats::default());
-    let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone())?;
+    let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone(), catalog.clone())?;
 
     let token = (!config.api.token.is_empty()).then(|| Arc::<str>::from(config.api.token.as_str()));
-    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token };
+    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token, catalog };
     let app = router(state, config.api.max_body_bytes);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {

@@ -74,6 +74,7 @@ pub fn spawn(
     db: Db,
     status: watch::Sender<SyncStatus>,
     stats: Arc<SyncStats>,
+    catalog: Arc<crate::catalog::AgentCatalog>,
 ) -> Result<Option<JoinHandle<()>>, StartError> {
     if !config.sync.enabled || !config.bundle_dir().exists() {
         return Ok(None);
@@ -103,6 +104,7 @@ pub fn spawn(
         backoff_max: Duration::from_millis(config.sync.backoff_ms_max),
         status,
         stats,
+        catalog,
     };
     Ok(Some(tokio::spawn(client.run())))
 }
@@ -117,6 +119,7 @@ struct SyncClient {
     backoff_max: Duration,
     status: watch::Sender<SyncStatus>,
     stats: Arc<SyncStats>,
+    catalog: Arc<crate::catalog::AgentCatalog>,
 }
 
 /// The n-th reconnect delay: exponential from `min`, capped at `max`, uniformly jittered over its
@@ -183,7 +186,9 @@ impl SyncClient {
         let resume = replica::resume(&self.db).await.map_err(|e| format!("reading watermarks: {e}"))?;
         let id = self.db.identity();
         let mut session = AgentSession::new(self.session_config.clone(), id.store.clone(), id.writer.clone(), resume);
-        let mut host = AgentHost { db: self.db.clone(), status: self.status.clone() };
+        let catalog_seen = self.db.heads().borrow().catalog;
+        let mut host =
+            AgentHost { db: self.db.clone(), status: self.status.clone(), catalog: self.catalog.clone(), catalog_seen };
         let peer = format!("hub {addr}");
         self.stats.connection_started(&conn);
         let frames = self.stats.frames.clone();
@@ -216,6 +221,8 @@ fn describe_session_error(e: &SessionError) -> String {
 struct AgentHost {
     db: Db,
     status: watch::Sender<SyncStatus>,
+    catalog: Arc<crate::catalog::AgentCatalog>,
+    catalog_seen: u64,
 }
 
 fn internal(what: &str, e: DbError) -> SessionError {
@@ -234,6 +241,14 @@ impl EffectHost<AgentSession> for AgentHost {
                     s.connected_since = Some(since);
                     s.last_error = None;
                 });
+                let first = self.catalog.connected(&self.db).await.map_err(|e| SessionError {
+                    code: close_code::INTERNAL,
+                    message: format!("catalog: {e}"),
+                    from_peer: false,
+                })?;
+                for (doc, m) in first {
+                    session.send_catalog(doc, m);
+                }
             }
             Effect::ReadDelta { after, limit, .. } => {
                 let read =
@@ -269,10 +284,36 @@ impl EffectHost<AgentSession> for AgentHost {
                     replica::digest(&self.db).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(Instant::now(), digest, head)?;
             }
+            Effect::CatalogMessage { doc, bytes } => {
+                let reply = self.catalog.message(&self.db, doc, &bytes).await.map_err(|e| SessionError {
+                    code: if matches!(e, crate::catalog::CatalogError::Invalid(_)) {
+                        close_code::PROTOCOL_VIOLATION
+                    } else {
+                        close_code::INTERNAL
+                    },
+                    message: format!("catalog: {e}"),
+                    from_peer: false,
+                })?;
+                if let Some(r) = reply {
+                    session.send_catalog(doc, r);
+                }
+            }
             Effect::ApplyHolds { snapshot } => {
                 crate::holds::apply_snapshot(&self.db, snapshot).await.map_err(|e| internal("storing holds", e))?;
             }
             Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn heads_changed(&mut self, session: &mut AgentSession, heads: crate::db::Heads) -> Result<(), SessionError> {
+        if heads.catalog != self.catalog_seen {
+            self.catalog_seen = heads.catalog;
+            if session.is_established() {
+                if let Some(m) = self.catalog.local_change().await {
+                    session.send_catalog(shelfsync_shared::wire::CatalogDoc::Overrides, m);
+                }
+            }
         }
         Ok(())
     }

@@ -24,6 +24,9 @@ pub enum AdminError {
     /// Writing the bundle failed.
     #[error("bundle: {0}")]
     Bundle(String),
+    /// The CSV is invalid (nothing was imported).
+    #[error("{0}")]
+    Csv(#[from] crate::catalog::CsvError),
 }
 
 fn pki_dir(data_dir: &Path) -> PathBuf {
@@ -84,6 +87,18 @@ pub async fn create_token(data_dir: &Path, role: Role) -> Result<String, AdminEr
     let token = new_token();
     storage.add_token(token_hash(&token), role).await?;
     Ok(token)
+}
+
+/// Imports a catalog CSV into the hub's catalog document (all rows or none). A running hub picks
+/// the new chunk up and pushes it to the stores.
+pub async fn import_catalog(data_dir: &Path, text: &str) -> Result<usize, AdminError> {
+    let rows = crate::catalog::parse_csv(text)?;
+    let storage = open(data_dir).await?;
+    let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
+    let n = rows.len();
+    let edits = rows.into_iter().map(|(sku, item)| (sku, crate::catalog::Edit::Put(item))).collect();
+    catalog.edit(storage.as_ref(), edits).await?;
+    Ok(n)
 }
 
 /// Online backup of the hub database.

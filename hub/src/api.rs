@@ -58,6 +58,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/stores/{id}/stock", get(get_store_stock))
         .route("/metrics", get(get_metrics))
         .route("/v1/conflicts", get(get_conflicts))
+        .route("/v1/catalog", get(get_catalog_page))
+        .route("/v1/catalog/{sku}", get(get_catalog_item))
         .route("/v1/changes", get(get_changes))
         .route("/v1/events", get(crate::feed::get_events))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
@@ -70,6 +72,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let admin = Router::new()
         .route("/v1/restocks", post(post_restock))
         .route("/v1/transfers", post(post_transfer))
+        .route("/v1/catalog/{sku}", axum::routing::put(put_catalog_item).patch(patch_catalog_item))
+        .route("/v1/catalog/import", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     Router::new()
         .merge(viewer)
@@ -136,6 +140,13 @@ impl From<StorageError> for ApiError {
                 err
             }
             StorageError::NotFound(m) => ApiError::not_found(m),
+            StorageError::LimitExceeded { ref sku, limit, already } => {
+                let sku = sku.to_string();
+                ApiError::conflict("limit_exceeded", e.to_string())
+                    .with("sku", sku)
+                    .with("limit", limit)
+                    .with("already", already)
+            }
             StorageError::InvalidState(m) => ApiError::conflict("invalid_state", m),
             StorageError::Backend(_) | StorageError::Corrupt(_) => ApiError::internal(e),
         }
@@ -579,4 +590,117 @@ async fn get_changes(
     let items = state.hub.storage.changes_after(after, limit).await?;
     let next = items.last().map(|e| e.cursor).unwrap_or(after);
     Ok(Json(json!({ "items": items, "next": next })))
+}
+
+/// Largest CSV import body.
+pub const CATALOG_IMPORT_MAX_BYTES: usize = 32 << 20;
+
+fn catalog_error(e: StorageError) -> ApiError {
+    match e {
+        StorageError::Invalid(m) => ApiError::invalid(m),
+        other => other.into(),
+    }
+}
+
+async fn get_catalog_page(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > STOCK_PAGE_MAX {
+        return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
+    }
+    let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
+    let items = state.hub.storage.catalog_page(after, limit).await?;
+    let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+async fn get_catalog_item(State(state): State<ApiState>, Path(sku): Path<String>) -> Result<Json<Value>, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    match state.hub.storage.catalog_item(sku.clone()).await? {
+        Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
+        None => Err(ApiError::not_found(format!("sku {sku} is not in the catalog"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutItemBody {
+    name: String,
+    #[serde(default)]
+    barcodes: Vec<String>,
+    #[serde(default)]
+    safety_stock: u64,
+    #[serde(default)]
+    low_stock_threshold: u64,
+    #[serde(default)]
+    max_per_customer: u64,
+    #[serde(default = "yes")]
+    active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn catalog_edit(state: &ApiState, sku: Sku, edit: crate::catalog::Edit) -> Result<Json<Value>, ApiError> {
+    let done =
+        state.hub.catalog.edit(state.hub.storage.as_ref(), vec![(sku.clone(), edit)]).await.map_err(catalog_error)?;
+    state.hub.catalog_changed();
+    let item = done.into_iter().next().map(|(_, i)| i);
+    Ok(Json(json!({"sku": sku, "item": item})))
+}
+
+async fn put_catalog_item(
+    State(state): State<ApiState>,
+    Path(sku): Path<String>,
+    ApiJson(b): ApiJson<PutItemBody>,
+) -> Result<Json<Value>, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    let item = crate::storage::CatalogItem {
+        name: b.name,
+        barcodes: b.barcodes,
+        safety_stock: b.safety_stock,
+        low_stock_threshold: b.low_stock_threshold,
+        max_per_customer: b.max_per_customer,
+        active: b.active,
+    };
+    catalog_edit(&state, sku, crate::catalog::Edit::Put(item)).await
+}
+
+async fn patch_catalog_item(
+    State(state): State<ApiState>,
+    Path(sku): Path<String>,
+    ApiJson(p): ApiJson<shelfsync_agent::catalog::CatalogPatch>,
+) -> Result<Json<Value>, ApiError> {
+    let sku = parse_sku("sku", &sku)?;
+    catalog_edit(&state, sku, crate::catalog::Edit::Patch(p)).await
+}
+
+async fn post_catalog_import(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("text/csv") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected Content-Type: text/csv",
+        ));
+    }
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::invalid(format!("the CSV is not UTF-8: {e}")))?;
+    let rows = crate::catalog::parse_csv(text).map_err(|e| {
+        let (row, column) = (e.row, e.column.clone());
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", e.to_string())
+            .with("row", row)
+            .with("column", column)
+    })?;
+    let n = rows.len();
+    let edits = rows.into_iter().map(|(sku, item)| (sku, crate::catalog::Edit::Put(item))).collect();
+    state.hub.catalog.edit(state.hub.storage.as_ref(), edits).await.map_err(catalog_error)?;
+    state.hub.catalog_changed();
+    Ok(Json(json!({ "imported": n })))
 }

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod feed;

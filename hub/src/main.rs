@@ -48,6 +48,11 @@ enum Cmd {
         #[arg(long)]
         http_listen: Option<SocketAddr>,
     },
+    /// Manage the catalog.
+    Catalog {
+        #[command(subcommand)]
+        cmd: CatalogCmd,
+    },
     /// Online backup of the hub database (safe while the hub runs).
     Backup {
         #[arg(long)]
@@ -81,6 +86,17 @@ enum StoreCmd {
     /// Revoke every certificate of a store; a running hub drops it within seconds.
     Revoke {
         id: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active).
+    /// All rows or none; a running hub picks the change up within a second.
+    Import {
+        file: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
     },
@@ -157,6 +173,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down");
             hub.stop().await;
+        }
+        Cmd::Catalog { cmd: CatalogCmd::Import { file, data_dir } } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let n = admin::import_catalog(&data_dir, &text).await?;
+            println!("imported {n} catalog entries from {}", file.display());
         }
         Cmd::Backup { data_dir, to } => {
             admin::backup(&data_dir, &to).await?;

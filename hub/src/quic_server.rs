@@ -133,8 +133,15 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
     let wake = hub.subscribe(&store, heads);
     let conn_id = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let mut host =
-        HubHost { hub: hub.clone(), store: store.clone(), holds_seen: 0, holds_dirty: false, holds_pushed: None };
+    let mut host = HubHost {
+        hub: hub.clone(),
+        store: store.clone(),
+        holds_seen: 0,
+        holds_dirty: false,
+        holds_pushed: None,
+        catalog: None,
+        catalog_seen: 0,
+    };
     let stats = Arc::new(FrameStats::default());
     let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
     hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -170,6 +177,10 @@ struct HubHost {
     holds_dirty: bool,
     /// When the last snapshot went out.
     holds_pushed: Option<Instant>,
+    /// Catalog sync with this store (after `Established`).
+    catalog: Option<crate::catalog::PeerSync>,
+    /// The catalog wake-up counter last acted on.
+    catalog_seen: u64,
 }
 
 /// Least time between two holds snapshots to one store: a burst of reservations becomes one push.
@@ -196,7 +207,8 @@ fn internal(what: &str, e: StorageError) -> SessionError {
 
 impl EffectHost<HubSession> for HubHost {
     async fn effect(&mut self, session: &mut HubSession, effect: Effect) -> Result<(), SessionError> {
-        let (hub, store) = (&self.hub, &self.store);
+        let (hub, store) = (self.hub.clone(), self.store.clone());
+        let (hub, store) = (&hub, &store);
         let now = Instant::now;
         match effect {
             Effect::LookupPeer { writer } => {
@@ -208,6 +220,32 @@ impl EffectHost<HubSession> for HubHost {
                 tracing::info!(%store, writer = %peer, "store connected");
                 let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
                 self.push_holds(session).await?;
+                let mut peer =
+                    hub.catalog.connected(hub.storage.as_ref(), store).await.map_err(|e| internal("catalog", e))?;
+                for (doc, m) in hub.catalog.first_messages(&mut peer).await {
+                    session.send_catalog(doc, m);
+                }
+                self.catalog = Some(peer);
+            }
+            Effect::CatalogMessage { doc, bytes } => {
+                let Some(peer) = self.catalog.as_mut() else {
+                    return Err(SessionError {
+                        code: close_code::PROTOCOL_VIOLATION,
+                        message: "catalog message before the handshake".into(),
+                        from_peer: false,
+                    });
+                };
+                let reply = hub.catalog.message(hub.storage.as_ref(), peer, doc, &bytes).await.map_err(|e| {
+                    let code = match e {
+                        shelfsync_agent::catalog::CatalogError::Forbidden(_) => close_code::UNAUTHORIZED,
+                        shelfsync_agent::catalog::CatalogError::Invalid(_) => close_code::PROTOCOL_VIOLATION,
+                        _ => close_code::INTERNAL,
+                    };
+                    SessionError { code, message: format!("catalog: {e}"), from_peer: false }
+                })?;
+                if let Some(r) = reply {
+                    session.send_catalog(doc, r);
+                }
             }
             Effect::ReadDelta { after, limit, full } => {
                 let exclude = if full { None } else { session.peer().cloned() };
@@ -287,6 +325,14 @@ impl EffectHost<HubSession> for HubHost {
         session: &mut HubSession,
         heads: shelfsync_agent::db::Heads,
     ) -> Result<(), SessionError> {
+        if heads.catalog != self.catalog_seen {
+            self.catalog_seen = heads.catalog;
+            if let Some(peer) = self.catalog.as_mut() {
+                if let Some(m) = self.hub.catalog.catalog_message(peer).await {
+                    session.send_catalog(shelfsync_shared::wire::CatalogDoc::Catalog, m);
+                }
+            }
+        }
         if heads.holds != self.holds_seen {
             self.holds_seen = heads.holds;
             self.holds_dirty = true;

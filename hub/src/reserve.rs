@@ -50,6 +50,8 @@ pub const MIGRATION: &str = "
      CREATE TABLE velocity (
         store TEXT NOT NULL, sku TEXT NOT NULL, score REAL NOT NULL, updated_at_ms INTEGER NOT NULL,
         PRIMARY KEY (store, sku)) WITHOUT ROWID;
+     CREATE TABLE stock_alerts (
+        store TEXT NOT NULL, sku TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (store, sku)) WITHOUT ROWID;
      CREATE TABLE webhook_cursors (url TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE action_requests (
         key TEXT PRIMARY KEY, fingerprint BLOB NOT NULL, response TEXT NOT NULL) WITHOUT ROWID;";
@@ -160,10 +162,12 @@ fn is_open(status: &str) -> bool {
 pub fn figures(conn: &Connection, sku: &Sku, now: &Now, st: Staleness) -> StorageResult<Vec<StoreFigures>> {
     let mut stmt = conn.prepare_cached(
         "SELECT s.store, s.on_hand, st.last_seen_ms, v.score, v.updated_at_ms,
-                COALESCE(h.qty, 0)
+                COALESCE(h.qty, 0), COALESCE(co.safety_stock, ci.safety_stock, 0), COALESCE(ci.active, 1)
          FROM stock s JOIN stores st ON st.id = s.store
          LEFT JOIN velocity v ON v.store = s.store AND v.sku = s.sku
          LEFT JOIN held_totals h ON h.store = s.store AND h.sku = s.sku
+         LEFT JOIN catalog_items ci ON ci.sku = s.sku
+         LEFT JOIN catalog_overrides co ON co.store = s.store AND co.sku = s.sku
          WHERE s.sku = ?1 AND st.revoked_at_ms IS NULL ORDER BY s.store",
     )?;
     let rows = stmt
@@ -175,14 +179,16 @@ pub fn figures(conn: &Connection, sku: &Sku, now: &Now, st: Staleness) -> Storag
                 r.get::<_, Option<f64>>(3)?,
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, u64>(5)?,
+                r.get::<_, u64>(6)?,
+                r.get::<_, bool>(7)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(rows.len());
-    for (store, on_hand, last_seen_ms, score, _updated, held) in rows {
+    for (store, on_hand, last_seen_ms, score, _updated, held, safety_stock, active) in rows {
         let store = store_col(store)?;
-        let safety_stock = 0;
-        let raw = clamp_u64(on_hand as i128 - held as i128 - safety_stock as i128);
+        // An inactive SKU is not offered online at all.
+        let raw = if active { clamp_u64(on_hand as i128 - held as i128 - safety_stock as i128) } else { 0 };
         let silent_ms =
             if now.connected.contains(&store) { 0 } else { last_seen_ms.map_or(0, |t| (now.ms - t).max(0)) };
         // Units this store probably sold since it went dark: its recent rate × the silence.
@@ -256,13 +262,121 @@ pub fn emit_availability(conn: &Connection, store: &StoreId, sku: &Sku, now_ms: 
         .optional()?
         .unwrap_or(0);
     let held = held(conn, store, sku)?;
-    let available = clamp_u64(on_hand as i128 - held as i128);
+    let rule: Option<(u64, u64, bool)> = conn
+        .prepare_cached(
+            "SELECT COALESCE(co.safety_stock, ci.safety_stock), COALESCE(co.low_stock_threshold, ci.low_stock_threshold), ci.active
+             FROM catalog_items ci LEFT JOIN catalog_overrides co ON co.store = ?1 AND co.sku = ci.sku WHERE ci.sku = ?2",
+        )?
+        .query_row(params![store.as_str(), sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (safety, threshold, active) = rule.unwrap_or((0, 0, true));
+    let available = if active { clamp_u64(on_hand as i128 - held as i128 - safety as i128) } else { 0 };
     emit(
         conn,
         "availability_changed",
         now_ms,
-        json!({"store": store, "sku": sku, "on_hand": on_hand, "held": held, "available": available}),
-    )
+        json!({"store": store, "sku": sku, "on_hand": on_hand, "held": held, "safety_stock": safety, "available": available}),
+    )?;
+    if rule.is_some() {
+        alert(conn, store, sku, available, threshold, now_ms)?;
+    }
+    Ok(())
+}
+
+/// Low-stock alerts, edge-triggered per (store, SKU): `low_stock` when available falls to the
+/// threshold or below, `out_of_stock` when it reaches zero, `back_in_stock` when it leaves zero.
+/// Each fires once per crossing, not on every change.
+fn alert(
+    conn: &Connection,
+    store: &StoreId,
+    sku: &Sku,
+    available: u64,
+    threshold: u64,
+    now_ms: i64,
+) -> StorageResult<()> {
+    let state = if available == 0 {
+        "out"
+    } else if threshold > 0 && available <= threshold {
+        "low"
+    } else {
+        "ok"
+    };
+    let before: String = conn
+        .prepare_cached("SELECT state FROM stock_alerts WHERE store = ?1 AND sku = ?2")?
+        .query_row(params![store.as_str(), sku.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or_else(|| "ok".into());
+    if before == state {
+        return Ok(());
+    }
+    conn.prepare_cached(
+        "INSERT INTO stock_alerts (store, sku, state) VALUES (?1, ?2, ?3)
+         ON CONFLICT (store, sku) DO UPDATE SET state = excluded.state",
+    )?
+    .execute(params![store.as_str(), sku.as_str(), state])?;
+    let data = json!({"store": store, "sku": sku, "available": available, "low_stock_threshold": threshold});
+    if before == "out" {
+        emit(conn, "back_in_stock", now_ms, data.clone())?;
+    }
+    match (before.as_str(), state) {
+        (_, "out") => emit(conn, "out_of_stock", now_ms, data)?,
+        ("ok", "low") => emit(conn, "low_stock", now_ms, data)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Records an `unknown_sku` conflict (a store sold something the catalog does not list, or lists
+/// as inactive), once per (store, SKU) while open.
+pub fn unknown_sku(conn: &Connection, store: &StoreId, sku: &Sku, why: &str, now_ms: i64) -> StorageResult<()> {
+    if open_conflict(conn, store, sku, "unknown_sku")?.is_some() {
+        return Ok(());
+    }
+    let c = Conflict {
+        id: Uuid::now_v7(),
+        kind: "unknown_sku".into(),
+        store: store.clone(),
+        sku: sku.clone(),
+        shortfall: 0,
+        reservations: vec![],
+        resolution: format!("{why}: add it to the catalog (or reactivate it), or correct the store's records"),
+        status: "open".into(),
+        detected_at: rfc3339(now_ms),
+        resolved_at: None,
+    };
+    insert_conflict(conn, &c, now_ms, None)?;
+    emit(conn, "unknown_sku", now_ms, json!({"conflict": c}))
+}
+
+/// Resolves open `unknown_sku` conflicts of SKUs that are now catalogued and active.
+pub fn resolve_known(conn: &Connection, sku: &Sku, now_ms: i64) -> StorageResult<()> {
+    conn.prepare_cached(
+        "UPDATE conflicts SET status = 'resolved', resolved_at_ms = ?2, resolution = 'the sku is in the catalog now'
+         WHERE kind = 'unknown_sku' AND sku = ?1 AND status = 'open'
+           AND EXISTS (SELECT 1 FROM catalog_items WHERE sku = ?1 AND active)",
+    )?
+    .execute(params![sku.as_str(), now_ms])?;
+    Ok(())
+}
+
+/// The catalog's per-customer limit of a SKU (0: none).
+fn customer_limit(conn: &Connection, sku: &Sku) -> StorageResult<u64> {
+    Ok(conn
+        .prepare_cached("SELECT max_per_customer FROM catalog_items WHERE sku = ?1")?
+        .query_row([sku.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Units of `sku` a customer holds, has paid for or has received.
+fn customer_has(conn: &Connection, customer: &str, sku: &Sku) -> StorageResult<u64> {
+    let v: Option<u64> = conn
+        .prepare_cached(
+            "SELECT SUM(a.qty) FROM allocations a JOIN reservations r ON r.id = a.reservation
+             WHERE r.customer = ?1 AND a.sku = ?2 AND a.status IN ('held', 'committed', 'fulfilled')",
+        )?
+        .query_row(params![customer, sku.as_str()], |r| r.get(0))?;
+    Ok(v.unwrap_or(0))
 }
 
 /// Marks a store's holds as changed (its agent gets a new snapshot).
@@ -546,6 +660,24 @@ pub fn create(conn: &Connection, req: &ReservationRequest, now: &Now, st: Stalen
             None => return Err(StorageError::UnknownStore(p.clone())),
             Some(Some(_)) => return Err(StorageError::Revoked(p.clone())),
             Some(None) => {}
+        }
+    }
+    // Per-customer limits from the catalog.
+    let mut asked: BTreeMap<Sku, u64> = BTreeMap::new();
+    for l in &req.lines {
+        *asked.entry(l.sku.clone()).or_default() += l.qty;
+    }
+    for (sku, qty) in &asked {
+        let limit = customer_limit(conn, sku)?;
+        if limit == 0 {
+            continue;
+        }
+        let already = match &req.customer {
+            Some(c) => customer_has(conn, c, sku)?,
+            None => 0,
+        };
+        if already + qty > limit {
+            return Err(StorageError::LimitExceeded { sku: sku.clone(), limit, already });
         }
     }
     let mut taken: HashMap<(StoreId, Sku), u64> = HashMap::new();

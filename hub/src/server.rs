@@ -85,7 +85,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         .await
         .map_err(|e| HubError::Other(format!("opening storage: {e}")))??;
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
-    let hub = Hub::new(Arc::new(storage));
+    let storage: Arc<dyn crate::storage::HubStorage> = Arc::new(storage);
+    let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
+    let hub = Hub::new(storage, catalog);
 
     let server_config = quic_server::server_config(&hub, &pki).await.map_err(HubError::Pki)?;
     let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
@@ -107,6 +109,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         .map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
     let http_addr =
         listener.local_addr().map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
+    tasks.push(tokio::spawn(watch_catalog_imports(hub.clone())));
     tasks.push(tokio::spawn(expire_leases(hub.clone(), Duration::from_millis(config.reservations.expiry_check_ms))));
     for w in &config.webhooks {
         tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
@@ -140,6 +143,20 @@ async fn expire_leases(hub: Arc<Hub>, every: Duration) {
         match hub.storage.expire_due(jiff::Timestamp::now().as_millisecond()).await {
             Ok(stores) => hub.holds_changed(&stores),
             Err(e) => tracing::error!(error = %e, "expiring reservations"),
+        }
+    }
+}
+
+/// Picks up catalog edits made by another process (`shelfsync-hub catalog import`) and pushes them
+/// to the stores.
+async fn watch_catalog_imports(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match hub.catalog.refresh(hub.storage.as_ref()).await {
+            Ok(true) => hub.catalog_changed(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "picking up catalog changes"),
         }
     }
 }

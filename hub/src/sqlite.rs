@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::reserve::{self, Staleness};
+use shelfsync_agent::catalog;
 use shelfsync_shared::counter::{sum_entries, StateDigest};
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
 use shelfsync_shared::wire::{Delta, JournalBatch};
@@ -64,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
         revoked_at_ms INTEGER) WITHOUT ROWID;",
     // 2: reservations, holds, conflicts, the change feed.
     crate::reserve::MIGRATION,
+    // 3: the catalog documents and their materialised rows.
+    shelfsync_agent::catalog::MIGRATION,
 ];
 
 impl From<DbError> for StorageError {
@@ -85,6 +88,17 @@ impl From<SqliteError> for StorageError {
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> Self {
         StorageError::Backend(e.to_string())
+    }
+}
+
+impl From<shelfsync_agent::catalog::CatalogError> for StorageError {
+    fn from(e: shelfsync_agent::catalog::CatalogError) -> Self {
+        use shelfsync_agent::catalog::CatalogError as C;
+        match e {
+            C::Invalid(m) | C::Forbidden(m) => StorageError::Invalid(m),
+            C::Doc(d) => StorageError::Corrupt(format!("catalog document: {d}")),
+            C::Db(d) => d.into(),
+        }
     }
 }
 
@@ -263,6 +277,14 @@ fn refresh_stock(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult
     )?
     .execute(params![store.as_str(), sku.as_str(), value])?;
     Ok(value)
+}
+
+fn on_hand_row(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM stock WHERE store = ?1 AND sku = ?2")?
+        .query_row(params![store.as_str(), sku.as_str()], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 fn on_hand(conn: &Connection, store: &StoreId, sku: &Sku) -> StorageResult<i64> {
@@ -583,6 +605,11 @@ impl HubStorage for SqliteStorage {
                     )));
                 }
                 insert_event(conn, e)?;
+                if e.flags.contains(&shelfsync_shared::EventFlag::UnknownSku) {
+                    reserve::unknown_sku(conn, &store, &e.sku, "not in the catalog", now_ms())?;
+                } else if e.flags.contains(&shelfsync_shared::EventFlag::InactiveSku) {
+                    reserve::unknown_sku(conn, &store, &e.sku, "inactive in the catalog", now_ms())?;
+                }
             }
             ensure_peer(conn, &store, &peer)?;
             conn.prepare_cached(
@@ -695,6 +722,65 @@ impl HubStorage for SqliteStorage {
 
     fn changes_after(&self, cursor: u64, limit: usize) -> BoxFuture<'_, StorageResult<Vec<ChangeEvent>>> {
         self.read(move |conn| reserve::changes_after(conn, cursor, limit)).boxed()
+    }
+
+    fn load_doc(&self, name: String) -> BoxFuture<'_, StorageResult<TrackedDoc>> {
+        self.read(move |conn| Ok(TrackedDoc::load(conn, &name)?)).boxed()
+    }
+
+    fn sync_state(&self, doc: String, peer: String) -> BoxFuture<'_, StorageResult<automerge::sync::State>> {
+        self.read(move |conn| Ok(catalog::load_sync_state(conn, &doc, &peer)?)).boxed()
+    }
+
+    fn catalog_commit(&self, c: CatalogCommit) -> BoxFuture<'_, StorageResult<i64>> {
+        self.write(move |conn| {
+            let now = now_ms();
+            if let Some(w) = &c.write {
+                catalog::write_chunk(conn, w)?;
+            }
+            catalog::write_item_rows(conn, &c.items)?;
+            for (sku, _) in &c.items {
+                let sku = sku_col(sku.clone())?;
+                reserve::resolve_known(conn, &sku, now)?;
+                let stores = conn
+                    .prepare_cached("SELECT store FROM stock WHERE sku = ?1")?
+                    .query_map([sku.as_str()], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for s in stores {
+                    reserve::emit_availability(conn, &store_col(s)?, &sku, now)?;
+                }
+            }
+            if let Some((store, rows)) = &c.overrides {
+                catalog::write_override_rows(conn, store, rows)?;
+                for (sku, _) in rows {
+                    let sku = sku_col(sku.clone())?;
+                    if on_hand_row(conn, store, &sku)? {
+                        reserve::emit_availability(conn, store, &sku, now)?;
+                    }
+                }
+            }
+            for (doc, peer, state) in &c.sync_states {
+                conn.prepare_cached(
+                    "INSERT INTO doc_sync (doc, peer, state) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (doc, peer) DO UPDATE SET state = excluded.state",
+                )?
+                .execute(params![doc, peer, state])?;
+            }
+            Ok(catalog::last_chunk(conn, catalog::CATALOG_DOC)?)
+        })
+        .boxed()
+    }
+
+    fn doc_chunks_after(&self, doc: String, after: i64) -> BoxFuture<'_, StorageResult<Vec<(i64, Vec<u8>)>>> {
+        self.read(move |conn| Ok(catalog::chunks_after(conn, &doc, after)?)).boxed()
+    }
+
+    fn catalog_item(&self, sku: Sku) -> BoxFuture<'_, StorageResult<Option<CatalogView>>> {
+        self.read(move |conn| Ok(catalog::view(conn, &sku, None)?)).boxed()
+    }
+
+    fn catalog_page(&self, after: Option<Sku>, limit: usize) -> BoxFuture<'_, StorageResult<Vec<CatalogView>>> {
+        self.read(move |conn| Ok(catalog::page(conn, after.as_ref(), limit)?)).boxed()
     }
 
     fn change_head(&self) -> watch::Receiver<u64> {

@@ -43,6 +43,8 @@ pub const STOCK_EVENTS_CAPACITY: usize = 16_384;
 pub struct Hub {
     /// Durable state.
     pub storage: Arc<dyn HubStorage>,
+    /// The catalog documents.
+    pub catalog: Arc<crate::catalog::HubCatalog>,
     /// Counters.
     pub metrics: Metrics,
     live: Mutex<HashMap<StoreId, LiveConn>>,
@@ -53,9 +55,10 @@ pub struct Hub {
 
 impl Hub {
     /// Wraps a storage.
-    pub fn new(storage: Arc<dyn HubStorage>) -> Arc<Hub> {
+    pub fn new(storage: Arc<dyn HubStorage>, catalog: Arc<crate::catalog::HubCatalog>) -> Arc<Hub> {
         Arc::new(Hub {
             storage,
+            catalog,
             metrics: Metrics::default(),
             live: Mutex::default(),
             wakers: Mutex::default(),
@@ -107,6 +110,13 @@ impl Hub {
         }
     }
 
+    /// The catalog changed: wakes every store's session to send it.
+    pub fn catalog_changed(&self) {
+        for w in self.wakers.lock().expect("wakers lock").values() {
+            w.send_modify(|h| h.catalog += 1);
+        }
+    }
+
     /// Every live connection.
     pub fn all_live(&self) -> Vec<(StoreId, LiveConn)> {
         self.live.lock().expect("live lock").iter().map(|(s, c)| (s.clone(), c.clone())).collect()
@@ -117,7 +127,9 @@ impl Hub {
         let mut wakers = self.wakers.lock().expect("wakers lock");
         wakers
             .entry(store.clone())
-            .or_insert_with(|| watch::channel(Heads { counter: now.counter, journal: now.journal, holds: 0 }).0)
+            .or_insert_with(|| {
+                watch::channel(Heads { counter: now.counter, journal: now.journal, holds: 0, catalog: 0 }).0
+            })
             .subscribe()
     }
 

@@ -18,6 +18,21 @@ pub use crate::reserve::{
 };
 use shelfsync_shared::wire::HoldsSnapshot;
 
+pub use shelfsync_agent::catalog::{CatalogItem, CatalogView, DocWrite, Overrides, TrackedDoc};
+
+/// What one catalog change writes.
+#[derive(Debug, Default)]
+pub struct CatalogCommit {
+    /// New document chunk, if the document changed.
+    pub write: Option<DocWrite>,
+    /// Materialised catalog rows to rewrite (`None`: removed).
+    pub items: Vec<(String, Option<CatalogItem>)>,
+    /// A store's materialised override rows to rewrite.
+    pub overrides: Option<(StoreId, Vec<(String, Overrides)>)>,
+    /// Sync states to persist: (doc, peer, encoded state).
+    pub sync_states: Vec<(String, String, Vec<u8>)>,
+}
+
 /// Which conflicts to list.
 #[derive(Clone, Debug, Default)]
 pub struct ConflictFilter {
@@ -82,6 +97,16 @@ pub enum StorageError {
     /// No such thing.
     #[error("{0}")]
     NotFound(String),
+    /// A per-customer limit from the catalog.
+    #[error("at most {limit} of {sku} per customer; this customer already has {already}")]
+    LimitExceeded {
+        /// What.
+        sku: Sku,
+        /// The catalog's limit.
+        limit: u64,
+        /// What the customer holds, paid or received already.
+        already: u64,
+    },
     /// The thing is in a state that does not allow this.
     #[error("{0}")]
     InvalidState(String),
@@ -376,6 +401,21 @@ pub trait HubStorage: Send + Sync + 'static {
     fn webhook_cursor(&self, url: String) -> BoxFuture<'_, StorageResult<Option<u64>>>;
     /// Records a webhook's delivery cursor.
     fn set_webhook_cursor(&self, url: String, cursor: u64) -> BoxFuture<'_, StorageResult<()>>;
+
+    /// Loads a replicated document.
+    fn load_doc(&self, name: String) -> BoxFuture<'_, StorageResult<TrackedDoc>>;
+    /// The persisted automerge sync state of (`doc`, `peer`).
+    fn sync_state(&self, doc: String, peer: String) -> BoxFuture<'_, StorageResult<automerge::sync::State>>;
+    /// Persists catalog document changes, their materialised rows and sync states in one
+    /// transaction, re-evaluating availability and alerts of the SKUs touched. Returns the newest
+    /// chunk sequence of the catalog document.
+    fn catalog_commit(&self, c: CatalogCommit) -> BoxFuture<'_, StorageResult<i64>>;
+    /// Chunks of a document after `after` (to pick up edits made by another process).
+    fn doc_chunks_after(&self, doc: String, after: i64) -> BoxFuture<'_, StorageResult<Vec<(i64, Vec<u8>)>>>;
+    /// One catalog entry (materialised).
+    fn catalog_item(&self, sku: Sku) -> BoxFuture<'_, StorageResult<Option<CatalogView>>>;
+    /// A page of catalog entries in SKU order.
+    fn catalog_page(&self, after: Option<Sku>, limit: usize) -> BoxFuture<'_, StorageResult<Vec<CatalogView>>>;
     /// Stock of some SKUs at every store that has them.
     fn stock_of(&self, skus: Vec<Sku>) -> BoxFuture<'_, StorageResult<Vec<StoreStock>>>;
     /// A page of one store's stock in SKU order.

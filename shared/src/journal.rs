@@ -62,12 +62,14 @@ impl EventKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventFlag {
-    /// The SKU was never seen at this store (or is not in the catalog).
+    /// The SKU is not in the catalog (or, for a store without a catalog, was never seen there).
     UnknownSku,
     /// The change left `on_hand` below zero.
     NegativeStock,
     /// The change dipped into units promised to online reservations.
     DipsIntoHolds,
+    /// The catalog lists the SKU as inactive.
+    InactiveSku,
 }
 
 impl EventFlag {
@@ -77,12 +79,13 @@ impl EventFlag {
             EventFlag::UnknownSku => 1,
             EventFlag::NegativeStock => 2,
             EventFlag::DipsIntoHolds => 4,
+            EventFlag::InactiveSku => 8,
         }
     }
 
     /// Flags from a bit set.
     pub fn from_bits(bits: u32) -> Vec<EventFlag> {
-        [EventFlag::UnknownSku, EventFlag::NegativeStock, EventFlag::DipsIntoHolds]
+        [EventFlag::UnknownSku, EventFlag::NegativeStock, EventFlag::DipsIntoHolds, EventFlag::InactiveSku]
             .into_iter()
             .filter(|f| bits & f.bit() != 0)
             .collect()

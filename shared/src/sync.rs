@@ -20,8 +20,9 @@ use crate::counter::{PnEntry, StateDigest};
 use crate::id::{Sku, StoreId, WriterId};
 use crate::journal::JournalEvent;
 use crate::wire::{
-    close_code, Ack, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, HoldsSnapshot, JournalBatch, Welcome,
-    DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION,
+    close_code, Ack, CatalogDoc, CatalogFrame, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, HoldsSnapshot,
+    JournalBatch, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX, DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX,
+    MESSAGE_MAX_LEN, PROTOCOL_VERSION,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -65,6 +66,8 @@ pub const EARLY_JOURNAL_MAX: usize = 16;
 pub enum StreamKind {
     /// The bidirectional state stream: handshake, deltas, acks, digests.
     State,
+    /// The unidirectional, lower-priority catalog stream (automerge sync messages).
+    Catalog,
     /// The unidirectional, lower-priority journal stream.
     Journal,
 }
@@ -165,6 +168,14 @@ pub enum Effect {
     /// were read at (agent: the head; hub: the highest sequence among this store's entries) and
     /// call `digest_computed`.
     ComputeDigest,
+    /// A complete automerge sync message for one of the catalog documents: feed it to the
+    /// document's sync state and answer with `send_catalog`.
+    CatalogMessage {
+        /// Which document.
+        doc: CatalogDoc,
+        /// The encoded automerge sync message.
+        bytes: Vec<u8>,
+    },
     /// Agent only: replace the store's holds with this snapshot (durably; no ack is sent, a new
     /// connection always brings a fresh snapshot).
     ApplyHolds {
@@ -298,6 +309,10 @@ impl Outbox {
         Ok(nonempty.then_some(after))
     }
 
+    fn tolerate_acks_upto(&mut self, claim: u64) {
+        self.max_sent = self.max_sent.max(claim);
+    }
+
     fn ack(&mut self, now: Instant, upto: u64) -> Result<bool, SessionError> {
         if upto > self.max_sent {
             return Err(SessionError::violation(format!("ack of {upto} beyond what was sent ({})", self.max_sent)));
@@ -379,6 +394,8 @@ struct Link {
     transmits: VecDeque<Transmit>,
     effects: VecDeque<Effect>,
     failed: bool,
+    /// Catalog sync messages being reassembled, per document.
+    catalog_parts: std::collections::HashMap<CatalogDoc, Vec<u8>>,
 }
 
 impl Link {
@@ -393,6 +410,7 @@ impl Link {
             transmits: VecDeque::new(),
             effects: VecDeque::new(),
             failed: false,
+            catalog_parts: std::collections::HashMap::new(),
         }
     }
 
@@ -435,6 +453,20 @@ impl Link {
 
     /// Frames both roles handle the same way once established.
     fn handle_common(&mut self, now: Instant, frame: FrameV1) -> Result<Option<FrameV1>, SessionError> {
+        // Catalog messages stand alone (automerge's sync protocol is its own handshake), so they
+        // are reassembled even if they overtake the Welcome on their own stream.
+        if let FrameV1::Catalog(part) = frame {
+            let buf = self.catalog_parts.entry(part.doc).or_default();
+            if buf.len() + part.bytes.len() > CATALOG_MESSAGE_MAX {
+                return Err(SessionError::violation(format!("catalog sync message over {CATALOG_MESSAGE_MAX} bytes")));
+            }
+            buf.extend_from_slice(&part.bytes);
+            if part.last {
+                let bytes = std::mem::take(buf);
+                self.effects.push_back(Effect::CatalogMessage { doc: part.doc, bytes });
+            }
+            return Ok(None);
+        }
         if self.peer.is_none() {
             return Ok(Some(frame));
         }
@@ -463,6 +495,15 @@ impl Link {
             other => return Ok(Some(other)),
         }
         Ok(None)
+    }
+
+    fn send_catalog(&mut self, doc: CatalogDoc, bytes: Vec<u8>) {
+        let parts: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(CATALOG_PART_MAX).collect() };
+        let n = parts.len();
+        for (i, p) in parts.into_iter().enumerate() {
+            let frame = CatalogFrame { doc, last: i + 1 == n, bytes: p.to_vec() };
+            self.send(StreamKind::Catalog, FrameV1::Catalog(frame));
+        }
     }
 
     fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
@@ -544,6 +585,11 @@ macro_rules! common_api {
         pub fn journal_applied(&mut self, now: Instant, upto: u64) -> Result<(), SessionError> {
             let r = self.link.journal_applied(upto);
             self.check(now, r)
+        }
+
+        /// Sends an automerge sync message for a catalog document (split into frames as needed).
+        pub fn send_catalog(&mut self, doc: CatalogDoc, bytes: Vec<u8>) {
+            self.link.send_catalog(doc, bytes);
         }
 
         /// The peer's writer, once the handshake is complete.
@@ -687,6 +733,10 @@ impl AgentSession {
                 let from = if w.applied <= self.link.counters_out.head { w.applied } else { 0 };
                 let jfrom = if w.journal_applied <= self.link.journal_out.head { w.journal_applied } else { 0 };
                 self.link.established(now, w.hub_writer, from, jfrom);
+                // A hub that claims more than we have (we lost data but kept our writer) acks up
+                // to its claim; that is no violation, we simply resend everything.
+                self.link.counters_out.tolerate_acks_upto(w.applied);
+                self.link.journal_out.tolerate_acks_upto(w.journal_applied);
                 self.next_digest = Some(now);
                 for batch in std::mem::take(&mut self.early_journal) {
                     self.link.handle_common(now, FrameV1::Journal(batch))?;
@@ -853,7 +903,9 @@ impl HubSession {
                 // everything received" covers the agent's side; the agent must have applied the
                 // last frame we sent, and nothing may be in flight from us.
                 let out = &self.link.counters_out;
+                // A digest older than deltas already received describes a past state: skip it.
                 let comparable = self.link.counters_in.settled()
+                    && d.head >= self.link.counters_in.received
                     && out.idle()
                     && d.applied == out.transmitted
                     && self.pending_digest.is_none();
@@ -898,6 +950,11 @@ impl HubSession {
             }),
         );
         self.link.established(now, h.writer, from, jfrom);
+        if same_hub {
+            // As at the agent: an agent claiming more than we have acks up to its claim.
+            self.link.counters_out.tolerate_acks_upto(h.applied);
+            self.link.journal_out.tolerate_acks_upto(h.journal_applied);
+        }
         self.drive(now);
         Ok(())
     }
@@ -947,5 +1004,6 @@ fn frame_name(f: &FrameV1) -> &'static str {
         FrameV1::JournalAck(_) => "journal ack",
         FrameV1::Error(_) => "error",
         FrameV1::Holds(_) => "holds",
+        FrameV1::Catalog(_) => "catalog",
     }
 }

@@ -27,6 +27,10 @@ pub const MESSAGE_MAX_LEN: usize = 1024;
 pub const DELTA_FULFILLED_MAX: usize = 1024;
 /// Most holds in one holds snapshot.
 pub const HOLDS_MAX: usize = 4096;
+/// Most bytes of an automerge sync message in one catalog frame (larger messages are split).
+pub const CATALOG_PART_MAX: usize = 512 * 1024;
+/// Most bytes of one reassembled automerge sync message.
+pub const CATALOG_MESSAGE_MAX: usize = 64 << 20;
 
 /// QUIC application close codes. The same numbers appear in logs on both sides.
 pub mod close_code {
@@ -88,6 +92,28 @@ pub enum FrameV1 {
     /// Hub → agent: every open hold (online reservation) allocated to this store, replacing the
     /// previous snapshot (state stream).
     Holds(HoldsSnapshot),
+    /// Part of an automerge sync message for one of the catalog documents (catalog stream).
+    Catalog(CatalogFrame),
+}
+
+/// Which replicated document a catalog frame is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CatalogDoc {
+    /// The hub's catalog (hub → store; a store may not change it).
+    Catalog,
+    /// The connected store's overrides (store → hub).
+    Overrides,
+}
+
+/// One part of an automerge sync message; parts of one message are consecutive on the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogFrame {
+    /// Which document.
+    pub doc: CatalogDoc,
+    /// Whether this part completes the message.
+    pub last: bool,
+    /// The bytes (at most [`CATALOG_PART_MAX`]).
+    pub bytes: Vec<u8>,
 }
 
 /// Whether a hold is merely reserved or paid for.
@@ -328,6 +354,7 @@ impl Frame {
             }
             FrameV1::Error(e) => limit("error message bytes", e.message.len(), MESSAGE_MAX_LEN)?,
             FrameV1::Holds(h) => limit("holds", h.holds.len(), HOLDS_MAX)?,
+            FrameV1::Catalog(c) => limit("catalog frame bytes", c.bytes.len(), CATALOG_PART_MAX)?,
             _ => {}
         }
         Ok(())

@@ -1,0 +1,321 @@
+//! The hub's side of the catalog: the authoritative catalog document (edited by the admin API,
+//! CSV imports and the CLI), each store's overrides replica, and the automerge sync towards the
+//! stores. Edits are serialised per document (one async lock), so chunks persist in the order
+//! they were made.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use shelfsync_agent::catalog::{self as cat, CatalogError, CatalogItem, CatalogPatch, TrackedDoc, CATALOG_DOC};
+use shelfsync_shared::wire::CatalogDoc;
+use shelfsync_shared::{Sku, StoreId};
+use tokio::sync::Mutex;
+
+use crate::storage::{CatalogCommit, HubStorage, StorageError, StorageResult};
+
+/// Most rows in one CSV import.
+pub const IMPORT_ROWS_MAX: usize = 200_000;
+
+/// The catalog at the hub.
+pub struct HubCatalog {
+    doc: Mutex<TrackedDoc>,
+    overrides: Mutex<HashMap<StoreId, TrackedDoc>>,
+    /// The newest catalog chunk this process has loaded.
+    seen: AtomicI64,
+}
+
+/// One edit of a catalog entry.
+#[derive(Clone, Debug)]
+pub enum Edit {
+    /// Replace the whole entry.
+    Put(CatalogItem),
+    /// Change some fields.
+    Patch(CatalogPatch),
+}
+
+impl HubCatalog {
+    /// Loads the catalog document.
+    pub async fn load(storage: &dyn HubStorage) -> StorageResult<Arc<HubCatalog>> {
+        let doc = storage.load_doc(CATALOG_DOC.into()).await?;
+        let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
+        Ok(Arc::new(HubCatalog { doc: Mutex::new(doc), overrides: Mutex::default(), seen: AtomicI64::new(seen) }))
+    }
+
+    /// Applies edits (all or none: any invalid entry refuses the whole batch) and persists them.
+    pub async fn edit(
+        &self,
+        storage: &dyn HubStorage,
+        edits: Vec<(Sku, Edit)>,
+    ) -> StorageResult<Vec<(Sku, CatalogItem)>> {
+        let mut doc = self.doc.lock().await;
+        // Validate everything against the current document before touching it.
+        let mut planned = Vec::with_capacity(edits.len());
+        for (i, (sku, e)) in edits.iter().enumerate() {
+            let item = match e {
+                Edit::Put(item) => {
+                    item.validate().map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?;
+                    item.clone()
+                }
+                Edit::Patch(p) => p
+                    .apply_to(cat::read_item(&doc.doc, sku.as_str()))
+                    .map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?,
+            };
+            planned.push((sku.clone(), item));
+        }
+        for (sku, item) in &planned {
+            cat::write_item(&mut doc.doc, sku.as_str(), item)?;
+        }
+        let write = doc.take_write();
+        let skus: BTreeSet<String> = planned.iter().map(|(s, _)| s.to_string()).collect();
+        let items = cat::item_rows(&doc.doc, &skus);
+        // `seen` is left to `refresh`: another process may have appended a chunk just before ours,
+        // and re-reading our own chunk there is a no-op merge.
+        storage.catalog_commit(CatalogCommit { write, items, ..Default::default() }).await?;
+        Ok(planned)
+    }
+
+    /// Picks up catalog chunks another process (the `catalog import` CLI) appended. Returns
+    /// whether the catalog changed.
+    pub async fn refresh(&self, storage: &dyn HubStorage) -> StorageResult<bool> {
+        let after = self.seen.load(Ordering::SeqCst);
+        let chunks = storage.doc_chunks_after(CATALOG_DOC.into(), after).await?;
+        if chunks.is_empty() {
+            return Ok(false);
+        }
+        let mut doc = self.doc.lock().await;
+        let before = doc.doc.get_heads();
+        for (_, bytes) in &chunks {
+            doc.doc.load_incremental(bytes).map_err(CatalogError::from)?;
+        }
+        // Already persisted: mark as saved.
+        let _ = doc.doc.save_incremental();
+        let after_heads = doc.doc.get_heads();
+        self.seen.fetch_max(chunks.last().map_or(after, |c| c.0), Ordering::SeqCst);
+        if before == after_heads {
+            return Ok(false);
+        }
+        let skus = cat::changed_skus(&mut doc.doc, &before, &after_heads, 1);
+        let items = cat::item_rows(&doc.doc, &skus);
+        storage.catalog_commit(CatalogCommit { items, ..Default::default() }).await?;
+        Ok(true)
+    }
+
+    /// A store connected: its persisted sync states and the first messages.
+    pub async fn connected(&self, storage: &dyn HubStorage, store: &StoreId) -> StorageResult<PeerSync> {
+        let catalog_state = storage.sync_state(CATALOG_DOC.into(), store.to_string()).await?;
+        let overrides_state = storage.sync_state(cat::overrides_doc(store), store.to_string()).await?;
+        {
+            let mut map = self.overrides.lock().await;
+            if !map.contains_key(store) {
+                let d = storage.load_doc(cat::overrides_doc(store)).await?;
+                map.insert(store.clone(), d);
+            }
+        }
+        Ok(PeerSync { store: store.clone(), catalog_state, overrides_state })
+    }
+
+    /// The catalog changed: the next message for this peer.
+    pub async fn catalog_message(&self, peer: &mut PeerSync) -> Option<Vec<u8>> {
+        let mut doc = self.doc.lock().await;
+        cat::generate(&mut doc.doc, &mut peer.catalog_state)
+    }
+
+    /// First messages for a new connection (both documents).
+    pub async fn first_messages(&self, peer: &mut PeerSync) -> Vec<(CatalogDoc, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Some(m) = self.catalog_message(peer).await {
+            out.push((CatalogDoc::Catalog, m));
+        }
+        let mut map = self.overrides.lock().await;
+        if let Some(d) = map.get_mut(&peer.store) {
+            if let Some(m) = cat::generate(&mut d.doc, &mut peer.overrides_state) {
+                out.push((CatalogDoc::Overrides, m));
+            }
+        }
+        out
+    }
+
+    /// A sync message from a store. The catalog is read-only for stores (a message carrying
+    /// changes is refused); the store's overrides merge here and take effect in availability.
+    pub async fn message(
+        &self,
+        storage: &dyn HubStorage,
+        peer: &mut PeerSync,
+        doc: CatalogDoc,
+        bytes: &[u8],
+    ) -> Result<Option<Vec<u8>>, CatalogError> {
+        let store = peer.store.clone();
+        match doc {
+            CatalogDoc::Catalog => {
+                let mut d = self.doc.lock().await;
+                cat::receive(&mut d.doc, &mut peer.catalog_state, bytes, 1, false)?;
+                let reply = cat::generate(&mut d.doc, &mut peer.catalog_state);
+                let states = vec![(CATALOG_DOC.to_string(), store.to_string(), peer.catalog_state.encode())];
+                storage
+                    .catalog_commit(CatalogCommit { sync_states: states, ..Default::default() })
+                    .await
+                    .map_err(storage_to_catalog)?;
+                Ok(reply)
+            }
+            CatalogDoc::Overrides => {
+                let mut map = self.overrides.lock().await;
+                let d = map.entry(store.clone()).or_insert_with(|| TrackedDoc::empty(&cat::overrides_doc(&store)));
+                let changed = cat::receive(&mut d.doc, &mut peer.overrides_state, bytes, 0, true)?;
+                let write = d.take_write();
+                let rows = cat::override_rows(&d.doc, &changed);
+                let reply = cat::generate(&mut d.doc, &mut peer.overrides_state);
+                let states = vec![(cat::overrides_doc(&store), store.to_string(), peer.overrides_state.encode())];
+                storage
+                    .catalog_commit(CatalogCommit {
+                        write,
+                        overrides: (!rows.is_empty()).then(|| (store.clone(), rows)),
+                        sync_states: states,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(storage_to_catalog)?;
+                Ok(reply)
+            }
+        }
+    }
+
+    /// Approximate memory held by the catalog document (its saved size is a lower bound; used by
+    /// the benchmark next to the process's resident set).
+    pub async fn saved_len(&self) -> usize {
+        self.doc.lock().await.doc.save().len()
+    }
+}
+
+fn storage_to_catalog(e: StorageError) -> CatalogError {
+    CatalogError::Db(shelfsync_agent::db::DbError::Sqlite(e.to_string()))
+}
+
+fn prefix(n: usize, i: usize, sku: &Sku, err: CatalogError) -> String {
+    if n == 1 {
+        err.to_string()
+    } else {
+        format!("entry {} ({sku}): {err}", i + 1)
+    }
+}
+
+/// A store's sync states for the catalog stream.
+pub struct PeerSync {
+    store: StoreId,
+    catalog_state: automerge::sync::State,
+    overrides_state: automerge::sync::State,
+}
+
+/// A CSV problem, naming the row (1 = header) and column.
+#[derive(Debug, thiserror::Error)]
+#[error("row {row}, column {column}: {message}")]
+pub struct CsvError {
+    /// 1-based line of the file (the header is row 1).
+    pub row: usize,
+    /// Column name (or number when there is none).
+    pub column: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+const COLUMNS: [&str; 7] =
+    ["sku", "name", "barcodes", "safety_stock", "low_stock_threshold", "max_per_customer", "active"];
+
+/// Parses a catalog CSV: a header naming columns from `sku,name,barcodes,safety_stock,
+/// low_stock_threshold,max_per_customer,active` (`sku` and `name` required, the rest optional),
+/// barcodes separated by `|`, `active` as true/false/yes/no/1/0. Every row is checked before
+/// anything is applied.
+pub fn parse_csv(text: &str) -> Result<Vec<(Sku, CatalogItem)>, CsvError> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).trim(csv::Trim::All).from_reader(text.as_bytes());
+    let headers =
+        reader.headers().map_err(|e| CsvError { row: 1, column: "-".into(), message: e.to_string() })?.clone();
+    let mut index = HashMap::new();
+    for (i, h) in headers.iter().enumerate() {
+        if !COLUMNS.contains(&h) {
+            return Err(CsvError {
+                row: 1,
+                column: h.to_owned(),
+                message: format!("unknown column; expected some of {}", COLUMNS.join(", ")),
+            });
+        }
+        if index.insert(h.to_owned(), i).is_some() {
+            return Err(CsvError { row: 1, column: h.to_owned(), message: "column appears twice".into() });
+        }
+    }
+    for required in ["sku", "name"] {
+        if !index.contains_key(required) {
+            return Err(CsvError { row: 1, column: required.into(), message: "required column is missing".into() });
+        }
+    }
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, rec) in reader.records().enumerate() {
+        let row = n + 2;
+        let rec = rec.map_err(|e| CsvError { row, column: "-".into(), message: e.to_string() })?;
+        if out.len() >= IMPORT_ROWS_MAX {
+            return Err(CsvError { row, column: "-".into(), message: format!("more than {IMPORT_ROWS_MAX} rows") });
+        }
+        let field = |c: &str| index.get(c).and_then(|i| rec.get(*i)).unwrap_or("");
+        let err = |c: &str, m: String| CsvError { row, column: c.into(), message: m };
+        let sku: Sku = field("sku").parse().map_err(|e| err("sku", format!("{e}")))?;
+        if !seen.insert(sku.clone()) {
+            return Err(err("sku", format!("{sku} appears more than once")));
+        }
+        let num = |c: &str| -> Result<u64, CsvError> {
+            let v = field(c);
+            if v.is_empty() {
+                return Ok(0);
+            }
+            v.parse::<u64>().map_err(|_| err(c, format!("{v:?} is not a whole number")))
+        };
+        let active = match field("active").to_ascii_lowercase().as_str() {
+            "" | "true" | "yes" | "1" => true,
+            "false" | "no" | "0" => false,
+            other => return Err(err("active", format!("{other:?} is not true/false"))),
+        };
+        let barcodes: Vec<String> =
+            field("barcodes").split('|').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect();
+        let item = CatalogItem {
+            name: field("name").to_owned(),
+            barcodes,
+            safety_stock: num("safety_stock")?,
+            low_stock_threshold: num("low_stock_threshold")?,
+            max_per_customer: num("max_per_customer")?,
+            active,
+        };
+        if let Err(e) = item.validate() {
+            // Name the column the rule is about.
+            let msg = e.to_string();
+            let column = COLUMNS.iter().find(|c| msg.starts_with(*c)).copied().unwrap_or("-");
+            return Err(err(column, msg));
+        }
+        out.push((sku, item));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_parses_and_names_row_and_column() {
+        let ok = "sku,name,barcodes,safety_stock,active\nA-1,Apple,400|401,2,yes\nB-2,Banana,,0,false\n";
+        let rows = parse_csv(ok).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].1.barcodes, vec!["400", "401"]);
+        assert!(!rows[1].1.active);
+        let e = parse_csv("sku,name,safety_stock\nA,Apple,x\n").unwrap_err();
+        assert_eq!((e.row, e.column.as_str()), (2, "safety_stock"));
+        let e = parse_csv("sku,name\nA,Apple\nbad/sku,B\n").unwrap_err();
+        assert_eq!((e.row, e.column.as_str()), (3, "sku"));
+        let e = parse_csv("sku,name,colour\n").unwrap_err();
+        assert_eq!((e.row, e.column.as_str()), (1, "colour"));
+        let e = parse_csv("sku\nA\n").unwrap_err();
+        assert_eq!(e.column, "name");
+        let e = parse_csv("sku,name\nA,\n").unwrap_err();
+        assert_eq!((e.row, e.column.as_str()), (2, "name"));
+        let e = parse_csv("sku,name\nA,x\nA,y\n").unwrap_err();
+        assert!(e.to_string().contains("row 3, column sku"), "{e}");
+    }
+}
