@@ -177,8 +177,9 @@ pub async fn apply_journal(db: &Db, peer: WriterId, batch: JournalBatch) -> Resu
     .await
 }
 
-/// Inserts one journal event unless an event with the same id and line exists.
-pub fn insert_event(conn: &Connection, e: &JournalEvent) -> Result<(), DbError> {
+/// Inserts one journal event unless an event with the same id and line exists; returns whether
+/// it was new.
+pub fn insert_event(conn: &Connection, e: &JournalEvent) -> Result<bool, DbError> {
     conn.prepare_cached(
         "INSERT OR IGNORE INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -196,7 +197,7 @@ pub fn insert_event(conn: &Connection, e: &JournalEvent) -> Result<(), DbError> 
         e.writer.to_string(),
         EventFlag::to_bits(&e.flags),
     ])?;
-    Ok(())
+    Ok(conn.changes() > 0)
 }
 
 /// The hub durably holds our counter entries up to `upto`.

@@ -604,7 +604,11 @@ impl HubStorage for SqliteStorage {
                         e.id
                     )));
                 }
-                insert_event(conn, e)?;
+                // A resent event (a reconnect) must not reopen a conflict someone resolved.
+                let new = insert_event(conn, e)?;
+                if !new {
+                    continue;
+                }
                 if e.flags.contains(&shelfsync_shared::EventFlag::UnknownSku) {
                     reserve::unknown_sku(conn, &store, &e.sku, "not in the catalog", now_ms())?;
                 } else if e.flags.contains(&shelfsync_shared::EventFlag::InactiveSku) {

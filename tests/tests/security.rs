@@ -222,3 +222,53 @@ async fn a_revoked_store_is_dropped_and_refused() {
     assert_eq!(stores["items"][1]["revoked"], true);
     assert_eq!(stores["items"][1]["connected"], false);
 }
+
+/// A store may read the catalog, never change it: a sync message carrying catalog changes closes
+/// the connection as unauthorized, and the hub's catalog is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_cannot_change_the_catalog() {
+    use automerge::transaction::Transactable;
+    let c = Cluster::start(1).await;
+    let bundle = Bundle::load(&c.dir.path().join("bundle-0")).unwrap();
+    let (_ep, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        store: bundle.store_id.clone(),
+        writer: writer("store-0", 77),
+        hub_writer: None,
+        applied: 0,
+        journal_applied: 0,
+    };
+    write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
+    let (welcome, _) = read_frame(&mut recv).await.unwrap().unwrap();
+    assert!(matches!(welcome, Frame::V1(FrameV1::Welcome(_))));
+
+    let mut forged = automerge::AutoCommit::new();
+    let skus = forged.put_object(automerge::ROOT, "skus", automerge::ObjType::Map).unwrap();
+    let item = forged.put_object(&skus, "FREE", automerge::ObjType::Map).unwrap();
+    forged.put(&item, "name", "Free lunch").unwrap();
+    let msg = automerge::sync::Message {
+        heads: forged.get_heads(),
+        need: vec![],
+        have: vec![],
+        changes: automerge::sync::ChunkList::from(vec![forged.save()]),
+        supported_capabilities: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    let frame = shelfsync_shared::wire::CatalogFrame {
+        doc: shelfsync_shared::wire::CatalogDoc::Catalog,
+        last: true,
+        bytes: msg.encode(),
+    };
+    let mut uni = conn.open_uni().await.unwrap();
+    write_frame(&mut uni, &Frame::V1(FrameV1::Catalog(frame))).await.unwrap();
+    uni.finish().unwrap();
+    assert_eq!(close_code_of(&conn, &mut recv).await, close_code::UNAUTHORIZED);
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/catalog/FREE", c.hub_url()))
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the forged entry never reached the catalog");
+}
