@@ -105,7 +105,7 @@ pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), Db
     .await
 }
 
-/// Maps one journal row (sku .. flags columns starting at `i`) to an event.
+/// Maps one journal row (selected by column name) to an event.
 pub fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JournalEvent, DbError>> {
     let id: Vec<u8> = r.get("id")?;
     let kind: String = r.get("kind")?;

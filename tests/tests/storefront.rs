@@ -154,7 +154,8 @@ async fn leases_expire_extend_commit_and_fulfil() {
     let (s, v) = reserve(&c, json!({"id": short_lived, "lines": [{"sku": "L", "qty": 3}], "ttl_secs": 1})).await;
     assert_eq!(s, 201, "{v}");
     let extended = Uuid::now_v7();
-    let (s, _) = reserve(&c, json!({"id": extended, "lines": [{"sku": "L", "qty": 2}], "ttl_secs": 1})).await;
+    let created = tokio::time::Instant::now();
+    let (s, _) = reserve(&c, json!({"id": extended, "lines": [{"sku": "L", "qty": 2}], "ttl_secs": 2})).await;
     assert_eq!(s, 201);
     let (s, v) =
         c.hub_call(Method::POST, &format!("/v1/reservations/{extended}/extend"), Some(json!({"ttl_secs": 600}))).await;
@@ -166,7 +167,10 @@ async fn leases_expire_extend_commit_and_fulfil() {
     })
     .await;
     assert_eq!(avail().await, 8, "expired units are available again; the extended lease keeps its 2");
+    // Past the extended lease's original 2 s (plus the expiry check's period): still held.
+    tokio::time::sleep_until(created + Duration::from_millis(2600)).await;
     assert_eq!(c.hub_get(&format!("/v1/reservations/{extended}")).await["status"], "held");
+    assert_eq!(avail().await, 8);
     let (s, v) = c.hub_call(Method::POST, &format!("/v1/reservations/{short_lived}/commit"), None).await;
     assert_eq!((s, v["error"].as_str()), (409, Some("invalid_state")), "an expired lease cannot be paid");
 
