@@ -35,6 +35,8 @@ pub struct ApiState {
     pub max_batch_skus: usize,
     /// Reservation lease limits.
     pub reservations: crate::config::ReservationsSection,
+    /// Slots for concurrent `GET /v1/events` streams.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Hashes a token for storage and lookup (tokens are never stored in clear).

@@ -101,6 +101,8 @@ pub struct HttpSection {
     pub max_body_bytes: usize,
     /// Most SKUs in one batch availability query.
     pub max_batch_skus: usize,
+    /// Most concurrent `GET /v1/events` streams.
+    pub max_event_streams: usize,
 }
 
 /// `[storage]`
@@ -161,6 +163,7 @@ impl Default for HttpSection {
             listen: "127.0.0.1:8080".parse().expect("valid"),
             max_body_bytes: 256 * 1024,
             max_batch_skus: 100,
+            max_event_streams: 1000,
         }
     }
 }
@@ -210,6 +213,9 @@ impl HubConfig {
         }
         if self.http.max_batch_skus == 0 || self.http.max_batch_skus > 1000 {
             return bad("http.max_batch_skus", "must be between 1 and 1000");
+        }
+        if self.http.max_event_streams == 0 {
+            return bad("http.max_event_streams", "must be at least 1");
         }
         if self.quic.max_connections == 0 {
             return bad("quic.max_connections", "must be at least 1");

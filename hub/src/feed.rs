@@ -35,6 +35,13 @@ pub(crate) async fn get_events(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let permit = state.event_streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            "too many open event streams; use GET /v1/changes or retry later",
+        )
+    })?;
     let storage = state.hub.storage.clone();
     let head = storage.change_head();
     let start = match headers.get("last-event-id") {
@@ -46,14 +53,14 @@ pub(crate) async fn get_events(
         None => q.after.unwrap_or(*head.borrow()),
     };
     let stream = futures_util::stream::unfold(
-        (start, VecDeque::<ChangeEvent>::new(), head, storage),
-        |(mut cursor, mut buf, mut head, storage)| async move {
+        (start, VecDeque::<ChangeEvent>::new(), head, storage, permit),
+        |(mut cursor, mut buf, mut head, storage, permit)| async move {
             loop {
                 if let Some(ev) = buf.pop_front() {
                     cursor = ev.cursor;
                     let data = serde_json::to_string(&ev).expect("events serialise");
                     let e = Event::default().id(ev.cursor.to_string()).event(ev.kind.clone()).data(data);
-                    return Some((Ok(e), (cursor, buf, head, storage)));
+                    return Some((Ok(e), (cursor, buf, head, storage, permit)));
                 }
                 // Mark the head seen before reading, so a commit between the read and the wait
                 // still wakes us.

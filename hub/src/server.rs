@@ -119,6 +119,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
             hub: hub.clone(),
             max_batch_skus: config.http.max_batch_skus,
             reservations: config.reservations.clone(),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
         },
         config.http.max_body_bytes,
     );
