@@ -212,6 +212,27 @@ impl AgentConfig {
     }
 }
 
+/// Keys present in `defaults` but absent from `file` (dotted paths), to check that an example
+/// config file documents every key.
+pub fn undocumented_keys(defaults: &toml::Value, file: &toml::Value) -> Vec<String> {
+    fn walk(prefix: &str, d: &toml::Value, f: Option<&toml::Value>, out: &mut Vec<String>) {
+        if let toml::Value::Table(dt) = d {
+            for (k, v) in dt {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let fv = f.and_then(|f| f.get(k));
+                if fv.is_none() {
+                    out.push(path);
+                } else {
+                    walk(&path, v, fv, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", defaults, Some(file), &mut out);
+    out
+}
+
 /// Applies `PREFIX` + `SECTION__KEY` environment variables to a TOML table. Values parse as TOML
 /// (so numbers and booleans keep their type) and fall back to strings.
 pub fn apply_env(
@@ -284,6 +305,8 @@ mod tests {
             as_value(&AgentConfig::default()),
             "config/agent.toml drifted from the defaults"
         );
+        let file: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(undocumented_keys(&as_value(&AgentConfig::default()), &file), Vec::<String>::new());
     }
 
     #[test]

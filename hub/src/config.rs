@@ -276,6 +276,9 @@ mod tests {
         let from_file: HubConfig = toml::from_str(&text).unwrap();
         let v = |c: &HubConfig| toml::Value::try_from(c).unwrap();
         assert_eq!(v(&from_file), v(&HubConfig::default()), "config/hub.toml drifted from the defaults");
+        let file: toml::Value = toml::from_str(&text).unwrap();
+        let missing = shelfsync_agent::config::undocumented_keys(&v(&HubConfig::default()), &file);
+        assert_eq!(missing, Vec::<String>::new(), "keys config/hub.toml does not document");
         HubConfig::default().validate().unwrap();
     }
 
