@@ -321,8 +321,14 @@ pub fn changed_skus(
     after: &[ChangeHash],
     depth: usize,
 ) -> BTreeSet<String> {
+    let patches = doc.diff(before, after);
+    skus_of(patches, depth)
+}
+
+/// The SKU keys that patches touch (see [`changed_skus`]).
+pub fn skus_of(patches: Vec<automerge::Patch>, depth: usize) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for p in doc.diff(before, after) {
+    for p in patches {
         let mut keys: Vec<String> = p
             .path
             .iter()
@@ -729,10 +735,11 @@ pub fn receive(
     if !allow_changes && !msg.changes.is_empty() {
         return Err(CatalogError::Forbidden("the peer tried to change a document it may only read".into()));
     }
-    let before = doc.get_heads();
-    doc.sync().receive_sync_message(state, msg)?;
-    let after = doc.get_heads();
-    Ok(if before == after { BTreeSet::new() } else { changed_skus(doc, &before, &after, depth) })
+    // Patches are logged while the changes apply, which costs what the changes cost; diffing two
+    // heads afterwards would walk the whole document.
+    let mut log = automerge::PatchLog::active();
+    doc.sync().receive_sync_message_log_patches(state, msg, &mut log)?;
+    Ok(skus_of(doc.make_patches(&mut log), depth))
 }
 
 /// The agent's replicas: the hub's catalog (read-only here) and this store's overrides, with the
