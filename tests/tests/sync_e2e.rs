@@ -192,3 +192,36 @@ async fn anti_entropy_repairs_a_damaged_hub() {
         .unwrap();
     assert!(metrics.contains("shelfsync_hub_digests_mismatched_total 1"), "{metrics}");
 }
+
+/// A store whose database is lost re-seeds from the hub with a new incarnation and loses nothing
+/// the hub had; its new sales count on top, its old writer's entries are never reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_store_database_reseeds_from_the_hub() {
+    let mut c = Cluster::start(1).await;
+    c.restock(0, "R", 50).await;
+    for _ in 0..7 {
+        assert_eq!(c.sell(0, "R", 1).await, 201);
+    }
+    c.converged(&["R"], DEADLINE).await;
+    let old_writer = c.agent_status(0).await["writer"].as_str().unwrap().to_owned();
+    c.kill_agent(0).await;
+    std::fs::remove_dir_all(c.agent_dir(0)).unwrap();
+    let bundle = c.dir.path().join("bundle-0");
+    shelfsync_tests::procs::Proc::run_ok(
+        "shelfsync-agent",
+        &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", c.agent_dir(0).to_str().unwrap()],
+    )
+    .await;
+    c.start_agent(0).await;
+    let st = c.agent_status(0).await;
+    assert_ne!(st["writer"].as_str().unwrap(), old_writer, "a new incarnation");
+    wait_until("the store to re-seed", DEADLINE, || async { (c.agent_on_hand(0, "R").await == 43).then_some(()) })
+        .await;
+    for _ in 0..3 {
+        assert_eq!(c.sell(0, "R", 1).await, 201);
+    }
+    let all = c.converged(&["R"], DEADLINE).await;
+    assert_eq!(all[&("store-0".into(), "R".into())], 40);
+    let stores = c.hub_get("/v1/stores").await;
+    assert_eq!(stores["items"][0]["writers"].as_array().unwrap().len(), 2, "both incarnations are on record");
+}
