@@ -161,20 +161,7 @@ pub const ENV_PREFIX: &str = "SHELFSYNC_AGENT__";
 impl AgentConfig {
     /// Loads `path` (if given) over the defaults, then applies environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut value = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
-            }
-            None => toml::Table::new(),
-        };
-        crate::config::apply_env(&mut value, ENV_PREFIX, std::env::vars())?;
-        let path = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<defaults>"));
-        toml::Value::Table(value)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path, message: e.to_string() })
+        load_toml(path, ENV_PREFIX)
     }
 
     /// Rejects combinations that cannot work.
@@ -210,6 +197,25 @@ impl AgentConfig {
     pub fn bundle_dir(&self) -> PathBuf {
         self.data_dir.join("bundle")
     }
+}
+
+/// Loads a configuration: `path` (if given) over the type's defaults, then `prefix` environment
+/// overrides. Shared by the agent and the hub.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: Option<&Path>, prefix: &str) -> Result<T, ConfigError> {
+    let mut table = match path {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            text.parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
+        }
+        None => toml::Table::new(),
+    };
+    apply_env(&mut table, prefix, std::env::vars())?;
+    let path = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<defaults>"));
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path, message: e.to_string() })
 }
 
 /// Keys present in `defaults` but absent from `file` (dotted paths), to check that an example

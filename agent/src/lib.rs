@@ -10,6 +10,7 @@
 pub mod api;
 pub mod bundle;
 pub mod catalog;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;

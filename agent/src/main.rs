@@ -129,12 +129,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let client = ApiClient::new(cli.agent.clone(), cli.token.clone());
     let id = |id: Option<Uuid>| id.unwrap_or_else(Uuid::now_v7).to_string();
@@ -148,11 +142,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.api.listen = l;
             }
-            init_tracing(&cfg.log.filter);
+            shelfsync_agent::cli::init_tracing(&cfg.log.filter);
             let agent = shelfsync_agent::server::start(cfg).await?;
             // One machine-readable line, so scripts and tests learn the bound port.
             println!("shelfsync-agent listening on {}", agent.url());
-            shutdown_signal().await;
+            shelfsync_agent::cli::shutdown_signal().await;
             tracing::info!("shutting down");
             agent.stop().await?;
             return Ok(());
@@ -250,25 +244,4 @@ fn init(store_id: Option<String>, bundle: Option<PathBuf>, data_dir: PathBuf) ->
     let identity = Db::create(&path, &store, DbOptions::default())?;
     println!("initialised store {} (writer {}) in {}", identity.store, identity.writer, path.display());
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shelfsync_agent::config::{apply_env, ConfigError, Synchronous};
+use shelfsync_agent::config::{ConfigError, Synchronous};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SHELFSYNC_HUB__";
@@ -189,20 +189,7 @@ impl Default for LogSection {
 impl HubConfig {
     /// Loads `path` (if given) over the defaults, then applies environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut table = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
-            }
-            None => toml::Table::new(),
-        };
-        apply_env(&mut table, ENV_PREFIX, std::env::vars())?;
-        let path = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<defaults>"));
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path, message: e.to_string() })
+        shelfsync_agent::config::load_toml(path, ENV_PREFIX)
     }
 
     /// Rejects values that cannot work.

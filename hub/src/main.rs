@@ -125,12 +125,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
 fn store_id(s: &str) -> anyhow::Result<StoreId> {
     s.parse().map_err(|e| anyhow::anyhow!("store id {s:?}: {e}"))
 }
@@ -165,12 +159,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(a) = http_listen {
                 cfg.http.listen = a;
             }
-            init_tracing(&cfg.log.filter);
+            shelfsync_agent::cli::init_tracing(&cfg.log.filter);
             let hub = server::start(cfg).await?;
             // Machine-readable lines, so scripts and tests learn the bound ports.
             println!("shelfsync-hub quic on {}", hub.quic_addr);
             println!("shelfsync-hub listening on {}", hub.url());
-            shutdown_signal().await;
+            shelfsync_agent::cli::shutdown_signal().await;
             tracing::info!("shutting down");
             hub.stop().await;
         }
@@ -184,30 +178,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("backed up to {}", to.display());
         }
         Cmd::Demo { for_secs } => {
-            init_tracing("warn");
-            demo::run(for_secs, shutdown_signal()).await?;
+            shelfsync_agent::cli::init_tracing("warn");
+            demo::run(for_secs, shelfsync_agent::cli::shutdown_signal()).await?;
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -3,38 +3,17 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shelfsync_hub::admin;
-use shelfsync_hub::config::HubConfig;
-use shelfsync_hub::server::{start, RunningHub};
-use shelfsync_hub::storage::Role;
 use uuid::Uuid;
 
-struct H {
-    hub: RunningHub,
-    admin: String,
-    viewer: String,
-    storefront: String,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::{hub_with, H};
 
 async fn hub() -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("hub");
-    admin::init(&d).await.unwrap();
-    for s in ["store-a", "store-b"] {
-        admin::add_store(&d, &s.parse().unwrap(), &dir.path().join(s), "127.0.0.1:7443").await.unwrap();
-    }
-    let admin_token = admin::create_token(&d, Role::Admin).await.unwrap();
-    let viewer = admin::create_token(&d, Role::Viewer).await.unwrap();
-    let storefront = admin::create_token(&d, Role::Storefront).await.unwrap();
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = d;
-    cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.http.max_body_bytes = 4096;
-    cfg.http.max_batch_skus = 3;
-    let hub = start(cfg).await.unwrap();
-    H { hub, admin: admin_token, viewer, storefront, http: reqwest::Client::new(), _dir: dir }
+    hub_with(|cfg| {
+        cfg.http.max_body_bytes = 4096;
+        cfg.http.max_batch_skus = 3;
+    })
+    .await
 }
 
 impl H {
@@ -199,8 +178,8 @@ async fn backup_copy_takes_a_new_hub_incarnation() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
-    let data_dir = h._dir.path().join("hub");
-    let to = h._dir.path().join("backup.db");
+    let data_dir = h.dir.path().join("hub");
+    let to = h.dir.path().join("backup.db");
     admin::backup(&data_dir, &to).await.unwrap();
     let live_writer = h.hub.hub.storage.hub_writer().clone();
     let restored = tokio::task::spawn_blocking(move || {

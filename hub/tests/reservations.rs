@@ -6,35 +6,13 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shelfsync_hub::admin;
-use shelfsync_hub::config::HubConfig;
-use shelfsync_hub::server::{start, RunningHub};
-use shelfsync_hub::storage::Role;
 use uuid::Uuid;
 
-struct H {
-    hub: RunningHub,
-    admin: String,
-    storefront: String,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::{hub_with, H};
 
 async fn hub() -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("hub");
-    admin::init(&d).await.unwrap();
-    for s in ["store-a", "store-b"] {
-        admin::add_store(&d, &s.parse().unwrap(), &dir.path().join(s), "127.0.0.1:7443").await.unwrap();
-    }
-    let admin_token = admin::create_token(&d, Role::Admin).await.unwrap();
-    let storefront = admin::create_token(&d, Role::Storefront).await.unwrap();
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = d;
-    cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    let hub = start(cfg).await.unwrap();
-    H { hub, admin: admin_token, storefront, http: reqwest::Client::new(), _dir: dir }
+    hub_with(|_| {}).await
 }
 
 impl H {

@@ -239,6 +239,18 @@ impl Cluster {
             .collect()
     }
 
+    /// One of the hub's Prometheus metrics (`shelfsync_hub_<name>`).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let r =
+            self.http.get(format!("{}/metrics", self.hub_url())).bearer_auth(&self.admin_token).send().await.unwrap();
+        let text = r.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("shelfsync_hub_{name} ")))
+            .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
+            .parse()
+            .unwrap()
+    }
+
     /// An agent's `/v1/status`.
     pub async fn agent_status(&self, i: usize) -> Value {
         self.http.get(format!("{}/v1/status", self.agent_url(i))).send().await.unwrap().json().await.unwrap()

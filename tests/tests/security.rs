@@ -12,23 +12,6 @@ use shelfsync_tests::procs::{wait_until, Proc};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-async fn metric(c: &Cluster, name: &str) -> u64 {
-    let text = reqwest::Client::new()
-        .get(format!("{}/metrics", c.hub_url()))
-        .bearer_auth(&c.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("shelfsync_hub_{name} ")))
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-        .parse()
-        .unwrap()
-}
-
 /// Opens a raw sync connection with `bundle`'s credentials and returns the state stream.
 async fn raw_connect(
     bundle: &Bundle,
@@ -121,8 +104,8 @@ async fn a_store_cannot_write_another_stores_counters() {
 
     // store-1's stock is untouched, and the hub counted the refusals.
     assert_eq!(c.hub_on_hand("X").await.get("store-1"), Some(&5));
-    assert!(metric(&c, "connections_unauthorized_total").await >= 2);
-    assert!(metric(&c, "connections_protocol_errors_total").await >= 2);
+    assert!(c.metric("connections_unauthorized_total").await >= 2);
+    assert!(c.metric("connections_protocol_errors_total").await >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -148,7 +131,7 @@ async fn a_certificate_from_another_ca_is_refused() {
         ],
     )
     .await;
-    let refused_before = metric(&c, "connections_refused_total").await;
+    let refused_before = c.metric("connections_refused_total").await;
     let rogue_dir = c.dir.path().join("rogue-agent");
     Proc::run_ok(
         "shelfsync-agent",
@@ -172,7 +155,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     .await;
     assert_ne!(status["sync"]["state"], "connected", "{status}");
     assert!(status["sync"]["last_error"].is_string(), "{status}");
-    assert!(metric(&c, "connections_refused_total").await > refused_before);
+    assert!(c.metric("connections_refused_total").await > refused_before);
     assert!(c.hub_on_hand("EVIL").await.is_empty(), "nothing from the rogue reached the hub");
     // The genuine store still syncs.
     c.restock(0, "OK", 1).await;

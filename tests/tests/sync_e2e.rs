@@ -81,16 +81,7 @@ async fn sale_reaches_the_hub_and_restock_reaches_the_store() {
         (j0 == 3 && j1 == 2 && a0 == 3 && a1 == 2).then_some(())
     })
     .await;
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", c.hub_url()))
-        .bearer_auth(&c.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("shelfsync_hub_deltas_applied_total"), "{metrics}");
+    assert!(c.metric("deltas_applied_total").await >= 2);
 }
 
 /// Hub down, 1,000 sales at two stores, hub back: exact convergence. Then an agent is killed
@@ -181,16 +172,7 @@ async fn anti_entropy_repairs_a_damaged_hub() {
     c.start_hub().await;
     let all = c.converged(&["D"], DEADLINE).await;
     assert_eq!(all[&("store-0".into(), "D".into())], 15);
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", c.hub_url()))
-        .bearer_auth(&c.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("shelfsync_hub_digests_mismatched_total 1"), "{metrics}");
+    assert_eq!(c.metric("digests_mismatched_total").await, 1);
 }
 
 /// A store whose database is lost re-seeds from the hub with a new incarnation and loses nothing
