@@ -28,3 +28,16 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
 }
+
+/// Runs a binary's async entry point on a multi-threaded runtime; an error is printed with its
+/// causes and exits non-zero.
+pub fn run_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(fut) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

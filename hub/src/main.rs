@@ -114,15 +114,7 @@ enum TokenCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shelfsync_agent::cli::run_main(dispatch(Cli::parse()))
 }
 
 fn store_id(s: &str) -> anyhow::Result<StoreId> {
