@@ -47,8 +47,11 @@ async fn close_code_of(conn: &quinn::Connection, recv: &mut quinn::RecvStream) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_cannot_write_another_stores_counters() {
-    let c = Cluster::start(2).await;
+    let mut c = Cluster::start(2).await;
     c.restock(1, "X", 5).await;
+    c.converged(&["X"], DEADLINE).await;
+    // The genuine store-0 agent would supersede our raw connections when it reconnects.
+    c.kill_agent(0).await;
     let bundle = Bundle::load(&c.dir.path().join("bundle-0")).unwrap();
     let sku: Sku = "X".parse().unwrap();
 
@@ -211,7 +214,8 @@ async fn a_revoked_store_is_dropped_and_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_cannot_change_the_catalog() {
     use automerge::transaction::Transactable;
-    let c = Cluster::start(1).await;
+    let mut c = Cluster::start(1).await;
+    c.kill_agent(0).await; // only our raw connection speaks for store-0
     let bundle = Bundle::load(&c.dir.path().join("bundle-0")).unwrap();
     let (_ep, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
     let hello = Hello {
