@@ -103,7 +103,7 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
     let Some(token) = bearer(req.headers()) else {
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
     };
-    match state.hub.storage.token_role(token_hash(token)).await {
+    match state.hub.token_role(token_hash(token)).await {
         Ok(Some(role)) if role >= min => next.run(req).await,
         Ok(Some(role)) => ApiError::forbidden(format!(
             "this endpoint needs the {} role; the token has {}",

@@ -51,7 +51,14 @@ pub struct Hub {
     wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
     next_conn: AtomicU64,
     stock_events: broadcast::Sender<StockChange>,
+    /// Recently verified tokens (hash → role, when verified).
+    tokens: Mutex<HashMap<Vec<u8>, (crate::storage::Role, std::time::Instant)>>,
 }
+
+/// How long a verified token is trusted without asking storage again.
+const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most tokens remembered.
+const TOKEN_CACHE_MAX: usize = 10_000;
 
 impl Hub {
     /// Wraps a storage.
@@ -64,6 +71,7 @@ impl Hub {
             wakers: Mutex::default(),
             next_conn: AtomicU64::new(1),
             stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
+            tokens: Mutex::default(),
         })
     }
 
@@ -90,6 +98,33 @@ impl Hub {
     /// The live connection of a store.
     pub fn live(&self, store: &StoreId) -> Option<LiveConn> {
         self.live.lock().expect("live lock").get(store).cloned()
+    }
+
+    /// The role of a token hash. Valid tokens are remembered for a few seconds so a busy
+    /// storefront does not cost a storage read per request; unknown ones always ask storage.
+    pub async fn token_role(
+        &self,
+        hash: Vec<u8>,
+    ) -> Result<Option<crate::storage::Role>, crate::storage::StorageError> {
+        if let Some((role, at)) = self.tokens.lock().expect("tokens lock").get(&hash) {
+            if at.elapsed() < TOKEN_CACHE_TTL {
+                return Ok(Some(*role));
+            }
+        }
+        let role = self.storage.token_role(hash.clone()).await?;
+        let mut cache = self.tokens.lock().expect("tokens lock");
+        match role {
+            Some(r) => {
+                if cache.len() >= TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(hash, (r, std::time::Instant::now()));
+            }
+            None => {
+                cache.remove(&hash);
+            }
+        }
+        Ok(role)
     }
 
     /// The time and the set of connected stores, for availability and reconciliation.
