@@ -915,6 +915,9 @@ impl HubSession {
                 }
                 Ok(())
             }
+            // Before the handshake completes `handle_common` passes errors through; after it,
+            // it handles them itself.
+            FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
             other => {
                 Err(SessionError::violation(format!("unexpected {} from store {}", frame_name(&other), self.store)))
             }

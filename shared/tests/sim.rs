@@ -105,7 +105,7 @@ impl Knobs {
 }
 
 /// What an agent keeps in SQLite.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct AgentDb {
     counters: CounterMap,
     hub_writer: Option<WriterId>,
@@ -242,12 +242,11 @@ impl HubDb {
         DeltaRead { upto, entries: rows.into_iter().map(|(_, k, w, e)| (k, w, e)).collect(), fulfilled: vec![] }
     }
 
-    fn read_journal(&self, store: &StoreId, exclude: Option<&WriterId>, after: u64, limit: usize) -> JournalRead {
+    /// Store `store`'s hub-written events above `after` (any hub incarnation), as the real hub
+    /// reads them: an agent's own events never travel back down.
+    fn read_journal(&self, store: &StoreId, after: u64, limit: usize) -> JournalRead {
         let mut events = Vec::new();
-        for (seq, e) in self.journal.iter().filter(|(seq, e)| *seq > after && &e.store == store) {
-            if Some(&e.writer) == exclude {
-                continue;
-            }
+        for (seq, e) in self.journal.iter().filter(|(seq, e)| *seq > after && &e.store == store && e.writer.is_hub()) {
             events.push(e.clone());
             if events.len() == limit {
                 return JournalRead { upto: *seq, events };
@@ -286,8 +285,21 @@ struct Agent {
     work: VecDeque<(u64, Effect)>,
     /// The session has not heard of the latest local heads yet.
     heads_dirty: bool,
-    /// Local changes made (journal events of its own).
+    /// Local changes made by the current writer (journal events of its own).
     changes: usize,
+    /// The last online backup of `db` (SQLite's backup API copies committed state only).
+    backup: Option<AgentDb>,
+}
+
+/// A writer whose database was lost or restored from a backup: a new incarnation took over, and
+/// its changes that had reached neither the hub nor the backup are gone. What survives must be a
+/// prefix of what it wrote, and at least what the hub or the backup held when it retired.
+struct Retired {
+    store: StoreId,
+    /// Per SKU, the least entry that must survive.
+    floor: BTreeMap<Sku, PnEntry>,
+    /// The least number of its journal events (in the order it wrote them) that must survive.
+    events_floor: usize,
 }
 
 /// One connection: frames in flight per direction and stream, as bytes.
@@ -313,6 +325,9 @@ struct Stats {
     reordered: u64,
     partitions: u64,
     crashes: u64,
+    agent_restores: u64,
+    hub_restores: u64,
+    local_changes: u64,
     expected_errors: u64,
     connects: u64,
     /// Digest comparisons before healing.
@@ -339,7 +354,11 @@ struct Sim {
     agents: Vec<Agent>,
     links: Vec<Option<Link>>,
     next_gen: u64,
-    ledger: BTreeMap<(StoreId, Sku), i64>,
+    /// The ground truth: every change each writer made, in order.
+    writes: BTreeMap<(StoreId, Sku, WriterId), Vec<i64>>,
+    /// Every journal event each writer made, in order.
+    events_by: BTreeMap<WriterId, Vec<(Uuid, u32)>>,
+    retired: BTreeMap<WriterId, Retired>,
     next_event: u128,
     faults: bool,
     /// Whether local changes happen in this phase.
@@ -371,6 +390,7 @@ impl Sim {
                     work: VecDeque::new(),
                     heads_dirty: false,
                     changes: 0,
+                    backup: None,
                 }
             })
             .collect();
@@ -387,7 +407,9 @@ impl Sim {
             agents,
             links: (0..STORES).map(|_| None).collect(),
             next_gen: 1,
-            ledger: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            events_by: BTreeMap::new(),
+            retired: BTreeMap::new(),
             next_event: 0,
             faults: true,
             busy: true,
@@ -618,10 +640,8 @@ impl Sim {
                 r = s.delta_read(now, read);
             }
             Effect::ReadJournal { after, limit } if live => {
-                let s = self.hub_sessions[i].as_mut().unwrap();
-                let exclude = s.peer().cloned();
-                let read = self.hub.read_journal(&store, exclude.as_ref(), after, limit);
-                r = s.journal_read(now, read);
+                let read = self.hub.read_journal(&store, after, limit);
+                r = self.hub_sessions[i].as_mut().unwrap().journal_read(now, read);
             }
             Effect::ComputeDigest if live => {
                 let (d, head) = self.hub.digest(&store);
@@ -769,7 +789,7 @@ impl Sim {
     fn agent_holds_hub_journal(&self, i: usize, upto: u64) -> Result<(), String> {
         let a = &self.agents[i];
         for (seq, e) in self.hub.journal.iter().take_while(|(seq, _)| *seq <= upto) {
-            if e.store == a.store && e.writer != a.writer && !a.db.journal_keys.contains(&(e.id, e.line)) {
+            if e.store == a.store && e.writer.is_hub() && !a.db.journal_keys.contains(&(e.id, e.line)) {
                 return Err(format!(
                     "{}: hub journal acked up to {upto}, but the agent lacks event {} (seq {seq})",
                     a.store, e.id
@@ -781,8 +801,11 @@ impl Sim {
 
     // ---- local activity (the ground truth) ----
 
+    /// Records a change in the ground truth and returns its journal event.
     fn event(&mut self, kind: EventKind, store: &StoreId, k: &Sku, delta: i64, writer: &WriterId) -> JournalEvent {
         self.next_event += 1;
+        self.writes.entry((store.clone(), k.clone(), writer.clone())).or_default().push(delta);
+        self.events_by.entry(writer.clone()).or_default().push((Uuid::from_u128(self.next_event), 0));
         JournalEvent {
             id: Uuid::from_u128(self.next_event),
             line: 0,
@@ -811,7 +834,7 @@ impl Sim {
         a.db.add_event(e);
         a.changes += 1;
         a.heads_dirty = true;
-        *self.ledger.entry((store, k)).or_default() += delta;
+        self.stats.local_changes += 1;
         self.maybe_notify(i);
     }
 
@@ -827,7 +850,6 @@ impl Sim {
         let e = self.event(kind, &store, &k, qty, &hw);
         self.hub.merge(&store, &k, &hw, next);
         self.hub.add_event(e);
-        *self.ledger.entry((store, k)).or_default() += qty;
         self.hub_heads_dirty = [true; STORES];
         self.maybe_notify(i);
     }
@@ -954,6 +976,44 @@ impl Sim {
         self.hub_heads_dirty = [false; STORES];
     }
 
+    /// The store's database is lost, or restored from its last backup: the agent restarts under
+    /// a new writer incarnation (DESIGN §3, §8) and re-seeds from the hub.
+    fn restore_agent(&mut self, i: usize) {
+        self.stats.agent_restores += 1;
+        self.crash_agent(i);
+        let a = &mut self.agents[i];
+        let old = a.writer.clone();
+        a.db = if self.rng.random_bool(0.5) { a.backup.clone().unwrap_or_default() } else { AgentDb::default() };
+        a.writer = WriterId::new(NodeId::Store(a.store.clone()), Incarnation::from_u64(self.rng.random()));
+        a.changes = 0;
+        self.trace(i, || format!("RESTORE: {old} retired, now {}", self.agents[i].writer));
+        let store = self.agents[i].store.clone();
+        self.retired.insert(old, Retired { store: store.clone(), floor: BTreeMap::new(), events_floor: 0 });
+        // What must survive of each retired writer of this store: what the hub holds, and what
+        // the restored database holds. (A later restore may replace that database before it
+        // synced, so floors are recomputed at every restore; the hub's part only grows.)
+        let db = &self.agents[i].db;
+        for (w, r) in self.retired.iter_mut().filter(|(_, r)| r.store == store) {
+            for k in (0..SKUS).map(sku) {
+                let at_hub =
+                    self.hub.entries.get(&(store.clone(), k.clone(), w.clone())).map_or_else(Default::default, |x| x.0);
+                let in_db = db.counters.get(&k).map_or_else(Default::default, |c| c.entry(w));
+                r.floor.insert(k, at_hub.join(in_db));
+            }
+            let at_hub = self.hub.journal.iter().filter(|(_, e)| &e.writer == w).count();
+            let in_db = db.journal.iter().filter(|(_, e)| &e.writer == w).count();
+            r.events_floor = at_hub.max(in_db);
+        }
+    }
+
+    /// The hub's database is moved or restored (here: without losing anything) and so runs under
+    /// a new incarnation: every agent must adopt it and both sides start their watermarks over.
+    fn restore_hub(&mut self) {
+        self.stats.hub_restores += 1;
+        self.crash_hub();
+        self.hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(self.rng.random()));
+    }
+
     fn step(&mut self, n: usize) {
         // Busy and calm phases: in calm ones nothing changes locally, so sessions settle and
         // anti-entropy compares digests while faults keep happening.
@@ -993,6 +1053,9 @@ impl Sim {
             }
             8950..=8979 => self.crash_agent(i),
             8980..=8989 => self.crash_hub(),
+            8990..=9009 => self.agents[i].backup = Some(self.agents[i].db.clone()),
+            9010..=9014 => self.restore_agent(i),
+            9015..=9016 => self.restore_hub(),
             _ => self.fire_timers(),
         }
     }
@@ -1098,11 +1161,15 @@ impl Sim {
             if at_hub != at_agent {
                 return Err(format!("{}: agent {at_agent:?} != hub {at_hub:?}", a.store));
             }
+            let expected = self.expected_entries(&a.store, &at_hub)?;
+            if at_hub != expected {
+                return Err(format!("{}: entries {at_hub:?}, the ground truth says {expected:?}", a.store));
+            }
             for k in (0..SKUS).map(sku) {
-                let expected = self.ledger.get(&(a.store.clone(), k.clone())).copied().unwrap_or(0);
+                let want: i64 = expected.iter().filter(|((s, _), _)| *s == k).map(|(_, e)| e.value() as i64).sum();
                 let got = a.db.counters.value(&k).unwrap();
-                if got != expected {
-                    return Err(format!("{} {k}: value {got}, ledger says {expected}", a.store));
+                if got != want {
+                    return Err(format!("{} {k}: value {got}, the changes that survive sum to {want}", a.store));
                 }
             }
             let own = a.db.journal.iter().filter(|(_, e)| e.writer == a.writer).count();
@@ -1113,11 +1180,8 @@ impl Sim {
                 if e.store != a.store {
                     return Err(format!("{} holds event {} of {}", a.store, e.id, e.store));
                 }
-                if e.writer == a.writer && !self.hub.journal_keys.contains(&(a.store.clone(), e.id, e.line)) {
-                    return Err(format!("hub misses {}'s event {}", a.store, e.id));
-                }
             }
-            for (_, e) in self.hub.journal.iter().filter(|(_, e)| e.store == a.store) {
+            for (_, e) in self.hub.journal.iter().filter(|(_, e)| e.store == a.store && e.writer.is_hub()) {
                 if !a.db.journal_keys.contains(&(e.id, e.line)) {
                     return Err(format!("{} misses hub event {} by {}", a.store, e.id, e.writer));
                 }
@@ -1129,12 +1193,64 @@ impl Sim {
                 ));
             }
         }
-        let hub_events = self.hub.journal.len();
-        let all_events = self.next_event as usize;
-        if hub_events != all_events {
-            return Err(format!("hub journal holds {hub_events} events of {all_events} made"));
+        // The hub's journal: every event of a live writer, a prefix of each retired writer's.
+        for (w, made) in &self.events_by {
+            let at_hub: HashSet<(Uuid, u32)> =
+                self.hub.journal.iter().filter(|(_, e)| &e.writer == w).map(|(_, e)| (e.id, e.line)).collect();
+            let floor = self.retired.get(w).map_or(made.len(), |r| r.events_floor);
+            let prefix: HashSet<_> = made[..at_hub.len().min(made.len())].iter().copied().collect();
+            if at_hub.len() < floor || at_hub != prefix {
+                return Err(format!(
+                    "hub holds {} of {w}'s {} events, not a prefix of at least {floor}",
+                    at_hub.len(),
+                    made.len()
+                ));
+            }
+        }
+        let known: usize = self.events_by.values().map(Vec::len).sum();
+        if self.hub.journal.len() > known {
+            return Err(format!("hub journal holds {} events; only {known} were made", self.hub.journal.len()));
         }
         Ok(())
+    }
+
+    /// What the ground truth says `store`'s entries must be, given the surviving entries of
+    /// retired writers: a live writer's entry sums all its changes (each exactly once); a retired
+    /// writer's sums a prefix of them, at least as long as what the hub or the backup held when
+    /// it retired.
+    fn expected_entries(
+        &self,
+        store: &StoreId,
+        actual: &BTreeMap<(Sku, WriterId), PnEntry>,
+    ) -> Result<BTreeMap<(Sku, WriterId), PnEntry>, String> {
+        let mut out = BTreeMap::new();
+        for ((st, k, w), changes) in &self.writes {
+            if st != store {
+                continue;
+            }
+            let totals = |n: usize| {
+                changes[..n].iter().fold(PnEntry::default(), |e, d| e.apply(w, *d).expect("small changes"))
+            };
+            let entry = match self.retired.get(w) {
+                None => totals(changes.len()),
+                Some(r) => {
+                    assert_eq!(&r.store, st);
+                    let have = actual.get(&(k.clone(), w.clone())).copied().unwrap_or_default();
+                    let floor = r.floor.get(k).copied().unwrap_or_default();
+                    if !(0..=changes.len()).any(|n| totals(n) == have) || !have.covers(floor) {
+                        return Err(format!(
+                            "{store} {k}: retired writer {w}'s entry {have:?} is not a prefix of its changes \
+                             {changes:?} covering {floor:?}"
+                        ));
+                    }
+                    have
+                }
+            };
+            if entry != PnEntry::default() {
+                out.insert((k.clone(), w.clone()), entry);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1186,7 +1302,7 @@ fn regression_seeds_converge() {
     let mut totals = Stats::default();
     for &seed in REGRESSION_SEEDS {
         let sim = run_or_panic(seed);
-        let changes: usize = sim.agents.iter().map(|a| a.changes).sum();
+        let changes = sim.stats.local_changes;
         assert!(changes > 100, "seed {seed:#x} exercised too little ({changes} local changes)");
         let s = &sim.stats;
         totals.lost += s.lost;
@@ -1194,6 +1310,8 @@ fn regression_seeds_converge() {
         totals.reordered += s.reordered;
         totals.partitions += s.partitions;
         totals.crashes += s.crashes;
+        totals.agent_restores += s.agent_restores;
+        totals.hub_restores += s.hub_restores;
         totals.expected_errors += s.expected_errors;
         totals.connects += s.connects;
         totals.delivered += s.delivered;
@@ -1210,6 +1328,8 @@ fn regression_seeds_converge() {
         ("reordered", totals.reordered),
         ("partitions", totals.partitions),
         ("crashes", totals.crashes),
+        ("agent restores", totals.agent_restores),
+        ("hub restores", totals.hub_restores),
         ("session errors", totals.expected_errors),
         ("digest comparisons before healing", totals.compared_under_faults),
     ] {
@@ -1285,11 +1405,15 @@ fn anti_entropy_repairs_a_divergence() {
     let lost = state.keys().find(|(_, w)| *w == hub_writer).cloned().expect("store-0 was restocked");
     let mut rebuilt = CounterMap::new();
     rebuilt.merge(state.iter().filter(|(key, _)| **key != lost).map(|((k, w), e)| (k, w, *e))).unwrap();
+    let mut pairs = 0;
     while rebuilt.head() <= old_head {
         rebuilt.apply(&sku(0), &agent_writer, 1).unwrap();
         rebuilt.apply(&sku(0), &agent_writer, -1).unwrap();
+        pairs += 1;
     }
     a.db.counters = rebuilt;
+    let written = sim.writes.get_mut(&(store.clone(), sku(0), agent_writer.clone())).unwrap();
+    written.extend(std::iter::repeat_n([1, -1], pairs).flatten());
     a.heads_dirty = true;
     sim.disconnect(0); // the agent restarts on its repaired database
     assert!(sim.check().is_err(), "the tampering is visible");
@@ -1468,4 +1592,37 @@ fn journal_batch_overtaking_the_welcome_is_kept() {
     }
     let err = agent.handle_frame(now, batch(99)).unwrap_err();
     assert_eq!(err.code, close_code::PROTOCOL_VIOLATION);
+}
+
+/// A peer that gives up before the handshake completes (say, the agent refuses the hub) closes
+/// with its own code: the other side reports that code as the peer's, and does not answer with an
+/// `Error` of its own (nor blame the peer for a protocol violation).
+#[test]
+fn an_error_before_the_handshake_is_the_peers() {
+    let now = Instant::now();
+    let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
+    let me = WriterId::new(NodeId::Store("s1".parse().unwrap()), Incarnation::from_u64(2));
+    let refusal = |code| {
+        via_wire(Frame::V1(FrameV1::Error(wire::ErrorMsg { code, message: "no thanks".into() })))
+    };
+
+    // The hub has not seen a hello yet, or has not answered it (its lookup is still running).
+    for hello_first in [false, true] {
+        let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
+        if hello_first {
+            hub.handle_frame(now, hello("s1", me.clone(), PROTOCOL_VERSION)).unwrap();
+            assert!(matches!(hub.poll_effect(), Some(Effect::LookupPeer { .. })));
+        }
+        let err = hub.handle_frame(now, refusal(close_code::INTERNAL)).unwrap_err();
+        assert_eq!((err.code, err.from_peer), (close_code::INTERNAL, true), "{err}");
+        assert!(err.message.contains("no thanks"), "{err}");
+        assert!(hub.poll_transmit().is_none(), "no error answers an error");
+    }
+
+    // The agent before the welcome.
+    let mut agent = AgentSession::new(SyncConfig::default(), "s1".parse().unwrap(), me, AgentResume::default());
+    while agent.poll_transmit().is_some() {}
+    let err = agent.handle_frame(now, refusal(close_code::REVOKED)).unwrap_err();
+    assert_eq!((err.code, err.from_peer), (close_code::REVOKED, true), "{err}");
+    assert!(agent.poll_transmit().is_none(), "no error answers an error");
 }
