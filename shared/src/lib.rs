@@ -6,6 +6,8 @@
 pub mod counter;
 pub mod id;
 pub mod journal;
+pub mod lineage;
+pub mod mac;
 pub mod qty;
 pub mod sync;
 pub mod wire;

@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use crate::counter::{PnEntry, StateDigest};
 use crate::id::{Sku, StoreId, WriterId};
 use crate::journal::JournalEvent;
+use crate::lineage::{Boot, Checkpoint, HubLineage, BOOTS_MAX};
+use crate::mac::EntryMac;
 use crate::wire::{
-    close_code, Ack, CatalogDoc, CatalogFrame, Delta, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, HoldsSnapshot,
-    JournalBatch, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX, DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX,
-    MESSAGE_MAX_LEN, PROTOCOL_VERSION,
+    close_code, Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello,
+    HoldsSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX, DELTA_ENTRIES_MAX,
+    JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -61,6 +63,10 @@ impl Default for SyncConfig {
 /// window of them before it needs an ack, which the agent can only send once established.
 pub const EARLY_JOURNAL_MAX: usize = 16;
 
+/// Most frames an agent holds that arrived while its host checks the hub's view of its lineage
+/// (the hub starts shipping right after its `Welcome`).
+pub const EARLY_FRAMES_MAX: usize = 256;
+
 /// Which QUIC stream a frame belongs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamKind {
@@ -91,6 +97,12 @@ pub struct DeltaRead {
     pub entries: Vec<(Sku, WriterId, PnEntry)>,
     /// Agent only: holds fulfilled with their counter change in this range.
     pub fulfilled: Vec<uuid::Uuid>,
+    /// Agent only: its writer's lineage head when the entries were read (same snapshot). Every
+    /// delta carries it, so whatever the hub merges of a writer is tied to one history.
+    pub lineage: Option<Checkpoint>,
+    /// Tags of hub-authored entries, by index into `entries` (hub: every hub entry; agent: hub
+    /// entries it returns in a full read).
+    pub macs: Vec<(u32, EntryMac)>,
 }
 
 /// The answer to [`Effect::ReadJournal`].
@@ -105,11 +117,29 @@ pub struct JournalRead {
 /// Work for the host. Fulfil in the order polled.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    /// Hub only: an agent writer said hello. Look up what the hub durably applied from it and
-    /// call [`HubSession::accept`].
+    /// Hub only: an agent writer said hello. Record its retirement reports, look up what the hub
+    /// durably applied from it and merged of its lineage, check that no other live agent holds
+    /// the store, and call [`HubSession::accept`] (or fail the session).
     LookupPeer {
-        /// The agent's writer.
-        writer: WriterId,
+        /// The agent's `Hello` (writer, lineage, retirements, what it holds of the hub).
+        hello: Hello,
+    },
+    /// Agent only: the hub welcomed us. Judge our writer's history against what the hub merged
+    /// ([`crate::lineage::judge`]): if it extends the hub's, call [`AgentSession::lineage_ok`];
+    /// otherwise retire the writer durably and end the connection.
+    CheckLineage {
+        /// What the hub merged of our writer's history.
+        hub: HubLineage,
+        /// Another live connection presents our writer.
+        cloned: bool,
+        /// Digest of the hub-authored entries of this store at the hub: if ours differs, answer
+        /// `lineage_ok(.., true)` to give them back.
+        hub_entries: StateDigest,
+    },
+    /// Hub only: the agent answered a [`HubSession::ping`].
+    Pong {
+        /// The nonce it echoed.
+        nonce: u64,
     },
     /// The handshake is complete.
     Established {
@@ -118,7 +148,9 @@ pub enum Effect {
     },
     /// Read local counter entries the peer should have with sequence above `after`, at most
     /// `limit`, in sequence order; answer with `delta_read`. At the hub, `full` means "include the
-    /// agent's own current writer too" (a resync), which normal deltas leave out to avoid echoes.
+    /// agent's own current writer too" (a resync), which normal deltas leave out to avoid echoes;
+    /// at the agent it means "include the hub-authored entries with their tags" (giving back what
+    /// a restored hub may have lost).
     ReadDelta {
         /// Exclusive lower bound.
         after: u64,
@@ -506,14 +538,29 @@ impl Link {
         }
     }
 
-    fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
+    /// Returns whether a frame went out.
+    fn delta_read(
+        &mut self,
+        now: Instant,
+        read: DeltaRead,
+        lineage: Option<DeltaLineage>,
+    ) -> Result<bool, SessionError> {
         let nonempty = !read.entries.is_empty() || !read.fulfilled.is_empty();
         if let Some(after) = self.counters_out.read_done(now, read.upto, nonempty)? {
+            if let Some((i, _)) = read.macs.iter().find(|(i, _)| *i as usize >= read.entries.len()) {
+                return Err(SessionError::new(
+                    close_code::INTERNAL,
+                    format!("host tagged entry #{i} of {}", read.entries.len()),
+                ));
+            }
             let mut delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)));
             delta.fulfilled = read.fulfilled;
+            delta.lineage = lineage;
+            delta.macs = read.macs;
             self.send(StreamKind::State, FrameV1::Delta(delta));
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn delta_applied(&mut self, upto: u64) -> Result<(), SessionError> {
@@ -561,12 +608,6 @@ macro_rules! common_api {
             self.link.counters_out.notify(now, counter_head, coalesce);
             self.link.journal_out.notify(now, journal_head, coalesce);
             self.drive(now);
-        }
-
-        /// Answer to [`Effect::ReadDelta`].
-        pub fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
-            let r = self.link.delta_read(now, read);
-            self.check(now, r)
         }
 
         /// Answer to [`Effect::ApplyDelta`]: the entries up to `upto` are durable.
@@ -648,11 +689,19 @@ pub struct AgentSession {
     hub_writer: Option<WriterId>,
     next_digest: Option<Instant>,
     digesting: bool,
-    /// Journal batches that overtook the `Welcome` (see [`EARLY_JOURNAL_MAX`]).
-    early_journal: Vec<JournalBatch>,
+    /// Boots to report in the first delta of this connection.
+    boots: Vec<Boot>,
+    /// The `Welcome` whose lineage the host is checking.
+    checking: Option<Welcome>,
+    /// What this database recorded as acked (see [`AgentResume::acked`]).
+    acked_floor: (u64, u64),
+    /// Frames that arrived before the handshake completed: journal batches that overtook the
+    /// `Welcome` (at most [`EARLY_JOURNAL_MAX`]), and anything the hub sent while the host checked
+    /// its lineage (at most [`EARLY_FRAMES_MAX`]). Replayed in order once established.
+    early: Vec<FrameV1>,
 }
 
-/// What an agent knows durably about its hub when it connects.
+/// What an agent knows durably about its hub and itself when it connects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentResume {
     /// The hub incarnation the watermarks below refer to.
@@ -665,6 +714,18 @@ pub struct AgentResume {
     pub head: u64,
     /// Local journal head.
     pub journal_head: u64,
+    /// The writer's own history so far.
+    pub lineage: Checkpoint,
+    /// The most recent boots of this database (the last [`BOOTS_MAX`] are sent).
+    pub boots: Vec<Boot>,
+    /// Retirements no hub has acknowledged yet (at most [`RETIRED_MAX`] are sent).
+    pub retired: Vec<Retirement>,
+    /// Highest local counter sequence this database recorded as acked by the hub. The hub's own
+    /// claim (`Welcome::applied`) may stem from another copy of these files whose sequence
+    /// numbers went their own way after the copy; shipping resumes from the lower of the two.
+    pub acked: u64,
+    /// As `acked`, for the journal.
+    pub journal_acked: u64,
 }
 
 impl AgentSession {
@@ -675,6 +736,11 @@ impl AgentSession {
         link.counters_in.applied = resume.applied;
         link.journal_in.received = resume.journal_applied;
         link.journal_in.applied = resume.journal_applied;
+        let mut retired = resume.retired;
+        retired.truncate(RETIRED_MAX);
+        let mut boots = resume.boots;
+        let skip = boots.len().saturating_sub(BOOTS_MAX);
+        boots.drain(..skip);
         link.send(
             StreamKind::State,
             FrameV1::Hello(Hello {
@@ -684,6 +750,9 @@ impl AgentSession {
                 hub_writer: resume.hub_writer.clone(),
                 applied: resume.applied,
                 journal_applied: resume.journal_applied,
+                lineage: resume.lineage,
+                boots: boots.clone(),
+                retired,
             }),
         );
         AgentSession {
@@ -693,7 +762,10 @@ impl AgentSession {
             hub_writer: resume.hub_writer,
             next_digest: None,
             digesting: false,
-            early_journal: Vec::new(),
+            boots,
+            checking: None,
+            acked_floor: (resume.acked, resume.journal_acked),
+            early: Vec::new(),
         }
     }
 
@@ -704,6 +776,52 @@ impl AgentSession {
         &self.store
     }
 
+    /// Answer to [`Effect::ReadDelta`]. The first delta that goes out carries the boots.
+    pub fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
+        let lineage = read.lineage.map(|head| DeltaLineage { head, boots: self.boots.clone() });
+        let r = self.link.delta_read(now, read, lineage.clone());
+        if lineage.is_some() && matches!(r, Ok(true)) {
+            self.boots.clear();
+        }
+        self.check(now, r.map(|_| ()))
+    }
+
+    /// Answer to [`Effect::CheckLineage`]: our history extends what the hub merged; the handshake
+    /// completes and the frames that waited are handled. `return_hub_entries`: we hold hub
+    /// entries the hub does not (its digest differs), so the first reads are full ones.
+    pub fn lineage_ok(&mut self, now: Instant, return_hub_entries: bool) -> Result<(), SessionError> {
+        let r = self.establish(now, return_hub_entries);
+        self.check(now, r)
+    }
+
+    fn establish(&mut self, now: Instant, return_hub_entries: bool) -> Result<(), SessionError> {
+        let Some(w) = self.checking.take() else {
+            return Err(SessionError::new(close_code::INTERNAL, "lineage checked but no welcome is waiting"));
+        };
+        if self.hub_writer.as_ref() != Some(&w.hub_writer) {
+            // Our watermarks refer to another life of the hub: take everything anew.
+            self.link.counters_in = Inbox::default();
+            self.link.journal_in = Inbox::default();
+            self.hub_writer = Some(w.hub_writer.clone());
+        }
+        let from = if w.applied <= self.link.counters_out.head { w.applied.min(self.acked_floor.0) } else { 0 };
+        let jfrom =
+            if w.journal_applied <= self.link.journal_out.head { w.journal_applied.min(self.acked_floor.1) } else { 0 };
+        self.link.established(now, w.hub_writer, from, jfrom);
+        // A hub that claims more than we have (it applied from another copy of this writer that
+        // has since retired, or our own lost data) acks up to its claim; we resend everything.
+        self.link.counters_out.tolerate_acks_upto(w.applied);
+        self.link.journal_out.tolerate_acks_upto(w.journal_applied);
+        if return_hub_entries {
+            self.link.counters_out.restart_full(now);
+        }
+        self.next_digest = Some(now);
+        for frame in std::mem::take(&mut self.early) {
+            self.handle_established(now, frame)?;
+        }
+        Ok(())
+    }
+
     /// Feeds one received frame.
     pub fn handle_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
         let r = self.handle_inner(now, frame);
@@ -712,9 +830,12 @@ impl AgentSession {
 
     fn handle_inner(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
         let Frame::V1(frame) = frame;
+        if self.link.peer.is_some() {
+            return self.handle_established(now, frame);
+        }
         let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
         match frame {
-            FrameV1::Welcome(w) if self.link.peer.is_none() => {
+            FrameV1::Welcome(w) if self.checking.is_none() => {
                 if w.protocol != PROTOCOL_VERSION {
                     return Err(SessionError::new(
                         close_code::VERSION_MISMATCH,
@@ -724,43 +845,53 @@ impl AgentSession {
                 if !w.hub_writer.is_hub() {
                     return Err(SessionError::violation(format!("welcome names {} as the hub's writer", w.hub_writer)));
                 }
-                if self.hub_writer.as_ref() != Some(&w.hub_writer) {
-                    // Our watermarks refer to another life of the hub: take everything anew.
-                    self.link.counters_in = Inbox::default();
-                    self.link.journal_in = Inbox::default();
-                    self.hub_writer = Some(w.hub_writer.clone());
-                }
-                let from = if w.applied <= self.link.counters_out.head { w.applied } else { 0 };
-                let jfrom = if w.journal_applied <= self.link.journal_out.head { w.journal_applied } else { 0 };
-                self.link.established(now, w.hub_writer, from, jfrom);
-                // A hub that claims more than we have (we lost data but kept our writer) acks up
-                // to its claim; that is no violation, we simply resend everything.
-                self.link.counters_out.tolerate_acks_upto(w.applied);
-                self.link.journal_out.tolerate_acks_upto(w.journal_applied);
-                self.next_digest = Some(now);
-                for batch in std::mem::take(&mut self.early_journal) {
-                    self.link.handle_common(now, FrameV1::Journal(batch))?;
-                }
+                self.link.effects.push_back(Effect::CheckLineage {
+                    hub: w.lineage.clone(),
+                    cloned: w.cloned,
+                    hub_entries: w.hub_entries,
+                });
+                self.checking = Some(w);
                 Ok(())
             }
-            FrameV1::Journal(batch) if self.link.peer.is_none() => {
-                if self.early_journal.len() >= EARLY_JOURNAL_MAX {
+            FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
+            FrameV1::Journal(batch) if self.checking.is_none() => {
+                if self.early.len() >= EARLY_JOURNAL_MAX {
                     return Err(SessionError::violation(format!(
                         "more than {EARLY_JOURNAL_MAX} journal batches before the welcome"
                     )));
                 }
-                self.early_journal.push(batch);
+                self.early.push(FrameV1::Journal(batch));
                 Ok(())
             }
-            FrameV1::Resync if self.link.peer.is_some() => {
+            other if self.checking.is_some() => {
+                if self.early.len() >= EARLY_FRAMES_MAX {
+                    return Err(SessionError::violation(format!(
+                        "more than {EARLY_FRAMES_MAX} frames while the welcome was being checked"
+                    )));
+                }
+                self.early.push(other);
+                Ok(())
+            }
+            other => Err(SessionError::violation(format!("unexpected {} from the hub", frame_name(&other)))),
+        }
+    }
+
+    fn handle_established(&mut self, now: Instant, frame: FrameV1) -> Result<(), SessionError> {
+        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        match frame {
+            FrameV1::Resync => {
                 self.link.counters_out.restart_full(now);
                 Ok(())
             }
-            FrameV1::Holds(snapshot) if self.link.peer.is_some() => {
+            FrameV1::Holds(snapshot) => {
                 if let Some(h) = snapshot.holds.iter().find(|h| h.qty == 0) {
                     return Err(SessionError::violation(format!("hold {} has no units", h.id)));
                 }
                 self.link.effects.push_back(Effect::ApplyHolds { snapshot });
+                Ok(())
+            }
+            FrameV1::Ping(nonce) => {
+                self.link.send(StreamKind::State, FrameV1::Pong(nonce));
                 Ok(())
             }
             FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
@@ -817,6 +948,22 @@ impl AgentSession {
     }
 }
 
+/// The hub's answer to [`Effect::LookupPeer`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerAccept {
+    /// Highest agent counter sequence the hub durably applied from this writer.
+    pub applied: u64,
+    /// Highest agent journal sequence the hub durably stored from this writer.
+    pub journal_applied: u64,
+    /// What the hub merged of the writer's history.
+    pub lineage: HubLineage,
+    /// Another live connection presents the same writer.
+    pub cloned: bool,
+    /// Digest of the hub-authored entries of the store here (the agent gives back its own if
+    /// they differ).
+    pub hub_entries: StateDigest,
+}
+
 /// The hub's end of one agent's connection.
 #[derive(Debug)]
 pub struct HubSession {
@@ -825,12 +972,21 @@ pub struct HubSession {
     hub_writer: WriterId,
     hello: Option<Hello>,
     pending_digest: Option<DigestMsg>,
+    /// The agent writer's history must not go below this (what the hub merged).
+    lineage_floor: Checkpoint,
 }
 
 impl HubSession {
     /// A session for a connection whose certificate names `store`.
     pub fn new(config: SyncConfig, store: StoreId, hub_writer: WriterId, head: u64, journal_head: u64) -> Self {
-        HubSession { link: Link::new(config, head, journal_head), store, hub_writer, hello: None, pending_digest: None }
+        HubSession {
+            link: Link::new(config, head, journal_head),
+            store,
+            hub_writer,
+            hello: None,
+            pending_digest: None,
+            lineage_floor: Checkpoint::ZERO,
+        }
     }
 
     common_api!();
@@ -840,24 +996,78 @@ impl HubSession {
         &self.store
     }
 
+    /// Answer to [`Effect::ReadDelta`] (`read.macs` tags every hub-authored entry).
+    pub fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
+        let r = self.link.delta_read(now, read, None);
+        self.check(now, r.map(|_| ()))
+    }
+
+    /// Refuses the agent (say, another live agent holds the store): queues an `Error` frame with
+    /// `code` and ends the session. Returns the error for the host to log.
+    pub fn refuse(&mut self, code: u32, message: impl Into<String>) -> SessionError {
+        self.link.fail(SessionError::new(code, message))
+    }
+
+    /// Asks the agent whether it is alive; it answers with [`Effect::Pong`]. Only on an
+    /// established session.
+    pub fn ping(&mut self, nonce: u64) {
+        if self.is_established() {
+            self.link.send(StreamKind::State, FrameV1::Ping(nonce));
+        }
+    }
+
     /// Feeds one received frame.
     pub fn handle_frame(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
         let r = self.handle_inner(now, frame);
         self.check(now, r)
     }
 
+    fn authorize_delta(&mut self, d: &Delta) -> Result<(), SessionError> {
+        // A store may only write its own writers' entries, and return hub entries with their tags
+        // (the host verifies the tags).
+        if let Some(w) = d.writers.iter().find(|w| !w.is_store(&self.store) && !w.is_hub()) {
+            return Err(SessionError::new(
+                close_code::UNAUTHORIZED,
+                format!("store {} sent entries of writer {w}, which is not one of its own", self.store),
+            ));
+        }
+        let tagged: std::collections::HashSet<u32> = d.macs.iter().map(|(i, _)| *i).collect();
+        if let Some((i, e)) = d
+            .entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| d.writers[e.writer as usize].is_hub() && !tagged.contains(&(*i as u32)))
+        {
+            return Err(SessionError::new(
+                close_code::UNAUTHORIZED,
+                format!(
+                    "store {} sent an untagged entry of hub writer {} for {} (entry #{i})",
+                    self.store, d.writers[e.writer as usize], e.sku
+                ),
+            ));
+        }
+        if let Some(l) = &d.lineage {
+            let floor = self.lineage_floor;
+            if l.head.ordinal < floor.ordinal || (l.head.ordinal == floor.ordinal && l.head.chain != floor.chain) {
+                return Err(SessionError::new(
+                    close_code::FORKED,
+                    format!(
+                        "store {}'s writer is at change {} but the hub merged change {} of another history \
+                         (restored or copied files)",
+                        self.store, l.head.ordinal, floor.ordinal
+                    ),
+                ));
+            }
+            self.lineage_floor = l.head;
+        }
+        Ok(())
+    }
+
     fn handle_inner(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
         let Frame::V1(frame) = frame;
         // Authorisation first: a store may only write its own writers' entries and events.
         match &frame {
-            FrameV1::Delta(d) => {
-                if let Some(w) = d.writers.iter().find(|w| !w.is_store(&self.store)) {
-                    return Err(SessionError::new(
-                        close_code::UNAUTHORIZED,
-                        format!("store {} sent entries of writer {w}, which is not one of its own", self.store),
-                    ));
-                }
-            }
+            FrameV1::Delta(d) => self.authorize_delta(d)?,
             FrameV1::Journal(b) => {
                 if let Some(e) = b.events.iter().find(|e| e.store != self.store || !e.writer.is_store(&self.store)) {
                     return Err(SessionError::new(
@@ -886,13 +1096,16 @@ impl HubSession {
                         format!("certificate names store {} but hello claims {}", self.store, h.store),
                     ));
                 }
-                if !h.writer.is_store(&self.store) {
+                let foreign = std::iter::once(&h.writer)
+                    .chain(h.retired.iter().flat_map(|r| [&r.old, &r.new]))
+                    .find(|w| !w.is_store(&self.store));
+                if let Some(w) = foreign {
                     return Err(SessionError::new(
                         close_code::UNAUTHORIZED,
-                        format!("store {} claims writer {}", self.store, h.writer),
+                        format!("store {} claims writer {w}", self.store),
                     ));
                 }
-                self.link.effects.push_back(Effect::LookupPeer { writer: h.writer.clone() });
+                self.link.effects.push_back(Effect::LookupPeer { hello: h.clone() });
                 self.hello = Some(h);
                 Ok(())
             }
@@ -915,6 +1128,10 @@ impl HubSession {
                 }
                 Ok(())
             }
+            FrameV1::Pong(nonce) if self.link.peer.is_some() => {
+                self.link.effects.push_back(Effect::Pong { nonce });
+                Ok(())
+            }
             // Before the handshake completes `handle_common` passes errors through; after it,
             // it handles them itself.
             FrameV1::Error(e) => Err(SessionError { code: e.code, message: e.message, from_peer: true }),
@@ -931,18 +1148,27 @@ impl HubSession {
         }
     }
 
-    /// Answer to [`Effect::LookupPeer`]: what the hub durably applied from this agent writer.
-    pub fn accept(&mut self, now: Instant, applied: u64, journal_applied: u64) -> Result<(), SessionError> {
+    /// The agent's `Hello`, once received.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Answer to [`Effect::LookupPeer`]: what the hub durably holds of this agent writer.
+    pub fn accept(&mut self, now: Instant, acc: PeerAccept) -> Result<(), SessionError> {
         let Some(h) = self.hello.clone() else {
             return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
         };
+        let PeerAccept { applied, journal_applied, mut lineage, cloned, hub_entries } = acc;
         self.link.counters_in.received = applied;
         self.link.counters_in.applied = applied;
         self.link.journal_in.received = journal_applied;
         self.link.journal_in.applied = journal_applied;
+        self.lineage_floor = lineage.head;
         let same_hub = h.hub_writer.as_ref() == Some(&self.hub_writer);
         let from = if same_hub && h.applied <= self.link.counters_out.head { h.applied } else { 0 };
         let jfrom = if same_hub && h.journal_applied <= self.link.journal_out.head { h.journal_applied } else { 0 };
+        let skip = lineage.points.len().saturating_sub(crate::lineage::CHECKPOINTS_MAX);
+        lineage.points.drain(..skip);
         self.link.send(
             StreamKind::State,
             FrameV1::Welcome(Welcome {
@@ -950,6 +1176,9 @@ impl HubSession {
                 hub_writer: self.hub_writer.clone(),
                 applied,
                 journal_applied,
+                lineage,
+                cloned,
+                hub_entries,
             }),
         );
         self.link.established(now, h.writer, from, jfrom);
@@ -1008,5 +1237,7 @@ fn frame_name(f: &FrameV1) -> &'static str {
         FrameV1::Error(_) => "error",
         FrameV1::Holds(_) => "holds",
         FrameV1::Catalog(_) => "catalog",
+        FrameV1::Ping(_) => "ping",
+        FrameV1::Pong(_) => "pong",
     }
 }

@@ -7,10 +7,15 @@ use serde::{Deserialize, Serialize};
 use crate::counter::{PnEntry, StateDigest};
 use crate::id::{Sku, StoreId, WriterId};
 use crate::journal::JournalEvent;
+use crate::lineage::{Boot, Checkpoint, HubLineage, RetireReason, BOOTS_MAX, CHECKPOINTS_MAX};
+use crate::mac::EntryMac;
 use crate::qty::REASON_MAX_LEN;
 
-/// The protocol version exchanged in `Hello`/`Welcome`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version exchanged in `Hello`/`Welcome`. Version 2 added writer lineage,
+/// retirement reports, authenticated hub entries and liveness probes.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Most retirement reports in one `Hello`.
+pub const RETIRED_MAX: usize = 16;
 /// TLS application protocol name.
 pub const ALPN: &[u8] = b"shelfsync/1";
 /// Largest encoded frame body, in bytes.
@@ -46,6 +51,12 @@ pub mod close_code {
     pub const REVOKED: u32 = 4;
     /// The local side failed (storage error); the peer should retry later.
     pub const INTERNAL: u32 = 5;
+    /// Another agent of the same store is connected and alive; this one is refused until an
+    /// operator resolves it (or the store is allowed several agents).
+    pub const DUPLICATE_AGENT: u32 = 6;
+    /// The writer's history is behind or beside what the hub merged (a restored or cloned
+    /// database); the agent must reconnect, which makes it retire the writer.
+    pub const FORKED: u32 = 7;
 
     /// A name for logs.
     pub fn name(code: u32) -> &'static str {
@@ -56,6 +67,8 @@ pub mod close_code {
             UNAUTHORIZED => "unauthorized",
             REVOKED => "revoked",
             INTERNAL => "internal",
+            DUPLICATE_AGENT => "duplicate_agent",
+            FORKED => "forked",
             _ => "unknown",
         }
     }
@@ -94,6 +107,10 @@ pub enum FrameV1 {
     Holds(HoldsSnapshot),
     /// Part of an automerge sync message for one of the catalog documents (catalog stream).
     Catalog(CatalogFrame),
+    /// Hub → agent: "are you alive?" (state stream); the agent answers `Pong` with the same nonce.
+    Ping(u64),
+    /// Agent → hub: the answer to `Ping`.
+    Pong(u64),
 }
 
 /// Which replicated document a catalog frame is about.
@@ -186,6 +203,37 @@ pub struct Hello {
     pub applied: u64,
     /// Highest hub journal sequence the agent durably stored.
     pub journal_applied: u64,
+    /// The writer's own history so far (see [`crate::lineage`]).
+    pub lineage: Checkpoint,
+    /// The latest starts of the agent on these files, at most [`BOOTS_MAX`].
+    pub boots: Vec<Boot>,
+    /// Writers this database retired that no hub has acknowledged yet, at most [`RETIRED_MAX`].
+    pub retired: Vec<Retirement>,
+}
+
+/// An agent retired a writer because its history forked (a restored or cloned database).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retirement {
+    /// The retired writer.
+    pub old: WriterId,
+    /// The writer that took over.
+    pub new: WriterId,
+    /// Why.
+    pub reason: RetireReason,
+    /// The last ordinal this copy shared with the hub's history of `old`.
+    pub fork_ordinal: u64,
+    /// The ordinal of `old` the hub had merged.
+    pub hub_ordinal: u64,
+    /// The ordinal this copy had reached.
+    pub own_ordinal: u64,
+    /// Changes this copy made after the fork, moved to `new`.
+    pub moved: u64,
+    /// Of those, how many might also be in the hub's history (see [`crate::lineage::Verdict`]).
+    pub ambiguous: u64,
+    /// When the first and the last moved change was recorded (ms), if any moved.
+    pub window_ms: Option<(i64, i64)>,
+    /// When the agent retired the writer (ms).
+    pub at_ms: i64,
 }
 
 /// The hub's answer to `Hello`.
@@ -199,6 +247,23 @@ pub struct Welcome {
     pub applied: u64,
     /// Highest journal sequence of this agent writer the hub durably stored.
     pub journal_applied: u64,
+    /// What the hub merged of this writer's history.
+    pub lineage: HubLineage,
+    /// Another live connection presents this writer: the agent's database is a copy.
+    pub cloned: bool,
+    /// Digest of the hub-authored entries of this store at the hub. An agent that holds others
+    /// (the hub lost some: it runs from restored files) sends back every hub entry it holds, with
+    /// its tag.
+    pub hub_entries: StateDigest,
+}
+
+/// The lineage part of an agent's delta.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaLineage {
+    /// The agent writer's history at the end of this delta's range.
+    pub head: Checkpoint,
+    /// Boots of the agent (first delta of a connection only), at most [`BOOTS_MAX`].
+    pub boots: Vec<Boot>,
 }
 
 /// One counter entry in a delta; `writer` indexes [`Delta::writers`].
@@ -230,6 +295,11 @@ pub struct Delta {
     /// closes them in the same transaction that merges the entries, so `available` never counts a
     /// picked unit twice.
     pub fulfilled: Vec<uuid::Uuid>,
+    /// Agent → hub: the agent writer's lineage, when this delta completes everything it wrote.
+    pub lineage: Option<DeltaLineage>,
+    /// Tags of hub-authored entries, by index into `entries` (hub → agent on every hub entry;
+    /// agent → hub when it returns them).
+    pub macs: Vec<(u32, EntryMac)>,
 }
 
 impl Delta {
@@ -251,7 +321,7 @@ impl Delta {
             };
             wire.push(WireEntry { sku: sku.clone(), writer: idx as u32, p: e.p, n: e.n });
         }
-        Delta { after, upto, writers, entries: wire, fulfilled: Vec::new() }
+        Delta { after, upto, writers, entries: wire, fulfilled: Vec::new(), lineage: None, macs: Vec::new() }
     }
 
     /// Entries with their writers resolved. Call only on validated frames.
@@ -310,6 +380,8 @@ pub enum CodecError {
     Malformed(String),
     #[error("frame breaks a limit: {0}")]
     Limit(String),
+    #[error("the peer speaks protocol version {found}; this side speaks {PROTOCOL_VERSION}")]
+    Version { found: u32 },
 }
 
 impl Frame {
@@ -330,6 +402,13 @@ impl Frame {
                 limit("delta fulfilled holds", d.fulfilled.len(), DELTA_FULFILLED_MAX)?;
                 if d.upto < d.after {
                     return Err(CodecError::Limit(format!("delta range ({}, {}] is backwards", d.after, d.upto)));
+                }
+                limit("delta tags", d.macs.len(), d.entries.len())?;
+                if let Some((i, _)) = d.macs.iter().find(|(i, _)| *i as usize >= d.entries.len()) {
+                    return Err(CodecError::Limit(format!("delta tag names entry #{i} of {}", d.entries.len())));
+                }
+                if let Some(l) = &d.lineage {
+                    limit("delta boots", l.boots.len(), BOOTS_MAX)?;
                 }
                 if let Some(e) = d.entries.iter().find(|e| e.writer as usize >= d.writers.len()) {
                     return Err(CodecError::Limit(format!(
@@ -355,6 +434,14 @@ impl Frame {
             FrameV1::Error(e) => limit("error message bytes", e.message.len(), MESSAGE_MAX_LEN)?,
             FrameV1::Holds(h) => limit("holds", h.holds.len(), HOLDS_MAX)?,
             FrameV1::Catalog(c) => limit("catalog frame bytes", c.bytes.len(), CATALOG_PART_MAX)?,
+            FrameV1::Hello(h) => {
+                limit("retired writers", h.retired.len(), RETIRED_MAX)?;
+                limit("hello boots", h.boots.len(), BOOTS_MAX)?;
+            }
+            FrameV1::Welcome(w) => {
+                limit("lineage points", w.lineage.points.len(), CHECKPOINTS_MAX)?;
+                limit("lineage boots", w.lineage.boots.len(), CHECKPOINTS_MAX)?;
+            }
             _ => {}
         }
         Ok(())
@@ -390,13 +477,28 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, CodecError> {
     if body.len() > FRAME_MAX_BYTES {
         return Err(CodecError::TooLarge { len: body.len(), max: FRAME_MAX_BYTES });
     }
-    let (frame, rest): (Frame, &[u8]) =
-        postcard::take_from_bytes(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (frame, rest): (Frame, &[u8]) = match postcard::take_from_bytes(body) {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(handshake_version(body)
+                .map_or_else(|| CodecError::Malformed(e.to_string()), |found| CodecError::Version { found }))
+        }
+    };
     if !rest.is_empty() {
         return Err(CodecError::Malformed(format!("{} trailing bytes", rest.len())));
     }
     frame.validate()?;
     Ok(frame)
+}
+
+/// If `body` starts like a `Hello` or `Welcome` of another protocol version (whose layout may
+/// differ), that version: a peer of another version gets a clear answer, not "malformed".
+fn handshake_version(body: &[u8]) -> Option<u32> {
+    // postcard: variant indices and u32 are varints. Frame::V1 = 0; Hello = 0, Welcome = 1; and
+    // both start with their `protocol`.
+    let [0, 0 | 1, rest @ ..] = body else { return None };
+    let (found, _): (u32, _) = postcard::take_from_bytes(rest).ok()?;
+    (found != PROTOCOL_VERSION).then_some(found)
 }
 
 /// Decodes one length-prefixed frame from the front of `buf`; returns it and the bytes used, or
@@ -457,6 +559,8 @@ mod tests {
             after: 0,
             upto: 1,
             fulfilled: vec![],
+            lineage: None,
+            macs: vec![],
             writers: vec![],
             entries: vec![WireEntry { sku: "A".parse().unwrap(), writer: 0, p: 1, n: 0 }],
         }));
@@ -471,5 +575,44 @@ mod tests {
         let entries = std::iter::repeat_n((&sku, &w, PnEntry::default()), DELTA_ENTRIES_MAX + 1);
         let too_many = Frame::V1(FrameV1::Delta(Delta::build(0, 1, entries)));
         assert!(matches!(encode(&too_many), Err(CodecError::Limit(m)) if m.contains("4097 items")));
+        let mut tagged = Delta::build(0, 1, [(&sku, &w, PnEntry::default())]);
+        tagged.macs = vec![(1, [0; 16])];
+        assert!(
+            matches!(encode(&Frame::V1(FrameV1::Delta(tagged))), Err(CodecError::Limit(m)) if m.contains("entry #1 of 1"))
+        );
+    }
+
+    /// A peer of protocol version 1 (whose `Hello` had fewer fields) is told the version, not
+    /// "malformed".
+    #[test]
+    fn another_version_is_named() {
+        #[derive(Serialize)]
+        enum OldFrame {
+            V1(OldFrameV1),
+        }
+        #[derive(Serialize)]
+        enum OldFrameV1 {
+            Hello {
+                protocol: u32,
+                store: String,
+                writer: String,
+                hub_writer: Option<String>,
+                applied: u64,
+                journal_applied: u64,
+            },
+        }
+        let old = OldFrame::V1(OldFrameV1::Hello {
+            protocol: 1,
+            store: "s1".into(),
+            writer: "s1@0000000000000001".into(),
+            hub_writer: None,
+            applied: 0,
+            journal_applied: 0,
+        });
+        let body = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(decode_body(&body), Err(CodecError::Version { found: 1 }));
+        assert!(CodecError::Version { found: 1 }.to_string().contains("protocol version 1"));
+        // Garbage is still just malformed.
+        assert!(matches!(decode_body(&[0, 0, 2]), Err(CodecError::Malformed(_))));
     }
 }
