@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::id::Sku;
+use crate::id::{Incarnation, Sku, WriterId};
 
 /// A chain value: the first 16 bytes of SHA-256 over the previous value and one change.
 pub type Chain = [u8; 16];
@@ -95,6 +95,9 @@ pub struct HubLineage {
     /// Boots of copies whose data the hub merged, at most [`CHECKPOINTS_MAX`]; their checkpoints
     /// are among `points` (or the head).
     pub boots: Vec<Boot>,
+    /// The starts of the live copy of the same writer, oldest first, when there is one
+    /// (`cloned`).
+    pub live_boots: Vec<Boot>,
 }
 
 impl HubLineage {
@@ -131,6 +134,7 @@ impl HubLineage {
     /// Adds the boots of a live copy of the same writer (from its `Hello`), so a newcomer judged
     /// a clone can find where the two split even before the live one reported anything.
     pub fn with_live_boots(mut self, boots: &[Boot]) -> Self {
+        self.live_boots = boots.to_vec();
         for b in boots {
             if !self.boots.iter().any(|h| h.id == b.id) {
                 if b.at.ordinal > 0 && b.at != self.head {
@@ -189,6 +193,27 @@ pub enum Verdict {
     },
 }
 
+/// The writer that takes over `old`'s changes after a fork at `at`, the first of them being
+/// `first_moved` (event id and line). Derived, not drawn: a copy whose files are put back to a
+/// time before it retired `old` makes the same decision again and must land on the same writer,
+/// or the changes it moves a second time would be counted twice. Two copies that forked at the
+/// same point have different first changes, so they get different writers.
+pub fn successor(old: &WriterId, at: &Checkpoint, first_moved: Option<(Uuid, u32)>) -> WriterId {
+    let mut h = Sha256::new();
+    h.update(b"shelfsync-successor-v1");
+    h.update(old.to_string().as_bytes());
+    h.update(at.ordinal.to_be_bytes());
+    h.update(at.chain);
+    if let Some((id, line)) = first_moved {
+        h.update(id.as_bytes());
+        h.update(line.to_be_bytes());
+    }
+    let full = h.finalize();
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&full[..8]);
+    WriterId::new(old.node().clone(), Incarnation::from_u64(u64::from_be_bytes(n)))
+}
+
 /// Decides whether a writer whose own history has head `own` (and chain values `own_chain(k)` for
 /// every `k ≤ own.ordinal`, and `own_boots`) may keep writing, given what the hub merged (`hub`).
 /// `cloned` says a live connection of the same writer exists elsewhere.
@@ -218,6 +243,23 @@ pub fn judge(
     }
     // A start of ours the hub never heard of, where the histories may part: this copy was
     // started from files there, so everything after it is ours alone.
+    if cloned && !hub.live_boots.is_empty() {
+        // The live copy's starts tell exactly which of ours it shares: the first start of ours
+        // it lacks is where we began on our own.
+        let shared = |b: &Boot| hub.live_boots.iter().any(|l| l.id == b.id);
+        let alone = own_boots.iter().filter(|b| !shared(b) && b.at.ordinal >= lo && b.at.ordinal <= own.ordinal);
+        if let Some(at) = alone.map(|b| b.at.ordinal).min() {
+            return Verdict::Fork { at, ambiguous: 0, reason };
+        }
+        // One of the two copies started from files at or before `lo` (a start only one of them
+        // has), and our history is the hub's up to `lo`: what we did after it is ours alone.
+        let ours = |l: &Boot| own_boots.iter().any(|o| o.id == l.id);
+        let split_before = own_boots.iter().any(|b| !shared(b) && b.at.ordinal <= lo)
+            || hub.live_boots.iter().any(|l| !ours(l) && l.at.ordinal <= lo);
+        if split_before {
+            return Verdict::Fork { at: lo, ambiguous: 0, reason };
+        }
+    }
     let known = |b: &Boot| hub.boots.iter().any(|h| h.id == b.id);
     let ours = own_boots
         .iter()
@@ -367,6 +409,12 @@ mod tests {
             judge(own, &chain, &boots_at(&original, &[0]), &hub, true),
             Verdict::Fork { at: 9, ambiguous: 0, reason: RetireReason::Cloned }
         );
+        // The original had pushed past where the clone started: what it did since is its own.
+        let pushed = hub_of(&original, 10, &[], &[]).with_live_boots(&[Boot { id: 42, at: prefix[8] }]);
+        assert_eq!(
+            judge(own, &chain, &boots_at(&original, &[0]), &pushed, true),
+            Verdict::Fork { at: 10, ambiguous: 0, reason: RetireReason::Cloned }
+        );
     }
 
     #[test]
@@ -423,6 +471,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn successors_are_derived() {
+        let store: crate::id::StoreId = "s1".parse().unwrap();
+        let w = WriterId::new(crate::id::NodeId::Store(store.clone()), Incarnation::from_u64(7));
+        let h = history(&[], 3, 1);
+        let a = successor(&w, &h[1], Some((Uuid::from_u128(5), 0)));
+        assert_eq!(a, successor(&w, &h[1], Some((Uuid::from_u128(5), 0))), "the same decision, the same writer");
+        assert!(a.is_store(&store));
+        assert_ne!(a, w);
+        assert_ne!(a, successor(&w, &h[1], Some((Uuid::from_u128(6), 0))), "another branch");
+        assert_ne!(a, successor(&w, &h[2], Some((Uuid::from_u128(5), 0))), "another fork point");
     }
 
     #[test]

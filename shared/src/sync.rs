@@ -384,10 +384,20 @@ impl Outbox {
 struct Inbox {
     received: u64,
     applied: u64,
+    /// A frame arrived on this connection.
+    started: bool,
 }
 
 impl Inbox {
     fn receive(&mut self, what: &str, after: u64, upto: u64) -> Result<(), SessionError> {
+        if !std::mem::replace(&mut self.started, true) && after < self.received {
+            // The sender resumes below what we recorded: our record stems from another copy of
+            // its files (whose sequence numbers went their own way) or it lost data. From here
+            // on, only what this connection brings counts, or a lost frame would go unnoticed and
+            // our acks would vouch for what we never got.
+            self.received = after;
+            self.applied = after;
+        }
         if after > self.received {
             return Err(SessionError::violation(format!(
                 "{what} starts after {after} but only {} was received: a frame was lost",
@@ -693,8 +703,6 @@ pub struct AgentSession {
     boots: Vec<Boot>,
     /// The `Welcome` whose lineage the host is checking.
     checking: Option<Welcome>,
-    /// What this database recorded as acked (see [`AgentResume::acked`]).
-    acked_floor: (u64, u64),
     /// Frames that arrived before the handshake completed: journal batches that overtook the
     /// `Welcome` (at most [`EARLY_JOURNAL_MAX`]), and anything the hub sent while the host checked
     /// its lineage (at most [`EARLY_FRAMES_MAX`]). Replayed in order once established.
@@ -720,9 +728,8 @@ pub struct AgentResume {
     pub boots: Vec<Boot>,
     /// Retirements no hub has acknowledged yet (at most [`RETIRED_MAX`] are sent).
     pub retired: Vec<Retirement>,
-    /// Highest local counter sequence this database recorded as acked by the hub. The hub's own
-    /// claim (`Welcome::applied`) may stem from another copy of these files whose sequence
-    /// numbers went their own way after the copy; shipping resumes from the lower of the two.
+    /// Highest local counter sequence this database recorded as acked by the hub (sent in
+    /// `Hello`; see [`Hello::acked`]).
     pub acked: u64,
     /// As `acked`, for the journal.
     pub journal_acked: u64,
@@ -750,6 +757,8 @@ impl AgentSession {
                 hub_writer: resume.hub_writer.clone(),
                 applied: resume.applied,
                 journal_applied: resume.journal_applied,
+                acked: resume.acked,
+                journal_acked: resume.journal_acked,
                 lineage: resume.lineage,
                 boots: boots.clone(),
                 retired,
@@ -764,7 +773,6 @@ impl AgentSession {
             digesting: false,
             boots,
             checking: None,
-            acked_floor: (resume.acked, resume.journal_acked),
             early: Vec::new(),
         }
     }
@@ -804,9 +812,8 @@ impl AgentSession {
             self.link.journal_in = Inbox::default();
             self.hub_writer = Some(w.hub_writer.clone());
         }
-        let from = if w.applied <= self.link.counters_out.head { w.applied.min(self.acked_floor.0) } else { 0 };
-        let jfrom =
-            if w.journal_applied <= self.link.journal_out.head { w.journal_applied.min(self.acked_floor.1) } else { 0 };
+        let from = if w.applied <= self.link.counters_out.head { w.applied } else { 0 };
+        let jfrom = if w.journal_applied <= self.link.journal_out.head { w.journal_applied } else { 0 };
         self.link.established(now, w.hub_writer, from, jfrom);
         // A hub that claims more than we have (it applied from another copy of this writer that
         // has since retired, or our own lost data) acks up to its claim; we resend everything.
@@ -1159,6 +1166,10 @@ impl HubSession {
             return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
         };
         let PeerAccept { applied, journal_applied, mut lineage, cloned, hub_entries } = acc;
+        // Our record may stem from another copy of the agent's files, whose sequence numbers
+        // went their own way after the copy: trust no more than this copy says we acked.
+        let applied = applied.min(h.acked);
+        let journal_applied = journal_applied.min(h.journal_acked);
         self.link.counters_in.received = applied;
         self.link.counters_in.applied = applied;
         self.link.journal_in.received = journal_applied;

@@ -203,6 +203,12 @@ pub struct Hello {
     pub applied: u64,
     /// Highest hub journal sequence the agent durably stored.
     pub journal_applied: u64,
+    /// Highest counter sequence of this writer the agent recorded as acked by a hub. A hub's
+    /// own record may stem from another copy of these files whose sequence numbers went their
+    /// own way; the hub resumes from the lower of the two.
+    pub acked: u64,
+    /// As `acked`, for the journal.
+    pub journal_acked: u64,
     /// The writer's own history so far (see [`crate::lineage`]).
     pub lineage: Checkpoint,
     /// The latest starts of the agent on these files, at most [`BOOTS_MAX`].

@@ -834,12 +834,12 @@ impl Sim {
     fn retire(&mut self, j: usize, at: u64, ambiguous: u64, reason: lineage::RetireReason, hub_ordinal: u64) {
         self.stats.retirements += 1;
         let store = self.sid(j);
-        let new = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(self.rng.random()));
         let db = &mut self.agents[j].db;
         let old = db.writer.clone();
+        let cut = if at == 0 { Checkpoint::ZERO } else { db.own[at as usize - 1].0 };
+        let new = lineage::successor(&old, &cut, db.own.get(at as usize).map(|(_, id)| (*id, 0)));
         let own_ordinal = db.lineage().ordinal;
         let moved: Vec<Uuid> = db.own[at as usize..].iter().map(|(_, id)| *id).collect();
-        let cut = if at == 0 { Checkpoint::ZERO } else { db.own[at as usize - 1].0 };
         db.frozen.insert(old.clone(), cut);
         let moved_set: HashSet<Uuid> = moved.iter().copied().collect();
         let mut sums: BTreeMap<Sku, PnEntry> = BTreeMap::new();
@@ -867,9 +867,24 @@ impl Sim {
         let mut rebuilt = CounterMap::new();
         rebuilt.merge(state.iter().map(|((k, w), e)| (k, w, *e))).unwrap();
         db.counters = rebuilt;
+        // Starts of these files inside the moved stretch stay starts of the new writer's history
+        // (at their place in it), and the new writer starts on this copy at its head: another
+        // copy that makes the same decision derives the same writer, and the two must still
+        // tell their histories apart.
+        db.boots = db
+            .boots
+            .iter()
+            .filter(|b| b.at.ordinal >= at)
+            .map(|b| {
+                let k = (b.at.ordinal - at) as usize;
+                Boot { id: b.id, at: if k == 0 { Checkpoint::ZERO } else { new_own[k - 1].0 } }
+            })
+            .collect();
         db.own = new_own;
-        db.boots.clear();
         db.writer = new.clone();
+        let boot = self.rng.random();
+        let db = &mut self.agents[j].db;
+        db.boot(boot);
         db.hub_writer = None;
         db.applied = 0;
         db.journal_applied = 0;
@@ -1178,7 +1193,9 @@ impl Sim {
         let store = self.sid(j);
         for ((st, k, w), (e, seq)) in &self.hub.entries {
             let at_agent = a.db.counters.get(k).map_or_else(Default::default, |c| c.entry(w));
-            if *st == store && *seq <= upto && !at_agent.covers(*e) {
+            // The agent's own writer never comes back down (a rolled-back copy is behind on it
+            // until it retires it).
+            if *st == store && *seq <= upto && !at_agent.covers(*e) && *w != a.db.writer {
                 return Err(format!(
                     "{store}: hub counters acked up to {upto}, but the agent holds {k}/{w} as {at_agent:?}, the hub {e:?} (seq {seq})"
                 ));
@@ -2044,6 +2061,8 @@ fn hello(store: &str, writer: WriterId, protocol: u32) -> Frame {
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
+        acked: 0,
+        journal_acked: 0,
         lineage: Checkpoint::ZERO,
         boots: vec![],
         retired: vec![],
