@@ -334,11 +334,15 @@ impl Drop for Slot {
     }
 }
 
-/// When a connection last moved a byte, and how many of its requests are being handled.
+/// When a connection last moved a byte, and whether the server (not the client) owes the next
+/// move: a request in flight whose body has been read in full.
 struct Activity {
     started: Instant,
     last_io_ms: AtomicU64,
+    /// Requests handed to the router whose response is not ready yet.
     in_flight: AtomicU64,
+    /// Of those, requests whose body the client has not finished sending.
+    bodies_pending: AtomicU64,
 }
 
 impl Activity {
@@ -347,6 +351,55 @@ impl Activity {
     }
     fn last_io(&self) -> Instant {
         self.started + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed))
+    }
+    /// The server is working on a request: silence is ours, not the client's.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > self.bodies_pending.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body that tells [`Activity`] when the client has sent all of it (or the handler
+/// stopped reading it), so a stalled upload counts as idle but a slow handler does not.
+struct TrackedBody {
+    inner: hyper::body::Incoming,
+    activity: Arc<Activity>,
+    pending: bool,
+}
+
+impl TrackedBody {
+    fn done(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.activity.bodies_pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || this.inner.is_end_stream() {
+            this.done();
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 
@@ -401,7 +454,8 @@ impl AsyncWrite for Tracked {
 }
 
 /// The router as a hyper service for one connection: it tells handlers the client's address
-/// (`ConnectInfo<SocketAddr>`) and counts requests in flight, which never count as idle.
+/// (`ConnectInfo<SocketAddr>`) and counts requests in flight; while one is being handled after
+/// its body arrived, the connection is not idle.
 #[derive(Clone)]
 struct ConnService {
     router: Router,
@@ -424,7 +478,15 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for ConnServ
     type Future = Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
 
     fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        let mut req = req.map(axum::body::Body::new);
+        use hyper::body::Body as _;
+        let activity = self.activity.clone();
+        let mut req = req.map(|inner| {
+            let pending = !inner.is_end_stream();
+            if pending {
+                activity.bodies_pending.fetch_add(1, Ordering::Relaxed);
+            }
+            axum::body::Body::new(TrackedBody { inner, activity, pending })
+        });
         req.extensions_mut().insert(ConnectInfo(self.peer));
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight(self.activity.clone());
@@ -570,8 +632,12 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
     stats: Arc<EdgeStats>,
 ) {
-    let activity =
-        Arc::new(Activity { started: Instant::now(), last_io_ms: AtomicU64::new(0), in_flight: AtomicU64::new(0) });
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        last_io_ms: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        bodies_pending: AtomicU64::new(0),
+    });
     let io = hyper_util::rt::TokioIo::new(Tracked { stream, activity: activity.clone() });
     let service = ConnService { router, peer, activity: activity.clone() };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -584,9 +650,8 @@ async fn connection(
         conn.as_mut().graceful_shutdown();
     }
     loop {
-        // While a request is being handled the connection is not idle; look again later.
-        let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
-        let since = if busy { Instant::now() } else { activity.last_io() };
+        // While the server works on a request the connection is not idle; look again later.
+        let since = if activity.busy() { Instant::now() } else { activity.last_io() };
         let idle_at = tokio::time::Instant::from_std(since + opts.idle_timeout);
         tokio::select! {
             done = conn.as_mut() => {
@@ -603,8 +668,7 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tokio::time::sleep_until(idle_at) => {
-                let idle = activity.last_io().elapsed() >= opts.idle_timeout;
-                if idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                if activity.last_io().elapsed() >= opts.idle_timeout && !activity.busy() {
                     stats.connections_timed_out_total.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "closing an idle HTTP connection");
                     return;
