@@ -591,9 +591,9 @@ fn fd_headroom(max_connections: usize) {
             }
         }
         let need = max_connections as u64 + FD_RESERVE;
-        if (lim.rlim_cur as u64) < need {
+        if lim.rlim_cur < need {
             tracing::warn!(
-                open_files_limit = lim.rlim_cur as u64,
+                open_files_limit = lim.rlim_cur,
                 max_connections,
                 "the open-file limit is below the HTTP connection cap plus {FD_RESERVE}; raise LimitNOFILE or \
                  lower max_connections"

@@ -41,8 +41,7 @@ async fn hub_with(tune: impl FnOnce(&mut HubConfig)) -> Hub {
     admin::init(&d).await.unwrap();
     let viewer = admin::create_token(&d, Role::Viewer).await.unwrap();
     let storefront = admin::create_token(&d, Role::Storefront).await.unwrap();
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = d;
+    let mut cfg = HubConfig { data_dir: d, ..HubConfig::default() };
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http.listen = "127.0.0.1:0".parse().unwrap();
     cfg.log.filter = "warn".into();
@@ -58,8 +57,7 @@ struct Agent {
 
 async fn agent_with(tune: impl FnOnce(&mut AgentConfig)) -> Agent {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = AgentConfig::default();
-    config.data_dir = dir.path().to_owned();
+    let mut config = AgentConfig { data_dir: dir.path().to_owned(), ..AgentConfig::default() };
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.sync.enabled = false;
     tune(&mut config);
@@ -232,7 +230,9 @@ async fn the_agent_closes_silent_and_stalled_connections() {
     );
     stalled_body.write_all(format!("{head}{{\"id\": \"{}\",", Uuid::now_v7()).as_bytes()).await.unwrap();
 
-    let (status, _) = raw(addr, &format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", addr.port())).await;
+    let (status, _) =
+        raw(addr, &format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", addr.port()))
+            .await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 
     assert_eq!(closed_by_server(&mut silent, DEADLINE).await.as_deref(), Some(""), "silent connection closed");
@@ -399,8 +399,7 @@ async fn the_agent_refuses_foreign_host_and_origin() {
 #[tokio::test]
 async fn an_exposed_agent_refuses_a_weak_token() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = AgentConfig::default();
-    config.data_dir = dir.path().to_owned();
+    let mut config = AgentConfig { data_dir: dir.path().to_owned(), ..AgentConfig::default() };
     config.api.listen = "0.0.0.0:0".parse().unwrap();
     config.api.token = "x".into();
     let err = shelfsync_agent::server::start(config.clone()).await.err().expect("refused").to_string();
