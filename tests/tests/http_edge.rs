@@ -235,6 +235,15 @@ async fn the_agent_closes_silent_and_stalled_connections() {
             .await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 
+    // A kept-alive connection that asks nothing more is closed too, after its answer.
+    let mut kept_alive = TcpStream::connect(addr).await.unwrap();
+    kept_alive
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", addr.port()).as_bytes())
+        .await
+        .unwrap();
+    let seen = closed_by_server(&mut kept_alive, DEADLINE).await.expect("idle keep-alive connection closed");
+    assert!(seen.starts_with("HTTP/1.1 200") && seen.contains(r#"{"status":"ok"}"#), "{seen}");
+
     assert_eq!(closed_by_server(&mut silent, DEADLINE).await.as_deref(), Some(""), "silent connection closed");
     let seen = closed_by_server(&mut stalled_body, DEADLINE).await.expect("stalled upload closed");
     assert!(!seen.contains("201"), "a half-sent sale is never recorded: {seen}");
@@ -247,7 +256,7 @@ async fn the_agent_closes_silent_and_stalled_connections() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(timed_out >= 2, "{metrics}");
+    assert!(timed_out >= 3, "{metrics}");
     a.agent.stop().await.unwrap();
 }
 
