@@ -35,6 +35,8 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// The catalog replica and this store's overrides.
     pub catalog: Arc<crate::catalog::AgentCatalog>,
+    /// Host check, rate limits and the edge's counters.
+    pub guard: Arc<crate::guard::Guard>,
 }
 
 /// The router, apart from `main` so tests can drive it.
@@ -52,13 +54,23 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/catalog/{sku}/overrides", axum::routing::put(put_overrides))
         .route("/holds/{id}/fulfil", post(post_fulfil))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let metrics = Router::new()
+        .route("/metrics", get(get_metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .nest("/v1", v1)
+        .merge(metrics)
         .route("/healthz", get(crate::http::healthz))
         .fallback(crate::http::no_route)
         .method_not_allowed_fallback(|| async { crate::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.guard.clone(), crate::guard::check))
         .with_state(state)
+}
+
+/// `GET /metrics`: the HTTP edge's counters in the Prometheus text format.
+async fn get_metrics(State(state): State<AppState>) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], state.guard.stats.render("shelfsync_agent_http_")).into_response()
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ratelimit::RateLimit;
+
 /// How hard SQLite works to make a commit survive power loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +55,45 @@ pub struct ApiConfig {
     pub token: String,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Host names besides the listen address and loopback that `Host`/`Origin` may name.
+    pub allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may move no byte while no request is being handled.
+    pub idle_timeout_secs: u64,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most connections open at once from one client address; 0 = no per-address cap.
+    pub max_connections_per_ip: usize,
+    /// Request rate limits.
+    pub rate_limit: AgentRateLimits,
+}
+
+/// `[api.rate_limit]`: per bearer token (when the agent has one and the request carries it),
+/// else per client address. A POS never comes near these; a runaway loop does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentRateLimits {
+    /// Enforce the limits.
+    pub enabled: bool,
+    /// Sales, returns, adjustments, counts, fulfilments, overrides (POST/PUT/PATCH/DELETE).
+    pub writes: RateLimit,
+    /// Stock, holds, status, catalog, metrics, health (GET).
+    pub reads: RateLimit,
+}
+
+impl Default for AgentRateLimits {
+    fn default() -> Self {
+        AgentRateLimits { enabled: true, writes: RateLimit::new(200, 1000), reads: RateLimit::new(500, 1000) }
+    }
+}
+
+impl AgentRateLimits {
+    /// Every class at `per_sec` with bursts of `per_sec` (for load tests and benchmarks).
+    pub fn raised(per_sec: u32) -> Self {
+        let l = RateLimit::new(per_sec, per_sec);
+        AgentRateLimits { enabled: true, writes: l, reads: l }
+    }
 }
 
 /// `[storage]`
@@ -109,7 +150,17 @@ impl Default for AgentConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_listen(), token: String::new(), max_body_bytes: 64 * 1024 }
+        ApiConfig {
+            listen: default_listen(),
+            token: String::new(),
+            max_body_bytes: 64 * 1024,
+            allowed_hosts: Vec::new(),
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 512,
+            max_connections_per_ip: 256,
+            rate_limit: AgentRateLimits::default(),
+        }
     }
 }
 
@@ -185,7 +236,50 @@ impl AgentConfig {
         if !self.api.listen.ip().is_loopback() && self.api.token.is_empty() {
             return bad("api.token", "must be set when api.listen is not a loopback address");
         }
+        if let Some(problem) = token_problem(&self.api.token, !self.api.listen.ip().is_loopback()) {
+            return Err(ConfigError::Invalid { key: "api.token", message: problem });
+        }
+        for h in &self.api.allowed_hosts {
+            let ok = !h.is_empty()
+                && h.len() <= 253
+                && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+            if !ok {
+                return bad(
+                    "api.allowed_hosts",
+                    "entries must be host names (letters, digits, '.', '-'), without port",
+                );
+            }
+        }
+        validate_edge(
+            [
+                "api.header_read_timeout_secs",
+                "api.idle_timeout_secs",
+                "api.max_connections",
+                "api.max_connections_per_ip",
+            ],
+            self.api.header_read_timeout_secs,
+            self.api.idle_timeout_secs,
+            self.api.max_connections,
+            self.api.max_connections_per_ip,
+        )?;
+        let r = &self.api.rate_limit;
+        for (key, limit) in [("api.rate_limit.writes", r.writes), ("api.rate_limit.reads", r.reads)] {
+            if let Some(problem) = limit.problem() {
+                return bad(key, problem);
+            }
+        }
         Ok(())
+    }
+
+    /// The HTTP edge's limits as the server wants them.
+    pub fn serve_options(&self) -> crate::http::ServeOptions {
+        crate::http::ServeOptions {
+            header_read_timeout: std::time::Duration::from_secs(self.api.header_read_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.api.idle_timeout_secs),
+            max_connections: self.api.max_connections,
+            max_connections_per_ip: self.api.max_connections_per_ip,
+            drain: std::time::Duration::from_secs(crate::http::DRAIN_SECS),
+        }
     }
 
     /// The SQLite file.
@@ -197,6 +291,57 @@ impl AgentConfig {
     pub fn bundle_dir(&self) -> PathBuf {
         self.data_dir.join("bundle")
     }
+}
+
+/// Shortest token accepted for an API reachable from other machines.
+pub const TOKEN_MIN_LEN: usize = 32;
+/// Fewest distinct characters in such a token (`openssl rand -hex 32` has about 16).
+pub const TOKEN_MIN_DISTINCT: usize = 8;
+
+/// Why `token` cannot be used, if it cannot: it travels in a header, so printable ASCII without
+/// spaces; and when the listener is reachable from the network (`exposed`), at least
+/// [`TOKEN_MIN_LEN`] characters of which at least [`TOKEN_MIN_DISTINCT`] differ.
+pub fn token_problem(token: &str, exposed: bool) -> Option<String> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some("must be printable ASCII without spaces".into());
+    }
+    if !exposed || token.is_empty() {
+        return None;
+    }
+    let mut distinct: Vec<u8> = token.bytes().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if token.len() < TOKEN_MIN_LEN || distinct.len() < TOKEN_MIN_DISTINCT {
+        return Some(format!(
+            "is too weak for a listener that is not loopback: use at least {TOKEN_MIN_LEN} characters with at \
+             least {TOKEN_MIN_DISTINCT} different ones (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    None
+}
+
+/// Checks the HTTP edge's timeouts and caps; `keys` names them in that order.
+pub fn validate_edge(
+    keys: [&'static str; 4],
+    header_read_timeout_secs: u64,
+    idle_timeout_secs: u64,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+) -> Result<(), ConfigError> {
+    let bad = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+    if header_read_timeout_secs == 0 || header_read_timeout_secs > 3600 {
+        return bad(keys[0], "must be between 1 and 3600");
+    }
+    if idle_timeout_secs == 0 || idle_timeout_secs > 86_400 {
+        return bad(keys[1], "must be between 1 and 86400");
+    }
+    if max_connections == 0 || max_connections > 1_000_000 {
+        return bad(keys[2], "must be between 1 and 1000000");
+    }
+    if max_connections_per_ip > max_connections {
+        return bad(keys[3], "must be at most the total cap (0 = no per-address cap)");
+    }
+    Ok(())
 }
 
 /// Loads a configuration: `path` (if given) over the type's defaults, then `prefix` environment
@@ -298,6 +443,49 @@ mod tests {
         let mut c = AgentConfig::default();
         c.api.listen = "0.0.0.0:7070".parse().unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("api.token"));
+    }
+
+    #[test]
+    fn an_exposed_listener_needs_a_strong_token() {
+        let mut c = AgentConfig::default();
+        c.api.listen = "0.0.0.0:7070".parse().unwrap();
+        for weak in [
+            "x",
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            "abababababababababababababababababab",
+            "short-but-varied-123",
+        ] {
+            c.api.token = weak.into();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("api.token") && err.contains("32"), "{weak}: {err}");
+        }
+        c.api.token = "3f9c2a7b1e8d4c6f0a5b9e2d7c1f4a8b".into();
+        c.validate().unwrap();
+        c.api.token = "3f9c2a7b1e8d4c6f 0a5b9e2d7c1f4a8b".into();
+        assert!(c.validate().unwrap_err().to_string().contains("api.token"));
+        // On loopback a token is optional and any printable one will do.
+        let mut c = AgentConfig::default();
+        c.api.token = "x".into();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn edge_limits_are_validated_by_key() {
+        let mut c = AgentConfig::default();
+        c.api.header_read_timeout_secs = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("api.header_read_timeout_secs"));
+        let mut c = AgentConfig::default();
+        c.api.max_connections_per_ip = c.api.max_connections + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("api.max_connections_per_ip"));
+        let mut c = AgentConfig::default();
+        c.api.rate_limit.writes.per_sec = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("api.rate_limit.writes"));
+        let mut c = AgentConfig::default();
+        c.api.allowed_hosts = vec!["http://pos:7070".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("api.allowed_hosts"));
+        let t: toml::Table = "[api.rate_limit]\nreads = { per_sec = 5 }".parse().unwrap();
+        let err = toml::Value::Table(t).try_into::<AgentConfig>().unwrap_err();
+        assert!(err.to_string().contains("burst"), "{err}");
     }
 
     #[test]

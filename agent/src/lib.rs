@@ -2,7 +2,9 @@
 //!
 //! - [`db`]: the SQLite store and the threads that own it (group commit).
 //! - [`ledger`]: sales, returns, adjustments and counts, idempotent by the caller's id.
-//! - [`api`]: the local HTTP API for the POS; [`http`] the error and extractor plumbing.
+//! - [`api`]: the local HTTP API for the POS; [`http`] the error and extractor plumbing and the
+//!   accept loop (connection caps, timeouts) both binaries serve with; [`guard`] the agent's
+//!   Host/Origin check; [`ratelimit`] request rate limits (both binaries).
 //! - [`sync`]: the QUIC client that keeps the hub up to date.
 //! - [`client`]: a typed client of the API (used by the CLI, tests and benchmarks).
 //! - [`config`], [`server`]: configuration and start-up.
@@ -14,10 +16,12 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod guard;
 pub mod holds;
 pub mod http;
 pub mod ledger;
 pub mod quic;
+pub mod ratelimit;
 pub mod replica;
 pub mod server;
 pub mod sqlite;

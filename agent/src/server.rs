@@ -87,16 +87,23 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone(), catalog.clone())?;
 
     let token = (!config.api.token.is_empty()).then(|| Arc::<str>::from(config.api.token.as_str()));
-    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token, catalog };
+    let stats = Arc::new(crate::http::EdgeStats::default());
+    let limits = &config.api.rate_limit;
+    let limiter = crate::ratelimit::Limiter::new(
+        limits.enabled,
+        &[("writes", limits.writes), ("reads", limits.reads)],
+        crate::ratelimit::TokenKeys::Only(token.clone()),
+        stats.clone(),
+    );
+    let hosts = crate::guard::HostPolicy::new(addr, &config.api.allowed_hosts);
+    let guard = Arc::new(crate::guard::Guard { hosts, limiter, stats: stats.clone() });
+    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token, catalog, guard };
     let app = router(state, config.api.max_body_bytes);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.await;
-            })
-            .await
-    });
+    let opts = config.serve_options();
+    let server = tokio::spawn(crate::http::serve(listener, app, opts, stats, async move {
+        let _ = shutdown_rx.await;
+    }));
     tracing::info!(%addr, store = %db.identity().store, writer = %db.identity().writer, "agent API listening");
     Ok(RunningAgent { addr, db, sync: sync_rx, sync_stats, shutdown: Some(shutdown_tx), server, sync_task })
 }

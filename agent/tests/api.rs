@@ -314,7 +314,8 @@ async fn stock_pages_in_sku_order() {
 /// exactly that many rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idempotency_under_concurrent_retries() {
-    let h = harness().await;
+    // A deliberate load test: thousands of writes from one address in a second or two.
+    let h = harness_with(|c| c.api.rate_limit = shelfsync_agent::config::AgentRateLimits::raised(1_000_000)).await;
     let (s, _) = h.post("/v1/counts", json!({"id": id(), "sku": "HOT", "counted": 100000})).await;
     assert_eq!(s, StatusCode::CREATED);
     let ids: Vec<Vec<String>> = (0..8).map(|_| (0..500).map(|_| id()).collect()).collect();

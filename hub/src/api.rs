@@ -37,6 +37,10 @@ pub struct ApiState {
     pub reservations: crate::config::ReservationsSection,
     /// Slots for concurrent `GET /v1/events` streams.
     pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Request rate limits (`[http.rate_limit]`).
+    pub limiter: Arc<shelfsync_agent::ratelimit::Limiter>,
+    /// The HTTP edge's counters (connections, timeouts, 429s).
+    pub edge: Arc<shelfsync_agent::http::EdgeStats>,
 }
 
 /// Hashes a token for storage and lookup (tokens are never stored in clear).
@@ -86,6 +90,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(shelfsync_agent::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_agent::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.limiter.clone(), crate::edge::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -323,7 +328,8 @@ async fn dashboard() -> axum::response::Html<&'static str> {
 }
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], state.hub.metrics.render()).into_response()
+    let text = state.hub.metrics.render() + &state.edge.render("shelfsync_hub_http_");
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 #[derive(Deserialize)]

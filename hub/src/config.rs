@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shelfsync_agent::config::{ConfigError, Synchronous};
+use shelfsync_agent::config::{ConfigError, RateLimit, Synchronous};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SHELFSYNC_HUB__";
@@ -103,6 +103,68 @@ pub struct HttpSection {
     pub max_batch_skus: usize,
     /// Most concurrent `GET /v1/events` streams.
     pub max_event_streams: usize,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may move no byte while no request is being handled.
+    pub idle_timeout_secs: u64,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most connections open at once from one client address; 0 = no per-address cap.
+    pub max_connections_per_ip: usize,
+    /// Request rate limits.
+    pub rate_limit: HubRateLimits,
+}
+
+/// `[http.rate_limit]`: per bearer token (by its hash), or per client address for requests
+/// without one. Each class has its own allowance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubRateLimits {
+    /// Enforce the limits.
+    pub enabled: bool,
+    /// Requests without a token (dashboard page, health checks), per client address; requests
+    /// answered 401 are charged here too.
+    pub unauthenticated: RateLimit,
+    /// GET requests with a token (availability, stores, changes, catalog, metrics, reservations).
+    pub reads: RateLimit,
+    /// Reservation writes: create, extend, commit, release.
+    pub writes: RateLimit,
+    /// Other writes: restocks, transfers, catalog edits and imports, token and conflict admin.
+    pub admin: RateLimit,
+    /// `GET /v1/events` connects (the open streams are capped by `http.max_event_streams`).
+    pub events: RateLimit,
+}
+
+impl Default for HubRateLimits {
+    fn default() -> Self {
+        HubRateLimits {
+            enabled: true,
+            unauthenticated: RateLimit::new(20, 100),
+            reads: RateLimit::new(500, 1000),
+            writes: RateLimit::new(200, 400),
+            admin: RateLimit::new(100, 500),
+            events: RateLimit::new(2, 20),
+        }
+    }
+}
+
+impl HubRateLimits {
+    /// Every class at `per_sec` with bursts of `per_sec` (for load tests and benchmarks).
+    pub fn raised(per_sec: u32) -> Self {
+        let l = RateLimit::new(per_sec, per_sec);
+        HubRateLimits { enabled: true, unauthenticated: l, reads: l, writes: l, admin: l, events: l }
+    }
+
+    /// The classes as the limiter wants them.
+    pub fn classes(&self) -> [(&'static str, RateLimit); 5] {
+        [
+            ("unauthenticated", self.unauthenticated),
+            ("reads", self.reads),
+            ("writes", self.writes),
+            ("admin", self.admin),
+            ("events", self.events),
+        ]
+    }
 }
 
 /// `[storage]`
@@ -164,6 +226,11 @@ impl Default for HttpSection {
             max_body_bytes: 256 * 1024,
             max_batch_skus: 100,
             max_event_streams: 1000,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 4096,
+            max_connections_per_ip: 512,
+            rate_limit: HubRateLimits::default(),
         }
     }
 }
@@ -203,6 +270,26 @@ impl HubConfig {
         }
         if self.http.max_event_streams == 0 {
             return bad("http.max_event_streams", "must be at least 1");
+        }
+        shelfsync_agent::config::validate_edge(
+            [
+                "http.header_read_timeout_secs",
+                "http.idle_timeout_secs",
+                "http.max_connections",
+                "http.max_connections_per_ip",
+            ],
+            self.http.header_read_timeout_secs,
+            self.http.idle_timeout_secs,
+            self.http.max_connections,
+            self.http.max_connections_per_ip,
+        )?;
+        if self.http.idle_timeout_secs < SSE_KEEP_ALIVE_SECS + 5 {
+            return bad("http.idle_timeout_secs", "must be at least 20: event streams send a keep-alive every 15 s");
+        }
+        for (class, limit) in self.http.rate_limit.classes() {
+            if let Some(problem) = limit.problem() {
+                return Err(ConfigError::Invalid { key: rate_limit_key(class), message: problem.to_owned() });
+            }
         }
         if self.quic.max_connections == 0 {
             return bad("quic.max_connections", "must be at least 1");
@@ -250,6 +337,30 @@ impl HubConfig {
     pub fn pki_dir(&self) -> PathBuf {
         self.data_dir.join("pki")
     }
+
+    /// The HTTP edge's limits as the server wants them.
+    pub fn serve_options(&self) -> shelfsync_agent::http::ServeOptions {
+        shelfsync_agent::http::ServeOptions {
+            header_read_timeout: std::time::Duration::from_secs(self.http.header_read_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.http.idle_timeout_secs),
+            max_connections: self.http.max_connections,
+            max_connections_per_ip: self.http.max_connections_per_ip,
+            drain: std::time::Duration::from_secs(shelfsync_agent::http::DRAIN_SECS),
+        }
+    }
+}
+
+/// How often an SSE stream sends a keep-alive comment (`feed.rs`).
+const SSE_KEEP_ALIVE_SECS: u64 = 15;
+
+fn rate_limit_key(class: &str) -> &'static str {
+    match class {
+        "unauthenticated" => "http.rate_limit.unauthenticated",
+        "reads" => "http.rate_limit.reads",
+        "writes" => "http.rate_limit.writes",
+        "admin" => "http.rate_limit.admin",
+        _ => "http.rate_limit.events",
+    }
 }
 
 #[cfg(test)]
@@ -274,5 +385,14 @@ mod tests {
         let mut c = HubConfig::default();
         c.storage.readers = 0;
         assert!(c.validate().unwrap_err().to_string().contains("storage.readers"));
+        let mut c = HubConfig::default();
+        c.http.rate_limit.events.burst = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("http.rate_limit.events"));
+        let mut c = HubConfig::default();
+        c.http.idle_timeout_secs = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("http.idle_timeout_secs"));
+        let mut c = HubConfig::default();
+        c.http.max_connections = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("http.max_connections"));
     }
 }

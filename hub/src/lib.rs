@@ -4,7 +4,8 @@
 //! - [`storage`]: the storage trait; [`sqlite`] its SQLite implementation.
 //! - [`pki`]: the private CA that identifies stores.
 //! - [`quic_server`]: authenticates agents and runs their sync sessions.
-//! - [`api`]: the HTTP API; [`metrics`]: Prometheus counters; [`state`]: what tasks share.
+//! - [`api`]: the HTTP API; [`edge`]: its rate-limit classes; [`metrics`]: Prometheus counters;
+//!   [`state`]: what tasks share.
 //! - [`admin`]: verbs on the data directory; [`server`]: start-up; [`config`]: configuration.
 
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod feed;
 pub mod metrics;
 pub mod pki;

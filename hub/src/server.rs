@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shelfsync_agent::config::ConfigError;
+use shelfsync_agent::http::EdgeStats;
+use shelfsync_agent::ratelimit::{Limiter, TokenKeys};
 use shelfsync_shared::sync::SyncConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -114,23 +116,24 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     for w in &config.webhooks {
         tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
     }
+    let edge = Arc::new(EdgeStats::default());
+    let limits = &config.http.rate_limit;
+    let limiter = Limiter::new(limits.enabled, &limits.classes(), TokenKeys::Any, edge.clone());
     let app = router(
         ApiState {
             hub: hub.clone(),
             max_batch_skus: config.http.max_batch_skus,
             reservations: config.reservations.clone(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
+            limiter,
+            edge: edge.clone(),
         },
         config.http.max_body_bytes,
     );
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.await;
-            })
-            .await
-    });
+    let http = tokio::spawn(shelfsync_agent::http::serve(listener, app, config.serve_options(), edge, async move {
+        let _ = shutdown_rx.await;
+    }));
     tracing::info!(%quic_addr, %http_addr, writer = %hub.storage.hub_writer(), "hub listening");
     Ok(RunningHub { quic_addr, http_addr, hub, endpoint, shutdown: Some(shutdown_tx), http, tasks })
 }

@@ -21,6 +21,8 @@ async fn agent(sync: Synchronous, dir: &std::path::Path) -> RunningAgent {
     let mut config = AgentConfig::default();
     config.data_dir = dir.to_owned();
     config.api.listen = "127.0.0.1:0".parse().unwrap();
+    // Throughput is the point here: thousands of sales a second from one address.
+    config.api.rate_limit = shelfsync_agent::config::AgentRateLimits::raised(10_000_000);
     config.storage.synchronous = sync;
     config.log.filter = "warn".into();
     Db::create(&config.db_path(), &"bench-store".parse().unwrap(), DbOptions::default()).unwrap();

@@ -10,6 +10,24 @@ use uuid::Uuid;
 
 use crate::procs::{wait_until, Proc};
 
+/// A request rate no test client reaches: these tests poll the hub and drive agents as fast as they
+/// can from one token, which is load, not abuse. (Extra `hub_env`/`agent_env` entries come later
+/// and win, so a test can put a default limit back.)
+const RAISED: &str = "{ per_sec = 1000000, burst = 1000000 }";
+
+/// Raised rate limits for the hub process, every class.
+pub const RAISED_HUB_LIMITS: [(&str, &str); 5] = [
+    ("SHELFSYNC_HUB__HTTP__RATE_LIMIT__UNAUTHENTICATED", RAISED),
+    ("SHELFSYNC_HUB__HTTP__RATE_LIMIT__READS", RAISED),
+    ("SHELFSYNC_HUB__HTTP__RATE_LIMIT__WRITES", RAISED),
+    ("SHELFSYNC_HUB__HTTP__RATE_LIMIT__ADMIN", RAISED),
+    ("SHELFSYNC_HUB__HTTP__RATE_LIMIT__EVENTS", RAISED),
+];
+
+/// Raised rate limits for agent processes, every class.
+pub const RAISED_AGENT_LIMITS: [(&str, &str); 2] =
+    [("SHELFSYNC_AGENT__API__RATE_LIMIT__WRITES", RAISED), ("SHELFSYNC_AGENT__API__RATE_LIMIT__READS", RAISED)];
+
 /// A running hub plus its stores' data dirs and agents.
 pub struct Cluster {
     /// Everything lives here.
@@ -120,6 +138,7 @@ impl Cluster {
             ],
             &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")]
                 .into_iter()
+                .chain(RAISED_HUB_LIMITS.iter().copied())
                 .chain(self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .collect::<Vec<_>>(),
         )
@@ -141,6 +160,7 @@ impl Cluster {
         let ad = self.agent_dir(i);
         let mut env: Vec<(&str, &str)> =
             vec![("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "500"), ("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MIN", "50")];
+        env.extend(RAISED_AGENT_LIMITS.iter().copied());
         env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let p = Proc::start(
             "shelfsync-agent",

@@ -42,6 +42,8 @@ impl Chain {
         cfg.http.listen = "127.0.0.1:0".parse()?;
         cfg.storage.synchronous = hub_sync;
         cfg.log.filter = "warn".into();
+        // Benchmarks drive the hub from one token as fast as it goes: load, not abuse.
+        cfg.http.rate_limit = shelfsync_hub::config::HubRateLimits::raised(10_000_000);
         let hub = shelfsync_hub::server::start(cfg).await?;
         let mut chain = Chain { dir, hub, admin_token, stores: Vec::new(), agents: Vec::new(), agent_sync };
         for i in 0..n {
@@ -74,6 +76,7 @@ impl Chain {
         c.sync.enabled = sync;
         c.sync.backoff_ms_min = 20;
         c.sync.backoff_ms_max = 500;
+        c.api.rate_limit = shelfsync_agent::config::AgentRateLimits::raised(10_000_000);
         if let Some(ms) = std::env::var("SHELFSYNC_BENCH_COALESCE_MS").ok().and_then(|v| v.parse().ok()) {
             c.sync.coalesce_ms = ms;
         }
