@@ -43,6 +43,8 @@ const MIGRATIONS: &[&str] = &[
     crate::holds::MIGRATION,
     // 3: the catalog replica and this store's overrides.
     crate::catalog::MIGRATION,
+    // 4: writer lineage (ordinals and chains of own changes, boots, retired writers, entry tags).
+    crate::lineage::MIGRATION,
 ];
 
 /// Storage failures. Cloneable so one failed group commit can answer every request in it.
@@ -86,7 +88,8 @@ impl From<rusqlite::Error> for DbError {
     }
 }
 
-/// Who this database is.
+/// Who this database is. The writer changes when the agent retires a forked one
+/// ([`crate::lineage`]); read it inside the write job that uses it ([`Db::current`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// The store.
@@ -123,6 +126,8 @@ pub struct Heads {
     pub holds: u64,
     /// Bumped when the catalog documents change locally (agent: its overrides; hub: the catalog).
     pub catalog: u64,
+    /// Hub only: bumped to ask a store's connections whether their agents are alive.
+    pub ping: u64,
 }
 
 /// Handle to the storage threads. Cheap to clone.
@@ -131,9 +136,28 @@ pub struct Db {
     inner: Arc<Inner>,
 }
 
+/// The live identity, shared with the storage jobs: a job reads the writer when it runs, so
+/// once a retirement committed its place in the queue, no later write uses the old writer.
+#[derive(Clone, Debug)]
+pub struct Current(Arc<std::sync::RwLock<Identity>>);
+
+impl Current {
+    /// Who this database is now.
+    pub fn get(&self) -> Identity {
+        self.0.read().expect("identity lock").clone()
+    }
+
+    /// A retirement changed the writer (called inside its write job).
+    pub fn set_writer(&self, writer: WriterId, started_ms: i64) {
+        let mut id = self.0.write().expect("identity lock");
+        id.writer = writer;
+        id.incarnation_started_ms = started_ms;
+    }
+}
+
 struct Inner {
     threads: SqliteThreads,
-    identity: Identity,
+    identity: Current,
     heads: watch::Receiver<Heads>,
     path: PathBuf,
 }
@@ -214,7 +238,7 @@ pub fn heads(conn: &Connection) -> Result<Heads, DbError> {
         [crate::catalog::LOCAL_OVERRIDES_DOC],
         |r| r.get(0),
     )?;
-    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0, catalog })
+    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0, catalog, ping: 0 })
 }
 
 impl Db {
@@ -244,14 +268,16 @@ impl Db {
         migrate(&mut conn, MIGRATIONS)?;
         let identity = {
             let tx = conn.transaction()?;
-            let current = load_identity(&tx)?;
-            let identity = if meta_get(&tx, "restored_copy")?.is_some() {
-                let fresh = mint_incarnation(&tx, &current.store)?;
-                tracing::warn!(old = %current.writer, new = %fresh.writer, "database was restored from a backup; minted a new writer incarnation");
-                fresh
-            } else {
-                current
-            };
+            let identity = load_identity(&tx)?;
+            if meta_get(&tx, "restored_copy")?.is_some() {
+                // The writer stays: the hub checks this copy's history on connect, and if it forked
+                // from what the hub merged, the changes made since the restore move to a new writer
+                // then (a new writer now would freeze the old one's entries, which may hold changes
+                // the hub's history of it does not).
+                tx.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+                tracing::warn!(writer = %identity.writer, "database was restored from a backup; the hub will check its history on connect");
+            }
+            crate::lineage::start(&tx, &identity.writer, now_ms())?;
             tx.commit()?;
             identity
         };
@@ -266,12 +292,18 @@ impl Db {
         });
         let threads = SqliteThreads::spawn("agent", conn, vec![reader_conn], opts.group_commit_max, after_commit)
             .map_err(|e| DbError::Sqlite(format!("spawning storage threads: {e}")))?;
+        let identity = Current(Arc::new(std::sync::RwLock::new(identity)));
         Ok(Db { inner: Arc::new(Inner { threads, identity, heads: heads_rx, path: path.to_owned() }) })
     }
 
-    /// Who this database is.
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
+    /// Who this database is now.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity.get()
+    }
+
+    /// The live identity, to read inside a write job.
+    pub fn current(&self) -> Current {
+        self.inner.identity.clone()
     }
 
     /// The database file.
@@ -304,8 +336,8 @@ impl Db {
         r.map_err(E::from)?
     }
 
-    /// Copies the live database to `to` with SQLite's online backup API. The copy is marked so
-    /// that whoever opens it as a live database mints a new writer incarnation.
+    /// Copies the live database to `to` with SQLite's online backup API. The copy is marked as
+    /// restored, so whoever opens it logs so; its writer's history is checked by the hub.
     pub async fn backup(&self, to: PathBuf) -> Result<(), DbError> {
         self.read(move |conn| {
             if to.exists() {

@@ -141,9 +141,10 @@ pub struct FulfilResponse {
 /// The store picked a hold's units: records a `fulfilment` event (idempotent by hold id) that
 /// lowers `on_hand` and marks the hold so the next delta closes it at the hub.
 pub async fn fulfil(db: &Db, id: Uuid) -> Result<Option<(Outcome, FulfilResponse)>, LedgerError> {
-    let me = db.identity().clone();
+    let current = db.current();
     let now = jiff::Timestamp::now().as_millisecond();
     db.write(move |conn| {
+        let me = current.get();
         let row = conn
             .prepare_cached(&format!("{SELECT} WHERE id = ?1"))?
             .query_row([id.as_bytes().as_slice()], hold_row)
@@ -167,7 +168,7 @@ pub async fn fulfil(db: &Db, id: Uuid) -> Result<Option<(Outcome, FulfilResponse
                 params![id.as_bytes().as_slice(), now, seq],
             )?;
             let flags = if on_hand < 0 { vec![EventFlag::NegativeStock] } else { vec![] };
-            crate::replica::insert_event(
+            crate::replica::insert_own_event(
                 conn,
                 &shelfsync_shared::JournalEvent {
                     id,

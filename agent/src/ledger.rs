@@ -206,8 +206,9 @@ pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordRespo
             )));
         }
     }
-    let identity = db.identity().clone();
-    db.write(move |conn| record_in(conn, &identity, &req, now)).await
+    let current = db.current();
+    // The writer is read inside the job: a retirement earlier in the queue has changed it.
+    db.write(move |conn| record_in(conn, &current.get(), &req, now)).await
 }
 
 fn record_in(
@@ -287,9 +288,10 @@ fn record_in(
         } else {
             Vec::new()
         };
+        let lineage = crate::lineage::next(conn, &me.writer, &req.id, line_no as u32, &sku, delta)?;
         conn.prepare_cached(
-            "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, ordinal, chain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .map_err(DbError::from)?
         .execute(params![
@@ -304,6 +306,8 @@ fn record_in(
             now,
             me.writer.to_string(),
             EventFlag::to_bits(&flags),
+            lineage.ordinal,
+            lineage.chain.as_slice(),
         ])
         .map_err(DbError::from)?;
         results.push(LineResult {

@@ -5,7 +5,8 @@
 //! - [`api`]: the local HTTP API for the POS; [`http`] the error and extractor plumbing and the
 //!   accept loop (connection caps, timeouts) both binaries serve with; [`guard`] the agent's
 //!   Host/Origin check; [`ratelimit`] request rate limits (both binaries).
-//! - [`sync`]: the QUIC client that keeps the hub up to date.
+//! - [`sync`]: the QUIC client that keeps the hub up to date; [`lineage`] the ordinals, boots
+//!   and retirements that keep a restored or copied database from reusing its writer.
 //! - [`client`]: a typed client of the API (used by the CLI, tests and benchmarks).
 //! - [`config`], [`server`]: configuration and start-up.
 
@@ -20,6 +21,7 @@ pub mod guard;
 pub mod holds;
 pub mod http;
 pub mod ledger;
+pub mod lineage;
 pub mod quic;
 pub mod ratelimit;
 pub mod replica;

@@ -3,68 +3,130 @@
 
 use rusqlite::{params, Connection};
 use shelfsync_shared::counter::StateDigest;
+use shelfsync_shared::lineage::HubLineage;
+use shelfsync_shared::mac::EntryMac;
 use shelfsync_shared::sync::{AgentResume, DeltaRead, JournalRead};
-use shelfsync_shared::wire::{Delta, JournalBatch};
+use shelfsync_shared::wire::{Delta, JournalBatch, Retirement};
 use shelfsync_shared::{EventFlag, EventKind, JournalEvent, StoreId, WriterId};
 use uuid::Uuid;
 
 use crate::db::{self, Db, DbError};
 
-/// What the agent durably knows about its hub, for `Hello`.
+/// What the agent durably knows about its hub and itself, for `Hello`.
 pub async fn resume(db: &Db) -> Result<AgentResume, DbError> {
-    db.read(|conn| {
-        let (hub_writer, applied, journal_applied): (Option<String>, u64, u64) =
-            conn.query_row("SELECT hub_writer, applied, journal_applied FROM hub_link WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-        let h = db::heads(conn)?;
-        Ok(AgentResume {
+    let current = db.current();
+    db.read(move |conn| {
+        let tx = conn.unchecked_transaction()?;
+        let me = current.get().writer;
+        let (hub_writer, applied, journal_applied, acked, journal_acked): (Option<String>, u64, u64, u64, u64) = tx
+            .query_row(
+                "SELECT hub_writer, applied, journal_applied, acked, journal_acked FROM hub_link WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )?;
+        let h = db::heads(&tx)?;
+        let resume = AgentResume {
             hub_writer: hub_writer.map(db::writer_col).transpose()?,
             applied,
             journal_applied,
             head: h.counter,
             journal_head: h.journal,
-        })
-    })
-    .await
-}
-
-fn own_prefix(store: &StoreId) -> String {
-    format!("{store}@")
-}
-
-/// Entries of this store's own writers (any incarnation) with sequence above `after`.
-pub async fn read_delta(db: &Db, after: u64, limit: usize) -> Result<DeltaRead, DbError> {
-    let prefix = own_prefix(&db.identity().store);
-    db.read(move |conn| {
-        let tx = conn.unchecked_transaction()?; // one snapshot for entries and head
-        let mut stmt = tx.prepare_cached(
-            "SELECT sku, writer, p, n, seq FROM counters
-             WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3 ORDER BY seq LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![after, prefix.len() as i64, prefix, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u64>(2)?,
-                r.get::<_, u64>(3)?,
-                r.get::<_, u64>(4)?,
-            ))
-        })?;
-        let mut entries = Vec::new();
-        let mut last = after;
-        for row in rows {
-            let (sku, writer, p, n, seq) = row?;
-            entries.push((db::sku_col(sku)?, db::writer_col(writer)?, shelfsync_shared::PnEntry { p, n }));
-            last = seq;
-        }
-        drop(stmt);
-        let upto = if entries.len() == limit { last } else { db::heads(&tx)?.counter.max(after) };
-        let fulfilled = crate::holds::fulfilled_between(&tx, after, upto)?;
+            lineage: crate::lineage::head(&tx, &me)?,
+            boots: crate::lineage::boots(&tx, &me)?,
+            retired: crate::lineage::pending_reports(&tx)?,
+            // What the hub acked can never be beyond what this copy holds.
+            acked: acked.min(h.counter),
+            journal_acked: journal_acked.min(h.journal),
+        };
         tx.finish()?;
-        Ok(DeltaRead { upto, entries, fulfilled })
+        Ok(resume)
     })
     .await
+}
+
+/// Entries to ship above `after`, in sequence order, at most `limit`: the current writer's and
+/// those of writers this database retired; in a `full` read also every entry the hub sent down,
+/// with its tag (so a hub restored from older files gets back what it lost). The current
+/// writer's lineage goes along, read in the same snapshot.
+pub async fn read_delta(db: &Db, after: u64, limit: usize, full: bool) -> Result<DeltaRead, DbError> {
+    let current = db.current();
+    db.read(move |conn| {
+        let tx = conn.unchecked_transaction()?; // one snapshot for entries, lineage and head
+        let me = current.get().writer;
+        let mut ours: std::collections::HashSet<String> =
+            crate::lineage::retired_writers(&tx)?.iter().map(|w| w.to_string()).collect();
+        ours.insert(me.to_string());
+        let mut stmt = tx.prepare_cached("SELECT sku, writer, p, n, seq, mac FROM counters WHERE seq > ?1 ORDER BY seq")?;
+        let mut rows = stmt.query(params![after])?;
+        let mut read = DeltaRead::default();
+        let mut more = false;
+        while let Some(r) = rows.next()? {
+            let writer: String = r.get(1)?;
+            let mac: Option<Vec<u8>> = r.get(5)?;
+            let tag: Option<EntryMac> = if ours.contains(&writer) || !full { None } else { mac.and_then(|m| m.try_into().ok()) };
+            if !ours.contains(&writer) && tag.is_none() {
+                continue;
+            }
+            if read.entries.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(tag) = tag {
+                read.macs.push((read.entries.len() as u32, tag));
+            }
+            let (p, n, seq): (u64, u64, u64) = (r.get(2)?, r.get(3)?, r.get(4)?);
+            read.entries.push((db::sku_col(r.get(0)?)?, db::writer_col(writer)?, shelfsync_shared::PnEntry { p, n }));
+            read.upto = seq;
+        }
+        drop(rows);
+        drop(stmt);
+        if !more {
+            read.upto = db::heads(&tx)?.counter.max(after);
+        }
+        read.fulfilled = crate::holds::fulfilled_between(&tx, after, read.upto)?;
+        read.lineage = Some(crate::lineage::head(&tx, &me)?);
+        tx.finish()?;
+        Ok(read)
+    })
+    .await
+}
+
+/// Digest of the hub-authored entries held here (compared with the hub's in `Welcome`).
+pub async fn hub_entries_digest(db: &Db) -> Result<StateDigest, DbError> {
+    db.read(|conn| {
+        let mut d = StateDigest::default();
+        let mut stmt = conn.prepare_cached("SELECT sku, writer, p, n FROM counters WHERE substr(writer, 1, 4) = 'hub@'")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            d.add(&db::sku_col(r.get(0)?)?, &db::writer_col(r.get(1)?)?, shelfsync_shared::PnEntry { p: r.get(2)?, n: r.get(3)? });
+        }
+        Ok(d)
+    })
+    .await
+}
+
+/// Judges the current writer's history against the hub's (a write job, so nothing else writes in
+/// between) and retires it if it forked. `Some(report)`: the writer changed; the connection must
+/// start over.
+pub async fn check_lineage(db: &Db, hub: HubLineage, cloned: bool) -> Result<Option<Retirement>, DbError> {
+    let current = db.current();
+    db.write(move |conn| {
+        let me = current.get().writer;
+        let now = jiff::Timestamp::now().as_millisecond();
+        match crate::lineage::judge_and_retire(conn, &me, &hub, cloned, now)? {
+            Some((report, new)) => {
+                current.set_writer(new, now);
+                Ok(Some(report))
+            }
+            None => Ok(None),
+        }
+    })
+    .await
+}
+
+/// The hub answered our `Hello`, so it recorded the retirements it carried.
+pub async fn reports_delivered(db: &Db) -> Result<(), DbError> {
+    db.write(|conn| crate::lineage::reports_delivered(conn)).await
 }
 
 /// Records that a (possibly new) hub incarnation is the peer; a new one resets the watermarks.
@@ -77,19 +139,28 @@ fn adopt_hub(conn: &Connection, peer: &WriterId) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Merges the hub's entries durably and records `delta.upto` as applied, in one transaction.
+/// Merges the hub's entries durably (keeping the hub's tag of each entry that now holds the
+/// hub's value) and records `delta.upto` as applied, in one transaction.
 pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), DbError> {
     db.write(move |conn| {
         adopt_hub(conn, &peer)?;
+        let tags: std::collections::HashMap<u32, EntryMac> = delta.macs.iter().copied().collect();
         let mut touched = std::collections::BTreeSet::new();
         let mut seq = db::next_seq(conn)?;
-        for (sku, writer, incoming) in delta.entries() {
+        for (i, (sku, writer, incoming)) in delta.entries().enumerate() {
             incoming.check(writer)?;
             let current = db::entry(conn, sku, writer)?.unwrap_or_default();
             if !current.covers(incoming) {
                 db::put_entry(conn, sku, writer, current.join(incoming), seq)?;
                 seq += 1;
                 touched.insert(sku.clone());
+            }
+            if let Some(tag) = tags.get(&(i as u32)).filter(|_| incoming.covers(current)) {
+                conn.prepare_cached("UPDATE counters SET mac = ?3 WHERE sku = ?1 AND writer = ?2")?.execute(params![
+                    sku.as_str(),
+                    writer.to_string(),
+                    tag.as_slice()
+                ])?;
             }
         }
         for sku in &touched {
@@ -135,6 +206,10 @@ pub fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JournalE
     })())
 }
 
+fn own_prefix(store: &StoreId) -> String {
+    format!("{store}@")
+}
+
 /// This store's own journal events above `after`.
 pub async fn read_journal(db: &Db, after: u64, limit: usize) -> Result<JournalRead, DbError> {
     let prefix = own_prefix(&db.identity().store);
@@ -175,6 +250,22 @@ pub async fn apply_journal(db: &Db, peer: WriterId, batch: JournalBatch) -> Resu
         Ok(())
     })
     .await
+}
+
+/// Inserts one of this agent's own events (current writer) with its place in the writer's
+/// lineage. Returns whether it was new.
+pub fn insert_own_event(conn: &Connection, e: &JournalEvent) -> Result<bool, DbError> {
+    if !insert_event(conn, e)? {
+        return Ok(false);
+    }
+    let c = crate::lineage::next(conn, &e.writer, &e.id, e.line, &e.sku, e.delta)?;
+    conn.prepare_cached("UPDATE journal SET ordinal = ?3, chain = ?4 WHERE id = ?1 AND line = ?2")?.execute(params![
+        e.id.as_bytes().as_slice(),
+        e.line,
+        c.ordinal,
+        c.chain.as_slice()
+    ])?;
+    Ok(true)
 }
 
 /// Inserts one journal event unless an event with the same id and line exists; returns whether

@@ -12,6 +12,9 @@ pub enum SyncState {
     Connecting,
     /// `Welcome` received; changes flow both ways.
     Connected,
+    /// The hub refuses this agent because another agent of the store is connected; it keeps
+    /// retrying slowly (and keeps selling offline) until head office resolves it.
+    Refused,
 }
 
 /// Live sync state.
@@ -29,6 +32,8 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     /// Connection attempts since start.
     pub attempts: u64,
+    /// The writer now, if it changed since start (a retirement).
+    pub writer: Option<String>,
 }
 
 impl SyncStatus {
@@ -41,6 +46,7 @@ impl SyncStatus {
             connected_since: None,
             last_error: None,
             attempts: 0,
+            writer: None,
         }
     }
 }

@@ -137,6 +137,7 @@ impl SyncClient {
         });
         let mut endpoint: Option<quinn::Endpoint> = None;
         let mut failures = 0u32;
+        let mut refused_before = false;
         loop {
             self.status.send_modify(|s| {
                 s.state = SyncState::Connecting;
@@ -144,23 +145,54 @@ impl SyncClient {
             });
             let outcome = self.connect_once(&mut endpoint).await;
             let established = self.status.borrow().state == SyncState::Connected;
-            let error = match &outcome {
-                Ok(()) => "connection closed".to_owned(),
-                Err(e) => e.clone(),
+            let (error, kind) = match outcome {
+                Ok(()) => ("connection closed".to_owned(), Ended::Other),
+                Err((e, kind)) => (e, kind),
             };
-            tracing::info!(hub = %self.hub_addr, error = %error, "sync connection ended");
+            let refused = kind == Ended::Refused;
+            match kind {
+                Ended::Retired => tracing::warn!(hub = %self.hub_addr, reason = %error, "sync connection ended; reconnecting under the new writer"),
+                // Logged once per episode at ERROR: head office must resolve it.
+                Ended::Refused if !refused_before => tracing::error!(
+                    hub = %self.hub_addr,
+                    reason = %error,
+                    "the hub refuses this agent: another agent of this store is connected; \
+                     it keeps selling offline and retries, but head office must switch one of them off"
+                ),
+                _ => tracing::info!(hub = %self.hub_addr, error = %error, "sync connection ended"),
+            }
+            refused_before = refused;
             self.status.send_modify(|s| {
-                s.state = SyncState::Connecting;
+                s.state = if refused { SyncState::Refused } else { SyncState::Connecting };
                 s.connected_since = None;
                 s.last_error = Some(error);
             });
             failures = if established { 0 } else { failures.saturating_add(1) };
-            let delay = backoff(self.backoff_min, self.backoff_max, failures, rand::random::<f64>());
+            let delay = match kind {
+                // The writer changed: ship under the new one at once.
+                Ended::Retired => Duration::ZERO,
+                // Another agent holds the store: no point knocking often.
+                Ended::Refused => backoff(self.backoff_max, self.backoff_max, 0, rand::random::<f64>()),
+                Ended::Other => backoff(self.backoff_min, self.backoff_max, failures, rand::random::<f64>()),
+            };
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn connect_once(&self, endpoint: &mut Option<quinn::Endpoint>) -> Result<(), String> {
+    async fn connect_once(&self, endpoint: &mut Option<quinn::Endpoint>) -> Result<(), (String, Ended)> {
+        self.connect_inner(endpoint).await.map_err(|e| {
+            let kind = if e.contains(RETIRED_MARK) {
+                Ended::Retired
+            } else if e.contains(close_code::name(close_code::DUPLICATE_AGENT)) {
+                Ended::Refused
+            } else {
+                Ended::Other
+            };
+            (e, kind)
+        })
+    }
+
+    async fn connect_inner(&self, endpoint: &mut Option<quinn::Endpoint>) -> Result<(), String> {
         let addr: SocketAddr = tokio::net::lookup_host(&self.hub_addr)
             .await
             .map_err(|e| format!("resolving {}: {e}", self.hub_addr))?
@@ -210,6 +242,20 @@ impl SyncClient {
     }
 }
 
+/// How a connection ended, for the reconnect policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// This agent retired its writer: reconnect at once.
+    Retired,
+    /// The hub refuses a second agent of the store.
+    Refused,
+    /// Anything else: back off.
+    Other,
+}
+
+/// Marks the session error that ends a connection after a retirement.
+const RETIRED_MARK: &str = "retired writer";
+
 fn describe_session_error(e: &SessionError) -> String {
     if e.from_peer {
         format!("hub refused: {} ({})", close_code::name(e.code), e.message)
@@ -250,10 +296,54 @@ impl EffectHost<AgentSession> for AgentHost {
                     session.send_catalog(doc, m);
                 }
             }
-            Effect::ReadDelta { after, limit, .. } => {
-                let read =
-                    replica::read_delta(&self.db, after, limit).await.map_err(|e| internal("reading a delta", e))?;
+            Effect::ReadDelta { after, limit, full } => {
+                let read = replica::read_delta(&self.db, after, limit, full)
+                    .await
+                    .map_err(|e| internal("reading a delta", e))?;
                 session.delta_read(Instant::now(), read)?;
+            }
+            Effect::CheckLineage { hub, cloned, hub_entries } => {
+                let hub_head = hub.head.ordinal;
+                match replica::check_lineage(&self.db, hub, cloned).await.map_err(|e| internal("checking lineage", e))? {
+                    None => {
+                        // The hub recorded what our Hello reported; it need not come again.
+                        replica::reports_delivered(&self.db).await.map_err(|e| internal("recording reports", e))?;
+                        let ours = replica::hub_entries_digest(&self.db).await.map_err(|e| internal("digest", e))?;
+                        if ours != hub_entries {
+                            tracing::info!("the hub's entries differ from ours; giving back what we hold of them");
+                        }
+                        session.lineage_ok(Instant::now(), ours != hub_entries)?;
+                    }
+                    Some(r) => {
+                        let what = match r.reason {
+                            shelfsync_shared::lineage::RetireReason::RolledBack => {
+                                "the hub has merged a history of this writer that these files do not have \
+                                 (they were restored from an older copy, or another copy ran on)"
+                            }
+                            shelfsync_shared::lineage::RetireReason::Cloned => {
+                                "another live agent presents the same writer (these files are a copy)"
+                            }
+                        };
+                        tracing::warn!(
+                            old = %r.old, new = %r.new, fork_ordinal = r.fork_ordinal, hub_ordinal = hub_head,
+                            own_ordinal = r.own_ordinal, moved = r.moved, ambiguous = r.ambiguous,
+                            "{what}: retired the writer; its changes after the fork now count under the new writer"
+                        );
+                        if r.ambiguous > 0 {
+                            tracing::error!(
+                                ambiguous = r.ambiguous,
+                                "the fork point is not certain: up to this many changes may be counted twice; \
+                                 a recount of the affected SKUs is advised"
+                            );
+                        }
+                        self.status.send_modify(|s| s.writer = Some(r.new.to_string()));
+                        return Err(SessionError {
+                            code: close_code::FORKED,
+                            message: format!("{RETIRED_MARK} {} after a fork; now {}", r.old, r.new),
+                            from_peer: false,
+                        });
+                    }
+                }
             }
             Effect::ApplyDelta { peer, delta } => {
                 let upto = delta.upto;
@@ -301,7 +391,7 @@ impl EffectHost<AgentSession> for AgentHost {
             Effect::ApplyHolds { snapshot } => {
                 crate::holds::apply_snapshot(&self.db, snapshot).await.map_err(|e| internal("storing holds", e))?;
             }
-            Effect::LookupPeer { .. } | Effect::DigestCompared { .. } => {}
+            Effect::LookupPeer { .. } | Effect::DigestCompared { .. } | Effect::Pong { .. } => {}
         }
         Ok(())
     }

@@ -351,17 +351,27 @@ async fn idempotency_under_concurrent_retries() {
     assert_eq!(h.status().await["journal_events"].as_i64().unwrap(), n + 1);
 }
 
+/// A backup keeps its writer and its history: when the copy is started, the hub judges that
+/// history (`tests/tests/restore_clone.rs`); a fresh writer here would freeze the old one's entries
+/// unchecked. Opening it records a start of its own.
 #[tokio::test]
-async fn backup_copy_mints_a_new_incarnation() {
+async fn backup_copy_keeps_its_writer_and_history() {
     let h = harness().await;
     h.post("/v1/sales", sale(&id(), "A", 1)).await;
     let to = h._dir.path().join("copy.db");
     h.agent.db.backup(to.clone()).await.unwrap();
-    let original = h.agent.db.identity().clone();
+    let original = h.agent.db.identity();
     let restored = tokio::task::spawn_blocking(move || Db::open(&to, DbOptions::default())).await.unwrap().unwrap();
     assert_eq!(restored.identity().store, original.store);
-    assert_ne!(restored.identity().writer, original.writer, "a restored copy must never reuse the writer");
-    // The restored copy still holds the sale recorded before the backup.
+    assert_eq!(restored.identity().writer, original.writer);
+    // The restored copy still holds the sale recorded before the backup, with its place in the
+    // writer's history, and the start on the copy is recorded where that history stood.
     let stock = shelfsync_agent::ledger::stock(&restored, "A".parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(stock.on_hand, -1);
+    let resume = shelfsync_agent::replica::resume(&restored).await.unwrap();
+    assert_eq!(resume.lineage.ordinal, 1);
+    assert_eq!(resume.boots.last().unwrap().at, resume.lineage, "a boot where the copy started");
+    assert!(resume.boots.len() >= 2, "the original's start and the copy's: {:?}", resume.boots);
+    let ids: std::collections::HashSet<u64> = resume.boots.iter().map(|b| b.id).collect();
+    assert_eq!(ids.len(), resume.boots.len(), "every start has its own id");
 }

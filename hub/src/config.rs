@@ -187,6 +187,9 @@ pub struct SyncSection {
     pub coalesce_ms: u64,
     /// How often connected stores are re-checked against revocations.
     pub revocation_check_secs: u64,
+    /// How long a store's live connection has to answer a liveness probe when another connection
+    /// of the store arrives (a silent one is taken as gone and superseded).
+    pub probe_timeout_ms: u64,
 }
 
 /// `[log]`
@@ -243,7 +246,7 @@ impl Default for StorageSection {
 
 impl Default for SyncSection {
     fn default() -> Self {
-        SyncSection { coalesce_ms: 0, revocation_check_secs: 5 }
+        SyncSection { coalesce_ms: 0, revocation_check_secs: 5, probe_timeout_ms: 2000 }
     }
 }
 
@@ -329,6 +332,9 @@ impl HubConfig {
         }
         if self.sync.revocation_check_secs == 0 {
             return bad("sync.revocation_check_secs", "must be at least 1");
+        }
+        if !(50..=60_000).contains(&self.sync.probe_timeout_ms) {
+            return bad("sync.probe_timeout_ms", "must be 50 .. 60000");
         }
         Ok(())
     }

@@ -41,6 +41,11 @@ metrics! {
     hub_changes_total: "counter", "Restocks and transfers recorded.";
     http_requests_total: "counter", "HTTP API requests answered.";
     http_unauthorized_total: "counter", "HTTP API requests refused with 401 or 403.";
+    retirements_total: "counter", "Agent writers retired after their files forked (restored or copied), as reported.";
+    writer_clones_total: "counter", "Connections that presented a writer another live connection holds.";
+    duplicate_agents_total: "counter", "Connections refused because another agent of the store is live.";
+    hub_entries_recovered_total: "counter", "Entries the hub lacked that stores gave back (tag verified).";
+    hub_rollbacks_total: "counter", "Times the hub found its files older than what stores saw and took a new life.";
 }
 
 impl Metrics {

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shelfsync_agent::quic::{drive, DriveError, EffectHost, FrameStats};
-use shelfsync_shared::sync::{Effect, HubSession, SessionError, SyncConfig};
+use shelfsync_shared::sync::{Effect, HubSession, PeerAccept, SessionError, SyncConfig};
 use shelfsync_shared::wire::close_code;
 use shelfsync_shared::StoreId;
 
 use crate::metrics::Metrics;
 use crate::pki::{self, Pki};
-use crate::state::{Hub, StockChange};
-use crate::storage::StorageError;
+use crate::state::{Hub, Pongs, StockChange};
+use crate::storage::{AgentConflict, StorageError};
 
 /// Builds the server TLS config with a CRL of every revoked certificate.
 pub async fn server_config(hub: &Hub, pki: &Pki) -> Result<quinn::ServerConfig, String> {
@@ -24,7 +24,13 @@ pub async fn server_config(hub: &Hub, pki: &Pki) -> Result<quinn::ServerConfig, 
 }
 
 /// Accepts agent connections until the endpoint closes.
-pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, sync: SyncConfig, max_connections: usize) {
+pub async fn serve(
+    hub: Arc<Hub>,
+    endpoint: quinn::Endpoint,
+    sync: SyncConfig,
+    max_connections: usize,
+    probe_timeout: Duration,
+) {
     let open = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
         if open.load(Ordering::Relaxed) >= max_connections {
@@ -36,7 +42,7 @@ pub async fn serve(hub: Arc<Hub>, endpoint: quinn::Endpoint, sync: SyncConfig, m
         let (hub, sync, open) = (hub.clone(), sync.clone(), open.clone());
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            handle(hub, incoming, sync).await;
+            handle(hub, incoming, sync, probe_timeout).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -80,7 +86,7 @@ fn refusal_code(e: &StorageError) -> u32 {
     }
 }
 
-async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
+async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, probe_timeout: Duration) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -128,14 +134,19 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
             return;
         }
     };
-    let mut session =
-        HubSession::new(sync, store.clone(), hub.storage.hub_writer().clone(), heads.counter, heads.journal);
+    let mut session = HubSession::new(sync, store.clone(), hub.storage.hub_writer(), heads.counter, heads.journal);
     let wake = hub.subscribe(&store, heads);
-    let conn_id = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
+    let ping_seen = wake.borrow().ping;
+    let (conn_id, pongs) = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let mut host = HubHost {
         hub: hub.clone(),
         store: store.clone(),
+        conn_id,
+        remote: remote.to_string(),
+        pongs,
+        ping_seen,
+        probe_timeout,
         holds_seen: 0,
         holds_dirty: false,
         holds_pushed: None,
@@ -158,7 +169,13 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
                 }
                 _ => {}
             }
-            tracing::warn!(peer, error = %e, "sync session ended with an error");
+            match e.code {
+                // Expected ends, each already logged (and recorded) where it was decided.
+                close_code::DUPLICATE_AGENT | close_code::FORKED => {
+                    tracing::info!(peer, error = %e, "sync session ended")
+                }
+                _ => tracing::warn!(peer, error = %e, "sync session ended with an error"),
+            }
         }
         Err(DriveError::Io(e)) => {
             Metrics::inc(&hub.metrics.connections_protocol_errors_total);
@@ -171,6 +188,14 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig) {
 struct HubHost {
     hub: Arc<Hub>,
     store: StoreId,
+    /// This connection in the registry of live connections.
+    conn_id: u64,
+    remote: String,
+    /// Answers of this connection's agent to liveness probes.
+    pongs: Arc<Pongs>,
+    /// The probe counter last acted on.
+    ping_seen: u64,
+    probe_timeout: Duration,
     /// The holds wake-up counter last acted on.
     holds_seen: u64,
     /// A holds change not yet pushed.
@@ -187,6 +212,98 @@ struct HubHost {
 const HOLDS_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 impl HubHost {
+    /// The agent said who it is: record what it reports, notice when it has seen more of this
+    /// hub's life than the hub's files hold, decide whether it may join the store's live agents,
+    /// and welcome it with what the hub holds of its writer.
+    async fn lookup_peer(&mut self, session: &mut HubSession, hello: shelfsync_shared::wire::Hello) -> Result<(), SessionError> {
+        let (hub, store) = (self.hub.clone(), self.store.clone());
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        if !hello.retired.is_empty() {
+            let new = hub
+                .storage
+                .record_retirements(store.clone(), hello.retired.clone(), now_ms)
+                .await
+                .map_err(|e| internal("recording retirements", e))?;
+            hub.metrics.retirements_total.fetch_add(new, Ordering::Relaxed);
+            for r in hello.retired.iter().take(new as usize) {
+                tracing::warn!(%store, old = %r.old, new = %r.new, reason = r.reason.as_str(), fork = r.fork_ordinal,
+                    moved = r.moved, ambiguous = r.ambiguous,
+                    "a store's files forked (restored or copied): its later changes count under a new writer");
+            }
+        }
+        let life = hub.storage.hub_writer();
+        if hello.hub_writer.as_ref() == Some(&life) {
+            let heads = hub.storage.heads().await.map_err(|e| internal("reading heads", e))?;
+            if hello.applied > heads.counter || hello.journal_applied > heads.journal {
+                let why = format!(
+                    "store {store} applied this hub's changes up to {} (journal {}), its files end at {} ({})",
+                    hello.applied, hello.journal_applied, heads.counter, heads.journal
+                );
+                hub.reincarnate(&store, &life, why).await.map_err(|e| internal("taking a new life", e))?;
+                return Err(SessionError {
+                    code: close_code::NORMAL,
+                    message: "the hub took a new life; reconnect".into(),
+                    from_peer: false,
+                });
+            }
+        }
+        hub.said_hello(&store, self.conn_id, hello.writer.clone(), hello.boots.clone());
+        let marks =
+            hub.storage.lookup_peer(store.clone(), hello.writer.clone()).await.map_err(|e| internal("lookup", e))?;
+        let alive = hub.probe(&store, self.conn_id, self.probe_timeout).await;
+        let twin = alive.iter().find(|c| c.writer.as_ref() == Some(&hello.writer));
+        let writers: Vec<String> = alive.iter().filter_map(|c| c.writer.as_ref().map(ToString::to_string)).collect();
+        if twin.is_none() && alive.len() as u32 >= marks.max_agents {
+            Metrics::inc(&hub.metrics.duplicate_agents_total);
+            let mut key = writers.clone();
+            key.push(hello.writer.to_string());
+            key.sort();
+            let details = serde_json::json!({
+                "live_writers": writers,
+                "refused_writer": hello.writer.to_string(),
+                "refused_address": self.remote,
+                "max_agents": marks.max_agents,
+            });
+            let _ = hub.storage.agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms).await;
+            tracing::warn!(%store, refused = %hello.writer, live = ?writers, "refusing a second live agent of the store");
+            return Err(session.refuse(
+                close_code::DUPLICATE_AGENT,
+                format!(
+                    "store {store} already has a live agent ({}); this one is refused until head office switches one off \
+                     or allows several agents for the store",
+                    writers.join(", ")
+                ),
+            ));
+        }
+        let mut lineage = marks.lineage;
+        if let Some(t) = twin {
+            Metrics::inc(&hub.metrics.writer_clones_total);
+            let details = serde_json::json!({
+                "writer": hello.writer.to_string(),
+                "live_since": shelfsync_agent::ledger::rfc3339(t.since_ms),
+                "copy_address": self.remote,
+            });
+            let _ = hub
+                .storage
+                .agent_conflict(AgentConflict::WriterCloned, store.clone(), hello.writer.to_string(), details, now_ms)
+                .await;
+            tracing::warn!(%store, writer = %hello.writer, "a second live connection presents the same writer: its files are a copy; it must retire the writer");
+            lineage = lineage.with_live_boots(&t.boots);
+        }
+        let hub_entries =
+            hub.storage.hub_entries_digest(store.clone()).await.map_err(|e| internal("digest of hub entries", e))?;
+        session.accept(
+            Instant::now(),
+            PeerAccept {
+                applied: marks.applied,
+                journal_applied: marks.journal_applied,
+                lineage,
+                cloned: twin.is_some(),
+                hub_entries,
+            },
+        )
+    }
+
     async fn push_holds(&mut self, session: &mut HubSession) -> Result<(), SessionError> {
         self.holds_dirty = false;
         self.holds_pushed = Some(Instant::now());
@@ -211,10 +328,8 @@ impl EffectHost<HubSession> for HubHost {
         let (hub, store) = (&hub, &store);
         let now = Instant::now;
         match effect {
-            Effect::LookupPeer { writer } => {
-                let marks = hub.storage.lookup_peer(store.clone(), writer).await.map_err(|e| internal("lookup", e))?;
-                session.accept(now(), marks.applied, marks.journal_applied)?;
-            }
+            Effect::LookupPeer { hello } => self.lookup_peer(session, hello).await?,
+            Effect::Pong { nonce } => self.pongs.answered(nonce),
             Effect::Established { peer } => {
                 Metrics::inc(&hub.metrics.connections_accepted_total);
                 tracing::info!(%store, writer = %peer, "store connected");
@@ -265,6 +380,10 @@ impl EffectHost<HubSession> for HubHost {
                     .map_err(|e| internal("applying a delta", e))?;
                 Metrics::inc(&hub.metrics.deltas_applied_total);
                 hub.metrics.entries_merged_total.fetch_add(applied.entries_changed as u64, Ordering::Relaxed);
+                if applied.recovered > 0 {
+                    hub.metrics.hub_entries_recovered_total.fetch_add(applied.recovered, Ordering::Relaxed);
+                    tracing::warn!(%store, entries = applied.recovered, "the store gave back entries the hub lacked (tags verified)");
+                }
                 hub.stock_changed(applied.changed.iter().map(|(sku, on_hand)| StockChange {
                     store: store.clone(),
                     sku: sku.clone(),
@@ -272,6 +391,16 @@ impl EffectHost<HubSession> for HubHost {
                 }));
                 hub.holds_changed(&applied.holds_changed);
                 session.delta_applied(now(), upto)?;
+                if applied.own_lost {
+                    let life = hub.storage.hub_writer();
+                    let why = format!("store {store} gave back entries of the hub's current writer {life} that its files lack");
+                    hub.reincarnate(store, &life, why).await.map_err(|e| internal("taking a new life", e))?;
+                    return Err(SessionError {
+                        code: close_code::NORMAL,
+                        message: "the hub took a new life; reconnect".into(),
+                        from_peer: false,
+                    });
+                }
                 // The merged entries took new hub sequences; telling our own session lets its
                 // outbox skip them (they came from this agent) so digests stay comparable.
                 session.local_head(now(), applied.heads.counter, applied.heads.journal);
@@ -307,7 +436,7 @@ impl EffectHost<HubSession> for HubHost {
                     hub.storage.digest(store.clone()).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(now(), digest, head)?;
             }
-            Effect::ApplyHolds { .. } => {}
+            Effect::ApplyHolds { .. } | Effect::CheckLineage { .. } => {}
             Effect::DigestCompared { matched } => {
                 if matched {
                     Metrics::inc(&hub.metrics.digests_matched_total);
@@ -325,6 +454,10 @@ impl EffectHost<HubSession> for HubHost {
         session: &mut HubSession,
         heads: shelfsync_agent::db::Heads,
     ) -> Result<(), SessionError> {
+        if heads.ping != self.ping_seen {
+            self.ping_seen = heads.ping;
+            session.ping(heads.ping);
+        }
         if heads.catalog != self.catalog_seen {
             self.catalog_seen = heads.catalog;
             if let Some(peer) = self.catalog.as_mut() {

@@ -336,13 +336,14 @@ pub fn unknown_sku(conn: &Connection, store: &StoreId, sku: &Sku, why: &str, now
         id: Uuid::now_v7(),
         kind: "unknown_sku".into(),
         store: store.clone(),
-        sku: sku.clone(),
+        sku: Some(sku.clone()),
         shortfall: 0,
         reservations: vec![],
         resolution: format!("{why}: add it to the catalog (or reactivate it), or correct the store's records"),
         status: "open".into(),
         detected_at: rfc3339(now_ms),
         resolved_at: None,
+        details: None,
     };
     insert_conflict(conn, &c, now_ms, None)?;
     emit(conn, "unknown_sku", now_ms, json!({"conflict": c}))
@@ -919,12 +920,13 @@ fn open_conflict(conn: &Connection, store: &StoreId, sku: &Sku, kind: &str) -> S
 pub struct Conflict {
     /// Id.
     pub id: Uuid,
-    /// `oversell`, `negative_stock` (later also `unknown_sku`).
+    /// `oversell`, `negative_stock`, `unknown_sku`; about a store's agents and files rather than
+    /// a SKU: `store_rolled_back`, `writer_cloned`, `duplicate_agent`, `hub_rolled_back`.
     pub kind: String,
     /// Where.
     pub store: StoreId,
-    /// What.
-    pub sku: Sku,
+    /// What (`None` for conflicts about a store's agents or the hub's files).
+    pub sku: Option<Sku>,
     /// Units promised beyond what is there (oversell) or below zero (negative stock).
     pub shortfall: u64,
     /// Reservations touched.
@@ -937,24 +939,41 @@ pub struct Conflict {
     pub detected_at: String,
     /// RFC 3339.
     pub resolved_at: Option<String>,
+    /// Kind-specific facts (writers, fork points, the window of moved changes...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+/// Inserts a conflict unless one with its id exists; returns whether it was new.
+pub fn insert_conflict_once(conn: &Connection, c: &Conflict, detected_ms: i64) -> StorageResult<bool> {
+    let exists: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM conflicts WHERE id = ?1")?
+        .query_row([c.id.as_bytes().as_slice()], |r| r.get(0))
+        .optional()?;
+    if exists.is_some() {
+        return Ok(false);
+    }
+    insert_conflict(conn, c, detected_ms, None)?;
+    Ok(true)
 }
 
 fn insert_conflict(conn: &Connection, c: &Conflict, detected_ms: i64, resolved_ms: Option<i64>) -> StorageResult<()> {
     conn.prepare_cached(
-        "INSERT INTO conflicts (id, kind, store, sku, shortfall, reservations, resolution, status, detected_at_ms, resolved_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO conflicts (id, kind, store, sku, shortfall, reservations, resolution, status, detected_at_ms, resolved_at_ms, details)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         c.id.as_bytes().as_slice(),
         c.kind,
         c.store.as_str(),
-        c.sku.as_str(),
+        c.sku.as_ref().map_or("", |s| s.as_str()),
         c.shortfall,
         serde_json::to_string(&c.reservations).expect("serialises"),
         c.resolution,
         c.status,
         detected_ms,
-        resolved_ms
+        resolved_ms,
+        c.details.as_ref().map(|d| d.to_string()),
     ])?;
     Ok(())
 }
@@ -981,13 +1000,14 @@ pub fn reconcile(
                 id: Uuid::now_v7(),
                 kind: "negative_stock".into(),
                 store: store.clone(),
-                sku: sku.clone(),
+                sku: Some(sku.clone()),
                 shortfall: on_hand.unsigned_abs(),
                 reservations: vec![],
                 resolution: "ask the store to recount".into(),
                 status: "open".into(),
                 detected_at: rfc3339(now.ms),
                 resolved_at: None,
+                details: None,
             };
             insert_conflict(conn, &c, now.ms, None)?;
             emit(conn, "negative_stock", now.ms, json!({"conflict": c}))?;
@@ -1111,13 +1131,14 @@ pub fn reconcile(
         id: Uuid::now_v7(),
         kind: "oversell".into(),
         store: store.clone(),
-        sku: sku.clone(),
+        sku: Some(sku.clone()),
         shortfall,
         reservations: touched.keys().copied().collect(),
         resolution,
         status: if resolved { "resolved" } else { "open" }.into(),
         detected_at: rfc3339(now.ms),
         resolved_at: resolved.then(|| rfc3339(now.ms)),
+        details: None,
     };
     insert_conflict(conn, &c, now.ms, resolved.then_some(now.ms))?;
     emit(conn, "oversell_detected", now.ms, json!({"conflict": c}))?;
@@ -1138,7 +1159,7 @@ pub fn conflicts(
 ) -> StorageResult<Vec<Conflict>> {
     let rows = conn
         .prepare_cached(
-            "SELECT id, kind, store, sku, shortfall, reservations, resolution, status, detected_at_ms, resolved_at_ms
+            "SELECT id, kind, store, sku, shortfall, reservations, resolution, status, detected_at_ms, resolved_at_ms, details
              FROM conflicts WHERE (?1 IS NULL OR store = ?1) AND (?2 IS NULL OR sku = ?2) AND (?3 IS NULL OR status = ?3)
              ORDER BY detected_at_ms DESC, id DESC LIMIT ?4",
         )?
@@ -1154,16 +1175,21 @@ pub fn conflicts(
                 r.get::<_, String>(7)?,
                 r.get::<_, i64>(8)?,
                 r.get::<_, Option<i64>>(9)?,
+                r.get::<_, Option<String>>(10)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter()
-        .map(|(id, kind, store, sku, shortfall, res, resolution, status, detected, resolved)| {
+        .map(|(id, kind, store, sku, shortfall, res, resolution, status, detected, resolved, details)| {
             Ok(Conflict {
                 id: uuid_col(&id)?,
                 kind,
                 store: store_col(store)?,
-                sku: sku_col(sku)?,
+                sku: if sku.is_empty() { None } else { Some(sku_col(sku)?) },
+                details: details
+                    .map(|d| serde_json::from_str(&d))
+                    .transpose()
+                    .map_err(|e| StorageError::Corrupt(format!("conflict details: {e}")))?,
                 shortfall,
                 reservations: serde_json::from_str(&res)
                     .map_err(|e| StorageError::Corrupt(format!("conflict reservations: {e}")))?,

@@ -18,6 +18,8 @@ use uuid::Uuid;
 use crate::reserve::{self, Staleness};
 use shelfsync_agent::catalog;
 use shelfsync_shared::counter::{sum_entries, StateDigest};
+use shelfsync_shared::lineage::{HubLineage, RetireReason};
+use shelfsync_shared::mac::{EntryMac, MacKey};
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
 use shelfsync_shared::wire::{Delta, JournalBatch};
 use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, PnEntry, Sku, StoreId, WriterId};
@@ -67,6 +69,10 @@ const MIGRATIONS: &[&str] = &[
     crate::reserve::MIGRATION,
     // 3: the catalog documents and their materialised rows.
     shelfsync_agent::catalog::MIGRATION,
+    // 4: writer lineage per agent writer, details of conflicts about agents, agents per store.
+    "ALTER TABLE peers ADD COLUMN lineage BLOB;
+     ALTER TABLE conflicts ADD COLUMN details TEXT;
+     ALTER TABLE stores ADD COLUMN max_agents INTEGER NOT NULL DEFAULT 1;",
 ];
 
 impl From<DbError> for StorageError {
@@ -139,7 +145,9 @@ impl Default for SqliteOptions {
 /// The SQLite implementation of [`HubStorage`].
 pub struct SqliteStorage {
     threads: SqliteThreads,
-    hub_writer: WriterId,
+    hub_writer: std::sync::RwLock<WriterId>,
+    /// Tags the entries the hub sends, so stores can give them back after a restore.
+    key: MacKey,
     staleness: Staleness,
     change_head: watch::Receiver<u64>,
 }
@@ -181,11 +189,15 @@ impl SqliteStorage {
         }
         let mut conn = adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
         adb::migrate(&mut conn, MIGRATIONS)?;
-        let hub_writer = {
+        let (hub_writer, key) = {
             let tx = conn.transaction()?;
+            let key = mac_key(&tx)?;
             let w = if adb::meta_get(&tx, "restored_copy")?.is_some() {
+                let old = adb::meta_get(&tx, "writer")?.unwrap_or_default();
                 let w = mint(&tx)?;
-                tracing::warn!(writer = %w, "hub database was restored from a backup; minted a new writer incarnation");
+                tracing::warn!(old = %old, writer = %w, "hub database was restored from a backup; minted a new writer incarnation; stores give back what it lost");
+                let details = serde_json::json!({"old_writer": old, "new_writer": w.to_string(), "why": "opened a restored backup"});
+                hub_rolled_back(&tx, &old, details, now_ms())?;
                 w
             } else {
                 let w =
@@ -193,7 +205,7 @@ impl SqliteStorage {
                 w.parse().map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?
             };
             tx.commit()?;
-            w
+            (w, key)
         };
         let mut readers = Vec::new();
         for _ in 0..opts.readers.max(1) {
@@ -209,7 +221,13 @@ impl SqliteStorage {
         });
         let threads = SqliteThreads::spawn("hub", conn, readers, opts.group_commit_max, after_commit)
             .map_err(|e| StorageError::Backend(format!("spawning storage threads: {e}")))?;
-        Ok(SqliteStorage { threads, hub_writer, staleness: opts.staleness, change_head })
+        Ok(SqliteStorage {
+            threads,
+            hub_writer: std::sync::RwLock::new(hub_writer),
+            key,
+            staleness: opts.staleness,
+            change_head,
+        })
     }
 
     async fn write<R: Send + 'static>(
@@ -225,6 +243,93 @@ impl SqliteStorage {
     ) -> StorageResult<R> {
         self.threads.read(f).await
     }
+}
+
+/// The hub's tag key, made once and kept in the database (a restored copy keeps it, so the
+/// entries it sent before can be given back).
+fn mac_key(conn: &Connection) -> StorageResult<MacKey> {
+    let hex = match adb::meta_get(conn, "mac_key")? {
+        Some(h) => h,
+        None => {
+            let bytes: [u8; 32] = rand::random();
+            let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            adb::meta_set(conn, "mac_key", &h)?;
+            h
+        }
+    };
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StorageError::Corrupt(format!("meta.mac_key: {e}")))?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| StorageError::Corrupt("meta.mac_key is not 32 bytes".into()))?;
+    Ok(MacKey::from_bytes(bytes))
+}
+
+/// A conflict id derived from what makes two reports "the same".
+fn conflict_id(parts: &[&str]) -> Uuid {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.finalize()[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid()
+}
+
+/// Records a conflict about a store's agents (or the hub's files), once per `key`, with a feed
+/// event. Returns whether it was new.
+fn agent_conflict_in(
+    conn: &Connection,
+    kind: AgentConflict,
+    store: &StoreId,
+    key: &str,
+    resolution: String,
+    details: serde_json::Value,
+    now_ms: i64,
+) -> StorageResult<bool> {
+    let c = reserve::Conflict {
+        id: conflict_id(&[kind.as_str(), store.as_str(), key]),
+        kind: kind.as_str().into(),
+        store: store.clone(),
+        sku: None,
+        shortfall: 0,
+        reservations: vec![],
+        resolution,
+        status: "open".into(),
+        detected_at: shelfsync_agent::ledger::rfc3339(now_ms),
+        resolved_at: None,
+        details: Some(details),
+    };
+    let new = reserve::insert_conflict_once(conn, &c, now_ms)?;
+    if new {
+        reserve::emit(conn, kind.as_str(), now_ms, serde_json::json!({"conflict": c}))?;
+    }
+    Ok(new)
+}
+
+/// The hub runs on files older than its previous life reached: one `hub_rolled_back` conflict per
+/// retired hub writer, recorded for every store (each must be checked).
+fn hub_rolled_back(conn: &Connection, old: &str, details: serde_json::Value, now_ms: i64) -> StorageResult<()> {
+    let stores = conn
+        .prepare("SELECT id FROM stores WHERE revoked_at_ms IS NULL")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for s in stores {
+        agent_conflict_in(
+            conn,
+            AgentConflict::HubRolledBack,
+            &store_col(s)?,
+            old,
+            "the hub's files are older than what this store saw: restocks and transfers authored after them \
+             come back from the store (verified); check the store's stock"
+                .into(),
+            details.clone(),
+            now_ms,
+        )?;
+    }
+    Ok(())
 }
 
 fn heads(conn: &Connection) -> StorageResult<HubHeads> {
@@ -318,6 +423,12 @@ fn store_col(s: String) -> StorageResult<StoreId> {
     s.parse().map_err(|e| StorageError::Corrupt(format!("store id in database: {e}")))
 }
 
+fn lineage_col(v: Option<Vec<u8>>) -> StorageResult<HubLineage> {
+    v.map(|b| postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt(format!("peer lineage: {e}"))))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
 fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
     conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
         .execute(params![store.as_str(), writer.to_string()])?;
@@ -325,8 +436,116 @@ fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> Storage
 }
 
 impl HubStorage for SqliteStorage {
-    fn hub_writer(&self) -> &WriterId {
-        &self.hub_writer
+    fn hub_writer(&self) -> WriterId {
+        self.hub_writer.read().expect("hub writer lock").clone()
+    }
+
+    fn reincarnate(&self, why: String, now_ms: i64) -> BoxFuture<'_, StorageResult<WriterId>> {
+        async move {
+            let old = self.hub_writer();
+            let new = self
+                .write(move |conn| {
+                    let w = mint(conn)?;
+                    let details = serde_json::json!({"old_writer": old.to_string(), "new_writer": w.to_string(), "why": why});
+                    hub_rolled_back(conn, &old.to_string(), details, now_ms)?;
+                    Ok(w)
+                })
+                .await?;
+            *self.hub_writer.write().expect("hub writer lock") = new.clone();
+            Ok(new)
+        }
+        .boxed()
+    }
+
+    fn agent_conflict(
+        &self,
+        kind: AgentConflict,
+        store: StoreId,
+        key: String,
+        details: serde_json::Value,
+        now_ms: i64,
+    ) -> BoxFuture<'_, StorageResult<bool>> {
+        let resolution = match kind {
+            AgentConflict::DuplicateAgent => {
+                "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
+            }
+            AgentConflict::WriterCloned => {
+                "the store's files run on two machines: the newer copy moved its sales to a new writer; switch one off"
+            }
+            AgentConflict::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+            AgentConflict::HubRolledBack => "the hub's files are older than what the store saw",
+        }
+        .to_owned();
+        self.write(move |conn| agent_conflict_in(conn, kind, &store, &key, resolution, details, now_ms)).boxed()
+    }
+
+    fn record_retirements(
+        &self,
+        store: StoreId,
+        reports: Vec<shelfsync_shared::wire::Retirement>,
+        now_ms: i64,
+    ) -> BoxFuture<'_, StorageResult<u64>> {
+        self.write(move |conn| {
+            let mut new = 0;
+            for r in &reports {
+                let kind = match r.reason {
+                    RetireReason::RolledBack => AgentConflict::StoreRolledBack,
+                    RetireReason::Cloned => AgentConflict::WriterCloned,
+                };
+                let window = r.window_ms.map(|(a, b)| {
+                    serde_json::json!({"from": shelfsync_agent::ledger::rfc3339(a), "to": shelfsync_agent::ledger::rfc3339(b)})
+                });
+                let details = serde_json::json!({
+                    "old_writer": r.old.to_string(),
+                    "new_writer": r.new.to_string(),
+                    "fork_ordinal": r.fork_ordinal,
+                    "hub_ordinal": r.hub_ordinal,
+                    "store_ordinal": r.own_ordinal,
+                    "moved_changes": r.moved,
+                    "ambiguous_changes": r.ambiguous,
+                    "moved_window": window,
+                    "retired_at": shelfsync_agent::ledger::rfc3339(r.at_ms),
+                });
+                let resolution = if r.ambiguous > 0 {
+                    format!(
+                        "the store's files forked from what the hub had; {} later changes now count under {}; up to {} \
+                         of them may be counted twice: recount the SKUs they touched",
+                        r.moved, r.new, r.ambiguous
+                    )
+                } else {
+                    format!(
+                        "the store's files forked from what the hub had (changes {} to {} of {} are the store's own); \
+                         {} later changes now count under {}; nothing is lost or counted twice",
+                        r.fork_ordinal + 1,
+                        r.own_ordinal,
+                        r.old,
+                        r.moved,
+                        r.new
+                    )
+                };
+                let key = format!("{} {}", r.old, r.new);
+                if agent_conflict_in(conn, kind, &store, &key, resolution, details, now_ms)? {
+                    new += 1;
+                }
+            }
+            Ok(new)
+        })
+        .boxed()
+    }
+
+    fn hub_entries_digest(&self, store: StoreId) -> BoxFuture<'_, StorageResult<StateDigest>> {
+        self.read(move |conn| {
+            let mut d = StateDigest::default();
+            let mut stmt = conn.prepare_cached(
+                "SELECT sku, writer, p, n FROM counters WHERE store = ?1 AND substr(writer, 1, 4) = 'hub@'",
+            )?;
+            let mut rows = stmt.query([store.as_str()])?;
+            while let Some(r) = rows.next()? {
+                d.add(&sku_col(r.get(0)?)?, &adb::writer_col(r.get(1)?)?, PnEntry { p: r.get(2)?, n: r.get(3)? });
+            }
+            Ok(d)
+        })
+        .boxed()
     }
 
     fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>> {
@@ -481,13 +700,16 @@ impl HubStorage for SqliteStorage {
 
     fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>> {
         self.read(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT applied, journal_applied FROM peers WHERE store = ?1 AND writer = ?2")?
-                .query_row(params![store.as_str(), writer.to_string()], |r| {
-                    Ok(PeerMarks { applied: r.get(0)?, journal_applied: r.get(1)? })
-                })
+            let row: Option<(u64, u64, Option<Vec<u8>>)> = conn
+                .prepare_cached("SELECT applied, journal_applied, lineage FROM peers WHERE store = ?1 AND writer = ?2")?
+                .query_row(params![store.as_str(), writer.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let max_agents: u32 = conn
+                .query_row("SELECT max_agents FROM stores WHERE id = ?1", [store.as_str()], |r| r.get(0))
                 .optional()?
-                .unwrap_or_default())
+                .unwrap_or(1);
+            let (applied, journal_applied, lineage) = row.unwrap_or_default();
+            Ok(PeerMarks { applied, journal_applied, lineage: lineage_col(lineage)?, max_agents })
         })
         .boxed()
     }
@@ -500,16 +722,30 @@ impl HubStorage for SqliteStorage {
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>> {
         let st = self.staleness;
+        let (key, me) = (self.key.clone(), self.hub_writer());
         self.write(move |conn| {
             require_store(conn, &store)?;
             let mut holds_changed = BTreeSet::new();
             let mut touched = BTreeSet::new();
             let mut entries_changed = 0;
+            let (mut recovered, mut own_lost) = (0, false);
+            let tags: std::collections::HashMap<u32, EntryMac> = delta.macs.iter().copied().collect();
             let mut seq = next_seq(conn)?;
-            for (sku, writer, incoming) in delta.entries() {
-                // The session already refused foreign writers; storage refuses them too.
-                if !writer.is_store(&store) {
-                    return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
+            for (i, (sku, writer, incoming)) in delta.entries().enumerate() {
+                // A store writes its own writers' entries; anything else it may only give back with
+                // the tag the hub put on it (checked here: the session cannot).
+                let tag = tags.get(&(i as u32));
+                match tag {
+                    Some(t) if !key.verify(&store, sku, writer, incoming, t) => {
+                        return Err(StorageError::Invalid(format!(
+                            "store {store} gave back an entry of {writer} for {sku} whose tag does not match; \
+                             a store cannot make up entries it was not sent"
+                        )));
+                    }
+                    None if !writer.is_store(&store) => {
+                        return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
+                    }
+                    _ => {}
                 }
                 incoming.check(writer)?;
                 let current = entry(conn, &store, sku, writer)?;
@@ -518,7 +754,25 @@ impl HubStorage for SqliteStorage {
                     seq += 1;
                     touched.insert(sku.clone());
                     entries_changed += 1;
+                    if tag.is_some() {
+                        recovered += 1;
+                        own_lost |= *writer == me;
+                    }
                 }
+            }
+            if let Some(l) = &delta.lineage {
+                let old: Option<Option<Vec<u8>>> = conn
+                    .prepare_cached("SELECT lineage FROM peers WHERE store = ?1 AND writer = ?2")?
+                    .query_row(params![store.as_str(), peer.to_string()], |r| r.get(0))
+                    .optional()?;
+                let mut lineage = lineage_col(old.flatten())?;
+                lineage.advance(l.head, &l.boots);
+                ensure_peer(conn, &store, &peer)?;
+                conn.prepare_cached("UPDATE peers SET lineage = ?3 WHERE store = ?1 AND writer = ?2")?.execute(params![
+                    store.as_str(),
+                    peer.to_string(),
+                    postcard::to_stdvec(&lineage).expect("lineage serialises")
+                ])?;
             }
             // Close the holds the store picked in the same transaction that lowers on_hand, so a
             // picked unit is never counted both as held and as gone.
@@ -547,6 +801,8 @@ impl HubStorage for SqliteStorage {
                 entries_changed,
                 heads: heads(conn)?,
                 holds_changed: holds_changed.into_iter().collect(),
+                recovered,
+                own_lost,
             })
         })
         .boxed()
@@ -559,6 +815,7 @@ impl HubStorage for SqliteStorage {
         after: u64,
         limit: usize,
     ) -> BoxFuture<'_, StorageResult<DeltaRead>> {
+        let key = self.key.clone();
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let exclude = exclude.map(|w| w.to_string()).unwrap_or_default();
@@ -579,7 +836,8 @@ impl HubStorage for SqliteStorage {
             drop(stmt);
             let upto = if entries.len() == limit { last } else { heads(&tx)?.counter.max(after) };
             tx.finish()?;
-            Ok(DeltaRead { upto, entries, fulfilled: Vec::new() })
+            let macs = entries.iter().enumerate().map(|(i, (k, w, e))| (i as u32, key.tag(&store, k, w, *e))).collect();
+            Ok(DeltaRead { upto, entries, macs, ..DeltaRead::default() })
         })
         .boxed()
     }
@@ -680,7 +938,7 @@ impl HubStorage for SqliteStorage {
     }
 
     fn hub_change(&self, req: HubChangeRequest, now: Now) -> BoxFuture<'_, StorageResult<HubChangeOutcome>> {
-        let (hub, st) = (self.hub_writer.clone(), self.staleness);
+        let (hub, st) = (self.hub_writer(), self.staleness);
         self.write(move |conn| hub_change_in(conn, &hub, &req, &now, st)).boxed()
     }
 

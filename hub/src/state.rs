@@ -10,7 +10,9 @@ use shelfsync_shared::{Sku, StoreId};
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics::Metrics;
-use crate::storage::{HubHeads, HubStorage};
+use crate::storage::{HubHeads, HubStorage, StorageError};
+use shelfsync_shared::lineage::Boot;
+use shelfsync_shared::WriterId;
 
 /// One live agent connection.
 #[derive(Clone)]
@@ -23,6 +25,27 @@ pub struct LiveConn {
     pub serial: String,
     /// When it connected (ms).
     pub since_ms: i64,
+    /// The agent's writer and starts, once it said hello.
+    pub writer: Option<WriterId>,
+    /// The agent's latest starts (from its hello).
+    pub boots: Vec<Boot>,
+    /// Answers to liveness probes.
+    pub pongs: Arc<Pongs>,
+}
+
+/// The last probe nonce a connection's agent answered, and a wake-up for whoever waits on it.
+#[derive(Debug, Default)]
+pub struct Pongs {
+    last: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Pongs {
+    /// The agent answered probe `nonce`.
+    pub fn answered(&self, nonce: u64) {
+        self.last.fetch_max(nonce, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
 }
 
 /// A store's `on_hand` of a SKU changed at the hub (after the commit).
@@ -47,7 +70,9 @@ pub struct Hub {
     pub catalog: Arc<crate::catalog::HubCatalog>,
     /// Counters.
     pub metrics: Metrics,
-    live: Mutex<HashMap<StoreId, LiveConn>>,
+    live: Mutex<HashMap<StoreId, Vec<LiveConn>>>,
+    /// Serialises taking a new life (several stores may reveal the same restore at once).
+    reincarnating: tokio::sync::Mutex<()>,
     wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
     next_conn: AtomicU64,
     stock_events: broadcast::Sender<StockChange>,
@@ -68,6 +93,7 @@ impl Hub {
             catalog,
             metrics: Metrics::default(),
             live: Mutex::default(),
+            reincarnating: tokio::sync::Mutex::new(()),
             wakers: Mutex::default(),
             next_conn: AtomicU64::new(1),
             stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
@@ -75,29 +101,110 @@ impl Hub {
         })
     }
 
-    /// Registers a connection of `store`, closing an older one of the same store (the agent has
-    /// reconnected before the hub noticed the old one die). Returns the registry id.
-    pub fn connected(&self, store: &StoreId, conn: quinn::Connection, serial: String) -> u64 {
+    /// Registers a connection of `store`. Whether it may stay is decided once its agent says who
+    /// it is ([`Hub::said_hello`], [`Hub::probe`]). Returns the registry id and its pongs.
+    pub fn connected(&self, store: &StoreId, conn: quinn::Connection, serial: String) -> (u64, Arc<Pongs>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let since_ms = jiff::Timestamp::now().as_millisecond();
-        let old = self.live.lock().expect("live lock").insert(store.clone(), LiveConn { id, conn, serial, since_ms });
-        if let Some(old) = old {
-            old.conn.close(quinn::VarInt::from_u32(0), b"superseded by a newer connection");
-        }
-        id
+        let pongs = Arc::new(Pongs::default());
+        let c = LiveConn { id, conn, serial, since_ms, writer: None, boots: Vec::new(), pongs: pongs.clone() };
+        self.live.lock().expect("live lock").entry(store.clone()).or_default().push(c);
+        (id, pongs)
     }
 
-    /// Forgets connection `id` of `store` (if it is still the registered one).
+    /// Connection `id` of `store` said hello as `writer`.
+    pub fn said_hello(&self, store: &StoreId, id: u64, writer: WriterId, boots: Vec<Boot>) {
+        if let Some(c) = self.live.lock().expect("live lock").get_mut(store).and_then(|v| v.iter_mut().find(|c| c.id == id)) {
+            c.writer = Some(writer);
+            c.boots = boots;
+        }
+    }
+
+    /// Forgets connection `id` of `store`.
     pub fn disconnected(&self, store: &StoreId, id: u64) {
         let mut live = self.live.lock().expect("live lock");
-        if live.get(store).is_some_and(|c| c.id == id) {
-            live.remove(store);
+        if let Some(v) = live.get_mut(store) {
+            v.retain(|c| c.id != id);
+            if v.is_empty() {
+                live.remove(store);
+            }
         }
     }
 
-    /// The live connection of a store.
+    /// The (oldest) live connection of a store.
     pub fn live(&self, store: &StoreId) -> Option<LiveConn> {
-        self.live.lock().expect("live lock").get(store).cloned()
+        self.live.lock().expect("live lock").get(store).and_then(|v| v.first().cloned())
+    }
+
+    /// Every live connection of a store.
+    pub fn agents(&self, store: &StoreId) -> Vec<LiveConn> {
+        self.live.lock().expect("live lock").get(store).cloned().unwrap_or_default()
+    }
+
+    /// Asks every other connection of `store` that said hello whether its agent is alive (a
+    /// `Ping` it must answer within `timeout`). Connections that do not answer are closed: their
+    /// agent is gone (it restarted before the hub noticed). Returns the live ones.
+    pub async fn probe(&self, store: &StoreId, except: u64, timeout: std::time::Duration) -> Vec<LiveConn> {
+        let others: Vec<LiveConn> =
+            self.agents(store).into_iter().filter(|c| c.id != except && c.writer.is_some()).collect();
+        if others.is_empty() {
+            return others;
+        }
+        let nonce = {
+            let wakers = self.wakers.lock().expect("wakers lock");
+            let Some(w) = wakers.get(store) else { return others };
+            let mut n = 0;
+            w.send_modify(|h| {
+                h.ping += 1;
+                n = h.ping;
+            });
+            n
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut alive = Vec::new();
+        for c in others {
+            let answered = loop {
+                let waiting = c.pongs.notify.notified();
+                if c.pongs.last.load(Ordering::Relaxed) >= nonce {
+                    break true;
+                }
+                if c.conn.close_reason().is_some() {
+                    break false;
+                }
+                tokio::select! {
+                    _ = waiting => {}
+                    _ = tokio::time::sleep_until(deadline) => break c.pongs.last.load(Ordering::Relaxed) >= nonce,
+                }
+            };
+            if answered {
+                alive.push(c);
+            } else {
+                tracing::info!(%store, writer = ?c.writer.as_ref().map(ToString::to_string), "closing a connection whose agent no longer answers");
+                c.conn.close(quinn::VarInt::from_u32(0), b"superseded: did not answer a probe");
+                self.disconnected(store, c.id);
+            }
+        }
+        alive
+    }
+
+    /// The hub's files turned out older than what a store saw of its current life: take a new
+    /// life (storage records the conflict) and close every connection, so every store starts its
+    /// watermarks over and gives back the entries it holds. Only once per life, however many
+    /// stores reveal it at once. Returns whether this call did it.
+    pub async fn reincarnate(&self, seen_by: &StoreId, life: &WriterId, why: String) -> Result<bool, StorageError> {
+        let _one = self.reincarnating.lock().await;
+        if self.storage.hub_writer() != *life {
+            return Ok(false);
+        }
+        let new = self.storage.reincarnate(why.clone(), jiff::Timestamp::now().as_millisecond()).await?;
+        Metrics::inc(&self.metrics.hub_rollbacks_total);
+        tracing::error!(store = %seen_by, old = %life, new = %new, reason = %why,
+            "the hub's files are older than what a store saw of them (restored or copied); took a new life: \
+             every store reconnects and gives back the hub's entries it holds");
+        for (_, c) in self.all_live() {
+            c.conn.close(quinn::VarInt::from_u32(0), b"the hub took a new life; reconnect");
+        }
+        Ok(true)
     }
 
     /// The role of a token hash. Valid tokens are remembered for a few seconds so a busy
@@ -154,7 +261,7 @@ impl Hub {
 
     /// Every live connection.
     pub fn all_live(&self) -> Vec<(StoreId, LiveConn)> {
-        self.live.lock().expect("live lock").iter().map(|(s, c)| (s.clone(), c.clone())).collect()
+        self.live.lock().expect("live lock").iter().flat_map(|(s, v)| v.iter().map(|c| (s.clone(), c.clone()))).collect()
     }
 
     /// A receiver that wakes when `store`'s data at the hub changes.
@@ -163,7 +270,7 @@ impl Hub {
         wakers
             .entry(store.clone())
             .or_insert_with(|| {
-                watch::channel(Heads { counter: now.counter, journal: now.journal, holds: 0, catalog: 0 }).0
+                watch::channel(Heads { counter: now.counter, journal: now.journal, holds: 0, catalog: 0, ping: 0 }).0
             })
             .subscribe()
     }

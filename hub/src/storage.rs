@@ -150,13 +150,43 @@ impl Role {
     }
 }
 
-/// What the hub durably applied from one agent writer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the hub durably holds of one agent writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerMarks {
     /// Highest agent counter sequence applied.
     pub applied: u64,
     /// Highest agent journal sequence stored.
     pub journal_applied: u64,
+    /// What the hub merged of the writer's history.
+    pub lineage: shelfsync_shared::lineage::HubLineage,
+    /// How many agents of the store may be connected at once (1 unless configured).
+    pub max_agents: u32,
+}
+
+/// Kinds of conflicts about a store's agents rather than a SKU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentConflict {
+    /// An agent found its writer's history forked (files put back from an older copy) and
+    /// moved its later changes to a new writer.
+    StoreRolledBack,
+    /// Two live connections presented one writer (the files were copied to a second machine).
+    WriterCloned,
+    /// A second live agent of a store that allows one was refused.
+    DuplicateAgent,
+    /// The hub found it runs on files older than what its stores saw, and took a new life.
+    HubRolledBack,
+}
+
+impl AgentConflict {
+    /// The snake_case name (conflict kind and feed event kind).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentConflict::StoreRolledBack => "store_rolled_back",
+            AgentConflict::WriterCloned => "writer_cloned",
+            AgentConflict::DuplicateAgent => "duplicate_agent",
+            AgentConflict::HubRolledBack => "hub_rolled_back",
+        }
+    }
 }
 
 /// Global heads of the hub's sequences after a write.
@@ -179,6 +209,10 @@ pub struct Applied {
     pub entries_changed: usize,
     /// Heads after the commit.
     pub heads: HubHeads,
+    /// Entries the hub lacked that the store gave back (tagged: the hub had sent them once).
+    pub recovered: u64,
+    /// Some of them were the hub's current writer's: its own files lost them.
+    pub own_lost: bool,
 }
 
 /// One line of a restock or transfer.
@@ -324,7 +358,29 @@ pub struct CertRecord {
 /// The hub's state.
 pub trait HubStorage: Send + Sync + 'static {
     /// The hub's writer in this database's life.
-    fn hub_writer(&self) -> &WriterId;
+    fn hub_writer(&self) -> WriterId;
+    /// Takes a new life: the files turned out older than what stores saw of the current one.
+    /// Records a `hub_rolled_back` conflict; returns the new writer.
+    fn reincarnate(&self, why: String, now_ms: i64) -> BoxFuture<'_, StorageResult<WriterId>>;
+    /// Records a conflict about a store's agents (idempotent per `key`), with an event on the feed.
+    fn agent_conflict(
+        &self,
+        kind: AgentConflict,
+        store: StoreId,
+        key: String,
+        details: serde_json::Value,
+        now_ms: i64,
+    ) -> BoxFuture<'_, StorageResult<bool>>;
+    /// Records the retirements an agent reports (one `store_rolled_back`/`writer_cloned` conflict
+    /// each, idempotent). Returns how many were new.
+    fn record_retirements(
+        &self,
+        store: StoreId,
+        reports: Vec<shelfsync_shared::wire::Retirement>,
+        now_ms: i64,
+    ) -> BoxFuture<'_, StorageResult<u64>>;
+    /// Digest of the hub-authored entries of `store` (for `Welcome`).
+    fn hub_entries_digest(&self, store: StoreId) -> BoxFuture<'_, StorageResult<StateDigest>>;
 
     /// Registers a store with its first certificate.
     fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>>;
@@ -348,8 +404,9 @@ pub trait HubStorage: Send + Sync + 'static {
     fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>>;
     /// What the hub applied from an agent writer (zero if never seen).
     fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>>;
-    /// Merges an agent's delta, closes the holds it fulfilled, reconciles any oversell and records
-    /// `delta.upto` as applied, in one transaction.
+    /// Merges an agent's delta (verifying the tags of entries it gives back, advancing the peer's
+    /// lineage), closes the holds it fulfilled, reconciles any oversell and records `delta.upto`
+    /// as applied, in one transaction.
     fn apply_delta(
         &self,
         store: StoreId,
@@ -357,7 +414,8 @@ pub trait HubStorage: Send + Sync + 'static {
         delta: Delta,
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>>;
-    /// Entries of `store` above `after` (all writers except `exclude`), sequence order.
+    /// Entries of `store` above `after` (all writers except `exclude`), sequence order, each with
+    /// the hub's tag.
     fn read_delta(
         &self,
         store: StoreId,

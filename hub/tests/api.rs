@@ -189,7 +189,7 @@ async fn backup_copy_takes_a_new_hub_incarnation() {
     .unwrap()
     .unwrap();
     use shelfsync_hub::storage::HubStorage;
-    assert_ne!(restored.hub_writer(), &live_writer, "a restored hub must not reuse its writer");
+    assert_ne!(restored.hub_writer(), live_writer, "a restored hub must not reuse its writer");
     let rows = restored.stock_of(vec!["A".parse().unwrap()]).await.unwrap();
     assert_eq!(rows[0].on_hand, 5, "the backup holds what was committed");
 }

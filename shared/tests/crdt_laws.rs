@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use shelfsync_shared::counter::{CounterMap, PnCounter, PnEntry, ENTRY_COMPONENT_MAX};
-use shelfsync_shared::wire::{self, CodecError, Delta, Frame, FrameV1, JournalBatch, WireEntry};
+use shelfsync_shared::lineage::{Boot, Checkpoint};
+use shelfsync_shared::wire::{self, CodecError, Delta, DeltaLineage, Frame, FrameV1, JournalBatch, WireEntry};
 use shelfsync_shared::{EventFlag, EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
 
 fn writer(i: u8) -> WriterId {
@@ -297,13 +298,19 @@ fn any_delta() -> impl Strategy<Value = Delta> {
             0..40,
         );
         let fulfilled = prop::collection::vec(any::<u128>().prop_map(uuid::Uuid::from_u128), 0..6);
-        (Just(writers), entries, fulfilled).prop_map(move |(writers, entries, fulfilled)| Delta {
-            after,
-            upto,
-            writers,
-            entries,
-            fulfilled,
-        })
+        let lineage = prop::option::of((any::<u64>(), any::<[u8; 16]>(), prop::collection::vec((any::<u64>(), any::<u64>(), any::<[u8; 16]>()), 0..4)).prop_map(
+            |(ordinal, chain, boots)| DeltaLineage {
+                head: Checkpoint { ordinal, chain },
+                boots: boots.into_iter().map(|(id, ordinal, chain)| Boot { id, at: Checkpoint { ordinal, chain } }).collect(),
+            },
+        ));
+        (Just(writers), entries, fulfilled, lineage, any::<[u8; 16]>()).prop_map(
+            move |(writers, entries, fulfilled, lineage, tag)| {
+                // Every other entry tagged, as a store giving back hub entries would.
+                let macs = (0..entries.len() as u32).step_by(2).map(|i| (i, tag)).collect();
+                Delta { after, upto, writers, entries, fulfilled, lineage, macs }
+            },
+        )
     })
 }
 

@@ -65,6 +65,11 @@ async fn a_store_cannot_write_another_stores_counters() {
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
+        acked: 0,
+        journal_acked: 0,
+        lineage: Default::default(),
+        boots: vec![],
+        retired: vec![],
     };
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     let (welcome, _) = read_frame(&mut recv).await.unwrap().unwrap();
@@ -83,6 +88,11 @@ async fn a_store_cannot_write_another_stores_counters() {
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
+        acked: 0,
+        journal_acked: 0,
+        lineage: Default::default(),
+        boots: vec![],
+        retired: vec![],
     };
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     assert_eq!(close_code_of(&conn, &mut recv).await, close_code::UNAUTHORIZED);
@@ -96,6 +106,11 @@ async fn a_store_cannot_write_another_stores_counters() {
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
+        acked: 0,
+        journal_acked: 0,
+        lineage: Default::default(),
+        boots: vec![],
+        retired: vec![],
     };
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     assert_eq!(close_code_of(&conn, &mut recv).await, close_code::VERSION_MISMATCH);
@@ -225,6 +240,11 @@ async fn a_store_cannot_change_the_catalog() {
         hub_writer: None,
         applied: 0,
         journal_applied: 0,
+        acked: 0,
+        journal_acked: 0,
+        lineage: Default::default(),
+        boots: vec![],
+        retired: vec![],
     };
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     let (welcome, _) = read_frame(&mut recv).await.unwrap().unwrap();
