@@ -111,6 +111,30 @@ impl Cluster {
         c
     }
 
+    /// A second agent of store `i` on a copy of its files (`cp -a` of the data dir; the agent
+    /// should be stopped, as an operator copies a stopped machine's disk). Returns its index; it
+    /// is not started.
+    pub fn add_copy(&mut self, i: usize) -> usize {
+        let k = self.agents.len();
+        copy_dir(&self.agent_dir(i), &self.agent_dir(k));
+        self.stores.push(self.stores[i].clone());
+        self.agents.push(None);
+        k
+    }
+
+    /// A second agent of store `i`, initialised from its bundle into a fresh data dir (another
+    /// writer of the same store). Returns its index; it is not started.
+    pub async fn add_agent_of(&mut self, i: usize) -> usize {
+        let k = self.agents.len();
+        let bundle = self.dir.path().join(format!("bundle-{i}"));
+        let ad = self.agent_dir(k);
+        Proc::run_ok("shelfsync-agent", &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()])
+            .await;
+        self.stores.push(self.stores[i].clone());
+        self.agents.push(None);
+        k
+    }
+
     /// The hub's data dir.
     pub fn hub_dir(&self) -> PathBuf {
         self.dir.path().join("hub")
@@ -228,6 +252,19 @@ impl Cluster {
         r.status().as_u16()
     }
 
+    /// A physical count of `sku` at store `i`; returns the HTTP status.
+    pub async fn count(&self, i: usize, sku: &str, counted: i64) -> u16 {
+        let body = json!({"id": Uuid::now_v7(), "sku": sku, "counted": counted});
+        let r = self.http.post(format!("{}/v1/counts", self.agent_url(i))).json(&body).send().await.unwrap();
+        r.status().as_u16()
+    }
+
+    /// Conflicts the hub records for store `i` (any status).
+    pub async fn conflicts(&self, i: usize) -> Vec<Value> {
+        let v = self.hub_get(&format!("/v1/conflicts?store={}", self.stores[i])).await;
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
     /// A restock at the hub.
     pub async fn restock(&self, i: usize, sku: &str, qty: u64) {
         let (s, v) = self
@@ -312,4 +349,24 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// Copies a directory tree (files and subdirectories), like `cp -a` for what the tests need.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create the copy");
+    for entry in std::fs::read_dir(from).expect("read the data dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
+/// Replaces the contents of `dir` by those of `with` (a data dir put back from a copy).
+pub fn replace_dir(dir: &std::path::Path, with: &std::path::Path) {
+    std::fs::remove_dir_all(dir).expect("remove the data dir");
+    copy_dir(with, dir);
 }
