@@ -142,7 +142,7 @@ impl Hub {
     }
 
     /// Asks every other connection of `store` that said hello whether its agent is alive (a
-    /// `Ping` it must answer within `timeout`). Connections that do not answer are closed: their
+    /// `Ping` it must answer within four round trips plus 250 ms, at most `timeout`). Connections that do not answer are closed: their
     /// agent is gone (it restarted before the hub noticed). Returns the live ones.
     pub async fn probe(&self, store: &StoreId, except: u64, timeout: std::time::Duration) -> Vec<LiveConn> {
         let others: Vec<LiveConn> =
@@ -160,9 +160,14 @@ impl Hub {
             });
             n
         };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let start = tokio::time::Instant::now();
         let mut alive = Vec::new();
         for c in others {
+            // A live agent answers within a few round trips; a crashed one never does, and its
+            // successor should not wait long: give each connection what its path needs.
+            let wait = timeout.min(c.conn.rtt() * 4 + std::time::Duration::from_millis(250));
+            tracing::debug!(%store, rtt = ?c.conn.rtt(), ?wait, "probing a live connection of the store");
+            let deadline = start + wait;
             let answered = loop {
                 let waiting = c.pongs.notify.notified();
                 if c.pongs.last.load(Ordering::Relaxed) >= nonce {

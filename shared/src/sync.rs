@@ -699,7 +699,8 @@ pub struct AgentSession {
     hub_writer: Option<WriterId>,
     next_digest: Option<Instant>,
     digesting: bool,
-    /// Boots to report in the first delta of this connection.
+    /// Boots the hub does not know yet (its `Welcome` lists those it knows): every delta of this
+    /// connection carries them, so none is lost with one frame.
     boots: Vec<Boot>,
     /// The `Welcome` whose lineage the host is checking.
     checking: Option<Welcome>,
@@ -784,13 +785,10 @@ impl AgentSession {
         &self.store
     }
 
-    /// Answer to [`Effect::ReadDelta`]. The first delta that goes out carries the boots.
+    /// Answer to [`Effect::ReadDelta`]. Deltas carry the boots the hub does not know yet.
     pub fn delta_read(&mut self, now: Instant, read: DeltaRead) -> Result<(), SessionError> {
         let lineage = read.lineage.map(|head| DeltaLineage { head, boots: self.boots.clone() });
-        let r = self.link.delta_read(now, read, lineage.clone());
-        if lineage.is_some() && matches!(r, Ok(true)) {
-            self.boots.clear();
-        }
+        let r = self.link.delta_read(now, read, lineage);
         self.check(now, r.map(|_| ()))
     }
 
@@ -806,6 +804,7 @@ impl AgentSession {
         let Some(w) = self.checking.take() else {
             return Err(SessionError::new(close_code::INTERNAL, "lineage checked but no welcome is waiting"));
         };
+        self.boots.retain(|b| !w.lineage.boots.iter().any(|k| k.id == b.id));
         if self.hub_writer.as_ref() != Some(&w.hub_writer) {
             // Our watermarks refer to another life of the hub: take everything anew.
             self.link.counters_in = Inbox::default();

@@ -785,11 +785,20 @@ impl Sim {
                         // The fork point must be exactly where this copy's history and the one
                         // the hub counts under the writer part: a lower one would count shared
                         // changes twice, a higher one would lose changes of this copy.
+                        // With a live twin, what the twin holds will be counted under the writer too.
                         let writer = a.db.writer.clone();
                         let own_ids: Vec<Uuid> = a.db.own.iter().map(|(_, id)| *id).collect();
                         let tip = self.tips.get(&(store.clone(), writer.clone())).map_or(lineage::GENESIS, |c| c.chain);
                         let theirs = self.history(&writer, tip).unwrap_or_default();
-                        let shared = own_ids.iter().zip(&theirs).take_while(|(a, b)| a == b).count() as u64;
+                        let lcp = |x: &[Uuid]| own_ids.iter().zip(x).take_while(|(a, b)| a == b).count() as u64;
+                        let mut shared = lcp(&theirs);
+                        if cloned {
+                            let s = self.agents[j].store;
+                            for k in self.copies(s).into_iter().filter(|&k| k != j && self.agents[k].db.writer == writer) {
+                                let twin: Vec<Uuid> = self.agents[k].db.own.iter().map(|(_, id)| *id).collect();
+                                shared = shared.max(lcp(&twin));
+                            }
+                        }
                         if at != shared {
                             self.fail(format!(
                                 "agent-{j}: fork of {writer} at {at} ({ambiguous} ambiguous), but it shares {shared} changes \
