@@ -732,8 +732,16 @@ pub fn receive(
     use automerge::sync::SyncDoc;
     let msg =
         automerge::sync::Message::decode(bytes).map_err(|e| CatalogError::Invalid(format!("sync message: {e}")))?;
-    if !allow_changes && !msg.changes.is_empty() {
-        return Err(CatalogError::Forbidden("the peer tried to change a document it may only read".into()));
+    if !allow_changes {
+        // A read-only peer may send chunks (an empty document, changes it got from us), but no
+        // change we do not already have.
+        for chunk in msg.changes.iter() {
+            let mut theirs = automerge::Automerge::new();
+            theirs.load_incremental(chunk).map_err(|e| CatalogError::Invalid(format!("sync message changes: {e}")))?;
+            if theirs.get_changes(&[]).iter().any(|c| doc.get_change_by_hash(&c.hash()).is_none()) {
+                return Err(CatalogError::Forbidden("the peer tried to change a document it may only read".into()));
+            }
+        }
     }
     // Patches are logged while the changes apply, which costs what the changes cost; diffing two
     // heads afterwards would walk the whole document.

@@ -75,6 +75,16 @@ pub async fn add_store(data_dir: &Path, store: &StoreId, out: &Path, hub_addr: &
     Ok(())
 }
 
+/// Sets how many agents of a store may be connected at once.
+pub async fn set_max_agents(data_dir: &Path, store: &StoreId, max: u32) -> Result<(), AdminError> {
+    if !(1..=64).contains(&max) {
+        return Err(StorageError::Invalid(format!("max agents must be 1 .. 64, got {max}")).into());
+    }
+    let storage = open(data_dir).await?;
+    storage.set_max_agents(store.clone(), max).await?;
+    Ok(())
+}
+
 /// Revokes every certificate of a store; returns how many.
 pub async fn revoke_store(data_dir: &Path, store: &StoreId) -> Result<usize, AdminError> {
     let storage = open(data_dir).await?;

@@ -261,10 +261,17 @@ async fn get_stores(State(state): State<ApiState>) -> Result<Json<Value>, ApiErr
         .into_iter()
         .map(|s| {
             let live = state.hub.live(&s.id);
+            let agents: Vec<Value> = state
+                .hub
+                .agents(&s.id)
+                .iter()
+                .map(|c| json!({"writer": c.writer, "connected_since": rfc3339(c.since_ms)}))
+                .collect();
             json!({
                 "id": s.id,
                 "connected": live.is_some(),
                 "connected_since": live.map(|l| rfc3339(l.since_ms)),
+                "agents": agents,
                 "last_seen": s.last_seen_ms.map(rfc3339),
                 "created_at": rfc3339(s.created_at_ms),
                 "revoked": s.revoked_at_ms.is_some(),

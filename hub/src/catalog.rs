@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use shelfsync_agent::catalog::{self as cat, CatalogError, CatalogItem, CatalogPatch, TrackedDoc, CATALOG_DOC};
 use shelfsync_shared::wire::CatalogDoc;
-use shelfsync_shared::{Sku, StoreId};
+use shelfsync_shared::{Sku, StoreId, WriterId};
 use tokio::sync::Mutex;
 
 use crate::storage::{CatalogCommit, HubStorage, StorageError, StorageResult};
@@ -102,9 +102,12 @@ impl HubCatalog {
     }
 
     /// A store connected: its persisted sync states and the first messages.
-    pub async fn connected(&self, storage: &dyn HubStorage, store: &StoreId) -> StorageResult<PeerSync> {
-        let catalog_state = storage.sync_state(CATALOG_DOC.into(), store.to_string()).await?;
-        let overrides_state = storage.sync_state(cat::overrides_doc(store), store.to_string()).await?;
+    ///
+    /// Sync states are kept per agent writer: a store may run several agents (or, after a
+    /// retirement, a new writer on the same files), and each holds its own copy of the documents.
+    pub async fn connected(&self, storage: &dyn HubStorage, store: &StoreId, peer: &WriterId) -> StorageResult<PeerSync> {
+        let catalog_state = storage.sync_state(CATALOG_DOC.into(), peer.to_string()).await?;
+        let overrides_state = storage.sync_state(cat::overrides_doc(store), peer.to_string()).await?;
         {
             let mut map = self.overrides.lock().await;
             if !map.contains_key(store) {
@@ -112,7 +115,7 @@ impl HubCatalog {
                 map.insert(store.clone(), d);
             }
         }
-        Ok(PeerSync { store: store.clone(), catalog_state, overrides_state })
+        Ok(PeerSync { store: store.clone(), peer: peer.to_string(), catalog_state, overrides_state })
     }
 
     /// The catalog changed: the next message for this peer.
@@ -151,7 +154,7 @@ impl HubCatalog {
                 let mut d = self.doc.lock().await;
                 cat::receive(&mut d.doc, &mut peer.catalog_state, bytes, 1, false)?;
                 let reply = cat::generate(&mut d.doc, &mut peer.catalog_state);
-                let states = vec![(CATALOG_DOC.to_string(), store.to_string(), peer.catalog_state.encode())];
+                let states = vec![(CATALOG_DOC.to_string(), peer.peer.clone(), peer.catalog_state.encode())];
                 storage
                     .catalog_commit(CatalogCommit { sync_states: states, ..Default::default() })
                     .await
@@ -165,7 +168,7 @@ impl HubCatalog {
                 let write = d.take_write();
                 let rows = cat::override_rows(&d.doc, &changed);
                 let reply = cat::generate(&mut d.doc, &mut peer.overrides_state);
-                let states = vec![(cat::overrides_doc(&store), store.to_string(), peer.overrides_state.encode())];
+                let states = vec![(cat::overrides_doc(&store), peer.peer.clone(), peer.overrides_state.encode())];
                 storage
                     .catalog_commit(CatalogCommit {
                         write,
@@ -202,6 +205,8 @@ fn prefix(n: usize, i: usize, sku: &Sku, err: CatalogError) -> String {
 /// A store's sync states for the catalog stream.
 pub struct PeerSync {
     store: StoreId,
+    /// The agent writer the sync states belong to.
+    peer: String,
     catalog_state: automerge::sync::State,
     overrides_state: automerge::sync::State,
 }

@@ -89,6 +89,15 @@ enum StoreCmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// How many agents of a store may be connected at once (default 1: a second one is refused
+    /// as a duplicate). Raise it for a store that runs several agents on purpose.
+    Agents {
+        id: String,
+        /// 1 .. 64.
+        max: u32,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,6 +140,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let store = store_id(&id)?;
             admin::add_store(&data_dir, &store, &out, &hub_addr).await?;
             println!("store {store} registered; bundle written to {}", out.display());
+        }
+        Cmd::Store { cmd: StoreCmd::Agents { id, max, data_dir } } => {
+            let store = store_id(&id)?;
+            admin::set_max_agents(&data_dir, &store, max).await?;
+            println!("store {store} may have {max} agent(s) connected at once");
         }
         Cmd::Store { cmd: StoreCmd::Revoke { id, data_dir } } => {
             let store = store_id(&id)?;

@@ -335,8 +335,11 @@ impl EffectHost<HubSession> for HubHost {
                 tracing::info!(%store, writer = %peer, "store connected");
                 let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
                 self.push_holds(session).await?;
-                let mut peer =
-                    hub.catalog.connected(hub.storage.as_ref(), store).await.map_err(|e| internal("catalog", e))?;
+                let mut peer = hub
+                    .catalog
+                    .connected(hub.storage.as_ref(), store, &peer)
+                    .await
+                    .map_err(|e| internal("catalog", e))?;
                 for (doc, m) in hub.catalog.first_messages(&mut peer).await {
                     session.send_catalog(doc, m);
                 }
@@ -404,6 +407,10 @@ impl EffectHost<HubSession> for HubHost {
                 // The merged entries took new hub sequences; telling our own session lets its
                 // outbox skip them (they came from this agent) so digests stay comparable.
                 session.local_head(now(), applied.heads.counter, applied.heads.journal);
+                // Another agent of the same store (one allowed several) must hear of them.
+                if applied.entries_changed > 0 && hub.agents(store).len() > 1 {
+                    hub.notify(std::slice::from_ref(store), applied.heads);
+                }
             }
             Effect::Acked { peer, upto } => {
                 hub.storage.set_acked(store.clone(), peer, upto).await.map_err(|e| internal("recording an ack", e))?;

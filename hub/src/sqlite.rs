@@ -564,6 +564,15 @@ impl HubStorage for SqliteStorage {
         .boxed()
     }
 
+    fn set_max_agents(&self, store: StoreId, max: u32) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| {
+            require_store(conn, &store)?;
+            conn.execute("UPDATE stores SET max_agents = ?2 WHERE id = ?1", params![store.as_str(), max])?;
+            Ok(())
+        })
+        .boxed()
+    }
+
     fn revoke_store(&self, store: StoreId) -> BoxFuture<'_, StorageResult<Vec<String>>> {
         self.write(move |conn| {
             if store_exists(conn, &store)?.is_none() {

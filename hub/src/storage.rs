@@ -384,6 +384,8 @@ pub trait HubStorage: Send + Sync + 'static {
 
     /// Registers a store with its first certificate.
     fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>>;
+    /// How many agents of a store may be connected at once.
+    fn set_max_agents(&self, store: StoreId, max: u32) -> BoxFuture<'_, StorageResult<()>>;
     /// Revokes a store and all its certificates; returns the revoked serials.
     fn revoke_store(&self, store: StoreId) -> BoxFuture<'_, StorageResult<Vec<String>>>;
     /// Every revoked certificate serial with its revocation time (for the CRL).

@@ -242,3 +242,28 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
         settled(&c, 0, "A", 16).await;
     }
 }
+
+/// A store allowed two agents (`store agents ID 2`) runs both: each is a writer of the store's
+/// counters, and each sees the other's sales through the hub.
+#[tokio::test]
+async fn a_store_allowed_two_agents_runs_both() {
+    let mut c = Cluster::start(1).await;
+    let hd = c.hub_dir();
+    shelfsync_tests::procs::Proc::run_ok("shelfsync-hub", &["store", "agents", "store-0", "2", "--data-dir", hd.to_str().unwrap()])
+        .await;
+    assert_eq!(c.count(0, "A", 100).await, 201);
+    settled(&c, 0, "A", 100).await;
+    let k = c.add_agent_of(0).await;
+    c.start_agent(k).await;
+    wait_until("the second agent to connect", SETTLE, || async {
+        (c.agent_status(k).await["sync"]["state"] == "connected").then_some(())
+    })
+    .await;
+    sell_n(&c, 0, "A", 7).await;
+    sell_n(&c, k, "A", 5).await;
+    settled(&c, 0, "A", 88).await;
+    settled(&c, k, "A", 88).await;
+    let stores = c.hub_get("/v1/stores").await;
+    assert_eq!(stores["items"][0]["agents"].as_array().unwrap().len(), 2, "{stores}");
+    assert!(!kinds(&c.conflicts(0).await).contains(&"duplicate_agent".to_owned()));
+}
