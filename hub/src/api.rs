@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shelfsync_agent::http::{bearer, ApiError, ApiJson, ApiQuery};
 use shelfsync_agent::ledger::rfc3339;
+use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::state::Hub;
 use crate::storage::{HubChange, HubChangeRequest, QtyLine, Role, StorageError};
+use crate::tokens::{NewToken, Verdict};
 
 /// Largest page of a store's stock.
 pub const STOCK_PAGE_MAX: usize = 1000;
@@ -75,7 +77,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/restocks", post(post_restock))
         .route("/v1/transfers", post(post_transfer))
         .route("/v1/catalog/{sku}", axum::routing::put(put_catalog_item).patch(patch_catalog_item))
-        .route("/v1/catalog/import", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
+        .route("/v1/catalog-imports", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
+        .route("/v1/tokens", get(get_tokens).post(post_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     Router::new()
         .merge(viewer)
@@ -103,16 +107,34 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
     let Some(token) = bearer(req.headers()) else {
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
     };
-    match state.hub.token_role(token_hash(token)).await {
-        Ok(Some(role)) if role >= min => next.run(req).await,
-        Ok(Some(role)) => ApiError::forbidden(format!(
+    match state.hub.authenticate(token).await {
+        Ok(Verdict::Valid(t)) if t.role >= min => next.run(req).await,
+        Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
             "this endpoint needs the {} role; the token has {}",
             min.as_str(),
-            role.as_str()
+            t.role.as_str()
         ))
         .into_response(),
-        Ok(None) => ApiError::unauthorized("unknown or revoked token").into_response(),
+        Ok(refused) => refusal(&refused).into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The 401 for a token that is not valid: `token_revoked` and `token_expired` say why (only
+/// someone holding the token learns it), anything else is a plain `unauthorized`.
+pub(crate) fn refusal(v: &Verdict) -> ApiError {
+    match v {
+        Verdict::Revoked(t) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            format!("this token ({}) was revoked at {}", t.name, rfc3339(t.revoked_at_ms.unwrap_or_default())),
+        ),
+        Verdict::Expired(t) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+            format!("this token ({}) expired at {}", t.name, rfc3339(t.expires_at_ms.unwrap_or_default())),
+        ),
+        Verdict::Unknown | Verdict::Valid(_) => ApiError::unauthorized("unknown token"),
     }
 }
 
@@ -705,4 +727,46 @@ async fn post_catalog_import(
     state.hub.catalog.edit(state.hub.storage.as_ref(), edits).await.map_err(catalog_error)?;
     state.hub.catalog_changed();
     Ok(Json(json!({ "imported": n })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    role: Role,
+    name: Option<String>,
+    expires_in: Option<String>,
+}
+
+/// `POST /v1/tokens`: a new token; the answer carries its secret, the only time it is shown.
+async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody>) -> Result<Response, ApiError> {
+    let name = b.name.unwrap_or_else(|| crate::tokens::DEFAULT_NAME.to_owned());
+    crate::tokens::check_name(&name).map_err(ApiError::invalid)?;
+    let expires_in_secs =
+        b.expires_in.as_deref().map(crate::tokens::parse_expires_in).transpose().map_err(ApiError::invalid)?;
+    let secret = new_token();
+    let t = state
+        .hub
+        .storage
+        .add_token(NewToken { hash: token_hash(&secret), name, role: b.role, expires_in_secs })
+        .await?;
+    let mut v = serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises");
+    v["token"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// `GET /v1/tokens`: every token, never a secret.
+async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let items: Vec<_> = state.hub.storage.tokens().await?.iter().map(|t| t.view(now)).collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes; the token's next request is refused.
+async fn delete_token(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::invalid(format!("id must be a token id (a UUID), got {}", quote(&id))))?;
+    match state.hub.storage.revoke_token(id).await? {
+        Some(t) => Ok(Json(serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises"))),
+        None => Err(ApiError::not_found(format!("no token {id}"))),
+    }
 }

@@ -5,6 +5,7 @@
 //! - [`pki`]: the private CA that identifies stores.
 //! - [`quic_server`]: authenticates agents and runs their sync sessions.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus counters; [`state`]: what tasks share.
+//! - [`tokens`]: API tokens (names, expiry, revocation, last use).
 //! - [`admin`]: verbs on the data directory; [`server`]: start-up; [`config`]: configuration.
 
 pub mod admin;
@@ -21,3 +22,4 @@ pub mod server;
 pub mod sqlite;
 pub mod state;
 pub mod storage;
+pub mod tokens;

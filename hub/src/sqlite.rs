@@ -24,7 +24,7 @@ use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, PnEntry, Sk
 
 use crate::storage::*;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: stores, counters, journal, idempotency, tokens.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE stores (
@@ -67,6 +67,8 @@ const MIGRATIONS: &[&str] = &[
     crate::reserve::MIGRATION,
     // 3: the catalog documents and their materialised rows.
     shelfsync_agent::catalog::MIGRATION,
+    // 4: token ids, names, expiry and last use.
+    crate::tokens::MIGRATION,
 ];
 
 impl From<DbError> for StorageError {
@@ -453,26 +455,24 @@ impl HubStorage for SqliteStorage {
         .boxed()
     }
 
-    fn add_token(&self, hash: Vec<u8>, role: Role) -> BoxFuture<'_, StorageResult<()>> {
-        self.write(move |conn| {
-            conn.execute(
-                "INSERT INTO tokens (hash, role, created_at_ms) VALUES (?1, ?2, ?3)",
-                params![hash, role.as_str(), now_ms()],
-            )?;
-            Ok(())
-        })
-        .boxed()
+    fn add_token(&self, token: crate::tokens::NewToken) -> BoxFuture<'_, StorageResult<crate::tokens::TokenInfo>> {
+        self.write(move |conn| crate::tokens::insert(conn, &token, now_ms())).boxed()
     }
 
-    fn token_role(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<Role>>> {
-        self.read(move |conn| {
-            let role: Option<String> = conn
-                .prepare_cached("SELECT role FROM tokens WHERE hash = ?1 AND revoked_at_ms IS NULL")?
-                .query_row([hash], |r| r.get(0))
-                .optional()?;
-            role.map(|r| Role::parse(&r).ok_or_else(|| StorageError::Corrupt(format!("token role {r:?}")))).transpose()
-        })
-        .boxed()
+    fn token_by_hash(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
+        self.read(move |conn| crate::tokens::by_hash(conn, &hash)).boxed()
+    }
+
+    fn tokens(&self) -> BoxFuture<'_, StorageResult<Vec<crate::tokens::TokenInfo>>> {
+        self.read(crate::tokens::list).boxed()
+    }
+
+    fn revoke_token(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
+        self.write(move |conn| crate::tokens::revoke(conn, id, now_ms())).boxed()
+    }
+
+    fn touch_token(&self, id: Uuid, at_ms: i64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| crate::tokens::touch(conn, id, at_ms)).boxed()
     }
 
     fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>> {
