@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_agent::http::{bearer, ApiError, ApiJson, ApiQuery};
+use shelfsync_agent::http::{bearer, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
 use shelfsync_agent::ledger::rfc3339;
 use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
@@ -91,6 +91,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(|| async { shelfsync_agent::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn(shelfsync_agent::http::json_errors))
         .with_state(state)
 }
 
@@ -242,7 +243,10 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
         .collect())
 }
 
-async fn get_availability(State(state): State<ApiState>, Path(sku): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_availability(
+    State(state): State<ApiState>,
+    ApiPath(sku): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     let mut all = availability(&state, vec![sku]).await?;
     Ok(Json(serde_json::to_value(all.remove(0)).expect("serialises")))
@@ -255,7 +259,7 @@ async fn get_availability_batch(
     let mut skus = Vec::new();
     for (k, v) in q {
         if k != "sku" {
-            return Err(ApiError::invalid(format!("unknown query parameter {k:?}; use sku=A&sku=B")));
+            return Err(ApiError::invalid(format!("unknown query parameter {}; use sku=A&sku=B", quote(&k))));
         }
         let sku = parse_sku("sku", &v)?;
         if !skus.contains(&sku) {
@@ -309,7 +313,7 @@ struct PageQuery {
 
 async fn get_store_stock(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = parse_store("store", &id)?;
@@ -398,8 +402,9 @@ fn parse_lines(lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id)
-        .map_err(|_| ApiError::invalid(format!("id must be a UUID, got {:?}", id.chars().take(64).collect::<String>())))
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::invalid(format!("id must be a UUID, got {}", quote(&id.chars().take(64).collect::<String>())))
+    })
 }
 
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
@@ -494,7 +499,7 @@ async fn post_reservation(
     Ok((status, Json(w.view)).into_response())
 }
 
-async fn get_reservation(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     match state.hub.storage.reservation(id).await? {
         Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
@@ -536,7 +541,7 @@ struct ExtendBody {
 
 async fn post_extend(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
     ApiJson(b): ApiJson<ExtendBody>,
 ) -> Result<Response, ApiError> {
@@ -546,7 +551,7 @@ async fn post_extend(
 
 async fn post_commit(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     act(&state, &id, crate::reserve::Action::Commit, &headers).await
@@ -554,7 +559,7 @@ async fn post_commit(
 
 async fn delete_reservation(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     act(&state, &id, crate::reserve::Action::Release, &headers).await
@@ -579,7 +584,7 @@ async fn get_conflicts(
     }
     if let Some(s) = &q.status {
         if s != "open" && s != "resolved" {
-            return Err(ApiError::invalid(format!("status must be open or resolved, got {s:?}")));
+            return Err(ApiError::invalid(format!("status must be open or resolved, got {}", quote(s))));
         }
     }
     let filter = crate::storage::ConflictFilter {
@@ -595,10 +600,24 @@ async fn get_conflicts(
 /// Largest page of the change feed.
 pub const CHANGES_PAGE_MAX: usize = 1000;
 
+/// Largest change cursor (cursors are SQLite integers).
+pub const CURSOR_MAX: u64 = i64::MAX as u64;
+
+/// Parses a change cursor given as `what` (`after`, `Last-Event-ID`): 0 to [`CURSOR_MAX`].
+pub(crate) fn parse_cursor(what: &str, s: &str) -> Result<u64, ApiError> {
+    s.trim().parse::<u64>().ok().filter(|c| *c <= CURSOR_MAX).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{what} must be a change cursor, a whole number from 0 to {CURSOR_MAX}; got {}",
+            quote(&s.chars().take(64).collect::<String>())
+        ))
+        .with("parameter", what)
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChangesQuery {
-    after: Option<u64>,
+    after: Option<String>,
     limit: Option<usize>,
 }
 
@@ -610,7 +629,7 @@ async fn get_changes(
     if limit == 0 || limit > CHANGES_PAGE_MAX {
         return Err(ApiError::invalid(format!("limit must be between 1 and {CHANGES_PAGE_MAX}, got {limit}")));
     }
-    let after = q.after.unwrap_or(0);
+    let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
     let items = state.hub.storage.changes_after(after, limit).await?;
     let next = items.last().map(|e| e.cursor).unwrap_or(after);
     Ok(Json(json!({ "items": items, "next": next })))
@@ -640,7 +659,10 @@ async fn get_catalog_page(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-async fn get_catalog_item(State(state): State<ApiState>, Path(sku): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_catalog_item(
+    State(state): State<ApiState>,
+    ApiPath(sku): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     match state.hub.storage.catalog_item(sku.clone()).await? {
         Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
@@ -678,7 +700,7 @@ async fn catalog_edit(state: &ApiState, sku: Sku, edit: crate::catalog::Edit) ->
 
 async fn put_catalog_item(
     State(state): State<ApiState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
     ApiJson(b): ApiJson<PutItemBody>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
@@ -695,7 +717,7 @@ async fn put_catalog_item(
 
 async fn patch_catalog_item(
     State(state): State<ApiState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
     ApiJson(p): ApiJson<shelfsync_agent::catalog::CatalogPatch>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
@@ -705,7 +727,7 @@ async fn patch_catalog_item(
 async fn post_catalog_import(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<ApiBytes, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.starts_with("text/csv") {
@@ -715,6 +737,12 @@ async fn post_catalog_import(
             "expected Content-Type: text/csv",
         ));
     }
+    let ApiBytes(body) = body.map_err(|mut e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            e.message = format!("the CSV is over the import limit of {} MiB", CATALOG_IMPORT_MAX_BYTES >> 20);
+        }
+        e
+    })?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::invalid(format!("the CSV is not UTF-8: {e}")))?;
     let rows = crate::catalog::parse_csv(text).map_err(|e| {
         let (row, column) = (e.row, e.column.clone());
@@ -762,7 +790,7 @@ async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiErr
 }
 
 /// `DELETE /v1/tokens/{id}`: revokes; the token's next request is refused.
-async fn delete_token(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete_token(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::invalid(format!("id must be a token id (a UUID), got {}", quote(&id))))?;
     match state.hub.storage.revoke_token(id).await? {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use shelfsync_agent::http::{ApiError, ApiQuery};
 
-use crate::api::ApiState;
+use crate::api::{parse_cursor, ApiState};
 use crate::reserve::ChangeEvent;
 use crate::state::Hub;
 
@@ -26,7 +26,7 @@ const FEED_BATCH: usize = 500;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsQuery {
-    after: Option<u64>,
+    after: Option<String>,
 }
 
 /// `GET /v1/events`: SSE from `Last-Event-ID` (or `?after=`), else from now.
@@ -44,13 +44,16 @@ pub(crate) async fn get_events(
     })?;
     let storage = state.hub.storage.clone();
     let head = storage.change_head();
-    let start = match headers.get("last-event-id") {
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a change cursor (a non-negative integer)"))?,
-        None => q.after.unwrap_or(*head.borrow()),
+    let start = match (headers.get("last-event-id"), q.after) {
+        (Some(v), _) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::invalid("Last-Event-ID must be a change cursor (a whole number)")
+                    .with("parameter", "Last-Event-ID")
+            })?;
+            parse_cursor("Last-Event-ID", v)?
+        }
+        (None, Some(a)) => parse_cursor("after", &a)?,
+        (None, None) => *head.borrow(),
     };
     let stream = futures_util::stream::unfold(
         (start, VecDeque::<ChangeEvent>::new(), head, storage, permit),
