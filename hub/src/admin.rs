@@ -50,7 +50,8 @@ async fn open(data_dir: &Path) -> Result<Arc<SqliteStorage>, AdminError> {
 
 /// Creates the hub database and its private CA.
 pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
+    shelfsync_agent::dbfile::create_private_dir(data_dir)
+        .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
     let path = db_path(data_dir);
     let writer = tokio::task::spawn_blocking(move || SqliteStorage::create(&path))

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sha2::{Digest as _, Sha256};
 use shelfsync_agent::config::Synchronous;
 use shelfsync_agent::db::{self as adb, DbError};
+use shelfsync_agent::dbfile;
 use shelfsync_agent::replica::{event_from_row, insert_event};
 use shelfsync_agent::sqlite::{AfterCommit, SqliteError, SqliteThreads};
 use tokio::sync::watch;
@@ -146,6 +147,16 @@ pub struct SqliteStorage {
     change_head: watch::Receiver<u64>,
 }
 
+/// How to get a good hub database back, for refusals at start-up.
+fn recovery_advice(path: &Path) -> String {
+    format!(
+        "To recover, move {p} (with any {p}-wal and {p}-shm) aside and copy the latest backup made by \
+         `shelfsync-hub backup --to F` to {p}; it takes a new hub incarnation when opened, and stores \
+         resend what the backup lacks",
+        p = path.display()
+    )
+}
+
 /// The hub database file in a data dir.
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("hub.db")
@@ -162,9 +173,14 @@ fn mint(conn: &Connection) -> Result<WriterId, StorageError> {
 impl SqliteStorage {
     /// Creates a new hub database (refuses to overwrite one).
     pub fn create(path: &Path) -> Result<WriterId, StorageError> {
+        let exists = || StorageError::Invalid(format!("a hub database already exists at {}", path.display()));
         if path.exists() {
-            return Err(StorageError::Invalid(format!("a hub database already exists at {}", path.display())));
+            return Err(exists());
         }
+        dbfile::create_private_file(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => exists(),
+            _ => StorageError::Backend(format!("creating {}: {e}", path.display())),
+        })?;
         let mut conn = adb::open_conn(path, OpenFlags::default(), Synchronous::Full)?;
         adb::migrate(&mut conn, MIGRATIONS)?;
         let tx = conn.transaction()?;
@@ -175,12 +191,14 @@ impl SqliteStorage {
 
     /// Opens an existing hub database and starts its threads. Blocking.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
-        if !path.exists() {
-            return Err(StorageError::Invalid(format!(
+        dbfile::check_existing(path, &recovery_advice(path)).map_err(|e| match e {
+            dbfile::FileError::Missing(_) => StorageError::Invalid(format!(
                 "no hub database at {}; run `shelfsync-hub init --data-dir` first",
                 path.display()
-            )));
-        }
+            )),
+            dbfile::FileError::Unusable(m) => StorageError::Corrupt(m),
+        })?;
+        dbfile::tighten_install(path, &path.parent().map(|d| vec![d.join("pki")]).unwrap_or_default());
         let mut conn = adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
         adb::migrate(&mut conn, MIGRATIONS)?;
         let hub_writer = {
@@ -864,9 +882,10 @@ impl HubStorage for SqliteStorage {
 
     fn backup(&self, to: PathBuf) -> BoxFuture<'_, StorageResult<()>> {
         self.read(move |conn| {
-            if to.exists() {
-                return Err(StorageError::Invalid(format!("{} already exists", to.display())));
-            }
+            dbfile::create_private_file(&to).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StorageError::Invalid(format!("{} already exists", to.display())),
+                _ => StorageError::Backend(format!("creating {}: {e}", to.display())),
+            })?;
             conn.backup(rusqlite::MAIN_DB, &to, None)?;
             let copy = Connection::open(&to)?;
             adb::meta_set(&copy, "restored_copy", "1")?;
