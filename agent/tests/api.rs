@@ -423,7 +423,8 @@ async fn occurred_at_is_strict_rfc_3339_and_bounded() {
 async fn every_error_is_json_on_every_route() {
     let h = harness_with(|c| c.api.max_body_bytes = 4096).await;
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
-    let cases: Vec<(&str, &str, Option<&str>, String, StatusCode, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, String, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
         ("GET", "/v1/nothing", None, String::new(), StatusCode::NOT_FOUND, "not_found"),
         ("GET", "/", None, String::new(), StatusCode::NOT_FOUND, "not_found"),
         ("GET", "/v1/sales", None, String::new(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -492,8 +493,7 @@ async fn database_files_are_private() {
     let db = data.join("agent.db");
     Db::create(&db, &"store-1".parse().unwrap(), DbOptions::default()).unwrap();
     assert_eq!((mode(&data), mode(&db)), (0o700, 0o600));
-    let mut config = AgentConfig::default();
-    config.data_dir = data.clone();
+    let mut config = AgentConfig { data_dir: data.clone(), ..AgentConfig::default() };
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     let agent = start(config.clone()).await.unwrap();
     let r = reqwest::Client::new()

@@ -294,8 +294,10 @@ mod tests {
             secret: "0123456789abcdef".into(),
             kinds: kinds.iter().map(|k| k.to_string()).collect(),
         };
-        let mut c = HubConfig::default();
-        c.webhooks = vec![hook("http://a/x", &[]), hook("http://b/x", &[]), hook("http://a/x/", &[])];
+        let mut c = HubConfig {
+            webhooks: vec![hook("http://a/x", &[]), hook("http://b/x", &[]), hook("http://a/x/", &[])],
+            ..HubConfig::default()
+        };
         c.validate().unwrap();
         c.webhooks.push(hook("http://b/x", &["oversell_detected"]));
         let e = c.validate().unwrap_err().to_string();

@@ -171,7 +171,7 @@ pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duratio
             continue;
         }
         for ev in events {
-            if cfg.kinds.is_empty() || cfg.kinds.iter().any(|k| *k == ev.kind) {
+            if cfg.kinds.is_empty() || cfg.kinds.contains(&ev.kind) {
                 deliver(&hub, &client, &cfg, &ev, backoff_max).await;
             }
             cursor = ev.cursor;

@@ -370,7 +370,8 @@ async fn every_error_is_json_on_every_route() {
         b.resize(33 << 20, b'a');
         b
     };
-    let cases: Vec<(&str, &str, Option<&str>, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, Vec<u8>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
         ("GET", "/v1/nothing", v, None, vec![], StatusCode::NOT_FOUND, "not_found"),
         ("GET", "/nothing", None, None, vec![], StatusCode::NOT_FOUND, "not_found"),
         ("DELETE", "/healthz", None, None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

@@ -24,11 +24,9 @@ async fn hub(dir: &tempfile::TempDir, webhooks: Vec<WebhookConfig>) -> Result<Ru
         admin::init(&d).await.unwrap();
         admin::add_store(&d, &"store-a".parse().unwrap(), &dir.path().join("bundle"), "127.0.0.1:7443").await.unwrap();
     }
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = d;
+    let mut cfg = HubConfig { data_dir: d, webhooks, ..HubConfig::default() };
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.webhooks = webhooks;
     start(cfg).await.map_err(|e| e.to_string())
 }
 
@@ -55,7 +53,7 @@ async fn a_redirect_is_a_failed_delivery_and_is_not_followed() {
     assert!(elsewhere.received.lock().unwrap().is_empty(), "the redirect target got a signed event");
     assert_eq!(h.hub.metrics.webhook_failures_total.load(Ordering::Relaxed), 2);
     assert!(h.hub.metrics.webhook_deliveries_total.load(Ordering::Relaxed) >= 1);
-    let first = &sink.received.lock().unwrap()[0];
+    let first = sink.received.lock().unwrap()[0].clone();
     assert_eq!(first.header("x-shelfsync-event"), Some("availability_changed"));
     h.stop().await;
 }
