@@ -147,9 +147,10 @@ fn now_ms() -> i64 {
 fn recovery_advice(path: &Path) -> String {
     let dir = path.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".into());
     format!(
-        "To recover, move the data dir aside (mv {dir} {dir}.damaged) and re-seed the store from the hub with \
-         `shelfsync-agent init --bundle {dir}.damaged/bundle --data-dir {dir}` (a new writer incarnation; \
-         nothing the hub has is lost), or put a copy made by `shelfsync-agent backup` in its place"
+        "To recover a store that syncs with a hub, move the data dir aside (mv {dir} {dir}.damaged) and \
+         re-seed it from the hub with `shelfsync-agent init --bundle {dir}.damaged/bundle --data-dir {dir}` \
+         (a new writer incarnation; nothing the hub has is lost); otherwise put a copy made by \
+         `shelfsync-agent backup` in its place"
     )
 }
 

@@ -45,7 +45,8 @@ pub fn check_existing(path: &Path, recovery: &str) -> Result<(), FileError> {
     let wal_len = std::fs::metadata(companion(path, "-wal")).map(|m| m.len()).unwrap_or(0);
     if meta.len() == 0 && wal_len == 0 {
         return Err(unusable(format!(
-            "{shown} is empty (0 bytes), so it holds no database (an `init` may have been interrupted)"
+            "{shown} is empty (0 bytes), so it holds no database; if an `init` was interrupted, delete \
+             the file and run `init` again"
         )));
     }
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
