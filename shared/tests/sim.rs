@@ -1228,8 +1228,9 @@ impl Sim {
             if st != store {
                 continue;
             }
-            let totals =
-                |n: usize| changes[..n].iter().fold(PnEntry::default(), |e, d| e.apply(w, *d).expect("small changes"));
+            let totals = |n: usize| {
+                changes[..n].iter().fold(PnEntry::default(), |e, d| e.apply(w, *d).expect("small changes"))
+            };
             let entry = match self.retired.get(w) {
                 None => totals(changes.len()),
                 Some(r) => {
@@ -1601,7 +1602,9 @@ fn an_error_before_the_handshake_is_the_peers() {
     let now = Instant::now();
     let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
     let me = WriterId::new(NodeId::Store("s1".parse().unwrap()), Incarnation::from_u64(2));
-    let refusal = |code| via_wire(Frame::V1(FrameV1::Error(wire::ErrorMsg { code, message: "no thanks".into() })));
+    let refusal = |code| {
+        via_wire(Frame::V1(FrameV1::Error(wire::ErrorMsg { code, message: "no thanks".into() })))
+    };
 
     // The hub has not seen a hello yet, or has not answered it (its lookup is still running).
     for hello_first in [false, true] {
