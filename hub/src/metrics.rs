@@ -41,6 +41,8 @@ metrics! {
     hub_changes_total: "counter", "Restocks and transfers recorded.";
     http_requests_total: "counter", "HTTP API requests answered.";
     http_unauthorized_total: "counter", "HTTP API requests refused with 401 or 403.";
+    webhook_deliveries_total: "counter", "Webhook events delivered (answered 2xx).";
+    webhook_failures_total: "counter", "Webhook delivery attempts that failed (unreachable, non-2xx or a redirect) and will be retried.";
 }
 
 impl Metrics {
