@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -10,12 +10,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shelfsync_shared::id::quote;
 use shelfsync_shared::Sku;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError};
-use crate::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiQuery};
+use crate::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::ledger::{self, Change, LedgerError, Line, Outcome, RecordRequest};
 use crate::status::SyncStatus;
 
@@ -65,6 +66,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(|| async { crate::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.guard.clone(), crate::guard::check))
+        // Outermost, so the guard's 403/429 and anything axum makes leave as JSON too.
+        .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }
 
@@ -106,24 +109,110 @@ impl From<LedgerError> for ApiError {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::invalid(format!("id must be a UUID, got {:?}", truncate(id))))
+    Uuid::parse_str(id).map_err(|_| ApiError::invalid(format!("id must be a UUID, got {}", quote(&truncate(id)))))
 }
 
 fn parse_sku(field: &str, sku: &str) -> Result<Sku, ApiError> {
     sku.parse().map_err(|e| ApiError::invalid(format!("{field}: {e}")))
 }
 
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-fn parse_time(at: Option<&str>) -> Result<Option<i64>, ApiError> {
-    at.map(|s| {
-        s.parse::<jiff::Timestamp>()
-            .map(|t| t.as_millisecond())
-            .map_err(|e| ApiError::invalid(format!("occurred_at must be an RFC 3339 timestamp: {e}")))
-    })
-    .transpose()
+/// Earliest `occurred_at` accepted: 2000-01-01T00:00:00Z. Older is a broken POS clock.
+pub const OCCURRED_AT_MIN_MS: i64 = 946_684_800_000;
+
+/// `occurred_at`: strict RFC 3339 (`2025-03-01T14:05:09Z`, `2025-03-01T15:05:09.250+01:00`),
+/// from [`OCCURRED_AT_MIN_MS`] to [`ledger::OCCURRED_AT_FUTURE_MAX_MS`] after `now_ms`.
+fn parse_time(at: Option<&str>, now_ms: i64) -> Result<Option<i64>, ApiError> {
+    let Some(s) = at else { return Ok(None) };
+    let bad = |why: String| ApiError::invalid(format!("occurred_at {why}")).with("field", "occurred_at");
+    let ms =
+        parse_rfc3339(s).map_err(|why| bad(format!("{} is not an RFC 3339 timestamp: {why}", quote(&truncate(s)))))?;
+    if ms < OCCURRED_AT_MIN_MS {
+        return Err(bad(format!("{} is before 2000-01-01T00:00:00Z", quote(&truncate(s)))));
+    }
+    if ms > now_ms.saturating_add(ledger::OCCURRED_AT_FUTURE_MAX_MS) {
+        return Err(bad(format!("{} is more than 24 hours in the future", quote(&truncate(s)))));
+    }
+    Ok(Some(ms))
+}
+
+/// Parses an RFC 3339 `date-time` strictly (section 5.6): `YYYY-MM-DDTHH:MM:SS`, an optional
+/// fraction of 1 to 9 digits, then `Z` or an offset `±HH:MM` within ±23:59. `T` and `Z` may be
+/// lower case; a leap second (`:60`) counts as `:59`. Returns Unix milliseconds.
+pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize, what: &str| -> Result<i32, String> {
+        let part = b.get(from..from + len).ok_or_else(|| format!("it ends before the {what}"))?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return Err(format!("the {what} must be {len} digits"));
+        }
+        Ok(part.iter().fold(0i32, |n, d| n * 10 + i32::from(d - b'0')))
+    };
+    let sep = |at: usize, want: &[u8], what: &str| -> Result<(), String> {
+        match b.get(at) {
+            Some(c) if want.contains(c) => Ok(()),
+            _ => Err(format!("expected {what} at position {}", at + 1)),
+        }
+    };
+    let year = num(0, 4, "year")?;
+    sep(4, b"-", "'-'")?;
+    let month = num(5, 2, "month")?;
+    sep(7, b"-", "'-'")?;
+    let day = num(8, 2, "day")?;
+    sep(10, b"Tt", "'T' between date and time")?;
+    let hour = num(11, 2, "hour")?;
+    sep(13, b":", "':'")?;
+    let minute = num(14, 2, "minute")?;
+    sep(16, b":", "':' and seconds")?;
+    let second = num(17, 2, "second")?;
+    let mut i = 19;
+    let mut nanos = 0i32;
+    if b.get(i) == Some(&b'.') {
+        let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || digits > 9 {
+            return Err("a fraction of a second must have 1 to 9 digits".into());
+        }
+        let frac = num(i + 1, digits, "fraction")?;
+        nanos = frac * 10i32.pow(9 - digits as u32);
+        i += 1 + digits;
+    }
+    let offset_secs = match b.get(i) {
+        Some(b'Z' | b'z') => {
+            i += 1;
+            0
+        }
+        Some(sign @ (b'+' | b'-')) => {
+            let oh = num(i + 1, 2, "offset hours")?;
+            sep(i + 3, b":", "':' in the offset")?;
+            let om = num(i + 4, 2, "offset minutes")?;
+            if oh > 23 || om > 59 {
+                return Err(format!("the offset {} is outside -23:59..+23:59", &s[i..i + 6]));
+            }
+            i += 6;
+            (oh * 3600 + om * 60) * if *sign == b'-' { -1 } else { 1 }
+        }
+        _ => return Err("a time zone offset is required: Z or ±HH:MM".into()),
+    };
+    if i != b.len() {
+        return Err(format!("unexpected text after position {i}"));
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return Err("the time of day must be 00:00:00 to 23:59:60".into());
+    }
+    let second = second.min(59); // a leap second
+    let dt =
+        jiff::civil::DateTime::new(year as i16, month as i8, day as i8, hour as i8, minute as i8, second as i8, nanos)
+            .map_err(|_| format!("{year:04}-{month:02}-{day:02} is not a calendar date"))?;
+    let offset = jiff::tz::Offset::from_seconds(offset_secs).map_err(|e| e.to_string())?;
+    let ts = offset.to_timestamp(dt).map_err(|e| e.to_string())?;
+    Ok(ts.as_millisecond())
 }
 
 #[derive(Deserialize)]
@@ -195,7 +284,7 @@ async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBo
     let req = RecordRequest {
         id: parse_id(&body.id)?,
         change: Change::Sale { lines: lines(&body)? },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
     };
     record(&state, req).await
 }
@@ -204,7 +293,7 @@ async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<Lines
     let req = RecordRequest {
         id: parse_id(&body.id)?,
         change: Change::Return { lines: lines(&body)? },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
     };
     record(&state, req).await
 }
@@ -216,7 +305,7 @@ async fn post_adjustment(
     let req = RecordRequest {
         id: parse_id(&body.id)?,
         change: Change::Adjustment { sku: parse_sku("sku", &body.sku)?, delta: body.delta, reason: body.reason },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
     };
     record(&state, req).await
 }
@@ -225,12 +314,12 @@ async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountB
     let req = RecordRequest {
         id: parse_id(&body.id)?,
         change: Change::Count { sku: parse_sku("sku", &body.sku)?, counted: body.counted },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref())?,
+        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
     };
     record(&state, req).await
 }
 
-async fn get_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+async fn get_stock(State(state): State<AppState>, ApiPath(sku): ApiPath<String>) -> Result<Response, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     match ledger::stock(&state.db, sku.clone()).await? {
         Some(view) => Ok(Json(view).into_response()),
@@ -289,7 +378,7 @@ async fn get_holds(State(state): State<AppState>) -> Result<Json<serde_json::Val
     Ok(Json(json!({ "items": items })))
 }
 
-async fn post_fulfil(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn post_fulfil(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     match crate::holds::fulfil(&state.db, id).await? {
         Some((outcome, response)) => {
@@ -302,7 +391,7 @@ async fn post_fulfil(State(state): State<AppState>, Path(id): Path<String>) -> R
 
 async fn get_catalog(
     State(state): State<AppState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     let store = state.db.identity().store.clone();
@@ -323,7 +412,7 @@ struct OverridesBody {
 
 async fn put_overrides(
     State(state): State<AppState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
     ApiJson(b): ApiJson<OverridesBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
@@ -349,4 +438,46 @@ async fn put_overrides(
             json!({"sku": sku, "overrides": overrides, "note": "not in the catalog yet; the overrides apply once it is"})
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+
+    #[test]
+    fn rfc3339_is_parsed_strictly() {
+        let z = parse_rfc3339("2025-03-01T14:05:09Z").unwrap();
+        assert_eq!(z, 1_740_837_909_000);
+        assert_eq!(parse_rfc3339("2025-03-01t14:05:09z"), Ok(z));
+        assert_eq!(parse_rfc3339("2025-03-01T15:05:09+01:00"), Ok(z));
+        assert_eq!(parse_rfc3339("2025-03-01T14:05:09-00:00"), Ok(z));
+        assert_eq!(parse_rfc3339("2025-03-01T14:05:09.25Z"), Ok(z + 250));
+        assert_eq!(parse_rfc3339("2025-03-01T14:05:09.123456789Z"), Ok(z + 123));
+        assert_eq!(parse_rfc3339("2025-03-02T14:04:09+23:59"), Ok(z));
+        assert_eq!(parse_rfc3339("2025-02-28T14:06:09-23:59"), Ok(z));
+        assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), parse_rfc3339("2016-12-31T23:59:59Z"));
+        let refused = [
+            ("0001-01-01T00:00:00+25:00", "offset"),
+            ("2025-03-01T14:05:09+24:00", "offset"),
+            ("2025-03-01T14:05:09+01:60", "offset"),
+            ("2025-03-01T14:05:09", "offset is required"),
+            ("2025-03-01T14:05Z", "seconds"),
+            ("2025-03-01 14:05:09Z", "'T'"),
+            ("2025-03-01T14:05:09+0100", "':' in the offset"),
+            ("2025-03-01T14:05:09.Z", "1 to 9 digits"),
+            ("2025-03-01T14:05:09.1234567891Z", "1 to 9 digits"),
+            ("2025-02-30T14:05:09Z", "calendar date"),
+            ("2025-13-01T14:05:09Z", "calendar date"),
+            ("2025-03-01T24:00:00Z", "time of day"),
+            ("2025-03-01T14:05:09Z ", "unexpected text"),
+            ("+2025-03-01T14:05:09Z", "year"),
+            ("2025-03-01T14:05:09[Europe/Paris]", "offset is required"),
+            ("yesterday", "year"),
+            ("", "year"),
+        ];
+        for (s, why) in refused {
+            let e = parse_rfc3339(s).unwrap_err();
+            assert!(e.contains(why), "{s}: {e} lacks {why}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! A store's credential bundle, written by `shelfsync-hub store add` and read by the agent: the
 //! hub's CA certificate, the store's certificate and key, and where the hub is.
 //!
-//! Directory layout: `ca.pem`, `store.pem`, `store.key` (mode 0600), `bundle.toml` with
+//! Directory layout (mode 0700): `ca.pem`, `store.pem`, `store.key` (mode 0600), `bundle.toml` with
 //! `store_id`, `hub_addr` (`host:port`) and `server_name` (the name the hub's certificate carries).
 
 use std::path::{Path, PathBuf};
@@ -78,7 +78,7 @@ impl Bundle {
         cert_pem: &str,
         key_pem: &str,
     ) -> Result<(), BundleError> {
-        std::fs::create_dir_all(dir).map_err(|source| BundleError::Io { path: dir.to_owned(), source })?;
+        crate::dbfile::create_private_dir(dir).map_err(|source| BundleError::Io { path: dir.to_owned(), source })?;
         let manifest = Manifest {
             store_id: store.clone(),
             hub_addr: hub_addr.to_owned(),
@@ -94,7 +94,7 @@ impl Bundle {
     /// Copies a bundle directory's files into `to`.
     pub fn copy(from: &Path, to: &Path) -> Result<Bundle, BundleError> {
         let b = Bundle::load(from)?;
-        std::fs::create_dir_all(to).map_err(|source| BundleError::Io { path: to.to_owned(), source })?;
+        crate::dbfile::create_private_dir(to).map_err(|source| BundleError::Io { path: to.to_owned(), source })?;
         for (name, secret) in [("ca.pem", false), ("store.pem", false), ("store.key", true), ("bundle.toml", false)] {
             let src = from.join(name);
             let data = std::fs::read(&src).map_err(|source| BundleError::Io { path: src, source })?;

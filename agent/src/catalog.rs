@@ -107,7 +107,10 @@ impl CatalogItem {
         }
         for (i, b) in self.barcodes.iter().enumerate() {
             if b.is_empty() || b.len() > BARCODE_MAX_LEN || !b.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return bad(format!("barcodes[{i}] must be 1 to {BARCODE_MAX_LEN} of A-Z a-z 0-9 -, got {b:?}"));
+                return bad(format!(
+                    "barcodes[{i}] must be 1 to {BARCODE_MAX_LEN} of A-Z a-z 0-9 -, got {}",
+                    shelfsync_shared::id::quote(b)
+                ));
             }
         }
         for (field, v) in [

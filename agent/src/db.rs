@@ -10,6 +10,7 @@ use shelfsync_shared::{CounterError, Incarnation, NodeId, PnEntry, Sku, StoreId,
 use tokio::sync::watch;
 
 use crate::config::Synchronous;
+use crate::dbfile;
 use crate::sqlite::{AfterCommit, SqliteError, SqliteThreads};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
@@ -166,6 +167,17 @@ fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
+/// How to get a good agent database back, for refusals at start-up.
+fn recovery_advice(path: &Path) -> String {
+    let dir = path.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".into());
+    format!(
+        "To recover a store that syncs with a hub, move the data dir aside (mv {dir} {dir}.damaged) and \
+         re-seed it from the hub with `shelfsync-agent init --bundle {dir}.damaged/bundle --data-dir {dir}` \
+         (a new writer incarnation; nothing the hub has is lost); otherwise put a copy made by \
+         `shelfsync-agent backup` in its place"
+    )
+}
+
 /// Opens a connection in WAL mode with the given durability.
 pub fn open_conn(path: &Path, flags: OpenFlags, sync: Synchronous) -> Result<Connection, DbError> {
     let conn = Connection::open_with_flags(path, flags)?;
@@ -247,9 +259,13 @@ impl Db {
         if path.exists() {
             return Err(DbError::AlreadyExists(path.to_owned()));
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| DbError::Sqlite(format!("creating {}: {e}", dir.display())))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            dbfile::create_private_dir(dir).map_err(|e| DbError::Sqlite(format!("creating {}: {e}", dir.display())))?;
         }
+        dbfile::create_private_file(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => DbError::AlreadyExists(path.to_owned()),
+            _ => DbError::Sqlite(format!("creating {}: {e}", path.display())),
+        })?;
         let mut conn = open_conn(path, OpenFlags::default(), opts.synchronous)?;
         migrate(&mut conn, MIGRATIONS)?;
         let tx = conn.transaction()?;
@@ -261,9 +277,12 @@ impl Db {
     /// Opens an existing database and starts its threads. Blocking; call from `spawn_blocking`
     /// or before the runtime starts. A database restored from a backup takes a new incarnation.
     pub fn open(path: &Path, opts: DbOptions) -> Result<Db, DbError> {
-        if !path.exists() {
-            return Err(DbError::NotInitialized(path.to_owned()));
-        }
+        dbfile::check_existing(path, &recovery_advice(path)).map_err(|e| match e {
+            dbfile::FileError::Missing(p) => DbError::NotInitialized(p),
+            dbfile::FileError::Unusable(m) => DbError::Corrupt(m),
+        })?;
+        let bundle = path.parent().map(|d| vec![d.join("bundle")]).unwrap_or_default();
+        dbfile::tighten_install(path, &bundle);
         let mut conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
         migrate(&mut conn, MIGRATIONS)?;
         let identity = {
@@ -340,9 +359,10 @@ impl Db {
     /// restored, so whoever opens it logs so; its writer's history is checked by the hub.
     pub async fn backup(&self, to: PathBuf) -> Result<(), DbError> {
         self.read(move |conn| {
-            if to.exists() {
-                return Err(DbError::AlreadyExists(to.clone()));
-            }
+            dbfile::create_private_file(&to).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => DbError::AlreadyExists(to.clone()),
+                _ => DbError::Sqlite(format!("creating {}: {e}", to.display())),
+            })?;
             conn.backup(rusqlite::MAIN_DB, &to, None)?;
             let copy = Connection::open(&to)?;
             meta_set(&copy, "restored_copy", "1")?;

@@ -12,6 +12,7 @@ use axum::http::uri::Authority;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use shelfsync_shared::id::quote;
 
 use crate::http::{ApiError, EdgeStats};
 use crate::ratelimit::Limiter;
@@ -85,8 +86,9 @@ fn forbidden(what: &str, value: &str) -> ApiError {
         StatusCode::FORBIDDEN,
         "forbidden_host",
         format!(
-            "{what} {value:?} does not name this agent; use its listen address, 127.0.0.1 or localhost with its \
-             port, or add the name to api.allowed_hosts"
+            "{what} {} does not name this agent; use its listen address, 127.0.0.1 or localhost with its port, or \
+             add the name to api.allowed_hosts",
+            quote(&value)
         ),
     )
     .with("host", value)

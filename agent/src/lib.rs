@@ -1,6 +1,7 @@
 //! Shelfsync store agent: an offline-first stock ledger beside the point of sale.
 //!
-//! - [`db`]: the SQLite store and the threads that own it (group commit).
+//! - [`db`]: the SQLite store and the threads that own it (group commit); [`dbfile`]: the
+//!   database file on disk (integrity check at start, private permissions).
 //! - [`ledger`]: sales, returns, adjustments and counts, idempotent by the caller's id.
 //! - [`api`]: the local HTTP API for the POS; [`http`] the error and extractor plumbing and the
 //!   accept loop (connection caps, timeouts) both binaries serve with; [`guard`] the agent's
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod dbfile;
 pub mod guard;
 pub mod holds;
 pub mod http;

@@ -62,7 +62,7 @@ pub enum Key {
 }
 
 /// Which bearer tokens may be keys: at the hub any (each token is its own client, and requests
-/// whose token turns out unknown are also charged to their address); at the agent only its
+/// whose token is refused with 401 are also charged to their address); at the agent only its
 /// configured token, so made-up tokens cannot dodge the per-address limit.
 #[derive(Clone, Debug)]
 pub enum TokenKeys {

@@ -375,3 +375,167 @@ async fn backup_copy_keeps_its_writer_and_history() {
     let ids: std::collections::HashSet<u64> = resume.boots.iter().map(|b| b.id).collect();
     assert_eq!(ids.len(), resume.boots.len(), "every start has its own id");
 }
+
+/// `occurred_at` is strict RFC 3339 within [2000-01-01, now + 24 h] on every POS write, refused
+/// with 422 naming the field.
+#[tokio::test]
+async fn occurred_at_is_strict_rfc_3339_and_bounded() {
+    let h = harness().await;
+    let bodies = |at: &str| {
+        vec![
+            ("/v1/sales", json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "occurred_at": at})),
+            ("/v1/returns", json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "occurred_at": at})),
+            ("/v1/adjustments", json!({"id": id(), "sku": "A", "delta": 1, "reason": "found", "occurred_at": at})),
+            ("/v1/counts", json!({"id": id(), "sku": "A", "counted": 3, "occurred_at": at})),
+        ]
+    };
+    let tomorrow_plus = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(25)).to_string();
+    for (at, needle) in [
+        ("0001-01-01T00:00:00Z", "before 2000-01-01"),
+        ("1999-12-31T23:59:59.999Z", "before 2000-01-01"),
+        ("2025-03-01T14:05:09+25:00", "offset"),
+        ("2025-03-01T14:05:09-24:00", "offset"),
+        ("2025-03-01T14:05:09", "offset is required"),
+        ("2025-03-01", "'T'"),
+        ("2025-03-01T14:05Z", "seconds"),
+        ("2025-02-29T10:00:00Z", "calendar date"),
+        ("1740837909", "expected '-'"),
+        (tomorrow_plus.as_str(), "24 hours in the future"),
+    ] {
+        for (path, body) in bodies(at) {
+            let (s, v) = h.post(path, body).await;
+            assert_eq!(
+                (s, v["error"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
+                "{path} {at}: {v}"
+            );
+            assert_eq!(v["field"], "occurred_at", "{path} {at}: {v}");
+            let m = v["message"].as_str().unwrap();
+            assert!(m.starts_with("occurred_at") && m.contains(needle), "{path} {at}: {m} lacks {needle:?}");
+        }
+    }
+    assert_eq!(h.status().await["journal_events"], 0, "nothing refused was recorded");
+    for at in ["2000-01-01T00:00:00Z", "2025-03-01T15:05:09.250+01:00", "2025-03-01t14:05:09z"] {
+        for (path, body) in bodies(at) {
+            let (s, v) = h.post(path, body).await;
+            assert_eq!(s, StatusCode::CREATED, "{path} {at}: {v}");
+        }
+    }
+    let (_, v) = h
+        .post(
+            "/v1/sales",
+            json!({"id": id(), "lines": [{"sku": "A", "qty": 1}], "occurred_at": "2025-03-01T15:05:09.250+01:00"}),
+        )
+        .await;
+    assert_eq!(v["occurred_at"], "2025-03-01T14:05:09.25Z");
+}
+
+#[tokio::test]
+async fn every_error_is_json_on_every_route() {
+    let h = harness_with(|c| c.api.max_body_bytes = 4096).await;
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, String, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/v1/nothing", None, String::new(), StatusCode::NOT_FOUND, "not_found"),
+        ("GET", "/", None, String::new(), StatusCode::NOT_FOUND, "not_found"),
+        ("GET", "/v1/sales", None, String::new(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("DELETE", "/v1/stock/A", None, String::new(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("POST", "/healthz", None, String::new(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        (
+            "POST",
+            "/v1/sales",
+            Some("application/json"),
+            big.clone(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "PUT",
+            "/v1/catalog/A/overrides",
+            Some("application/json"),
+            big,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/v1/counts",
+            Some("text/plain"),
+            "{}".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        ("POST", "/v1/counts", Some("application/json"), "{".into(), StatusCode::BAD_REQUEST, "invalid_json"),
+        ("GET", "/v1/stock/%FF", None, String::new(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("POST", "/v1/holds/%C3%28/fulfil", None, String::new(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("GET", "/v1/stock?limit=abc", None, String::new(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("GET", "/v1/stock?colour=red", None, String::new(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+    ];
+    for (method, path, ct, body, status, code) in cases {
+        let mut req = h.http.request(method.parse().unwrap(), format!("{}{path}", h.agent.url())).body(body);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().await.unwrap();
+        let s = r.status();
+        let got_ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let text = r.text().await.unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text}"));
+        assert_eq!((s, v["error"].as_str()), (status, Some(code)), "{method} {path}: {v}");
+        assert!(got_ct.starts_with("application/json"), "{method} {path}: {got_ct}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {v}");
+    }
+}
+
+#[cfg(unix)]
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// The ledger, its WAL and SHM, its directory and its backups are private to the service user,
+/// also when an older install left them readable: they are tightened on open.
+#[cfg(unix)]
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let db = data.join("agent.db");
+    Db::create(&db, &"store-1".parse().unwrap(), DbOptions::default()).unwrap();
+    assert_eq!((mode(&data), mode(&db)), (0o700, 0o600));
+    let mut config = AgentConfig { data_dir: data.clone(), ..AgentConfig::default() };
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    let agent = start(config.clone()).await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/sales", agent.url()))
+        .json(&sale(&id(), "A", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for f in ["agent.db", "agent.db-wal", "agent.db-shm"] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    let backup = dir.path().join("backup.db");
+    agent.db.backup(backup.clone()).await.unwrap();
+    assert_eq!(mode(&backup), 0o600, "backups hold the same data");
+    agent.stop().await.unwrap();
+
+    // An install made before: world-readable files and directory, a readable bundle.
+    std::fs::create_dir(data.join("bundle")).unwrap();
+    std::fs::write(data.join("bundle/store.key"), "secret").unwrap();
+    for (p, m) in [
+        (data.clone(), 0o755),
+        (db.clone(), 0o644),
+        (data.join("bundle"), 0o755),
+        (data.join("bundle/store.key"), 0o644),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    let reopened = tokio::task::spawn_blocking(move || Db::open(&db, DbOptions::default())).await.unwrap().unwrap();
+    assert_eq!(
+        [mode(&data), mode(reopened.path()), mode(&data.join("bundle")), mode(&data.join("bundle/store.key"))],
+        [0o700, 0o600, 0o700, 0o600]
+    );
+}

@@ -11,6 +11,8 @@ use crate::api::{new_token, token_hash};
 use crate::pki::Pki;
 use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
 use crate::storage::{CertRecord, HubStorage, Role, StorageError};
+use crate::tokens::{NewToken, TokenInfo};
+use shelfsync_shared::id::quote;
 
 /// Admin failures.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,9 @@ pub enum AdminError {
     /// Writing the bundle failed.
     #[error("bundle: {0}")]
     Bundle(String),
+    /// The command line asked for something impossible.
+    #[error("{0}")]
+    Usage(String),
     /// The CSV is invalid (nothing was imported).
     #[error("{0}")]
     Csv(#[from] crate::catalog::CsvError),
@@ -45,7 +50,8 @@ async fn open(data_dir: &Path) -> Result<Arc<SqliteStorage>, AdminError> {
 
 /// Creates the hub database and its private CA.
 pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
+    shelfsync_agent::dbfile::create_private_dir(data_dir)
+        .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
     let path = db_path(data_dir);
     let writer = tokio::task::spawn_blocking(move || SqliteStorage::create(&path))
@@ -91,12 +97,41 @@ pub async fn revoke_store(data_dir: &Path, store: &StoreId) -> Result<usize, Adm
     Ok(storage.revoke_store(store.clone()).await?.len())
 }
 
-/// Creates an API token; returns it (the hub keeps only its hash).
+/// Creates an API token named `unnamed` that never expires; returns its secret.
 pub async fn create_token(data_dir: &Path, role: Role) -> Result<String, AdminError> {
+    Ok(create_named_token(data_dir, role, None, None).await?.1)
+}
+
+/// Creates an API token; returns its record and its secret (the hub keeps only its hash).
+/// `expires_in` is a lifetime like `30d`, `12h`, `90m`.
+pub async fn create_named_token(
+    data_dir: &Path,
+    role: Role,
+    name: Option<&str>,
+    expires_in: Option<&str>,
+) -> Result<(TokenInfo, String), AdminError> {
+    let name = name.unwrap_or(crate::tokens::DEFAULT_NAME).to_owned();
+    crate::tokens::check_name(&name).map_err(|m| AdminError::Usage(format!("--name: {m}")))?;
+    let expires_in_secs = expires_in
+        .map(crate::tokens::parse_expires_in)
+        .transpose()
+        .map_err(|m| AdminError::Usage(format!("--expires-in: {m}")))?;
     let storage = open(data_dir).await?;
     let token = new_token();
-    storage.add_token(token_hash(&token), role).await?;
-    Ok(token)
+    let info = storage.add_token(NewToken { hash: token_hash(&token), name, role, expires_in_secs }).await?;
+    Ok((info, token))
+}
+
+/// Every API token, oldest first (never a secret).
+pub async fn list_tokens(data_dir: &Path) -> Result<Vec<TokenInfo>, AdminError> {
+    Ok(open(data_dir).await?.tokens().await?)
+}
+
+/// Revokes an API token by id; a running hub refuses it from its next request on.
+pub async fn revoke_token(data_dir: &Path, id: &str) -> Result<TokenInfo, AdminError> {
+    let id = uuid::Uuid::parse_str(id)
+        .map_err(|_| AdminError::Usage(format!("{} is not a token id; `token list` shows them", quote(id))))?;
+    open(data_dir).await?.revoke_token(id).await?.ok_or_else(|| AdminError::Usage(format!("no token {id}")))
 }
 
 /// Imports a catalog CSV into the hub's catalog document (all rows or none). A running hub picks

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -13,8 +13,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_agent::http::{bearer, ApiError, ApiJson, ApiQuery};
+use shelfsync_agent::http::{bearer, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
 use shelfsync_agent::ledger::rfc3339;
+use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::state::Hub;
 use crate::storage::{HubChange, HubChangeRequest, QtyLine, Role, StorageError};
+use crate::tokens::{NewToken, Verdict};
 
 /// Largest page of a store's stock.
 pub const STOCK_PAGE_MAX: usize = 1000;
@@ -79,7 +81,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/restocks", post(post_restock))
         .route("/v1/transfers", post(post_transfer))
         .route("/v1/catalog/{sku}", axum::routing::put(put_catalog_item).patch(patch_catalog_item))
-        .route("/v1/catalog/import", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
+        .route("/v1/catalog-imports", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
+        .route("/v1/tokens", get(get_tokens).post(post_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     Router::new()
         .merge(viewer)
@@ -92,6 +96,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.limiter.clone(), crate::edge::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn(shelfsync_agent::http::json_errors))
         .with_state(state)
 }
 
@@ -108,16 +113,34 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
     let Some(token) = bearer(req.headers()) else {
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
     };
-    match state.hub.token_role(token_hash(token)).await {
-        Ok(Some(role)) if role >= min => next.run(req).await,
-        Ok(Some(role)) => ApiError::forbidden(format!(
+    match state.hub.authenticate(token).await {
+        Ok(Verdict::Valid(t)) if t.role >= min => next.run(req).await,
+        Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
             "this endpoint needs the {} role; the token has {}",
             min.as_str(),
-            role.as_str()
+            t.role.as_str()
         ))
         .into_response(),
-        Ok(None) => ApiError::unauthorized("unknown or revoked token").into_response(),
+        Ok(refused) => refusal(&refused).into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The 401 for a token that is not valid: `token_revoked` and `token_expired` say why (only
+/// someone holding the token learns it), anything else is a plain `unauthorized`.
+pub(crate) fn refusal(v: &Verdict) -> ApiError {
+    match v {
+        Verdict::Revoked(t) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            format!("this token ({}) was revoked at {}", t.name, rfc3339(t.revoked_at_ms.unwrap_or_default())),
+        ),
+        Verdict::Expired(t) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+            format!("this token ({}) expired at {}", t.name, rfc3339(t.expires_at_ms.unwrap_or_default())),
+        ),
+        Verdict::Unknown | Verdict::Valid(_) => ApiError::unauthorized("unknown token"),
     }
 }
 
@@ -225,7 +248,10 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
         .collect())
 }
 
-async fn get_availability(State(state): State<ApiState>, Path(sku): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_availability(
+    State(state): State<ApiState>,
+    ApiPath(sku): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     let mut all = availability(&state, vec![sku]).await?;
     Ok(Json(serde_json::to_value(all.remove(0)).expect("serialises")))
@@ -238,7 +264,7 @@ async fn get_availability_batch(
     let mut skus = Vec::new();
     for (k, v) in q {
         if k != "sku" {
-            return Err(ApiError::invalid(format!("unknown query parameter {k:?}; use sku=A&sku=B")));
+            return Err(ApiError::invalid(format!("unknown query parameter {}; use sku=A&sku=B", quote(&k))));
         }
         let sku = parse_sku("sku", &v)?;
         if !skus.contains(&sku) {
@@ -299,7 +325,7 @@ struct PageQuery {
 
 async fn get_store_stock(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = parse_store("store", &id)?;
@@ -389,8 +415,9 @@ fn parse_lines(lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id)
-        .map_err(|_| ApiError::invalid(format!("id must be a UUID, got {:?}", id.chars().take(64).collect::<String>())))
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::invalid(format!("id must be a UUID, got {}", quote(&id.chars().take(64).collect::<String>())))
+    })
 }
 
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
@@ -485,7 +512,7 @@ async fn post_reservation(
     Ok((status, Json(w.view)).into_response())
 }
 
-async fn get_reservation(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     match state.hub.storage.reservation(id).await? {
         Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
@@ -527,7 +554,7 @@ struct ExtendBody {
 
 async fn post_extend(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
     ApiJson(b): ApiJson<ExtendBody>,
 ) -> Result<Response, ApiError> {
@@ -537,7 +564,7 @@ async fn post_extend(
 
 async fn post_commit(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     act(&state, &id, crate::reserve::Action::Commit, &headers).await
@@ -545,7 +572,7 @@ async fn post_commit(
 
 async fn delete_reservation(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     act(&state, &id, crate::reserve::Action::Release, &headers).await
@@ -570,7 +597,7 @@ async fn get_conflicts(
     }
     if let Some(s) = &q.status {
         if s != "open" && s != "resolved" {
-            return Err(ApiError::invalid(format!("status must be open or resolved, got {s:?}")));
+            return Err(ApiError::invalid(format!("status must be open or resolved, got {}", quote(s))));
         }
     }
     let filter = crate::storage::ConflictFilter {
@@ -586,10 +613,24 @@ async fn get_conflicts(
 /// Largest page of the change feed.
 pub const CHANGES_PAGE_MAX: usize = 1000;
 
+/// Largest change cursor (cursors are SQLite integers).
+pub const CURSOR_MAX: u64 = i64::MAX as u64;
+
+/// Parses a change cursor given as `what` (`after`, `Last-Event-ID`): 0 to [`CURSOR_MAX`].
+pub(crate) fn parse_cursor(what: &str, s: &str) -> Result<u64, ApiError> {
+    s.trim().parse::<u64>().ok().filter(|c| *c <= CURSOR_MAX).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{what} must be a change cursor, a whole number from 0 to {CURSOR_MAX}; got {}",
+            quote(&s.chars().take(64).collect::<String>())
+        ))
+        .with("parameter", what)
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChangesQuery {
-    after: Option<u64>,
+    after: Option<String>,
     limit: Option<usize>,
 }
 
@@ -601,7 +642,7 @@ async fn get_changes(
     if limit == 0 || limit > CHANGES_PAGE_MAX {
         return Err(ApiError::invalid(format!("limit must be between 1 and {CHANGES_PAGE_MAX}, got {limit}")));
     }
-    let after = q.after.unwrap_or(0);
+    let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
     let items = state.hub.storage.changes_after(after, limit).await?;
     let next = items.last().map(|e| e.cursor).unwrap_or(after);
     Ok(Json(json!({ "items": items, "next": next })))
@@ -631,7 +672,10 @@ async fn get_catalog_page(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-async fn get_catalog_item(State(state): State<ApiState>, Path(sku): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_catalog_item(
+    State(state): State<ApiState>,
+    ApiPath(sku): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     match state.hub.storage.catalog_item(sku.clone()).await? {
         Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
@@ -669,7 +713,7 @@ async fn catalog_edit(state: &ApiState, sku: Sku, edit: crate::catalog::Edit) ->
 
 async fn put_catalog_item(
     State(state): State<ApiState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
     ApiJson(b): ApiJson<PutItemBody>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
@@ -686,7 +730,7 @@ async fn put_catalog_item(
 
 async fn patch_catalog_item(
     State(state): State<ApiState>,
-    Path(sku): Path<String>,
+    ApiPath(sku): ApiPath<String>,
     ApiJson(p): ApiJson<shelfsync_agent::catalog::CatalogPatch>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
@@ -696,7 +740,7 @@ async fn patch_catalog_item(
 async fn post_catalog_import(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<ApiBytes, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.starts_with("text/csv") {
@@ -706,6 +750,12 @@ async fn post_catalog_import(
             "expected Content-Type: text/csv",
         ));
     }
+    let ApiBytes(body) = body.map_err(|mut e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            e.message = format!("the CSV is over the import limit of {} MiB", CATALOG_IMPORT_MAX_BYTES >> 20);
+        }
+        e
+    })?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::invalid(format!("the CSV is not UTF-8: {e}")))?;
     let rows = crate::catalog::parse_csv(text).map_err(|e| {
         let (row, column) = (e.row, e.column.clone());
@@ -718,4 +768,46 @@ async fn post_catalog_import(
     state.hub.catalog.edit(state.hub.storage.as_ref(), edits).await.map_err(catalog_error)?;
     state.hub.catalog_changed();
     Ok(Json(json!({ "imported": n })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    role: Role,
+    name: Option<String>,
+    expires_in: Option<String>,
+}
+
+/// `POST /v1/tokens`: a new token; the answer carries its secret, the only time it is shown.
+async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody>) -> Result<Response, ApiError> {
+    let name = b.name.unwrap_or_else(|| crate::tokens::DEFAULT_NAME.to_owned());
+    crate::tokens::check_name(&name).map_err(ApiError::invalid)?;
+    let expires_in_secs =
+        b.expires_in.as_deref().map(crate::tokens::parse_expires_in).transpose().map_err(ApiError::invalid)?;
+    let secret = new_token();
+    let t = state
+        .hub
+        .storage
+        .add_token(NewToken { hash: token_hash(&secret), name, role: b.role, expires_in_secs })
+        .await?;
+    let mut v = serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises");
+    v["token"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// `GET /v1/tokens`: every token, never a secret.
+async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let items: Vec<_> = state.hub.storage.tokens().await?.iter().map(|t| t.view(now)).collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes; the token's next request is refused.
+async fn delete_token(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::invalid(format!("id must be a token id (a UUID), got {}", quote(&id))))?;
+    match state.hub.storage.revoke_token(id).await? {
+        Some(t) => Ok(Json(serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises"))),
+        None => Err(ApiError::not_found(format!("no token {id}"))),
+    }
 }

@@ -271,12 +271,12 @@ pub fn parse_csv(text: &str) -> Result<Vec<(Sku, CatalogItem)>, CsvError> {
             if v.is_empty() {
                 return Ok(0);
             }
-            v.parse::<u64>().map_err(|_| err(c, format!("{v:?} is not a whole number")))
+            v.parse::<u64>().map_err(|_| err(c, format!("{} is not a whole number", shelfsync_shared::id::quote(v))))
         };
         let active = match field("active").to_ascii_lowercase().as_str() {
             "" | "true" | "yes" | "1" => true,
             "false" | "no" | "0" => false,
-            other => return Err(err("active", format!("{other:?} is not true/false"))),
+            other => return Err(err("active", format!("{} is not true/false", shelfsync_shared::id::quote(other)))),
         };
         let barcodes: Vec<String> =
             field("barcodes").split('|').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect();

@@ -123,13 +123,13 @@ pub struct HubRateLimits {
     /// Enforce the limits.
     pub enabled: bool,
     /// Requests without a token (dashboard page, health checks), per client address; requests
-    /// answered 401 are charged here too.
+    /// answered 401 (unknown, revoked or expired token) are charged here too.
     pub unauthenticated: RateLimit,
     /// GET requests with a token (availability, stores, changes, catalog, metrics, reservations).
     pub reads: RateLimit,
     /// Reservation writes: create, extend, commit, release.
     pub writes: RateLimit,
-    /// Other writes: restocks, transfers, catalog edits and imports, token and conflict admin.
+    /// Other writes: restocks, transfers, catalog edits and imports, token creation and revocation.
     pub admin: RateLimit,
     /// `GET /v1/events` connects (the open streams are capped by `http.max_event_streams`).
     pub events: RateLimit,
@@ -322,12 +322,23 @@ impl HubConfig {
         if self.webhooks.len() > 32 {
             return bad("webhooks", "at most 32 endpoints");
         }
-        for w in &self.webhooks {
+        for (i, w) in self.webhooks.iter().enumerate() {
             if !w.url.starts_with("http://") {
                 return bad("webhooks.url", "must start with http:// (terminate TLS in a sidecar or proxy)");
             }
             if w.secret.len() < 16 {
                 return bad("webhooks.secret", "must be at least 16 bytes");
+            }
+            // The delivery cursor is kept per URL: two entries sharing one would skip events.
+            if let Some(j) = self.webhooks[..i].iter().position(|o| o.url == w.url) {
+                return bad(
+                    "webhooks.url",
+                    &format!(
+                        "webhooks[{i}] repeats the URL of webhooks[{j}] ({}); each URL may appear once \
+                         (list several kinds in one entry's `kinds`)",
+                        w.url
+                    ),
+                );
             }
         }
         if self.sync.revocation_check_secs == 0 {
@@ -400,5 +411,23 @@ mod tests {
         let mut c = HubConfig::default();
         c.http.max_connections = 0;
         assert!(c.validate().unwrap_err().to_string().contains("http.max_connections"));
+    }
+
+    #[test]
+    fn a_webhook_url_may_appear_once() {
+        let hook = |url: &str, kinds: &[&str]| crate::feed::WebhookConfig {
+            url: url.into(),
+            secret: "0123456789abcdef".into(),
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+        };
+        let mut c = HubConfig {
+            webhooks: vec![hook("http://a/x", &[]), hook("http://b/x", &[]), hook("http://a/x/", &[])],
+            ..HubConfig::default()
+        };
+        c.validate().unwrap();
+        c.webhooks.push(hook("http://b/x", &["oversell_detected"]));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("webhooks.url") && e.contains("webhooks[3] repeats the URL of webhooks[1]"), "{e}");
+        assert!(e.contains("http://b/x"), "{e}");
     }
 }

@@ -25,9 +25,10 @@ pub fn class(method: &Method, path: &str, key: &Key) -> &'static str {
     }
 }
 
-/// Middleware: charge the request to its class, answer 429 when over. A request whose token
-/// turns out unknown (401) is also charged to its address as unauthenticated, so made-up tokens
-/// (each a fresh key) cannot dodge the limits.
+/// Middleware: charge the request to its class, answer 429 when over. A request whose token is
+/// refused (401: unknown, revoked or expired, as judged per request by `Hub::authenticate`) is
+/// also charged to its address as unauthenticated, so made-up or dead tokens (each its own key)
+/// cannot dodge the limits.
 pub async fn rate_limit(State(limiter): State<Arc<Limiter>>, req: Request, next: Next) -> Response {
     let key = limiter.key(&req);
     if let Err(limited) = limiter.check(class(req.method(), req.uri().path(), &key), &key) {

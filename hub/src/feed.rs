@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use shelfsync_agent::http::{ApiError, ApiQuery};
 
-use crate::api::ApiState;
+use crate::api::{parse_cursor, ApiState};
+use crate::metrics::Metrics;
 use crate::reserve::ChangeEvent;
 use crate::state::Hub;
 
@@ -26,7 +27,7 @@ const FEED_BATCH: usize = 500;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsQuery {
-    after: Option<u64>,
+    after: Option<String>,
 }
 
 /// `GET /v1/events`: SSE from `Last-Event-ID` (or `?after=`), else from now.
@@ -44,37 +45,60 @@ pub(crate) async fn get_events(
     })?;
     let storage = state.hub.storage.clone();
     let head = storage.change_head();
-    let start = match headers.get("last-event-id") {
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a change cursor (a non-negative integer)"))?,
-        None => q.after.unwrap_or(*head.borrow()),
+    // The stream outlives the request that opened it: its token is checked again before every
+    // batch, so a revoked or expired token stops receiving events.
+    let token = shelfsync_agent::http::bearer(&headers).unwrap_or_default().to_owned();
+    let hub = state.hub.clone();
+    let start = match (headers.get("last-event-id"), q.after) {
+        (Some(v), _) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::invalid("Last-Event-ID must be a change cursor (a whole number)")
+                    .with("parameter", "Last-Event-ID")
+            })?;
+            parse_cursor("Last-Event-ID", v)?
+        }
+        (None, Some(a)) => parse_cursor("after", &a)?,
+        (None, None) => *head.borrow(),
     };
     let stream = futures_util::stream::unfold(
         (start, VecDeque::<ChangeEvent>::new(), head, storage, permit),
-        |(mut cursor, mut buf, mut head, storage, permit)| async move {
-            loop {
-                if let Some(ev) = buf.pop_front() {
-                    cursor = ev.cursor;
-                    let data = serde_json::to_string(&ev).expect("events serialise");
-                    let e = Event::default().id(ev.cursor.to_string()).event(ev.kind.clone()).data(data);
-                    return Some((Ok(e), (cursor, buf, head, storage, permit)));
-                }
-                // Mark the head seen before reading, so a commit between the read and the wait
-                // still wakes us.
-                head.borrow_and_update();
-                match storage.changes_after(cursor, FEED_BATCH).await {
-                    Ok(v) if !v.is_empty() => buf.extend(v),
-                    Ok(_) => {
-                        if head.changed().await.is_err() {
+        move |(mut cursor, mut buf, mut head, storage, permit)| {
+            let (hub, token) = (hub.clone(), token.clone());
+            async move {
+                loop {
+                    if let Some(ev) = buf.pop_front() {
+                        cursor = ev.cursor;
+                        let data = serde_json::to_string(&ev).expect("events serialise");
+                        let e = Event::default().id(ev.cursor.to_string()).event(ev.kind.clone()).data(data);
+                        return Some((Ok(e), (cursor, buf, head, storage, permit)));
+                    }
+                    // Mark the head seen before reading, so a commit between the read and the wait
+                    // still wakes us.
+                    head.borrow_and_update();
+                    match storage.changes_after(cursor, FEED_BATCH).await {
+                        Ok(v) if !v.is_empty() => {
+                            match hub.authenticate(&token).await {
+                                Ok(crate::tokens::Verdict::Valid(_)) => {}
+                                Ok(_) => {
+                                    tracing::info!("closing an event stream: its token is no longer valid");
+                                    return None;
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "checking an event stream's token");
+                                    return None;
+                                }
+                            }
+                            buf.extend(v)
+                        }
+                        Ok(_) => {
+                            if head.changed().await.is_err() {
+                                return None;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the change feed for an SSE client");
                             return None;
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading the change feed for an SSE client");
-                        return None;
                     }
                 }
             }
@@ -108,7 +132,13 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 /// delivery), retrying with exponential backoff up to `backoff_max`.
 pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duration) {
     let storage = hub.storage.clone();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+    // A redirect is a failed delivery (logged and retried): following it would send signed
+    // events wherever the endpoint, or whoever answers for it, points.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client");
     let mut head = storage.change_head();
     let mut cursor = loop {
         match storage.webhook_cursor(cfg.url.clone()).await {
@@ -141,8 +171,8 @@ pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duratio
             continue;
         }
         for ev in events {
-            if cfg.kinds.is_empty() || cfg.kinds.iter().any(|k| *k == ev.kind) {
-                deliver(&client, &cfg, &ev, backoff_max).await;
+            if cfg.kinds.is_empty() || cfg.kinds.contains(&ev.kind) {
+                deliver(&hub, &client, &cfg, &ev, backoff_max).await;
             }
             cursor = ev.cursor;
         }
@@ -152,7 +182,7 @@ pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duratio
     }
 }
 
-async fn deliver(client: &reqwest::Client, cfg: &WebhookConfig, ev: &ChangeEvent, backoff_max: Duration) {
+async fn deliver(hub: &Hub, client: &reqwest::Client, cfg: &WebhookConfig, ev: &ChangeEvent, backoff_max: Duration) {
     let body = serde_json::to_vec(ev).expect("events serialise");
     let sig = signature(&cfg.secret, &body);
     let mut delay = Duration::from_millis(100);
@@ -168,7 +198,15 @@ async fn deliver(client: &reqwest::Client, cfg: &WebhookConfig, ev: &ChangeEvent
             .send()
             .await;
         match r {
-            Ok(resp) if resp.status().is_success() => return,
+            Ok(resp) if resp.status().is_success() => {
+                Metrics::inc(&hub.metrics.webhook_deliveries_total);
+                return;
+            }
+            Ok(resp) if resp.status().is_redirection() => {
+                let to = resp.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or("").to_owned();
+                tracing::warn!(url = %cfg.url, cursor = ev.cursor, status = %resp.status(), location = %to, attempt,
+                    "webhook answered with a redirect, which is not followed; retrying (point the webhook at the final URL)")
+            }
             Ok(resp) => {
                 tracing::warn!(url = %cfg.url, cursor = ev.cursor, status = %resp.status(), attempt, "webhook refused; retrying")
             }
@@ -176,6 +214,7 @@ async fn deliver(client: &reqwest::Client, cfg: &WebhookConfig, ev: &ChangeEvent
                 tracing::warn!(url = %cfg.url, cursor = ev.cursor, error = %e, attempt, "webhook unreachable; retrying")
             }
         }
+        Metrics::inc(&hub.metrics.webhook_failures_total);
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(backoff_max);
         attempt = attempt.saturating_add(1);

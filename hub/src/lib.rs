@@ -6,6 +6,7 @@
 //! - [`quic_server`]: authenticates agents and runs their sync sessions.
 //! - [`api`]: the HTTP API; [`edge`]: its rate-limit classes; [`metrics`]: Prometheus counters;
 //!   [`state`]: what tasks share.
+//! - [`tokens`]: API tokens (names, expiry, revocation, last use).
 //! - [`admin`]: verbs on the data directory; [`server`]: start-up; [`config`]: configuration.
 
 pub mod admin;
@@ -23,3 +24,4 @@ pub mod server;
 pub mod sqlite;
 pub mod state;
 pub mod storage;
+pub mod tokens;

@@ -113,10 +113,30 @@ enum CatalogCmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Create an API token; prints only the token.
+    /// Create an API token; prints only the token (shown this once; the hub keeps its hash).
     Create {
         #[arg(long, value_enum)]
         role: Role,
+        /// A name to tell tokens apart (default `unnamed`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime: a number and s, m, h or d (e.g. 30d, 12h, 90m). Default: no expiry.
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// List tokens: id, name, role, status, created, last used, expiry, revocation (never secrets).
+    List {
+        /// JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by id; a running hub refuses it from its next request on.
+    Revoke {
+        id: String,
         #[arg(long)]
         data_dir: PathBuf,
     },
@@ -151,8 +171,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let n = admin::revoke_store(&data_dir, &store).await?;
             println!("store {store} revoked ({n} certificate(s))");
         }
-        Cmd::Token { cmd: TokenCmd::Create { role, data_dir } } => {
-            println!("{}", admin::create_token(&data_dir, role).await?);
+        Cmd::Token { cmd: TokenCmd::Create { role, name, expires_in, data_dir } } => {
+            let (_, secret) =
+                admin::create_named_token(&data_dir, role, name.as_deref(), expires_in.as_deref()).await?;
+            println!("{secret}");
+        }
+        Cmd::Token { cmd: TokenCmd::List { json, data_dir } } => {
+            let now = jiff::Timestamp::now().as_millisecond();
+            let views: Vec<_> = admin::list_tokens(&data_dir).await?.iter().map(|t| t.view(now)).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                print_tokens(&views);
+            }
+        }
+        Cmd::Token { cmd: TokenCmd::Revoke { id, data_dir } } => {
+            let t = admin::revoke_token(&data_dir, &id).await?;
+            println!("token {} ({}) revoked", t.id, t.name);
         }
         Cmd::Serve { config, data_dir, quic_listen, http_listen } => {
             let mut cfg = HubConfig::load(config.as_deref())?;
@@ -189,4 +224,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `token list` as a table; times to the second, `-` when there is none.
+fn print_tokens(views: &[shelfsync_hub::tokens::TokenView]) {
+    let t = |s: &Option<String>| {
+        s.as_deref()
+            .map(|s| s.get(..19).map(|d| format!("{d}Z")).unwrap_or_else(|| s.to_owned()))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<36}  {:<24}  {:<10}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
+        "ID", "NAME", "ROLE", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED"
+    );
+    for v in views {
+        println!(
+            "{:<36}  {:<24}  {:<10}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
+            v.id,
+            v.name,
+            v.role.as_str(),
+            v.status.as_str(),
+            t(&Some(v.created_at.clone())),
+            t(&v.last_used_at),
+            t(&v.expires_at),
+            t(&v.revoked_at)
+        );
+    }
 }

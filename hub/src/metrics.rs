@@ -46,6 +46,8 @@ metrics! {
     duplicate_agents_total: "counter", "Connections refused because another agent of the store is live.";
     hub_entries_recovered_total: "counter", "Entries the hub lacked that stores gave back (tag verified).";
     hub_rollbacks_total: "counter", "Times the hub found its files older than what stores saw and took a new life.";
+    webhook_deliveries_total: "counter", "Webhook events delivered (answered 2xx).";
+    webhook_failures_total: "counter", "Webhook delivery attempts that failed (unreachable, non-2xx or a redirect) and will be retried.";
 }
 
 impl Metrics {

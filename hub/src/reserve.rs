@@ -796,6 +796,17 @@ pub enum Action {
     Release,
 }
 
+impl Action {
+    /// The past participle, for messages: `extended`, `committed`, `released`.
+    pub fn done(self) -> &'static str {
+        match self {
+            Action::Extend { .. } => "extended",
+            Action::Commit => "committed",
+            Action::Release => "released",
+        }
+    }
+}
+
 /// Applies a lifecycle action. `key` makes a retry return the first answer.
 pub fn act(conn: &Connection, id: Uuid, action: Action, key: Option<&str>, now_ms: i64) -> StorageResult<Written> {
     let fingerprint = shelfsync_agent::ledger::fingerprint_of(&(id, action));
@@ -806,7 +817,10 @@ pub fn act(conn: &Connection, id: Uuid, action: Action, key: Option<&str>, now_m
             .optional()?;
         if let Some((fp, resp)) = earlier {
             if fp != fingerprint {
-                return Err(StorageError::IdempotencyConflict { id, kind: format!("action under key {key:?}") });
+                return Err(StorageError::IdempotencyConflict {
+                    id,
+                    kind: format!("action under Idempotency-Key {}", shelfsync_shared::id::quote(key)),
+                });
             }
             let view = serde_json::from_str(&resp).map_err(|e| StorageError::Corrupt(format!("stored action: {e}")))?;
             return Ok(Written { created: false, view, stores: Vec::new() });
@@ -832,7 +846,7 @@ pub fn act(conn: &Connection, id: Uuid, action: Action, key: Option<&str>, now_m
         (Action::Release, "held" | "committed") => transition(conn, id, "released", now_ms)?,
         (Action::Release, "released") => Vec::new(),
         (a, s) => {
-            return Err(StorageError::InvalidState(format!("reservation {id} is {s}; {a:?} is not possible")));
+            return Err(StorageError::InvalidState(format!("reservation {id} is {s}; it cannot be {}", a.done())));
         }
     };
     let view = view(conn, id)?.expect("exists");

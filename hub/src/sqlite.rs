@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sha2::{Digest as _, Sha256};
 use shelfsync_agent::config::Synchronous;
 use shelfsync_agent::db::{self as adb, DbError};
+use shelfsync_agent::dbfile;
 use shelfsync_agent::replica::{event_from_row, insert_event};
 use shelfsync_agent::sqlite::{AfterCommit, SqliteError, SqliteThreads};
 use tokio::sync::watch;
@@ -26,7 +27,7 @@ use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, PnEntry, Sk
 
 use crate::storage::*;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: stores, counters, journal, idempotency, tokens.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE stores (
@@ -69,7 +70,9 @@ const MIGRATIONS: &[&str] = &[
     crate::reserve::MIGRATION,
     // 3: the catalog documents and their materialised rows.
     shelfsync_agent::catalog::MIGRATION,
-    // 4: writer lineage per agent writer, details of conflicts about agents, agents per store.
+    // 4: token ids, names, expiry and last use.
+    crate::tokens::MIGRATION,
+    // 5: writer lineage per agent writer, details of conflicts about agents, agents per store.
     "ALTER TABLE peers ADD COLUMN lineage BLOB;
      ALTER TABLE conflicts ADD COLUMN details TEXT;
      ALTER TABLE stores ADD COLUMN max_agents INTEGER NOT NULL DEFAULT 1;",
@@ -152,6 +155,16 @@ pub struct SqliteStorage {
     change_head: watch::Receiver<u64>,
 }
 
+/// How to get a good hub database back, for refusals at start-up.
+fn recovery_advice(path: &Path) -> String {
+    format!(
+        "To recover, move {p} (with any {p}-wal and {p}-shm) aside and copy the latest backup made by \
+         `shelfsync-hub backup --to F` to {p}; it takes a new hub incarnation when opened, and stores \
+         resend what the backup lacks",
+        p = path.display()
+    )
+}
+
 /// The hub database file in a data dir.
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("hub.db")
@@ -168,9 +181,14 @@ fn mint(conn: &Connection) -> Result<WriterId, StorageError> {
 impl SqliteStorage {
     /// Creates a new hub database (refuses to overwrite one).
     pub fn create(path: &Path) -> Result<WriterId, StorageError> {
+        let exists = || StorageError::Invalid(format!("a hub database already exists at {}", path.display()));
         if path.exists() {
-            return Err(StorageError::Invalid(format!("a hub database already exists at {}", path.display())));
+            return Err(exists());
         }
+        dbfile::create_private_file(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => exists(),
+            _ => StorageError::Backend(format!("creating {}: {e}", path.display())),
+        })?;
         let mut conn = adb::open_conn(path, OpenFlags::default(), Synchronous::Full)?;
         adb::migrate(&mut conn, MIGRATIONS)?;
         let tx = conn.transaction()?;
@@ -181,12 +199,14 @@ impl SqliteStorage {
 
     /// Opens an existing hub database and starts its threads. Blocking.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
-        if !path.exists() {
-            return Err(StorageError::Invalid(format!(
+        dbfile::check_existing(path, &recovery_advice(path)).map_err(|e| match e {
+            dbfile::FileError::Missing(_) => StorageError::Invalid(format!(
                 "no hub database at {}; run `shelfsync-hub init --data-dir` first",
                 path.display()
-            )));
-        }
+            )),
+            dbfile::FileError::Unusable(m) => StorageError::Corrupt(m),
+        })?;
+        dbfile::tighten_install(path, &path.parent().map(|d| vec![d.join("pki")]).unwrap_or_default());
         let mut conn = adb::open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE, opts.synchronous)?;
         adb::migrate(&mut conn, MIGRATIONS)?;
         let (hub_writer, key) = {
@@ -681,26 +701,24 @@ impl HubStorage for SqliteStorage {
         .boxed()
     }
 
-    fn add_token(&self, hash: Vec<u8>, role: Role) -> BoxFuture<'_, StorageResult<()>> {
-        self.write(move |conn| {
-            conn.execute(
-                "INSERT INTO tokens (hash, role, created_at_ms) VALUES (?1, ?2, ?3)",
-                params![hash, role.as_str(), now_ms()],
-            )?;
-            Ok(())
-        })
-        .boxed()
+    fn add_token(&self, token: crate::tokens::NewToken) -> BoxFuture<'_, StorageResult<crate::tokens::TokenInfo>> {
+        self.write(move |conn| crate::tokens::insert(conn, &token, now_ms())).boxed()
     }
 
-    fn token_role(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<Role>>> {
-        self.read(move |conn| {
-            let role: Option<String> = conn
-                .prepare_cached("SELECT role FROM tokens WHERE hash = ?1 AND revoked_at_ms IS NULL")?
-                .query_row([hash], |r| r.get(0))
-                .optional()?;
-            role.map(|r| Role::parse(&r).ok_or_else(|| StorageError::Corrupt(format!("token role {r:?}")))).transpose()
-        })
-        .boxed()
+    fn token_by_hash(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
+        self.read(move |conn| crate::tokens::by_hash(conn, &hash)).boxed()
+    }
+
+    fn tokens(&self) -> BoxFuture<'_, StorageResult<Vec<crate::tokens::TokenInfo>>> {
+        self.read(crate::tokens::list).boxed()
+    }
+
+    fn revoke_token(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
+        self.write(move |conn| crate::tokens::revoke(conn, id, now_ms())).boxed()
+    }
+
+    fn touch_token(&self, id: Uuid, at_ms: i64) -> BoxFuture<'_, StorageResult<()>> {
+        self.write(move |conn| crate::tokens::touch(conn, id, at_ms)).boxed()
     }
 
     fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>> {
@@ -1131,9 +1149,10 @@ impl HubStorage for SqliteStorage {
 
     fn backup(&self, to: PathBuf) -> BoxFuture<'_, StorageResult<()>> {
         self.read(move |conn| {
-            if to.exists() {
-                return Err(StorageError::Invalid(format!("{} already exists", to.display())));
-            }
+            dbfile::create_private_file(&to).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StorageError::Invalid(format!("{} already exists", to.display())),
+                _ => StorageError::Backend(format!("creating {}: {e}", to.display())),
+            })?;
             conn.backup(rusqlite::MAIN_DB, &to, None)?;
             let copy = Connection::open(&to)?;
             adb::meta_set(&copy, "restored_copy", "1")?;

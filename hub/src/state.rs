@@ -76,14 +76,12 @@ pub struct Hub {
     wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
     next_conn: AtomicU64,
     stock_events: broadcast::Sender<StockChange>,
-    /// Recently verified tokens (hash → role, when verified).
-    tokens: Mutex<HashMap<Vec<u8>, (crate::storage::Role, std::time::Instant)>>,
+    /// Per token id: when this process last asked storage to record a use (throttles those writes).
+    token_uses: Mutex<HashMap<uuid::Uuid, i64>>,
 }
 
-/// How long a verified token is trusted without asking storage again.
-const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
-/// Most tokens remembered.
-const TOKEN_CACHE_MAX: usize = 10_000;
+/// Most tokens whose last write of "last used" this process remembers.
+const TOKEN_USES_MAX: usize = 10_000;
 
 impl Hub {
     /// Wraps a storage.
@@ -97,7 +95,7 @@ impl Hub {
             wakers: Mutex::default(),
             next_conn: AtomicU64::new(1),
             stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
-            tokens: Mutex::default(),
+            token_uses: Mutex::default(),
         })
     }
 
@@ -212,31 +210,42 @@ impl Hub {
         Ok(true)
     }
 
-    /// The role of a token hash. Valid tokens are remembered for a few seconds so a busy
-    /// storefront does not cost a storage read per request; unknown ones always ask storage.
-    pub async fn token_role(
-        &self,
-        hash: Vec<u8>,
-    ) -> Result<Option<crate::storage::Role>, crate::storage::StorageError> {
-        if let Some((role, at)) = self.tokens.lock().expect("tokens lock").get(&hash) {
-            if at.elapsed() < TOKEN_CACHE_TTL {
-                return Ok(Some(*role));
-            }
+    /// Judges a presented API token now. Every call reads the token's row (one primary-key read
+    /// on a reader thread), so a revocation or expiry written by any process counts from the very
+    /// next request. A valid token's last use is recorded in the background, at most once per
+    /// [`crate::tokens::LAST_USED_RESOLUTION_MS`] per token.
+    pub async fn authenticate(&self, token: &str) -> Result<crate::tokens::Verdict, crate::storage::StorageError> {
+        let found = self.storage.token_by_hash(crate::api::token_hash(token)).await?;
+        let now = jiff::Timestamp::now().as_millisecond();
+        let verdict = crate::tokens::Verdict::of(found, now);
+        if let crate::tokens::Verdict::Valid(t) = &verdict {
+            self.note_token_use(t, now);
         }
-        let role = self.storage.token_role(hash.clone()).await?;
-        let mut cache = self.tokens.lock().expect("tokens lock");
-        match role {
-            Some(r) => {
-                if cache.len() >= TOKEN_CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(hash, (r, std::time::Instant::now()));
-            }
-            None => {
-                cache.remove(&hash);
-            }
+        Ok(verdict)
+    }
+
+    fn note_token_use(&self, t: &crate::tokens::TokenInfo, now: i64) {
+        use crate::tokens::LAST_USED_RESOLUTION_MS as RES;
+        if t.last_used_at_ms.is_some_and(|at| now - at < RES) {
+            return;
         }
-        Ok(role)
+        {
+            // Requests racing past the check above before the first write lands write once.
+            let mut uses = self.token_uses.lock().expect("token uses lock");
+            if uses.get(&t.id).is_some_and(|at| now - at < RES) {
+                return;
+            }
+            if uses.len() >= TOKEN_USES_MAX {
+                uses.retain(|_, at| now - *at < RES);
+            }
+            uses.insert(t.id, now);
+        }
+        let (storage, id) = (self.storage.clone(), t.id);
+        tokio::spawn(async move {
+            if let Err(e) = storage.touch_token(id, now).await {
+                tracing::warn!(token = %id, error = %e, "cannot record a token's last use");
+            }
+        });
     }
 
     /// The time and the set of connected stores, for availability and reconciliation.

@@ -397,10 +397,16 @@ pub trait HubStorage: Send + Sync + 'static {
     /// Records contact with a store.
     fn touch_store(&self, store: StoreId, at_ms: i64) -> BoxFuture<'_, StorageResult<()>>;
 
-    /// Stores a new API token's hash.
-    fn add_token(&self, hash: Vec<u8>, role: Role) -> BoxFuture<'_, StorageResult<()>>;
-    /// The role of a token hash, if valid.
-    fn token_role(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<Role>>>;
+    /// Stores a new API token (its hash only) and returns its record.
+    fn add_token(&self, token: crate::tokens::NewToken) -> BoxFuture<'_, StorageResult<crate::tokens::TokenInfo>>;
+    /// The token with this hash, whatever its status (one point read: it runs on every request).
+    fn token_by_hash(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>>;
+    /// Every token, oldest first.
+    fn tokens(&self) -> BoxFuture<'_, StorageResult<Vec<crate::tokens::TokenInfo>>>;
+    /// Revokes a token by id; `None` if there is none.
+    fn revoke_token(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>>;
+    /// Records that a token was used at `at_ms`.
+    fn touch_token(&self, id: Uuid, at_ms: i64) -> BoxFuture<'_, StorageResult<()>>;
 
     /// Current global heads.
     fn heads(&self) -> BoxFuture<'_, StorageResult<HubHeads>>;

@@ -1,5 +1,7 @@
 //! The hub's HTTP API in process, on a real socket: roles, idempotency, validation, limits.
 
+use std::str::FromStr;
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shelfsync_hub::admin;
@@ -192,4 +194,319 @@ async fn backup_copy_takes_a_new_hub_incarnation() {
     assert_ne!(restored.hub_writer(), live_writer, "a restored hub must not reuse its writer");
     let rows = restored.stock_of(vec!["A".parse().unwrap()]).await.unwrap();
     assert_eq!(rows[0].on_hand, 5, "the backup holds what was committed");
+}
+
+/// Any method, raw body and content type; returns status, content type and the body as JSON
+/// (or as a JSON string when it is not JSON).
+async fn raw(
+    h: &H,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, String, Value) {
+    let mut req = h.http.request(method.parse().unwrap(), format!("{}{path}", h.hub.url())).body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let text = r.text().await.unwrap();
+    (status, ct, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[tokio::test]
+async fn admin_api_creates_lists_and_revokes_tokens() {
+    let h = hub().await;
+    let t = Some(h.admin.as_str());
+    // Only admins manage tokens.
+    let (s, v) = h.call("GET", "/v1/tokens", Some(&h.storefront), None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
+    let (s, v) = h
+        .call("POST", "/v1/tokens", t, Some(json!({"role": "storefront", "name": "web shop", "expires_in": "30d"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let secret = v["token"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("ss_") && secret.len() == 67, "{secret}");
+    assert_eq!(
+        (v["name"].as_str(), v["role"].as_str(), v["status"].as_str()),
+        (Some("web shop"), Some("storefront"), Some("active"))
+    );
+    let id = v["id"].as_str().unwrap().to_owned();
+    let created = jiff::Timestamp::from_str(v["created_at"].as_str().unwrap()).unwrap();
+    let expires = jiff::Timestamp::from_str(v["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!((expires - created).get_seconds(), 30 * 86_400);
+    let (s, _) = h
+        .call(
+            "POST",
+            "/v1/reservations",
+            Some(&secret),
+            Some(json!({"id": Uuid::now_v7(), "lines": [{"sku": "A", "qty": 1}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "the new token is a storefront token (and there is no stock)");
+
+    // The list never shows a secret; it shows the tokens the harness made (unnamed) and this one.
+    let (s, raw_list) = h.call("GET", "/v1/tokens", t, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = raw_list.to_string();
+    for secret in [&secret, &h.admin, &h.viewer, &h.storefront] {
+        assert!(!text.contains(secret.as_str()), "a secret leaked into the list: {text}");
+    }
+    let items = raw_list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert!(items.iter().all(|i| i.get("token").is_none() && i.get("hash").is_none()), "{text}");
+    assert_eq!(items.iter().filter(|i| i["name"] == "unnamed").count(), 3);
+    let mine = items.iter().find(|i| i["id"] == id.as_str()).unwrap();
+    assert_eq!((mine["revoked_at"].is_null(), mine["status"].as_str()), (true, Some("active")));
+
+    // Revoked: its very next request is refused, saying why.
+    let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("revoked")), "{v}");
+    let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_revoked")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("web shop"), "{v}");
+    let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("revoked")), "revoking twice is harmless");
+    let (s, v) = h.raw_delete(&format!("/v1/tokens/{}", Uuid::now_v7())).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let (s, v) = h.raw_delete("/v1/tokens/not-an-id").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")));
+
+    for (body, needle) in [
+        (json!({"role": "owner"}), "unknown variant"),
+        (json!({"role": "viewer", "name": ""}), "name must not be empty"),
+        (json!({"role": "viewer", "name": "x".repeat(65)}), "limit is 64"),
+        (json!({"role": "viewer", "expires_in": "3 weeks"}), "expires_in"),
+        (json!({"role": "viewer", "expires_in": "0m"}), "between 1s"),
+        (json!({"role": "viewer", "secret": "mine"}), "unknown field"),
+    ] {
+        let (s, v) = h.call("POST", "/v1/tokens", t, Some(body.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{body}: {v}");
+    }
+    let (_, v) = h.call("GET", "/v1/tokens", t, None).await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 4, "refused requests created nothing");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused() {
+    let h = hub().await;
+    let (s, v) = h
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(&h.admin),
+            Some(json!({"role": "viewer", "name": "brief", "expires_in": "1s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let secret = v["token"].as_str().unwrap().to_owned();
+    let expires = jiff::Timestamp::from_str(v["expires_at"].as_str().unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+        if s != StatusCode::OK {
+            assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_expired")), "{v}");
+            assert!(jiff::Timestamp::now() >= expires, "refused before its expiry");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the token never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, v) = h.call("GET", "/v1/tokens", Some(&h.admin), None).await;
+    let brief = v["items"].as_array().unwrap().iter().find(|i| i["name"] == "brief").unwrap().clone();
+    assert_eq!(brief["status"], "expired");
+}
+
+#[tokio::test]
+async fn last_use_is_recorded_without_a_write_per_request() {
+    let h = hub().await;
+    let last_used = || async {
+        let (_, v) = h.call("GET", "/v1/tokens", Some(&h.admin), None).await;
+        let items = v["items"].as_array().unwrap().clone();
+        let viewer = items.iter().find(|i| i["role"] == "viewer").expect("the harness's viewer token");
+        viewer["last_used_at"].as_str().map(str::to_owned)
+    };
+    assert_eq!(last_used().await, None, "never used yet");
+    let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let first = loop {
+        if let Some(t) = last_used().await {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "last use never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // More requests within the minute leave the recorded time alone (no write per request).
+    let first_ts = jiff::Timestamp::from_str(&first).unwrap();
+    while jiff::Timestamp::now() < first_ts + jiff::SignedDuration::from_millis(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for _ in 0..20 {
+        let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // Whatever the background writer had in flight has landed once a later write commits.
+    let (s, _) = h.call("POST", "/v1/tokens", Some(&h.admin), Some(json!({"role": "viewer"}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(last_used().await.as_deref(), Some(first.as_str()));
+}
+
+#[tokio::test]
+async fn every_error_is_json_on_every_route() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    let json_ct = Some("application/json");
+    let big_json = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into_bytes();
+    let big_csv = {
+        let mut b = b"sku,name\n".to_vec();
+        b.resize(33 << 20, b'a');
+        b
+    };
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, Vec<u8>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/v1/nothing", v, None, vec![], StatusCode::NOT_FOUND, "not_found"),
+        ("GET", "/nothing", None, None, vec![], StatusCode::NOT_FOUND, "not_found"),
+        ("DELETE", "/healthz", None, None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("PUT", "/v1/availability/A", v, json_ct, b"{}".to_vec(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("GET", "/v1/restocks", a, None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("DELETE", "/v1/catalog/A", a, None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("GET", "/v1/catalog-imports", a, None, vec![], StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("POST", "/v1/restocks", a, json_ct, big_json.clone(), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        ("POST", "/v1/reservations", a, json_ct, big_json, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        (
+            "POST",
+            "/v1/catalog-imports",
+            a,
+            Some("text/csv"),
+            big_csv,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/v1/catalog-imports",
+            a,
+            json_ct,
+            b"{}".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/v1/restocks",
+            a,
+            Some("text/plain"),
+            b"{}".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        ("POST", "/v1/restocks", a, json_ct, b"{\"id\":".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        ("GET", "/v1/availability/%FF", v, None, vec![], StatusCode::BAD_REQUEST, "bad_request"),
+        ("GET", "/v1/reservations/%C3%28", a, None, vec![], StatusCode::BAD_REQUEST, "bad_request"),
+        ("GET", "/v1/changes?limit=abc", v, None, vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("GET", "/v1/conflicts?colour=red", v, None, vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            "GET",
+            "/v1/stores/store-a/stock?limit=-1",
+            v,
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        ("GET", "/v1/availability", v, None, vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        ("GET", "/v1/availability/A", None, None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("GET", "/metrics", Some("ss_wrong"), None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("POST", "/v1/tokens", v, json_ct, b"{}".to_vec(), StatusCode::FORBIDDEN, "forbidden"),
+    ];
+    for (method, path, token, ct, body, status, code) in cases {
+        let (s, got_ct, body) = raw(&h, method, path, token, ct, body).await;
+        assert_eq!((s, body["error"].as_str()), (status, Some(code)), "{method} {path}: {body}");
+        assert!(got_ct.starts_with("application/json"), "{method} {path}: content type {got_ct}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {body}");
+    }
+    let (_, _, body) = raw(&h, "POST", "/v1/catalog-imports", a, Some("text/csv"), vec![b'x'; (32 << 20) + 1]).await;
+    assert!(body["message"].as_str().unwrap().contains("32 MiB"), "{body}");
+}
+
+#[tokio::test]
+async fn change_cursors_out_of_range_are_refused_naming_the_parameter() {
+    let h = hub().await;
+    let v = Some(h.viewer.as_str());
+    for bad in ["9223372036854775808", "18446744073709551615", "18446744073709551616", "-1", "1e3", "abc"] {
+        let (s, _, body) = raw(&h, "GET", &format!("/v1/changes?after={bad}"), v, None, vec![]).await;
+        assert_eq!(
+            (s, body["error"].as_str(), body["parameter"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request"), Some("after")),
+            "{bad}: {body}"
+        );
+        assert!(body["message"].as_str().unwrap().contains("9223372036854775807"), "{body}");
+        let (s, _, body) = raw(&h, "GET", &format!("/v1/events?after={bad}"), v, None, vec![]).await;
+        assert_eq!((s, body["parameter"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("after")), "{bad}: {body}");
+        let r = h
+            .http
+            .get(format!("{}/v1/events", h.hub.url()))
+            .bearer_auth(&h.viewer)
+            .header("Last-Event-ID", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "Last-Event-ID {bad}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (body["error"].as_str(), body["parameter"].as_str()),
+            (Some("invalid_request"), Some("Last-Event-ID")),
+            "{body}"
+        );
+    }
+    let (s, _, body) = raw(&h, "GET", "/v1/changes?after=9223372036854775807", v, None, vec![]).await;
+    assert_eq!((s, body["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{body}");
+    assert_eq!(body["next"].as_u64(), Some(9223372036854775807));
+}
+
+#[tokio::test]
+async fn a_sku_named_import_is_addressable() {
+    let h = hub().await;
+    let a = Some(h.admin.as_str());
+    let (s, v) = h.raw_json("PUT", "/v1/catalog/import", json!({"name": "Import duty sticker"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = h.call("GET", "/v1/catalog/import", a, None).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("Import duty sticker")), "{v}");
+    let (s, v) = h.raw_json("PATCH", "/v1/catalog/import", json!({"safety_stock": 2})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = raw(
+        &h,
+        "POST",
+        "/v1/catalog-imports",
+        a,
+        Some("text/csv"),
+        b"sku,name\nimport,Import duty sticker v2\nexport,Export label\n".to_vec(),
+    )
+    .await;
+    assert_eq!((s, v["imported"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
+    let (_, v) = h.call("GET", "/v1/catalog/import", a, None).await;
+    assert_eq!(v["name"], "Import duty sticker v2");
+    // The old import path is gone: it is the SKU's own URL now.
+    let (s, _, v) = raw(&h, "POST", "/v1/catalog/import", a, Some("text/csv"), b"sku,name\n".to_vec()).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")), "{v}");
+}
+
+impl H {
+    async fn raw_delete(&self, path: &str) -> (StatusCode, Value) {
+        let (s, _, v) = raw(self, "DELETE", path, Some(&self.admin), None, vec![]).await;
+        (s, v)
+    }
+    async fn raw_json(&self, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let (s, _, v) =
+            raw(self, method, path, Some(&self.admin), Some("application/json"), body.to_string().into_bytes()).await;
+        (s, v)
+    }
 }

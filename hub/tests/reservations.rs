@@ -159,6 +159,24 @@ async fn reservations_are_idempotent_validated_and_split() {
     assert_eq!((status, &r["status"]), (StatusCode::OK, &json!("released")), "{r}");
     assert_eq!(del().await.unwrap().status(), StatusCode::OK);
     assert_eq!(h.get("/v1/availability/S").await["available"], 5);
+    // A released lease cannot be extended or paid; the answer says so in words, not Rust Debug text.
+    for (action, body, done) in [("extend", json!({"ttl_secs": 60}), "extended"), ("commit", json!({}), "committed")] {
+        let (s, v) = h.post(&h.storefront, &format!("/v1/reservations/{id}/{action}"), body).await;
+        assert_eq!((s, v["error"].as_str()), (StatusCode::CONFLICT, Some("invalid_state")), "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert_eq!(m, format!("reservation {id} is released; it cannot be {done}"));
+    }
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth(&h.storefront)
+        .header("Idempotency-Key", "ext-1")
+        .json(&json!({"ttl_secs": 900}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains(r#"Idempotency-Key "ext-1""#), "{v}");
     let r = h
         .http
         .get(format!("{}/v1/reservations/{}", h.hub.url(), Uuid::now_v7()))
@@ -256,4 +274,41 @@ async fn sse_resumes_from_last_event_id_without_gaps() {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let r = h.http.get(format!("{}/v1/changes?limit=0", h.hub.url())).bearer_auth(&h.admin).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// An open event stream outlives the request that checked its token: once the token is revoked,
+/// the stream ends before it sends anything that happened afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_when_its_token_is_revoked() {
+    let h = hub().await;
+    let (s, t) = h.post(&h.admin, "/v1/tokens", json!({"role": "viewer", "name": "sse client"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let secret = t["token"].as_str().unwrap().to_owned();
+    let head = h.get("/v1/changes?limit=1").await["next"].as_u64().unwrap();
+    let resp = h.http.get(format!("{}/v1/events?after={head}", h.hub.url())).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    h.restock("store-a", "BEFORE", 1).await;
+    let mut seen = String::new();
+    while !seen.contains("BEFORE") {
+        let chunk = tokio::time::timeout_at(deadline, stream.next()).await.expect("an event").unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let r = h
+        .http
+        .delete(format!("{}/v1/tokens/{}", h.hub.url(), t["id"].as_str().unwrap()))
+        .bearer_auth(&h.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    h.restock("store-a", "AFTER", 1).await;
+    let mut after = String::new();
+    while let Some(Ok(chunk)) =
+        tokio::time::timeout_at(deadline, stream.next()).await.expect("the stream ends within 30 s")
+    {
+        after.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!after.contains("AFTER"), "a revoked token still received events: {after}");
 }

@@ -21,14 +21,37 @@ pub const HUB_NODE: &str = "hub";
 pub enum IdError {
     #[error("{what} must not be empty")]
     Empty { what: &'static str },
-    #[error("{what} {value:?} is {len} bytes long; the limit is {max}")]
+    #[error("{what} {} is {len} bytes long; the limit is {max}", quote(value))]
     TooLong { what: &'static str, value: String, len: usize, max: usize },
-    #[error("{what} {value:?} has {found:?} at position {pos}; allowed: {allowed}")]
+    #[error("{what} {} has {} at position {pos}; allowed: {allowed}", quote(value), quote(&found.to_string()))]
     BadChar { what: &'static str, value: String, found: char, pos: usize, allowed: &'static str },
-    #[error("store id {0:?} is reserved for the hub")]
+    #[error("store id {} is reserved for the hub", quote(.0))]
     Reserved(String),
-    #[error("writer id {0:?} must look like <node>@<16 hex digits>")]
+    #[error("writer id {} must look like <node>@<16 hex digits>", quote(.0))]
     BadWriter(String),
+}
+
+/// Quotes a value for a message meant for people and API clients: `"like this"`, with `"`, `\`
+/// and control characters escaped as JSON escapes them (never Rust's `{:?}` notation).
+pub fn quote(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn check(
@@ -293,6 +316,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn messages_quote_like_json_not_like_rust_debug() {
+        assert_eq!(quote("a\"b\\c\u{7}\n"), r#""a\"b\\c\u0007\n""#);
+        let e = "a/\u{1}".parse::<Sku>().unwrap_err().to_string();
+        assert_eq!(e, r#"sku "a/\u0001" has "/" at position 1; allowed: A-Z a-z 0-9, then also '.', '_', '-'"#);
+    }
+
+    #[test]
     fn store_ids() {
         assert!("store-012".parse::<StoreId>().is_ok());
         assert!("0".parse::<StoreId>().is_ok());
@@ -310,7 +340,7 @@ mod tests {
     fn skus() {
         assert!("HSS-001".parse::<Sku>().is_ok());
         assert!("a.b_c-D".parse::<Sku>().is_ok());
-        assert!("a/b".parse::<Sku>().unwrap_err().to_string().contains("'/'"));
+        assert!("a/b".parse::<Sku>().unwrap_err().to_string().contains(r#""/""#));
         assert!(".a".parse::<Sku>().is_err());
         assert!("é".parse::<Sku>().is_err());
         assert!("x".repeat(65).parse::<Sku>().is_err());

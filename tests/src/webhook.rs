@@ -1,5 +1,5 @@
-//! A tiny HTTP server on 127.0.0.1:0 that records webhook deliveries, optionally failing the
-//! first attempts (to see retries).
+//! A tiny HTTP server on 127.0.0.1:0 that records webhook deliveries, optionally failing (or
+//! redirecting) the first attempts, to see retries.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,7 @@ pub struct WebhookSink {
     pub url: String,
     /// Accepted deliveries, in arrival order.
     pub received: Arc<Mutex<Vec<Delivery>>>,
-    /// Attempts answered with 503 so far.
+    /// Attempts answered with 503 (or the configured answer) so far.
     pub refused: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -44,6 +44,13 @@ impl Drop for WebhookSink {
 impl WebhookSink {
     /// Starts; the first `fail_first` requests are answered 503.
     pub async fn start(fail_first: usize) -> WebhookSink {
+        Self::start_answering(fail_first, "503 Service Unavailable".into()).await
+    }
+
+    /// Starts; the first `first` requests are answered with `answer` (a status line's code and
+    /// reason, optionally followed by `\r\n`-separated headers, e.g. a redirect's `location`).
+    pub async fn start_answering(first: usize, answer: String) -> WebhookSink {
+        let fail_first = first;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let received: Arc<Mutex<Vec<Delivery>>> = Arc::default();
@@ -52,7 +59,7 @@ impl WebhookSink {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                let (rx, rf) = (rx.clone(), rf.clone());
+                let (rx, rf, answer) = (rx.clone(), rf.clone(), answer.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
                     let mut reader = BufReader::new(read);
@@ -87,7 +94,7 @@ impl WebhookSink {
                         }
                         let status = if rf.load(Ordering::SeqCst) < fail_first {
                             rf.fetch_add(1, Ordering::SeqCst);
-                            "503 Service Unavailable"
+                            answer.as_str()
                         } else {
                             rx.lock().unwrap().push(Delivery { headers, body });
                             "200 OK"

@@ -101,7 +101,7 @@ async fn csv_imports_are_all_or_nothing_and_name_the_problem() {
     let c = Cluster::start(1).await;
     let http = reqwest::Client::new();
     let import = |body: &'static str| {
-        http.post(format!("{}/v1/catalog/import", c.hub_url()))
+        http.post(format!("{}/v1/catalog-imports", c.hub_url()))
             .bearer_auth(&c.admin_token)
             .header("content-type", "text/csv")
             .body(body)
@@ -122,7 +122,7 @@ async fn csv_imports_are_all_or_nothing_and_name_the_problem() {
     let page = c.hub_get("/v1/catalog?limit=1").await;
     assert_eq!((page["items"][0]["sku"].as_str(), page["next"].as_str()), (Some("A-1"), Some("A-1")));
     let r = http
-        .post(format!("{}/v1/catalog/import", c.hub_url()))
+        .post(format!("{}/v1/catalog-imports", c.hub_url()))
         .bearer_auth(&c.admin_token)
         .body("sku,name\n")
         .send()

@@ -116,6 +116,15 @@ async fn closed_by_server(s: &mut TcpStream, within: Duration) -> Option<String>
     read.ok().map(|_| String::from_utf8_lossy(&got).into_owned())
 }
 
+/// Whether a raw answer to a connection over a cap is JSON like every other error answer.
+fn is_json_refusal(answer: &str) -> bool {
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else { return false };
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    head.to_ascii_lowercase().contains("content-type: application/json")
+        && v["error"] == "too_many_connections"
+        && v["message"].is_string()
+}
+
 /// One of the hub's metrics, asked from the storefront's address.
 async fn hub_metric(h: &Hub, name: &str) -> u64 {
     let text = client_from(STOREFRONT)
@@ -166,7 +175,7 @@ async fn stalled_clients_from_one_address_leave_the_storefront_served() {
     // A refused attacker was closed at once (with a 429 if it got to read it).
     let mut last = attackers.into_iter().last().unwrap();
     let seen = closed_by_server(&mut last, PROMPT).await.expect("a refused connection is closed at once");
-    assert!(seen.is_empty() || seen.starts_with("HTTP/1.1 429"), "{seen}");
+    assert!(seen.is_empty() || (seen.starts_with("HTTP/1.1 429") && is_json_refusal(&seen)), "{seen}");
     h.hub.stop().await;
 }
 
@@ -186,7 +195,7 @@ async fn the_header_timeout_frees_a_full_hub() {
     for (i, a) in attackers.iter_mut().enumerate() {
         let seen = closed_by_server(a, DEADLINE).await;
         let seen = seen.unwrap_or_else(|| panic!("stalled connection {i} is still open"));
-        assert!(seen.is_empty() || seen.starts_with("HTTP/1.1 503"), "{seen}");
+        assert!(seen.is_empty() || (seen.starts_with("HTTP/1.1 503") && is_json_refusal(&seen)), "{seen}");
     }
     let storefront = client_from(STOREFRONT);
     let status = wait_until("the storefront to be served again", DEADLINE, || async {
@@ -341,6 +350,50 @@ async fn floods_get_429_per_token_and_per_address() {
     assert_eq!(r.status(), 409, "the storefront token has its own allowance (and there is no stock)");
     let rate_limited = hub_metric(&h, "http_rate_limited_total").await;
     assert!(rate_limited >= 3, "429s are counted: {rate_limited}");
+    h.hub.stop().await;
+}
+
+/// Tokens are judged on every request, and a request refused with 401 because its token is
+/// revoked or expired is charged to its address like one with a made-up token: a flood with dead
+/// tokens gets JSON 429s with Retry-After, while a valid token from the same address keeps its
+/// own allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_tokens_are_charged_to_their_address() {
+    let h = hub_with(|c| c.http.rate_limit.unauthenticated = RateLimit::new(1, 20)).await;
+    let d = h._dir.path().join("hub");
+    let (leaked, revoked) = admin::create_named_token(&d, Role::Viewer, Some("leaked"), None).await.unwrap();
+    admin::revoke_token(&d, &leaked.id.to_string()).await.unwrap();
+    let (short, expired) = admin::create_named_token(&d, Role::Viewer, Some("short"), Some("1s")).await.unwrap();
+    let expires_at_ms = short.expires_at_ms.expect("an expiry");
+    wait_until("the short-lived token to expire", DEADLINE, || async {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        (now_ms > expires_at_ms as u128).then_some(())
+    })
+    .await;
+
+    let url = h.hub.url();
+    let http = reqwest::Client::new();
+    for (token, code) in [(&revoked, "token_revoked"), (&expired, "token_expired")] {
+        let r = http.get(format!("{url}/v1/stores")).bearer_auth(token).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], code, "{v}");
+    }
+
+    let u = url.clone();
+    let dead = [revoked, expired];
+    let answers = flood(120, 4, move |http, i| http.get(format!("{u}/v1/stores")).bearer_auth(&dead[i % 2])).await;
+    assert!(limited(&answers) >= 60, "dead tokens dodged the per-address limit");
+    for (status, _, body) in &answers {
+        match status {
+            401 => assert!(body["error"] == "token_revoked" || body["error"] == "token_expired", "{body}"),
+            429 => {}
+            other => panic!("{other}: {body}"),
+        }
+    }
+
+    let r = http.get(format!("{url}/v1/stores")).bearer_auth(&h.viewer).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a valid token from the same address has its own allowance");
     h.hub.stop().await;
 }
 
