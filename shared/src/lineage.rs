@@ -244,6 +244,31 @@ pub fn judge(
     // A start of ours the hub never heard of, where the histories may part: this copy was
     // started from files there, so everything after it is ours alone.
     if cloned && !hub.live_boots.is_empty() {
+        // The live copy's starts tell where the two parted: the first start only one of the two
+        // has is where a copy of the files was made (every copy starts there). Up to it both
+        // hold the same history (so it stays the writer's, whoever ships it); what we did after
+        // it, or after `lo` (what the hub merged of us), is ours alone.
+        let shared = |b: &Boot| hub.live_boots.iter().any(|l| l.id == b.id);
+        let ours = |l: &Boot| own_boots.iter().any(|o| o.id == l.id);
+        let parted = own_boots
+            .iter()
+            .filter(|b| !shared(b))
+            .chain(hub.live_boots.iter().filter(|l| !ours(l)))
+            .map(|b| b.at.ordinal)
+            .min();
+        if let Some(parted) = parted {
+            return Verdict::Fork { at: lo.max(parted).min(own.ordinal), ambiguous: 0, reason };
+        }
+    }
+    // Another copy was started from the files at `lo` (a boot the hub knows and we do not):
+    // everything we did after it is ours alone.
+    let split_there = hub.boots.iter().any(|h| h.at.ordinal == lo && !own_boots.iter().any(|b| b.id == h.id));
+    if split_there {
+        return Verdict::Fork { at: lo, ambiguous: 0, reason };
+    }
+    // A start of ours the hub never heard of, where the histories may part: this copy was
+    // started from files there, so everything after it is ours alone.
+    if cloned && !hub.live_boots.is_empty() {
         // The live copy's starts tell exactly which of ours it shares: the first start of ours
         // it lacks is where we began on our own.
         let shared = |b: &Boot| hub.live_boots.iter().any(|l| l.id == b.id);

@@ -47,7 +47,24 @@ use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreI
 use uuid::Uuid;
 
 /// Seeds that run on every `cargo test`. Add any seed a random run reports.
-const REGRESSION_SEEDS: &[u64] = &[1, 2, 3, 42, 0x5eed, 0xdead_beef, 0x7a7a_0001, 0xc0ff_ee00, 0x9461_0c03_3a71_7e8d];
+const REGRESSION_SEEDS: &[u64] = &[
+    1,
+    2,
+    3,
+    42,
+    0x5eed,
+    0xdead_beef,
+    0x7a7a_0001,
+    0xc0ff_ee00,
+    0x9461_0c03_3a71_7e8d,
+    // Restores, roll-backs and clones whose fork points once came out wrong.
+    0x3aee_b1a3_1562_8e43,
+    0xd96f_7103_0f86_a119,
+    0x488b_d322_f1ec_a727,
+    0xe84b_5de0_eae5_c7d7,
+    0x64c4_00b1_da0a_fe63,
+    0xb5b0_330d_0dcc_6363,
+];
 /// Random seeds per run unless `SHELFSYNC_SIM_SEEDS` says otherwise.
 const DEFAULT_RANDOM_SEEDS: u64 = 80;
 const STEPS: usize = 4000;
