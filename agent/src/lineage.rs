@@ -59,7 +59,14 @@ fn set_head(conn: &Connection, writer: &WriterId, c: Checkpoint) -> Result<(), D
 
 /// The next change of `writer` (an own journal event): returns its checkpoint, to be stored on
 /// the journal row in the same transaction.
-pub fn next(conn: &Connection, writer: &WriterId, id: &Uuid, line: u32, sku: &Sku, delta: i64) -> Result<Checkpoint, DbError> {
+pub fn next(
+    conn: &Connection,
+    writer: &WriterId,
+    id: &Uuid,
+    line: u32,
+    sku: &Sku,
+    delta: i64,
+) -> Result<Checkpoint, DbError> {
     let c = head(conn, writer)?.next(id, line, sku, delta);
     set_head(conn, writer, c)?;
     Ok(c)
@@ -108,15 +115,26 @@ pub fn start(conn: &Connection, writer: &WriterId, now_ms: i64) -> Result<(), Db
     )?;
     if missing > 0 {
         let rows = conn
-            .prepare("SELECT seq, id, line, sku, delta FROM journal WHERE writer = ?1 AND ordinal IS NULL ORDER BY seq")?
+            .prepare(
+                "SELECT seq, id, line, sku, delta FROM journal WHERE writer = ?1 AND ordinal IS NULL ORDER BY seq",
+            )?
             .query_map([writer.to_string()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         for (seq, id, line, sku, delta) in rows {
             let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
             let c = next(conn, writer, &id, line, &db::sku_col(sku)?, delta)?;
-            conn.execute("UPDATE journal SET ordinal = ?2, chain = ?3 WHERE seq = ?1", params![seq, c.ordinal, c.chain.as_slice()])?;
+            conn.execute(
+                "UPDATE journal SET ordinal = ?2, chain = ?3 WHERE seq = ?1",
+                params![seq, c.ordinal, c.chain.as_slice()],
+            )?;
         }
         tracing::info!(%writer, changes = missing, "gave the changes of an older database their lineage");
     }
@@ -131,7 +149,9 @@ pub fn pending_reports(conn: &Connection) -> Result<Vec<Retirement>, DbError> {
         .prepare_cached("SELECT report FROM retired WHERE reported = 0 ORDER BY old")?
         .query_map([], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
-    rows.iter().map(|r| serde_json::from_str(r).map_err(|e| DbError::Corrupt(format!("retirement report: {e}")))).collect()
+    rows.iter()
+        .map(|r| serde_json::from_str(r).map_err(|e| DbError::Corrupt(format!("retirement report: {e}"))))
+        .collect()
 }
 
 /// A hub recorded the pending retirements (it answered our `Hello`).
@@ -142,7 +162,10 @@ pub fn reports_delivered(conn: &Connection) -> Result<(), DbError> {
 
 /// Writers this database retired (their entries are ours to ship; nobody writes them again).
 pub fn retired_writers(conn: &Connection) -> Result<Vec<WriterId>, DbError> {
-    let rows = conn.prepare_cached("SELECT old FROM retired")?.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    let rows = conn
+        .prepare_cached("SELECT old FROM retired")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter().map(db::writer_col).collect()
 }
 
@@ -187,7 +210,11 @@ pub fn judge_and_retire(
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let first = moved.first().map(|m| Uuid::from_slice(&m.1).map(|id| (id, m.2))).transpose().map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
+    let first = moved
+        .first()
+        .map(|m| Uuid::from_slice(&m.1).map(|id| (id, m.2)))
+        .transpose()
+        .map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
     let new = lineage::successor(me, &cut, first);
 
     // Journal rows and ordinals move; their sums per SKU move between the counter entries.
@@ -210,8 +237,14 @@ pub fn judge_and_retire(
     for (sku, s) in &sums {
         let old = db::entry(conn, sku, me)?.unwrap_or_default();
         let left = PnEntry {
-            p: old.p.checked_sub(s.p).ok_or_else(|| DbError::Corrupt(format!("{me}'s entry for {sku} is below its journal")))?,
-            n: old.n.checked_sub(s.n).ok_or_else(|| DbError::Corrupt(format!("{me}'s entry for {sku} is below its journal")))?,
+            p: old
+                .p
+                .checked_sub(s.p)
+                .ok_or_else(|| DbError::Corrupt(format!("{me}'s entry for {sku} is below its journal")))?,
+            n: old
+                .n
+                .checked_sub(s.n)
+                .ok_or_else(|| DbError::Corrupt(format!("{me}'s entry for {sku} is below its journal")))?,
         };
         db::put_entry(conn, sku, me, left, seq)?;
         db::put_entry(conn, sku, &new, *s, seq + 1)?;

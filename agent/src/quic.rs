@@ -266,7 +266,9 @@ pub async fn drive<S: SessionIo + Send, H: EffectHost<S> + Send>(
         }
         let (code, reason) = match e {
             DriveError::Session(s) => (s.code, s.message.clone()),
-            DriveError::Io(FrameIoError::Codec(c @ CodecError::Version { .. })) => (close_code::VERSION_MISMATCH, c.to_string()),
+            DriveError::Io(FrameIoError::Codec(c @ CodecError::Version { .. })) => {
+                (close_code::VERSION_MISMATCH, c.to_string())
+            }
             DriveError::Io(FrameIoError::Codec(c)) => (close_code::PROTOCOL_VIOLATION, c.to_string()),
             DriveError::Io(FrameIoError::Truncated) => (close_code::PROTOCOL_VIOLATION, "truncated frame".into()),
             _ => (close_code::NORMAL, String::new()),

@@ -56,14 +56,16 @@ pub async fn read_delta(db: &Db, after: u64, limit: usize, full: bool) -> Result
         let mut ours: std::collections::HashSet<String> =
             crate::lineage::retired_writers(&tx)?.iter().map(|w| w.to_string()).collect();
         ours.insert(me.to_string());
-        let mut stmt = tx.prepare_cached("SELECT sku, writer, p, n, seq, mac FROM counters WHERE seq > ?1 ORDER BY seq")?;
+        let mut stmt =
+            tx.prepare_cached("SELECT sku, writer, p, n, seq, mac FROM counters WHERE seq > ?1 ORDER BY seq")?;
         let mut rows = stmt.query(params![after])?;
         let mut read = DeltaRead::default();
         let mut more = false;
         while let Some(r) = rows.next()? {
             let writer: String = r.get(1)?;
             let mac: Option<Vec<u8>> = r.get(5)?;
-            let tag: Option<EntryMac> = if ours.contains(&writer) || !full { None } else { mac.and_then(|m| m.try_into().ok()) };
+            let tag: Option<EntryMac> =
+                if ours.contains(&writer) || !full { None } else { mac.and_then(|m| m.try_into().ok()) };
             if !ours.contains(&writer) && tag.is_none() {
                 continue;
             }
@@ -95,10 +97,15 @@ pub async fn read_delta(db: &Db, after: u64, limit: usize, full: bool) -> Result
 pub async fn hub_entries_digest(db: &Db) -> Result<StateDigest, DbError> {
     db.read(|conn| {
         let mut d = StateDigest::default();
-        let mut stmt = conn.prepare_cached("SELECT sku, writer, p, n FROM counters WHERE substr(writer, 1, 4) = 'hub@'")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT sku, writer, p, n FROM counters WHERE substr(writer, 1, 4) = 'hub@'")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            d.add(&db::sku_col(r.get(0)?)?, &db::writer_col(r.get(1)?)?, shelfsync_shared::PnEntry { p: r.get(2)?, n: r.get(3)? });
+            d.add(
+                &db::sku_col(r.get(0)?)?,
+                &db::writer_col(r.get(1)?)?,
+                shelfsync_shared::PnEntry { p: r.get(2)?, n: r.get(3)? },
+            );
         }
         Ok(d)
     })
@@ -126,7 +133,7 @@ pub async fn check_lineage(db: &Db, hub: HubLineage, cloned: bool) -> Result<Opt
 
 /// The hub answered our `Hello`, so it recorded the retirements it carried.
 pub async fn reports_delivered(db: &Db) -> Result<(), DbError> {
-    db.write(|conn| crate::lineage::reports_delivered(conn)).await
+    db.write(crate::lineage::reports_delivered).await
 }
 
 /// Records that a (possibly new) hub incarnation is the peer; a new one resets the watermarks.
@@ -156,11 +163,8 @@ pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), Db
                 touched.insert(sku.clone());
             }
             if let Some(tag) = tags.get(&(i as u32)).filter(|_| incoming.covers(current)) {
-                conn.prepare_cached("UPDATE counters SET mac = ?3 WHERE sku = ?1 AND writer = ?2")?.execute(params![
-                    sku.as_str(),
-                    writer.to_string(),
-                    tag.as_slice()
-                ])?;
+                conn.prepare_cached("UPDATE counters SET mac = ?3 WHERE sku = ?1 AND writer = ?2")?
+                    .execute(params![sku.as_str(), writer.to_string(), tag.as_slice()])?;
             }
         }
         for sku in &touched {
@@ -259,12 +263,8 @@ pub fn insert_own_event(conn: &Connection, e: &JournalEvent) -> Result<bool, DbE
         return Ok(false);
     }
     let c = crate::lineage::next(conn, &e.writer, &e.id, e.line, &e.sku, e.delta)?;
-    conn.prepare_cached("UPDATE journal SET ordinal = ?3, chain = ?4 WHERE id = ?1 AND line = ?2")?.execute(params![
-        e.id.as_bytes().as_slice(),
-        e.line,
-        c.ordinal,
-        c.chain.as_slice()
-    ])?;
+    conn.prepare_cached("UPDATE journal SET ordinal = ?3, chain = ?4 WHERE id = ?1 AND line = ?2")?
+        .execute(params![e.id.as_bytes().as_slice(), e.line, c.ordinal, c.chain.as_slice()])?;
     Ok(true)
 }
 

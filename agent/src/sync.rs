@@ -151,7 +151,9 @@ impl SyncClient {
             };
             let refused = kind == Ended::Refused;
             match kind {
-                Ended::Retired => tracing::warn!(hub = %self.hub_addr, reason = %error, "sync connection ended; reconnecting under the new writer"),
+                Ended::Retired => {
+                    tracing::warn!(hub = %self.hub_addr, reason = %error, "sync connection ended; reconnecting under the new writer")
+                }
                 // Logged once per episode at ERROR: head office must resolve it.
                 Ended::Refused if !refused_before => tracing::error!(
                     hub = %self.hub_addr,
@@ -304,7 +306,10 @@ impl EffectHost<AgentSession> for AgentHost {
             }
             Effect::CheckLineage { hub, cloned, hub_entries } => {
                 let hub_head = hub.head.ordinal;
-                match replica::check_lineage(&self.db, hub, cloned).await.map_err(|e| internal("checking lineage", e))? {
+                match replica::check_lineage(&self.db, hub, cloned)
+                    .await
+                    .map_err(|e| internal("checking lineage", e))?
+                {
                     None => {
                         // The hub recorded what our Hello reported; it need not come again.
                         replica::reports_delivered(&self.db).await.map_err(|e| internal("recording reports", e))?;

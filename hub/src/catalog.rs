@@ -105,7 +105,12 @@ impl HubCatalog {
     ///
     /// Sync states are kept per agent writer: a store may run several agents (or, after a
     /// retirement, a new writer on the same files), and each holds its own copy of the documents.
-    pub async fn connected(&self, storage: &dyn HubStorage, store: &StoreId, peer: &WriterId) -> StorageResult<PeerSync> {
+    pub async fn connected(
+        &self,
+        storage: &dyn HubStorage,
+        store: &StoreId,
+        peer: &WriterId,
+    ) -> StorageResult<PeerSync> {
         let catalog_state = storage.sync_state(CATALOG_DOC.into(), peer.to_string()).await?;
         let overrides_state = storage.sync_state(cat::overrides_doc(store), peer.to_string()).await?;
         {

@@ -215,7 +215,11 @@ impl HubHost {
     /// The agent said who it is: record what it reports, notice when it has seen more of this
     /// hub's life than the hub's files hold, decide whether it may join the store's live agents,
     /// and welcome it with what the hub holds of its writer.
-    async fn lookup_peer(&mut self, session: &mut HubSession, hello: shelfsync_shared::wire::Hello) -> Result<(), SessionError> {
+    async fn lookup_peer(
+        &mut self,
+        session: &mut HubSession,
+        hello: shelfsync_shared::wire::Hello,
+    ) -> Result<(), SessionError> {
         let (hub, store) = (self.hub.clone(), self.store.clone());
         let now_ms = jiff::Timestamp::now().as_millisecond();
         if !hello.retired.is_empty() {
@@ -264,7 +268,10 @@ impl HubHost {
                 "refused_address": self.remote,
                 "max_agents": marks.max_agents,
             });
-            let _ = hub.storage.agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms).await;
+            let _ = hub
+                .storage
+                .agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms)
+                .await;
             tracing::warn!(%store, refused = %hello.writer, live = ?writers, "refusing a second live agent of the store");
             return Err(session.refuse(
                 close_code::DUPLICATE_AGENT,
@@ -396,7 +403,9 @@ impl EffectHost<HubSession> for HubHost {
                 session.delta_applied(now(), upto)?;
                 if applied.own_lost {
                     let life = hub.storage.hub_writer();
-                    let why = format!("store {store} gave back entries of the hub's current writer {life} that its files lack");
+                    let why = format!(
+                        "store {store} gave back entries of the hub's current writer {life} that its files lack"
+                    );
                     hub.reincarnate(store, &life, why).await.map_err(|e| internal("taking a new life", e))?;
                     return Err(SessionError {
                         code: close_code::NORMAL,

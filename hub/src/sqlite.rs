@@ -466,7 +466,8 @@ impl HubStorage for SqliteStorage {
             let new = self
                 .write(move |conn| {
                     let w = mint(conn)?;
-                    let details = serde_json::json!({"old_writer": old.to_string(), "new_writer": w.to_string(), "why": why});
+                    let details =
+                        serde_json::json!({"old_writer": old.to_string(), "new_writer": w.to_string(), "why": why});
                     hub_rolled_back(conn, &old.to_string(), details, now_ms)?;
                     Ok(w)
                 })
@@ -492,7 +493,9 @@ impl HubStorage for SqliteStorage {
             AgentConflict::WriterCloned => {
                 "the store's files run on two machines: the newer copy moved its sales to a new writer; switch one off"
             }
-            AgentConflict::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+            AgentConflict::StoreRolledBack => {
+                "the store's files were put back; its later sales count under a new writer"
+            }
             AgentConflict::HubRolledBack => "the hub's files are older than what the store saw",
         }
         .to_owned();
@@ -795,11 +798,13 @@ impl HubStorage for SqliteStorage {
                 let mut lineage = lineage_col(old.flatten())?;
                 lineage.advance(l.head, &l.boots);
                 ensure_peer(conn, &store, &peer)?;
-                conn.prepare_cached("UPDATE peers SET lineage = ?3 WHERE store = ?1 AND writer = ?2")?.execute(params![
-                    store.as_str(),
-                    peer.to_string(),
-                    postcard::to_stdvec(&lineage).expect("lineage serialises")
-                ])?;
+                conn.prepare_cached("UPDATE peers SET lineage = ?3 WHERE store = ?1 AND writer = ?2")?.execute(
+                    params![
+                        store.as_str(),
+                        peer.to_string(),
+                        postcard::to_stdvec(&lineage).expect("lineage serialises")
+                    ],
+                )?;
             }
             // Close the holds the store picked in the same transaction that lowers on_hand, so a
             // picked unit is never counted both as held and as gone.

@@ -112,7 +112,9 @@ impl Hub {
 
     /// Connection `id` of `store` said hello as `writer`.
     pub fn said_hello(&self, store: &StoreId, id: u64, writer: WriterId, boots: Vec<Boot>) {
-        if let Some(c) = self.live.lock().expect("live lock").get_mut(store).and_then(|v| v.iter_mut().find(|c| c.id == id)) {
+        if let Some(c) =
+            self.live.lock().expect("live lock").get_mut(store).and_then(|v| v.iter_mut().find(|c| c.id == id))
+        {
             c.writer = Some(writer);
             c.boots = boots;
         }
@@ -275,7 +277,12 @@ impl Hub {
 
     /// Every live connection.
     pub fn all_live(&self) -> Vec<(StoreId, LiveConn)> {
-        self.live.lock().expect("live lock").iter().flat_map(|(s, v)| v.iter().map(|c| (s.clone(), c.clone()))).collect()
+        self.live
+            .lock()
+            .expect("live lock")
+            .iter()
+            .flat_map(|(s, v)| v.iter().map(|c| (s.clone(), c.clone())))
+            .collect()
     }
 
     /// A receiver that wakes when `store`'s data at the hub changes.

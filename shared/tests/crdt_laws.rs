@@ -298,12 +298,20 @@ fn any_delta() -> impl Strategy<Value = Delta> {
             0..40,
         );
         let fulfilled = prop::collection::vec(any::<u128>().prop_map(uuid::Uuid::from_u128), 0..6);
-        let lineage = prop::option::of((any::<u64>(), any::<[u8; 16]>(), prop::collection::vec((any::<u64>(), any::<u64>(), any::<[u8; 16]>()), 0..4)).prop_map(
-            |(ordinal, chain, boots)| DeltaLineage {
-                head: Checkpoint { ordinal, chain },
-                boots: boots.into_iter().map(|(id, ordinal, chain)| Boot { id, at: Checkpoint { ordinal, chain } }).collect(),
-            },
-        ));
+        let lineage = prop::option::of(
+            (
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                prop::collection::vec((any::<u64>(), any::<u64>(), any::<[u8; 16]>()), 0..4),
+            )
+                .prop_map(|(ordinal, chain, boots)| DeltaLineage {
+                    head: Checkpoint { ordinal, chain },
+                    boots: boots
+                        .into_iter()
+                        .map(|(id, ordinal, chain)| Boot { id, at: Checkpoint { ordinal, chain } })
+                        .collect(),
+                }),
+        );
         (Just(writers), entries, fulfilled, lineage, any::<[u8; 16]>()).prop_map(
             move |(writers, entries, fulfilled, lineage, tag)| {
                 // Every other entry tagged, as a store giving back hub entries would.

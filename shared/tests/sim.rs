@@ -632,7 +632,7 @@ impl Sim {
             failure: None,
             trust_acks: true,
             trace: std::env::var("SHELFSYNC_SIM_TRACE").ok().and_then(|v| v.parse().ok()),
-            file_faults: if seed % 3 == 0 { FileFaults::Hub } else { FileFaults::Agents },
+            file_faults: if seed.is_multiple_of(3) { FileFaults::Hub } else { FileFaults::Agents },
         }
     }
 
@@ -789,7 +789,8 @@ impl Sim {
             Effect::CheckLineage { hub, cloned, hub_entries } if live => {
                 let own = a.db.lineage();
                 let chains: Vec<Chain> = a.db.own.iter().map(|(c, _)| c.chain).collect();
-                let chain_at = |k: u64| if k == 0 { Some(lineage::GENESIS) } else { chains.get(k as usize - 1).copied() };
+                let chain_at =
+                    |k: u64| if k == 0 { Some(lineage::GENESIS) } else { chains.get(k as usize - 1).copied() };
                 let boots = a.db.boots.clone();
                 match lineage::judge(own, chain_at, &boots, &hub, cloned) {
                     Verdict::Continue => {
@@ -811,7 +812,9 @@ impl Sim {
                         let mut shared = lcp(&theirs);
                         if cloned {
                             let s = self.agents[j].store;
-                            for k in self.copies(s).into_iter().filter(|&k| k != j && self.agents[k].db.writer == writer) {
+                            for k in
+                                self.copies(s).into_iter().filter(|&k| k != j && self.agents[k].db.writer == writer)
+                            {
                                 let twin: Vec<Uuid> = self.agents[k].db.own.iter().map(|(_, id)| *id).collect();
                                 shared = shared.max(lcp(&twin));
                             }
@@ -835,7 +838,11 @@ impl Sim {
             Effect::ReadDelta { after, limit, full } if live => {
                 let read = a.db.read_delta(&store, after, limit, full);
                 let tips: Vec<(WriterId, Checkpoint)> =
-                    a.db.frozen.iter().filter(|(w, _)| read.entries.iter().any(|(_, x, _)| x == *w)).map(|(w, c)| (w.clone(), *c)).collect();
+                    a.db.frozen
+                        .iter()
+                        .filter(|(w, _)| read.entries.iter().any(|(_, x, _)| x == *w))
+                        .map(|(w, c)| (w.clone(), *c))
+                        .collect();
                 self.delta_tips.insert((j, gen, read.upto), tips);
                 let a = &mut self.agents[j];
                 r = a.session.as_mut().unwrap().delta_read(now, read);
@@ -999,9 +1006,13 @@ impl Sim {
                     .into_iter()
                     .filter(|&k| k != j && self.hub_sessions[k].as_ref().is_some_and(|h| h.is_established()))
                     .collect();
-                let twin = others.iter().copied().find(|&k| self.hub_sessions[k].as_ref().unwrap().peer() == Some(&hello.writer));
+                let twin = others
+                    .iter()
+                    .copied()
+                    .find(|&k| self.hub_sessions[k].as_ref().unwrap().peer() == Some(&hello.writer));
                 let cloned = twin.is_some();
-                let twin_boots = twin.and_then(|k| self.hub_sessions[k].as_ref().unwrap().hello().map(|h| h.boots.clone()));
+                let twin_boots =
+                    twin.and_then(|k| self.hub_sessions[k].as_ref().unwrap().hello().map(|h| h.boots.clone()));
                 if !others.is_empty() && !cloned {
                     // A second live agent of the store: refused, with a conflict.
                     self.hub.refusals += 1;
@@ -1824,7 +1835,9 @@ impl Sim {
             }
             for (w, entries) in &per_writer {
                 let Some(events) = self.counted_by(s, w, entries) else {
-                    return Err(format!("{store}: {w}'s entries {entries:?} are no prefixes of any one of its histories"));
+                    return Err(format!(
+                        "{store}: {w}'s entries {entries:?} are no prefixes of any one of its histories"
+                    ));
                 };
                 for id in events {
                     if let Some(other) = counted.insert(id, w.clone()) {
@@ -1854,7 +1867,9 @@ impl Sim {
                     .max();
                 let floor = if self.stats.hub_restores == 0 { events.len() } else { floor.unwrap_or(0) };
                 if len < floor {
-                    return Err(format!("{store} {k}: hub entry {w} counts {len} of its changes; {floor} must survive"));
+                    return Err(format!(
+                        "{store} {k}: hub entry {w} counts {len} of its changes; {floor} must survive"
+                    ));
                 }
             }
             for (_, e) in self.hub.journal.iter().filter(|(_, e)| e.store == store && e.writer.is_hub()) {

@@ -128,8 +128,11 @@ impl Cluster {
         let k = self.agents.len();
         let bundle = self.dir.path().join(format!("bundle-{i}"));
         let ad = self.agent_dir(k);
-        Proc::run_ok("shelfsync-agent", &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()])
-            .await;
+        Proc::run_ok(
+            "shelfsync-agent",
+            &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()],
+        )
+        .await;
         self.stores.push(self.stores[i].clone());
         self.agents.push(None);
         k

@@ -249,8 +249,11 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
 async fn a_store_allowed_two_agents_runs_both() {
     let mut c = Cluster::start(1).await;
     let hd = c.hub_dir();
-    shelfsync_tests::procs::Proc::run_ok("shelfsync-hub", &["store", "agents", "store-0", "2", "--data-dir", hd.to_str().unwrap()])
-        .await;
+    shelfsync_tests::procs::Proc::run_ok(
+        "shelfsync-hub",
+        &["store", "agents", "store-0", "2", "--data-dir", hd.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(c.count(0, "A", 100).await, 201);
     settled(&c, 0, "A", 100).await;
     let k = c.add_agent_of(0).await;
