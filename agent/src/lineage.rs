@@ -215,7 +215,7 @@ pub fn judge_and_retire(
         .map(|m| Uuid::from_slice(&m.1).map(|id| (id, m.2)))
         .transpose()
         .map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
-    let new = lineage::successor(me, &cut, first);
+    let new = lineage::successor(me, &cut, first, rand::random());
 
     // Journal rows and ordinals move; their sums per SKU move between the counter entries.
     let mut sums: std::collections::BTreeMap<Sku, PnEntry> = Default::default();

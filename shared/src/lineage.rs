@@ -197,17 +197,20 @@ pub enum Verdict {
 /// `first_moved` (event id and line). Derived, not drawn: a copy whose files are put back to a
 /// time before it retired `old` makes the same decision again and must land on the same writer,
 /// or the changes it moves a second time would be counted twice. Two copies that forked at the
-/// same point have different first changes, so they get different writers.
-pub fn successor(old: &WriterId, at: &Checkpoint, first_moved: Option<(Uuid, u32)>) -> WriterId {
+/// same point have different first changes, so they get different writers. When nothing moves
+/// there is nothing to count twice, and two copies retiring at the same point must not share a
+/// writer: `fresh` (drawn by the caller) decides then.
+pub fn successor(old: &WriterId, at: &Checkpoint, first_moved: Option<(Uuid, u32)>, fresh: u64) -> WriterId {
+    let Some((id, line)) = first_moved else {
+        return WriterId::new(old.node().clone(), Incarnation::from_u64(fresh));
+    };
     let mut h = Sha256::new();
     h.update(b"shelfsync-successor-v1");
     h.update(old.to_string().as_bytes());
     h.update(at.ordinal.to_be_bytes());
     h.update(at.chain);
-    if let Some((id, line)) = first_moved {
-        h.update(id.as_bytes());
-        h.update(line.to_be_bytes());
-    }
+    h.update(id.as_bytes());
+    h.update(line.to_be_bytes());
     let full = h.finalize();
     let mut n = [0u8; 8];
     n.copy_from_slice(&full[..8]);
@@ -503,12 +506,13 @@ mod tests {
         let store: crate::id::StoreId = "s1".parse().unwrap();
         let w = WriterId::new(crate::id::NodeId::Store(store.clone()), Incarnation::from_u64(7));
         let h = history(&[], 3, 1);
-        let a = successor(&w, &h[1], Some((Uuid::from_u128(5), 0)));
-        assert_eq!(a, successor(&w, &h[1], Some((Uuid::from_u128(5), 0))), "the same decision, the same writer");
+        let a = successor(&w, &h[1], Some((Uuid::from_u128(5), 0)), 1);
+        assert_eq!(a, successor(&w, &h[1], Some((Uuid::from_u128(5), 0)), 2), "the same decision, the same writer");
         assert!(a.is_store(&store));
         assert_ne!(a, w);
-        assert_ne!(a, successor(&w, &h[1], Some((Uuid::from_u128(6), 0))), "another branch");
-        assert_ne!(a, successor(&w, &h[2], Some((Uuid::from_u128(5), 0))), "another fork point");
+        assert_ne!(a, successor(&w, &h[1], Some((Uuid::from_u128(6), 0)), 1), "another branch");
+        assert_ne!(a, successor(&w, &h[2], Some((Uuid::from_u128(5), 0)), 1), "another fork point");
+        assert_ne!(successor(&w, &h[1], None, 1), successor(&w, &h[1], None, 2), "nothing moved: drawn");
     }
 
     #[test]

@@ -811,11 +811,18 @@ impl Sim {
                         let lcp = |x: &[Uuid]| own_ids.iter().zip(x).take_while(|(a, b)| a == b).count() as u64;
                         let mut shared = lcp(&theirs);
                         if cloned {
+                            // The twin's history is counted under the writer too: as it runs, or
+                            // cut back to where it retired the writer (its entries keep that).
                             let s = self.agents[j].store;
-                            for k in
-                                self.copies(s).into_iter().filter(|&k| k != j && self.agents[k].db.writer == writer)
-                            {
-                                let twin: Vec<Uuid> = self.agents[k].db.own.iter().map(|(_, id)| *id).collect();
+                            for k in self.copies(s).into_iter().filter(|&k| k != j) {
+                                let other = &self.agents[k].db;
+                                let twin: Vec<Uuid> = if other.writer == writer {
+                                    other.own.iter().map(|(_, id)| *id).collect()
+                                } else if let Some(cut) = other.frozen.get(&writer) {
+                                    self.history(&writer, cut.chain).unwrap_or_default()
+                                } else {
+                                    continue;
+                                };
                                 shared = shared.max(lcp(&twin));
                             }
                         }
@@ -877,10 +884,11 @@ impl Sim {
     fn retire(&mut self, j: usize, at: u64, ambiguous: u64, reason: lineage::RetireReason, hub_ordinal: u64) {
         self.stats.retirements += 1;
         let store = self.sid(j);
+        let fresh = self.rng.random();
         let db = &mut self.agents[j].db;
         let old = db.writer.clone();
         let cut = if at == 0 { Checkpoint::ZERO } else { db.own[at as usize - 1].0 };
-        let new = lineage::successor(&old, &cut, db.own.get(at as usize).map(|(_, id)| (*id, 0)));
+        let new = lineage::successor(&old, &cut, db.own.get(at as usize).map(|(_, id)| (*id, 0)), fresh);
         let own_ordinal = db.lineage().ordinal;
         let moved: Vec<Uuid> = db.own[at as usize..].iter().map(|(_, id)| *id).collect();
         db.frozen.insert(old.clone(), cut);
