@@ -143,13 +143,15 @@ pub fn start(conn: &Connection, writer: &WriterId, now_ms: i64) -> Result<(), Db
     Ok(())
 }
 
+/// The first column of every row of `sql`, as text.
+fn texts(conn: &Connection, sql: &str) -> Result<Vec<String>, DbError> {
+    Ok(conn.prepare_cached(sql)?.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Retirements this database made that no hub has acknowledged yet.
 pub fn pending_reports(conn: &Connection) -> Result<Vec<Retirement>, DbError> {
-    let rows = conn
-        .prepare_cached("SELECT report FROM retired WHERE reported = 0 ORDER BY old")?
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.iter()
+    texts(conn, "SELECT report FROM retired WHERE reported = 0 ORDER BY old")?
+        .iter()
         .map(|r| serde_json::from_str(r).map_err(|e| DbError::Corrupt(format!("retirement report: {e}"))))
         .collect()
 }
@@ -162,11 +164,7 @@ pub fn reports_delivered(conn: &Connection) -> Result<(), DbError> {
 
 /// Writers this database retired (their entries are ours to ship; nobody writes them again).
 pub fn retired_writers(conn: &Connection) -> Result<Vec<WriterId>, DbError> {
-    let rows = conn
-        .prepare_cached("SELECT old FROM retired")?
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter().map(db::writer_col).collect()
+    texts(conn, "SELECT old FROM retired")?.into_iter().map(db::writer_col).collect()
 }
 
 /// Judges `me`'s history against what the hub merged (`hub`, `cloned`) and, if it forked, retires

@@ -437,6 +437,22 @@ struct Agent {
     gone: bool,
 }
 
+impl Agent {
+    /// An agent of store `store` started on `db`, not connected.
+    fn new(store: usize, db: AgentDb) -> Agent {
+        Agent {
+            store,
+            db,
+            session: None,
+            work: VecDeque::new(),
+            heads_dirty: false,
+            backup: None,
+            snapshot: None,
+            gone: false,
+        }
+    }
+}
+
 /// One connection: frames in flight per direction and stream, as bytes.
 struct Link {
     gen: u64,
@@ -587,16 +603,7 @@ impl Sim {
                 let writer = WriterId::new(NodeId::Store(store_id(i)), Incarnation::from_u64(rng.random()));
                 let mut db = AgentDb::new(writer);
                 db.boot(rng.random());
-                Agent {
-                    store: i,
-                    db,
-                    session: None,
-                    work: VecDeque::new(),
-                    heads_dirty: false,
-                    backup: None,
-                    snapshot: None,
-                    gone: false,
-                }
+                Agent::new(i, db)
             })
             .collect();
         let n = agents.len();
@@ -1593,16 +1600,7 @@ impl Sim {
         self.rolled[s] = true;
         let k = self.agents.len();
         self.trace(j, || format!("CLONE to agent-{k} at {:?}", db.lineage()));
-        self.agents.push(Agent {
-            store: s,
-            db,
-            session: None,
-            work: VecDeque::new(),
-            heads_dirty: false,
-            backup: None,
-            snapshot: None,
-            gone: false,
-        });
+        self.agents.push(Agent::new(s, db));
         self.hub_sessions.push(None);
         self.hub_heads_dirty.push(false);
         self.links.push(None);
