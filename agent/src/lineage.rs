@@ -167,7 +167,7 @@ pub fn retired_writers(conn: &Connection) -> Result<Vec<WriterId>, DbError> {
     texts(conn, "SELECT old FROM retired")?.into_iter().map(db::writer_col).collect()
 }
 
-/// Judges `me`'s history against what the hub merged (`hub`, `cloned`) and, if it forked, retires
+/// Judges `me`'s history against what the hub merged (`hub`) and, if it forked, retires
 /// `me` in this transaction: its changes after the fork point move to the successor writer (journal
 /// rows, ordinals, counter entries with fresh sequences), its boots in that stretch go along, the
 /// successor starts here with a boot of its own, the hub watermarks start over, and a report
@@ -176,14 +176,12 @@ pub fn judge_and_retire(
     conn: &Connection,
     me: &WriterId,
     hub: &HubLineage,
-    cloned: bool,
     now_ms: i64,
 ) -> Result<Option<(Retirement, WriterId)>, DbError> {
     let own = head(conn, me)?;
     let own_boots = boots(conn, me)?;
     // The judge asks for chain values at the hub's points only; look those up first.
     let mut wanted: Vec<u64> = hub.points.iter().chain(std::iter::once(&hub.head)).map(|p| p.ordinal).collect();
-    wanted.extend(hub.live_boots.iter().map(|b| b.at.ordinal));
     wanted.retain(|&o| o <= own.ordinal);
     let mut chains = std::collections::HashMap::new();
     for o in wanted {
@@ -191,7 +189,7 @@ pub fn judge_and_retire(
             chains.insert(o, c);
         }
     }
-    let verdict = lineage::judge(own, |o| chains.get(&o).copied(), &own_boots, hub, cloned);
+    let verdict = lineage::judge(own, |o| chains.get(&o).copied(), &own_boots, hub);
     let Verdict::Fork { at, ambiguous, reason } = verdict else { return Ok(None) };
 
     let cut = Checkpoint { ordinal: at, chain: chain_at(conn, me, at)?.unwrap_or(lineage::GENESIS) };

@@ -115,12 +115,12 @@ pub async fn hub_entries_digest(db: &Db) -> Result<StateDigest, DbError> {
 /// Judges the current writer's history against the hub's (a write job, so nothing else writes in
 /// between) and retires it if it forked. `Some(report)`: the writer changed; the connection must
 /// start over.
-pub async fn check_lineage(db: &Db, hub: HubLineage, cloned: bool) -> Result<Option<Retirement>, DbError> {
+pub async fn check_lineage(db: &Db, hub: HubLineage) -> Result<Option<Retirement>, DbError> {
     let current = db.current();
     db.write(move |conn| {
         let me = current.get().writer;
         let now = jiff::Timestamp::now().as_millisecond();
-        match crate::lineage::judge_and_retire(conn, &me, &hub, cloned, now)? {
+        match crate::lineage::judge_and_retire(conn, &me, &hub, now)? {
             Some((report, new)) => {
                 current.set_writer(new, now);
                 Ok(Some(report))

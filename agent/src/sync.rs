@@ -304,9 +304,9 @@ impl EffectHost<AgentSession> for AgentHost {
                     .map_err(|e| internal("reading a delta", e))?;
                 session.delta_read(Instant::now(), read)?;
             }
-            Effect::CheckLineage { hub, cloned, hub_entries } => {
+            Effect::CheckLineage { hub, hub_entries } => {
                 let hub_head = hub.head.ordinal;
-                match replica::check_lineage(&self.db, hub, cloned)
+                match replica::check_lineage(&self.db, hub)
                     .await
                     .map_err(|e| internal("checking lineage", e))?
                 {
@@ -320,15 +320,8 @@ impl EffectHost<AgentSession> for AgentHost {
                         session.lineage_ok(Instant::now(), ours != hub_entries)?;
                     }
                     Some(r) => {
-                        let what = match r.reason {
-                            shelfsync_shared::lineage::RetireReason::RolledBack => {
-                                "the hub has merged a history of this writer that these files do not have \
-                                 (they were restored from an older copy, or another copy ran on)"
-                            }
-                            shelfsync_shared::lineage::RetireReason::Cloned => {
-                                "another live agent presents the same writer (these files are a copy)"
-                            }
-                        };
+                        let what = "the hub has merged a history of this writer that these files do not have \
+                                    (they were restored from an older copy, or another copy of them ran on)";
                         tracing::warn!(
                             old = %r.old, new = %r.new, fork_ordinal = r.fork_ordinal, hub_ordinal = hub_head,
                             own_ordinal = r.own_ordinal, moved = r.moved, ambiguous = r.ambiguous,

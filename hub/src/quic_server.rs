@@ -255,9 +255,32 @@ impl HubHost {
         let marks =
             hub.storage.lookup_peer(store.clone(), hello.writer.clone()).await.map_err(|e| internal("lookup", e))?;
         let alive = hub.probe(&store, self.conn_id, self.probe_timeout).await;
-        let twin = alive.iter().find(|c| c.writer.as_ref() == Some(&hello.writer));
         let writers: Vec<String> = alive.iter().filter_map(|c| c.writer.as_ref().map(ToString::to_string)).collect();
-        if twin.is_none() && alive.len() as u32 >= marks.max_agents {
+        if let Some(twin) = alive.iter().find(|c| c.writer.as_ref() == Some(&hello.writer)) {
+            // Two live copies of one database. The newcomer waits (it keeps selling offline under
+            // the writer); when it can connect, the lineage check moves what it did on its own to
+            // a successor, exactly.
+            Metrics::inc(&hub.metrics.writer_clones_total);
+            let details = serde_json::json!({
+                "writer": hello.writer.to_string(),
+                "live_since": shelfsync_agent::ledger::rfc3339(twin.since_ms),
+                "copy_address": self.remote,
+            });
+            let _ = hub
+                .storage
+                .agent_conflict(AgentConflict::WriterCloned, store.clone(), hello.writer.to_string(), details, now_ms)
+                .await;
+            tracing::warn!(%store, writer = %hello.writer, "a second live connection presents the same writer: its files are a copy; refused while the first is live");
+            return Err(session.refuse(
+                close_code::DUPLICATE_AGENT,
+                format!(
+                    "another live agent of store {store} presents the same writer {}: these files are a copy of a running \
+                     store; refused until head office switches one off",
+                    hello.writer
+                ),
+            ));
+        }
+        if alive.len() as u32 >= marks.max_agents {
             Metrics::inc(&hub.metrics.duplicate_agents_total);
             let mut key = writers.clone();
             key.push(hello.writer.to_string());
@@ -268,10 +291,7 @@ impl HubHost {
                 "refused_address": self.remote,
                 "max_agents": marks.max_agents,
             });
-            let _ = hub
-                .storage
-                .agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms)
-                .await;
+            let _ = hub.storage.agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms).await;
             tracing::warn!(%store, refused = %hello.writer, live = ?writers, "refusing a second live agent of the store");
             return Err(session.refuse(
                 close_code::DUPLICATE_AGENT,
@@ -282,32 +302,11 @@ impl HubHost {
                 ),
             ));
         }
-        let mut lineage = marks.lineage;
-        if let Some(t) = twin {
-            Metrics::inc(&hub.metrics.writer_clones_total);
-            let details = serde_json::json!({
-                "writer": hello.writer.to_string(),
-                "live_since": shelfsync_agent::ledger::rfc3339(t.since_ms),
-                "copy_address": self.remote,
-            });
-            let _ = hub
-                .storage
-                .agent_conflict(AgentConflict::WriterCloned, store.clone(), hello.writer.to_string(), details, now_ms)
-                .await;
-            tracing::warn!(%store, writer = %hello.writer, "a second live connection presents the same writer: its files are a copy; it must retire the writer");
-            lineage = lineage.with_live_boots(&t.boots);
-        }
         let hub_entries =
             hub.storage.hub_entries_digest(store.clone()).await.map_err(|e| internal("digest of hub entries", e))?;
         session.accept(
             Instant::now(),
-            PeerAccept {
-                applied: marks.applied,
-                journal_applied: marks.journal_applied,
-                lineage,
-                cloned: twin.is_some(),
-                hub_entries,
-            },
+            PeerAccept { applied: marks.applied, journal_applied: marks.journal_applied, lineage: marks.lineage, hub_entries },
         )
     }
 
@@ -385,7 +384,13 @@ impl EffectHost<HubSession> for HubHost {
                 let upto = delta.upto;
                 let applied = hub
                     .storage
-                    .apply_delta(store.clone(), peer, delta, hub.now())
+                    .apply_delta(
+                        store.clone(),
+                        peer,
+                        delta,
+                        session.hello().map(|h| h.boots.clone()).unwrap_or_default(),
+                        hub.now(),
+                    )
                     .await
                     .map_err(|e| internal("applying a delta", e))?;
                 Metrics::inc(&hub.metrics.deltas_applied_total);

@@ -491,7 +491,8 @@ impl HubStorage for SqliteStorage {
                 "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
             }
             AgentConflict::WriterCloned => {
-                "the store's files run on two machines: the newer copy moved its sales to a new writer; switch one off"
+                "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
+                 offline); switch one off, and its sales arrive under a new writer"
             }
             AgentConflict::StoreRolledBack => {
                 "the store's files were put back; its later sales count under a new writer"
@@ -513,7 +514,6 @@ impl HubStorage for SqliteStorage {
             for r in &reports {
                 let kind = match r.reason {
                     RetireReason::RolledBack => AgentConflict::StoreRolledBack,
-                    RetireReason::Cloned => AgentConflict::WriterCloned,
                 };
                 let window = r.window_ms.map(|(a, b)| {
                     serde_json::json!({"from": shelfsync_agent::ledger::rfc3339(a), "to": shelfsync_agent::ledger::rfc3339(b)})
@@ -749,6 +749,7 @@ impl HubStorage for SqliteStorage {
         store: StoreId,
         peer: WriterId,
         delta: Delta,
+        pusher_boots: Vec<shelfsync_shared::lineage::Boot>,
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>> {
         let st = self.staleness;
@@ -796,7 +797,7 @@ impl HubStorage for SqliteStorage {
                     .query_row(params![store.as_str(), peer.to_string()], |r| r.get(0))
                     .optional()?;
                 let mut lineage = lineage_col(old.flatten())?;
-                lineage.advance(l.head, &l.boots);
+                lineage.advance(l.head, &l.boots, &pusher_boots);
                 ensure_peer(conn, &store, &peer)?;
                 conn.prepare_cached("UPDATE peers SET lineage = ?3 WHERE store = ?1 AND writer = ?2")?.execute(
                     params![

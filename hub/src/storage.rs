@@ -413,13 +413,14 @@ pub trait HubStorage: Send + Sync + 'static {
     /// What the hub applied from an agent writer (zero if never seen).
     fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>>;
     /// Merges an agent's delta (verifying the tags of entries it gives back, advancing the peer's
-    /// lineage), closes the holds it fulfilled, reconciles any oversell and records `delta.upto`
+    /// lineage; `pusher_boots` are the agent's latest starts, from its hello), closes the holds it fulfilled, reconciles any oversell and records `delta.upto`
     /// as applied, in one transaction.
     fn apply_delta(
         &self,
         store: StoreId,
         peer: WriterId,
         delta: Delta,
+        pusher_boots: Vec<shelfsync_shared::lineage::Boot>,
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>>;
     /// Entries of `store` above `after` (all writers except `exclude`), sequence order, each with

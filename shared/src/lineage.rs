@@ -95,19 +95,22 @@ pub struct HubLineage {
     /// Boots of copies whose data the hub merged, at most [`CHECKPOINTS_MAX`]; their checkpoints
     /// are among `points` (or the head).
     pub boots: Vec<Boot>,
-    /// The starts of the live copy of the same writer, oldest first, when there is one
-    /// (`cloned`).
-    pub live_boots: Vec<Boot>,
+    /// The latest starts (at most [`BOOTS_MAX`], oldest first) of the copy whose delta set the
+    /// head: which starts that history shares with ours tells where the two parted.
+    #[serde(default)]
+    pub head_boots: Vec<Boot>,
 }
 
 impl HubLineage {
-    /// Records a newer head and the boots that came with it, keeping the newest points.
-    pub fn advance(&mut self, head: Checkpoint, boots: &[Boot]) {
+    /// Records a newer head (from a copy whose latest starts are `pusher_boots`) and the boots
+    /// that came with it, keeping the newest points.
+    pub fn advance(&mut self, head: Checkpoint, boots: &[Boot], pusher_boots: &[Boot]) {
         if head.ordinal >= self.head.ordinal {
             if self.head.ordinal > 0 {
                 self.points.push(self.head);
             }
             self.head = head;
+            self.head_boots = pusher_boots.iter().rev().take(BOOTS_MAX).rev().copied().collect();
         }
         for b in boots.iter().filter(|b| b.at.ordinal <= self.head.ordinal) {
             if b.at.ordinal > 0 {
@@ -131,27 +134,6 @@ impl HubLineage {
 }
 
 impl HubLineage {
-    /// Adds the boots of a live copy of the same writer (from its `Hello`), so a newcomer judged
-    /// a clone can find where the two split even before the live one reported anything.
-    pub fn with_live_boots(mut self, boots: &[Boot]) -> Self {
-        self.live_boots = boots.to_vec();
-        for b in boots {
-            if !self.boots.iter().any(|h| h.id == b.id) {
-                if b.at.ordinal > 0 && b.at != self.head {
-                    self.points.push(b.at);
-                }
-                self.boots.push(*b);
-            }
-        }
-        self.points.sort();
-        self.points.dedup();
-        let skip = self.points.len().saturating_sub(CHECKPOINTS_MAX);
-        self.points.drain(..skip);
-        self.boots.sort_by_key(|b| (b.at.ordinal, b.id));
-        let skip = self.boots.len().saturating_sub(CHECKPOINTS_MAX);
-        self.boots.drain(..skip);
-        self
-    }
 }
 
 /// Why a writer must be retired.
@@ -159,10 +141,8 @@ impl HubLineage {
 #[serde(rename_all = "snake_case")]
 pub enum RetireReason {
     /// The hub has merged changes of this writer that this database does not have: its files
-    /// were put back from an older copy (or another copy ran on).
+    /// were put back from an older copy, or another copy of them ran on.
     RolledBack,
-    /// Another live connection presents the same writer: this database is a copy of a running one.
-    Cloned,
 }
 
 impl RetireReason {
@@ -170,7 +150,6 @@ impl RetireReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RetireReason::RolledBack => "rolled_back",
-            RetireReason::Cloned => "cloned",
         }
     }
 }
@@ -219,48 +198,44 @@ pub fn successor(old: &WriterId, at: &Checkpoint, first_moved: Option<(Uuid, u32
 
 /// Decides whether a writer whose own history has head `own` (and chain values `own_chain(k)` for
 /// every `k ≤ own.ordinal`, and `own_boots`) may keep writing, given what the hub merged (`hub`).
-/// `cloned` says a live connection of the same writer exists elsewhere.
 pub fn judge(
     own: Checkpoint,
     own_chain: impl Fn(u64) -> Option<Chain>,
     own_boots: &[Boot],
     hub: &HubLineage,
-    cloned: bool,
 ) -> Verdict {
     let matches =
         |p: &Checkpoint| p.ordinal == 0 || (p.ordinal <= own.ordinal && own_chain(p.ordinal) == Some(p.chain));
     let extends = matches(&hub.head);
-    if extends && !cloned {
+    if extends {
         return Verdict::Continue;
     }
-    let reason = if extends { RetireReason::Cloned } else { RetireReason::RolledBack };
+    let reason = RetireReason::RolledBack;
     let points = hub.points.iter().chain(std::iter::once(&hub.head));
     let lo = points.clone().filter(|p| matches(p)).map(|p| p.ordinal).max().unwrap_or(0);
     // The first point above `lo` is where the histories are known to differ (or the hub is ahead).
     let hi = points.filter(|p| p.ordinal > lo).map(|p| p.ordinal).min().unwrap_or(u64::MAX);
-    // Another copy was started from the files at `lo` (a boot the hub knows and we do not):
-    // everything we did after it is ours alone.
-    let split_there = hub.boots.iter().any(|h| h.at.ordinal == lo && !own_boots.iter().any(|b| b.id == h.id));
-    if split_there {
-        return Verdict::Fork { at: lo, ambiguous: 0, reason };
-    }
-    // A start of ours the hub never heard of, where the histories may part: this copy was
-    // started from files there, so everything after it is ours alone.
-    if cloned && !hub.live_boots.is_empty() {
-        // The live copy's starts tell where the two parted: the first start only one of the two
-        // has is where a copy of the files was made (every copy starts there). Up to it both
-        // hold the same history (so it stays the writer's, whoever ships it); what we did after
-        // it, or after `lo` (what the hub merged of us), is ours alone.
-        let shared = |b: &Boot| hub.live_boots.iter().any(|l| l.id == b.id);
-        let ours = |l: &Boot| own_boots.iter().any(|o| o.id == l.id);
+    // The other history is the one the hub merged; it kept its pusher's starts. The first start
+    // only one of the two has is where a copy of the files was made (every copy starts there):
+    // up to it both hold the same history, after it each its own. (A start older than what the
+    // other side still lists proves nothing.)
+    let other: &[Boot] = &hub.head_boots;
+    if !other.is_empty() {
+        let horizon = |list: &[Boot]| if list.len() >= BOOTS_MAX { list[0].at.ordinal } else { 0 };
+        let (theirs_from, ours_from) = (horizon(other), horizon(own_boots));
+        let in_other = |b: &Boot| other.iter().any(|o| o.id == b.id);
+        let in_ours = |o: &Boot| own_boots.iter().any(|b| b.id == o.id);
         let parted = own_boots
             .iter()
-            .filter(|b| !shared(b))
-            .chain(hub.live_boots.iter().filter(|l| !ours(l)))
+            .filter(|b| !in_other(b) && b.at.ordinal >= theirs_from)
+            .chain(other.iter().filter(|o| !in_ours(o) && o.at.ordinal >= ours_from))
             .map(|b| b.at.ordinal)
             .min();
         if let Some(parted) = parted {
-            return Verdict::Fork { at: lo.max(parted).min(own.ordinal), ambiguous: 0, reason };
+            // What the hub merged of ours up to `lo` stays; nothing past where the histories
+            // are known to differ (`hi`) can be shared.
+            let at = lo.max(parted).min(hi.saturating_sub(1)).min(own.ordinal);
+            return Verdict::Fork { at, ambiguous: 0, reason };
         }
     }
     // Another copy was started from the files at `lo` (a boot the hub knows and we do not):
@@ -271,23 +246,6 @@ pub fn judge(
     }
     // A start of ours the hub never heard of, where the histories may part: this copy was
     // started from files there, so everything after it is ours alone.
-    if cloned && !hub.live_boots.is_empty() {
-        // The live copy's starts tell exactly which of ours it shares: the first start of ours
-        // it lacks is where we began on our own.
-        let shared = |b: &Boot| hub.live_boots.iter().any(|l| l.id == b.id);
-        let alone = own_boots.iter().filter(|b| !shared(b) && b.at.ordinal >= lo && b.at.ordinal <= own.ordinal);
-        if let Some(at) = alone.map(|b| b.at.ordinal).min() {
-            return Verdict::Fork { at, ambiguous: 0, reason };
-        }
-        // One of the two copies started from files at or before `lo` (a start only one of them
-        // has), and our history is the hub's up to `lo`: what we did after it is ours alone.
-        let ours = |l: &Boot| own_boots.iter().any(|o| o.id == l.id);
-        let split_before = own_boots.iter().any(|b| !shared(b) && b.at.ordinal <= lo)
-            || hub.live_boots.iter().any(|l| !ours(l) && l.at.ordinal <= lo);
-        if split_before {
-            return Verdict::Fork { at: lo, ambiguous: 0, reason };
-        }
-    }
     let known = |b: &Boot| hub.boots.iter().any(|h| h.id == b.id);
     let ours = own_boots
         .iter()
@@ -324,10 +282,10 @@ mod tests {
     fn hub_of(h: &[Checkpoint], upto: usize, deltas: &[usize], boots: &[usize]) -> HubLineage {
         let mut l = HubLineage::default();
         for &d in deltas {
-            l.advance(h[d - 1], &[]);
+            l.advance(h[d - 1], &[], &[]);
         }
         let boots: Vec<_> = boots.iter().map(|&i| Boot { id: 1000 + i as u64, at: h[i - 1] }).collect();
-        l.advance(h[upto - 1], &boots);
+        l.advance(h[upto - 1], &boots, &[]);
         l
     }
 
@@ -340,8 +298,8 @@ mod tests {
     fn a_history_that_extends_the_hubs_continues() {
         let h = history(&[], 10, 1);
         let (own, chain) = own_of(&h);
-        assert_eq!(judge(own, &chain, &[], &hub_of(&h, 7, &[3], &[]), false), Verdict::Continue);
-        assert_eq!(judge(own, &chain, &[], &HubLineage::default(), false), Verdict::Continue);
+        assert_eq!(judge(own, &chain, &[], &hub_of(&h, 7, &[3], &[])), Verdict::Continue);
+        assert_eq!(judge(own, &chain, &[], &HubLineage::default()), Verdict::Continue);
     }
 
     #[test]
@@ -356,13 +314,13 @@ mod tests {
         // Our boot at 2 is the one the hub knows (same id); the one at 5 is new.
         let boots = [Boot { id: 1002, at: copy[1] }, Boot { id: 5, at: copy[4] }];
         assert_eq!(
-            judge(own, &chain, &boots, &hub, false),
+            judge(own, &chain, &boots, &hub),
             Verdict::Fork { at: 5, ambiguous: 0, reason: RetireReason::RolledBack }
         );
         // Rolled back with nothing new: everything up to the boot is shared, nothing moves.
         let (own, chain) = own_of(&prefix);
         assert_eq!(
-            judge(own, &chain, &boots, &hub, false),
+            judge(own, &chain, &boots, &hub),
             Verdict::Fork { at: 5, ambiguous: 0, reason: RetireReason::RolledBack }
         );
     }
@@ -377,7 +335,7 @@ mod tests {
         let (own, chain) = own_of(&original);
         let hub = hub_of(&clone, 8, &[], &[5]);
         assert_eq!(
-            judge(own, &chain, &boots_at(&original, &[1]), &hub, false),
+            judge(own, &chain, &boots_at(&original, &[1]), &hub),
             Verdict::Fork { at: 5, ambiguous: 0, reason: RetireReason::RolledBack }
         );
     }
@@ -394,8 +352,29 @@ mod tests {
         let (own, chain) = own_of(&original);
         let hub = hub_of(&clone, 15, &[], &[10]);
         assert_eq!(
-            judge(own, &chain, &boots_at(&original, &[13]), &hub, false),
+            judge(own, &chain, &boots_at(&original, &[13]), &hub),
             Verdict::Fork { at: 10, ambiguous: 0, reason: RetireReason::RolledBack }
+        );
+    }
+
+    /// A clone started at 6 and reported it; the original then went on past the clone's head and
+    /// pushed; the clone restarted at 8. Its restart is no fork point: it parted from the
+    /// original (whose starts the hub kept with its head) at 6.
+    #[test]
+    fn a_copy_parts_from_the_pusher_of_the_hubs_head_where_their_starts_part() {
+        let prefix = history(&[], 6, 1);
+        let original = history(&prefix, 5, 2);
+        let clone = history(&prefix, 4, 3);
+        let (own, chain) = own_of(&clone);
+        let start = Boot { id: 1, at: Checkpoint::ZERO };
+        let clone_start = Boot { id: 2, at: prefix[5] };
+        let mut hub = HubLineage::default();
+        hub.advance(prefix[5], &[clone_start], &[start, clone_start]); // the clone pushed 6
+        hub.advance(original[10], &[], &[start]); // the original pushed 11
+        let boots = [start, clone_start, Boot { id: 3, at: clone[7] }];
+        assert_eq!(
+            judge(own, &chain, &boots, &hub),
+            Verdict::Fork { at: 6, ambiguous: 0, reason: RetireReason::RolledBack }
         );
     }
 
@@ -409,51 +388,19 @@ mod tests {
         // is a copy of the files) and one of its own at 4.
         let shared = [Boot { id: 77, at: prefix[3] }, Boot { id: 78, at: prefix[3] }];
         let mut hub = HubLineage::default();
-        hub.advance(original[6], &shared);
+        hub.advance(original[6], &shared, &[]);
         let mut boots = shared.to_vec();
         boots.push(Boot { id: 79, at: prefix[3] });
         assert_eq!(
-            judge(own, &chain, &boots, &hub, false),
+            judge(own, &chain, &boots, &hub),
             Verdict::Fork { at: 4, ambiguous: 0, reason: RetireReason::RolledBack }
         );
         // Started from empty files: everything is ours.
         let fresh = history(&[], 3, 4);
         let (own, chain) = own_of(&fresh);
         assert_eq!(
-            judge(own, &chain, &[Boot { id: 5, at: Checkpoint::ZERO }], &hub, false),
+            judge(own, &chain, &[Boot { id: 5, at: Checkpoint::ZERO }], &hub),
             Verdict::Fork { at: 0, ambiguous: 0, reason: RetireReason::RolledBack }
-        );
-    }
-
-    /// The original connects while its clone is live: the clone's boot (from its hello) tells
-    /// the original where they split.
-    #[test]
-    fn the_original_of_a_live_clone_forks_where_the_clone_started() {
-        let prefix = history(&[], 9, 1);
-        let original = history(&prefix, 2, 2);
-        let (own, chain) = own_of(&original);
-        let hub = hub_of(&prefix, 6, &[], &[]).with_live_boots(&[Boot { id: 42, at: prefix[8] }]);
-        assert_eq!(
-            judge(own, &chain, &boots_at(&original, &[0]), &hub, true),
-            Verdict::Fork { at: 9, ambiguous: 0, reason: RetireReason::Cloned }
-        );
-        // The original had pushed past where the clone started: what it did since is its own.
-        let pushed = hub_of(&original, 10, &[], &[]).with_live_boots(&[Boot { id: 42, at: prefix[8] }]);
-        assert_eq!(
-            judge(own, &chain, &boots_at(&original, &[0]), &pushed, true),
-            Verdict::Fork { at: 10, ambiguous: 0, reason: RetireReason::Cloned }
-        );
-    }
-
-    #[test]
-    fn a_live_clone_forks_at_its_boot_even_when_it_extends_the_hub() {
-        let prefix = history(&[], 5, 1);
-        let clone = history(&prefix, 2, 2);
-        let (own, chain) = own_of(&clone);
-        let hub = hub_of(&prefix, 4, &[], &[]);
-        assert_eq!(
-            judge(own, &chain, &boots_at(&clone, &[5]), &hub, true),
-            Verdict::Fork { at: 5, ambiguous: 0, reason: RetireReason::Cloned }
         );
     }
 
@@ -467,13 +414,13 @@ mod tests {
         let hub = hub_of(&a, 9, &[3], &[]);
         // b's changes 4..=8 could be a's too as far as anyone can tell (4 and 5 are).
         assert_eq!(
-            judge(own, &chain, &[], &hub, false),
+            judge(own, &chain, &[], &hub),
             Verdict::Fork { at: 3, ambiguous: 5, reason: RetireReason::RolledBack }
         );
         // Had a copy been started at 3 (a boot the hub knows, not ours), nothing is ambiguous.
         let hub = hub_of(&a, 9, &[], &[3]);
         assert_eq!(
-            judge(own, &chain, &[], &hub, false),
+            judge(own, &chain, &[], &hub),
             Verdict::Fork { at: 3, ambiguous: 0, reason: RetireReason::RolledBack }
         );
     }
@@ -492,7 +439,7 @@ mod tests {
                 }
                 let (own, chain) = own_of(&b);
                 let hub = hub_of(&a, a.len(), &[], &[]);
-                match judge(own, &chain, &boots_at(&b, &[p]), &hub, false) {
+                match judge(own, &chain, &boots_at(&b, &[p]), &hub) {
                     Verdict::Fork { at, ambiguous: 0, .. } if p > 0 => assert_eq!(at, p),
                     Verdict::Fork { at, .. } => assert!(at <= p),
                     Verdict::Continue => panic!("b ({nb} after {p}) does not extend a ({na} after {p})"),
@@ -521,14 +468,14 @@ mod tests {
         let mut l = HubLineage::default();
         for (i, c) in h.iter().enumerate() {
             let boots = if i % 3 == 0 { vec![Boot { id: i as u64, at: h[i / 2] }] } else { vec![] };
-            l.advance(*c, &boots);
+            l.advance(*c, &boots, &[]);
         }
         assert_eq!(l.head, h[499]);
         assert!(l.points.len() <= CHECKPOINTS_MAX);
         assert!(l.points.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(l.points[0], h[0], "the oldest points are kept");
         // An older head does not move it back.
-        l.advance(h[10], &[]);
+        l.advance(h[10], &[], &[]);
         assert_eq!(l.head, h[499]);
     }
 }

@@ -130,8 +130,6 @@ pub enum Effect {
     CheckLineage {
         /// What the hub merged of our writer's history.
         hub: HubLineage,
-        /// Another live connection presents our writer.
-        cloned: bool,
         /// Digest of the hub-authored entries of this store at the hub: if ours differs, answer
         /// `lineage_ok(.., true)` to give them back.
         hub_entries: StateDigest,
@@ -853,7 +851,6 @@ impl AgentSession {
                 }
                 self.link.effects.push_back(Effect::CheckLineage {
                     hub: w.lineage.clone(),
-                    cloned: w.cloned,
                     hub_entries: w.hub_entries,
                 });
                 self.checking = Some(w);
@@ -963,8 +960,6 @@ pub struct PeerAccept {
     pub journal_applied: u64,
     /// What the hub merged of the writer's history.
     pub lineage: HubLineage,
-    /// Another live connection presents the same writer.
-    pub cloned: bool,
     /// Digest of the hub-authored entries of the store here (the agent gives back its own if
     /// they differ).
     pub hub_entries: StateDigest,
@@ -1164,7 +1159,7 @@ impl HubSession {
         let Some(h) = self.hello.clone() else {
             return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
         };
-        let PeerAccept { applied, journal_applied, mut lineage, cloned, hub_entries } = acc;
+        let PeerAccept { applied, journal_applied, mut lineage, hub_entries } = acc;
         // Our record may stem from another copy of the agent's files, whose sequence numbers
         // went their own way after the copy: trust no more than this copy says we acked.
         let applied = applied.min(h.acked);
@@ -1187,7 +1182,6 @@ impl HubSession {
                 applied,
                 journal_applied,
                 lineage,
-                cloned,
                 hub_entries,
             }),
         );

@@ -255,8 +255,6 @@ pub struct Welcome {
     pub journal_applied: u64,
     /// What the hub merged of this writer's history.
     pub lineage: HubLineage,
-    /// Another live connection presents this writer: the agent's database is a copy.
-    pub cloned: bool,
     /// Digest of the hub-authored entries of this store at the hub. An agent that holds others
     /// (the hub lost some: it runs from restored files) sends back every hub entry it holds, with
     /// its tag.

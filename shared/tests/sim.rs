@@ -488,6 +488,8 @@ struct Stats {
     /// Changes reported as possibly counted twice (the fork point was still exact).
     ambiguous: u64,
     refusals: u64,
+    /// Of those, copies of a live writer.
+    clones_refused: u64,
     recovered_hub_entries: u64,
     local_changes: u64,
     expected_errors: u64,
@@ -542,6 +544,8 @@ struct Sim {
     /// (they must all come from the history that ends there). Not rolled back with the hub's
     /// files: stores give back what it lost.
     tips: BTreeMap<(StoreId, WriterId), Checkpoint>,
+    /// The starts each connection's agent reported in its hello (agent, connection).
+    hello_boots: HashMap<(usize, u64), Vec<Boot>>,
     /// For each delta an agent read (agent, connection, upto): the checkpoints of the retired
     /// writers whose entries it carries.
     delta_tips: HashMap<(usize, u64, u64), Vec<(WriterId, Checkpoint)>>,
@@ -625,6 +629,7 @@ impl Sim {
             parents: HashMap::new(),
             must_survive: BTreeSet::new(),
             delta_tips: HashMap::new(),
+            hello_boots: HashMap::new(),
             tips: BTreeMap::new(),
             hub_events: BTreeMap::new(),
             hub_floors: Vec::new(),
@@ -793,13 +798,13 @@ impl Sim {
                     r = a.session.as_mut().unwrap().journal_applied(now, batch.upto);
                 }
             }
-            Effect::CheckLineage { hub, cloned, hub_entries } if live => {
+            Effect::CheckLineage { hub, hub_entries } if live => {
                 let own = a.db.lineage();
                 let chains: Vec<Chain> = a.db.own.iter().map(|(c, _)| c.chain).collect();
                 let chain_at =
                     |k: u64| if k == 0 { Some(lineage::GENESIS) } else { chains.get(k as usize - 1).copied() };
                 let boots = a.db.boots.clone();
-                match lineage::judge(own, chain_at, &boots, &hub, cloned) {
+                match lineage::judge(own, chain_at, &boots, &hub) {
                     Verdict::Continue => {
                         let give_back = a.db.hub_entries_digest() != hub_entries;
                         r = a.session.as_mut().unwrap().lineage_ok(now, give_back);
@@ -810,29 +815,12 @@ impl Sim {
                         // The fork point must be exactly where this copy's history and the one
                         // the hub counts under the writer part: a lower one would count shared
                         // changes twice, a higher one would lose changes of this copy.
-                        // With a live twin, what the twin holds will be counted under the writer too.
                         let writer = a.db.writer.clone();
                         let own_ids: Vec<Uuid> = a.db.own.iter().map(|(_, id)| *id).collect();
                         let tip = self.tips.get(&(store.clone(), writer.clone())).map_or(lineage::GENESIS, |c| c.chain);
                         let theirs = self.history(&writer, tip).unwrap_or_default();
                         let lcp = |x: &[Uuid]| own_ids.iter().zip(x).take_while(|(a, b)| a == b).count() as u64;
-                        let mut shared = lcp(&theirs);
-                        if cloned {
-                            // The twin's history is counted under the writer too: as it runs, or
-                            // cut back to where it retired the writer (its entries keep that).
-                            let s = self.agents[j].store;
-                            for k in self.copies(s).into_iter().filter(|&k| k != j) {
-                                let other = &self.agents[k].db;
-                                let twin: Vec<Uuid> = if other.writer == writer {
-                                    other.own.iter().map(|(_, id)| *id).collect()
-                                } else if let Some(cut) = other.frozen.get(&writer) {
-                                    self.history(&writer, cut.chain).unwrap_or_default()
-                                } else {
-                                    continue;
-                                };
-                                shared = shared.max(lcp(&twin));
-                            }
-                        }
+                        let shared = lcp(&theirs);
                         if at != shared {
                             self.fail(format!(
                                 "agent-{j}: fork of {writer} at {at} ({ambiguous} ambiguous), but it shares {shared} changes \
@@ -1006,6 +994,7 @@ impl Sim {
         let mut r = Ok(());
         match effect {
             Effect::LookupPeer { hello } if live => {
+                self.hello_boots.insert((j, gen), hello.boots.clone());
                 for ret in &hello.retired {
                     self.hub.retirements.insert((store.clone(), ret.old.clone(), ret.new.clone()));
                 }
@@ -1021,15 +1010,12 @@ impl Sim {
                     .into_iter()
                     .filter(|&k| k != j && self.hub_sessions[k].as_ref().is_some_and(|h| h.is_established()))
                     .collect();
-                let twin = others
-                    .iter()
-                    .copied()
-                    .find(|&k| self.hub_sessions[k].as_ref().unwrap().peer() == Some(&hello.writer));
-                let cloned = twin.is_some();
-                let twin_boots =
-                    twin.and_then(|k| self.hub_sessions[k].as_ref().unwrap().hello().map(|h| h.boots.clone()));
-                if !others.is_empty() && !cloned {
-                    // A second live agent of the store: refused, with a conflict.
+                let cloned =
+                    others.iter().any(|&k| self.hub_sessions[k].as_ref().unwrap().peer() == Some(&hello.writer));
+                if !others.is_empty() {
+                    // A second live agent of the store (another writer, or a copy of the same
+                    // one, which waits and sorts out its history when it can connect): refused.
+                    self.stats.clones_refused += u64::from(cloned);
                     self.hub.refusals += 1;
                     self.stats.refusals += 1;
                     self.links[j].as_mut().unwrap().ending = true;
@@ -1044,14 +1030,7 @@ impl Sim {
                     let acc = PeerAccept {
                         applied,
                         journal_applied: japplied,
-                        lineage: self
-                            .hub
-                            .lineage
-                            .get(&(store.clone(), hello.writer.clone()))
-                            .cloned()
-                            .unwrap_or_default()
-                            .with_live_boots(&twin_boots.unwrap_or_default()),
-                        cloned,
+                        lineage: self.hub.lineage.get(&(store.clone(), hello.writer.clone())).cloned().unwrap_or_default(),
                         hub_entries: self.hub.digest(&store, true).0,
                     };
                     r = self.hub_sessions[j].as_mut().unwrap().accept(now, acc);
@@ -1082,7 +1061,8 @@ impl Sim {
                     }
                 }
                 if let Some(l) = &delta.lineage {
-                    self.hub.lineage.entry((store.clone(), peer.clone())).or_default().advance(l.head, &l.boots);
+                    let pusher = self.hello_boots.get(&(j, gen)).cloned().unwrap_or_default();
+                    self.hub.lineage.entry((store.clone(), peer.clone())).or_default().advance(l.head, &l.boots, &pusher);
                     self.merged(&store, &peer, l.head);
                 }
                 for (w, tip) in self.delta_tips.get(&(j, gen, delta.upto)).cloned().unwrap_or_default() {
@@ -1990,6 +1970,7 @@ fn regression_seeds_converge() {
         totals.retirements += s.retirements;
         totals.moved += s.moved;
         totals.refusals += s.refusals;
+        totals.clones_refused += s.clones_refused;
         totals.recovered_hub_entries += s.recovered_hub_entries;
         totals.expected_errors += s.expected_errors;
         totals.connects += s.connects;
@@ -2206,7 +2187,6 @@ fn foreign_writers_and_wrong_versions_are_refused() {
         applied: 0,
         journal_applied: 0,
         lineage: HubLineage::default(),
-        cloned: false,
         hub_entries: StateDigest::default(),
     })));
     let err = agent.handle_frame(now, welcome).unwrap_err();
