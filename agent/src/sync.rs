@@ -343,7 +343,7 @@ impl EffectHost<AgentSession> for AgentHost {
                     }
                 }
             }
-            Effect::ApplyDelta { peer, delta } => {
+            Effect::ApplyDelta { peer, delta, .. } => {
                 let upto = delta.upto;
                 replica::apply_delta(&self.db, peer, delta).await.map_err(|e| internal("applying a delta", e))?;
                 session.delta_applied(Instant::now(), upto)?;

@@ -178,7 +178,8 @@ impl From<StorageError> for ApiError {
                     .with("already", already)
             }
             StorageError::InvalidState(m) => ApiError::conflict("invalid_state", m),
-            StorageError::Backend(_) | StorageError::Corrupt(_) => ApiError::internal(e),
+            // Only sync produces it; an API call never should.
+            StorageError::Backend(_) | StorageError::Corrupt(_) | StorageError::Forked(_) => ApiError::internal(e),
         }
     }
 }

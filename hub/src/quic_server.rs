@@ -322,6 +322,7 @@ impl HubHost {
 
 fn internal(what: &str, e: StorageError) -> SessionError {
     let code = match e {
+        StorageError::Forked(_) => close_code::FORKED,
         StorageError::Invalid(_) | StorageError::UnknownStore(_) | StorageError::Revoked(_) => close_code::UNAUTHORIZED,
         _ => close_code::INTERNAL,
     };
@@ -380,7 +381,7 @@ impl EffectHost<HubSession> for HubHost {
                     .map_err(|e| internal("reading a delta", e))?;
                 session.delta_read(now(), read)?;
             }
-            Effect::ApplyDelta { peer, delta } => {
+            Effect::ApplyDelta { peer, delta, lineage_base } => {
                 let upto = delta.upto;
                 let applied = hub
                     .storage
@@ -388,6 +389,7 @@ impl EffectHost<HubSession> for HubHost {
                         store.clone(),
                         peer,
                         delta,
+                        lineage_base,
                         session.hello().map(|h| h.boots.clone()).unwrap_or_default(),
                         hub.now(),
                     )

@@ -749,6 +749,7 @@ impl HubStorage for SqliteStorage {
         store: StoreId,
         peer: WriterId,
         delta: Delta,
+        lineage_base: Option<shelfsync_shared::lineage::Checkpoint>,
         pusher_boots: Vec<shelfsync_shared::lineage::Boot>,
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>> {
@@ -756,6 +757,18 @@ impl HubStorage for SqliteStorage {
         let (key, me) = (self.key.clone(), self.hub_writer());
         self.write(move |conn| {
             require_store(conn, &store)?;
+            // Compare-and-set on the writer's history, before anything is written.
+            let held: Option<Option<Vec<u8>>> = conn
+                .prepare_cached("SELECT lineage FROM peers WHERE store = ?1 AND writer = ?2")?
+                .query_row(params![store.as_str(), peer.to_string()], |r| r.get(0))
+                .optional()?;
+            let mut lineage = lineage_col(held.flatten())?;
+            if let Some(base) = lineage_base.filter(|b| *b != lineage.head) {
+                return Err(StorageError::Forked(format!(
+                    "another connection moved {peer}'s history from change {} to {} since this one was welcomed; reconnect",
+                    base.ordinal, lineage.head.ordinal
+                )));
+            }
             let mut holds_changed = BTreeSet::new();
             let mut touched = BTreeSet::new();
             let mut entries_changed = 0;
@@ -792,11 +805,6 @@ impl HubStorage for SqliteStorage {
                 }
             }
             if let Some(l) = &delta.lineage {
-                let old: Option<Option<Vec<u8>>> = conn
-                    .prepare_cached("SELECT lineage FROM peers WHERE store = ?1 AND writer = ?2")?
-                    .query_row(params![store.as_str(), peer.to_string()], |r| r.get(0))
-                    .optional()?;
-                let mut lineage = lineage_col(old.flatten())?;
                 lineage.advance(l.head, &l.boots, &pusher_boots);
                 ensure_peer(conn, &store, &peer)?;
                 conn.prepare_cached("UPDATE peers SET lineage = ?3 WHERE store = ?1 AND writer = ?2")?.execute(

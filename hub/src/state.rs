@@ -73,6 +73,8 @@ pub struct Hub {
     live: Mutex<HashMap<StoreId, Vec<LiveConn>>>,
     /// Serialises taking a new life (several stores may reveal the same restore at once).
     reincarnating: tokio::sync::Mutex<()>,
+    /// Wakes whoever waits for a connection to finish (its last write done).
+    ended: tokio::sync::Notify,
     wakers: Mutex<HashMap<StoreId, watch::Sender<Heads>>>,
     next_conn: AtomicU64,
     stock_events: broadcast::Sender<StockChange>,
@@ -92,6 +94,7 @@ impl Hub {
             metrics: Metrics::default(),
             live: Mutex::default(),
             reincarnating: tokio::sync::Mutex::new(()),
+            ended: tokio::sync::Notify::new(),
             wakers: Mutex::default(),
             next_conn: AtomicU64::new(1),
             stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
@@ -120,13 +123,31 @@ impl Hub {
         }
     }
 
-    /// Forgets connection `id` of `store`.
+    /// Forgets connection `id` of `store` (its session and every write it started are done).
     pub fn disconnected(&self, store: &StoreId, id: u64) {
-        let mut live = self.live.lock().expect("live lock");
-        if let Some(v) = live.get_mut(store) {
-            v.retain(|c| c.id != id);
-            if v.is_empty() {
-                live.remove(store);
+        {
+            let mut live = self.live.lock().expect("live lock");
+            if let Some(v) = live.get_mut(store) {
+                v.retain(|c| c.id != id);
+                if v.is_empty() {
+                    live.remove(store);
+                }
+            }
+        }
+        self.ended.notify_waiters();
+    }
+
+    /// Waits (at most `limit`) until connection `id` of `store` has finished.
+    async fn finished(&self, store: &StoreId, id: u64, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let waiting = self.ended.notified();
+            if !self.agents(store).iter().any(|c| c.id == id) {
+                return;
+            }
+            tokio::select! {
+                _ = waiting => {}
+                _ = tokio::time::sleep_until(deadline) => return,
             }
         }
     }
@@ -186,7 +207,9 @@ impl Hub {
             } else {
                 tracing::info!(%store, writer = ?c.writer.as_ref().map(ToString::to_string), "closing a connection whose agent no longer answers");
                 c.conn.close(quinn::VarInt::from_u32(0), b"superseded: did not answer a probe");
-                self.disconnected(store, c.id);
+                // What it was writing commits (or fails) before the newcomer reads the store's
+                // state: two sessions of one writer never overlap.
+                self.finished(store, c.id, std::time::Duration::from_secs(10)).await;
             }
         }
         alive

@@ -110,6 +110,10 @@ pub enum StorageError {
     /// The thing is in a state that does not allow this.
     #[error("{0}")]
     InvalidState(String),
+    /// Another connection moved an agent writer's history since this one was welcomed (two
+    /// copies of a store's files racing): nothing was written; the agent must reconnect.
+    #[error("{0}")]
+    Forked(String),
     /// Data in storage is not what the hub wrote.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -420,6 +424,7 @@ pub trait HubStorage: Send + Sync + 'static {
         store: StoreId,
         peer: WriterId,
         delta: Delta,
+        lineage_base: Option<shelfsync_shared::lineage::Checkpoint>,
         pusher_boots: Vec<shelfsync_shared::lineage::Boot>,
         now: Now,
     ) -> BoxFuture<'_, StorageResult<Applied>>;

@@ -164,6 +164,11 @@ pub enum Effect {
         peer: WriterId,
         /// The entries.
         delta: Delta,
+        /// Hub only, when the delta carries the writer's lineage: the head the hub must still hold
+        /// for the writer (what this connection was welcomed with, or its previous delta set).
+        /// If another connection moved it meanwhile (two copies racing), refuse the delta with
+        /// close code `forked`: the agent reconnects and is judged again.
+        lineage_base: Option<Checkpoint>,
     },
     /// The peer durably holds our counter entries up to `upto` (persist for status).
     Acked {
@@ -492,7 +497,12 @@ impl Link {
     }
 
     /// Frames both roles handle the same way once established.
-    fn handle_common(&mut self, now: Instant, frame: FrameV1) -> Result<Option<FrameV1>, SessionError> {
+    fn handle_common(
+        &mut self,
+        now: Instant,
+        frame: FrameV1,
+        lineage_base: Option<Checkpoint>,
+    ) -> Result<Option<FrameV1>, SessionError> {
         // Catalog messages stand alone (automerge's sync protocol is its own handshake), so they
         // are reassembled even if they overtake the Welcome on their own stream.
         if let FrameV1::Catalog(part) = frame {
@@ -513,7 +523,7 @@ impl Link {
         match frame {
             FrameV1::Delta(delta) => {
                 self.counters_in.receive("delta", delta.after, delta.upto)?;
-                self.effects.push_back(Effect::ApplyDelta { peer: self.peer(), delta });
+                self.effects.push_back(Effect::ApplyDelta { peer: self.peer(), delta, lineage_base });
             }
             FrameV1::Ack(Ack { upto }) => {
                 if self.counters_out.ack(now, upto)? {
@@ -837,7 +847,7 @@ impl AgentSession {
         if self.link.peer.is_some() {
             return self.handle_established(now, frame);
         }
-        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        let Some(frame) = self.link.handle_common(now, frame, None)? else { return Ok(()) };
         match frame {
             FrameV1::Welcome(w) if self.checking.is_none() => {
                 if w.protocol != PROTOCOL_VERSION {
@@ -880,7 +890,7 @@ impl AgentSession {
     }
 
     fn handle_established(&mut self, now: Instant, frame: FrameV1) -> Result<(), SessionError> {
-        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        let Some(frame) = self.link.handle_common(now, frame, None)? else { return Ok(()) };
         match frame {
             FrameV1::Resync => {
                 self.link.counters_out.restart_full(now);
@@ -1023,7 +1033,8 @@ impl HubSession {
         self.check(now, r)
     }
 
-    fn authorize_delta(&mut self, d: &Delta) -> Result<(), SessionError> {
+    /// Returns the lineage head the hub must still hold for the writer when it applies `d`.
+    fn authorize_delta(&mut self, d: &Delta) -> Result<Option<Checkpoint>, SessionError> {
         // A store may only write its own writers' entries, and return hub entries with their tags
         // (the host verifies the tags).
         if let Some(w) = d.writers.iter().find(|w| !w.is_store(&self.store) && !w.is_hub()) {
@@ -1060,15 +1071,17 @@ impl HubSession {
                 ));
             }
             self.lineage_floor = l.head;
+            return Ok(Some(floor));
         }
-        Ok(())
+        Ok(None)
     }
 
     fn handle_inner(&mut self, now: Instant, frame: Frame) -> Result<(), SessionError> {
         let Frame::V1(frame) = frame;
         // Authorisation first: a store may only write its own writers' entries and events.
+        let mut lineage_base = None;
         match &frame {
-            FrameV1::Delta(d) => self.authorize_delta(d)?,
+            FrameV1::Delta(d) => lineage_base = self.authorize_delta(d)?,
             FrameV1::Journal(b) => {
                 if let Some(e) = b.events.iter().find(|e| e.store != self.store || !e.writer.is_store(&self.store)) {
                     return Err(SessionError::new(
@@ -1082,7 +1095,7 @@ impl HubSession {
             }
             _ => {}
         }
-        let Some(frame) = self.link.handle_common(now, frame)? else { return Ok(()) };
+        let Some(frame) = self.link.handle_common(now, frame, lineage_base)? else { return Ok(()) };
         match frame {
             FrameV1::Hello(h) if self.hello.is_none() => {
                 if h.protocol != PROTOCOL_VERSION {

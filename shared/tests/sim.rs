@@ -488,6 +488,8 @@ struct Stats {
     /// Changes reported as possibly counted twice (the fork point was still exact).
     ambiguous: u64,
     refusals: u64,
+    /// Deltas refused because another copy moved the writer's history since the welcome.
+    lineage_races: u64,
     /// Of those, copies of a live writer.
     clones_refused: u64,
     recovered_hub_entries: u64,
@@ -778,7 +780,7 @@ impl Sim {
         let a = &mut self.agents[j];
         let mut r = Ok(());
         match effect {
-            Effect::ApplyDelta { peer, delta } => {
+            Effect::ApplyDelta { peer, delta, .. } => {
                 if let Err(e) = a.db.apply_delta(&peer, &delta) {
                     self.fail(e);
                     return true;
@@ -1036,7 +1038,26 @@ impl Sim {
                     r = self.hub_sessions[j].as_mut().unwrap().accept(now, acc);
                 }
             }
-            Effect::ApplyDelta { peer, delta } => {
+            Effect::ApplyDelta { peer, delta, lineage_base } => {
+                // Compare-and-set on the writer's history: another connection (a racing copy) may
+                // have moved it since this one was welcomed.
+                let held = self.hub.lineage.get(&(store.clone(), peer.clone())).map_or(Checkpoint::ZERO, |l| l.head);
+                if let Some(base) = lineage_base.filter(|b| *b != held) {
+                    self.stats.lineage_races += 1;
+                    self.trace(j, || format!("lineage race: welcomed at {base:?}, the hub now holds {held:?}"));
+                    if live {
+                        self.links[j].as_mut().unwrap().ending = true;
+                        r = Err(self.hub_sessions[j]
+                            .as_mut()
+                            .unwrap()
+                            .refuse(close_code::FORKED, "another copy moved this writer's history; reconnect"));
+                    }
+                    if let Err(e) = r {
+                        self.session_failed(j, true, e);
+                    }
+                    self.pump(j);
+                    return true;
+                }
                 let mut raised_own = false;
                 for (i, (k, w, e)) in delta.entries().enumerate() {
                     if w.is_hub() {
