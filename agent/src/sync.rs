@@ -306,10 +306,7 @@ impl EffectHost<AgentSession> for AgentHost {
             }
             Effect::CheckLineage { hub, hub_entries } => {
                 let hub_head = hub.head.ordinal;
-                match replica::check_lineage(&self.db, hub)
-                    .await
-                    .map_err(|e| internal("checking lineage", e))?
-                {
+                match replica::check_lineage(&self.db, hub).await.map_err(|e| internal("checking lineage", e))? {
                     None => {
                         // The hub recorded what our Hello reported; it need not come again.
                         replica::reports_delivered(&self.db).await.map_err(|e| internal("recording reports", e))?;

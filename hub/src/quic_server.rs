@@ -291,7 +291,10 @@ impl HubHost {
                 "refused_address": self.remote,
                 "max_agents": marks.max_agents,
             });
-            let _ = hub.storage.agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms).await;
+            let _ = hub
+                .storage
+                .agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms)
+                .await;
             tracing::warn!(%store, refused = %hello.writer, live = ?writers, "refusing a second live agent of the store");
             return Err(session.refuse(
                 close_code::DUPLICATE_AGENT,
@@ -306,7 +309,12 @@ impl HubHost {
             hub.storage.hub_entries_digest(store.clone()).await.map_err(|e| internal("digest of hub entries", e))?;
         session.accept(
             Instant::now(),
-            PeerAccept { applied: marks.applied, journal_applied: marks.journal_applied, lineage: marks.lineage, hub_entries },
+            PeerAccept {
+                applied: marks.applied,
+                journal_applied: marks.journal_applied,
+                lineage: marks.lineage,
+                hub_entries,
+            },
         )
     }
 

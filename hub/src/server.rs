@@ -97,14 +97,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     let quic_addr =
         endpoint.local_addr().map_err(|e| HubError::Bind { addr: config.quic.listen, message: e.to_string() })?;
     let sync = SyncConfig { coalesce: Duration::from_millis(config.sync.coalesce_ms), ..SyncConfig::default() };
-    let mut tasks =
-        vec![tokio::spawn(quic_server::serve(
-            hub.clone(),
-            endpoint.clone(),
-            sync,
-            config.quic.max_connections,
-            Duration::from_millis(config.sync.probe_timeout_ms),
-        ))];
+    let mut tasks = vec![tokio::spawn(quic_server::serve(
+        hub.clone(),
+        endpoint.clone(),
+        sync,
+        config.quic.max_connections,
+        Duration::from_millis(config.sync.probe_timeout_ms),
+    ))];
     tasks.push(tokio::spawn(quic_server::watch_revocations(
         hub.clone(),
         endpoint.clone(),

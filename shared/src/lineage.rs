@@ -133,8 +133,7 @@ impl HubLineage {
     }
 }
 
-impl HubLineage {
-}
+impl HubLineage {}
 
 /// Why a writer must be retired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

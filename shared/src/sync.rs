@@ -859,10 +859,9 @@ impl AgentSession {
                 if !w.hub_writer.is_hub() {
                     return Err(SessionError::violation(format!("welcome names {} as the hub's writer", w.hub_writer)));
                 }
-                self.link.effects.push_back(Effect::CheckLineage {
-                    hub: w.lineage.clone(),
-                    hub_entries: w.hub_entries,
-                });
+                self.link
+                    .effects
+                    .push_back(Effect::CheckLineage { hub: w.lineage.clone(), hub_entries: w.hub_entries });
                 self.checking = Some(w);
                 Ok(())
             }

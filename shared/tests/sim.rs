@@ -41,7 +41,7 @@ use shelfsync_shared::sync::{
     SyncConfig,
 };
 use shelfsync_shared::wire::{
-    self, close_code, Delta, Frame, FrameV1, Hello, JournalBatch, Retirement, Welcome, PROTOCOL_VERSION,
+    self, close_code, Delta, DeltaLineage, Frame, FrameV1, Hello, JournalBatch, Retirement, Welcome, PROTOCOL_VERSION,
 };
 use shelfsync_shared::{EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
 use uuid::Uuid;
@@ -1032,7 +1032,12 @@ impl Sim {
                     let acc = PeerAccept {
                         applied,
                         journal_applied: japplied,
-                        lineage: self.hub.lineage.get(&(store.clone(), hello.writer.clone())).cloned().unwrap_or_default(),
+                        lineage: self
+                            .hub
+                            .lineage
+                            .get(&(store.clone(), hello.writer.clone()))
+                            .cloned()
+                            .unwrap_or_default(),
                         hub_entries: self.hub.digest(&store, true).0,
                     };
                     r = self.hub_sessions[j].as_mut().unwrap().accept(now, acc);
@@ -1083,7 +1088,11 @@ impl Sim {
                 }
                 if let Some(l) = &delta.lineage {
                     let pusher = self.hello_boots.get(&(j, gen)).cloned().unwrap_or_default();
-                    self.hub.lineage.entry((store.clone(), peer.clone())).or_default().advance(l.head, &l.boots, &pusher);
+                    self.hub
+                        .lineage
+                        .entry((store.clone(), peer.clone()))
+                        .or_default()
+                        .advance(l.head, &l.boots, &pusher);
                     self.merged(&store, &peer, l.head);
                 }
                 for (w, tip) in self.delta_tips.get(&(j, gen, delta.upto)).cloned().unwrap_or_default() {
@@ -2317,4 +2326,87 @@ fn an_error_before_the_handshake_is_the_peers() {
     let err = agent.handle_frame(now, refusal(close_code::REVOKED)).unwrap_err();
     assert_eq!((err.code, err.from_peer), (close_code::REVOKED, true), "{err}");
     assert!(agent.poll_transmit().is_none(), "no error answers an error");
+}
+
+/// The hub asks a live agent whether it is there; the agent answers with the same nonce, and the
+/// hub reports it. A refusal queues the peer's `Error` frame with the code.
+#[test]
+fn liveness_probes_and_refusals() {
+    let now = Instant::now();
+    let store: StoreId = "s1".parse().unwrap();
+    let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
+    let me = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(2));
+    let mut hub = established_hub("s1", &me, &hub_writer);
+    let mut agent = AgentSession::new(SyncConfig::default(), store.clone(), me.clone(), AgentResume::default());
+    while agent.poll_transmit().is_some() {}
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        hub_writer: hub_writer.clone(),
+        applied: 0,
+        journal_applied: 0,
+        lineage: HubLineage::default(),
+        hub_entries: StateDigest::default(),
+    };
+    agent.handle_frame(now, via_wire(Frame::V1(FrameV1::Welcome(welcome)))).unwrap();
+    while agent.poll_effect().is_some() {}
+    agent.lineage_ok(now, false).unwrap();
+    while agent.poll_transmit().is_some() {}
+
+    hub.ping(7);
+    let ping = hub.poll_transmit().expect("a ping goes out");
+    agent.handle_frame(now, via_wire(ping.frame)).unwrap();
+    let pong = std::iter::from_fn(|| agent.poll_transmit()).find(|t| matches!(t.frame, Frame::V1(FrameV1::Pong(_))));
+    hub.handle_frame(now, via_wire(pong.expect("the agent answers").frame)).unwrap();
+    assert!(std::iter::from_fn(|| hub.poll_effect()).any(|e| e == Effect::Pong { nonce: 7 }));
+
+    let err = hub.refuse(close_code::DUPLICATE_AGENT, "another agent of s1 is live");
+    assert_eq!(err.code, close_code::DUPLICATE_AGENT);
+    assert!(error_sent(std::iter::from_fn(|| hub.poll_transmit()), close_code::DUPLICATE_AGENT));
+    assert!(!hub.is_established());
+}
+
+/// A delta whose lineage head is behind (or beside) what the hub merged of the writer is refused
+/// with `forked`; one that extends it names, for the host's compare-and-set, the head the hub
+/// must still hold.
+#[test]
+fn deltas_carry_the_history_they_extend() {
+    let now = Instant::now();
+    let hub_writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(1));
+    let me = WriterId::new(NodeId::Store("s1".parse().unwrap()), Incarnation::from_u64(2));
+    let k = sku(0);
+    let c = |ordinal: u64, tag: u8| Checkpoint { ordinal, chain: [tag; 16] };
+    let accept = |head: Checkpoint| {
+        let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
+        hub.handle_frame(now, hello("s1", me.clone(), PROTOCOL_VERSION)).unwrap();
+        while hub.poll_effect().is_some() {}
+        let mut lineage = HubLineage::default();
+        lineage.advance(head, &[], &[]);
+        hub.accept(now, PeerAccept { lineage, ..PeerAccept::default() }).unwrap();
+        while hub.poll_transmit().is_some() {}
+        while hub.poll_effect().is_some() {}
+        hub
+    };
+    let delta = |after: u64, head: Checkpoint| {
+        let mut d = Delta::build(after, after + 1, [(&k, &me, PnEntry { p: 0, n: 1 })]);
+        d.lineage = Some(DeltaLineage { head, boots: vec![] });
+        via_wire(Frame::V1(FrameV1::Delta(d)))
+    };
+
+    let mut hub = accept(c(5, 1));
+    let err = hub.handle_frame(now, delta(0, c(4, 1))).unwrap_err();
+    assert_eq!(err.code, close_code::FORKED, "behind: {err}");
+    let mut hub = accept(c(5, 1));
+    let err = hub.handle_frame(now, delta(0, c(5, 2))).unwrap_err();
+    assert_eq!(err.code, close_code::FORKED, "beside: {err}");
+
+    let mut hub = accept(c(5, 1));
+    hub.handle_frame(now, delta(0, c(7, 3))).unwrap();
+    hub.handle_frame(now, delta(1, c(9, 4))).unwrap();
+    let bases: Vec<Option<Checkpoint>> = std::iter::from_fn(|| hub.poll_effect())
+        .filter_map(|e| match e {
+            Effect::ApplyDelta { lineage_base, .. } => Some(lineage_base),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bases, vec![Some(c(5, 1)), Some(c(7, 3))]);
 }
