@@ -105,6 +105,42 @@ fn add_boot(conn: &Connection, writer: &WriterId, id: u64, at: Checkpoint, now_m
     Ok(())
 }
 
+/// One own change as the journal holds it.
+struct OwnRow {
+    seq: i64,
+    id: Uuid,
+    line: u32,
+    sku: Sku,
+    delta: i64,
+    recorded_ms: i64,
+}
+
+/// Own changes of `writer` selected by `filter` (a condition on the journal row, `?2` bound to
+/// `bound`), in `order`.
+fn own_rows(
+    conn: &Connection,
+    writer: &WriterId,
+    filter: &str,
+    bound: u64,
+    order: &str,
+) -> Result<Vec<OwnRow>, DbError> {
+    let sql = format!(
+        "SELECT seq, id, line, sku, delta, recorded_at_ms FROM journal WHERE writer = ?1 AND {filter} ORDER BY {order}"
+    );
+    let rows = conn
+        .prepare(&sql)?
+        .query_map(params![writer.to_string(), bound], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(seq, id, line, sku, delta, recorded_ms)| {
+            let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
+            Ok(OwnRow { seq, id, line, sku: db::sku_col(sku)?, delta, recorded_ms })
+        })
+        .collect()
+}
+
 /// At every start: gives own changes made before lineage existed their ordinals (an upgraded
 /// database), and records the boot of `writer` where its history stands.
 pub fn start(conn: &Connection, writer: &WriterId, now_ms: i64) -> Result<(), DbError> {
@@ -114,26 +150,11 @@ pub fn start(conn: &Connection, writer: &WriterId, now_ms: i64) -> Result<(), Db
         |r| r.get(0),
     )?;
     if missing > 0 {
-        let rows = conn
-            .prepare(
-                "SELECT seq, id, line, sku, delta FROM journal WHERE writer = ?1 AND ordinal IS NULL ORDER BY seq",
-            )?
-            .query_map([writer.to_string()], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, u32>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (seq, id, line, sku, delta) in rows {
-            let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
-            let c = next(conn, writer, &id, line, &db::sku_col(sku)?, delta)?;
+        for r in own_rows(conn, writer, "ordinal IS NULL AND ?2 = ?2", 0, "seq")? {
+            let c = next(conn, writer, &r.id, r.line, &r.sku, r.delta)?;
             conn.execute(
                 "UPDATE journal SET ordinal = ?2, chain = ?3 WHERE seq = ?1",
-                params![seq, c.ordinal, c.chain.as_slice()],
+                params![r.seq, c.ordinal, c.chain.as_slice()],
             )?;
         }
         tracing::info!(%writer, changes = missing, "gave the changes of an older database their lineage");
@@ -193,41 +214,23 @@ pub fn judge_and_retire(
     let Verdict::Fork { at, ambiguous, reason } = verdict else { return Ok(None) };
 
     let cut = Checkpoint { ordinal: at, chain: chain_at(conn, me, at)?.unwrap_or(lineage::GENESIS) };
-    let moved = conn
-        .prepare("SELECT seq, id, line, sku, delta, recorded_at_ms FROM journal WHERE writer = ?1 AND ordinal > ?2 ORDER BY ordinal")?
-        .query_map(params![me.to_string(), at], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let first = moved
-        .first()
-        .map(|m| Uuid::from_slice(&m.1).map(|id| (id, m.2)))
-        .transpose()
-        .map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
-    let new = lineage::successor(me, &cut, first, rand::random());
+    let moved = own_rows(conn, me, "ordinal > ?2", at, "ordinal")?;
+    let new = lineage::successor(me, &cut, moved.first().map(|m| (m.id, m.line)), rand::random());
 
     // Journal rows and ordinals move; their sums per SKU move between the counter entries.
     let mut sums: std::collections::BTreeMap<Sku, PnEntry> = Default::default();
     let mut chain = Checkpoint::ZERO;
     let mut ordinals = Vec::with_capacity(moved.len());
     let mut window: Option<(i64, i64)> = None;
-    for (seq, id, line, sku, delta, recorded) in &moved {
-        let id = Uuid::from_slice(id).map_err(|e| DbError::Corrupt(format!("journal id: {e}")))?;
-        let sku = db::sku_col(sku.clone())?;
-        chain = chain.next(&id, *line, &sku, *delta);
+    for m in &moved {
+        chain = chain.next(&m.id, m.line, &m.sku, m.delta);
         ordinals.push(chain);
         conn.prepare_cached("UPDATE journal SET writer = ?2, ordinal = ?3, chain = ?4 WHERE seq = ?1")?
-            .execute(params![seq, new.to_string(), chain.ordinal, chain.chain.as_slice()])?;
-        let s = sums.entry(sku).or_default();
-        *s = s.apply(&new, *delta)?;
-        window = Some(window.map_or((*recorded, *recorded), |(a, b)| (a.min(*recorded), b.max(*recorded))));
+            .execute(params![m.seq, new.to_string(), chain.ordinal, chain.chain.as_slice()])?;
+        let s = sums.entry(m.sku.clone()).or_default();
+        *s = s.apply(&new, m.delta)?;
+        let at = m.recorded_ms;
+        window = Some(window.map_or((at, at), |(a, b)| (a.min(at), b.max(at))));
     }
     let mut seq = db::next_seq(conn)?;
     for (sku, s) in &sums {
