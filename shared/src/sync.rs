@@ -1184,6 +1184,10 @@ impl HubSession {
         let Some(h) = self.hello.clone() else {
             return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
         };
+        if self.link.peer.is_some() {
+            // A second answer would restart both directions from the lookup's watermarks.
+            return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept after the handshake")));
+        }
         let PeerAccept { applied, journal_applied, mut lineage, cloned, hub_entries } = acc;
         // Our record may stem from another copy of the agent's files, whose sequence numbers
         // went their own way after the copy: trust no more than this copy says we acked.

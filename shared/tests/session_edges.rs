@@ -105,3 +105,21 @@ fn an_error_message_is_cut_at_a_character_boundary() {
     assert!(message.starts_with(&e.message));
     wire::encode(&t.frame).expect("the frame is within the limit");
 }
+
+/// `accept` answers the one `LookupPeer`; a second call is a host bug, reported, not a second
+/// handshake that would restart both directions.
+#[test]
+fn a_second_accept_is_refused() {
+    let now = Instant::now();
+    let mut hub = HubSession::new(SyncConfig::default(), store(), hub_writer(), 0, 0);
+    hub.handle_frame(now, hello()).unwrap();
+    hub.accept(now, PeerAccept::default()).unwrap();
+    let effects: Vec<Effect> = std::iter::from_fn(|| hub.poll_effect()).collect();
+    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Established { .. })).count(), 1);
+    while hub.poll_transmit().is_some() {}
+    let err = hub.accept(now, PeerAccept { applied: 7, ..PeerAccept::default() }).unwrap_err();
+    assert_eq!(err.code, close_code::INTERNAL);
+    assert!(!std::iter::from_fn(|| hub.poll_effect()).any(|e| matches!(e, Effect::Established { .. })));
+    let last = std::iter::from_fn(|| hub.poll_transmit()).last().expect("an Error frame");
+    assert!(matches!(last.frame, Frame::V1(FrameV1::Error(ref e)) if e.code == close_code::INTERNAL));
+}
