@@ -41,6 +41,20 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
+/// `SHELFSYNC_FUZZ_TRACE=1` prints every frame, effect and answer (to replay a finding).
+fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SHELFSYNC_FUZZ_TRACE").is_some())
+}
+
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if tracing() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 /// An agent session under fuzz.
 pub fn agent(data: &[u8]) {
     let mut u = Unstructured::new(data);
@@ -364,7 +378,9 @@ impl<S: Session> Run<S> {
 
     fn step(&mut self, u: &mut Unstructured) -> Result<Step> {
         let now = self.now;
-        let r = match u.int_in_range(0u8..=13)? {
+        let action = u.int_in_range(0u8..=13)?;
+        trace!("-- action {action}");
+        let r = match action {
             // A frame built field by field; the codec would refuse an invalid one before the
             // session saw it.
             0..=2 => {
@@ -372,13 +388,17 @@ impl<S: Session> Run<S> {
                 if frame.validate().is_err() {
                     return Ok(Step::Go);
                 }
+                trace!("peer -> {frame:?}");
                 self.s.handle_frame(now, frame)
             }
             // Raw bytes through the codec.
             3 => {
                 let n = u.int_in_range(0..=256)?;
                 match wire::decode_body(u.bytes(n)?) {
-                    Ok(frame) => self.s.handle_frame(now, frame),
+                    Ok(frame) => {
+                        trace!("peer (bytes) -> {frame:?}");
+                        self.s.handle_frame(now, frame)
+                    }
                     Err(_) => Ok(()),
                 }
             }
@@ -390,7 +410,10 @@ impl<S: Session> Run<S> {
                     _ => self.last_ping.map(FrameV1::Pong),
                 };
                 match frame {
-                    Some(f) => self.s.handle_frame(now, Frame::V1(f)),
+                    Some(f) => {
+                        trace!("peer answers -> {f:?}");
+                        self.s.handle_frame(now, Frame::V1(f))
+                    }
                     None => Ok(()),
                 }
             }
@@ -428,8 +451,17 @@ impl<S: Session> Run<S> {
             }
             // The host calls out of turn: answers nobody asked for, role calls.
             12 => match u.int_in_range(0u8..=5)? {
-                0 => self.s.delta_applied(now, gen::num(u)?),
-                1 => self.s.journal_applied(now, gen::num(u)?),
+                // The host says so: what it reports durable bounds the acks either way.
+                0 => {
+                    let upto = gen::num(u)?;
+                    self.bounds.applied = self.bounds.applied.max(upto);
+                    self.s.delta_applied(now, upto)
+                }
+                1 => {
+                    let upto = gen::num(u)?;
+                    self.bounds.journal_applied = self.bounds.journal_applied.max(upto);
+                    self.s.journal_applied(now, upto)
+                }
                 2 => {
                     let after = gen::num(u)?;
                     let read = self.delta_read(u, after, 4)?;
@@ -476,6 +508,7 @@ impl<S: Session> Run<S> {
     /// The host fulfils its oldest effect with contents of the fuzzer's choosing.
     fn answer(&mut self, u: &mut Unstructured) -> Result<Step> {
         let Some(effect) = self.queue.pop_front() else { return Ok(Step::Go) };
+        trace!("host answers {effect:?}");
         let now = self.now;
         let r = match &effect {
             Effect::ApplyDelta { delta, .. } => {
@@ -545,6 +578,7 @@ impl<S: Session> Run<S> {
         while let Some(t) = self.s.poll_transmit() {
             n += 1;
             assert!(n <= PER_STEP_MAX, "{}: one step queued over {PER_STEP_MAX} frames", S::ROLE);
+            trace!("{} sends {:?}", S::ROLE, t.frame);
             self.check_transmit(&t.frame);
             last = Some(t.frame);
         }
@@ -557,6 +591,7 @@ impl<S: Session> Run<S> {
         while let Some(e) = self.s.poll_effect() {
             n += 1;
             assert!(n <= PER_STEP_MAX, "{}: one step queued over {PER_STEP_MAX} effects", S::ROLE);
+            trace!("{} effect {e:?}", S::ROLE);
             self.check_effect(&e);
             self.queue.push_back(e);
         }
