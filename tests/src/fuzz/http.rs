@@ -106,6 +106,9 @@ async fn check(router: &mut Router, req: Request<Body>) {
     let status = resp.status();
     let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("the body is in memory");
+    if tracing() {
+        eprintln!("{what} -> {status} {}", String::from_utf8_lossy(&body));
+    }
     assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{what}: 500 {}", String::from_utf8_lossy(&body));
     if status == StatusCode::BAD_REQUEST && body.starts_with(b"Invalid URL") {
         // Known, and fixed on main: on this branch axum's rejection of a path parameter that is
@@ -120,6 +123,12 @@ async fn check(router: &mut Router, req: Request<Body>) {
     } else if ct.starts_with("application/json") {
         serde_json::from_slice::<Value>(&body).unwrap_or_else(|e| panic!("{what}: {status}, invalid JSON ({e})"));
     }
+}
+
+/// `SHELFSYNC_FUZZ_TRACE=1` prints every request and its answer.
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SHELFSYNC_FUZZ_TRACE").is_some())
 }
 
 /// Percent-encodes everything but unreserved characters, `=` and `&`, so any bytes make a query.
