@@ -5,8 +5,8 @@
 //!
 //! The input's first byte picks the endpoint, the second the credentials, content type and path
 //! segment; the rest is the body (or the query string). The state lives across inputs (so an id
-//! used twice meets the idempotency rules) and is rebuilt every [`REQUESTS_PER_STATE`] requests so
-//! the databases stay small.
+//! used twice meets the idempotency rules) and is rebuilt every [`REQUESTS_PER_STATE`] (agent) or [`HUB_REQUESTS_PER_STATE`] (hub)
+//! requests so the databases stay small.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -23,8 +23,11 @@ use shelfsync_hub::storage::{CertRecord, HubStorage, Role};
 use shelfsync_shared::StoreId;
 use tower_service::Service;
 
-/// Requests served by one state before it is rebuilt.
+/// Requests served by one agent state before it is rebuilt.
 pub const REQUESTS_PER_STATE: u64 = 20_000;
+/// The same for the hub, whose catalog document grows with every edit (automerge keeps its
+/// history): small documents keep a request in the tens of microseconds.
+pub const HUB_REQUESTS_PER_STATE: u64 = 2_000;
 /// The agent's and hub's default body limit.
 const BODY_MAX_BYTES: usize = 64 * 1024;
 const AGENT_HOST: &str = "127.0.0.1:7070";
@@ -86,7 +89,7 @@ pub fn hub(data: &[u8]) {
     RT.with(|rt| {
         HUB.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.as_ref().is_none_or(|a| a.served >= REQUESTS_PER_STATE) {
+            if slot.as_ref().is_none_or(|a| a.served >= HUB_REQUESTS_PER_STATE) {
                 *slot = None;
                 *slot = Some(rt.block_on(HubApi::new()));
             }
