@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shelfsync_tests::fuzz::TARGETS;
+use shelfsync_tests::fuzz::{Target, TARGETS};
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
@@ -13,7 +13,7 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn replay(target: &str, run: fn(&[u8]), files: &[PathBuf]) -> Vec<String> {
+fn replay(target: &str, run: Target, files: &[PathBuf]) -> Vec<String> {
     let mut failed = Vec::new();
     for f in files {
         let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
@@ -29,10 +29,12 @@ fn every_target_passes_its_corpus_and_regressions() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut failed = Vec::new();
     for (name, run) in TARGETS {
+        let started = std::time::Instant::now();
         let corpus = inputs(&root.join("corpus").join(name));
         assert!(corpus.len() >= 10, "{name}: the committed corpus has only {} inputs", corpus.len());
         failed.extend(replay(name, *run, &corpus));
         failed.extend(replay(name, *run, &inputs(&root.join("regressions").join(name))));
+        eprintln!("{name}: {} corpus inputs in {:?}", corpus.len(), started.elapsed());
     }
     assert!(failed.is_empty(), "inputs that fail:\n{}", failed.join("\n"));
 }

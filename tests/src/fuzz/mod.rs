@@ -32,8 +32,11 @@ pub fn hub_bodies(data: &[u8]) {
     http::hub(data)
 }
 
+/// A fuzz target: any bytes in, a panic on a finding.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the names of `tests/fuzz/fuzz_targets/*.rs` and of the corpus folders).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("wire", wire),
     ("agent_session", agent_session),
     ("hub_session", hub_session),
