@@ -380,6 +380,17 @@ impl Outbox {
     fn idle(&self) -> bool {
         !self.reading && self.inflight.is_empty() && self.sent >= self.head && self.acked >= self.sent
     }
+
+    /// When a read is due, if one could start then. While a read is out or the window is full,
+    /// its answer or the ack that frees the window starts the next read; a timer that fired then
+    /// would find nothing to do, again and again, and spin the host's loop.
+    fn timer(&self, window: usize) -> Option<Instant> {
+        if self.reading || self.inflight.len() >= window {
+            None
+        } else {
+            self.due
+        }
+    }
 }
 
 /// One direction of receiving.
@@ -465,8 +476,12 @@ impl Link {
 
     fn fail(&mut self, err: SessionError) -> SessionError {
         if !self.failed && !err.from_peer {
-            let mut message = err.message.clone();
-            message.truncate(MESSAGE_MAX_LEN);
+            // Cut to the frame's limit, at a character boundary (a host's message may be any text).
+            let mut end = err.message.len().min(MESSAGE_MAX_LEN);
+            while !err.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let message = err.message[..end].to_owned();
             self.send(StreamKind::State, FrameV1::Error(ErrorMsg { code: err.code, message }));
         }
         self.failed = true;
@@ -604,7 +619,12 @@ impl Link {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.counters_out.due, self.journal_out.due].into_iter().flatten().min()
+        // Nothing is read before the handshake (which arms the outboxes anew) or after a failure.
+        if self.peer.is_none() || self.failed {
+            return None;
+        }
+        let window = self.config.window;
+        [self.counters_out.timer(window), self.journal_out.timer(window)].into_iter().flatten().min()
     }
 }
 
@@ -918,7 +938,7 @@ impl AgentSession {
 
     /// When the session next wants `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let digest = if self.digesting { None } else { self.next_digest };
+        let digest = if self.digesting || !self.is_established() { None } else { self.next_digest };
         [self.link.poll_timeout(), digest].into_iter().flatten().min()
     }
 
@@ -1171,6 +1191,10 @@ impl HubSession {
         let Some(h) = self.hello.clone() else {
             return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept before hello")));
         };
+        if self.link.peer.is_some() {
+            // A second answer would restart both directions from the lookup's watermarks.
+            return Err(self.link.fail(SessionError::new(close_code::INTERNAL, "accept after the handshake")));
+        }
         let PeerAccept { applied, journal_applied, mut lineage, hub_entries } = acc;
         // Our record may stem from another copy of the agent's files, whose sequence numbers
         // went their own way after the copy: trust no more than this copy says we acked.

@@ -1,6 +1,7 @@
 //! Test support for Shelfsync's end-to-end tests and benchmarks.
 
 pub mod cluster;
+pub mod fuzz;
 pub mod inproc;
 pub mod procs;
 pub mod proxy;
