@@ -1231,6 +1231,8 @@ pub struct ChangeEvent {
 
 /// Events after `cursor`, oldest first.
 pub fn changes_after(conn: &Connection, cursor: u64, limit: usize) -> StorageResult<Vec<ChangeEvent>> {
+    // Cursors are SQLite integers: none lies after i64::MAX (binding a larger u64 would fail).
+    let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
     let rows = conn
         .prepare_cached("SELECT cursor, kind, at_ms, data FROM changes WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")?
         .query_map(params![cursor, limit as i64], |r| {

@@ -27,11 +27,11 @@ use tower_service::Service;
 pub const REQUESTS_PER_STATE: u64 = 20_000;
 /// The same for the hub, whose catalog document grows with every edit (automerge keeps its
 /// history): small documents keep a request in the tens of microseconds.
-pub const HUB_REQUESTS_PER_STATE: u64 = 2_000;
+pub const HUB_REQUESTS_PER_STATE: u64 = 500;
 /// The agent's and hub's default body limit.
 const BODY_MAX_BYTES: usize = 64 * 1024;
 /// Longest CSV the hub target imports.
-const CSV_MAX_BYTES: usize = 600;
+const CSV_MAX_BYTES: usize = 200;
 const AGENT_HOST: &str = "127.0.0.1:7070";
 const AGENT_TOKEN: &str = "fuzz-agent-token-0123456789abcdef0123456789abcdef";
 
@@ -338,8 +338,9 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
         6 => json(Method::POST, "/v1/transfers"),
         7 => json(Method::PUT, &format!("/v1/catalog/{seg}")),
         8 => json(Method::PATCH, &format!("/v1/catalog/{seg}")),
-        // The import's path on this branch, and its name on main. At most a dozen rows or so:
-        // every row is an automerge edit, and the parser's rules show in the first rows.
+        // The import's path on this branch, and its name on main. A few rows at most: every row
+        // is an automerge edit (slow under coverage instrumentation), and the parser's rules
+        // show in the first rows.
         9 => {
             let path = if pick & 0x80 == 0 { "/v1/catalog/import" } else { "/v1/catalog-imports" };
             build(Method::POST, path, flags, auth, &rest[..rest.len().min(CSV_MAX_BYTES)], false)
