@@ -648,73 +648,6 @@ pub fn name_of(conn: &Connection, sku: &Sku) -> Result<Option<String>, DbError> 
         .optional()?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn item(name: &str, safety: u64) -> CatalogItem {
-        CatalogItem {
-            name: name.into(),
-            barcodes: vec!["400123".into()],
-            safety_stock: safety,
-            low_stock_threshold: 3,
-            max_per_customer: 2,
-            active: true,
-        }
-    }
-
-    #[test]
-    fn items_round_trip_and_changes_are_found() {
-        let mut d = AutoCommit::new();
-        let h0 = d.get_heads();
-        write_item(&mut d, "A", &item("Apple", 1)).unwrap();
-        write_item(&mut d, "B", &item("Banana", 0)).unwrap();
-        let h1 = d.get_heads();
-        assert_eq!(read_item(&d, "A"), Some(item("Apple", 1)));
-        assert_eq!(changed_skus(&mut d, &h0, &h1, 1), ["A".to_string(), "B".to_string()].into());
-        write_item(&mut d, "B", &item("Banana", 4)).unwrap();
-        let h2 = d.get_heads();
-        assert_eq!(changed_skus(&mut d, &h1, &h2, 1), ["B".to_string()].into());
-        assert_eq!(all_skus(&d), vec!["A", "B"]);
-    }
-
-    #[test]
-    fn concurrent_edits_of_different_fields_both_survive() {
-        let mut hq = AutoCommit::new();
-        write_item(&mut hq, "A", &item("Apple", 1)).unwrap();
-        let mut other = hq.fork();
-        let mut a = read_item(&hq, "A").unwrap();
-        a.name = "Green apple".into();
-        write_item(&mut hq, "A", &a).unwrap();
-        let mut b = read_item(&other, "A").unwrap();
-        b.safety_stock = 9;
-        write_item(&mut other, "A", &b).unwrap();
-        hq.merge(&mut other).unwrap();
-        let merged = read_item(&hq, "A").unwrap();
-        assert_eq!((merged.name.as_str(), merged.safety_stock), ("Green apple", 9));
-    }
-
-    #[test]
-    fn overrides_set_and_clear() {
-        let mut d = AutoCommit::new();
-        let h0 = d.get_heads();
-        write_overrides(&mut d, "A", &Overrides { safety_stock: Some(5), low_stock_threshold: None }).unwrap();
-        assert_eq!(read_overrides(&d, "A").safety_stock, Some(5));
-        let h1 = d.get_heads();
-        assert_eq!(changed_skus(&mut d, &h0, &h1, 0), ["A".to_string()].into());
-        write_overrides(&mut d, "A", &Overrides::default()).unwrap();
-        assert_eq!(read_overrides(&d, "A"), Overrides::default());
-    }
-
-    #[test]
-    fn validation_names_the_field() {
-        let mut i = item("x", 0);
-        i.barcodes = vec!["bad code".into()];
-        assert!(i.validate().unwrap_err().to_string().contains("barcodes[0]"));
-        let p = CatalogPatch { safety_stock: Some(5), ..Default::default() };
-        assert!(p.apply_to(None).unwrap_err().to_string().contains("needs a name"));
-    }
-}
 
 /// Generates the next automerge sync message for a peer, if there is anything to say.
 pub fn generate(doc: &mut AutoCommit, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
@@ -875,5 +808,73 @@ impl AgentCatalog {
         })
         .await?;
         Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(name: &str, safety: u64) -> CatalogItem {
+        CatalogItem {
+            name: name.into(),
+            barcodes: vec!["400123".into()],
+            safety_stock: safety,
+            low_stock_threshold: 3,
+            max_per_customer: 2,
+            active: true,
+        }
+    }
+
+    #[test]
+    fn items_round_trip_and_changes_are_found() {
+        let mut d = AutoCommit::new();
+        let h0 = d.get_heads();
+        write_item(&mut d, "A", &item("Apple", 1)).unwrap();
+        write_item(&mut d, "B", &item("Banana", 0)).unwrap();
+        let h1 = d.get_heads();
+        assert_eq!(read_item(&d, "A"), Some(item("Apple", 1)));
+        assert_eq!(changed_skus(&mut d, &h0, &h1, 1), ["A".to_string(), "B".to_string()].into());
+        write_item(&mut d, "B", &item("Banana", 4)).unwrap();
+        let h2 = d.get_heads();
+        assert_eq!(changed_skus(&mut d, &h1, &h2, 1), ["B".to_string()].into());
+        assert_eq!(all_skus(&d), vec!["A", "B"]);
+    }
+
+    #[test]
+    fn concurrent_edits_of_different_fields_both_survive() {
+        let mut hq = AutoCommit::new();
+        write_item(&mut hq, "A", &item("Apple", 1)).unwrap();
+        let mut other = hq.fork();
+        let mut a = read_item(&hq, "A").unwrap();
+        a.name = "Green apple".into();
+        write_item(&mut hq, "A", &a).unwrap();
+        let mut b = read_item(&other, "A").unwrap();
+        b.safety_stock = 9;
+        write_item(&mut other, "A", &b).unwrap();
+        hq.merge(&mut other).unwrap();
+        let merged = read_item(&hq, "A").unwrap();
+        assert_eq!((merged.name.as_str(), merged.safety_stock), ("Green apple", 9));
+    }
+
+    #[test]
+    fn overrides_set_and_clear() {
+        let mut d = AutoCommit::new();
+        let h0 = d.get_heads();
+        write_overrides(&mut d, "A", &Overrides { safety_stock: Some(5), low_stock_threshold: None }).unwrap();
+        assert_eq!(read_overrides(&d, "A").safety_stock, Some(5));
+        let h1 = d.get_heads();
+        assert_eq!(changed_skus(&mut d, &h0, &h1, 0), ["A".to_string()].into());
+        write_overrides(&mut d, "A", &Overrides::default()).unwrap();
+        assert_eq!(read_overrides(&d, "A"), Overrides::default());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut i = item("x", 0);
+        i.barcodes = vec!["bad code".into()];
+        assert!(i.validate().unwrap_err().to_string().contains("barcodes[0]"));
+        let p = CatalogPatch { safety_stock: Some(5), ..Default::default() };
+        assert!(p.apply_to(None).unwrap_err().to_string().contains("needs a name"));
     }
 }

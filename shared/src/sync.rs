@@ -300,7 +300,7 @@ impl Outbox {
     }
 
     fn poll_read(&mut self, now: Instant, window: usize) -> Option<(u64, bool)> {
-        if self.reading || self.inflight.len() >= window || !self.due.is_some_and(|d| d <= now) {
+        if self.reading || self.inflight.len() >= window || self.due.is_none_or(|d| d > now) {
             return None;
         }
         self.due = None;
