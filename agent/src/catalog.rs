@@ -648,7 +648,6 @@ pub fn name_of(conn: &Connection, sku: &Sku) -> Result<Option<String>, DbError> 
         .optional()?)
 }
 
-
 /// Generates the next automerge sync message for a peer, if there is anything to say.
 pub fn generate(doc: &mut AutoCommit, state: &mut automerge::sync::State) -> Option<Vec<u8>> {
     use automerge::sync::SyncDoc;

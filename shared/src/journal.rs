@@ -30,6 +30,17 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Sale,
+        EventKind::Return,
+        EventKind::Adjustment,
+        EventKind::Count,
+        EventKind::Restock,
+        EventKind::Transfer,
+        EventKind::Fulfilment,
+    ];
+
     /// The snake_case name used in JSON and SQL.
     pub fn as_str(self) -> &'static str {
         match self {

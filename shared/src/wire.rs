@@ -217,6 +217,25 @@ pub struct Hello {
     pub retired: Vec<Retirement>,
 }
 
+impl Hello {
+    /// The first `Hello` of a writer that has never synced: nothing applied, acked or retired.
+    pub fn fresh(store: StoreId, writer: WriterId) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            store,
+            writer,
+            hub_writer: None,
+            applied: 0,
+            journal_applied: 0,
+            acked: 0,
+            journal_acked: 0,
+            lineage: Checkpoint::default(),
+            boots: Vec::new(),
+            retired: Vec::new(),
+        }
+    }
+}
+
 /// An agent retired a writer because its history forked (a restored or cloned database).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retirement {

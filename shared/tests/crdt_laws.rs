@@ -323,15 +323,7 @@ fn any_delta() -> impl Strategy<Value = Delta> {
 }
 
 fn any_event() -> impl Strategy<Value = JournalEvent> {
-    let kinds = [
-        EventKind::Sale,
-        EventKind::Return,
-        EventKind::Adjustment,
-        EventKind::Count,
-        EventKind::Restock,
-        EventKind::Transfer,
-        EventKind::Fulfilment,
-    ];
+    let kinds = EventKind::ALL;
     (
         (any::<u128>(), any::<u32>(), prop::sample::select(kinds.to_vec()), any_store(), any_sku(), any::<i64>()),
         (prop::option::of("[ -~]{0,200}"), any::<i64>(), any::<i64>(), any_writer(), 0u32..8),

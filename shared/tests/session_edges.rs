@@ -8,7 +8,7 @@ use shelfsync_shared::counter::PnEntry;
 use shelfsync_shared::sync::{
     AgentResume, AgentSession, DeltaRead, Effect, HubSession, PeerAccept, StreamKind, SyncConfig,
 };
-use shelfsync_shared::wire::{self, close_code, Ack, Frame, FrameV1, Hello, MESSAGE_MAX_LEN, PROTOCOL_VERSION};
+use shelfsync_shared::wire::{self, close_code, Ack, Frame, FrameV1, Hello, MESSAGE_MAX_LEN};
 use shelfsync_shared::{Incarnation, NodeId, Sku, StoreId, WriterId};
 
 fn store() -> StoreId {
@@ -24,19 +24,7 @@ fn hub_writer() -> WriterId {
 }
 
 fn hello() -> Frame {
-    Frame::V1(FrameV1::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        store: store(),
-        writer: agent_writer(),
-        hub_writer: None,
-        applied: 0,
-        journal_applied: 0,
-        acked: 0,
-        journal_acked: 0,
-        lineage: Default::default(),
-        boots: vec![],
-        retired: vec![],
-    }))
+    Frame::V1(FrameV1::Hello(Hello::fresh(store(), agent_writer())))
 }
 
 /// After `handle_timeout(now)`, the next timer is not due yet: the host's loop sleeps until it.

@@ -219,7 +219,10 @@ async fn merge_throughput(stores: usize, deltas_per_store: usize) -> anyhow::Res
             for r in 0..deltas_per_store {
                 let e = PnEntry { p: 0, n: r as u64 + 1 };
                 let delta = Delta::build(0, (r as u64 + 1) * 4096, skus.iter().map(|k| (k, &writer, e)));
-                storage.apply_delta(store.clone(), writer.clone(), delta, None, Vec::new(), Default::default()).await.unwrap();
+                storage
+                    .apply_delta(store.clone(), writer.clone(), delta, None, Vec::new(), Default::default())
+                    .await
+                    .unwrap();
             }
         }));
     }

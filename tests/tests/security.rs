@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shelfsync_agent::bundle::Bundle;
 use shelfsync_agent::quic::{read_frame, write_frame};
-use shelfsync_shared::wire::{close_code, Delta, Frame, FrameV1, Hello, PROTOCOL_VERSION};
+use shelfsync_shared::wire::{close_code, Delta, Frame, FrameV1, Hello};
 use shelfsync_shared::{Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
 use shelfsync_tests::cluster::Cluster;
 use shelfsync_tests::procs::{wait_until, Proc};
@@ -58,19 +58,7 @@ async fn a_store_cannot_write_another_stores_counters() {
     // 1. A delta carrying another store's writer.
     let (_ep, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
     let mine = writer("store-0", 42);
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        store: bundle.store_id.clone(),
-        writer: mine,
-        hub_writer: None,
-        applied: 0,
-        journal_applied: 0,
-        acked: 0,
-        journal_acked: 0,
-        lineage: Default::default(),
-        boots: vec![],
-        retired: vec![],
-    };
+    let hello = Hello::fresh(bundle.store_id.clone(), mine);
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     let (welcome, _) = read_frame(&mut recv).await.unwrap().unwrap();
     assert!(matches!(welcome, Frame::V1(FrameV1::Welcome(_))), "{welcome:?}");
@@ -81,37 +69,13 @@ async fn a_store_cannot_write_another_stores_counters() {
 
     // 2. A hello claiming to be another store.
     let (_ep2, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        store: "store-1".parse::<StoreId>().unwrap(),
-        writer: writer("store-1", 8),
-        hub_writer: None,
-        applied: 0,
-        journal_applied: 0,
-        acked: 0,
-        journal_acked: 0,
-        lineage: Default::default(),
-        boots: vec![],
-        retired: vec![],
-    };
+    let hello = Hello::fresh("store-1".parse::<StoreId>().unwrap(), writer("store-1", 8));
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     assert_eq!(close_code_of(&conn, &mut recv).await, close_code::UNAUTHORIZED);
 
     // 3. A version the hub does not speak.
     let (_ep3, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
-    let hello = Hello {
-        protocol: 99,
-        store: bundle.store_id.clone(),
-        writer: writer("store-0", 9),
-        hub_writer: None,
-        applied: 0,
-        journal_applied: 0,
-        acked: 0,
-        journal_acked: 0,
-        lineage: Default::default(),
-        boots: vec![],
-        retired: vec![],
-    };
+    let hello = Hello { protocol: 99, ..Hello::fresh(bundle.store_id.clone(), writer("store-0", 9)) };
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     assert_eq!(close_code_of(&conn, &mut recv).await, close_code::VERSION_MISMATCH);
 
@@ -233,19 +197,7 @@ async fn a_store_cannot_change_the_catalog() {
     c.kill_agent(0).await; // only our raw connection speaks for store-0
     let bundle = Bundle::load(&c.dir.path().join("bundle-0")).unwrap();
     let (_ep, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        store: bundle.store_id.clone(),
-        writer: writer("store-0", 77),
-        hub_writer: None,
-        applied: 0,
-        journal_applied: 0,
-        acked: 0,
-        journal_acked: 0,
-        lineage: Default::default(),
-        boots: vec![],
-        retired: vec![],
-    };
+    let hello = Hello::fresh(bundle.store_id.clone(), writer("store-0", 77));
     write_frame(&mut send, &Frame::V1(FrameV1::Hello(hello))).await.unwrap();
     let (welcome, _) = read_frame(&mut recv).await.unwrap().unwrap();
     assert!(matches!(welcome, Frame::V1(FrameV1::Welcome(_))));

@@ -240,15 +240,7 @@ pub fn delta(u: &mut Unstructured) -> Result<Delta> {
 
 /// A journal event, mostly of this store.
 pub fn event(u: &mut Unstructured) -> Result<JournalEvent> {
-    let kinds = [
-        EventKind::Sale,
-        EventKind::Return,
-        EventKind::Adjustment,
-        EventKind::Count,
-        EventKind::Restock,
-        EventKind::Transfer,
-        EventKind::Fulfilment,
-    ];
+    let kinds = EventKind::ALL;
     let flags = [EventFlag::UnknownSku, EventFlag::NegativeStock, EventFlag::DipsIntoHolds, EventFlag::InactiveSku];
     Ok(JournalEvent {
         id: uuid(u)?,
