@@ -11,7 +11,7 @@ CLIENTS=${CLIENTS:-64}
 SECS=${SECS:-10}
 work=$(mktemp -d /tmp/shelfsync-bench.XXXXXX)
 cleanup() {
-  [ -n "${PGBIN:-}" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1
+  [ -n "${PGBIN:-}" ] && (cd / && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1)
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null
   rm -rf "$work"
 }
@@ -21,7 +21,11 @@ echo "== shelfsync-hub"
 SHELFSYNC_BENCH_CLIENTS=$CLIENTS cargo bench -q -p shelfsync-tests --bench reservations 2>/dev/null | grep shelfsync-hub \
   || echo "shelfsync-hub: benchmark failed"
 
+# A port nobody listens on (the distribution's own cluster may hold 5432, an earlier run 55432).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 echo "== PostgreSQL"
+PGPORT=$(free_port)
 if ! command -v pgbench >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get install -y -qq postgresql >/dev/null 2>&1 || true
 fi
@@ -31,35 +35,39 @@ if [ -z "$PGBIN" ] || ! command -v pgbench >/dev/null; then
   PGBIN=""
 else
   mkdir -p "$work/pg" && chown postgres "$work" "$work/pg"
-  if runuser -u postgres -- "$PGBIN/initdb" -D "$work/pg" -A trust >/dev/null 2>&1 &&
-     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$work/pg" -l "$work/pg.log" \
-       -o "-c listen_addresses=127.0.0.1 -c port=55432 -c unix_socket_directories=$work -c max_connections=200 -c fsync=on -c synchronous_commit=on" \
-       start -w >/dev/null 2>&1; then
-    psql -h 127.0.0.1 -p 55432 -U postgres -q -c "CREATE TABLE stock (sku text PRIMARY KEY, qty bigint NOT NULL); INSERT INTO stock VALUES ('HOT', 1000000000);" postgres
+  # The server runs as postgres, which may not read the checkout: run from the scratch dir.
+  if (cd "$work" && runuser -u postgres -- "$PGBIN/initdb" -D "$work/pg" -A trust >"$work/initdb.log" 2>&1) &&
+     (cd "$work" && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$work/pg" -l "$work/pg.log" -t 60 \
+       -o "-c listen_addresses=127.0.0.1 -c port=$PGPORT -c unix_socket_directories=$work -c max_connections=200 -c fsync=on -c synchronous_commit=on" \
+       start -w >"$work/pg_ctl.log" 2>&1); then
+    psql -h 127.0.0.1 -p "$PGPORT" -U postgres -q -c "CREATE TABLE stock (sku text PRIMARY KEY, qty bigint NOT NULL); INSERT INTO stock VALUES ('HOT', 1000000000);" postgres
     echo "UPDATE stock SET qty = qty - 1 WHERE sku = 'HOT' AND qty >= 1;" > "$work/reserve.sql"
-    out=$(pgbench -h 127.0.0.1 -p 55432 -U postgres -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$work/reserve.sql" -l --log-prefix="$work/pgb" postgres 2>&1)
+    out=$(pgbench -h 127.0.0.1 -p "$PGPORT" -U postgres -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$work/reserve.sql" -l --log-prefix="$work/pgb" postgres 2>&1)
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
     # per-transaction logs: column 3 is the latency in microseconds
     read -r p50 p99 < <(cat "$work"/pgb* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {printf "%.2f %.2f\n", a[int(NR*0.5)]/1000, a[int(NR*0.99)]/1000}')
     printf "postgresql     %s clients  %8.0f updates/s       p50 %6s ms  p99 %6s ms  (one row, fsync per commit)\n" "$CLIENTS" "$tps" "$p50" "$p99"
   else
-    echo "PostgreSQL: could not start a server on loopback; skipped"; PGBIN=""
+    echo "PostgreSQL: could not start a server on loopback; skipped. Why:"
+    for f in initdb.log pg_ctl.log pg.log; do [ -s "$work/$f" ] && { echo "-- $f"; tail -15 "$work/$f"; }; done
+    PGBIN=""
   fi
 fi
 
 echo "== Redis"
+REDISPORT=$(free_port)
 if ! command -v redis-server >/dev/null; then
   apt-get install -y -qq redis-server >/dev/null 2>&1 || true
 fi
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
   echo "Redis: not available on this machine (apt-get install redis-server failed); skipped"
 else
-  redis-server --port 56379 --bind 127.0.0.1 --dir "$work" --appendonly yes --appendfsync always --save "" --daemonize no >/dev/null 2>&1 &
+  redis-server --port "$REDISPORT" --bind 127.0.0.1 --dir "$work" --appendonly yes --appendfsync always --save "" --daemonize no >/dev/null 2>&1 &
   REDIS_PID=$!
-  for _ in $(seq 50); do redis-cli -p 56379 ping >/dev/null 2>&1 && break; sleep 0.1; done
-  redis-cli -p 56379 set stock:HOT 1000000000 >/dev/null
+  for _ in $(seq 50); do redis-cli -p "$REDISPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p "$REDISPORT" set stock:HOT 1000000000 >/dev/null
   script='local q = tonumber(redis.call("GET", KEYS[1])) if q and q >= 1 then return redis.call("DECR", KEYS[1]) else return -1 end'
-  out=$(redis-benchmark -p 56379 -c "$CLIENTS" -n $((CLIENTS * 2000)) -q --csv EVAL "$script" 1 stock:HOT 2>&1)
+  out=$(redis-benchmark -p "$REDISPORT" -c "$CLIENTS" -n $((CLIENTS * 2000)) -q --csv EVAL "$script" 1 stock:HOT 2>&1)
   # CSV: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
   line=$(echo "$out" | grep -i '^"EVAL' | head -1)
   if [ -n "$line" ]; then
