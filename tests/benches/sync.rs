@@ -1,4 +1,4 @@
-//! Sync benchmarks: end-to-end propagation latency, catch-up after a long offline period (next
+//! Sync benchmarks: end-to-end propagation latency, a burst of one sale at every store, catch-up after a long offline period (next
 //! to automerge syncing the same changes as `Counter` increments), and hub merge throughput.
 //!
 //! `cargo bench -p shelfsync-tests --bench sync` (set `SHELFSYNC_BENCH_QUICK=1` for a smoke run).
@@ -22,6 +22,11 @@ use uuid::Uuid;
 
 fn quick() -> bool {
     std::env::var_os("SHELFSYNC_BENCH_QUICK").is_some()
+}
+
+/// `SHELFSYNC_BENCH_ONLY=burst` (or `propagation`, `catch-up`, `automerge`, `merge`) runs one section.
+fn section(name: &str) -> bool {
+    std::env::var("SHELFSYNC_BENCH_ONLY").map_or(true, |only| only == name)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -70,6 +75,41 @@ async fn propagation(n: usize, rounds: usize) -> anyhow::Result<(f64, f64, usize
     }
     samples.sort();
     let out = (pct(&samples, 0.5), pct(&samples, 0.99), samples.len());
+    chain.stop().await;
+    Ok(out)
+}
+
+/// One sale at every store at once (recorded straight into each agent's ledger, so the HTTP
+/// client is not what is measured): time from the first sale to the last store's new on_hand
+/// committed at the hub. Median over `rounds`, and the slowest round.
+async fn burst(n: usize, rounds: usize) -> anyhow::Result<(f64, f64)> {
+    let chain = Chain::start(n, Synchronous::Normal, Synchronous::Full).await?;
+    chain.all_connected().await;
+    let mut events = chain.hub.hub.stock_events();
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let expected = -(round as i64 + 1);
+        let dbs: Vec<_> = (0..n).map(|i| chain.agent(i).db.clone()).collect();
+        let started = Instant::now();
+        for db in dbs {
+            tokio::spawn(async move {
+                let lines = vec![Line { sku: "B".parse().unwrap(), qty: 1 }];
+                let req = RecordRequest { id: Uuid::now_v7(), change: Change::Sale { lines }, occurred_at_ms: None };
+                ledger::record(&db, req).await.unwrap();
+            });
+        }
+        let mut pending: std::collections::HashSet<String> = chain.stores.iter().map(|s| s.to_string()).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !pending.is_empty() {
+            let ev = tokio::time::timeout_at(deadline, events.recv()).await??;
+            if ev.sku.as_str() == "B" && ev.on_hand == expected {
+                pending.remove(ev.store.as_str());
+            }
+        }
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    let out = (pct(&samples, 0.5), pct(&samples, 1.0));
     chain.stop().await;
     Ok(out)
 }
@@ -237,49 +277,69 @@ async fn merge_throughput(stores: usize, deltas_per_store: usize) -> anyhow::Res
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let q = quick();
-    println!(
+    if section("propagation") {
+        println!(
         "== end-to-end propagation: sale sent to an agent's API -> committed at the hub (synchronous=FULL both ends)"
     );
-    println!("{:<8} {:>8} {:>10} {:>10}", "agents", "samples", "p50 ms", "p99 ms");
-    for (n, rounds) in [(1, if q { 50 } else { 300 }), (50, if q { 4 } else { 20 })] {
-        let (p50, p99, samples) = propagation(n, rounds).await?;
-        println!("{n:<8} {samples:>8} {p50:>10.2} {p99:>10.2}");
+        println!("{:<8} {:>8} {:>10} {:>10}", "agents", "samples", "p50 ms", "p99 ms");
+        for (n, rounds) in [(1, if q { 50 } else { 300 }), (50, if q { 4 } else { 20 })] {
+            let (p50, p99, samples) = propagation(n, rounds).await?;
+            println!("{n:<8} {samples:>8} {p50:>10.2} {p99:>10.2}");
+        }
     }
 
-    println!("\n== catch-up after an offline period (agent synchronous=NORMAL for the set-up; hub FULL)");
-    println!(
-        "{:<10} {:>7} {:>14} {:>16} {:>14} {:>16} {:>12}",
-        "sales", "skus", "counters ms", "counter MiB", "journal ms", "journal MiB", "UDP MiB"
-    );
-    let sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
-    for &sales in sizes {
-        let c = catch_up(sales, 10_000).await?;
+    if section("burst") {
+        println!("\n== burst: one sale at every store at once -> all committed at the hub (agents NORMAL, hub FULL)");
+        println!("{:<8} {:>8} {:>14} {:>14}", "stores", "rounds", "median ms", "slowest ms");
+        let bursts: &[(usize, usize)] = if q { &[(50, 3)] } else { &[(200, 5), (1000, 3)] };
+        for &(n, rounds) in bursts {
+            let (median, slowest) = burst(n, rounds).await?;
+            println!("{n:<8} {rounds:>8} {median:>14.1} {slowest:>14.1}");
+        }
+    }
+
+    if section("catch-up") {
+        println!("\n== catch-up after an offline period (agent synchronous=NORMAL for the set-up; hub FULL)");
         println!(
-            "{:<10} {:>7} {:>14.0} {:>16.2} {:>14.0} {:>16.2} {:>12.2}",
-            c.sales,
-            c.skus,
-            c.counters_ms,
-            mib(c.state_bytes),
-            c.journal_ms,
-            mib(c.journal_bytes),
-            mib(c.udp_bytes)
+            "{:<10} {:>7} {:>14} {:>16} {:>14} {:>16} {:>12}",
+            "sales", "skus", "counters ms", "counter MiB", "journal ms", "journal MiB", "UDP MiB"
         );
-    }
-    println!(
-        "\n== the same changes as automerge Counter increments (one change per 100 increments), sync to a replica"
-    );
-    println!("{:<10} {:>7} {:>14} {:>16} {:>16}", "sales", "skus", "sync ms", "sync MiB", "record ms");
-    let am_sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
-    for &sales in am_sizes {
-        let (ms, bytes, record_ms) = automerge_catch_up(sales, 10_000)?;
-        println!("{:<10} {:>7} {:>14.0} {:>16.2} {:>16.0}", sales, 10_000, ms, mib(bytes), record_ms);
+        let sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
+        for &sales in sizes {
+            let c = catch_up(sales, 10_000).await?;
+            println!(
+                "{:<10} {:>7} {:>14.0} {:>16.2} {:>14.0} {:>16.2} {:>12.2}",
+                c.sales,
+                c.skus,
+                c.counters_ms,
+                mib(c.state_bytes),
+                c.journal_ms,
+                mib(c.journal_bytes),
+                mib(c.udp_bytes)
+            );
+        }
     }
 
-    println!("\n== hub merge throughput (4096-entry deltas straight into storage, synchronous=FULL)");
-    println!("{:<8} {:>16}", "stores", "entries/s");
-    for stores in [1, 8] {
-        let rate = merge_throughput(stores, if q { 3 } else { 20 }).await?;
-        println!("{stores:<8} {rate:>16.0}");
+    if section("automerge") {
+        println!(
+            "\n== the same changes as automerge Counter increments (one change per 100 increments), sync to a replica"
+        );
+        println!("{:<10} {:>7} {:>14} {:>16} {:>16}", "sales", "skus", "sync ms", "sync MiB", "record ms");
+        let am_sizes: &[usize] = if q { &[100_000] } else { &[100_000, 1_000_000] };
+        for &sales in am_sizes {
+            let (ms, bytes, record_ms) = automerge_catch_up(sales, 10_000)?;
+            println!("{:<10} {:>7} {:>14.0} {:>16.2} {:>16.0}", sales, 10_000, ms, mib(bytes), record_ms);
+        }
     }
+
+    if section("merge") {
+        println!("\n== hub merge throughput (4096-entry deltas straight into storage, synchronous=FULL)");
+        println!("{:<8} {:>16}", "stores", "entries/s");
+        for stores in [1, 8] {
+            let rate = merge_throughput(stores, if q { 3 } else { 20 }).await?;
+            println!("{stores:<8} {rate:>16.0}");
+        }
+    }
+
     Ok(())
 }
