@@ -9,16 +9,21 @@
 //! allocation sequences, the feed head) are recomputed on rebuild, so replaying the records also
 //! checks the live bookkeeping (`Decider::snapshot` compares the two).
 
+use std::collections::{BTreeSet, HashMap};
+
 use serde::{Deserialize, Serialize};
+use shelfsync_shared::counter::sum_entries;
 use shelfsync_shared::journal::JournalEvent;
 use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+use uuid::Uuid;
 
 use crate::feed::FeedEvent;
 use crate::model::{
-    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, HubRequest, Overrides, Reservation, Slot, Velocity,
+    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictStatus, HubRequest, Overrides, Reservation,
+    ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
 };
 use crate::stores::empty_store;
-use crate::tables::{Dirty, Tables};
+use crate::tables::{indexed, Tables};
 use crate::{Config, Decider};
 
 /// A store row.
@@ -248,6 +253,95 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// What one command touched: the keys whose final rows become its records.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Dirty {
+    pub stores: BTreeSet<StoreIx>,
+    pub entries: BTreeSet<(StoreIx, SkuIx, WriterIx)>,
+    pub velocity: BTreeSet<(StoreIx, SkuIx)>,
+    pub alerts: BTreeSet<(StoreIx, SkuIx)>,
+    pub catalog: BTreeSet<SkuIx>,
+    pub overrides: BTreeSet<(StoreId, Sku)>,
+    pub reservations: BTreeSet<Uuid>,
+    pub allocations: BTreeSet<Uuid>,
+    pub conflicts: BTreeSet<Uuid>,
+    pub hub_requests: BTreeSet<Uuid>,
+    pub action_requests: BTreeSet<String>,
+    pub journal: Vec<JournalEvent>,
+    pub feed: Vec<FeedEvent>,
+    pub hub_writer: bool,
+    pub ids: bool,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.stores.is_empty()
+            && self.entries.is_empty()
+            && self.velocity.is_empty()
+            && self.alerts.is_empty()
+            && self.catalog.is_empty()
+            && self.overrides.is_empty()
+            && self.reservations.is_empty()
+            && self.allocations.is_empty()
+            && self.conflicts.is_empty()
+            && self.hub_requests.is_empty()
+            && self.action_requests.is_empty()
+            && self.journal.is_empty()
+            && self.feed.is_empty()
+            && !self.hub_writer
+            && !self.ids
+    }
+}
+
+/// Rebuilds every derived index from the rows (after loading records).
+pub(crate) fn reindex(t: &mut Tables) {
+    t.by_customer.clear();
+    t.expiry.clear();
+    t.res_allocs.clear();
+    t.open_conflicts.clear();
+    for cell in t.cells.values_mut() {
+        cell.held = 0;
+        cell.open.clear();
+        cell.on_hand = sum_entries(cell.slots.iter().map(|s| &s.entry)).unwrap_or(0);
+    }
+    for s in &mut t.stores {
+        s.open.clear();
+    }
+    let mut ids: Vec<&Reservation> = t.reservations.values().collect();
+    ids.sort_by_key(|r| (r.created_at_ms, r.id));
+    let mut by_customer: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for r in ids {
+        if let Some(c) = &r.customer {
+            by_customer.entry(c.clone()).or_default().push(r.id);
+        }
+        if let (ReservationStatus::Held, Some(at)) = (r.status, r.expires_at_ms) {
+            t.expiry.insert((at, r.id));
+        }
+    }
+    t.by_customer = by_customer;
+    let mut allocs: Vec<(u64, Uuid)> = t.allocations.values().map(|a| (a.created_seq, a.id)).collect();
+    allocs.sort();
+    t.alloc_seq = allocs.last().map_or(0, |(s, _)| *s).max(t.alloc_seq);
+    for (seq, id) in allocs {
+        let a = &t.allocations[&id];
+        let (res, qty, open) = (a.reservation, a.qty, a.status.is_open());
+        let (st, sk) = t.alloc_cell(a);
+        t.res_allocs.entry(res).or_default().push(id);
+        if open {
+            t.open_index(st, sk, seq, id, qty, true);
+        }
+    }
+    let open: Vec<Conflict> = t
+        .conflicts
+        .values()
+        .filter(|c| c.status == ConflictStatus::Open && c.sku.is_some() && indexed(c.kind))
+        .cloned()
+        .collect();
+    for c in open {
+        t.open_conflicts.insert((c.store, c.sku.expect("filtered"), c.kind), c.id);
+    }
+}
+
 impl Decider {
     /// Rebuilds a decider from records in commit order (the rows storage holds, loaded back as
     /// records). The feed may be only its newest part.
@@ -260,7 +354,7 @@ impl Decider {
         for r in records {
             load(&mut d.t, r)?;
         }
-        d.t.reindex();
+        reindex(&mut d.t);
         d.t.dirty = Dirty::default();
         Ok(d)
     }

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use shelfsync_shared::journal::JournalEvent;
 use shelfsync_shared::{counter::sum_entries, PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
@@ -17,50 +16,11 @@ use crate::model::{
     ActionRequest, AlertState, Allocation, AllocationStatus, Cell, Conflict, ConflictKind, ConflictStatus, HubRequest,
     Overrides, Reservation, ReservationStatus, SkuInfo, SkuIx, Slot, Store, StoreIx, Velocity, WriterIx,
 };
+pub(crate) use crate::records::Dirty;
 
 /// Conflict kinds that are open at most once per (store, SKU), found through the index.
-fn indexed(kind: ConflictKind) -> bool {
+pub(crate) fn indexed(kind: ConflictKind) -> bool {
     matches!(kind, ConflictKind::NegativeStock | ConflictKind::UnknownSku)
-}
-
-/// What one command touched: the keys whose final rows become its records.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Dirty {
-    pub stores: BTreeSet<StoreIx>,
-    pub entries: BTreeSet<(StoreIx, SkuIx, WriterIx)>,
-    pub velocity: BTreeSet<(StoreIx, SkuIx)>,
-    pub alerts: BTreeSet<(StoreIx, SkuIx)>,
-    pub catalog: BTreeSet<SkuIx>,
-    pub overrides: BTreeSet<(StoreId, Sku)>,
-    pub reservations: BTreeSet<Uuid>,
-    pub allocations: BTreeSet<Uuid>,
-    pub conflicts: BTreeSet<Uuid>,
-    pub hub_requests: BTreeSet<Uuid>,
-    pub action_requests: BTreeSet<String>,
-    pub journal: Vec<JournalEvent>,
-    pub feed: Vec<FeedEvent>,
-    pub hub_writer: bool,
-    pub ids: bool,
-}
-
-impl Dirty {
-    pub fn is_empty(&self) -> bool {
-        self.stores.is_empty()
-            && self.entries.is_empty()
-            && self.velocity.is_empty()
-            && self.alerts.is_empty()
-            && self.catalog.is_empty()
-            && self.overrides.is_empty()
-            && self.reservations.is_empty()
-            && self.allocations.is_empty()
-            && self.conflicts.is_empty()
-            && self.hub_requests.is_empty()
-            && self.action_requests.is_empty()
-            && self.journal.is_empty()
-            && self.feed.is_empty()
-            && !self.hub_writer
-            && !self.ids
-    }
 }
 
 /// All state the decider persists, with its indexes.
@@ -350,7 +310,7 @@ impl Tables {
         id
     }
 
-    fn open_index(&mut self, st: StoreIx, sk: SkuIx, seq: u64, id: Uuid, qty: u64, open: bool) {
+    pub(crate) fn open_index(&mut self, st: StoreIx, sk: SkuIx, seq: u64, id: Uuid, qty: u64, open: bool) {
         let cell = self.cell_mut(st, sk);
         if open {
             cell.held += qty;
@@ -363,7 +323,7 @@ impl Tables {
         }
     }
 
-    fn alloc_cell(&self, a: &Allocation) -> (StoreIx, SkuIx) {
+    pub(crate) fn alloc_cell(&self, a: &Allocation) -> (StoreIx, SkuIx) {
         (self.store_ix[&a.store], self.sku_ix[&a.sku])
     }
 
@@ -448,55 +408,6 @@ impl Tables {
         self.feed.push_back(e);
         while self.feed.len() > self.feed_retain {
             self.feed.pop_front();
-        }
-    }
-
-    /// Rebuilds every derived index from the rows (after loading records).
-    pub fn reindex(&mut self) {
-        self.by_customer.clear();
-        self.expiry.clear();
-        self.res_allocs.clear();
-        self.open_conflicts.clear();
-        for cell in self.cells.values_mut() {
-            cell.held = 0;
-            cell.open.clear();
-            cell.on_hand = sum_entries(cell.slots.iter().map(|s| &s.entry)).unwrap_or(0);
-        }
-        for s in &mut self.stores {
-            s.open.clear();
-        }
-        let mut ids: Vec<&Reservation> = self.reservations.values().collect();
-        ids.sort_by_key(|r| (r.created_at_ms, r.id));
-        let mut by_customer: HashMap<String, Vec<Uuid>> = HashMap::new();
-        for r in ids {
-            if let Some(c) = &r.customer {
-                by_customer.entry(c.clone()).or_default().push(r.id);
-            }
-            if let (ReservationStatus::Held, Some(at)) = (r.status, r.expires_at_ms) {
-                self.expiry.insert((at, r.id));
-            }
-        }
-        self.by_customer = by_customer;
-        let mut allocs: Vec<(u64, Uuid)> = self.allocations.values().map(|a| (a.created_seq, a.id)).collect();
-        allocs.sort();
-        self.alloc_seq = allocs.last().map_or(0, |(s, _)| *s).max(self.alloc_seq);
-        for (seq, id) in allocs {
-            let a = &self.allocations[&id];
-            let (res, qty, open) = (a.reservation, a.qty, a.status.is_open());
-            let (st, sk) = self.alloc_cell(a);
-            self.res_allocs.entry(res).or_default().push(id);
-            if open {
-                self.open_index(st, sk, seq, id, qty, true);
-            }
-        }
-        let open: Vec<Conflict> = self
-            .conflicts
-            .values()
-            .filter(|c| c.status == ConflictStatus::Open && c.sku.is_some() && indexed(c.kind))
-            .cloned()
-            .collect();
-        for c in open {
-            self.open_conflicts.insert((c.store, c.sku.expect("filtered"), c.kind), c.id);
         }
     }
 }

@@ -70,10 +70,13 @@ fn safety_stock_overrides_and_inactive_skus_shape_what_is_offered() {
         .filter(|e| e.cursor > head && e.kind == FeedKind::AvailabilityChanged)
         .map(|e| e.data_json())
         .collect();
-    assert_eq!(avail, [
-        json!({"store": "a", "sku": "X", "on_hand": 10, "held": 0, "safety_stock": 2, "available": 8}),
-        json!({"store": "b", "sku": "X", "on_hand": 10, "held": 0, "safety_stock": 2, "available": 8}),
-    ]);
+    assert_eq!(
+        avail,
+        [
+            json!({"store": "a", "sku": "X", "on_hand": 10, "held": 0, "safety_stock": 2, "available": 8}),
+            json!({"store": "b", "sku": "X", "on_hand": 10, "held": 0, "safety_stock": 2, "available": 8}),
+        ]
+    );
     let head = h.d.feed_head();
     h.ok(Command::CatalogChanged {
         items: vec![],
@@ -86,7 +89,10 @@ fn safety_stock_overrides_and_inactive_skus_shape_what_is_offered() {
     assert!(h.d.figures(&k("X"), h.now, h.d.connected()).iter().all(|f| f.available == 0));
     assert!(matches!(h.reserve(1, vec![line("X", 1)], None, None), Err(Refusal::Unavailable { available: 0, .. })));
     // Overrides removed: back to the catalog.
-    h.ok(Command::CatalogChanged { items: vec![(k("X"), Some(rule(2, 0, 0, true)))], overrides: Some((s("b"), vec![(k("X"), Overrides::default())])) });
+    h.ok(Command::CatalogChanged {
+        items: vec![(k("X"), Some(rule(2, 0, 0, true)))],
+        overrides: Some((s("b"), vec![(k("X"), Overrides::default())])),
+    });
     assert_eq!(h.d.figures(&k("X"), h.now, h.d.connected())[1].available, 8);
 }
 
@@ -107,11 +113,17 @@ fn unknown_skus_open_once_per_store_and_resolve_when_catalogued() {
     let all = h.d.conflicts(&ConflictFilter { status: Some(ConflictStatus::Open), limit: 10, ..Default::default() });
     assert_eq!(all.len(), 3);
     let off = all.iter().find(|c| c.sku == Some(k("OFF"))).unwrap();
-    assert_eq!(off.resolution, "inactive in the catalog: add it to the catalog (or reactivate it), or correct the store's records");
+    assert_eq!(
+        off.resolution,
+        "inactive in the catalog: add it to the catalog (or reactivate it), or correct the store's records"
+    );
     assert!(all.iter().any(|c| c.resolution.starts_with("not in the catalog: ")));
     // Catalogued but inactive resolves nothing; active resolves every store's.
     h.catalog("NEW", Some(rule(0, 0, 0, false)));
-    assert_eq!(h.d.conflicts(&ConflictFilter { status: Some(ConflictStatus::Open), limit: 10, ..Default::default() }).len(), 3);
+    assert_eq!(
+        h.d.conflicts(&ConflictFilter { status: Some(ConflictStatus::Open), limit: 10, ..Default::default() }).len(),
+        3
+    );
     let Done::CatalogApplied(applied) =
         h.ok(Command::CatalogChanged { items: vec![(k("NEW"), Some(rule(0, 0, 0, true)))], overrides: None })
     else {
@@ -141,24 +153,47 @@ fn agent_conflicts_are_recorded_once_and_people_resolve_conflicts() {
     h.advance(5);
     assert_eq!(h.ok(cmd), Done::AgentConflict { new: false });
     let e = h.feed().into_iter().find(|e| e.kind == FeedKind::WriterCloned).unwrap();
-    assert_eq!(e.data_json(), json!({"conflict": {
-        "id": uid(50), "kind": "writer_cloned", "store": "a", "sku": null, "shortfall": 0, "reservations": [],
-        "resolution": "switch one off", "status": "open", "detected_at": "2023-11-14T22:13:20Z", "resolved_at": null,
-        "details": {"writer": "a@1"},
-    }}));
+    assert_eq!(
+        e.data_json(),
+        json!({"conflict": {
+            "id": uid(50), "kind": "writer_cloned", "store": "a", "sku": null, "shortfall": 0, "reservations": [],
+            "resolution": "switch one off", "status": "open", "detected_at": "2023-11-14T22:13:20Z", "resolved_at": null,
+            "details": {"writer": "a@1"},
+        }})
+    );
     h.stock("a", "X", -1);
     let list = h.d.conflicts(&ConflictFilter { limit: 10, ..Default::default() });
-    assert_eq!(list.iter().map(|c| c.kind).collect::<Vec<_>>(), [ConflictKind::NegativeStock, ConflictKind::WriterCloned]);
-    let Done::ConflictResolved(c) = h.ok(Command::ResolveConflict { id: uid(50), resolution: "done".into() }) else { panic!() };
+    assert_eq!(
+        list.iter().map(|c| c.kind).collect::<Vec<_>>(),
+        [ConflictKind::NegativeStock, ConflictKind::WriterCloned]
+    );
+    let Done::ConflictResolved(c) = h.ok(Command::ResolveConflict { id: uid(50), resolution: "done".into() }) else {
+        panic!()
+    };
     assert_eq!((c.status, c.resolved_at_ms), (ConflictStatus::Resolved, Some(h.now)));
     assert_eq!(h.kinds_after(h.d.feed_head() - 1), [FeedKind::ConflictResolved]);
-    assert!(matches!(h.apply(Command::ResolveConflict { id: uid(50), resolution: "x".into() }), Err(Refusal::InvalidState(_))));
-    assert!(matches!(h.apply(Command::ResolveConflict { id: uid(51), resolution: "x".into() }), Err(Refusal::NotFound(_))));
+    assert!(matches!(
+        h.apply(Command::ResolveConflict { id: uid(50), resolution: "x".into() }),
+        Err(Refusal::InvalidState(_))
+    ));
+    assert!(matches!(
+        h.apply(Command::ResolveConflict { id: uid(51), resolution: "x".into() }),
+        Err(Refusal::NotFound(_))
+    ));
     // A person resolving a negative-stock conflict lets the next crossing open a new one.
     let neg = h.d.conflicts(&ConflictFilter { sku: Some(k("X")), limit: 10, ..Default::default() })[0].id;
     h.ok(Command::ResolveConflict { id: neg, resolution: "recounted".into() });
     h.stock("a", "X", -2);
-    assert_eq!(h.d.conflicts(&ConflictFilter { sku: Some(k("X")), status: Some(ConflictStatus::Open), limit: 10, ..Default::default() }).len(), 1);
+    assert_eq!(
+        h.d.conflicts(&ConflictFilter {
+            sku: Some(k("X")),
+            status: Some(ConflictStatus::Open),
+            limit: 10,
+            ..Default::default()
+        })
+        .len(),
+        1
+    );
 }
 
 #[test]
@@ -171,12 +206,15 @@ fn reservation_events_carry_todays_json() {
     let e = h.feed().into_iter().find(|e| e.kind == FeedKind::ReservationHeld).unwrap();
     let hold = w.view.allocations[0].hold;
     let alloc = json!({"hold": hold, "store": "a", "sku": "X", "qty": 2, "status": "held"});
-    assert_eq!(e.data_json(), json!({"reservation": {
-        "id": uid(1), "status": "held", "short": false, "pickup_store": "a", "customer": "ann",
-        "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:28:20Z",
-        "allocations": [alloc.clone()],
-        "lines": [{"sku": "X", "qty": 2, "short": 0, "allocations": [alloc]}],
-    }}));
+    assert_eq!(
+        e.data_json(),
+        json!({"reservation": {
+            "id": uid(1), "status": "held", "short": false, "pickup_store": "a", "customer": "ann",
+            "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:28:20Z",
+            "allocations": [alloc.clone()],
+            "lines": [{"sku": "X", "qty": 2, "short": 0, "allocations": [alloc]}],
+        }})
+    );
     let cmd = h.stock_cmd("a", "X", 3, vec![hold]);
     h.ok(cmd);
     let e = h.feed().into_iter().find(|e| e.kind == FeedKind::ReservationFulfilled).unwrap();

@@ -3,9 +3,7 @@
 mod common;
 
 use common::*;
-use shelfsync_hub_core::{
-    Action, AllocationStatus, Command, Done, FeedKind, Refusal, ReservationStatus, Written,
-};
+use shelfsync_hub_core::{Action, AllocationStatus, Command, Done, FeedKind, Refusal, ReservationStatus, Written};
 use shelfsync_shared::wire::HoldStatus;
 
 fn placed(w: &Written, line: usize) -> Vec<(String, u64)> {
@@ -53,11 +51,10 @@ fn all_or_nothing_and_a_refusal_changes_nothing() {
     assert_eq!(refused, Err(Refusal::Unavailable { sku: k("Y"), available: 1, store: None }));
     assert_eq!(h.d.snapshot(), before);
     assert_eq!(h.records.len(), n);
-    assert_eq!(h.reserve(2, vec![line("Z", 1)], None, None).unwrap_err(), Refusal::Unavailable {
-        sku: k("Z"),
-        available: 0,
-        store: None
-    });
+    assert_eq!(
+        h.reserve(2, vec![line("Z", 1)], None, None).unwrap_err(),
+        Refusal::Unavailable { sku: k("Z"), available: 0, store: None }
+    );
 }
 
 #[test]
@@ -72,11 +69,10 @@ fn pickup_restricts_to_that_store() {
     };
     assert_eq!(placed(&w, 0), [("b".into(), 2)]);
     assert_eq!(w.view.pickup_store, Some(s("b")));
-    assert_eq!(h.reserve(2, vec![line("X", 2)], Some("b"), None), Err(Refusal::Unavailable {
-        sku: k("X"),
-        available: 1,
-        store: Some(s("b"))
-    }));
+    assert_eq!(
+        h.reserve(2, vec![line("X", 2)], Some("b"), None),
+        Err(Refusal::Unavailable { sku: k("X"), available: 1, store: Some(s("b")) })
+    );
     assert_eq!(h.reserve(3, vec![line("X", 1)], Some("nowhere"), None), Err(Refusal::UnknownStore(s("nowhere"))));
     h.ok(Command::RevokeStore { store: s("gone") });
     assert_eq!(h.reserve(4, vec![line("X", 1)], Some("gone"), None), Err(Refusal::Revoked(s("gone"))));
@@ -91,11 +87,10 @@ fn revoked_stores_are_not_offered() {
     h.ok(Command::RevokeStore { store: s("a") });
     let figures = h.d.figures(&k("X"), h.now, h.d.connected());
     assert_eq!(figures.iter().map(|f| f.store.to_string()).collect::<Vec<_>>(), ["b"]);
-    assert_eq!(h.reserve(1, vec![line("X", 4)], None, None).unwrap_err(), Refusal::Unavailable {
-        sku: k("X"),
-        available: 3,
-        store: None
-    });
+    assert_eq!(
+        h.reserve(1, vec![line("X", 4)], None, None).unwrap_err(),
+        Refusal::Unavailable { sku: k("X"), available: 3, store: None }
+    );
 }
 
 #[test]
@@ -105,18 +100,16 @@ fn per_customer_limits_count_held_committed_and_fulfilled() {
     h.stock("a", "X", 50);
     h.catalog("X", Some(rule(0, 0, 3, true)));
     assert!(h.reserve(1, vec![line("X", 2)], None, Some("ann")).is_ok());
-    assert_eq!(h.reserve(2, vec![line("X", 1), line("X", 1)], None, Some("ann")), Err(Refusal::LimitExceeded {
-        sku: k("X"),
-        limit: 3,
-        already: 2
-    }));
+    assert_eq!(
+        h.reserve(2, vec![line("X", 1), line("X", 1)], None, Some("ann")),
+        Err(Refusal::LimitExceeded { sku: k("X"), limit: 3, already: 2 })
+    );
     // Someone else is not limited by Ann; a request without a customer is limited on its own.
     assert!(h.reserve(3, vec![line("X", 3)], None, Some("bob")).is_ok());
-    assert_eq!(h.reserve(4, vec![line("X", 4)], None, None), Err(Refusal::LimitExceeded {
-        sku: k("X"),
-        limit: 3,
-        already: 0
-    }));
+    assert_eq!(
+        h.reserve(4, vec![line("X", 4)], None, None),
+        Err(Refusal::LimitExceeded { sku: k("X"), limit: 3, already: 0 })
+    );
     // Released units no longer count; paid ones do.
     h.act(1, Action::Release, None).unwrap();
     assert!(h.reserve(5, vec![line("X", 3)], None, Some("ann")).is_ok());
@@ -141,10 +134,10 @@ fn same_id_same_body_replays_the_first_answer_other_body_conflicts() {
         other => panic!("{other:?}"),
     }
     assert_eq!(h.records.len(), n, "a replay records nothing");
-    assert_eq!(h.reserve(1, vec![line("X", 3)], None, None), Err(Refusal::IdempotencyConflict {
-        id: uid(1),
-        kind: "reservation".into()
-    }));
+    assert_eq!(
+        h.reserve(1, vec![line("X", 3)], None, None),
+        Err(Refusal::IdempotencyConflict { id: uid(1), kind: "reservation".into() })
+    );
 }
 
 /// A reservation of one unit at `a` brought to `status`.
@@ -275,10 +268,10 @@ fn actions_replay_under_their_idempotency_key() {
         other => panic!("{other:?}"),
     }
     let conflict = h.act(2, Action::Commit, Some("k1")).unwrap_err();
-    assert_eq!(conflict, Refusal::IdempotencyConflict {
-        id: uid(2),
-        kind: "action under Idempotency-Key \"k1\"".into()
-    });
+    assert_eq!(
+        conflict,
+        Refusal::IdempotencyConflict { id: uid(2), kind: "action under Idempotency-Key \"k1\"".into() }
+    );
     // The key is looked at before the reservation.
     assert!(matches!(h.act(99, Action::Commit, Some("k1")), Err(Refusal::IdempotencyConflict { .. })));
     assert_eq!(h.act(99, Action::Commit, None), Err(Refusal::NotFound(format!("no reservation {}", uid(99)))));

@@ -4,8 +4,7 @@ mod common;
 
 use common::*;
 use shelfsync_hub_core::{
-    Command, Done, FeedKind, HubChange, HubChangeKind, HubChangeRequest, Record, Refusal, ReservationStatus,
-    Staleness,
+    Command, Done, FeedKind, HubChange, HubChangeKind, HubChangeRequest, Record, Refusal, ReservationStatus, Staleness,
 };
 use shelfsync_shared::journal::EventKind;
 use shelfsync_shared::PnEntry;
@@ -74,7 +73,11 @@ fn merges_from_unknown_or_revoked_stores_and_impossible_entries_are_refused() {
     let mut h = H::new();
     h.stores(&["a"]);
     let e = PnEntry { p: 1, n: 0 };
-    let merge = |store: &str, e: PnEntry| Command::Merge { store: s(store), entries: vec![(k("X"), writer(store), e)], fulfilled: vec![] };
+    let merge = |store: &str, e: PnEntry| Command::Merge {
+        store: s(store),
+        entries: vec![(k("X"), writer(store), e)],
+        fulfilled: vec![],
+    };
     assert_eq!(h.apply(merge("z", e)), Err(Refusal::UnknownStore(s("z"))));
     let before = h.d.snapshot();
     assert!(matches!(h.apply(merge("a", PnEntry { p: u64::MAX, n: 0 })), Err(Refusal::Invalid(_))));
@@ -124,7 +127,10 @@ fn a_silent_store_is_discounted_by_velocity_times_silence() {
     let st = Staleness::default();
     h.advance(st.grace_ms + st.tau_ms / 2);
     let f = &h.d.figures(&k("X"), h.now, h.d.connected())[0];
-    assert_eq!((f.raw_available, f.staleness_discount, f.available, f.silent_ms), (90, 5, 85, st.grace_ms + st.tau_ms / 2));
+    assert_eq!(
+        (f.raw_available, f.staleness_discount, f.available, f.silent_ms),
+        (90, 5, 85, st.grace_ms + st.tau_ms / 2)
+    );
     let connected = [s("a")].into_iter().collect();
     assert_eq!(h.d.figures(&k("X"), h.now, &connected)[0].available, 90);
     // Sourcing uses the discounted figure, and the connected set the decider was told.
@@ -167,7 +173,10 @@ fn restocks_write_the_hub_entry_journal_and_replay() {
         .collect();
     assert_eq!(journal, [(0, EventKind::Restock, 5, hub_writer()), (1, EventKind::Restock, 1, hub_writer())]);
     let page = h.d.entries_since(&s("a"), 0, Some(&writer("a")), 10);
-    assert_eq!(page.entries.iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(), [(2, PnEntry { p: 5, n: 0 }), (3, PnEntry { p: 1, n: 0 })]);
+    assert_eq!(
+        page.entries.iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(),
+        [(2, PnEntry { p: 5, n: 0 }), (3, PnEntry { p: 1, n: 0 })]
+    );
     assert_eq!(page.upto, 3);
     let full = h.d.entries_since(&s("a"), 0, None, 2);
     assert_eq!((full.entries.len(), full.upto), (2, 2));
@@ -176,7 +185,10 @@ fn restocks_write_the_hub_entry_journal_and_replay() {
     assert!(!again.created);
     assert_eq!(again.response, c.response);
     assert_eq!(h.records.len(), n);
-    assert_eq!(h.restock(9, "a", vec![line("X", 6)]), Err(Refusal::IdempotencyConflict { id: uid(9), kind: "restock".into() }));
+    assert_eq!(
+        h.restock(9, "a", vec![line("X", 6)]),
+        Err(Refusal::IdempotencyConflict { id: uid(9), kind: "restock".into() })
+    );
     assert_eq!(h.restock(10, "z", vec![line("X", 6)]), Err(Refusal::UnknownStore(s("z"))));
     assert!(matches!(h.restock(11, "a", vec![line("X", 0)]), Err(Refusal::Invalid(_))));
 }
@@ -194,12 +206,10 @@ fn transfers_check_the_source_across_lines_and_name_both_sides() {
         })
     };
     let before = h.d.snapshot();
-    assert_eq!(h.apply(transfer(vec![line("X", 3), line("X", 3)])), Err(Refusal::InsufficientStock {
-        store: s("a"),
-        sku: k("X"),
-        on_hand: 2,
-        wanted: 3
-    }));
+    assert_eq!(
+        h.apply(transfer(vec![line("X", 3), line("X", 3)])),
+        Err(Refusal::InsufficientStock { store: s("a"), sku: k("X"), on_hand: 2, wanted: 3 })
+    );
     assert_eq!(h.d.snapshot(), before);
     let Done::HubChanged(c) = h.ok(transfer(vec![line("X", 3), line("X", 2)])) else { panic!() };
     assert_eq!(c.response.kind, HubChangeKind::Transfer);
@@ -213,16 +223,19 @@ fn transfers_check_the_source_across_lines_and_name_both_sides() {
             _ => None,
         })
         .collect();
-    assert_eq!(journal, [
-        ("a".into(), 0, -3, "to b: rebalance".into()),
-        ("b".into(), 0, 3, "from a: rebalance".into()),
-        ("a".into(), 1, -2, "to b: rebalance".into()),
-        ("b".into(), 1, 2, "from a: rebalance".into()),
-    ]);
-    assert_eq!(h.apply(transfer(vec![line("X", 3), line("X", 3)])), Err(Refusal::IdempotencyConflict {
-        id: uid(5),
-        kind: "transfer".into()
-    }));
+    assert_eq!(
+        journal,
+        [
+            ("a".into(), 0, -3, "to b: rebalance".into()),
+            ("b".into(), 0, 3, "from a: rebalance".into()),
+            ("a".into(), 1, -2, "to b: rebalance".into()),
+            ("b".into(), 1, 2, "from a: rebalance".into()),
+        ]
+    );
+    assert_eq!(
+        h.apply(transfer(vec![line("X", 3), line("X", 3)])),
+        Err(Refusal::IdempotencyConflict { id: uid(5), kind: "transfer".into() })
+    );
 }
 
 #[test]
@@ -230,11 +243,15 @@ fn a_new_hub_writer_writes_new_entries() {
     let mut h = H::new();
     h.stores(&["a"]);
     h.restock(1, "a", vec![line("X", 2)]).unwrap();
-    let next = shelfsync_shared::WriterId::new(shelfsync_shared::NodeId::Hub, shelfsync_shared::Incarnation::from_u64(2));
+    let next =
+        shelfsync_shared::WriterId::new(shelfsync_shared::NodeId::Hub, shelfsync_shared::Incarnation::from_u64(2));
     h.ok(Command::SetHubWriter { writer: next.clone() });
     h.restock(2, "a", vec![line("X", 3)]).unwrap();
     let page = h.d.entries_since(&s("a"), 0, None, 10);
-    assert_eq!(page.entries.iter().map(|e| (e.2.clone(), e.3.p)).collect::<Vec<_>>(), [(hub_writer(), 2), (next.clone(), 3)]);
+    assert_eq!(
+        page.entries.iter().map(|e| (e.2.clone(), e.3.p)).collect::<Vec<_>>(),
+        [(hub_writer(), 2), (next.clone(), 3)]
+    );
     assert_eq!(h.d.on_hand(&s("a"), &k("X")), 5);
     assert!(matches!(h.apply(Command::SetHubWriter { writer: writer("a") }), Err(Refusal::Invalid(_))));
     assert_eq!(h.rebuilt().hub_writer(), &next);

@@ -115,7 +115,14 @@ impl Run {
                 h.stock(store, sku, 4 + i as i64);
             }
         }
-        Run { h, requests: Vec::new(), created: Vec::new(), hub_requests: Vec::new(), next_id: 1, late_moved: HashSet::new() }
+        Run {
+            h,
+            requests: Vec::new(),
+            created: Vec::new(),
+            hub_requests: Vec::new(),
+            next_id: 1,
+            late_moved: HashSet::new(),
+        }
     }
 
     fn fresh(&mut self) -> Uuid {
@@ -174,7 +181,8 @@ impl Run {
                 fulfilled.extend(late.and_then(|i| pick(&closed, i)));
                 let mut entries = Vec::new();
                 for (sku, target) in targets {
-                    let Command::Merge { entries: e, .. } = self.h.stock_cmd(store_name, SKUS[sku as usize], target, vec![])
+                    let Command::Merge { entries: e, .. } =
+                        self.h.stock_cmd(store_name, SKUS[sku as usize], target, vec![])
                     else {
                         unreachable!()
                     };
@@ -221,7 +229,10 @@ impl Run {
             },
             Op::Override { store, sku, safety } => Command::CatalogChanged {
                 items: vec![],
-                overrides: Some((st(store), vec![(sk(sku), Overrides { safety_stock: safety, low_stock_threshold: None })])),
+                overrides: Some((
+                    st(store),
+                    vec![(sk(sku), Overrides { safety_stock: safety, low_stock_threshold: None })],
+                )),
             },
             Op::AddStore(i) => Command::AddStore { store: st(i) },
             Op::Revoke(i) => Command::RevokeStore { store: st(i) },
@@ -284,17 +295,31 @@ impl Run {
                 continue;
             }
             let mine: HashSet<Uuid> = match &req.customer {
-                Some(c) => snap.reservations.values().filter(|r| r.customer.as_ref() == Some(c)).map(|r| r.id).collect(),
+                Some(c) => {
+                    snap.reservations.values().filter(|r| r.customer.as_ref() == Some(c)).map(|r| r.id).collect()
+                }
                 None => [req.id].into(),
             };
             let has: u64 = snap
                 .allocations
                 .values()
                 .filter(|a| a.sku == *sku && mine.contains(&a.reservation))
-                .filter(|a| matches!(a.status, AllocationStatus::Held | AllocationStatus::Committed | AllocationStatus::Fulfilled))
+                .filter(|a| {
+                    matches!(
+                        a.status,
+                        AllocationStatus::Held | AllocationStatus::Committed | AllocationStatus::Fulfilled
+                    )
+                })
                 .map(|a| a.qty)
                 .sum();
-            prop_assert!(has <= rule.max_per_customer, "{:?} has {} of {}, limit {}", req.customer, has, sku, rule.max_per_customer);
+            prop_assert!(
+                has <= rule.max_per_customer,
+                "{:?} has {} of {}, limit {}",
+                req.customer,
+                has,
+                sku,
+                rule.max_per_customer
+            );
         }
         Ok(())
     }
@@ -309,7 +334,14 @@ impl Run {
         for ((store, sku), cell) in &snap.cells {
             let want = open.remove(&(store.to_string(), sku.to_string())).unwrap_or(0);
             prop_assert_eq!(cell.held, want, "held of {}/{}", store, sku);
-            prop_assert!(cell.held <= cell.on_hand.max(0) as u64, "{}/{} holds {} of {}", store, sku, cell.held, cell.on_hand);
+            prop_assert!(
+                cell.held <= cell.on_hand.max(0) as u64,
+                "{}/{} holds {} of {}",
+                store,
+                sku,
+                cell.held,
+                cell.on_hand
+            );
             let listed: u64 =
                 self.h.d.holds_snapshot(store).holds.iter().filter(|h| h.sku == *sku).map(|h| h.qty).sum();
             prop_assert_eq!(listed, cell.held, "holds snapshot of {}/{}", store, sku);
@@ -331,7 +363,9 @@ impl Run {
             for (i, l) in r.lines.iter().enumerate() {
                 let covered: u64 = allocs
                     .iter()
-                    .filter(|a| a.line == i as u32 && a.status != AllocationStatus::Moved && !self.late_moved.contains(&a.id))
+                    .filter(|a| {
+                        a.line == i as u32 && a.status != AllocationStatus::Moved && !self.late_moved.contains(&a.id)
+                    })
                     .map(|a| a.qty)
                     .sum();
                 prop_assert_eq!(covered, l.qty, "reservation {} line {}", r.id, i);

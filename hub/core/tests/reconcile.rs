@@ -34,13 +34,16 @@ fn newest_holds_first_and_a_shipped_line_is_re_sourced() {
     assert_eq!((c.shortfall, c.status, c.resolution.as_str()), (2, ConflictStatus::Resolved, "re-sourced 2 to b"));
     assert_eq!(c.reservations, [uid(2)]);
     assert_eq!(c.resolved_at_ms, Some(h.now));
-    assert_eq!(h.kinds_after(head), [
-        FeedKind::AvailabilityChanged, // a after the sale
-        FeedKind::AvailabilityChanged, // b after re-sourcing
-        FeedKind::OversellDetected,
-        FeedKind::OversellResolved,
-        FeedKind::AvailabilityChanged, // a after reconciliation
-    ]);
+    assert_eq!(
+        h.kinds_after(head),
+        [
+            FeedKind::AvailabilityChanged, // a after the sale
+            FeedKind::AvailabilityChanged, // b after re-sourcing
+            FeedKind::OversellDetected,
+            FeedKind::OversellResolved,
+            FeedKind::AvailabilityChanged, // a after reconciliation
+        ]
+    );
 }
 
 #[test]
@@ -73,12 +76,15 @@ fn a_pickup_line_is_marked_short_and_the_conflict_stays_open() {
     assert_eq!(h.d.held(&s("b"), &k("X")), 0, "pickup is never re-sourced");
     let c = &conflicts(&h, ConflictKind::Oversell)[0];
     assert_eq!((c.status, c.resolution.as_str(), c.resolved_at_ms), (ConflictStatus::Open, "2 marked short", None));
-    assert_eq!(h.kinds_after(head), [
-        FeedKind::AvailabilityChanged,
-        FeedKind::ReservationShort,
-        FeedKind::OversellDetected,
-        FeedKind::AvailabilityChanged,
-    ]);
+    assert_eq!(
+        h.kinds_after(head),
+        [
+            FeedKind::AvailabilityChanged,
+            FeedKind::ReservationShort,
+            FeedKind::OversellDetected,
+            FeedKind::AvailabilityChanged,
+        ]
+    );
     let short = h.feed().into_iter().find(|e| e.kind == FeedKind::ReservationShort).unwrap();
     let json = short.data_json();
     assert_eq!((json["store"].as_str(), json["sku"].as_str(), json["short"].as_u64()), (Some("a"), Some("X"), Some(2)));
@@ -99,8 +105,7 @@ fn what_nobody_can_supply_is_short_the_rest_re_sourced_store_by_store() {
     assert_eq!(c.resolution, "re-sourced 1 to b, 1 to c; 3 marked short");
     let v = h.d.reservation(uid(1)).unwrap();
     assert_eq!(v.lines[0].short, 3);
-    let total: u64 =
-        v.lines[0].allocations.iter().filter(|a| a.status != AllocationStatus::Moved).map(|a| a.qty).sum();
+    let total: u64 = v.lines[0].allocations.iter().filter(|a| a.status != AllocationStatus::Moved).map(|a| a.qty).sum();
     assert_eq!(total, 8, "every unit of the line is somewhere");
 }
 
@@ -132,12 +137,18 @@ fn negative_stock_opens_once_and_resolves_itself() {
     h.stock("a", "X", -3);
     let open = conflicts(&h, ConflictKind::NegativeStock);
     assert_eq!(open.len(), 1);
-    assert_eq!((open[0].shortfall, open[0].status, open[0].resolution.as_str()), (2, ConflictStatus::Open, "ask the store to recount"));
+    assert_eq!(
+        (open[0].shortfall, open[0].status, open[0].resolution.as_str()),
+        (2, ConflictStatus::Open, "ask the store to recount")
+    );
     assert_eq!(h.kinds_after(head).iter().filter(|k| **k == FeedKind::NegativeStock).count(), 1);
     let head = h.d.feed_head();
     h.stock("a", "X", 0);
     let c = h.d.conflict(open[0].id).unwrap();
-    assert_eq!((c.status, c.resolution.as_str(), c.resolved_at_ms), (ConflictStatus::Resolved, "stock is back at or above zero", Some(h.now)));
+    assert_eq!(
+        (c.status, c.resolution.as_str(), c.resolved_at_ms),
+        (ConflictStatus::Resolved, "stock is back at or above zero", Some(h.now))
+    );
     assert!(!h.kinds_after(head).contains(&FeedKind::NegativeStock));
     h.stock("a", "X", -1);
     assert_eq!(conflicts(&h, ConflictKind::NegativeStock).len(), 2, "a new crossing, a new conflict");

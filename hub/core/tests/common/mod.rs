@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use shelfsync_hub_core::{
-    Action, CatalogRule, Command, Config, Decider, Done, FeedEvent, FeedKind, FeedRead, HubChange,
-    HubChangeRequest, Outcome, QtyLine, Record, ReservationRequest, Staleness, Written,
+    Action, CatalogRule, Command, Config, Decider, Done, FeedEvent, FeedKind, FeedRead, HubChange, HubChangeRequest,
+    Outcome, QtyLine, Record, ReservationRequest, Staleness, Written,
 };
 use shelfsync_shared::{Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
