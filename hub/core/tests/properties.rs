@@ -391,7 +391,7 @@ impl Run {
         });
         prop_assert!(recorded.eq(1..=head), "feed records have gaps");
         // 9: the records rebuild the same state.
-        prop_assert_eq!(&self.h.rebuilt().snapshot(), &snap, "rebuilt from records");
+        prop_assert_eq!(&self.h.reloaded().snapshot(), &snap, "rebuilt from the rows storage keeps");
         Ok(())
     }
 }

@@ -151,3 +151,44 @@ impl H {
         Decider::from_records(self.d.config().clone(), 42, self.records.clone()).expect("records load")
     }
 }
+
+/// What storage keeps of a record history: one row per key (the last), deleted rows gone,
+/// journal rows not read back, loaded table by table (stores first, feed by cursor).
+pub fn rows(records: &[Record]) -> Vec<Record> {
+    use std::collections::BTreeMap;
+    let mut table: BTreeMap<(u8, String), Record> = BTreeMap::new();
+    for r in records {
+        let key = match r {
+            Record::Store(s) => (0, s.id.to_string()),
+            Record::CatalogRule { sku, .. } => (1, sku.to_string()),
+            Record::Overrides { store, sku, .. } => (2, format!("{store}/{sku}")),
+            Record::Entry(e) => (3, format!("{}/{}/{}", e.store, e.sku, e.writer)),
+            Record::Velocity { store, sku, .. } => (4, format!("{store}/{sku}")),
+            Record::Alert { store, sku, .. } => (5, format!("{store}/{sku}")),
+            Record::Reservation(r) => (6, r.id.to_string()),
+            Record::Allocation(a) => (7, a.id.to_string()),
+            Record::Conflict(c) => (8, c.id.to_string()),
+            Record::HubRequest(q) => (9, q.id.to_string()),
+            Record::ActionRequest(q) => (10, q.key.clone()),
+            Record::Feed(e) => (11, format!("{:020}", e.cursor)),
+            Record::HubWriter(_) => (12, String::new()),
+            Record::IdCounter(_) => (13, String::new()),
+            Record::Journal(_) => continue,
+        };
+        table.insert(key, r.clone());
+    }
+    table
+        .into_values()
+        .filter(|r| {
+            !matches!(r, Record::CatalogRule { rule: None, .. })
+                && !matches!(r, Record::Overrides { overrides, .. } if *overrides == Default::default())
+        })
+        .collect()
+}
+
+impl H {
+    /// A decider rebuilt from the rows storage would hold.
+    pub fn reloaded(&self) -> Decider {
+        Decider::from_records(self.d.config().clone(), 42, rows(&self.records)).expect("rows load")
+    }
+}
