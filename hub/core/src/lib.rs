@@ -12,19 +12,23 @@
 //! [`Record`]s to storage to commit in one transaction, and only then answers the callers and
 //! publishes. On start it rebuilds the decider with [`Decider::from_records`].
 //!
-//! **Invariants** (checked after every step by the property tests in `tests/`):
-//! - `held(store, sku)` is the sum of the open (held or committed) allocations there.
-//! - A held or committed reservation has every line covered: its held, committed, fulfilled and
-//!   short allocations add up to the line's quantity (units moved away are covered by the
-//!   allocations that replaced them).
-//! - After every command, `held ≤ max(on_hand, 0)` in every cell: any change of `on_hand`
-//!   reconciles at once (re-sourcing, else marking lines short), and every short allocation has an
-//!   oversell conflict naming its reservation.
+//! **Invariants** (checked after every step by the property test in `tests/properties.rs`):
+//! - `held(store, sku)` is the sum of the open (held or committed) allocations there, and the
+//!   store's holds snapshot lists exactly those.
+//! - `held ≤ max(on_hand, 0)` in every cell after every command: `on_hand` only changes in
+//!   `Merge` and `HubChange`, and both reconcile each changed cell at once (re-sourcing, else
+//!   marking units short); reservations and re-sourcing only take what `available` offers.
+//! - Every `short` allocation has an oversell conflict of its cell naming its reservation (open
+//!   unless a person resolved it).
+//! - A reservation is all lines or none: per line, the allocations that are not `moved` add up to
+//!   the line's quantity (an allocation shrunk by reconciliation keeps the rest; one a store
+//!   fulfilled after the hub had moved it counts as moved). Open allocations carry their
+//!   reservation's status; a closed reservation has none.
 //! - Per-customer limits hold when a reservation is made.
-//! - The feed's cursors are 1, 2, 3... without gaps.
+//! - The feed's cursors are 1, 2, 3... without gaps, in memory and in the records.
 //! - A refused command changes nothing and produces no records.
-//! - Same seed, commands and times give the same outcomes, ids and records; replaying the records
-//!   ([`Decider::from_records`]) rebuilds an equal state ([`Decider::snapshot`]).
+//! - Same seed, commands and times give the same outcomes, ids and records; loading the rows the
+//!   records leave ([`Decider::from_records`]) rebuilds an equal state ([`Decider::snapshot`]).
 //!
 //! **What it does not do**: no I/O, no clock (time is an argument), no randomness beyond the seed.
 //! Certificates, writer authorisation, entry MACs and lineage checks, the catalog's automerge

@@ -100,6 +100,8 @@ struct Run {
     next_id: u128,
     /// Allocations a store fulfilled after the hub had moved them.
     late_moved: HashSet<Uuid>,
+    /// Refusals seen, by kind.
+    refusals: BTreeMap<String, usize>,
 }
 
 fn pick<T: Clone>(v: &[T], i: u8) -> Option<T> {
@@ -122,6 +124,7 @@ impl Run {
             hub_requests: Vec::new(),
             next_id: 1,
             late_moved: HashSet::new(),
+            refusals: BTreeMap::new(),
         }
     }
 
@@ -263,7 +266,10 @@ impl Run {
         };
         let out = self.h.apply(cmd.clone());
         match &out {
-            Err(_) => {
+            Err(e) => {
+                let kind = format!("{e:?}");
+                let kind = kind.split(['(', ' ']).next().unwrap_or_default().to_owned();
+                *self.refusals.entry(kind).or_default() += 1;
                 prop_assert_eq!(&self.h.d.snapshot(), &before, "refused {:?} changed state", cmd);
                 prop_assert_eq!(self.h.records.len(), n, "refused {:?} wrote records", cmd);
             }
@@ -434,6 +440,9 @@ fn sequences_reach_oversells_shorts_fulfilments_and_expiries() {
             run.step(op).expect("invariants hold");
         }
         late += run.late_moved.len();
+        for (kind, n) in &run.refusals {
+            *counts.entry(format!("refused {kind}")).or_default() += n;
+        }
         let snap = run.h.d.snapshot();
         for c in snap.conflicts.values() {
             *counts.entry(format!("conflict {} {}", c.kind, c.status)).or_default() += 1;
@@ -463,6 +472,12 @@ fn sequences_reach_oversells_shorts_fulfilments_and_expiries() {
         "reservation released",
         "feed low_stock",
         "feed back_in_stock",
+        "refused Unavailable",
+        "refused LimitExceeded",
+        "refused InsufficientStock",
+        "refused IdempotencyConflict",
+        "refused InvalidState",
+        "refused Revoked",
     ] {
         assert!(counts.get(want).copied().unwrap_or(0) > 0, "never reached: {want}");
     }
