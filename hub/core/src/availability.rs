@@ -1,0 +1,165 @@
+//! The figures: what a store has, what is promised, what the catalog keeps back, and what the
+//! storefront may still promise. `available`, `sellable` and the staleness discount are written
+//! here once; the feed, sourcing, reconciliation and queries all call these.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use shelfsync_shared::{Sku, StockFigures, StoreId};
+
+use crate::model::{SkuIx, StoreIx};
+use crate::tables::Tables;
+use crate::Decider;
+
+/// How silent stores are discounted online.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staleness {
+    /// Whether to discount at all.
+    pub enabled: bool,
+    /// Silence shorter than this costs nothing.
+    pub grace_ms: i64,
+    /// Time constant of the sales velocity estimate (units sold decay with e^(−t/τ)).
+    pub tau_ms: i64,
+}
+
+impl Default for Staleness {
+    fn default() -> Self {
+        Staleness { enabled: true, grace_ms: 60_000, tau_ms: 3_600_000 }
+    }
+}
+
+/// One store's figures for one SKU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreFigures {
+    /// Where.
+    pub store: StoreId,
+    /// Physical units (hub's view).
+    pub on_hand: i64,
+    /// Units promised to open online reservations here.
+    pub held: u64,
+    /// Units never offered online.
+    pub safety_stock: u64,
+    /// `max(0, on_hand − held − safety_stock)` (0 for an inactive SKU).
+    pub raw_available: u64,
+    /// Buffer for a silent store: recent sales velocity × silence.
+    pub staleness_discount: u64,
+    /// What the storefront may promise: `raw_available − staleness_discount`, never below 0.
+    pub available: u64,
+    /// Last contact (ms).
+    pub last_seen_ms: Option<i64>,
+    /// How long the store has been silent (0 while connected).
+    pub silent_ms: i64,
+}
+
+/// The catalog values in force for one (store, SKU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Effective {
+    /// Store override, else catalog, else 0.
+    pub safety_stock: u64,
+    /// Store override, else catalog, else 0.
+    pub low_stock_threshold: u64,
+    /// Catalog's flag; an uncatalogued SKU counts as active.
+    pub active: bool,
+    /// Whether the catalog lists the SKU (alerts fire only for catalogued SKUs).
+    pub catalogued: bool,
+}
+
+pub(crate) fn effective(t: &Tables, store: &StoreId, sk: SkuIx) -> Effective {
+    let rule = t.sku(sk).rule;
+    let o = t.overrides_of(store, &t.sku(sk).sku).copied().unwrap_or_default();
+    Effective {
+        safety_stock: o.safety_stock.or(rule.map(|r| r.safety_stock)).unwrap_or(0),
+        low_stock_threshold: o.low_stock_threshold.or(rule.map(|r| r.low_stock_threshold)).unwrap_or(0),
+        active: rule.is_none_or(|r| r.active),
+        catalogued: rule.is_some(),
+    }
+}
+
+/// What the storefront may still promise: `max(0, on_hand − held − safety_stock)`, nothing of an
+/// inactive SKU.
+pub fn available(on_hand: i64, held: u64, safety_stock: u64, active: bool) -> u64 {
+    if active {
+        StockFigures { on_hand, held, safety_stock }.available()
+    } else {
+        0
+    }
+}
+
+/// What a store can sell without touching an online promise: `on_hand − held`.
+pub fn sellable(on_hand: i64, held: u64) -> i64 {
+    StockFigures { on_hand, held, safety_stock: 0 }.sellable()
+}
+
+/// Units a silent store probably sold since it went dark: its recent rate × the silence beyond
+/// the grace period (rounded up), never more than `raw`.
+pub fn staleness_discount(st: Staleness, velocity_score: f64, silent_ms: i64, raw: u64) -> u64 {
+    if !st.enabled || silent_ms <= st.grace_ms {
+        return 0;
+    }
+    let rate_per_ms = velocity_score / st.tau_ms.max(1) as f64;
+    let d = (rate_per_ms * (silent_ms - st.grace_ms) as f64).ceil().max(0.0) as u64;
+    d.min(raw)
+}
+
+/// `available` of a cell as the feed reports it (no staleness discount), with the rule used.
+pub(crate) fn cell_available(t: &Tables, st: StoreIx, sk: SkuIx) -> (u64, Effective) {
+    let rule = effective(t, &t.store(st).id, sk);
+    let (on_hand, held) = t.cell(st, sk).map_or((0, 0), |c| (c.on_hand, c.held));
+    (available(on_hand, held, rule.safety_stock, rule.active), rule)
+}
+
+/// Figures of one cell for the storefront, as of `now_ms`.
+pub(crate) fn cell_figures(
+    t: &Tables,
+    st: StoreIx,
+    sk: SkuIx,
+    now_ms: i64,
+    connected: &HashSet<StoreId>,
+    staleness: Staleness,
+) -> StoreFigures {
+    let store = t.store(st);
+    let cell = t.cell(st, sk).expect("figures of an existing cell");
+    let rule = effective(t, &store.id, sk);
+    let raw = available(cell.on_hand, cell.held, rule.safety_stock, rule.active);
+    let silent_ms =
+        if connected.contains(&store.id) { 0 } else { store.last_seen_ms.map_or(0, |at| (now_ms - at).max(0)) };
+    let score = cell.velocity.map_or(0.0, |v| v.score);
+    let discount = staleness_discount(staleness, score, silent_ms, raw);
+    StoreFigures {
+        store: store.id.clone(),
+        on_hand: cell.on_hand,
+        held: cell.held,
+        safety_stock: rule.safety_stock,
+        raw_available: raw,
+        staleness_discount: discount,
+        available: raw - discount,
+        last_seen_ms: store.last_seen_ms,
+        silent_ms,
+    }
+}
+
+/// Stores (not revoked) with a cell of `sk`, in store-id order.
+pub(crate) fn live_stores_of(t: &Tables, sk: SkuIx) -> impl Iterator<Item = StoreIx> + '_ {
+    t.sku(sk).stores.iter().copied().filter(|st| t.store(*st).revoked_at_ms.is_none())
+}
+
+impl Decider {
+    /// Figures of `sku` at every store (not revoked) that has a counter for it, by store id.
+    /// `connected` are the stores with a live sync connection (they are not silent).
+    pub fn figures(&self, sku: &Sku, now_ms: i64, connected: &HashSet<StoreId>) -> Vec<StoreFigures> {
+        let Some(&sk) = self.t.sku_ix.get(sku) else { return Vec::new() };
+        live_stores_of(&self.t, sk)
+            .map(|st| cell_figures(&self.t, st, sk, now_ms, connected, self.config.staleness))
+            .collect()
+    }
+
+    /// The hub's `on_hand` of a SKU at a store (0 when it has no counter).
+    pub fn on_hand(&self, store: &StoreId, sku: &Sku) -> i64 {
+        self.t.cell_by_name(store, sku).map_or(0, |c| c.on_hand)
+    }
+
+    /// Units of a SKU promised to open reservations at a store.
+    pub fn held(&self, store: &StoreId, sku: &Sku) -> u64 {
+        self.t.cell_by_name(store, sku).map_or(0, |c| c.held)
+    }
+}

@@ -1,0 +1,370 @@
+//! What the decider is asked ([`Command`]), what it answers ([`Done`]) and why it refuses
+//! ([`Refusal`], the business refusals of today's `StorageError`), with the dispatch that routes
+//! each command to the module that owns its concern.
+
+use serde::{Deserialize, Serialize};
+use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+use uuid::Uuid;
+
+use crate::model::{AgentConflictKind, CatalogRule, Conflict, HubChangeResponse, Overrides, QtyLine};
+use crate::view::ReservationView;
+use crate::Ctx;
+
+/// Longest TTL of a reservation lease.
+pub const TTL_SECS_MAX: u64 = 7 * 24 * 3600;
+/// Longest customer reference, in bytes.
+pub const CUSTOMER_MAX_LEN: usize = 128;
+
+/// A request to reserve (the body of `POST /v1/reservations`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRequest {
+    /// Idempotency id = reservation id.
+    pub id: Uuid,
+    /// What.
+    pub lines: Vec<QtyLine>,
+    /// Lease length.
+    pub ttl_secs: u64,
+    /// Pickup at this store (else ship from the stores with the most available).
+    pub pickup_store: Option<StoreId>,
+    /// Who (for per-customer limits).
+    pub customer: Option<String>,
+}
+
+/// A lifecycle action on a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Lengthen the lease to now + ttl.
+    Extend {
+        /// Seconds from now.
+        ttl_secs: u64,
+    },
+    /// Paid.
+    Commit,
+    /// Cancelled by the storefront.
+    Release,
+}
+
+impl Action {
+    /// The past participle, for messages: `extended`, `committed`, `released`.
+    pub fn done(self) -> &'static str {
+        match self {
+            Action::Extend { .. } => "extended",
+            Action::Commit => "committed",
+            Action::Release => "released",
+        }
+    }
+}
+
+/// A hub-authored change of store stock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HubChange {
+    /// Units delivered to a store.
+    Restock {
+        /// Where.
+        store: StoreId,
+        /// What.
+        lines: Vec<QtyLine>,
+    },
+    /// Units moved from one store to another.
+    Transfer {
+        /// From.
+        from: StoreId,
+        /// To.
+        to: StoreId,
+        /// What.
+        lines: Vec<QtyLine>,
+    },
+}
+
+/// A hub-authored change with its idempotency id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubChangeRequest {
+    /// Idempotency id.
+    pub id: Uuid,
+    /// What.
+    pub change: HubChange,
+    /// Free text.
+    pub reason: Option<String>,
+}
+
+/// Everything the decider can be asked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Registers a store.
+    AddStore {
+        /// Id.
+        store: StoreId,
+    },
+    /// Revokes a store: it is no longer offered online and may not sync (idempotent).
+    RevokeStore {
+        /// Id.
+        store: StoreId,
+    },
+    /// Contact with a store at `at_ms` (last seen only moves forward).
+    StoreSeen {
+        /// Id.
+        store: StoreId,
+        /// When.
+        at_ms: i64,
+    },
+    /// A store's sync connection opened or closed. Not persisted: after a restart no store is
+    /// connected.
+    SetConnected {
+        /// Id.
+        store: StoreId,
+        /// Whether it is connected now.
+        connected: bool,
+    },
+    /// The hub took a new writer incarnation.
+    SetHubWriter {
+        /// The new writer.
+        writer: WriterId,
+    },
+    /// A store's changed counter entries (authenticated by the runtime) and the holds it picked.
+    Merge {
+        /// The store.
+        store: StoreId,
+        /// Entries in the order received.
+        entries: Vec<(Sku, WriterId, PnEntry)>,
+        /// Holds (allocation ids) the store fulfilled.
+        fulfilled: Vec<Uuid>,
+    },
+    /// Reserves all lines or none.
+    Reserve(ReservationRequest),
+    /// Extend, commit or release a reservation (idempotent under `key`).
+    Act {
+        /// The reservation.
+        id: Uuid,
+        /// What.
+        action: Action,
+        /// The caller's Idempotency-Key.
+        key: Option<String>,
+    },
+    /// Expires held reservations whose lease ended.
+    ExpireDue,
+    /// A restock or transfer, idempotent by id.
+    HubChange(HubChangeRequest),
+    /// The materialised catalog changed: rules (`None`: removed) and one store's overrides.
+    CatalogChanged {
+        /// Rules by SKU.
+        items: Vec<(Sku, Option<CatalogRule>)>,
+        /// A store's overrides by SKU (all-`None` overrides: removed).
+        overrides: Option<(StoreId, Vec<(Sku, Overrides)>)>,
+    },
+    /// SKUs of newly stored journal events that the store flagged as unknown or inactive.
+    JournalSkus {
+        /// The store.
+        store: StoreId,
+        /// The SKUs.
+        skus: Vec<Sku>,
+    },
+    /// A conflict about a store's agents or the hub's files, recorded once per id.
+    AgentConflict {
+        /// Id (derived by the runtime from what makes two reports the same).
+        id: Uuid,
+        /// What.
+        kind: AgentConflictKind,
+        /// Where.
+        store: StoreId,
+        /// What to do about it.
+        resolution: String,
+        /// Kind-specific facts.
+        details: serde_json::Value,
+    },
+    /// A person resolved an open conflict.
+    ResolveConflict {
+        /// The conflict.
+        id: Uuid,
+        /// What was done.
+        resolution: String,
+    },
+}
+
+/// What a merge changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// SKUs whose entries changed, with the new `on_hand`, in SKU order.
+    pub changed: Vec<(Sku, i64)>,
+    /// Entries that changed.
+    pub entries_changed: usize,
+    /// Stores whose holds changed (fulfilments, reconciliation).
+    pub holds_changed: Vec<StoreId>,
+    /// The hub counter sequence head after the merge.
+    pub counter_head: u64,
+}
+
+/// The answer to a reservation or lifecycle action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// First time (false: a replay of the first answer).
+    pub created: bool,
+    /// The answer.
+    pub view: ReservationView,
+    /// Stores whose holds changed.
+    pub stores: Vec<StoreId>,
+}
+
+/// What one `ExpireDue` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Reservations expired.
+    pub expired: usize,
+    /// Stores whose holds changed.
+    pub stores: Vec<StoreId>,
+    /// More leases are due (the batch cap was reached): call again.
+    pub more: bool,
+}
+
+/// The answer to a restock or transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubChanged {
+    /// First time (false: a replay).
+    pub created: bool,
+    /// The answer.
+    pub response: HubChangeResponse,
+    /// Stores whose counters changed, in first-change order.
+    pub stores: Vec<StoreId>,
+    /// Stores whose holds changed (a transfer can oversell its source).
+    pub holds_changed: Vec<StoreId>,
+    /// The hub counter sequence head after the change.
+    pub counter_head: u64,
+}
+
+/// What a catalog change did beyond storing the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogApplied {
+    /// `unknown_sku` conflicts resolved because their SKU is catalogued and active now.
+    pub resolved: Vec<Uuid>,
+}
+
+/// A decision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Done {
+    /// `AddStore`.
+    StoreAdded,
+    /// `RevokeStore` (`newly`: it was not revoked before).
+    StoreRevoked {
+        /// Whether this call revoked it.
+        newly: bool,
+    },
+    /// `StoreSeen`.
+    StoreSeen,
+    /// `SetConnected`.
+    Connected,
+    /// `SetHubWriter`.
+    HubWriterSet,
+    /// `Merge`.
+    Merged(Merged),
+    /// `Reserve`.
+    Reserved(Written),
+    /// `Act`.
+    Acted(Written),
+    /// `ExpireDue`.
+    Expired(Expired),
+    /// `HubChange`.
+    HubChanged(HubChanged),
+    /// `CatalogChanged`.
+    CatalogApplied(CatalogApplied),
+    /// `JournalSkus`: the `unknown_sku` conflicts opened.
+    UnknownSkus(Vec<Uuid>),
+    /// `AgentConflict` (`new`: not recorded before).
+    AgentConflict {
+        /// Whether it was new.
+        new: bool,
+    },
+    /// `ResolveConflict`: the conflict after.
+    ConflictResolved(Conflict),
+}
+
+/// Why a command was refused. A refused command changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No such store.
+    #[error("unknown store {0}")]
+    UnknownStore(StoreId),
+    /// The store exists already.
+    #[error("store {0} already exists")]
+    StoreExists(StoreId),
+    /// The store is revoked.
+    #[error("store {0} is revoked")]
+    Revoked(StoreId),
+    /// Same idempotency id, different body.
+    #[error("request id {id} was already used for a different {kind} request")]
+    IdempotencyConflict {
+        /// The id.
+        id: Uuid,
+        /// What it was used for.
+        kind: String,
+    },
+    /// Not enough stock for a transfer.
+    #[error("store {store} has {on_hand} of {sku}, fewer than the {wanted} to transfer")]
+    InsufficientStock {
+        /// From where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// What the hub believes is there (after earlier lines of the same transfer).
+        on_hand: i64,
+        /// What was asked.
+        wanted: u64,
+    },
+    /// Not enough units can be promised.
+    #[error("only {available} of {sku} available{}", store.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
+    Unavailable {
+        /// What.
+        sku: Sku,
+        /// How many could be promised.
+        available: u64,
+        /// The pickup store, if one was named.
+        store: Option<StoreId>,
+    },
+    /// A per-customer limit from the catalog.
+    #[error("at most {limit} of {sku} per customer; this customer already has {already}")]
+    LimitExceeded {
+        /// What.
+        sku: Sku,
+        /// The catalog's limit.
+        limit: u64,
+        /// What the customer holds, paid or received already.
+        already: u64,
+    },
+    /// No such thing.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing is in a state that does not allow this.
+    #[error("{0}")]
+    InvalidState(String),
+    /// The request breaks a rule.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The answer to one command.
+pub type Outcome = Result<Done, Refusal>;
+
+pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
+    match cmd {
+        Command::AddStore { store } => crate::stores::add(cx, store),
+        Command::RevokeStore { store } => crate::stores::revoke(cx, &store),
+        Command::StoreSeen { store, at_ms } => crate::stores::seen(cx, &store, at_ms),
+        Command::SetConnected { .. } => Ok(Done::Connected),
+        Command::SetHubWriter { writer } => crate::stores::set_hub_writer(cx, writer),
+        Command::Merge { store, entries, fulfilled } => crate::merge::merge(cx, &store, &entries, &fulfilled),
+        Command::Reserve(req) => crate::lifecycle::reserve(cx, &req).map(Done::Reserved),
+        Command::Act { id, action, key } => crate::lifecycle::act(cx, id, action, key).map(Done::Acted),
+        Command::ExpireDue => Ok(Done::Expired(crate::lifecycle::expire_due(cx))),
+        Command::HubChange(req) => crate::merge::hub_change(cx, &req).map(Done::HubChanged),
+        Command::CatalogChanged { items, overrides } => crate::catalog::changed(cx, &items, overrides.as_ref()),
+        Command::JournalSkus { store, skus } => crate::catalog::journal_skus(cx, &store, &skus),
+        Command::AgentConflict { id, kind, store, resolution, details } => {
+            Ok(crate::conflicts::agent_conflict(cx, id, kind, store, resolution, details))
+        }
+        Command::ResolveConflict { id, resolution } => crate::conflicts::resolve(cx, id, resolution),
+    }
+}
+
+/// SHA-256 of a request body's JSON (the fingerprint today's hub stores).
+pub(crate) fn fingerprint_of(body: &impl Serialize) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(serde_json::to_vec(body).expect("request bodies serialise")).to_vec()
+}

@@ -1,0 +1,326 @@
+//! Stock changes coming in: a store's merged counter entries with the holds it picked (one
+//! merge), and the hub's own restocks and transfers. Each changed (store, SKU) is refreshed,
+//! announced and reconciled in the same command, so a picked unit is never counted both as held
+//! and as gone, and no change of `on_hand` goes unreconciled.
+//!
+//! Both commands plan first (entry bounds, sums, stock of a transfer's source) and only then
+//! write, so a refusal leaves nothing behind.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use shelfsync_shared::journal::{EventKind, JournalEvent};
+use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+use uuid::Uuid;
+
+use crate::alerts::{emit_availability, record_velocity};
+use crate::command::{fingerprint_of, Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal};
+use crate::feed::{FeedData, FeedKind};
+use crate::model::{
+    AllocationStatus, ChangedLine, HubChangeKind, HubChangeResponse, HubRequest, QtyLine, ReservationStatus, StoreIx,
+};
+use crate::reconcile::reconcile;
+use crate::stores::require;
+use crate::tables::Tables;
+use crate::view::build;
+use crate::{Ctx, Decider};
+
+fn invalid(e: impl std::fmt::Display) -> Refusal {
+    Refusal::Invalid(e.to_string())
+}
+
+/// The hub's entry of `writer` for (store, sku) (zero if none).
+fn entry_of(t: &Tables, st: StoreIx, sku: &Sku, writer: &WriterId) -> PnEntry {
+    let (Some(sk), Some(w)) = (t.sku_ix.get(sku), t.writer_ix.get(writer)) else { return PnEntry::default() };
+    t.cell(st, *sk).and_then(|c| c.slots.iter().find(|s| s.writer == *w)).map_or(PnEntry::default(), |s| s.entry)
+}
+
+/// `on_hand` of (store, sku) with some entries replaced, refusing a sum outside i64.
+fn planned_sum(
+    t: &Tables,
+    st: StoreIx,
+    sku: &Sku,
+    planned: &HashMap<(&Sku, &WriterId), PnEntry>,
+) -> Result<i64, Refusal> {
+    let mut total: i128 = 0;
+    let mut seen: BTreeSet<&WriterId> = BTreeSet::new();
+    if let Some(cell) = t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)) {
+        for s in &cell.slots {
+            let w = t.writer(s.writer);
+            seen.insert(w);
+            total += planned.get(&(sku, w)).copied().unwrap_or(s.entry).value();
+        }
+    }
+    for ((k, w), e) in planned {
+        if *k == sku && !seen.contains(w) {
+            total += e.value();
+        }
+    }
+    i64::try_from(total).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))
+}
+
+/// Merges a store's changed entries and closes the holds it picked.
+pub(crate) fn merge(
+    cx: &mut Ctx<'_>,
+    store: &StoreId,
+    entries: &[(Sku, WriterId, PnEntry)],
+    fulfilled: &[Uuid],
+) -> Outcome {
+    let st = require(cx.t, store)?;
+    let mut planned: HashMap<(&Sku, &WriterId), PnEntry> = HashMap::new();
+    let mut changes: Vec<(&Sku, &WriterId, PnEntry)> = Vec::new();
+    for (sku, writer, incoming) in entries {
+        incoming.check(writer).map_err(invalid)?;
+        let current = planned.get(&(sku, writer)).copied().unwrap_or_else(|| entry_of(cx.t, st, sku, writer));
+        if !current.covers(*incoming) {
+            let next = current.join(*incoming);
+            planned.insert((sku, writer), next);
+            changes.push((sku, writer, next));
+        }
+    }
+    let touched: BTreeSet<&Sku> = changes.iter().map(|(k, _, _)| *k).collect();
+    for sku in &touched {
+        planned_sum(cx.t, st, sku, &planned)?;
+    }
+
+    for (sku, writer, next) in &changes {
+        let (sk, w) = (cx.t.intern_sku(sku), cx.t.intern_writer(writer));
+        cx.t.put_entry(st, sk, w, *next);
+    }
+    let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
+    // Close the picked holds before on_hand is refreshed: one command lowers both.
+    if fulfil(cx, st, fulfilled) {
+        holds_changed.insert(store.clone());
+    }
+    let mut changed = Vec::with_capacity(touched.len());
+    for sku in touched {
+        let sk = cx.t.sku_ix[sku];
+        let (old, new) = cx.t.refresh(st, sk);
+        record_velocity(cx.t, st, sk, old, new, cx.now, cx.cfg.staleness.tau_ms);
+        emit_availability(cx.t, st, sk, cx.now);
+        holds_changed.extend(reconcile(cx, st, sk));
+        changed.push((sku.clone(), new));
+    }
+    if cx.t.store(st).last_seen_ms != Some(cx.now) {
+        cx.t.store_mut(st).last_seen_ms = Some(cx.now);
+    }
+    Ok(Done::Merged(Merged {
+        changed,
+        entries_changed: changes.len(),
+        holds_changed: holds_changed.into_iter().collect(),
+        counter_head: cx.t.counter_seq,
+    }))
+}
+
+/// Closes holds a store picked. Unknown ids (or another store's) are skipped; a hold the hub had
+/// already closed (moved, released, expired) is still marked fulfilled: the customer got the
+/// goods. Returns whether any changed.
+fn fulfil(cx: &mut Ctx<'_>, st: StoreIx, holds: &[Uuid]) -> bool {
+    let now = cx.now;
+    let store = cx.t.store(st).id.clone();
+    let mut any = false;
+    for h in holds {
+        let Some(a) = cx.t.allocations.get(h).filter(|a| a.store == store) else { continue };
+        if a.status == AllocationStatus::Fulfilled {
+            continue;
+        }
+        let res = a.reservation;
+        cx.t.set_alloc_status(*h, AllocationStatus::Fulfilled, now);
+        any = true;
+        let open = cx.t.allocations_of(res).any(|a| cx.t.allocations[a].status.is_open());
+        if !open && cx.t.reservations[&res].status.is_open() {
+            cx.t.set_reservation(res, ReservationStatus::Fulfilled, None, now);
+        }
+        let view = build(cx.t, &cx.t.reservations[&res]);
+        cx.t.emit(
+            FeedKind::ReservationFulfilled,
+            now,
+            FeedData::Fulfilled { reservation: view, hold: *h, store: store.clone() },
+        );
+    }
+    if any {
+        cx.t.bump_holds(st);
+    }
+    any
+}
+
+fn validate_lines(lines: &[QtyLine], reason: Option<&String>) -> Result<(), Refusal> {
+    if lines.is_empty() {
+        return Err(invalid("lines must not be empty"));
+    }
+    if lines.len() > LINES_MAX {
+        return Err(invalid(format!("lines has {} entries; the limit is {LINES_MAX}", lines.len())));
+    }
+    for (i, l) in lines.iter().enumerate() {
+        if l.qty < 1 || l.qty > LINE_QTY_MAX {
+            return Err(invalid(format!("lines[{i}].qty must be between 1 and {LINE_QTY_MAX}, got {}", l.qty)));
+        }
+    }
+    match reason {
+        Some(r) if r.len() > REASON_MAX_LEN => {
+            Err(invalid(format!("reason is {} bytes long; the limit is {REASON_MAX_LEN}", r.len())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A restock or transfer, idempotent by id. Writes the hub writer's entries.
+pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<HubChanged, Refusal> {
+    let (kind, lines) = match &req.change {
+        HubChange::Restock { lines, .. } => (HubChangeKind::Restock, lines),
+        HubChange::Transfer { lines, .. } => (HubChangeKind::Transfer, lines),
+    };
+    validate_lines(lines, req.reason.as_ref())?;
+    let fingerprint = fingerprint_of(&(&req.change, &req.reason));
+    if let Some(earlier) = cx.t.hub_requests.get(&req.id) {
+        if earlier.kind != kind || earlier.fingerprint != fingerprint {
+            return Err(Refusal::IdempotencyConflict { id: req.id, kind: earlier.kind.as_str().into() });
+        }
+        return Ok(HubChanged {
+            created: false,
+            response: earlier.response.clone(),
+            stores: Vec::new(),
+            holds_changed: Vec::new(),
+            counter_head: cx.t.counter_seq,
+        });
+    }
+    // (store, sku, delta, reason) per side.
+    let mut moves: Vec<(StoreIx, &Sku, i64, Option<String>)> = Vec::new();
+    match &req.change {
+        HubChange::Restock { store, lines } => {
+            let st = require(cx.t, store)?;
+            for l in lines {
+                moves.push((st, &l.sku, l.qty as i64, req.reason.clone()));
+            }
+        }
+        HubChange::Transfer { from, to, lines } => {
+            let (f, d) = (require(cx.t, from)?, require(cx.t, to)?);
+            let why = |dir: &str, other: &StoreId| {
+                Some(match &req.reason {
+                    Some(r) => format!("{dir} {other}: {r}"),
+                    None => format!("{dir} {other}"),
+                })
+            };
+            for l in lines {
+                let have = cx.t.sku_ix.get(&l.sku).and_then(|sk| cx.t.cell(f, *sk)).map_or(0, |c| c.on_hand);
+                let already: i64 =
+                    moves.iter().filter(|(s, k, d, _)| *s == f && *k == &l.sku && *d < 0).map(|(_, _, d, _)| -d).sum();
+                if have - already < l.qty as i64 {
+                    return Err(Refusal::InsufficientStock {
+                        store: from.clone(),
+                        sku: l.sku.clone(),
+                        on_hand: have - already,
+                        wanted: l.qty,
+                    });
+                }
+                moves.push((f, &l.sku, -(l.qty as i64), why("to", to)));
+                moves.push((d, &l.sku, l.qty as i64, why("from", from)));
+            }
+        }
+    }
+    // Plan the hub's entries and the sums they make.
+    let hub = cx.t.hub_writer.clone();
+    let mut planned: HashMap<(StoreIx, &Sku), (PnEntry, i128)> = HashMap::new();
+    for (st, sku, delta, _) in &moves {
+        let (entry, sum) = match planned.get(&(*st, *sku)) {
+            Some(p) => *p,
+            None => {
+                let on_hand = cx.t.sku_ix.get(*sku).and_then(|sk| cx.t.cell(*st, *sk)).map_or(0, |c| c.on_hand);
+                (entry_of(cx.t, *st, sku, &hub), i128::from(on_hand))
+            }
+        };
+        let next = entry.apply(&hub, *delta).map_err(invalid)?;
+        let sum = sum + i128::from(*delta);
+        i64::try_from(sum).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))?;
+        planned.insert((*st, *sku), (next, sum));
+    }
+
+    let now = cx.now;
+    let journal_kind = match kind {
+        HubChangeKind::Restock => EventKind::Restock,
+        HubChangeKind::Transfer => EventKind::Transfer,
+    };
+    let w = cx.t.intern_writer(&hub);
+    let mut changed_lines = Vec::new();
+    let mut stores: Vec<StoreId> = Vec::new();
+    let mut line_no: BTreeMap<StoreIx, u32> = BTreeMap::new();
+    let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
+    for (st, sku, delta, reason) in moves {
+        let sk = cx.t.intern_sku(sku);
+        let next = entry_of(cx.t, st, sku, &hub).apply(&hub, delta).expect("planned");
+        cx.t.put_entry(st, sk, w, next);
+        let (_, on_hand) = cx.t.refresh(st, sk);
+        emit_availability(cx.t, st, sk, now);
+        holds_changed.extend(reconcile(cx, st, sk));
+        let store = cx.t.store(st).id.clone();
+        let n = line_no.entry(st).or_default();
+        cx.t.dirty.journal.push(JournalEvent {
+            id: req.id,
+            line: *n,
+            kind: journal_kind,
+            store: store.clone(),
+            sku: sku.clone(),
+            delta,
+            reason,
+            occurred_at_ms: now,
+            recorded_at_ms: now,
+            writer: hub.clone(),
+            flags: Vec::new(),
+        });
+        *n += 1;
+        if !stores.contains(&store) {
+            stores.push(store.clone());
+        }
+        changed_lines.push(ChangedLine { store, sku: sku.clone(), delta, on_hand });
+    }
+    let response = HubChangeResponse { id: req.id, kind, lines: changed_lines, recorded_at_ms: now };
+    cx.t.put_hub_request(HubRequest { id: req.id, kind, fingerprint, response: response.clone() });
+    Ok(HubChanged {
+        created: true,
+        response,
+        stores,
+        holds_changed: holds_changed.into_iter().collect(),
+        counter_head: cx.t.counter_seq,
+    })
+}
+
+/// A page of a store's counter entries for its agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntriesPage {
+    /// (hub sequence, sku, writer, entry), by sequence.
+    pub entries: Vec<(u64, Sku, WriterId, PnEntry)>,
+    /// The watermark the agent acks once it applied the page.
+    pub upto: u64,
+}
+
+impl Decider {
+    /// Entries of `store` changed after hub sequence `after` (all writers but `exclude`), at most
+    /// `limit`, by sequence. `upto` is the last sequence of a full page, else the counter head.
+    pub fn entries_since(&self, store: &StoreId, after: u64, exclude: Option<&WriterId>, limit: usize) -> EntriesPage {
+        let Some(&st) = self.t.store_ix.get(store) else {
+            return EntriesPage { entries: Vec::new(), upto: self.t.counter_seq.max(after) };
+        };
+        let mut entries = Vec::new();
+        for (&seq, &(sk, w)) in self.t.store(st).entries_by_seq.range(after.saturating_add(1)..) {
+            if entries.len() == limit {
+                break;
+            }
+            let writer = self.t.writer(w);
+            if Some(writer) == exclude {
+                continue;
+            }
+            let slot = self.t.cell(st, sk).and_then(|c| c.slots.iter().find(|s| s.writer == w)).expect("indexed");
+            entries.push((seq, self.t.sku(sk).sku.clone(), writer.clone(), slot.entry));
+        }
+        let upto = match entries.last() {
+            Some((seq, ..)) if entries.len() == limit => *seq,
+            _ => self.t.counter_seq.max(after),
+        };
+        EntriesPage { entries, upto }
+    }
+
+    /// The hub counter sequence head.
+    pub fn counter_head(&self) -> u64 {
+        self.t.counter_seq
+    }
+}

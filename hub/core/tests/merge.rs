@@ -1,0 +1,258 @@
+//! Stock coming in: merges with fulfilments, velocity and staleness, restocks and transfers.
+
+mod common;
+
+use common::*;
+use shelfsync_hub_core::{
+    Command, Done, FeedKind, HubChange, HubChangeKind, HubChangeRequest, Record, Refusal, ReservationStatus, Staleness,
+};
+use shelfsync_shared::journal::EventKind;
+use shelfsync_shared::PnEntry;
+
+#[test]
+fn a_fulfilment_closes_the_hold_and_lowers_on_hand_in_one_merge() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    h.stock("b", "X", 1);
+    let w = h.reserved(1, vec![line("X", 6)]);
+    assert_eq!(h.d.held(&s("a"), &k("X")), 5);
+    let at_a = w.view.allocations.iter().find(|a| a.store == s("a")).unwrap().hold;
+    let head = h.d.feed_head();
+    let cmd = h.stock_cmd("a", "X", 0, vec![at_a]);
+    let Done::Merged(m) = h.ok(cmd) else { panic!() };
+    assert_eq!(m.changed, [(k("X"), 0)]);
+    assert_eq!(m.holds_changed, [s("a")]);
+    assert_eq!(h.d.held(&s("a"), &k("X")), 0);
+    assert_eq!(h.kinds_after(head), [FeedKind::ReservationFulfilled, FeedKind::AvailabilityChanged]);
+    assert!(h.d.conflicts(&Default::default()).is_empty(), "no oversell: the hold closed with the sale");
+    // One store still holds its part.
+    assert_eq!(h.d.reservation(uid(1)).unwrap().status, ReservationStatus::Held);
+    let at_b = w.view.allocations.iter().find(|a| a.store == s("b")).unwrap().hold;
+    let cmd = h.stock_cmd("b", "X", 0, vec![at_b, at_b, uid(777)]);
+    h.ok(cmd);
+    let v = h.d.reservation(uid(1)).unwrap();
+    assert_eq!((v.status, v.expires_at_ms, v.allocations.len()), (ReservationStatus::Fulfilled, None, 0));
+}
+
+#[test]
+fn a_store_cannot_fulfil_another_stores_hold() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    let w = h.reserved(1, vec![line("X", 2)]);
+    let cmd = h.stock_cmd("b", "X", 0, vec![w.view.allocations[0].hold]);
+    let Done::Merged(m) = h.ok(cmd) else { panic!() };
+    assert!(m.holds_changed.is_empty());
+    assert_eq!(h.d.held(&s("a"), &k("X")), 2);
+}
+
+#[test]
+fn merging_is_idempotent_and_sequences_only_changes() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    let e = PnEntry { p: 7, n: 2 };
+    let cmd = Command::Merge { store: s("a"), entries: vec![(k("X"), writer("a"), e)], fulfilled: vec![] };
+    let Done::Merged(m) = h.ok(cmd.clone()) else { panic!() };
+    assert_eq!((m.entries_changed, m.counter_head, m.changed.clone()), (1, 1, vec![(k("X"), 5)]));
+    let head = h.d.feed_head();
+    let Done::Merged(m) = h.ok(cmd) else { panic!() };
+    assert_eq!((m.entries_changed, m.counter_head), (0, 1));
+    assert!(m.changed.is_empty());
+    assert_eq!(h.d.feed_head(), head);
+    // Entry-wise max: an older entry changes nothing, a newer half does.
+    let older = PnEntry { p: 6, n: 3 };
+    let cmd = Command::Merge { store: s("a"), entries: vec![(k("X"), writer("a"), older)], fulfilled: vec![] };
+    let Done::Merged(m) = h.ok(cmd) else { panic!() };
+    assert_eq!(m.changed, [(k("X"), 4)]);
+    assert_eq!(h.d.entries_since(&s("a"), 0, None, 10).entries, [(2, k("X"), writer("a"), PnEntry { p: 7, n: 3 })]);
+}
+
+#[test]
+fn merges_from_unknown_or_revoked_stores_and_impossible_entries_are_refused() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    let e = PnEntry { p: 1, n: 0 };
+    let merge = |store: &str, e: PnEntry| Command::Merge {
+        store: s(store),
+        entries: vec![(k("X"), writer(store), e)],
+        fulfilled: vec![],
+    };
+    assert_eq!(h.apply(merge("z", e)), Err(Refusal::UnknownStore(s("z"))));
+    let before = h.d.snapshot();
+    assert!(matches!(h.apply(merge("a", PnEntry { p: u64::MAX, n: 0 })), Err(Refusal::Invalid(_))));
+    let big = PnEntry { p: i64::MAX as u64, n: 0 };
+    let two = Command::Merge {
+        store: s("a"),
+        entries: vec![(k("X"), writer("a"), big), (k("X"), writer("b"), big)],
+        fulfilled: vec![],
+    };
+    assert!(matches!(h.apply(two), Err(Refusal::Invalid(_))), "the sum would leave i64");
+    assert_eq!(h.d.snapshot(), before);
+    h.ok(Command::RevokeStore { store: s("a") });
+    assert_eq!(h.apply(merge("a", e)), Err(Refusal::Revoked(s("a"))));
+}
+
+#[test]
+fn velocity_counts_only_what_went_and_decays() {
+    let mut h = H::with(config(true));
+    h.stores(&["a"]);
+    h.stock("a", "X", 100);
+    h.stock("a", "X", 90);
+    let velocity = |h: &H| {
+        h.records
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                Record::Velocity { velocity, .. } => Some(*velocity),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(velocity(&h).score, 10.0);
+    h.advance(3_600_000);
+    h.stock("a", "X", 95); // a rise does not count
+    assert_eq!(velocity(&h).updated_at_ms, T0);
+    h.stock("a", "X", 94);
+    let v = velocity(&h);
+    assert!((v.score - (10.0 * (-1f64).exp() + 1.0)).abs() < 1e-9, "{v:?}");
+}
+
+#[test]
+fn a_silent_store_is_discounted_by_velocity_times_silence() {
+    let mut h = H::with(config(true));
+    h.stores(&["a"]);
+    h.stock("a", "X", 100);
+    h.stock("a", "X", 90); // velocity 10 per τ = 1 h, last seen now
+    let st = Staleness::default();
+    h.advance(st.grace_ms + st.tau_ms / 2);
+    let f = &h.d.figures(&k("X"), h.now, h.d.connected())[0];
+    assert_eq!(
+        (f.raw_available, f.staleness_discount, f.available, f.silent_ms),
+        (90, 5, 85, st.grace_ms + st.tau_ms / 2)
+    );
+    let connected = [s("a")].into_iter().collect();
+    assert_eq!(h.d.figures(&k("X"), h.now, &connected)[0].available, 90);
+    // Sourcing uses the discounted figure, and the connected set the decider was told.
+    assert!(matches!(h.reserve(1, vec![line("X", 86)], None, None), Err(Refusal::Unavailable { available: 85, .. })));
+    h.ok(Command::SetConnected { store: s("a"), connected: true });
+    assert!(h.reserve(1, vec![line("X", 86)], None, None).is_ok());
+    // The discount never exceeds what there is.
+    h.advance(100 * st.tau_ms);
+    let f = &h.d.figures(&k("X"), h.now, &Default::default())[0];
+    assert_eq!((f.raw_available, f.staleness_discount, f.available), (4, 4, 0));
+}
+
+#[test]
+fn store_seen_only_moves_forward() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.ok(Command::StoreSeen { store: s("a"), at_ms: T0 + 10 });
+    h.ok(Command::StoreSeen { store: s("a"), at_ms: T0 });
+    assert_eq!(h.d.store(&s("a")).unwrap().last_seen_ms, Some(T0 + 10));
+    assert_eq!(h.apply(Command::StoreSeen { store: s("z"), at_ms: T0 }), Err(Refusal::UnknownStore(s("z"))));
+}
+
+#[test]
+fn restocks_write_the_hub_entry_journal_and_replay() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.stock("a", "X", 2);
+    let Ok(Done::HubChanged(c)) = h.restock(9, "a", vec![line("X", 5), line("Y", 1)]) else { panic!() };
+    assert!(c.created);
+    assert_eq!(c.response.kind, HubChangeKind::Restock);
+    assert_eq!(c.response.lines.iter().map(|l| (l.delta, l.on_hand)).collect::<Vec<_>>(), [(5, 7), (1, 1)]);
+    assert_eq!(c.stores, [s("a")]);
+    let journal: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Journal(e) => Some((e.line, e.kind, e.delta, e.writer.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(journal, [(0, EventKind::Restock, 5, hub_writer()), (1, EventKind::Restock, 1, hub_writer())]);
+    let page = h.d.entries_since(&s("a"), 0, Some(&writer("a")), 10);
+    assert_eq!(
+        page.entries.iter().map(|e| (e.0, e.3)).collect::<Vec<_>>(),
+        [(2, PnEntry { p: 5, n: 0 }), (3, PnEntry { p: 1, n: 0 })]
+    );
+    assert_eq!(page.upto, 3);
+    let full = h.d.entries_since(&s("a"), 0, None, 2);
+    assert_eq!((full.entries.len(), full.upto), (2, 2));
+    let n = h.records.len();
+    let Ok(Done::HubChanged(again)) = h.restock(9, "a", vec![line("X", 5), line("Y", 1)]) else { panic!() };
+    assert!(!again.created);
+    assert_eq!(again.response, c.response);
+    assert_eq!(h.records.len(), n);
+    assert_eq!(
+        h.restock(9, "a", vec![line("X", 6)]),
+        Err(Refusal::IdempotencyConflict { id: uid(9), kind: "restock".into() })
+    );
+    assert_eq!(h.restock(10, "z", vec![line("X", 6)]), Err(Refusal::UnknownStore(s("z"))));
+    assert!(matches!(h.restock(11, "a", vec![line("X", 0)]), Err(Refusal::Invalid(_))));
+}
+
+#[test]
+fn transfers_check_the_source_across_lines_and_name_both_sides() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    let transfer = |lines| {
+        Command::HubChange(HubChangeRequest {
+            id: uid(5),
+            change: HubChange::Transfer { from: s("a"), to: s("b"), lines },
+            reason: Some("rebalance".into()),
+        })
+    };
+    let before = h.d.snapshot();
+    assert_eq!(
+        h.apply(transfer(vec![line("X", 3), line("X", 3)])),
+        Err(Refusal::InsufficientStock { store: s("a"), sku: k("X"), on_hand: 2, wanted: 3 })
+    );
+    assert_eq!(h.d.snapshot(), before);
+    let Done::HubChanged(c) = h.ok(transfer(vec![line("X", 3), line("X", 2)])) else { panic!() };
+    assert_eq!(c.response.kind, HubChangeKind::Transfer);
+    assert_eq!(c.stores, [s("a"), s("b")]);
+    assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.on_hand(&s("b"), &k("X"))), (0, 5));
+    let journal: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Journal(e) => Some((e.store.to_string(), e.line, e.delta, e.reason.clone().unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        journal,
+        [
+            ("a".into(), 0, -3, "to b: rebalance".into()),
+            ("b".into(), 0, 3, "from a: rebalance".into()),
+            ("a".into(), 1, -2, "to b: rebalance".into()),
+            ("b".into(), 1, 2, "from a: rebalance".into()),
+        ]
+    );
+    assert_eq!(
+        h.apply(transfer(vec![line("X", 3), line("X", 3)])),
+        Err(Refusal::IdempotencyConflict { id: uid(5), kind: "transfer".into() })
+    );
+}
+
+#[test]
+fn a_new_hub_writer_writes_new_entries() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.restock(1, "a", vec![line("X", 2)]).unwrap();
+    let next =
+        shelfsync_shared::WriterId::new(shelfsync_shared::NodeId::Hub, shelfsync_shared::Incarnation::from_u64(2));
+    h.ok(Command::SetHubWriter { writer: next.clone() });
+    h.restock(2, "a", vec![line("X", 3)]).unwrap();
+    let page = h.d.entries_since(&s("a"), 0, None, 10);
+    assert_eq!(
+        page.entries.iter().map(|e| (e.2.clone(), e.3.p)).collect::<Vec<_>>(),
+        [(hub_writer(), 2), (next.clone(), 3)]
+    );
+    assert_eq!(h.d.on_hand(&s("a"), &k("X")), 5);
+    assert!(matches!(h.apply(Command::SetHubWriter { writer: writer("a") }), Err(Refusal::Invalid(_))));
+    assert_eq!(h.rebuilt().hub_writer(), &next);
+}

@@ -1,0 +1,155 @@
+//! Oversell reconciliation and negative stock.
+
+mod common;
+
+use common::*;
+use shelfsync_hub_core::{
+    AllocationStatus, Command, ConflictFilter, ConflictKind, ConflictStatus, Done, FeedKind, HubChange,
+    HubChangeRequest,
+};
+
+fn conflicts(h: &H, kind: ConflictKind) -> Vec<shelfsync_hub_core::Conflict> {
+    h.d.conflicts(&ConflictFilter { limit: 100, ..Default::default() }).into_iter().filter(|c| c.kind == kind).collect()
+}
+
+#[test]
+fn newest_holds_first_and_a_shipped_line_is_re_sourced() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 10);
+    h.stock("b", "X", 3);
+    let w1 = h.reserved(1, vec![line("X", 4)]);
+    let w2 = h.reserved(2, vec![line("X", 3)]);
+    assert!(w1.view.allocations.iter().chain(&w2.view.allocations).all(|a| a.store == s("a")));
+    let head = h.d.feed_head();
+    let Done::Merged(m) = h.stock("a", "X", 5) else { panic!() };
+    assert_eq!(m.holds_changed, [s("a"), s("b")]);
+    // r2 (newest) gives up 2 of its 3 units at a; b supplies them.
+    let v2 = h.d.reservation(uid(2)).unwrap();
+    let placed: Vec<_> = v2.lines[0].allocations.iter().map(|a| (a.store.to_string(), a.qty, a.status)).collect();
+    assert_eq!(placed, [("a".into(), 1, AllocationStatus::Held), ("b".into(), 2, AllocationStatus::Held)]);
+    assert_eq!(h.d.reservation(uid(1)).unwrap().allocations[0].qty, 4, "the older hold is untouched");
+    assert_eq!((h.d.held(&s("a"), &k("X")), h.d.held(&s("b"), &k("X"))), (5, 2));
+    let c = &conflicts(&h, ConflictKind::Oversell)[0];
+    assert_eq!((c.shortfall, c.status, c.resolution.as_str()), (2, ConflictStatus::Resolved, "re-sourced 2 to b"));
+    assert_eq!(c.reservations, [uid(2)]);
+    assert_eq!(c.resolved_at_ms, Some(h.now));
+    assert_eq!(
+        h.kinds_after(head),
+        [
+            FeedKind::AvailabilityChanged, // a after the sale
+            FeedKind::AvailabilityChanged, // b after re-sourcing
+            FeedKind::OversellDetected,
+            FeedKind::OversellResolved,
+            FeedKind::AvailabilityChanged, // a after reconciliation
+        ]
+    );
+}
+
+#[test]
+fn a_whole_hold_taken_is_moved() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 10);
+    h.stock("b", "X", 3);
+    h.reserved(1, vec![line("X", 2)]);
+    h.stock("a", "X", 0);
+    let v = h.d.reservation(uid(1)).unwrap();
+    let st: Vec<_> = v.lines[0].allocations.iter().map(|a| (a.store.to_string(), a.qty, a.status)).collect();
+    assert_eq!(st, [("a".into(), 2, AllocationStatus::Moved), ("b".into(), 2, AllocationStatus::Held)]);
+    assert_eq!(v.allocations.len(), 1);
+}
+
+#[test]
+fn a_pickup_line_is_marked_short_and_the_conflict_stays_open() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    h.stock("b", "X", 9);
+    h.reserve(1, vec![line("X", 4)], Some("a"), None).unwrap();
+    let head = h.d.feed_head();
+    h.stock("a", "X", 2);
+    let v = h.d.reservation(uid(1)).unwrap();
+    assert!(v.short);
+    assert_eq!(v.lines[0].short, 2);
+    assert_eq!(h.d.held(&s("a"), &k("X")), 2);
+    assert_eq!(h.d.held(&s("b"), &k("X")), 0, "pickup is never re-sourced");
+    let c = &conflicts(&h, ConflictKind::Oversell)[0];
+    assert_eq!((c.status, c.resolution.as_str(), c.resolved_at_ms), (ConflictStatus::Open, "2 marked short", None));
+    assert_eq!(
+        h.kinds_after(head),
+        [
+            FeedKind::AvailabilityChanged,
+            FeedKind::ReservationShort,
+            FeedKind::OversellDetected,
+            FeedKind::AvailabilityChanged,
+        ]
+    );
+    let short = h.feed().into_iter().find(|e| e.kind == FeedKind::ReservationShort).unwrap();
+    let json = short.data_json();
+    assert_eq!((json["store"].as_str(), json["sku"].as_str(), json["short"].as_u64()), (Some("a"), Some("X"), Some(2)));
+    assert_eq!(json["reservation"]["short"], true);
+}
+
+#[test]
+fn what_nobody_can_supply_is_short_the_rest_re_sourced_store_by_store() {
+    let mut h = H::new();
+    h.stores(&["a", "b", "c"]);
+    h.stock("a", "X", 10);
+    h.stock("b", "X", 1);
+    h.stock("c", "X", 1);
+    h.reserved(1, vec![line("X", 8)]);
+    h.stock("a", "X", 3);
+    let c = &conflicts(&h, ConflictKind::Oversell)[0];
+    assert_eq!((c.shortfall, c.status), (5, ConflictStatus::Open));
+    assert_eq!(c.resolution, "re-sourced 1 to b, 1 to c; 3 marked short");
+    let v = h.d.reservation(uid(1)).unwrap();
+    assert_eq!(v.lines[0].short, 3);
+    let total: u64 = v.lines[0].allocations.iter().filter(|a| a.status != AllocationStatus::Moved).map(|a| a.qty).sum();
+    assert_eq!(total, 8, "every unit of the line is somewhere");
+}
+
+#[test]
+fn a_transfer_that_oversells_its_source_reconciles_it() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    h.reserve(1, vec![line("X", 4)], Some("a"), None).unwrap();
+    // The hub's on_hand allows the transfer; the holds do not stop it.
+    let Done::HubChanged(c) = h.ok(Command::HubChange(HubChangeRequest {
+        id: uid(7),
+        change: HubChange::Transfer { from: s("a"), to: s("b"), lines: vec![line("X", 3)] },
+        reason: None,
+    })) else {
+        panic!()
+    };
+    assert_eq!(c.holds_changed, [s("a")]);
+    assert_eq!(h.d.held(&s("a"), &k("X")), 2);
+    assert_eq!(h.d.reservation(uid(1)).unwrap().lines[0].short, 2);
+}
+
+#[test]
+fn negative_stock_opens_once_and_resolves_itself() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    let head = h.d.feed_head();
+    h.stock("a", "X", -2);
+    h.stock("a", "X", -3);
+    let open = conflicts(&h, ConflictKind::NegativeStock);
+    assert_eq!(open.len(), 1);
+    assert_eq!(
+        (open[0].shortfall, open[0].status, open[0].resolution.as_str()),
+        (2, ConflictStatus::Open, "ask the store to recount")
+    );
+    assert_eq!(h.kinds_after(head).iter().filter(|k| **k == FeedKind::NegativeStock).count(), 1);
+    let head = h.d.feed_head();
+    h.stock("a", "X", 0);
+    let c = h.d.conflict(open[0].id).unwrap();
+    assert_eq!(
+        (c.status, c.resolution.as_str(), c.resolved_at_ms),
+        (ConflictStatus::Resolved, "stock is back at or above zero", Some(h.now))
+    );
+    assert!(!h.kinds_after(head).contains(&FeedKind::NegativeStock));
+    h.stock("a", "X", -1);
+    assert_eq!(conflicts(&h, ConflictKind::NegativeStock).len(), 2, "a new crossing, a new conflict");
+}
