@@ -291,8 +291,16 @@ async fn main() -> anyhow::Result<()> {
     if section("burst") {
         println!("\n== burst: one sale at every store at once -> all committed at the hub (agents NORMAL, hub FULL)");
         println!("{:<8} {:>8} {:>14} {:>14}", "stores", "rounds", "median ms", "slowest ms");
-        let bursts: &[(usize, usize)] = if q { &[(50, 3)] } else { &[(200, 5), (1000, 3)] };
-        for &(n, rounds) in bursts {
+        // `SHELFSYNC_BENCH_BURST=1000:10` runs one size (for a profile).
+        let bursts: Vec<(usize, usize)> = match std::env::var("SHELFSYNC_BENCH_BURST") {
+            Ok(v) => {
+                let (n, r) = v.split_once(':').expect("SHELFSYNC_BENCH_BURST=STORES:ROUNDS");
+                vec![(n.parse()?, r.parse()?)]
+            }
+            Err(_) if q => vec![(50, 3)],
+            Err(_) => vec![(200, 5), (1000, 3)],
+        };
+        for (n, rounds) in bursts {
             let (median, slowest) = burst(n, rounds).await?;
             println!("{n:<8} {rounds:>8} {median:>14.1} {slowest:>14.1}");
         }
