@@ -36,24 +36,20 @@ fn entry_of(t: &Tables, st: StoreIx, sku: &Sku, writer: &WriterId) -> PnEntry {
 }
 
 /// `on_hand` of (store, sku) with some entries replaced, refusing a sum outside i64.
-fn planned_sum(
-    t: &Tables,
-    st: StoreIx,
-    sku: &Sku,
-    planned: &HashMap<(&Sku, &WriterId), PnEntry>,
-) -> Result<i64, Refusal> {
+fn planned_sum(t: &Tables, st: StoreIx, sku: &Sku, planned: &[(&WriterId, PnEntry)]) -> Result<i64, Refusal> {
     let mut total: i128 = 0;
     let mut seen: BTreeSet<&WriterId> = BTreeSet::new();
+    let planned_of = |w: &WriterId| planned.iter().rev().find(|(pw, _)| *pw == w).map(|(_, e)| *e);
     if let Some(cell) = t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)) {
         for s in &cell.slots {
             let w = t.writer(s.writer);
             seen.insert(w);
-            total += planned.get(&(sku, w)).copied().unwrap_or(s.entry).value();
+            total += planned_of(w).unwrap_or(s.entry).value();
         }
     }
-    for ((k, w), e) in planned {
-        if *k == sku && !seen.contains(w) {
-            total += e.value();
+    for (w, _) in planned {
+        if seen.insert(w) {
+            total += planned_of(w).expect("listed").value();
         }
     }
     i64::try_from(total).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))
@@ -78,10 +74,15 @@ pub(crate) fn merge(
             changes.push((sku, writer, next));
         }
     }
-    let touched: BTreeSet<&Sku> = changes.iter().map(|(k, _, _)| *k).collect();
-    for sku in &touched {
-        planned_sum(cx.t, st, sku, &planned)?;
+    // The planned entries per SKU (a delta holds few writers per SKU, often one).
+    let mut by_sku: BTreeMap<&Sku, Vec<(&WriterId, PnEntry)>> = BTreeMap::new();
+    for (sku, writer, next) in &changes {
+        by_sku.entry(*sku).or_default().push((*writer, *next));
     }
+    for (sku, planned) in &by_sku {
+        planned_sum(cx.t, st, sku, planned)?;
+    }
+    let touched: BTreeSet<&Sku> = by_sku.keys().copied().collect();
 
     for (sku, writer, next) in &changes {
         let (sk, w) = (cx.t.intern_sku(sku), cx.t.intern_writer(writer));
