@@ -75,9 +75,9 @@ fn merges(rounds: usize, per: usize) -> f64 {
     let start = Instant::now();
     let mut entries_total = 0usize;
     for r in 0..rounds {
-        for i in 0..STORES {
+        for (i, writer) in writers.iter().enumerate() {
             let entries: Vec<(Sku, WriterId, PnEntry)> =
-                skus.iter().map(|k| (k.clone(), writers[i].clone(), PnEntry { p: 100, n: r as u64 + 1 })).collect();
+                skus.iter().map(|k| (k.clone(), writer.clone(), PnEntry { p: 100, n: r as u64 + 1 })).collect();
             entries_total += entries.len();
             d.apply(Command::Merge { store: store(i), entries, fulfilled: vec![] }, 10 + r as i64).unwrap();
             std::hint::black_box(d.take_records().len());
