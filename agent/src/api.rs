@@ -16,9 +16,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError};
-use crate::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::ledger::{self, Change, LedgerError, Line, Outcome, RecordRequest};
 use crate::status::SyncStatus;
+use shelfsync_node::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiPath, ApiQuery};
 
 /// Largest page of `GET /v1/stock`.
 pub const STOCK_PAGE_MAX: usize = 1000;
@@ -61,13 +61,13 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .nest("/v1", v1)
         .merge(metrics)
-        .route("/healthz", get(crate::http::healthz))
-        .fallback(crate::http::no_route)
-        .method_not_allowed_fallback(|| async { crate::http::method_not_allowed() })
+        .route("/healthz", get(shelfsync_node::http::healthz))
+        .fallback(shelfsync_node::http::no_route)
+        .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.guard.clone(), crate::guard::check))
         // Outermost, so the guard's 403/429 and anything axum makes leave as JSON too.
-        .layer(middleware::from_fn(crate::http::json_errors))
+        .layer(middleware::from_fn(shelfsync_node::http::json_errors))
         .with_state(state)
 }
 
@@ -85,16 +85,6 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         }
     }
     next.run(req).await
-}
-
-impl From<DbError> for ApiError {
-    fn from(e: DbError) -> Self {
-        match e {
-            DbError::Counter(c) => ApiError::invalid(c.to_string()),
-            DbError::Closed => ApiError::unavailable("the agent is shutting down"),
-            other => ApiError::internal(other),
-        }
-    }
 }
 
 impl From<LedgerError> for ApiError {
@@ -361,14 +351,14 @@ async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Va
     Ok(Json(json!({
         "store": id.store,
         "writer": id.writer,
-        "incarnation_started_at": ledger::rfc3339(id.incarnation_started_ms),
+        "incarnation_started_at": shelfsync_shared::rfc3339(id.incarnation_started_ms),
         "skus": ledger.skus,
         "journal_events": ledger.journal_events,
         "unsynced_changes": ledger.unsynced_changes,
         "unsynced_events": ledger.unsynced_events,
         "counter_head": ledger.counter_head,
         "journal_head": ledger.journal_head,
-        "last_sync_at": ledger.last_sync_ms.map(ledger::rfc3339),
+        "last_sync_at": ledger.last_sync_ms.map(shelfsync_shared::rfc3339),
         "sync": sync,
     })))
 }
@@ -396,7 +386,7 @@ async fn get_catalog(
     let sku = parse_sku("sku", &sku)?;
     let store = state.db.identity().store.clone();
     let s2 = sku.clone();
-    let view = state.db.read(move |conn| crate::catalog::view(conn, &s2, Some(&store))).await?;
+    let view = state.db.read(move |conn| shelfsync_node::catalog::view(conn, &s2, Some(&store))).await?;
     match view {
         Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
         None => Err(ApiError::not_found(format!("sku {sku} is not in the catalog this store has"))),
@@ -416,9 +406,10 @@ async fn put_overrides(
     ApiJson(b): ApiJson<OverridesBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
-    let o = crate::catalog::Overrides { safety_stock: b.safety_stock, low_stock_threshold: b.low_stock_threshold };
+    let o =
+        shelfsync_node::catalog::Overrides { safety_stock: b.safety_stock, low_stock_threshold: b.low_stock_threshold };
     state.catalog.set_overrides(&state.db, &sku, o).await.map_err(|e| match e {
-        crate::catalog::CatalogError::Invalid(m) => ApiError::invalid(m),
+        shelfsync_node::catalog::CatalogError::Invalid(m) => ApiError::invalid(m),
         other => ApiError::internal(other),
     })?;
     let store = state.db.identity().store.clone();
@@ -427,8 +418,8 @@ async fn put_overrides(
         .db
         .read(move |conn| {
             Ok::<_, DbError>((
-                crate::catalog::view(conn, &s2, Some(&store))?,
-                crate::catalog::store_overrides(conn, &store, &s2)?,
+                shelfsync_node::catalog::view(conn, &s2, Some(&store))?,
+                shelfsync_node::catalog::store_overrides(conn, &store, &s2)?,
             ))
         })
         .await?;

@@ -14,8 +14,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shelfsync_shared::id::quote;
 
-use crate::http::{ApiError, EdgeStats};
-use crate::ratelimit::Limiter;
+use shelfsync_node::http::{ApiError, EdgeStats};
+use shelfsync_node::ratelimit::Limiter;
 
 /// Which `Host` and `Origin` values name this agent.
 #[derive(Clone, Debug)]

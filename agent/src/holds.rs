@@ -9,7 +9,8 @@ use shelfsync_shared::{EventFlag, EventKind, Sku, StockFigures};
 use uuid::Uuid;
 
 use crate::db::{self, Db, DbError};
-use crate::ledger::{rfc3339, LedgerError, Outcome};
+use crate::ledger::{LedgerError, Outcome};
+use shelfsync_shared::rfc3339;
 
 /// Schema of holds (migration 2 of the agent database).
 pub const MIGRATION: &str = "CREATE TABLE holds (

@@ -3,8 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shelfsync_shared::qty::{check_range, ADJUST_DELTA_MAX, COUNT_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::{fingerprint_of, rfc3339};
 use shelfsync_shared::{EventFlag, EventKind, QtyError, Sku, StockFigures, UnixMs};
 use uuid::Uuid;
 
@@ -135,11 +135,6 @@ impl RecordRequest {
     }
 }
 
-/// SHA-256 of the canonical JSON of a request body: equal bodies, equal fingerprints.
-pub fn fingerprint_of(body: &impl Serialize) -> Vec<u8> {
-    Sha256::digest(serde_json::to_vec(body).expect("request bodies serialise")).to_vec()
-}
-
 /// The outcome of one line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineResult {
@@ -187,11 +182,6 @@ pub enum Outcome {
     Created,
     /// Seen before with the same body: nothing changed.
     Replayed,
-}
-
-/// Formats milliseconds as RFC 3339.
-pub fn rfc3339(ms: UnixMs) -> String {
-    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
 }
 
 /// Records a POS request durably (group-committed). Answers after the commit.
@@ -247,7 +237,7 @@ fn record_in(
         let seen = before.is_some();
         // With a catalog, "unknown" means "not in it"; a store without one (standalone) falls
         // back to "never seen here".
-        let standing = crate::catalog::standing(conn, &sku)?;
+        let standing = shelfsync_node::catalog::standing(conn, &sku)?;
         let known = match standing {
             Some((listed, _)) => listed,
             None => seen,
@@ -365,7 +355,13 @@ pub struct StockView {
 
 fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
     let f = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
-    Ok(StockView { name: crate::catalog::name_of(conn, &sku)?, sku, on_hand, held: f.held, sellable: f.sellable() })
+    Ok(StockView {
+        name: shelfsync_node::catalog::name_of(conn, &sku)?,
+        sku,
+        on_hand,
+        held: f.held,
+        sellable: f.sellable(),
+    })
 }
 
 /// One SKU's stock, or `None` if the store never saw it.

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use shelfsync_agent::bundle::Bundle;
-use shelfsync_agent::client::ApiClient;
 use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
+use shelfsync_node::bundle::Bundle;
+use shelfsync_node::client::ApiClient;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -118,7 +118,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    shelfsync_agent::cli::run_main(dispatch(Cli::parse()))
+    shelfsync_node::cli::run_main(dispatch(Cli::parse()))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -134,11 +134,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.api.listen = l;
             }
-            shelfsync_agent::cli::init_tracing(&cfg.log.filter);
+            shelfsync_node::cli::init_tracing(&cfg.log.filter);
             let agent = shelfsync_agent::server::start(cfg).await?;
             // One machine-readable line, so scripts and tests learn the bound port.
             println!("shelfsync-agent listening on {}", agent.url());
-            shelfsync_agent::cli::shutdown_signal().await;
+            shelfsync_node::cli::shutdown_signal().await;
             tracing::info!("shutting down");
             agent.stop().await?;
             return Ok(());

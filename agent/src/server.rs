@@ -87,12 +87,12 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone(), catalog.clone())?;
 
     let token = (!config.api.token.is_empty()).then(|| Arc::<str>::from(config.api.token.as_str()));
-    let stats = Arc::new(crate::http::EdgeStats::default());
+    let stats = Arc::new(shelfsync_node::http::EdgeStats::default());
     let limits = &config.api.rate_limit;
-    let limiter = crate::ratelimit::Limiter::new(
+    let limiter = shelfsync_node::ratelimit::Limiter::new(
         limits.enabled,
         &[("writes", limits.writes), ("reads", limits.reads)],
-        crate::ratelimit::TokenKeys::Only(token.clone()),
+        shelfsync_node::ratelimit::TokenKeys::Only(token.clone()),
         stats.clone(),
     );
     let hosts = crate::guard::HostPolicy::new(addr, &config.api.allowed_hosts);
@@ -101,7 +101,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let app = router(state, config.api.max_body_bytes);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let opts = config.serve_options();
-    let server = tokio::spawn(crate::http::serve(listener, app, opts, stats, async move {
+    let server = tokio::spawn(shelfsync_node::http::serve(listener, app, opts, stats, async move {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%addr, store = %db.identity().store, writer = %db.identity().writer, "agent API listening");

@@ -1,5 +1,5 @@
 //! The agent's sync client: connects to the hub over QUIC with the store's certificate, resumes
-//! from the durable watermarks, and lets [`crate::quic::drive`] move frames between the streams
+//! from the durable watermarks, and lets [`shelfsync_node::quic::drive`] move frames between the streams
 //! and an [`AgentSession`]. Reconnects with jittered exponential backoff, forever: the store works
 //! the same with the hub unreachable for days.
 
@@ -12,13 +12,13 @@ use shelfsync_shared::wire::close_code;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bundle::Bundle;
 use crate::config::AgentConfig;
 use crate::db::{Db, DbError};
-use crate::quic::{drive, DriveError, EffectHost, FrameStats};
 use crate::replica;
 use crate::server::StartError;
 use crate::status::{SyncState, SyncStatus};
+use shelfsync_node::bundle::Bundle;
+use shelfsync_node::quic::{drive, DriveError, EffectHost, FrameStats};
 
 /// Traffic of the sync client over its lifetime: frame payload per stream kind, and UDP bytes
 /// (QUIC framing, TLS, retransmissions included) of every connection so far.
@@ -282,7 +282,7 @@ impl EffectHost<AgentSession> for AgentHost {
         match effect {
             Effect::Established { peer } => {
                 tracing::info!(hub = %peer, "connected to the hub");
-                let since = crate::ledger::rfc3339(jiff::Timestamp::now().as_millisecond());
+                let since = shelfsync_shared::rfc3339(jiff::Timestamp::now().as_millisecond());
                 self.status.send_modify(|s| {
                     s.state = SyncState::Connected;
                     s.hub_writer = Some(peer.to_string());
@@ -371,7 +371,7 @@ impl EffectHost<AgentSession> for AgentHost {
             }
             Effect::CatalogMessage { doc, bytes } => {
                 let reply = self.catalog.message(&self.db, doc, &bytes).await.map_err(|e| SessionError {
-                    code: if matches!(e, crate::catalog::CatalogError::Invalid(_)) {
+                    code: if matches!(e, shelfsync_node::catalog::CatalogError::Invalid(_)) {
                         close_code::PROTOCOL_VIOLATION
                     } else {
                         close_code::INTERNAL

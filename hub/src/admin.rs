@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use shelfsync_agent::bundle::Bundle;
+use shelfsync_node::bundle::Bundle;
 use shelfsync_shared::StoreId;
 
 use crate::api::{new_token, token_hash};
@@ -50,7 +50,7 @@ async fn open(data_dir: &Path) -> Result<Arc<SqliteStorage>, AdminError> {
 
 /// Creates the hub database and its private CA.
 pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
-    shelfsync_agent::dbfile::create_private_dir(data_dir)
+    shelfsync_node::dbfile::create_private_dir(data_dir)
         .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
     let path = db_path(data_dir);

@@ -13,10 +13,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_agent::http::{bearer, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
-use shelfsync_agent::ledger::rfc3339;
+use shelfsync_node::http::{bearer, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
 use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::rfc3339;
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
 
@@ -40,9 +40,9 @@ pub struct ApiState {
     /// Slots for concurrent `GET /v1/events` streams.
     pub event_streams: Arc<tokio::sync::Semaphore>,
     /// Request rate limits (`[http.rate_limit]`).
-    pub limiter: Arc<shelfsync_agent::ratelimit::Limiter>,
+    pub limiter: Arc<shelfsync_node::ratelimit::Limiter>,
     /// The HTTP edge's counters (connections, timeouts, 429s).
-    pub edge: Arc<shelfsync_agent::http::EdgeStats>,
+    pub edge: Arc<shelfsync_node::http::EdgeStats>,
 }
 
 /// Hashes a token for storage and lookup (tokens are never stored in clear).
@@ -89,14 +89,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .merge(viewer)
         .merge(storefront)
         .merge(admin)
-        .route("/healthz", get(shelfsync_agent::http::healthz))
+        .route("/healthz", get(shelfsync_node::http::healthz))
         .route("/", get(dashboard))
-        .fallback(shelfsync_agent::http::no_route)
-        .method_not_allowed_fallback(|| async { shelfsync_agent::http::method_not_allowed() })
+        .fallback(shelfsync_node::http::no_route)
+        .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.limiter.clone(), crate::edge::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
-        .layer(middleware::from_fn(shelfsync_agent::http::json_errors))
+        .layer(middleware::from_fn(shelfsync_node::http::json_errors))
         .with_state(state)
 }
 
@@ -732,7 +732,7 @@ async fn put_catalog_item(
 async fn patch_catalog_item(
     State(state): State<ApiState>,
     ApiPath(sku): ApiPath<String>,
-    ApiJson(p): ApiJson<shelfsync_agent::catalog::CatalogPatch>,
+    ApiJson(p): ApiJson<shelfsync_node::catalog::CatalogPatch>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     catalog_edit(&state, sku, crate::catalog::Edit::Patch(p)).await

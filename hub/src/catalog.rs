@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use shelfsync_agent::catalog::{self as cat, CatalogError, CatalogItem, CatalogPatch, TrackedDoc, CATALOG_DOC};
+use shelfsync_node::catalog::{self as cat, CatalogError, CatalogItem, CatalogPatch, TrackedDoc, CATALOG_DOC};
 use shelfsync_shared::wire::CatalogDoc;
 use shelfsync_shared::{Sku, StoreId, WriterId};
 use tokio::sync::Mutex;
@@ -196,7 +196,7 @@ impl HubCatalog {
 }
 
 fn storage_to_catalog(e: StorageError) -> CatalogError {
-    CatalogError::Db(shelfsync_agent::db::DbError::Sqlite(e.to_string()))
+    CatalogError::Db(shelfsync_node::db::DbError::Sqlite(e.to_string()))
 }
 
 fn prefix(n: usize, i: usize, sku: &Sku, err: CatalogError) -> String {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shelfsync_agent::config::{ConfigError, RateLimit, Synchronous};
+use shelfsync_node::config::{ConfigError, RateLimit, Synchronous};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SHELFSYNC_HUB__";
@@ -259,7 +259,7 @@ impl Default for LogSection {
 impl HubConfig {
     /// Loads `path` (if given) over the defaults, then applies environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        shelfsync_agent::config::load_toml(path, ENV_PREFIX)
+        shelfsync_node::config::load_toml(path, ENV_PREFIX)
     }
 
     /// Rejects values that cannot work.
@@ -274,7 +274,7 @@ impl HubConfig {
         if self.http.max_event_streams == 0 {
             return bad("http.max_event_streams", "must be at least 1");
         }
-        shelfsync_agent::config::validate_edge(
+        shelfsync_node::config::validate_edge(
             [
                 "http.header_read_timeout_secs",
                 "http.idle_timeout_secs",
@@ -356,13 +356,13 @@ impl HubConfig {
     }
 
     /// The HTTP edge's limits as the server wants them.
-    pub fn serve_options(&self) -> shelfsync_agent::http::ServeOptions {
-        shelfsync_agent::http::ServeOptions {
+    pub fn serve_options(&self) -> shelfsync_node::http::ServeOptions {
+        shelfsync_node::http::ServeOptions {
             header_read_timeout: std::time::Duration::from_secs(self.http.header_read_timeout_secs),
             idle_timeout: std::time::Duration::from_secs(self.http.idle_timeout_secs),
             max_connections: self.http.max_connections,
             max_connections_per_ip: self.http.max_connections_per_ip,
-            drain: std::time::Duration::from_secs(shelfsync_agent::http::DRAIN_SECS),
+            drain: std::time::Duration::from_secs(shelfsync_node::http::DRAIN_SECS),
         }
     }
 }
@@ -392,7 +392,7 @@ mod tests {
         let v = |c: &HubConfig| toml::Value::try_from(c).unwrap();
         assert_eq!(v(&from_file), v(&HubConfig::default()), "config/hub.toml drifted from the defaults");
         let file: toml::Value = toml::from_str(&text).unwrap();
-        let missing = shelfsync_agent::config::undocumented_keys(&v(&HubConfig::default()), &file);
+        let missing = shelfsync_node::config::undocumented_keys(&v(&HubConfig::default()), &file);
         assert_eq!(missing, Vec::<String>::new(), "keys config/hub.toml does not document");
         HubConfig::default().validate().unwrap();
     }

@@ -7,8 +7,8 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use shelfsync_agent::http::{client_key, peer_ip};
-use shelfsync_agent::ratelimit::{Key, Limiter};
+use shelfsync_node::http::{client_key, peer_ip};
+use shelfsync_node::ratelimit::{Key, Limiter};
 
 /// The rate-limit class of a request (see `[http.rate_limit]` in `config/hub.toml`).
 pub fn class(method: &Method, path: &str, key: &Key) -> &'static str {
@@ -50,7 +50,7 @@ mod tests {
 
     #[test]
     fn classes() {
-        let t = shelfsync_agent::ratelimit::token_key("t");
+        let t = shelfsync_node::ratelimit::token_key("t");
         let a = Key::Addr("127.0.0.1".parse().unwrap());
         assert_eq!(class(&Method::GET, "/v1/availability/A", &a), "unauthenticated");
         assert_eq!(class(&Method::GET, "/v1/availability/A", &t), "reads");

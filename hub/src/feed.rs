@@ -14,7 +14,7 @@ use futures_util::Stream;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use shelfsync_agent::http::{ApiError, ApiQuery};
+use shelfsync_node::http::{ApiError, ApiQuery};
 
 use crate::api::{parse_cursor, ApiState};
 use crate::metrics::Metrics;
@@ -47,7 +47,7 @@ pub(crate) async fn get_events(
     let head = storage.change_head();
     // The stream outlives the request that opened it: its token is checked again before every
     // batch, so a revoked or expired token stops receiving events.
-    let token = shelfsync_agent::http::bearer(&headers).unwrap_or_default().to_owned();
+    let token = shelfsync_node::http::bearer(&headers).unwrap_or_default().to_owned();
     let hub = state.hub.clone();
     let start = match (headers.get("last-event-id"), q.after) {
         (Some(v), _) => {

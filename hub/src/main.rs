@@ -143,7 +143,7 @@ enum TokenCmd {
 }
 
 fn main() -> ExitCode {
-    shelfsync_agent::cli::run_main(dispatch(Cli::parse()))
+    shelfsync_node::cli::run_main(dispatch(Cli::parse()))
 }
 
 fn store_id(s: &str) -> anyhow::Result<StoreId> {
@@ -200,12 +200,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(a) = http_listen {
                 cfg.http.listen = a;
             }
-            shelfsync_agent::cli::init_tracing(&cfg.log.filter);
+            shelfsync_node::cli::init_tracing(&cfg.log.filter);
             let hub = server::start(cfg).await?;
             // Machine-readable lines, so scripts and tests learn the bound ports.
             println!("shelfsync-hub quic on {}", hub.quic_addr);
             println!("shelfsync-hub listening on {}", hub.url());
-            shelfsync_agent::cli::shutdown_signal().await;
+            shelfsync_node::cli::shutdown_signal().await;
             tracing::info!("shutting down");
             hub.stop().await;
         }
@@ -219,8 +219,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("backed up to {}", to.display());
         }
         Cmd::Demo { for_secs } => {
-            shelfsync_agent::cli::init_tracing("warn");
-            demo::run(for_secs, shelfsync_agent::cli::shutdown_signal()).await?;
+            shelfsync_node::cli::init_tracing("warn");
+            demo::run(for_secs, shelfsync_node::cli::shutdown_signal()).await?;
         }
     }
     Ok(())

@@ -1,12 +1,12 @@
 //! The hub's QUIC endpoint: authenticates each agent by its certificate (the store id comes from
 //! the certificate, never from a message), refuses unknown and revoked certificates, and runs one
-//! [`HubSession`] per connection through [`shelfsync_agent::quic::drive`].
+//! [`HubSession`] per connection through [`shelfsync_node::quic::drive`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shelfsync_agent::quic::{drive, DriveError, EffectHost, FrameStats};
+use shelfsync_node::quic::{drive, DriveError, EffectHost, FrameStats};
 use shelfsync_shared::sync::{Effect, HubSession, PeerAccept, SessionError, SyncConfig};
 use shelfsync_shared::wire::close_code;
 use shelfsync_shared::StoreId;
@@ -263,7 +263,7 @@ impl HubHost {
             Metrics::inc(&hub.metrics.writer_clones_total);
             let details = serde_json::json!({
                 "writer": hello.writer.to_string(),
-                "live_since": shelfsync_agent::ledger::rfc3339(twin.since_ms),
+                "live_since": shelfsync_shared::rfc3339(twin.since_ms),
                 "copy_address": self.remote,
             });
             let _ = hub
@@ -370,8 +370,8 @@ impl EffectHost<HubSession> for HubHost {
                 };
                 let reply = hub.catalog.message(hub.storage.as_ref(), peer, doc, &bytes).await.map_err(|e| {
                     let code = match e {
-                        shelfsync_agent::catalog::CatalogError::Forbidden(_) => close_code::UNAUTHORIZED,
-                        shelfsync_agent::catalog::CatalogError::Invalid(_) => close_code::PROTOCOL_VIOLATION,
+                        shelfsync_node::catalog::CatalogError::Forbidden(_) => close_code::UNAUTHORIZED,
+                        shelfsync_node::catalog::CatalogError::Invalid(_) => close_code::PROTOCOL_VIOLATION,
                         _ => close_code::INTERNAL,
                     };
                     SessionError { code, message: format!("catalog: {e}"), from_peer: false }
@@ -483,7 +483,7 @@ impl EffectHost<HubSession> for HubHost {
     async fn heads_changed(
         &mut self,
         session: &mut HubSession,
-        heads: shelfsync_agent::db::Heads,
+        heads: shelfsync_node::db::Heads,
     ) -> Result<(), SessionError> {
         if heads.ping != self.ping_seen {
             self.ping_seen = heads.ping;

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shelfsync_agent::ledger::rfc3339;
 use shelfsync_shared::qty::clamp_u64;
+use shelfsync_shared::rfc3339;
 use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
@@ -639,8 +639,7 @@ pub struct Written {
 
 /// Reserves all lines or none.
 pub fn create(conn: &Connection, req: &ReservationRequest, now: &Now, st: Staleness) -> StorageResult<Written> {
-    let fingerprint =
-        shelfsync_agent::ledger::fingerprint_of(&(&req.lines, req.ttl_secs, &req.pickup_store, &req.customer));
+    let fingerprint = shelfsync_shared::fingerprint_of(&(&req.lines, req.ttl_secs, &req.pickup_store, &req.customer));
     let earlier: Option<(Vec<u8>, String)> = conn
         .prepare_cached("SELECT fingerprint, first_response FROM reservations WHERE id = ?1")?
         .query_row([req.id.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -809,7 +808,7 @@ impl Action {
 
 /// Applies a lifecycle action. `key` makes a retry return the first answer.
 pub fn act(conn: &Connection, id: Uuid, action: Action, key: Option<&str>, now_ms: i64) -> StorageResult<Written> {
-    let fingerprint = shelfsync_agent::ledger::fingerprint_of(&(id, action));
+    let fingerprint = shelfsync_shared::fingerprint_of(&(id, action));
     if let Some(key) = key {
         let earlier: Option<(Vec<u8>, String)> = conn
             .prepare_cached("SELECT fingerprint, response FROM action_requests WHERE key = ?1")?

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shelfsync_agent::config::ConfigError;
-use shelfsync_agent::http::EdgeStats;
-use shelfsync_agent::ratelimit::{Limiter, TokenKeys};
+use shelfsync_node::config::ConfigError;
+use shelfsync_node::http::EdgeStats;
+use shelfsync_node::ratelimit::{Limiter, TokenKeys};
 use shelfsync_shared::sync::SyncConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -136,7 +136,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         config.http.max_body_bytes,
     );
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(shelfsync_agent::http::serve(listener, app, config.serve_options(), edge, async move {
+    let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%quic_addr, %http_addr, writer = %hub.storage.hub_writer(), "hub listening");

@@ -8,16 +8,16 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sha2::{Digest as _, Sha256};
-use shelfsync_agent::config::Synchronous;
-use shelfsync_agent::db::{self as adb, DbError};
-use shelfsync_agent::dbfile;
-use shelfsync_agent::replica::{event_from_row, insert_event};
-use shelfsync_agent::sqlite::{AfterCommit, SqliteError, SqliteThreads};
+use shelfsync_node::config::Synchronous;
+use shelfsync_node::db::{self as adb, DbError};
+use shelfsync_node::dbfile;
+use shelfsync_node::journal::{event_from_row, insert_event};
+use shelfsync_node::sqlite::{AfterCommit, SqliteError, SqliteThreads};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::reserve::{self, Staleness};
-use shelfsync_agent::catalog;
+use shelfsync_node::catalog;
 use shelfsync_shared::counter::{sum_entries, StateDigest};
 use shelfsync_shared::lineage::{HubLineage, RetireReason};
 use shelfsync_shared::mac::{EntryMac, MacKey};
@@ -69,7 +69,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 2: reservations, holds, conflicts, the change feed.
     crate::reserve::MIGRATION,
     // 3: the catalog documents and their materialised rows.
-    shelfsync_agent::catalog::MIGRATION,
+    shelfsync_node::catalog::MIGRATION,
     // 4: token ids, names, expiry and last use.
     crate::tokens::MIGRATION,
     // 5: writer lineage per agent writer, details of conflicts about agents, agents per store.
@@ -100,9 +100,9 @@ impl From<rusqlite::Error> for StorageError {
     }
 }
 
-impl From<shelfsync_agent::catalog::CatalogError> for StorageError {
-    fn from(e: shelfsync_agent::catalog::CatalogError) -> Self {
-        use shelfsync_agent::catalog::CatalogError as C;
+impl From<shelfsync_node::catalog::CatalogError> for StorageError {
+    fn from(e: shelfsync_node::catalog::CatalogError) -> Self {
+        use shelfsync_node::catalog::CatalogError as C;
         match e {
             C::Invalid(m) | C::Forbidden(m) => StorageError::Invalid(m),
             C::Doc(d) => StorageError::Corrupt(format!("catalog document: {d}")),
@@ -318,7 +318,7 @@ fn agent_conflict_in(
         reservations: vec![],
         resolution,
         status: "open".into(),
-        detected_at: shelfsync_agent::ledger::rfc3339(now_ms),
+        detected_at: shelfsync_shared::rfc3339(now_ms),
         resolved_at: None,
         details: Some(details),
     };
@@ -516,7 +516,7 @@ impl HubStorage for SqliteStorage {
                     RetireReason::RolledBack => AgentConflict::StoreRolledBack,
                 };
                 let window = r.window_ms.map(|(a, b)| {
-                    serde_json::json!({"from": shelfsync_agent::ledger::rfc3339(a), "to": shelfsync_agent::ledger::rfc3339(b)})
+                    serde_json::json!({"from": shelfsync_shared::rfc3339(a), "to": shelfsync_shared::rfc3339(b)})
                 });
                 let details = serde_json::json!({
                     "old_writer": r.old.to_string(),
@@ -527,7 +527,7 @@ impl HubStorage for SqliteStorage {
                     "moved_changes": r.moved,
                     "ambiguous_changes": r.ambiguous,
                     "moved_window": window,
-                    "retired_at": shelfsync_agent::ledger::rfc3339(r.at_ms),
+                    "retired_at": shelfsync_shared::rfc3339(r.at_ms),
                 });
                 let resolution = if r.ambiguous > 0 {
                     format!(
@@ -1187,7 +1187,7 @@ fn hub_change_in(
         HubChange::Restock { .. } => EventKind::Restock,
         HubChange::Transfer { .. } => EventKind::Transfer,
     };
-    let fingerprint = Sha256::digest(serde_json::to_vec(&(&req.change, &req.reason)).expect("serialises")).to_vec();
+    let fingerprint = shelfsync_shared::fingerprint_of(&(&req.change, &req.reason));
     let earlier: Option<(String, Vec<u8>, String)> = conn
         .prepare_cached("SELECT kind, fingerprint, response FROM requests WHERE id = ?1")?
         .query_row([req.id.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -1281,7 +1281,7 @@ fn hub_change_in(
         id: req.id,
         kind: kind.as_str().to_owned(),
         lines,
-        recorded_at: shelfsync_agent::ledger::rfc3339(now),
+        recorded_at: shelfsync_shared::rfc3339(now),
     };
     conn.prepare_cached(
         "INSERT INTO requests (id, kind, fingerprint, response, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use shelfsync_agent::db::Heads;
+use shelfsync_node::db::Heads;
 use shelfsync_shared::{Sku, StoreId};
 use tokio::sync::{broadcast, watch};
 

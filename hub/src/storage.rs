@@ -18,7 +18,7 @@ pub use crate::reserve::{
 };
 use shelfsync_shared::wire::HoldsSnapshot;
 
-pub use shelfsync_agent::catalog::{CatalogItem, CatalogView, DocWrite, Overrides, TrackedDoc};
+pub use shelfsync_node::catalog::{CatalogItem, CatalogView, DocWrite, Overrides, TrackedDoc};
 
 /// What one catalog change writes.
 #[derive(Debug, Default)]

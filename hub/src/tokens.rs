@@ -9,8 +9,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use shelfsync_agent::ledger::rfc3339;
 use shelfsync_shared::id::quote;
+use shelfsync_shared::rfc3339;
 use uuid::Uuid;
 
 use crate::storage::{Role, StorageError, StorageResult};
@@ -321,7 +321,7 @@ mod tests {
         let mine = crate::sqlite::MIGRATIONS.iter().position(|m| *m == MIGRATION).expect("migration listed");
         {
             let mut conn = Connection::open(&path).unwrap();
-            shelfsync_agent::db::migrate(&mut conn, &crate::sqlite::MIGRATIONS[..mine]).unwrap();
+            shelfsync_node::db::migrate(&mut conn, &crate::sqlite::MIGRATIONS[..mine]).unwrap();
             conn.execute(
                 "INSERT INTO tokens (hash, role, created_at_ms) VALUES (?1, 'viewer', 1700000000000)",
                 [vec![7u8; 32]],
@@ -332,10 +332,10 @@ mod tests {
                 [vec![8u8; 32]],
             )
             .unwrap();
-            shelfsync_agent::db::meta_set(&conn, "writer", "hub@0123456789abcdef").unwrap();
+            shelfsync_node::db::meta_set(&conn, "writer", "hub@0123456789abcdef").unwrap();
         }
         let mut conn = Connection::open(&path).unwrap();
-        shelfsync_agent::db::migrate(&mut conn, crate::sqlite::MIGRATIONS).unwrap();
+        shelfsync_node::db::migrate(&mut conn, crate::sqlite::MIGRATIONS).unwrap();
         let old = by_hash(&conn, &[7u8; 32]).unwrap().expect("still there");
         assert_eq!(
             (old.name.as_str(), old.role, old.revoked_at_ms, old.expires_at_ms),

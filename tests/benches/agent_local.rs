@@ -10,9 +10,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shelfsync_agent::config::{AgentConfig, Synchronous};
+use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
 use shelfsync_agent::server::{start, RunningAgent};
+use shelfsync_node::config::Synchronous;
 use uuid::Uuid;
 
 const ROUNDS: usize = 5;

@@ -6,9 +6,9 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use shelfsync_agent::catalog::CatalogItem;
-use shelfsync_agent::config::Synchronous;
 use shelfsync_hub::catalog::Edit;
+use shelfsync_node::catalog::CatalogItem;
+use shelfsync_node::config::Synchronous;
 use shelfsync_shared::Sku;
 use shelfsync_tests::inproc::Chain;
 
@@ -45,7 +45,7 @@ async fn catalog_rows(chain: &Chain) -> u64 {
         .db
         .read(|conn| {
             conn.query_row("SELECT COUNT(*) FROM catalog_items", [], |r| r.get::<_, u64>(0))
-                .map_err(shelfsync_agent::db::DbError::from)
+                .map_err(shelfsync_node::db::DbError::from)
         })
         .await
         .unwrap()
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             hub.storage.as_ref(),
             vec![(
                 sku.clone(),
-                Edit::Patch(shelfsync_agent::catalog::CatalogPatch {
+                Edit::Patch(shelfsync_node::catalog::CatalogPatch {
                     name: Some("Renamed".into()),
                     ..Default::default()
                 }),
@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         async move {
             db.read(|conn| {
                 conn.query_row("SELECT name FROM catalog_items WHERE sku = 'SKU-000042'", [], |r| r.get::<_, String>(0))
-                    .map_err(shelfsync_agent::db::DbError::from)
+                    .map_err(shelfsync_node::db::DbError::from)
             })
             .await
             .map(|n| n == "Renamed")

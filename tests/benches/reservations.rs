@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shelfsync_agent::config::Synchronous;
+use shelfsync_node::config::Synchronous;
 use shelfsync_tests::inproc::Chain;
 use uuid::Uuid;
 

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shelfsync_agent::config::Synchronous;
 use shelfsync_hub::tokens::Verdict;
+use shelfsync_node::config::Synchronous;
 use shelfsync_tests::inproc::Chain;
 
 fn us(d: Duration) -> f64 {

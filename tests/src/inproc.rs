@@ -3,14 +3,15 @@
 
 use std::path::PathBuf;
 
-use shelfsync_agent::bundle::Bundle;
-use shelfsync_agent::config::{AgentConfig, Synchronous};
+use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
 use shelfsync_agent::server::RunningAgent;
 use shelfsync_hub::admin;
 use shelfsync_hub::config::HubConfig;
 use shelfsync_hub::server::RunningHub;
 use shelfsync_hub::storage::Role;
+use shelfsync_node::bundle::Bundle;
+use shelfsync_node::config::Synchronous;
 use shelfsync_shared::StoreId;
 
 /// An in-process chain.

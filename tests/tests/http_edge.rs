@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shelfsync_agent::config::{AgentConfig, RateLimit};
+use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
 use shelfsync_agent::server::RunningAgent;
 use shelfsync_hub::admin;
 use shelfsync_hub::config::HubConfig;
 use shelfsync_hub::server::RunningHub;
 use shelfsync_hub::storage::Role;
+use shelfsync_node::config::RateLimit;
 use shelfsync_tests::procs::{wait_until, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};

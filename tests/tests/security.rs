@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use shelfsync_agent::bundle::Bundle;
-use shelfsync_agent::quic::{read_frame, write_frame};
+use shelfsync_node::bundle::Bundle;
+use shelfsync_node::quic::{read_frame, write_frame};
 use shelfsync_shared::wire::{close_code, Delta, Frame, FrameV1, Hello};
 use shelfsync_shared::{Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
 use shelfsync_tests::cluster::Cluster;

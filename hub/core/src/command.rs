@@ -362,9 +362,3 @@ pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
         Command::ResolveConflict { id, resolution } => crate::conflicts::resolve(cx, id, resolution),
     }
 }
-
-/// SHA-256 of a request body's JSON (the fingerprint today's hub stores).
-pub(crate) fn fingerprint_of(body: &impl Serialize) -> Vec<u8> {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(serde_json::to_vec(body).expect("request bodies serialise")).to_vec()
-}

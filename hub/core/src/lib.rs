@@ -77,7 +77,7 @@ pub use model::{
 pub use records::{EntryRecord, LoadError, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
-pub use view::{rfc3339, AllocationView, LineView, ReservationView};
+pub use view::{AllocationView, LineView, ReservationView};
 
 use crate::sourcing::Moment;
 use crate::tables::Tables;

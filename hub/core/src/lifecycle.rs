@@ -17,10 +17,10 @@ use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
 
+use shelfsync_shared::fingerprint_of;
+
 use crate::alerts::emit_availability;
-use crate::command::{
-    fingerprint_of, Action, Expired, Refusal, ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX,
-};
+use crate::command::{Action, Expired, Refusal, ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{ActionRequest, AllocationStatus, Reservation, ReservationStatus, SkuIx, StoreIx};
 use crate::sourcing::{source, take, Taken};

@@ -14,7 +14,7 @@ use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
 use crate::alerts::{emit_availability, record_velocity};
-use crate::command::{fingerprint_of, Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal};
+use crate::command::{Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{
     AllocationStatus, ChangedLine, HubChangeKind, HubChangeResponse, HubRequest, QtyLine, ReservationStatus, StoreIx,
@@ -24,6 +24,7 @@ use crate::stores::require;
 use crate::tables::Tables;
 use crate::view::build;
 use crate::{Ctx, Decider};
+use shelfsync_shared::fingerprint_of;
 
 fn invalid(e: impl std::fmt::Display) -> Refusal {
     Refusal::Invalid(e.to_string())

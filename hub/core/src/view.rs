@@ -10,11 +10,7 @@ use uuid::Uuid;
 use crate::model::{AllocationStatus, Conflict, HubChangeResponse, Reservation, ReservationStatus};
 use crate::tables::Tables;
 
-/// Milliseconds as RFC 3339 (the number itself when out of range), as the hub has always shown
-/// times.
-pub fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
-}
+use shelfsync_shared::rfc3339;
 
 /// One allocation of a line to a store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

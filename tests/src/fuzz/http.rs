@@ -15,11 +15,11 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::Value;
-use shelfsync_agent::config::Synchronous;
 use shelfsync_agent::db::{Db, DbOptions};
-use shelfsync_agent::ratelimit::{Limiter, RateLimit, TokenKeys};
 use shelfsync_hub::sqlite::{db_path, SqliteOptions, SqliteStorage};
 use shelfsync_hub::storage::{CertRecord, HubStorage, Role};
+use shelfsync_node::config::Synchronous;
+use shelfsync_node::ratelimit::{Limiter, RateLimit, TokenKeys};
 use shelfsync_shared::StoreId;
 use tower_service::Service;
 
@@ -184,7 +184,7 @@ impl AgentApi {
         let db = Db::open(&path, opts).expect("agent database opens");
         let (tx, rx) = tokio::sync::watch::channel(shelfsync_agent::status::SyncStatus::disabled());
         let catalog = shelfsync_agent::catalog::AgentCatalog::load(&db).await.expect("catalog");
-        let stats = Arc::new(shelfsync_agent::http::EdgeStats::default());
+        let stats = Arc::new(shelfsync_node::http::EdgeStats::default());
         let limit = RateLimit { per_sec: 1, burst: 1 };
         let token: Arc<str> = Arc::from(AGENT_TOKEN);
         // Limits off: a fuzzer is load by design, and the limiter has its own tests.
@@ -276,7 +276,7 @@ impl HubApi {
         }
         let catalog = shelfsync_hub::catalog::HubCatalog::load(storage.as_ref()).await.expect("catalog");
         let hub = shelfsync_hub::state::Hub::new(storage, catalog);
-        let edge = Arc::new(shelfsync_agent::http::EdgeStats::default());
+        let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
         let limit = RateLimit { per_sec: 1, burst: 1 };
         let limiter = Limiter::new(false, &[("writes", limit), ("reads", limit)], TokenKeys::Any, edge.clone());
         let state = shelfsync_hub::api::ApiState {

@@ -1,0 +1,28 @@
+//! Shelfsync's runtime plumbing, shared by the store agent and the hub so that neither binary
+//! imports the other.
+//!
+//! - [`sqlite`]: one group-committing writer thread and reader threads per database; [`db`] the
+//!   storage error, the wake-up [`db::Heads`], connections, migrations and `meta`; [`journal`] the
+//!   `journal` table's row codec; [`dbfile`] the database file on disk (integrity check at start,
+//!   private permissions).
+//! - [`quic`]: frame I/O on quinn streams and the driver that runs a sans-IO session on them.
+//! - [`http`]: `ApiError`, the JSON extractors and the accept loop (connection caps, timeouts);
+//!   [`ratelimit`] request rate limits.
+//! - [`client`]: a small JSON client of either binary's HTTP API (CLIs, the demo, tests).
+//! - [`config`]: TOML loading with environment overrides and validation helpers; [`cli`] tracing
+//!   set-up, the shutdown signal and the async `main` wrapper.
+//! - [`bundle`]: a store's credential bundle (the hub's admin writes it, the agent reads it);
+//!   [`catalog`] the automerge catalog documents both sides replicate.
+
+pub mod bundle;
+pub mod catalog;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod dbfile;
+pub mod http;
+pub mod journal;
+pub mod quic;
+pub mod ratelimit;
+pub mod sqlite;
