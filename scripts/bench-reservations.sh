@@ -22,7 +22,16 @@ SHELFSYNC_BENCH_CLIENTS=$CLIENTS cargo bench -q -p shelfsync-tests --bench reser
   || echo "shelfsync-hub: benchmark failed"
 
 # A port nobody listens on (the distribution's own cluster may hold 5432, an earlier run 55432).
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() {
+  local p
+  for _ in $(seq 100); do
+    p=$((20000 + RANDOM % 40000))
+    # Nothing answers a connect there (bash's /dev/tcp; no python or ss needed on a fresh machine).
+    (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
+  done
+  echo "no free port found on 127.0.0.1" >&2
+  return 1
+}
 
 echo "== PostgreSQL"
 PGPORT=$(free_port)

@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shelfsync_shared::qty::clamp_u64;
 use shelfsync_shared::rfc3339;
 use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
 use shelfsync_shared::{Sku, StoreId};
 use uuid::Uuid;
 
-use crate::storage::{QtyLine, StorageError, StorageResult};
+pub use shelfsync_hub_core::{Action, ReservationRequest, Staleness, StoreFigures};
+
+use crate::storage::{StorageError, StorageResult};
 
 /// Schema (migration 2 of the hub database).
 pub const MIGRATION: &str = "
@@ -63,23 +64,6 @@ pub const TTL_SECS_DEFAULT: u64 = 900;
 /// Longest customer reference.
 pub const CUSTOMER_MAX_LEN: usize = 128;
 
-/// How silent stores are discounted online.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Staleness {
-    /// Whether to discount at all.
-    pub enabled: bool,
-    /// Silence shorter than this costs nothing.
-    pub grace_ms: i64,
-    /// Time constant of the sales velocity estimate (units sold decay with e^(−t/τ)).
-    pub tau_ms: i64,
-}
-
-impl Default for Staleness {
-    fn default() -> Self {
-        Staleness { enabled: true, grace_ms: 60_000, tau_ms: 3_600_000 }
-    }
-}
-
 /// What the caller knows that storage does not: the time and which stores are connected now.
 #[derive(Clone, Debug, Default)]
 pub struct Now {
@@ -87,29 +71,6 @@ pub struct Now {
     pub ms: i64,
     /// Stores with a live sync connection (they are not silent).
     pub connected: HashSet<StoreId>,
-}
-
-/// One store's figures for one SKU.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoreFigures {
-    /// Where.
-    pub store: StoreId,
-    /// Physical units (hub's view).
-    pub on_hand: i64,
-    /// Units promised to open online reservations here.
-    pub held: u64,
-    /// Units never offered online.
-    pub safety_stock: u64,
-    /// `max(0, on_hand − held − safety_stock)`.
-    pub raw_available: u64,
-    /// Buffer for a silent store: recent sales velocity × silence.
-    pub staleness_discount: u64,
-    /// What the storefront may promise: `raw_available − staleness_discount`, never below 0.
-    pub available: u64,
-    /// Last contact (ms).
-    pub last_seen_ms: Option<i64>,
-    /// How long the store has been silent (0 while connected).
-    pub silent_ms: i64,
 }
 
 fn store_col(s: String) -> StorageResult<StoreId> {
@@ -188,24 +149,19 @@ pub fn figures(conn: &Connection, sku: &Sku, now: &Now, st: Staleness) -> Storag
     for (store, on_hand, last_seen_ms, score, _updated, held, safety_stock, active) in rows {
         let store = store_col(store)?;
         // An inactive SKU is not offered online at all.
-        let raw = if active { clamp_u64(on_hand as i128 - held as i128 - safety_stock as i128) } else { 0 };
+        let raw = shelfsync_hub_core::available(on_hand, held, safety_stock, active);
         let silent_ms =
             if now.connected.contains(&store) { 0 } else { last_seen_ms.map_or(0, |t| (now.ms - t).max(0)) };
         // Units this store probably sold since it went dark: its recent rate × the silence.
-        let discount = if st.enabled && silent_ms > st.grace_ms {
-            let rate_per_ms = score.unwrap_or(0.0) / st.tau_ms.max(1) as f64;
-            (rate_per_ms * (silent_ms - st.grace_ms) as f64).ceil().max(0.0) as u64
-        } else {
-            0
-        };
+        let discount = shelfsync_hub_core::staleness_discount(st, score.unwrap_or(0.0), silent_ms, raw);
         out.push(StoreFigures {
             store,
             on_hand,
             held,
             safety_stock,
             raw_available: raw,
-            staleness_discount: discount.min(raw),
-            available: raw.saturating_sub(discount),
+            staleness_discount: discount,
+            available: raw - discount,
             last_seen_ms,
             silent_ms,
         });
@@ -270,7 +226,7 @@ pub fn emit_availability(conn: &Connection, store: &StoreId, sku: &Sku, now_ms: 
         .query_row(params![store.as_str(), sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let (safety, threshold, active) = rule.unwrap_or((0, 0, true));
-    let available = if active { clamp_u64(on_hand as i128 - held as i128 - safety as i128) } else { 0 };
+    let available = shelfsync_hub_core::available(on_hand, held, safety, active);
     emit(
         conn,
         "availability_changed",
@@ -427,21 +383,6 @@ pub fn holds_snapshot(conn: &Connection, store: &StoreId) -> StorageResult<Holds
         });
     }
     Ok(HoldsSnapshot { version, holds })
-}
-
-/// A request to reserve.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReservationRequest {
-    /// Idempotency id = reservation id.
-    pub id: Uuid,
-    /// What.
-    pub lines: Vec<QtyLine>,
-    /// Lease length.
-    pub ttl_secs: u64,
-    /// Pickup at this store (else ship from the stores with the most available).
-    pub pickup_store: Option<StoreId>,
-    /// Who (for per-customer limits).
-    pub customer: Option<String>,
 }
 
 /// One allocation of a line to a store.
@@ -779,31 +720,6 @@ fn transition(conn: &Connection, id: Uuid, to: &str, now_ms: i64) -> StorageResu
         emit(conn, &format!("reservation_{to}"), now_ms, json!({"reservation": v}))?;
     }
     Ok(stores.into_iter().collect())
-}
-
-/// A lifecycle action on a reservation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Action {
-    /// Lengthen the lease to now + ttl.
-    Extend {
-        /// Seconds from now.
-        ttl_secs: u64,
-    },
-    /// Paid.
-    Commit,
-    /// Cancelled by the storefront.
-    Release,
-}
-
-impl Action {
-    /// The past participle, for messages: `extended`, `committed`, `released`.
-    pub fn done(self) -> &'static str {
-        match self {
-            Action::Extend { .. } => "extended",
-            Action::Commit => "committed",
-            Action::Release => "released",
-        }
-    }
 }
 
 /// Applies a lifecycle action. `key` makes a retry return the first answer.

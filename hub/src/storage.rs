@@ -219,48 +219,7 @@ pub struct Applied {
     pub own_lost: bool,
 }
 
-/// One line of a restock or transfer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QtyLine {
-    /// The product.
-    pub sku: Sku,
-    /// Units (positive).
-    pub qty: u64,
-}
-
-/// A hub-authored change of store stock.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum HubChange {
-    /// Units delivered to a store.
-    Restock {
-        /// Where.
-        store: StoreId,
-        /// What.
-        lines: Vec<QtyLine>,
-    },
-    /// Units moved from one store to another.
-    Transfer {
-        /// From.
-        from: StoreId,
-        /// To.
-        to: StoreId,
-        /// What.
-        lines: Vec<QtyLine>,
-    },
-}
-
-/// The outcome of a restock or transfer line at one store.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangedLine {
-    /// Where.
-    pub store: StoreId,
-    /// What.
-    pub sku: Sku,
-    /// Change of `on_hand`.
-    pub delta: i64,
-    /// `on_hand` after.
-    pub on_hand: i64,
-}
+pub use shelfsync_hub_core::{ChangedLine, HubChange, QtyLine};
 
 /// Answer to a restock or transfer (stored for idempotent replays).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
