@@ -10,7 +10,7 @@ use shelfsync_shared::StoreId;
 use crate::api::{new_token, token_hash};
 use crate::pki::Pki;
 use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
-use crate::storage::{CertRecord, HubStorage, Role, StorageError};
+use crate::storage::{CertRecord, Role, StorageError};
 use crate::tokens::{NewToken, TokenInfo};
 use shelfsync_shared::id::quote;
 

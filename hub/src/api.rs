@@ -179,6 +179,8 @@ impl From<StorageError> for ApiError {
             }
             StorageError::InvalidState(m) => ApiError::conflict("invalid_state", m),
             // Only sync produces it; an API call never should.
+            StorageError::Busy => ApiError::unavailable(e.to_string()).retry_after(1),
+            StorageError::Stopped(m) => ApiError::unavailable(m).retry_after(5),
             StorageError::Backend(_) | StorageError::Corrupt(_) | StorageError::Forked(_) => ApiError::internal(e),
         }
     }
@@ -443,7 +445,7 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
         }));
     }
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(outcome.response)).into_response())
+    Ok((status, Json(outcome.response.to_json())).into_response())
 }
 
 async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<RestockBody>) -> Result<Response, ApiError> {
@@ -498,25 +500,25 @@ async fn post_reservation(
     let ttl_secs = check_ttl(&state, b.ttl_secs)?;
     let pickup_store = b.pickup_store.as_deref().map(|s| parse_store("pickup_store", s)).transpose()?;
     if let Some(c) = &b.customer {
-        if c.is_empty() || c.len() > crate::reserve::CUSTOMER_MAX_LEN {
+        if c.is_empty() || c.len() > shelfsync_hub_core::CUSTOMER_MAX_LEN {
             return Err(ApiError::invalid(format!(
                 "customer must be 1 to {} bytes, got {}",
-                crate::reserve::CUSTOMER_MAX_LEN,
+                shelfsync_hub_core::CUSTOMER_MAX_LEN,
                 c.len()
             )));
         }
     }
-    let req = crate::reserve::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
+    let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
     let w = state.hub.storage.create_reservation(req, state.hub.now()).await?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(w.view)).into_response())
+    Ok((status, Json(w.view.to_json())).into_response())
 }
 
 async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     match state.hub.storage.reservation(id).await? {
-        Some(v) => Ok(Json(serde_json::to_value(v).expect("serialises"))),
+        Some(v) => Ok(Json(v.to_json())),
         None => Err(ApiError::not_found(format!("no reservation {id}"))),
     }
 }
@@ -537,14 +539,14 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Ap
 async fn act(
     state: &ApiState,
     id: &str,
-    action: crate::reserve::Action,
+    action: shelfsync_hub_core::Action,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     let key = idempotency_key(headers)?;
     let w = state.hub.storage.act(id, action, key, jiff::Timestamp::now().as_millisecond()).await?;
     state.hub.holds_changed(&w.stores);
-    Ok(Json(w.view).into_response())
+    Ok(Json(w.view.to_json()).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -560,7 +562,7 @@ async fn post_extend(
     ApiJson(b): ApiJson<ExtendBody>,
 ) -> Result<Response, ApiError> {
     let ttl_secs = check_ttl(&state, b.ttl_secs)?;
-    act(&state, &id, crate::reserve::Action::Extend { ttl_secs }, &headers).await
+    act(&state, &id, shelfsync_hub_core::Action::Extend { ttl_secs }, &headers).await
 }
 
 async fn post_commit(
@@ -568,7 +570,7 @@ async fn post_commit(
     ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    act(&state, &id, crate::reserve::Action::Commit, &headers).await
+    act(&state, &id, shelfsync_hub_core::Action::Commit, &headers).await
 }
 
 async fn delete_reservation(
@@ -576,7 +578,7 @@ async fn delete_reservation(
     ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    act(&state, &id, crate::reserve::Action::Release, &headers).await
+    act(&state, &id, shelfsync_hub_core::Action::Release, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -604,10 +606,10 @@ async fn get_conflicts(
     let filter = crate::storage::ConflictFilter {
         store: q.store.as_deref().map(|s| parse_store("store", s)).transpose()?,
         sku: q.sku.as_deref().map(|s| parse_sku("sku", s)).transpose()?,
-        status: q.status,
+        status: q.status.as_deref().and_then(shelfsync_hub_core::ConflictStatus::parse),
         limit,
     };
-    let items = state.hub.storage.conflicts(filter).await?;
+    let items: Vec<Value> = state.hub.storage.conflicts(filter).await?.iter().map(|c| c.to_json()).collect();
     Ok(Json(json!({ "items": items })))
 }
 

@@ -12,7 +12,74 @@ use shelfsync_shared::wire::CatalogDoc;
 use shelfsync_shared::{Sku, StoreId, WriterId};
 use tokio::sync::Mutex;
 
-use crate::storage::{CatalogCommit, HubStorage, StorageError, StorageResult};
+use crate::storage::{CatalogCommit, StorageError, StorageResult};
+
+/// Where the catalog documents persist: the running hub's engine (the decider takes the new
+/// rules in the same batch) or, for the admin CLI, the database alone.
+pub trait CatalogStore: Sync {
+    /// Loads a replicated document.
+    fn load_doc(&self, name: String) -> impl std::future::Future<Output = StorageResult<TrackedDoc>> + Send;
+    /// Chunks of a document after `after`.
+    fn doc_chunks_after(
+        &self,
+        doc: String,
+        after: i64,
+    ) -> impl std::future::Future<Output = StorageResult<Vec<(i64, Vec<u8>)>>> + Send;
+    /// The persisted automerge sync state of (`doc`, `peer`).
+    fn sync_state(
+        &self,
+        doc: String,
+        peer: String,
+    ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send;
+    /// Persists a catalog change.
+    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send;
+}
+
+impl CatalogStore for crate::sqlite::SqliteStorage {
+    fn load_doc(&self, name: String) -> impl std::future::Future<Output = StorageResult<TrackedDoc>> + Send {
+        crate::sqlite::SqliteStorage::load_doc(self, name)
+    }
+    fn doc_chunks_after(
+        &self,
+        doc: String,
+        after: i64,
+    ) -> impl std::future::Future<Output = StorageResult<Vec<(i64, Vec<u8>)>>> + Send {
+        crate::sqlite::SqliteStorage::doc_chunks_after(self, doc, after)
+    }
+    fn sync_state(
+        &self,
+        doc: String,
+        peer: String,
+    ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
+        crate::sqlite::SqliteStorage::sync_state(self, doc, peer)
+    }
+    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
+        crate::sqlite::SqliteStorage::catalog_commit(self, c)
+    }
+}
+
+impl CatalogStore for crate::engine::Engine {
+    fn load_doc(&self, name: String) -> impl std::future::Future<Output = StorageResult<TrackedDoc>> + Send {
+        self.db().load_doc(name)
+    }
+    fn doc_chunks_after(
+        &self,
+        doc: String,
+        after: i64,
+    ) -> impl std::future::Future<Output = StorageResult<Vec<(i64, Vec<u8>)>>> + Send {
+        self.db().doc_chunks_after(doc, after)
+    }
+    fn sync_state(
+        &self,
+        doc: String,
+        peer: String,
+    ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
+        self.db().sync_state(doc, peer)
+    }
+    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
+        crate::engine::Engine::catalog_commit(self, c)
+    }
+}
 
 /// Most rows in one CSV import.
 pub const IMPORT_ROWS_MAX: usize = 200_000;
@@ -36,7 +103,7 @@ pub enum Edit {
 
 impl HubCatalog {
     /// Loads the catalog document.
-    pub async fn load(storage: &dyn HubStorage) -> StorageResult<Arc<HubCatalog>> {
+    pub async fn load(storage: &impl CatalogStore) -> StorageResult<Arc<HubCatalog>> {
         let doc = storage.load_doc(CATALOG_DOC.into()).await?;
         let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
         Ok(Arc::new(HubCatalog { doc: Mutex::new(doc), overrides: Mutex::default(), seen: AtomicI64::new(seen) }))
@@ -45,7 +112,7 @@ impl HubCatalog {
     /// Applies edits (all or none: any invalid entry refuses the whole batch) and persists them.
     pub async fn edit(
         &self,
-        storage: &dyn HubStorage,
+        storage: &impl CatalogStore,
         edits: Vec<(Sku, Edit)>,
     ) -> StorageResult<Vec<(Sku, CatalogItem)>> {
         let mut doc = self.doc.lock().await;
@@ -77,7 +144,7 @@ impl HubCatalog {
 
     /// Picks up catalog chunks another process (the `catalog import` CLI) appended. Returns
     /// whether the catalog changed.
-    pub async fn refresh(&self, storage: &dyn HubStorage) -> StorageResult<bool> {
+    pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<bool> {
         let after = self.seen.load(Ordering::SeqCst);
         let chunks = storage.doc_chunks_after(CATALOG_DOC.into(), after).await?;
         if chunks.is_empty() {
@@ -107,7 +174,7 @@ impl HubCatalog {
     /// retirement, a new writer on the same files), and each holds its own copy of the documents.
     pub async fn connected(
         &self,
-        storage: &dyn HubStorage,
+        storage: &impl CatalogStore,
         store: &StoreId,
         peer: &WriterId,
     ) -> StorageResult<PeerSync> {
@@ -148,7 +215,7 @@ impl HubCatalog {
     /// changes is refused); the store's overrides merge here and take effect in availability.
     pub async fn message(
         &self,
-        storage: &dyn HubStorage,
+        storage: &impl CatalogStore,
         peer: &mut PeerSync,
         doc: CatalogDoc,
         bytes: &[u8],

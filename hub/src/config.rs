@@ -72,8 +72,8 @@ impl Default for StalenessSection {
 
 impl StalenessSection {
     /// As storage wants it.
-    pub fn to_staleness(&self) -> crate::reserve::Staleness {
-        crate::reserve::Staleness {
+    pub fn to_staleness(&self) -> shelfsync_hub_core::Staleness {
+        shelfsync_hub_core::Staleness {
             enabled: self.enabled,
             grace_ms: self.grace_secs as i64 * 1000,
             tau_ms: self.velocity_window_secs.max(1) as i64 * 1000,
@@ -307,7 +307,7 @@ impl HubConfig {
             return bad("sync.coalesce_ms", "must be at most 1000");
         }
         let r = &self.reservations;
-        if r.max_ttl_secs == 0 || r.max_ttl_secs > crate::reserve::TTL_SECS_MAX {
+        if r.max_ttl_secs == 0 || r.max_ttl_secs > shelfsync_hub_core::TTL_SECS_MAX {
             return bad("reservations.max_ttl_secs", "must be between 1 and 604800");
         }
         if r.default_ttl_secs == 0 || r.default_ttl_secs > r.max_ttl_secs {

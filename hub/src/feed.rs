@@ -18,7 +18,7 @@ use shelfsync_node::http::{ApiError, ApiQuery};
 
 use crate::api::{parse_cursor, ApiState};
 use crate::metrics::Metrics;
-use crate::reserve::ChangeEvent;
+use crate::engine::ChangeEvent;
 use crate::state::Hub;
 
 /// Events read from storage per round trip.

@@ -1,7 +1,10 @@
 //! Shelfsync hub: merges every store into one availability view and serves headquarters and the
 //! online storefront.
 //!
-//! - [`storage`]: the storage trait; [`sqlite`] its SQLite implementation.
+//! - [`engine`]: the runtime around the decider (`shelfsync-hub-core`): one decider thread, a
+//!   bounded queue, batches group-committed by the storage writer, answers after the commit.
+//! - [`persist`]: the decider's records as SQLite rows; [`sqlite`] the database (opening,
+//!   migrations, the rows outside the decider); [`storage`] the operations' types and errors.
 //! - [`pki`]: the private CA that identifies stores.
 //! - [`quic_server`]: authenticates agents and runs their sync sessions.
 //! - [`api`]: the HTTP API; [`edge`]: its rate-limit classes; [`metrics`]: Prometheus counters;
@@ -15,11 +18,12 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod engine;
 pub mod feed;
 pub mod metrics;
+pub mod persist;
 pub mod pki;
 pub mod quic_server;
-pub mod reserve;
 pub mod server;
 pub mod sqlite;
 pub mod state;

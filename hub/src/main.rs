@@ -205,9 +205,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // Machine-readable lines, so scripts and tests learn the bound ports.
             println!("shelfsync-hub quic on {}", hub.quic_addr);
             println!("shelfsync-hub listening on {}", hub.url());
-            shelfsync_node::cli::shutdown_signal().await;
+            let fatal = tokio::select! {
+                _ = shelfsync_node::cli::shutdown_signal() => None,
+                reason = shelfsync_node::fatal::stopped() => Some(reason),
+            };
             tracing::info!("shutting down");
             hub.stop().await;
+            if let Some(reason) = fatal {
+                anyhow::bail!("fail-stop: {reason}; restart the hub: it reloads what was committed");
+            }
         }
         Cmd::Catalog { cmd: CatalogCmd::Import { file, data_dir } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;

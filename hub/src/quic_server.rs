@@ -64,6 +64,10 @@ pub async fn watch_revocations(hub: Arc<Hub>, endpoint: quinn::Endpoint, pki: Ar
         };
         if revoked.len() != known {
             known = revoked.len();
+            // The decider stops offering revoked stores online.
+            if let Err(e) = hub.storage.sync_stores().await {
+                tracing::error!(error = %e, "cannot bring the decider in line with the stores table");
+            }
             match server_config(&hub, &pki).await {
                 Ok(cfg) => endpoint.set_server_config(Some(cfg)),
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the TLS config with the new CRL"),

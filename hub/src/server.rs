@@ -15,7 +15,7 @@ use crate::api::{router, ApiState};
 use crate::config::HubConfig;
 use crate::pki::Pki;
 use crate::quic_server;
-use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
+use crate::sqlite::{db_path, SqliteOptions};
 use crate::state::Hub;
 use crate::storage::StorageError;
 
@@ -78,16 +78,19 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     config.validate()?;
     let path = db_path(&config.data_dir);
     let opts = SqliteOptions {
-        staleness: config.staleness.to_staleness(),
         synchronous: config.storage.synchronous,
         group_commit_max: config.storage.group_commit_max,
         readers: config.storage.readers,
     };
-    let storage = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, opts))
+    let engine_opts = crate::engine::EngineOptions {
+        staleness: config.staleness.to_staleness(),
+        ..crate::engine::EngineOptions::default()
+    };
+    let storage = tokio::task::spawn_blocking(move || crate::engine::Engine::open(&path, opts, engine_opts))
         .await
         .map_err(|e| HubError::Other(format!("opening storage: {e}")))??;
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
-    let storage: Arc<dyn crate::storage::HubStorage> = Arc::new(storage);
+    let storage = Arc::new(storage);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
     let hub = Hub::new(storage, catalog);
 

@@ -10,7 +10,8 @@ use shelfsync_shared::{Sku, StoreId};
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics::Metrics;
-use crate::storage::{HubHeads, HubStorage, StorageError};
+use crate::engine::Engine;
+use crate::storage::{HubHeads, StorageError};
 use shelfsync_shared::lineage::Boot;
 use shelfsync_shared::WriterId;
 
@@ -65,7 +66,7 @@ pub const STOCK_EVENTS_CAPACITY: usize = 16_384;
 /// State shared by every hub task.
 pub struct Hub {
     /// Durable state.
-    pub storage: Arc<dyn HubStorage>,
+    pub storage: Arc<Engine>,
     /// The catalog documents.
     pub catalog: Arc<crate::catalog::HubCatalog>,
     /// Counters.
@@ -87,7 +88,7 @@ const TOKEN_USES_MAX: usize = 10_000;
 
 impl Hub {
     /// Wraps a storage.
-    pub fn new(storage: Arc<dyn HubStorage>, catalog: Arc<crate::catalog::HubCatalog>) -> Arc<Hub> {
+    pub fn new(storage: Arc<Engine>, catalog: Arc<crate::catalog::HubCatalog>) -> Arc<Hub> {
         Arc::new(Hub {
             storage,
             catalog,
@@ -274,8 +275,8 @@ impl Hub {
     }
 
     /// The time and the set of connected stores, for availability and reconciliation.
-    pub fn now(&self) -> crate::reserve::Now {
-        crate::reserve::Now {
+    pub fn now(&self) -> crate::engine::Now {
+        crate::engine::Now {
             ms: jiff::Timestamp::now().as_millisecond(),
             connected: self.live.lock().expect("live lock").keys().cloned().collect(),
         }

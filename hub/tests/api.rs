@@ -185,12 +185,11 @@ async fn backup_copy_takes_a_new_hub_incarnation() {
     admin::backup(&data_dir, &to).await.unwrap();
     let live_writer = h.hub.hub.storage.hub_writer().clone();
     let restored = tokio::task::spawn_blocking(move || {
-        shelfsync_hub::sqlite::SqliteStorage::open(&to, shelfsync_hub::sqlite::SqliteOptions::default())
+        shelfsync_hub::engine::Engine::open(&to, shelfsync_hub::sqlite::SqliteOptions::default(), Default::default())
     })
     .await
     .unwrap()
     .unwrap();
-    use shelfsync_hub::storage::HubStorage;
     assert_ne!(restored.hub_writer(), live_writer, "a restored hub must not reuse its writer");
     let rows = restored.stock_of(vec!["A".parse().unwrap()]).await.unwrap();
     assert_eq!(rows[0].on_hand, 5, "the backup holds what was committed");

@@ -325,4 +325,54 @@ impl Decider {
     pub fn counter_head(&self) -> u64 {
         self.t.counter_seq
     }
+
+    /// The merged entry of one writer at (store, SKU) (zero when there is none).
+    pub fn entry(&self, store: &StoreId, sku: &Sku, writer: &WriterId) -> PnEntry {
+        let (Some(cell), Some(w)) = (self.t.cell_by_name(store, sku), self.t.writer_ix.get(writer)) else {
+            return PnEntry::default();
+        };
+        cell.slots.iter().find(|s| s.writer == *w).map_or(PnEntry::default(), |s| s.entry)
+    }
+
+    /// Every merged entry of a store (any order), for digests.
+    pub fn store_entries(&self, store: &StoreId) -> Vec<(Sku, WriterId, PnEntry)> {
+        let Some(&st) = self.t.store_ix.get(store) else { return Vec::new() };
+        self.t
+            .store(st)
+            .entries_by_seq
+            .values()
+            .map(|&(sk, w)| {
+                let slot = self.t.cell(st, sk).and_then(|c| c.slots.iter().find(|s| s.writer == w)).expect("indexed");
+                (self.t.sku(sk).sku.clone(), self.t.writer(w).clone(), slot.entry)
+            })
+            .collect()
+    }
+
+    /// `on_hand` of a SKU at every store with a counter of it (revoked ones too), by store id.
+    pub fn stock_of(&self, sku: &Sku) -> Vec<(StoreId, i64)> {
+        let Some(&sk) = self.t.sku_ix.get(sku) else { return Vec::new() };
+        let mut out: Vec<(StoreId, i64)> = self
+            .t
+            .sku(sk)
+            .stores
+            .iter()
+            .filter_map(|&st| self.t.cell(st, sk).map(|c| (self.t.store(st).id.clone(), c.on_hand)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// A page of one store's `on_hand` by SKU, SKUs after `after` in order (`None`: unknown store).
+    pub fn store_stock(&self, store: &StoreId, after: Option<&Sku>, limit: usize) -> Option<Vec<(Sku, i64)>> {
+        let &st = self.t.store_ix.get(store)?;
+        let skus: BTreeSet<&Sku> = self.t.store(st).entries_by_seq.values().map(|&(sk, _)| &self.t.sku(sk).sku).collect();
+        let mut out: Vec<(Sku, i64)> = skus
+            .into_iter()
+            .filter(|s| after.is_none_or(|a| *s > a))
+            .take(limit)
+            .map(|s| (s.clone(), self.on_hand(store, s)))
+            .collect();
+        out.truncate(limit);
+        Some(out)
+    }
 }

@@ -36,12 +36,14 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields merged into the body (e.g. `available`).
     pub details: Map<String, Value>,
+    /// `Retry-After` in seconds (503s say when to come back).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
     /// Any status and code.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), details: Map::new() }
+        ApiError { status, code, message: message.into(), details: Map::new(), retry_after_secs: None }
     }
     /// Adds a field to the body.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -77,9 +79,14 @@ impl ApiError {
         tracing::error!(error = %message, "internal error answering a request");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
     }
-    /// 503: a dependency is not available right now.
+    /// 503: a dependency is not available right now; come back in a second.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+    }
+    /// Sets `Retry-After`.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
     }
 }
 
@@ -89,7 +96,11 @@ impl IntoResponse for ApiError {
         body.insert("error".into(), Value::String(self.code.into()));
         body.insert("message".into(), Value::String(self.message));
         body.extend(self.details);
-        (self.status, axum::Json(Value::Object(body))).into_response()
+        let mut r = (self.status, axum::Json(Value::Object(body))).into_response();
+        if let Some(s) = self.retry_after_secs {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

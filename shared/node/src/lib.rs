@@ -13,6 +13,7 @@
 //!   set-up, the shutdown signal and the async `main` wrapper.
 //! - [`bundle`]: a store's credential bundle (the hub's admin writes it, the agent reads it);
 //!   [`catalog`] the automerge catalog documents both sides replicate.
+//! - [`fatal`]: fail-stop when a process can no longer trust its state.
 
 pub mod bundle;
 pub mod catalog;
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod dbfile;
+pub mod fatal;
 pub mod http;
 pub mod journal;
 pub mod quic;

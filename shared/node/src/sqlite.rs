@@ -4,6 +4,9 @@
 //! The writer takes every job waiting in its queue, runs each inside its own SAVEPOINT (a failing
 //! job rolls back alone), commits once, and only then answers every caller: one fsync for a whole
 //! burst of requests. No tokio worker ever waits on SQLite.
+//!
+//! A job that panics leaves a transaction in an unknown state: the thread rolls it back, answers
+//! nothing more, and fails the process stop ([`crate::fatal`]) instead of answering errors forever.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -88,6 +91,28 @@ impl SqliteThreads {
         rx.await.map_err(|_| E::from(SqliteError::Closed))?
     }
 
+    /// Queues `f` for the next group commit without waiting (from a plain thread: it blocks while
+    /// the queue is full). `done` runs on the writer thread once the commit is durable (`Ok`) or
+    /// failed; a failing `f` is rolled back alone and `done` gets its error.
+    pub fn submit(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(), SqliteError> + Send + 'static,
+        done: impl FnOnce(Result<(), SqliteError>) + Send + 'static,
+    ) -> Result<(), SqliteError> {
+        let job: WriteJob = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finisher = Box::new(move |commit_error| {
+                done(match commit_error {
+                    Some(e) if ok => Err(e.clone()),
+                    _ => result,
+                })
+            });
+            (ok, finish)
+        });
+        self.writer.blocking_send(job).map_err(|_| SqliteError::Closed)
+    }
+
     /// Runs `f` on a reader connection.
     pub async fn read<R, E>(&self, f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static) -> Result<R, E>
     where
@@ -125,7 +150,15 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, m
                 tracing::error!(error = %e, "cannot open a savepoint");
                 continue;
             }
-            let (ok, finish) = job(&conn);
+            let (ok, finish) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn))) {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    crate::fatal::stop("a storage write job panicked");
+                    // Dropping the remaining jobs answers their callers with `Closed`.
+                    return;
+                }
+            };
             let end =
                 if ok { conn.execute_batch("RELEASE job") } else { conn.execute_batch("ROLLBACK TO job; RELEASE job") };
             if let Err(e) = end {
@@ -157,7 +190,12 @@ fn reader_loop(conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadJob>>>) {
             rx.blocking_recv()
         };
         match job {
-            Some(job) => job(&conn),
+            Some(job) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn))).is_err() {
+                    crate::fatal::stop("a storage read job panicked");
+                    return;
+                }
+            }
             None => return,
         }
     }

@@ -16,8 +16,8 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::Value;
 use shelfsync_agent::db::{Db, DbOptions};
-use shelfsync_hub::sqlite::{db_path, SqliteOptions, SqliteStorage};
-use shelfsync_hub::storage::{CertRecord, HubStorage, Role};
+use shelfsync_hub::sqlite::{db_path, SqliteOptions};
+use shelfsync_hub::storage::{CertRecord, Role};
 use shelfsync_node::config::Synchronous;
 use shelfsync_node::ratelimit::{Limiter, RateLimit, TokenKeys};
 use shelfsync_shared::StoreId;
@@ -263,7 +263,8 @@ impl HubApi {
         let tokens: [String; 3] = tokens.try_into().expect("three tokens");
         let path = db_path(&data);
         let opts = SqliteOptions { synchronous: Synchronous::Normal, readers: 1, ..SqliteOptions::default() };
-        let storage: Arc<dyn HubStorage> = Arc::new(SqliteStorage::open(&path, opts).expect("hub database opens"));
+        let engine = shelfsync_hub::engine::Engine::open(&path, opts, Default::default()).expect("hub database opens");
+        let storage = Arc::new(engine);
         for s in ["s1", "s2"] {
             let store: StoreId = s.parse().expect("store id");
             let cert = CertRecord {

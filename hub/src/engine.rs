@@ -1,0 +1,1035 @@
+//! The hub's runtime around the decider (DESIGN §5a): one thread owns the
+//! [`Decider`](shelfsync_hub_core::Decider) and takes every decision; storage only persists.
+//!
+//! ```text
+//! HTTP / QUIC tasks ──Job──▶ bounded queue ──▶ decider thread: apply a batch of jobs in order
+//!        ▲                   (full: 503)              │ records + extra writes of the batch
+//!        │                                            ▼
+//!        └──── answers, after the commit ◀── SQLite writer: one transaction, one fsync per group
+//! ```
+//!
+//! **Pipeline.** The decider thread drains up to `batch_max` jobs, applies them, hands the
+//! batch's records (and the runtime's own rows written with them: peer watermarks and lineage,
+//! catalog chunks, journal events) to the writer thread, and goes on with the next batch while
+//! that one commits. Callers are answered by the writer after their batch's commit.
+//!
+//! **Invariants.**
+//! - An answer is sent only after everything decided before it is durable: reads are jobs too,
+//!   answered after the batches before them commit, so no reader sees an uncommitted decision.
+//! - A failed commit is fatal (fail-stop, [`shelfsync_node::fatal`]): memory is ahead of the files,
+//!   so the batch's callers and everyone after get 503, nothing more is written, and the process
+//!   exits non-zero; a restart reloads the committed rows.
+//! - The queue is bounded: when it is full a caller gets [`StorageError::Busy`] (503 with
+//!   `Retry-After`) at once; memory never grows with load.
+//! - Writes of other processes (the admin CLI) go to SQL only; the runtime reconciles the decider
+//!   with them ([`Engine::sync_stores`], catalog chunks) before it relies on them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{params, Connection};
+use sha2::{Digest as _, Sha256};
+use shelfsync_hub_core::{
+    AgentConflictKind, CatalogRule, Command, Config, Decider, Done, FeedRead, HubChangeRequest, Refusal,
+    ReservationRequest, ReservationView, Staleness, StoreFigures, Written,
+};
+use shelfsync_node::fatal;
+use shelfsync_node::sqlite::{SqliteError, SqliteThreads};
+use shelfsync_shared::counter::StateDigest;
+use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
+use shelfsync_shared::mac::MacKey;
+use shelfsync_shared::sync::{DeltaRead, JournalRead};
+use shelfsync_shared::wire::{Delta, HoldsSnapshot, JournalBatch, Retirement};
+use shelfsync_shared::{EventFlag, Incarnation, NodeId, Sku, StoreId, WriterId};
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::sqlite::SqliteStorage;
+use shelfsync_node::catalog::CatalogView;
+use crate::storage::*;
+
+/// How the runtime runs.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// How silent stores are discounted online.
+    pub staleness: Staleness,
+    /// Jobs waiting for the decider at most (beyond: 503).
+    pub queue_max: usize,
+    /// Jobs decided per batch at most.
+    pub batch_max: usize,
+    /// Feed events kept in memory.
+    pub feed_retain: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { staleness: Staleness::default(), queue_max: 16_384, batch_max: 1024, feed_retain: 100_000 }
+    }
+}
+
+/// A row the runtime writes in the same transaction as a batch's records.
+type Extra = Box<dyn FnOnce(&Connection) -> StorageResult<()> + Send>;
+type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+type Job = Box<dyn FnOnce(&mut State, &mut Vec<Extra>) -> Reply + Send>;
+
+/// What an agent writer's merges depend on, kept beside the decider.
+#[derive(Clone, Debug, Default)]
+struct PeerState {
+    lineage: HubLineage,
+    journal_applied: u64,
+}
+
+/// What the decider thread owns.
+struct State {
+    d: Decider,
+    peers: HashMap<(StoreId, WriterId), PeerState>,
+}
+
+impl State {
+    /// Tells the decider which stores are connected now (it discounts silent ones).
+    fn connected(&mut self, now: &HashSet<StoreId>) {
+        if self.d.connected() == now {
+            return;
+        }
+        let gone: Vec<StoreId> = self.d.connected().difference(now).cloned().collect();
+        let came: Vec<StoreId> = now.difference(self.d.connected()).cloned().collect();
+        for store in gone {
+            let _ = self.d.apply(Command::SetConnected { store, connected: false }, 0);
+        }
+        for store in came {
+            let _ = self.d.apply(Command::SetConnected { store, connected: true }, 0);
+        }
+    }
+
+    fn decide(&mut self, cmd: Command, now_ms: i64) -> StorageResult<Done> {
+        self.d.apply(cmd, now_ms).map_err(StorageError::from)
+    }
+}
+
+impl From<Refusal> for StorageError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::UnknownStore(s) => StorageError::UnknownStore(s),
+            Refusal::StoreExists(s) => StorageError::StoreExists(s),
+            Refusal::Revoked(s) => StorageError::Revoked(s),
+            Refusal::IdempotencyConflict { id, kind } => StorageError::IdempotencyConflict { id, kind },
+            Refusal::InsufficientStock { store, sku, on_hand, wanted } => {
+                StorageError::InsufficientStock { store, sku, on_hand, wanted }
+            }
+            Refusal::Unavailable { sku, available, store } => StorageError::Unavailable { sku, available, store },
+            Refusal::LimitExceeded { sku, limit, already } => StorageError::LimitExceeded { sku, limit, already },
+            Refusal::NotFound(m) => StorageError::NotFound(m),
+            Refusal::InvalidState(m) => StorageError::InvalidState(m),
+            Refusal::Invalid(m) => StorageError::Invalid(m),
+        }
+    }
+}
+
+/// What the time is and which stores are connected, for decisions that depend on them.
+#[derive(Clone, Debug, Default)]
+pub struct Now {
+    /// Milliseconds since the epoch.
+    pub ms: i64,
+    /// Stores with a live sync connection (they are not silent).
+    pub connected: HashSet<StoreId>,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// A conflict id derived from what makes two reports "the same".
+fn conflict_id(parts: &[&str]) -> Uuid {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.finalize()[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid()
+}
+
+fn agent_kind(kind: AgentConflict) -> AgentConflictKind {
+    match kind {
+        AgentConflict::StoreRolledBack => AgentConflictKind::StoreRolledBack,
+        AgentConflict::WriterCloned => AgentConflictKind::WriterCloned,
+        AgentConflict::DuplicateAgent => AgentConflictKind::DuplicateAgent,
+        AgentConflict::HubRolledBack => AgentConflictKind::HubRolledBack,
+    }
+}
+
+fn agent_conflict_cmd(
+    kind: AgentConflict,
+    store: StoreId,
+    key: &str,
+    resolution: String,
+    details: serde_json::Value,
+) -> Command {
+    Command::AgentConflict {
+        id: conflict_id(&[kind.as_str(), store.as_str(), key]),
+        kind: agent_kind(kind),
+        store,
+        resolution,
+        details,
+    }
+}
+
+/// `hub_rolled_back` for every store that is not revoked: each must be checked.
+fn hub_rolled_back(st: &mut State, old: &WriterId, new: &WriterId, why: &str, now: i64) -> StorageResult<()> {
+    st.decide(Command::SetHubWriter { writer: new.clone() }, now)?;
+    let details = serde_json::json!({"old_writer": old.to_string(), "new_writer": new.to_string(), "why": why});
+    let stores: Vec<StoreId> = st.d.stores().into_iter().filter(|s| s.revoked_at_ms.is_none()).map(|s| s.id).collect();
+    for s in stores {
+        st.decide(
+            agent_conflict_cmd(
+                AgentConflict::HubRolledBack,
+                s,
+                &old.to_string(),
+                "the hub's files are older than what this store saw: restocks and transfers authored after them \
+                 come back from the store (verified); check the store's stock"
+                    .into(),
+                details.clone(),
+            ),
+            now,
+        )?;
+    }
+    Ok(())
+}
+
+fn new_life(conn: &Connection, w: &WriterId) -> StorageResult<()> {
+    shelfsync_node::db::meta_set(conn, "writer", &w.to_string())?;
+    shelfsync_node::db::meta_set(conn, "incarnation_started_ms", &now_ms().to_string())?;
+    conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+    Ok(())
+}
+
+/// The running hub's state: the decider thread, the storage threads, and the runtime's view.
+pub struct Engine {
+    db: SqliteStorage,
+    queue: SyncSender<Job>,
+    hub_writer: Arc<RwLock<WriterId>>,
+    key: MacKey,
+    change_head: watch::Receiver<u64>,
+}
+
+impl Engine {
+    /// Opens the hub database, loads the decider from it and starts the decider thread. Blocking.
+    pub fn open(path: &std::path::Path, sql: crate::sqlite::SqliteOptions, opts: EngineOptions) -> StorageResult<Engine> {
+        let started = std::time::Instant::now();
+        let opened = SqliteStorage::open_with(path, sql, opts.feed_retain)?;
+        let db = opened.storage;
+        let hub_writer = db.hub_writer();
+        let config = Config {
+            staleness: opts.staleness,
+            feed_retain: opts.feed_retain,
+            ..Config::new(hub_writer.clone())
+        };
+        let records = opened.records.len();
+        let mut d = Decider::from_records(config, rand::random::<u128>(), opened.records)
+            .map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
+        // The stored writer is authoritative (the decider keeps the one it was told last).
+        if *d.hub_writer() != hub_writer {
+            let _ = d.apply(Command::SetHubWriter { writer: hub_writer.clone() }, now_ms());
+            let _ = d.take_records();
+        }
+        tracing::info!(records, ms = started.elapsed().as_millis() as u64, "loaded the decider");
+        let peers = opened
+            .peers
+            .into_iter()
+            .map(|(store, writer, journal_applied, lineage)| ((store, writer), PeerState { lineage, journal_applied }))
+            .collect();
+        let (head_tx, change_head) = watch::channel(d.feed_head());
+        let (queue, rx) = mpsc::sync_channel::<Job>(opts.queue_max.max(1));
+        let threads = db.threads();
+        let batch_max = opts.batch_max.max(1);
+        let state = State { d, peers };
+        std::thread::Builder::new()
+            .name("hub-decider".into())
+            .spawn(move || decide_loop(state, rx, threads, batch_max, head_tx))
+            .map_err(|e| StorageError::Backend(format!("spawning the decider thread: {e}")))?;
+        let engine = Engine { key: db.mac_key(), db, queue, hub_writer: Arc::new(RwLock::new(hub_writer)), change_head };
+        if let Some(old) = opened.restored_from {
+            let why = "opened a restored backup".to_owned();
+            tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
+            engine.reincarnate_blocking(old, why)?;
+        }
+        Ok(engine)
+    }
+
+    /// Runs `f` on the decider thread inside the next batch; answers after its batch commits.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Vec<Extra>) -> R + Send + 'static,
+    ) -> StorageResult<R> {
+        self.enqueue(f)?.await.map_err(|_| stopped())?
+    }
+
+    fn enqueue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Vec<Extra>) -> R + Send + 'static,
+    ) -> StorageResult<oneshot::Receiver<StorageResult<R>>> {
+        if fatal::is_stopping() {
+            return Err(stopped());
+        }
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |st, extras| {
+            let r = f(st, extras);
+            Box::new(move |res: Result<(), StorageError>| {
+                let _ = tx.send(res.map(|()| r));
+            })
+        });
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(StorageError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(stopped()),
+        }
+    }
+
+    fn reincarnate_blocking(&self, old: String, why: String) -> StorageResult<()> {
+        let old: WriterId = old.parse().map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?;
+        let new = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
+        let n = new.clone();
+        let rx = self.enqueue(move |st, extras| {
+            let r = hub_rolled_back(st, &old, &n, &why, now_ms());
+            let n2 = n.clone();
+            extras.push(Box::new(move |conn| new_life(conn, &n2)));
+            r
+        })?;
+        rx.blocking_recv().map_err(|_| stopped())???;
+        *self.hub_writer.write().expect("hub writer lock") = new;
+        Ok(())
+    }
+
+    /// The persistence layer (SQL reads and the admin's writes).
+    pub fn db(&self) -> &SqliteStorage {
+        &self.db
+    }
+
+    /// The hub's writer in this database's life.
+    pub fn hub_writer(&self) -> WriterId {
+        self.hub_writer.read().expect("hub writer lock").clone()
+    }
+
+    /// Takes a new life: the files turned out older than what stores saw of the current one.
+    /// Records a `hub_rolled_back` conflict per store; returns the new writer.
+    pub async fn reincarnate(&self, why: String, now_ms: i64) -> StorageResult<WriterId> {
+        let old = self.hub_writer();
+        let new = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
+        let n = new.clone();
+        self.run(move |st, extras| {
+            let r = hub_rolled_back(st, &old, &n, &why, now_ms);
+            extras.push(Box::new(move |conn| new_life(conn, &n)));
+            r
+        })
+        .await??;
+        *self.hub_writer.write().expect("hub writer lock") = new.clone();
+        Ok(new)
+    }
+
+    /// Records a conflict about a store's agents (idempotent per `key`), with an event on the feed.
+    pub async fn agent_conflict(
+        &self,
+        kind: AgentConflict,
+        store: StoreId,
+        key: String,
+        details: serde_json::Value,
+        now_ms: i64,
+    ) -> StorageResult<bool> {
+        let resolution = match kind {
+            AgentConflict::DuplicateAgent => {
+                "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
+            }
+            AgentConflict::WriterCloned => {
+                "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
+                 offline); switch one off, and its sales arrive under a new writer"
+            }
+            AgentConflict::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+            AgentConflict::HubRolledBack => "the hub's files are older than what the store saw",
+        }
+        .to_owned();
+        let cmd = agent_conflict_cmd(kind, store, &key, resolution, details);
+        match self.run(move |st, _| st.decide(cmd, now_ms)).await?? {
+            Done::AgentConflict { new } => Ok(new),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records the retirements an agent reports (one `store_rolled_back` conflict each,
+    /// idempotent). Returns how many were new.
+    pub async fn record_retirements(
+        &self,
+        store: StoreId,
+        reports: Vec<Retirement>,
+        now_ms: i64,
+    ) -> StorageResult<u64> {
+        let cmds: Vec<Command> = reports.iter().map(|r| retirement_cmd(&store, r)).collect();
+        self.run(move |st, _| {
+            let mut new = 0;
+            for c in cmds {
+                if let Done::AgentConflict { new: true } = st.decide(c, now_ms)? {
+                    new += 1;
+                }
+            }
+            Ok(new)
+        })
+        .await?
+    }
+
+    /// Digest of the hub-authored entries of `store` (for `Welcome`).
+    pub async fn hub_entries_digest(&self, store: StoreId) -> StorageResult<StateDigest> {
+        self.run(move |st, _| {
+            let mut d = StateDigest::default();
+            for (sku, w, e) in st.d.store_entries(&store) {
+                if w.is_hub() {
+                    d.add(&sku, &w, e);
+                }
+            }
+            d
+        })
+        .await
+    }
+
+    /// Registers a store with its first certificate.
+    pub async fn add_store(&self, store: StoreId, cert: CertRecord) -> StorageResult<()> {
+        self.db.add_store(store.clone(), cert).await?;
+        self.ensure_store(store).await
+    }
+
+    /// Makes sure the decider knows a store the database has (added by another process).
+    async fn ensure_store(&self, store: StoreId) -> StorageResult<()> {
+        self.run(move |st, _| match st.decide(Command::AddStore { store }, now_ms()) {
+            Ok(_) | Err(StorageError::StoreExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await?
+    }
+
+    /// Brings the decider in line with the stores table, which the admin CLI writes directly:
+    /// stores added there are registered, stores revoked there are revoked.
+    pub async fn sync_stores(&self) -> StorageResult<()> {
+        let rows = self.db.store_rows().await?;
+        self.run(move |st, _| {
+            for (id, revoked) in rows {
+                let known = st.d.store(&id);
+                if known.is_none() {
+                    st.decide(Command::AddStore { store: id.clone() }, now_ms())?;
+                }
+                if revoked && known.is_none_or(|k| k.revoked_at_ms.is_none()) {
+                    st.decide(Command::RevokeStore { store: id }, now_ms())?;
+                }
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    /// How many agents of a store may be connected at once.
+    pub async fn set_max_agents(&self, store: StoreId, max: u32) -> StorageResult<()> {
+        self.db.set_max_agents(store, max).await
+    }
+
+    /// Revokes a store and all its certificates; returns the revoked serials.
+    pub async fn revoke_store(&self, store: StoreId) -> StorageResult<Vec<String>> {
+        let serials = self.db.revoke_store(store.clone()).await?;
+        self.run(move |st, _| match st.decide(Command::RevokeStore { store: store.clone() }, now_ms()) {
+            Err(StorageError::UnknownStore(_)) => {
+                st.decide(Command::AddStore { store: store.clone() }, now_ms())?;
+                st.decide(Command::RevokeStore { store }, now_ms()).map(|_| ())
+            }
+            r => r.map(|_| ()),
+        })
+        .await??;
+        Ok(serials)
+    }
+
+    /// Every revoked certificate serial with its revocation time (for the CRL).
+    pub async fn revoked_serials(&self) -> StorageResult<Vec<(String, i64)>> {
+        self.db.revoked_serials().await
+    }
+
+    /// Whether a connecting certificate is acceptable: known, for that store, not revoked.
+    pub async fn check_cert(&self, store: StoreId, serial: String) -> StorageResult<()> {
+        self.db.check_cert(store.clone(), serial).await?;
+        self.ensure_store(store).await
+    }
+
+    /// All stores, with their writers' watermarks.
+    pub async fn stores(&self) -> StorageResult<Vec<StoreInfo>> {
+        // Through the decider first: its last contacts are committed when this answers.
+        self.run(|_, _| ()).await?;
+        self.db.stores().await
+    }
+
+    /// Records contact with a store.
+    pub async fn touch_store(&self, store: StoreId, at_ms: i64) -> StorageResult<()> {
+        self.run(move |st, _| st.decide(Command::StoreSeen { store, at_ms }, at_ms).map(|_| ())).await?
+    }
+
+    /// Stores a new API token (its hash only) and returns its record.
+    pub async fn add_token(&self, token: crate::tokens::NewToken) -> StorageResult<crate::tokens::TokenInfo> {
+        self.db.add_token(token).await
+    }
+
+    /// The token with this hash, whatever its status.
+    pub async fn token_by_hash(&self, hash: Vec<u8>) -> StorageResult<Option<crate::tokens::TokenInfo>> {
+        self.db.token_by_hash(hash).await
+    }
+
+    /// Every token, oldest first.
+    pub async fn tokens(&self) -> StorageResult<Vec<crate::tokens::TokenInfo>> {
+        self.db.tokens().await
+    }
+
+    /// Revokes a token by id; `None` if there is none.
+    pub async fn revoke_token(&self, id: Uuid) -> StorageResult<Option<crate::tokens::TokenInfo>> {
+        self.db.revoke_token(id).await
+    }
+
+    /// Records that a token was used at `at_ms`.
+    pub async fn touch_token(&self, id: Uuid, at_ms: i64) -> StorageResult<()> {
+        self.db.touch_token(id, at_ms).await
+    }
+
+    /// Current global heads.
+    pub async fn heads(&self) -> StorageResult<HubHeads> {
+        let counter = self.run(|st, _| st.d.counter_head()).await?;
+        Ok(HubHeads { counter, journal: self.db.journal_head() })
+    }
+
+    /// What the hub applied from an agent writer (zero if never seen).
+    pub async fn lookup_peer(&self, store: StoreId, writer: WriterId) -> StorageResult<PeerMarks> {
+        self.db.lookup_peer(store, writer).await
+    }
+
+    /// Merges an agent's delta: checks the tags of entries it gives back and that its own entries
+    /// are its writers', compares-and-sets the writer's history head, merges (closing the holds it
+    /// fulfilled and reconciling any oversell) and records `delta.upto` as applied, in one batch.
+    pub async fn apply_delta(
+        &self,
+        store: StoreId,
+        peer: WriterId,
+        delta: Delta,
+        lineage_base: Option<Checkpoint>,
+        pusher_boots: Vec<Boot>,
+        now: Now,
+    ) -> StorageResult<Applied> {
+        let tags: HashMap<u32, shelfsync_shared::mac::EntryMac> = delta.macs.iter().copied().collect();
+        let mut entries = Vec::with_capacity(delta.entries.len());
+        let mut tagged = Vec::new();
+        for (i, (sku, writer, incoming)) in delta.entries().enumerate() {
+            // A store writes its own writers' entries; anything else it may only give back with
+            // the tag the hub put on it.
+            match tags.get(&(i as u32)) {
+                Some(t) if !self.key.verify(&store, sku, writer, incoming, t) => {
+                    return Err(StorageError::Invalid(format!(
+                        "store {store} gave back an entry of {writer} for {sku} whose tag does not match; \
+                         a store cannot make up entries it was not sent"
+                    )));
+                }
+                Some(_) => tagged.push(entries.len()),
+                None if !writer.is_store(&store) => {
+                    return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
+                }
+                None => {}
+            }
+            incoming.check(writer)?;
+            entries.push((sku.clone(), writer.clone(), incoming));
+        }
+        let me = self.hub_writer();
+        let (upto, lineage, fulfilled) = (delta.upto, delta.lineage.clone(), delta.fulfilled.clone());
+        let journal = self.db.journal_head_cell();
+        self.run(move |st, extras| {
+            let key = (store.clone(), peer.clone());
+            let mut ps = st.peers.get(&key).cloned().unwrap_or_default();
+            if st.d.store(&store).is_none() {
+                return Err(StorageError::UnknownStore(store));
+            }
+            // Compare-and-set on the writer's history, before anything changes.
+            if let Some(base) = lineage_base.filter(|b| *b != ps.lineage.head) {
+                return Err(StorageError::Forked(format!(
+                    "another connection moved {peer}'s history from change {} to {} since this one was welcomed; reconnect",
+                    base.ordinal, ps.lineage.head.ordinal
+                )));
+            }
+            let (mut recovered, mut own_lost) = (0, false);
+            for &i in &tagged {
+                let (sku, w, e) = &entries[i];
+                if !st.d.entry(&store, sku, w).covers(*e) {
+                    recovered += 1;
+                    own_lost |= *w == me;
+                }
+            }
+            st.connected(&now.connected);
+            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled }, now.ms)? {
+                Done::Merged(m) => m,
+                other => return Err(unexpected(other)),
+            };
+            st.decide(Command::StoreSeen { store: store.clone(), at_ms: now.ms }, now.ms)?;
+            if let Some(l) = &lineage {
+                ps.lineage.advance(l.head, &l.boots, &pusher_boots);
+            }
+            let lineage_row = lineage.is_some().then(|| postcard::to_stdvec(&ps.lineage).expect("lineage serialises"));
+            st.peers.insert(key, ps);
+            let at = now.ms;
+            extras.push(Box::new(move |conn| {
+                ensure_peer(conn, &store, &peer)?;
+                conn.prepare_cached(
+                    "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4, lineage = COALESCE(?5, lineage)
+                     WHERE store = ?1 AND writer = ?2",
+                )?
+                .execute(params![store.as_str(), peer.to_string(), upto, at, lineage_row])?;
+                Ok(())
+            }));
+            Ok(Applied {
+                holds_changed: merged.holds_changed,
+                changed: merged.changed,
+                entries_changed: merged.entries_changed,
+                heads: HubHeads { counter: merged.counter_head, journal: journal.load(Ordering::Acquire) },
+                recovered,
+                own_lost,
+            })
+        })
+        .await?
+    }
+
+    /// Entries of `store` above `after` (all writers except `exclude`), sequence order, each with
+    /// the hub's tag.
+    pub async fn read_delta(
+        &self,
+        store: StoreId,
+        exclude: Option<WriterId>,
+        after: u64,
+        limit: usize,
+    ) -> StorageResult<DeltaRead> {
+        let s = store.clone();
+        let page = self.run(move |st, _| st.d.entries_since(&s, after, exclude.as_ref(), limit)).await?;
+        let entries: Vec<_> = page.entries.into_iter().map(|(_, k, w, e)| (k, w, e)).collect();
+        let macs =
+            entries.iter().enumerate().map(|(i, (k, w, e))| (i as u32, self.key.tag(&store, k, w, *e))).collect();
+        Ok(DeltaRead { upto: page.upto, entries, macs, ..DeltaRead::default() })
+    }
+
+    /// Records that an agent writer acked hub counter sequences up to `upto`.
+    pub async fn set_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> StorageResult<()> {
+        self.db.set_acked(store, peer, upto).await
+    }
+
+    /// Stores an agent's journal events and records `batch.upto`; SKUs the store flagged as
+    /// unknown or inactive open `unknown_sku` conflicts (once: a resent batch opens none).
+    pub async fn apply_journal(&self, store: StoreId, peer: WriterId, batch: JournalBatch) -> StorageResult<()> {
+        for e in &batch.events {
+            if e.store != store || !e.writer.is_store(&store) {
+                return Err(StorageError::Invalid(format!("journal event {} does not belong to store {store}", e.id)));
+            }
+        }
+        self.run(move |st, extras| {
+            if st.d.store(&store).is_none() {
+                return Err(StorageError::UnknownStore(store));
+            }
+            let key = (store.clone(), peer.clone());
+            let ps = st.peers.entry(key).or_default();
+            if batch.upto > ps.journal_applied {
+                ps.journal_applied = batch.upto;
+                let skus: Vec<Sku> = batch
+                    .events
+                    .iter()
+                    .filter(|e| e.flags.contains(&EventFlag::UnknownSku) || e.flags.contains(&EventFlag::InactiveSku))
+                    .map(|e| e.sku.clone())
+                    .collect();
+                if !skus.is_empty() {
+                    st.decide(Command::JournalSkus { store: store.clone(), skus }, now_ms())?;
+                }
+            }
+            extras.push(Box::new(move |conn| {
+                for e in &batch.events {
+                    shelfsync_node::journal::insert_event(conn, e)?;
+                }
+                ensure_peer(conn, &store, &peer)?;
+                conn.prepare_cached(
+                    "UPDATE peers SET journal_applied = MAX(journal_applied, ?3) WHERE store = ?1 AND writer = ?2",
+                )?
+                .execute(params![store.as_str(), peer.to_string(), batch.upto])?;
+                Ok(())
+            }));
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Hub-authored journal events of `store` above `after`.
+    pub async fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> StorageResult<JournalRead> {
+        self.db.read_journal(store, after, limit).await
+    }
+
+    /// Records that an agent writer acked hub journal sequences up to `upto`.
+    pub async fn set_journal_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> StorageResult<()> {
+        self.db.set_journal_acked(store, peer, upto).await
+    }
+
+    /// Digest of `store`'s entries and the highest sequence among them.
+    pub async fn digest(&self, store: StoreId) -> StorageResult<(StateDigest, u64)> {
+        self.run(move |st, _| {
+            let page = st.d.entries_since(&store, 0, None, usize::MAX);
+            let mut d = StateDigest::default();
+            let mut head = 0;
+            for (seq, k, w, e) in &page.entries {
+                d.add(k, w, *e);
+                head = head.max(*seq);
+            }
+            (d, head)
+        })
+        .await
+    }
+
+    /// A restock or transfer, idempotent by id.
+    pub async fn hub_change(&self, req: HubChangeRequest, now: Now) -> StorageResult<HubChangeOutcome> {
+        let journal = self.db.journal_head_cell();
+        let outcome = self
+            .run(move |st, _| {
+                st.connected(&now.connected);
+                match st.decide(Command::HubChange(req), now.ms)? {
+                    Done::HubChanged(c) => Ok(c),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await??;
+        Ok(HubChangeOutcome {
+            created: outcome.created,
+            response: outcome.response,
+            stores: outcome.stores,
+            heads: HubHeads { counter: outcome.counter_head, journal: journal.load(Ordering::Acquire) },
+            holds_changed: outcome.holds_changed,
+        })
+    }
+
+    /// Reserves all lines or none (idempotent by reservation id).
+    pub async fn create_reservation(&self, req: ReservationRequest, now: Now) -> StorageResult<Written> {
+        self.run(move |st, _| {
+            st.connected(&now.connected);
+            match st.decide(Command::Reserve(req), now.ms)? {
+                Done::Reserved(w) => Ok(w),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await?
+    }
+
+    /// A reservation's current state.
+    pub async fn reservation(&self, id: Uuid) -> StorageResult<Option<ReservationView>> {
+        self.run(move |st, _| st.d.reservation(id)).await
+    }
+
+    /// Extend, commit or release (idempotent under `key`).
+    pub async fn act(
+        &self,
+        id: Uuid,
+        action: shelfsync_hub_core::Action,
+        key: Option<String>,
+        now_ms: i64,
+    ) -> StorageResult<Written> {
+        self.run(move |st, _| match st.decide(Command::Act { id, action, key }, now_ms)? {
+            Done::Acted(w) => Ok(w),
+            other => Err(unexpected(other)),
+        })
+        .await?
+    }
+
+    /// Expires due leases; returns the stores whose holds changed.
+    pub async fn expire_due(&self, now_ms: i64) -> StorageResult<Vec<StoreId>> {
+        let mut stores = Vec::new();
+        loop {
+            let e = match self.run(move |st, _| st.decide(Command::ExpireDue, now_ms)).await?? {
+                Done::Expired(e) => e,
+                other => return Err(unexpected(other)),
+            };
+            stores.extend(e.stores);
+            if !e.more {
+                break;
+            }
+        }
+        stores.sort();
+        stores.dedup();
+        Ok(stores)
+    }
+
+    /// A store's open holds.
+    pub async fn holds_snapshot(&self, store: StoreId) -> StorageResult<HoldsSnapshot> {
+        self.run(move |st, _| st.d.holds_snapshot(&store)).await
+    }
+
+    /// Per SKU, every store's figures (raw and offered availability).
+    pub async fn availability(&self, skus: Vec<Sku>, now: Now) -> StorageResult<Vec<(Sku, Vec<StoreFigures>)>> {
+        self.run(move |st, _| {
+            skus.into_iter()
+                .map(|s| {
+                    let f = st.d.figures(&s, now.ms, &now.connected);
+                    (s, f)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Conflicts, newest first.
+    pub async fn conflicts(&self, filter: ConflictFilter) -> StorageResult<Vec<shelfsync_hub_core::Conflict>> {
+        self.run(move |st, _| st.d.conflicts(&filter)).await
+    }
+
+    /// Change feed events after `cursor` (older ones than the decider keeps come from storage).
+    pub async fn changes_after(&self, cursor: u64, limit: usize) -> StorageResult<Vec<ChangeEvent>> {
+        let events = match self.run(move |st, _| st.d.changes_after(cursor, limit)).await? {
+            FeedRead::Events(e) => e,
+            FeedRead::Evicted { .. } => self.db.feed_after(cursor, limit).await?,
+        };
+        Ok(events.iter().map(ChangeEvent::from).collect())
+    }
+
+    /// The newest committed change cursor.
+    pub fn change_head(&self) -> watch::Receiver<u64> {
+        self.change_head.clone()
+    }
+
+    /// A webhook's delivery cursor.
+    pub async fn webhook_cursor(&self, url: String) -> StorageResult<Option<u64>> {
+        self.db.webhook_cursor(url).await
+    }
+
+    /// Records a webhook's delivery cursor.
+    pub async fn set_webhook_cursor(&self, url: String, cursor: u64) -> StorageResult<()> {
+        self.db.set_webhook_cursor(url, cursor).await
+    }
+
+    /// Persists catalog document changes, their materialised rows and sync states with the
+    /// decider's new rules, in one batch.
+    pub async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<()> {
+        let items: Vec<(Sku, Option<CatalogRule>)> = c
+            .items
+            .iter()
+            .map(|(sku, item)| Ok((sku.parse::<Sku>().map_err(|e| StorageError::Invalid(format!("{e}")))?, item.as_ref().map(rule_of))))
+            .collect::<StorageResult<_>>()?;
+        let overrides = match &c.overrides {
+            Some((store, rows)) => Some((
+                store.clone(),
+                rows.iter()
+                    .map(|(sku, o)| {
+                        Ok((
+                            sku.parse::<Sku>().map_err(|e| StorageError::Invalid(format!("{e}")))?,
+                            shelfsync_hub_core::Overrides {
+                                safety_stock: o.safety_stock,
+                                low_stock_threshold: o.low_stock_threshold,
+                            },
+                        ))
+                    })
+                    .collect::<StorageResult<Vec<_>>>()?,
+            )),
+            None => None,
+        };
+        self.run(move |st, extras| {
+            if !items.is_empty() || overrides.is_some() {
+                st.decide(Command::CatalogChanged { items, overrides }, now_ms())?;
+            }
+            extras.push(Box::new(move |conn| crate::sqlite::write_catalog(conn, &c)));
+            Ok(())
+        })
+        .await?
+    }
+
+    /// One catalog entry (materialised).
+    pub async fn catalog_item(&self, sku: Sku) -> StorageResult<Option<CatalogView>> {
+        self.db.catalog_item(sku).await
+    }
+
+    /// A page of catalog entries in SKU order.
+    pub async fn catalog_page(&self, after: Option<Sku>, limit: usize) -> StorageResult<Vec<CatalogView>> {
+        self.db.catalog_page(after, limit).await
+    }
+
+    /// Journal events held (of one store, or all).
+    pub async fn journal_count(&self, store: Option<StoreId>) -> StorageResult<u64> {
+        self.db.journal_count(store).await
+    }
+
+    /// Online backup to a new file; the copy takes a new hub life when opened.
+    pub async fn backup(&self, to: std::path::PathBuf) -> StorageResult<()> {
+        self.db.backup(to).await
+    }
+
+    /// Stock of some SKUs at every store that has them.
+    pub async fn stock_of(&self, skus: Vec<Sku>) -> StorageResult<Vec<StoreStock>> {
+        self.run(move |st, _| {
+            skus.iter()
+                .flat_map(|sku| {
+                    st.d.stock_of(sku).into_iter().map(|(store, on_hand)| StoreStock { store, sku: sku.clone(), on_hand })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// A page of one store's stock in SKU order.
+    pub async fn store_stock(&self, store: StoreId, after: Option<Sku>, limit: usize) -> StorageResult<Vec<StoreStock>> {
+        self.run(move |st, _| match st.d.store_stock(&store, after.as_ref(), limit) {
+            None => Err(StorageError::UnknownStore(store)),
+            Some(rows) => {
+                Ok(rows.into_iter().map(|(sku, on_hand)| StoreStock { store: store.clone(), sku, on_hand }).collect())
+            }
+        })
+        .await?
+    }
+}
+
+/// The decider's rule of a catalog entry.
+fn rule_of(item: &shelfsync_node::catalog::CatalogItem) -> CatalogRule {
+    CatalogRule {
+        safety_stock: item.safety_stock,
+        low_stock_threshold: item.low_stock_threshold,
+        max_per_customer: item.max_per_customer,
+        active: item.active,
+    }
+}
+
+fn retirement_cmd(store: &StoreId, r: &Retirement) -> Command {
+    let kind = match r.reason {
+        RetireReason::RolledBack => AgentConflict::StoreRolledBack,
+    };
+    let window = r.window_ms.map(|(a, b)| {
+        serde_json::json!({"from": shelfsync_shared::rfc3339(a), "to": shelfsync_shared::rfc3339(b)})
+    });
+    let details = serde_json::json!({
+        "old_writer": r.old.to_string(),
+        "new_writer": r.new.to_string(),
+        "fork_ordinal": r.fork_ordinal,
+        "hub_ordinal": r.hub_ordinal,
+        "store_ordinal": r.own_ordinal,
+        "moved_changes": r.moved,
+        "ambiguous_changes": r.ambiguous,
+        "moved_window": window,
+        "retired_at": shelfsync_shared::rfc3339(r.at_ms),
+    });
+    let resolution = if r.ambiguous > 0 {
+        format!(
+            "the store's files forked from what the hub had; {} later changes now count under {}; up to {} \
+             of them may be counted twice: recount the SKUs they touched",
+            r.moved, r.new, r.ambiguous
+        )
+    } else {
+        format!(
+            "the store's files forked from what the hub had (changes {} to {} of {} are the store's own); \
+             {} later changes now count under {}; nothing is lost or counted twice",
+            r.fork_ordinal + 1,
+            r.own_ordinal,
+            r.old,
+            r.moved,
+            r.new
+        )
+    };
+    agent_conflict_cmd(kind, store.clone(), &format!("{} {}", r.old, r.new), resolution, details)
+}
+
+fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
+        .execute(params![store.as_str(), writer.to_string()])?;
+    Ok(())
+}
+
+fn stopped() -> StorageError {
+    StorageError::Stopped("the hub is stopping after a storage failure (fail-stop); retry against the restarted hub".into())
+}
+
+fn unexpected(done: Done) -> StorageError {
+    StorageError::Backend(format!("the decider answered {done:?} to a different command"))
+}
+
+/// The decider thread: batches of jobs, decided in order, committed by the writer thread while
+/// the next batch is decided.
+fn decide_loop(mut st: State, rx: Receiver<Job>, threads: SqliteThreads, batch_max: usize, feed: watch::Sender<u64>) {
+    let feed = Arc::new(feed);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    while let Ok(first) = rx.recv() {
+        if fatal::is_stopping() {
+            // Dropping the jobs answers their callers (503); nothing more is decided.
+            drop(first);
+            while rx.try_recv().is_ok() {}
+            continue;
+        }
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut extras: Vec<Extra> = Vec::new();
+        replies.push(first(&mut st, &mut extras));
+        while replies.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => replies.push(job(&mut st, &mut extras)),
+                Err(_) => break,
+            }
+        }
+        let records = st.d.take_records();
+        if records.is_empty() && extras.is_empty() && in_flight.load(Ordering::Acquire) == 0 {
+            // Reads only, and everything decided before is committed and answered.
+            for r in replies {
+                r(Ok(()));
+            }
+            continue;
+        }
+        let head = st.d.feed_head();
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let (feed, flight) = (feed.clone(), in_flight.clone());
+        let submitted = threads.submit(
+            move |conn| {
+                if fatal::is_stopping() {
+                    return Err(SqliteError::Closed);
+                }
+                crate::persist::write(conn, &records).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
+                for x in extras {
+                    x(conn).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
+                }
+                Ok(())
+            },
+            move |result| {
+                match result {
+                    Ok(()) => {
+                        feed.send_if_modified(|h| std::mem::replace(h, head) != head);
+                        for r in replies {
+                            r(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        fatal::stop(&format!("committing decided state failed: {e}"));
+                        for r in replies {
+                            r(Err(stopped()));
+                        }
+                    }
+                }
+                flight.fetch_sub(1, Ordering::AcqRel);
+            },
+        );
+        if let Err(e) = submitted {
+            fatal::stop(&format!("the storage writer is gone: {e}"));
+        }
+    }
+}
+
+/// One entry of the change feed as the API shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ChangeEvent {
+    /// Monotonic, gap-free position.
+    pub cursor: u64,
+    /// What happened.
+    pub kind: String,
+    /// RFC 3339.
+    pub at: String,
+    /// Details.
+    pub data: serde_json::Value,
+}
+
+impl From<&shelfsync_hub_core::FeedEvent> for ChangeEvent {
+    fn from(e: &shelfsync_hub_core::FeedEvent) -> Self {
+        ChangeEvent {
+            cursor: e.cursor,
+            kind: e.kind.as_str().to_owned(),
+            at: shelfsync_shared::rfc3339(e.at_ms),
+            data: e.data_json(),
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Persistence of the decider's records in SQLite: [`write`] upserts one batch's records inside
+//! the runtime's transaction, [`load`] reads every row back as records at start. No business rule
+//! lives here: rows are what the decider decided, keyed naturally.
+//!
+//! | record                         | table                                            |
+//! |--------------------------------|--------------------------------------------------|
+//! | `Store`                        | `stores` (revocation and last contact only move forward) |
+//! | `Entry`                        | `counters` (store, sku, writer → p, n, seq)      |
+//! | `Journal`                      | `journal` (hub-authored events, shipped to stores) |
+//! | `Feed`                         | `feed` (cursor → event)                          |
+//! | reservations, allocations, conflicts, velocity, alerts, idempotent answers | `decisions` (kind, key → JSON row) |
+//! | `CatalogRule`, `Overrides`     | none: the catalog's materialised rows (`catalog_items`, `catalog_overrides`) are written by the catalog code in the same transaction, and read back as rules |
+//! | `HubWriter`, `IdCounter`       | `meta`                                           |
+
+use rusqlite::{params, Connection};
+use shelfsync_hub_core::{CatalogRule, FeedEvent, Overrides, Record, StoreRecord};
+use shelfsync_node::db as adb;
+use shelfsync_node::journal::insert_event;
+use shelfsync_shared::{PnEntry, Sku, StoreId};
+
+use crate::storage::{StorageError, StorageResult};
+
+/// Schema (migration 6 of the hub database): the decider's rows.
+pub const MIGRATION: &str = "
+    CREATE TABLE decisions (
+        kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
+    CREATE TABLE feed (cursor INTEGER PRIMARY KEY, kind TEXT NOT NULL, at_ms INTEGER NOT NULL, body TEXT NOT NULL);
+    ALTER TABLE stores ADD COLUMN holds_version INTEGER NOT NULL DEFAULT 0;";
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records serialise")
+}
+
+fn put(conn: &Connection, kind: &str, key: &str, body: String) -> StorageResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO decisions (kind, key, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body",
+    )?
+    .execute(params![kind, key, body])?;
+    Ok(())
+}
+
+fn cell_key(store: &StoreId, sku: &Sku) -> String {
+    format!("{store}\u{1f}{sku}")
+}
+
+/// Writes one batch of records (inside the caller's transaction).
+pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
+    for r in records {
+        match r {
+            Record::Store(s) => {
+                conn.prepare_cached(
+                    "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (id) DO UPDATE SET
+                        revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
+                        last_seen_ms = COALESCE(MAX(stores.last_seen_ms, excluded.last_seen_ms),
+                                                stores.last_seen_ms, excluded.last_seen_ms),
+                        holds_version = excluded.holds_version",
+                )?
+                .execute(params![s.id.as_str(), s.added_at_ms, s.revoked_at_ms, s.last_seen_ms, s.holds_version])?;
+            }
+            Record::Entry(e) => {
+                conn.prepare_cached(
+                    "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+                )?
+                .execute(params![
+                    e.store.as_str(),
+                    e.sku.as_str(),
+                    e.writer.to_string(),
+                    e.entry.p,
+                    e.entry.n,
+                    e.seq
+                ])?;
+            }
+            Record::Velocity { store, sku, velocity } => put(conn, "velocity", &cell_key(store, sku), json(velocity))?,
+            Record::Alert { store, sku, state } => put(conn, "alert", &cell_key(store, sku), json(state))?,
+            Record::CatalogRule { .. } | Record::Overrides { .. } => {}
+            Record::Reservation(x) => put(conn, "reservation", &x.id.to_string(), json(x))?,
+            Record::Allocation(x) => put(conn, "allocation", &x.id.to_string(), json(x))?,
+            Record::Conflict(x) => put(conn, "conflict", &x.id.to_string(), json(x))?,
+            Record::HubRequest(x) => put(conn, "hub_request", &x.id.to_string(), json(x))?,
+            Record::ActionRequest(x) => put(conn, "action_request", &x.key, json(x))?,
+            Record::Feed(e) => {
+                conn.prepare_cached("INSERT INTO feed (cursor, kind, at_ms, body) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![e.cursor, e.kind.as_str(), e.at_ms, json(e)])?;
+            }
+            Record::Journal(e) => {
+                insert_event(conn, e)?;
+            }
+            Record::HubWriter(w) => adb::meta_set(conn, "writer", &w.to_string())?,
+            Record::IdCounter(n) => adb::meta_set(conn, "id_counter", &n.to_string())?,
+        }
+    }
+    Ok(())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(kind: &str, key: &str, body: &str) -> StorageResult<T> {
+    serde_json::from_str(body).map_err(|e| StorageError::Corrupt(format!("decisions row {kind}/{key}: {e}")))
+}
+
+fn cell_of(key: &str) -> StorageResult<(StoreId, Sku)> {
+    let (store, sku) =
+        key.split_once('\u{1f}').ok_or_else(|| StorageError::Corrupt(format!("decisions key {key:?}")))?;
+    let store = store.parse().map_err(|e| StorageError::Corrupt(format!("decisions key {key:?}: {e}")))?;
+    let sku = sku.parse().map_err(|e| StorageError::Corrupt(format!("decisions key {key:?}: {e}")))?;
+    Ok((store, sku))
+}
+
+fn col<T: std::str::FromStr>(what: &str, s: String) -> StorageResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| StorageError::Corrupt(format!("{what} {s:?}: {e}")))
+}
+
+/// Every row as records, in an order [`shelfsync_hub_core::Decider::from_records`] accepts
+/// (stores first), with at most `feed_retain` of the newest feed events.
+pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>> {
+    let mut out = Vec::new();
+    let mut stmt =
+        conn.prepare("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.push(Record::Store(StoreRecord {
+            id: col("store", r.get(0)?)?,
+            added_at_ms: r.get(1)?,
+            revoked_at_ms: r.get(2)?,
+            last_seen_ms: r.get(3)?,
+            holds_version: r.get(4)?,
+        }));
+    }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = conn.prepare("SELECT store, sku, writer, p, n, seq FROM counters")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.push(Record::Entry(shelfsync_hub_core::EntryRecord {
+            store: col("store", r.get(0)?)?,
+            sku: col("sku", r.get(1)?)?,
+            writer: adb::writer_col(r.get(2)?)?,
+            entry: PnEntry { p: r.get(3)?, n: r.get(4)? },
+            seq: r.get(5)?,
+        }));
+    }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = conn.prepare("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.push(Record::CatalogRule {
+            sku: col("sku", r.get(0)?)?,
+            rule: Some(CatalogRule {
+                safety_stock: r.get(1)?,
+                low_stock_threshold: r.get(2)?,
+                max_per_customer: r.get(3)?,
+                active: r.get(4)?,
+            }),
+        });
+    }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = conn.prepare("SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.push(Record::Overrides {
+            store: col("store", r.get(0)?)?,
+            sku: col("sku", r.get(1)?)?,
+            overrides: Overrides { safety_stock: r.get(2)?, low_stock_threshold: r.get(3)? },
+        });
+    }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = conn.prepare("SELECT kind, key, body FROM decisions")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (kind, key, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        out.push(match kind.as_str() {
+            "velocity" => {
+                let (store, sku) = cell_of(&key)?;
+                Record::Velocity { store, sku, velocity: parse(&kind, &key, &body)? }
+            }
+            "alert" => {
+                let (store, sku) = cell_of(&key)?;
+                Record::Alert { store, sku, state: parse(&kind, &key, &body)? }
+            }
+            "reservation" => Record::Reservation(parse(&kind, &key, &body)?),
+            "allocation" => Record::Allocation(parse(&kind, &key, &body)?),
+            "conflict" => Record::Conflict(parse(&kind, &key, &body)?),
+            "hub_request" => Record::HubRequest(parse(&kind, &key, &body)?),
+            "action_request" => Record::ActionRequest(parse(&kind, &key, &body)?),
+            other => return Err(StorageError::Corrupt(format!("unknown decisions kind {other:?}"))),
+        });
+    }
+    drop(rows);
+    drop(stmt);
+    let mut events = feed_page(conn, "SELECT body FROM feed ORDER BY cursor DESC LIMIT ?1", feed_retain as i64)?;
+    events.reverse();
+    out.extend(events.into_iter().map(Record::Feed));
+    if let Some(w) = adb::meta_get(conn, "writer")? {
+        out.push(Record::HubWriter(col("meta.writer", w)?));
+    }
+    if let Some(n) = adb::meta_get(conn, "id_counter")? {
+        out.push(Record::IdCounter(col("meta.id_counter", n)?));
+    }
+    Ok(out)
+}
+
+fn feed_page(conn: &Connection, sql: &str, arg: i64) -> StorageResult<Vec<FeedEvent>> {
+    conn.prepare_cached(sql)?
+        .query_map([arg], |r| r.get::<_, String>(0))?
+        .map(|b| parse::<FeedEvent>("feed", "", &b?))
+        .collect()
+}
+
+/// Feed events after `cursor` from storage (for cursors older than the decider keeps).
+pub fn feed_after(conn: &Connection, cursor: u64, limit: usize) -> StorageResult<Vec<FeedEvent>> {
+    let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+    conn.prepare_cached("SELECT body FROM feed WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")?
+        .query_map(params![cursor, limit as i64], |r| r.get::<_, String>(0))?
+        .map(|b| parse::<FeedEvent>("feed", "", &b?))
+        .collect()
+}
+
+/// The newest committed feed cursor.
+pub fn feed_head(conn: &Connection) -> StorageResult<u64> {
+    Ok(conn.query_row("SELECT MAX(cursor) FROM feed", [], |r| r.get::<_, Option<u64>>(0))?.unwrap_or(0))
+}
+
+/// Open reservations and conflicts that a hub from before the decider wrote in its own tables
+/// (databases below migration 6). The decider cannot read them: such a database must be settled
+/// (reservations committed or released, conflicts resolved) by the hub that wrote it.
+pub fn legacy_open_rows(conn: &Connection) -> StorageResult<i64> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if !(2..6).contains(&version) {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM reservations WHERE status IN ('held', 'committed'))
+              + (SELECT COUNT(*) FROM conflicts WHERE status = 'open')",
+        [],
+        |r| r.get(0),
+    )?)
+}
