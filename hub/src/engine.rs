@@ -47,8 +47,8 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::sqlite::SqliteStorage;
-use shelfsync_node::catalog::CatalogView;
 use crate::storage::*;
+use shelfsync_node::catalog::CatalogView;
 
 /// How the runtime runs.
 #[derive(Clone, Copy, Debug)]
@@ -217,16 +217,17 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the hub database, loads the decider from it and starts the decider thread. Blocking.
-    pub fn open(path: &std::path::Path, sql: crate::sqlite::SqliteOptions, opts: EngineOptions) -> StorageResult<Engine> {
+    pub fn open(
+        path: &std::path::Path,
+        sql: crate::sqlite::SqliteOptions,
+        opts: EngineOptions,
+    ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
         let opened = SqliteStorage::open_with(path, sql, opts.feed_retain)?;
         let db = opened.storage;
         let hub_writer = db.hub_writer();
-        let config = Config {
-            staleness: opts.staleness,
-            feed_retain: opts.feed_retain,
-            ..Config::new(hub_writer.clone())
-        };
+        let config =
+            Config { staleness: opts.staleness, feed_retain: opts.feed_retain, ..Config::new(hub_writer.clone()) };
         let records = opened.records.len();
         let mut d = Decider::from_records(config, rand::random::<u128>(), opened.records)
             .map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
@@ -250,7 +251,8 @@ impl Engine {
             .name("hub-decider".into())
             .spawn(move || decide_loop(state, rx, threads, batch_max, head_tx))
             .map_err(|e| StorageError::Backend(format!("spawning the decider thread: {e}")))?;
-        let engine = Engine { key: db.mac_key(), db, queue, hub_writer: Arc::new(RwLock::new(hub_writer)), change_head };
+        let engine =
+            Engine { key: db.mac_key(), db, queue, hub_writer: Arc::new(RwLock::new(hub_writer)), change_head };
         if let Some(old) = opened.restored_from {
             let why = "opened a restored backup".to_owned();
             tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
@@ -346,7 +348,9 @@ impl Engine {
                 "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
                  offline); switch one off, and its sales arrive under a new writer"
             }
-            AgentConflict::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+            AgentConflict::StoreRolledBack => {
+                "the store's files were put back; its later sales count under a new writer"
+            }
             AgentConflict::HubRolledBack => "the hub's files are older than what the store saw",
         }
         .to_owned();
@@ -424,6 +428,16 @@ impl Engine {
             Ok(())
         })
         .await?
+    }
+
+    /// A decision was refused for an unknown store: if the stores table has it (the admin CLI
+    /// added it while this hub runs), registers it with the decider and says to try again.
+    async fn learned_store(&self, r: &StorageResult<impl Sized>) -> bool {
+        let Err(StorageError::UnknownStore(s)) = r else { return false };
+        match self.db.store_rows().await {
+            Ok(rows) if rows.iter().any(|(id, _)| id == s) => self.sync_stores().await.is_ok(),
+            _ => false,
+        }
     }
 
     /// How many agents of a store may be connected at once.
@@ -687,15 +701,20 @@ impl Engine {
     /// A restock or transfer, idempotent by id.
     pub async fn hub_change(&self, req: HubChangeRequest, now: Now) -> StorageResult<HubChangeOutcome> {
         let journal = self.db.journal_head_cell();
-        let outcome = self
-            .run(move |st, _| {
+        let attempt = |req: HubChangeRequest, now: Now| {
+            self.run(move |st, _| {
                 st.connected(&now.connected);
                 match st.decide(Command::HubChange(req), now.ms)? {
                     Done::HubChanged(c) => Ok(c),
                     other => Err(unexpected(other)),
                 }
             })
-            .await??;
+        };
+        let mut outcome = attempt(req.clone(), now.clone()).await?;
+        if self.learned_store(&outcome).await {
+            outcome = attempt(req, now).await?;
+        }
+        let outcome = outcome?;
         Ok(HubChangeOutcome {
             created: outcome.created,
             response: outcome.response,
@@ -707,14 +726,20 @@ impl Engine {
 
     /// Reserves all lines or none (idempotent by reservation id).
     pub async fn create_reservation(&self, req: ReservationRequest, now: Now) -> StorageResult<Written> {
-        self.run(move |st, _| {
-            st.connected(&now.connected);
-            match st.decide(Command::Reserve(req), now.ms)? {
-                Done::Reserved(w) => Ok(w),
-                other => Err(unexpected(other)),
-            }
-        })
-        .await?
+        let attempt = |req: ReservationRequest, now: Now| {
+            self.run(move |st, _| {
+                st.connected(&now.connected);
+                match st.decide(Command::Reserve(req), now.ms)? {
+                    Done::Reserved(w) => Ok(w),
+                    other => Err(unexpected(other)),
+                }
+            })
+        };
+        let first = attempt(req.clone(), now.clone()).await?;
+        if self.learned_store(&first).await {
+            return attempt(req, now).await?;
+        }
+        first
     }
 
     /// A reservation's current state.
@@ -808,7 +833,9 @@ impl Engine {
         let items: Vec<(Sku, Option<CatalogRule>)> = c
             .items
             .iter()
-            .map(|(sku, item)| Ok((sku.parse::<Sku>().map_err(|e| StorageError::Invalid(format!("{e}")))?, item.as_ref().map(rule_of))))
+            .map(|(sku, item)| {
+                Ok((sku.parse::<Sku>().map_err(|e| StorageError::Invalid(format!("{e}")))?, item.as_ref().map(rule_of)))
+            })
             .collect::<StorageResult<_>>()?;
         let overrides = match &c.overrides {
             Some((store, rows)) => Some((
@@ -862,7 +889,11 @@ impl Engine {
         self.run(move |st, _| {
             skus.iter()
                 .flat_map(|sku| {
-                    st.d.stock_of(sku).into_iter().map(|(store, on_hand)| StoreStock { store, sku: sku.clone(), on_hand })
+                    st.d.stock_of(sku).into_iter().map(|(store, on_hand)| StoreStock {
+                        store,
+                        sku: sku.clone(),
+                        on_hand,
+                    })
                 })
                 .collect()
         })
@@ -870,7 +901,25 @@ impl Engine {
     }
 
     /// A page of one store's stock in SKU order.
-    pub async fn store_stock(&self, store: StoreId, after: Option<Sku>, limit: usize) -> StorageResult<Vec<StoreStock>> {
+    pub async fn store_stock(
+        &self,
+        store: StoreId,
+        after: Option<Sku>,
+        limit: usize,
+    ) -> StorageResult<Vec<StoreStock>> {
+        let first = self.store_stock_once(store.clone(), after.clone(), limit).await;
+        if self.learned_store(&first).await {
+            return self.store_stock_once(store, after, limit).await;
+        }
+        first
+    }
+
+    async fn store_stock_once(
+        &self,
+        store: StoreId,
+        after: Option<Sku>,
+        limit: usize,
+    ) -> StorageResult<Vec<StoreStock>> {
         self.run(move |st, _| match st.d.store_stock(&store, after.as_ref(), limit) {
             None => Err(StorageError::UnknownStore(store)),
             Some(rows) => {
@@ -895,9 +944,9 @@ fn retirement_cmd(store: &StoreId, r: &Retirement) -> Command {
     let kind = match r.reason {
         RetireReason::RolledBack => AgentConflict::StoreRolledBack,
     };
-    let window = r.window_ms.map(|(a, b)| {
-        serde_json::json!({"from": shelfsync_shared::rfc3339(a), "to": shelfsync_shared::rfc3339(b)})
-    });
+    let window = r
+        .window_ms
+        .map(|(a, b)| serde_json::json!({"from": shelfsync_shared::rfc3339(a), "to": shelfsync_shared::rfc3339(b)}));
     let details = serde_json::json!({
         "old_writer": r.old.to_string(),
         "new_writer": r.new.to_string(),
@@ -936,7 +985,9 @@ fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> Storage
 }
 
 fn stopped() -> StorageError {
-    StorageError::Stopped("the hub is stopping after a storage failure (fail-stop); retry against the restarted hub".into())
+    StorageError::Stopped(
+        "the hub is stopping after a storage failure (fail-stop); retry against the restarted hub".into(),
+    )
 }
 
 fn unexpected(done: Done) -> StorageError {
@@ -1031,5 +1082,71 @@ impl From<&shelfsync_hub_core::FeedEvent> for ChangeEvent {
             at: shelfsync_shared::rfc3339(e.at_ms),
             data: e.data_json(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteOptions;
+    use shelfsync_node::http::ApiError;
+
+    fn engine(dir: &std::path::Path, queue_max: usize) -> Engine {
+        let path = dir.join("hub.db");
+        SqliteStorage::create(&path).unwrap();
+        Engine::open(&path, SqliteOptions::default(), EngineOptions { queue_max, ..EngineOptions::default() }).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_answers_busy_at_once_and_loses_nothing_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path(), 2);
+        // Hold the decider inside a job until the test lets go.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let held = e
+            .enqueue(move |_, _| {
+                started_tx.send(()).unwrap();
+                gate_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        let add = |s: &str| {
+            let store: StoreId = s.parse().unwrap();
+            e.enqueue(move |st, _| st.decide(Command::AddStore { store }, 1))
+        };
+        let (a, b) = (add("s1").unwrap(), add("s2").unwrap());
+        let refused = add("s3");
+        assert!(matches!(refused, Err(StorageError::Busy)), "a full queue refuses at once");
+        let api = ApiError::from(StorageError::Busy);
+        assert_eq!((api.status.as_u16(), api.retry_after_secs), (503, Some(1)));
+        gate_tx.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        a.await.unwrap().unwrap().unwrap();
+        b.await.unwrap().unwrap().unwrap();
+        let stores: Vec<String> =
+            e.run(|st, _| st.d.stores()).await.unwrap().into_iter().map(|s| s.id.to_string()).collect();
+        assert_eq!(stores, ["s1", "s2"], "what was taken is decided; the refused one is not");
+        // ...and committed: the stores table has them once the answers came.
+        let rows: Vec<String> = e.db.store_rows().await.unwrap().into_iter().map(|(s, _)| s.to_string()).collect();
+        assert_eq!(rows, ["s1", "s2"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_wait_for_the_commit_of_what_they_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path(), 64);
+        let store: StoreId = "s1".parse().unwrap();
+        // A write and a read queued back to back: the read sees the write, and is answered only
+        // once the write's batch is durable (the row is in the table when the read answers).
+        let s = store.clone();
+        let write = e.enqueue(move |st, _| st.decide(Command::AddStore { store: s }, 1)).unwrap();
+        let s = store.clone();
+        let read = e.enqueue(move |st, _| st.d.store(&s).is_some()).unwrap();
+        assert!(read.await.unwrap().unwrap(), "the read sees the decision before it");
+        let conn = rusqlite::Connection::open(dir.path().join("hub.db")).unwrap();
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM stores WHERE id = 's1'", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1, "and that decision was committed before the read was answered");
+        write.await.unwrap().unwrap().unwrap();
     }
 }

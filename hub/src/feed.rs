@@ -17,8 +17,8 @@ use sha2::Sha256;
 use shelfsync_node::http::{ApiError, ApiQuery};
 
 use crate::api::{parse_cursor, ApiState};
-use crate::metrics::Metrics;
 use crate::engine::ChangeEvent;
+use crate::metrics::Metrics;
 use crate::state::Hub;
 
 /// Events read from storage per round trip.

@@ -58,7 +58,13 @@ pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
                                                 stores.last_seen_ms, excluded.last_seen_ms),
                         holds_version = excluded.holds_version",
                 )?
-                .execute(params![s.id.as_str(), s.added_at_ms, s.revoked_at_ms, s.last_seen_ms, s.holds_version])?;
+                .execute(params![
+                    s.id.as_str(),
+                    s.added_at_ms,
+                    s.revoked_at_ms,
+                    s.last_seen_ms,
+                    s.holds_version
+                ])?;
             }
             Record::Entry(e) => {
                 conn.prepare_cached(
@@ -146,7 +152,8 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
     }
     drop(rows);
     drop(stmt);
-    let mut stmt = conn.prepare("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items")?;
+    let mut stmt =
+        conn.prepare("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items")?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         out.push(Record::CatalogRule {

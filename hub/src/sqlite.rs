@@ -173,11 +173,7 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions {
-            synchronous: Synchronous::Full,
-            group_commit_max: 512,
-            readers: 2,
-        }
+        SqliteOptions { synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
     }
 }
 
@@ -731,5 +727,4 @@ impl SqliteStorage {
         })
         .boxed()
     }
-
 }

@@ -9,8 +9,8 @@ use shelfsync_node::db::Heads;
 use shelfsync_shared::{Sku, StoreId};
 use tokio::sync::{broadcast, watch};
 
-use crate::metrics::Metrics;
 use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::storage::{HubHeads, StorageError};
 use shelfsync_shared::lineage::Boot;
 use shelfsync_shared::WriterId;

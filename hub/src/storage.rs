@@ -206,8 +206,6 @@ pub struct Applied {
 
 pub use shelfsync_hub_core::{ChangedLine, HubChange, QtyLine};
 
-
-
 /// Outcome of a hub change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HubChangeOutcome {

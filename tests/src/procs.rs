@@ -105,6 +105,17 @@ impl Proc {
         self.early_lines.iter().find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.trim().to_owned()))
     }
 
+    /// Waits (at most `deadline`) for the process to exit by itself; its status.
+    pub async fn exited(mut self, deadline: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(s) => s.expect("waiting for the child"),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                panic!("{} did not exit within {deadline:?}", self.name)
+            }
+        }
+    }
+
     /// `kill -9`: no shutdown, no flush, no goodbye.
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("SIGKILL");

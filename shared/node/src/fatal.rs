@@ -32,7 +32,10 @@ pub fn is_stopping() -> bool {
 
 /// Stops the process because of `reason` (once; later calls only log).
 pub fn stop(reason: &str) {
-    tracing::error!(reason, "fail-stop: this process can no longer trust its state; stopping (a restart reloads what was committed)");
+    tracing::error!(
+        reason,
+        "fail-stop: this process can no longer trust its state; stopping (a restart reloads what was committed)"
+    );
     if STOPPING.swap(true, Ordering::SeqCst) {
         return;
     }

@@ -32,7 +32,12 @@ impl From<rusqlite::Error> for SqliteError {
 }
 
 type Finisher = Box<dyn FnOnce(Option<&SqliteError>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+
+/// A write: `run` inside the group's transaction, or `abort` when no transaction could start.
+struct WriteJob {
+    run: Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>,
+    abort: Box<dyn FnOnce(&SqliteError) + Send>,
+}
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
 /// Called on the writer thread after every successful commit (e.g. to publish new heads).
@@ -76,17 +81,28 @@ impl SqliteThreads {
         E: From<SqliteError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<R, E>>();
-        let job: WriteJob = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let finish: Finisher = Box::new(move |commit_error| {
-                let _ = tx.send(match commit_error {
-                    Some(e) if ok => Err(E::from(e.clone())),
-                    _ => result,
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let tx2 = tx.clone();
+        let job = WriteJob {
+            run: Box::new(move |conn| {
+                let result = f(conn);
+                let ok = result.is_ok();
+                let finish: Finisher = Box::new(move |commit_error| {
+                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(match commit_error {
+                            Some(e) if ok => Err(E::from(e.clone())),
+                            _ => result,
+                        });
+                    }
                 });
-            });
-            (ok, finish)
-        });
+                (ok, finish)
+            }),
+            abort: Box::new(move |e| {
+                if let Some(tx) = tx2.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(Err(E::from(e.clone())));
+                }
+            }),
+        };
         self.writer.send(job).await.map_err(|_| E::from(SqliteError::Closed))?;
         rx.await.map_err(|_| E::from(SqliteError::Closed))?
     }
@@ -99,17 +115,28 @@ impl SqliteThreads {
         f: impl FnOnce(&Connection) -> Result<(), SqliteError> + Send + 'static,
         done: impl FnOnce(Result<(), SqliteError>) + Send + 'static,
     ) -> Result<(), SqliteError> {
-        let job: WriteJob = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let finish: Finisher = Box::new(move |commit_error| {
-                done(match commit_error {
-                    Some(e) if ok => Err(e.clone()),
-                    _ => result,
-                })
-            });
-            (ok, finish)
-        });
+        let done = Arc::new(Mutex::new(Some(done)));
+        let done2 = done.clone();
+        let job = WriteJob {
+            run: Box::new(move |conn| {
+                let result = f(conn);
+                let ok = result.is_ok();
+                let finish: Finisher = Box::new(move |commit_error| {
+                    if let Some(done) = done.lock().ok().and_then(|mut d| d.take()) {
+                        done(match commit_error {
+                            Some(e) if ok => Err(e.clone()),
+                            _ => result,
+                        })
+                    }
+                });
+                (ok, finish)
+            }),
+            abort: Box::new(move |e| {
+                if let Some(done) = done2.lock().ok().and_then(|mut d| d.take()) {
+                    done(Err(e.clone()))
+                }
+            }),
+        };
         self.writer.blocking_send(job).map_err(|_| SqliteError::Closed)
     }
 
@@ -140,17 +167,21 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, m
             }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            // Dropping the jobs answers their callers with `Closed`; log the cause here.
             tracing::error!(error = %e, jobs = batch.len(), "cannot begin a transaction; refusing the batch");
-            batch.clear();
+            let e = SqliteError::from(e);
+            for job in batch.drain(..) {
+                (job.abort)(&e);
+            }
             continue;
         }
         for job in batch.drain(..) {
             if let Err(e) = conn.execute_batch("SAVEPOINT job") {
                 tracing::error!(error = %e, "cannot open a savepoint");
+                (job.abort)(&SqliteError::from(e));
                 continue;
             }
-            let (ok, finish) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn))) {
+            let run = job.run;
+            let (ok, finish) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&conn))) {
                 Ok(r) => r,
                 Err(_) => {
                     let _ = conn.execute_batch("ROLLBACK");
