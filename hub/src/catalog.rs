@@ -1,7 +1,7 @@
 //! The hub's side of the catalog: the authoritative catalog document (edited by the admin API,
 //! CSV imports and the CLI), each store's overrides replica, and the automerge sync towards the
-//! stores. Edits are serialised per document (one async lock), so chunks persist in the order
-//! they were made.
+//! stores. The documents belong to one actor thread ([`HubCatalog`] is its handle), so automerge
+//! work never runs on an async worker; changes persist in the order they were made.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -84,10 +84,22 @@ impl CatalogStore for crate::engine::Engine {
 /// Most rows in one CSV import.
 pub const IMPORT_ROWS_MAX: usize = 200_000;
 
-/// The catalog at the hub.
+/// The documents, owned by the catalog's actor thread: every automerge operation (edits,
+/// merges of chunks and of stores' sync messages, message generation) runs there, never on an
+/// async worker.
+struct Docs {
+    catalog: TrackedDoc,
+    overrides: HashMap<StoreId, TrackedDoc>,
+}
+
+type DocsJob = Box<dyn FnOnce(&mut Docs) + Send>;
+
+/// The catalog at the hub: a handle to the actor thread that owns the documents.
 pub struct HubCatalog {
-    doc: Mutex<TrackedDoc>,
-    overrides: Mutex<HashMap<StoreId, TrackedDoc>>,
+    jobs: std::sync::mpsc::Sender<DocsJob>,
+    /// Serialises the changes that persist (edits, picked-up chunks, received messages), so
+    /// chunks persist in the order the documents made them.
+    persist: Mutex<()>,
     /// The newest catalog chunk this process has loaded.
     seen: AtomicI64,
 }
@@ -102,11 +114,32 @@ pub enum Edit {
 }
 
 impl HubCatalog {
-    /// Loads the catalog document.
+    /// Loads the catalog document and starts the actor thread that owns it (it stops when the
+    /// handle is dropped).
     pub async fn load(storage: &impl CatalogStore) -> StorageResult<Arc<HubCatalog>> {
         let doc = storage.load_doc(CATALOG_DOC.into()).await?;
         let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
-        Ok(Arc::new(HubCatalog { doc: Mutex::new(doc), overrides: Mutex::default(), seen: AtomicI64::new(seen) }))
+        let (jobs, rx) = std::sync::mpsc::channel::<DocsJob>();
+        let mut docs = Docs { catalog: doc, overrides: HashMap::new() };
+        std::thread::Builder::new()
+            .name("hub-catalog".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut docs);
+                }
+            })
+            .map_err(|e| StorageError::Backend(format!("spawning the catalog thread: {e}")))?;
+        Ok(Arc::new(HubCatalog { jobs, persist: Mutex::new(()), seen: AtomicI64::new(seen) }))
+    }
+
+    /// Runs `f` on the documents (on the actor thread).
+    async fn with_docs<R: Send + 'static>(&self, f: impl FnOnce(&mut Docs) -> R + Send + 'static) -> R {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: DocsJob = Box::new(move |docs| {
+            let _ = tx.send(f(docs));
+        });
+        self.jobs.send(job).expect("the catalog thread runs while the hub does");
+        rx.await.expect("the catalog thread answers every job")
     }
 
     /// Applies edits (all or none: any invalid entry refuses the whole batch) and persists them.
@@ -115,30 +148,36 @@ impl HubCatalog {
         storage: &impl CatalogStore,
         edits: Vec<(Sku, Edit)>,
     ) -> StorageResult<Vec<(Sku, CatalogItem)>> {
-        let mut doc = self.doc.lock().await;
-        // Validate everything against the current document before touching it.
-        let mut planned = Vec::with_capacity(edits.len());
-        for (i, (sku, e)) in edits.iter().enumerate() {
-            let item = match e {
-                Edit::Put(item) => {
-                    item.validate().map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?;
-                    item.clone()
+        let _order = self.persist.lock().await;
+        let (planned, commit) = self
+            .with_docs(move |docs| -> StorageResult<_> {
+                let doc = &mut docs.catalog;
+                // Validate everything against the current document before touching it.
+                let mut planned = Vec::with_capacity(edits.len());
+                for (i, (sku, e)) in edits.iter().enumerate() {
+                    let item = match e {
+                        Edit::Put(item) => {
+                            item.validate().map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?;
+                            item.clone()
+                        }
+                        Edit::Patch(p) => p
+                            .apply_to(cat::read_item(&doc.doc, sku.as_str()))
+                            .map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?,
+                    };
+                    planned.push((sku.clone(), item));
                 }
-                Edit::Patch(p) => p
-                    .apply_to(cat::read_item(&doc.doc, sku.as_str()))
-                    .map_err(|err| StorageError::Invalid(prefix(edits.len(), i, sku, err)))?,
-            };
-            planned.push((sku.clone(), item));
-        }
-        for (sku, item) in &planned {
-            cat::write_item(&mut doc.doc, sku.as_str(), item)?;
-        }
-        let write = doc.take_write();
-        let skus: BTreeSet<String> = planned.iter().map(|(s, _)| s.to_string()).collect();
-        let items = cat::item_rows(&doc.doc, &skus);
+                for (sku, item) in &planned {
+                    cat::write_item(&mut doc.doc, sku.as_str(), item)?;
+                }
+                let write = doc.take_write();
+                let skus: BTreeSet<String> = planned.iter().map(|(s, _)| s.to_string()).collect();
+                let items = cat::item_rows(&doc.doc, &skus);
+                Ok((planned, CatalogCommit { write, items, ..Default::default() }))
+            })
+            .await?;
         // `seen` is left to `refresh`: another process may have appended a chunk just before ours,
         // and re-reading our own chunk there is a no-op merge.
-        storage.catalog_commit(CatalogCommit { write, items, ..Default::default() }).await?;
+        storage.catalog_commit(commit).await?;
         Ok(planned)
     }
 
@@ -147,25 +186,33 @@ impl HubCatalog {
     pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<bool> {
         let after = self.seen.load(Ordering::SeqCst);
         let chunks = storage.doc_chunks_after(CATALOG_DOC.into(), after).await?;
-        if chunks.is_empty() {
-            return Ok(false);
+        let Some(last) = chunks.last().map(|c| c.0) else { return Ok(false) };
+        let _order = self.persist.lock().await;
+        let commit = self
+            .with_docs(move |docs| -> StorageResult<_> {
+                let doc = &mut docs.catalog;
+                let before = doc.doc.get_heads();
+                for (_, bytes) in &chunks {
+                    doc.doc.load_incremental(bytes).map_err(CatalogError::from)?;
+                }
+                // Already persisted: mark as saved.
+                let _ = doc.doc.save_incremental();
+                let after_heads = doc.doc.get_heads();
+                if before == after_heads {
+                    return Ok(None);
+                }
+                let skus = cat::changed_skus(&mut doc.doc, &before, &after_heads, 1);
+                Ok(Some(CatalogCommit { items: cat::item_rows(&doc.doc, &skus), ..Default::default() }))
+            })
+            .await?;
+        self.seen.fetch_max(last, Ordering::SeqCst);
+        match commit {
+            None => Ok(false),
+            Some(c) => {
+                storage.catalog_commit(c).await?;
+                Ok(true)
+            }
         }
-        let mut doc = self.doc.lock().await;
-        let before = doc.doc.get_heads();
-        for (_, bytes) in &chunks {
-            doc.doc.load_incremental(bytes).map_err(CatalogError::from)?;
-        }
-        // Already persisted: mark as saved.
-        let _ = doc.doc.save_incremental();
-        let after_heads = doc.doc.get_heads();
-        self.seen.fetch_max(chunks.last().map_or(after, |c| c.0), Ordering::SeqCst);
-        if before == after_heads {
-            return Ok(false);
-        }
-        let skus = cat::changed_skus(&mut doc.doc, &before, &after_heads, 1);
-        let items = cat::item_rows(&doc.doc, &skus);
-        storage.catalog_commit(CatalogCommit { items, ..Default::default() }).await?;
-        Ok(true)
     }
 
     /// A store connected: its persisted sync states and the first messages.
@@ -180,20 +227,29 @@ impl HubCatalog {
     ) -> StorageResult<PeerSync> {
         let catalog_state = storage.sync_state(CATALOG_DOC.into(), peer.to_string()).await?;
         let overrides_state = storage.sync_state(cat::overrides_doc(store), peer.to_string()).await?;
-        {
-            let mut map = self.overrides.lock().await;
-            if !map.contains_key(store) {
-                let d = storage.load_doc(cat::overrides_doc(store)).await?;
-                map.insert(store.clone(), d);
-            }
+        let s = store.clone();
+        if !self.with_docs(move |docs| docs.overrides.contains_key(&s)).await {
+            let d = storage.load_doc(cat::overrides_doc(store)).await?;
+            let s = store.clone();
+            self.with_docs(move |docs| {
+                docs.overrides.entry(s).or_insert(d);
+            })
+            .await;
         }
         Ok(PeerSync { store: store.clone(), peer: peer.to_string(), catalog_state, overrides_state })
     }
 
     /// The catalog changed: the next message for this peer.
     pub async fn catalog_message(&self, peer: &mut PeerSync) -> Option<Vec<u8>> {
-        let mut doc = self.doc.lock().await;
-        cat::generate(&mut doc.doc, &mut peer.catalog_state)
+        let mut state = std::mem::take(&mut peer.catalog_state);
+        let (m, state) = self
+            .with_docs(move |docs| {
+                let m = cat::generate(&mut docs.catalog.doc, &mut state);
+                (m, state)
+            })
+            .await;
+        peer.catalog_state = state;
+        m
     }
 
     /// First messages for a new connection (both documents).
@@ -202,11 +258,16 @@ impl HubCatalog {
         if let Some(m) = self.catalog_message(peer).await {
             out.push((CatalogDoc::Catalog, m));
         }
-        let mut map = self.overrides.lock().await;
-        if let Some(d) = map.get_mut(&peer.store) {
-            if let Some(m) = cat::generate(&mut d.doc, &mut peer.overrides_state) {
-                out.push((CatalogDoc::Overrides, m));
-            }
+        let (store, mut state) = (peer.store.clone(), std::mem::take(&mut peer.overrides_state));
+        let (m, state) = self
+            .with_docs(move |docs| {
+                let m = docs.overrides.get_mut(&store).and_then(|d| cat::generate(&mut d.doc, &mut state));
+                (m, state)
+            })
+            .await;
+        peer.overrides_state = state;
+        if let Some(m) = m {
+            out.push((CatalogDoc::Overrides, m));
         }
         out
     }
@@ -221,44 +282,55 @@ impl HubCatalog {
         bytes: &[u8],
     ) -> Result<Option<Vec<u8>>, CatalogError> {
         let store = peer.store.clone();
-        match doc {
+        let who = peer.peer.clone();
+        let bytes = bytes.to_vec();
+        let _order = self.persist.lock().await;
+        let (reply, commit) = match doc {
             CatalogDoc::Catalog => {
-                let mut d = self.doc.lock().await;
-                cat::receive(&mut d.doc, &mut peer.catalog_state, bytes, 1, false)?;
-                let reply = cat::generate(&mut d.doc, &mut peer.catalog_state);
-                let states = vec![(CATALOG_DOC.to_string(), peer.peer.clone(), peer.catalog_state.encode())];
-                storage
-                    .catalog_commit(CatalogCommit { sync_states: states, ..Default::default() })
-                    .await
-                    .map_err(storage_to_catalog)?;
-                Ok(reply)
+                let mut state = std::mem::take(&mut peer.catalog_state);
+                let (r, state) = self
+                    .with_docs(move |docs| {
+                        let r = cat::receive(&mut docs.catalog.doc, &mut state, &bytes, 1, false)
+                            .map(|_| cat::generate(&mut docs.catalog.doc, &mut state));
+                        (r, state)
+                    })
+                    .await;
+                let states = vec![(CATALOG_DOC.to_string(), who, state.encode())];
+                peer.catalog_state = state;
+                (r?, CatalogCommit { sync_states: states, ..Default::default() })
             }
             CatalogDoc::Overrides => {
-                let mut map = self.overrides.lock().await;
-                let d = map.entry(store.clone()).or_insert_with(|| TrackedDoc::empty(&cat::overrides_doc(&store)));
-                let changed = cat::receive(&mut d.doc, &mut peer.overrides_state, bytes, 0, true)?;
-                let write = d.take_write();
-                let rows = cat::override_rows(&d.doc, &changed);
-                let reply = cat::generate(&mut d.doc, &mut peer.overrides_state);
-                let states = vec![(cat::overrides_doc(&store), peer.peer.clone(), peer.overrides_state.encode())];
-                storage
-                    .catalog_commit(CatalogCommit {
-                        write,
-                        overrides: (!rows.is_empty()).then(|| (store.clone(), rows)),
-                        sync_states: states,
-                        ..Default::default()
+                let mut state = std::mem::take(&mut peer.overrides_state);
+                let s = store.clone();
+                let (r, state) = self
+                    .with_docs(move |docs| {
+                        let d = docs
+                            .overrides
+                            .entry(s.clone())
+                            .or_insert_with(|| TrackedDoc::empty(&cat::overrides_doc(&s)));
+                        let r = cat::receive(&mut d.doc, &mut state, &bytes, 0, true).map(|changed| {
+                            let write = d.take_write();
+                            let rows = cat::override_rows(&d.doc, &changed);
+                            (cat::generate(&mut d.doc, &mut state), write, rows)
+                        });
+                        (r, state)
                     })
-                    .await
-                    .map_err(storage_to_catalog)?;
-                Ok(reply)
+                    .await;
+                let states = vec![(cat::overrides_doc(&store), who, state.encode())];
+                peer.overrides_state = state;
+                let (reply, write, rows) = r?;
+                let overrides = (!rows.is_empty()).then(|| (store.clone(), rows));
+                (reply, CatalogCommit { write, overrides, sync_states: states, ..Default::default() })
             }
-        }
+        };
+        storage.catalog_commit(commit).await.map_err(storage_to_catalog)?;
+        Ok(reply)
     }
 
     /// Approximate memory held by the catalog document (its saved size is a lower bound; used by
     /// the benchmark next to the process's resident set).
     pub async fn saved_len(&self) -> usize {
-        self.doc.lock().await.doc.save().len()
+        self.with_docs(|docs| docs.catalog.doc.save().len()).await
     }
 }
 
