@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use shelfsync_node::catalog;
 use shelfsync_node::config::Synchronous;
@@ -462,7 +460,8 @@ fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> Storage
 }
 
 impl SqliteStorage {
-    pub fn add_store(&self, store: StoreId, cert: CertRecord) -> BoxFuture<'_, StorageResult<()>> {
+    /// Registers a store with its first certificate (refused when it exists).
+    pub async fn add_store(&self, store: StoreId, cert: CertRecord) -> StorageResult<()> {
         self.write(move |conn| {
             if store_exists(conn, &store)?.is_some() {
                 return Err(StorageError::StoreExists(store));
@@ -475,19 +474,21 @@ impl SqliteStorage {
             )?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 
-    pub fn set_max_agents(&self, store: StoreId, max: u32) -> BoxFuture<'_, StorageResult<()>> {
+    /// How many agents of a store may be connected at once.
+    pub async fn set_max_agents(&self, store: StoreId, max: u32) -> StorageResult<()> {
         self.write(move |conn| {
             require_store(conn, &store)?;
             conn.execute("UPDATE stores SET max_agents = ?2 WHERE id = ?1", params![store.as_str(), max])?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 
-    pub fn revoke_store(&self, store: StoreId) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+    /// Revokes a store and all its certificates; returns the revoked serials.
+    pub async fn revoke_store(&self, store: StoreId) -> StorageResult<Vec<String>> {
         self.write(move |conn| {
             if store_exists(conn, &store)?.is_none() {
                 return Err(StorageError::UnknownStore(store));
@@ -507,20 +508,22 @@ impl SqliteStorage {
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(serials)
         })
-        .boxed()
+        .await
     }
 
-    pub fn revoked_serials(&self) -> BoxFuture<'_, StorageResult<Vec<(String, i64)>>> {
+    /// Every revoked certificate serial with its revocation time (for the CRL).
+    pub async fn revoked_serials(&self) -> StorageResult<Vec<(String, i64)>> {
         self.read(|conn| {
             Ok(conn
                 .prepare("SELECT serial, revoked_at_ms FROM certs WHERE revoked_at_ms IS NOT NULL ORDER BY serial")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?)
         })
-        .boxed()
+        .await
     }
 
-    pub fn check_cert(&self, store: StoreId, serial: String) -> BoxFuture<'_, StorageResult<()>> {
+    /// Whether a connecting certificate is acceptable: known, for that store, not revoked.
+    pub async fn check_cert(&self, store: StoreId, serial: String) -> StorageResult<()> {
         self.read(move |conn| {
             require_store(conn, &store)?;
             let row: Option<(String, Option<i64>)> = conn
@@ -537,10 +540,11 @@ impl SqliteStorage {
                 Some((_, None)) => Ok(()),
             }
         })
-        .boxed()
+        .await
     }
 
-    pub fn stores(&self) -> BoxFuture<'_, StorageResult<Vec<StoreInfo>>> {
+    /// All stores with their writers' watermarks, by id.
+    pub async fn stores(&self) -> StorageResult<Vec<StoreInfo>> {
         self.read(|conn| {
             let mut out = Vec::new();
             let rows = conn
@@ -581,30 +585,36 @@ impl SqliteStorage {
             }
             Ok(out)
         })
-        .boxed()
+        .await
     }
 
-    pub fn add_token(&self, token: crate::tokens::NewToken) -> BoxFuture<'_, StorageResult<crate::tokens::TokenInfo>> {
-        self.write(move |conn| crate::tokens::insert(conn, &token, now_ms())).boxed()
+    /// Stores a new API token (its hash only) and returns its record.
+    pub async fn add_token(&self, token: crate::tokens::NewToken) -> StorageResult<crate::tokens::TokenInfo> {
+        self.write(move |conn| crate::tokens::insert(conn, &token, now_ms())).await
     }
 
-    pub fn token_by_hash(&self, hash: Vec<u8>) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
-        self.read(move |conn| crate::tokens::by_hash(conn, &hash)).boxed()
+    /// The token with this hash, whatever its status (one point read: it runs on every request).
+    pub async fn token_by_hash(&self, hash: Vec<u8>) -> StorageResult<Option<crate::tokens::TokenInfo>> {
+        self.read(move |conn| crate::tokens::by_hash(conn, &hash)).await
     }
 
-    pub fn tokens(&self) -> BoxFuture<'_, StorageResult<Vec<crate::tokens::TokenInfo>>> {
-        self.read(crate::tokens::list).boxed()
+    /// Every token, oldest first.
+    pub async fn tokens(&self) -> StorageResult<Vec<crate::tokens::TokenInfo>> {
+        self.read(crate::tokens::list).await
     }
 
-    pub fn revoke_token(&self, id: Uuid) -> BoxFuture<'_, StorageResult<Option<crate::tokens::TokenInfo>>> {
-        self.write(move |conn| crate::tokens::revoke(conn, id, now_ms())).boxed()
+    /// Revokes a token by id; `None` if there is none.
+    pub async fn revoke_token(&self, id: Uuid) -> StorageResult<Option<crate::tokens::TokenInfo>> {
+        self.write(move |conn| crate::tokens::revoke(conn, id, now_ms())).await
     }
 
-    pub fn touch_token(&self, id: Uuid, at_ms: i64) -> BoxFuture<'_, StorageResult<()>> {
-        self.write(move |conn| crate::tokens::touch(conn, id, at_ms)).boxed()
+    /// Records that a token was used at `at_ms`.
+    pub async fn touch_token(&self, id: Uuid, at_ms: i64) -> StorageResult<()> {
+        self.write(move |conn| crate::tokens::touch(conn, id, at_ms)).await
     }
 
-    pub fn lookup_peer(&self, store: StoreId, writer: WriterId) -> BoxFuture<'_, StorageResult<PeerMarks>> {
+    /// What the hub applied from an agent writer (zero if never seen).
+    pub async fn lookup_peer(&self, store: StoreId, writer: WriterId) -> StorageResult<PeerMarks> {
         self.read(move |conn| {
             let row: Option<(u64, u64, Option<Vec<u8>>)> = conn
                 .prepare_cached("SELECT applied, journal_applied, lineage FROM peers WHERE store = ?1 AND writer = ?2")?
@@ -617,20 +627,22 @@ impl SqliteStorage {
             let (applied, journal_applied, lineage) = row.unwrap_or_default();
             Ok(PeerMarks { applied, journal_applied, lineage: lineage_col(lineage)?, max_agents })
         })
-        .boxed()
+        .await
     }
 
-    pub fn set_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>> {
+    /// Records that an agent writer acked hub counter sequences up to `upto`.
+    pub async fn set_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> StorageResult<()> {
         self.write(move |conn| {
             ensure_peer(conn, &store, &peer)?;
             conn.prepare_cached("UPDATE peers SET acked = ?3, last_seen_ms = ?4 WHERE store = ?1 AND writer = ?2")?
                 .execute(params![store.as_str(), peer.to_string(), upto, now_ms()])?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 
-    pub fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> BoxFuture<'_, StorageResult<JournalRead>> {
+    /// Hub-authored journal events of `store` above `after`.
+    pub async fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> StorageResult<JournalRead> {
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let mut stmt = tx.prepare_cached(
@@ -650,47 +662,55 @@ impl SqliteStorage {
             tx.finish()?;
             Ok(JournalRead { upto, events })
         })
-        .boxed()
+        .await
     }
 
-    pub fn set_journal_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> BoxFuture<'_, StorageResult<()>> {
+    /// Records that an agent writer acked hub journal sequences up to `upto`.
+    pub async fn set_journal_acked(&self, store: StoreId, peer: WriterId, upto: u64) -> StorageResult<()> {
         self.write(move |conn| {
             ensure_peer(conn, &store, &peer)?;
             conn.prepare_cached("UPDATE peers SET journal_acked = ?3 WHERE store = ?1 AND writer = ?2")?
                 .execute(params![store.as_str(), peer.to_string(), upto])?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 
-    pub fn load_doc(&self, name: String) -> BoxFuture<'_, StorageResult<TrackedDoc>> {
-        self.read(move |conn| Ok(TrackedDoc::load(conn, &name)?)).boxed()
+    /// Loads a replicated document.
+    pub async fn load_doc(&self, name: String) -> StorageResult<TrackedDoc> {
+        self.read(move |conn| Ok(TrackedDoc::load(conn, &name)?)).await
     }
 
-    pub fn sync_state(&self, doc: String, peer: String) -> BoxFuture<'_, StorageResult<automerge::sync::State>> {
-        self.read(move |conn| Ok(catalog::load_sync_state(conn, &doc, &peer)?)).boxed()
+    /// The persisted automerge sync state of (`doc`, `peer`).
+    pub async fn sync_state(&self, doc: String, peer: String) -> StorageResult<automerge::sync::State> {
+        self.read(move |conn| Ok(catalog::load_sync_state(conn, &doc, &peer)?)).await
     }
 
-    pub fn doc_chunks_after(&self, doc: String, after: i64) -> BoxFuture<'_, StorageResult<Vec<(i64, Vec<u8>)>>> {
-        self.read(move |conn| Ok(catalog::chunks_after(conn, &doc, after)?)).boxed()
+    /// Chunks of a document after `after` (to pick up edits made by another process).
+    pub async fn doc_chunks_after(&self, doc: String, after: i64) -> StorageResult<Vec<(i64, Vec<u8>)>> {
+        self.read(move |conn| Ok(catalog::chunks_after(conn, &doc, after)?)).await
     }
 
-    pub fn catalog_item(&self, sku: Sku) -> BoxFuture<'_, StorageResult<Option<CatalogView>>> {
-        self.read(move |conn| Ok(catalog::view(conn, &sku, None)?)).boxed()
+    /// One catalog entry (materialised).
+    pub async fn catalog_item(&self, sku: Sku) -> StorageResult<Option<CatalogView>> {
+        self.read(move |conn| Ok(catalog::view(conn, &sku, None)?)).await
     }
 
-    pub fn catalog_page(&self, after: Option<Sku>, limit: usize) -> BoxFuture<'_, StorageResult<Vec<CatalogView>>> {
-        self.read(move |conn| Ok(catalog::page(conn, after.as_ref(), limit)?)).boxed()
+    /// A page of catalog entries in SKU order.
+    pub async fn catalog_page(&self, after: Option<Sku>, limit: usize) -> StorageResult<Vec<CatalogView>> {
+        self.read(move |conn| Ok(catalog::page(conn, after.as_ref(), limit)?)).await
     }
 
-    pub fn webhook_cursor(&self, url: String) -> BoxFuture<'_, StorageResult<Option<u64>>> {
+    /// A webhook's delivery cursor.
+    pub async fn webhook_cursor(&self, url: String) -> StorageResult<Option<u64>> {
         self.read(move |conn| {
             Ok(conn.query_row("SELECT cursor FROM webhook_cursors WHERE url = ?1", [url], |r| r.get(0)).optional()?)
         })
-        .boxed()
+        .await
     }
 
-    pub fn set_webhook_cursor(&self, url: String, cursor: u64) -> BoxFuture<'_, StorageResult<()>> {
+    /// Records a webhook's delivery cursor.
+    pub async fn set_webhook_cursor(&self, url: String, cursor: u64) -> StorageResult<()> {
         self.write(move |conn| {
             conn.execute(
                 "INSERT INTO webhook_cursors (url, cursor) VALUES (?1, ?2)
@@ -699,10 +719,11 @@ impl SqliteStorage {
             )?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 
-    pub fn journal_count(&self, store: Option<StoreId>) -> BoxFuture<'_, StorageResult<u64>> {
+    /// Journal events held (of one store, or all).
+    pub async fn journal_count(&self, store: Option<StoreId>) -> StorageResult<u64> {
         self.read(move |conn| {
             Ok(match store {
                 Some(s) => {
@@ -711,10 +732,11 @@ impl SqliteStorage {
                 None => conn.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0))?,
             })
         })
-        .boxed()
+        .await
     }
 
-    pub fn backup(&self, to: PathBuf) -> BoxFuture<'_, StorageResult<()>> {
+    /// Online backup to a new file; the copy takes a new hub incarnation when opened.
+    pub async fn backup(&self, to: PathBuf) -> StorageResult<()> {
         self.read(move |conn| {
             dbfile::create_private_file(&to).map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => StorageError::Invalid(format!("{} already exists", to.display())),
@@ -725,6 +747,6 @@ impl SqliteStorage {
             adb::meta_set(&copy, "restored_copy", "1")?;
             Ok(())
         })
-        .boxed()
+        .await
     }
 }

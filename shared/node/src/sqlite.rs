@@ -33,9 +33,11 @@ impl From<rusqlite::Error> for SqliteError {
 
 type Finisher = Box<dyn FnOnce(Option<&SqliteError>) + Send>;
 
+type RunFn = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+
 /// A write: `run` inside the group's transaction, or `abort` when no transaction could start.
 struct WriteJob {
-    run: Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>,
+    run: RunFn,
     abort: Box<dyn FnOnce(&SqliteError) + Send>,
 }
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
