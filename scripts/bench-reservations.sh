@@ -3,8 +3,15 @@
 #   1. shelfsync-hub (cargo bench --bench reservations)
 #   2. PostgreSQL: UPDATE stock SET qty = qty - 1 WHERE sku = $1 AND qty >= 1 (pgbench)
 #   3. Redis: a check-and-decrement Lua script (redis-benchmark), appendfsync always
-# All durable (fsync per commit or group commit), all on loopback. PostgreSQL and Redis come from
-# Debian's packages; if one cannot be installed or started, this says so and goes on.
+#   4. the limit of this machine for the hub's shape of work: limit-server (tests/src/bin), the
+#      least server doing it (axum, the same JSON body, a bearer token, one decider thread owning
+#      the stock in memory, one row per reservation group-committed to SQLite WAL FULL, 201 after
+#      the commit), driven by the hub benchmark's own load generator (reserve-load)
+# All durable (fsync per commit or group commit), all on loopback. The hub and the limit run
+# SHELFSYNC_BENCH_ROUNDS (3) rounds of SHELFSYNC_BENCH_SECS (5) s and print medians; PostgreSQL
+# runs SECS s. PostgreSQL and Redis come from Debian's packages; if a system cannot be built,
+# installed or started, this says so and why, and goes on. Ends with the table and the hub's
+# ratios to the limit (target >= 60 %) and to PostgreSQL (target >= 10x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-64}
@@ -13,13 +20,47 @@ work=$(mktemp -d /tmp/shelfsync-bench.XXXXXX)
 cleanup() {
   [ -n "${PGBIN:-}" ] && (cd / && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1)
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null
+  [ -n "${limit_pid:-}" ] && kill "$limit_pid" 2>/dev/null
+  [ -n "${head_tree:-}" ] && git worktree remove --force "$head_tree" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Why a step failed: the end of its log, without cargo's progress lines.
+why() { grep -v -E '^\s*(Compiling|Finished|Running|Blocking|Updating|Downloading|Downloaded|Locking) ' "$1" | tail -"${2:-15}" | sed 's/^/    /'; }
+
+# The value before the first word ending in "/s" of a result line (its ops/s).
+rate_of() { awk '{for (i = 2; i <= NF; i++) if ($i ~ /\/s$/) { print $(i - 1); exit }}' <<<"$1"; }
+
+# limit-server and reserve-load, built from the working tree; if the tree does not build (the
+# shelfsync-tests crate links the hub, which may be mid-change), from a clean checkout of HEAD.
+echo "== building limit-server and reserve-load (release)"
+LIMIT_BIN=""; LOAD_BIN=""
+if cargo build --release -q -p shelfsync-tests --bin limit-server --bin reserve-load >"$work/build.log" 2>&1; then
+  LIMIT_BIN=$PWD/target/release/limit-server; LOAD_BIN=$PWD/target/release/reserve-load
+else
+  echo "the working tree does not build; why:"; why "$work/build.log"
+  echo "building them from HEAD ($(git rev-parse --short HEAD)) in a scratch worktree instead"
+  head_tree=$work/head
+  if git worktree add -q --detach "$head_tree" HEAD >"$work/worktree.log" 2>&1 &&
+     CARGO_TARGET_DIR=$PWD/target cargo build --release -q --manifest-path "$head_tree/Cargo.toml" \
+       -p shelfsync-tests --bin limit-server --bin reserve-load >"$work/build-head.log" 2>&1; then
+    # (the same target directory: the dependencies are reused, only the workspace's crates build)
+    LIMIT_BIN=$PWD/target/release/limit-server; LOAD_BIN=$PWD/target/release/reserve-load
+  else
+    echo "HEAD does not build either; why:"; why "$work/worktree.log"; why "$work/build-head.log"
+  fi
+fi
 
 echo "== shelfsync-hub"
-SHELFSYNC_BENCH_CLIENTS=$CLIENTS cargo bench -q -p shelfsync-tests --bench reservations 2>/dev/null | grep shelfsync-hub \
-  || echo "shelfsync-hub: benchmark failed"
+SHELFSYNC_BENCH_CLIENTS=$CLIENTS cargo bench -q -p shelfsync-tests --bench reservations >"$work/hub.out" 2>"$work/hub.err"
+hub_line=$(grep '^shelfsync-hub ' "$work/hub.out")
+if [ -n "$hub_line" ]; then
+  echo "$hub_line"
+else
+  echo "shelfsync-hub: the benchmark failed to build or run; why:"; why "$work/hub.err"; why "$work/hub.out" 5
+fi
 
 # A port nobody listens on (the distribution's own cluster may hold 5432, an earlier run 55432).
 free_port() {
@@ -55,7 +96,12 @@ else
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
     # per-transaction logs: column 3 is the latency in microseconds
     read -r p50 p99 < <(cat "$work"/pgb* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {printf "%.2f %.2f\n", a[int(NR*0.5)]/1000, a[int(NR*0.99)]/1000}')
-    printf "postgresql     %s clients  %8.0f updates/s       p50 %6s ms  p99 %6s ms  (one row, fsync per commit)\n" "$CLIENTS" "$tps" "$p50" "$p99"
+    if [ -n "$tps" ]; then
+      pg_line=$(printf "postgresql     %s clients  %8.0f updates/s       p50 %6s ms  p99 %6s ms  (one row, fsync per commit)" "$CLIENTS" "$tps" "$p50" "$p99")
+      echo "$pg_line"
+    else
+      echo "PostgreSQL: pgbench failed; why:"; echo "$out" | tail -5 | sed 's/^/    /'
+    fi
   else
     echo "PostgreSQL: could not start a server on loopback; skipped. Why:"
     for f in initdb.log pg_ctl.log pg.log; do [ -s "$work/$f" ] && { echo "-- $f"; tail -15 "$work/$f"; }; done
@@ -82,8 +128,54 @@ else
   if [ -n "$line" ]; then
     # The test name holds the script (with commas): count fields from the end.
     read -r rps p50 p99 < <(echo "$line" | awk -F'","' '{gsub(/"/, "", $NF); print $(NF-6), $(NF-3), $(NF-1)}')
-    printf "redis          %s clients  %8.0f decrements/s    p50 %6s ms  p99 %6s ms  (Lua check-and-decrement, appendfsync always)\n" "$CLIENTS" "$rps" "$p50" "$p99"
+    redis_line=$(printf "redis          %s clients  %8.0f decrements/s    p50 %6s ms  p99 %6s ms  (Lua check-and-decrement, appendfsync always)" "$CLIENTS" "$rps" "$p50" "$p99")
+    echo "$redis_line"
   else
     echo "Redis: benchmark output not understood:"; echo "$out" | tail -3
   fi
+fi
+
+echo "== limit (limit-server: this machine's limit for the hub's shape of work)"
+if [ -z "$LIMIT_BIN" ]; then
+  echo "limit: not built (see above); skipped"
+else
+  limit_token=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+  # A coprocess: its stdin is a pipe from this script, so it also stops when this script ends.
+  coproc LIMIT { SHELFSYNC_LIMIT_TOKEN=$limit_token exec "$LIMIT_BIN" --db "$work/limit.db" --stock HOT=1000000000 2>"$work/limit.err"; }
+  limit_pid=$LIMIT_PID
+  limit_url=""
+  # (bash unsets LIMIT once the coprocess has exited: a server that died at once leaves it empty)
+  limit_out=${LIMIT[0]:-}
+  [ -n "$limit_out" ] && read -r -t 30 -u "$limit_out" limit_url
+  if [ -z "$limit_url" ]; then
+    echo "limit: limit-server did not start; why:"; why "$work/limit.err"
+  else
+    SHELFSYNC_BENCH_TOKEN=$limit_token SHELFSYNC_BENCH_CLIENTS=$CLIENTS "$LOAD_BIN" "$limit_url" limit \
+      "axum + JSON + token, one decider thread, SQLite WAL FULL group commit" >"$work/limit.out" 2>"$work/limit-load.err"
+    limit_line=$(grep '^limit ' "$work/limit.out")
+    if [ -n "$limit_line" ]; then
+      echo "$limit_line"
+    else
+      echo "limit: the load run failed; why:"; why "$work/limit-load.err"; why "$work/limit.err" 5
+    fi
+  fi
+  kill "$limit_pid" 2>/dev/null
+  wait "$limit_pid" 2>/dev/null
+  limit_pid=""
+fi
+
+echo
+echo "== $CLIENTS clients, one hot SKU, every system durable"
+printf "%s\n" "${hub_line:-shelfsync-hub  (failed, see above)}" "${pg_line:-postgresql     (skipped or failed, see above)}" \
+  "${redis_line:-redis          (skipped or failed, see above)}" "${limit_line:-limit          (failed, see above)}"
+hub_rate=$(rate_of "${hub_line:-}"); limit_rate=$(rate_of "${limit_line:-}"); pg_rate=$(rate_of "${pg_line:-}")
+if [ -n "$hub_rate" ] && [ -n "$limit_rate" ]; then
+  awk -v h="$hub_rate" -v l="$limit_rate" 'BEGIN { printf "hub / limit       %6.1f %%  (target >= 60 %%)%s\n", 100 * h / l, (h >= 0.6 * l ? "" : "  below target") }'
+else
+  echo "hub / limit       n/a (a line is missing)"
+fi
+if [ -n "$hub_rate" ] && [ -n "$pg_rate" ]; then
+  awk -v h="$hub_rate" -v p="$pg_rate" 'BEGIN { printf "hub / postgresql  %6.1f x  (target >= 10 x)%s\n", h / p, (h >= 10 * p ? "" : "  below target") }'
+else
+  echo "hub / postgresql  n/a (a line is missing)"
 fi

@@ -1,5 +1,6 @@
 //! Sync benchmarks: end-to-end propagation latency, a burst of one sale at every store, catch-up after a long offline period (next
-//! to automerge syncing the same changes as `Counter` increments), and hub merge throughput.
+//! to automerge syncing the same changes as `Counter` increments), and hub merge throughput (next to
+//! a raw baseline: the same rows as batched SQLite upserts, `SHELFSYNC_BENCH_REPS` runs of each).
 //!
 //! `cargo bench -p shelfsync-tests --bench sync` (set `SHELFSYNC_BENCH_QUICK=1` for a smoke run).
 //! Everything runs in this process on loopback sockets; figures are medians where rounds repeat.
@@ -274,6 +275,65 @@ async fn merge_throughput(stores: usize, deltas_per_store: usize) -> anyhow::Res
     Ok(rate)
 }
 
+/// The raw baseline for `merge_throughput(stores, deltas_per_store)`: the same (store, sku, writer,
+/// p, n, seq) rows, as plain SQLite upserts into a table shaped like the hub's `counters` (same
+/// primary key, `WITHOUT ROWID`, unique index on seq, index on (store, seq)), WAL and
+/// synchronous=FULL, one transaction per 4096-row batch (one delta), one prepared
+/// `INSERT ... ON CONFLICT DO UPDATE`. Deltas of the stores are interleaved as the hub's concurrent
+/// sessions interleave them. Rows/s; what the hub adds per entry (reading the current entry,
+/// stock, velocity, alerts, feed, peers, the channel to its writer thread) is the gap.
+fn raw_upserts(stores: usize, deltas_per_store: usize) -> anyhow::Result<f64> {
+    const BATCH: usize = 4096;
+    let dir = tempfile::tempdir()?;
+    let mut conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "journal_mode is {mode}");
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE counters (
+            store TEXT NOT NULL, sku TEXT NOT NULL, writer TEXT NOT NULL,
+            p INTEGER NOT NULL CHECK (p >= 0), n INTEGER NOT NULL CHECK (n >= 0), seq INTEGER NOT NULL,
+            PRIMARY KEY (store, sku, writer)) WITHOUT ROWID;
+         CREATE UNIQUE INDEX counters_seq ON counters(seq);
+         CREATE INDEX counters_store_seq ON counters(store, seq);",
+    )?;
+    // The same strings the hub stores (store ids as `Chain` names them, writers as in `merge_throughput`).
+    let skus: Vec<String> = (0..BATCH).map(|i| format!("M-{i:05}")).collect();
+    let mut ids = Vec::new();
+    for s in 0..stores {
+        let store: shelfsync_shared::StoreId = format!("store-{s:03}").parse()?;
+        let writer = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(0xbe9c + s as u64));
+        ids.push((store.as_str().to_owned(), writer.to_string()));
+    }
+    let start = Instant::now();
+    let mut seq: u64 = 1;
+    for r in 0..deltas_per_store {
+        for (store, writer) in &ids {
+            let tx = conn.transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+                )?;
+                for sku in &skus {
+                    upsert.execute(rusqlite::params![store, sku, writer, 0u64, r as u64 + 1, seq])?;
+                    seq += 1;
+                }
+            }
+            tx.commit()?;
+        }
+    }
+    let rate = (stores * deltas_per_store * BATCH) as f64 / start.elapsed().as_secs_f64();
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM counters", [], |r| r.get(0))?;
+    anyhow::ensure!(rows as usize == stores * BATCH, "raw baseline holds {rows} rows");
+    Ok(rate)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let q = quick();
@@ -341,12 +401,35 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if section("merge") {
-        println!("\n== hub merge throughput (4096-entry deltas straight into storage, synchronous=FULL)");
-        println!("{:<8} {:>16}", "stores", "entries/s");
+        // Repetitions (`SHELFSYNC_BENCH_REPS`, default 5): each runs the raw baseline, then the hub.
+        let reps: usize = std::env::var("SHELFSYNC_BENCH_REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if q { 1 } else { 5 })
+            .max(1);
+        println!(
+            "\n== hub merge throughput (4096-entry deltas straight into storage, synchronous=FULL) next to raw SQLite \
+             upserts of the same rows (one transaction per 4096, WAL, FULL); medians of {reps} runs [min-max]"
+        );
+        println!(
+            "{:<8} {:>16} {:>20} {:>16} {:>20} {:>9}",
+            "stores", "hub entries/s", "[min-max]", "raw rows/s", "[min-max]", "hub/raw"
+        );
         for stores in [1, 8] {
-            let rate = merge_throughput(stores, if q { 3 } else { 20 }).await?;
-            println!("{stores:<8} {rate:>16.0}");
+            let deltas = if q { 3 } else { 20 };
+            let (mut hub, mut raw) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                raw.push(raw_upserts(stores, deltas)?);
+                hub.push(merge_throughput(stores, deltas).await?);
+            }
+            let range = |v: &[f64]| {
+                let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                format!("[{lo:.0}-{hi:.0}]")
+            };
+            let (h, r) = (median(hub.clone()), median(raw.clone()));
+            println!("{stores:<8} {h:>16.0} {:>20} {r:>16.0} {:>20} {:>8.1}%", range(&hub), range(&raw), 100.0 * h / r);
         }
+        println!("(target: hub >= 50% of raw)");
     }
 
     Ok(())
