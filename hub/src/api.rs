@@ -220,14 +220,14 @@ struct SkuAvailability {
 
 async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
     let now = state.hub.now();
-    let rows = state.hub.storage.availability(skus, now.clone()).await?;
+    let rows = state.hub.storage.availability(skus, now).await?;
     Ok(rows
         .into_iter()
         .map(|(sku, figs)| {
             let stores: Vec<StoreAvailability> = figs
                 .into_iter()
                 .map(|f| StoreAvailability {
-                    connected: now.connected.contains(&f.store),
+                    connected: state.hub.live(&f.store).is_some(),
                     store: f.store,
                     on_hand: f.on_hand,
                     held: f.held,

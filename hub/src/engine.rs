@@ -24,7 +24,7 @@
 //! - Writes of other processes (the admin CLI) go to SQL only; the runtime reconciles the decider
 //!   with them ([`Engine::sync_stores`], catalog chunks) before it relies on them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
@@ -88,21 +88,6 @@ struct State {
 }
 
 impl State {
-    /// Tells the decider which stores are connected now (it discounts silent ones).
-    fn connected(&mut self, now: &HashSet<StoreId>) {
-        if self.d.connected() == now {
-            return;
-        }
-        let gone: Vec<StoreId> = self.d.connected().difference(now).cloned().collect();
-        let came: Vec<StoreId> = now.difference(self.d.connected()).cloned().collect();
-        for store in gone {
-            let _ = self.d.apply(Command::SetConnected { store, connected: false }, 0);
-        }
-        for store in came {
-            let _ = self.d.apply(Command::SetConnected { store, connected: true }, 0);
-        }
-    }
-
     fn decide(&mut self, cmd: Command, now_ms: i64) -> StorageResult<Done> {
         self.d.apply(cmd, now_ms).map_err(StorageError::from)
     }
@@ -127,14 +112,16 @@ impl From<Refusal> for StorageError {
     }
 }
 
-/// What the time is and which stores are connected, for decisions that depend on them.
-#[derive(Clone, Debug, Default)]
+/// What the time is, for decisions that depend on it.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Now {
     /// Milliseconds since the epoch.
     pub ms: i64,
-    /// Stores with a live sync connection (they are not silent).
-    pub connected: HashSet<StoreId>,
 }
+
+/// Stores whose sync connection opened or closed since the decider last looked (it discounts
+/// silent stores); drained at the start of every batch, so no change is lost or reordered.
+type Connectivity = Arc<std::sync::Mutex<Vec<(StoreId, bool)>>>;
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -213,6 +200,7 @@ pub struct Engine {
     hub_writer: Arc<RwLock<WriterId>>,
     key: MacKey,
     change_head: watch::Receiver<u64>,
+    connectivity: Connectivity,
 }
 
 impl Engine {
@@ -247,12 +235,20 @@ impl Engine {
         let threads = db.threads();
         let batch_max = opts.batch_max.max(1);
         let state = State { d, peers };
+        let connectivity = Connectivity::default();
+        let conn = connectivity.clone();
         std::thread::Builder::new()
             .name("hub-decider".into())
-            .spawn(move || decide_loop(state, rx, threads, batch_max, head_tx))
+            .spawn(move || decide_loop(state, rx, threads, batch_max, head_tx, conn))
             .map_err(|e| StorageError::Backend(format!("spawning the decider thread: {e}")))?;
-        let engine =
-            Engine { key: db.mac_key(), db, queue, hub_writer: Arc::new(RwLock::new(hub_writer)), change_head };
+        let engine = Engine {
+            key: db.mac_key(),
+            db,
+            queue,
+            hub_writer: Arc::new(RwLock::new(hub_writer)),
+            change_head,
+            connectivity,
+        };
         if let Some(old) = opened.restored_from {
             let why = "opened a restored backup".to_owned();
             tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
@@ -303,6 +299,12 @@ impl Engine {
         rx.blocking_recv().map_err(|_| stopped())???;
         *self.hub_writer.write().expect("hub writer lock") = new;
         Ok(())
+    }
+
+    /// A store's first sync connection opened (`true`) or its last one closed: the decider stops
+    /// or starts discounting it as silent from the next batch on.
+    pub fn set_connected(&self, store: &StoreId, connected: bool) {
+        self.connectivity.lock().expect("connectivity lock").push((store.clone(), connected));
     }
 
     /// The persistence layer (SQL reads and the admin's writes).
@@ -576,7 +578,6 @@ impl Engine {
                     own_lost |= *w == me;
                 }
             }
-            st.connected(&now.connected);
             let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled }, now.ms)? {
                 Done::Merged(m) => m,
                 other => return Err(unexpected(other)),
@@ -702,15 +703,12 @@ impl Engine {
     pub async fn hub_change(&self, req: HubChangeRequest, now: Now) -> StorageResult<HubChangeOutcome> {
         let journal = self.db.journal_head_cell();
         let attempt = |req: HubChangeRequest, now: Now| {
-            self.run(move |st, _| {
-                st.connected(&now.connected);
-                match st.decide(Command::HubChange(req), now.ms)? {
-                    Done::HubChanged(c) => Ok(c),
-                    other => Err(unexpected(other)),
-                }
+            self.run(move |st, _| match st.decide(Command::HubChange(req), now.ms)? {
+                Done::HubChanged(c) => Ok(c),
+                other => Err(unexpected(other)),
             })
         };
-        let mut outcome = attempt(req.clone(), now.clone()).await?;
+        let mut outcome = attempt(req.clone(), now).await?;
         if self.learned_store(&outcome).await {
             outcome = attempt(req, now).await?;
         }
@@ -727,15 +725,12 @@ impl Engine {
     /// Reserves all lines or none (idempotent by reservation id).
     pub async fn create_reservation(&self, req: ReservationRequest, now: Now) -> StorageResult<Written> {
         let attempt = |req: ReservationRequest, now: Now| {
-            self.run(move |st, _| {
-                st.connected(&now.connected);
-                match st.decide(Command::Reserve(req), now.ms)? {
-                    Done::Reserved(w) => Ok(w),
-                    other => Err(unexpected(other)),
-                }
+            self.run(move |st, _| match st.decide(Command::Reserve(req), now.ms)? {
+                Done::Reserved(w) => Ok(w),
+                other => Err(unexpected(other)),
             })
         };
-        let first = attempt(req.clone(), now.clone()).await?;
+        let first = attempt(req.clone(), now).await?;
         if self.learned_store(&first).await {
             return attempt(req, now).await?;
         }
@@ -790,7 +785,7 @@ impl Engine {
         self.run(move |st, _| {
             skus.into_iter()
                 .map(|s| {
-                    let f = st.d.figures(&s, now.ms, &now.connected);
+                    let f = st.d.figures(&s, now.ms, st.d.connected());
                     (s, f)
                 })
                 .collect()
@@ -996,7 +991,14 @@ fn unexpected(done: Done) -> StorageError {
 
 /// The decider thread: batches of jobs, decided in order, committed by the writer thread while
 /// the next batch is decided.
-fn decide_loop(mut st: State, rx: Receiver<Job>, threads: SqliteThreads, batch_max: usize, feed: watch::Sender<u64>) {
+fn decide_loop(
+    mut st: State,
+    rx: Receiver<Job>,
+    threads: SqliteThreads,
+    batch_max: usize,
+    feed: watch::Sender<u64>,
+    connectivity: Connectivity,
+) {
     let feed = Arc::new(feed);
     let in_flight = Arc::new(AtomicUsize::new(0));
     while let Ok(first) = rx.recv() {
@@ -1005,6 +1007,10 @@ fn decide_loop(mut st: State, rx: Receiver<Job>, threads: SqliteThreads, batch_m
             drop(first);
             while rx.try_recv().is_ok() {}
             continue;
+        }
+        let changes = std::mem::take(&mut *connectivity.lock().expect("connectivity lock"));
+        for (store, connected) in changes {
+            let _ = st.d.apply(Command::SetConnected { store, connected }, 0);
         }
         let mut replies: Vec<Reply> = Vec::new();
         let mut extras: Vec<Extra> = Vec::new();

@@ -110,7 +110,13 @@ impl Hub {
         let since_ms = jiff::Timestamp::now().as_millisecond();
         let pongs = Arc::new(Pongs::default());
         let c = LiveConn { id, conn, serial, since_ms, writer: None, boots: Vec::new(), pongs: pongs.clone() };
-        self.live.lock().expect("live lock").entry(store.clone()).or_default().push(c);
+        let mut live = self.live.lock().expect("live lock");
+        let conns = live.entry(store.clone()).or_default();
+        if conns.is_empty() {
+            // Under the lock: connectivity changes reach the decider in the order they happen.
+            self.storage.set_connected(store, true);
+        }
+        conns.push(c);
         (id, pongs)
     }
 
@@ -132,6 +138,7 @@ impl Hub {
                 v.retain(|c| c.id != id);
                 if v.is_empty() {
                     live.remove(store);
+                    self.storage.set_connected(store, false);
                 }
             }
         }
@@ -276,10 +283,7 @@ impl Hub {
 
     /// The time and the set of connected stores, for availability and reconciliation.
     pub fn now(&self) -> crate::engine::Now {
-        crate::engine::Now {
-            ms: jiff::Timestamp::now().as_millisecond(),
-            connected: self.live.lock().expect("live lock").keys().cloned().collect(),
-        }
+        crate::engine::Now { ms: jiff::Timestamp::now().as_millisecond() }
     }
 
     /// Stores whose holds changed: wakes their sessions to send a new snapshot.
