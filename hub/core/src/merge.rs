@@ -365,7 +365,8 @@ impl Decider {
     /// A page of one store's `on_hand` by SKU, SKUs after `after` in order (`None`: unknown store).
     pub fn store_stock(&self, store: &StoreId, after: Option<&Sku>, limit: usize) -> Option<Vec<(Sku, i64)>> {
         let &st = self.t.store_ix.get(store)?;
-        let skus: BTreeSet<&Sku> = self.t.store(st).entries_by_seq.values().map(|&(sk, _)| &self.t.sku(sk).sku).collect();
+        let skus: BTreeSet<&Sku> =
+            self.t.store(st).entries_by_seq.values().map(|&(sk, _)| &self.t.sku(sk).sku).collect();
         let mut out: Vec<(Sku, i64)> = skus
             .into_iter()
             .filter(|s| after.is_none_or(|a| *s > a))

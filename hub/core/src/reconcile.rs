@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::alerts::emit_availability;
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{AllocationStatus, Conflict, ConflictKind, ConflictStatus, SkuIx, StoreIx};
-use crate::sourcing::{partial, source, take, Taken};
+use crate::sourcing::{partial, source, Taken};
 use crate::view::build;
 use crate::Ctx;
 
@@ -65,7 +65,9 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
     let mut changed_stores: BTreeMap<StoreId, StoreIx> = BTreeMap::new();
     let mut resourced: Vec<(StoreId, u64)> = Vec::new();
     let mut short_total = 0u64;
-    let mut taken = Taken::new();
+    // Re-sourced units are allocated at once (raising `held` there), so sourcing sees them gone:
+    // nothing else to subtract.
+    let taken = Taken::new();
     for aid in allocs {
         if remaining == 0 {
             break;
@@ -88,7 +90,6 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
             let plan = source(cx.t, sk, take_qty, None, Some(st), &taken, m)
                 // Not enough anywhere: take what there is, the rest is short.
                 .unwrap_or_else(|_| partial(cx.t, sk, take_qty, st, &taken, m));
-            take(&mut taken, sk, &plan);
             for (s, q) in plan {
                 cx.t.insert_alloc(res, line, s, sk, q, status, now);
                 let name = cx.t.store(s).id.clone();

@@ -153,3 +153,21 @@ fn negative_stock_opens_once_and_resolves_itself() {
     h.stock("a", "X", -1);
     assert_eq!(conflicts(&h, ConflictKind::NegativeStock).len(), 2, "a new crossing, a new conflict");
 }
+
+/// Found by the chain simulator (`tests/sim.rs`): reconciliation counted units it re-sourced to a
+/// store twice against that store, so when one oversell moved several holds, later ones went
+/// `short` although another store still offered units.
+#[test]
+fn reconcile_uses_what_other_stores_have() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 2);
+    h.reserved(1, vec![line("X", 1)]); // shipped, from a (the only store with stock)
+    h.reserved(2, vec![line("X", 1)]);
+    h.stock("b", "X", 2);
+    h.stock("a", "X", 0); // a sells both units at the counter
+    let snap = h.d.snapshot();
+    let short: u64 = snap.allocations.values().filter(|a| a.status == AllocationStatus::Short).map(|a| a.qty).sum();
+    let b = h.d.figures(&k("X"), h.now, &Default::default()).into_iter().find(|f| f.store == s("b")).expect("b");
+    assert_eq!((short, b.available, b.held), (0, 0, 2), "1 unit short while b still offers {}", b.available);
+}

@@ -54,9 +54,7 @@
 //!   (re-sourced elsewhere or `short`) must add up to it, they are `short` only at the oversold
 //!   store, and the conflict is resolved exactly when nothing went short. No other command may
 //!   produce an oversell conflict, and only a reservation may create allocations (held ones);
-//! - a shipped line goes short only when no other store has any units left to offer (see
-//!   [`Sim::check_nothing_left`] for the known decider bug it tolerates unless
-//!   `SHELFSYNC_SIM_STRICT=1`);
+//! - a shipped line goes short only when no other store has any units left to offer;
 //! - an agent never receives a snapshot older than one it had, nor one that lists a hold whose pick
 //!   the hub has acknowledged;
 //! - every hundred steps, at every hub restart and at the end, the records so far rebuild
@@ -343,9 +341,6 @@ struct Stats {
     restarts: usize,
     catalog_changes: usize,
     reincarnations: usize,
-    /// Oversells that left units short while another store still offered some (a known decider
-    /// bug, tolerated unless `SHELFSYNC_SIM_STRICT=1`).
-    needless_shorts: usize,
 }
 
 impl Stats {
@@ -379,8 +374,7 @@ impl Stats {
             stale_qty_picks,
             restarts,
             catalog_changes,
-            reincarnations,
-            needless_shorts
+            reincarnations
         );
     }
 }
@@ -739,13 +733,9 @@ impl Sim {
 
     /// Units go short only when no other store has any left to offer: after the command, every
     /// other store's `available` of the SKU is 0 (a transfer's destination aside: it gains its
-    /// units after the source was reconciled).
-    ///
-    /// KNOWN DECIDER BUG (see `reconcile_uses_what_other_stores_have`): within one
-    /// reconciliation, units re-sourced to a store count twice against it (in its `held` and in
-    /// `taken`), so a later hold goes short while that store still offers up to as many units as
-    /// were re-sourced to it. Unless `SHELFSYNC_SIM_STRICT=1`, exactly that much is tolerated
-    /// (and counted in `needless_shorts`).
+    /// units after the source was reconciled). (This found reconciliation counting units it
+    /// re-sourced to a store twice against that store: `reconcile_uses_what_other_stores_have`
+    /// in `tests/reconcile.rs`.)
     fn check_nothing_left(
         &mut self,
         cmd: &Command,
@@ -758,23 +748,15 @@ impl Sim {
             Command::HubChange(HubChangeRequest { change: HubChange::Transfer { to, .. }, .. }) => Some(to),
             _ => None,
         };
-        let mut needless = false;
         for f in self.d.figures(sku, at, self.d.connected()) {
             if f.store == *store || Some(&f.store) == spared || f.available == 0 {
                 continue;
             }
             let resourced: u64 = mine.iter().filter(|a| a.store == f.store && a.status.is_open()).map(|a| a.qty).sum();
-            let tolerated = if strict() { 0 } else { resourced };
-            ensure!(
-                f.available <= tolerated,
+            return Err(format!(
                 "{store}/{sku}: units marked short while {} still offers {} ({resourced} re-sourced to it)",
-                f.store,
-                f.available
-            );
-            needless = true;
-        }
-        if needless {
-            self.stats.needless_shorts += 1;
+                f.store, f.available
+            ));
         }
         Ok(())
     }
@@ -1508,11 +1490,6 @@ fn parse_seed(s: &str) -> Option<u64> {
     }
 }
 
-/// `SHELFSYNC_SIM_STRICT=1`: no tolerance for the known decider bug (see `check_nothing_left`).
-fn strict() -> bool {
-    std::env::var("SHELFSYNC_SIM_STRICT").is_ok_and(|v| v == "1")
-}
-
 fn env(name: &str) -> Option<u64> {
     std::env::var(name).ok().as_deref().and_then(parse_seed)
 }
@@ -1598,29 +1575,6 @@ fn agents_and_decider_converge_and_every_oversell_is_recorded() {
             assert!(n > 0, "never reached: {what}");
         }
     }
-}
-
-/// KNOWN DECIDER BUG, found by this simulator (`SHELFSYNC_SIM_STRICT=1` fails at seed 6); ignored so
-/// the suite stays green, run it with `--ignored`. Reconciliation counts units it re-sourced to a
-/// store twice against that store (`insert_alloc` raises the store's `held`, and `taken` holds
-/// them too), so when one oversell moves several holds, later ones go `short` although another
-/// store still offers units. Here `b` offers 2, `a` oversells 2 (two 1-unit holds): only 1 is
-/// re-sourced, 1 is marked short and the conflict stays open while `b` still offers 1.
-#[test]
-#[ignore = "decider bug: reconcile counts re-sourced units twice (see check_nothing_left)"]
-fn reconcile_uses_what_other_stores_have() {
-    use common::{k, line, s, H};
-    let mut h = H::new();
-    h.stores(&["a", "b"]);
-    h.stock("a", "X", 2);
-    h.reserved(1, vec![line("X", 1)]); // shipped, from a (the only store with stock)
-    h.reserved(2, vec![line("X", 1)]);
-    h.stock("b", "X", 2);
-    h.stock("a", "X", 0); // a sells both units at the counter
-    let snap = h.d.snapshot();
-    let short: u64 = snap.allocations.values().filter(|a| a.status == AllocationStatus::Short).map(|a| a.qty).sum();
-    let b = h.d.figures(&k("X"), h.now, &Default::default()).into_iter().find(|f| f.store == s("b")).expect("b");
-    assert_eq!((short, b.available, b.held), (0, 0, 2), "1 unit short while b still offers {}", b.available);
 }
 
 /// The PRNG is fixed: a seed means the same run forever.
