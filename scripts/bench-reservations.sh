@@ -14,6 +14,7 @@
 # ratios to the limit (target >= 60 %) and to PostgreSQL (target >= 10x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export RUST_BACKTRACE=0 # a failing run says why in a line, not a backtrace
 CLIENTS=${CLIENTS:-64}
 SECS=${SECS:-10}
 work=$(mktemp -d /tmp/shelfsync-bench.XXXXXX)
@@ -27,8 +28,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Why a step failed: the end of its log, without cargo's progress lines.
-why() { grep -v -E '^\s*(Compiling|Finished|Running|Blocking|Updating|Downloading|Downloaded|Locking) ' "$1" | tail -"${2:-15}" | sed 's/^/    /'; }
+# Why a step failed, from its log: the first errors (compiler errors, panics) if there are any,
+# else the last lines; cargo's progress lines left out.
+why() {
+  [ -s "$1" ] || { echo "    (no output in $(basename "$1"))"; return; }
+  local log errs
+  log=$(grep -v -E '^\s*(Compiling|Finished|Running|Blocking|Updating|Downloading|Downloaded|Locking|Executable) ' "$1")
+  errs=$(grep -E -A8 -m3 '^(error|Error)|panicked' <<<"$log" | head -"${2:-25}")
+  { [ -n "$errs" ] && echo "$errs" || tail -"${2:-15}" <<<"$log"; } | sed 's/^/    /'
+}
 
 # The value before the first word ending in "/s" of a result line (its ops/s).
 rate_of() { awk '{for (i = 2; i <= NF; i++) if ($i ~ /\/s$/) { print $(i - 1); exit }}' <<<"$1"; }
@@ -59,7 +67,7 @@ hub_line=$(grep '^shelfsync-hub ' "$work/hub.out")
 if [ -n "$hub_line" ]; then
   echo "$hub_line"
 else
-  echo "shelfsync-hub: the benchmark failed to build or run; why:"; why "$work/hub.err"; why "$work/hub.out" 5
+  echo "shelfsync-hub: the benchmark failed to build or run; why:"; why "$work/hub.err"; [ -s "$work/hub.out" ] && why "$work/hub.out" 5
 fi
 
 # A port nobody listens on (the distribution's own cluster may hold 5432, an earlier run 55432).
@@ -156,7 +164,7 @@ else
     if [ -n "$limit_line" ]; then
       echo "$limit_line"
     else
-      echo "limit: the load run failed; why:"; why "$work/limit-load.err"; why "$work/limit.err" 5
+      echo "limit: the load run failed; why:"; why "$work/limit-load.err"; [ -s "$work/limit.err" ] && why "$work/limit.err" 5
     fi
   fi
   kill "$limit_pid" 2>/dev/null

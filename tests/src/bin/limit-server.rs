@@ -291,7 +291,15 @@ fn open_db(path: &PathBuf) -> anyhow::Result<rusqlite::Connection> {
     Ok(conn)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // One line saying why, not a backtrace: a script shows it when the server does not start.
+    if let Err(e) = run() {
+        eprintln!("limit-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let usage = "usage: SHELFSYNC_LIMIT_TOKEN=... limit-server --db FILE [--stock SKU=UNITS]...";
     let token = std::env::var("SHELFSYNC_LIMIT_TOKEN")
         .map_err(|_| anyhow::anyhow!("SHELFSYNC_LIMIT_TOKEN is not set; {usage}"))?;

@@ -7,8 +7,16 @@
 
 mod load;
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() {
+    // One line saying why, not a backtrace: a script shows it when the run fails.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(run()) {
+        eprintln!("reserve-load: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let usage = "usage: SHELFSYNC_BENCH_TOKEN=... reserve-load URL LABEL [NOTE]";
     let url = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
