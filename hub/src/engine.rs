@@ -582,7 +582,6 @@ impl Engine {
                 Done::Merged(m) => m,
                 other => return Err(unexpected(other)),
             };
-            st.decide(Command::StoreSeen { store: store.clone(), at_ms: now.ms }, now.ms)?;
             if let Some(l) = &lineage {
                 ps.lineage.advance(l.head, &l.boots, &pusher_boots);
             }

@@ -130,6 +130,8 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
             return;
         }
     };
+    // Subscribe before reading the heads: a change committed in between still wakes this session.
+    let wake = hub.subscribe(&store, Default::default());
     let heads = match hub.storage.heads().await {
         Ok(h) => h,
         Err(e) => {
@@ -138,8 +140,8 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
             return;
         }
     };
+    hub.notify(std::slice::from_ref(&store), heads);
     let mut session = HubSession::new(sync, store.clone(), hub.storage.hub_writer(), heads.counter, heads.journal);
-    let wake = hub.subscribe(&store, heads);
     let ping_seen = wake.borrow().ping;
     let (conn_id, pongs) = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);

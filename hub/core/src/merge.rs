@@ -103,8 +103,10 @@ pub(crate) fn merge(
         holds_changed.extend(reconcile(cx, st, sk));
         changed.push((sku.clone(), new));
     }
-    if cx.t.store(st).last_seen_ms != Some(cx.now) {
-        cx.t.store_mut(st).last_seen_ms = Some(cx.now);
+    // Last contact only moves forward (commands are stamped on arrival, decided in queue order).
+    let seen = cx.t.store(st).last_seen_ms.map_or(cx.now, |at| at.max(cx.now));
+    if cx.t.store(st).last_seen_ms != Some(seen) {
+        cx.t.store_mut(st).last_seen_ms = Some(seen);
     }
     Ok(Done::Merged(Merged {
         changed,
