@@ -103,24 +103,44 @@ pub fn fulfilled_between(conn: &Connection, after: u64, upto: u64) -> Result<Vec
 pub async fn apply_snapshot(db: &Db, snapshot: HoldsSnapshot) -> Result<(), DbError> {
     db.write(move |conn| {
         let acked: u64 = conn.query_row("SELECT acked FROM hub_link WHERE id = 1", [], |r| r.get(0))?;
-        // Open holds the hub no longer lists are gone (released, expired, moved); picked holds
-        // stay until the hub has the pick.
-        conn.execute("DELETE FROM holds WHERE fulfilled_at_ms IS NULL OR fulfilled_seq <= ?1", [acked])?;
+        // Picked holds stay until the hub has the pick.
+        conn.prepare_cached("DELETE FROM holds WHERE fulfilled_at_ms IS NOT NULL AND fulfilled_seq <= ?1")?
+            .execute([acked])?;
+        // Snapshots repeat most of the previous one: write only what changed.
+        type Row = (u64, String, Option<i64>);
+        let mut open: std::collections::HashMap<Vec<u8>, Row> = conn
+            .prepare_cached("SELECT id, qty, status, expires_at_ms FROM holds WHERE fulfilled_at_ms IS NULL")?
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?
+            .collect::<Result<_, _>>()?;
         for h in &snapshot.holds {
-            conn.prepare_cached(
-                "INSERT INTO holds (id, reservation, sku, qty, status, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (id) DO NOTHING",
-            )?
-            .execute(params![
-                h.id.as_bytes().as_slice(),
-                h.reservation.as_bytes().as_slice(),
-                h.sku.as_str(),
-                h.qty,
-                h.status.as_str(),
-                h.expires_at_ms
-            ])?;
+            let row: Row = (h.qty, h.status.as_str().to_owned(), h.expires_at_ms);
+            match open.remove(h.id.as_bytes().as_slice()) {
+                Some(old) if old == row => {}
+                Some(_) => {
+                    conn.prepare_cached("UPDATE holds SET qty = ?2, status = ?3, expires_at_ms = ?4 WHERE id = ?1")?
+                        .execute(params![h.id.as_bytes().as_slice(), row.0, row.1, row.2])?;
+                }
+                None => {
+                    conn.prepare_cached(
+                        "INSERT INTO holds (id, reservation, sku, qty, status, expires_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                    )?
+                    .execute(params![
+                        h.id.as_bytes().as_slice(),
+                        h.reservation.as_bytes().as_slice(),
+                        h.sku.as_str(),
+                        h.qty,
+                        h.status.as_str(),
+                        h.expires_at_ms
+                    ])?;
+                }
+            }
         }
-        conn.execute("UPDATE hub_link SET holds_version = ?1 WHERE id = 1", [snapshot.version])?;
+        // Open holds the hub no longer lists are gone (released, expired, moved).
+        for id in open.keys() {
+            conn.prepare_cached("DELETE FROM holds WHERE id = ?1 AND fulfilled_at_ms IS NULL")?.execute([id])?;
+        }
+        conn.prepare_cached("UPDATE hub_link SET holds_version = ?1 WHERE id = 1")?.execute([snapshot.version])?;
         Ok(())
     })
     .await
