@@ -20,7 +20,8 @@ fn a_cursor_beyond_i64_finds_nothing() {
         safety_stock: 0,
         available: 1,
     };
-    write(&conn, &[Record::Feed(FeedEvent { cursor: 1, kind: FeedKind::AvailabilityChanged, at_ms: 0, data })]).unwrap();
+    write(&conn, &[Record::Feed(FeedEvent { cursor: 1, kind: FeedKind::AvailabilityChanged, at_ms: 0, data })])
+        .unwrap();
     assert_eq!(feed_after(&conn, 0, 10).unwrap().len(), 1);
     for after in [1, i64::MAX as u64, i64::MAX as u64 + 1, 18_441_044_100_551_055_161, u64::MAX] {
         assert!(feed_after(&conn, after, 10).unwrap().is_empty(), "after {after}");
