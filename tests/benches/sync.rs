@@ -38,66 +38,115 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Latencies of one propagation run: the whole way, and its two legs.
+struct Propagation {
+    samples: usize,
+    /// Sale sent → committed at the hub: p50, p99.
+    total: (f64, f64),
+    /// Sale sent → the agent's answer (its own commit, fsync included): p50, p99.
+    local: (f64, f64),
+    /// The agent's answer → committed at the hub (sync, the hub's decision and commit): p50, p99.
+    sync: (f64, f64),
+}
+
 /// Sale sent to an agent's API → the new on_hand committed at the hub (the hub's stock event).
-async fn propagation(n: usize, rounds: usize) -> anyhow::Result<(f64, f64, usize)> {
+async fn propagation(n: usize, rounds: usize) -> anyhow::Result<Propagation> {
     let chain = Chain::start(n, Synchronous::Full, Synchronous::Full).await?;
     chain.all_connected().await;
     let http = reqwest::Client::new();
     let urls: Vec<String> = (0..n).map(|i| format!("{}/v1/sales", chain.agent(i).url())).collect();
-    let mut samples = Vec::new();
+    let (mut samples, mut local, mut sync) = (Vec::new(), Vec::new(), Vec::new());
     let mut events = chain.hub.hub.stock_events();
     for round in 0..rounds {
         let expected = -(round as i64 + 1);
-        let started: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+        let started: Arc<std::sync::Mutex<HashMap<String, (Instant, Option<Instant>)>>> = Arc::default();
         let mut tasks = Vec::new();
         for (i, url) in urls.iter().enumerate() {
             let (http, url, started, store) = (http.clone(), url.clone(), started.clone(), chain.stores[i].to_string());
             tasks.push(tokio::spawn(async move {
                 let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "P", "qty": 1}]});
-                started.lock().unwrap().insert(store, Instant::now());
+                started.lock().unwrap().insert(store.clone(), (Instant::now(), None));
                 let r = http.post(url).json(&body).send().await.unwrap();
                 assert_eq!(r.status(), 201);
+                started.lock().unwrap().get_mut(&store).expect("started").1 = Some(Instant::now());
             }));
         }
-        let mut pending = n;
+        let mut seen = HashMap::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while pending > 0 {
+        while seen.len() < n {
             let ev = tokio::time::timeout_at(deadline, events.recv()).await??;
             if ev.sku.as_str() == "P" && ev.on_hand == expected {
-                let at = Instant::now();
-                let t0 = started.lock().unwrap().get(ev.store.as_str()).copied().expect("sent before seen");
-                samples.push(at - t0);
-                pending -= 1;
+                seen.insert(ev.store.to_string(), Instant::now());
             }
         }
         for t in tasks {
             t.await?;
         }
+        let started = started.lock().unwrap();
+        for (store, at) in seen {
+            let (t0, acked) = started[&store];
+            let acked = acked.expect("answered");
+            samples.push(at - t0);
+            local.push(acked - t0);
+            sync.push(at.saturating_duration_since(acked));
+        }
     }
-    samples.sort();
-    let out = (pct(&samples, 0.5), pct(&samples, 0.99), samples.len());
+    for v in [&mut samples, &mut local, &mut sync] {
+        v.sort();
+    }
+    let p = |v: &[Duration]| (pct(v, 0.5), pct(v, 0.99));
+    let out = Propagation { samples: samples.len(), total: p(&samples), local: p(&local), sync: p(&sync) };
     chain.stop().await;
     Ok(out)
 }
 
+/// Resident set of this process, bytes.
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0)))
+        .unwrap_or(0)
+        * 1024
+}
+
+/// What a burst run measured.
+struct Burst {
+    /// First sale → every store's new on_hand committed at the hub: median, slowest round.
+    total: (f64, f64),
+    /// First sale → every agent's own commit done: median round.
+    local: f64,
+    /// Resident memory that connecting the stores added, per store (hub and agent side of each
+    /// connection together: an upper bound of the hub's share).
+    per_connection: u64,
+}
+
 /// One sale at every store at once (recorded straight into each agent's ledger, so the HTTP
 /// client is not what is measured): time from the first sale to the last store's new on_hand
-/// committed at the hub. Median over `rounds`, and the slowest round.
-async fn burst(n: usize, rounds: usize) -> anyhow::Result<(f64, f64)> {
-    let chain = Chain::start(n, Synchronous::Normal, Synchronous::Full).await?;
+/// committed at the hub. Median over `rounds`, and the slowest round. The agents start without
+/// sync and connect afterwards, so the memory the connections take can be read in between.
+async fn burst(n: usize, rounds: usize) -> anyhow::Result<Burst> {
+    let mut chain = Chain::start_with(n, Synchronous::Normal, Synchronous::Full, false).await?;
+    let before = rss();
+    for i in 0..n {
+        chain.stop_agent(i).await?;
+        chain.start_agent(i, true).await?;
+    }
     chain.all_connected().await;
+    let per_connection = rss().saturating_sub(before) / n as u64;
     let mut events = chain.hub.hub.stock_events();
-    let mut samples = Vec::new();
+    let (mut samples, mut locals) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let expected = -(round as i64 + 1);
         let dbs: Vec<_> = (0..n).map(|i| chain.agent(i).db.clone()).collect();
         let started = Instant::now();
+        let mut recorded = Vec::with_capacity(n);
         for db in dbs {
-            tokio::spawn(async move {
+            recorded.push(tokio::spawn(async move {
                 let lines = vec![Line { sku: "B".parse().unwrap(), qty: 1 }];
                 let req = RecordRequest { id: Uuid::now_v7(), change: Change::Sale { lines }, occurred_at_ms: None };
                 ledger::record(&db, req).await.unwrap();
-            });
+                Instant::now()
+            }));
         }
         let mut pending: std::collections::HashSet<String> = chain.stores.iter().map(|s| s.to_string()).collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -108,9 +157,15 @@ async fn burst(n: usize, rounds: usize) -> anyhow::Result<(f64, f64)> {
             }
         }
         samples.push(started.elapsed());
+        let mut last = started;
+        for r in recorded {
+            last = last.max(r.await?);
+        }
+        locals.push(last - started);
     }
     samples.sort();
-    let out = (pct(&samples, 0.5), pct(&samples, 1.0));
+    locals.sort();
+    let out = Burst { total: (pct(&samples, 0.5), pct(&samples, 1.0)), local: pct(&locals, 0.5), per_connection };
     chain.stop().await;
     Ok(out)
 }
@@ -344,16 +399,25 @@ async fn main() -> anyhow::Result<()> {
         println!(
         "== end-to-end propagation: sale sent to an agent's API -> committed at the hub (synchronous=FULL both ends)"
     );
-        println!("{:<8} {:>8} {:>10} {:>10}", "agents", "samples", "p50 ms", "p99 ms");
+        println!(
+            "{:<8} {:>8} {:>10} {:>10}   {:>22}   {:>22}",
+            "agents", "samples", "p50 ms", "p99 ms", "agent commit p50/p99", "then to hub p50/p99"
+        );
         for (n, rounds) in [(1, if q { 50 } else { 300 }), (50, if q { 4 } else { 20 })] {
-            let (p50, p99, samples) = propagation(n, rounds).await?;
-            println!("{n:<8} {samples:>8} {p50:>10.2} {p99:>10.2}");
+            let p = propagation(n, rounds).await?;
+            println!(
+                "{n:<8} {:>8} {:>10.2} {:>10.2}   {:>10.2} / {:>9.2}   {:>10.2} / {:>9.2}",
+                p.samples, p.total.0, p.total.1, p.local.0, p.local.1, p.sync.0, p.sync.1
+            );
         }
     }
 
     if section("burst") {
         println!("\n== burst: one sale at every store at once -> all committed at the hub (agents NORMAL, hub FULL)");
-        println!("{:<8} {:>8} {:>14} {:>14}", "stores", "rounds", "median ms", "slowest ms");
+        println!(
+            "{:<8} {:>8} {:>14} {:>14} {:>20} {:>22}",
+            "stores", "rounds", "median ms", "slowest ms", "agents done (med ms)", "KiB per connection"
+        );
         // `SHELFSYNC_BENCH_BURST=1000:10` runs one size (for a profile).
         let bursts: Vec<(usize, usize)> = match std::env::var("SHELFSYNC_BENCH_BURST") {
             Ok(v) => {
@@ -364,8 +428,14 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => vec![(200, 5), (1000, 3)],
         };
         for (n, rounds) in bursts {
-            let (median, slowest) = burst(n, rounds).await?;
-            println!("{n:<8} {rounds:>8} {median:>14.1} {slowest:>14.1}");
+            let b = burst(n, rounds).await?;
+            println!(
+                "{n:<8} {rounds:>8} {:>14.1} {:>14.1} {:>20.1} {:>22.1}",
+                b.total.0,
+                b.total.1,
+                b.local,
+                b.per_connection as f64 / 1024.0
+            );
         }
     }
 

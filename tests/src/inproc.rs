@@ -33,6 +33,16 @@ pub struct Chain {
 impl Chain {
     /// A hub and `n` agents (`store-000`...), all connected.
     pub async fn start(n: usize, agent_sync: Synchronous, hub_sync: Synchronous) -> anyhow::Result<Chain> {
+        Self::start_with(n, agent_sync, hub_sync, true).await
+    }
+
+    /// A hub and `n` agents, syncing (connected) or not.
+    pub async fn start_with(
+        n: usize,
+        agent_sync: Synchronous,
+        hub_sync: Synchronous,
+        sync: bool,
+    ) -> anyhow::Result<Chain> {
         let dir = tempfile::tempdir()?;
         let hub_dir = dir.path().join("hub");
         admin::init(&hub_dir).await?;
@@ -58,7 +68,7 @@ impl Chain {
             tokio::task::spawn_blocking(move || Db::create(&db_path, &s, DbOptions::default())).await??;
             chain.stores.push(store);
             chain.agents.push(None);
-            chain.start_agent(i, true).await?;
+            chain.start_agent(i, sync).await?;
         }
         Ok(chain)
     }
