@@ -91,8 +91,15 @@ pub(crate) async fn get_events(
                             buf.extend(v)
                         }
                         Ok(_) => {
-                            if head.changed().await.is_err() {
-                                return None;
+                            tokio::select! {
+                                changed = head.changed() => {
+                                    if changed.is_err() {
+                                        return None;
+                                    }
+                                }
+                                // The hub is stopping: end the stream cleanly; the client resumes
+                                // from its last event id on the hub that comes back.
+                                _ = hub.stopped() => return None,
                             }
                         }
                         Err(e) => {

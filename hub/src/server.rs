@@ -61,6 +61,7 @@ impl RunningHub {
 
     /// Closes every agent connection and the API, and waits for them.
     pub async fn stop(mut self) {
+        self.hub.begin_stop();
         self.endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

@@ -81,6 +81,8 @@ pub struct Hub {
     stock_events: broadcast::Sender<StockChange>,
     /// Per token id: when this process last asked storage to record a use (throttles those writes).
     token_uses: Mutex<HashMap<uuid::Uuid, i64>>,
+    /// Set when the hub begins to stop: long-lived answers (event streams) end at once.
+    stopping: watch::Sender<bool>,
 }
 
 /// Most tokens whose last write of "last used" this process remembers.
@@ -100,7 +102,19 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             stock_events: broadcast::channel(STOCK_EVENTS_CAPACITY).0,
             token_uses: Mutex::default(),
+            stopping: watch::channel(false).0,
         })
+    }
+
+    /// The hub begins to stop: event streams end (cleanly) instead of holding the shutdown.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once the hub begins to stop.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// Registers a connection of `store`. Whether it may stay is decided once its agent says who

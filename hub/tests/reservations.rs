@@ -312,3 +312,24 @@ async fn an_event_stream_ends_when_its_token_is_revoked() {
     }
     assert!(!after.contains("AFTER"), "a revoked token still received events: {after}");
 }
+
+/// Stopping the hub ends an open event stream cleanly (the body completes; the client resumes
+/// from its last event id) instead of holding the shutdown until the drain period cuts it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_hub_ends_event_streams_cleanly() {
+    let h = hub().await;
+    let resp = h.http.get(format!("{}/v1/events", h.hub.url())).bearer_auth(&h.admin).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let H { hub, .. } = h;
+    let stopping = tokio::spawn(hub.stop());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let end = loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await.expect("the stream ends within 30 s") {
+            Some(Ok(_keep_alive)) => continue,
+            other => break other,
+        }
+    };
+    assert!(end.is_none(), "the stream ended with an error rather than cleanly: {end:?}");
+    stopping.await.unwrap();
+}
