@@ -104,7 +104,9 @@ async fn propagation(n: usize, rounds: usize) -> anyhow::Result<Propagation> {
 fn rss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0))
+        })
         .unwrap_or(0)
         * 1024
 }
