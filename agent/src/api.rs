@@ -1,5 +1,6 @@
 //! The agent's local HTTP API for the point of sale (DESIGN §7).
 
+use shelfsync_node::now_ms;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -104,10 +105,6 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 
 fn parse_sku(field: &str, sku: &str) -> Result<Sku, ApiError> {
     sku.parse().map_err(|e| ApiError::invalid(format!("{field}: {e}")))
-}
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
 }
 
 fn truncate(s: &str) -> String {

@@ -1,6 +1,7 @@
 //! The agent's SQLite store: schema, migrations, identity and the row-level helpers, on top of
 //! [`shelfsync_node::sqlite::SqliteThreads`] (one group-committing writer thread, one reader thread).
 
+use shelfsync_node::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -106,10 +107,6 @@ struct Inner {
     identity: Current,
     heads: watch::Receiver<Heads>,
     path: PathBuf,
-}
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
 }
 
 /// How to get a good agent database back, for refusals at start-up.

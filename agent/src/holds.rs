@@ -163,7 +163,7 @@ pub struct FulfilResponse {
 /// lowers `on_hand` and marks the hold so the next delta closes it at the hub.
 pub async fn fulfil(db: &Db, id: Uuid) -> Result<Option<(Outcome, FulfilResponse)>, LedgerError> {
     let current = db.current();
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = shelfsync_node::now_ms();
     db.write(move |conn| {
         let me = current.get();
         let row = conn

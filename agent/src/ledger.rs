@@ -187,7 +187,7 @@ pub enum Outcome {
 /// Records a POS request durably (group-committed). Answers after the commit.
 pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordResponse), LedgerError> {
     req.change.validate()?;
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = shelfsync_node::now_ms();
     if let Some(at) = req.occurred_at_ms {
         if at > now + OCCURRED_AT_FUTURE_MAX_MS {
             return Err(LedgerError::Invalid(format!(

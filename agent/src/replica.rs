@@ -119,7 +119,7 @@ pub async fn check_lineage(db: &Db, hub: HubLineage) -> Result<Option<Retirement
     let current = db.current();
     db.write(move |conn| {
         let me = current.get().writer;
-        let now = jiff::Timestamp::now().as_millisecond();
+        let now = shelfsync_node::now_ms();
         match crate::lineage::judge_and_retire(conn, &me, &hub, now)? {
             Some((report, new)) => {
                 current.set_writer(new, now);
@@ -170,7 +170,7 @@ pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), Db
         for sku in &touched {
             db::refresh_stock(conn, sku)?;
         }
-        let now = jiff::Timestamp::now().as_millisecond();
+        let now = shelfsync_node::now_ms();
         conn.execute(
             "UPDATE hub_link SET applied = MAX(applied, ?1), last_sync_ms = ?2 WHERE id = 1",
             params![delta.upto, now],
@@ -240,7 +240,7 @@ pub fn insert_own_event(conn: &Connection, e: &JournalEvent) -> Result<bool, DbE
 
 /// The hub durably holds our counter entries up to `upto`.
 pub async fn set_acked(db: &Db, upto: u64) -> Result<(), DbError> {
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = shelfsync_node::now_ms();
     db.write(move |conn| {
         conn.execute("UPDATE hub_link SET acked = ?1, last_sync_ms = ?2 WHERE id = 1", params![upto, now])?;
         Ok(())

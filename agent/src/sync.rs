@@ -228,25 +228,16 @@ impl SyncClient {
         let frames = self.stats.frames.clone();
         let result = drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), frames, &peer).await;
         self.stats.connection_ended();
-        let closed = |c: &quinn::ApplicationClose| {
-            let code = c.error_code.into_inner() as u32;
-            format!("hub closed the connection: {} ({})", close_code::name(code), String::from_utf8_lossy(&c.reason))
-        };
         match result {
             Ok(()) => Ok(()),
             Err(DriveError::Session(e)) => Err(describe_session_error(&e)),
-            Err(DriveError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => Err(closed(&c)),
-            // The hub's close can overtake its Error frame: a stream then fails with "connection
-            // lost", and the close inside says why.
-            Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Read(quinn::ReadError::ConnectionLost(
-                quinn::ConnectionError::ApplicationClosed(c),
-            ))))
-            | Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Write(quinn::WriteError::ConnectionLost(
-                quinn::ConnectionError::ApplicationClosed(c),
-            )))) => Err(closed(&c)),
-            Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Read(quinn::ReadError::ConnectionLost(why))))
-            | Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Write(quinn::WriteError::ConnectionLost(why)))) => {
-                Err(format!("connection lost: {why}"))
+            Err(DriveError::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
+                let code = c.error_code.into_inner() as u32;
+                Err(format!(
+                    "hub closed the connection: {} ({})",
+                    close_code::name(code),
+                    String::from_utf8_lossy(&c.reason)
+                ))
             }
             Err(e) => Err(e.to_string()),
         }
@@ -291,7 +282,7 @@ impl EffectHost<AgentSession> for AgentHost {
         match effect {
             Effect::Established { peer } => {
                 tracing::info!(hub = %peer, "connected to the hub");
-                let since = shelfsync_shared::rfc3339(jiff::Timestamp::now().as_millisecond());
+                let since = shelfsync_shared::rfc3339(shelfsync_node::now_ms());
                 self.status.send_modify(|s| {
                     s.state = SyncState::Connected;
                     s.hub_writer = Some(peer.to_string());

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::state::Hub;
 use crate::storage::{HubChange, HubChangeRequest, QtyLine, Role, StorageError};
 use crate::tokens::{NewToken, Verdict};
+use shelfsync_hub_core::Refusal;
 
 /// Largest page of a store's stock.
 pub const STOCK_PAGE_MAX: usize = 1000;
@@ -147,42 +148,44 @@ pub(crate) fn refusal(v: &Verdict) -> ApiError {
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::UnknownStore(s) => ApiError::not_found(format!("unknown store {s}")),
-            StorageError::Revoked(s) => ApiError::conflict("store_revoked", format!("store {s} is revoked")),
-            StorageError::StoreExists(_) => ApiError::conflict("store_exists", e.to_string()),
-            StorageError::IdempotencyConflict { .. } => ApiError::conflict("idempotency_conflict", e.to_string()),
-            StorageError::InsufficientStock { ref store, ref sku, on_hand, .. } => {
-                let (store, sku) = (store.to_string(), sku.to_string());
-                ApiError::conflict("insufficient_stock", e.to_string())
-                    .with("store", store)
-                    .with("sku", sku)
-                    .with("available", on_hand.max(0))
-            }
+            StorageError::Refused(r) => refused(r),
             StorageError::Invalid(m) => ApiError::invalid(m),
-            StorageError::Unavailable { ref sku, available, ref store } => {
-                let sku = sku.to_string();
-                let mut err = ApiError::conflict("insufficient_stock", e.to_string())
-                    .with("sku", sku)
-                    .with("available", available);
-                if let Some(s) = store {
-                    err = err.with("store", s.to_string());
-                }
-                err
-            }
-            StorageError::NotFound(m) => ApiError::not_found(m),
-            StorageError::LimitExceeded { ref sku, limit, already } => {
-                let sku = sku.to_string();
-                ApiError::conflict("limit_exceeded", e.to_string())
-                    .with("sku", sku)
-                    .with("limit", limit)
-                    .with("already", already)
-            }
-            StorageError::InvalidState(m) => ApiError::conflict("invalid_state", m),
-            // Only sync produces it; an API call never should.
             StorageError::Busy => ApiError::unavailable(e.to_string()).retry_after(1),
             StorageError::Stopped(m) => ApiError::unavailable(m).retry_after(5),
+            // Only sync produces `Forked`; an API call never should.
             StorageError::Backend(_) | StorageError::Corrupt(_) | StorageError::Forked(_) => ApiError::internal(e),
         }
+    }
+}
+
+/// The answer to a decision the decider refused.
+fn refused(r: Refusal) -> ApiError {
+    let message = r.to_string();
+    match r {
+        Refusal::UnknownStore(s) => ApiError::not_found(format!("unknown store {s}")),
+        Refusal::Revoked(s) => ApiError::conflict("store_revoked", format!("store {s} is revoked")),
+        Refusal::StoreExists(_) => ApiError::conflict("store_exists", message),
+        Refusal::IdempotencyConflict { .. } => ApiError::conflict("idempotency_conflict", message),
+        Refusal::InsufficientStock { store, sku, on_hand, .. } => ApiError::conflict("insufficient_stock", message)
+            .with("store", store.to_string())
+            .with("sku", sku.to_string())
+            .with("available", on_hand.max(0)),
+        Refusal::Unavailable { sku, available, store } => {
+            let err = ApiError::conflict("insufficient_stock", message)
+                .with("sku", sku.to_string())
+                .with("available", available);
+            match store {
+                Some(s) => err.with("store", s.to_string()),
+                None => err,
+            }
+        }
+        Refusal::LimitExceeded { sku, limit, already } => ApiError::conflict("limit_exceeded", message)
+            .with("sku", sku.to_string())
+            .with("limit", limit)
+            .with("already", already),
+        Refusal::NotFound(m) => ApiError::not_found(m),
+        Refusal::InvalidState(m) => ApiError::conflict("invalid_state", m),
+        Refusal::Invalid(m) => ApiError::invalid(m),
     }
 }
 
@@ -219,7 +222,7 @@ struct SkuAvailability {
 }
 
 async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
-    let now = state.hub.now();
+    let now = shelfsync_node::now_ms();
     let rows = state.hub.storage.availability(skus, now).await?;
     Ok(rows
         .into_iter()
@@ -343,7 +346,7 @@ async fn get_store_stock(
     let figs: HashMap<Sku, (u64, u64)> = state
         .hub
         .storage
-        .availability(skus, state.hub.now())
+        .availability(skus, shelfsync_node::now_ms())
         .await?
         .into_iter()
         .filter_map(|(sku, f)| f.into_iter().find(|f| f.store == store).map(|f| (sku, (f.held, f.available))))
@@ -433,7 +436,7 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
 }
 
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
-    let outcome = state.hub.storage.hub_change(req, state.hub.now()).await?;
+    let outcome = state.hub.storage.hub_change(req, shelfsync_node::now_ms()).await?;
     state.hub.holds_changed(&outcome.holds_changed);
     if outcome.created {
         Metrics::inc(&state.hub.metrics.hub_changes_total);
@@ -509,7 +512,7 @@ async fn post_reservation(
         }
     }
     let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
-    let w = state.hub.storage.create_reservation(req, state.hub.now()).await?;
+    let w = state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())
@@ -544,7 +547,7 @@ async fn act(
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     let key = idempotency_key(headers)?;
-    let w = state.hub.storage.act(id, action, key, jiff::Timestamp::now().as_millisecond()).await?;
+    let w = state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await?;
     state.hub.holds_changed(&w.stores);
     Ok(Json(w.view.to_json()).into_response())
 }
@@ -793,14 +796,14 @@ async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody
         .storage
         .add_token(NewToken { hash: token_hash(&secret), name, role: b.role, expires_in_secs })
         .await?;
-    let mut v = serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises");
+    let mut v = serde_json::to_value(t.view(shelfsync_node::now_ms())).expect("serialises");
     v["token"] = Value::String(secret);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 /// `GET /v1/tokens`: every token, never a secret.
 async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = shelfsync_node::now_ms();
     let items: Vec<_> = state.hub.storage.tokens().await?.iter().map(|t| t.view(now)).collect();
     Ok(Json(json!({ "items": items })))
 }
@@ -810,7 +813,7 @@ async fn delete_token(State(state): State<ApiState>, ApiPath(id): ApiPath<String
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::invalid(format!("id must be a token id (a UUID), got {}", quote(&id))))?;
     match state.hub.storage.revoke_token(id).await? {
-        Some(t) => Ok(Json(serde_json::to_value(t.view(jiff::Timestamp::now().as_millisecond())).expect("serialises"))),
+        Some(t) => Ok(Json(serde_json::to_value(t.view(shelfsync_node::now_ms())).expect("serialises"))),
         None => Err(ApiError::not_found(format!("no token {id}"))),
     }
 }

@@ -24,6 +24,7 @@
 //! - Writes of other processes (the admin CLI) go to SQL only; the runtime reconciles the decider
 //!   with them ([`Engine::sync_stores`], catalog chunks) before it relies on them.
 
+use shelfsync_node::now_ms;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -46,7 +47,7 @@ use shelfsync_shared::{EventFlag, Incarnation, NodeId, Sku, StoreId, WriterId};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::sqlite::SqliteStorage;
+use crate::sqlite::{ensure_peer, SqliteStorage};
 use crate::storage::*;
 use shelfsync_node::catalog::CatalogView;
 
@@ -93,39 +94,9 @@ impl State {
     }
 }
 
-impl From<Refusal> for StorageError {
-    fn from(r: Refusal) -> Self {
-        match r {
-            Refusal::UnknownStore(s) => StorageError::UnknownStore(s),
-            Refusal::StoreExists(s) => StorageError::StoreExists(s),
-            Refusal::Revoked(s) => StorageError::Revoked(s),
-            Refusal::IdempotencyConflict { id, kind } => StorageError::IdempotencyConflict { id, kind },
-            Refusal::InsufficientStock { store, sku, on_hand, wanted } => {
-                StorageError::InsufficientStock { store, sku, on_hand, wanted }
-            }
-            Refusal::Unavailable { sku, available, store } => StorageError::Unavailable { sku, available, store },
-            Refusal::LimitExceeded { sku, limit, already } => StorageError::LimitExceeded { sku, limit, already },
-            Refusal::NotFound(m) => StorageError::NotFound(m),
-            Refusal::InvalidState(m) => StorageError::InvalidState(m),
-            Refusal::Invalid(m) => StorageError::Invalid(m),
-        }
-    }
-}
-
-/// What the time is, for decisions that depend on it.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Now {
-    /// Milliseconds since the epoch.
-    pub ms: i64,
-}
-
 /// Stores whose sync connection opened or closed since the decider last looked (it discounts
 /// silent stores); drained at the start of every batch, so no change is lost or reordered.
 type Connectivity = Arc<std::sync::Mutex<Vec<(StoreId, bool)>>>;
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
 
 /// A conflict id derived from what makes two reports "the same".
 fn conflict_id(parts: &[&str]) -> Uuid {
@@ -139,29 +110,14 @@ fn conflict_id(parts: &[&str]) -> Uuid {
     uuid::Builder::from_random_bytes(b).into_uuid()
 }
 
-fn agent_kind(kind: AgentConflict) -> AgentConflictKind {
-    match kind {
-        AgentConflict::StoreRolledBack => AgentConflictKind::StoreRolledBack,
-        AgentConflict::WriterCloned => AgentConflictKind::WriterCloned,
-        AgentConflict::DuplicateAgent => AgentConflictKind::DuplicateAgent,
-        AgentConflict::HubRolledBack => AgentConflictKind::HubRolledBack,
-    }
-}
-
 fn agent_conflict_cmd(
-    kind: AgentConflict,
+    kind: AgentConflictKind,
     store: StoreId,
     key: &str,
     resolution: String,
     details: serde_json::Value,
 ) -> Command {
-    Command::AgentConflict {
-        id: conflict_id(&[kind.as_str(), store.as_str(), key]),
-        kind: agent_kind(kind),
-        store,
-        resolution,
-        details,
-    }
+    Command::AgentConflict { id: conflict_id(&[kind.as_str(), store.as_str(), key]), kind, store, resolution, details }
 }
 
 /// `hub_rolled_back` for every store that is not revoked: each must be checked.
@@ -172,7 +128,7 @@ fn hub_rolled_back(st: &mut State, old: &WriterId, new: &WriterId, why: &str, no
     for s in stores {
         st.decide(
             agent_conflict_cmd(
-                AgentConflict::HubRolledBack,
+                AgentConflictKind::HubRolledBack,
                 s,
                 &old.to_string(),
                 "the hub's files are older than what this store saw: restocks and transfers authored after them \
@@ -186,11 +142,24 @@ fn hub_rolled_back(st: &mut State, old: &WriterId, new: &WriterId, why: &str, no
     Ok(())
 }
 
-fn new_life(conn: &Connection, w: &WriterId) -> StorageResult<()> {
-    shelfsync_node::db::meta_set(conn, "writer", &w.to_string())?;
-    shelfsync_node::db::meta_set(conn, "incarnation_started_ms", &now_ms().to_string())?;
-    conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
-    Ok(())
+/// A new hub life: the decider records the writer itself (`SetHubWriter` → `meta.writer`) and a
+/// `hub_rolled_back` conflict per store that is not revoked; the batch also notes when the life
+/// began and that the files are no longer an unopened restored copy.
+fn new_life(
+    old: WriterId,
+    new: WriterId,
+    why: String,
+    now: i64,
+) -> impl FnOnce(&mut State, &mut Vec<Extra>) -> StorageResult<()> + Send + 'static {
+    move |st, extras| {
+        hub_rolled_back(st, &old, &new, &why, now)?;
+        extras.push(Box::new(|conn| {
+            shelfsync_node::db::meta_set(conn, "incarnation_started_ms", &now_ms().to_string())?;
+            conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+            Ok(())
+        }));
+        Ok(())
+    }
 }
 
 /// The running hub's state: the decider thread, the storage threads, and the runtime's view.
@@ -211,19 +180,15 @@ impl Engine {
         opts: EngineOptions,
     ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
-        let opened = SqliteStorage::open_with(path, sql, opts.feed_retain)?;
+        let opened = SqliteStorage::open_with(path, sql, Some(opts.feed_retain))?;
         let db = opened.storage;
         let hub_writer = db.hub_writer();
         let config =
             Config { staleness: opts.staleness, feed_retain: opts.feed_retain, ..Config::new(hub_writer.clone()) };
         let records = opened.records.len();
-        let mut d = Decider::from_records(config, rand::random::<u128>(), opened.records)
+        // The records include `meta.writer`, so the decider starts with the stored writer.
+        let d = Decider::from_records(config, rand::random::<u128>(), opened.records)
             .map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
-        // The stored writer is authoritative (the decider keeps the one it was told last).
-        if *d.hub_writer() != hub_writer {
-            let _ = d.apply(Command::SetHubWriter { writer: hub_writer.clone() }, now_ms());
-            let _ = d.take_records();
-        }
         tracing::info!(records, ms = started.elapsed().as_millis() as u64, "loaded the decider");
         let peers = opened
             .peers
@@ -250,9 +215,8 @@ impl Engine {
             connectivity,
         };
         if let Some(old) = opened.restored_from {
-            let why = "opened a restored backup".to_owned();
             tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
-            engine.reincarnate_blocking(old, why)?;
+            engine.reincarnate_blocking("opened a restored backup".to_owned())?;
         }
         Ok(engine)
     }
@@ -286,16 +250,10 @@ impl Engine {
         }
     }
 
-    fn reincarnate_blocking(&self, old: String, why: String) -> StorageResult<()> {
-        let old: WriterId = old.parse().map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?;
+    /// [`Engine::reincarnate`] at start, before any task runs.
+    fn reincarnate_blocking(&self, why: String) -> StorageResult<()> {
         let new = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
-        let n = new.clone();
-        let rx = self.enqueue(move |st, extras| {
-            let r = hub_rolled_back(st, &old, &n, &why, now_ms());
-            let n2 = n.clone();
-            extras.push(Box::new(move |conn| new_life(conn, &n2)));
-            r
-        })?;
+        let rx = self.enqueue(new_life(self.hub_writer(), new.clone(), why, now_ms()))?;
         rx.blocking_recv().map_err(|_| stopped())???;
         *self.hub_writer.write().expect("hub writer lock") = new;
         Ok(())
@@ -320,15 +278,8 @@ impl Engine {
     /// Takes a new life: the files turned out older than what stores saw of the current one.
     /// Records a `hub_rolled_back` conflict per store; returns the new writer.
     pub async fn reincarnate(&self, why: String, now_ms: i64) -> StorageResult<WriterId> {
-        let old = self.hub_writer();
         let new = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
-        let n = new.clone();
-        self.run(move |st, extras| {
-            let r = hub_rolled_back(st, &old, &n, &why, now_ms);
-            extras.push(Box::new(move |conn| new_life(conn, &n)));
-            r
-        })
-        .await??;
+        self.run(new_life(self.hub_writer(), new.clone(), why, now_ms)).await??;
         *self.hub_writer.write().expect("hub writer lock") = new.clone();
         Ok(new)
     }
@@ -336,24 +287,24 @@ impl Engine {
     /// Records a conflict about a store's agents (idempotent per `key`), with an event on the feed.
     pub async fn agent_conflict(
         &self,
-        kind: AgentConflict,
+        kind: AgentConflictKind,
         store: StoreId,
         key: String,
         details: serde_json::Value,
         now_ms: i64,
     ) -> StorageResult<bool> {
         let resolution = match kind {
-            AgentConflict::DuplicateAgent => {
+            AgentConflictKind::DuplicateAgent => {
                 "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
             }
-            AgentConflict::WriterCloned => {
+            AgentConflictKind::WriterCloned => {
                 "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
                  offline); switch one off, and its sales arrive under a new writer"
             }
-            AgentConflict::StoreRolledBack => {
+            AgentConflictKind::StoreRolledBack => {
                 "the store's files were put back; its later sales count under a new writer"
             }
-            AgentConflict::HubRolledBack => "the hub's files are older than what the store saw",
+            AgentConflictKind::HubRolledBack => "the hub's files are older than what the store saw",
         }
         .to_owned();
         let cmd = agent_conflict_cmd(kind, store, &key, resolution, details);
@@ -407,7 +358,7 @@ impl Engine {
     /// Makes sure the decider knows a store the database has (added by another process).
     async fn ensure_store(&self, store: StoreId) -> StorageResult<()> {
         self.run(move |st, _| match st.decide(Command::AddStore { store }, now_ms()) {
-            Ok(_) | Err(StorageError::StoreExists(_)) => Ok(()),
+            Ok(_) | Err(StorageError::Refused(Refusal::StoreExists(_))) => Ok(()),
             Err(e) => Err(e),
         })
         .await?
@@ -432,13 +383,20 @@ impl Engine {
         .await?
     }
 
-    /// A decision was refused for an unknown store: if the stores table has it (the admin CLI
-    /// added it while this hub runs), registers it with the decider and says to try again.
-    async fn learned_store(&self, r: &StorageResult<impl Sized>) -> bool {
-        let Err(StorageError::UnknownStore(s)) = r else { return false };
-        match self.db.store_rows().await {
-            Ok(rows) if rows.iter().any(|(id, _)| id == s) => self.sync_stores().await.is_ok(),
-            _ => false,
+    /// Runs `attempt`; when it is refused for an unknown store, brings the decider in line with
+    /// the stores table (the admin CLI may have added the store while this hub runs) and runs it
+    /// once more.
+    async fn knowing_new_stores<T, F, Fut>(&self, attempt: F) -> StorageResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = StorageResult<T>>,
+    {
+        match attempt().await {
+            Err(StorageError::Refused(Refusal::UnknownStore(_))) => {
+                self.sync_stores().await?;
+                attempt().await
+            }
+            r => r,
         }
     }
 
@@ -449,15 +407,8 @@ impl Engine {
 
     /// Revokes a store and all its certificates; returns the revoked serials.
     pub async fn revoke_store(&self, store: StoreId) -> StorageResult<Vec<String>> {
-        let serials = self.db.revoke_store(store.clone()).await?;
-        self.run(move |st, _| match st.decide(Command::RevokeStore { store: store.clone() }, now_ms()) {
-            Err(StorageError::UnknownStore(_)) => {
-                st.decide(Command::AddStore { store: store.clone() }, now_ms())?;
-                st.decide(Command::RevokeStore { store }, now_ms()).map(|_| ())
-            }
-            r => r.map(|_| ()),
-        })
-        .await??;
+        let serials = self.db.revoke_store(store).await?;
+        self.sync_stores().await?;
         Ok(serials)
     }
 
@@ -530,7 +481,7 @@ impl Engine {
         delta: Delta,
         lineage_base: Option<Checkpoint>,
         pusher_boots: Vec<Boot>,
-        now: Now,
+        now_ms: i64,
     ) -> StorageResult<Applied> {
         let tags: HashMap<u32, shelfsync_shared::mac::EntryMac> = delta.macs.iter().copied().collect();
         let mut entries = Vec::with_capacity(delta.entries.len());
@@ -556,12 +507,11 @@ impl Engine {
         }
         let me = self.hub_writer();
         let (upto, lineage, fulfilled) = (delta.upto, delta.lineage.clone(), delta.fulfilled.clone());
-        let journal = self.db.journal_head_cell();
-        self.run(move |st, extras| {
+        let mut applied = self.run(move |st, extras| {
             let key = (store.clone(), peer.clone());
             let mut ps = st.peers.get(&key).cloned().unwrap_or_default();
             if st.d.store(&store).is_none() {
-                return Err(StorageError::UnknownStore(store));
+                return Err(Refusal::UnknownStore(store).into());
             }
             // Compare-and-set on the writer's history, before anything changes.
             if let Some(base) = lineage_base.filter(|b| *b != ps.lineage.head) {
@@ -578,7 +528,7 @@ impl Engine {
                     own_lost |= *w == me;
                 }
             }
-            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled }, now.ms)? {
+            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled }, now_ms)? {
                 Done::Merged(m) => m,
                 other => return Err(unexpected(other)),
             };
@@ -587,26 +537,28 @@ impl Engine {
             }
             let lineage_row = lineage.is_some().then(|| postcard::to_stdvec(&ps.lineage).expect("lineage serialises"));
             st.peers.insert(key, ps);
-            let at = now.ms;
             extras.push(Box::new(move |conn| {
                 ensure_peer(conn, &store, &peer)?;
                 conn.prepare_cached(
                     "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4, lineage = COALESCE(?5, lineage)
                      WHERE store = ?1 AND writer = ?2",
                 )?
-                .execute(params![store.as_str(), peer.to_string(), upto, at, lineage_row])?;
+                .execute(params![store.as_str(), peer.to_string(), upto, now_ms, lineage_row])?;
                 Ok(())
             }));
             Ok(Applied {
                 holds_changed: merged.holds_changed,
                 changed: merged.changed,
                 entries_changed: merged.entries_changed,
-                heads: HubHeads { counter: merged.counter_head, journal: journal.load(Ordering::Acquire) },
+                heads: HubHeads { counter: merged.counter_head, journal: 0 },
                 recovered,
                 own_lost,
             })
         })
-        .await?
+        .await??;
+        // Read after the commit: the writer publishes the journal head once the batch is durable.
+        applied.heads.journal = self.db.journal_head();
+        Ok(applied)
     }
 
     /// Entries of `store` above `after` (all writers except `exclude`), sequence order, each with
@@ -641,7 +593,7 @@ impl Engine {
         }
         self.run(move |st, extras| {
             if st.d.store(&store).is_none() {
-                return Err(StorageError::UnknownStore(store));
+                return Err(Refusal::UnknownStore(store).into());
             }
             let key = (store.clone(), peer.clone());
             let ps = st.peers.entry(key).or_default();
@@ -699,41 +651,42 @@ impl Engine {
     }
 
     /// A restock or transfer, idempotent by id.
-    pub async fn hub_change(&self, req: HubChangeRequest, now: Now) -> StorageResult<HubChangeOutcome> {
-        let journal = self.db.journal_head_cell();
-        let attempt = |req: HubChangeRequest, now: Now| {
-            self.run(move |st, _| match st.decide(Command::HubChange(req), now.ms)? {
-                Done::HubChanged(c) => Ok(c),
-                other => Err(unexpected(other)),
+    pub async fn hub_change(&self, req: HubChangeRequest, now_ms: i64) -> StorageResult<HubChangeOutcome> {
+        let outcome = self
+            .knowing_new_stores(|| {
+                let req = req.clone();
+                async move {
+                    self.run(move |st, _| match st.decide(Command::HubChange(req), now_ms)? {
+                        Done::HubChanged(c) => Ok(c),
+                        other => Err(unexpected(other)),
+                    })
+                    .await?
+                }
             })
-        };
-        let mut outcome = attempt(req.clone(), now).await?;
-        if self.learned_store(&outcome).await {
-            outcome = attempt(req, now).await?;
-        }
-        let outcome = outcome?;
+            .await?;
         Ok(HubChangeOutcome {
             created: outcome.created,
             response: outcome.response,
             stores: outcome.stores,
-            heads: HubHeads { counter: outcome.counter_head, journal: journal.load(Ordering::Acquire) },
+            // Read after the commit, which published the journal events this change wrote.
+            heads: HubHeads { counter: outcome.counter_head, journal: self.db.journal_head() },
             holds_changed: outcome.holds_changed,
         })
     }
 
     /// Reserves all lines or none (idempotent by reservation id).
-    pub async fn create_reservation(&self, req: ReservationRequest, now: Now) -> StorageResult<Written> {
-        let attempt = |req: ReservationRequest, now: Now| {
-            self.run(move |st, _| match st.decide(Command::Reserve(req), now.ms)? {
-                Done::Reserved(w) => Ok(w),
-                other => Err(unexpected(other)),
-            })
-        };
-        let first = attempt(req.clone(), now).await?;
-        if self.learned_store(&first).await {
-            return attempt(req, now).await?;
-        }
-        first
+    pub async fn create_reservation(&self, req: ReservationRequest, now_ms: i64) -> StorageResult<Written> {
+        self.knowing_new_stores(|| {
+            let req = req.clone();
+            async move {
+                self.run(move |st, _| match st.decide(Command::Reserve(req), now_ms)? {
+                    Done::Reserved(w) => Ok(w),
+                    other => Err(unexpected(other)),
+                })
+                .await?
+            }
+        })
+        .await
     }
 
     /// A reservation's current state.
@@ -780,11 +733,11 @@ impl Engine {
     }
 
     /// Per SKU, every store's figures (raw and offered availability).
-    pub async fn availability(&self, skus: Vec<Sku>, now: Now) -> StorageResult<Vec<(Sku, Vec<StoreFigures>)>> {
+    pub async fn availability(&self, skus: Vec<Sku>, now_ms: i64) -> StorageResult<Vec<(Sku, Vec<StoreFigures>)>> {
         self.run(move |st, _| {
             skus.into_iter()
                 .map(|s| {
-                    let f = st.d.figures(&s, now.ms, st.d.connected());
+                    let f = st.d.figures(&s, now_ms, st.d.connected());
                     (s, f)
                 })
                 .collect()
@@ -901,26 +854,20 @@ impl Engine {
         after: Option<Sku>,
         limit: usize,
     ) -> StorageResult<Vec<StoreStock>> {
-        let first = self.store_stock_once(store.clone(), after.clone(), limit).await;
-        if self.learned_store(&first).await {
-            return self.store_stock_once(store, after, limit).await;
-        }
-        first
-    }
-
-    async fn store_stock_once(
-        &self,
-        store: StoreId,
-        after: Option<Sku>,
-        limit: usize,
-    ) -> StorageResult<Vec<StoreStock>> {
-        self.run(move |st, _| match st.d.store_stock(&store, after.as_ref(), limit) {
-            None => Err(StorageError::UnknownStore(store)),
-            Some(rows) => {
-                Ok(rows.into_iter().map(|(sku, on_hand)| StoreStock { store: store.clone(), sku, on_hand }).collect())
+        self.knowing_new_stores(|| {
+            let (store, after) = (store.clone(), after.clone());
+            async move {
+                self.run(move |st, _| match st.d.store_stock(&store, after.as_ref(), limit) {
+                    None => Err(Refusal::UnknownStore(store).into()),
+                    Some(rows) => Ok(rows
+                        .into_iter()
+                        .map(|(sku, on_hand)| StoreStock { store: store.clone(), sku, on_hand })
+                        .collect()),
+                })
+                .await?
             }
         })
-        .await?
+        .await
     }
 }
 
@@ -936,7 +883,7 @@ fn rule_of(item: &shelfsync_node::catalog::CatalogItem) -> CatalogRule {
 
 fn retirement_cmd(store: &StoreId, r: &Retirement) -> Command {
     let kind = match r.reason {
-        RetireReason::RolledBack => AgentConflict::StoreRolledBack,
+        RetireReason::RolledBack => AgentConflictKind::StoreRolledBack,
     };
     let window = r
         .window_ms
@@ -970,12 +917,6 @@ fn retirement_cmd(store: &StoreId, r: &Retirement) -> Command {
         )
     };
     agent_conflict_cmd(kind, store.clone(), &format!("{} {}", r.old, r.new), resolution, details)
-}
-
-fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
-    conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
-        .execute(params![store.as_str(), writer.to_string()])?;
-    Ok(())
 }
 
 fn stopped() -> StorageError {

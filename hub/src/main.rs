@@ -177,7 +177,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{secret}");
         }
         Cmd::Token { cmd: TokenCmd::List { json, data_dir } } => {
-            let now = jiff::Timestamp::now().as_millisecond();
+            let now = shelfsync_node::now_ms();
             let views: Vec<_> = admin::list_tokens(&data_dir).await?.iter().map(|t| t.view(now)).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&views)?);

@@ -121,42 +121,47 @@ where
     s.parse().map_err(|e| StorageError::Corrupt(format!("{what} {s:?}: {e}")))
 }
 
+/// Appends one record per row of `sql`.
+fn each_row(
+    conn: &Connection,
+    sql: &str,
+    out: &mut Vec<Record>,
+    record: impl Fn(&rusqlite::Row<'_>) -> StorageResult<Record>,
+) -> StorageResult<()> {
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.push(record(r)?);
+    }
+    Ok(())
+}
+
 /// Every row as records, in an order [`shelfsync_hub_core::Decider::from_records`] accepts
 /// (stores first), with at most `feed_retain` of the newest feed events.
 pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>> {
     let mut out = Vec::new();
-    let mut stmt =
-        conn.prepare("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        out.push(Record::Store(StoreRecord {
+    let sql = "SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id";
+    each_row(conn, sql, &mut out, |r| {
+        Ok(Record::Store(StoreRecord {
             id: col("store", r.get(0)?)?,
             added_at_ms: r.get(1)?,
             revoked_at_ms: r.get(2)?,
             last_seen_ms: r.get(3)?,
             holds_version: r.get(4)?,
-        }));
-    }
-    drop(rows);
-    drop(stmt);
-    let mut stmt = conn.prepare("SELECT store, sku, writer, p, n, seq FROM counters")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        out.push(Record::Entry(shelfsync_hub_core::EntryRecord {
+        }))
+    })?;
+    each_row(conn, "SELECT store, sku, writer, p, n, seq FROM counters", &mut out, |r| {
+        Ok(Record::Entry(shelfsync_hub_core::EntryRecord {
             store: col("store", r.get(0)?)?,
             sku: col("sku", r.get(1)?)?,
             writer: adb::writer_col(r.get(2)?)?,
             entry: PnEntry { p: r.get(3)?, n: r.get(4)? },
             seq: r.get(5)?,
-        }));
-    }
-    drop(rows);
-    drop(stmt);
-    let mut stmt =
-        conn.prepare("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        out.push(Record::CatalogRule {
+        }))
+    })?;
+    let sql = "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items";
+    each_row(conn, sql, &mut out, |r| {
+        Ok(Record::CatalogRule {
             sku: col("sku", r.get(0)?)?,
             rule: Some(CatalogRule {
                 safety_stock: r.get(1)?,
@@ -164,26 +169,19 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
                 max_per_customer: r.get(3)?,
                 active: r.get(4)?,
             }),
-        });
-    }
-    drop(rows);
-    drop(stmt);
-    let mut stmt = conn.prepare("SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        out.push(Record::Overrides {
+        })
+    })?;
+    let sql = "SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides";
+    each_row(conn, sql, &mut out, |r| {
+        Ok(Record::Overrides {
             store: col("store", r.get(0)?)?,
             sku: col("sku", r.get(1)?)?,
             overrides: Overrides { safety_stock: r.get(2)?, low_stock_threshold: r.get(3)? },
-        });
-    }
-    drop(rows);
-    drop(stmt);
-    let mut stmt = conn.prepare("SELECT kind, key, body FROM decisions")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
+        })
+    })?;
+    each_row(conn, "SELECT kind, key, body FROM decisions", &mut out, |r| {
         let (kind, key, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        out.push(match kind.as_str() {
+        Ok(match kind.as_str() {
             "velocity" => {
                 let (store, sku) = cell_of(&key)?;
                 Record::Velocity { store, sku, velocity: parse(&kind, &key, &body)? }
@@ -198,11 +196,9 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
             "hub_request" => Record::HubRequest(parse(&kind, &key, &body)?),
             "action_request" => Record::ActionRequest(parse(&kind, &key, &body)?),
             other => return Err(StorageError::Corrupt(format!("unknown decisions kind {other:?}"))),
-        });
-    }
-    drop(rows);
-    drop(stmt);
-    let mut events = feed_page(conn, "SELECT body FROM feed ORDER BY cursor DESC LIMIT ?1", feed_retain as i64)?;
+        })
+    })?;
+    let mut events = feed_rows(conn, "SELECT body FROM feed ORDER BY cursor DESC LIMIT ?1", [feed_retain as i64])?;
     events.reverse();
     out.extend(events.into_iter().map(Record::Feed));
     if let Some(w) = adb::meta_get(conn, "writer")? {
@@ -214,9 +210,9 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
     Ok(out)
 }
 
-fn feed_page(conn: &Connection, sql: &str, arg: i64) -> StorageResult<Vec<FeedEvent>> {
+fn feed_rows(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> StorageResult<Vec<FeedEvent>> {
     conn.prepare_cached(sql)?
-        .query_map([arg], |r| r.get::<_, String>(0))?
+        .query_map(args, |r| r.get::<_, String>(0))?
         .map(|b| parse::<FeedEvent>("feed", "", &b?))
         .collect()
 }
@@ -224,15 +220,7 @@ fn feed_page(conn: &Connection, sql: &str, arg: i64) -> StorageResult<Vec<FeedEv
 /// Feed events after `cursor` from storage (for cursors older than the decider keeps).
 pub fn feed_after(conn: &Connection, cursor: u64, limit: usize) -> StorageResult<Vec<FeedEvent>> {
     let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
-    conn.prepare_cached("SELECT body FROM feed WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")?
-        .query_map(params![cursor, limit as i64], |r| r.get::<_, String>(0))?
-        .map(|b| parse::<FeedEvent>("feed", "", &b?))
-        .collect()
-}
-
-/// The newest committed feed cursor.
-pub fn feed_head(conn: &Connection) -> StorageResult<u64> {
-    Ok(conn.query_row("SELECT MAX(cursor) FROM feed", [], |r| r.get::<_, Option<u64>>(0))?.unwrap_or(0))
+    feed_rows(conn, "SELECT body FROM feed WHERE cursor > ?1 ORDER BY cursor LIMIT ?2", params![cursor, limit as i64])
 }
 
 /// Open reservations and conflicts that a hub from before the decider wrote in its own tables

@@ -232,7 +232,7 @@ impl Pki {
         let params = CertificateRevocationListParams {
             this_update: now() - time::Duration::minutes(5),
             next_update: now() + time::Duration::days(3650),
-            crl_number: SerialNumber::from(jiff::Timestamp::now().as_millisecond() as u64),
+            crl_number: SerialNumber::from(shelfsync_node::now_ms() as u64),
             issuing_distribution_point: None,
             revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,

@@ -14,7 +14,8 @@ use shelfsync_shared::StoreId;
 use crate::metrics::Metrics;
 use crate::pki::{self, Pki};
 use crate::state::{Hub, Pongs, StockChange};
-use crate::storage::{AgentConflict, StorageError};
+use crate::storage::{AgentConflictKind, StorageError};
+use shelfsync_hub_core::Refusal;
 
 /// Builds the server TLS config with a CRL of every revoked certificate.
 pub async fn server_config(hub: &Hub, pki: &Pki) -> Result<quinn::ServerConfig, String> {
@@ -84,8 +85,10 @@ pub async fn watch_revocations(hub: Arc<Hub>, endpoint: quinn::Endpoint, pki: Ar
 
 fn refusal_code(e: &StorageError) -> u32 {
     match e {
-        StorageError::Revoked(_) => close_code::REVOKED,
-        StorageError::UnknownStore(_) | StorageError::Invalid(_) => close_code::UNAUTHORIZED,
+        StorageError::Refused(Refusal::Revoked(_)) => close_code::REVOKED,
+        StorageError::Invalid(_)
+        | StorageError::Refused(Refusal::Invalid(_))
+        | StorageError::Refused(Refusal::UnknownStore(_)) => close_code::UNAUTHORIZED,
         _ => close_code::INTERNAL,
     }
 }
@@ -227,7 +230,7 @@ impl HubHost {
         hello: shelfsync_shared::wire::Hello,
     ) -> Result<(), SessionError> {
         let (hub, store) = (self.hub.clone(), self.store.clone());
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = shelfsync_node::now_ms();
         if !hello.retired.is_empty() {
             let new = hub
                 .storage
@@ -274,7 +277,13 @@ impl HubHost {
             });
             let _ = hub
                 .storage
-                .agent_conflict(AgentConflict::WriterCloned, store.clone(), hello.writer.to_string(), details, now_ms)
+                .agent_conflict(
+                    AgentConflictKind::WriterCloned,
+                    store.clone(),
+                    hello.writer.to_string(),
+                    details,
+                    now_ms,
+                )
                 .await;
             tracing::warn!(%store, writer = %hello.writer, "a second live connection presents the same writer: its files are a copy; refused while the first is live");
             return Err(session.refuse(
@@ -299,7 +308,7 @@ impl HubHost {
             });
             let _ = hub
                 .storage
-                .agent_conflict(AgentConflict::DuplicateAgent, store.clone(), key.join(" "), details, now_ms)
+                .agent_conflict(AgentConflictKind::DuplicateAgent, store.clone(), key.join(" "), details, now_ms)
                 .await;
             tracing::warn!(%store, refused = %hello.writer, live = ?writers, "refusing a second live agent of the store");
             return Err(session.refuse(
@@ -337,7 +346,10 @@ impl HubHost {
 fn internal(what: &str, e: StorageError) -> SessionError {
     let code = match e {
         StorageError::Forked(_) => close_code::FORKED,
-        StorageError::Invalid(_) | StorageError::UnknownStore(_) | StorageError::Revoked(_) => close_code::UNAUTHORIZED,
+        StorageError::Invalid(_)
+        | StorageError::Refused(Refusal::Invalid(_) | Refusal::UnknownStore(_) | Refusal::Revoked(_)) => {
+            close_code::UNAUTHORIZED
+        }
         _ => close_code::INTERNAL,
     };
     SessionError { code, message: format!("{what}: {e}"), from_peer: false }
@@ -354,7 +366,7 @@ impl EffectHost<HubSession> for HubHost {
             Effect::Established { peer } => {
                 Metrics::inc(&hub.metrics.connections_accepted_total);
                 tracing::info!(%store, writer = %peer, "store connected");
-                let _ = hub.storage.touch_store(store.clone(), jiff::Timestamp::now().as_millisecond()).await;
+                let _ = hub.storage.touch_store(store.clone(), shelfsync_node::now_ms()).await;
                 self.push_holds(session).await?;
                 let mut peer = hub
                     .catalog
@@ -405,7 +417,7 @@ impl EffectHost<HubSession> for HubHost {
                         delta,
                         lineage_base,
                         session.hello().map(|h| h.boots.clone()).unwrap_or_default(),
-                        hub.now(),
+                        shelfsync_node::now_ms(),
                     )
                     .await
                     .map_err(|e| internal("applying a delta", e))?;

@@ -153,7 +153,7 @@ async fn expire_leases(hub: Arc<Hub>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match hub.storage.expire_due(jiff::Timestamp::now().as_millisecond()).await {
+        match hub.storage.expire_due(shelfsync_node::now_ms()).await {
             Ok(stores) => hub.holds_changed(&stores),
             Err(e) => tracing::error!(error = %e, "expiring reservations"),
         }

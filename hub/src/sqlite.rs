@@ -4,6 +4,7 @@
 //! thread and a few reader threads ([`SqliteThreads`]). The decider's rows are in
 //! [`crate::persist`]; the admin CLI writes here directly while a hub runs (WAL arbitrates).
 
+use shelfsync_node::now_ms;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use shelfsync_shared::{Incarnation, NodeId, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
 use crate::storage::*;
+use shelfsync_hub_core::Refusal;
 
 /// Migration 2 (reservations, holds, conflicts, the change feed in SQL, as hubs before the
 /// decider kept them; read since only to refuse a database with open rows there).
@@ -154,10 +156,6 @@ impl From<shelfsync_shared::CounterError> for StorageError {
     }
 }
 
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
-
 /// Options for opening the hub database.
 #[derive(Clone, Copy, Debug)]
 pub struct SqliteOptions {
@@ -243,12 +241,13 @@ impl SqliteStorage {
     /// Opens an existing hub database and starts its threads, without loading the decider's rows
     /// (admin verbs). Blocking.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
-        Ok(Self::open_with(path, opts, 0)?.storage)
+        Ok(Self::open_with(path, opts, None)?.storage)
     }
 
-    /// Opens an existing hub database, reads the decider's rows (with the newest `feed_retain`
-    /// feed events) and starts its threads. Blocking.
-    pub fn open_with(path: &Path, opts: SqliteOptions, feed_retain: usize) -> Result<Opened, StorageError> {
+    /// Opens an existing hub database, reads the decider's rows when `load` says how many of the
+    /// newest feed events to keep (`None`: read nothing, for admin verbs), and starts its threads.
+    /// Blocking.
+    pub fn open_with(path: &Path, opts: SqliteOptions, load: Option<usize>) -> Result<Opened, StorageError> {
         dbfile::check_existing(path, &recovery_advice(path)).map_err(|e| match e {
             dbfile::FileError::Missing(_) => StorageError::Invalid(format!(
                 "no hub database at {}; run `shelfsync-hub init --data-dir` first",
@@ -278,7 +277,7 @@ impl SqliteStorage {
             tx.commit()?;
             (w, key, restored)
         };
-        let (records, peers) = if feed_retain > 0 {
+        let (records, peers) = if let Some(feed_retain) = load {
             (crate::persist::load(&conn, feed_retain)?, load_peers(&conn)?)
         } else {
             (Vec::new(), Vec::new())
@@ -324,11 +323,6 @@ impl SqliteStorage {
     /// The journal's newest committed sequence.
     pub fn journal_head(&self) -> u64 {
         self.journal_head.load(Ordering::Acquire)
-    }
-
-    /// The cell [`SqliteStorage::journal_head`] reads.
-    pub fn journal_head_cell(&self) -> Arc<AtomicU64> {
-        self.journal_head.clone()
     }
 
     async fn write<R: Send + 'static>(
@@ -437,8 +431,8 @@ fn store_exists(conn: &Connection, store: &StoreId) -> StorageResult<Option<Opti
 
 fn require_store(conn: &Connection, store: &StoreId) -> StorageResult<()> {
     match store_exists(conn, store)? {
-        None => Err(StorageError::UnknownStore(store.clone())),
-        Some(Some(_)) => Err(StorageError::Revoked(store.clone())),
+        None => Err(Refusal::UnknownStore(store.clone()).into()),
+        Some(Some(_)) => Err(Refusal::Revoked(store.clone()).into()),
         Some(None) => Ok(()),
     }
 }
@@ -453,7 +447,7 @@ fn lineage_col(v: Option<Vec<u8>>) -> StorageResult<HubLineage> {
         .map(Option::unwrap_or_default)
 }
 
-fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
+pub(crate) fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
     conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
         .execute(params![store.as_str(), writer.to_string()])?;
     Ok(())
@@ -464,7 +458,7 @@ impl SqliteStorage {
     pub async fn add_store(&self, store: StoreId, cert: CertRecord) -> StorageResult<()> {
         self.write(move |conn| {
             if store_exists(conn, &store)?.is_some() {
-                return Err(StorageError::StoreExists(store));
+                return Err(Refusal::StoreExists(store).into());
             }
             let now = now_ms();
             conn.execute("INSERT INTO stores (id, created_at_ms) VALUES (?1, ?2)", params![store.as_str(), now])?;
@@ -491,7 +485,7 @@ impl SqliteStorage {
     pub async fn revoke_store(&self, store: StoreId) -> StorageResult<Vec<String>> {
         self.write(move |conn| {
             if store_exists(conn, &store)?.is_none() {
-                return Err(StorageError::UnknownStore(store));
+                return Err(Refusal::UnknownStore(store).into());
             }
             let now = now_ms();
             conn.execute(
@@ -536,7 +530,7 @@ impl SqliteStorage {
                 Some((owner, _)) if owner != store.as_str() => {
                     Err(StorageError::Invalid(format!("certificate {serial} belongs to store {owner}, not {store}")))
                 }
-                Some((_, Some(_))) => Err(StorageError::Revoked(store)),
+                Some((_, Some(_))) => Err(Refusal::Revoked(store).into()),
                 Some((_, None)) => Ok(()),
             }
         })

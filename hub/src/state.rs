@@ -121,7 +121,7 @@ impl Hub {
     /// it is ([`Hub::said_hello`], [`Hub::probe`]). Returns the registry id and its pongs.
     pub fn connected(&self, store: &StoreId, conn: quinn::Connection, serial: String) -> (u64, Arc<Pongs>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let since_ms = jiff::Timestamp::now().as_millisecond();
+        let since_ms = shelfsync_node::now_ms();
         let pongs = Arc::new(Pongs::default());
         let c = LiveConn { id, conn, serial, since_ms, writer: None, boots: Vec::new(), pongs: pongs.clone() };
         let mut live = self.live.lock().expect("live lock");
@@ -246,7 +246,7 @@ impl Hub {
         if self.storage.hub_writer() != *life {
             return Ok(false);
         }
-        let new = self.storage.reincarnate(why.clone(), jiff::Timestamp::now().as_millisecond()).await?;
+        let new = self.storage.reincarnate(why.clone(), shelfsync_node::now_ms()).await?;
         Metrics::inc(&self.metrics.hub_rollbacks_total);
         tracing::error!(store = %seen_by, old = %life, new = %new, reason = %why,
             "the hub's files are older than what a store saw of them (restored or copied); took a new life: \
@@ -263,7 +263,7 @@ impl Hub {
     /// [`crate::tokens::LAST_USED_RESOLUTION_MS`] per token.
     pub async fn authenticate(&self, token: &str) -> Result<crate::tokens::Verdict, crate::storage::StorageError> {
         let found = self.storage.token_by_hash(crate::api::token_hash(token)).await?;
-        let now = jiff::Timestamp::now().as_millisecond();
+        let now = shelfsync_node::now_ms();
         let verdict = crate::tokens::Verdict::of(found, now);
         if let crate::tokens::Verdict::Valid(t) = &verdict {
             self.note_token_use(t, now);
@@ -293,11 +293,6 @@ impl Hub {
                 tracing::warn!(token = %id, error = %e, "cannot record a token's last use");
             }
         });
-    }
-
-    /// The time and the set of connected stores, for availability and reconciliation.
-    pub fn now(&self) -> crate::engine::Now {
-        crate::engine::Now { ms: jiff::Timestamp::now().as_millisecond() }
     }
 
     /// Stores whose holds changed: wakes their sessions to send a new snapshot.

@@ -2,12 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 use shelfsync_shared::{Sku, StoreId, WriterId};
-use uuid::Uuid;
 
-pub use crate::engine::{ChangeEvent, Now};
+pub use crate::engine::ChangeEvent;
 pub use shelfsync_hub_core::{
-    Action, ConflictFilter, HubChangeRequest, HubChangeResponse, ReservationRequest, ReservationView, StoreFigures,
-    Written,
+    Action, AgentConflictKind, ConflictFilter, HubChangeRequest, HubChangeResponse, ReservationRequest,
+    ReservationView, StoreFigures, Written,
 };
 
 pub use shelfsync_node::catalog::{CatalogItem, CatalogView, DocWrite, Overrides, TrackedDoc};
@@ -25,70 +24,18 @@ pub struct CatalogCommit {
     pub sync_states: Vec<(String, String, Vec<u8>)>,
 }
 
-/// Storage failures and refusals of hub operations.
+/// Why a hub operation failed: the decider refused it, its input is invalid, or storage failed.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StorageError {
     /// The backend failed.
     #[error("storage: {0}")]
     Backend(String),
-    /// No such store.
-    #[error("unknown store {0}")]
-    UnknownStore(StoreId),
-    /// The store exists already.
-    #[error("store {0} already exists")]
-    StoreExists(StoreId),
-    /// The store's certificates are revoked.
-    #[error("store {0} is revoked")]
-    Revoked(StoreId),
-    /// Same idempotency id, different body.
-    #[error("request id {id} was already used for a different {kind} request")]
-    IdempotencyConflict {
-        /// The id.
-        id: Uuid,
-        /// What it was used for.
-        kind: String,
-    },
-    /// Not enough stock for a transfer.
-    #[error("store {store} has {on_hand} of {sku}, fewer than the {wanted} to transfer")]
-    InsufficientStock {
-        /// From where.
-        store: StoreId,
-        /// What.
-        sku: Sku,
-        /// What the hub believes is there.
-        on_hand: i64,
-        /// What was asked.
-        wanted: u64,
-    },
-    /// The request breaks a rule.
+    /// The decider refused the command (it changed nothing).
+    #[error(transparent)]
+    Refused(#[from] shelfsync_hub_core::Refusal),
+    /// The request breaks a rule checked outside the decider (a tag, a writer, a catalog field).
     #[error("{0}")]
     Invalid(String),
-    /// Not enough units can be promised.
-    #[error("only {available} of {sku} available{}", store.as_ref().map(|s| format!(" at {s}")).unwrap_or_default())]
-    Unavailable {
-        /// What.
-        sku: Sku,
-        /// How many could be promised.
-        available: u64,
-        /// The pickup store, if one was named.
-        store: Option<StoreId>,
-    },
-    /// No such thing.
-    #[error("{0}")]
-    NotFound(String),
-    /// A per-customer limit from the catalog.
-    #[error("at most {limit} of {sku} per customer; this customer already has {already}")]
-    LimitExceeded {
-        /// What.
-        sku: Sku,
-        /// The catalog's limit.
-        limit: u64,
-        /// What the customer holds, paid or received already.
-        already: u64,
-    },
-    /// The thing is in a state that does not allow this.
-    #[error("{0}")]
-    InvalidState(String),
     /// Another connection moved an agent writer's history since this one was welcomed (two
     /// copies of a store's files racing): nothing was written; the agent must reconnect.
     #[error("{0}")]
@@ -150,32 +97,6 @@ pub struct PeerMarks {
     pub lineage: shelfsync_shared::lineage::HubLineage,
     /// How many agents of the store may be connected at once (1 unless configured).
     pub max_agents: u32,
-}
-
-/// Kinds of conflicts about a store's agents rather than a SKU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AgentConflict {
-    /// An agent found its writer's history forked (files put back from an older copy) and
-    /// moved its later changes to a new writer.
-    StoreRolledBack,
-    /// Two live connections presented one writer (the files were copied to a second machine).
-    WriterCloned,
-    /// A second live agent of a store that allows one was refused.
-    DuplicateAgent,
-    /// The hub found it runs on files older than what its stores saw, and took a new life.
-    HubRolledBack,
-}
-
-impl AgentConflict {
-    /// The snake_case name (conflict kind and feed event kind).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentConflict::StoreRolledBack => "store_rolled_back",
-            AgentConflict::WriterCloned => "writer_cloned",
-            AgentConflict::DuplicateAgent => "duplicate_agent",
-            AgentConflict::HubRolledBack => "hub_rolled_back",
-        }
-    }
 }
 
 /// Global heads of the hub's sequences after a write.

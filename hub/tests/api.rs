@@ -184,15 +184,24 @@ async fn backup_copy_takes_a_new_hub_incarnation() {
     let to = h.dir.path().join("backup.db");
     admin::backup(&data_dir, &to).await.unwrap();
     let live_writer = h.hub.hub.storage.hub_writer().clone();
-    let restored = tokio::task::spawn_blocking(move || {
-        shelfsync_hub::engine::Engine::open(&to, shelfsync_hub::sqlite::SqliteOptions::default(), Default::default())
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert_ne!(restored.hub_writer(), live_writer, "a restored hub must not reuse its writer");
+    let open = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            shelfsync_hub::engine::Engine::open(
+                &path,
+                shelfsync_hub::sqlite::SqliteOptions::default(),
+                Default::default(),
+            )
+        })
+    };
+    let restored = open(to.clone()).await.unwrap().unwrap();
+    let new_life = restored.hub_writer();
+    assert_ne!(new_life, live_writer, "a restored hub must not reuse its writer");
     let rows = restored.stock_of(vec!["A".parse().unwrap()]).await.unwrap();
     assert_eq!(rows[0].on_hand, 5, "the backup holds what was committed");
+    drop(restored);
+    // The new life is on disk: opened again, the copy keeps it (and takes no further life).
+    let again = open(to).await.unwrap().unwrap();
+    assert_eq!(again.hub_writer(), new_life, "the restored copy's new writer was persisted");
 }
 
 /// Any method, raw body and content type; returns status, content type and the body as JSON

@@ -17,7 +17,8 @@ use crate::alerts::{emit_availability, record_velocity};
 use crate::command::{Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{
-    AllocationStatus, ChangedLine, HubChangeKind, HubChangeResponse, HubRequest, QtyLine, ReservationStatus, StoreIx,
+    AllocationStatus, ChangedLine, HubChangeKind, HubChangeResponse, HubRequest, QtyLine, ReservationStatus, SkuIx,
+    StoreIx,
 };
 use crate::reconcile::reconcile;
 use crate::stores::require;
@@ -367,15 +368,15 @@ impl Decider {
     /// A page of one store's `on_hand` by SKU, SKUs after `after` in order (`None`: unknown store).
     pub fn store_stock(&self, store: &StoreId, after: Option<&Sku>, limit: usize) -> Option<Vec<(Sku, i64)>> {
         let &st = self.t.store_ix.get(store)?;
-        let skus: BTreeSet<&Sku> =
-            self.t.store(st).entries_by_seq.values().map(|&(sk, _)| &self.t.sku(sk).sku).collect();
-        let mut out: Vec<(Sku, i64)> = skus
+        // A cell has one index entry per writer: the map keeps each SKU once, in SKU order.
+        let skus: BTreeMap<&Sku, SkuIx> =
+            self.t.store(st).entries_by_seq.values().map(|&(sk, _)| (&self.t.sku(sk).sku, sk)).collect();
+        let out = skus
             .into_iter()
-            .filter(|s| after.is_none_or(|a| *s > a))
+            .filter(|(s, _)| after.is_none_or(|a| *s > a))
             .take(limit)
-            .map(|s| (s.clone(), self.on_hand(store, s)))
+            .map(|(s, sk)| (s.clone(), self.t.cell(st, sk).map_or(0, |c| c.on_hand)))
             .collect();
-        out.truncate(limit);
         Some(out)
     }
 }

@@ -23,8 +23,8 @@ use std::collections::{BTreeMap, HashSet};
 use common::*;
 use proptest::prelude::*;
 use shelfsync_hub_core::{
-    Action, AgentConflictKind, AllocationStatus, CatalogRule, Command, ConflictKind, Done, FeedRead, HubChange,
-    HubChangeRequest, Overrides, QtyLine, Record, ReservationRequest, ReservationStatus,
+    Action, AgentConflictKind, AllocationStatus, CatalogRule, Command, Done, FeedRead, HubChange, HubChangeRequest,
+    Overrides, QtyLine, Record, ReservationRequest, ReservationStatus,
 };
 use uuid::Uuid;
 
@@ -332,59 +332,8 @@ impl Run {
 
     fn check(&self) -> Result<(), TestCaseError> {
         let snap = self.h.d.snapshot();
-        // 1, 2: held totals.
-        let mut open: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for a in snap.allocations.values().filter(|a| a.status.is_open()) {
-            *open.entry((a.store.to_string(), a.sku.to_string())).or_default() += a.qty;
-        }
-        for ((store, sku), cell) in &snap.cells {
-            let want = open.remove(&(store.to_string(), sku.to_string())).unwrap_or(0);
-            prop_assert_eq!(cell.held, want, "held of {}/{}", store, sku);
-            prop_assert!(
-                cell.held <= cell.on_hand.max(0) as u64,
-                "{}/{} holds {} of {}",
-                store,
-                sku,
-                cell.held,
-                cell.on_hand
-            );
-            let listed: u64 =
-                self.h.d.holds_snapshot(store).holds.iter().filter(|h| h.sku == *sku).map(|h| h.qty).sum();
-            prop_assert_eq!(listed, cell.held, "holds snapshot of {}/{}", store, sku);
-        }
-        prop_assert!(open.is_empty(), "open allocations outside any cell: {:?}", open);
-        // 3: short units are always an oversell conflict.
-        for a in snap.allocations.values().filter(|a| a.status == AllocationStatus::Short) {
-            let named = snap.conflicts.values().any(|c| {
-                c.kind == ConflictKind::Oversell
-                    && c.store == a.store
-                    && c.sku.as_ref() == Some(&a.sku)
-                    && c.reservations.contains(&a.reservation)
-            });
-            prop_assert!(named, "short allocation {} without its oversell conflict", a.id);
-        }
-        // 4: all lines or none.
-        for r in snap.reservations.values() {
-            let allocs: Vec<_> = snap.allocations.values().filter(|a| a.reservation == r.id).collect();
-            for (i, l) in r.lines.iter().enumerate() {
-                let covered: u64 = allocs
-                    .iter()
-                    .filter(|a| {
-                        a.line == i as u32 && a.status != AllocationStatus::Moved && !self.late_moved.contains(&a.id)
-                    })
-                    .map(|a| a.qty)
-                    .sum();
-                prop_assert_eq!(covered, l.qty, "reservation {} line {}", r.id, i);
-            }
-            let want = match r.status {
-                ReservationStatus::Held => Some(AllocationStatus::Held),
-                ReservationStatus::Committed => Some(AllocationStatus::Committed),
-                _ => None,
-            };
-            for a in allocs.iter().filter(|a| a.status.is_open()) {
-                prop_assert_eq!(Some(a.status), want, "allocation {} of a {} reservation", a.id, r.status);
-            }
-        }
+        // 1–4: held totals, holds snapshots, shorts named by oversells, all lines or none.
+        common::check_state(&self.h.d, &snap, &self.late_moved).map_err(TestCaseError::fail)?;
         // 6: the feed.
         let head = self.h.d.feed_head();
         let FeedRead::Events(events) = self.h.d.changes_after(0, usize::MAX) else {

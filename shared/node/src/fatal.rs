@@ -58,12 +58,7 @@ pub fn no_backstop_exit() {
 /// Resolves with the reason once [`stop`] was called.
 pub async fn stopped() -> String {
     let mut rx = channel().subscribe();
-    loop {
-        if let Some(r) = rx.borrow_and_update().clone() {
-            return r;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+    // The sender lives in a static: it is never dropped, so waiting ends only with a reason.
+    let reason = rx.wait_for(Option::is_some).await.expect("the fail-stop channel lives forever");
+    reason.clone().unwrap_or_default()
 }

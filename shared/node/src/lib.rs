@@ -13,7 +13,7 @@
 //!   set-up, the shutdown signal and the async `main` wrapper.
 //! - [`bundle`]: a store's credential bundle (the hub's admin writes it, the agent reads it);
 //!   [`catalog`] the automerge catalog documents both sides replicate.
-//! - [`fatal`]: fail-stop when a process can no longer trust its state.
+//! - [`fatal`]: fail-stop when a process can no longer trust its state; [`now_ms`] the clock.
 
 pub mod bundle;
 pub mod catalog;
@@ -28,3 +28,9 @@ pub mod journal;
 pub mod quic;
 pub mod ratelimit;
 pub mod sqlite;
+
+/// Milliseconds since the Unix epoch, from the system clock (the one clock read both binaries
+/// share; `shelfsync-shared` and the decider take time as an argument).
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}

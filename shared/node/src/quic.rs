@@ -139,10 +139,22 @@ pub enum DriveError {
     Session(#[from] SessionError),
     /// A stream failed or carried garbage.
     #[error("stream: {0}")]
-    Io(#[from] FrameIoError),
+    Io(FrameIoError),
     /// The connection was lost or closed.
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+}
+
+impl From<FrameIoError> for DriveError {
+    /// A stream that failed because its connection ended is the connection's end (the peer's
+    /// close can overtake the frames before it): the close code says why, not the stream.
+    fn from(e: FrameIoError) -> Self {
+        match e {
+            FrameIoError::Read(quinn::ReadError::ConnectionLost(c))
+            | FrameIoError::Write(quinn::WriteError::ConnectionLost(c)) => DriveError::Connection(c),
+            other => DriveError::Io(other),
+        }
+    }
 }
 
 /// Byte counters of a connection's frames (payload, not QUIC/UDP overhead), per stream kind.

@@ -42,7 +42,8 @@ struct WriteJob {
 }
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
-/// Called on the writer thread after every successful commit (e.g. to publish new heads).
+/// Called on the writer thread after every successful commit, before the group's callers are
+/// answered (e.g. to publish new heads).
 pub type AfterCommit = Box<dyn FnMut(&Connection) + Send>;
 
 /// Handle to the storage threads. Cheap to clone; the threads stop when every handle is dropped.
@@ -83,28 +84,9 @@ impl SqliteThreads {
         E: From<SqliteError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<R, E>>();
-        let tx = Arc::new(Mutex::new(Some(tx)));
-        let tx2 = tx.clone();
-        let job = WriteJob {
-            run: Box::new(move |conn| {
-                let result = f(conn);
-                let ok = result.is_ok();
-                let finish: Finisher = Box::new(move |commit_error| {
-                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
-                        let _ = tx.send(match commit_error {
-                            Some(e) if ok => Err(E::from(e.clone())),
-                            _ => result,
-                        });
-                    }
-                });
-                (ok, finish)
-            }),
-            abort: Box::new(move |e| {
-                if let Some(tx) = tx2.lock().ok().and_then(|mut t| t.take()) {
-                    let _ = tx.send(Err(E::from(e.clone())));
-                }
-            }),
-        };
+        let job = write_job(f, move |r| {
+            let _ = tx.send(r);
+        });
         self.writer.send(job).await.map_err(|_| E::from(SqliteError::Closed))?;
         rx.await.map_err(|_| E::from(SqliteError::Closed))?
     }
@@ -117,29 +99,7 @@ impl SqliteThreads {
         f: impl FnOnce(&Connection) -> Result<(), SqliteError> + Send + 'static,
         done: impl FnOnce(Result<(), SqliteError>) + Send + 'static,
     ) -> Result<(), SqliteError> {
-        let done = Arc::new(Mutex::new(Some(done)));
-        let done2 = done.clone();
-        let job = WriteJob {
-            run: Box::new(move |conn| {
-                let result = f(conn);
-                let ok = result.is_ok();
-                let finish: Finisher = Box::new(move |commit_error| {
-                    if let Some(done) = done.lock().ok().and_then(|mut d| d.take()) {
-                        done(match commit_error {
-                            Some(e) if ok => Err(e.clone()),
-                            _ => result,
-                        })
-                    }
-                });
-                (ok, finish)
-            }),
-            abort: Box::new(move |e| {
-                if let Some(done) = done2.lock().ok().and_then(|mut d| d.take()) {
-                    done(Err(e.clone()))
-                }
-            }),
-        };
-        self.writer.blocking_send(job).map_err(|_| SqliteError::Closed)
+        self.writer.blocking_send(write_job(f, done)).map_err(|_| SqliteError::Closed)
     }
 
     /// Runs `f` on a reader connection.
@@ -154,6 +114,41 @@ impl SqliteThreads {
         });
         self.reader.send(job).await.map_err(|_| E::from(SqliteError::Closed))?;
         rx.await.map_err(|_| E::from(SqliteError::Closed))?
+    }
+}
+
+/// A write job that hands `f`'s result, or the commit's failure, to `done` exactly once: after
+/// the group commits, or when no transaction could start.
+fn write_job<R, E>(
+    f: impl FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+    done: impl FnOnce(Result<R, E>) + Send + 'static,
+) -> WriteJob
+where
+    R: Send + 'static,
+    E: From<SqliteError> + Send + 'static,
+{
+    let done = Arc::new(Mutex::new(Some(done)));
+    let take = |d: &Mutex<Option<_>>| d.lock().ok().and_then(|mut d| d.take());
+    let on_abort = done.clone();
+    WriteJob {
+        run: Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finisher = Box::new(move |commit_error| {
+                if let Some(done) = take(&done) {
+                    done(match commit_error {
+                        Some(e) if ok => Err(E::from(e.clone())),
+                        _ => result,
+                    })
+                }
+            });
+            (ok, finish)
+        }),
+        abort: Box::new(move |e| {
+            if let Some(done) = take(&on_abort) {
+                done(Err(E::from(e.clone())))
+            }
+        }),
     }
 }
 
@@ -204,11 +199,13 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, m
             tracing::error!(error = %e, jobs = finishers.len(), "group commit failed; every request in it is refused");
             let _ = conn.execute_batch("ROLLBACK");
         }
-        for finish in finishers.drain(..) {
-            finish(committed.as_ref().err());
-        }
+        // Publish first, then answer: a caller that reads what `after_commit` publishes (heads)
+        // right after its answer sees its own commit.
         if committed.is_ok() {
             after_commit(&conn);
+        }
+        for finish in finishers.drain(..) {
+            finish(committed.as_ref().err());
         }
     }
 }

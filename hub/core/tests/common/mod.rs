@@ -2,11 +2,12 @@
 //! stores' own counter entries (as agents would send them).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shelfsync_hub_core::{
-    Action, CatalogRule, Command, Config, Decider, Done, FeedEvent, FeedKind, FeedRead, HubChange, HubChangeRequest,
-    Outcome, QtyLine, Record, ReservationRequest, Staleness, Written,
+    Action, AllocationStatus, CatalogRule, Command, Config, ConflictKind, Decider, Done, FeedEvent, FeedKind, FeedRead,
+    HubChange, HubChangeRequest, Outcome, QtyLine, Record, ReservationRequest, ReservationStatus, Snapshot, Staleness,
+    Written,
 };
 use shelfsync_shared::{Incarnation, NodeId, PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
@@ -191,4 +192,74 @@ impl H {
     pub fn reloaded(&self) -> Decider {
         Decider::from_records(self.d.config().clone(), 42, rows(&self.records)).expect("rows load")
     }
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($why:tt)*) => {
+        if !$cond {
+            return Err(format!($($why)*));
+        }
+    };
+}
+
+/// The invariants of the decider's state after every command (DESIGN §5a, `hub/core/src/lib.rs`):
+/// held = Σ open allocations = what the holds snapshots list; held ≤ max(on_hand, 0); every
+/// short allocation named by an
+/// oversell conflict; every reservation all lines or none (not counting `moved` allocations, nor
+/// those in `late_moved`: picked by the store after the hub had moved them); open allocations in
+/// their reservation's status.
+pub fn check_state(d: &Decider, snap: &Snapshot, late_moved: &HashSet<Uuid>) -> Result<(), String> {
+    let mut open: BTreeMap<(StoreId, Sku), u64> = BTreeMap::new();
+    for a in snap.allocations.values().filter(|a| a.status.is_open()) {
+        *open.entry((a.store.clone(), a.sku.clone())).or_default() += a.qty;
+    }
+    let mut listed: BTreeMap<(StoreId, Sku), u64> = BTreeMap::new();
+    for s in d.stores() {
+        for h in d.holds_snapshot(&s.id).holds {
+            *listed.entry((s.id.clone(), h.sku)).or_default() += h.qty;
+        }
+    }
+    for ((store, sku), c) in &snap.cells {
+        let key = (store.clone(), sku.clone());
+        let want = open.remove(&key).unwrap_or(0);
+        ensure!(c.held == want, "held of {store}/{sku} is {} but its open allocations hold {want}", c.held);
+        ensure!(c.held <= c.on_hand.max(0) as u64, "{store}/{sku} holds {} of {} on hand", c.held, c.on_hand);
+        let l = listed.remove(&key).unwrap_or(0);
+        ensure!(l == c.held, "the holds snapshot of {store} lists {l} of {sku}, held is {}", c.held);
+    }
+    ensure!(open.is_empty(), "open allocations outside any cell: {open:?}");
+    ensure!(listed.values().all(|q| *q == 0), "holds listed outside any cell: {listed:?}");
+    for a in snap.allocations.values().filter(|a| a.status == AllocationStatus::Short) {
+        let named = snap.conflicts.values().any(|c| {
+            c.kind == ConflictKind::Oversell
+                && c.store == a.store
+                && c.sku.as_ref() == Some(&a.sku)
+                && c.reservations.contains(&a.reservation)
+        });
+        ensure!(named, "short allocation {} without its oversell conflict", a.id);
+    }
+    for r in snap.reservations.values() {
+        let allocs: Vec<_> = snap
+            .reservation_allocations
+            .get(&r.id)
+            .map(|ids| ids.iter().map(|id| &snap.allocations[id]).collect())
+            .unwrap_or_default();
+        for (i, l) in r.lines.iter().enumerate() {
+            let covered: u64 = allocs
+                .iter()
+                .filter(|a| a.line == i as u32 && a.status != AllocationStatus::Moved && !late_moved.contains(&a.id))
+                .map(|a| a.qty)
+                .sum();
+            ensure!(covered == l.qty, "reservation {} line {i} covers {covered} of {}", r.id, l.qty);
+        }
+        let want = match r.status {
+            ReservationStatus::Held => Some(AllocationStatus::Held),
+            ReservationStatus::Committed => Some(AllocationStatus::Committed),
+            _ => None,
+        };
+        for a in allocs.iter().filter(|a| a.status.is_open()) {
+            ensure!(Some(a.status) == want, "allocation {} is {} in a {} reservation", a.id, a.status, r.status);
+        }
+    }
+    Ok(())
 }
