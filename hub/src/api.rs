@@ -85,6 +85,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/catalog-imports", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
         .route("/v1/tokens", get(get_tokens).post(post_token))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/conflicts/{id}/resolve", post(post_resolve_conflict))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     Router::new()
         .merge(viewer)
@@ -590,17 +591,34 @@ struct ConflictQuery {
     store: Option<String>,
     sku: Option<String>,
     status: Option<String>,
+    after: Option<String>,
     limit: Option<usize>,
 }
+
+/// Largest page of `/v1/conflicts`.
+pub const CONFLICTS_PAGE_MAX: usize = 1000;
 
 async fn get_conflicts(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ConflictQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(ApiError::invalid(format!("limit must be between 1 and 1000, got {limit}")));
+    if limit == 0 || limit > CONFLICTS_PAGE_MAX {
+        return Err(ApiError::invalid(format!("limit must be between 1 and {CONFLICTS_PAGE_MAX}, got {limit}")));
     }
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(a) => {
+            let id = Uuid::parse_str(a).map_err(|_| {
+                ApiError::invalid(format!("after must be a conflict id (a UUID), got {}", quote(a)))
+                    .with("parameter", "after")
+            })?;
+            if state.hub.storage.conflict(id).await?.is_none() {
+                return Err(ApiError::invalid(format!("after names no conflict: {id}")).with("parameter", "after"));
+            }
+            Some(id)
+        }
+    };
     if let Some(s) = &q.status {
         if s != "open" && s != "resolved" {
             return Err(ApiError::invalid(format!("status must be open or resolved, got {}", quote(s))));
@@ -610,10 +628,52 @@ async fn get_conflicts(
         store: q.store.as_deref().map(|s| parse_store("store", s)).transpose()?,
         sku: q.sku.as_deref().map(|s| parse_sku("sku", s)).transpose()?,
         status: q.status.as_deref().and_then(shelfsync_hub_core::ConflictStatus::parse),
-        limit,
+        after,
+        // One more than asked: whether there is a next page.
+        limit: limit + 1,
     };
-    let items: Vec<Value> = state.hub.storage.conflicts(filter).await?.iter().map(|c| c.to_json()).collect();
-    Ok(Json(json!({ "items": items })))
+    let mut rows = state.hub.storage.conflicts(filter).await?;
+    let next = (rows.len() > limit).then(|| rows[limit - 1].id);
+    rows.truncate(limit);
+    let items: Vec<Value> = rows.iter().map(|c| c.to_json()).collect();
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    /// What head office did about it (shown as the conflict's resolution).
+    note: String,
+}
+
+/// `POST /v1/conflicts/{id}/resolve` (admin): a person closes an open conflict with a note; the
+/// note and the token's name become its resolution, with a `conflict_resolved` feed event.
+async fn post_resolve_conflict(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<ResolveBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::invalid(format!("id must be a conflict id (a UUID), got {}", quote(&id))))?;
+    let note = b.note.trim();
+    if note.is_empty() {
+        return Err(ApiError::invalid("note must say what was done (it is empty)"));
+    }
+    if note.len() > REASON_MAX_LEN {
+        return Err(ApiError::invalid(format!("note is {} bytes long; the limit is {REASON_MAX_LEN}", note.len())));
+    }
+    // The role layer authenticated the token already; its name goes into the record.
+    let by = match bearer(&headers) {
+        Some(t) => match state.hub.authenticate(t).await? {
+            Verdict::Valid(t) => t.name,
+            _ => "unknown".into(),
+        },
+        None => "unknown".into(),
+    };
+    let resolution = format!("{note} (resolved by {by})");
+    let c = state.hub.storage.resolve_conflict(id, resolution, shelfsync_node::now_ms()).await?;
+    Ok(Json(c.to_json()))
 }
 
 /// Largest page of the change feed.

@@ -750,6 +750,25 @@ impl Engine {
         self.run(move |st, _| st.d.conflicts(&filter)).await
     }
 
+    /// One conflict.
+    pub async fn conflict(&self, id: Uuid) -> StorageResult<Option<shelfsync_hub_core::Conflict>> {
+        self.run(move |st, _| st.d.conflict(id)).await
+    }
+
+    /// A person resolved an open conflict (`resolution` says what was done).
+    pub async fn resolve_conflict(
+        &self,
+        id: Uuid,
+        resolution: String,
+        now_ms: i64,
+    ) -> StorageResult<shelfsync_hub_core::Conflict> {
+        self.run(move |st, _| match st.decide(Command::ResolveConflict { id, resolution }, now_ms)? {
+            Done::ConflictResolved(c) => Ok(c),
+            other => Err(unexpected(other)),
+        })
+        .await?
+    }
+
     /// Change feed events after `cursor` (older ones than the decider keeps come from storage).
     pub async fn changes_after(&self, cursor: u64, limit: usize) -> StorageResult<Vec<ChangeEvent>> {
         let events = match self.run(move |st, _| st.d.changes_after(cursor, limit)).await? {

@@ -244,6 +244,13 @@ async fn leases_expire_extend_commit_and_fulfil() {
         v["items"].as_array().unwrap().iter().any(|x| x["kind"] == "oversell" && x["shortfall"] == 1).then_some(())
     })
     .await;
+    // The customer gives up the short reservation: nothing is owed, so the oversell settles itself.
+    let (s, _) = c.hub_call(Method::DELETE, &format!("/v1/reservations/{}", m["id"].as_str().unwrap()), None).await;
+    assert_eq!(s, 200);
+    let settled = c.hub_get("/v1/conflicts?sku=M").await;
+    let oversell = settled["items"].as_array().unwrap().iter().find(|x| x["kind"] == "oversell").unwrap().clone();
+    assert_eq!(oversell["status"], "resolved", "{settled}");
+    assert!(oversell["resolution"].as_str().unwrap().contains("released"), "{oversell}");
     let journal: Value = http.get(format!("{}/v1/status", c.agent_url(0))).send().await.unwrap().json().await.unwrap();
     assert!(journal["journal_events"].as_u64().unwrap() >= 4);
     // Releasing a fulfilled reservation is refused.
@@ -287,4 +294,80 @@ async fn a_silent_store_offers_less_online() {
     let (st, e) = reserve(&c, json!({"id": Uuid::now_v7(), "lines": [{"sku": "V", "qty": 80}]})).await;
     assert_eq!(st, 409, "{e}");
     assert!(e["available"].as_u64().unwrap() <= offered, "reservations see the discounted figure: {e} vs {a}");
+}
+
+/// Head office closes a conflict by hand (with a note and who did it); the list pages with
+/// `after`/`next` like the other lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_resolves_a_conflict_and_the_list_pages() {
+    let c = Cluster::start(1).await;
+    // Three SKUs sold below zero: three open negative-stock conflicts.
+    for sku in ["N1", "N2", "N3"] {
+        assert_eq!(c.sell(0, sku, 2).await, 201);
+        wait_until("the negative stock conflict", DEADLINE, || async {
+            let v = c.hub_get(&format!("/v1/conflicts?sku={sku}&status=open")).await;
+            v["items"].as_array().unwrap().iter().any(|x| x["kind"] == "negative_stock").then_some(())
+        })
+        .await;
+    }
+    let open = c.hub_get("/v1/conflicts?status=open&sku=N2").await;
+    let id = open["items"].as_array().unwrap().iter().find(|x| x["kind"] == "negative_stock").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let open_before = c.hub_get("/v1/conflicts?status=open").await["items"].as_array().unwrap().len();
+
+    let path = format!("/v1/conflicts/{id}/resolve");
+    let (s, v) = c.hub_post(&path, json!({"note": ""})).await;
+    assert_eq!((s, v["error"].as_str()), (422, Some("invalid_request")), "{v}");
+    let (s, v) = c.hub_post(&path, json!({"note": "recounted: two units found in the back room"})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "resolved");
+    assert_eq!(v["resolution"], "recounted: two units found in the back room (resolved by unnamed)");
+    let (s, v) = c.hub_post(&path, json!({"note": "again"})).await;
+    assert_eq!(s, 409, "resolving twice: {v}");
+    let (s, v) = c.hub_post(&format!("/v1/conflicts/{}/resolve", Uuid::now_v7()), json!({"note": "x"})).await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = c.hub_post("/v1/conflicts/not-an-id/resolve", json!({"note": "x"})).await;
+    assert_eq!(s, 422, "{v}");
+    // A viewer cannot.
+    let viewer = shelfsync_tests::procs::Proc::run_ok(
+        "shelfsync-hub",
+        &["token", "create", "--role", "viewer", "--data-dir", c.hub_dir().to_str().unwrap()],
+    )
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", c.hub_url()))
+        .bearer_auth(viewer.trim())
+        .json(&json!({"note": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // It is on the feed.
+    let feed = c.hub_get("/v1/changes?limit=1000").await;
+    assert!(feed["items"].as_array().unwrap().iter().any(|e| e["kind"] == "conflict_resolved"), "{feed}");
+    let open = c.hub_get("/v1/conflicts?status=open").await;
+    assert_eq!(open["items"].as_array().unwrap().len(), open_before - 1, "{open}");
+
+    // Paging: one per page, newest first, `next` null on the last page.
+    let all = c.hub_get("/v1/conflicts").await;
+    assert_eq!(all["next"], Value::Null);
+    let mut seen = Vec::new();
+    let mut q = "/v1/conflicts?limit=1".to_string();
+    loop {
+        let page = c.hub_get(&q).await;
+        seen.extend(page["items"].as_array().unwrap().iter().map(|x| x["id"].clone()));
+        match page["next"].as_str() {
+            Some(n) => q = format!("/v1/conflicts?limit=1&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        &seen,
+        all["items"].as_array().unwrap().iter().map(|x| &x["id"]).cloned().collect::<Vec<_>>().as_slice()
+    );
+    assert!(seen.len() >= 3, "{seen:?}");
+    let (s, v) = c.hub_call(Method::GET, &format!("/v1/conflicts?after={}", Uuid::now_v7()), None).await;
+    assert_eq!(s, 422, "an unknown cursor: {v}");
 }

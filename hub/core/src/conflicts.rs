@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::command::{Done, Outcome, Refusal};
 use crate::feed::{FeedData, FeedKind};
-use crate::model::{AgentConflictKind, Conflict, ConflictStatus};
+use crate::model::{AgentConflictKind, AllocationStatus, Conflict, ConflictStatus};
 use crate::{Ctx, Decider};
 
 /// Which conflicts to list.
@@ -19,6 +19,8 @@ pub struct ConflictFilter {
     pub sku: Option<Sku>,
     /// Only open or only resolved.
     pub status: Option<ConflictStatus>,
+    /// Only conflicts listed after this one (the previous page's last id).
+    pub after: Option<Uuid>,
     /// Most rows.
     pub limit: usize,
 }
@@ -76,6 +78,30 @@ pub(crate) fn resolve(cx: &mut Ctx<'_>, id: Uuid, resolution: String) -> Outcome
     Ok(Done::ConflictResolved(c))
 }
 
+/// Settles the open oversell conflicts naming `reservation`, which just closed (released or
+/// expired): a conflict whose reservations no longer wait for a short line has no cause left, so
+/// it resolves itself, with a feed event.
+pub(crate) fn settle_oversells(cx: &mut Ctx<'_>, reservation: Uuid) {
+    let Some(ids) = cx.t.open_oversells.get(&reservation).cloned() else { return };
+    for id in ids {
+        let c = &cx.t.conflicts[&id];
+        let owed = c.reservations.iter().any(|r| waits_for_short(cx, *r));
+        if owed {
+            continue;
+        }
+        let status = cx.t.reservations.get(&reservation).map(|r| r.status.as_str()).unwrap_or("closed");
+        let resolution = format!("{}; reservation {reservation} {status}: nothing is owed any more", c.resolution);
+        let c = cx.t.resolve_conflict(id, resolution, cx.now);
+        cx.t.emit(FeedKind::OversellResolved, cx.now, FeedData::Conflict { conflict: c });
+    }
+}
+
+/// Whether a reservation is still open with a line (partly) marked short.
+fn waits_for_short(cx: &Ctx<'_>, reservation: Uuid) -> bool {
+    cx.t.reservations.get(&reservation).is_some_and(|r| r.status.is_open())
+        && cx.t.allocations_of(reservation).any(|a| cx.t.allocations[a].status == AllocationStatus::Short)
+}
+
 impl Decider {
     /// Conflicts, newest first (by detection time, then id), filtered.
     pub fn conflicts(&self, f: &ConflictFilter) -> Vec<Conflict> {
@@ -87,8 +113,13 @@ impl Decider {
             .filter(|c| f.sku.as_ref().is_none_or(|s| Some(s) == c.sku.as_ref()))
             .filter(|c| f.status.is_none_or(|s| s == c.status))
             .collect();
-        out.sort_by(|a, b| b.detected_at_ms.cmp(&a.detected_at_ms).then_with(|| b.id.cmp(&a.id)));
-        out.into_iter().take(f.limit).cloned().collect()
+        let newest_first = |c: &Conflict| (std::cmp::Reverse(c.detected_at_ms), std::cmp::Reverse(c.id));
+        out.sort_by_key(|c| newest_first(c));
+        let start = match f.after.and_then(|id| self.t.conflicts.get(&id)) {
+            Some(after) => out.partition_point(|c| newest_first(c) <= newest_first(after)),
+            None => 0,
+        };
+        out.into_iter().skip(start).take(f.limit).cloned().collect()
     }
 
     /// One conflict.

@@ -200,6 +200,9 @@ pub(crate) fn transition(cx: &mut Ctx<'_>, id: Uuid, to: ReservationStatus) -> V
     }
     let view = build(cx.t, &cx.t.reservations[&id]);
     cx.t.emit(kind, now, FeedData::Reservation { reservation: view });
+    if to != ReservationStatus::Committed {
+        crate::conflicts::settle_oversells(cx, id);
+    }
     stores.into_keys().collect()
 }
 

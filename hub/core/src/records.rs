@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::feed::FeedEvent;
 use crate::model::{
-    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictStatus, HubRequest, Overrides, Reservation,
-    ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
+    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictKind, ConflictStatus, HubRequest, Overrides,
+    Reservation, ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
 };
 use crate::stores::empty_store;
 use crate::tables::{indexed, Tables};
@@ -299,6 +299,7 @@ pub(crate) fn reindex(t: &mut Tables) {
     t.expiry.clear();
     t.res_allocs.clear();
     t.open_conflicts.clear();
+    t.open_oversells.clear();
     for cell in t.cells.values_mut() {
         cell.held = 0;
         cell.open.clear();
@@ -339,6 +340,15 @@ pub(crate) fn reindex(t: &mut Tables) {
         .collect();
     for c in open {
         t.open_conflicts.insert((c.store, c.sku.expect("filtered"), c.kind), c.id);
+    }
+    let oversells: Vec<Conflict> = t
+        .conflicts
+        .values()
+        .filter(|c| c.status == ConflictStatus::Open && c.kind == ConflictKind::Oversell)
+        .cloned()
+        .collect();
+    for c in &oversells {
+        t.index_oversell(c);
     }
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct Tables {
     pub conflicts: HashMap<Uuid, Conflict>,
     /// Open conflicts about a SKU, by (store, SKU, kind).
     pub open_conflicts: HashMap<(StoreId, Sku, ConflictKind), Uuid>,
+    /// Open oversell conflicts by each reservation they name (what settles them when it closes).
+    pub open_oversells: HashMap<Uuid, BTreeSet<Uuid>>,
     pub hub_requests: HashMap<Uuid, HubRequest>,
     pub action_requests: HashMap<String, ActionRequest>,
     pub feed: VecDeque<FeedEvent>,
@@ -77,6 +79,7 @@ impl Tables {
             expiry: BTreeSet::new(),
             conflicts: HashMap::new(),
             open_conflicts: HashMap::new(),
+            open_oversells: HashMap::new(),
             hub_requests: HashMap::new(),
             action_requests: HashMap::new(),
             feed: VecDeque::new(),
@@ -372,8 +375,30 @@ impl Tables {
                 }
             }
         }
+        if c.kind == ConflictKind::Oversell {
+            self.index_oversell(&c);
+        }
         self.dirty.conflicts.insert(c.id);
         self.conflicts.insert(c.id, c);
+    }
+
+    /// Keeps [`Tables::open_oversells`] in step with one oversell conflict row.
+    pub fn index_oversell(&mut self, c: &Conflict) {
+        for r in &c.reservations {
+            match c.status {
+                ConflictStatus::Open => {
+                    self.open_oversells.entry(*r).or_default().insert(c.id);
+                }
+                ConflictStatus::Resolved => {
+                    if let Some(set) = self.open_oversells.get_mut(r) {
+                        set.remove(&c.id);
+                        if set.is_empty() {
+                            self.open_oversells.remove(r);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Marks an open conflict resolved.

@@ -171,3 +171,78 @@ fn reconcile_uses_what_other_stores_have() {
     let b = h.d.figures(&k("X"), h.now, &Default::default()).into_iter().find(|f| f.store == s("b")).expect("b");
     assert_eq!((short, b.available, b.held), (0, 0, 2), "1 unit short while b still offers {}", b.available);
 }
+
+#[test]
+fn an_oversell_settles_itself_when_its_short_reservation_is_released_or_expires() {
+    for release in [true, false] {
+        let mut h = H::new();
+        h.stores(&["a", "b"]);
+        h.stock("a", "X", 5);
+        h.reserve(1, vec![line("X", 4)], Some("a"), None).unwrap();
+        h.stock("a", "X", 2);
+        let open = conflicts(&h, ConflictKind::Oversell);
+        assert_eq!((open.len(), open[0].status), (1, ConflictStatus::Open));
+        let head = h.d.feed_head();
+        if release {
+            h.act(1, shelfsync_hub_core::Action::Release, None).unwrap();
+        } else {
+            h.advance(3_600_000);
+            h.ok(Command::ExpireDue);
+        }
+        let c = &conflicts(&h, ConflictKind::Oversell)[0];
+        let how = if release { "released" } else { "expired" };
+        assert_eq!(c.status, ConflictStatus::Resolved, "{how}");
+        assert!(c.resolution.starts_with("2 marked short; reservation"), "{}", c.resolution);
+        assert!(c.resolution.contains(how), "{}", c.resolution);
+        assert_eq!(c.resolved_at_ms, Some(h.now));
+        assert!(h.kinds_after(head).contains(&FeedKind::OversellResolved), "{how}");
+        // The settled state reloads as it was: nothing stays indexed as open.
+        let r = h.reloaded();
+        assert_eq!(
+            r.conflicts(&ConflictFilter { status: Some(ConflictStatus::Open), limit: 9, ..Default::default() }),
+            []
+        );
+    }
+}
+
+#[test]
+fn an_oversell_naming_two_reservations_stays_open_while_one_still_waits() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.stock("a", "X", 6);
+    h.reserve(1, vec![line("X", 3)], Some("a"), None).unwrap();
+    h.reserve(2, vec![line("X", 3)], Some("a"), None).unwrap();
+    h.stock("a", "X", 0);
+    let c = conflicts(&h, ConflictKind::Oversell)[0].clone();
+    assert_eq!(c.reservations.len(), 2);
+    h.act(2, shelfsync_hub_core::Action::Release, None).unwrap();
+    assert_eq!(conflicts(&h, ConflictKind::Oversell)[0].status, ConflictStatus::Open, "r1 still waits");
+    // A reload keeps the index: releasing the other one settles it.
+    let mut reloaded = H { d: h.reloaded(), ..h };
+    reloaded.act(1, shelfsync_hub_core::Action::Release, None).unwrap();
+    assert_eq!(conflicts(&reloaded, ConflictKind::Oversell)[0].status, ConflictStatus::Resolved);
+}
+
+#[test]
+fn conflicts_page_newest_first_after_an_id() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    for i in 0..7 {
+        h.stock("a", "X", -1 - i); // opens a negative_stock conflict; back to 0 resolves it
+        h.stock("a", "X", 0);
+        h.advance(1);
+    }
+    let all = h.d.conflicts(&ConflictFilter { limit: 100, ..Default::default() });
+    assert_eq!(all.len(), 7);
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = h.d.conflicts(&ConflictFilter { after, limit: 3, ..Default::default() });
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|c| c.id);
+        seen.extend(page.into_iter().map(|c| c.id));
+    }
+    assert_eq!(seen, all.iter().map(|c| c.id).collect::<Vec<_>>());
+}
