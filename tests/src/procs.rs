@@ -122,6 +122,20 @@ impl Proc {
         let _ = self.child.wait().await;
     }
 
+    /// SIGTERM; how it exited and how long that took (at most `deadline`, else it panics).
+    pub async fn terminate(mut self, deadline: Duration) -> (std::process::ExitStatus, Duration) {
+        let pid = self.child.id().expect("running");
+        let t0 = std::time::Instant::now();
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(s) => (s.expect("waiting for the child"), t0.elapsed()),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                panic!("{} still running {deadline:?} after SIGTERM", self.name)
+            }
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
