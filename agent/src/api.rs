@@ -7,7 +7,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -41,28 +40,35 @@ pub struct AppState {
     pub guard: Arc<crate::guard::Guard>,
 }
 
-/// The router, apart from `main` so tests can drive it.
+/// The router, apart from `main` so tests can drive it. Every route is registered with its
+/// OpenAPI description (`routes!`), so `/openapi.json` lists exactly what is served.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    let v1 = Router::new()
-        .route("/sales", post(post_sale))
-        .route("/returns", post(post_return))
-        .route("/adjustments", post(post_adjustment))
-        .route("/counts", post(post_count))
-        .route("/stock", get(get_stock_page))
-        .route("/stock/{sku}", get(get_stock))
-        .route("/status", get(get_status))
-        .route("/holds", get(get_holds))
-        .route("/catalog/{sku}", get(get_catalog))
-        .route("/catalog/{sku}/overrides", axum::routing::put(put_overrides))
-        .route("/holds/{id}/fulfil", post(post_fulfil))
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(post_sale))
+        .routes(routes!(post_return))
+        .routes(routes!(post_adjustment))
+        .routes(routes!(post_count))
+        .routes(routes!(get_stock_page))
+        .routes(routes!(get_stock))
+        .routes(routes!(get_status))
+        .routes(routes!(get_holds))
+        .routes(routes!(get_catalog))
+        .routes(routes!(put_overrides))
+        .routes(routes!(post_fulfil))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let metrics = Router::new()
-        .route("/metrics", get(get_metrics))
+    let metrics = OpenApiRouter::new()
+        .routes(routes!(get_metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let (router, doc) = OpenApiRouter::with_openapi(<crate::openapi::AgentDoc as utoipa::OpenApi>::openapi())
         .nest("/v1", v1)
         .merge(metrics)
-        .route("/healthz", get(shelfsync_node::http::healthz))
+        .routes(routes!(healthz))
+        .routes(routes!(get_openapi))
+        .split_for_parts();
+    let _ = OPENAPI.set(serde_json::to_value(&doc).expect("the document serialises"));
+    router
         .fallback(shelfsync_node::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -72,7 +78,42 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    summary = "Liveness",
+    responses((status = 200, description = "Alive", body = crate::openapi::Health))
+)]
+async fn healthz() -> Json<serde_json::Value> {
+    shelfsync_node::http::healthz().await
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    summary = "This document",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object))
+)]
+async fn get_openapi() -> Json<serde_json::Value> {
+    Json(OPENAPI.get().cloned().unwrap_or(serde_json::Value::Null))
+}
+
+/// The document, made once by [`router`].
+static OPENAPI: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+
+/// The agent API's OpenAPI document (as served at `/openapi.json`).
+pub fn openapi_json() -> Option<&'static serde_json::Value> {
+    OPENAPI.get()
+}
+
 /// `GET /metrics`: the HTTP edge's counters in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    summary = "Prometheus metrics (text exposition format)",
+    responses((status = 200, description = "Metrics", body = String), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_metrics(State(state): State<AppState>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], state.guard.stats.render("shelfsync_agent_http_")).into_response()
 }
@@ -202,14 +243,14 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     Ok(ts.as_millisecond())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LineBody {
     sku: String,
     qty: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LinesBody {
     id: String,
@@ -217,7 +258,7 @@ struct LinesBody {
     occurred_at: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AdjustmentBody {
     id: String,
@@ -227,7 +268,7 @@ struct AdjustmentBody {
     occurred_at: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CountBody {
     id: String,
@@ -267,6 +308,14 @@ async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiErr
     Ok((status, Json(response)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/sales",
+    summary = "Record a sale (one transaction for all lines)",
+    request_body = LinesBody,
+    responses((status = 201, description = "Sale recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
     let req = RecordRequest {
         id: parse_id(&body.id)?,
@@ -276,6 +325,14 @@ async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBo
     record(&state, req).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/returns",
+    summary = "Record a return",
+    request_body = LinesBody,
+    responses((status = 201, description = "Return recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
     let req = RecordRequest {
         id: parse_id(&body.id)?,
@@ -285,6 +342,14 @@ async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<Lines
     record(&state, req).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/adjustments",
+    summary = "Record an adjustment (damaged, found, ...) with a reason",
+    request_body = AdjustmentBody,
+    responses((status = 201, description = "Adjustment recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn post_adjustment(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<AdjustmentBody>,
@@ -297,6 +362,14 @@ async fn post_adjustment(
     record(&state, req).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/counts",
+    summary = "Record a physical count",
+    request_body = CountBody,
+    responses((status = 201, description = "Count recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountBody>) -> Result<Response, ApiError> {
     let req = RecordRequest {
         id: parse_id(&body.id)?,
@@ -306,6 +379,14 @@ async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountB
     record(&state, req).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/stock/{sku}",
+    summary = "One SKU's stock here",
+    params(("sku" = String, Path, description = "The SKU")),
+    responses((status = 200, description = "Figures", body = crate::openapi::Stock), (status = 404, description = "Never seen at this store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_stock(State(state): State<AppState>, ApiPath(sku): ApiPath<String>) -> Result<Response, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     match ledger::stock(&state.db, sku.clone()).await? {
@@ -327,6 +408,14 @@ struct StockPage {
     next: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/stock",
+    summary = "This store's stock, a page by SKU",
+    params(("after" = Option<String>, Query, description = "The previous page's next"), ("limit" = Option<usize>, Query, description = "1..1000")),
+    responses((status = 200, description = "A page", body = crate::openapi::StockPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_stock_page(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
@@ -341,6 +430,13 @@ async fn get_stock_page(
     Ok(Json(StockPage { items, next }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/status",
+    summary = "The ledger and the link to the hub",
+    responses((status = 200, description = "Status", body = crate::openapi::Status), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let ledger = ledger::status(&state.db).await?;
     let id = state.db.identity();
@@ -360,11 +456,26 @@ async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Va
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/holds",
+    summary = "Online holds to pick here",
+    responses((status = 200, description = "Holds", body = crate::openapi::HoldList), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_holds(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let items = crate::holds::list(&state.db).await?;
     Ok(Json(json!({ "items": items })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/holds/{id}/fulfil",
+    summary = "The store picked a hold's units (idempotent by hold id)",
+    params(("id" = String, Path, description = "Hold id (UUID)")),
+    responses((status = 201, description = "Picked", body = crate::openapi::Fulfilled), (status = 200, description = "A retry", body = crate::openapi::Fulfilled), (status = 404, description = "No such hold here", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn post_fulfil(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     match crate::holds::fulfil(&state.db, id).await? {
@@ -376,6 +487,14 @@ async fn post_fulfil(State(state): State<AppState>, ApiPath(id): ApiPath<String>
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/catalog/{sku}",
+    summary = "A catalog entry with this store's overrides",
+    params(("sku" = String, Path, description = "The SKU")),
+    responses((status = 200, description = "The entry", body = crate::openapi::CatalogEntry), (status = 404, description = "Not in this store's catalog", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn get_catalog(
     State(state): State<AppState>,
     ApiPath(sku): ApiPath<String>,
@@ -390,13 +509,22 @@ async fn get_catalog(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OverridesBody {
     safety_stock: Option<u64>,
     low_stock_threshold: Option<u64>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/catalog/{sku}/overrides",
+    summary = "Set this store's safety stock / low-stock threshold for a SKU",
+    params(("sku" = String, Path, description = "The SKU")),
+    request_body = OverridesBody,
+    responses((status = 200, description = "The entry after", body = Object), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
 async fn put_overrides(
     State(state): State<AppState>,
     ApiPath(sku): ApiPath<String>,

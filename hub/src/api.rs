@@ -8,7 +8,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -18,6 +17,7 @@ use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
 use shelfsync_shared::{Sku, StoreId};
+use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -58,41 +58,47 @@ pub fn new_token() -> String {
     format!("ss_{hex}")
 }
 
-/// The router, apart from `main` so tests can drive it.
+/// The router, apart from `main` so tests can drive it. Every route is registered with its
+/// OpenAPI description (`routes!`), so `/openapi.json` lists exactly what is served.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
-    let viewer = Router::new()
-        .route("/v1/availability", get(get_availability_batch))
-        .route("/v1/availability/{sku}", get(get_availability))
-        .route("/v1/stores", get(get_stores))
-        .route("/v1/stores/{id}/stock", get(get_store_stock))
-        .route("/metrics", get(get_metrics))
-        .route("/v1/conflicts", get(get_conflicts))
-        .route("/v1/catalog", get(get_catalog_page))
-        .route("/v1/catalog/{sku}", get(get_catalog_item))
-        .route("/v1/changes", get(get_changes))
-        .route("/v1/events", get(crate::feed::get_events))
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    let viewer = OpenApiRouter::new()
+        .routes(routes!(get_availability_batch))
+        .routes(routes!(get_availability))
+        .routes(routes!(get_stores))
+        .routes(routes!(get_store_stock))
+        .routes(routes!(get_metrics))
+        .routes(routes!(get_conflicts))
+        .routes(routes!(get_catalog_page))
+        .routes(routes!(get_catalog_item))
+        .routes(routes!(get_changes))
+        .routes(routes!(crate::feed::get_events))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
-    let storefront = Router::new()
-        .route("/v1/reservations", post(post_reservation))
-        .route("/v1/reservations/{id}", get(get_reservation).delete(delete_reservation))
-        .route("/v1/reservations/{id}/commit", post(post_commit))
-        .route("/v1/reservations/{id}/extend", post(post_extend))
+    let storefront = OpenApiRouter::new()
+        .routes(routes!(post_reservation))
+        .routes(routes!(get_reservation, delete_reservation))
+        .routes(routes!(post_commit))
+        .routes(routes!(post_extend))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Storefront), require_role));
-    let admin = Router::new()
-        .route("/v1/restocks", post(post_restock))
-        .route("/v1/transfers", post(post_transfer))
-        .route("/v1/catalog/{sku}", axum::routing::put(put_catalog_item).patch(patch_catalog_item))
-        .route("/v1/catalog-imports", post(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
-        .route("/v1/tokens", get(get_tokens).post(post_token))
-        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
-        .route("/v1/conflicts/{id}/resolve", post(post_resolve_conflict))
+    let admin = OpenApiRouter::new()
+        .routes(routes!(post_restock))
+        .routes(routes!(post_transfer))
+        .routes(routes!(put_catalog_item, patch_catalog_item))
+        .routes(routes!(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
+        .routes(routes!(get_tokens, post_token))
+        .routes(routes!(delete_token))
+        .routes(routes!(post_resolve_conflict))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
-    Router::new()
+    let public = OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(dashboard)).routes(routes!(get_openapi));
+    let (router, doc) = OpenApiRouter::with_openapi(<crate::openapi::HubDoc as utoipa::OpenApi>::openapi())
         .merge(viewer)
         .merge(storefront)
         .merge(admin)
-        .route("/healthz", get(shelfsync_node::http::healthz))
-        .route("/", get(dashboard))
+        .merge(public)
+        .split_for_parts();
+    let _ = OPENAPI.set(serde_json::to_value(&doc).expect("the document serialises"));
+    router
         .fallback(shelfsync_node::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -255,6 +261,15 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
         .collect())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/availability/{sku}",
+    tag = "viewer",
+    summary = "Availability of one SKU in every store",
+    params(("sku" = String, Path, description = "The SKU")),
+    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_availability(
     State(state): State<ApiState>,
     ApiPath(sku): ApiPath<String>,
@@ -264,6 +279,15 @@ async fn get_availability(
     Ok(Json(serde_json::to_value(all.remove(0)).expect("serialises")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/availability",
+    tag = "viewer",
+    summary = "Availability of several SKUs",
+    params(("sku" = Vec<String>, Query, description = "Repeat for each SKU (sku=A&sku=B)")),
+    responses((status = 200, description = "Figures per SKU", body = crate::openapi::AvailabilityList), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_availability_batch(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<Vec<(String, String)>>,
@@ -288,6 +312,14 @@ async fn get_availability_batch(
     Ok(Json(json!({ "items": items })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/stores",
+    tag = "viewer",
+    summary = "Every store with its connection and sync marks",
+    responses((status = 200, description = "Stores", body = crate::openapi::StoreList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_stores(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stores = state.hub.storage.stores().await?;
     let items: Vec<Value> = stores
@@ -330,6 +362,15 @@ struct PageQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/stores/{id}/stock",
+    tag = "viewer",
+    summary = "One store's stock, a page by SKU",
+    params(("id" = String, Path, description = "Store id"), ("after" = Option<String>, Query, description = "The previous page's next"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    responses((status = 200, description = "A page", body = crate::openapi::StoreStockPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_store_stock(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -362,24 +403,69 @@ async fn get_store_stock(
     Ok(Json(json!({"store": store, "items": items, "next": next})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "public",
+    summary = "Liveness",
+    responses((status = 200, description = "Alive", body = crate::openapi::Health))
+)]
+async fn healthz() -> axum::Json<Value> {
+    shelfsync_node::http::healthz().await
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "public",
+    summary = "This document",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object))
+)]
+async fn get_openapi() -> Json<Value> {
+    Json(OPENAPI.get().cloned().unwrap_or(Value::Null))
+}
+
+/// The document, made once by [`router`] (every router makes the same one).
+static OPENAPI: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+
+/// The hub API's OpenAPI document (as served at `/openapi.json`).
+pub fn openapi_json() -> Option<&'static Value> {
+    OPENAPI.get()
+}
+
 /// The dashboard page (static; it asks for a token and calls the API with it).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "public",
+    summary = "The dashboard (HTML; it asks for a token, or takes ?token=)",
+    responses((status = 200, description = "The page", body = String))
+)]
 async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "viewer",
+    summary = "Prometheus metrics (text exposition format)",
+    responses((status = 200, description = "Metrics", body = String), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_metrics(State(state): State<ApiState>) -> Response {
     let text = state.hub.metrics.render() + &state.edge.render("shelfsync_hub_http_");
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LineBody {
     sku: String,
     qty: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestockBody {
     id: String,
@@ -388,7 +474,7 @@ struct RestockBody {
     reason: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TransferBody {
     id: String,
@@ -452,6 +538,15 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
     Ok((status, Json(outcome.response.to_json())).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/restocks",
+    tag = "admin",
+    summary = "Send units to a store (idempotent by id)",
+    request_body = RestockBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<RestockBody>) -> Result<Response, ApiError> {
     check_reason(&b.reason)?;
     let req = HubChangeRequest {
@@ -462,6 +557,15 @@ async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<Restock
     hub_change(&state, req).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/transfers",
+    tag = "admin",
+    summary = "Move units between stores (idempotent by id)",
+    request_body = TransferBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<TransferBody>) -> Result<Response, ApiError> {
     check_reason(&b.reason)?;
     let (from, to) = (parse_store("from", &b.from)?, parse_store("to", &b.to)?);
@@ -476,7 +580,7 @@ async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<Transf
     hub_change(&state, req).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReservationBody {
     id: String,
@@ -495,6 +599,15 @@ fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
     Ok(ttl)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations",
+    tag = "storefront",
+    summary = "Reserve units (all lines or none); a retry with the same id answers the first result",
+    request_body = ReservationBody,
+    responses((status = 201, description = "Reserved", body = crate::openapi::Reservation), (status = 200, description = "A retry: the first answer", body = crate::openapi::Reservation), (status = 409, description = "Not enough stock, or the id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error), (status = 503, description = "The hub is busy or stopping (Retry-After)", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_reservation(
     State(state): State<ApiState>,
     ApiJson(b): ApiJson<ReservationBody>,
@@ -519,6 +632,15 @@ async fn post_reservation(
     Ok((status, Json(w.view.to_json())).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/reservations/{id}",
+    tag = "storefront",
+    summary = "A reservation",
+    params(("id" = String, Path, description = "Reservation id (UUID)")),
+    responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     match state.hub.storage.reservation(id).await? {
@@ -553,12 +675,22 @@ async fn act(
     Ok(Json(w.view.to_json()).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ExtendBody {
     ttl_secs: Option<u64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/{id}/extend",
+    tag = "storefront",
+    summary = "Extend an unpaid lease",
+    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    request_body = ExtendBody,
+    responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Not held", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_extend(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -569,6 +701,15 @@ async fn post_extend(
     act(&state, &id, shelfsync_hub_core::Action::Extend { ttl_secs }, &headers).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/{id}/commit",
+    tag = "storefront",
+    summary = "Commit (paid): the lease no longer lapses",
+    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Released or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_commit(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -577,6 +718,15 @@ async fn post_commit(
     act(&state, &id, shelfsync_hub_core::Action::Commit, &headers).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/reservations/{id}",
+    tag = "storefront",
+    summary = "Release a reservation",
+    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Fulfilled or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn delete_reservation(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -598,6 +748,15 @@ struct ConflictQuery {
 /// Largest page of `/v1/conflicts`.
 pub const CONFLICTS_PAGE_MAX: usize = 1000;
 
+#[utoipa::path(
+    get,
+    path = "/v1/conflicts",
+    tag = "viewer",
+    summary = "Conflicts, newest first, a page at a time",
+    params(("store" = Option<String>, Query, description = "Only this store"), ("sku" = Option<String>, Query, description = "Only this SKU"), ("status" = Option<String>, Query, description = "open or resolved"), ("after" = Option<String>, Query, description = "The previous page's next (a conflict id)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    responses((status = 200, description = "A page", body = crate::openapi::ConflictPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_conflicts(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ConflictQuery>,
@@ -639,7 +798,7 @@ async fn get_conflicts(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResolveBody {
     /// What head office did about it (shown as the conflict's resolution).
@@ -648,6 +807,16 @@ struct ResolveBody {
 
 /// `POST /v1/conflicts/{id}/resolve` (admin): a person closes an open conflict with a note; the
 /// note and the token's name become its resolution, with a `conflict_resolved` feed event.
+#[utoipa::path(
+    post,
+    path = "/v1/conflicts/{id}/resolve",
+    tag = "admin",
+    summary = "Resolve an open conflict with a note",
+    params(("id" = String, Path, description = "Conflict id (UUID)")),
+    request_body = ResolveBody,
+    responses((status = 200, description = "The conflict after", body = crate::openapi::Conflict), (status = 404, description = "No such conflict", body = crate::openapi::Error), (status = 409, description = "Resolved already", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_resolve_conflict(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -700,6 +869,15 @@ struct ChangesQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/changes",
+    tag = "viewer",
+    summary = "The change feed after a cursor (gap-free)",
+    params(("after" = Option<String>, Query, description = "A cursor (default 0)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    responses((status = 200, description = "Events", body = crate::openapi::ChangePage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_changes(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ChangesQuery>,
@@ -724,6 +902,15 @@ fn catalog_error(e: StorageError) -> ApiError {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/catalog",
+    tag = "viewer",
+    summary = "The catalog, a page by SKU",
+    params(("after" = Option<String>, Query, description = "The previous page's next"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    responses((status = 200, description = "A page", body = crate::openapi::CatalogPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_catalog_page(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<PageQuery>,
@@ -738,6 +925,15 @@ async fn get_catalog_page(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/catalog/{sku}",
+    tag = "viewer",
+    summary = "One catalog entry",
+    params(("sku" = String, Path, description = "The SKU")),
+    responses((status = 200, description = "The entry", body = crate::openapi::CatalogEntry), (status = 404, description = "No such SKU in the catalog", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_catalog_item(
     State(state): State<ApiState>,
     ApiPath(sku): ApiPath<String>,
@@ -749,7 +945,7 @@ async fn get_catalog_item(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutItemBody {
     name: String,
@@ -777,6 +973,16 @@ async fn catalog_edit(state: &ApiState, sku: Sku, edit: crate::catalog::Edit) ->
     Ok(Json(json!({"sku": sku, "item": item})))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/catalog/{sku}",
+    tag = "admin",
+    summary = "Create or replace a catalog entry",
+    params(("sku" = String, Path, description = "The SKU")),
+    request_body = PutItemBody,
+    responses((status = 200, description = "The entry after", body = crate::openapi::CatalogEdited), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn put_catalog_item(
     State(state): State<ApiState>,
     ApiPath(sku): ApiPath<String>,
@@ -794,6 +1000,16 @@ async fn put_catalog_item(
     catalog_edit(&state, sku, crate::catalog::Edit::Put(item)).await
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/catalog/{sku}",
+    tag = "admin",
+    summary = "Change some fields of a catalog entry",
+    params(("sku" = String, Path, description = "The SKU")),
+    request_body = Object,
+    responses((status = 200, description = "The entry after", body = crate::openapi::CatalogEdited), (status = 404, description = "No such SKU in the catalog", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn patch_catalog_item(
     State(state): State<ApiState>,
     ApiPath(sku): ApiPath<String>,
@@ -803,6 +1019,15 @@ async fn patch_catalog_item(
     catalog_edit(&state, sku, crate::catalog::Edit::Patch(p)).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/catalog-imports",
+    tag = "admin",
+    summary = "Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active): all rows or none",
+    request_body(content = String, content_type = "text/csv"),
+    responses((status = 200, description = "Imported", body = crate::openapi::Imported), (status = 413, description = "Over the import limit", body = crate::openapi::Error), (status = 415, description = "Not text/csv", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_catalog_import(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -836,15 +1061,26 @@ async fn post_catalog_import(
     Ok(Json(json!({ "imported": n })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    /// viewer, storefront or admin.
+    #[schema(value_type = String)]
     role: Role,
     name: Option<String>,
     expires_in: Option<String>,
 }
 
 /// `POST /v1/tokens`: a new token; the answer carries its secret, the only time it is shown.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "admin",
+    summary = "Create a token (its secret is in this answer only)",
+    request_body = TokenBody,
+    responses((status = 201, description = "Created", body = crate::openapi::Token), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody>) -> Result<Response, ApiError> {
     let name = b.name.unwrap_or_else(|| crate::tokens::DEFAULT_NAME.to_owned());
     crate::tokens::check_name(&name).map_err(ApiError::invalid)?;
@@ -862,6 +1098,14 @@ async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody
 }
 
 /// `GET /v1/tokens`: every token, never a secret.
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "admin",
+    summary = "Every token (never a secret)",
+    responses((status = 200, description = "Tokens", body = crate::openapi::TokenList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let now = shelfsync_node::now_ms();
     let items: Vec<_> = state.hub.storage.tokens().await?.iter().map(|t| t.view(now)).collect();
@@ -869,6 +1113,15 @@ async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiErr
 }
 
 /// `DELETE /v1/tokens/{id}`: revokes; the token's next request is refused.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    tag = "admin",
+    summary = "Revoke a token",
+    params(("id" = String, Path, description = "Token id (UUID)")),
+    responses((status = 200, description = "The token after", body = crate::openapi::Token), (status = 404, description = "No such token", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 async fn delete_token(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::invalid(format!("id must be a token id (a UUID), got {}", quote(&id))))?;

@@ -30,6 +30,15 @@ pub(crate) struct EventsQuery {
     after: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "viewer",
+    summary = "The change feed live (Server-Sent Events; ids are cursors, Last-Event-ID resumes)",
+    params(("after" = Option<String>, Query, description = "Start after this cursor (default: from now)"), ("Last-Event-ID" = Option<String>, Header, description = "Resume after this cursor")),
+    responses((status = 200, description = "text/event-stream of change events", body = String), (status = 429, description = "Too many open streams", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
 /// `GET /v1/events`: SSE from `Last-Event-ID` (or `?after=`), else from now.
 pub(crate) async fn get_events(
     State(state): State<ApiState>,

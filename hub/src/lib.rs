@@ -21,6 +21,7 @@ pub mod edge;
 pub mod engine;
 pub mod feed;
 pub mod metrics;
+pub mod openapi;
 pub mod persist;
 pub mod pki;
 pub mod quic_server;

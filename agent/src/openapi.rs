@@ -1,0 +1,172 @@
+//! The OpenAPI document of the agent's local HTTP API (the POS's), served at `/openapi.json`.
+//!
+//! As at the hub, the router is built with `utoipa_axum::OpenApiRouter`, so every route carries
+//! its description; the schemas below describe the JSON the handlers write and
+//! `tests/tests/openapi.rs` validates real responses against them.
+
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// Top-level description; the paths come from the router.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Shelfsync agent API",
+        description = "The store's point of sale: sales, returns, adjustments and counts recorded durably \
+                       (a 2xx means on disk), stock, online holds to pick, sync status. Listens on loopback \
+                       by default; a bearer token is needed when `api.token` is set. Errors are JSON \
+                       {\"error\": code, \"message\": text}.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&Bearer),
+)]
+pub struct AgentDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// An error: a stable code and a sentence for people.
+#[derive(Serialize, ToSchema)]
+pub struct Error {
+    pub error: String,
+    pub message: String,
+}
+
+/// An online hold at this store.
+#[derive(Serialize, ToSchema)]
+pub struct Hold {
+    /// Fulfil by this id.
+    pub id: uuid::Uuid,
+    pub reservation: uuid::Uuid,
+    pub sku: String,
+    pub qty: u64,
+    /// held (unpaid) or committed (paid).
+    pub status: String,
+    #[schema(nullable = false)]
+    pub expires_at: Option<String>,
+    #[schema(nullable = false)]
+    pub fulfilled_at: Option<String>,
+}
+
+/// What one line did.
+#[derive(Serialize, ToSchema)]
+pub struct LineResult {
+    pub sku: String,
+    /// Change of on_hand this line made.
+    pub delta: i64,
+    pub on_hand: i64,
+    pub held: u64,
+    /// on_hand − held.
+    pub sellable: i64,
+    /// For counts: what the store believed before.
+    #[schema(nullable = false)]
+    pub previous_on_hand: Option<i64>,
+    /// e.g. negative_stock, dips_into_holds, unknown_sku.
+    pub flags: Vec<String>,
+    #[schema(nullable = false)]
+    pub endangered_holds: Option<Vec<Hold>>,
+}
+
+/// What the POS gets back (and again on a retry with the same id).
+#[derive(Serialize, ToSchema)]
+pub struct Recorded {
+    pub id: uuid::Uuid,
+    /// sale, return, adjustment, count, fulfilment.
+    pub kind: String,
+    pub occurred_at: String,
+    pub recorded_at: String,
+    pub lines: Vec<LineResult>,
+    pub flags: Vec<String>,
+}
+
+/// One SKU here.
+#[derive(Serialize, ToSchema)]
+pub struct Stock {
+    pub sku: String,
+    pub on_hand: i64,
+    pub held: u64,
+    pub sellable: i64,
+    /// The catalog's name, when the store's catalog lists it.
+    #[schema(nullable = false)]
+    pub name: Option<String>,
+}
+
+/// `GET /v1/stock`: a page by SKU.
+#[derive(Serialize, ToSchema)]
+pub struct StockPage {
+    pub items: Vec<Stock>,
+    pub next: Option<String>,
+}
+
+/// `GET /v1/holds`.
+#[derive(Serialize, ToSchema)]
+pub struct HoldList {
+    pub items: Vec<Hold>,
+}
+
+/// `POST /v1/holds/{id}/fulfil`.
+#[derive(Serialize, ToSchema)]
+pub struct Fulfilled {
+    pub hold: Hold,
+    pub on_hand: i64,
+    pub held: u64,
+    pub sellable: i64,
+}
+
+/// The link to the hub.
+#[derive(Serialize, ToSchema)]
+pub struct Sync {
+    /// e.g. connecting, connected, disconnected, refused.
+    pub state: String,
+    pub hub_addr: Option<String>,
+    pub hub_writer: Option<String>,
+    pub connected_since: Option<String>,
+    pub last_error: Option<String>,
+    pub attempts: u64,
+    pub writer: Option<String>,
+}
+
+/// `GET /v1/status`.
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    pub store: String,
+    pub writer: String,
+    pub incarnation_started_at: String,
+    pub skus: u64,
+    pub journal_events: u64,
+    pub unsynced_changes: u64,
+    pub unsynced_events: u64,
+    pub counter_head: u64,
+    pub journal_head: u64,
+    pub last_sync_at: Option<String>,
+    pub sync: Sync,
+}
+
+/// A catalog entry with this store's overrides and what applies here.
+#[derive(Serialize, ToSchema)]
+pub struct CatalogEntry {
+    pub sku: String,
+    pub name: String,
+    pub barcodes: Vec<String>,
+    pub safety_stock: u64,
+    pub low_stock_threshold: u64,
+    pub max_per_customer: u64,
+    pub active: bool,
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub overrides: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub effective: Option<serde_json::Value>,
+}
+
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}

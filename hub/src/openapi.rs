@@ -1,0 +1,313 @@
+//! The OpenAPI document of the hub's HTTP API, served at `/openapi.json`.
+//!
+//! The document is collected from the handlers themselves: the router is built with
+//! `utoipa_axum::OpenApiRouter`, so a route exists only together with its `#[utoipa::path]`
+//! description, and `tests/tests/openapi.rs` validates real responses against the schemas here.
+//! The schemas below describe the JSON the handlers write (several build it with `json!`), so
+//! they are doc types only: the validation test is what keeps them and the handlers in step.
+
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// Top-level description; the paths come from the router.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Shelfsync hub API",
+        description = "Head office and the online storefront: availability across every store, \
+                       reservations, restocks and transfers, conflicts, the change feed, catalog and tokens. \
+                       Bearer tokens have roles: viewer < storefront < admin. Errors are JSON \
+                       {\"error\": code, \"message\": text}.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&Bearer),
+    tags(
+        (name = "viewer", description = "Read-only: any valid token."),
+        (name = "storefront", description = "Reservations: storefront or admin tokens."),
+        (name = "admin", description = "Head office writes: admin tokens."),
+        (name = "public", description = "No token needed."),
+    )
+)]
+pub struct HubDoc;
+
+/// Adds the bearer security scheme every authenticated route names.
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// An error: a stable code and a sentence for people; some carry more fields (e.g. `parameter`).
+#[derive(Serialize, ToSchema)]
+pub struct Error {
+    /// Stable code (`invalid_request`, `not_found`, `unauthorized`, ...).
+    pub error: String,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+/// One store's figures for a SKU.
+#[derive(Serialize, ToSchema)]
+pub struct StoreAvailability {
+    pub store: String,
+    pub on_hand: i64,
+    pub held: u64,
+    pub safety_stock: u64,
+    pub raw_available: u64,
+    pub staleness_discount: u64,
+    pub available: u64,
+    /// RFC 3339; null when the store never synced.
+    pub last_seen: Option<String>,
+    pub silent_secs: i64,
+    pub connected: bool,
+}
+
+/// A SKU across the chain.
+#[derive(Serialize, ToSchema)]
+pub struct SkuAvailability {
+    pub sku: String,
+    pub on_hand: i64,
+    pub held: u64,
+    pub raw_available: u64,
+    /// What the storefront may promise.
+    pub available: u64,
+    pub stores: Vec<StoreAvailability>,
+}
+
+/// `GET /v1/availability?sku=..`.
+#[derive(Serialize, ToSchema)]
+pub struct AvailabilityList {
+    pub items: Vec<SkuAvailability>,
+}
+
+/// A connected agent.
+#[derive(Serialize, ToSchema)]
+pub struct AgentLink {
+    pub writer: String,
+    pub connected_since: String,
+}
+
+/// What the hub has from one writer of a store.
+#[derive(Serialize, ToSchema)]
+pub struct WriterMarks {
+    pub writer: String,
+    pub applied: u64,
+    pub acked: u64,
+    pub journal_applied: u64,
+    pub journal_acked: u64,
+    pub last_seen: Option<String>,
+}
+
+/// A registered store.
+#[derive(Serialize, ToSchema)]
+pub struct Store {
+    pub id: String,
+    pub connected: bool,
+    pub connected_since: Option<String>,
+    pub agents: Vec<AgentLink>,
+    pub last_seen: Option<String>,
+    pub created_at: String,
+    pub revoked: bool,
+    pub journal_events: u64,
+    pub writers: Vec<WriterMarks>,
+}
+
+/// `GET /v1/stores`.
+#[derive(Serialize, ToSchema)]
+pub struct StoreList {
+    pub items: Vec<Store>,
+}
+
+/// One SKU at one store.
+#[derive(Serialize, ToSchema)]
+pub struct StockRow {
+    pub sku: String,
+    pub on_hand: i64,
+    pub held: u64,
+    pub available: u64,
+}
+
+/// `GET /v1/stores/{id}/stock`: a page by SKU.
+#[derive(Serialize, ToSchema)]
+pub struct StoreStockPage {
+    pub store: String,
+    pub items: Vec<StockRow>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
+}
+
+/// What a restock or transfer did to one (store, SKU).
+#[derive(Serialize, ToSchema)]
+pub struct ChangedLine {
+    pub store: String,
+    pub sku: String,
+    /// Change of on_hand at that store.
+    pub delta: i64,
+    /// on_hand after.
+    pub on_hand: i64,
+}
+
+/// A recorded restock or transfer.
+#[derive(Serialize, ToSchema)]
+pub struct HubChange {
+    pub id: uuid::Uuid,
+    /// `restock` or `transfer`.
+    pub kind: String,
+    /// Per store and SKU, in the order applied.
+    pub lines: Vec<ChangedLine>,
+    pub recorded_at: String,
+}
+
+/// Units of a line promised at one store.
+#[derive(Serialize, ToSchema)]
+pub struct Allocation {
+    /// The hold id the store fulfils by.
+    pub hold: uuid::Uuid,
+    pub store: String,
+    pub sku: String,
+    pub qty: u64,
+    /// held, committed, fulfilled, released, expired, moved, short.
+    pub status: String,
+}
+
+/// A reservation line.
+#[derive(Serialize, ToSchema)]
+pub struct Line {
+    pub sku: String,
+    pub qty: u64,
+    /// Units no store could supply after an oversell.
+    pub short: u64,
+    pub allocations: Vec<Allocation>,
+}
+
+/// A reservation.
+#[derive(Serialize, ToSchema)]
+pub struct Reservation {
+    pub id: uuid::Uuid,
+    /// held, committed, fulfilled, released, expired.
+    pub status: String,
+    pub short: bool,
+    pub pickup_store: Option<String>,
+    pub customer: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    /// Open allocations, flat.
+    pub allocations: Vec<Allocation>,
+    pub lines: Vec<Line>,
+}
+
+/// A conflict for head office.
+#[derive(Serialize, ToSchema)]
+pub struct Conflict {
+    pub id: uuid::Uuid,
+    /// oversell, negative_stock, unknown_sku, store_rolled_back, writer_cloned, duplicate_agent,
+    /// hub_rolled_back.
+    pub kind: String,
+    pub store: String,
+    pub sku: Option<String>,
+    pub shortfall: u64,
+    pub reservations: Vec<uuid::Uuid>,
+    /// What was (or should be) done.
+    pub resolution: String,
+    /// open or resolved.
+    pub status: String,
+    pub detected_at: String,
+    pub resolved_at: Option<String>,
+    /// Kind-specific facts.
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
+}
+
+/// `GET /v1/conflicts`: newest first.
+#[derive(Serialize, ToSchema)]
+pub struct ConflictPage {
+    pub items: Vec<Conflict>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
+}
+
+/// A change feed event.
+#[derive(Serialize, ToSchema)]
+pub struct Change {
+    /// Gap-free position; pass as `after`, or as `Last-Event-ID` on `/v1/events`.
+    pub cursor: u64,
+    pub kind: String,
+    pub at: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// `GET /v1/changes`.
+#[derive(Serialize, ToSchema)]
+pub struct ChangePage {
+    pub items: Vec<Change>,
+    /// The cursor to ask after next (the last item's, or `after` when there was none).
+    pub next: u64,
+}
+
+/// A catalog entry.
+#[derive(Serialize, ToSchema)]
+pub struct CatalogEntry {
+    pub sku: String,
+    pub name: String,
+    pub barcodes: Vec<String>,
+    pub safety_stock: u64,
+    pub low_stock_threshold: u64,
+    pub max_per_customer: u64,
+    pub active: bool,
+}
+
+/// `GET /v1/catalog`: a page by SKU.
+#[derive(Serialize, ToSchema)]
+pub struct CatalogPage {
+    pub items: Vec<CatalogEntry>,
+    pub next: Option<String>,
+}
+
+/// The answer to a catalog edit: the entry after it (null when it was removed).
+#[derive(Serialize, ToSchema)]
+pub struct CatalogEdited {
+    pub sku: String,
+    #[schema(value_type = Option<Object>)]
+    pub item: Option<serde_json::Value>,
+}
+
+/// `POST /v1/catalog-imports`.
+#[derive(Serialize, ToSchema)]
+pub struct Imported {
+    pub imported: u64,
+}
+
+/// A token (never its secret, except once in the answer to its creation).
+#[derive(Serialize, ToSchema)]
+pub struct Token {
+    pub id: uuid::Uuid,
+    pub name: String,
+    /// viewer, storefront or admin.
+    pub role: String,
+    /// active, expired or revoked.
+    pub status: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    /// Only in the answer to `POST /v1/tokens`.
+    #[schema(nullable = false)]
+    pub token: Option<String>,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    pub items: Vec<Token>,
+}
+
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
