@@ -76,13 +76,16 @@ enum Cmd {
         dir: DataDirArgs,
     },
     /// A summary of the hub: stores, tokens, database size, journal position; live figures from
-    /// a running hub when its URL is given (or its config names http.listen).
+    /// a running hub when its URL is given.
     Status {
         #[command(flatten)]
         dir: DataDirArgs,
         /// A running hub's HTTP URL, e.g. http://127.0.0.1:8080.
         #[arg(long)]
         url: Option<String>,
+        /// A viewer (or admin) token of the running hub, to read its /metrics.
+        #[arg(long, env = "SHELFSYNC_HUB_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// JSON instead of a summary.
         #[arg(long)]
         json: bool,
@@ -299,17 +302,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("the config it was made with ({was}) is in {}", now.display());
             }
         }
-        Cmd::Status { dir, url, json } => {
+        Cmd::Status { dir, url, token, json } => {
             let data_dir = data_dir(&dir)?;
-            let url = url.or_else(|| {
-                let cfg = HubConfig::load(dir.config.as_deref()).ok().filter(|_| dir.config.is_some())?;
-                let mut a = cfg.http.listen;
-                if a.ip().is_unspecified() {
-                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                Some(format!("http://{a}"))
-            });
-            status(&data_dir, url, json).await?;
+            status(&data_dir, url, token, json).await?;
         }
         Cmd::Completions { shell } => {
             shelfsync_node::clidocs::completions(Cli::command(), shell, &mut std::io::stdout());
@@ -354,10 +349,10 @@ fn print_tokens(views: &[shelfsync_hub::tokens::TokenView]) {
 }
 
 /// `status`: the data dir's figures, and a running hub's if `url` answers.
-async fn status(data_dir: &std::path::Path, url: Option<String>, json: bool) -> anyhow::Result<()> {
+async fn status(data_dir: &std::path::Path, url: Option<String>, token: Option<String>, json: bool) -> anyhow::Result<()> {
     let d = admin::dir_status(data_dir).await?;
     let live = match &url {
-        Some(u) => Some(live_figures(u).await),
+        Some(u) => Some(live_figures(u, token.as_deref()).await),
         None => None,
     };
     if json {
@@ -390,21 +385,24 @@ async fn status(data_dir: &std::path::Path, url: Option<String>, json: bool) -> 
             }
         }
         (Some(u), Some(Err(e))) => println!("running hub    {u}: not reachable ({e})"),
-        _ => println!("running hub    (give --url, or --config with http.listen, for live figures)"),
+        _ => println!("running hub    (give --url and --token for live figures)"),
     }
     Ok(())
 }
 
-/// The unlabelled figures of a running hub's `/metrics` (connections, rates, totals).
-async fn live_figures(url: &str) -> Result<std::collections::BTreeMap<String, f64>, String> {
+/// The unlabelled figures of a running hub's `/metrics` (connections, rates, totals); with no
+/// token only whether it answers `/healthz`.
+async fn live_figures(url: &str, token: Option<&str>) -> Result<std::collections::BTreeMap<String, f64>, String> {
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
     let base = url.trim_end_matches('/');
     let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| e.to_string())?;
     if !health.status().is_success() {
         return Err(format!("/healthz answered {}", health.status()));
     }
+    let Some(token) = token else { return Ok(Default::default()) };
     let text = client
         .get(format!("{base}/metrics"))
+        .bearer_auth(token)
         .send()
         .await
         .map_err(|e| e.to_string())?
