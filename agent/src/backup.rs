@@ -39,7 +39,7 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<WriterId, Error> {
         dbfile::FileError::Missing(p) => DbError::NotInitialized(p),
         dbfile::FileError::Unusable(m) => DbError::Corrupt(m),
     })?;
-    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(DbError::from)?;
     let identity = db::load_identity(&conn)?;
     let bundle_dir = data_dir.join("bundle");
     let mut files = Vec::new();
@@ -62,7 +62,7 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<WriterId, Error> {
         config_path: None,
     };
     backup::write(&conn, to, &manifest, &files, |copy| {
-        db::meta_set(copy, "restored_copy", "1").map_err(|e| rusqlite::Error::ModuleError(e.to_string()))
+        db::meta_set(copy, "restored_copy", "1").map_err(|e| e.to_string())
     })?;
     Ok(identity.writer)
 }

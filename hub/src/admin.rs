@@ -262,8 +262,7 @@ pub async fn dir_status(data_dir: &Path) -> Result<DirStatus, AdminError> {
         shelfsync_node::db::meta_get(&conn, "restored_copy").map_err(|e| StorageError::Backend(e.to_string()))
     })
     .await
-    .map_err(|e| StorageError::Backend(e.to_string()))?
-    .map_err(|e: StorageError| e)?
+    .map_err(|e| StorageError::Backend(e.to_string()))??
     .is_some();
     Ok(DirStatus {
         data_dir: data_dir.display().to_string(),

@@ -750,7 +750,7 @@ impl SqliteStorage {
         };
         self.read(move |conn| {
             shelfsync_node::backup::write(conn, &to, &manifest, &files, |copy| {
-                adb::meta_set(copy, "restored_copy", "1").map_err(|e| rusqlite::Error::ModuleError(e.to_string()))
+                adb::meta_set(copy, "restored_copy", "1").map_err(|e| e.to_string())
             })
             .map_err(|e| match e {
                 shelfsync_node::backup::BackupError::Exists(_) => StorageError::Invalid(e.to_string()),

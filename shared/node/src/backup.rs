@@ -148,7 +148,7 @@ pub fn write(
     to: &Path,
     manifest: &Manifest,
     files: &[BackupFile],
-    mark: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    mark: impl FnOnce(&Connection) -> Result<(), String>,
 ) -> Result<(), BackupError> {
     crate::dbfile::create_private_file(to).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => BackupError::Exists(to.to_owned()),
@@ -160,13 +160,13 @@ pub fn write(
         // One self-contained file: no write-ahead log beside it.
         copy.pragma_update_and_check(None, "journal_mode", "DELETE", |_| Ok(())).map_err(db_err(to))?;
         let tx = copy.transaction().map_err(db_err(to))?;
-        mark(&tx).map_err(db_err(to))?;
+        mark(&tx).map_err(|message| BackupError::Db { path: to.to_owned(), message })?;
         tx.execute_batch(&format!(
             "CREATE TABLE {MANIFEST_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
              CREATE TABLE {FILES_TABLE} (path TEXT PRIMARY KEY, mode INTEGER NOT NULL, bytes BLOB NOT NULL) WITHOUT ROWID;"
         ))
         .map_err(db_err(to))?;
-        let mut put = |k: &str, v: &str| {
+        let put = |k: &str, v: &str| {
             tx.execute(&format!("INSERT INTO {MANIFEST_TABLE} (key, value) VALUES (?1, ?2)"), params![k, v])
                 .map(|_| ())
                 .map_err(db_err(to))
@@ -411,7 +411,9 @@ mod tests {
             config_path: None,
         };
         let files = vec![BackupFile { path: "pki/ca.key".into(), mode: 0o600, bytes: b"secret".to_vec() }];
-        write(&conn, &to, &m, &files, |c| c.execute("INSERT INTO meta VALUES ('restored_copy', '1')", []).map(|_| ()))
+        write(&conn, &to, &m, &files, |c| {
+            c.execute("INSERT INTO meta VALUES ('restored_copy', '1')", []).map(|_| ()).map_err(|e| e.to_string())
+        })
             .unwrap();
         to
     }
