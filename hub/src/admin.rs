@@ -175,7 +175,7 @@ pub async fn backup_with_config(data_dir: &Path, to: &Path, config: Option<&Path
         None => None,
     };
     let storage = open(data_dir).await?;
-    storage.backup(to.to_owned(), files, data_dir.display().to_string(), config_path).await?;
+    storage.backup_with(to.to_owned(), files, data_dir.display().to_string(), config_path).await?;
     Ok(())
 }
 

@@ -729,10 +729,16 @@ impl SqliteStorage {
         .await
     }
 
+    /// Online backup of the database alone (no PKI: `restore` refuses it, but it opens as a hub
+    /// database); the copy takes a new hub incarnation when opened.
+    pub async fn backup(&self, to: PathBuf) -> StorageResult<()> {
+        self.backup_with(to, Vec::new(), String::new(), None).await
+    }
+
     /// Online backup to a new file (0600; refused if it exists) holding the database and `files`
     /// (the PKI, the config; see [`shelfsync_node::backup`]); the copy takes a new hub incarnation
     /// when opened.
-    pub async fn backup(
+    pub async fn backup_with(
         &self,
         to: PathBuf,
         files: Vec<shelfsync_node::backup::BackupFile>,

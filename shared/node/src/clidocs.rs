@@ -24,7 +24,9 @@ pub fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>
 }
 
 fn write_page(cmd: &clap::Command, name: String, dir: &Path, written: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let page = cmd.clone().name(name.clone());
+    // clap names are `&'static str` (no `string` feature); a few small strings per run.
+    let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
+    let page = cmd.clone().name(static_name);
     let path = dir.join(format!("{name}.1"));
     let mut buf = Vec::new();
     clap_mangen::Man::new(page).render(&mut buf)?;
