@@ -96,11 +96,9 @@ async fn completions_and_man_pages_come_from_the_clis() {
         let root = std::fs::read_to_string(dir.path().join(format!("{name}.1"))).unwrap();
         assert!(!root.contains("completions"), "the packaging verbs stay hidden");
     }
-    let hub_restore = std::fs::read_to_string({
-        let dir = tempfile::tempdir().unwrap();
-        Proc::run_ok("shelfsync-hub", &["man", "--out", dir.path().to_str().unwrap()]).await;
-        dir.path().join("shelfsync-hub-token-create.1")
-    });
+    let dir = tempfile::tempdir().unwrap();
+    Proc::run_ok("shelfsync-hub", &["man", "--out", dir.path().to_str().unwrap()]).await;
+    let hub_restore = std::fs::read_to_string(dir.path().join("shelfsync-hub-token-create.1"));
     assert!(hub_restore.unwrap().contains("expires"), "nested verbs get pages too");
 }
 
