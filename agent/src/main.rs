@@ -6,14 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
-use shelfsync_agent::backup;
 use serde_json::{json, Value};
+use shelfsync_agent::backup;
 use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
-use shelfsync_node::clidocs::Shell;
-use shelfsync_node::datadir::DataDirArgs;
 use shelfsync_node::bundle::Bundle;
+use shelfsync_node::clidocs::Shell;
 use shelfsync_node::client::ApiClient;
+use shelfsync_node::datadir::DataDirArgs;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -269,7 +269,11 @@ fn print_status(v: &Value) {
     let hub = s(&sync, "hub_addr");
     match state.as_str() {
         "disabled" => println!("hub            none (standalone)"),
-        "connected" => println!("hub            {hub}: connected since {} ({})", s(&sync, "connected_since"), s(&sync, "hub_writer")),
+        "connected" => println!(
+            "hub            {hub}: connected since {} ({})",
+            s(&sync, "connected_since"),
+            s(&sync, "hub_writer")
+        ),
         _ => println!("hub            {hub}: {state} after {} attempts", s(&sync, "attempts")),
     }
     if let Some(e) = sync.get("last_error").and_then(Value::as_str) {

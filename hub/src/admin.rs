@@ -158,8 +158,12 @@ pub async fn backup_with_config(data_dir: &Path, to: &Path, config: Option<&Path
     let pki = pki_dir(data_dir);
     let mut files = Vec::new();
     for name in crate::pki::PKI_FILES {
-        let f = read_backup_file(&pki, name)?
-            .ok_or_else(|| AdminError::Pki(format!("{} is missing; a backup without it cannot serve the stores", pki.join(name).display())))?;
+        let f = read_backup_file(&pki, name)?.ok_or_else(|| {
+            AdminError::Pki(format!(
+                "{} is missing; a backup without it cannot serve the stores",
+                pki.join(name).display()
+            ))
+        })?;
         files.push(BackupFile { path: format!("pki/{name}"), ..f });
     }
     // The PKI must load: a backup is only worth making if it can be restored.
@@ -168,7 +172,8 @@ pub async fn backup_with_config(data_dir: &Path, to: &Path, config: Option<&Path
         Some(c) => {
             let dir = c.parent().unwrap_or(Path::new("."));
             let name = c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let f = read_backup_file(dir, &name)?.ok_or_else(|| AdminError::Usage(format!("--config {}: no such file", c.display())))?;
+            let f = read_backup_file(dir, &name)?
+                .ok_or_else(|| AdminError::Usage(format!("--config {}: no such file", c.display())))?;
             files.push(BackupFile { path: RESTORED_CONFIG.into(), mode: 0o600, ..f });
             Some(c.display().to_string())
         }

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use shelfsync_node::clidocs::Shell;
-use shelfsync_node::datadir::DataDirArgs;
 use shelfsync_hub::config::HubConfig;
 use shelfsync_hub::storage::Role;
 use shelfsync_hub::{admin, demo, server};
+use shelfsync_node::clidocs::Shell;
+use shelfsync_node::datadir::DataDirArgs;
 use shelfsync_shared::StoreId;
 
 #[derive(Parser)]
@@ -349,7 +349,12 @@ fn print_tokens(views: &[shelfsync_hub::tokens::TokenView]) {
 }
 
 /// `status`: the data dir's figures, and a running hub's if `url` answers.
-async fn status(data_dir: &std::path::Path, url: Option<String>, token: Option<String>, json: bool) -> anyhow::Result<()> {
+async fn status(
+    data_dir: &std::path::Path,
+    url: Option<String>,
+    token: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let d = admin::dir_status(data_dir).await?;
     let live = match &url {
         Some(u) => Some(live_figures(u, token.as_deref()).await),
@@ -393,7 +398,8 @@ async fn status(data_dir: &std::path::Path, url: Option<String>, token: Option<S
 /// The unlabelled figures of a running hub's `/metrics` (connections, rates, totals); with no
 /// token only whether it answers `/healthz`.
 async fn live_figures(url: &str, token: Option<&str>) -> Result<std::collections::BTreeMap<String, f64>, String> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
+    let client =
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
     let base = url.trim_end_matches('/');
     let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| e.to_string())?;
     if !health.status().is_success() {

@@ -191,8 +191,8 @@ impl Pki {
         // the same issuer name and key, which is all a chain check looks at.
         let params = CertificateParams::from_ca_cert_pem(ca_pem).map_err(|e| PkiError::Cert(format!("ca.pem: {e}")))?;
         let ca = params.self_signed(&ca_key).map_err(cert_err)?;
-        let hub_cert = CertificateDer::from_pem_slice(hub_pem.as_bytes())
-            .map_err(|e| PkiError::Cert(format!("hub.pem: {e}")))?;
+        let hub_cert =
+            CertificateDer::from_pem_slice(hub_pem.as_bytes()).map_err(|e| PkiError::Cert(format!("hub.pem: {e}")))?;
         PrivateKeyDer::from_pem_slice(hub_key_pem.as_bytes()).map_err(|e| PkiError::Cert(format!("hub.key: {e}")))?;
         Ok(Pki { ca, ca_key, ca_pem: ca_pem.to_owned(), hub_cert, hub_key_pem })
     }

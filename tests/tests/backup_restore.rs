@@ -92,8 +92,9 @@ fn truncated(backup: &Path) -> PathBuf {
 /// The refusals of `restore`: into a non-empty dir, and from a truncated backup; neither writes.
 async fn restore_refuses(binary: &str, backup: &Path, full_dir: &Path, scratch: &Path) {
     let before = listing(full_dir);
-    let err = run_fail(binary, &["restore", "--from", backup.to_str().unwrap(), "--data-dir", full_dir.to_str().unwrap()])
-        .await;
+    let err =
+        run_fail(binary, &["restore", "--from", backup.to_str().unwrap(), "--data-dir", full_dir.to_str().unwrap()])
+            .await;
     assert!(err.contains("is not empty") && err.contains(full_dir.to_str().unwrap()), "{err}");
     assert_eq!(listing(full_dir), before, "the non-empty dir is untouched");
 
@@ -120,8 +121,11 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
     }
     let hd = c.hub_dir();
     let backup = c.dir.path().join("hub.backup");
-    let out = Proc::run_ok("shelfsync-hub", &["backup", "--to", backup.to_str().unwrap(), "--data-dir", hd.to_str().unwrap()])
-        .await;
+    let out = Proc::run_ok(
+        "shelfsync-hub",
+        &["backup", "--to", backup.to_str().unwrap(), "--data-dir", hd.to_str().unwrap()],
+    )
+    .await;
     assert!(out.contains("backed up"), "{out}");
     assert_eq!(mode(&backup), 0o600, "a backup holds the CA's key");
     let old_status: Value = serde_json::from_str(
@@ -241,7 +245,7 @@ async fn a_store_restored_from_its_backup_takes_a_new_writer_and_counts_every_sa
     let url = c.agent_url(k);
     let text = Proc::run_ok("shelfsync-agent", &["status", "--agent", &url]).await;
     assert!(text.contains("writer") && text.contains(&writer) && text.contains("connected"), "{text}");
-    let json: Value = serde_json::from_str(&Proc::run_ok("shelfsync-agent", &["status", "--json", "--agent", &url]).await)
-        .unwrap();
+    let json: Value =
+        serde_json::from_str(&Proc::run_ok("shelfsync-agent", &["status", "--json", "--agent", &url]).await).unwrap();
     assert_eq!(json["writer"], writer.as_str());
 }

@@ -118,8 +118,8 @@ async fn admin_verbs_find_the_data_dir_in_the_config() {
 
     // --data-dir wins over the config's data_dir.
     let elsewhere = dir.path().join("elsewhere");
-    let err = run_fail("shelfsync-hub", &["token", "list", "--config", c, "--data-dir", elsewhere.to_str().unwrap()])
-        .await;
+    let err =
+        run_fail("shelfsync-hub", &["token", "list", "--config", c, "--data-dir", elsewhere.to_str().unwrap()]).await;
     assert!(err.contains(elsewhere.to_str().unwrap()), "{err}");
     // Neither: a clear error, for both binaries.
     let err = run_fail("shelfsync-hub", &["token", "list"]).await;
@@ -134,24 +134,30 @@ async fn admin_verbs_find_the_data_dir_in_the_config() {
     let backup = dir.path().join("hub.backup");
     Proc::run_ok("shelfsync-hub", &["backup", "--to", backup.to_str().unwrap(), "--config", c]).await;
     let restored = dir.path().join("restored");
-    let out =
-        Proc::run_ok("shelfsync-hub", &["restore", "--from", backup.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()])
-            .await;
+    let out = Proc::run_ok(
+        "shelfsync-hub",
+        &["restore", "--from", backup.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()],
+    )
+    .await;
     assert!(out.contains(c), "{out}");
-    assert_eq!(std::fs::read_to_string(restored.join("config/hub.toml")).unwrap(), std::fs::read_to_string(&config).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(restored.join("config/hub.toml")).unwrap(),
+        std::fs::read_to_string(&config).unwrap()
+    );
 
     // The agent's verbs read it too.
     let agent_cfg = dir.path().join("agent.toml");
     let agent_data = dir.path().join("agent");
     std::fs::write(&agent_cfg, format!("data_dir = {:?}\n", agent_data.to_str().unwrap())).unwrap();
-    Proc::run_ok("shelfsync-agent", &["init", "--store-id", "store-007", "--config", agent_cfg.to_str().unwrap()]).await;
+    Proc::run_ok("shelfsync-agent", &["init", "--store-id", "store-007", "--config", agent_cfg.to_str().unwrap()])
+        .await;
     assert!(agent_data.join("agent.db").exists());
 
     // The hub's status: a summary, and JSON for machines.
     let text = Proc::run_ok("shelfsync-hub", &["status", "--config", c]).await;
     assert!(text.contains("stores") && text.contains("0 registered") && text.contains("1 active"), "{text}");
-    let json: Value = serde_json::from_str(&Proc::run_ok("shelfsync-hub", &["status", "--json", "--config", c]).await)
-        .unwrap();
+    let json: Value =
+        serde_json::from_str(&Proc::run_ok("shelfsync-hub", &["status", "--json", "--config", c]).await).unwrap();
     assert_eq!(json["stores"], 0);
     assert_eq!(json["tokens"]["active"], 1, "{json}");
     assert!(json["database_bytes"].as_u64().unwrap() > 0);

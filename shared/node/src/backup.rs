@@ -378,9 +378,10 @@ pub fn restore(
         sync_dir(&tmp);
         // An empty directory is replaced by the rename; a non-empty one (a race) is refused by it.
         std::fs::rename(&tmp, data_dir).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
-                BackupError::NotEmpty { path: data_dir.to_owned(), what: "something was written into it meanwhile".into() }
-            }
+            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => BackupError::NotEmpty {
+                path: data_dir.to_owned(),
+                what: "something was written into it meanwhile".into(),
+            },
             _ => io(data_dir)(e),
         })?;
         sync_dir(&parent);
@@ -414,7 +415,7 @@ mod tests {
         write(&conn, &to, &m, &files, |c| {
             c.execute("INSERT INTO meta VALUES ('restored_copy', '1')", []).map(|_| ()).map_err(|e| e.to_string())
         })
-            .unwrap();
+        .unwrap();
         to
     }
 
@@ -422,7 +423,10 @@ mod tests {
     fn round_trip_into_a_new_dir_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let to = sample(dir.path());
-        assert!(matches!(write(&Connection::open_in_memory().unwrap(), &to, &open(&to, "hub").unwrap().manifest, &[], |_| Ok(())), Err(BackupError::Exists(_))));
+        assert!(matches!(
+            write(&Connection::open_in_memory().unwrap(), &to, &open(&to, "hub").unwrap().manifest, &[], |_| Ok(())),
+            Err(BackupError::Exists(_))
+        ));
         let b = open(&to, "hub").unwrap();
         assert_eq!(b.text("pki/ca.key").unwrap(), "secret");
         assert!(matches!(open(&to, "agent"), Err(BackupError::Invalid { .. })));

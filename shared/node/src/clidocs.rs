@@ -58,7 +58,10 @@ fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
             continue;
         }
         if a.get_help().is_none() && a.get_long_help().is_none() {
-            missing.push(format!("{path}: {}", a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| id.to_uppercase())));
+            missing.push(format!(
+                "{path}: {}",
+                a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| id.to_uppercase())
+            ));
         }
     }
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
