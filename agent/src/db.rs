@@ -16,7 +16,7 @@ use shelfsync_node::dbfile;
 use shelfsync_node::sqlite::{AfterCommit, SqliteThreads};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the ledger.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
      CREATE TABLE counters (
@@ -131,7 +131,7 @@ fn mint_incarnation(conn: &Connection, store: &StoreId) -> Result<Identity, DbEr
     Ok(Identity { store: store.clone(), writer, incarnation_started_ms: started })
 }
 
-fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
+pub(crate) fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
     let get = |k: &str| meta_get(conn, k)?.ok_or_else(|| DbError::Corrupt(format!("meta key {k} is missing")));
     let store: StoreId = get("store_id")?.parse().map_err(|e| DbError::Corrupt(format!("store_id: {e}")))?;
     let writer: WriterId = get("writer")?.parse().map_err(|e| DbError::Corrupt(format!("writer: {e}")))?;

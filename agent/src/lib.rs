@@ -9,9 +9,12 @@
 //! - [`catalog`]: the agent's replicas of the catalog documents ([`shelfsync_node::catalog`]).
 //! - [`sync`]: the QUIC client that keeps the hub up to date; [`lineage`] the ordinals, boots
 //!   and retirements that keep a restored or copied database from reusing its writer.
+//! - [`backup`]: `backup` and `restore` of the whole data dir (database and bundle; a restore
+//!   takes a new writer at once).
 //! - [`config`], [`server`], [`status`]: configuration, start-up and the sync status.
 
 pub mod api;
+pub mod backup;
 pub mod catalog;
 pub mod config;
 pub mod db;

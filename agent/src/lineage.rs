@@ -289,3 +289,40 @@ pub fn judge_and_retire(
     )?;
     Ok(Some((report, new)))
 }
+
+/// An explicit restore (`shelfsync-agent restore`): retires `me` where its history stands in the
+/// backup, before the restored files make any change, so every change from now on is a new
+/// writer's and none can collide with what the original files did after the backup. Nothing
+/// moves; `me`'s entries stay as the backup had them and are shipped as a retired writer's (the
+/// hub max-merges them with what it holds of `me`); the watermarks start over, and a report
+/// (`rolled_back`, fork at the backup's head, hub ordinal 0: not known at restore) waits for the
+/// next `Hello`.
+pub fn retire_restored(conn: &Connection, me: &WriterId, now_ms: i64) -> Result<(Retirement, WriterId), DbError> {
+    let own = head(conn, me)?;
+    let new = lineage::successor(me, &own, None, rand::random());
+    add_boot(conn, &new, rand::random(), Checkpoint::ZERO, now_ms)?;
+    let report = Retirement {
+        old: me.clone(),
+        new: new.clone(),
+        reason: lineage::RetireReason::RolledBack,
+        fork_ordinal: own.ordinal,
+        hub_ordinal: 0,
+        own_ordinal: own.ordinal,
+        moved: 0,
+        ambiguous: 0,
+        window_ms: None,
+        at_ms: now_ms,
+    };
+    conn.execute(
+        "INSERT INTO retired (old, new, cut_ordinal, report) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (old) DO UPDATE SET new = excluded.new, cut_ordinal = excluded.cut_ordinal, report = excluded.report, reported = 0",
+        params![me.to_string(), new.to_string(), own.ordinal, serde_json::to_string(&report).expect("reports serialise")],
+    )?;
+    db::meta_set(conn, "writer", &new.to_string())?;
+    db::meta_set(conn, "incarnation_started_ms", &now_ms.to_string())?;
+    conn.execute(
+        "UPDATE hub_link SET hub_writer = NULL, applied = 0, journal_applied = 0, acked = 0, journal_acked = 0 WHERE id = 1",
+        [],
+    )?;
+    Ok((report, new))
+}

@@ -5,12 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
+use shelfsync_agent::backup;
 use shelfsync_agent::config::AgentConfig;
 use shelfsync_agent::db::{Db, DbOptions};
 use shelfsync_node::bundle::Bundle;
+use shelfsync_node::clidocs::Shell;
 use shelfsync_node::client::ApiClient;
+use shelfsync_node::datadir::DataDirArgs;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -43,9 +46,8 @@ enum Cmd {
         /// A credential bundle written by `shelfsync-hub store add`.
         #[arg(long)]
         bundle: Option<PathBuf>,
-        /// Where the database lives.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// Run the agent: the POS API and the sync client.
     Run {
@@ -61,7 +63,9 @@ enum Cmd {
     },
     /// Record a sale of QTY units.
     Sell {
+        /// The SKU.
         sku: String,
+        /// Units (positive).
         qty: i64,
         /// Idempotency id (a new UUIDv7 if omitted).
         #[arg(long)]
@@ -69,7 +73,9 @@ enum Cmd {
     },
     /// Record a customer return of QTY units.
     Return {
+        /// The SKU.
         sku: String,
+        /// Units (positive).
         qty: i64,
         /// Idempotency id (a new UUIDv7 if omitted).
         #[arg(long)]
@@ -77,7 +83,9 @@ enum Cmd {
     },
     /// Record a physical count of N units.
     Count {
+        /// The SKU.
         sku: String,
+        /// Units counted on the shelf.
         n: i64,
         /// Idempotency id (a new UUIDv7 if omitted).
         #[arg(long)]
@@ -85,7 +93,9 @@ enum Cmd {
     },
     /// Record an adjustment of DELTA units (negative for shrinkage).
     Adjust {
+        /// The SKU.
         sku: String,
+        /// Units to add (negative to take away).
         #[arg(allow_hyphen_values = true)]
         delta: i64,
         /// Why (damage, theft, found, ...).
@@ -97,6 +107,7 @@ enum Cmd {
     },
     /// Show stock of one SKU, or list all.
     Stock {
+        /// One SKU (default: list all).
         sku: Option<String>,
         /// List from after this SKU.
         #[arg(long)]
@@ -105,15 +116,39 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Show the agent's identity, ledger and sync state.
+    /// Show the agent's identity, ledger and sync state (a summary; --json for machines).
     Status,
-    /// Copy the database with SQLite's online backup API (safe while the agent runs).
+    /// Back up the whole data dir into one file: the database and the bundle (safe while the
+    /// agent runs; the file is 0600).
     Backup {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
         /// Destination file (must not exist).
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Restore a backup into a new or empty data dir (checked in full first). The restored store
+    /// records under a new writer incarnation at once, so nothing is counted twice.
+    Restore {
+        /// The backup file (made by `shelfsync-agent backup`).
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
+    },
+    /// Print a shell completion script.
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write man pages (one per command) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// The directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -124,8 +159,9 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let client = ApiClient::new(cli.agent.clone(), cli.token.clone());
     let id = |id: Option<Uuid>| id.unwrap_or_else(Uuid::now_v7).to_string();
+    let is_status = matches!(cli.cmd, Cmd::Status);
     let answer = match cli.cmd {
-        Cmd::Init { store_id, bundle, data_dir } => return init(store_id, bundle, data_dir),
+        Cmd::Init { store_id, bundle, dir } => return init(store_id, bundle, data_dir(&dir)?),
         Cmd::Run { config, data_dir, listen } => {
             let mut cfg = AgentConfig::load(config.as_deref())?;
             if let Some(d) = data_dir {
@@ -143,11 +179,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             agent.stop().await?;
             return Ok(());
         }
-        Cmd::Backup { data_dir, to } => {
-            let path = data_dir.join("agent.db");
-            let db = tokio::task::spawn_blocking(move || Db::open(&path, DbOptions::default())).await??;
-            db.backup(to.clone()).await?;
-            println!("backed up to {}", to.display());
+        Cmd::Backup { dir, to } => {
+            let data_dir = data_dir(&dir)?;
+            let (d, t) = (data_dir.clone(), to.clone());
+            let writer = tokio::task::spawn_blocking(move || backup::backup(&d, &t)).await??;
+            println!("backed up {} (writer {writer}) to {}", data_dir.display(), to.display());
+            return Ok(());
+        }
+        Cmd::Restore { from, dir } => {
+            let data_dir = data_dir(&dir)?;
+            let (f, d) = (from.clone(), data_dir.clone());
+            let r = tokio::task::spawn_blocking(move || backup::restore(&f, &d)).await??;
+            println!(
+                "restored {} (made {}) into {}; writer {} retired, the store records as {} from now on{}",
+                from.display(),
+                shelfsync_shared::rfc3339(r.created_at_ms),
+                data_dir.display(),
+                r.old,
+                r.new,
+                if r.bundle { "; it gives the hub what the backup holds and the hub lacks" } else { "" }
+            );
+            return Ok(());
+        }
+        Cmd::Completions { shell } => {
+            shelfsync_node::clidocs::completions(Cli::command(), shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Man { out } => {
+            for p in shelfsync_node::clidocs::man_pages(Cli::command(), &out)? {
+                println!("{}", p.display());
+            }
             return Ok(());
         }
         Cmd::Sell { sku, qty, id: i } => {
@@ -174,10 +235,50 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if is_status {
+        print_status(&answer);
     } else {
         print_human(&answer);
     }
     Ok(())
+}
+
+/// The data dir of a verb: `--data-dir`, else the `data_dir` of `--config`.
+fn data_dir(dir: &DataDirArgs) -> anyhow::Result<PathBuf> {
+    Ok(dir.resolve(|c| AgentConfig::load(Some(c)).map(|cfg| cfg.data_dir))?)
+}
+
+/// `status` as a readable summary of `/v1/status`.
+fn print_status(v: &Value) {
+    let s = |v: &Value, k: &str| match v.get(k) {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(x)) => x.clone(),
+        Some(x) => x.to_string(),
+    };
+    let sync = v.get("sync").cloned().unwrap_or(Value::Null);
+    println!("store          {}", s(v, "store"));
+    println!("writer         {} (since {})", s(v, "writer"), s(v, "incarnation_started_at"));
+    println!("ledger         {} SKUs, {} journal events", s(v, "skus"), s(v, "journal_events"));
+    println!(
+        "not yet synced {} counter changes, {} journal events (last sync {})",
+        s(v, "unsynced_changes"),
+        s(v, "unsynced_events"),
+        s(v, "last_sync_at")
+    );
+    let state = s(&sync, "state");
+    let hub = s(&sync, "hub_addr");
+    match state.as_str() {
+        "disabled" => println!("hub            none (standalone)"),
+        "connected" => println!(
+            "hub            {hub}: connected since {} ({})",
+            s(&sync, "connected_since"),
+            s(&sync, "hub_writer")
+        ),
+        _ => println!("hub            {hub}: {state} after {} attempts", s(&sync, "attempts")),
+    }
+    if let Some(e) = sync.get("last_error").and_then(Value::as_str) {
+        println!("last error     {e}");
+    }
 }
 
 fn print_human(v: &Value) {
@@ -236,4 +337,16 @@ fn init(store_id: Option<String>, bundle: Option<PathBuf>, data_dir: PathBuf) ->
     let identity = Db::create(&path, &store, DbOptions::default())?;
     println!("initialised store {} (writer {}) in {}", identity.store, identity.writer, path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_argument_has_help() {
+        Cli::command().debug_assert();
+        let missing = shelfsync_node::clidocs::args_without_help(&Cli::command());
+        assert!(missing.is_empty(), "arguments without help text: {missing:#?}");
+    }
 }

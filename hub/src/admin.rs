@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use shelfsync_node::backup::{self, BackupFile};
 use shelfsync_node::bundle::Bundle;
 use shelfsync_shared::StoreId;
 
@@ -146,9 +147,137 @@ pub async fn import_catalog(data_dir: &Path, text: &str) -> Result<usize, AdminE
     Ok(n)
 }
 
-/// Online backup of the hub database.
+/// Online backup of the hub's data dir into one file (safe while the hub runs): the database, the
+/// CA and keys, the hub certificate.
 pub async fn backup(data_dir: &Path, to: &Path) -> Result<(), AdminError> {
+    backup_with_config(data_dir, to, None).await
+}
+
+/// [`backup`], with the config file the hub runs with, if one is given.
+pub async fn backup_with_config(data_dir: &Path, to: &Path, config: Option<&Path>) -> Result<(), AdminError> {
+    let pki = pki_dir(data_dir);
+    let mut files = Vec::new();
+    for name in crate::pki::PKI_FILES {
+        let f = read_backup_file(&pki, name)?.ok_or_else(|| {
+            AdminError::Pki(format!(
+                "{} is missing; a backup without it cannot serve the stores",
+                pki.join(name).display()
+            ))
+        })?;
+        files.push(BackupFile { path: format!("pki/{name}"), ..f });
+    }
+    // The PKI must load: a backup is only worth making if it can be restored.
+    Pki::load(&pki).map_err(|e| AdminError::Pki(e.to_string()))?;
+    let config_path = match config {
+        Some(c) => {
+            let dir = c.parent().unwrap_or(Path::new("."));
+            let name = c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let f = read_backup_file(dir, &name)?
+                .ok_or_else(|| AdminError::Usage(format!("--config {}: no such file", c.display())))?;
+            files.push(BackupFile { path: RESTORED_CONFIG.into(), mode: 0o600, ..f });
+            Some(c.display().to_string())
+        }
+        None => None,
+    };
     let storage = open(data_dir).await?;
-    storage.backup(to.to_owned()).await?;
+    storage.backup_with(to.to_owned(), files, data_dir.display().to_string(), config_path).await?;
     Ok(())
+}
+
+fn read_backup_file(dir: &Path, name: &str) -> Result<Option<BackupFile>, AdminError> {
+    backup::read_file(dir, name).map_err(|e| AdminError::Usage(e.to_string()))
+}
+
+/// Where `restore` puts the config file a backup holds (inside the restored data dir).
+pub const RESTORED_CONFIG: &str = "config/hub.toml";
+
+/// What a restore brought back.
+#[derive(Debug)]
+pub struct Restored {
+    /// The hub writer the backup was made under (the restored hub takes a new one when it starts).
+    pub writer: String,
+    /// When the backup was made (ms).
+    pub created_at_ms: i64,
+    /// The config file it held: where it was, and where it is now.
+    pub config: Option<(String, PathBuf)>,
+}
+
+/// Restores a hub backup into `data_dir`, which must be absent or empty. The whole file is checked
+/// first (format, `quick_check`, the PKI present and parsing); the data dir is written beside its
+/// place and renamed into it. The restored database is marked as a restored copy, so the hub takes
+/// a new incarnation when it opens it, and stores give back what the backup lacks.
+pub fn restore(from: &Path, data_dir: &Path) -> Result<Restored, AdminError> {
+    let b = backup::open(from, "hub").map_err(|e| AdminError::Usage(e.to_string()))?;
+    let texts = crate::pki::PKI_FILES.map(|name| b.text(&format!("pki/{name}")).map(str::to_owned));
+    let [ca_pem, ca_key, hub_pem, hub_key] = texts;
+    let usage = |e: backup::BackupError| AdminError::Usage(e.to_string());
+    Pki::from_pems(&ca_pem.map_err(usage)?, &ca_key.map_err(usage)?, &hub_pem.map_err(usage)?, hub_key.map_err(usage)?)
+        .map_err(|e| AdminError::Usage(b.invalid(format!("its PKI does not load ({e})")).to_string()))?;
+    backup::check_target(data_dir).map_err(usage)?;
+    backup::restore(&b, data_dir, |tmp| {
+        // Certain, whoever made the file: the restored database starts a new hub life.
+        let conn = rusqlite::Connection::open(db_path(tmp)).map_err(|e| e.to_string())?;
+        shelfsync_node::db::meta_set(&conn, "restored_copy", "1").map_err(|e| e.to_string())
+    })
+    .map_err(usage)?;
+    Ok(Restored {
+        writer: b.manifest.writer.clone(),
+        created_at_ms: b.manifest.created_at_ms,
+        config: b.manifest.config_path.clone().map(|c| (c, data_dir.join(RESTORED_CONFIG))),
+    })
+}
+
+/// What `status` shows of a data dir.
+#[derive(Debug, serde::Serialize)]
+pub struct DirStatus {
+    /// The data dir.
+    pub data_dir: String,
+    /// The hub writer (incarnation) of this database's life.
+    pub hub_writer: String,
+    /// The database was restored and has not been opened by a hub since (it will take a new life).
+    pub restored_copy: bool,
+    /// Stores registered (revoked included).
+    pub stores: usize,
+    /// Of those, revoked.
+    pub stores_revoked: usize,
+    /// API tokens by status (`active`, `revoked`, `expired`).
+    pub tokens: std::collections::BTreeMap<String, usize>,
+    /// Bytes of hub.db with its write-ahead log.
+    pub database_bytes: u64,
+    /// The newest journal sequence.
+    pub journal_head: u64,
+    /// Journal events held.
+    pub journal_events: u64,
+}
+
+/// Reads a data dir's figures (works while the hub runs).
+pub async fn dir_status(data_dir: &Path) -> Result<DirStatus, AdminError> {
+    let storage = open(data_dir).await?;
+    let stores = storage.stores().await?;
+    let now = shelfsync_node::now_ms();
+    let mut tokens = std::collections::BTreeMap::new();
+    for t in storage.tokens().await? {
+        *tokens.entry(t.view(now).status.as_str().to_owned()).or_insert(0) += 1;
+    }
+    let db = db_path(data_dir);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let path = db.clone();
+    let restored_copy = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        shelfsync_node::db::meta_get(&conn, "restored_copy").map_err(|e| StorageError::Backend(e.to_string()))
+    })
+    .await
+    .map_err(|e| StorageError::Backend(e.to_string()))??
+    .is_some();
+    Ok(DirStatus {
+        data_dir: data_dir.display().to_string(),
+        hub_writer: storage.hub_writer().to_string(),
+        restored_copy,
+        stores: stores.len(),
+        stores_revoked: stores.iter().filter(|s| s.revoked_at_ms.is_some()).count(),
+        tokens,
+        database_bytes: size(&db) + size(&shelfsync_node::dbfile::companion(&db, "-wal")),
+        journal_head: storage.journal_head(),
+        journal_events: storage.journal_count(None).await?,
+    })
 }

@@ -4,10 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use shelfsync_hub::config::HubConfig;
 use shelfsync_hub::storage::Role;
 use shelfsync_hub::{admin, demo, server};
+use shelfsync_node::clidocs::Shell;
+use shelfsync_node::datadir::DataDirArgs;
 use shelfsync_shared::StoreId;
 
 #[derive(Parser)]
@@ -21,8 +23,8 @@ struct Cli {
 enum Cmd {
     /// Create the hub database and its private certificate authority.
     Init {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// Manage stores.
     Store {
@@ -39,6 +41,7 @@ enum Cmd {
         /// TOML config file (see config/hub.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Overrides data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Overrides quic.listen.
@@ -53,13 +56,53 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CatalogCmd,
     },
-    /// Online backup of the hub database (safe while the hub runs).
+    /// Back up the whole hub into one file: database, CA and keys, hub certificate, and the
+    /// config file if --config is given (safe while the hub runs; the file is 0600).
     Backup {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
         /// Destination file (must not exist).
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Restore a backup into a new or empty data dir (checked in full first; nothing is written
+    /// if it is damaged). The restored hub takes a new incarnation when it starts; stores give
+    /// back what the backup lacks.
+    Restore {
+        /// The backup file (made by `shelfsync-hub backup`).
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
+    },
+    /// A summary of the hub: stores, tokens, database size, journal position; live figures from
+    /// a running hub when its URL is given.
+    Status {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        /// A running hub's HTTP URL, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: Option<String>,
+        /// A viewer (or admin) token of the running hub, to read its /metrics.
+        #[arg(long, env = "SHELFSYNC_HUB_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write man pages (one per command) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// The directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// A hub and three in-process stores selling over real QUIC on loopback.
     Demo {
@@ -73,6 +116,7 @@ enum Cmd {
 enum StoreCmd {
     /// Register a store and write its credential bundle for `shelfsync-agent init --bundle`.
     Add {
+        /// The store id, e.g. store-012.
         id: String,
         /// Directory to write the bundle into.
         #[arg(long)]
@@ -80,23 +124,25 @@ enum StoreCmd {
         /// The address agents dial (host:port of the hub's QUIC endpoint).
         #[arg(long, default_value = "127.0.0.1:7443")]
         hub_addr: String,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// Revoke every certificate of a store; a running hub drops it within seconds.
     Revoke {
+        /// The store id.
         id: String,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// How many agents of a store may be connected at once (default 1: a second one is refused
     /// as a duplicate). Raise it for a store that runs several agents on purpose.
     Agents {
+        /// The store id.
         id: String,
-        /// 1 .. 64.
+        /// Agents allowed at once: 1 .. 64.
         max: u32,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
 }
 
@@ -105,9 +151,10 @@ enum CatalogCmd {
     /// Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active).
     /// All rows or none; a running hub picks the change up within a second.
     Import {
+        /// The CSV file.
         file: PathBuf,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
 }
 
@@ -115,6 +162,7 @@ enum CatalogCmd {
 enum TokenCmd {
     /// Create an API token; prints only the token (shown this once; the hub keeps its hash).
     Create {
+        /// What the token may do.
         #[arg(long, value_enum)]
         role: Role,
         /// A name to tell tokens apart (default `unnamed`).
@@ -123,22 +171,23 @@ enum TokenCmd {
         /// Lifetime: a number and s, m, h or d (e.g. 30d, 12h, 90m). Default: no expiry.
         #[arg(long)]
         expires_in: Option<String>,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// List tokens: id, name, role, status, created, last used, expiry, revocation (never secrets).
     List {
         /// JSON (one array) instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
     /// Revoke a token by id; a running hub refuses it from its next request on.
     Revoke {
+        /// The token id (`token list` shows them).
         id: String,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        dir: DataDirArgs,
     },
 }
 
@@ -150,33 +199,44 @@ fn store_id(s: &str) -> anyhow::Result<StoreId> {
     s.parse().map_err(|e| anyhow::anyhow!("store id {s:?}: {e}"))
 }
 
+/// The data dir of an admin verb: `--data-dir`, else the `data_dir` of `--config`.
+fn data_dir(dir: &DataDirArgs) -> anyhow::Result<PathBuf> {
+    Ok(dir.resolve(|c| HubConfig::load(Some(c)).map(|cfg| cfg.data_dir))?)
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { data_dir } => {
+        Cmd::Init { dir } => {
+            let data_dir = data_dir(&dir)?;
             let writer = admin::init(&data_dir).await?;
             println!("initialised hub {writer} in {}", data_dir.display());
         }
-        Cmd::Store { cmd: StoreCmd::Add { id, out, hub_addr, data_dir } } => {
+        Cmd::Store { cmd: StoreCmd::Add { id, out, hub_addr, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let store = store_id(&id)?;
             admin::add_store(&data_dir, &store, &out, &hub_addr).await?;
             println!("store {store} registered; bundle written to {}", out.display());
         }
-        Cmd::Store { cmd: StoreCmd::Agents { id, max, data_dir } } => {
+        Cmd::Store { cmd: StoreCmd::Agents { id, max, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let store = store_id(&id)?;
             admin::set_max_agents(&data_dir, &store, max).await?;
             println!("store {store} may have {max} agent(s) connected at once");
         }
-        Cmd::Store { cmd: StoreCmd::Revoke { id, data_dir } } => {
+        Cmd::Store { cmd: StoreCmd::Revoke { id, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let store = store_id(&id)?;
             let n = admin::revoke_store(&data_dir, &store).await?;
             println!("store {store} revoked ({n} certificate(s))");
         }
-        Cmd::Token { cmd: TokenCmd::Create { role, name, expires_in, data_dir } } => {
+        Cmd::Token { cmd: TokenCmd::Create { role, name, expires_in, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let (_, secret) =
                 admin::create_named_token(&data_dir, role, name.as_deref(), expires_in.as_deref()).await?;
             println!("{secret}");
         }
-        Cmd::Token { cmd: TokenCmd::List { json, data_dir } } => {
+        Cmd::Token { cmd: TokenCmd::List { json, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let now = shelfsync_node::now_ms();
             let views: Vec<_> = admin::list_tokens(&data_dir).await?.iter().map(|t| t.view(now)).collect();
             if json {
@@ -185,7 +245,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print_tokens(&views);
             }
         }
-        Cmd::Token { cmd: TokenCmd::Revoke { id, data_dir } } => {
+        Cmd::Token { cmd: TokenCmd::Revoke { id, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let t = admin::revoke_token(&data_dir, &id).await?;
             println!("token {} ({}) revoked", t.id, t.name);
         }
@@ -215,14 +276,43 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("fail-stop: {reason}; restart the hub: it reloads what was committed");
             }
         }
-        Cmd::Catalog { cmd: CatalogCmd::Import { file, data_dir } } => {
+        Cmd::Catalog { cmd: CatalogCmd::Import { file, dir } } => {
+            let data_dir = data_dir(&dir)?;
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let n = admin::import_catalog(&data_dir, &text).await?;
             println!("imported {n} catalog entries from {}", file.display());
         }
-        Cmd::Backup { data_dir, to } => {
-            admin::backup(&data_dir, &to).await?;
-            println!("backed up to {}", to.display());
+        Cmd::Backup { dir, to } => {
+            let data_dir = data_dir(&dir)?;
+            admin::backup_with_config(&data_dir, &to, dir.config.as_deref()).await?;
+            println!("backed up {} to {}", data_dir.display(), to.display());
+        }
+        Cmd::Restore { from, dir } => {
+            let data_dir = data_dir(&dir)?;
+            let r = admin::restore(&from, &data_dir)?;
+            println!(
+                "restored {} (made {} under hub writer {}) into {}; the hub takes a new incarnation when it \
+                 starts, and stores give back what the backup lacks",
+                from.display(),
+                shelfsync_shared::rfc3339(r.created_at_ms),
+                r.writer,
+                data_dir.display()
+            );
+            if let Some((was, now)) = r.config {
+                println!("the config it was made with ({was}) is in {}", now.display());
+            }
+        }
+        Cmd::Status { dir, url, token, json } => {
+            let data_dir = data_dir(&dir)?;
+            status(&data_dir, url, token, json).await?;
+        }
+        Cmd::Completions { shell } => {
+            shelfsync_node::clidocs::completions(Cli::command(), shell, &mut std::io::stdout());
+        }
+        Cmd::Man { out } => {
+            for p in shelfsync_node::clidocs::man_pages(Cli::command(), &out)? {
+                println!("{}", p.display());
+            }
         }
         Cmd::Demo { for_secs } => {
             shelfsync_node::cli::init_tracing("warn");
@@ -255,5 +345,92 @@ fn print_tokens(views: &[shelfsync_hub::tokens::TokenView]) {
             t(&v.expires_at),
             t(&v.revoked_at)
         );
+    }
+}
+
+/// `status`: the data dir's figures, and a running hub's if `url` answers.
+async fn status(
+    data_dir: &std::path::Path,
+    url: Option<String>,
+    token: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let d = admin::dir_status(data_dir).await?;
+    let live = match &url {
+        Some(u) => Some(live_figures(u, token.as_deref()).await),
+        None => None,
+    };
+    if json {
+        let mut v = serde_json::to_value(&d)?;
+        if let (Some(u), Some(l)) = (&url, &live) {
+            v["live"] = match l {
+                Ok(m) => serde_json::json!({ "url": u, "reachable": true, "metrics": m }),
+                Err(e) => serde_json::json!({ "url": u, "reachable": false, "error": e }),
+            };
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("hub data dir   {}", d.data_dir);
+    println!(
+        "hub writer     {}{}",
+        d.hub_writer,
+        if d.restored_copy { "  (restored: takes a new incarnation when it starts)" } else { "" }
+    );
+    println!("stores         {} registered, {} revoked", d.stores, d.stores_revoked);
+    let tokens: Vec<String> = d.tokens.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!("tokens         {}", if tokens.is_empty() { "none".to_owned() } else { tokens.join(", ") });
+    println!("database       {:.1} MiB (hub.db with its WAL)", d.database_bytes as f64 / (1 << 20) as f64);
+    println!("journal        head {}, {} events", d.journal_head, d.journal_events);
+    match (&url, &live) {
+        (Some(u), Some(Ok(m))) => {
+            println!("running hub    {u}: up");
+            for (k, v) in m {
+                println!("  {k:<40} {v}");
+            }
+        }
+        (Some(u), Some(Err(e))) => println!("running hub    {u}: not reachable ({e})"),
+        _ => println!("running hub    (give --url and --token for live figures)"),
+    }
+    Ok(())
+}
+
+/// The unlabelled figures of a running hub's `/metrics` (connections, rates, totals); with no
+/// token only whether it answers `/healthz`.
+async fn live_figures(url: &str, token: Option<&str>) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let client =
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
+    let base = url.trim_end_matches('/');
+    let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| e.to_string())?;
+    if !health.status().is_success() {
+        return Err(format!("/healthz answered {}", health.status()));
+    }
+    let Some(token) = token else { return Ok(Default::default()) };
+    let text = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| l.split_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?))))
+        .filter(|(k, _): &(String, f64)| !k.ends_with("_bucket") && !k.ends_with("_sum"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_argument_has_help() {
+        Cli::command().debug_assert();
+        let missing = shelfsync_node::clidocs::args_without_help(&Cli::command());
+        assert!(missing.is_empty(), "arguments without help text: {missing:#?}");
     }
 }

@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 use shelfsync_shared::wire::ALPN;
 use shelfsync_shared::StoreId;
 
+/// The files of the PKI directory, in the order [`Pki::from_pems`] takes them.
+pub const PKI_FILES: [&str; 4] = ["ca.pem", "ca.key", "hub.pem", "hub.key"];
+
 /// The name agents verify the hub's certificate under, whatever address they dial.
 pub const HUB_SERVER_NAME: &str = "hub.shelfsync";
 
@@ -175,17 +178,23 @@ impl Pki {
 
     /// Loads the CA and hub certificate from `dir`.
     pub fn load(dir: &Path) -> Result<Pki, PkiError> {
-        let ca_pem = read(&dir.join("ca.pem"))?;
-        let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?).map_err(cert_err)?;
+        let [ca_pem, ca_key, hub_pem, hub_key] = PKI_FILES.map(|f| read(&dir.join(f)));
+        Pki::from_pems(&ca_pem?, &ca_key?, &hub_pem?, hub_key?)
+            .map_err(|e| PkiError::Cert(format!("{}: {e}", dir.display())))
+    }
+
+    /// Builds the PKI from the PEM texts of [`PKI_FILES`] (a backup is checked this way before
+    /// anything is restored).
+    pub fn from_pems(ca_pem: &str, ca_key: &str, hub_pem: &str, hub_key_pem: String) -> Result<Pki, PkiError> {
+        let ca_key = KeyPair::from_pem(ca_key).map_err(|e| PkiError::Cert(format!("ca.key: {e}")))?;
         // rcgen signs with a `Certificate`; rebuilding it from the stored params and key yields
         // the same issuer name and key, which is all a chain check looks at.
-        let params = CertificateParams::from_ca_cert_pem(&ca_pem).map_err(cert_err)?;
+        let params = CertificateParams::from_ca_cert_pem(ca_pem).map_err(|e| PkiError::Cert(format!("ca.pem: {e}")))?;
         let ca = params.self_signed(&ca_key).map_err(cert_err)?;
-        let hub_path = dir.join("hub.pem");
-        let hub_cert = CertificateDer::from_pem_slice(read(&hub_path)?.as_bytes())
-            .map_err(|e| PkiError::Cert(format!("{}: {e}", hub_path.display())))?;
-        let hub_key_pem = read(&dir.join("hub.key"))?;
-        Ok(Pki { ca, ca_key, ca_pem, hub_cert, hub_key_pem })
+        let hub_cert =
+            CertificateDer::from_pem_slice(hub_pem.as_bytes()).map_err(|e| PkiError::Cert(format!("hub.pem: {e}")))?;
+        PrivateKeyDer::from_pem_slice(hub_key_pem.as_bytes()).map_err(|e| PkiError::Cert(format!("hub.key: {e}")))?;
+        Ok(Pki { ca, ca_key, ca_pem: ca_pem.to_owned(), hub_cert, hub_key_pem })
     }
 
     /// The CA certificate (PEM) agents trust.

@@ -729,17 +729,39 @@ impl SqliteStorage {
         .await
     }
 
-    /// Online backup to a new file; the copy takes a new hub incarnation when opened.
+    /// Online backup of the database alone (no PKI: `restore` refuses it, but it opens as a hub
+    /// database); the copy takes a new hub incarnation when opened.
     pub async fn backup(&self, to: PathBuf) -> StorageResult<()> {
+        self.backup_with(to, Vec::new(), String::new(), None).await
+    }
+
+    /// Online backup to a new file (0600; refused if it exists) holding the database and `files`
+    /// (the PKI, the config; see [`shelfsync_node::backup`]); the copy takes a new hub incarnation
+    /// when opened.
+    pub async fn backup_with(
+        &self,
+        to: PathBuf,
+        files: Vec<shelfsync_node::backup::BackupFile>,
+        source_dir: String,
+        config_path: Option<String>,
+    ) -> StorageResult<()> {
+        let manifest = shelfsync_node::backup::Manifest {
+            format_version: shelfsync_node::backup::FORMAT_VERSION,
+            kind: "hub".into(),
+            writer: self.hub_writer.to_string(),
+            created_at_ms: now_ms(),
+            source_dir,
+            db_file: "hub.db".into(),
+            config_path,
+        };
         self.read(move |conn| {
-            dbfile::create_private_file(&to).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => StorageError::Invalid(format!("{} already exists", to.display())),
-                _ => StorageError::Backend(format!("creating {}: {e}", to.display())),
-            })?;
-            conn.backup(rusqlite::MAIN_DB, &to, None)?;
-            let copy = Connection::open(&to)?;
-            adb::meta_set(&copy, "restored_copy", "1")?;
-            Ok(())
+            shelfsync_node::backup::write(conn, &to, &manifest, &files, |copy| {
+                adb::meta_set(copy, "restored_copy", "1").map_err(|e| e.to_string())
+            })
+            .map_err(|e| match e {
+                shelfsync_node::backup::BackupError::Exists(_) => StorageError::Invalid(e.to_string()),
+                other => StorageError::Backend(other.to_string()),
+            })
         })
         .await
     }

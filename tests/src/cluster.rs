@@ -46,6 +46,8 @@ pub struct Cluster {
     pub agent_env: Vec<(String, String)>,
     /// Extra environment for the hub (config overrides).
     pub hub_env: Vec<(String, String)>,
+    /// The hub's data dir (`<dir>/hub`; a test that restores the hub elsewhere points it there).
+    pub hub_data_dir: PathBuf,
     http: reqwest::Client,
 }
 
@@ -79,6 +81,7 @@ impl Cluster {
             agents: (0..n).map(|_| None).collect(),
             agent_env,
             hub_env,
+            hub_data_dir: hub_dir.clone(),
             http: reqwest::Client::new(),
         };
         c.start_hub().await;
@@ -140,7 +143,7 @@ impl Cluster {
 
     /// The hub's data dir.
     pub fn hub_dir(&self) -> PathBuf {
-        self.dir.path().join("hub")
+        self.hub_data_dir.clone()
     }
 
     /// A store's data dir.

@@ -103,12 +103,20 @@ impl Bundle {
         Ok(b)
     }
 
+    /// The files of a bundle directory.
+    pub const FILES: [&'static str; 4] = ["ca.pem", "store.pem", "store.key", "bundle.toml"];
+
     /// Loads and checks a bundle directory.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
-        let read = |name: &str| {
+        Self::parse(dir, |name| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| BundleError::Io { path, source })
-        };
+        })
+    }
+
+    /// Checks a bundle whose files `read` gives by name ([`Bundle::FILES`]); `dir` names them in
+    /// errors (a backup's bundle is checked this way before anything is restored).
+    pub fn parse(dir: &Path, read: impl Fn(&str) -> Result<String, BundleError>) -> Result<Bundle, BundleError> {
         let invalid = |name: &str, message: String| BundleError::Invalid { path: dir.join(name), message };
         let manifest: Manifest =
             toml::from_str(&read("bundle.toml")?).map_err(|e| invalid("bundle.toml", e.to_string()))?;

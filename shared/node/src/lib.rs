@@ -13,13 +13,19 @@
 //!   set-up, the shutdown signal and the async `main` wrapper.
 //! - [`bundle`]: a store's credential bundle (the hub's admin writes it, the agent reads it);
 //!   [`catalog`] the automerge catalog documents both sides replicate.
+//! - [`backup`]: one-file backups of a data dir and restores into a new one; [`datadir`] where an
+//!   admin verb's data dir comes from (`--data-dir` or `--config`); [`clidocs`] shell completions
+//!   and man pages from a binary's clap command.
 //! - [`fatal`]: fail-stop when a process can no longer trust its state; [`now_ms`] the clock.
 
+pub mod backup;
 pub mod bundle;
 pub mod catalog;
 pub mod cli;
+pub mod clidocs;
 pub mod client;
 pub mod config;
+pub mod datadir;
 pub mod db;
 pub mod dbfile;
 pub mod fatal;
