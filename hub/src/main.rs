@@ -90,6 +90,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Conflicts of the running hub (through its HTTP API: the hub decides them).
+    Conflicts {
+        #[command(subcommand)]
+        cmd: ConflictsCmd,
+    },
     /// Print a shell completion script.
     #[command(hide = true)]
     Completions {
@@ -143,6 +148,76 @@ enum StoreCmd {
         max: u32,
         #[command(flatten)]
         dir: DataDirArgs,
+    },
+}
+
+/// Where the running hub is and how to talk to it.
+#[derive(clap::Args)]
+struct HubApiArgs {
+    /// The running hub's HTTP URL (default: http.listen of --config, else http://127.0.0.1:8080).
+    #[arg(long)]
+    url: Option<String>,
+    /// The hub config file, to find http.listen.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// An API token of the running hub (admin to resolve, any role to list).
+    #[arg(long, env = "SHELFSYNC_HUB_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl HubApiArgs {
+    fn base(&self) -> anyhow::Result<String> {
+        if let Some(u) = &self.url {
+            return Ok(u.trim_end_matches('/').to_owned());
+        }
+        let cfg = HubConfig::load(self.config.as_deref())?;
+        Ok(format!("http://{}", cfg.http.listen))
+    }
+
+    /// Calls the hub; the JSON answer, or the hub's error message.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base()?);
+        let mut req = reqwest::Client::new().request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.map_err(|e| anyhow::anyhow!("{url}: {e} (is the hub running? --url)"))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.map_err(|e| anyhow::anyhow!("{url}: answer is not JSON: {e}"))?;
+        if !status.is_success() {
+            anyhow::bail!("{url}: {status}: {}", v["message"].as_str().unwrap_or("(no message)"));
+        }
+        Ok(v)
+    }
+}
+
+#[derive(Subcommand)]
+enum ConflictsCmd {
+    /// List conflicts, newest first (all pages).
+    List {
+        /// Only open or only resolved ones.
+        #[arg(long, value_parser = ["open", "resolved"])]
+        status: Option<String>,
+        /// JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: HubApiArgs,
+    },
+    /// Resolve an open conflict with a note saying what was done.
+    Resolve {
+        /// The conflict id (`conflicts list` shows them).
+        id: String,
+        /// What head office did about it.
+        #[arg(long)]
+        note: String,
+        #[command(flatten)]
+        api: HubApiArgs,
     },
 }
 
@@ -305,6 +380,51 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { dir, url, token, json } => {
             let data_dir = data_dir(&dir)?;
             status(&data_dir, url, token, json).await?;
+        }
+        Cmd::Conflicts { cmd: ConflictsCmd::List { status, json, api } } => {
+            let mut items = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let mut q = vec!["limit=1000".to_owned()];
+                q.extend(status.as_ref().map(|s| format!("status={s}")));
+                q.extend(after.as_ref().map(|a| format!("after={a}")));
+                let page = api.call(reqwest::Method::GET, &format!("/v1/conflicts?{}", q.join("&")), None).await?;
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next"].as_str() {
+                    Some(n) => after = Some(n.to_owned()),
+                    None => break,
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                println!(
+                    "{:<36}  {:<17}  {:<8}  {:<12}  {:<12}  {:<24}  RESOLUTION",
+                    "ID", "KIND", "STATUS", "STORE", "SKU", "DETECTED"
+                );
+                for c in &items {
+                    let s = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
+                    println!(
+                        "{:<36}  {:<17}  {:<8}  {:<12}  {:<12}  {:<24}  {}",
+                        s("id"),
+                        s("kind"),
+                        s("status"),
+                        s("store"),
+                        s("sku"),
+                        s("detected_at"),
+                        s("resolution")
+                    );
+                }
+            }
+        }
+        Cmd::Conflicts { cmd: ConflictsCmd::Resolve { id, note, api } } => {
+            let path = format!("/v1/conflicts/{id}/resolve");
+            let c = api.call(reqwest::Method::POST, &path, Some(serde_json::json!({ "note": note }))).await?;
+            println!(
+                "conflict {} resolved: {}",
+                c["id"].as_str().unwrap_or(&id),
+                c["resolution"].as_str().unwrap_or("")
+            );
         }
         Cmd::Completions { shell } => {
             shelfsync_node::clidocs::completions(Cli::command(), shell, &mut std::io::stdout());

@@ -349,6 +349,23 @@ async fn an_admin_resolves_a_conflict_and_the_list_pages() {
     assert!(feed["items"].as_array().unwrap().iter().any(|e| e["kind"] == "conflict_resolved"), "{feed}");
     let open = c.hub_get("/v1/conflicts?status=open").await;
     assert_eq!(open["items"].as_array().unwrap().len(), open_before - 1, "{open}");
+    // The same from the command line, through the running hub.
+    let n3 = c.hub_get("/v1/conflicts?status=open&sku=N3").await["items"][0]["id"].as_str().unwrap().to_owned();
+    let url = c.hub_url();
+    let out = shelfsync_tests::procs::Proc::run_ok(
+        "shelfsync-hub",
+        &["conflicts", "resolve", &n3, "--note", "written off", "--url", &url, "--token", &c.admin_token],
+    )
+    .await;
+    assert!(out.contains("resolved: written off"), "{out}");
+    let out = shelfsync_tests::procs::Proc::run_ok(
+        "shelfsync-hub",
+        &["conflicts", "list", "--status", "open", "--json", "--url", &url, "--token", &c.admin_token],
+    )
+    .await;
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), open_before - 2, "{out}");
+    assert!(listed.as_array().unwrap().iter().all(|x| x["id"] != n3.as_str()));
 
     // Paging: one per page, newest first, `next` null on the last page.
     let all = c.hub_get("/v1/conflicts").await;
