@@ -68,6 +68,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(get_metrics))
         .route("/v1/conflicts", get(get_conflicts))
         .route("/v1/catalog", get(get_catalog_page))
+        .route("/v1/overview", get(get_overview))
         .route("/v1/catalog/{sku}", get(get_catalog_item))
         .route("/v1/changes", get(get_changes))
         .route("/v1/events", get(crate::feed::get_events))
@@ -359,6 +360,76 @@ async fn get_store_stock(
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverviewParams {
+    minutes: Option<u32>,
+}
+
+/// `GET /v1/overview`: the chain at a glance, for the dashboard (the decider's figures, with the
+/// live connections and the stores' acknowledgements the runtime keeps).
+async fn get_overview(
+    State(state): State<ApiState>,
+    ApiQuery(p): ApiQuery<OverviewParams>,
+) -> Result<Json<Value>, ApiError> {
+    let minutes = p.minutes.unwrap_or(30);
+    if minutes == 0 || minutes > shelfsync_hub_core::OVERVIEW_MINUTES_MAX {
+        return Err(ApiError::invalid(format!(
+            "minutes must be between 1 and {}, got {minutes}",
+            shelfsync_hub_core::OVERVIEW_MINUTES_MAX
+        ))
+        .with("parameter", "minutes"));
+    }
+    let infos = state.hub.storage.stores().await?;
+    let acked = infos.iter().map(|s| (s.id.clone(), s.writers.iter().map(|w| w.acked).max().unwrap_or(0))).collect();
+    let journal: HashMap<StoreId, u64> = infos.iter().map(|s| (s.id.clone(), s.journal_events)).collect();
+    let now = shelfsync_node::now_ms();
+    let o = state.hub.storage.overview(shelfsync_hub_core::OverviewQuery { minutes, acked }, now).await?;
+    let stores: Vec<Value> = o
+        .stores
+        .iter()
+        .map(|s| {
+            let connected = state.hub.live(&s.id).is_some();
+            json!({
+                "id": s.id,
+                "connected": connected,
+                "revoked": s.revoked,
+                "last_seen": s.last_seen_ms.map(rfc3339),
+                "silent_secs": if connected { 0 } else { s.silent_ms / 1000 },
+                "skus": s.skus,
+                "on_hand": s.on_hand,
+                "held": s.held,
+                "available": s.available,
+                "unseen_sales_estimate": s.unseen_sales_estimate,
+                "unsynced_hub_changes": s.unsynced_hub_changes,
+                "low_stock": s.low_stock,
+                "out_of_stock": s.out_of_stock,
+                "open_conflicts": s.open_conflicts,
+                "journal_events": journal.get(&s.id).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "at": rfc3339(now),
+        "feed_head": o.feed_head,
+        "skus": o.skus,
+        "stores": stores,
+        "reservations": o.reservations,
+        "open_conflicts": o.open_conflicts,
+        "low_stock": o.low_stock,
+        "out_of_stock": o.out_of_stock,
+        "series": {
+            "start": rfc3339(o.series.start_ms),
+            "start_ms": o.series.start_ms,
+            "bucket_secs": o.series.bucket_ms / 1000,
+            "buckets": o.series.buckets,
+            "sold": o.series.sold,
+            "reserved": o.series.reserved,
+            "truncated": o.series.truncated,
+        },
+    })))
 }
 
 /// The dashboard page (static; it asks for a token and calls the API with it).
@@ -664,16 +735,39 @@ fn catalog_error(e: StorageError) -> ApiError {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    /// Only entries whose SKU or name contains this (ignoring ASCII case).
+    q: Option<String>,
+}
+
+/// Longest catalog search text, in bytes.
+pub const CATALOG_SEARCH_MAX_LEN: usize = 128;
+
 async fn get_catalog_page(
     State(state): State<ApiState>,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<CatalogQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > STOCK_PAGE_MAX {
         return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
     }
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
-    let items = state.hub.storage.catalog_page(after, limit).await?;
+    let search = q.q.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let items = match search {
+        Some(text) if text.len() > CATALOG_SEARCH_MAX_LEN => {
+            return Err(ApiError::invalid(format!(
+                "q is {} bytes long; the limit is {CATALOG_SEARCH_MAX_LEN}",
+                text.len()
+            ))
+            .with("parameter", "q"))
+        }
+        Some(text) => state.hub.storage.catalog_search(text, after, limit).await?,
+        None => state.hub.storage.catalog_page(after, limit).await?,
+    };
     let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
     Ok(Json(json!({ "items": items, "next": next })))
 }
