@@ -32,6 +32,13 @@ async fn demo_tells_its_story_and_converges() {
             sink.lock().unwrap().push(l);
         }
     });
+    // Drained as it comes, so the demo never blocks on a full pipe.
+    let mut err = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut s).await;
+        s
+    });
     let deadline = Duration::from_secs(120);
     let (hub, token) = wait_until("the demo to print its URLs and viewer token", deadline, || async {
         let l = lines.lock().unwrap();
@@ -92,9 +99,8 @@ async fn demo_tells_its_story_and_converges() {
     assert_eq!(conflict["status"], "open", "a short pickup needs a person: {conflict}");
 
     let status = tokio::time::timeout(deadline, child.wait()).await.expect("demo finished").unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
     reader.await.unwrap();
+    let stderr = stderr.await.unwrap();
     let stdout = lines.lock().unwrap().join("\n");
     assert!(status.success(), "demo failed: {stderr}\n{stdout}");
     for milestone in ["[demo] 1/6 catalog", "[demo] 4/6 flash sale", "[demo] 5/6 store-003 went dark", "[demo] 6/6 oversell at store-003"] {

@@ -188,13 +188,14 @@ impl Decider {
         }
         let mut reservations = ReservationCounts::default();
         for r in t.reservations.values() {
-            *match r.status {
+            let slot = match r.status {
                 ReservationStatus::Held => &mut reservations.held,
                 ReservationStatus::Committed => &mut reservations.committed,
                 ReservationStatus::Fulfilled => &mut reservations.fulfilled,
                 ReservationStatus::Released => &mut reservations.released,
                 ReservationStatus::Expired => &mut reservations.expired,
-            } += 1;
+            };
+            *slot += 1;
         }
         let mut short = std::collections::HashSet::new();
         for a in t.allocations.values() {
