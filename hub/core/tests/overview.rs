@@ -51,7 +51,7 @@ fn the_chain_at_a_glance() {
 
     // Series: five whole minutes ending with the current one; sales where they happened.
     let sr = &o.series;
-    assert_eq!((sr.buckets, sr.bucket_ms, sr.start_ms), (5, 60_000, h.now - 4 * 60_000));
+    assert_eq!((sr.buckets, sr.bucket_ms, sr.start_ms), (5, 60_000, h.now - 1_000 - 4 * 60_000));
     assert_eq!(sr.sold[&s("a")], [0, 0, 2, 0, 3]);
     assert_eq!(sr.sold[&s("b")], [0, 0, 0, 0, 0], "a restock is no sale");
     assert_eq!(sr.reserved[&s("a")], [0, 0, 3, 0, 0]);
