@@ -71,7 +71,7 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     assert_eq!(sum(&o["series"]["reserved"]["store-0"]), 2, "two reserved online: {o}");
     assert_eq!(o["series"]["buckets"], 30);
     let (s, e) = c.hub_call(Method::GET, "/v1/overview?minutes=0", None).await;
-    assert_eq!((s, e["error"].as_str(), e["parameter"].as_str()), (422, Some("invalid"), Some("minutes")), "{e}");
+    assert_eq!((s, e["error"].as_str(), e["parameter"].as_str()), (422, Some("invalid_request"), Some("minutes")), "{e}");
     let pine = c.hub_get("/v1/catalog?q=pINe").await;
     assert_eq!(pine["items"].as_array().unwrap().len(), 1, "{pine}");
     assert_eq!(pine["items"][0]["name"], "Pine board");
