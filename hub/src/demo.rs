@@ -396,11 +396,12 @@ async fn scenario(hub_api: &ApiClient, agents: &mut [Agent], pace: Duration) -> 
     }
     wait_for("restocks to reach every store", Duration::from_secs(30), async || {
         let (a, h) = views(hub_api, &api).await?;
-        Ok(a == h
-            && a.iter().enumerate().all(|(i, row)| row.iter().zip(SKUS).all(|(v, sku)| *v == opening(i, sku))))
+        Ok(a == h && a.iter().enumerate().all(|(i, row)| row.iter().zip(SKUS).all(|(v, sku)| *v == opening(i, sku))))
     })
     .await?;
-    println!("[demo] 2/6 opening stock delivered: 40 of each product per store, rain jackets 8/8/20; the stores have them");
+    println!(
+        "[demo] 2/6 opening stock delivered: 40 of each product per store, rain jackets 8/8/20; the stores have them"
+    );
     tokio::time::sleep(pace).await;
 
     // 3. An ordinary morning at the tills (no jackets: they are kept for the flash sale).
@@ -419,7 +420,8 @@ async fn scenario(hub_api: &ApiClient, agents: &mut [Agent], pace: Duration) -> 
     for n in 1..=12 {
         let r = reserve(hub_api, 1, &format!("flash-{n:02}"), None).await?;
         for a in r["allocations"].as_array().into_iter().flatten() {
-            *sourced.entry(a["store"].as_str().unwrap_or("?").to_owned()).or_default() += a["qty"].as_u64().unwrap_or(0);
+            *sourced.entry(a["store"].as_str().unwrap_or("?").to_owned()).or_default() +=
+                a["qty"].as_u64().unwrap_or(0);
         }
         if n <= 8 {
             let id = r["id"].as_str().unwrap_or_default().to_owned();
@@ -476,8 +478,15 @@ async fn scenario(hub_api: &ApiClient, agents: &mut [Agent], pace: Duration) -> 
     .await?;
     println!(
         "[demo] 6/6 oversell at {}: {} jackets promised that were not there; reconciled: {} (conflict {}, {})",
-        STORES[offline], conflict["shortfall"], conflict["resolution"].as_str().unwrap_or(""), conflict["id"].as_str().unwrap_or(""),
-        if conflict["status"] == "open" { "open: the short pickup needs a person, see the dashboard" } else { "resolved" }
+        STORES[offline],
+        conflict["shortfall"],
+        conflict["resolution"].as_str().unwrap_or(""),
+        conflict["id"].as_str().unwrap_or(""),
+        if conflict["status"] == "open" {
+            "open: the short pickup needs a person, see the dashboard"
+        } else {
+            "resolved"
+        }
     );
     let (a, _) = views(hub_api, &api).await?;
     println!("[demo] {} is back; the hub converged to exactly the stores' counts: {:?}", STORES[offline], a);

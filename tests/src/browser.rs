@@ -71,7 +71,8 @@ impl Browser {
         // A free port: bind, learn it, release it; retried in the unlikely case another process
         // takes it in between.
         for attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
             let mut cmd = Command::new(&driver_bin);
             cmd.arg(format!("--port={port}"))
                 .arg("--allowed-ips=127.0.0.1")
@@ -150,14 +151,18 @@ impl Browser {
 
     /// Types `text` into the element matching `selector` (CSS) and presses nothing else.
     pub async fn type_into(&self, selector: &str, text: &str) {
-        let el = self.call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": selector}))).await;
+        let el = self
+            .call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": selector})))
+            .await;
         let id = el.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("element id").to_owned();
         self.call(reqwest::Method::POST, &format!("/element/{id}/value"), Some(json!({ "text": text }))).await;
     }
 
     /// Clicks the element matching `selector` (CSS).
     pub async fn click(&self, selector: &str) {
-        let el = self.call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": selector}))).await;
+        let el = self
+            .call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": selector})))
+            .await;
         let id = el.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("element id").to_owned();
         self.call(reqwest::Method::POST, &format!("/element/{id}/click"), Some(json!({}))).await;
     }

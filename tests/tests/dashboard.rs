@@ -31,7 +31,11 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     let viewer = v["token"].as_str().unwrap().to_owned();
     for (sku, name, threshold) in [("OAK-1", "Oak shelf", 5), ("PINE-2", "Pine board", 0)] {
         let (s, v) = c
-            .hub_call(Method::PUT, &format!("/v1/catalog/{sku}"), Some(json!({"name": name, "low_stock_threshold": threshold})))
+            .hub_call(
+                Method::PUT,
+                &format!("/v1/catalog/{sku}"),
+                Some(json!({"name": name, "low_stock_threshold": threshold})),
+            )
             .await;
         assert_eq!(s, 200, "{v}");
     }
@@ -40,7 +44,8 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     c.restock(0, "OAK-1", 2).await;
     c.restock(1, "PINE-2", 5).await;
     c.converged(&["OAK-1", "PINE-2"], DEADLINE).await;
-    let (s, r) = c.hub_post("/v1/reservations", json!({"id": Uuid::now_v7(), "lines": [{"sku": "OAK-1", "qty": 2}]})).await;
+    let (s, r) =
+        c.hub_post("/v1/reservations", json!({"id": Uuid::now_v7(), "lines": [{"sku": "OAK-1", "qty": 2}]})).await;
     assert_eq!(s, 201, "{r}");
     assert_eq!(c.sell(0, "OAK-1", 1).await, 201);
     wait_until("the oversell conflict", DEADLINE, || async {
@@ -71,7 +76,11 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     assert_eq!(sum(&o["series"]["reserved"]["store-0"]), 2, "two reserved online: {o}");
     assert_eq!(o["series"]["buckets"], 30);
     let (s, e) = c.hub_call(Method::GET, "/v1/overview?minutes=0", None).await;
-    assert_eq!((s, e["error"].as_str(), e["parameter"].as_str()), (422, Some("invalid_request"), Some("minutes")), "{e}");
+    assert_eq!(
+        (s, e["error"].as_str(), e["parameter"].as_str()),
+        (422, Some("invalid_request"), Some("minutes")),
+        "{e}"
+    );
     let pine = c.hub_get("/v1/catalog?q=pINe").await;
     assert_eq!(pine["items"].as_array().unwrap().len(), 1, "{pine}");
     assert_eq!(pine["items"][0]["name"], "Pine board");
@@ -90,7 +99,8 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     let url = b.eval("return location.href", vec![]).await;
     assert!(!url.as_str().unwrap().contains("token="), "the token leaves the address bar: {url}");
     page_text(&b, "#conflicts", "the open oversell on the page", &["oversell", "store-0", "OAK-1"]).await;
-    page_text(&b, "#tiles", "the glance tiles", &["Open conflicts", "Stores online", "1 / 2", "Reservations short"]).await;
+    page_text(&b, "#tiles", "the glance tiles", &["Open conflicts", "Stores online", "1 / 2", "Reservations short"])
+        .await;
     // The catalog with names, before anyone types anything; then the search narrows it.
     page_text(&b, "#stock", "the catalog listed", &["Oak shelf", "Pine board"]).await;
     b.type_into("#search", "pine").await;
@@ -99,16 +109,28 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
         (t.contains("Pine board") && !t.contains("Oak shelf")).then_some(())
     })
     .await;
-    let lines: u64 = b.eval("return document.querySelectorAll('#chart-sold polyline').length", vec![]).await.as_u64().unwrap();
+    let lines: u64 =
+        b.eval("return document.querySelectorAll('#chart-sold polyline').length", vec![]).await.as_u64().unwrap();
     assert_eq!(lines, 2, "one line per store in the sales chart");
 
     // The feed is live from now: a change made after the page loaded shows up, and nothing older.
     page_text(&b, "#live", "the feed to connect", &["live"]).await;
     c.restock(0, "PINE-2", 3).await;
-    page_text(&b, "#feed", "the restock on the live feed", &["availability_changed", "store-0", "PINE-2", "Pine board"]).await;
-    let cursors = b.eval("return [...document.querySelectorAll('#feed tr[data-cursor]')].map(e => +e.dataset.cursor)", vec![]).await;
+    page_text(
+        &b,
+        "#feed",
+        "the restock on the live feed",
+        &["availability_changed", "store-0", "PINE-2", "Pine board"],
+    )
+    .await;
+    let cursors = b
+        .eval("return [...document.querySelectorAll('#feed tr[data-cursor]')].map(e => +e.dataset.cursor)", vec![])
+        .await;
     let cursors: Vec<u64> = cursors.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    assert!(!cursors.is_empty() && cursors.iter().all(|c| *c > head_at_load), "only events after the page loaded: {cursors:?} vs head {head_at_load}");
+    assert!(
+        !cursors.is_empty() && cursors.iter().all(|c| *c > head_at_load),
+        "only events after the page loaded: {cursors:?} vs head {head_at_load}"
+    );
 
     let shots = tempfile::tempdir().unwrap();
     let mut dirs = vec![shots.path().to_owned()];
@@ -128,7 +150,8 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     b.goto(&format!("{}/?token=ss_not-a-real-token", c.hub_url())).await;
     let err = page_text(&b, "#error", "the refusal at the top", &["token was refused"]).await;
     assert!(err.contains("unknown token"), "{err}");
-    let login_shown = b.eval("return getComputedStyle(document.getElementById('login')).display !== 'none'", vec![]).await;
+    let login_shown =
+        b.eval("return getComputedStyle(document.getElementById('login')).display !== 'none'", vec![]).await;
     assert_eq!(login_shown, true);
     let app_shown = b.eval("return getComputedStyle(document.getElementById('app')).display !== 'none'", vec![]).await;
     assert_eq!(app_shown, false, "no data without a valid token");

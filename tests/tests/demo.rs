@@ -103,7 +103,12 @@ async fn demo_tells_its_story_and_converges() {
     let stderr = stderr.await.unwrap();
     let stdout = lines.lock().unwrap().join("\n");
     assert!(status.success(), "demo failed: {stderr}\n{stdout}");
-    for milestone in ["[demo] 1/6 catalog", "[demo] 4/6 flash sale", "[demo] 5/6 store-003 went dark", "[demo] 6/6 oversell at store-003"] {
+    for milestone in [
+        "[demo] 1/6 catalog",
+        "[demo] 4/6 flash sale",
+        "[demo] 5/6 store-003 went dark",
+        "[demo] 6/6 oversell at store-003",
+    ] {
         assert!(stdout.contains(milestone), "{milestone} missing:\n{stdout}");
     }
     assert!(stdout.contains("the hub converged to exactly the stores' counts"), "{stdout}");
