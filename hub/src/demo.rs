@@ -338,7 +338,7 @@ async fn trade(hub_api: ApiClient, stores: Vec<ApiClient>) {
                 }
             }
         }
-        if tick % 40 == 39 {
+        if tick % 120 == 119 {
             for s in STORES {
                 let lines: Vec<Value> = SKUS.iter().map(|sku| json!({"sku": sku, "qty": 8})).collect();
                 let body = json!({"id": Uuid::now_v7(), "store": s, "lines": lines, "reason": "weekly delivery"});
