@@ -84,6 +84,8 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     let pine = c.hub_get("/v1/catalog?q=pINe").await;
     assert_eq!(pine["items"].as_array().unwrap().len(), 1, "{pine}");
     assert_eq!(pine["items"][0]["name"], "Pine board");
+    let (s, e) = c.hub_call(Method::GET, &format!("/v1/catalog?q={}", "x".repeat(129)), None).await;
+    assert_eq!((s, e["parameter"].as_str()), (422, Some("q")), "{e}");
 
     // The page, in a browser.
     let b = Browser::start().await;
