@@ -25,6 +25,8 @@ async fn page_text(b: &Browser, selector: &str, what: &str, want: &[&str]) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
+    // First, so a machine without Chromium fails at once, saying what to install.
+    let b = Browser::start().await;
     let mut c = Cluster::start(2).await;
     let (s, v) = c.hub_post("/v1/tokens", json!({"role": "viewer", "name": "dashboard"})).await;
     assert_eq!(s, 201, "{v}");
@@ -87,8 +89,7 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     let (s, e) = c.hub_call(Method::GET, &format!("/v1/catalog?q={}", "x".repeat(129)), None).await;
     assert_eq!((s, e["parameter"].as_str()), (422, Some("q")), "{e}");
 
-    // The page, in a browser.
-    let b = Browser::start().await;
+    // The page, in the browser.
     let head_at_load = o["feed_head"].as_u64().unwrap();
     b.goto(&format!("{}/?token={viewer}", c.hub_url())).await;
     let stores = page_text(&b, "#stores", "both stores on the page", &["store-0", "store-1"]).await;
