@@ -17,6 +17,9 @@ pub const OVERVIEW_MINUTES_MAX: u32 = 180;
 
 const MINUTE_MS: i64 = 60_000;
 
+/// How far before the window the series look for a cell's previous figures.
+const LOOKBACK_MS: i64 = 3_600_000;
+
 /// What [`Decider::overview`] is asked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverviewQuery {
@@ -241,9 +244,13 @@ impl Decider {
         // of the same cell, so each cell waits for its previous event. Stop once every cell seen in
         // the window has found its previous event, or the retained feed ends.
         let mut waiting: HashMap<(&StoreId, &Sku), (i64, usize)> = HashMap::new();
+        let mut walked_all = true;
         for e in feed.iter().rev() {
             let in_window = bucket(e.at_ms);
-            if in_window.is_none() && e.at_ms < start_ms && waiting.is_empty() {
+            if e.at_ms < start_ms && (waiting.is_empty() || e.at_ms < start_ms - LOOKBACK_MS) {
+                // A cell quiet for longer than the look-back before the window: its first fall in
+                // the window is not counted (this read runs on the decider thread; keep it short).
+                walked_all = false;
                 break;
             }
             match (&e.kind, &e.data) {
@@ -273,7 +280,7 @@ impl Decider {
             }
         }
         // Cells whose first event lies in the window: from 0 when the feed is complete.
-        if complete {
+        if complete && walked_all {
             for ((store, _), (on_hand, b)) in waiting {
                 if on_hand < 0 {
                     if let Some(v) = sold.get_mut(store) {
