@@ -246,8 +246,7 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
     admin::init(&hub_dir).await?;
     let admin_token = admin::create_token(&hub_dir, Role::Admin).await?;
     let storefront_token = admin::create_token(&hub_dir, Role::Storefront).await?;
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = hub_dir.clone();
+    let mut cfg = HubConfig { data_dir: hub_dir.clone(), ..HubConfig::default() };
     cfg.quic.listen = "127.0.0.1:0".parse()?;
     cfg.http.listen = "127.0.0.1:0".parse()?;
     let hub = server::start(cfg).await?;
