@@ -71,6 +71,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_metrics))
         .routes(routes!(get_conflicts))
         .routes(routes!(get_catalog_page))
+        .routes(routes!(get_overview))
         .routes(routes!(get_catalog_item))
         .routes(routes!(get_changes))
         .routes(routes!(crate::feed::get_events))
@@ -431,6 +432,85 @@ static OPENAPI: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
 /// The hub API's OpenAPI document (as served at `/openapi.json`).
 pub fn openapi_json() -> Option<&'static Value> {
     OPENAPI.get()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverviewParams {
+    minutes: Option<u32>,
+}
+
+/// `GET /v1/overview`: the chain at a glance, for the dashboard (the decider's figures, with the
+/// live connections and the stores' acknowledgements the runtime keeps).
+#[utoipa::path(
+    get,
+    path = "/v1/overview",
+    tag = "viewer",
+    summary = "The chain at a glance (the dashboard's figures): stores, reservations, conflicts, stock alerts, units sold and reserved per minute",
+    params(("minutes" = Option<u32>, Query, description = "How far back the per-minute series goes (default 30)")),
+    responses((status = 200, description = "Figures", body = crate::openapi::Overview), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_overview(
+    State(state): State<ApiState>,
+    ApiQuery(p): ApiQuery<OverviewParams>,
+) -> Result<Json<Value>, ApiError> {
+    let minutes = p.minutes.unwrap_or(30);
+    if minutes == 0 || minutes > shelfsync_hub_core::OVERVIEW_MINUTES_MAX {
+        return Err(ApiError::invalid(format!(
+            "minutes must be between 1 and {}, got {minutes}",
+            shelfsync_hub_core::OVERVIEW_MINUTES_MAX
+        ))
+        .with("parameter", "minutes"));
+    }
+    let infos = state.hub.storage.stores().await?;
+    let acked = infos.iter().map(|s| (s.id.clone(), s.writers.iter().map(|w| w.acked).max().unwrap_or(0))).collect();
+    let journal: HashMap<StoreId, u64> = infos.iter().map(|s| (s.id.clone(), s.journal_events)).collect();
+    let now = shelfsync_node::now_ms();
+    let o = state.hub.storage.overview(shelfsync_hub_core::OverviewQuery { minutes, acked }, now).await?;
+    let stores: Vec<Value> = o
+        .stores
+        .iter()
+        .map(|s| {
+            let connected = state.hub.live(&s.id).is_some();
+            json!({
+                "id": s.id,
+                "connected": connected,
+                "revoked": s.revoked,
+                "last_seen": s.last_seen_ms.map(rfc3339),
+                "silent_secs": if connected { 0 } else { s.silent_ms / 1000 },
+                "skus": s.skus,
+                "on_hand": s.on_hand,
+                "held": s.held,
+                "available": s.available,
+                "unseen_sales_estimate": s.unseen_sales_estimate,
+                "unsynced_hub_changes": s.unsynced_hub_changes,
+                "low_stock": s.low_stock,
+                "out_of_stock": s.out_of_stock,
+                "open_conflicts": s.open_conflicts,
+                "journal_events": journal.get(&s.id).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "at": rfc3339(now),
+        "feed_head": o.feed_head,
+        "skus": o.skus,
+        "stores": stores,
+        "reservations": o.reservations,
+        "open_conflicts": o.open_conflicts,
+        "low_stock": o.low_stock,
+        "out_of_stock": o.out_of_stock,
+        "series": {
+            "start": rfc3339(o.series.start_ms),
+            "start_ms": o.series.start_ms,
+            "bucket_secs": o.series.bucket_ms / 1000,
+            "buckets": o.series.buckets,
+            "sold": o.series.sold,
+            "reserved": o.series.reserved,
+            "truncated": o.series.truncated,
+        },
+    })))
 }
 
 /// The dashboard page (static; it asks for a token and calls the API with it).
@@ -902,25 +982,48 @@ fn catalog_error(e: StorageError) -> ApiError {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    /// Only entries whose SKU or name contains this (ignoring ASCII case).
+    q: Option<String>,
+}
+
+/// Longest catalog search text, in bytes.
+pub const CATALOG_SEARCH_MAX_LEN: usize = 128;
+
 #[utoipa::path(
     get,
     path = "/v1/catalog",
     tag = "viewer",
     summary = "The catalog, a page by SKU",
-    params(("after" = Option<String>, Query, description = "The previous page's next"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    params(("after" = Option<String>, Query, description = "The previous page's next"), ("q" = Option<String>, Query, description = "Only entries whose SKU or name contains this (ASCII case ignored), at most 128 bytes"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
     responses((status = 200, description = "A page", body = crate::openapi::CatalogPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_catalog_page(
     State(state): State<ApiState>,
-    ApiQuery(q): ApiQuery<PageQuery>,
+    ApiQuery(q): ApiQuery<CatalogQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > STOCK_PAGE_MAX {
         return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
     }
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
-    let items = state.hub.storage.catalog_page(after, limit).await?;
+    let search = q.q.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let items = match search {
+        Some(text) if text.len() > CATALOG_SEARCH_MAX_LEN => {
+            return Err(ApiError::invalid(format!(
+                "q is {} bytes long; the limit is {CATALOG_SEARCH_MAX_LEN}",
+                text.len()
+            ))
+            .with("parameter", "q"))
+        }
+        Some(text) => state.hub.storage.catalog_search(text, after, limit).await?,
+        None => state.hub.storage.catalog_page(after, limit).await?,
+    };
     let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
     Ok(Json(json!({ "items": items, "next": next })))
 }

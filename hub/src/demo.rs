@@ -1,7 +1,10 @@
 //! `shelfsync-hub demo`: a hub and three stores over real QUIC on loopback, in a temp dir. The
 //! stores are real `shelfsync-agent` processes, set up and driven as a user would: `init --bundle`,
-//! `run --config`, then their HTTP API. Seeds stock, sells, takes one store offline (it keeps
-//! selling), brings it back, and checks that the hub converges to exactly what the stores recorded.
+//! `run --config`, then their HTTP API. The story, meant to be watched on the dashboard: a catalog
+//! with names, opening stock, everyday sales, an online flash sale of rain jackets, a store that
+//! goes dark and sells jackets promised online, its return with the oversell found and
+//! reconciled, and a check that the hub converged to exactly what the stores recorded; then the
+//! stores keep trading until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +25,15 @@ use crate::{admin, server};
 
 const STORES: [&str; 3] = ["store-001", "store-002", "store-003"];
 const SKUS: [&str; 4] = ["HSS-001", "HSS-002", "JKT-010", "MUG-100"];
+/// The catalog: SKU, name, low-stock threshold.
+const CATALOG: [(&str, &str, u64); 4] = [
+    ("HSS-001", "Hiking socks, merino (pair)", 10),
+    ("HSS-002", "Hiking socks, cotton (pair)", 10),
+    ("JKT-010", "Rain jacket, navy", 3),
+    ("MUG-100", "Enamel camp mug", 10),
+];
+/// The flash-sale SKU.
+const JACKET: &str = "JKT-010";
 const AGENT: &str = "shelfsync-agent";
 
 /// The agent binary beside this executable; under `cargo run`, built first if missing.
@@ -69,6 +81,8 @@ struct Agent {
     dir: PathBuf,
     child: Option<Child>,
     api: Option<ApiClient>,
+    /// The POS API port, chosen at the first start and kept, so the store's URL stays the same.
+    port: u16,
 }
 
 impl Agent {
@@ -87,7 +101,7 @@ impl Agent {
         if !out.status.success() {
             bail!("{AGENT} init failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(Agent { bin: bin.to_owned(), dir, child: None, api: None })
+        Ok(Agent { bin: bin.to_owned(), dir, child: None, api: None, port: 0 })
     }
 
     /// Writes `agent.toml` and runs `shelfsync-agent run --config agent.toml`; waits for its
@@ -96,7 +110,7 @@ impl Agent {
         let config = self.dir.join("agent.toml");
         let text = toml::to_string(&json!({
             "data_dir": self.dir,
-            "api": {"listen": "127.0.0.1:0"},
+            "api": {"listen": format!("127.0.0.1:{}", self.port)},
             "sync": {"enabled": sync, "backoff_ms_min": 100, "backoff_ms_max": 2000},
             "log": {"filter": "info"},
         }))?;
@@ -138,6 +152,9 @@ impl Agent {
         };
         // Keep draining stdout so the agent never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        if let Some(port) = url.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()) {
+            self.port = port;
+        }
         self.api = Some(ApiClient::new(url, None));
         self.child = Some(child);
         Ok(())
@@ -229,8 +246,7 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
     admin::init(&hub_dir).await?;
     let admin_token = admin::create_token(&hub_dir, Role::Admin).await?;
     let storefront_token = admin::create_token(&hub_dir, Role::Storefront).await?;
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = hub_dir.clone();
+    let mut cfg = HubConfig { data_dir: hub_dir.clone(), ..HubConfig::default() };
     cfg.quic.listen = "127.0.0.1:0".parse()?;
     cfg.http.listen = "127.0.0.1:0".parse()?;
     let hub = server::start(cfg).await?;
@@ -246,23 +262,28 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
         agents.push(agent);
     }
 
+    let viewer_token = admin::create_token(&hub_dir, Role::Viewer).await?;
+    let hub_url = hub.url();
     println!("Shelfsync demo — hub and {} stores on loopback, data in {}", STORES.len(), tmp.path().display());
-    println!("  hub API        {}", hub.url());
-    println!("  dashboard      {}/  (paste the admin token)", hub.url());
+    println!("  dashboard      {hub_url}/?token={viewer_token}");
+    println!("  viewer token   {viewer_token}  (paste it into the dashboard at {hub_url}/)");
+    println!("  hub API        {hub_url}");
     println!("  QUIC sync      {}", hub.quic_addr);
     for (s, a) in STORES.iter().zip(&agents) {
-        println!("  {s} POS API {}", a.api().base());
+        println!("  {s}      POS API {}   stock at the hub {hub_url}/v1/stores/{s}/stock", a.api().base());
     }
     println!("  store agents   {} processes of {} (logs: <data>/store-*/agent.log)", agents.len(), agent_bin.display());
     println!("  admin token    {admin_token}");
     println!("  storefront token {storefront_token}");
-    println!("try:  curl -H 'Authorization: Bearer {storefront_token}' {}/v1/availability/HSS-001", hub.url());
-    println!("      curl -H 'Authorization: Bearer {admin_token}' {}/v1/stores", hub.url());
+    println!("try:  curl -H 'Authorization: Bearer {storefront_token}' {hub_url}/v1/availability/{JACKET}");
+    println!("      curl -H 'Authorization: Bearer {admin_token}' {hub_url}/v1/overview");
     println!("      cargo run -q -p shelfsync-agent -- --agent {} sell HSS-001 1", agents[0].api().base());
+    // Watched by a person (until Ctrl-C): pause between the acts so the dashboard can show each.
+    let pace = if for_secs.is_none() { Duration::from_secs(6) } else { Duration::ZERO };
 
     let mut shutdown = std::pin::pin!(shutdown);
     let scenario = tokio::select! {
-        r = scenario(&hub_api, &mut agents) => Some(r),
+        r = scenario(&hub_api, &mut agents, pace) => Some(r),
         _ = &mut shutdown => None,
     };
     let result = match scenario {
@@ -271,15 +292,7 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
         Some(Ok(())) => {
             // Keep trading in the background until stopped.
             let trade_clients: Vec<ApiClient> = agents.iter().map(Agent::api).collect();
-            let trading = tokio::spawn(async move {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let i = rng.random_range(0..trade_clients.len());
-                    let sku = SKUS[rng.random_range(0..SKUS.len())];
-                    let _ = sell(&trade_clients[i], sku, 1).await;
-                }
-            });
+            let trading = tokio::spawn(trade(hub_api.clone(), trade_clients));
             match for_secs {
                 Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
                 None => {
@@ -305,50 +318,144 @@ pub async fn run(for_secs: Option<u64>, shutdown: impl std::future::Future<Outpu
     Ok(())
 }
 
-/// Restocks, sells, takes store-003 offline (it keeps selling) and brings it back; fails unless
-/// the hub converges to exactly the stores' counts.
-async fn scenario(hub_api: &ApiClient, agents: &mut [Agent]) -> anyhow::Result<()> {
+/// Keeps the chain busy until aborted: a sale at a random store every half second, an online
+/// reservation now and then (short leases, so some lapse), and a restock when a shelf runs low.
+async fn trade(hub_api: ApiClient, stores: Vec<ApiClient>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for tick in 0u64.. {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let i = rng.random_range(0..stores.len());
+        let sku = SKUS[rng.random_range(0..SKUS.len())];
+        let _ = sell(&stores[i], sku, 1).await;
+        if tick % 5 == 0 {
+            let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": SKUS[rng.random_range(0..SKUS.len())], "qty": 1}],
+                "ttl_secs": 90, "customer": format!("web-{}", rng.random_range(100..999))});
+            if let Ok((_, r)) = hub_api.post("/v1/reservations", &body).await {
+                if rng.random_range(0..3) == 0 {
+                    let id = r["id"].as_str().unwrap_or_default();
+                    let _ = hub_api.post(&format!("/v1/reservations/{id}/commit"), &json!({})).await;
+                }
+            }
+        }
+        if tick % 120 == 119 {
+            for s in STORES {
+                let lines: Vec<Value> = SKUS.iter().map(|sku| json!({"sku": sku, "qty": 8})).collect();
+                let body = json!({"id": Uuid::now_v7(), "store": s, "lines": lines, "reason": "weekly delivery"});
+                let _ = hub_api.post("/v1/restocks", &body).await;
+            }
+        }
+    }
+}
+
+async fn reserve(hub_api: &ApiClient, qty: u64, customer: &str, pickup: Option<&str>) -> anyhow::Result<Value> {
+    let (_, r) = hub_api
+        .post(
+            "/v1/reservations",
+            &json!({"id": Uuid::now_v7(), "lines": [{"sku": JACKET, "qty": qty}], "ttl_secs": 3600,
+                "customer": customer, "pickup_store": pickup}),
+        )
+        .await
+        .with_context(|| format!("reserving {qty} {JACKET} for {customer}"))?;
+    Ok(r)
+}
+
+/// The story (see the module docs); fails unless every act happens and the hub converges to
+/// exactly the stores' counts. `pace` is a pause between acts for a person watching.
+async fn scenario(hub_api: &ApiClient, agents: &mut [Agent], pace: Duration) -> anyhow::Result<()> {
     let clients = |agents: &[Agent]| -> Vec<ApiClient> { agents.iter().map(Agent::api).collect() };
     let mut api = clients(agents);
 
-    // Head office restocks every store; the restocks travel down to the stores.
-    for s in STORES {
-        let lines: Vec<Value> = SKUS.iter().map(|sku| json!({"sku": sku, "qty": 50})).collect();
+    // 1. The catalog, with names the dashboard shows.
+    for (sku, name, low) in CATALOG {
+        hub_api
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/catalog/{sku}"),
+                Some(&json!({"name": name, "low_stock_threshold": low, "max_per_customer": 4})),
+            )
+            .await
+            .with_context(|| format!("adding {sku} to the catalog"))?;
+    }
+    println!("[demo] 1/6 catalog: {}", CATALOG.map(|(sku, name, _)| format!("{sku} {name}")).join(", "));
+
+    // 2. Opening stock from head office; the restocks travel down to the stores. store-003 is the
+    //    flagship: it gets most of the jackets.
+    let opening = |store: usize, sku: &str| -> i64 {
+        match (store, sku) {
+            (2, JACKET) => 20,
+            (_, JACKET) => 8,
+            _ => 40,
+        }
+    };
+    for (i, s) in STORES.iter().enumerate() {
+        let lines: Vec<Value> = SKUS.iter().map(|sku| json!({"sku": sku, "qty": opening(i, sku)})).collect();
         hub_api
             .post("/v1/restocks", &json!({"id": Uuid::now_v7(), "store": s, "lines": lines, "reason": "opening stock"}))
             .await?;
     }
     wait_for("restocks to reach every store", Duration::from_secs(30), async || {
         let (a, h) = views(hub_api, &api).await?;
-        Ok(a == h && a.iter().all(|row| row.iter().all(|v| *v == 50)))
+        Ok(a == h && a.iter().enumerate().all(|(i, row)| row.iter().zip(SKUS).all(|(v, sku)| *v == opening(i, sku))))
     })
     .await?;
-    println!("[demo] restocked 50 of each SKU at every store; the stores have them");
+    println!(
+        "[demo] 2/6 opening stock delivered: 40 of each product per store, rain jackets 8/8/20; the stores have them"
+    );
+    tokio::time::sleep(pace).await;
 
+    // 3. An ordinary morning at the tills (no jackets: they are kept for the flash sale).
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut sold = 0u64;
+    let everyday: Vec<&str> = SKUS.iter().copied().filter(|s| *s != JACKET).collect();
     for _ in 0..60 {
         let i = rng.random_range(0..STORES.len());
-        sell(&api[i], SKUS[rng.random_range(0..SKUS.len())], rng.random_range(1..=2)).await?;
-        sold += 1;
+        sell(&api[i], everyday[rng.random_range(0..everyday.len())], rng.random_range(1..=2)).await?;
     }
-    println!("[demo] {sold} sales recorded at the stores");
+    println!("[demo] 3/6 60 sales at the tills");
+    tokio::time::sleep(pace).await;
 
-    // store-003 loses its link to headquarters but keeps selling: its agent process stops and
-    // comes back with sync switched off in its config.
+    // 4. The flash sale online: twelve shoppers reserve a jacket each (sourced from the store
+    //    with the most, store-003), eight pay at once, and one more wants two to collect there.
+    let mut sourced = std::collections::BTreeMap::<String, u64>::new();
+    for n in 1..=12 {
+        let r = reserve(hub_api, 1, &format!("flash-{n:02}"), None).await?;
+        for a in r["allocations"].as_array().into_iter().flatten() {
+            *sourced.entry(a["store"].as_str().unwrap_or("?").to_owned()).or_default() +=
+                a["qty"].as_u64().unwrap_or(0);
+        }
+        if n <= 8 {
+            let id = r["id"].as_str().unwrap_or_default().to_owned();
+            hub_api.post(&format!("/v1/reservations/{id}/commit"), &json!({})).await?;
+        }
+    }
+    reserve(hub_api, 2, "pickup-anna", Some(STORES[2])).await?;
+    println!(
+        "[demo] 4/6 flash sale: 12 jackets reserved online (8 paid), sourced from {sourced:?}; 2 more reserved for pickup at {}",
+        STORES[2]
+    );
+    tokio::time::sleep(pace).await;
+
+    // 5. store-003 loses its link to headquarters but keeps selling: its agent process stops and
+    //    comes back with sync switched off. At the till it sells ten jackets, more than it has
+    //    left that were not promised online.
     let offline = 2;
     agents[offline].stop().await?;
     agents[offline].start(false).await?;
     api = clients(agents);
-    for _ in 0..40 {
-        sell(&api[offline], SKUS[rng.random_range(0..SKUS.len())], 1).await?;
+    for _ in 0..10 {
+        sell(&api[offline], JACKET, 1).await?;
+    }
+    for _ in 0..20 {
+        sell(&api[offline], everyday[rng.random_range(0..everyday.len())], 1).await?;
     }
     let (a, h) = views(hub_api, &api).await?;
     println!(
-        "[demo] {} is offline and sold 40 more; the hub still sees {:?}, the store {:?}",
+        "[demo] 5/6 {} went dark and sold 10 jackets and 20 other items at the till; the hub still sees {:?}, the store has {:?}",
         STORES[offline], h[offline], a[offline]
     );
+    tokio::time::sleep(pace * 2).await;
 
+    // 6. It comes back: the hub finds the oversell, re-sources what it can to other stores and
+    //    marks the rest short for a person to sort out.
     agents[offline].stop().await?;
     agents[offline].start(true).await?;
     api = clients(agents);
@@ -358,6 +465,28 @@ async fn scenario(hub_api: &ApiClient, agents: &mut [Agent]) -> anyhow::Result<(
     })
     .await
     .context("the hub did not converge")?;
+    let mut conflict = Value::Null;
+    wait_for("the oversell conflict", Duration::from_secs(30), async || {
+        let v = hub_api.get(&format!("/v1/conflicts?store={}&sku={JACKET}", STORES[offline])).await?;
+        if let Some(c) = v["items"].as_array().into_iter().flatten().find(|c| c["kind"] == "oversell") {
+            conflict = c.clone();
+            return Ok(true);
+        }
+        Ok(false)
+    })
+    .await?;
+    println!(
+        "[demo] 6/6 oversell at {}: {} jackets promised that were not there; reconciled: {} (conflict {}, {})",
+        STORES[offline],
+        conflict["shortfall"],
+        conflict["resolution"].as_str().unwrap_or(""),
+        conflict["id"].as_str().unwrap_or(""),
+        if conflict["status"] == "open" {
+            "open: the short pickup needs a person, see the dashboard"
+        } else {
+            "resolved"
+        }
+    );
     let (a, _) = views(hub_api, &api).await?;
     println!("[demo] {} is back; the hub converged to exactly the stores' counts: {:?}", STORES[offline], a);
     Ok(())

@@ -840,6 +840,20 @@ impl Engine {
         self.db.catalog_page(after, limit).await
     }
 
+    /// A page of the catalog entries whose SKU or name contains `q`.
+    pub async fn catalog_search(&self, q: String, after: Option<Sku>, limit: usize) -> StorageResult<Vec<CatalogView>> {
+        self.db.catalog_search(q, after, limit).await
+    }
+
+    /// The chain at a glance (the dashboard's figures), as of `now_ms`.
+    pub async fn overview(
+        &self,
+        q: shelfsync_hub_core::OverviewQuery,
+        now_ms: i64,
+    ) -> StorageResult<shelfsync_hub_core::Overview> {
+        self.run(move |st, _| st.d.overview(&q, now_ms)).await
+    }
+
     /// Journal events held (of one store, or all).
     pub async fn journal_count(&self, store: Option<StoreId>) -> StorageResult<u64> {
         self.db.journal_count(store).await

@@ -311,3 +311,70 @@ pub struct TokenList {
 pub struct Health {
     pub status: String,
 }
+
+/// One store at a glance.
+#[derive(Serialize, ToSchema)]
+pub struct OverviewStore {
+    pub id: String,
+    pub connected: bool,
+    pub revoked: bool,
+    pub last_seen: Option<String>,
+    /// Seconds since its last data while it is offline (0 while connected).
+    pub silent_secs: i64,
+    pub skus: u64,
+    pub on_hand: i64,
+    pub held: u64,
+    pub available: u64,
+    /// Sales it probably made that the hub has not seen (velocity × silence).
+    pub unseen_sales_estimate: u64,
+    /// Restocks and transfers it has not confirmed yet.
+    pub unsynced_hub_changes: u64,
+    pub low_stock: u64,
+    pub out_of_stock: u64,
+    pub open_conflicts: u64,
+    pub journal_events: u64,
+}
+
+/// Reservations by status.
+#[derive(Serialize, ToSchema)]
+pub struct ReservationCounts {
+    pub held: u64,
+    pub committed: u64,
+    pub fulfilled: u64,
+    pub released: u64,
+    pub expired: u64,
+    /// Open reservations with a line marked short.
+    pub short: u64,
+    pub units_held: u64,
+    pub units_short: u64,
+}
+
+/// Units sold and reserved per minute, per store.
+#[derive(Serialize, ToSchema)]
+pub struct Series {
+    pub start: String,
+    pub start_ms: i64,
+    pub bucket_secs: i64,
+    pub buckets: u32,
+    /// Per store id, one count per bucket.
+    pub sold: std::collections::BTreeMap<String, Vec<u64>>,
+    pub reserved: std::collections::BTreeMap<String, Vec<u64>>,
+    /// Whether the decider's in-memory feed did not reach back to `start`.
+    pub truncated: bool,
+}
+
+/// `GET /v1/overview`.
+#[derive(Serialize, ToSchema)]
+pub struct Overview {
+    pub at: String,
+    /// Open `/v1/events?after=feed_head` to follow from now.
+    pub feed_head: u64,
+    pub skus: u64,
+    pub stores: Vec<OverviewStore>,
+    pub reservations: ReservationCounts,
+    /// Open conflicts by kind.
+    pub open_conflicts: std::collections::BTreeMap<String, u64>,
+    pub low_stock: u64,
+    pub out_of_stock: u64,
+    pub series: Series,
+}

@@ -695,6 +695,11 @@ impl SqliteStorage {
         self.read(move |conn| Ok(catalog::page(conn, after.as_ref(), limit)?)).await
     }
 
+    /// A page of the catalog entries whose SKU or name contains `q`.
+    pub async fn catalog_search(&self, q: String, after: Option<Sku>, limit: usize) -> StorageResult<Vec<CatalogView>> {
+        self.read(move |conn| Ok(catalog::search(conn, &q, after.as_ref(), limit)?)).await
+    }
+
     /// A webhook's delivery cursor.
     pub async fn webhook_cursor(&self, url: String) -> StorageResult<Option<u64>> {
         self.read(move |conn| {

@@ -95,6 +95,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         ("post", "/v1/conflicts/{id}/resolve"),
         ("get", "/v1/changes"),
         ("get", "/v1/events"),
+        ("get", "/v1/overview"),
         ("get", "/metrics"),
         ("get", "/openapi.json"),
         ("get", "/healthz"),
@@ -193,7 +194,9 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&sku=NONE", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/stores", "/v1/stores", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/stores/{id}/stock", "/v1/stores/store-0/stock?limit=1", None).await.0, 200);
-    assert_eq!(hub.call(Method::GET, "/v1/catalog", "/v1/catalog", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/catalog", "/v1/catalog?q=mug", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=5", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=0", None).await.0, 422);
     assert_eq!(hub.call(Method::GET, "/v1/catalog/{sku}", "/v1/catalog/DOC-1", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/changes", "/v1/changes?limit=50", None).await.0, 200);
     // A conflict to list and resolve: a sale below zero.

@@ -47,6 +47,7 @@ mod ids;
 mod lifecycle;
 mod merge;
 mod model;
+mod overview;
 mod reconcile;
 mod records;
 mod snapshot;
@@ -74,6 +75,7 @@ pub use model::{
     ConflictKind, ConflictStatus, HubChangeKind, HubChangeResponse, HubRequest, Overrides, QtyLine, Reservation,
     ReservationStatus, Velocity,
 };
+pub use overview::{Overview, OverviewQuery, ReservationCounts, Series, StoreSummary, OVERVIEW_MINUTES_MAX};
 pub use records::{EntryRecord, LoadError, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;

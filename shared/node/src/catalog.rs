@@ -613,6 +613,21 @@ pub fn page(conn: &Connection, after: Option<&Sku>, limit: usize) -> Result<Vec<
         .collect()
 }
 
+/// A page of the entries whose SKU or name contains `q` (ignoring ASCII case), in SKU order.
+pub fn search(conn: &Connection, q: &str, after: Option<&Sku>, limit: usize) -> Result<Vec<CatalogView>, DbError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ITEM_COLUMNS} FROM catalog_items WHERE sku > ?1
+           AND (instr(lower(sku), lower(?3)) > 0 OR instr(lower(name), lower(?3)) > 0)
+         ORDER BY sku LIMIT ?2"
+    ))?;
+    let rows = stmt
+        .query_map(params![after.map(|s| s.as_str()).unwrap_or(""), limit as i64, q], row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|r| item_from_row(r).map(|(sku, item)| CatalogView { sku, item, overrides: None, effective: None }))
+        .collect()
+}
+
 /// A store's materialised overrides of one SKU.
 pub fn store_overrides(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Overrides, DbError> {
     Ok(conn

@@ -351,7 +351,8 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
             _ => json(Method::DELETE, &format!("/v1/tokens/{seg}")),
         },
         _ => {
-            let paths = ["/v1/availability/", "/v1/reservations/", "/v1/catalog/", "/v1/stores", "/v1/tokens"];
+            let paths =
+                ["/v1/availability/", "/v1/reservations/", "/v1/catalog/", "/v1/stores", "/v1/tokens", "/v1/overview"];
             let p = paths[(pick as usize >> 4) % paths.len()];
             build(Method::GET, &format!("{p}{}", if p.ends_with('/') { seg } else { "" }), flags, auth, &[], true)
         }
