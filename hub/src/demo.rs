@@ -482,7 +482,7 @@ async fn scenario(hub_api: &ApiClient, agents: &mut [Agent], pace: Duration) -> 
         conflict["resolution"].as_str().unwrap_or(""),
         conflict["id"].as_str().unwrap_or(""),
         if conflict["status"] == "open" {
-            "open: the short pickup needs a person, see the dashboard"
+            "open: the short pickup needs a person; resolve it on the dashboard with the admin token, or it settles itself once the pickup is released"
         } else {
             "resolved"
         }

@@ -166,4 +166,20 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     b.click("#login button").await;
     page_text(&b, "#stores", "the stores after signing in", &["store-0", "store-1"]).await;
     assert_eq!(b.text("#error").await, "", "the error is gone once signed in");
+
+    // Resolving a conflict from the page: a viewer token is told it needs an admin one; with an
+    // admin token the note becomes the resolution and the row goes away.
+    page_text(&b, "#conflicts", "the oversell for the viewer", &["oversell"]).await;
+    b.type_into("#conflicts tr[data-kind='oversell'] input.note", "refunded the customer").await;
+    b.click("#conflicts tr[data-kind='oversell'] button").await;
+    page_text(&b, "#conflicts", "the refusal for a viewer", &["needs an admin token"]).await;
+    b.eval("sessionStorage.clear()", vec![]).await;
+    b.goto(&format!("{}/?token={}", c.hub_url(), c.admin_token)).await;
+    page_text(&b, "#conflicts", "the oversell for the admin", &["oversell"]).await;
+    b.type_into("#conflicts tr[data-kind='oversell'] input.note", "refunded the customer").await;
+    b.click("#conflicts tr[data-kind='oversell'] button").await;
+    page_text(&b, "#conflicts", "no open conflict left", &["no open conflicts"]).await;
+    let v = c.hub_get("/v1/conflicts?status=resolved").await;
+    let resolved = v["items"].as_array().unwrap().iter().find(|x| x["kind"] == "oversell").cloned().unwrap();
+    assert_eq!(resolved["resolution"], "refunded the customer (resolved by unnamed)", "{v}");
 }
