@@ -39,6 +39,8 @@ pub struct AppState {
     pub catalog: Arc<crate::catalog::AgentCatalog>,
     /// Host check, rate limits and the edge's counters.
     pub guard: Arc<crate::guard::Guard>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// The router, apart from `main` so tests can drive it.
@@ -59,7 +61,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let metrics = Router::new()
         .route("/metrics", get(get_metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let app = Router::new()
         .nest("/v1", v1)
         .merge(metrics)
         .route("/healthz", get(shelfsync_node::http::healthz))
@@ -69,12 +71,16 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(middleware::from_fn_with_state(state.guard.clone(), crate::guard::check))
         // Outermost, so the guard's 403/429 and anything axum makes leave as JSON too.
         .layer(middleware::from_fn(shelfsync_node::http::json_errors))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.metrics.http.clone(), shelfsync_node::observe::track_http));
+    shelfsync_node::observe::with_request_log(app).with_state(state)
 }
 
-/// `GET /metrics`: the HTTP edge's counters in the Prometheus text format.
-async fn get_metrics(State(state): State<AppState>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], state.guard.stats.render("shelfsync_agent_http_")).into_response()
+/// `GET /metrics`: changes recorded, commit latency, sync state, what is unsynced, the HTTP edge
+/// and the process, in the Prometheus text format.
+async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let ledger = ledger::status(&state.db).await?;
+    let sync = state.sync.borrow().clone();
+    Ok(crate::metrics::render(&state.metrics, ledger, sync))
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -259,7 +265,14 @@ fn lines(body: &LinesBody) -> Result<Vec<Line>, ApiError> {
 }
 
 async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiError> {
+    let (kind, sold) = match &req.change {
+        Change::Sale { lines } => ("sale", lines.iter().map(|l| l.qty).sum()),
+        Change::Return { .. } => ("return", 0),
+        Change::Adjustment { .. } => ("adjustment", 0),
+        Change::Count { .. } => ("count", 0),
+    };
     let (outcome, response) = ledger::record(&state.db, req).await?;
+    state.metrics.change(kind, outcome == Outcome::Created, sold);
     let status = match outcome {
         Outcome::Created => StatusCode::CREATED,
         Outcome::Replayed => StatusCode::OK,

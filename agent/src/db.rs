@@ -218,6 +218,11 @@ impl Db {
     }
 
     /// Who this database is now.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.threads.commit_seconds.clone()
+    }
+
+    /// The writer's identity.
     pub fn identity(&self) -> Identity {
         self.inner.identity.get()
     }

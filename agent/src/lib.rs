@@ -19,6 +19,7 @@ pub mod guard;
 pub mod holds;
 pub mod ledger;
 pub mod lineage;
+pub mod metrics;
 pub mod replica;
 pub mod server;
 pub mod status;

@@ -86,7 +86,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/v1/tokens", get(get_tokens).post(post_token))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
-    Router::new()
+    let app = Router::new()
         .merge(viewer)
         .merge(storefront)
         .merge(admin)
@@ -98,7 +98,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .layer(middleware::from_fn_with_state(state.limiter.clone(), crate::edge::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(middleware::from_fn(shelfsync_node::http::json_errors))
-        .with_state(state)
+        // Outside the JSON errors, so what is timed and logged is what the client got.
+        .layer(middleware::from_fn_with_state(state.hub.metrics.http.clone(), shelfsync_node::observe::track_http));
+    shelfsync_node::observe::with_request_log(app).with_state(state)
 }
 
 async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
@@ -115,7 +117,10 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
     };
     match state.hub.authenticate(token).await {
-        Ok(Verdict::Valid(t)) if t.role >= min => next.run(req).await,
+        Ok(Verdict::Valid(t)) if t.role >= min => {
+            shelfsync_node::observe::record_token_name(&t.name);
+            next.run(req).await
+        }
         Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
             "this endpoint needs the {} role; the token has {}",
             min.as_str(),
@@ -366,9 +371,23 @@ async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }
 
-async fn get_metrics(State(state): State<ApiState>) -> Response {
-    let text = state.hub.metrics.render() + &state.edge.render("shelfsync_hub_http_");
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+async fn get_metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let (stores, unacked, conflicts_open) = state.hub.storage.metrics_snapshot().await?;
+    let now_ms = shelfsync_node::now_ms();
+    let stores = stores
+        .iter()
+        .zip(unacked)
+        .map(|(s, unacked_entries)| crate::metrics::StoreGauge {
+            store: s.id.to_string(),
+            connected: state.hub.live(&s.id).is_some(),
+            last_seen_age_secs: s.last_seen_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0),
+            unacked_entries,
+            revoked: s.revoked_at_ms.is_some(),
+        })
+        .collect();
+    let feed_head = *state.hub.storage.change_head().borrow();
+    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head };
+    Ok(crate::metrics::render(&state.hub.metrics, snapshot))
 }
 
 #[derive(Deserialize)]
@@ -512,7 +531,7 @@ async fn post_reservation(
         }
     }
     let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
-    let w = state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await?;
+    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())
@@ -547,9 +566,30 @@ async fn act(
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     let key = idempotency_key(headers)?;
-    let w = state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await?;
+    let name = match action {
+        shelfsync_hub_core::Action::Extend { .. } => "extend",
+        shelfsync_hub_core::Action::Commit => "commit",
+        shelfsync_hub_core::Action::Release => "release",
+    };
+    let w = counted(state, name, state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await)?;
     state.hub.holds_changed(&w.stores);
     Ok(Json(w.view.to_json()).into_response())
+}
+
+/// Counts a reservation call in `shelfsync_hub_reservations_total{action, outcome}`: `ok` or the
+/// error code it is answered with (`insufficient_stock`, `not_found`, ...).
+fn counted<T>(state: &ApiState, action: &'static str, r: Result<T, StorageError>) -> Result<T, ApiError> {
+    match r {
+        Ok(v) => {
+            state.hub.metrics.reservation(action, "ok");
+            Ok(v)
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            state.hub.metrics.reservation(action, e.code);
+            Err(e)
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -831,6 +831,43 @@ impl Engine {
         self.db.backup(to).await
     }
 
+    /// What `/metrics` shows of the decider's state, in one read: every store (with its
+    /// watermarks) and, per store, the hub entries its current writer has not acked (at most
+    /// [`crate::metrics::UNACKED_COUNT_MAX`]); open conflicts per kind; the feed head.
+    pub async fn metrics_snapshot(&self) -> StorageResult<(Vec<StoreInfo>, Vec<u64>, Vec<(&'static str, u64)>)> {
+        let stores = self.stores().await?;
+        let marks: Vec<(StoreId, Option<WriterId>, u64)> = stores
+            .iter()
+            .map(|s| match s.writers.iter().max_by_key(|w| w.last_seen_ms) {
+                Some(w) => (s.id.clone(), Some(w.writer.clone()), w.acked),
+                None => (s.id.clone(), None, 0),
+            })
+            .collect();
+        let (unacked, conflicts) = self
+            .run(move |st, _| {
+                let unacked = marks
+                    .iter()
+                    .map(|(store, writer, acked)| {
+                        let page =
+                            st.d.entries_since(store, *acked, writer.as_ref(), crate::metrics::UNACKED_COUNT_MAX);
+                        page.entries.len() as u64
+                    })
+                    .collect::<Vec<_>>();
+                let open = st.d.conflicts(&ConflictFilter {
+                    status: Some(shelfsync_hub_core::ConflictStatus::Open),
+                    limit: usize::MAX,
+                    ..ConflictFilter::default()
+                });
+                let conflicts = shelfsync_hub_core::ConflictKind::ALL
+                    .iter()
+                    .map(|k| (k.as_str(), open.iter().filter(|c| c.kind == *k).count() as u64))
+                    .collect::<Vec<_>>();
+                (unacked, conflicts)
+            })
+            .await?;
+        Ok((stores, unacked, conflicts))
+    }
+
     /// Stock of some SKUs at every store that has them.
     pub async fn stock_of(&self, skus: Vec<Sku>) -> StorageResult<Vec<StoreStock>> {
         self.run(move |st, _| {

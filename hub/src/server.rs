@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shelfsync_node::config::ConfigError;
-use shelfsync_node::http::EdgeStats;
 use shelfsync_node::ratelimit::{Limiter, TokenKeys};
 use shelfsync_shared::sync::SyncConfig;
 use tokio::sync::oneshot;
@@ -125,7 +124,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     for w in &config.webhooks {
         tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
     }
-    let edge = Arc::new(EdgeStats::default());
+    let edge = hub.metrics.edge.clone();
     let limits = &config.http.rate_limit;
     let limiter = Limiter::new(limits.enabled, &limits.classes(), TokenKeys::Any, edge.clone());
     let app = router(
