@@ -273,6 +273,8 @@ async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiErr
     };
     let (outcome, response) = ledger::record(&state.db, req).await?;
     state.metrics.change(kind, outcome == Outcome::Created, sold);
+    // Every POS call: DEBUG, so a busy store's INFO log stays readable.
+    tracing::debug!(kind, created = outcome == Outcome::Created, "change recorded");
     let status = match outcome {
         Outcome::Created => StatusCode::CREATED,
         Outcome::Replayed => StatusCode::OK,

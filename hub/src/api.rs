@@ -457,6 +457,7 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
     let outcome = state.hub.storage.hub_change(req, shelfsync_node::now_ms()).await?;
     state.hub.holds_changed(&outcome.holds_changed);
+    tracing::debug!(created = outcome.created, lines = outcome.response.lines.len(), "hub change recorded");
     if outcome.created {
         Metrics::inc(&state.hub.metrics.hub_changes_total);
         state.hub.notify(&outcome.stores, outcome.heads);
@@ -581,11 +582,13 @@ async fn act(
 fn counted<T>(state: &ApiState, action: &'static str, r: Result<T, StorageError>) -> Result<T, ApiError> {
     match r {
         Ok(v) => {
+            tracing::debug!(action, "reservation call done");
             state.hub.metrics.reservation(action, "ok");
             Ok(v)
         }
         Err(e) => {
             let e = ApiError::from(e);
+            tracing::debug!(action, outcome = e.code, "reservation call refused");
             state.hub.metrics.reservation(action, e.code);
             Err(e)
         }

@@ -186,6 +186,18 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
                 _ => tracing::warn!(peer, error = %e, "sync session ended with an error"),
             }
         }
+        // The agent stopped normally (its close code is `normal`): no error, nothing to count.
+        Err(DriveError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+            if c.error_code.into_inner() == u64::from(close_code::NORMAL) =>
+        {
+            tracing::info!(peer, reason = %String::from_utf8_lossy(&c.reason), "sync connection closed by the store")
+        }
+        // A stream the agent reset with the normal code as it stopped is the same ordinary end.
+        Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Read(quinn::ReadError::Reset(code))))
+            if code.into_inner() == u64::from(close_code::NORMAL) =>
+        {
+            tracing::info!(peer, "sync connection closed by the store")
+        }
         Err(DriveError::Io(e)) => {
             Metrics::inc(&hub.metrics.connections_protocol_errors_total);
             tracing::warn!(peer, error = %e, "sync stream error");

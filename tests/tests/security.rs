@@ -123,7 +123,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     let rogue = Proc::start(
         "shelfsync-agent",
         &["run", "--data-dir", rogue_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-        &[("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "300")],
+        &[("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "300"), ("SHELFSYNC_AGENT__SYNC__REFUSED_RETRY_MS", "300")],
     )
     .await;
     let http = reqwest::Client::new();
