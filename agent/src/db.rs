@@ -217,12 +217,12 @@ impl Db {
         Ok(Db { inner: Arc::new(Inner { threads, identity, heads: heads_rx, path: path.to_owned() }) })
     }
 
-    /// Who this database is now.
+    /// How long each group commit took (for `/metrics`).
     pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
         self.inner.threads.commit_seconds.clone()
     }
 
-    /// The writer's identity.
+    /// Who this database is now.
     pub fn identity(&self) -> Identity {
         self.inner.identity.get()
     }
