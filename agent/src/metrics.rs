@@ -89,7 +89,7 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Own journal events the hub has not acked yet",
             l.unsynced_events as f64,
         )?;
-        observe::const_gauge(&mut encoder, "counter_head", "Local counter sequence", l.counter_head as f64)?;
+        observe::const_gauge(&mut encoder, "ledger_sequence", "Local sequence of the stock ledger (the last change numbered)", l.counter_head as f64)?;
         observe::const_gauge(&mut encoder, "skus", "SKUs this store has seen", l.skus as f64)?;
         let connected = if s.state == SyncState::Connected { 1.0 } else { 0.0 };
         observe::const_gauge(&mut encoder, "sync_connected", "1 while connected to the hub (Welcome received)", connected)?;

@@ -101,9 +101,11 @@ async fn hub_and_agent_metrics_after_activity() {
     assert!(must(&text, "shelfsync_hub_merge_duration_seconds_count") >= 1.0);
     assert_eq!(must(&text, r#"shelfsync_hub_reservations_total{action="create",outcome="ok"}"#), 1.0);
     assert_eq!(must(&text, r#"shelfsync_hub_reservations_total{action="create",outcome="insufficient_stock"}"#), 1.0);
-    for kind in ["oversell", "negative_stock", "unknown_sku", "duplicate_agent"] {
+    for kind in ["oversell", "negative_stock", "duplicate_agent", "writer_cloned"] {
         assert_eq!(must(&text, &format!(r#"shelfsync_hub_conflicts_open{{kind="{kind}"}}"#)), 0.0);
     }
+    // "A" is not in the catalog: the store's sales of it opened one unknown_sku conflict.
+    assert_eq!(must(&text, r#"shelfsync_hub_conflicts_open{kind="unknown_sku"}"#), 1.0);
     assert!(must(&text, "shelfsync_hub_feed_head") >= 1.0);
     assert_eq!(must(&text, "shelfsync_hub_hub_changes_total"), 1.0);
     // Request durations by route template, never by raw path.
@@ -266,19 +268,19 @@ fn metric_names(expr: &str) -> Vec<String> {
             in_quotes = ch != '"';
             continue;
         }
+        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
+            cur.push(ch);
+            continue;
+        }
+        if !in_braces && (cur.starts_with("shelfsync_") || cur.starts_with("process_")) {
+            names.push(cur.clone());
+        }
+        cur.clear();
         match ch {
             '"' => in_quotes = true,
             '{' => in_braces = true,
             '}' => in_braces = false,
             _ => {}
-        }
-        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
-            cur.push(ch);
-        } else {
-            if !in_braces && (cur.starts_with("shelfsync_") || cur.starts_with("process_")) {
-                names.push(cur.clone());
-            }
-            cur.clear();
         }
     }
     names
