@@ -114,6 +114,9 @@ async fn json_logs_on_a_pipe_with_a_request_log() {
     tokio::time::timeout(DEADLINE, reader).await.unwrap().unwrap();
     let lines = lines.lock().unwrap();
     assert!(lines.len() >= 4, "{lines:?}");
+    for l in lines.iter().filter(|l| l.contains("store-7")) {
+        println!("{l}");
+    }
     for l in lines.iter() {
         assert!(!l.contains('\u{1b}'), "an escape code in a piped log line: {l:?}");
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
