@@ -89,10 +89,20 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Own journal events the hub has not acked yet",
             l.unsynced_events as f64,
         )?;
-        observe::const_gauge(&mut encoder, "ledger_sequence", "Local sequence of the stock ledger (the last change numbered)", l.counter_head as f64)?;
+        observe::const_gauge(
+            &mut encoder,
+            "ledger_sequence",
+            "Local sequence of the stock ledger (the last change numbered)",
+            l.counter_head as f64,
+        )?;
         observe::const_gauge(&mut encoder, "skus", "SKUs this store has seen", l.skus as f64)?;
         let connected = if s.state == SyncState::Connected { 1.0 } else { 0.0 };
-        observe::const_gauge(&mut encoder, "sync_connected", "1 while connected to the hub (Welcome received)", connected)?;
+        observe::const_gauge(
+            &mut encoder,
+            "sync_connected",
+            "1 while connected to the hub (Welcome received)",
+            connected,
+        )?;
         let refused = if s.state == SyncState::Refused { 1.0 } else { 0.0 };
         observe::const_gauge(
             &mut encoder,
@@ -100,7 +110,12 @@ impl prometheus_client::collector::Collector for Snapshot {
             "1 while the hub refuses this agent (another agent of the store, revoked or unknown certificate)",
             refused,
         )?;
-        observe::const_counter(&mut encoder, "sync_attempts", "Connection attempts to the hub since start", s.attempts)?;
+        observe::const_counter(
+            &mut encoder,
+            "sync_attempts",
+            "Connection attempts to the hub since start",
+            s.attempts,
+        )?;
         if let Some(t) = l.last_sync_ms {
             observe::const_gauge(
                 &mut encoder,

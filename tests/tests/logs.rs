@@ -91,10 +91,14 @@ async fn json_logs_on_a_pipe_with_a_request_log() {
     )
     .await;
     let ad = dir.path().join("agent");
-    Proc::run_ok("shelfsync-agent", &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()])
-        .await;
-    let agent = Proc::start("shelfsync-agent", &["run", "--data-dir", ad.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[])
-        .await;
+    Proc::run_ok(
+        "shelfsync-agent",
+        &["init", "--bundle", bundle.to_str().unwrap(), "--data-dir", ad.to_str().unwrap()],
+    )
+    .await;
+    let agent =
+        Proc::start("shelfsync-agent", &["run", "--data-dir", ad.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[])
+            .await;
     wait_until("the hub to log the store's connection", DEADLINE, || async {
         find(&|v| v["fields"]["message"] == "store connected" && v["fields"]["store"] == "store-7")
     })

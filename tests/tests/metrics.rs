@@ -60,7 +60,10 @@ fn promtool_check(what: &str, text: &str) {
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics of the {what}:\n{report}\n{text}");
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics of the {what}:\n{report}\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,8 +113,10 @@ async fn hub_and_agent_metrics_after_activity() {
     assert_eq!(must(&text, "shelfsync_hub_hub_changes_total"), 1.0);
     // Request durations by route template, never by raw path.
     assert!(
-        must(&text, r#"shelfsync_hub_http_request_duration_seconds_count{route="/v1/restocks",method="POST",status="201"}"#)
-            >= 1.0
+        must(
+            &text,
+            r#"shelfsync_hub_http_request_duration_seconds_count{route="/v1/restocks",method="POST",status="201"}"#
+        ) >= 1.0
     );
     assert!(
         must(
@@ -120,8 +125,10 @@ async fn hub_and_agent_metrics_after_activity() {
         ) >= 1.0
     );
     assert!(
-        must(&text, r#"shelfsync_hub_http_request_duration_seconds_count{route="unmatched",method="GET",status="404"}"#)
-            >= 1.0
+        must(
+            &text,
+            r#"shelfsync_hub_http_request_duration_seconds_count{route="unmatched",method="GET",status="404"}"#
+        ) >= 1.0
     );
     assert!(!text.contains("12345"), "a raw path became a label");
     assert!(must(&text, "shelfsync_hub_http_connections_accepted_total") >= 1.0);
@@ -141,8 +148,10 @@ async fn hub_and_agent_metrics_after_activity() {
     assert!((0.0..60.0).contains(&age), "{age}");
     assert!(must(&text, "shelfsync_agent_commit_duration_seconds_count") >= 3.0);
     assert!(
-        must(&text, r#"shelfsync_agent_http_request_duration_seconds_count{route="/v1/sales",method="POST",status="201"}"#)
-            >= 3.0
+        must(
+            &text,
+            r#"shelfsync_agent_http_request_duration_seconds_count{route="/v1/sales",method="POST",status="201"}"#
+        ) >= 3.0
     );
     process_and_build(&text, "agent");
     promtool_check("agent's metrics", &text);

@@ -142,8 +142,18 @@ impl prometheus_client::collector::Collector for ProcessCollector {
             None,
             MetricType::Counter,
         )?)?;
-        const_gauge(&mut encoder, "process_resident_memory_bytes", "Resident memory size in bytes", p.resident_bytes as f64)?;
-        const_gauge(&mut encoder, "process_virtual_memory_bytes", "Virtual memory size in bytes", p.virtual_bytes as f64)?;
+        const_gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            p.resident_bytes as f64,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            p.virtual_bytes as f64,
+        )?;
         const_gauge(
             &mut encoder,
             "process_start_time_seconds",
@@ -165,7 +175,12 @@ impl prometheus_client::collector::Collector for EdgeCollector {
         let s = &self.0;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         const_gauge(&mut encoder, "connections_open", "HTTP connections open now", load(&s.connections_open) as f64)?;
-        const_counter(&mut encoder, "connections_accepted", "HTTP connections accepted", load(&s.connections_accepted_total))?;
+        const_counter(
+            &mut encoder,
+            "connections_accepted",
+            "HTTP connections accepted",
+            load(&s.connections_accepted_total),
+        )?;
         const_counter(
             &mut encoder,
             "connections_refused",
@@ -178,7 +193,12 @@ impl prometheus_client::collector::Collector for EdgeCollector {
             "HTTP connections closed for a header-read or idle timeout",
             load(&s.connections_timed_out_total),
         )?;
-        const_counter(&mut encoder, "rate_limited", "HTTP requests answered 429 rate_limited", load(&s.rate_limited_total))?;
+        const_counter(
+            &mut encoder,
+            "rate_limited",
+            "HTTP requests answered 429 rate_limited",
+            load(&s.rate_limited_total),
+        )?;
         const_counter(
             &mut encoder,
             "forbidden_host",
@@ -213,7 +233,8 @@ impl HttpMetrics {
     }
 
     fn observe(&self, route: String, method: &Method, status: u16, took: Duration) {
-        let labels = vec![("route", route), ("method", method_label(method).to_owned()), ("status", status.to_string())];
+        let labels =
+            vec![("route", route), ("method", method_label(method).to_owned()), ("status", status.to_string())];
         self.duration.get_or_create(&labels).observe(took.as_secs_f64());
     }
 }
