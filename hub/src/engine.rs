@@ -709,22 +709,25 @@ impl Engine {
         .await?
     }
 
-    /// Expires due leases; returns the stores whose holds changed.
-    pub async fn expire_due(&self, now_ms: i64) -> StorageResult<Vec<StoreId>> {
+    /// Expires due leases; returns the stores whose holds changed and how many reservations
+    /// expired.
+    pub async fn expire_due(&self, now_ms: i64) -> StorageResult<(Vec<StoreId>, u64)> {
         let mut stores = Vec::new();
+        let mut expired = 0u64;
         loop {
             let e = match self.run(move |st, _| st.decide(Command::ExpireDue, now_ms)).await?? {
                 Done::Expired(e) => e,
                 other => return Err(unexpected(other)),
             };
             stores.extend(e.stores);
+            expired += e.expired as u64;
             if !e.more {
                 break;
             }
         }
         stores.sort();
         stores.dedup();
-        Ok(stores)
+        Ok((stores, expired))
     }
 
     /// A store's open holds.

@@ -118,6 +118,11 @@ impl Metrics {
         c.inc();
     }
 
+    /// Counts reservations whose lease ran out (`action="expire"`, `outcome="ok"`).
+    pub fn reservations_expired(&self, n: u64) {
+        self.reservations.get_or_create(&vec![("action", "expire".to_owned()), ("outcome", "ok".to_owned())]).inc_by(n);
+    }
+
     /// Counts a reservation call: `action` (create, commit, extend, release, expire) and
     /// `outcome` (ok, or the error code it was answered with).
     pub fn reservation(&self, action: &'static str, outcome: &str) {

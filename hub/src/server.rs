@@ -153,7 +153,13 @@ async fn expire_leases(hub: Arc<Hub>, every: Duration) {
     loop {
         tick.tick().await;
         match hub.storage.expire_due(shelfsync_node::now_ms()).await {
-            Ok(stores) => hub.holds_changed(&stores),
+            Ok((stores, expired)) => {
+                if expired > 0 {
+                    tracing::debug!(expired, "reservations expired");
+                    hub.metrics.reservations_expired(expired);
+                }
+                hub.holds_changed(&stores)
+            }
             Err(e) => tracing::error!(error = %e, "expiring reservations"),
         }
     }
