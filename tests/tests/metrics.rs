@@ -85,13 +85,22 @@ async fn hub_and_agent_metrics_after_activity() {
         .hub_post("/v1/reservations", json!({"id": uuid::Uuid::now_v7(), "lines": [{"sku": "A", "qty": 10_000}]}))
         .await;
     assert_eq!(s, 409);
+    let (s, v) = c
+        .hub_post(
+            "/v1/reservations",
+            json!({"id": uuid::Uuid::now_v7(), "lines": [{"sku": "A", "qty": 1}], "ttl_secs": 1}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
     let (s, _) = c.hub_call(reqwest::Method::GET, "/no/such/path/12345", None).await;
     assert_eq!(s, 404);
 
     // Wait until the agent acked the restock and the hub acked its sales (gauges settle).
     let text = wait_until("the hub's view of the store to settle", DEADLINE, || async {
         let t = hub_metrics(&c).await;
-        (series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#) == Some(0.0)).then_some(t)
+        let expired = series(&t, r#"shelfsync_hub_reservations_total{action="expire",outcome="ok"}"#);
+        (series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#) == Some(0.0) && expired == Some(1.0))
+            .then_some(t)
     })
     .await;
     assert_eq!(must(&text, r#"shelfsync_hub_store_connected{store="store-0"}"#), 1.0);
@@ -102,7 +111,7 @@ async fn hub_and_agent_metrics_after_activity() {
     assert!(must(&text, "shelfsync_hub_deltas_applied_total") >= 1.0);
     assert!(must(&text, "shelfsync_hub_entries_merged_total") >= 1.0);
     assert!(must(&text, "shelfsync_hub_merge_duration_seconds_count") >= 1.0);
-    assert_eq!(must(&text, r#"shelfsync_hub_reservations_total{action="create",outcome="ok"}"#), 1.0);
+    assert_eq!(must(&text, r#"shelfsync_hub_reservations_total{action="create",outcome="ok"}"#), 2.0);
     assert_eq!(must(&text, r#"shelfsync_hub_reservations_total{action="create",outcome="insufficient_stock"}"#), 1.0);
     for kind in ["oversell", "negative_stock", "duplicate_agent", "writer_cloned"] {
         assert_eq!(must(&text, &format!(r#"shelfsync_hub_conflicts_open{{kind="{kind}"}}"#)), 0.0);
