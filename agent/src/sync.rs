@@ -276,6 +276,8 @@ impl SyncClient {
         let frames = self.stats.frames.clone();
         let watchdog = tokio::spawn(stall_watchdog(conn.clone()));
         let result = drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), frames, &peer).await;
+        // The watchdog ends only by closing a silent connection.
+        let stalled = watchdog.is_finished();
         watchdog.abort();
         self.stats.connection_ended();
         match result {
@@ -288,6 +290,9 @@ impl SyncClient {
                     close_code::name(code),
                     String::from_utf8_lossy(&c.reason)
                 ))
+            }
+            Err(_) if stalled => {
+                Err(format!("nothing from the hub for {} ms: the link is down", STALL_AFTER.as_millis()))
             }
             Err(e) => Err(e.to_string()),
         }
