@@ -179,7 +179,7 @@ async fn hub_and_agent_metrics_after_activity() {
 }
 
 fn process_and_build(text: &str, binary: &str) {
-    assert!(must(text, "process_cpu_seconds_total") > 0.0);
+    assert!(must(text, "process_cpu_seconds_total") >= 0.0);
     assert!(must(text, "process_resident_memory_bytes") > 1e6);
     assert!(must(text, "process_open_fds") >= 3.0);
     assert!(must(text, "process_max_fds") >= must(text, "process_open_fds"));
