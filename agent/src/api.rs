@@ -38,6 +38,8 @@ pub struct AppState {
     pub catalog: Arc<crate::catalog::AgentCatalog>,
     /// Host check, rate limits and the edge's counters.
     pub guard: Arc<crate::guard::Guard>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// The router, apart from `main` so tests can drive it. Every route is registered with its
@@ -68,14 +70,15 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_openapi))
         .split_for_parts();
     let _ = OPENAPI.set(serde_json::to_value(&doc).expect("the document serialises"));
-    router
+    let app = router
         .fallback(shelfsync_node::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.guard.clone(), crate::guard::check))
         // Outermost, so the guard's 403/429 and anything axum makes leave as JSON too.
         .layer(middleware::from_fn(shelfsync_node::http::json_errors))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.metrics.http.clone(), shelfsync_node::observe::track_http));
+    shelfsync_node::observe::with_request_log(app).with_state(state)
 }
 
 #[utoipa::path(
@@ -106,7 +109,8 @@ pub fn openapi_json() -> Option<&'static serde_json::Value> {
     OPENAPI.get()
 }
 
-/// `GET /metrics`: the HTTP edge's counters in the Prometheus text format.
+/// `GET /metrics`: changes recorded, commit latency, sync state, what is unsynced, the HTTP edge
+/// and the process, in the Prometheus text format.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -114,8 +118,10 @@ pub fn openapi_json() -> Option<&'static serde_json::Value> {
     responses((status = 200, description = "Metrics", body = String), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn get_metrics(State(state): State<AppState>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], state.guard.stats.render("shelfsync_agent_http_")).into_response()
+async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let ledger = ledger::status(&state.db).await?;
+    let sync = state.sync.borrow().clone();
+    Ok(crate::metrics::render(&state.metrics, ledger, sync))
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -300,7 +306,16 @@ fn lines(body: &LinesBody) -> Result<Vec<Line>, ApiError> {
 }
 
 async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiError> {
+    let (kind, sold) = match &req.change {
+        Change::Sale { lines } => ("sale", lines.iter().map(|l| l.qty).sum()),
+        Change::Return { .. } => ("return", 0),
+        Change::Adjustment { .. } => ("adjustment", 0),
+        Change::Count { .. } => ("count", 0),
+    };
     let (outcome, response) = ledger::record(&state.db, req).await?;
+    state.metrics.change(kind, outcome == Outcome::Created, sold);
+    // Every POS call: DEBUG, so a busy store's INFO log stays readable.
+    tracing::debug!(kind, created = outcome == Outcome::Created, "change recorded");
     let status = match outcome {
         Outcome::Created => StatusCode::CREATED,
         Outcome::Replayed => StatusCode::OK,

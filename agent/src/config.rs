@@ -97,8 +97,13 @@ pub struct SyncSection {
     pub hub_addr: String,
     /// First reconnect delay.
     pub backoff_ms_min: u64,
-    /// Longest reconnect delay.
+    /// Longest reconnect delay after a transient failure (hub unreachable, connection lost).
+    /// Kept short (1 s) so a store is back within about a second of its link healing, however
+    /// long the outage was (see `sync::backoff`).
     pub backoff_ms_max: u64,
+    /// Delay before trying again after a permanent refusal (certificate refused or revoked,
+    /// another agent of the store connected): someone has to act first.
+    pub refused_retry_ms: u64,
     /// How long a change waits for company before it is shipped.
     pub coalesce_ms: u64,
     /// Anti-entropy digest period.
@@ -111,6 +116,8 @@ pub struct SyncSection {
 pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `shelfsync_agent=debug`. `RUST_LOG` wins when set.
     pub filter: String,
+    /// `text` (default) or `json`, one object per line.
+    pub format: shelfsync_node::cli::LogFormat,
 }
 
 const fn default_listen() -> SocketAddr {
@@ -157,7 +164,8 @@ impl Default for SyncSection {
             enabled: true,
             hub_addr: String::new(),
             backoff_ms_min: 200,
-            backoff_ms_max: 30_000,
+            backoff_ms_max: 1_000,
+            refused_retry_ms: 60_000,
             coalesce_ms: 0,
             digest_interval_secs: 30,
         }
@@ -166,7 +174,7 @@ impl Default for SyncSection {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { filter: "info".into() }
+        LogConfig { filter: "info".into(), format: shelfsync_node::cli::LogFormat::Text }
     }
 }
 
@@ -190,6 +198,12 @@ impl AgentConfig {
         }
         if self.sync.backoff_ms_min == 0 || self.sync.backoff_ms_min > self.sync.backoff_ms_max {
             return bad("sync.backoff_ms_min", "must be at least 1 and at most sync.backoff_ms_max");
+        }
+        if self.sync.backoff_ms_max > 600_000 {
+            return bad("sync.backoff_ms_max", "must be at most 600000 (10 minutes)");
+        }
+        if self.sync.refused_retry_ms == 0 || self.sync.refused_retry_ms > 3_600_000 {
+            return bad("sync.refused_retry_ms", "must be between 1 and 3600000 (an hour)");
         }
         if self.sync.coalesce_ms > 1000 {
             return bad("sync.coalesce_ms", "must be at most 1000");

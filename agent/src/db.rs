@@ -217,6 +217,11 @@ impl Db {
         Ok(Db { inner: Arc::new(Inner { threads, identity, heads: heads_rx, path: path.to_owned() }) })
     }
 
+    /// How long each group commit took (for `/metrics`).
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.threads.commit_seconds.clone()
+    }
+
     /// Who this database is now.
     pub fn identity(&self) -> Identity {
         self.inner.identity.get()

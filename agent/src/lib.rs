@@ -22,6 +22,7 @@ pub mod guard;
 pub mod holds;
 pub mod ledger;
 pub mod lineage;
+pub mod metrics;
 pub mod openapi;
 pub mod replica;
 pub mod server;

@@ -170,7 +170,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.api.listen = l;
             }
-            shelfsync_node::cli::init_tracing(&cfg.log.filter);
+            shelfsync_node::cli::init_tracing(&cfg.log.filter, cfg.log.format);
             let agent = shelfsync_agent::server::start(cfg).await?;
             // One machine-readable line, so scripts and tests learn the bound port.
             println!("shelfsync-agent listening on {}", agent.url());

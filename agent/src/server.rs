@@ -87,7 +87,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let sync_task = crate::sync::spawn(&config, db.clone(), sync_tx, sync_stats.clone(), catalog.clone())?;
 
     let token = (!config.api.token.is_empty()).then(|| Arc::<str>::from(config.api.token.as_str()));
-    let stats = Arc::new(shelfsync_node::http::EdgeStats::default());
+    let metrics = Arc::new(crate::metrics::AgentMetrics::new(db.commit_seconds()));
+    let stats = metrics.edge.clone();
     let limits = &config.api.rate_limit;
     let limiter = shelfsync_node::ratelimit::Limiter::new(
         limits.enabled,
@@ -97,7 +98,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     );
     let hosts = crate::guard::HostPolicy::new(addr, &config.api.allowed_hosts);
     let guard = Arc::new(crate::guard::Guard { hosts, limiter, stats: stats.clone() });
-    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token, catalog, guard };
+    let state = AppState { db: db.clone(), sync: sync_rx.clone(), token, catalog, guard, metrics };
     let app = router(state, config.api.max_body_bytes);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let opts = config.serve_options();

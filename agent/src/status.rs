@@ -12,8 +12,9 @@ pub enum SyncState {
     Connecting,
     /// `Welcome` received; changes flow both ways.
     Connected,
-    /// The hub refuses this agent because another agent of the store is connected; it keeps
-    /// retrying slowly (and keeps selling offline) until head office resolves it.
+    /// The hub refuses this agent: another agent of the store is connected, or the store's
+    /// certificate is refused (revoked, unknown, another hub's CA). It keeps retrying slowly
+    /// (`sync.refused_retry_ms`) and keeps selling offline until head office resolves it.
     Refused,
 }
 

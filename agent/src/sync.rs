@@ -1,7 +1,20 @@
 //! The agent's sync client: connects to the hub over QUIC with the store's certificate, resumes
 //! from the durable watermarks, and lets [`shelfsync_node::quic::drive`] move frames between the streams
-//! and an [`AgentSession`]. Reconnects with jittered exponential backoff, forever: the store works
-//! the same with the hub unreachable for days.
+//! and an [`AgentSession`]. Reconnects forever: the store works the same with the hub unreachable
+//! for days.
+//!
+//! Reconnecting after an outage, however long, takes about a second once the link is back:
+//! - transient failures back off exponentially from `sync.backoff_ms_min` but only up to
+//!   `sync.backoff_ms_max` (1 s), with full jitter ([`backoff`]), so 10,000 stores knock about
+//!   once a second each, spread evenly, and the hub's handshake limits pace any rush;
+//! - an attempt never waits on one lost handshake: while a handshake is unanswered a new one
+//!   starts every ~1 s (at most [`HANDSHAKES_PENDING_MAX`] in flight), so QUIC's own growing
+//!   retransmission timer for the first packet cannot hold the store off for seconds;
+//! - a connection on which nothing has arrived for [`STALL_AFTER`] is given up (the transport
+//!   sends a keep-alive every second, so a live link is never that quiet), instead of waiting
+//!   for the idle timeout and the growing retransmission timer of a dead path;
+//! - permanent refusals (certificate refused or revoked, CA mismatch, another agent of the store)
+//!   are logged at ERROR once per episode and retried only every `sync.refused_retry_ms`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,6 +115,7 @@ pub fn spawn(
         },
         backoff_min: Duration::from_millis(config.sync.backoff_ms_min),
         backoff_max: Duration::from_millis(config.sync.backoff_ms_max),
+        refused_retry: Duration::from_millis(config.sync.refused_retry_ms),
         status,
         stats,
         catalog,
@@ -117,16 +131,37 @@ struct SyncClient {
     session_config: SyncConfig,
     backoff_min: Duration,
     backoff_max: Duration,
+    refused_retry: Duration,
     status: watch::Sender<SyncStatus>,
     stats: Arc<SyncStats>,
     catalog: Arc<crate::catalog::AgentCatalog>,
 }
 
-/// The n-th reconnect delay: exponential from `min`, capped at `max`, uniformly jittered over its
-/// upper half so a fleet of stores does not reconnect in lockstep after a hub restart.
+/// The reconnect delay after the n-th transient failure in a row: exponential from `min`, capped
+/// at `max`, with full jitter (uniform over `[0, cap]`, never below `min / 2`), so a fleet of
+/// stores cut off together spreads its attempts evenly instead of knocking in lockstep. With the
+/// default 1 s cap a store tries about once a second however long the outage, so it is back
+/// within about a second of the link healing.
 pub fn backoff(min: Duration, max: Duration, attempt: u32, jitter: f64) -> Duration {
     let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
-    exp.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    exp.mul_f64(jitter.clamp(0.0, 1.0)).max(min / 2)
+}
+
+/// A connection on which nothing arrived for this long is given up and replaced. The transport
+/// sends a keep-alive after 1 s of silence, which the hub acknowledges, so a live link is never
+/// this quiet; a dead one would otherwise be noticed only at the 30 s idle timeout, and QUIC's
+/// retransmission timer, doubling all through an outage, could hold data back for seconds more.
+pub const STALL_AFTER: Duration = Duration::from_millis(2500);
+
+/// Most handshakes in flight at once while the hub does not answer.
+pub const HANDSHAKES_PENDING_MAX: usize = 3;
+
+/// How long one connection attempt keeps starting handshakes before it reports failure.
+const HANDSHAKE_PHASE: Duration = Duration::from_secs(10);
+
+/// Gap between handshakes while earlier ones go unanswered: uniform in 0.5 .. 1 s.
+fn handshake_gap() -> Duration {
+    Duration::from_millis(500).mul_f64(1.0 + rand::random::<f64>())
 }
 
 impl SyncClient {
@@ -149,7 +184,7 @@ impl SyncClient {
                 Ok(()) => ("connection closed".to_owned(), Ended::Other),
                 Err((e, kind)) => (e, kind),
             };
-            let refused = kind == Ended::Refused;
+            let refused = matches!(kind, Ended::Refused | Ended::Permanent);
             match kind {
                 Ended::Retired => {
                     tracing::warn!(hub = %self.hub_addr, reason = %error, "sync connection ended; reconnecting under the new writer")
@@ -158,10 +193,24 @@ impl SyncClient {
                 Ended::Refused if !refused_before => tracing::error!(
                     hub = %self.hub_addr,
                     reason = %error,
+                    retry_secs = self.refused_retry.as_secs(),
                     "the hub refuses this agent: another agent of this store is connected; \
                      it keeps selling offline and retries, but head office must switch one of them off"
                 ),
-                _ => tracing::info!(hub = %self.hub_addr, error = %error, "sync connection ended"),
+                Ended::Permanent if !refused_before => tracing::error!(
+                    hub = %self.hub_addr,
+                    reason = %error,
+                    retry_secs = self.refused_retry.as_secs(),
+                    "the hub refuses this store's credentials (certificate unknown, revoked, or from another hub's CA); \
+                     the store keeps selling offline and retries slowly, but its bundle must be fixed"
+                ),
+                Ended::Refused | Ended::Permanent => {
+                    tracing::debug!(hub = %self.hub_addr, reason = %error, "still refused")
+                }
+                Ended::Other if established => {
+                    tracing::warn!(hub = %self.hub_addr, error = %error, "sync connection lost; reconnecting")
+                }
+                Ended::Other => tracing::info!(hub = %self.hub_addr, error = %error, "cannot reach the hub; retrying"),
             }
             refused_before = refused;
             self.status.send_modify(|s| {
@@ -173,8 +222,8 @@ impl SyncClient {
             let delay = match kind {
                 // The writer changed: ship under the new one at once.
                 Ended::Retired => Duration::ZERO,
-                // Another agent holds the store: no point knocking often.
-                Ended::Refused => backoff(self.backoff_max, self.backoff_max, 0, rand::random::<f64>()),
+                // Someone has to act first: no point knocking often.
+                Ended::Refused | Ended::Permanent => self.refused_retry.mul_f64(0.75 + 0.25 * rand::random::<f64>()),
                 Ended::Other => backoff(self.backoff_min, self.backoff_max, failures, rand::random::<f64>()),
             };
             tokio::time::sleep(delay).await;
@@ -187,6 +236,8 @@ impl SyncClient {
                 Ended::Retired
             } else if e.contains(close_code::name(close_code::DUPLICATE_AGENT)) {
                 Ended::Refused
+            } else if is_permanent(&e) {
+                Ended::Permanent
             } else {
                 Ended::Other
             };
@@ -210,10 +261,7 @@ impl SyncClient {
                 endpoint.insert(ep).clone()
             }
         };
-        let connecting = ep
-            .connect_with(self.client_config.clone(), addr, &self.server_name)
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let conn = connecting.await.map_err(|e| format!("handshake with {addr}: {e}"))?;
+        let conn = self.handshake(&ep, addr).await?;
         // A refused certificate still completes the handshake here; the refusal arrives on the
         // first stream operation, so "connected" waits for the hub's Welcome.
         let (send, recv) = conn.open_bi().await.map_err(|e| format!("opening the state stream: {e}"))?;
@@ -226,7 +274,11 @@ impl SyncClient {
         let peer = format!("hub {addr}");
         self.stats.connection_started(&conn);
         let frames = self.stats.frames.clone();
+        let watchdog = tokio::spawn(stall_watchdog(conn.clone()));
         let result = drive(&conn, send, recv, &mut session, &mut host, self.db.heads(), frames, &peer).await;
+        // The watchdog ends only by closing a silent connection.
+        let stalled = watchdog.is_finished();
+        watchdog.abort();
         self.stats.connection_ended();
         match result {
             Ok(()) => Ok(()),
@@ -239,9 +291,81 @@ impl SyncClient {
                     String::from_utf8_lossy(&c.reason)
                 ))
             }
+            Err(_) if stalled => {
+                Err(format!("nothing from the hub for {} ms: the link is down", STALL_AFTER.as_millis()))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+impl SyncClient {
+    /// Completes a QUIC handshake with the hub. While one goes unanswered (the hub or the link is
+    /// down), another starts every ~1 s, keeping at most [`HANDSHAKES_PENDING_MAX`] in flight:
+    /// the first to finish wins and the rest are dropped. A handshake that fails outright (a TLS
+    /// refusal) ends the attempt at once.
+    async fn handshake(&self, ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let mut pending = tokio::task::JoinSet::new();
+        let mut order = std::collections::VecDeque::new();
+        let until = tokio::time::Instant::now() + HANDSHAKE_PHASE;
+        let mut next = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Err(format!("handshake with {addr}: no answer within {} s", HANDSHAKE_PHASE.as_secs()));
+            }
+            if now >= next {
+                if order.len() >= HANDSHAKES_PENDING_MAX {
+                    if let Some(oldest) = order.pop_front() {
+                        tokio::task::AbortHandle::abort(&oldest);
+                    }
+                }
+                let connecting = ep
+                    .connect_with(self.client_config.clone(), addr, &self.server_name)
+                    .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                order.push_back(pending.spawn(connecting));
+                next = now + handshake_gap();
+            }
+            tokio::select! {
+                done = pending.join_next(), if !pending.is_empty() => match done {
+                    Some(Ok(Ok(conn))) => return Ok(conn),
+                    Some(Ok(Err(e))) => return Err(format!("handshake with {addr}: {e}")),
+                    // Aborted as the oldest of too many.
+                    Some(Err(_)) | None => {}
+                },
+                _ = tokio::time::sleep_until(next.min(until)) => {}
+            }
+        }
+    }
+}
+
+/// Closes `conn` once nothing has arrived on it for [`STALL_AFTER`].
+async fn stall_watchdog(conn: quinn::Connection) {
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = conn.stats().udp_rx.datagrams;
+        if now != seen {
+            seen = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= STALL_AFTER {
+            tracing::debug!("nothing from the hub for {STALL_AFTER:?}; giving the connection up");
+            conn.close(quinn::VarInt::from_u32(close_code::NORMAL), b"hub silent");
+            return;
+        }
+    }
+}
+
+/// Whether a failure is the hub refusing this store's credentials (or this agent not trusting
+/// the hub's), which retrying soon cannot fix: the certificate was revoked or is unknown, or
+/// the two sides' CAs do not match.
+fn is_permanent(e: &str) -> bool {
+    e.contains(close_code::name(close_code::REVOKED))
+        || e.contains(close_code::name(close_code::UNAUTHORIZED))
+        || e.contains("cryptographic handshake failed")
+        || e.contains("invalid peer certificate")
+        || e.contains("certificate")
 }
 
 /// How a connection ended, for the reconnect policy.
@@ -251,6 +375,8 @@ enum Ended {
     Retired,
     /// The hub refuses a second agent of the store.
     Refused,
+    /// The credentials are refused (revoked, unknown, another CA): retry slowly.
+    Permanent,
     /// Anything else: back off.
     Other,
 }
@@ -410,11 +536,25 @@ mod tests {
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
-        let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(1));
         assert_eq!(backoff(min, max, 0, 1.0), min);
-        assert_eq!(backoff(min, max, 0, 0.0), min / 2);
-        assert_eq!(backoff(min, max, 3, 1.0), Duration::from_millis(1600));
-        assert_eq!(backoff(min, max, 30, 1.0), max);
-        assert!(backoff(min, max, 30, 0.0) >= max / 2);
+        assert_eq!(backoff(min, max, 0, 0.0), min / 2, "never a busy loop");
+        assert_eq!(backoff(min, max, 2, 1.0), Duration::from_millis(800));
+        // However long the outage, the next attempt is at most the cap away...
+        assert_eq!(backoff(min, max, 3, 1.0), max);
+        assert_eq!(backoff(min, max, 1000, 1.0), max);
+        // ...and spread over the whole range (full jitter), so a fleet does not knock in step.
+        assert_eq!(backoff(min, max, 1000, 0.5), max / 2);
+        assert_eq!(backoff(min, max, 1000, 0.0), min / 2);
+    }
+
+    #[test]
+    fn credential_refusals_are_permanent_and_the_rest_transient() {
+        assert!(is_permanent("hub closed the connection: revoked (certificate revoked)"));
+        assert!(is_permanent("hub refused: unauthorized (unknown store)"));
+        assert!(is_permanent("handshake with 127.0.0.1:1: the cryptographic handshake failed: error 48"));
+        assert!(!is_permanent("handshake with 127.0.0.1:1: no answer within 10 s"));
+        assert!(!is_permanent("connection: timed out"));
+        assert!(!is_permanent("hub closed the connection: internal (storage error)"));
     }
 }

@@ -99,14 +99,16 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .merge(public)
         .split_for_parts();
     let _ = OPENAPI.set(serde_json::to_value(&doc).expect("the document serialises"));
-    router
+    let app = router
         .fallback(shelfsync_node::http::no_route)
         .method_not_allowed_fallback(|| async { shelfsync_node::http::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.limiter.clone(), crate::edge::rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(middleware::from_fn(shelfsync_node::http::json_errors))
-        .with_state(state)
+        // Outside the JSON errors, so what is timed and logged is what the client got.
+        .layer(middleware::from_fn_with_state(state.hub.metrics.http.clone(), shelfsync_node::observe::track_http));
+    shelfsync_node::observe::with_request_log(app).with_state(state)
 }
 
 async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
@@ -123,7 +125,10 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
     };
     match state.hub.authenticate(token).await {
-        Ok(Verdict::Valid(t)) if t.role >= min => next.run(req).await,
+        Ok(Verdict::Valid(t)) if t.role >= min => {
+            shelfsync_node::observe::record_token_name(&t.name);
+            next.run(req).await
+        }
         Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
             "this endpoint needs the {} role; the token has {}",
             min.as_str(),
@@ -533,9 +538,23 @@ async fn dashboard() -> axum::response::Html<&'static str> {
     responses((status = 200, description = "Metrics", body = String), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn get_metrics(State(state): State<ApiState>) -> Response {
-    let text = state.hub.metrics.render() + &state.edge.render("shelfsync_hub_http_");
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+async fn get_metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let (stores, unacked, conflicts_open) = state.hub.storage.metrics_snapshot().await?;
+    let now_ms = shelfsync_node::now_ms();
+    let stores = stores
+        .iter()
+        .zip(unacked)
+        .map(|(s, unacked_entries)| crate::metrics::StoreGauge {
+            store: s.id.to_string(),
+            connected: state.hub.live(&s.id).is_some(),
+            last_seen_age_secs: s.last_seen_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0),
+            unacked_entries,
+            revoked: s.revoked_at_ms.is_some(),
+        })
+        .collect();
+    let feed_head = *state.hub.storage.change_head().borrow();
+    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head };
+    Ok(crate::metrics::render(&state.hub.metrics, snapshot))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -605,6 +624,7 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
     let outcome = state.hub.storage.hub_change(req, shelfsync_node::now_ms()).await?;
     state.hub.holds_changed(&outcome.holds_changed);
+    tracing::debug!(created = outcome.created, lines = outcome.response.lines.len(), "hub change recorded");
     if outcome.created {
         Metrics::inc(&state.hub.metrics.hub_changes_total);
         state.hub.notify(&outcome.stores, outcome.heads);
@@ -706,7 +726,7 @@ async fn post_reservation(
         }
     }
     let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
-    let w = state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await?;
+    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())
@@ -750,9 +770,32 @@ async fn act(
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
     let key = idempotency_key(headers)?;
-    let w = state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await?;
+    let name = match action {
+        shelfsync_hub_core::Action::Extend { .. } => "extend",
+        shelfsync_hub_core::Action::Commit => "commit",
+        shelfsync_hub_core::Action::Release => "release",
+    };
+    let w = counted(state, name, state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await)?;
     state.hub.holds_changed(&w.stores);
     Ok(Json(w.view.to_json()).into_response())
+}
+
+/// Counts a reservation call in `shelfsync_hub_reservations_total{action, outcome}`: `ok` or the
+/// error code it is answered with (`insufficient_stock`, `not_found`, ...).
+fn counted<T>(state: &ApiState, action: &'static str, r: Result<T, StorageError>) -> Result<T, ApiError> {
+    match r {
+        Ok(v) => {
+            tracing::debug!(action, "reservation call done");
+            state.hub.metrics.reservation(action, "ok");
+            Ok(v)
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            tracing::debug!(action, outcome = e.code, "reservation call refused");
+            state.hub.metrics.reservation(action, e.code);
+            Err(e)
+        }
+    }
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]

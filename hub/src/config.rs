@@ -198,6 +198,8 @@ pub struct SyncSection {
 pub struct LogSection {
     /// `tracing` filter; `RUST_LOG` wins when set.
     pub filter: String,
+    /// `text` (default) or `json`, one object per line.
+    pub format: shelfsync_node::cli::LogFormat,
 }
 
 impl Default for HubConfig {
@@ -252,7 +254,7 @@ impl Default for SyncSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { filter: "info".into() }
+        LogSection { filter: "info".into(), format: shelfsync_node::cli::LogFormat::Text }
     }
 }
 

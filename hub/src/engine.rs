@@ -709,22 +709,25 @@ impl Engine {
         .await?
     }
 
-    /// Expires due leases; returns the stores whose holds changed.
-    pub async fn expire_due(&self, now_ms: i64) -> StorageResult<Vec<StoreId>> {
+    /// Expires due leases; returns the stores whose holds changed and how many reservations
+    /// expired.
+    pub async fn expire_due(&self, now_ms: i64) -> StorageResult<(Vec<StoreId>, u64)> {
         let mut stores = Vec::new();
+        let mut expired = 0u64;
         loop {
             let e = match self.run(move |st, _| st.decide(Command::ExpireDue, now_ms)).await?? {
                 Done::Expired(e) => e,
                 other => return Err(unexpected(other)),
             };
             stores.extend(e.stores);
+            expired += e.expired as u64;
             if !e.more {
                 break;
             }
         }
         stores.sort();
         stores.dedup();
-        Ok(stores)
+        Ok((stores, expired))
     }
 
     /// A store's open holds.
@@ -862,6 +865,43 @@ impl Engine {
     /// Online backup to a new file; the copy takes a new hub life when opened.
     pub async fn backup(&self, to: std::path::PathBuf) -> StorageResult<()> {
         self.db.backup(to).await
+    }
+
+    /// What `/metrics` shows of the decider's state, in one read: every store (with its
+    /// watermarks) and, per store, the hub entries its current writer has not acked (at most
+    /// [`crate::metrics::UNACKED_COUNT_MAX`]); open conflicts per kind; the feed head.
+    pub async fn metrics_snapshot(&self) -> StorageResult<(Vec<StoreInfo>, Vec<u64>, Vec<(&'static str, u64)>)> {
+        let stores = self.stores().await?;
+        let marks: Vec<(StoreId, Option<WriterId>, u64)> = stores
+            .iter()
+            .map(|s| match s.writers.iter().max_by_key(|w| w.last_seen_ms) {
+                Some(w) => (s.id.clone(), Some(w.writer.clone()), w.acked),
+                None => (s.id.clone(), None, 0),
+            })
+            .collect();
+        let (unacked, conflicts) = self
+            .run(move |st, _| {
+                let unacked = marks
+                    .iter()
+                    .map(|(store, writer, acked)| {
+                        let page =
+                            st.d.entries_since(store, *acked, writer.as_ref(), crate::metrics::UNACKED_COUNT_MAX);
+                        page.entries.len() as u64
+                    })
+                    .collect::<Vec<_>>();
+                let open = st.d.conflicts(&ConflictFilter {
+                    status: Some(shelfsync_hub_core::ConflictStatus::Open),
+                    limit: usize::MAX,
+                    ..ConflictFilter::default()
+                });
+                let conflicts = shelfsync_hub_core::ConflictKind::ALL
+                    .iter()
+                    .map(|k| (k.as_str(), open.iter().filter(|c| c.kind == *k).count() as u64))
+                    .collect::<Vec<_>>();
+                (unacked, conflicts)
+            })
+            .await?;
+        Ok((stores, unacked, conflicts))
     }
 
     /// Stock of some SKUs at every store that has them.

@@ -170,8 +170,11 @@ pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duratio
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    hub.metrics.webhook_cursor.get_or_create(&vec![("url", cfg.url.clone())]).set(cursor as i64);
     loop {
-        head.borrow_and_update();
+        let now_head = *head.borrow_and_update();
+        let url = vec![("url", cfg.url.clone())];
+        hub.metrics.webhook_lag_events.get_or_create(&url).set(now_head.saturating_sub(cursor) as i64);
         let events = match storage.changes_after(cursor, 100).await {
             Ok(v) => v,
             Err(e) => {
@@ -191,6 +194,7 @@ pub async fn run_webhook(hub: Arc<Hub>, cfg: WebhookConfig, backoff_max: Duratio
                 deliver(&hub, &client, &cfg, &ev, backoff_max).await;
             }
             cursor = ev.cursor;
+            hub.metrics.webhook_cursor.get_or_create(&vec![("url", cfg.url.clone())]).set(cursor as i64);
         }
         if let Err(e) = storage.set_webhook_cursor(cfg.url.clone(), cursor).await {
             tracing::error!(url = %cfg.url, error = %e, "saving the webhook cursor");
@@ -216,6 +220,10 @@ async fn deliver(hub: &Hub, client: &reqwest::Client, cfg: &WebhookConfig, ev: &
         match r {
             Ok(resp) if resp.status().is_success() => {
                 Metrics::inc(&hub.metrics.webhook_deliveries_total);
+                if let Ok(at) = ev.at.parse::<jiff::Timestamp>() {
+                    let lag_ms = shelfsync_node::now_ms().saturating_sub(at.as_millisecond()).max(0);
+                    hub.metrics.webhook_delivery_seconds.observe(lag_ms as f64 / 1000.0);
+                }
                 return;
             }
             Ok(resp) if resp.status().is_redirection() => {

@@ -336,7 +336,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(a) = http_listen {
                 cfg.http.listen = a;
             }
-            shelfsync_node::cli::init_tracing(&cfg.log.filter);
+            shelfsync_node::cli::init_tracing(&cfg.log.filter, cfg.log.format);
             let hub = server::start(cfg).await?;
             // Machine-readable lines, so scripts and tests learn the bound ports.
             println!("shelfsync-hub quic on {}", hub.quic_addr);
@@ -435,7 +435,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Demo { for_secs } => {
-            shelfsync_node::cli::init_tracing("warn");
+            shelfsync_node::cli::init_tracing("warn", shelfsync_node::cli::LogFormat::Text);
             demo::run(for_secs, shelfsync_node::cli::shutdown_signal()).await?;
         }
     }

@@ -147,7 +147,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
     let mut session = HubSession::new(sync, store.clone(), hub.storage.hub_writer(), heads.counter, heads.journal);
     let ping_seen = wake.borrow().ping;
     let (conn_id, pongs) = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
-    hub.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    hub.metrics.connections_open.inc();
     let mut host = HubHost {
         hub: hub.clone(),
         store: store.clone(),
@@ -164,7 +164,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
     };
     let stats = Arc::new(FrameStats::default());
     let result = drive(&conn, send, recv, &mut session, &mut host, wake, stats, &peer).await;
-    hub.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    hub.metrics.connections_open.dec();
     // last_seen stays at the last frame that carried data: a connection that died silently was
     // not "seen" until its idle timeout.
     hub.disconnected(&store, conn_id);
@@ -185,6 +185,18 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
                 }
                 _ => tracing::warn!(peer, error = %e, "sync session ended with an error"),
             }
+        }
+        // The agent stopped normally (its close code is `normal`): no error, nothing to count.
+        Err(DriveError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+            if c.error_code.into_inner() == u64::from(close_code::NORMAL) =>
+        {
+            tracing::info!(peer, reason = %String::from_utf8_lossy(&c.reason), "sync connection closed by the store")
+        }
+        // A stream the agent reset with the normal code as it stopped is the same ordinary end.
+        Err(DriveError::Io(shelfsync_node::quic::FrameIoError::Read(quinn::ReadError::Reset(code))))
+            if code.into_inner() == u64::from(close_code::NORMAL) =>
+        {
+            tracing::info!(peer, "sync connection closed by the store")
         }
         Err(DriveError::Io(e)) => {
             Metrics::inc(&hub.metrics.connections_protocol_errors_total);
@@ -237,7 +249,7 @@ impl HubHost {
                 .record_retirements(store.clone(), hello.retired.clone(), now_ms)
                 .await
                 .map_err(|e| internal("recording retirements", e))?;
-            hub.metrics.retirements_total.fetch_add(new, Ordering::Relaxed);
+            hub.metrics.retirements_total.inc_by(new);
             for r in hello.retired.iter().take(new as usize) {
                 tracing::warn!(%store, old = %r.old, new = %r.new, reason = r.reason.as_str(), fork = r.fork_ordinal,
                     moved = r.moved, ambiguous = r.ambiguous,
@@ -409,6 +421,7 @@ impl EffectHost<HubSession> for HubHost {
             }
             Effect::ApplyDelta { peer, delta, lineage_base } => {
                 let upto = delta.upto;
+                let merge_started = Instant::now();
                 let applied = hub
                     .storage
                     .apply_delta(
@@ -422,9 +435,10 @@ impl EffectHost<HubSession> for HubHost {
                     .await
                     .map_err(|e| internal("applying a delta", e))?;
                 Metrics::inc(&hub.metrics.deltas_applied_total);
-                hub.metrics.entries_merged_total.fetch_add(applied.entries_changed as u64, Ordering::Relaxed);
+                hub.metrics.merge_seconds.observe(merge_started.elapsed().as_secs_f64());
+                hub.metrics.entries_merged_total.inc_by(applied.entries_changed as u64);
                 if applied.recovered > 0 {
-                    hub.metrics.hub_entries_recovered_total.fetch_add(applied.recovered, Ordering::Relaxed);
+                    hub.metrics.hub_entries_recovered_total.inc_by(applied.recovered);
                     tracing::warn!(%store, entries = applied.recovered, "the store gave back entries the hub lacked (tags verified)");
                 }
                 hub.stock_changed(applied.changed.iter().map(|(sku, on_hand)| StockChange {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shelfsync_node::config::ConfigError;
-use shelfsync_node::http::EdgeStats;
 use shelfsync_node::ratelimit::{Limiter, TokenKeys};
 use shelfsync_shared::sync::SyncConfig;
 use tokio::sync::oneshot;
@@ -125,7 +124,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     for w in &config.webhooks {
         tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
     }
-    let edge = Arc::new(EdgeStats::default());
+    let edge = hub.metrics.edge.clone();
     let limits = &config.http.rate_limit;
     let limiter = Limiter::new(limits.enabled, &limits.classes(), TokenKeys::Any, edge.clone());
     let app = router(
@@ -154,7 +153,13 @@ async fn expire_leases(hub: Arc<Hub>, every: Duration) {
     loop {
         tick.tick().await;
         match hub.storage.expire_due(shelfsync_node::now_ms()).await {
-            Ok(stores) => hub.holds_changed(&stores),
+            Ok((stores, expired)) => {
+                if expired > 0 {
+                    tracing::debug!(expired, "reservations expired");
+                    hub.metrics.reservations_expired(expired);
+                }
+                hub.holds_changed(&stores)
+            }
             Err(e) => tracing::error!(error = %e, "expiring reservations"),
         }
     }

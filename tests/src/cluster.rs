@@ -190,6 +190,8 @@ impl Cluster {
         let ad = self.agent_dir(i);
         let mut env: Vec<(&str, &str)> =
             vec![("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "500"), ("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MIN", "50")];
+        // Refused agents retry every minute in production; tests watch them retry.
+        env.push(("SHELFSYNC_AGENT__SYNC__REFUSED_RETRY_MS", "500"));
         env.extend(RAISED_AGENT_LIMITS.iter().copied());
         env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let p = Proc::start(

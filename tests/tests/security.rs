@@ -123,7 +123,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     let rogue = Proc::start(
         "shelfsync-agent",
         &["run", "--data-dir", rogue_dir.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-        &[("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "300")],
+        &[("SHELFSYNC_AGENT__SYNC__BACKOFF_MS_MAX", "300"), ("SHELFSYNC_AGENT__SYNC__REFUSED_RETRY_MS", "300")],
     )
     .await;
     let http = reqwest::Client::new();
@@ -135,7 +135,7 @@ async fn a_certificate_from_another_ca_is_refused() {
         (st["sync"]["attempts"].as_u64().unwrap() >= 3).then_some(st)
     })
     .await;
-    assert_ne!(status["sync"]["state"], "connected", "{status}");
+    assert_eq!(status["sync"]["state"], "refused", "a certificate refused for its CA is permanent: {status}");
     assert!(status["sync"]["last_error"].is_string(), "{status}");
     assert!(c.metric("connections_refused_total").await > refused_before);
     assert!(c.hub_on_hand("EVIL").await.is_empty(), "nothing from the rogue reached the hub");
@@ -179,6 +179,8 @@ async fn a_revoked_store_is_dropped_and_refused() {
         err.contains("invalid peer certificate: Revoked").then_some(())
     })
     .await;
+    let st = c.agent_status(1).await;
+    assert_eq!(st["sync"]["state"], "refused", "a revoked certificate is permanent: retried slowly: {st}");
     let stock = c.hub_get("/v1/stores/store-1/stock").await;
     assert_eq!(stock["items"][0]["sku"], "R");
     assert_eq!(stock["items"][0]["on_hand"], 10, "the revoked store's sale never reached the hub");

@@ -140,7 +140,8 @@ impl Bundle {
     }
 
     /// The QUIC client config: TLS 1.3 trusting only the bundle's CA, presenting the store's
-    /// certificate, ALPN `shelfsync/1`; keep-alive 5 s, idle timeout 30 s.
+    /// certificate, ALPN `shelfsync/1`; keep-alive 1 s (so a live link always carries a packet
+    /// within about a second, which the agent's stall check relies on), idle timeout 30 s.
     pub fn client_config(&self) -> Result<quinn::ClientConfig, BundleError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -158,7 +159,7 @@ impl Bundle {
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| BundleError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         let mut t = quinn::TransportConfig::default();
-        t.keep_alive_interval(Some(Duration::from_secs(5)));
+        t.keep_alive_interval(Some(Duration::from_secs(1)));
         t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits")));
         t.max_concurrent_bidi_streams(4u32.into());
         t.max_concurrent_uni_streams(8u32.into());

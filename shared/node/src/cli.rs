@@ -1,10 +1,28 @@
 //! Helpers both binaries' `main` use: logging set-up and the shutdown signal.
 
-/// Logs to stderr with `filter`, unless `RUST_LOG` says otherwise.
-pub fn init_tracing(filter: &str) {
+/// How log lines are written (`log.format` in both configs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `span`, `spans`), for
+    /// log shippers.
+    Json,
+}
+
+/// Logs to stderr with `filter` (unless `RUST_LOG` says otherwise) in `format`. Colours only when
+/// stderr is a terminal: a journal, a file or a pipe gets no escape codes.
+pub fn init_tracing(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -312,7 +312,7 @@ pub struct ServeOptions {
     pub drain: Duration,
 }
 
-/// Counters of the HTTP edge, rendered into each binary's `/metrics`.
+/// Counters of the HTTP edge, shown in each binary's `/metrics` ([`crate::observe`]).
 #[derive(Debug, Default)]
 pub struct EdgeStats {
     /// Connections open now.
@@ -327,43 +327,6 @@ pub struct EdgeStats {
     pub rate_limited_total: AtomicU64,
     /// Requests answered `403 forbidden_host` (agent only).
     pub forbidden_host_total: AtomicU64,
-}
-
-impl EdgeStats {
-    /// Prometheus text, every name prefixed by `prefix` (e.g. `shelfsync_hub_http_`).
-    pub fn render(&self, prefix: &str) -> String {
-        use std::fmt::Write as _;
-        let rows: [(&str, &str, &str, &AtomicU64); 6] = [
-            ("connections_open", "gauge", "HTTP connections open now.", &self.connections_open),
-            ("connections_accepted_total", "counter", "HTTP connections accepted.", &self.connections_accepted_total),
-            (
-                "connections_refused_total",
-                "counter",
-                "HTTP connections closed at once because a connection cap was reached.",
-                &self.connections_refused_total,
-            ),
-            (
-                "connections_timed_out_total",
-                "counter",
-                "HTTP connections closed for a header-read or idle timeout.",
-                &self.connections_timed_out_total,
-            ),
-            ("rate_limited_total", "counter", "HTTP requests answered 429 rate_limited.", &self.rate_limited_total),
-            (
-                "forbidden_host_total",
-                "counter",
-                "HTTP requests answered 403 forbidden_host (a Host or Origin that is not this server).",
-                &self.forbidden_host_total,
-            ),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, v) in rows {
-            let _ = writeln!(out, "# HELP {prefix}{name} {help}");
-            let _ = writeln!(out, "# TYPE {prefix}{name} {kind}");
-            let _ = writeln!(out, "{prefix}{name} {}", v.load(Ordering::Relaxed));
-        }
-        out
-    }
 }
 
 /// The key a client address is counted under: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its

@@ -7,7 +7,7 @@
 //!   private permissions).
 //! - [`quic`]: frame I/O on quinn streams and the driver that runs a sans-IO session on them.
 //! - [`http`]: `ApiError`, the JSON extractors and the accept loop (connection caps, timeouts);
-//!   [`ratelimit`] request rate limits.
+//!   [`ratelimit`] request rate limits; [`observe`] metrics and the request log both serve.
 //! - [`client`]: a small JSON client of either binary's HTTP API (CLIs, the demo, tests).
 //! - [`config`]: TOML loading with environment overrides and validation helpers; [`cli`] tracing
 //!   set-up, the shutdown signal and the async `main` wrapper.
@@ -31,6 +31,7 @@ pub mod dbfile;
 pub mod fatal;
 pub mod http;
 pub mod journal;
+pub mod observe;
 pub mod quic;
 pub mod ratelimit;
 pub mod sqlite;

@@ -51,6 +51,8 @@ pub type AfterCommit = Box<dyn FnMut(&Connection) + Send>;
 pub struct SqliteThreads {
     writer: mpsc::Sender<WriteJob>,
     reader: mpsc::Sender<ReadJob>,
+    /// Seconds each group `COMMIT` took (the fsync, with `synchronous=FULL`).
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl SqliteThreads {
@@ -65,15 +67,19 @@ impl SqliteThreads {
         let (wtx, wrx) = mpsc::channel::<WriteJob>(4096);
         let (rtx, rrx) = mpsc::channel::<ReadJob>(4096);
         let max = group_commit_max.max(1);
+        let commit_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 18),
+        );
+        let timer = commit_seconds.clone();
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
-            .spawn(move || writer_loop(write_conn, wrx, max, after_commit))?;
+            .spawn(move || writer_loop(write_conn, wrx, max, after_commit, timer))?;
         let rrx = Arc::new(Mutex::new(rrx));
         for (i, conn) in read_conns.into_iter().enumerate() {
             let rrx = rrx.clone();
             thread::Builder::new().name(format!("{name}-db-reader-{i}")).spawn(move || reader_loop(conn, rrx))?;
         }
-        Ok(SqliteThreads { writer: wtx, reader: rtx })
+        Ok(SqliteThreads { writer: wtx, reader: rtx, commit_seconds })
     }
 
     /// Runs `f` inside the next group commit; answers only after the commit is durable.
@@ -152,7 +158,13 @@ where
     }
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, mut after_commit: AfterCommit) {
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<WriteJob>,
+    max: usize,
+    mut after_commit: AfterCommit,
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
+) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(max);
     let mut finishers: Vec<Finisher> = Vec::with_capacity(max);
     while let Some(first) = rx.blocking_recv() {
@@ -194,7 +206,9 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max: usize, m
             }
             finishers.push(finish);
         }
+        let started = std::time::Instant::now();
         let committed = conn.execute_batch("COMMIT").map_err(SqliteError::from);
+        commit_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &committed {
             tracing::error!(error = %e, jobs = finishers.len(), "group commit failed; every request in it is refused");
             let _ = conn.execute_batch("ROLLBACK");

@@ -196,7 +196,8 @@ impl AgentApi {
         );
         let hosts = shelfsync_agent::guard::HostPolicy::new(AGENT_HOST.parse().expect("address"), &[]);
         let guard = Arc::new(shelfsync_agent::guard::Guard { hosts, limiter, stats });
-        let state = shelfsync_agent::api::AppState { db, sync: rx, token: Some(token), catalog, guard };
+        let metrics = Arc::new(shelfsync_agent::metrics::AgentMetrics::new(db.commit_seconds()));
+        let state = shelfsync_agent::api::AppState { db, sync: rx, token: Some(token), catalog, guard, metrics };
         AgentApi { router: shelfsync_agent::api::router(state, BODY_MAX_BYTES), served: 0, _sync: tx, _dir: dir }
     }
 }
