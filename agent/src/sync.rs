@@ -175,7 +175,11 @@ impl SyncClient {
         let mut refused_before = false;
         loop {
             self.status.send_modify(|s| {
-                s.state = SyncState::Connecting;
+                // A refused agent stays `refused` while it tries again: only a connection the hub
+                // accepts ends that episode.
+                if !refused_before {
+                    s.state = SyncState::Connecting;
+                }
                 s.attempts += 1;
             });
             let outcome = self.connect_once(&mut endpoint).await;

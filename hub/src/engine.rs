@@ -170,6 +170,8 @@ pub struct Engine {
     key: MacKey,
     change_head: watch::Receiver<u64>,
     connectivity: Connectivity,
+    /// Whether these files were a restored backup (a new life was taken when they opened).
+    opened_restored: bool,
 }
 
 impl Engine {
@@ -213,12 +215,18 @@ impl Engine {
             hub_writer: Arc::new(RwLock::new(hub_writer)),
             change_head,
             connectivity,
+            opened_restored: opened.restored_from.is_some(),
         };
         if let Some(old) = opened.restored_from {
             tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
             engine.reincarnate_blocking("opened a restored backup".to_owned())?;
         }
         Ok(engine)
+    }
+
+    /// Whether the files opened were a restored backup (this hub took a new life for it).
+    pub fn opened_restored(&self) -> bool {
+        self.opened_restored
     }
 
     /// Runs `f` on the decider thread inside the next batch; answers after its batch commits.

@@ -93,6 +93,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     let storage = Arc::new(storage);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
     let hub = Hub::new(storage, catalog);
+    if hub.storage.opened_restored() {
+        crate::metrics::Metrics::inc(&hub.metrics.hub_rollbacks_total);
+    }
 
     let server_config = quic_server::server_config(&hub, &pki).await.map_err(HubError::Pki)?;
     let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)

@@ -187,6 +187,7 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
     assert_eq!(now["restored_copy"], false, "{now}");
     let conflicts = c.conflicts(0).await;
     assert!(conflicts.iter().any(|x| x["kind"] == "hub_rolled_back"), "{conflicts:?}");
+    assert_eq!(c.metric("hub_rollbacks_total").await, 1, "the new life is counted");
 }
 
 /// A store backed up while it runs sells on (the hub gets those sales), is restored from the

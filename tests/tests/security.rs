@@ -196,6 +196,12 @@ async fn a_revoked_store_is_dropped_and_refused() {
 async fn a_store_cannot_change_the_catalog() {
     use automerge::transaction::Transactable;
     let mut c = Cluster::start(1).await;
+    // Killed once connected, so no hello of the agent is still on its way to race ours (a later
+    // hello would probe our raw connection, which does not answer pings, and supersede it).
+    wait_until("store-0 connected", DEADLINE, || async {
+        (c.agent_status(0).await["sync"]["state"] == "connected").then_some(())
+    })
+    .await;
     c.kill_agent(0).await; // only our raw connection speaks for store-0
     let bundle = Bundle::load(&c.dir.path().join("bundle-0")).unwrap();
     let (_ep, conn, mut send, mut recv) = raw_connect(&bundle, &c.quic_addr).await;
