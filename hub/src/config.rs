@@ -111,6 +111,9 @@ pub struct HttpSection {
     pub max_connections: usize,
     /// Most connections open at once from one client address; 0 = no per-address cap.
     pub max_connections_per_ip: usize,
+    /// Origins a browser storefront may call the API from (CORS), e.g. `https://shop.example.com`;
+    /// empty (the default): no cross-origin access.
+    pub cors_allowed_origins: Vec<String>,
     /// Request rate limits.
     pub rate_limit: HubRateLimits,
 }
@@ -235,6 +238,7 @@ impl Default for HttpSection {
             idle_timeout_secs: 60,
             max_connections: 4096,
             max_connections_per_ip: 512,
+            cors_allowed_origins: Vec::new(),
             rate_limit: HubRateLimits::default(),
         }
     }
@@ -290,6 +294,11 @@ impl HubConfig {
         )?;
         if self.http.idle_timeout_secs < SSE_KEEP_ALIVE_SECS + 5 {
             return bad("http.idle_timeout_secs", "must be at least 20: event streams send a keep-alive every 15 s");
+        }
+        for o in &self.http.cors_allowed_origins {
+            if let Err(m) = check_origin(o) {
+                return Err(ConfigError::Invalid { key: "http.cors_allowed_origins", message: format!("{o:?}: {m}") });
+            }
         }
         for (class, limit) in self.http.rate_limit.classes() {
             if let Some(problem) = limit.problem() {
@@ -431,5 +440,36 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("webhooks.url") && e.contains("webhooks[3] repeats the URL of webhooks[1]"), "{e}");
         assert!(e.contains("http://b/x"), "{e}");
+    }
+}
+
+/// An origin as browsers send it: `http` or `https`, a host, an optional port, nothing else
+/// (no path, no trailing slash, no wildcard).
+pub fn check_origin(o: &str) -> Result<(), &'static str> {
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .ok_or("an origin starts with https:// or http://")?;
+    if rest.is_empty() {
+        return Err("the host is missing");
+    }
+    if !rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')) {
+        return Err("an origin is scheme://host[:port] only: no path, slash, wildcard or spaces");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::check_origin;
+
+    #[test]
+    fn origins_are_exact() {
+        for ok in ["https://shop.example.com", "http://localhost:3000", "https://[::1]:8443"] {
+            assert_eq!(check_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in ["shop.example.com", "https://", "https://shop.example.com/", "https://*.example.com", "ftp://x"] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -141,6 +141,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         },
         config.http.max_body_bytes,
     );
+    let app = app.layer(cors(&config.http.cors_allowed_origins));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
         let _ = shutdown_rx.await;
@@ -180,4 +181,24 @@ async fn watch_catalog_imports(hub: Arc<Hub>) {
             Err(e) => tracing::error!(error = %e, "picking up catalog changes"),
         }
     }
+}
+
+/// Cross-origin access for a browser storefront: only the configured origins (none by default),
+/// the API's methods, the headers it reads (token, JSON body, idempotency and feed resumption),
+/// and `Retry-After` readable. Preflights are answered here, before authentication.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    let origins: Vec<HeaderValue> =
+        origins.iter().map(|o| HeaderValue::from_str(o).expect("validated in HubConfig::validate")).collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600))
 }

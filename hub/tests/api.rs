@@ -518,3 +518,62 @@ impl H {
         (s, v)
     }
 }
+
+/// CORS: off by default; with `http.cors_allowed_origins`, a listed origin gets its preflight
+/// answered without a token and may read answers; any other origin gets no CORS headers.
+#[tokio::test]
+async fn cors_lets_only_configured_origins_in() {
+    let acao =
+        |r: &reqwest::Response| r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_owned());
+    let preflight = |h: &H, origin: &str| {
+        h.http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/reservations", h.hub.url()))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type,idempotency-key")
+            .send()
+    };
+    // Default: nobody.
+    let h = hub_with(|_| {}).await;
+    let r = preflight(&h, "https://shop.example.com").await.unwrap();
+    assert_eq!(acao(&r), None);
+    h.hub.stop().await;
+
+    let h = hub_with(|c| c.http.cors_allowed_origins = vec!["https://shop.example.com".into()]).await;
+    let r = preflight(&h, "https://shop.example.com").await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(acao(&r).as_deref(), Some("https://shop.example.com"));
+    let methods = r.headers()["access-control-allow-methods"].to_str().unwrap().to_owned();
+    assert!(methods.contains("POST") && methods.contains("DELETE"), "{methods}");
+    let allowed = r.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("idempotency-key"), "{allowed}");
+    // Another origin: no CORS headers, so the browser refuses.
+    let r = preflight(&h, "https://evil.example.net").await.unwrap();
+    assert_eq!(acao(&r), None);
+    // A real call from the listed origin still needs its token, and can read the answer.
+    let r = h
+        .http
+        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .header("origin", "https://shop.example.com")
+        .bearer_auth(&h.storefront)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(acao(&r).as_deref(), Some("https://shop.example.com"));
+    let r = h
+        .http
+        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    h.hub.stop().await;
+
+    // A malformed origin is refused at start, naming the key.
+    let mut cfg = shelfsync_hub::config::HubConfig::default();
+    cfg.http.cors_allowed_origins = vec!["https://shop.example.com/".into()];
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("http.cors_allowed_origins"), "{e}");
+}
