@@ -77,7 +77,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(crate::feed::get_events))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
     let storefront = OpenApiRouter::new()
-        .routes(routes!(post_reservation))
+        .routes(routes!(post_reservation, get_reservations))
         .routes(routes!(get_reservation, delete_reservation))
         .routes(routes!(post_commit))
         .routes(routes!(post_extend))
@@ -290,8 +290,8 @@ async fn get_availability(
     path = "/v1/availability",
     tag = "viewer",
     summary = "Availability of several SKUs",
-    params(("sku" = Vec<String>, Query, description = "Repeat for each SKU (sku=A&sku=B)")),
-    responses((status = 200, description = "Figures per SKU", body = crate::openapi::AvailabilityList), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    params(("sku" = Vec<String>, Query, description = "Repeat for each SKU (sku=A&sku=B)"), ("store" = Option<String>, Query, description = "Only this store's figures (click-and-collect); the totals are that store's")),
+    responses((status = 200, description = "Figures per SKU", body = crate::openapi::AvailabilityList), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_availability_batch(
@@ -299,13 +299,23 @@ async fn get_availability_batch(
     ApiQuery(q): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     let mut skus = Vec::new();
+    let mut store: Option<StoreId> = None;
     for (k, v) in q {
-        if k != "sku" {
-            return Err(ApiError::invalid(format!("unknown query parameter {}; use sku=A&sku=B", quote(&k))));
-        }
-        let sku = parse_sku("sku", &v)?;
-        if !skus.contains(&sku) {
-            skus.push(sku);
+        match k.as_str() {
+            "sku" => {
+                let sku = parse_sku("sku", &v)?;
+                if !skus.contains(&sku) {
+                    skus.push(sku);
+                }
+            }
+            "store" if store.is_none() => store = Some(parse_store("store", &v)?),
+            "store" => return Err(ApiError::invalid("give store at most once").with("parameter", "store")),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {}; use sku=A&sku=B and optionally store=S",
+                    quote(&k)
+                )))
+            }
         }
     }
     if skus.is_empty() {
@@ -314,7 +324,20 @@ async fn get_availability_batch(
     if skus.len() > state.max_batch_skus {
         return Err(ApiError::invalid(format!("{} skus asked; the limit is {}", skus.len(), state.max_batch_skus)));
     }
-    let items = availability(&state, skus).await?;
+    let mut items = availability(&state, skus).await?;
+    if let Some(store) = store {
+        // One store's figures (click-and-collect): the totals are that store's.
+        if !state.hub.storage.stores().await?.iter().any(|s| s.id == store) {
+            return Err(ApiError::not_found(format!("no store {store}")));
+        }
+        for item in &mut items {
+            item.stores.retain(|s| s.store == store);
+            item.on_hand = item.stores.iter().map(|s| s.on_hand).sum();
+            item.held = item.stores.iter().map(|s| s.held).sum();
+            item.raw_available = item.stores.iter().map(|s| s.raw_available).sum();
+            item.available = item.stores.iter().map(|s| s.available).sum();
+        }
+    }
     Ok(Json(json!({ "items": items })))
 }
 
@@ -747,6 +770,82 @@ async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<Str
         Some(v) => Ok(Json(v.to_json())),
         None => Err(ApiError::not_found(format!("no reservation {id}"))),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReservationQuery {
+    customer: Option<String>,
+    status: Option<String>,
+    short: Option<bool>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Largest page of `/v1/reservations`.
+pub const RESERVATIONS_PAGE_MAX: usize = 1000;
+
+#[utoipa::path(
+    get,
+    path = "/v1/reservations",
+    tag = "storefront",
+    summary = "Reservations, newest first, a page at a time (by customer, by status, the short ones)",
+    params(
+        ("customer" = Option<String>, Query, description = "Only this customer's"),
+        ("status" = Option<String>, Query, description = "held, committed, fulfilled, released or expired"),
+        ("short" = Option<bool>, Query, description = "Only those with (true) or without (false) a line marked short"),
+        ("after" = Option<String>, Query, description = "The previous page's next (a reservation id)"),
+        ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")
+    ),
+    responses((status = 200, description = "A page", body = crate::openapi::ReservationPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_reservations(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ReservationQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > RESERVATIONS_PAGE_MAX {
+        return Err(ApiError::invalid(format!("limit must be between 1 and {RESERVATIONS_PAGE_MAX}, got {limit}"))
+            .with("parameter", "limit"));
+    }
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(shelfsync_hub_core::ReservationStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "status must be held, committed, fulfilled, released or expired; got {}",
+                quote(s)
+            ))
+            .with("parameter", "status")
+        })?),
+    };
+    if let Some(c) = &q.customer {
+        if c.is_empty() || c.len() > shelfsync_hub_core::CUSTOMER_MAX_LEN {
+            return Err(ApiError::invalid(format!(
+                "customer must be 1 to {} bytes, got {}",
+                shelfsync_hub_core::CUSTOMER_MAX_LEN,
+                c.len()
+            ))
+            .with("parameter", "customer"));
+        }
+    }
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(a) => {
+            let id = parse_id(a).map_err(|e| e.with("parameter", "after"))?;
+            if state.hub.storage.reservation(id).await?.is_none() {
+                return Err(ApiError::invalid(format!("after names no reservation: {id}")).with("parameter", "after"));
+            }
+            Some(id)
+        }
+    };
+    let filter =
+        shelfsync_hub_core::ReservationFilter { customer: q.customer, status, short: q.short, after, limit: limit + 1 };
+    let mut rows = state.hub.storage.reservations(filter).await?;
+    let next = (rows.len() > limit).then(|| rows[limit - 1].id);
+    rows.truncate(limit);
+    let items: Vec<Value> = rows.iter().map(|r| r.to_json()).collect();
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {

@@ -697,6 +697,14 @@ impl Engine {
         .await
     }
 
+    /// Reservations, newest first, filtered.
+    pub async fn reservations(
+        &self,
+        filter: shelfsync_hub_core::ReservationFilter,
+    ) -> StorageResult<Vec<ReservationView>> {
+        self.run(move |st, _| st.d.reservations(&filter)).await
+    }
+
     /// A reservation's current state.
     pub async fn reservation(&self, id: Uuid) -> StorageResult<Option<ReservationView>> {
         self.run(move |st, _| st.d.reservation(id)).await

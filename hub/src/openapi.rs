@@ -200,6 +200,14 @@ pub struct Reservation {
     pub lines: Vec<Line>,
 }
 
+/// `GET /v1/reservations`: newest first.
+#[derive(Serialize, ToSchema)]
+pub struct ReservationPage {
+    pub items: Vec<Reservation>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
+}
+
 /// A conflict for head office.
 #[derive(Serialize, ToSchema)]
 pub struct Conflict {

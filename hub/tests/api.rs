@@ -24,6 +24,7 @@ impl H {
         let mut req = match method {
             "GET" => self.http.get(url),
             "POST" => self.http.post(url),
+            "DELETE" => self.http.delete(url),
             _ => unreachable!(),
         };
         if let Some(t) = token {
@@ -576,4 +577,76 @@ async fn cors_lets_only_configured_origins_in() {
     cfg.http.cors_allowed_origins = vec!["https://shop.example.com/".into()];
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("http.cors_allowed_origins"), "{e}");
+}
+
+/// `GET /v1/reservations` by customer, status and shortness, newest first, paged like every
+/// list; `GET /v1/availability?sku=..&store=..` gives one store's figures (click-and-collect).
+#[tokio::test]
+async fn reservations_list_and_availability_for_one_store() {
+    let h = hub().await;
+    let a = Some(h.admin.as_str());
+    let sf = Some(h.storefront.as_str());
+    for (store, qty) in [("store-a", 10), ("store-b", 5)] {
+        let body = json!({"id": Uuid::now_v7(), "store": store, "lines": [{"sku": "A", "qty": qty}]});
+        assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    }
+    let mut ids = Vec::new();
+    for (customer, qty) in [("c1", 2), ("c2", 1), ("c1", 1)] {
+        let id = Uuid::now_v7();
+        let body = json!({"id": id, "lines": [{"sku": "A", "qty": qty}], "customer": customer});
+        assert_eq!(h.call("POST", "/v1/reservations", sf, Some(body)).await.0, StatusCode::CREATED);
+        ids.push(id.to_string());
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await; // distinct creation times
+    }
+    assert_eq!(h.call("DELETE", &format!("/v1/reservations/{}", ids[2]), sf, None).await.0, StatusCode::OK);
+    let list = |q: &str| {
+        let q = q.to_owned();
+        let h = &h;
+        async move {
+            let (s, v) = h.call("GET", &format!("/v1/reservations{q}"), sf, None).await;
+            assert_eq!(s, StatusCode::OK, "{q}: {v}");
+            let got: Vec<String> =
+                v["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+            (got, v["next"].clone())
+        }
+    };
+    assert_eq!(list("?customer=c1").await, (vec![ids[2].clone(), ids[0].clone()], Value::Null));
+    assert_eq!(list("?customer=c1&status=held").await.0, vec![ids[0].clone()]);
+    assert_eq!(list("?status=released").await.0, vec![ids[2].clone()]);
+    assert_eq!(list("?short=true").await.0, Vec::<String>::new());
+    assert_eq!(list("?customer=nobody").await.0, Vec::<String>::new());
+    // Paging: one a page, newest first, next null on the last.
+    let (mut seen, mut q) = (Vec::new(), "?limit=1".to_owned());
+    loop {
+        let (page, next) = list(&q).await;
+        seen.extend(page);
+        match next.as_str() {
+            Some(n) => q = format!("?limit=1&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+    for (q, param) in [
+        ("?status=lost", "status"),
+        ("?limit=0", "limit"),
+        (&*format!("?after={}", Uuid::now_v7()), "after"),
+        ("?after=x", "after"),
+    ] {
+        let (s, v) = h.call("GET", &format!("/v1/reservations{q}"), sf, None).await;
+        assert_eq!((s, v["parameter"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(param)), "{q}: {v}");
+    }
+    let (s, _) = h.call("GET", "/v1/reservations?colour=red", sf, None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = h.call("GET", "/v1/reservations", Some(&h.viewer), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "customer references are for the storefront");
+
+    // One store's availability.
+    let v = h.call("GET", "/v1/availability?sku=A&store=store-b", Some(&h.viewer), None).await.1;
+    let item = &v["items"][0];
+    assert_eq!(item["stores"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!((item["stores"][0]["store"].as_str(), item["on_hand"].as_i64()), (Some("store-b"), Some(5)), "{v}");
+    let (s, _) = h.call("GET", "/v1/availability?sku=A&store=store-z", Some(&h.viewer), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = h.call("GET", "/v1/availability?sku=A&store=store-a&store=store-b", Some(&h.viewer), None).await;
+    assert_eq!((s, v["parameter"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("store")), "{v}");
 }

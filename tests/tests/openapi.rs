@@ -87,6 +87,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         ("post", "/v1/restocks"),
         ("post", "/v1/transfers"),
         ("post", "/v1/reservations"),
+        ("get", "/v1/reservations"),
         ("get", "/v1/reservations/{id}"),
         ("post", "/v1/reservations/{id}/commit"),
         ("post", "/v1/reservations/{id}/extend"),
@@ -192,6 +193,12 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::DELETE, "/v1/reservations/{id}", &rpath, None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/DOC-1", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&sku=NONE", None).await.0, 200);
+    assert_eq!(
+        hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&store=store-1", None).await.0,
+        200
+    );
+    assert_eq!(hub.call(Method::GET, "/v1/reservations", "/v1/reservations?customer=c-1", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/reservations", "/v1/reservations?status=lost", None).await.0, 422);
     assert_eq!(hub.call(Method::GET, "/v1/stores", "/v1/stores", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/stores/{id}/stock", "/v1/stores/store-0/stock?limit=1", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/catalog", "/v1/catalog?q=mug", None).await.0, 200);

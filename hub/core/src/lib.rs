@@ -69,6 +69,7 @@ pub use command::{
 pub use conflicts::ConflictFilter;
 pub use feed::{FeedData, FeedEvent, FeedKind, FeedRead};
 pub use ids::mint as mint_id;
+pub use lifecycle::ReservationFilter;
 pub use merge::EntriesPage;
 pub use model::{
     ActionRequest, AgentConflictKind, AlertState, Allocation, AllocationStatus, CatalogRule, ChangedLine, Conflict,

@@ -269,7 +269,46 @@ pub(crate) fn expire_due(cx: &mut Ctx<'_>) -> Expired {
     Expired { expired: due.len(), stores: stores.into_iter().collect(), more }
 }
 
+/// Which reservations to list (`GET /v1/reservations`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReservationFilter {
+    /// Only this customer's.
+    pub customer: Option<String>,
+    /// Only in this state.
+    pub status: Option<ReservationStatus>,
+    /// Only those with (or without) a line marked short.
+    pub short: Option<bool>,
+    /// Only those listed after this one (the previous page's last id).
+    pub after: Option<Uuid>,
+    /// Most rows.
+    pub limit: usize,
+}
+
 impl Decider {
+    /// Reservations, newest first (creation time, then id), filtered; a customer's come from
+    /// its index, the others from a scan.
+    pub fn reservations(&self, f: &ReservationFilter) -> Vec<ReservationView> {
+        let newest_first = |r: &Reservation| (std::cmp::Reverse(r.created_at_ms), std::cmp::Reverse(r.id));
+        let mut rows: Vec<&Reservation> = match &f.customer {
+            Some(c) => {
+                self.t.by_customer.get(c).into_iter().flatten().filter_map(|id| self.t.reservations.get(id)).collect()
+            }
+            None => self.t.reservations.values().collect(),
+        };
+        rows.retain(|r| f.status.is_none_or(|s| s == r.status));
+        rows.sort_by_key(|r| newest_first(r));
+        let start = match f.after.and_then(|id| self.t.reservations.get(&id)) {
+            Some(after) => rows.partition_point(|r| newest_first(r) <= newest_first(after)),
+            None => 0,
+        };
+        rows.into_iter()
+            .skip(start)
+            .map(|r| build(&self.t, r))
+            .filter(|v| f.short.is_none_or(|s| s == v.short))
+            .take(f.limit)
+            .collect()
+    }
+
     /// A reservation's current view.
     pub fn reservation(&self, id: Uuid) -> Option<ReservationView> {
         self.t.reservations.get(&id).map(|r| build(&self.t, r))
