@@ -435,13 +435,10 @@ async fn get_stock_page(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<StockPage>, ApiError> {
-    let limit = q.limit.unwrap_or(STOCK_PAGE_DEFAULT);
-    if limit == 0 || limit > STOCK_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
-    }
+    let limit = shelfsync_node::http::page_limit(q.limit, STOCK_PAGE_DEFAULT, STOCK_PAGE_MAX)?;
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
-    let items = ledger::stock_page(&state.db, after, limit).await?;
-    let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
+    let items = ledger::stock_page(&state.db, after, limit + 1).await?;
+    let (items, next) = shelfsync_node::http::page(items, limit, |v| v.sku.to_string());
     Ok(Json(StockPage { items, next }))
 }
 

@@ -307,6 +307,9 @@ async fn stock_pages_in_sku_order() {
     }
     let expected: Vec<String> = (0..25).map(|i| format!("SKU-{i:03}")).collect();
     assert_eq!(seen, expected);
+    // A page that ends exactly at the last row says so: no next.
+    let (_, v) = h.get("/v1/stock?limit=25").await;
+    assert_eq!((v["items"].as_array().unwrap().len(), &v["next"]), (25, &Value::Null), "{v}");
 }
 
 /// 8 concurrent clients each post 500 sales and randomly re-send ids already used (their own and

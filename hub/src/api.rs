@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_node::http::{bearer, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
+use shelfsync_node::http::{bearer, page, page_limit, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
 use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
@@ -406,13 +406,10 @@ async fn get_store_stock(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = parse_store("store", &id)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > STOCK_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
-    }
+    let limit = page_limit(q.limit, 100, STOCK_PAGE_MAX)?;
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
-    let rows = state.hub.storage.store_stock(store.clone(), after, limit).await?;
-    let next = (rows.len() == limit).then(|| rows.last().map(|r| r.sku.to_string())).flatten();
+    let rows = state.hub.storage.store_stock(store.clone(), after, limit + 1).await?;
+    let (rows, next) = page(rows, limit, |r| r.sku.to_string());
     let skus: Vec<Sku> = rows.iter().map(|r| r.sku.clone()).collect();
     let figs: HashMap<Sku, (u64, u64)> = state
         .hub
@@ -804,11 +801,7 @@ async fn get_reservations(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ReservationQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > RESERVATIONS_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {RESERVATIONS_PAGE_MAX}, got {limit}"))
-            .with("parameter", "limit"));
-    }
+    let limit = page_limit(q.limit, 100, RESERVATIONS_PAGE_MAX)?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(shelfsync_hub_core::ReservationStatus::parse(s).ok_or_else(|| {
@@ -841,9 +834,7 @@ async fn get_reservations(
     };
     let filter =
         shelfsync_hub_core::ReservationFilter { customer: q.customer, status, short: q.short, after, limit: limit + 1 };
-    let mut rows = state.hub.storage.reservations(filter).await?;
-    let next = (rows.len() > limit).then(|| rows[limit - 1].id);
-    rows.truncate(limit);
+    let (rows, next) = page(state.hub.storage.reservations(filter).await?, limit, |r| r.id);
     let items: Vec<Value> = rows.iter().map(|r| r.to_json()).collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }
@@ -983,10 +974,7 @@ async fn get_conflicts(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ConflictQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > CONFLICTS_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {CONFLICTS_PAGE_MAX}, got {limit}")));
-    }
+    let limit = page_limit(q.limit, 100, CONFLICTS_PAGE_MAX)?;
     let after = match q.after.as_deref() {
         None => None,
         Some(a) => {
@@ -1013,9 +1001,7 @@ async fn get_conflicts(
         // One more than asked: whether there is a next page.
         limit: limit + 1,
     };
-    let mut rows = state.hub.storage.conflicts(filter).await?;
-    let next = (rows.len() > limit).then(|| rows[limit - 1].id);
-    rows.truncate(limit);
+    let (rows, next) = page(state.hub.storage.conflicts(filter).await?, limit, |c| c.id);
     let items: Vec<Value> = rows.iter().map(|c| c.to_json()).collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }
@@ -1104,10 +1090,7 @@ async fn get_changes(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ChangesQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > CHANGES_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {CHANGES_PAGE_MAX}, got {limit}")));
-    }
+    let limit = page_limit(q.limit, 100, CHANGES_PAGE_MAX)?;
     let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
     let items = state.hub.storage.changes_after(after, limit).await?;
     let next = items.last().map(|e| e.cursor).unwrap_or(after);
@@ -1149,10 +1132,7 @@ async fn get_catalog_page(
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<CatalogQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > STOCK_PAGE_MAX {
-        return Err(ApiError::invalid(format!("limit must be between 1 and {STOCK_PAGE_MAX}, got {limit}")));
-    }
+    let limit = page_limit(q.limit, 100, STOCK_PAGE_MAX)?;
     let after = q.after.as_deref().map(|s| parse_sku("after", s)).transpose()?;
     let search = q.q.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
     let items = match search {
@@ -1163,10 +1143,10 @@ async fn get_catalog_page(
             ))
             .with("parameter", "q"))
         }
-        Some(text) => state.hub.storage.catalog_search(text, after, limit).await?,
-        None => state.hub.storage.catalog_page(after, limit).await?,
+        Some(text) => state.hub.storage.catalog_search(text, after, limit + 1).await?,
+        None => state.hub.storage.catalog_page(after, limit + 1).await?,
     };
-    let next = (items.len() == limit).then(|| items.last().map(|v| v.sku.to_string())).flatten();
+    let (items, next) = page(items, limit, |v| v.sku.to_string());
     Ok(Json(json!({ "items": items, "next": next })))
 }
 

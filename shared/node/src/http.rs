@@ -282,6 +282,25 @@ pub fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
 }
 
+/// A list's `limit`: `default` when absent, else 1 ..= `max`; otherwise a 422 naming `limit`.
+pub fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if limit == 0 || limit > max {
+        return Err(
+            ApiError::invalid(format!("limit must be between 1 and {max}, got {limit}")).with("parameter", "limit")
+        );
+    }
+    Ok(limit)
+}
+
+/// One page of a list read with `limit + 1` rows: the first `limit` rows, and `next` (the key of
+/// the last one shown) only when there are more, so `next` is null exactly on the last page.
+pub fn page<T, K>(mut rows: Vec<T>, limit: usize, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
+    let next = (rows.len() > limit).then(|| key(&rows[limit - 1]));
+    rows.truncate(limit);
+    (rows, next)
+}
+
 /// `{"status": "ok"}`.
 pub async fn healthz() -> axum::Json<Value> {
     axum::Json(json!({"status": "ok"}))
