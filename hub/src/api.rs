@@ -341,6 +341,12 @@ async fn get_availability_batch(
     Ok(Json(json!({ "items": items })))
 }
 
+/// A route that takes no query parameters refuses any (422), like every other route does
+/// with parameters it does not know.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
 #[utoipa::path(
     get,
     path = "/v1/stores",
@@ -349,7 +355,10 @@ async fn get_availability_batch(
     responses((status = 200, description = "Stores", body = crate::openapi::StoreList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn get_stores(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+async fn get_stores(
+    State(state): State<ApiState>,
+    ApiQuery(NoParams {}): ApiQuery<NoParams>,
+) -> Result<Json<Value>, ApiError> {
     let stores = state.hub.storage.stores().await?;
     let items: Vec<Value> = stores
         .into_iter()

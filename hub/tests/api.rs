@@ -162,6 +162,8 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
     assert_eq!(v["next"], "A");
     let (_, v) = h.call("GET", "/v1/stores/store-a/stock?limit=1&after=A", t, None).await;
     assert_eq!(v["items"][0]["sku"], "B");
+    let (s, v) = h.call("GET", "/v1/stores?colour=red", t, None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{v}");
     let (s, v) = h.call("GET", "/v1/stores", t, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
