@@ -274,19 +274,7 @@ pub fn judge_and_retire(
         window_ms: window,
         at_ms: now_ms,
     };
-    conn.execute(
-        "INSERT INTO retired (old, new, cut_ordinal, report) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (old) DO UPDATE SET new = excluded.new, cut_ordinal = excluded.cut_ordinal, report = excluded.report, reported = 0",
-        params![me.to_string(), new.to_string(), at, serde_json::to_string(&report).expect("reports serialise")],
-    )?;
-    db::meta_set(conn, "writer", &new.to_string())?;
-    db::meta_set(conn, "incarnation_started_ms", &now_ms.to_string())?;
-    // Everything is shipped anew under the new writer; the hub's entries of the old one come back
-    // down (they are another writer's now) and max-merge with what this copy kept of it.
-    conn.execute(
-        "UPDATE hub_link SET hub_writer = NULL, applied = 0, journal_applied = 0, acked = 0, journal_acked = 0 WHERE id = 1",
-        [],
-    )?;
+    switch_writer(conn, &report, at)?;
     Ok(Some((report, new)))
 }
 
@@ -313,16 +301,30 @@ pub fn retire_restored(conn: &Connection, me: &WriterId, now_ms: i64) -> Result<
         window_ms: None,
         at_ms: now_ms,
     };
+    switch_writer(conn, &report, own.ordinal)?;
+    Ok((report, new))
+}
+
+/// Records a retirement (its report waits for the next `Hello`) and makes its new writer the one
+/// these files record under from now on. Everything is shipped anew under the new writer; the
+/// hub's entries of the old one come back down (they are another writer's now) and max-merge
+/// with what this copy kept of it.
+fn switch_writer(conn: &Connection, report: &Retirement, cut_ordinal: u64) -> Result<(), DbError> {
     conn.execute(
         "INSERT INTO retired (old, new, cut_ordinal, report) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (old) DO UPDATE SET new = excluded.new, cut_ordinal = excluded.cut_ordinal, report = excluded.report, reported = 0",
-        params![me.to_string(), new.to_string(), own.ordinal, serde_json::to_string(&report).expect("reports serialise")],
+        params![
+            report.old.to_string(),
+            report.new.to_string(),
+            cut_ordinal,
+            serde_json::to_string(report).expect("reports serialise")
+        ],
     )?;
-    db::meta_set(conn, "writer", &new.to_string())?;
-    db::meta_set(conn, "incarnation_started_ms", &now_ms.to_string())?;
+    db::meta_set(conn, "writer", &report.new.to_string())?;
+    db::meta_set(conn, "incarnation_started_ms", &report.at_ms.to_string())?;
     conn.execute(
         "UPDATE hub_link SET hub_writer = NULL, applied = 0, journal_applied = 0, acked = 0, journal_acked = 0 WHERE id = 1",
         [],
     )?;
-    Ok((report, new))
+    Ok(())
 }

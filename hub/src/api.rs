@@ -120,6 +120,13 @@ async fn count_requests(State(state): State<ApiState>, req: Request, next: Next)
     resp
 }
 
+/// Who made an authenticated request (the role layer puts it in the request's extensions).
+#[derive(Clone, Debug)]
+struct Caller {
+    /// The token's name.
+    token_name: String,
+}
+
 async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request, next: Next) -> Response {
     let Some(token) = bearer(req.headers()) else {
         return ApiError::unauthorized("missing Authorization: Bearer <token>").into_response();
@@ -127,6 +134,8 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
     match state.hub.authenticate(token).await {
         Ok(Verdict::Valid(t)) if t.role >= min => {
             shelfsync_node::observe::record_token_name(&t.name);
+            let mut req = req;
+            req.extensions_mut().insert(Caller { token_name: t.name });
             next.run(req).await
         }
         Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
@@ -1037,7 +1046,7 @@ struct ResolveBody {
 async fn post_resolve_conflict(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
-    headers: axum::http::HeaderMap,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiJson(b): ApiJson<ResolveBody>,
 ) -> Result<Json<Value>, ApiError> {
     let id = Uuid::parse_str(&id)
@@ -1049,15 +1058,7 @@ async fn post_resolve_conflict(
     if note.len() > REASON_MAX_LEN {
         return Err(ApiError::invalid(format!("note is {} bytes long; the limit is {REASON_MAX_LEN}", note.len())));
     }
-    // The role layer authenticated the token already; its name goes into the record.
-    let by = match bearer(&headers) {
-        Some(t) => match state.hub.authenticate(t).await? {
-            Verdict::Valid(t) => t.name,
-            _ => "unknown".into(),
-        },
-        None => "unknown".into(),
-    };
-    let resolution = format!("{note} (resolved by {by})");
+    let resolution = format!("{note} (resolved by {})", caller.token_name);
     let c = state.hub.storage.resolve_conflict(id, resolution, shelfsync_node::now_ms()).await?;
     Ok(Json(c.to_json()))
 }

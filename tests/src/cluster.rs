@@ -304,6 +304,24 @@ impl Cluster {
             .collect()
     }
 
+    /// Sells `n` single units of `sku` at agent `i`, each acknowledged.
+    pub async fn sell_n(&self, i: usize, sku: &str, n: usize) {
+        for _ in 0..n {
+            assert_eq!(self.sell(i, sku, 1).await, 201, "every sale is acknowledged");
+        }
+    }
+
+    /// Waits (at most `deadline`) until the hub shows `want` of `sku` at store `i` and agent `i`
+    /// agrees.
+    pub async fn settled(&self, i: usize, sku: &str, want: i64, deadline: Duration) {
+        wait_until(&format!("{} to show {want} of {sku} at hub and store", self.stores[i]), deadline, || async {
+            let at_hub = self.hub_on_hand(sku).await.get(&self.stores[i]).copied().unwrap_or(0);
+            let at_agent = self.agent_on_hand(i, sku).await;
+            (at_hub == want && at_agent == want).then_some(())
+        })
+        .await;
+    }
+
     /// One of the hub's Prometheus metrics (`shelfsync_hub_<name>`).
     pub async fn metric(&self, name: &str) -> u64 {
         let r =

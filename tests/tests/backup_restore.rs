@@ -13,22 +13,6 @@ use shelfsync_tests::procs::{bin, wait_until, Proc};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-async fn sell_n(c: &Cluster, i: usize, sku: &str, n: usize) {
-    for _ in 0..n {
-        assert_eq!(c.sell(i, sku, 1).await, 201, "every sale is acknowledged");
-    }
-}
-
-/// Waits until the hub shows `want` of `sku` at store `i` and agent `i` agrees.
-async fn settled(c: &Cluster, i: usize, sku: &str, want: i64) {
-    wait_until(&format!("{} to show {want} of {sku} at hub and store", c.stores[i]), SETTLE, || async {
-        let at_hub = c.hub_on_hand(sku).await.get(&c.stores[i]).copied().unwrap_or(0);
-        let at_agent = c.agent_on_hand(i, sku).await;
-        (at_hub == want && at_agent == want).then_some(())
-    })
-    .await;
-}
-
 async fn journal_events(c: &Cluster, store: &str) -> u64 {
     let stores = c.hub_get("/v1/stores").await;
     stores["items"]
@@ -116,8 +100,8 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
     let mut c = Cluster::start(2).await;
     for i in 0..2 {
         assert_eq!(c.count(i, "A", 100).await, 201);
-        sell_n(&c, i, "A", 10).await;
-        settled(&c, i, "A", 90).await;
+        c.sell_n(i, "A", 10).await;
+        c.settled(i, "A", 90, SETTLE).await;
     }
     let hd = c.hub_dir();
     let backup = c.dir.path().join("hub.backup");
@@ -135,10 +119,10 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
     let old_writer = old_status["hub_writer"].as_str().unwrap().to_owned();
 
     // After the backup: sales the restored hub must get back from the stores.
-    sell_n(&c, 0, "A", 7).await;
-    sell_n(&c, 1, "A", 4).await;
-    settled(&c, 0, "A", 83).await;
-    settled(&c, 1, "A", 86).await;
+    c.sell_n(0, "A", 7).await;
+    c.sell_n(1, "A", 4).await;
+    c.settled(0, "A", 83, SETTLE).await;
+    c.settled(1, "A", 86, SETTLE).await;
     c.stop_hub().await;
 
     restore_refuses("shelfsync-hub", &backup, &hd, c.dir.path()).await;
@@ -165,12 +149,12 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
     std::fs::rename(&hd, c.dir.path().join("hub-lost")).unwrap();
     c.hub_data_dir = new_dir.clone();
     c.start_hub().await;
-    settled(&c, 0, "A", 83).await;
-    settled(&c, 1, "A", 86).await;
-    sell_n(&c, 0, "A", 3).await;
-    sell_n(&c, 1, "A", 2).await;
-    settled(&c, 0, "A", 80).await;
-    settled(&c, 1, "A", 84).await;
+    c.settled(0, "A", 83, SETTLE).await;
+    c.settled(1, "A", 86, SETTLE).await;
+    c.sell_n(0, "A", 3).await;
+    c.sell_n(1, "A", 2).await;
+    c.settled(0, "A", 80, SETTLE).await;
+    c.settled(1, "A", 84, SETTLE).await;
     // Every sale once in the journal: the count, 10 before the backup, those after, those since.
     for (store, want) in [("store-0", 1 + 10 + 7 + 3), ("store-1", 1 + 10 + 4 + 2)] {
         wait_until(&format!("the hub's journal of {store} to hold every sale once"), SETTLE, || async {
@@ -197,8 +181,8 @@ async fn a_hub_restored_into_a_new_dir_ends_with_every_sale_once() {
 async fn a_store_restored_from_its_backup_takes_a_new_writer_and_counts_every_sale_once() {
     let mut c = Cluster::start(1).await;
     assert_eq!(c.count(0, "A", 50).await, 201);
-    sell_n(&c, 0, "A", 5).await;
-    settled(&c, 0, "A", 45).await;
+    c.sell_n(0, "A", 5).await;
+    c.settled(0, "A", 45, SETTLE).await;
     let old_writer = c.agent_status(0).await["writer"].as_str().unwrap().to_owned();
     let ad = c.agent_dir(0);
     let backup = c.dir.path().join("agent.backup");
@@ -206,8 +190,8 @@ async fn a_store_restored_from_its_backup_takes_a_new_writer_and_counts_every_sa
         .await;
     assert_eq!(mode(&backup), 0o600, "a backup holds the store's key");
 
-    sell_n(&c, 0, "A", 4).await;
-    settled(&c, 0, "A", 41).await;
+    c.sell_n(0, "A", 4).await;
+    c.settled(0, "A", 41, SETTLE).await;
     c.stop_agent(0).await;
 
     restore_refuses("shelfsync-agent", &backup, &ad, c.dir.path()).await;
@@ -229,9 +213,9 @@ async fn a_store_restored_from_its_backup_takes_a_new_writer_and_counts_every_sa
     c.start_agent(k).await;
     let writer = c.agent_status(k).await["writer"].as_str().unwrap().to_owned();
     assert_ne!(writer, old_writer, "the restored store has a new incarnation before it even connects");
-    settled(&c, k, "A", 41).await;
-    sell_n(&c, k, "A", 2).await;
-    settled(&c, k, "A", 39).await;
+    c.settled(k, "A", 41, SETTLE).await;
+    c.sell_n(k, "A", 2).await;
+    c.settled(k, "A", 39, SETTLE).await;
     wait_until("the hub's journal to hold every sale once", SETTLE, || async {
         (journal_events(&c, "store-0").await == 1 + 5 + 4 + 2).then_some(())
     })

@@ -13,23 +13,6 @@ use shelfsync_tests::procs::wait_until;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// Sells `n` single units of `sku` at agent `i`, each acknowledged.
-async fn sell_n(c: &Cluster, i: usize, sku: &str, n: usize) {
-    for _ in 0..n {
-        assert_eq!(c.sell(i, sku, 1).await, 201, "every sale is acknowledged");
-    }
-}
-
-/// Waits until the hub shows `want` of `sku` at store `i` and agent `i` agrees.
-async fn settled(c: &Cluster, i: usize, sku: &str, want: i64) {
-    wait_until(&format!("{} to show {want} of {sku} at hub and store", c.stores[i]), SETTLE, || async {
-        let at_hub = c.hub_on_hand(sku).await.get(&c.stores[i]).copied().unwrap_or(0);
-        let at_agent = c.agent_on_hand(i, sku).await;
-        (at_hub == want && at_agent == want).then_some(())
-    })
-    .await;
-}
-
 fn kinds(conflicts: &[Value]) -> Vec<String> {
     conflicts.iter().map(|c| c["kind"].as_str().unwrap_or_default().to_owned()).collect()
 }
@@ -54,7 +37,7 @@ async fn a_store_put_back_to_old_files_loses_no_sale() {
     for hub_down in [false, true] {
         let mut c = Cluster::start(1).await;
         assert_eq!(c.count(0, "A", 100).await, 201);
-        settled(&c, 0, "A", 100).await;
+        c.settled(0, "A", 100, SETTLE).await;
         let writer_before = c.agent_status(0).await["writer"].as_str().unwrap().to_owned();
 
         // The store's files as they were (a disk image, a VM snapshot, `cp -a`).
@@ -62,8 +45,8 @@ async fn a_store_put_back_to_old_files_loses_no_sale() {
         let snapshot = c.dir.path().join("agent-0-snapshot");
         copy_dir(&c.agent_dir(0), &snapshot);
         c.start_agent(0).await;
-        sell_n(&c, 0, "A", 30).await;
-        settled(&c, 0, "A", 70).await;
+        c.sell_n(0, "A", 30).await;
+        c.settled(0, "A", 70, SETTLE).await;
 
         c.stop_agent(0).await;
         replace_dir(&c.agent_dir(0), &snapshot);
@@ -72,11 +55,11 @@ async fn a_store_put_back_to_old_files_loses_no_sale() {
         }
         c.start_agent(0).await;
         assert_eq!(c.agent_on_hand(0, "A").await, 100, "the old files know nothing of the 30");
-        sell_n(&c, 0, "A", 50).await;
+        c.sell_n(0, "A", 50).await;
         if hub_down {
             c.start_hub().await;
         }
-        settled(&c, 0, "A", 20).await;
+        c.settled(0, "A", 20, SETTLE).await;
         wait_until("the hub's journal to hold every sale", SETTLE, || async {
             (journal_events(&c, 0).await == 81).then_some(())
         })
@@ -104,8 +87,8 @@ async fn a_store_put_back_to_old_files_loses_no_sale() {
         assert!(c.metric("retirements_total").await >= 1);
 
         // And it goes on working under the new writer.
-        sell_n(&c, 0, "A", 5).await;
-        settled(&c, 0, "A", 15).await;
+        c.sell_n(0, "A", 5).await;
+        c.settled(0, "A", 15, SETTLE).await;
     }
 }
 
@@ -117,11 +100,11 @@ async fn a_store_put_back_to_old_files_loses_no_sale() {
 async fn a_cloned_store_counts_every_sale_once() {
     let mut c = Cluster::start(1).await;
     assert_eq!(c.count(0, "A", 1000).await, 201);
-    settled(&c, 0, "A", 1000).await;
+    c.settled(0, "A", 1000, SETTLE).await;
     c.stop_agent(0).await;
     let k = c.add_copy(0);
     c.start_agent(0).await;
-    settled(&c, 0, "A", 1000).await; // the original is connected first
+    c.settled(0, "A", 1000, SETTLE).await; // the original is connected first
     c.start_agent(k).await;
 
     // The copy is refused, not flapping with the original.
@@ -144,20 +127,20 @@ async fn a_cloned_store_counts_every_sale_once() {
     assert!(cs.contains(&"writer_cloned".to_owned()), "{cs:?}");
     assert!(c.metric("writer_clones_total").await >= 1);
 
-    sell_n(&c, 0, "A", 50).await;
-    sell_n(&c, k, "A", 30).await;
-    settled(&c, 0, "A", 950).await;
+    c.sell_n(0, "A", 50).await;
+    c.sell_n(k, "A", 30).await;
+    c.settled(0, "A", 950, SETTLE).await;
 
     // Head office switches the original off; the copy's sales arrive.
     let copy_writer = c.agent_status(k).await["writer"].as_str().unwrap().to_owned();
     c.stop_agent(0).await;
-    settled(&c, k, "A", 920).await;
+    c.settled(k, "A", 920, SETTLE).await;
     assert_ne!(c.agent_status(k).await["writer"].as_str().unwrap(), copy_writer, "the copy retired the writer");
     assert!(kinds(&c.conflicts(0).await).contains(&"store_rolled_back".to_owned()));
     // The original's files, started again later, catch up too.
     c.stop_agent(k).await;
     c.start_agent(0).await;
-    settled(&c, 0, "A", 920).await;
+    c.settled(0, "A", 920, SETTLE).await;
 }
 
 /// A second data dir initialised from the same bundle (two agents for one store): the second is
@@ -166,7 +149,7 @@ async fn a_cloned_store_counts_every_sale_once() {
 async fn a_second_agent_of_a_store_is_refused() {
     let mut c = Cluster::start(1).await;
     assert_eq!(c.count(0, "A", 10).await, 201);
-    settled(&c, 0, "A", 10).await;
+    c.settled(0, "A", 10, SETTLE).await;
     let since = c.agent_status(0).await["sync"]["connected_since"].clone();
     let k = c.add_agent_of(0).await;
     c.start_agent(k).await;
@@ -198,7 +181,7 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
     for raw_copy in [false, true] {
         let mut c = Cluster::start(1).await;
         c.restock(0, "A", 10).await;
-        settled(&c, 0, "A", 10).await;
+        c.settled(0, "A", 10, SETTLE).await;
         let hub_db = c.hub_dir().join("hub.db");
         let old = c.dir.path().join("hub-old");
         if raw_copy {
@@ -216,7 +199,7 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
             .await;
         }
         c.restock(0, "A", 5).await;
-        settled(&c, 0, "A", 15).await;
+        c.settled(0, "A", 15, SETTLE).await;
 
         c.stop_hub().await;
         if raw_copy {
@@ -229,7 +212,7 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
             std::fs::copy(old.join("hub.db"), &hub_db).unwrap();
         }
         c.start_hub().await;
-        settled(&c, 0, "A", 15).await;
+        c.settled(0, "A", 15, SETTLE).await;
         let conflicts = wait_until("a hub_rolled_back conflict", SETTLE, || async {
             let cs = c.conflicts(0).await;
             cs.iter().any(|x| x["kind"] == "hub_rolled_back").then_some(cs)
@@ -241,7 +224,7 @@ async fn a_hub_put_back_to_an_older_copy_gets_its_restocks_back() {
 
         // The hub goes on under its new life.
         c.restock(0, "A", 1).await;
-        settled(&c, 0, "A", 16).await;
+        c.settled(0, "A", 16, SETTLE).await;
     }
 }
 
@@ -257,17 +240,17 @@ async fn a_store_allowed_two_agents_runs_both() {
     )
     .await;
     assert_eq!(c.count(0, "A", 100).await, 201);
-    settled(&c, 0, "A", 100).await;
+    c.settled(0, "A", 100, SETTLE).await;
     let k = c.add_agent_of(0).await;
     c.start_agent(k).await;
     wait_until("the second agent to connect", SETTLE, || async {
         (c.agent_status(k).await["sync"]["state"] == "connected").then_some(())
     })
     .await;
-    sell_n(&c, 0, "A", 7).await;
-    sell_n(&c, k, "A", 5).await;
-    settled(&c, 0, "A", 88).await;
-    settled(&c, k, "A", 88).await;
+    c.sell_n(0, "A", 7).await;
+    c.sell_n(k, "A", 5).await;
+    c.settled(0, "A", 88, SETTLE).await;
+    c.settled(k, "A", 88, SETTLE).await;
     let stores = c.hub_get("/v1/stores").await;
     assert_eq!(stores["items"][0]["agents"].as_array().unwrap().len(), 2, "{stores}");
     assert!(!kinds(&c.conflicts(0).await).contains(&"duplicate_agent".to_owned()));
