@@ -8,9 +8,11 @@ pub mod counter;
 pub mod fmt;
 pub mod id;
 pub mod journal;
+pub mod key;
 pub mod lineage;
 pub mod mac;
 pub mod qty;
+pub mod reason;
 pub mod sync;
 pub mod wire;
 
@@ -18,4 +20,6 @@ pub use counter::{CounterError, CounterMap, PnCounter, PnEntry, StateDigest};
 pub use fmt::{fingerprint_of, rfc3339};
 pub use id::{IdError, Incarnation, NodeId, Sku, StoreId, WriterId};
 pub use journal::{EventFlag, EventKind, JournalEvent, UnixMs};
+pub use key::{IdempotencyKey, KeyError, KEY_MAX_LEN};
+pub use reason::{Reason, ReasonCode, ReasonError};
 pub use qty::{QtyError, StockFigures};

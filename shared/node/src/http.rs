@@ -301,6 +301,51 @@ pub fn page<T, K>(mut rows: Vec<T>, limit: usize, key: impl Fn(&T) -> K) -> (Vec
     (rows, next)
 }
 
+/// The request's idempotency key, one rule for both APIs: the body's `id` or the
+/// `Idempotency-Key` header, either any 1..128 printable ASCII characters (a receipt number, an
+/// order number or a UUID). Given both, they must be the same key: neither silently wins, and a
+/// client that sends two different keys learns it at once (422). `None` when neither is given.
+pub fn request_key(
+    body_id: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<shelfsync_shared::IdempotencyKey>, ApiError> {
+    use shelfsync_shared::IdempotencyKey;
+    let header = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::invalid("Idempotency-Key has a character that is not printable ASCII"))
+                .and_then(|k| {
+                    IdempotencyKey::parse(k)
+                        .map_err(|e| ApiError::invalid(format!("Idempotency-Key {e}")).with("field", "Idempotency-Key"))
+                })?,
+        ),
+    };
+    let body = body_id
+        .map(|k| IdempotencyKey::parse(k).map_err(|e| ApiError::invalid(format!("id {e}")).with("field", "id")))
+        .transpose()?;
+    match (body, header) {
+        (Some(b), Some(h)) if b != h => Err(ApiError::invalid(format!(
+            "id {} and Idempotency-Key {} name different requests; send one, or the same key in both",
+            shelfsync_shared::id::quote(b.as_str()),
+            shelfsync_shared::id::quote(h.as_str())
+        ))
+        .with("field", "id")),
+        (Some(k), _) | (None, Some(k)) => Ok(Some(k)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// [`request_key`] where a key is required (every write that creates something).
+pub fn required_key(
+    body_id: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<shelfsync_shared::IdempotencyKey, ApiError> {
+    request_key(body_id, headers)?.ok_or_else(|| {
+        ApiError::invalid("an idempotency key is required: the body's id or an Idempotency-Key header").with("field", "id")
+    })
+}
+
 /// `{"status": "ok"}`.
 pub async fn healthz() -> axum::Json<Value> {
     axum::Json(json!({"status": "ok"}))
