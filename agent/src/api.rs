@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::db::{Db, DbError};
 use crate::ledger::{self, Change, LedgerError, Line, Outcome, RecordRequest};
 use crate::status::SyncStatus;
-use shelfsync_node::http::{bearer, constant_time_eq, ApiError, ApiJson, ApiPath, ApiQuery};
+use axum::http::HeaderMap;
+use shelfsync_node::http::{bearer, constant_time_eq, required_key, ApiError, ApiJson, ApiPath, ApiQuery};
 
 /// Largest page of `GET /v1/stock`.
 pub const STOCK_PAGE_MAX: usize = 1000;
@@ -52,6 +53,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .routes(routes!(post_return))
         .routes(routes!(post_adjustment))
         .routes(routes!(post_count))
+        .routes(routes!(post_batch))
         .routes(routes!(get_stock_page))
         .routes(routes!(get_stock))
         .routes(routes!(get_status))
@@ -259,7 +261,8 @@ struct LineBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LinesBody {
-    id: String,
+    /// The idempotency key (or send it as the `Idempotency-Key` header).
+    id: Option<String>,
     lines: Vec<LineBody>,
     occurred_at: Option<String>,
 }
@@ -267,31 +270,54 @@ struct LinesBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AdjustmentBody {
-    id: String,
+    /// The idempotency key (or send it as the `Idempotency-Key` header).
+    id: Option<String>,
     sku: String,
     delta: i64,
+    /// A reason code: damaged, theft, expired, lost, internal_use, returned_to_vendor,
+    /// transit_loss, found, correction or other.
     reason: String,
+    /// Free text (required with `other`).
+    note: Option<String>,
     occurred_at: Option<String>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CountBody {
-    id: String,
+    /// The idempotency key (or send it as the `Idempotency-Key` header).
+    id: Option<String>,
     sku: String,
     counted: i64,
     occurred_at: Option<String>,
 }
 
+/// An adjustment with its reason code checked against the delta's sign.
+fn adjustment(sku: Sku, delta: i64, reason: &str, note: Option<String>) -> Result<Change, ApiError> {
+    use shelfsync_shared::qty::{check_range, QtyError, ADJUST_DELTA_MAX};
+    if delta == 0 {
+        return Err(ApiError::invalid(QtyError::Zero { field: "delta" }.to_string()).with("field", "delta"));
+    }
+    check_range("delta", delta, -ADJUST_DELTA_MAX, ADJUST_DELTA_MAX)
+        .map_err(|e| ApiError::invalid(e.to_string()).with("field", "delta"))?;
+    let reason = shelfsync_shared::Reason::new(reason, note, delta)
+        .map_err(|e| ApiError::invalid(e.to_string()).with("field", "reason"))?;
+    Ok(Change::Adjustment { sku, delta, reason: reason.to_stored() })
+}
+
 fn lines(body: &LinesBody) -> Result<Vec<Line>, ApiError> {
-    if body.lines.len() > shelfsync_shared::qty::LINES_MAX {
+    parse_lines(&body.lines)
+}
+
+fn parse_lines(lines: &[LineBody]) -> Result<Vec<Line>, ApiError> {
+    if lines.len() > shelfsync_shared::qty::LINES_MAX {
         return Err(ApiError::invalid(format!(
             "lines has {} entries; the limit is {}",
-            body.lines.len(),
+            lines.len(),
             shelfsync_shared::qty::LINES_MAX
         )));
     }
-    body.lines
+    lines
         .iter()
         .enumerate()
         .map(|(i, l)| {
@@ -331,12 +357,14 @@ async fn record(state: &AppState, req: RecordRequest) -> Result<Response, ApiErr
     responses((status = 201, description = "Sale recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
-    let req = RecordRequest {
-        id: parse_id(&body.id)?,
-        change: Change::Sale { lines: lines(&body)? },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
-    };
+async fn post_sale(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LinesBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(body.id.as_deref(), &headers)?;
+    let change = Change::Sale { lines: lines(&body)? };
+    let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
 }
 
@@ -348,12 +376,14 @@ async fn post_sale(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBo
     responses((status = 201, description = "Return recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<LinesBody>) -> Result<Response, ApiError> {
-    let req = RecordRequest {
-        id: parse_id(&body.id)?,
-        change: Change::Return { lines: lines(&body)? },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
-    };
+async fn post_return(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LinesBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(body.id.as_deref(), &headers)?;
+    let change = Change::Return { lines: lines(&body)? };
+    let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
 }
 
@@ -367,13 +397,12 @@ async fn post_return(State(state): State<AppState>, ApiJson(body): ApiJson<Lines
 )]
 async fn post_adjustment(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<AdjustmentBody>,
 ) -> Result<Response, ApiError> {
-    let req = RecordRequest {
-        id: parse_id(&body.id)?,
-        change: Change::Adjustment { sku: parse_sku("sku", &body.sku)?, delta: body.delta, reason: body.reason },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
-    };
+    let key = required_key(body.id.as_deref(), &headers)?;
+    let change = adjustment(parse_sku("sku", &body.sku)?, body.delta, &body.reason, body.note)?;
+    let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
 }
 
@@ -385,13 +414,113 @@ async fn post_adjustment(
     responses((status = 201, description = "Count recorded (on disk)", body = crate::openapi::Recorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::Recorded), (status = 409, description = "The id was used for a different request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountBody>) -> Result<Response, ApiError> {
-    let req = RecordRequest {
-        id: parse_id(&body.id)?,
-        change: Change::Count { sku: parse_sku("sku", &body.sku)?, counted: body.counted },
-        occurred_at_ms: parse_time(body.occurred_at.as_deref(), now_ms())?,
-    };
+async fn post_count(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CountBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(body.id.as_deref(), &headers)?;
+    let change = Change::Count { sku: parse_sku("sku", &body.sku)?, counted: body.counted };
+    let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
+}
+
+/// One change of a batch.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum BatchItem {
+    /// A physical count.
+    Count { sku: String, counted: i64, occurred_at: Option<String> },
+    /// An adjustment with a reason code.
+    Adjustment { sku: String, delta: i64, reason: String, note: Option<String>, occurred_at: Option<String> },
+    /// A sale.
+    Sale { lines: Vec<LineBody>, occurred_at: Option<String> },
+    /// A return.
+    Return { lines: Vec<LineBody>, occurred_at: Option<String> },
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    /// The batch's idempotency key (or send it as the `Idempotency-Key` header).
+    id: Option<String>,
+    /// Default `occurred_at` of the items that do not say (a stocktake's time).
+    occurred_at: Option<String>,
+    /// 1 to 100 changes.
+    items: Vec<BatchItem>,
+}
+
+/// Parses item `i` of a batch; errors name `items[i]`.
+fn batch_item(i: usize, item: BatchItem, default_at: Option<i64>, now: i64) -> Result<(Change, Option<i64>), ApiError> {
+    let at = |s: Option<String>| -> Result<Option<i64>, ApiError> {
+        Ok(parse_time(s.as_deref(), now)?.or(default_at))
+    };
+    let named = |e: ApiError| {
+        let mut e = e;
+        e.message = format!("items[{i}]: {}", e.message);
+        e.with("item", i)
+    };
+    let (change, occurred) = match item {
+        BatchItem::Count { sku, counted, occurred_at } => {
+            (Change::Count { sku: parse_sku("sku", &sku).map_err(named)?, counted }, at(occurred_at).map_err(named)?)
+        }
+        BatchItem::Adjustment { sku, delta, reason, note, occurred_at } => {
+            let sku = parse_sku("sku", &sku).map_err(named)?;
+            (adjustment(sku, delta, &reason, note).map_err(named)?, at(occurred_at).map_err(named)?)
+        }
+        BatchItem::Sale { lines, occurred_at } => {
+            (Change::Sale { lines: parse_lines(&lines).map_err(named)? }, at(occurred_at).map_err(named)?)
+        }
+        BatchItem::Return { lines, occurred_at } => {
+            (Change::Return { lines: parse_lines(&lines).map_err(named)? }, at(occurred_at).map_err(named)?)
+        }
+    };
+    Ok((change, occurred))
+}
+
+#[utoipa::path(
+    post,
+    path = "/batch",
+    summary = "Record up to 100 counts, adjustments, sales and returns in one transaction (all or none), under one idempotency key",
+    request_body = BatchBody,
+    responses((status = 201, description = "All recorded (on disk)", body = crate::openapi::BatchRecorded), (status = 200, description = "A retry: the first answer", body = crate::openapi::BatchRecorded), (status = 409, description = "The key was used for a different request", body = crate::openapi::Error), (status = 422, description = "An item is invalid (named items[i]); nothing was recorded", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
+async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<BatchBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(body.id.as_deref(), &headers)?;
+    let now = now_ms();
+    if body.items.len() > ledger::BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "items has {} entries; the limit is {}",
+            body.items.len(),
+            ledger::BATCH_MAX
+        )));
+    }
+    let default_at = parse_time(body.occurred_at.as_deref(), now)?;
+    let items = body
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| batch_item(i, item, default_at, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (outcome, response) = ledger::record_batch(&state.db, ledger::BatchRequest { key, items }).await?;
+    if outcome == Outcome::Created {
+        for r in &response.items {
+            let sold = if r.kind == shelfsync_shared::EventKind::Sale {
+                r.lines.iter().map(|l| l.delta.unsigned_abs()).sum()
+            } else {
+                0
+            };
+            state.metrics.change(r.kind.as_str(), true, sold);
+        }
+    }
+    tracing::debug!(items = response.items.len(), created = outcome == Outcome::Created, "batch recorded");
+    let status = if outcome == Outcome::Created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(response)).into_response())
 }
 
 #[utoipa::path(
@@ -399,14 +528,16 @@ async fn post_count(State(state): State<AppState>, ApiJson(body): ApiJson<CountB
     path = "/stock/{sku}",
     summary = "One SKU's stock here",
     params(("sku" = String, Path, description = "The SKU")),
-    responses((status = 200, description = "Figures", body = crate::openapi::Stock), (status = 404, description = "Never seen at this store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    responses((status = 200, description = "Figures", body = crate::openapi::Stock), (status = 404, description = "Unknown here: not in the catalog and never stocked", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
 async fn get_stock(State(state): State<AppState>, ApiPath(sku): ApiPath<String>) -> Result<Response, ApiError> {
     let sku = parse_sku("sku", &sku)?;
     match ledger::stock(&state.db, sku.clone()).await? {
         Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::not_found(format!("sku {sku} has never been seen at this store"))),
+        None => Err(ApiError::not_found(format!(
+            "sku {sku} is unknown here: not in this store's catalog and never stocked at this store"
+        ))),
     }
 }
 

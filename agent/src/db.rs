@@ -48,6 +48,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     shelfsync_node::catalog::MIGRATION,
     // 4: writer lineage (ordinals and chains of own changes, boots, retired writers, entry tags).
     crate::lineage::MIGRATION,
+    // 5: counts ordered by occurred_at (the anchor of each counted SKU).
+    crate::counts::MIGRATION,
 ];
 
 /// Who this database is. The writer changes when the agent retires a forked one

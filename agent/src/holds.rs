@@ -189,22 +189,21 @@ pub async fn fulfil(db: &Db, id: Uuid) -> Result<Option<(Outcome, FulfilResponse
                 params![id.as_bytes().as_slice(), now, seq],
             )?;
             let flags = if on_hand < 0 { vec![EventFlag::NegativeStock] } else { vec![] };
-            crate::replica::insert_own_event(
-                conn,
-                &shelfsync_shared::JournalEvent {
-                    id,
-                    line: 0,
-                    kind: EventKind::Fulfilment,
-                    store: me.store.clone(),
-                    sku: hold.sku.clone(),
-                    delta,
-                    reason: Some(format!("online reservation {}", hold.reservation)),
-                    occurred_at_ms: now,
-                    recorded_at_ms: now,
-                    writer: me.writer.clone(),
-                    flags,
-                },
-            )?;
+            let event = shelfsync_shared::JournalEvent {
+                id,
+                line: 0,
+                kind: EventKind::Fulfilment,
+                store: me.store.clone(),
+                sku: hold.sku.clone(),
+                delta,
+                reason: Some(format!("online reservation {}", hold.reservation)),
+                occurred_at_ms: now,
+                recorded_at_ms: now,
+                writer: me.writer.clone(),
+                flags,
+            };
+            crate::replica::insert_own_event(conn, &event)?;
+            crate::counts::settle_line(conn, &me, &event, now)?;
             Outcome::Created
         };
         let hold = to_view(

@@ -8,6 +8,7 @@ use shelfsync_shared::{fingerprint_of, rfc3339};
 use shelfsync_shared::{EventFlag, EventKind, QtyError, Sku, StockFigures, UnixMs};
 use uuid::Uuid;
 
+use crate::counts;
 use crate::db::{self, Db, DbError, Identity};
 
 /// How far in the future a caller's `occurred_at` may be (clock skew allowance).
@@ -16,9 +17,9 @@ pub const OCCURRED_AT_FUTURE_MAX_MS: i64 = 24 * 3600 * 1000;
 /// Why a POS request was refused. Nothing of a refused request is kept.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    /// Same id, different body.
-    #[error("request id {id} was already used for a different {kind} request")]
-    IdempotencyConflict { id: Uuid, kind: String },
+    /// Same key, different body.
+    #[error("idempotency key {key} was already used for a different {kind} request")]
+    IdempotencyConflict { key: String, kind: String },
     /// The request breaks a rule; the message names the field.
     #[error("{0}")]
     Invalid(String),
@@ -117,11 +118,14 @@ impl Change {
     }
 }
 
-/// A POS request: the caller's idempotency id, the change, and optionally when it happened.
+/// A POS request: the caller's idempotency key, the change, and optionally when it happened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordRequest {
-    /// Idempotency id, supplied by the caller.
+    /// The id of the request and its journal lines: the caller's key's UUID
+    /// ([`shelfsync_shared::IdempotencyKey::id`]).
     pub id: Uuid,
+    /// The key as the caller sent it, echoed in the answer (`None`: the id itself).
+    pub key: Option<String>,
     /// The change.
     pub change: Change,
     /// When it happened (the caller's clock); defaults to when it was recorded.
@@ -129,6 +133,16 @@ pub struct RecordRequest {
 }
 
 impl RecordRequest {
+    /// A request under `key`.
+    pub fn new(key: &shelfsync_shared::IdempotencyKey, change: Change, occurred_at_ms: Option<UnixMs>) -> Self {
+        RecordRequest { id: key.id(), key: Some(key.as_str().to_owned()), change, occurred_at_ms }
+    }
+
+    /// The key to name in messages.
+    pub fn key(&self) -> String {
+        self.key.clone().unwrap_or_else(|| self.id.to_string())
+    }
+
     /// A stable hash of everything that makes two requests "the same request".
     pub fn fingerprint(&self) -> Vec<u8> {
         fingerprint_of(&(&self.change, self.occurred_at_ms))
@@ -151,6 +165,13 @@ pub struct LineResult {
     /// For counts: what the store believed before.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_on_hand: Option<i64>,
+    /// For counts: how the count stands among the SKU's counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<CountResult>,
+    /// For other changes that occurred at or before the SKU's newest count: that count's time.
+    /// The count already saw this change on the shelf, so `on_hand` did not move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absorbed_by_count_at: Option<String>,
     /// Things to look at.
     pub flags: Vec<EventFlag>,
     /// Online holds of this SKU the line dipped into (the store may not be able to serve them).
@@ -158,11 +179,29 @@ pub struct LineResult {
     pub endangered_holds: Vec<crate::holds::HoldView>,
 }
 
+/// How a count was applied ([`crate::counts`]): `on_hand = counted + changes_after`, unless a
+/// newer count stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountResult {
+    /// What was counted.
+    pub counted: i64,
+    /// When (the request's `occurred_at`), RFC 3339.
+    pub counted_at: String,
+    /// Σ of the changes that occurred after the count, applied on top of it.
+    pub changes_after: i64,
+    /// Set when a newer count already stands: its time. This count then changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
+}
+
 /// What the POS gets back (and gets again on a retry).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordResponse {
-    /// The request id.
+    /// The request id (the key's UUID; the journal's id of its lines).
     pub id: Uuid,
+    /// The idempotency key as sent (equal to `id` for a UUID key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// What kind of change.
     pub kind: EventKind,
     /// RFC 3339.
@@ -184,11 +223,9 @@ pub enum Outcome {
     Replayed,
 }
 
-/// Records a POS request durably (group-committed). Answers after the commit.
-pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordResponse), LedgerError> {
-    req.change.validate()?;
-    let now = shelfsync_node::now_ms();
-    if let Some(at) = req.occurred_at_ms {
+fn check_request(change: &Change, occurred_at_ms: Option<UnixMs>, now: UnixMs) -> Result<(), LedgerError> {
+    change.validate()?;
+    if let Some(at) = occurred_at_ms {
         if at > now + OCCURRED_AT_FUTURE_MAX_MS {
             return Err(LedgerError::Invalid(format!(
                 "occurred_at {} is more than 24 hours in the future",
@@ -196,9 +233,120 @@ pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordRespo
             )));
         }
     }
+    Ok(())
+}
+
+/// Records a POS request durably (group-committed). Answers after the commit.
+pub async fn record(db: &Db, req: RecordRequest) -> Result<(Outcome, RecordResponse), LedgerError> {
+    let now = shelfsync_node::now_ms();
+    check_request(&req.change, req.occurred_at_ms, now)?;
     let current = db.current();
     // The writer is read inside the job: a retirement earlier in the queue has changed it.
     db.write(move |conn| record_in(conn, &current.get(), &req, now)).await
+}
+
+/// Most changes in one batch (Square's batch limit).
+pub const BATCH_MAX: usize = 100;
+/// Most sale/return lines over all changes of one batch.
+pub const BATCH_LINES_MAX: usize = 1000;
+
+/// Several changes under one idempotency key, recorded in one transaction: all or none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchRequest {
+    /// The batch's id (the key's UUID); item `i` is recorded under `IdempotencyKey::item(i)`.
+    pub key: shelfsync_shared::IdempotencyKey,
+    /// The changes, in order, each with its `occurred_at`.
+    pub items: Vec<(Change, Option<UnixMs>)>,
+}
+
+/// What a batch answers (and answers again on a retry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    /// The batch's id.
+    pub id: Uuid,
+    /// Its key as sent.
+    pub key: String,
+    /// RFC 3339.
+    pub recorded_at: String,
+    /// One result per change, in order (each with its own id).
+    pub items: Vec<RecordResponse>,
+    /// Union of the items' flags.
+    pub flags: Vec<EventFlag>,
+}
+
+/// Records a batch durably in one transaction; any invalid item refuses the whole batch, naming
+/// it (`items[3]: ...`).
+pub async fn record_batch(db: &Db, batch: BatchRequest) -> Result<(Outcome, BatchResponse), LedgerError> {
+    let now = shelfsync_node::now_ms();
+    if batch.items.is_empty() {
+        return Err(LedgerError::Invalid("items must not be empty".into()));
+    }
+    if batch.items.len() > BATCH_MAX {
+        return Err(LedgerError::Invalid(format!(
+            "items has {} entries; the limit is {BATCH_MAX}",
+            batch.items.len()
+        )));
+    }
+    let lines: usize = batch
+        .items
+        .iter()
+        .map(|(c, _)| match c {
+            Change::Sale { lines } | Change::Return { lines } => lines.len(),
+            _ => 1,
+        })
+        .sum();
+    if lines > BATCH_LINES_MAX {
+        return Err(LedgerError::Invalid(format!("the batch has {lines} lines; the limit is {BATCH_LINES_MAX}")));
+    }
+    for (i, (change, at)) in batch.items.iter().enumerate() {
+        check_request(change, *at, now).map_err(|e| LedgerError::Invalid(format!("items[{i}]: {e}")))?;
+    }
+    let current = db.current();
+    db.write(move |conn| {
+        let me = current.get();
+        let id = batch.key.id();
+        let fingerprint = fingerprint_of(&batch.items);
+        let earlier: Option<(String, Vec<u8>, String)> = conn
+            .prepare_cached("SELECT kind, fingerprint, response FROM requests WHERE id = ?1")?
+            .query_row([id.as_bytes().as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(DbError::from)?;
+        if let Some((kind, fp, response)) = earlier {
+            if kind != "batch" || fp != fingerprint {
+                return Err(LedgerError::IdempotencyConflict { key: batch.key.to_string(), kind });
+            }
+            let response = serde_json::from_str(&response)
+                .map_err(|e| DbError::Corrupt(format!("stored response of batch {id}: {e}")))?;
+            return Ok((Outcome::Replayed, response));
+        }
+        let mut items = Vec::with_capacity(batch.items.len());
+        for (i, (change, at)) in batch.items.iter().enumerate() {
+            let req = RecordRequest { id: batch.key.item(i), key: None, change: change.clone(), occurred_at_ms: *at };
+            let (_, r) = record_in(conn, &me, &req, now).map_err(|e| match e {
+                LedgerError::Invalid(m) => LedgerError::Invalid(format!("items[{i}]: {m}")),
+                LedgerError::Counter(c) => LedgerError::Invalid(format!("items[{i}]: {c}")),
+                other => other,
+            })?;
+            items.push(r);
+        }
+        let mut flags: Vec<EventFlag> = items.iter().flat_map(|r| r.flags.iter().copied()).collect();
+        flags.sort();
+        flags.dedup();
+        let response = BatchResponse { id, key: batch.key.to_string(), recorded_at: rfc3339(now), items, flags };
+        conn.prepare_cached(
+            "INSERT INTO requests (id, kind, fingerprint, response, recorded_at_ms) VALUES (?1, 'batch', ?2, ?3, ?4)",
+        )
+        .map_err(DbError::from)?
+        .execute(params![
+            id.as_bytes().as_slice(),
+            fingerprint,
+            serde_json::to_string(&response).expect("responses serialise"),
+            now
+        ])
+        .map_err(DbError::from)?;
+        Ok((Outcome::Created, response))
+    })
+    .await
 }
 
 fn record_in(
@@ -216,10 +364,13 @@ fn record_in(
         .map_err(DbError::from)?;
     if let Some((earlier_kind, earlier_fp, response)) = earlier {
         if earlier_kind != kind.as_str() || earlier_fp != fingerprint {
-            return Err(LedgerError::IdempotencyConflict { id: req.id, kind: earlier_kind });
+            return Err(LedgerError::IdempotencyConflict { key: req.key(), kind: earlier_kind });
         }
-        let response = serde_json::from_str(&response)
+        let mut response: RecordResponse = serde_json::from_str(&response)
             .map_err(|e| DbError::Corrupt(format!("stored response of {}: {e}", req.id)))?;
+        if response.key.is_none() {
+            response.key = req.key.clone(); // answered before keys were echoed
+        }
         return Ok((Outcome::Replayed, response));
     }
 
@@ -244,21 +395,58 @@ fn record_in(
         };
         let inactive = matches!(standing, Some((true, false)));
         let before = before.unwrap_or(0);
-        let delta = match (delta, counted) {
-            (Some(d), _) => d,
-            (None, Some(c)) => c.checked_sub(before).ok_or(shelfsync_shared::CounterError::ValueOverflow)?,
+        let line = line_no as u32;
+        // A count is a correction: what makes the corrections add up to its quantity as of its
+        // time (crate::counts); 0 when a newer count already stands.
+        let (delta, reason, superseded) = match (delta, counted) {
+            (Some(d), _) => (d, reason.map(str::to_owned), None),
+            (None, Some(c)) => {
+                let mine = counts::Anchor { at_ms: occurred, counted: c, id: req.id, line };
+                let newest = counts::offer(conn, &sku, mine)?;
+                let superseded = (!newest).then(|| counts::anchor(conn, &sku)).transpose()?.flatten();
+                (counts::shortfall(conn, &sku)?, Some(counts::counted_reason(c)), superseded)
+            }
             (None, None) => unreachable!("every line has a delta or a count"),
         };
-        let on_hand = if delta != 0 || !seen {
-            if delta != 0 {
-                let current = db::entry(conn, &sku, &me.writer)?.unwrap_or_default();
-                let next = current.apply(&me.writer, delta)?;
-                db::put_entry(conn, &sku, &me.writer, next, db::next_seq(conn)?)?;
-            }
-            db::refresh_stock(conn, &sku)?
-        } else {
-            before
+        if delta != 0 {
+            let current = db::entry(conn, &sku, &me.writer)?.unwrap_or_default();
+            let next = current.apply(&me.writer, delta)?;
+            db::put_entry(conn, &sku, &me.writer, next, db::next_seq(conn)?)?;
+        }
+        let lineage = crate::lineage::next(conn, &me.writer, &req.id, line, &sku, delta)?;
+        conn.prepare_cached(
+            "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, ordinal, chain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11, ?12)",
+        )
+        .map_err(DbError::from)?
+        .execute(params![
+            req.id.as_bytes().as_slice(),
+            line_no as i64,
+            kind.as_str(),
+            me.store.as_str(),
+            sku.as_str(),
+            delta,
+            reason,
+            occurred,
+            now,
+            me.writer.to_string(),
+            lineage.ordinal,
+            lineage.chain.as_slice(),
+        ])
+        .map_err(DbError::from)?;
+        // A change that occurred at or before the newest count is inside it: the count's
+        // correction takes it back out, in this transaction.
+        let absorbed = match counted {
+            None => match counts::anchor(conn, &sku)? {
+                Some(a) if occurred <= a.at_ms => {
+                    counts::rebase(conn, me, &sku, now)?;
+                    Some(a.at_ms)
+                }
+                _ => None,
+            },
+            Some(_) => None,
         };
+        let on_hand = if delta != 0 || !seen || absorbed.is_some() { db::refresh_stock(conn, &sku)? } else { before };
         let figures = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
         let mut flags = Vec::new();
         if !known {
@@ -278,28 +466,21 @@ fn record_in(
         } else {
             Vec::new()
         };
-        let lineage = crate::lineage::next(conn, &me.writer, &req.id, line_no as u32, &sku, delta)?;
-        conn.prepare_cached(
-            "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, ordinal, chain)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )
-        .map_err(DbError::from)?
-        .execute(params![
-            req.id.as_bytes().as_slice(),
-            line_no as i64,
-            kind.as_str(),
-            me.store.as_str(),
-            sku.as_str(),
-            delta,
-            reason,
-            occurred,
-            now,
-            me.writer.to_string(),
-            EventFlag::to_bits(&flags),
-            lineage.ordinal,
-            lineage.chain.as_slice(),
-        ])
-        .map_err(DbError::from)?;
+        if !flags.is_empty() {
+            conn.prepare_cached("UPDATE journal SET flags = ?3 WHERE id = ?1 AND line = ?2")
+                .map_err(DbError::from)?
+                .execute(params![req.id.as_bytes().as_slice(), line_no as i64, EventFlag::to_bits(&flags)])
+                .map_err(DbError::from)?;
+        }
+        let count = match counted {
+            Some(c) => Some(CountResult {
+                counted: c,
+                counted_at: rfc3339(occurred),
+                changes_after: counts::changes_after(conn, &sku, occurred)?,
+                superseded_by: superseded.map(|a| rfc3339(a.at_ms)),
+            }),
+            None => None,
+        };
         results.push(LineResult {
             sku,
             delta,
@@ -307,6 +488,8 @@ fn record_in(
             held: figures.held,
             sellable: figures.sellable(),
             previous_on_hand: counted.map(|_| before),
+            count,
+            absorbed_by_count_at: absorbed.map(rfc3339),
             flags,
             endangered_holds: endangered,
         });
@@ -316,6 +499,7 @@ fn record_in(
     all_flags.dedup();
     let response = RecordResponse {
         id: req.id,
+        key: req.key.clone(),
         kind,
         occurred_at: rfc3339(occurred),
         recorded_at: rfc3339(now),
@@ -364,9 +548,17 @@ fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError>
     })
 }
 
-/// One SKU's stock, or `None` if the store never saw it.
+/// One SKU's stock, or `None` if it is unknown here: neither in the store's catalog nor ever
+/// stocked (the hub answers the same way: known means catalogued or stocked somewhere).
 pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
-    db.read(move |conn| db::on_hand(conn, &sku)?.map(|on_hand| view(conn, sku, on_hand)).transpose()).await
+    db.read(move |conn| {
+        let on_hand = match db::on_hand(conn, &sku)? {
+            Some(n) => Some(n),
+            None => shelfsync_node::catalog::standing(conn, &sku)?.filter(|(listed, _)| *listed).map(|_| 0),
+        };
+        on_hand.map(|on_hand| view(conn, sku, on_hand)).transpose()
+    })
+    .await
 }
 
 /// A page of stock in SKU order, starting after `after`.
@@ -421,7 +613,7 @@ pub async fn status(db: &Db) -> Result<LedgerStatus, DbError> {
             |r| r.get(0),
         )?;
         let unsynced_events: u64 = conn.query_row(
-            "SELECT COUNT(*) FROM journal WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3",
+            "SELECT COUNT(*) FROM journal WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3 AND ordinal IS NOT NULL",
             params![journal_acked, store_prefix.len() as i64, store_prefix],
             |r| r.get(0),
         )?;

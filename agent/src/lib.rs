@@ -2,7 +2,8 @@
 //!
 //! - [`db`]: the agent's SQLite store (schema, identity, counters) on the group-committing threads
 //!   of [`shelfsync_node::sqlite`].
-//! - [`ledger`]: sales, returns, adjustments and counts, idempotent by the caller's id; [`holds`]
+//! - [`ledger`]: sales, returns, adjustments and counts, idempotent by the caller's key; [`counts`]
+//!   counts ordered by `occurred_at`; [`holds`]
 //!   online holds the hub pushes down; [`replica`] what replication reads and applies.
 //! - [`api`]: the local HTTP API for the POS (on [`shelfsync_node::http`]); [`guard`] the agent's
 //!   Host/Origin check.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod backup;
 pub mod catalog;
 pub mod config;
+pub mod counts;
 pub mod db;
 pub mod guard;
 pub mod holds;

@@ -67,9 +67,10 @@ enum Cmd {
         sku: String,
         /// Units (positive).
         qty: i64,
-        /// Idempotency id (a new UUIDv7 if omitted).
+        /// Idempotency key: any 1..128 printable ASCII characters, e.g. the receipt number
+        /// (a new UUIDv7 if omitted).
         #[arg(long)]
-        id: Option<Uuid>,
+        id: Option<String>,
     },
     /// Record a customer return of QTY units.
     Return {
@@ -77,9 +78,10 @@ enum Cmd {
         sku: String,
         /// Units (positive).
         qty: i64,
-        /// Idempotency id (a new UUIDv7 if omitted).
+        /// Idempotency key: any 1..128 printable ASCII characters, e.g. the receipt number
+        /// (a new UUIDv7 if omitted).
         #[arg(long)]
-        id: Option<Uuid>,
+        id: Option<String>,
     },
     /// Record a physical count of N units.
     Count {
@@ -87,9 +89,13 @@ enum Cmd {
         sku: String,
         /// Units counted on the shelf.
         n: i64,
-        /// Idempotency id (a new UUIDv7 if omitted).
+        /// When it was counted (RFC 3339; default now). Changes after this time apply on top.
         #[arg(long)]
-        id: Option<Uuid>,
+        at: Option<String>,
+        /// Idempotency key: any 1..128 printable ASCII characters, e.g. the receipt number
+        /// (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Record an adjustment of DELTA units (negative for shrinkage).
     Adjust {
@@ -98,12 +104,17 @@ enum Cmd {
         /// Units to add (negative to take away).
         #[arg(allow_hyphen_values = true)]
         delta: i64,
-        /// Why (damage, theft, found, ...).
+        /// Reason code: damaged, theft, expired, lost, internal_use, returned_to_vendor,
+        /// transit_loss, found, correction or other.
         #[arg(long)]
         reason: String,
-        /// Idempotency id (a new UUIDv7 if omitted).
+        /// Free text (required with `other`).
         #[arg(long)]
-        id: Option<Uuid>,
+        note: Option<String>,
+        /// Idempotency key: any 1..128 printable ASCII characters, e.g. the receipt number
+        /// (a new UUIDv7 if omitted).
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Show stock of one SKU, or list all.
     Stock {
@@ -158,7 +169,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let client = ApiClient::new(cli.agent.clone(), cli.token.clone());
-    let id = |id: Option<Uuid>| id.unwrap_or_else(Uuid::now_v7).to_string();
+    let id = |id: Option<String>| id.unwrap_or_else(|| Uuid::now_v7().to_string());
     let is_status = matches!(cli.cmd, Cmd::Status);
     let answer = match cli.cmd {
         Cmd::Init { store_id, bundle, dir } => return init(store_id, bundle, data_dir(&dir)?),
@@ -217,11 +228,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Return { sku, qty, id: i } => {
             client.post("/v1/returns", &json!({"id": id(i), "lines": [{"sku": sku, "qty": qty}]})).await?.1
         }
-        Cmd::Count { sku, n, id: i } => {
-            client.post("/v1/counts", &json!({"id": id(i), "sku": sku, "counted": n})).await?.1
+        Cmd::Count { sku, n, at, id: i } => {
+            client.post("/v1/counts", &json!({"id": id(i), "sku": sku, "counted": n, "occurred_at": at})).await?.1
         }
-        Cmd::Adjust { sku, delta, reason, id: i } => {
-            client.post("/v1/adjustments", &json!({"id": id(i), "sku": sku, "delta": delta, "reason": reason})).await?.1
+        Cmd::Adjust { sku, delta, reason, note, id: i } => {
+            let body = json!({"id": id(i), "sku": sku, "delta": delta, "reason": reason, "note": note});
+            client.post("/v1/adjustments", &body).await?.1
         }
         Cmd::Stock { sku: Some(sku), .. } => client.get(&format!("/v1/stock/{sku}")).await?,
         Cmd::Stock { sku: None, after, limit } => {

@@ -68,16 +68,53 @@ pub struct LineResult {
     /// For counts: what the store believed before.
     #[schema(nullable = false)]
     pub previous_on_hand: Option<i64>,
+    /// For counts: how the count was applied (on_hand = counted + changes_after, unless a newer
+    /// count stands).
+    #[schema(nullable = false)]
+    pub count: Option<CountResult>,
+    /// For a change that occurred at or before the SKU's newest count: that count's time (the
+    /// count already saw it on the shelf, so on_hand did not move).
+    #[schema(nullable = false)]
+    pub absorbed_by_count_at: Option<String>,
     /// e.g. negative_stock, dips_into_holds, unknown_sku.
     pub flags: Vec<String>,
     #[schema(nullable = false)]
     pub endangered_holds: Option<Vec<Hold>>,
 }
 
+/// How a count was applied.
+#[derive(Serialize, ToSchema)]
+pub struct CountResult {
+    pub counted: i64,
+    /// The count's occurred_at.
+    pub counted_at: String,
+    /// Σ of the changes that occurred after the count (applied on top of it).
+    pub changes_after: i64,
+    /// A newer count stands (its time): this one changed nothing.
+    #[schema(nullable = false)]
+    pub superseded_by: Option<String>,
+}
+
+/// `POST /v1/batch`: one result per item, in order.
+#[derive(Serialize, ToSchema)]
+pub struct BatchRecorded {
+    /// The batch's id (its key's UUID).
+    pub id: uuid::Uuid,
+    /// The batch's idempotency key as sent.
+    pub key: String,
+    pub recorded_at: String,
+    pub items: Vec<Recorded>,
+    pub flags: Vec<String>,
+}
+
 /// What the POS gets back (and again on a retry with the same id).
 #[derive(Serialize, ToSchema)]
 pub struct Recorded {
+    /// The request's id: the key itself when it is a UUID, else the UUID derived from it.
     pub id: uuid::Uuid,
+    /// The idempotency key as sent.
+    #[schema(nullable = false)]
+    pub key: Option<String>,
     /// sale, return, adjustment, count, fulfilment.
     pub kind: String,
     pub occurred_at: String,

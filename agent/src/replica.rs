@@ -184,14 +184,16 @@ fn own_prefix(store: &StoreId) -> String {
     format!("{store}@")
 }
 
-/// This store's own journal events above `after`.
+/// This store's own journal events above `after`: written here (they have a lineage ordinal),
+/// not the lines of the store's other lives the hub sent for the counts.
 pub async fn read_journal(db: &Db, after: u64, limit: usize) -> Result<JournalRead, DbError> {
     let prefix = own_prefix(&db.identity().store);
     db.read(move |conn| {
         let tx = conn.unchecked_transaction()?;
         let mut stmt = tx.prepare_cached(
             "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
-             FROM journal WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3 ORDER BY seq LIMIT ?4",
+             FROM journal WHERE seq > ?1 AND substr(writer, 1, ?2) = ?3 AND ordinal IS NOT NULL
+             ORDER BY seq LIMIT ?4",
         )?;
         let mut rows = stmt.query(params![after, prefix.len() as i64, prefix, limit as i64])?;
         let mut events = Vec::new();
@@ -212,13 +214,23 @@ pub async fn read_journal(db: &Db, after: u64, limit: usize) -> Result<JournalRe
 /// Stores the hub's journal events (grow-only by id and line) and records `batch.upto`.
 pub async fn apply_journal(db: &Db, peer: WriterId, batch: JournalBatch) -> Result<(), DbError> {
     let store = db.identity().store.clone();
+    let current = db.current();
     db.write(move |conn| {
         adopt_hub(conn, &peer)?;
+        let me = current.get();
+        let now = shelfsync_node::now_ms();
         for e in &batch.events {
             if e.store != store {
                 return Err(DbError::Corrupt(format!("hub sent journal event {} of store {}", e.id, e.store)));
             }
-            insert_event(conn, e)?;
+            // A line that falls inside a count (or is one) moves what the count's corrections
+            // must add up to (crate::counts).
+            if insert_event(conn, e)? {
+                crate::counts::settle_line(conn, &me, e, now).map_err(|e| match e {
+                    crate::ledger::LedgerError::Db(d) => d,
+                    other => DbError::Corrupt(format!("count correction: {other}")),
+                })?;
+            }
         }
         conn.execute("UPDATE hub_link SET journal_applied = MAX(journal_applied, ?1) WHERE id = 1", [batch.upto])?;
         Ok(())

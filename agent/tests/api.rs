@@ -38,6 +38,19 @@ impl Harness {
         (status, r.json().await.unwrap())
     }
 
+    async fn post_keyed(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.agent.url()))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap())
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         let r = self.http.get(format!("{}{path}", self.agent.url())).send().await.unwrap();
         let status = r.status();
@@ -142,18 +155,111 @@ async fn idempotent_by_id() {
     assert_eq!(h.status().await["journal_events"], 2);
 }
 
+/// Idempotency keys as integrators send them: a receipt number in the body's id or in an
+/// Idempotency-Key header, one key space, same body → the first answer, different body → 409.
+#[tokio::test]
+async fn any_key_by_body_or_header_means_one_request() {
+    let h = harness().await;
+    let receipt = "R-0042/till 3";
+    let (s, first) = h.post("/v1/sales", sale(receipt, "KEY-1", 1)).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!(first["key"], receipt);
+    let id = Uuid::parse_str(first["id"].as_str().unwrap()).unwrap();
+    assert_eq!(id, shelfsync_shared::IdempotencyKey::parse(receipt).unwrap().id(), "the documented derivation");
+    let (s, again) = h.post("/v1/sales", sale(receipt, "KEY-1", 1)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // The same key in the header is the same request.
+    let (s, v) = h.post_keyed("/v1/sales", receipt, json!({"lines": [{"sku": "KEY-1", "qty": 1}]})).await;
+    assert_eq!((s, &v), (StatusCode::OK, &first));
+    let (s, v) = h.post_keyed("/v1/sales", receipt, sale(receipt, "KEY-1", 1)).await;
+    assert_eq!((s, &v), (StatusCode::OK, &first), "both, equal");
+    let (s, v) = h.post("/v1/sales", sale(receipt, "KEY-1", 2)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"], "idempotency_conflict");
+    assert!(v["message"].as_str().unwrap().contains(receipt), "{v}");
+    let (s, v) = h.post_keyed("/v1/counts", receipt, json!({"sku": "KEY-1", "counted": 3})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "another kind under the same key: {v}");
+    let (s, v) = h.post_keyed("/v1/sales", "R-0043", sale("R-0044", "KEY-1", 1)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("name different requests"), "{v}");
+    let (s, v) = h.post_keyed("/v1/sales", &"k".repeat(129), json!({"lines": [{"sku": "KEY-1", "qty": 1}]})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Idempotency-Key is 129 characters"), "{v}");
+    // A UUID key is the UUID itself, as it always was.
+    let u = Uuid::now_v7();
+    let (s, v) = h.post_keyed("/v1/returns", &u.to_string().to_uppercase(), json!({"lines": [{"sku": "KEY-1", "qty": 1}]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!((v["id"].as_str(), v["key"].as_str()), (Some(u.to_string().as_str()), Some(u.to_string().as_str())));
+    assert_eq!(h.on_hand("KEY-1").await, 0, "one sale and one return, nothing else");
+}
+
+/// A stocktake in one call: counts, adjustments and sales under one key, one transaction.
+#[tokio::test]
+async fn a_batch_records_all_or_nothing_with_a_result_per_item() {
+    let h = harness().await;
+    let ago = |mins: i64| shelfsync_shared::rfc3339(shelfsync_node::now_ms() - mins * 60_000);
+    let (s, _) = h.post("/v1/counts", json!({"id": id(), "sku": "BAT-A", "counted": 10, "occurred_at": ago(120)})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = h.post("/v1/sales", sale(&id(), "BAT-A", 3)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let an_hour_ago = ago(60);
+    // The handheld counted A before the 3 were sold; the batch's occurred_at is the stocktake's.
+    let body = json!({"id": "stocktake-2026-12-01", "occurred_at": an_hour_ago, "items": [
+        {"type": "count", "sku": "BAT-A", "counted": 9},
+        {"type": "count", "sku": "BAT-B", "counted": 4},
+        {"type": "adjustment", "sku": "BAT-B", "delta": -1, "reason": "damaged", "note": "crushed box", "occurred_at": ago(30)},
+        {"type": "sale", "lines": [{"sku": "BAT-C", "qty": 2}]},
+        {"type": "return", "lines": [{"sku": "BAT-C", "qty": 1}], "occurred_at": an_hour_ago},
+    ]});
+    let (s, v) = h.post("/v1/batch", body.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert_eq!(v["key"], "stocktake-2026-12-01");
+    let ids: HashSet<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "each item has its own id");
+    assert_eq!(items[0]["lines"][0]["on_hand"], 6, "counted 9 an hour ago, 3 sold since: {v}");
+    assert_eq!(items[0]["lines"][0]["count"]["changes_after"], -3);
+    assert_eq!(items[2]["lines"][0]["on_hand"], 3, "{v}");
+    assert_eq!((h.on_hand("BAT-A").await, h.on_hand("BAT-B").await, h.on_hand("BAT-C").await), (6, 3, -1));
+    let (s, again) = h.post("/v1/batch", body.clone()).await;
+    assert_eq!((s, &again), (StatusCode::OK, &v));
+    let mut other = body.clone();
+    other["items"][1]["counted"] = json!(5);
+    let (s, e) = h.post("/v1/batch", other).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+
+    // One bad item refuses the whole batch and names it; nothing of it is kept.
+    let bad = json!({"id": "stocktake-2", "items": [
+        {"type": "count", "sku": "BAT-D", "counted": 4},
+        {"type": "adjustment", "sku": "BAT-D", "delta": -1, "reason": "broken"},
+    ]});
+    let (s, e) = h.post("/v1/batch", bad).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(e["message"].as_str().unwrap().starts_with("items[1]: reason must be one of"), "{e}");
+    let (s, _) = h.get("/v1/stock/BAT-D").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing of a refused batch is kept");
+    // Negative stock inside a batch does not refuse it (the goods were sold); limits do.
+    let many: Vec<Value> = (0..101).map(|i| json!({"type": "count", "sku": format!("M-{i}"), "counted": 1})).collect();
+    let (s, e) = h.post("/v1/batch", json!({"id": id(), "items": many})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["message"].as_str().unwrap().contains("limit is 100"), "{e}");
+    let (s, e) = h.post("/v1/batch", json!({"id": id(), "items": [{"type": "stocktake", "sku": "A"}]})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    let (s, e) = h.post("/v1/batch", json!({"id": id(), "items": []})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("items must not be empty"), "{e}");
+    let (s, e) = h.get("/v1/stock/NEVER-SEEN").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(e["message"].as_str().unwrap().contains("unknown here"), "{e}");
+}
+
 #[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
     let h = harness_with(|c| c.api.max_body_bytes = 4096).await;
     h.post("/v1/counts", json!({"id": id(), "sku": "A", "counted": 5})).await;
     let before = h.status().await["journal_events"].clone();
     let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
-        (
-            "/v1/sales",
-            json!({"id": "nope", "lines": [{"sku": "A", "qty": 1}]}),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "id must be a UUID",
-        ),
         ("/v1/sales", json!({"id": id(), "lines": []}), StatusCode::UNPROCESSABLE_ENTITY, "lines must not be empty"),
         (
             "/v1/sales",
@@ -205,7 +311,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
         ),
         (
             "/v1/adjustments",
-            json!({"id": id(), "sku": "A", "delta": 0, "reason": "x"}),
+            json!({"id": id(), "sku": "A", "delta": 0, "reason": "damaged"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "delta must not be zero",
         ),
@@ -213,19 +319,67 @@ async fn bad_requests_are_refused_and_change_nothing() {
             "/v1/adjustments",
             json!({"id": id(), "sku": "A", "delta": -1, "reason": " "}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "reason must not be empty",
+            "reason must be one of damaged, theft, expired, lost",
         ),
         (
             "/v1/adjustments",
-            json!({"id": id(), "sku": "A", "delta": 2000000, "reason": "x"}),
+            json!({"id": id(), "sku": "A", "delta": 2000000, "reason": "found"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "delta must be between",
         ),
         (
             "/v1/adjustments",
-            json!({"id": id(), "sku": "A", "delta": 1, "reason": "r".repeat(201)}),
+            json!({"id": id(), "sku": "A", "delta": -1, "reason": "shelf fell over"}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "reason is 201 bytes",
+            "(put free text in note)",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": 1, "reason": "theft"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason theft only removes units",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": -1, "reason": "found"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason found only adds units",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": 1, "reason": "other"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "needs a note",
+        ),
+        (
+            "/v1/adjustments",
+            json!({"id": id(), "sku": "A", "delta": -1, "reason": "lost", "note": "r".repeat(201)}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "note is 201 bytes",
+        ),
+        (
+            "/v1/sales",
+            json!({"lines": [{"sku": "A", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "an idempotency key is required",
+        ),
+        (
+            "/v1/sales",
+            json!({"id": "k".repeat(129), "lines": [{"sku": "A", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id is 129 characters long; the limit is 128",
+        ),
+        (
+            "/v1/counts",
+            json!({"id": "till\u{7}1", "sku": "A", "counted": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not printable ASCII at position 5",
+        ),
+        (
+            "/v1/counts",
+            json!({"id": "", "sku": "A", "counted": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id must not be empty",
         ),
         (
             "/v1/counts",

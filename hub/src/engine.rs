@@ -633,9 +633,15 @@ impl Engine {
         .await?
     }
 
-    /// Hub-authored journal events of `store` above `after`.
-    pub async fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> StorageResult<JournalRead> {
-        self.db.read_journal(store, after, limit).await
+    /// `store`'s journal events above `after` not written by `peer` (the agent being sent them).
+    pub async fn read_journal(
+        &self,
+        store: StoreId,
+        peer: Option<WriterId>,
+        after: u64,
+        limit: usize,
+    ) -> StorageResult<JournalRead> {
+        self.db.read_journal(store, peer, after, limit).await
     }
 
     /// Records that an agent writer acked hub journal sequences up to `upto`.

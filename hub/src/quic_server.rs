@@ -152,6 +152,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
         hub: hub.clone(),
         store: store.clone(),
         conn_id,
+        peer: None,
         remote: remote.to_string(),
         pongs,
         ping_seen,
@@ -210,6 +211,8 @@ struct HubHost {
     hub: Arc<Hub>,
     store: StoreId,
     /// This connection in the registry of live connections.
+    /// The agent's writer once the session is established (the journal it is sent skips it).
+    peer: Option<shelfsync_shared::WriterId>,
     conn_id: u64,
     remote: String,
     /// Answers of this connection's agent to liveness probes.
@@ -378,6 +381,7 @@ impl EffectHost<HubSession> for HubHost {
             Effect::Established { peer } => {
                 Metrics::inc(&hub.metrics.connections_accepted_total);
                 tracing::info!(%store, writer = %peer, "store connected");
+                self.peer = Some(peer.clone());
                 let _ = hub.storage.touch_store(store.clone(), shelfsync_node::now_ms()).await;
                 self.push_holds(session).await?;
                 let mut peer = hub
@@ -474,7 +478,7 @@ impl EffectHost<HubSession> for HubHost {
             Effect::ReadJournal { after, limit } => {
                 let read = hub
                     .storage
-                    .read_journal(store.clone(), after, limit)
+                    .read_journal(store.clone(), self.peer.clone(), after, limit)
                     .await
                     .map_err(|e| internal("reading the journal", e))?;
                 session.journal_read(now(), read)?;

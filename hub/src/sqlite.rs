@@ -635,15 +635,24 @@ impl SqliteStorage {
         .await
     }
 
-    /// Hub-authored journal events of `store` above `after`.
-    pub async fn read_journal(&self, store: StoreId, after: u64, limit: usize) -> StorageResult<JournalRead> {
+    /// `store`'s journal events above `after` that `peer` did not write: the hub's, and those of
+    /// the store's other lives (a restored or re-seeded agent needs them to order its counts by
+    /// time, agent/src/counts.rs).
+    pub async fn read_journal(
+        &self,
+        store: StoreId,
+        peer: Option<WriterId>,
+        after: u64,
+        limit: usize,
+    ) -> StorageResult<JournalRead> {
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let mut stmt = tx.prepare_cached(
                 "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
-                 FROM journal WHERE store = ?1 AND seq > ?2 AND substr(writer, 1, 4) = 'hub@' ORDER BY seq LIMIT ?3",
+                 FROM journal WHERE store = ?1 AND seq > ?2 AND writer <> ?4 ORDER BY seq LIMIT ?3",
             )?;
-            let mut rows = stmt.query(params![store.as_str(), after, limit as i64])?;
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            let mut rows = stmt.query(params![store.as_str(), after, limit as i64, peer])?;
             let mut events = Vec::new();
             let mut last = after;
             while let Some(r) = rows.next()? {

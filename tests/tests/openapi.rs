@@ -107,6 +107,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         ("post", "/v1/returns"),
         ("post", "/v1/adjustments"),
         ("post", "/v1/counts"),
+        ("post", "/v1/batch"),
         ("get", "/v1/stock"),
         ("get", "/v1/stock/{sku}"),
         ("get", "/v1/holds"),
@@ -256,8 +257,18 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(agent.call(Method::POST, "/v1/returns", "/v1/returns", Some(ret)).await.0, 201);
     let adj = json!({"id": Uuid::now_v7(), "sku": "DOC-1", "delta": -1, "reason": "damaged"});
     assert_eq!(agent.call(Method::POST, "/v1/adjustments", "/v1/adjustments", Some(adj)).await.0, 201);
-    let count = json!({"id": Uuid::now_v7(), "sku": "DOC-1", "counted": 7});
+    let count = json!({"id": "handheld-7/0001", "sku": "DOC-1", "counted": 7});
     assert_eq!(agent.call(Method::POST, "/v1/counts", "/v1/counts", Some(count)).await.0, 201);
+    let batch = json!({"id": "stocktake-doc", "items": [
+        {"type": "count", "sku": "DOC-1", "counted": 8},
+        {"type": "adjustment", "sku": "DOC-1", "delta": -1, "reason": "expired", "note": "best before"},
+        {"type": "sale", "lines": [{"sku": "DOC-1", "qty": 1}]},
+        {"type": "return", "lines": [{"sku": "DOC-1", "qty": 1}]},
+    ]});
+    assert_eq!(agent.call(Method::POST, "/v1/batch", "/v1/batch", Some(batch.clone())).await.0, 201);
+    assert_eq!(agent.call(Method::POST, "/v1/batch", "/v1/batch", Some(batch)).await.0, 200);
+    let bad = json!({"id": "stocktake-bad", "items": [{"type": "count", "sku": "DOC-1", "counted": -1}]});
+    assert_eq!(agent.call(Method::POST, "/v1/batch", "/v1/batch", Some(bad)).await.0, 422);
     assert_eq!(agent.call(Method::GET, "/v1/stock", "/v1/stock", None).await.0, 200);
     assert_eq!(agent.call(Method::GET, "/v1/stock/{sku}", "/v1/stock/DOC-1", None).await.0, 200);
     assert_eq!(agent.call(Method::GET, "/v1/stock/{sku}", "/v1/stock/NEVER", None).await.0, 404);

@@ -1,0 +1,177 @@
+//! Counts ordered by `occurred_at` (Square's rule): a count says "there were N at time T"; every
+//! change that occurred after T applies on top of it, every change that occurred at or before T is
+//! inside it, and a count older than a newer count changes nothing. So a count uploaded late by a
+//! handheld, or a sale backdated by an offline till, gives the `on_hand` it would have given on
+//! time, whatever order the events arrive in.
+//!
+//! How it composes with the PN-counter: `on_hand` stays the sum of the counter entries. Every
+//! `count` journal line is a *correction* by the agent's own writer; the newest count of a SKU
+//! (its *anchor*: greatest `occurred_at`, then greatest id and line) fixes what the corrections
+//! must add up to:
+//!
+//! ```text
+//! Σ corrections = N − Σ { non-count deltas with occurred_at ≤ T }
+//! ⇒ on_hand = Σ non-count deltas + Σ corrections = N + Σ { non-count deltas with occurred_at > T }
+//! ```
+//!
+//! Whenever that sum is off, because a count arrived, or a change with `occurred_at ≤ T` arrived
+//! (a backdated sale here, a hub journal event, a line of an earlier life of this store), the agent
+//! writes the difference as one more `count` line (reason `rebase`, occurred at T) on its own
+//! counter, in the same transaction. The counter stays a CRDT (only the owner writes its entry,
+//! entries only grow); only the agent that owns the store computes corrections; the hub merges
+//! them like any other change. A counter change whose journal line has not arrived yet (the
+//! journal syncs after the counters) counts as "after T" until its line arrives and says when it
+//! happened; then the next correction puts it in its place.
+//!
+//! Restocks and transfers carry the hub's time as their `occurred_at`. A transfer's units reach
+//! `on_hand` only when received, so a count taken before the truck came in never swallows them.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use shelfsync_shared::{EventKind, JournalEvent, Sku, UnixMs};
+use uuid::Uuid;
+
+use crate::db::{self, DbError, Identity};
+use crate::ledger::LedgerError;
+
+/// Schema: the anchor of every counted SKU, and the index the sums read.
+pub const MIGRATION: &str = "
+    CREATE TABLE count_anchors (
+        sku TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, counted INTEGER NOT NULL,
+        id BLOB NOT NULL, line INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX journal_sku_at ON journal(sku, occurred_at_ms);";
+
+/// Journal reason of a count line that states a quantity: `counted N`.
+const COUNTED: &str = "counted ";
+/// Journal reason of a correction written because the anchor's sum was off.
+pub const REBASE: &str = "rebase";
+
+/// The reason stored on a count's own line.
+pub fn counted_reason(n: i64) -> String {
+    format!("{COUNTED}{n}")
+}
+
+/// The quantity a count line states, if it is a count (not a rebase, not a count from before
+/// counts were ordered by time, which recorded no quantity).
+pub fn counted_of(reason: Option<&str>) -> Option<i64> {
+    reason?.strip_prefix(COUNTED)?.parse().ok()
+}
+
+/// The newest count of a SKU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    /// When it was counted.
+    pub at_ms: UnixMs,
+    /// What was counted.
+    pub counted: i64,
+    /// Its request id and line (the tie-break between counts of the same millisecond).
+    pub id: Uuid,
+    /// Line within the request.
+    pub line: u32,
+}
+
+impl Anchor {
+    fn order(&self) -> (UnixMs, [u8; 16], u32) {
+        (self.at_ms, *self.id.as_bytes(), self.line)
+    }
+}
+
+/// The SKU's anchor, if it was ever counted.
+pub fn anchor(conn: &Connection, sku: &Sku) -> Result<Option<Anchor>, DbError> {
+    let row: Option<(i64, i64, Vec<u8>, u32)> = conn
+        .prepare_cached("SELECT at_ms, counted, id, line FROM count_anchors WHERE sku = ?1")?
+        .query_row([sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    row.map(|(at_ms, counted, id, line)| {
+        let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("count anchor id: {e}")))?;
+        Ok(Anchor { at_ms, counted, id, line })
+    })
+    .transpose()
+}
+
+/// Makes `a` the SKU's anchor if it is newer than the current one. Returns whether it is now.
+pub fn offer(conn: &Connection, sku: &Sku, a: Anchor) -> Result<bool, DbError> {
+    if anchor(conn, sku)?.is_some_and(|cur| cur.order() >= a.order()) {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "INSERT INTO count_anchors (sku, at_ms, counted, id, line) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (sku) DO UPDATE SET at_ms = excluded.at_ms, counted = excluded.counted,
+             id = excluded.id, line = excluded.line",
+    )?
+    .execute(params![sku.as_str(), a.at_ms, a.counted, a.id.as_bytes().as_slice(), a.line])?;
+    Ok(true)
+}
+
+/// What the corrections still lack: `N − Σ{non-count ≤ T} − Σ corrections` (0 without a count).
+pub fn shortfall(conn: &Connection, sku: &Sku) -> Result<i64, DbError> {
+    let Some(a) = anchor(conn, sku)? else { return Ok(0) };
+    let (inside, corrections): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(CASE WHEN kind <> 'count' AND occurred_at_ms <= ?2 THEN delta END), 0),
+                    COALESCE(SUM(CASE WHEN kind = 'count' THEN delta END), 0)
+             FROM journal WHERE sku = ?1",
+        )?
+        .query_row(params![sku.as_str(), a.at_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(a.counted - inside - corrections)
+}
+
+/// Σ of the non-count changes that occurred after `at_ms` (what a count at `at_ms` has on top).
+pub fn changes_after(conn: &Connection, sku: &Sku, at_ms: UnixMs) -> Result<i64, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(delta), 0) FROM journal WHERE sku = ?1 AND occurred_at_ms > ?2 AND kind <> 'count'",
+        )?
+        .query_row(params![sku.as_str(), at_ms], |r| r.get(0))?)
+}
+
+/// Writes the correction the anchor needs, if any, as a `rebase` count line of `me` occurred at
+/// the anchor's time. Returns the delta written (0 when the sum was right).
+pub fn rebase(conn: &Connection, me: &Identity, sku: &Sku, now: UnixMs) -> Result<i64, LedgerError> {
+    let need = shortfall(conn, sku)?;
+    if need == 0 {
+        return Ok(0);
+    }
+    let at = anchor(conn, sku)?.map(|a| a.at_ms).unwrap_or(now);
+    let entry = db::entry(conn, sku, &me.writer)?.unwrap_or_default().apply(&me.writer, need)?;
+    db::put_entry(conn, sku, &me.writer, entry, db::next_seq(conn)?)?;
+    db::refresh_stock(conn, sku)?;
+    crate::replica::insert_own_event(
+        conn,
+        &JournalEvent {
+            id: Uuid::now_v7(),
+            line: 0,
+            kind: EventKind::Count,
+            store: me.store.clone(),
+            sku: sku.clone(),
+            delta: need,
+            reason: Some(REBASE.into()),
+            occurred_at_ms: at,
+            recorded_at_ms: now,
+            writer: me.writer.clone(),
+            flags: Vec::new(),
+        },
+    )?;
+    tracing::debug!(%sku, need, "count rebased");
+    Ok(need)
+}
+
+/// After a journal line of `sku` arrived (own or from the hub): keeps the anchor newest, and
+/// rebases when the line falls inside the anchor. Returns the anchor's time when it did.
+pub fn settle_line(
+    conn: &Connection,
+    me: &Identity,
+    e: &JournalEvent,
+    now: UnixMs,
+) -> Result<Option<UnixMs>, LedgerError> {
+    if e.kind == EventKind::Count {
+        if let Some(counted) = counted_of(e.reason.as_deref()) {
+            offer(conn, &e.sku, Anchor { at_ms: e.occurred_at_ms, counted, id: e.id, line: e.line })?;
+        }
+    }
+    let Some(a) = anchor(conn, &e.sku)? else { return Ok(None) };
+    if e.kind != EventKind::Count && e.occurred_at_ms > a.at_ms {
+        return Ok(None);
+    }
+    rebase(conn, me, &e.sku, now)?;
+    Ok(Some(a.at_ms))
+}
