@@ -207,3 +207,47 @@ async fn a_lost_store_database_reseeds_from_the_hub() {
     let stores = c.hub_get("/v1/stores").await;
     assert_eq!(stores["items"][0]["writers"].as_array().unwrap().len(), 2, "both incarnations are on record");
 }
+
+/// Counts by `occurred_at` across an offline period (issue 11): store 0 learns everything late
+/// and out of order (a restock made while it was away, then, offline, a sale and a handheld count
+/// taken before the restock); store 1 gets the same events on time. Both end at the rule's figure
+/// (count + changes after it) at the agent and at the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_count_gives_the_on_time_figure_at_store_and_hub() {
+    let mut c = Cluster::start(2).await;
+    let sku = "LATE-1";
+    let at = |ms_ago: i64| shelfsync_shared::rfc3339(shelfsync_node::now_ms() - ms_ago);
+    let count_at = at(3_600_000); // the handheld's count, an hour ago
+    let post = |base: String, path: &'static str, body: serde_json::Value| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    // On time, at store 1: the count, then the restock, then the sale.
+    let (s, v) = post(c.agent_url(1), "/v1/counts", serde_json::json!({"id": "hh-1", "sku": sku, "counted": 12, "occurred_at": count_at})).await;
+    assert_eq!(s, 201, "{v}");
+    c.restock(1, sku, 5).await;
+    c.settled(1, sku, 17, DEADLINE).await;
+    assert_eq!(c.sell(1, sku, 2).await, 201);
+    c.settled(1, sku, 15, DEADLINE).await;
+
+    // Late, at store 0: the restock while the store is away...
+    c.stop_agent(0).await;
+    c.restock(0, sku, 5).await;
+    c.stop_hub().await;
+    c.start_agent(0).await;
+    // ...then, offline, the sale and the count that was taken an hour ago.
+    assert_eq!(c.sell(0, sku, 2).await, 201);
+    let (s, v) = post(c.agent_url(0), "/v1/counts", serde_json::json!({"id": "hh-0", "sku": sku, "counted": 12, "occurred_at": count_at})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["lines"][0]["on_hand"], 10, "offline: the count and the sale after it: {v}");
+    assert_eq!(v["lines"][0]["count"]["changes_after"], -2, "{v}");
+    c.start_hub().await;
+    // The restock the store had not seen was made after the count: it lands on top.
+    c.settled(0, sku, 15, DEADLINE).await;
+    c.settled(1, sku, 15, DEADLINE).await;
+}
