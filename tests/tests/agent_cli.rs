@@ -33,8 +33,10 @@ async fn cli_verbs_talk_to_the_running_agent() {
     assert!(cli(url, &["count", "HSS-001", "10"]).await.0);
     let (ok, out, _) = cli(url, &["sell", "HSS-001", "3"]).await;
     assert!(ok && out.contains("on_hand 7"), "{out}");
-    let (ok, out, _) = cli(url, &["adjust", "HSS-001", "-2", "--reason", "damaged"]).await;
+    let (ok, out, _) = cli(url, &["adjust", "HSS-001", "-2", "--reason", "damaged", "--note", "dropped"]).await;
     assert!(ok && out.contains("on_hand 5"), "{out}");
+    let (ok, _, err) = cli(url, &["adjust", "HSS-001", "-2", "--reason", "dropped it"]).await;
+    assert!(!ok && err.contains("reason must be one of"), "{err}");
     let (ok, out, _) = cli(url, &["return", "HSS-001", "1"]).await;
     assert!(ok && out.contains("on_hand 6"), "{out}");
     let (ok, out, _) = cli(url, &["--json", "stock", "HSS-001"]).await;
@@ -51,8 +53,9 @@ async fn cli_verbs_talk_to_the_running_agent() {
     assert!(!ok);
     assert!(err.contains("422") && err.contains("qty must be between 1"), "{err}");
     let (ok, _, err) = cli(url, &["stock", "NOPE"]).await;
-    assert!(!ok && err.contains("never been seen"), "{err}");
-    let id = uuid::Uuid::now_v7().to_string();
+    assert!(!ok && err.contains("unknown here"), "{err}");
+    // Any key will do: a receipt number.
+    let id = "R-0042/till 3".to_owned();
     assert!(cli(url, &["sell", "HSS-001", "1", "--id", &id]).await.0);
     let (ok, _, err) = cli(url, &["sell", "HSS-001", "2", "--id", &id]).await;
     assert!(!ok && err.contains("idempotency_conflict"), "{err}");
