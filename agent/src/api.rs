@@ -452,9 +452,7 @@ struct BatchBody {
 
 /// Parses item `i` of a batch; errors name `items[i]`.
 fn batch_item(i: usize, item: BatchItem, default_at: Option<i64>, now: i64) -> Result<(Change, Option<i64>), ApiError> {
-    let at = |s: Option<String>| -> Result<Option<i64>, ApiError> {
-        Ok(parse_time(s.as_deref(), now)?.or(default_at))
-    };
+    let at = |s: Option<String>| -> Result<Option<i64>, ApiError> { Ok(parse_time(s.as_deref(), now)?.or(default_at)) };
     let named = |e: ApiError| {
         let mut e = e;
         e.message = format!("items[{i}]: {}", e.message);

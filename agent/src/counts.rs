@@ -27,7 +27,7 @@
 //! `on_hand` only when received, so a count taken before the truck came in never swallows them.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use shelfsync_shared::{EventKind, JournalEvent, Sku, UnixMs};
+use shelfsync_shared::{EventKind, JournalEvent, Sku, UnixMs, WriterId};
 use uuid::Uuid;
 
 use crate::db::{self, DbError, Identity};
@@ -37,7 +37,7 @@ use crate::ledger::LedgerError;
 pub const MIGRATION: &str = "
     CREATE TABLE count_anchors (
         sku TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, counted INTEGER NOT NULL,
-        id BLOB NOT NULL, line INTEGER NOT NULL) WITHOUT ROWID;
+        id BLOB NOT NULL, line INTEGER NOT NULL, writer TEXT NOT NULL) WITHOUT ROWID;
     CREATE INDEX journal_sku_at ON journal(sku, occurred_at_ms);";
 
 /// Journal reason of a count line that states a quantity: `counted N`.
@@ -57,7 +57,7 @@ pub fn counted_of(reason: Option<&str>) -> Option<i64> {
 }
 
 /// The newest count of a SKU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Anchor {
     /// When it was counted.
     pub at_ms: UnixMs,
@@ -67,6 +67,8 @@ pub struct Anchor {
     pub id: Uuid,
     /// Line within the request.
     pub line: u32,
+    /// Who recorded it: that writer's agent keeps the corrections right (see [`rebase`]).
+    pub writer: WriterId,
 }
 
 impl Anchor {
@@ -77,29 +79,49 @@ impl Anchor {
 
 /// The SKU's anchor, if it was ever counted.
 pub fn anchor(conn: &Connection, sku: &Sku) -> Result<Option<Anchor>, DbError> {
-    let row: Option<(i64, i64, Vec<u8>, u32)> = conn
-        .prepare_cached("SELECT at_ms, counted, id, line FROM count_anchors WHERE sku = ?1")?
-        .query_row([sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+    let row: Option<(i64, i64, Vec<u8>, u32, String)> = conn
+        .prepare_cached("SELECT at_ms, counted, id, line, writer FROM count_anchors WHERE sku = ?1")?
+        .query_row([sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
-    row.map(|(at_ms, counted, id, line)| {
+    row.map(|(at_ms, counted, id, line, writer)| {
         let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("count anchor id: {e}")))?;
-        Ok(Anchor { at_ms, counted, id, line })
+        Ok(Anchor { at_ms, counted, id, line, writer: db::writer_col(writer)? })
     })
     .transpose()
 }
 
 /// Makes `a` the SKU's anchor if it is newer than the current one. Returns whether it is now.
-pub fn offer(conn: &Connection, sku: &Sku, a: Anchor) -> Result<bool, DbError> {
+pub fn offer(conn: &Connection, sku: &Sku, a: &Anchor) -> Result<bool, DbError> {
     if anchor(conn, sku)?.is_some_and(|cur| cur.order() >= a.order()) {
         return Ok(false);
     }
     conn.prepare_cached(
-        "INSERT INTO count_anchors (sku, at_ms, counted, id, line) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO count_anchors (sku, at_ms, counted, id, line, writer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (sku) DO UPDATE SET at_ms = excluded.at_ms, counted = excluded.counted,
-             id = excluded.id, line = excluded.line",
+             id = excluded.id, line = excluded.line, writer = excluded.writer",
     )?
-    .execute(params![sku.as_str(), a.at_ms, a.counted, a.id.as_bytes().as_slice(), a.line])?;
+    .execute(params![
+        sku.as_str(),
+        a.at_ms,
+        a.counted,
+        a.id.as_bytes().as_slice(),
+        a.line,
+        a.writer.to_string()
+    ])?;
     Ok(true)
+}
+
+/// Whether this agent keeps `a`'s corrections: it recorded the count, or the writer that did is
+/// one this database retired (an earlier life of these files). A count of another live agent of
+/// the store (a store may run several) is that agent's to keep; if both corrected, each would
+/// answer the other's correction and they would never settle.
+fn keeps(conn: &Connection, me: &Identity, a: &Anchor) -> Result<bool, DbError> {
+    if a.writer == me.writer {
+        return Ok(true);
+    }
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM retired WHERE old = ?1)")?
+        .query_row([a.writer.to_string()], |r| r.get(0))?)
 }
 
 /// What the corrections still lack: `N − Σ{non-count ≤ T} − Σ corrections` (0 without a count).
@@ -124,14 +146,19 @@ pub fn changes_after(conn: &Connection, sku: &Sku, at_ms: UnixMs) -> Result<i64,
         .query_row(params![sku.as_str(), at_ms], |r| r.get(0))?)
 }
 
-/// Writes the correction the anchor needs, if any, as a `rebase` count line of `me` occurred at
-/// the anchor's time. Returns the delta written (0 when the sum was right).
+/// Writes the correction the anchor needs, if any and if this agent keeps the anchor, as a
+/// `rebase` count line of `me` occurred at the anchor's time. Returns the delta written (0 when
+/// the sum was right or the anchor is another live agent's).
 pub fn rebase(conn: &Connection, me: &Identity, sku: &Sku, now: UnixMs) -> Result<i64, LedgerError> {
+    let Some(a) = anchor(conn, sku)? else { return Ok(0) };
+    if !keeps(conn, me, &a)? {
+        return Ok(0);
+    }
     let need = shortfall(conn, sku)?;
     if need == 0 {
         return Ok(0);
     }
-    let at = anchor(conn, sku)?.map(|a| a.at_ms).unwrap_or(now);
+    let at = a.at_ms;
     let entry = db::entry(conn, sku, &me.writer)?.unwrap_or_default().apply(&me.writer, need)?;
     db::put_entry(conn, sku, &me.writer, entry, db::next_seq(conn)?)?;
     db::refresh_stock(conn, sku)?;
@@ -165,7 +192,8 @@ pub fn settle_line(
 ) -> Result<Option<UnixMs>, LedgerError> {
     if e.kind == EventKind::Count {
         if let Some(counted) = counted_of(e.reason.as_deref()) {
-            offer(conn, &e.sku, Anchor { at_ms: e.occurred_at_ms, counted, id: e.id, line: e.line })?;
+            let a = Anchor { at_ms: e.occurred_at_ms, counted, id: e.id, line: e.line, writer: e.writer.clone() };
+            offer(conn, &e.sku, &a)?;
         }
     }
     let Some(a) = anchor(conn, &e.sku)? else { return Ok(None) };

@@ -282,10 +282,7 @@ pub async fn record_batch(db: &Db, batch: BatchRequest) -> Result<(Outcome, Batc
         return Err(LedgerError::Invalid("items must not be empty".into()));
     }
     if batch.items.len() > BATCH_MAX {
-        return Err(LedgerError::Invalid(format!(
-            "items has {} entries; the limit is {BATCH_MAX}",
-            batch.items.len()
-        )));
+        return Err(LedgerError::Invalid(format!("items has {} entries; the limit is {BATCH_MAX}", batch.items.len())));
     }
     let lines: usize = batch
         .items
@@ -401,10 +398,11 @@ fn record_in(
         let (delta, reason, superseded) = match (delta, counted) {
             (Some(d), _) => (d, reason.map(str::to_owned), None),
             (None, Some(c)) => {
-                let mine = counts::Anchor { at_ms: occurred, counted: c, id: req.id, line };
-                let newest = counts::offer(conn, &sku, mine)?;
+                let mine = counts::Anchor { at_ms: occurred, counted: c, id: req.id, line, writer: me.writer.clone() };
+                let newest = counts::offer(conn, &sku, &mine)?;
                 let superseded = (!newest).then(|| counts::anchor(conn, &sku)).transpose()?.flatten();
-                (counts::shortfall(conn, &sku)?, Some(counts::counted_reason(c)), superseded)
+                let delta = if newest { counts::shortfall(conn, &sku)? } else { 0 };
+                (delta, Some(counts::counted_reason(c)), superseded)
             }
             (None, None) => unreachable!("every line has a delta or a count"),
         };

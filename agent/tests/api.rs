@@ -187,7 +187,9 @@ async fn any_key_by_body_or_header_means_one_request() {
     assert!(v["message"].as_str().unwrap().contains("Idempotency-Key is 129 characters"), "{v}");
     // A UUID key is the UUID itself, as it always was.
     let u = Uuid::now_v7();
-    let (s, v) = h.post_keyed("/v1/returns", &u.to_string().to_uppercase(), json!({"lines": [{"sku": "KEY-1", "qty": 1}]})).await;
+    let (s, v) = h
+        .post_keyed("/v1/returns", &u.to_string().to_uppercase(), json!({"lines": [{"sku": "KEY-1", "qty": 1}]}))
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!((v["id"].as_str(), v["key"].as_str()), (Some(u.to_string().as_str()), Some(u.to_string().as_str())));
     assert_eq!(h.on_hand("KEY-1").await, 0, "one sale and one return, nothing else");
@@ -198,7 +200,8 @@ async fn any_key_by_body_or_header_means_one_request() {
 async fn a_batch_records_all_or_nothing_with_a_result_per_item() {
     let h = harness().await;
     let ago = |mins: i64| shelfsync_shared::rfc3339(shelfsync_node::now_ms() - mins * 60_000);
-    let (s, _) = h.post("/v1/counts", json!({"id": id(), "sku": "BAT-A", "counted": 10, "occurred_at": ago(120)})).await;
+    let (s, _) =
+        h.post("/v1/counts", json!({"id": id(), "sku": "BAT-A", "counted": 10, "occurred_at": ago(120)})).await;
     assert_eq!(s, StatusCode::CREATED);
     let (s, _) = h.post("/v1/sales", sale(&id(), "BAT-A", 3)).await;
     assert_eq!(s, StatusCode::CREATED);

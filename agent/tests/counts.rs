@@ -87,7 +87,9 @@ async fn deliver(events: &[Ev]) -> i64 {
         let db = db.clone();
         let hub = hub.clone();
         async move {
-            replica::apply_journal(&db, hub, JournalBatch { after: seq - 1, upto: seq, events: vec![e] }).await.unwrap();
+            replica::apply_journal(&db, hub, JournalBatch { after: seq - 1, upto: seq, events: vec![e] })
+                .await
+                .unwrap();
         }
     };
     for (step, e) in events.iter().enumerate() {
@@ -211,4 +213,56 @@ async fn a_backdated_count_does_not_bring_sold_stock_back() {
     // A newer count takes over: 4 now.
     let newer = rec(Change::Count { sku: sku.clone(), counted: 4 }, now - 1_000).await;
     assert_eq!((newer.lines[0].on_hand, newer.lines[0].delta), (4, -1));
+}
+
+/// Two live agents of one store (a store may run several): one counts, the other uploads a sale
+/// that happened before the count. Only the counting agent corrects, so the corrections settle
+/// after one exchange instead of each agent answering the other's forever.
+#[tokio::test]
+async fn two_agents_of_a_store_settle_on_one_correction() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let store: shelfsync_shared::StoreId = "store-1".parse().unwrap();
+    let dbs: Vec<Db> = dirs
+        .iter()
+        .map(|d| {
+            let p = d.path().join("agent.db");
+            Db::create(&p, &store, DbOptions::default()).unwrap();
+            Db::open(&p, DbOptions::default()).unwrap()
+        })
+        .collect();
+    let sku: Sku = SKU.parse().unwrap();
+    let now = shelfsync_node::now_ms();
+    let rec = |db: &Db, change: Change, at: i64| {
+        let db = db.clone();
+        async move {
+            let req = RecordRequest { id: Uuid::now_v7(), key: None, change, occurred_at_ms: Some(at) };
+            ledger::record(&db, req).await.unwrap()
+        }
+    };
+    rec(&dbs[0], Change::Count { sku: sku.clone(), counted: 10 }, now - 60_000).await;
+    rec(&dbs[1], Change::Sale { lines: vec![Line { sku: sku.clone(), qty: 1 }] }, now - 120_000).await;
+    // Exchange everything each has written (as the hub would relay it) until nothing new moves.
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 4, "the agents keep correcting each other");
+        let mut moved = 0;
+        for (from, to) in [(0usize, 1usize), (1, 0)] {
+            let j = replica::read_journal(&dbs[from], 0, 10_000).await.unwrap();
+            let d = replica::read_delta(&dbs[from], 0, 10_000, false).await.unwrap();
+            let before = ledger::status(&dbs[to]).await.unwrap().journal_events;
+            let writer = dbs[from].identity().writer;
+            let delta = Delta::build(0, d.upto, d.entries.iter().map(|(s, w, e)| (s, w, *e)));
+            replica::apply_delta(&dbs[to], writer.clone(), delta).await.unwrap();
+            let batch = JournalBatch { after: 0, upto: j.upto, events: j.events };
+            replica::apply_journal(&dbs[to], writer, batch).await.unwrap();
+            moved += ledger::status(&dbs[to]).await.unwrap().journal_events - before;
+        }
+        if moved == 0 {
+            break;
+        }
+    }
+    for db in &dbs {
+        assert_eq!(ledger::stock(db, sku.clone()).await.unwrap().unwrap().on_hand, 10, "the count saw the sale");
+    }
 }

@@ -145,7 +145,12 @@ async fn burst(n: usize, rounds: usize) -> anyhow::Result<Burst> {
         for db in dbs {
             recorded.push(tokio::spawn(async move {
                 let lines = vec![Line { sku: "B".parse().unwrap(), qty: 1 }];
-                let req = RecordRequest { id: Uuid::now_v7(), key: None, change: Change::Sale { lines }, occurred_at_ms: None };
+                let req = RecordRequest {
+                    id: Uuid::now_v7(),
+                    key: None,
+                    change: Change::Sale { lines },
+                    occurred_at_ms: None,
+                };
                 ledger::record(&db, req).await.unwrap();
                 Instant::now()
             }));
@@ -202,7 +207,12 @@ async fn catch_up(sales: usize, skus: usize) -> anyhow::Result<CatchUp> {
                 let lines = (0..lines_per_request)
                     .map(|j| Line { sku: names[(k * lines_per_request + j) % names.len()].clone(), qty: 1 })
                     .collect();
-                let req = RecordRequest { id: Uuid::now_v7(), key: None, change: Change::Sale { lines }, occurred_at_ms: None };
+                let req = RecordRequest {
+                    id: Uuid::now_v7(),
+                    key: None,
+                    change: Change::Sale { lines },
+                    occurred_at_ms: None,
+                };
                 ledger::record(&db, req).await.unwrap();
             }
         }));

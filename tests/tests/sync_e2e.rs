@@ -228,7 +228,12 @@ async fn a_late_count_gives_the_on_time_figure_at_store_and_hub() {
     };
 
     // On time, at store 1: the count, then the restock, then the sale.
-    let (s, v) = post(c.agent_url(1), "/v1/counts", serde_json::json!({"id": "hh-1", "sku": sku, "counted": 12, "occurred_at": count_at})).await;
+    let (s, v) = post(
+        c.agent_url(1),
+        "/v1/counts",
+        serde_json::json!({"id": "hh-1", "sku": sku, "counted": 12, "occurred_at": count_at}),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     c.restock(1, sku, 5).await;
     c.settled(1, sku, 17, DEADLINE).await;
@@ -242,7 +247,12 @@ async fn a_late_count_gives_the_on_time_figure_at_store_and_hub() {
     c.start_agent(0).await;
     // ...then, offline, the sale and the count that was taken an hour ago.
     assert_eq!(c.sell(0, sku, 2).await, 201);
-    let (s, v) = post(c.agent_url(0), "/v1/counts", serde_json::json!({"id": "hh-0", "sku": sku, "counted": 12, "occurred_at": count_at})).await;
+    let (s, v) = post(
+        c.agent_url(0),
+        "/v1/counts",
+        serde_json::json!({"id": "hh-0", "sku": sku, "counted": 12, "occurred_at": count_at}),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["lines"][0]["on_hand"], 10, "offline: the count and the sale after it: {v}");
     assert_eq!(v["lines"][0]["count"]["changes_after"], -2, "{v}");

@@ -337,12 +337,10 @@ pub fn request_key(
 }
 
 /// [`request_key`] where a key is required (every write that creates something).
-pub fn required_key(
-    body_id: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<shelfsync_shared::IdempotencyKey, ApiError> {
+pub fn required_key(body_id: Option<&str>, headers: &HeaderMap) -> Result<shelfsync_shared::IdempotencyKey, ApiError> {
     request_key(body_id, headers)?.ok_or_else(|| {
-        ApiError::invalid("an idempotency key is required: the body's id or an Idempotency-Key header").with("field", "id")
+        ApiError::invalid("an idempotency key is required: the body's id or an Idempotency-Key header")
+            .with("field", "id")
     })
 }
 
