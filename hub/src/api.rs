@@ -1091,7 +1091,7 @@ struct ChangesQuery {
     get,
     path = "/v1/changes",
     tag = "viewer",
-    summary = "The change feed after a cursor (gap-free)",
+    summary = "The change feed after a cursor (gap-free); next is null once caught up, cursor always says where to resume",
     params(("after" = Option<String>, Query, description = "A cursor (default 0)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
     responses((status = 200, description = "Events", body = crate::openapi::ChangePage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -1102,9 +1102,13 @@ async fn get_changes(
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit, 100, CHANGES_PAGE_MAX)?;
     let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
+    // The committed head before reading: a page that reaches it is caught up (`next` null), and
+    // a feed reader keeps tailing from `cursor`.
+    let head = *state.hub.storage.change_head().borrow();
     let items = state.hub.storage.changes_after(after, limit).await?;
-    let next = items.last().map(|e| e.cursor).unwrap_or(after);
-    Ok(Json(json!({ "items": items, "next": next })))
+    let cursor = items.last().map(|e| e.cursor).unwrap_or(after);
+    let next = (items.len() == limit && cursor < head).then_some(cursor);
+    Ok(Json(json!({ "items": items, "next": next, "cursor": cursor })))
 }
 
 /// Largest CSV import body.

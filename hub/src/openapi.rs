@@ -253,8 +253,10 @@ pub struct Change {
 #[derive(Serialize, ToSchema)]
 pub struct ChangePage {
     pub items: Vec<Change>,
-    /// The cursor to ask after next (the last item's, or `after` when there was none).
-    pub next: u64,
+    /// The cursor of the next page, or null when this page reached the feed's head (caught up).
+    pub next: Option<u64>,
+    /// Where to resume tailing, always: the last item's cursor, or `after` when there was none.
+    pub cursor: u64,
 }
 
 /// A catalog entry.

@@ -480,7 +480,46 @@ async fn change_cursors_out_of_range_are_refused_naming_the_parameter() {
     }
     let (s, _, body) = raw(&h, "GET", "/v1/changes?after=9223372036854775807", v, None, vec![]).await;
     assert_eq!((s, body["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{body}");
-    assert_eq!(body["next"].as_u64(), Some(9223372036854775807));
+    assert_eq!((&body["next"], body["cursor"].as_u64()), (&Value::Null, Some(9223372036854775807)), "{body}");
+}
+
+/// `/v1/changes` pages like every list (`next` null exactly when the page reached the head) and
+/// stays tail-able: `cursor` says where to resume, also on the last page.
+#[tokio::test]
+async fn the_change_feed_pages_to_its_head_and_resumes_from_cursor() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    for i in 0..3 {
+        let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": format!("F{i}"), "qty": 1}]});
+        assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    }
+    let (_, all) = h.call("GET", "/v1/changes?limit=1000", v, None).await;
+    let head = all["cursor"].as_u64().unwrap();
+    assert_eq!(all["next"], Value::Null, "one page reaches the head: {all}");
+    assert!(all["items"].as_array().unwrap().len() >= 3);
+    let (mut after, mut seen) = (0u64, Vec::new());
+    loop {
+        let (s, page) = h.call("GET", &format!("/v1/changes?after={after}&limit=2"), v, None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(|i| i["cursor"].as_u64().unwrap()));
+        after = page["cursor"].as_u64().unwrap();
+        match page["next"].as_u64() {
+            Some(n) => assert_eq!(n, after, "next is the cursor to ask after"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=head).collect::<Vec<_>>(), "gap-free, every event once");
+    assert_eq!(after, head);
+    // Caught up: an empty page keeps the cursor; the next change is after it.
+    let (_, empty) = h.call("GET", &format!("/v1/changes?after={head}"), v, None).await;
+    assert_eq!(
+        (empty["items"].as_array().unwrap().len(), &empty["next"], empty["cursor"].as_u64()),
+        (0, &Value::Null, Some(head))
+    );
+    let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "F9", "qty": 1}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    let (_, more) = h.call("GET", &format!("/v1/changes?after={head}"), v, None).await;
+    assert_eq!(more["items"][0]["cursor"].as_u64(), Some(head + 1), "{more}");
 }
 
 #[tokio::test]
