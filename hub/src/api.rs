@@ -236,6 +236,7 @@ struct StoreAvailability {
 #[derive(Serialize)]
 struct SkuAvailability {
     sku: Sku,
+    known: bool,
     on_hand: i64,
     held: u64,
     raw_available: u64,
@@ -245,10 +246,10 @@ struct SkuAvailability {
 
 async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
     let now = shelfsync_node::now_ms();
-    let rows = state.hub.storage.availability(skus, now).await?;
+    let rows = state.hub.storage.availability_known(skus, now).await?;
     Ok(rows
         .into_iter()
-        .map(|(sku, figs)| {
+        .map(|(sku, known, figs)| {
             let stores: Vec<StoreAvailability> = figs
                 .into_iter()
                 .map(|f| StoreAvailability {
@@ -271,6 +272,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                 available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
                 stores,
                 sku,
+                known,
             }
         })
         .collect())
@@ -282,7 +284,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
     tag = "viewer",
     summary = "Availability of one SKU in every store",
     params(("sku" = String, Path, description = "The SKU")),
-    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 404, description = "A SKU neither in the catalog nor ever stocked anywhere", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_availability(
@@ -290,8 +292,12 @@ async fn get_availability(
     ApiPath(sku): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
-    let mut all = availability(&state, vec![sku]).await?;
-    Ok(Json(serde_json::to_value(all.remove(0)).expect("serialises")))
+    let one = availability(&state, vec![sku]).await?.remove(0);
+    if !one.known {
+        // The agent answers the same: a SKU nobody ever catalogued or stocked is not "0 on hand".
+        return Err(ApiError::not_found(format!("sku {} is not in the catalog and no store ever stocked it", one.sku)));
+    }
+    Ok(Json(serde_json::to_value(one).expect("serialises")))
 }
 
 #[utoipa::path(

@@ -70,6 +70,9 @@ pub struct StoreAvailability {
 #[derive(Serialize, ToSchema)]
 pub struct SkuAvailability {
     pub sku: String,
+    /// Whether the hub knows the SKU (in the catalog, or ever stocked somewhere); an unknown
+    /// one has zeros everywhere (in a batch; alone it is a 404).
+    pub known: bool,
     pub on_hand: i64,
     pub held: u64,
     pub raw_available: u64,

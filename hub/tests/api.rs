@@ -43,12 +43,12 @@ impl H {
 #[tokio::test]
 async fn tokens_and_roles_are_enforced() {
     let h = hub().await;
-    let (s, v) = h.call("GET", "/v1/availability/A", None, None).await;
+    let (s, v) = h.call("GET", "/v1/availability?sku=A", None, None).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
-    let (s, _) = h.call("GET", "/v1/availability/A", Some("ss_not_a_token"), None).await;
+    let (s, _) = h.call("GET", "/v1/availability?sku=A", Some("ss_not_a_token"), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     for t in [&h.viewer, &h.storefront, &h.admin] {
-        let (s, _) = h.call("GET", "/v1/availability/A", Some(t), None).await;
+        let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(t), None).await;
         assert_eq!(s, StatusCode::OK);
     }
     let restock = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "A", "qty": 1}]});
@@ -279,7 +279,7 @@ async fn admin_api_creates_lists_and_revokes_tokens() {
     // Revoked: its very next request is refused, saying why.
     let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("revoked")), "{v}");
-    let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+    let (s, v) = h.call("GET", "/v1/availability?sku=A", Some(&secret), None).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_revoked")), "{v}");
     assert!(v["message"].as_str().unwrap().contains("web shop"), "{v}");
     let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
@@ -321,7 +321,7 @@ async fn an_expired_token_is_refused() {
     let expires = jiff::Timestamp::from_str(v["expires_at"].as_str().unwrap()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+        let (s, v) = h.call("GET", "/v1/availability?sku=A", Some(&secret), None).await;
         if s != StatusCode::OK {
             assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_expired")), "{v}");
             assert!(jiff::Timestamp::now() >= expires, "refused before its expiry");
@@ -345,7 +345,7 @@ async fn last_use_is_recorded_without_a_write_per_request() {
         viewer["last_used_at"].as_str().map(str::to_owned)
     };
     assert_eq!(last_used().await, None, "never used yet");
-    let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+    let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(&h.viewer), None).await;
     assert_eq!(s, StatusCode::OK);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let first = loop {
@@ -361,7 +361,7 @@ async fn last_use_is_recorded_without_a_write_per_request() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     for _ in 0..20 {
-        let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+        let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(&h.viewer), None).await;
         assert_eq!(s, StatusCode::OK);
     }
     // Whatever the background writer had in flight has landed once a later write commits.
@@ -434,7 +434,7 @@ async fn every_error_is_json_on_every_route() {
             "invalid_request",
         ),
         ("GET", "/v1/availability", v, None, vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("GET", "/v1/availability/A", None, None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("GET", "/v1/availability?sku=A", None, None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
         ("GET", "/metrics", Some("ss_wrong"), None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
         ("POST", "/v1/tokens", v, json_ct, b"{}".to_vec(), StatusCode::FORBIDDEN, "forbidden"),
     ];
@@ -522,6 +522,37 @@ async fn the_change_feed_pages_to_its_head_and_resumes_from_cursor() {
     assert_eq!(more["items"][0]["cursor"].as_u64(), Some(head + 1), "{more}");
 }
 
+/// A SKU nobody catalogued or stocked is a 404 alone (the agent answers the same) and
+/// `"known": false` in a batch; a catalogued SKU that no store has yet is known, with zeros.
+#[tokio::test]
+async fn unknown_skus_are_404_alone_and_flagged_in_a_batch() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "STOCKED", "qty": 2}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    let (s, _) = h.raw_json("PUT", "/v1/catalog/LISTED", json!({"name": "Listed, not yet delivered"})).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, e) = h.call("GET", "/v1/availability/NOPE-1", v, None).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("NOPE-1"), "the message names the SKU: {e}");
+    let (s, one) = h.call("GET", "/v1/availability/STOCKED", v, None).await;
+    assert_eq!((s, one["known"].as_bool(), one["on_hand"].as_i64()), (StatusCode::OK, Some(true), Some(2)), "{one}");
+    let (s, one) = h.call("GET", "/v1/availability/LISTED", v, None).await;
+    assert_eq!((s, one["known"].as_bool(), one["on_hand"].as_i64()), (StatusCode::OK, Some(true), Some(0)), "{one}");
+
+    let (s, batch) = h.call("GET", "/v1/availability?sku=STOCKED&sku=NOPE-1&sku=LISTED", v, None).await;
+    assert_eq!(s, StatusCode::OK, "{batch}");
+    let known: Vec<(&str, bool)> = batch["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["sku"].as_str().unwrap(), i["known"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(known, [("STOCKED", true), ("NOPE-1", false), ("LISTED", true)]);
+    assert_eq!(batch["items"][1]["on_hand"], 0);
+}
+
 #[tokio::test]
 async fn a_sku_named_import_is_addressable() {
     let h = hub().await;
@@ -595,7 +626,7 @@ async fn cors_lets_only_configured_origins_in() {
     // A real call from the listed origin still needs its token, and can read the answer.
     let r = h
         .http
-        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .get(format!("{}/v1/availability?sku=X", h.hub.url()))
         .header("origin", "https://shop.example.com")
         .bearer_auth(&h.storefront)
         .send()
@@ -605,7 +636,7 @@ async fn cors_lets_only_configured_origins_in() {
     assert_eq!(acao(&r).as_deref(), Some("https://shop.example.com"));
     let r = h
         .http
-        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .get(format!("{}/v1/availability?sku=X", h.hub.url()))
         .header("origin", "https://shop.example.com")
         .send()
         .await

@@ -192,6 +192,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::POST, "/v1/reservations/{id}/commit", &commit, None).await.0, 200);
     assert_eq!(hub.call(Method::DELETE, "/v1/reservations/{id}", &rpath, None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/DOC-1", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/NONE", None).await.0, 404);
     assert_eq!(hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&sku=NONE", None).await.0, 200);
     assert_eq!(
         hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&store=store-1", None).await.0,
