@@ -12,11 +12,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_node::http::{bearer, page, page_limit, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
+use shelfsync_node::http::{
+    bearer, page, page_limit, request_key, required_key, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery,
+};
 use shelfsync_shared::id::quote;
 use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
-use shelfsync_shared::{Sku, StoreId};
+use shelfsync_shared::{IdempotencyKey, Sku, StoreId};
 use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use uuid::Uuid;
 
@@ -611,7 +613,8 @@ struct LineBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestockBody {
-    id: String,
+    /// Idempotency key (or send it as the `Idempotency-Key` header): 1..128 printable ASCII.
+    id: Option<String>,
     store: String,
     lines: Vec<LineBody>,
     reason: Option<String>,
@@ -620,7 +623,8 @@ struct RestockBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TransferBody {
-    id: String,
+    /// Idempotency key (or send it as the `Idempotency-Key` header): 1..128 printable ASCII.
+    id: Option<String>,
     from: String,
     to: String,
     lines: Vec<LineBody>,
@@ -656,6 +660,12 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     })
 }
 
+/// A reservation named in a path: its id, or the idempotency key it was made with (a
+/// storefront's own order number), which stands for the same id.
+fn reservation_id(id: &str) -> Result<Uuid, ApiError> {
+    IdempotencyKey::parse(id).map(|k| k.id()).map_err(|e| ApiError::invalid(format!("id {e}")).with("field", "id"))
+}
+
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     match reason {
         Some(r) if r.len() > REASON_MAX_LEN => {
@@ -665,8 +675,25 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     }
 }
 
+/// A 409 `idempotency_conflict` names the key as the caller sent it, not only the UUID it maps to.
+fn name_key(e: ApiError, key: Option<&str>) -> ApiError {
+    match key {
+        Some(k) if e.code == "idempotency_conflict" => {
+            let message = format!("{} (key {})", e.message, quote(k));
+            ApiError { message, ..e }
+        }
+        _ => e,
+    }
+}
+
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
-    let outcome = state.hub.storage.hub_change(req, shelfsync_node::now_ms()).await?;
+    let key = req.key.clone();
+    let outcome = state
+        .hub
+        .storage
+        .hub_change(req, shelfsync_node::now_ms())
+        .await
+        .map_err(|e| name_key(e.into(), key.as_deref()))?;
     state.hub.holds_changed(&outcome.holds_changed);
     tracing::debug!(created = outcome.created, lines = outcome.response.lines.len(), "hub change recorded");
     if outcome.created {
@@ -686,15 +713,22 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
     post,
     path = "/v1/restocks",
     tag = "admin",
-    summary = "Send units to a store (idempotent by id)",
+    summary = "Send units to a store (idempotent by key: the body's id or Idempotency-Key)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = RestockBody,
     responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<RestockBody>) -> Result<Response, ApiError> {
+async fn post_restock(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<RestockBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
     check_reason(&b.reason)?;
     let req = HubChangeRequest {
-        id: parse_id(&b.id)?,
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
         change: HubChange::Restock { store: parse_store("store", &b.store)?, lines: parse_lines(&b.lines)? },
         reason: b.reason,
     };
@@ -705,19 +739,26 @@ async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<Restock
     post,
     path = "/v1/transfers",
     tag = "admin",
-    summary = "Move units between stores (idempotent by id)",
+    summary = "Move units between stores (idempotent by key: the body's id or Idempotency-Key)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = TransferBody,
     responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<TransferBody>) -> Result<Response, ApiError> {
+async fn post_transfer(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<TransferBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
     check_reason(&b.reason)?;
     let (from, to) = (parse_store("from", &b.from)?, parse_store("to", &b.to)?);
     if from == to {
         return Err(ApiError::invalid("from and to must be different stores"));
     }
     let req = HubChangeRequest {
-        id: parse_id(&b.id)?,
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
         change: HubChange::Transfer { from, to, lines: parse_lines(&b.lines)? },
         reason: b.reason,
     };
@@ -727,7 +768,9 @@ async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<Transf
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReservationBody {
-    id: String,
+    /// Idempotency key = the reservation's name (or the `Idempotency-Key` header): 1..128
+    /// printable ASCII, e.g. the storefront's order number.
+    id: Option<String>,
     lines: Vec<LineBody>,
     ttl_secs: Option<u64>,
     pickup_store: Option<String>,
@@ -747,16 +790,19 @@ fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
     post,
     path = "/v1/reservations",
     tag = "storefront",
-    summary = "Reserve units (all lines or none); a retry with the same id answers the first result",
+    summary = "Reserve units (all lines or none); a retry with the same key (body id or Idempotency-Key) answers the first result",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = ReservationBody,
     responses((status = 201, description = "Reserved", body = crate::openapi::Reservation), (status = 200, description = "A retry: the first answer", body = crate::openapi::Reservation), (status = 409, description = "Not enough stock, or the id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error), (status = 503, description = "The hub is busy or stopping (Retry-After)", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn post_reservation(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     ApiJson(b): ApiJson<ReservationBody>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&b.id)?;
+    let key = required_key(b.id.as_deref(), &headers)?;
+    let id = key.id();
     let lines = parse_lines(&b.lines)?;
     let ttl_secs = check_ttl(&state, b.ttl_secs)?;
     let pickup_store = b.pickup_store.as_deref().map(|s| parse_store("pickup_store", s)).transpose()?;
@@ -769,8 +815,16 @@ async fn post_reservation(
             )));
         }
     }
-    let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
-    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)?;
+    let req = shelfsync_hub_core::ReservationRequest {
+        id,
+        key: Some(key.as_str().to_owned()),
+        lines,
+        ttl_secs,
+        pickup_store,
+        customer: b.customer,
+    };
+    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)
+        .map_err(|e| name_key(e, Some(key.as_str())))?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())
@@ -781,15 +835,15 @@ async fn post_reservation(
     path = "/v1/reservations/{id}",
     tag = "storefront",
     summary = "A reservation",
-    params(("id" = String, Path, description = "Reservation id (UUID)")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
-    match state.hub.storage.reservation(id).await? {
+    let rid = reservation_id(&id)?;
+    match state.hub.storage.reservation(rid).await? {
         Some(v) => Ok(Json(v.to_json())),
-        None => Err(ApiError::not_found(format!("no reservation {id}"))),
+        None => Err(ApiError::not_found(format!("no reservation {}", quote(&id)))),
     }
 }
 
@@ -863,33 +917,28 @@ async fn get_reservations(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => {
-            let k = v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key must be ASCII"))?;
-            if k.is_empty() || k.len() > 128 {
-                return Err(ApiError::invalid("Idempotency-Key must be 1 to 128 characters"));
-            }
-            Ok(Some(k.to_owned()))
-        }
-    }
-}
-
 async fn act(
     state: &ApiState,
     id: &str,
     action: shelfsync_hub_core::Action,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(id)?;
-    let key = idempotency_key(headers)?;
+    let id = reservation_id(id)?;
+    // The action's own key (optional): the same rule as every write, kept by its UUID.
+    let key = request_key(None, headers)?;
     let name = match action {
         shelfsync_hub_core::Action::Extend { .. } => "extend",
         shelfsync_hub_core::Action::Commit => "commit",
         shelfsync_hub_core::Action::Release => "release",
     };
-    let w = counted(state, name, state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await)?;
+    let decided = state.hub.storage.act(id, action, key.as_ref().map(|k| k.id().to_string()), shelfsync_node::now_ms());
+    let w = counted(state, name, decided.await).map_err(|e| match &key {
+        Some(k) if e.code == "idempotency_conflict" => ApiError::conflict(
+            "idempotency_conflict",
+            format!("Idempotency-Key {} was already used for a different action", quote(k.as_str())),
+        ),
+        _ => e,
+    })?;
     state.hub.holds_changed(&w.stores);
     Ok(Json(w.view.to_json()).into_response())
 }
@@ -923,7 +972,7 @@ struct ExtendBody {
     path = "/v1/reservations/{id}/extend",
     tag = "storefront",
     summary = "Extend an unpaid lease",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     request_body = ExtendBody,
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Not held", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -943,7 +992,7 @@ async fn post_extend(
     path = "/v1/reservations/{id}/commit",
     tag = "storefront",
     summary = "Commit (paid): the lease no longer lapses",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Released or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
@@ -960,7 +1009,7 @@ async fn post_commit(
     path = "/v1/reservations/{id}",
     tag = "storefront",
     summary = "Release a reservation",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Fulfilled or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]

@@ -158,6 +158,8 @@ pub struct ChangedLine {
 #[derive(Serialize, ToSchema)]
 pub struct HubChange {
     pub id: uuid::Uuid,
+    /// The idempotency key as sent (the id's own spelling when the key was that UUID).
+    pub key: String,
     /// `restock` or `transfer`.
     pub kind: String,
     /// Per store and SKU, in the order applied.
@@ -191,6 +193,9 @@ pub struct Line {
 #[derive(Serialize, ToSchema)]
 pub struct Reservation {
     pub id: uuid::Uuid,
+    /// The idempotency key it was made with (the id's own spelling when the key was that UUID);
+    /// `/v1/reservations/{key}` finds it too.
+    pub key: String,
     /// held, committed, fulfilled, released, expired.
     pub status: String,
     pub short: bool,

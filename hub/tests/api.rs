@@ -130,7 +130,12 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
         ),
         (
             "/v1/restocks",
-            json!({"id": "x", "store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
+            json!({"id": "", "store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/v1/restocks",
+            json!({"store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
@@ -168,6 +173,129 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     h.hub.stop().await;
+}
+
+impl H {
+    /// A call with an `Idempotency-Key` header.
+    async fn keyed(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.hub.url()))
+            .bearer_auth(&self.admin)
+            .header("idempotency-key", key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+/// One rule for idempotency keys at every hub write: the body's `id` or the `Idempotency-Key`
+/// header, any 1..128 printable ASCII; same key and body → the first answer, another body → 409;
+/// both given and different → 422. A reservation is addressable by its key, and keeps it.
+#[tokio::test]
+async fn idempotency_keys_are_any_printable_ascii_by_body_or_header() {
+    let h = hub().await;
+    let t = Some(h.admin.as_str());
+    let delivery = json!({"store": "store-a", "lines": [{"sku": "K", "qty": 4}]});
+    let mut with_id = delivery.clone();
+    with_id["id"] = json!("delivery-0042");
+    let (s1, first) = h.call("POST", "/v1/restocks", t, Some(with_id.clone())).await;
+    assert_eq!(s1, StatusCode::CREATED, "{first}");
+    let id = Uuid::parse_str(first["id"].as_str().unwrap()).unwrap();
+    assert_eq!((first["key"].as_str(), id.get_version_num()), (Some("delivery-0042"), 8), "{first}");
+    // Header only, and both equal: the same request, the first answer.
+    let (s, again) = h.keyed("POST", "/v1/restocks", "delivery-0042", Some(delivery.clone())).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    let (s, again) = h.keyed("POST", "/v1/restocks", "delivery-0042", Some(with_id.clone())).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // Same key, other body.
+    let (s, e) = h
+        .keyed(
+            "POST",
+            "/v1/restocks",
+            "delivery-0042",
+            Some(json!({"store": "store-a", "lines": [{"sku": "K", "qty": 5}]})),
+        )
+        .await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    // Two different keys, too long, control characters: 422 naming the field.
+    let (s, e) = h.keyed("POST", "/v1/restocks", "delivery-0043", Some(with_id.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("id")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("delivery-0043"), "{e}");
+    for bad in ["x".repeat(129), "line\nbreak".to_owned(), "nul\u{0}".to_owned()] {
+        let mut b = delivery.clone();
+        b["id"] = json!(bad);
+        let (s, e) = h.call("POST", "/v1/restocks", t, Some(b)).await;
+        assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("id")), "{bad:?}: {e}");
+    }
+    let (s, e) = h.keyed("POST", "/v1/restocks", "tab\there", Some(delivery.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key")), "{e}");
+    let (s, e) = h.keyed("POST", "/v1/restocks", &"k".repeat(129), Some(delivery.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key")), "{e}");
+    let (_, v) = h.call("GET", "/v1/availability/K", t, None).await;
+    assert_eq!(v["on_hand"], 4, "only the first request changed stock: {v}");
+
+    // A UUID key is that UUID; its key is its own spelling.
+    let u = Uuid::now_v7();
+    let tr = json!({"from": "store-a", "to": "store-b", "lines": [{"sku": "K", "qty": 1}]});
+    let (s, v) = h.keyed("POST", "/v1/transfers", &u.to_string().to_uppercase(), Some(tr)).await;
+    assert_eq!(
+        (s, v["id"].as_str(), v["key"].as_str()),
+        (StatusCode::CREATED, Some(u.to_string().as_str()), Some(u.to_string().as_str())),
+        "{v}"
+    );
+
+    // A storefront names the reservation by its order number, and finds it by it.
+    let order = json!({"lines": [{"sku": "K", "qty": 1}]});
+    let (s, r) = h.keyed("POST", "/v1/reservations", "order-1234", Some(order.clone())).await;
+    assert_eq!((s, r["key"].as_str()), (StatusCode::CREATED, Some("order-1234")), "{r}");
+    let rid = r["id"].as_str().unwrap().to_owned();
+    let (s, again) = h
+        .call(
+            "POST",
+            "/v1/reservations",
+            Some(&h.storefront),
+            Some(json!({"id": "order-1234", "lines": [{"sku": "K", "qty": 1}]})),
+        )
+        .await;
+    assert_eq!((s, again["id"].as_str()), (StatusCode::OK, Some(rid.as_str())));
+    let (s, e) =
+        h.keyed("POST", "/v1/reservations", "order-1234", Some(json!({"lines": [{"sku": "K", "qty": 2}]}))).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    for path in ["/v1/reservations/order-1234".to_owned(), format!("/v1/reservations/{rid}")] {
+        let (s, g) = h.call("GET", &path, Some(&h.storefront), None).await;
+        assert_eq!(
+            (s, g["id"].as_str(), g["key"].as_str()),
+            (StatusCode::OK, Some(rid.as_str()), Some("order-1234")),
+            "{path}: {g}"
+        );
+    }
+    let (s, _) = h.call("GET", "/v1/reservations/order-9999", Some(&h.storefront), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Actions by the order number, under their own keys.
+    let (s, c1) = h.keyed("POST", "/v1/reservations/order-1234/commit", "pay-1234", None).await;
+    assert_eq!((s, c1["status"].as_str()), (StatusCode::OK, Some("committed")), "{c1}");
+    let (s, c2) = h.keyed("POST", "/v1/reservations/order-1234/commit", "pay-1234", None).await;
+    assert_eq!((s, &c2), (StatusCode::OK, &c1));
+    let (s, e) = h.keyed("DELETE", "/v1/reservations/order-1234", "pay-1234", None).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    let (s, e) = h.keyed("DELETE", "/v1/reservations/order-1234", "", None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+
+    // The key is stored with the reservation and the restock's answer: a restart keeps both.
+    let h = h.restart(|cfg| cfg.http.max_body_bytes = 4096).await;
+    let (s, g) = h.call("GET", "/v1/reservations/order-1234", Some(&h.storefront), None).await;
+    assert_eq!(
+        (s, g["key"].as_str(), g["status"].as_str()),
+        (StatusCode::OK, Some("order-1234"), Some("committed")),
+        "{g}"
+    );
+    let (s, again) = h.call("POST", "/v1/restocks", Some(&h.admin), Some(with_id)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
 }
 
 #[tokio::test]

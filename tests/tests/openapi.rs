@@ -229,8 +229,11 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/metrics", "/metrics", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/", "/", None).await.0, 200);
     // Errors validate too.
-    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", "/v1/reservations/nope", None).await;
+    let too_long = format!("/v1/reservations/{}", "k".repeat(129));
+    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", &too_long, None).await;
     assert_eq!(s, 422);
+    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", "/v1/reservations/order-nope", None).await;
+    assert_eq!(s, 404);
     let (s, _) =
         hub.call(Method::GET, "/v1/reservations/{id}", &format!("/v1/reservations/{}", Uuid::now_v7()), None).await;
     assert_eq!(s, 404);

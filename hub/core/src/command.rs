@@ -20,6 +20,10 @@ pub const CUSTOMER_MAX_LEN: usize = 128;
 pub struct ReservationRequest {
     /// Idempotency id = reservation id.
     pub id: Uuid,
+    /// The idempotency key as the caller sent it (`None`: the id itself), shown with the
+    /// reservation so a storefront finds its own order number there.
+    #[serde(default)]
+    pub key: Option<String>,
     /// What.
     pub lines: Vec<QtyLine>,
     /// Lease length.
@@ -81,6 +85,9 @@ pub enum HubChange {
 pub struct HubChangeRequest {
     /// Idempotency id.
     pub id: Uuid,
+    /// The idempotency key as the caller sent it (`None`: the id itself).
+    #[serde(default)]
+    pub key: Option<String>,
     /// What.
     pub change: HubChange,
     /// Free text.

@@ -278,7 +278,8 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         }
         changed_lines.push(ChangedLine { store, sku: sku.clone(), delta, on_hand });
     }
-    let response = HubChangeResponse { id: req.id, kind, lines: changed_lines, recorded_at_ms: now };
+    let key = req.key.clone().filter(|k| *k != req.id.to_string());
+    let response = HubChangeResponse { id: req.id, key, kind, lines: changed_lines, recorded_at_ms: now };
     cx.t.put_hub_request(HubRequest { id: req.id, kind, fingerprint, response: response.clone() });
     Ok(HubChanged {
         created: true,

@@ -280,6 +280,9 @@ pub(crate) struct SkuInfo {
 pub struct Reservation {
     /// Id (= the caller's idempotency id).
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself (rows from before keys: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Lifecycle state.
     pub status: ReservationStatus,
     /// Pickup store, if one was named.
@@ -368,6 +371,9 @@ pub struct ChangedLine {
 pub struct HubChangeResponse {
     /// The request id.
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Restock or transfer.
     pub kind: HubChangeKind,
     /// Per store and SKU, in the order applied.

@@ -45,6 +45,9 @@ pub struct LineView {
 pub struct ReservationView {
     /// Id.
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Lifecycle state.
     pub status: ReservationStatus,
     /// Whether some units could not be supplied after an oversell.
@@ -63,11 +66,17 @@ pub struct ReservationView {
     pub lines: Vec<LineView>,
 }
 
+/// The key an answer shows: as sent, or the id's own spelling when the key was the id.
+fn key_of(id: Uuid, key: Option<&str>) -> String {
+    key.map_or_else(|| id.to_string(), str::to_owned)
+}
+
 impl ReservationView {
     /// Today's JSON shape (`created_at`/`expires_at` as RFC 3339).
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,
+            "key": key_of(self.id, self.key.as_deref()),
             "status": self.status.as_str(),
             "short": self.short,
             "pickup_store": self.pickup_store,
@@ -107,6 +116,7 @@ impl HubChangeResponse {
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,
+            "key": key_of(self.id, self.key.as_deref()),
             "kind": self.kind.as_str(),
             "lines": self.lines,
             "recorded_at": rfc3339(self.recorded_at_ms),
@@ -141,6 +151,7 @@ pub(crate) fn build(t: &Tables, r: &Reservation) -> ReservationView {
     let short = lines.iter().any(|l| l.short > 0);
     ReservationView {
         id: r.id,
+        key: r.key.clone(),
         status: r.status,
         short,
         pickup_store: r.pickup_store.clone(),

@@ -201,6 +201,7 @@ fn transfers_check_the_source_across_lines_and_name_both_sides() {
     let transfer = |lines| {
         Command::HubChange(HubChangeRequest {
             id: uid(5),
+            key: None,
             change: HubChange::Transfer { from: s("a"), to: s("b"), lines },
             reason: Some("rebalance".into()),
         })

@@ -148,6 +148,7 @@ impl Run {
             Op::Reserve { reuse: None, lines, pickup, customer, ttl } => {
                 let req = ReservationRequest {
                     id: self.fresh(),
+                    key: None,
                     lines: lines.into_iter().map(|(i, qty)| QtyLine { sku: sk(i), qty }).collect(),
                     ttl_secs: ttl,
                     pickup_store: pickup.map(st),
@@ -204,6 +205,7 @@ impl Run {
                     None => {
                         let r = HubChangeRequest {
                             id: self.fresh(),
+                            key: None,
                             change: HubChange::Restock { store: st(store), lines: vec![QtyLine { sku: sk(sku), qty }] },
                             reason: None,
                         };
@@ -215,6 +217,7 @@ impl Run {
             }
             Op::Transfer { from, to, sku, qty } => Command::HubChange(HubChangeRequest {
                 id: self.fresh(),
+                key: None,
                 change: HubChange::Transfer { from: st(from), to: st(to), lines: vec![QtyLine { sku: sk(sku), qty }] },
                 reason: Some("move".into()),
             }),
