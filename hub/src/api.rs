@@ -16,9 +16,9 @@ use shelfsync_node::http::{
     bearer, page, page_limit, request_key, required_key, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery,
 };
 use shelfsync_shared::id::quote;
-use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::qty::{ADJUST_DELTA_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
-use shelfsync_shared::{IdempotencyKey, Sku, StoreId};
+use shelfsync_shared::{IdempotencyKey, Reason, ReasonError, Sku, StoreId};
 use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use uuid::Uuid;
 
@@ -86,6 +86,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Storefront), require_role));
     let admin = OpenApiRouter::new()
         .routes(routes!(post_restock))
+        .routes(routes!(post_restock_batch))
+        .routes(routes!(post_adjustment))
         .routes(routes!(post_transfer))
         .routes(routes!(put_catalog_item, patch_catalog_item))
         .routes(routes!(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
@@ -203,6 +205,11 @@ fn refused(r: Refusal) -> ApiError {
                 None => err,
             }
         }
+        Refusal::StaleQuantity { store, sku, expected, on_hand } => ApiError::conflict("stale_quantity", message)
+            .with("store", store.to_string())
+            .with("sku", sku.to_string())
+            .with("expected_on_hand", expected)
+            .with("on_hand", on_hand),
         Refusal::LimitExceeded { sku, limit, already } => ApiError::conflict("limit_exceeded", message)
             .with("sku", sku.to_string())
             .with("limit", limit)
@@ -631,6 +638,12 @@ struct TransferBody {
     reason: Option<String>,
 }
 
+/// Lines of a batch entry: the same rules, errors naming `restocks[i].…`.
+fn parse_lines_at(at: &str, lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
+    parse_lines(lines)
+        .map_err(|e| ApiError { message: format!("{at}.{}", e.message), ..e }.with("field", at.to_owned()))
+}
+
 fn parse_lines(lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
     if lines.is_empty() {
         return Err(ApiError::invalid("lines must not be empty"));
@@ -761,6 +774,126 @@ async fn post_transfer(
         key: Some(key.as_str().to_owned()),
         change: HubChange::Transfer { from, to, lines: parse_lines(&b.lines)? },
         reason: b.reason,
+    };
+    hub_change(&state, req).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RestockBatchEntry {
+    store: String,
+    lines: Vec<LineBody>,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RestockBatchBody {
+    /// Idempotency key (or the `Idempotency-Key` header): one for the whole batch.
+    id: Option<String>,
+    /// 1..100 stores' deliveries, answered in this order.
+    restocks: Vec<RestockBatchEntry>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/restocks/batch",
+    tag = "admin",
+    summary = "Deliveries to several stores under one key: all entries or none, answered per entry in order",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
+    request_body = RestockBatchBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::RestockBatch), (status = 200, description = "A retry: the first answer", body = crate::openapi::RestockBatch), (status = 409, description = "The key was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names restocks[i]... when an entry is wrong, unknown stores included); nothing recorded", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_restock_batch(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<RestockBatchBody>,
+) -> Result<Response, ApiError> {
+    use shelfsync_hub_core::{RestockEntry, RESTOCK_BATCH_MAX};
+    let key = required_key(b.id.as_deref(), &headers)?;
+    if b.restocks.is_empty() || b.restocks.len() > RESTOCK_BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "restocks must have 1 to {RESTOCK_BATCH_MAX} entries, got {}",
+            b.restocks.len()
+        ))
+        .with("field", "restocks"));
+    }
+    let mut restocks = Vec::with_capacity(b.restocks.len());
+    for (i, r) in b.restocks.into_iter().enumerate() {
+        let at = format!("restocks[{i}]");
+        let store =
+            parse_store(&format!("{at}.store"), &r.store).map_err(|e| e.with("field", format!("{at}.store")))?;
+        let lines = parse_lines_at(&at, &r.lines)?;
+        check_reason(&r.reason).map_err(|e| ApiError { message: format!("{at}.{}", e.message), ..e })?;
+        restocks.push(RestockEntry { store, lines, reason: r.reason });
+    }
+    let req = HubChangeRequest {
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
+        change: HubChange::RestockBatch { restocks },
+        reason: None,
+    };
+    hub_change(&state, req).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentBody {
+    /// Idempotency key (or the `Idempotency-Key` header).
+    id: Option<String>,
+    sku: String,
+    /// Non-zero, at most 1,000,000 either way; its sign must fit the reason.
+    delta: i64,
+    /// A reason code: damaged, theft, expired, lost, internal_use, returned_to_vendor,
+    /// transit_loss, found, correction, other.
+    reason: String,
+    /// Free text (required with `other`).
+    note: Option<String>,
+    /// Compare-and-set: refuse with 409 `stale_quantity` unless the hub's on_hand is this now.
+    expected_on_hand: Option<i64>,
+}
+
+fn reason_error(e: ReasonError) -> ApiError {
+    let field = match e {
+        ReasonError::NoteRequired | ReasonError::NoteTooLong(_) => "note",
+        ReasonError::UnknownCode { .. } | ReasonError::WrongSign { .. } => "reason",
+    };
+    ApiError::invalid(e.to_string()).with("field", field)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/stores/{id}/adjustments",
+    tag = "admin",
+    summary = "A head-office correction of a store's count, with a reason code; optionally compare-and-set on the hub's on_hand",
+    params(("id" = String, Path, description = "Store id"), ("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
+    request_body = AdjustmentBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 409, description = "stale_quantity (on_hand is not expected_on_hand; the body has on_hand), or the key was used for another request", body = crate::openapi::StaleQuantity), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_adjustment(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<AdjustmentBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
+    let store = parse_store("id", &id)?;
+    let sku = parse_sku("sku", &b.sku).map_err(|e| e.with("field", "sku"))?;
+    if b.delta == 0 || b.delta.abs() > ADJUST_DELTA_MAX {
+        return Err(ApiError::invalid(format!(
+            "delta must be non-zero and between -{ADJUST_DELTA_MAX} and {ADJUST_DELTA_MAX}, got {}",
+            b.delta
+        ))
+        .with("field", "delta"));
+    }
+    let reason = Reason::new(&b.reason, b.note, b.delta).map_err(reason_error)?;
+    let req = HubChangeRequest {
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
+        change: HubChange::Adjust { store, sku, delta: b.delta, expected_on_hand: b.expected_on_hand },
+        reason: Some(reason.to_stored()),
     };
     hub_change(&state, req).await
 }

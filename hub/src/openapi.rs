@@ -160,10 +160,55 @@ pub struct HubChange {
     pub id: uuid::Uuid,
     /// The idempotency key as sent (the id's own spelling when the key was that UUID).
     pub key: String,
-    /// `restock` or `transfer`.
+    /// `restock`, `transfer` or `adjustment`.
     pub kind: String,
     /// Per store and SKU, in the order applied.
     pub lines: Vec<ChangedLine>,
+    pub recorded_at: String,
+}
+
+/// A 409 of an adjustment: `stale_quantity` carries the hub's current `on_hand` (and
+/// `idempotency_conflict` is a plain error).
+#[derive(Serialize, ToSchema)]
+pub struct StaleQuantity {
+    /// `stale_quantity` or `idempotency_conflict`.
+    pub error: String,
+    pub message: String,
+    pub store: Option<String>,
+    pub sku: Option<String>,
+    /// What the request expected.
+    pub expected_on_hand: Option<i64>,
+    /// The hub's on_hand now: decide again and retry (a refused request recorded nothing).
+    pub on_hand: Option<i64>,
+}
+
+/// One line of a batch entry.
+#[derive(Serialize, ToSchema)]
+pub struct BatchLine {
+    pub sku: String,
+    pub delta: i64,
+    /// on_hand after, at that store.
+    pub on_hand: i64,
+}
+
+/// One store's part of a batch restock.
+#[derive(Serialize, ToSchema)]
+pub struct BatchEntry {
+    /// The entry's journal event id (derived from the batch's).
+    pub id: uuid::Uuid,
+    pub store: String,
+    pub lines: Vec<BatchLine>,
+}
+
+/// A recorded batch restock, per entry in the order sent.
+#[derive(Serialize, ToSchema)]
+pub struct RestockBatch {
+    pub id: uuid::Uuid,
+    /// The idempotency key as sent.
+    pub key: String,
+    /// `restock_batch`.
+    pub kind: String,
+    pub restocks: Vec<BatchEntry>,
     pub recorded_at: String,
 }
 

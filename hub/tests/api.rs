@@ -298,6 +298,170 @@ async fn idempotency_keys_are_any_printable_ascii_by_body_or_header() {
     assert_eq!((s, &again), (StatusCode::OK, &first));
 }
 
+/// Head office corrects a store's count with a reason code; `expected_on_hand` makes it a
+/// compare-and-set decided with the change, so a correction made on stale figures is refused
+/// with the current figure and records nothing.
+#[tokio::test]
+async fn head_office_adjustments_check_reasons_and_compare_and_set() {
+    let h = hub().await;
+    let t = Some(h.admin.as_str());
+    let restock = json!({"id": "delivery-1", "store": "store-a", "lines": [{"sku": "ADJ", "qty": 10}]});
+    assert_eq!(h.call("POST", "/v1/restocks", t, Some(restock)).await.0, StatusCode::CREATED);
+    let body = json!({"id": "fix-1", "sku": "ADJ", "delta": -3, "reason": "damaged", "note": "pallet dropped", "expected_on_hand": 10});
+    let (s, first) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(body.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!((first["kind"].as_str(), first["key"].as_str()), (Some("adjustment"), Some("fix-1")));
+    assert_eq!((first["lines"][0]["delta"].as_i64(), first["lines"][0]["on_hand"].as_i64()), (Some(-3), Some(7)));
+    // A retry is the first answer, though on_hand is no longer 10.
+    let (s, again) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(body)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // Stale: nothing recorded, the current figure in the answer.
+    let stale = json!({"id": "fix-2", "sku": "ADJ", "delta": 2, "reason": "found", "expected_on_hand": 10});
+    let (s, e) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(stale)).await;
+    assert_eq!(
+        (s, e["error"].as_str(), e["on_hand"].as_i64()),
+        (StatusCode::CONFLICT, Some("stale_quantity"), Some(7)),
+        "{e}"
+    );
+    assert_eq!(h.call("GET", "/v1/availability/ADJ", t, None).await.1["on_hand"], 7);
+    // The same key with the figure it now knows goes through (the refusal recorded nothing).
+    let fresh = json!({"id": "fix-2", "sku": "ADJ", "delta": 2, "reason": "found", "expected_on_hand": 7});
+    let (s, v) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(fresh)).await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(9)), "{v}");
+    // Without expected_on_hand it just applies; a store that has never had the SKU starts at 0.
+    let (s, v) = h
+        .keyed(
+            "POST",
+            "/v1/stores/store-b/adjustments",
+            "fix-3",
+            Some(json!({"sku": "ADJ", "delta": 4, "reason": "correction", "expected_on_hand": 0})),
+        )
+        .await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(4)), "{v}");
+
+    let cases = [
+        ("store-z", json!({"id": "z", "sku": "ADJ", "delta": -1, "reason": "theft"}), StatusCode::NOT_FOUND, None),
+        (
+            "store-a",
+            json!({"id": "b1", "sku": "ADJ", "delta": 0, "reason": "theft"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("delta"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b2", "sku": "ADJ", "delta": 1_000_001, "reason": "found"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("delta"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b3", "sku": "ADJ", "delta": 1, "reason": "theft"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reason"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b4", "sku": "ADJ", "delta": -1, "reason": "broken"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reason"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b5", "sku": "ADJ", "delta": -1, "reason": "other"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("note"),
+        ),
+        ("store-a", json!({"sku": "ADJ", "delta": -1, "reason": "lost"}), StatusCode::UNPROCESSABLE_ENTITY, Some("id")),
+        (
+            "store-a",
+            json!({"id": "b6", "sku": "bad sku", "delta": -1, "reason": "lost"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("sku"),
+        ),
+    ];
+    for (store, body, status, field) in cases {
+        let (s, e) = h.call("POST", &format!("/v1/stores/{store}/adjustments"), t, Some(body.clone())).await;
+        assert_eq!((s, e["field"].as_str()), (status, field), "{body}: {e}");
+    }
+    let (_, e) = h
+        .call(
+            "POST",
+            "/v1/stores/store-a/adjustments",
+            t,
+            Some(json!({"id": "b4", "sku": "ADJ", "delta": -1, "reason": "broken"})),
+        )
+        .await;
+    assert!(e["message"].as_str().unwrap().contains("damaged, theft"), "the codes are listed: {e}");
+    let (s, _) = h
+        .call(
+            "POST",
+            "/v1/stores/store-a/adjustments",
+            Some(&h.storefront),
+            Some(json!({"id": "r", "sku": "ADJ", "delta": -1, "reason": "lost"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(h.call("GET", "/v1/availability/ADJ", t, None).await.1["on_hand"], 13, "refusals changed nothing");
+}
+
+/// A batch restock is one request under one key: every entry or none, answered per entry.
+#[tokio::test]
+async fn batch_restocks_are_all_or_nothing_under_one_key() {
+    let h = hub_with(|cfg| cfg.http.max_body_bytes = 64 * 1024).await;
+    let t = Some(h.admin.as_str());
+    let batch = json!({"id": "wave-7", "restocks": [
+        {"store": "store-a", "lines": [{"sku": "BA", "qty": 3}, {"sku": "BB", "qty": 1}], "reason": "wave 7"},
+        {"store": "store-b", "lines": [{"sku": "BA", "qty": 5}]},
+        {"store": "store-a", "lines": [{"sku": "BA", "qty": 2}]},
+    ]});
+    let (s, first) = h.call("POST", "/v1/restocks/batch", t, Some(batch.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!((first["kind"].as_str(), first["key"].as_str()), (Some("restock_batch"), Some("wave-7")));
+    let entries = first["restocks"].as_array().unwrap();
+    let got: Vec<(&str, usize, i64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["store"].as_str().unwrap(),
+                e["lines"].as_array().unwrap().len(),
+                e["lines"][0]["on_hand"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("store-a", 2, 3), ("store-b", 1, 5), ("store-a", 1, 5)], "{first}");
+    assert_ne!(entries[0]["id"], entries[2]["id"], "each entry is its own journal event");
+    let (s, again) =
+        h.keyed("POST", "/v1/restocks/batch", "wave-7", Some(json!({"restocks": batch["restocks"]}))).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    let mut other = batch.clone();
+    other["restocks"][1]["lines"][0]["qty"] = json!(6);
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(other)).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+
+    // Any bad entry refuses the whole batch, naming it; nothing recorded.
+    let ok = json!({"store": "store-a", "lines": [{"sku": "BC", "qty": 1}]});
+    let bad = [
+        (json!({"store": "store-z", "lines": [{"sku": "BC", "qty": 1}]}), "restocks[1].store"),
+        (json!({"store": "Bad Store", "lines": [{"sku": "BC", "qty": 1}]}), "restocks[1].store"),
+        (json!({"store": "store-b", "lines": []}), "restocks[1]"),
+        (json!({"store": "store-b", "lines": [{"sku": "BC", "qty": 0}]}), "restocks[1]"),
+        (json!({"store": "store-b", "lines": [{"sku": "BC", "qty": 1}], "reason": "x".repeat(201)}), "restocks[1]"),
+    ];
+    for (i, (entry, field)) in bad.into_iter().enumerate() {
+        let body = json!({"id": format!("bad-{i}"), "restocks": [ok.clone(), entry]});
+        let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(body)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(e["message"].as_str().unwrap().starts_with(field), "{field}: {e}");
+    }
+    let too_many: Vec<Value> = (0..101).map(|_| ok.clone()).collect();
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(json!({"id": "big", "restocks": too_many}))).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("restocks")), "{e}");
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(json!({"id": "none", "restocks": []}))).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("restocks")), "{e}");
+    let (_, v) = h.call("GET", "/v1/availability?sku=BC&sku=BA", t, None).await;
+    assert_eq!((v["items"][0]["known"].as_bool(), v["items"][1]["on_hand"].as_i64()), (Some(false), Some(10)), "{v}");
+}
+
 #[tokio::test]
 async fn backup_copy_takes_a_new_hub_incarnation() {
     let h = hub().await;

@@ -165,6 +165,30 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         )
         .await;
     assert_eq!(s, 201);
+    let batch = json!({"id": "doc-wave-1", "restocks": [
+        {"store": "store-0", "lines": [{"sku": "DOC-1", "qty": 1}]},
+        {"store": "store-1", "lines": [{"sku": "DOC-1", "qty": 1}], "reason": "wave 1"},
+    ]});
+    let (s, _) = hub.call(Method::POST, "/v1/restocks/batch", "/v1/restocks/batch", Some(batch.clone())).await;
+    assert_eq!(s, 201);
+    assert_eq!(hub.call(Method::POST, "/v1/restocks/batch", "/v1/restocks/batch", Some(batch)).await.0, 200);
+    let (s, _) = hub
+        .call(
+            Method::POST,
+            "/v1/restocks/batch",
+            "/v1/restocks/batch",
+            Some(json!({"id": "doc-wave-2", "restocks": []})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    let adjust = "/v1/stores/{id}/adjustments";
+    let adj = json!({"id": "doc-fix-1", "sku": "DOC-1", "delta": -1, "reason": "damaged", "note": "chipped", "expected_on_hand": 9});
+    assert_eq!(hub.call(Method::POST, adjust, "/v1/stores/store-0/adjustments", Some(adj)).await.0, 201);
+    let stale = json!({"id": "doc-fix-2", "sku": "DOC-1", "delta": 1, "reason": "found", "expected_on_hand": 100});
+    let (s, e) = hub.call(Method::POST, adjust, "/v1/stores/store-0/adjustments", Some(stale)).await;
+    assert_eq!((s, e["on_hand"].as_i64()), (409, Some(8)), "{e}");
+    let nowhere = json!({"id": "doc-fix-3", "sku": "DOC-1", "delta": 1, "reason": "found"});
+    assert_eq!(hub.call(Method::POST, adjust, "/v1/stores/store-9/adjustments", Some(nowhere)).await.0, 404);
     c.converged(&["DOC-1"], std::time::Duration::from_secs(30)).await;
     let rid = Uuid::now_v7();
     let (s, _) = hub

@@ -59,6 +59,20 @@ impl Action {
     }
 }
 
+/// Most stores in one batch restock.
+pub const RESTOCK_BATCH_MAX: usize = 100;
+
+/// One store's part of a batch restock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestockEntry {
+    /// Where.
+    pub store: StoreId,
+    /// What.
+    pub lines: Vec<QtyLine>,
+    /// Free text (delivery note).
+    pub reason: Option<String>,
+}
+
 /// A hub-authored change of store stock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubChange {
@@ -77,6 +91,24 @@ pub enum HubChange {
         to: StoreId,
         /// What.
         lines: Vec<QtyLine>,
+    },
+    /// A head-office correction of one store's count (the request's reason holds the stored
+    /// reason code and note).
+    Adjust {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// Change of `on_hand` (non-zero, at most `ADJUST_DELTA_MAX` either way).
+        delta: i64,
+        /// Compare-and-set: refuse (`StaleQuantity`) unless the hub's `on_hand` is this now.
+        expected_on_hand: Option<i64>,
+    },
+    /// Deliveries to several stores, all or none (each entry's journal events carry the
+    /// entry's own id, derived from the request's).
+    RestockBatch {
+        /// Per store, in order.
+        restocks: Vec<RestockEntry>,
     },
 }
 
@@ -302,6 +334,18 @@ pub enum Refusal {
         id: Uuid,
         /// What it was used for.
         kind: String,
+    },
+    /// Compare-and-set of an adjustment failed: the hub's `on_hand` is not what the caller saw.
+    #[error("store {store} has {on_hand} of {sku} on hand, not the {expected} expected; nothing was changed")]
+    StaleQuantity {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// What the caller expected.
+        expected: i64,
+        /// What the hub has.
+        on_hand: i64,
     },
     /// Not enough stock for a transfer.
     #[error("store {store} has {on_hand} of {sku}, fewer than the {wanted} to transfer")]

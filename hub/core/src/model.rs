@@ -173,6 +173,10 @@ named_enum! {
         Restock => "restock",
         /// Units moved between stores.
         Transfer => "transfer",
+        /// A head-office correction of one store's count.
+        Adjustment => "adjustment",
+        /// Deliveries to several stores at once.
+        RestockBatch => "restock_batch",
     }
 }
 
@@ -364,6 +368,9 @@ pub struct ChangedLine {
     pub delta: i64,
     /// `on_hand` after.
     pub on_hand: i64,
+    /// Which entry of a batch restock it belongs to (none outside batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<u32>,
 }
 
 /// The answer to a restock or transfer (kept for idempotent replays).

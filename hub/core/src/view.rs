@@ -112,8 +112,33 @@ impl Conflict {
 }
 
 impl HubChangeResponse {
-    /// Today's JSON shape (`kind` as a string, `recorded_at` as RFC 3339).
+    /// Today's JSON shape (`kind` as a string, `recorded_at` as RFC 3339). A batch restock
+    /// answers per entry, in order: `restocks: [{id, store, lines}]` (`id`: the entry's journal
+    /// event id, derived from the request's).
     pub fn to_json(&self) -> Value {
+        if self.kind == crate::model::HubChangeKind::RestockBatch {
+            let mut entries: Vec<Value> = Vec::new();
+            for l in &self.lines {
+                let i = l.entry.unwrap_or_default() as usize;
+                while entries.len() <= i {
+                    let n = entries.len();
+                    entries.push(json!({
+                        "id": shelfsync_shared::IdempotencyKey::from_uuid(self.id).item(n),
+                        "store": l.store,
+                        "lines": [],
+                    }));
+                }
+                let line = json!({"sku": l.sku, "delta": l.delta, "on_hand": l.on_hand});
+                entries[i]["lines"].as_array_mut().expect("built above").push(line);
+            }
+            return json!({
+                "id": self.id,
+                "key": key_of(self.id, self.key.as_deref()),
+                "kind": self.kind.as_str(),
+                "restocks": entries,
+                "recorded_at": rfc3339(self.recorded_at_ms),
+            });
+        }
         json!({
             "id": self.id,
             "key": key_of(self.id, self.key.as_deref()),
