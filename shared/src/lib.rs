@@ -21,5 +21,5 @@ pub use fmt::{fingerprint_of, rfc3339};
 pub use id::{IdError, Incarnation, NodeId, Sku, StoreId, WriterId};
 pub use journal::{EventFlag, EventKind, JournalEvent, UnixMs};
 pub use key::{IdempotencyKey, KeyError, KEY_MAX_LEN};
-pub use reason::{Reason, ReasonCode, ReasonError};
 pub use qty::{QtyError, StockFigures};
+pub use reason::{Reason, ReasonCode, ReasonError};

@@ -140,8 +140,8 @@ pub enum ReasonError {
 impl Reason {
     /// Builds a reason from a request's `reason` and `note`, checked against the delta's sign.
     pub fn new(code: &str, note: Option<String>, delta: i64) -> Result<Reason, ReasonError> {
-        let code = ReasonCode::parse(code)
-            .ok_or_else(|| ReasonError::UnknownCode { got: code.chars().take(64).collect() })?;
+        let code =
+            ReasonCode::parse(code).ok_or_else(|| ReasonError::UnknownCode { got: code.chars().take(64).collect() })?;
         let note = note.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
         if let Some(n) = &note {
             if n.len() > REASON_MAX_LEN - 24 {
