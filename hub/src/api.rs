@@ -70,6 +70,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_availability))
         .routes(routes!(get_stores))
         .routes(routes!(get_store_stock))
+        .routes(routes!(get_adjustments))
         .routes(routes!(get_metrics))
         .routes(routes!(get_conflicts))
         .routes(routes!(get_catalog_page))
@@ -460,6 +461,127 @@ async fn get_store_stock(
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentQuery {
+    reason: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Largest page of the shrink report.
+pub const ADJUSTMENTS_PAGE_MAX: usize = 1000;
+
+fn parse_time(parameter: &str, s: &str) -> Result<i64, ApiError> {
+    shelfsync_shared::fmt::parse_rfc3339(s).map_err(|why| {
+        ApiError::invalid(format!(
+            "{parameter} is not an RFC 3339 timestamp ({why}): {}",
+            quote(&s.chars().take(64).collect::<String>())
+        ))
+        .with("parameter", parameter)
+    })
+}
+
+/// `GET /v1/stores/{id}/adjustments`: the shrink report. Every adjustment event of the store
+/// (the tills' own, synced up, and head office's), newest `occurred_at` first, with its reason
+/// code and note, and totals per code over the whole filter (not just the page).
+#[utoipa::path(
+    get,
+    path = "/v1/stores/{id}/adjustments",
+    tag = "viewer",
+    summary = "A store's adjustments (shrink report): newest occurred_at first, a page at a time, with totals per reason code over the whole filter",
+    params(
+        ("id" = String, Path, description = "Store id"),
+        ("reason" = Option<String>, Query, description = "Only this reason code (damaged, theft, expired, lost, internal_use, returned_to_vendor, transit_loss, found, correction, other)"),
+        ("from" = Option<String>, Query, description = "RFC 3339: occurred at or after"),
+        ("to" = Option<String>, Query, description = "RFC 3339: occurred before"),
+        ("after" = Option<String>, Query, description = "The previous page's next"),
+        ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")
+    ),
+    responses((status = 200, description = "A page", body = crate::openapi::AdjustmentPage), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names the parameter; an unknown reason lists the codes)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_adjustments(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<AdjustmentQuery>,
+) -> Result<Json<Value>, ApiError> {
+    use shelfsync_shared::ReasonCode;
+    let store = parse_store("id", &id)?;
+    let limit = page_limit(q.limit, 100, ADJUSTMENTS_PAGE_MAX)?;
+    let reason = q
+        .reason
+        .as_deref()
+        .map(|r| {
+            ReasonCode::parse(r).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "reason must be one of {}; got {}",
+                    ReasonCode::list(),
+                    quote(&r.chars().take(64).collect::<String>())
+                ))
+                .with("parameter", "reason")
+            })
+        })
+        .transpose()?;
+    let from_ms = q.from.as_deref().map(|s| parse_time("from", s)).transpose()?;
+    let to_ms = q.to.as_deref().map(|s| parse_time("to", s)).transpose()?;
+    if let (Some(f), Some(t)) = (from_ms, to_ms) {
+        if f > t {
+            return Err(ApiError::invalid("from is after to").with("parameter", "from"));
+        }
+    }
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| {
+            a.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "after must be the previous page's next (a whole number), got {}",
+                    quote(&a.chars().take(64).collect::<String>())
+                ))
+                .with("parameter", "after")
+            })
+        })
+        .transpose()?;
+    if !state.hub.storage.stores().await?.iter().any(|s| s.id == store) {
+        return Err(ApiError::not_found(format!("no store {store}")));
+    }
+    let filter =
+        crate::sqlite::AdjustmentFilter { store: store.clone(), reason, from_ms, to_ms, after, limit: limit + 1 };
+    let report = state.hub.storage.adjustments(filter).await?;
+    if report.after_unknown {
+        return Err(ApiError::invalid(format!("after names no adjustment of {store}")).with("parameter", "after"));
+    }
+    let (rows, next) = page(report.rows, limit, |(seq, _)| *seq);
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|(seq, e)| {
+            let r = e.reason.as_deref().map(Reason::parse_stored);
+            json!({
+                "cursor": seq,
+                "id": e.id,
+                "line": e.line,
+                "sku": e.sku,
+                "delta": e.delta,
+                "reason": r.as_ref().map_or(ReasonCode::Other, |r| r.code).as_str(),
+                "note": r.and_then(|r| r.note),
+                "occurred_at": rfc3339(e.occurred_at_ms),
+                "recorded_at": rfc3339(e.recorded_at_ms),
+                "writer": e.writer,
+                "by": if e.writer.is_hub() { "hub" } else { "store" },
+            })
+        })
+        .collect();
+    let totals: Vec<Value> = report
+        .totals
+        .iter()
+        .map(|(code, units, events)| json!({"reason": code.as_str(), "units": units, "events": events}))
+        .collect();
+    Ok(Json(json!({"store": store, "order": "newest_first", "items": items, "next": next, "totals": totals})))
 }
 
 #[utoipa::path(

@@ -883,6 +883,14 @@ impl Engine {
         self.run(move |st, _| st.d.overview(&q, now_ms)).await
     }
 
+    /// A store's adjustment events and totals per reason code (the shrink report).
+    pub async fn adjustments(
+        &self,
+        filter: crate::sqlite::AdjustmentFilter,
+    ) -> StorageResult<crate::sqlite::AdjustmentReport> {
+        self.db.adjustments(filter).await
+    }
+
     /// Journal events held (of one store, or all).
     pub async fn journal_count(&self, store: Option<StoreId>) -> StorageResult<u64> {
         self.db.journal_count(store).await

@@ -212,6 +212,50 @@ pub struct RestockBatch {
     pub recorded_at: String,
 }
 
+/// One adjustment event of a store.
+#[derive(Serialize, ToSchema)]
+pub struct Adjustment {
+    /// Position in the hub's journal (what `next` is made of).
+    pub cursor: u64,
+    /// The journal event id (the request's idempotency id) and its line.
+    pub id: uuid::Uuid,
+    pub line: u32,
+    pub sku: String,
+    /// Change of on_hand (negative: units gone).
+    pub delta: i64,
+    /// The reason code (reasons from before codes read as `other`).
+    pub reason: String,
+    pub note: Option<String>,
+    pub occurred_at: String,
+    pub recorded_at: String,
+    /// The writer that recorded it (`store-001@…` at the till, `hub@…` from head office).
+    pub writer: String,
+    /// `store` or `hub`.
+    pub by: String,
+}
+
+/// Units and events of one reason code over the whole filter.
+#[derive(Serialize, ToSchema)]
+pub struct ReasonTotal {
+    pub reason: String,
+    /// Σ delta.
+    pub units: i64,
+    pub events: u64,
+}
+
+/// `GET /v1/stores/{id}/adjustments`.
+#[derive(Serialize, ToSchema)]
+pub struct AdjustmentPage {
+    pub store: String,
+    /// Always `newest_first` (by occurred_at, then latest recorded).
+    pub order: String,
+    pub items: Vec<Adjustment>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<u64>,
+    /// Per reason code present, in the documented order, over every page of the filter.
+    pub totals: Vec<ReasonTotal>,
+}
+
 /// Units of a line promised at one store.
 #[derive(Serialize, ToSchema)]
 pub struct Allocation {

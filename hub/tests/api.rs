@@ -404,6 +404,117 @@ async fn head_office_adjustments_check_reasons_and_compare_and_set() {
     assert_eq!(h.call("GET", "/v1/availability/ADJ", t, None).await.1["on_hand"], 13, "refusals changed nothing");
 }
 
+/// The shrink report: a store's adjustments newest first, paged by the one convention, filtered
+/// by reason code and time, with totals over the whole filter.
+#[tokio::test]
+async fn the_shrink_report_pages_filters_and_totals() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    let restock =
+        json!({"id": "r1", "store": "store-a", "lines": [{"sku": "S1", "qty": 50}, {"sku": "S2", "qty": 50}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(restock)).await.0, StatusCode::CREATED);
+    let made = [
+        ("S1", -2, "damaged", Some("crushed")),
+        ("S2", -1, "theft", None),
+        ("S1", 3, "found", Some("back room")),
+        ("S2", -4, "damaged", None),
+        ("S1", -1, "expired", None),
+    ];
+    let mut ids = Vec::new();
+    for (i, (sku, delta, reason, note)) in made.iter().enumerate() {
+        let body = json!({"id": format!("adj-{i}"), "sku": sku, "delta": delta, "reason": reason, "note": note});
+        let (s, r) = h.call("POST", "/v1/stores/store-a/adjustments", a, Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    let other = json!({"id": "adj-b", "sku": "S1", "delta": -9, "reason": "lost"});
+    assert_eq!(h.call("POST", "/v1/stores/store-b/adjustments", a, Some(other)).await.0, StatusCode::CREATED);
+
+    // Newest first, every page by the one convention; restocks are not adjustments.
+    let (mut after, mut seen) = (None::<u64>, Vec::new());
+    loop {
+        let q = after.map(|n| format!("&after={n}")).unwrap_or_default();
+        let (s, page) = h.call("GET", &format!("/v1/stores/store-a/adjustments?limit=2{q}"), v, None).await;
+        assert_eq!((s, page["order"].as_str()), (StatusCode::OK, Some("newest_first")), "{page}");
+        assert_eq!(page["totals"].as_array().unwrap().len(), 4, "totals cover the whole filter: {page}");
+        for i in page["items"].as_array().unwrap() {
+            assert_eq!(
+                (i["by"].as_str(), i["writer"].as_str().map(|w| w.starts_with("hub@"))),
+                (Some("hub"), Some(true))
+            );
+            seen.push((
+                i["id"].as_str().unwrap().to_owned(),
+                i["reason"].as_str().unwrap().to_owned(),
+                i["note"].clone(),
+            ));
+        }
+        match page["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let want: Vec<_> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), want);
+    assert_eq!((seen[4].1.as_str(), &seen[4].2), ("damaged", &json!("crushed")));
+    assert_eq!((seen[3].1.as_str(), &seen[3].2), ("theft", &Value::Null));
+
+    let (_, all) = h.call("GET", "/v1/stores/store-a/adjustments", v, None).await;
+    let totals: Vec<(&str, i64, u64)> = all["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["reason"].as_str().unwrap(), t["units"].as_i64().unwrap(), t["events"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(totals, [("damaged", -6, 2), ("theft", -1, 1), ("expired", -1, 1), ("found", 3, 1)]);
+    assert_eq!(all["next"], Value::Null);
+
+    let (_, damaged) = h.call("GET", "/v1/stores/store-a/adjustments?reason=damaged&limit=1", v, None).await;
+    assert_eq!(damaged["items"].as_array().unwrap().len(), 1);
+    assert_eq!(damaged["items"][0]["sku"], "S2", "the newest damaged one: {damaged}");
+    assert!(damaged["next"].is_u64());
+    assert_eq!(damaged["totals"], json!([{"reason": "damaged", "units": -6, "events": 2}]));
+    let (_, none) = h.call("GET", "/v1/stores/store-a/adjustments?reason=other", v, None).await;
+    assert_eq!((none["items"].as_array().unwrap().len(), &none["totals"]), (0, &json!([])));
+
+    // Time bounds on occurred_at: [from, to).
+    let oldest = all["items"][4]["occurred_at"].as_str().unwrap().to_owned();
+    let (_, future) = h.call("GET", "/v1/stores/store-a/adjustments?from=2999-01-01T00:00:00Z", v, None).await;
+    assert_eq!(future["items"].as_array().unwrap().len(), 0);
+    let (_, upto) = h
+        .call("GET", &format!("/v1/stores/store-a/adjustments?from={oldest}&to=2999-01-01T00:00:00%2B01:00"), v, None)
+        .await;
+    assert_eq!(upto["items"].as_array().unwrap().len(), 5, "{upto}");
+    let (_, before) = h.call("GET", &format!("/v1/stores/store-a/adjustments?to={oldest}"), v, None).await;
+    assert_eq!(before["items"].as_array().unwrap().len(), 0, "to is exclusive: {before}");
+
+    let bad = [
+        ("/v1/stores/store-a/adjustments?reason=broken", "reason"),
+        ("/v1/stores/store-a/adjustments?from=yesterday", "from"),
+        ("/v1/stores/store-a/adjustments?to=2025-03-01T14:05:09", "to"),
+        ("/v1/stores/store-a/adjustments?from=2025-03-02T00:00:00Z&to=2025-03-01T00:00:00Z", "from"),
+        ("/v1/stores/store-a/adjustments?after=x", "after"),
+        ("/v1/stores/store-a/adjustments?after=123456", "after"),
+        ("/v1/stores/store-a/adjustments?limit=0", "limit"),
+    ];
+    for (path, parameter) in bad {
+        let (s, e) = h.call("GET", path, v, None).await;
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
+            "{path}: {e}"
+        );
+        if parameter != "limit" {
+            assert_eq!(e["parameter"].as_str(), Some(parameter), "{path}: {e}");
+        }
+    }
+    let (_, e) = h.call("GET", "/v1/stores/store-a/adjustments?reason=broken", v, None).await;
+    assert!(e["message"].as_str().unwrap().contains("damaged, theft, expired"), "{e}");
+    let (s, _) = h.call("GET", "/v1/stores/store-a/adjustments?sku=S1", v, None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "unknown parameters are refused");
+    let (s, _) = h.call("GET", "/v1/stores/store-z/adjustments", v, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 /// A batch restock is one request under one key: every entry or none, answered per entry.
 #[tokio::test]
 async fn batch_restocks_are_all_or_nothing_under_one_key() {

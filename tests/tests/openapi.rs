@@ -226,6 +226,11 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/v1/reservations", "/v1/reservations?status=lost", None).await.0, 422);
     assert_eq!(hub.call(Method::GET, "/v1/stores", "/v1/stores", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/stores/{id}/stock", "/v1/stores/store-0/stock?limit=1", None).await.0, 200);
+    let shrink = "/v1/stores/{id}/adjustments";
+    let (s, report) = hub.call(Method::GET, shrink, "/v1/stores/store-0/adjustments?reason=damaged", None).await;
+    assert_eq!((s, report["items"][0]["note"].as_str()), (200, Some("chipped")), "{report}");
+    assert_eq!(hub.call(Method::GET, shrink, "/v1/stores/store-0/adjustments?reason=broken", None).await.0, 422);
+    assert_eq!(hub.call(Method::GET, shrink, "/v1/stores/store-9/adjustments", None).await.0, 404);
     assert_eq!(hub.call(Method::GET, "/v1/catalog", "/v1/catalog?q=mug", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=5", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=0", None).await.0, 422);
@@ -284,6 +289,21 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(agent.call(Method::POST, "/v1/returns", "/v1/returns", Some(ret)).await.0, 201);
     let adj = json!({"id": Uuid::now_v7(), "sku": "DOC-1", "delta": -1, "reason": "damaged"});
     assert_eq!(agent.call(Method::POST, "/v1/adjustments", "/v1/adjustments", Some(adj)).await.0, 201);
+    // The till's adjustment reaches the hub's shrink report beside head office's.
+    let by_store = shelfsync_tests::procs::wait_until(
+        "the store's adjustment in the hub's report",
+        std::time::Duration::from_secs(30),
+        || async {
+            let (_, v) =
+                hub.call(Method::GET, "/v1/stores/{id}/adjustments", "/v1/stores/store-0/adjustments", None).await;
+            let items = v["items"].as_array().unwrap().clone();
+            items.iter().any(|i| i["by"] == "store").then_some(items)
+        },
+    )
+    .await;
+    let store_adj = by_store.iter().find(|i| i["by"] == "store").unwrap();
+    assert_eq!((store_adj["reason"].as_str(), store_adj["delta"].as_i64()), (Some("damaged"), Some(-1)), "{store_adj}");
+    assert!(by_store.iter().any(|i| i["by"] == "hub"), "{by_store:?}");
     let count = json!({"id": Uuid::now_v7(), "sku": "DOC-1", "counted": 7});
     assert_eq!(agent.call(Method::POST, "/v1/counts", "/v1/counts", Some(count)).await.0, 201);
     assert_eq!(agent.call(Method::GET, "/v1/stock", "/v1/stock", None).await.0, 200);
