@@ -333,3 +333,16 @@ fn a_batch_restock_is_all_entries_or_none() {
     assert!(ids.iter().all(|(id, line)| *id != uid(3) && *line == 0), "each entry is its own event: {ids:?}");
     assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
 }
+
+#[test]
+fn answers_stored_before_keys_read_back_with_the_id_as_key() {
+    let old = serde_json::json!({
+        "id": uid(4), "kind": "restock", "fingerprint": [1, 2, 3],
+        "response": {"id": uid(4), "kind": "restock", "recorded_at_ms": 5,
+                     "lines": [{"store": "a", "sku": "X", "delta": 1, "on_hand": 1}]},
+    });
+    let r: shelfsync_hub_core::HubRequest = serde_json::from_value(old).unwrap();
+    assert_eq!((r.response.key.as_deref(), r.response.lines[0].entry), (None, None));
+    assert_eq!(r.response.to_json()["key"], uid(4).to_string());
+    assert!(r.response.to_json()["lines"][0].get("entry").is_none(), "restock answers keep their shape");
+}

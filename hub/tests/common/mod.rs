@@ -41,8 +41,7 @@ impl H {
     pub async fn restart(self, tune: impl FnOnce(&mut HubConfig)) -> H {
         let H { hub, admin, viewer, storefront, http, dir } = self;
         hub.stop().await;
-        let mut cfg = HubConfig::default();
-        cfg.data_dir = dir.path().join("hub");
+        let mut cfg = HubConfig { data_dir: dir.path().join("hub"), ..Default::default() };
         cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
         cfg.http.listen = "127.0.0.1:0".parse().unwrap();
         tune(&mut cfg);
