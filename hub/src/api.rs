@@ -12,11 +12,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shelfsync_node::http::{bearer, page, page_limit, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery};
+use shelfsync_node::http::{
+    bearer, page, page_limit, request_key, required_key, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery,
+};
 use shelfsync_shared::id::quote;
-use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::qty::{ADJUST_DELTA_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
-use shelfsync_shared::{Sku, StoreId};
+use shelfsync_shared::{IdempotencyKey, Reason, ReasonError, Sku, StoreId};
 use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use uuid::Uuid;
 
@@ -68,6 +70,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_availability))
         .routes(routes!(get_stores))
         .routes(routes!(get_store_stock))
+        .routes(routes!(get_adjustments))
         .routes(routes!(get_metrics))
         .routes(routes!(get_conflicts))
         .routes(routes!(get_catalog_page))
@@ -84,6 +87,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Storefront), require_role));
     let admin = OpenApiRouter::new()
         .routes(routes!(post_restock))
+        .routes(routes!(post_restock_batch))
+        .routes(routes!(post_adjustment))
         .routes(routes!(post_transfer))
         .routes(routes!(put_catalog_item, patch_catalog_item))
         .routes(routes!(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
@@ -201,6 +206,11 @@ fn refused(r: Refusal) -> ApiError {
                 None => err,
             }
         }
+        Refusal::StaleQuantity { store, sku, expected, on_hand } => ApiError::conflict("stale_quantity", message)
+            .with("store", store.to_string())
+            .with("sku", sku.to_string())
+            .with("expected_on_hand", expected)
+            .with("on_hand", on_hand),
         Refusal::LimitExceeded { sku, limit, already } => ApiError::conflict("limit_exceeded", message)
             .with("sku", sku.to_string())
             .with("limit", limit)
@@ -236,6 +246,7 @@ struct StoreAvailability {
 #[derive(Serialize)]
 struct SkuAvailability {
     sku: Sku,
+    known: bool,
     on_hand: i64,
     held: u64,
     raw_available: u64,
@@ -245,10 +256,10 @@ struct SkuAvailability {
 
 async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
     let now = shelfsync_node::now_ms();
-    let rows = state.hub.storage.availability(skus, now).await?;
+    let rows = state.hub.storage.availability_known(skus, now).await?;
     Ok(rows
         .into_iter()
-        .map(|(sku, figs)| {
+        .map(|(sku, known, figs)| {
             let stores: Vec<StoreAvailability> = figs
                 .into_iter()
                 .map(|f| StoreAvailability {
@@ -271,6 +282,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                 available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
                 stores,
                 sku,
+                known,
             }
         })
         .collect())
@@ -282,7 +294,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
     tag = "viewer",
     summary = "Availability of one SKU in every store",
     params(("sku" = String, Path, description = "The SKU")),
-    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 404, description = "A SKU neither in the catalog nor ever stocked anywhere", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_availability(
@@ -290,8 +302,12 @@ async fn get_availability(
     ApiPath(sku): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
-    let mut all = availability(&state, vec![sku]).await?;
-    Ok(Json(serde_json::to_value(all.remove(0)).expect("serialises")))
+    let one = availability(&state, vec![sku]).await?.remove(0);
+    if !one.known {
+        // The agent answers the same: a SKU nobody ever catalogued or stocked is not "0 on hand".
+        return Err(ApiError::not_found(format!("sku {} is not in the catalog and no store ever stocked it", one.sku)));
+    }
+    Ok(Json(serde_json::to_value(one).expect("serialises")))
 }
 
 #[utoipa::path(
@@ -445,6 +461,127 @@ async fn get_store_stock(
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentQuery {
+    reason: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Largest page of the shrink report.
+pub const ADJUSTMENTS_PAGE_MAX: usize = 1000;
+
+fn parse_time(parameter: &str, s: &str) -> Result<i64, ApiError> {
+    shelfsync_shared::fmt::parse_rfc3339(s).map_err(|why| {
+        ApiError::invalid(format!(
+            "{parameter} is not an RFC 3339 timestamp ({why}): {}",
+            quote(&s.chars().take(64).collect::<String>())
+        ))
+        .with("parameter", parameter)
+    })
+}
+
+/// `GET /v1/stores/{id}/adjustments`: the shrink report. Every adjustment event of the store
+/// (the tills' own, synced up, and head office's), newest `occurred_at` first, with its reason
+/// code and note, and totals per code over the whole filter (not just the page).
+#[utoipa::path(
+    get,
+    path = "/v1/stores/{id}/adjustments",
+    tag = "viewer",
+    summary = "A store's adjustments (shrink report): newest occurred_at first, a page at a time, with totals per reason code over the whole filter",
+    params(
+        ("id" = String, Path, description = "Store id"),
+        ("reason" = Option<String>, Query, description = "Only this reason code (damaged, theft, expired, lost, internal_use, returned_to_vendor, transit_loss, found, correction, other)"),
+        ("from" = Option<String>, Query, description = "RFC 3339: occurred at or after"),
+        ("to" = Option<String>, Query, description = "RFC 3339: occurred before"),
+        ("after" = Option<String>, Query, description = "The previous page's next"),
+        ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")
+    ),
+    responses((status = 200, description = "A page", body = crate::openapi::AdjustmentPage), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names the parameter; an unknown reason lists the codes)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_adjustments(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<AdjustmentQuery>,
+) -> Result<Json<Value>, ApiError> {
+    use shelfsync_shared::ReasonCode;
+    let store = parse_store("id", &id)?;
+    let limit = page_limit(q.limit, 100, ADJUSTMENTS_PAGE_MAX)?;
+    let reason = q
+        .reason
+        .as_deref()
+        .map(|r| {
+            ReasonCode::parse(r).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "reason must be one of {}; got {}",
+                    ReasonCode::list(),
+                    quote(&r.chars().take(64).collect::<String>())
+                ))
+                .with("parameter", "reason")
+            })
+        })
+        .transpose()?;
+    let from_ms = q.from.as_deref().map(|s| parse_time("from", s)).transpose()?;
+    let to_ms = q.to.as_deref().map(|s| parse_time("to", s)).transpose()?;
+    if let (Some(f), Some(t)) = (from_ms, to_ms) {
+        if f > t {
+            return Err(ApiError::invalid("from is after to").with("parameter", "from"));
+        }
+    }
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| {
+            a.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "after must be the previous page's next (a whole number), got {}",
+                    quote(&a.chars().take(64).collect::<String>())
+                ))
+                .with("parameter", "after")
+            })
+        })
+        .transpose()?;
+    if !state.hub.storage.stores().await?.iter().any(|s| s.id == store) {
+        return Err(ApiError::not_found(format!("no store {store}")));
+    }
+    let filter =
+        crate::sqlite::AdjustmentFilter { store: store.clone(), reason, from_ms, to_ms, after, limit: limit + 1 };
+    let report = state.hub.storage.adjustments(filter).await?;
+    if report.after_unknown {
+        return Err(ApiError::invalid(format!("after names no adjustment of {store}")).with("parameter", "after"));
+    }
+    let (rows, next) = page(report.rows, limit, |(seq, _)| *seq);
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|(seq, e)| {
+            let r = e.reason.as_deref().map(Reason::parse_stored);
+            json!({
+                "cursor": seq,
+                "id": e.id,
+                "line": e.line,
+                "sku": e.sku,
+                "delta": e.delta,
+                "reason": r.as_ref().map_or(ReasonCode::Other, |r| r.code).as_str(),
+                "note": r.and_then(|r| r.note),
+                "occurred_at": rfc3339(e.occurred_at_ms),
+                "recorded_at": rfc3339(e.recorded_at_ms),
+                "writer": e.writer,
+                "by": if e.writer.is_hub() { "hub" } else { "store" },
+            })
+        })
+        .collect();
+    let totals: Vec<Value> = report
+        .totals
+        .iter()
+        .map(|(code, units, events)| json!({"reason": code.as_str(), "units": units, "events": events}))
+        .collect();
+    Ok(Json(json!({"store": store, "order": "newest_first", "items": items, "next": next, "totals": totals})))
 }
 
 #[utoipa::path(
@@ -605,7 +742,8 @@ struct LineBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestockBody {
-    id: String,
+    /// Idempotency key (or send it as the `Idempotency-Key` header): 1..128 printable ASCII.
+    id: Option<String>,
     store: String,
     lines: Vec<LineBody>,
     reason: Option<String>,
@@ -614,11 +752,18 @@ struct RestockBody {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TransferBody {
-    id: String,
+    /// Idempotency key (or send it as the `Idempotency-Key` header): 1..128 printable ASCII.
+    id: Option<String>,
     from: String,
     to: String,
     lines: Vec<LineBody>,
     reason: Option<String>,
+}
+
+/// Lines of a batch entry: the same rules, errors naming `restocks[i].…`.
+fn parse_lines_at(at: &str, lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
+    parse_lines(lines)
+        .map_err(|e| ApiError { message: format!("{at}.{}", e.message), ..e }.with("field", at.to_owned()))
 }
 
 fn parse_lines(lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
@@ -650,6 +795,12 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     })
 }
 
+/// A reservation named in a path: its id, or the idempotency key it was made with (a
+/// storefront's own order number), which stands for the same id.
+fn reservation_id(id: &str) -> Result<Uuid, ApiError> {
+    IdempotencyKey::parse(id).map(|k| k.id()).map_err(|e| ApiError::invalid(format!("id {e}")).with("field", "id"))
+}
+
 fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     match reason {
         Some(r) if r.len() > REASON_MAX_LEN => {
@@ -659,8 +810,25 @@ fn check_reason(reason: &Option<String>) -> Result<(), ApiError> {
     }
 }
 
+/// A 409 `idempotency_conflict` names the key as the caller sent it, not only the UUID it maps to.
+fn name_key(e: ApiError, key: Option<&str>) -> ApiError {
+    match key {
+        Some(k) if e.code == "idempotency_conflict" => {
+            let message = format!("{} (key {})", e.message, quote(k));
+            ApiError { message, ..e }
+        }
+        _ => e,
+    }
+}
+
 async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response, ApiError> {
-    let outcome = state.hub.storage.hub_change(req, shelfsync_node::now_ms()).await?;
+    let key = req.key.clone();
+    let outcome = state
+        .hub
+        .storage
+        .hub_change(req, shelfsync_node::now_ms())
+        .await
+        .map_err(|e| name_key(e.into(), key.as_deref()))?;
     state.hub.holds_changed(&outcome.holds_changed);
     tracing::debug!(created = outcome.created, lines = outcome.response.lines.len(), "hub change recorded");
     if outcome.created {
@@ -680,15 +848,22 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
     post,
     path = "/v1/restocks",
     tag = "admin",
-    summary = "Send units to a store (idempotent by id)",
+    summary = "Send units to a store (idempotent by key: the body's id or Idempotency-Key)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = RestockBody,
     responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<RestockBody>) -> Result<Response, ApiError> {
+async fn post_restock(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<RestockBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
     check_reason(&b.reason)?;
     let req = HubChangeRequest {
-        id: parse_id(&b.id)?,
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
         change: HubChange::Restock { store: parse_store("store", &b.store)?, lines: parse_lines(&b.lines)? },
         reason: b.reason,
     };
@@ -699,19 +874,26 @@ async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<Restock
     post,
     path = "/v1/transfers",
     tag = "admin",
-    summary = "Move units between stores (idempotent by id)",
+    summary = "Move units between stores (idempotent by key: the body's id or Idempotency-Key)",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = TransferBody,
     responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<TransferBody>) -> Result<Response, ApiError> {
+async fn post_transfer(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<TransferBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
     check_reason(&b.reason)?;
     let (from, to) = (parse_store("from", &b.from)?, parse_store("to", &b.to)?);
     if from == to {
         return Err(ApiError::invalid("from and to must be different stores"));
     }
     let req = HubChangeRequest {
-        id: parse_id(&b.id)?,
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
         change: HubChange::Transfer { from, to, lines: parse_lines(&b.lines)? },
         reason: b.reason,
     };
@@ -720,8 +902,130 @@ async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<Transf
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+struct RestockBatchEntry {
+    store: String,
+    lines: Vec<LineBody>,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RestockBatchBody {
+    /// Idempotency key (or the `Idempotency-Key` header): one for the whole batch.
+    id: Option<String>,
+    /// 1..100 stores' deliveries, answered in this order.
+    restocks: Vec<RestockBatchEntry>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/restocks/batch",
+    tag = "admin",
+    summary = "Deliveries to several stores under one key: all entries or none, answered per entry in order",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
+    request_body = RestockBatchBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::RestockBatch), (status = 200, description = "A retry: the first answer", body = crate::openapi::RestockBatch), (status = 409, description = "The key was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names restocks[i]... when an entry is wrong, unknown stores included); nothing recorded", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_restock_batch(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<RestockBatchBody>,
+) -> Result<Response, ApiError> {
+    use shelfsync_hub_core::{RestockEntry, RESTOCK_BATCH_MAX};
+    let key = required_key(b.id.as_deref(), &headers)?;
+    if b.restocks.is_empty() || b.restocks.len() > RESTOCK_BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "restocks must have 1 to {RESTOCK_BATCH_MAX} entries, got {}",
+            b.restocks.len()
+        ))
+        .with("field", "restocks"));
+    }
+    let mut restocks = Vec::with_capacity(b.restocks.len());
+    for (i, r) in b.restocks.into_iter().enumerate() {
+        let at = format!("restocks[{i}]");
+        let store =
+            parse_store(&format!("{at}.store"), &r.store).map_err(|e| e.with("field", format!("{at}.store")))?;
+        let lines = parse_lines_at(&at, &r.lines)?;
+        check_reason(&r.reason).map_err(|e| ApiError { message: format!("{at}.{}", e.message), ..e })?;
+        restocks.push(RestockEntry { store, lines, reason: r.reason });
+    }
+    let req = HubChangeRequest {
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
+        change: HubChange::RestockBatch { restocks },
+        reason: None,
+    };
+    hub_change(&state, req).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentBody {
+    /// Idempotency key (or the `Idempotency-Key` header).
+    id: Option<String>,
+    sku: String,
+    /// Non-zero, at most 1,000,000 either way; its sign must fit the reason.
+    delta: i64,
+    /// A reason code: damaged, theft, expired, lost, internal_use, returned_to_vendor,
+    /// transit_loss, found, correction, other.
+    reason: String,
+    /// Free text (required with `other`).
+    note: Option<String>,
+    /// Compare-and-set: refuse with 409 `stale_quantity` unless the hub's on_hand is this now.
+    expected_on_hand: Option<i64>,
+}
+
+fn reason_error(e: ReasonError) -> ApiError {
+    let field = match e {
+        ReasonError::NoteRequired | ReasonError::NoteTooLong(_) => "note",
+        ReasonError::UnknownCode { .. } | ReasonError::WrongSign { .. } => "reason",
+    };
+    ApiError::invalid(e.to_string()).with("field", field)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/stores/{id}/adjustments",
+    tag = "admin",
+    summary = "A head-office correction of a store's count, with a reason code; optionally compare-and-set on the hub's on_hand",
+    params(("id" = String, Path, description = "Store id"), ("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
+    request_body = AdjustmentBody,
+    responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 409, description = "stale_quantity (on_hand is not expected_on_hand; the body has on_hand), or the key was used for another request", body = crate::openapi::StaleQuantity), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_adjustment(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    ApiJson(b): ApiJson<AdjustmentBody>,
+) -> Result<Response, ApiError> {
+    let key = required_key(b.id.as_deref(), &headers)?;
+    let store = parse_store("id", &id)?;
+    let sku = parse_sku("sku", &b.sku).map_err(|e| e.with("field", "sku"))?;
+    if b.delta == 0 || b.delta.abs() > ADJUST_DELTA_MAX {
+        return Err(ApiError::invalid(format!(
+            "delta must be non-zero and between -{ADJUST_DELTA_MAX} and {ADJUST_DELTA_MAX}, got {}",
+            b.delta
+        ))
+        .with("field", "delta"));
+    }
+    let reason = Reason::new(&b.reason, b.note, b.delta).map_err(reason_error)?;
+    let req = HubChangeRequest {
+        id: key.id(),
+        key: Some(key.as_str().to_owned()),
+        change: HubChange::Adjust { store, sku, delta: b.delta, expected_on_hand: b.expected_on_hand },
+        reason: Some(reason.to_stored()),
+    };
+    hub_change(&state, req).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 struct ReservationBody {
-    id: String,
+    /// Idempotency key = the reservation's name (or the `Idempotency-Key` header): 1..128
+    /// printable ASCII, e.g. the storefront's order number.
+    id: Option<String>,
     lines: Vec<LineBody>,
     ttl_secs: Option<u64>,
     pickup_store: Option<String>,
@@ -741,16 +1045,19 @@ fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
     post,
     path = "/v1/reservations",
     tag = "storefront",
-    summary = "Reserve units (all lines or none); a retry with the same id answers the first result",
+    summary = "Reserve units (all lines or none); a retry with the same key (body id or Idempotency-Key) answers the first result",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = ReservationBody,
     responses((status = 201, description = "Reserved", body = crate::openapi::Reservation), (status = 200, description = "A retry: the first answer", body = crate::openapi::Reservation), (status = 409, description = "Not enough stock, or the id was used for another request", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error), (status = 503, description = "The hub is busy or stopping (Retry-After)", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn post_reservation(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     ApiJson(b): ApiJson<ReservationBody>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&b.id)?;
+    let key = required_key(b.id.as_deref(), &headers)?;
+    let id = key.id();
     let lines = parse_lines(&b.lines)?;
     let ttl_secs = check_ttl(&state, b.ttl_secs)?;
     let pickup_store = b.pickup_store.as_deref().map(|s| parse_store("pickup_store", s)).transpose()?;
@@ -763,8 +1070,16 @@ async fn post_reservation(
             )));
         }
     }
-    let req = shelfsync_hub_core::ReservationRequest { id, lines, ttl_secs, pickup_store, customer: b.customer };
-    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)?;
+    let req = shelfsync_hub_core::ReservationRequest {
+        id,
+        key: Some(key.as_str().to_owned()),
+        lines,
+        ttl_secs,
+        pickup_store,
+        customer: b.customer,
+    };
+    let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)
+        .map_err(|e| name_key(e, Some(key.as_str())))?;
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())
@@ -775,15 +1090,15 @@ async fn post_reservation(
     path = "/v1/reservations/{id}",
     tag = "storefront",
     summary = "A reservation",
-    params(("id" = String, Path, description = "Reservation id (UUID)")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
-    match state.hub.storage.reservation(id).await? {
+    let rid = reservation_id(&id)?;
+    match state.hub.storage.reservation(rid).await? {
         Some(v) => Ok(Json(v.to_json())),
-        None => Err(ApiError::not_found(format!("no reservation {id}"))),
+        None => Err(ApiError::not_found(format!("no reservation {}", quote(&id)))),
     }
 }
 
@@ -857,33 +1172,28 @@ async fn get_reservations(
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
-fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => {
-            let k = v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key must be ASCII"))?;
-            if k.is_empty() || k.len() > 128 {
-                return Err(ApiError::invalid("Idempotency-Key must be 1 to 128 characters"));
-            }
-            Ok(Some(k.to_owned()))
-        }
-    }
-}
-
 async fn act(
     state: &ApiState,
     id: &str,
     action: shelfsync_hub_core::Action,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(id)?;
-    let key = idempotency_key(headers)?;
+    let id = reservation_id(id)?;
+    // The action's own key (optional): the same rule as every write, kept by its UUID.
+    let key = request_key(None, headers)?;
     let name = match action {
         shelfsync_hub_core::Action::Extend { .. } => "extend",
         shelfsync_hub_core::Action::Commit => "commit",
         shelfsync_hub_core::Action::Release => "release",
     };
-    let w = counted(state, name, state.hub.storage.act(id, action, key, shelfsync_node::now_ms()).await)?;
+    let decided = state.hub.storage.act(id, action, key.as_ref().map(|k| k.id().to_string()), shelfsync_node::now_ms());
+    let w = counted(state, name, decided.await).map_err(|e| match &key {
+        Some(k) if e.code == "idempotency_conflict" => ApiError::conflict(
+            "idempotency_conflict",
+            format!("Idempotency-Key {} was already used for a different action", quote(k.as_str())),
+        ),
+        _ => e,
+    })?;
     state.hub.holds_changed(&w.stores);
     Ok(Json(w.view.to_json()).into_response())
 }
@@ -917,7 +1227,7 @@ struct ExtendBody {
     path = "/v1/reservations/{id}/extend",
     tag = "storefront",
     summary = "Extend an unpaid lease",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     request_body = ExtendBody,
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Not held", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -937,7 +1247,7 @@ async fn post_extend(
     path = "/v1/reservations/{id}/commit",
     tag = "storefront",
     summary = "Commit (paid): the lease no longer lapses",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Released or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
@@ -954,7 +1264,7 @@ async fn post_commit(
     path = "/v1/reservations/{id}",
     tag = "storefront",
     summary = "Release a reservation",
-    params(("id" = String, Path, description = "Reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry answer the first result")),
+    params(("id" = String, Path, description = "Reservation id (UUID), or the idempotency key it was made with"), ("Idempotency-Key" = Option<String>, Header, description = "1..128 printable ASCII; makes a retry answer the first result")),
     responses((status = 200, description = "The reservation", body = crate::openapi::Reservation), (status = 404, description = "No such reservation", body = crate::openapi::Error), (status = 409, description = "Fulfilled or expired", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
@@ -1091,7 +1401,7 @@ struct ChangesQuery {
     get,
     path = "/v1/changes",
     tag = "viewer",
-    summary = "The change feed after a cursor (gap-free)",
+    summary = "The change feed after a cursor (gap-free); next is null once caught up, cursor always says where to resume",
     params(("after" = Option<String>, Query, description = "A cursor (default 0)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
     responses((status = 200, description = "Events", body = crate::openapi::ChangePage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -1102,9 +1412,13 @@ async fn get_changes(
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit, 100, CHANGES_PAGE_MAX)?;
     let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
+    // The committed head before reading: a page that reaches it is caught up (`next` null), and
+    // a feed reader keeps tailing from `cursor`.
+    let head = *state.hub.storage.change_head().borrow();
     let items = state.hub.storage.changes_after(after, limit).await?;
-    let next = items.last().map(|e| e.cursor).unwrap_or(after);
-    Ok(Json(json!({ "items": items, "next": next })))
+    let cursor = items.last().map(|e| e.cursor).unwrap_or(after);
+    let next = (items.len() == limit && cursor < head).then_some(cursor);
+    Ok(Json(json!({ "items": items, "next": next, "cursor": cursor })))
 }
 
 /// Largest CSV import body.

@@ -759,11 +759,21 @@ impl Engine {
 
     /// Per SKU, every store's figures (raw and offered availability).
     pub async fn availability(&self, skus: Vec<Sku>, now_ms: i64) -> StorageResult<Vec<(Sku, Vec<StoreFigures>)>> {
+        Ok(self.availability_known(skus, now_ms).await?.into_iter().map(|(s, _, f)| (s, f)).collect())
+    }
+
+    /// [`Engine::availability`] with whether the hub knows each SKU (catalogued or ever stocked).
+    pub async fn availability_known(
+        &self,
+        skus: Vec<Sku>,
+        now_ms: i64,
+    ) -> StorageResult<Vec<(Sku, bool, Vec<StoreFigures>)>> {
         self.run(move |st, _| {
             skus.into_iter()
                 .map(|s| {
                     let f = st.d.figures(&s, now_ms, st.d.connected());
-                    (s, f)
+                    let known = st.d.knows_sku(&s);
+                    (s, known, f)
                 })
                 .collect()
         })
@@ -877,6 +887,14 @@ impl Engine {
         now_ms: i64,
     ) -> StorageResult<shelfsync_hub_core::Overview> {
         self.run(move |st, _| st.d.overview(&q, now_ms)).await
+    }
+
+    /// A store's adjustment events and totals per reason code (the shrink report).
+    pub async fn adjustments(
+        &self,
+        filter: crate::sqlite::AdjustmentFilter,
+    ) -> StorageResult<crate::sqlite::AdjustmentReport> {
+        self.db.adjustments(filter).await
     }
 
     /// Journal events held (of one store, or all).

@@ -100,7 +100,7 @@ counters! {
     journal_batches_applied_total: "Journal batches from agents durably stored";
     digests_matched_total: "Anti-entropy digest comparisons that matched";
     digests_mismatched_total: "Anti-entropy digest comparisons that differed (each starts a full resync)";
-    hub_changes_total: "Restocks and transfers recorded";
+    hub_changes_total: "Restocks, transfers, batch restocks and head-office adjustments recorded";
     http_requests_total: "HTTP API requests answered";
     http_unauthorized_total: "HTTP API requests refused with 401 or 403";
     retirements_total: "Agent writers retired after their files forked (restored or copied), as reported";

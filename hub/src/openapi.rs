@@ -70,6 +70,9 @@ pub struct StoreAvailability {
 #[derive(Serialize, ToSchema)]
 pub struct SkuAvailability {
     pub sku: String,
+    /// Whether the hub knows the SKU (in the catalog, or ever stocked somewhere); an unknown
+    /// one has zeros everywhere (in a batch; alone it is a 404).
+    pub known: bool,
     pub on_hand: i64,
     pub held: u64,
     pub raw_available: u64,
@@ -155,11 +158,102 @@ pub struct ChangedLine {
 #[derive(Serialize, ToSchema)]
 pub struct HubChange {
     pub id: uuid::Uuid,
-    /// `restock` or `transfer`.
+    /// The idempotency key as sent (the id's own spelling when the key was that UUID).
+    pub key: String,
+    /// `restock`, `transfer` or `adjustment`.
     pub kind: String,
     /// Per store and SKU, in the order applied.
     pub lines: Vec<ChangedLine>,
     pub recorded_at: String,
+}
+
+/// A 409 of an adjustment: `stale_quantity` carries the hub's current `on_hand` (and
+/// `idempotency_conflict` is a plain error).
+#[derive(Serialize, ToSchema)]
+pub struct StaleQuantity {
+    /// `stale_quantity` or `idempotency_conflict`.
+    pub error: String,
+    pub message: String,
+    pub store: Option<String>,
+    pub sku: Option<String>,
+    /// What the request expected.
+    pub expected_on_hand: Option<i64>,
+    /// The hub's on_hand now: decide again and retry (a refused request recorded nothing).
+    pub on_hand: Option<i64>,
+}
+
+/// One line of a batch entry.
+#[derive(Serialize, ToSchema)]
+pub struct BatchLine {
+    pub sku: String,
+    pub delta: i64,
+    /// on_hand after, at that store.
+    pub on_hand: i64,
+}
+
+/// One store's part of a batch restock.
+#[derive(Serialize, ToSchema)]
+pub struct BatchEntry {
+    /// The entry's journal event id (derived from the batch's).
+    pub id: uuid::Uuid,
+    pub store: String,
+    pub lines: Vec<BatchLine>,
+}
+
+/// A recorded batch restock, per entry in the order sent.
+#[derive(Serialize, ToSchema)]
+pub struct RestockBatch {
+    pub id: uuid::Uuid,
+    /// The idempotency key as sent.
+    pub key: String,
+    /// `restock_batch`.
+    pub kind: String,
+    pub restocks: Vec<BatchEntry>,
+    pub recorded_at: String,
+}
+
+/// One adjustment event of a store.
+#[derive(Serialize, ToSchema)]
+pub struct Adjustment {
+    /// Position in the hub's journal (what `next` is made of).
+    pub cursor: u64,
+    /// The journal event id (the request's idempotency id) and its line.
+    pub id: uuid::Uuid,
+    pub line: u32,
+    pub sku: String,
+    /// Change of on_hand (negative: units gone).
+    pub delta: i64,
+    /// The reason code (reasons from before codes read as `other`).
+    pub reason: String,
+    pub note: Option<String>,
+    pub occurred_at: String,
+    pub recorded_at: String,
+    /// The writer that recorded it (`store-001@…` at the till, `hub@…` from head office).
+    pub writer: String,
+    /// `store` or `hub`.
+    pub by: String,
+}
+
+/// Units and events of one reason code over the whole filter.
+#[derive(Serialize, ToSchema)]
+pub struct ReasonTotal {
+    pub reason: String,
+    /// Σ delta.
+    pub units: i64,
+    pub events: u64,
+}
+
+/// `GET /v1/stores/{id}/adjustments`.
+#[derive(Serialize, ToSchema)]
+pub struct AdjustmentPage {
+    pub store: String,
+    /// Always `newest_first` (by occurred_at, then latest recorded).
+    pub order: String,
+    pub items: Vec<Adjustment>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<u64>,
+    /// Per reason code present, in the documented order, over every page of the filter.
+    pub totals: Vec<ReasonTotal>,
 }
 
 /// Units of a line promised at one store.
@@ -188,6 +282,9 @@ pub struct Line {
 #[derive(Serialize, ToSchema)]
 pub struct Reservation {
     pub id: uuid::Uuid,
+    /// The idempotency key it was made with (the id's own spelling when the key was that UUID);
+    /// `/v1/reservations/{key}` finds it too.
+    pub key: String,
     /// held, committed, fulfilled, released, expired.
     pub status: String,
     pub short: bool,
@@ -253,8 +350,10 @@ pub struct Change {
 #[derive(Serialize, ToSchema)]
 pub struct ChangePage {
     pub items: Vec<Change>,
-    /// The cursor to ask after next (the last item's, or `after` when there was none).
-    pub next: u64,
+    /// The cursor of the next page, or null when this page reached the feed's head (caught up).
+    pub next: Option<u64>,
+    /// Where to resume tailing, always: the last item's cursor, or `after` when there was none.
+    pub cursor: u64,
 }
 
 /// A catalog entry.

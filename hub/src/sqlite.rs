@@ -115,7 +115,43 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 6: the decider's rows (reservations, allocations, conflicts, velocity, alerts, answers as
     // typed JSON rows) and its feed; the older decision tables stay, unread.
     crate::persist::MIGRATION,
+    // 7: a store's adjustments by when they happened (the shrink report), only those rows.
+    "CREATE INDEX journal_adjustments ON journal(store, occurred_at_ms, seq) WHERE kind = 'adjustment';",
 ];
+
+/// The reason code of a stored reason string, in SQL (`code` or `code: note`; the caller folds
+/// anything that is not a code into `other`, as [`shelfsync_shared::Reason::parse_stored`] does).
+const REASON_CODE_SQL: &str =
+    "CASE WHEN reason IS NULL THEN 'other' WHEN instr(reason, ': ') > 0 THEN substr(reason, 1, instr(reason, ': ') - 1) ELSE reason END";
+
+/// What a shrink report asks for.
+#[derive(Clone, Debug)]
+pub struct AdjustmentFilter {
+    /// The store.
+    pub store: StoreId,
+    /// Only this reason code.
+    pub reason: Option<shelfsync_shared::ReasonCode>,
+    /// `occurred_at` at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// `occurred_at` before (Unix ms).
+    pub to_ms: Option<i64>,
+    /// Only rows after this one (a journal sequence from the previous page) in report order.
+    pub after: Option<u64>,
+    /// Rows to read.
+    pub limit: usize,
+}
+
+/// A page of a store's adjustment events, newest `occurred_at` first, with totals over the
+/// whole filter.
+#[derive(Clone, Debug, Default)]
+pub struct AdjustmentReport {
+    /// (journal sequence, event).
+    pub rows: Vec<(u64, shelfsync_shared::JournalEvent)>,
+    /// Per reason code present: (code, Σ delta, events), in the documented order.
+    pub totals: Vec<(shelfsync_shared::ReasonCode, i64, u64)>,
+    /// `after` named no adjustment of the store.
+    pub after_unknown: bool,
+}
 
 impl From<DbError> for StorageError {
     fn from(e: DbError) -> Self {
@@ -726,6 +762,93 @@ impl SqliteStorage {
                 params![url, cursor],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// A store's adjustment events (agent- and hub-authored) for the shrink report: newest
+    /// `occurred_at` first (ties: latest recorded first), through the partial index
+    /// `journal_adjustments`; totals per reason code over the whole filter in the same read.
+    pub async fn adjustments(&self, f: AdjustmentFilter) -> StorageResult<AdjustmentReport> {
+        use rusqlite::types::Value as Sql;
+        use shelfsync_shared::ReasonCode;
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            let mut filter = String::from("store = ?1 AND kind = 'adjustment'");
+            let mut args: Vec<Sql> = vec![Sql::Text(f.store.to_string())];
+            let mut arg = |filter: &mut String, sql: &str, v: Sql| {
+                args.push(v);
+                filter.push_str(&sql.replace('?', &format!("?{}", args.len())));
+            };
+            if let Some(from) = f.from_ms {
+                arg(&mut filter, " AND occurred_at_ms >= ?", Sql::Integer(from));
+            }
+            if let Some(to) = f.to_ms {
+                arg(&mut filter, " AND occurred_at_ms < ?", Sql::Integer(to));
+            }
+            match f.reason {
+                None => {}
+                Some(ReasonCode::Other) => {
+                    let codes: Vec<String> = ReasonCode::ALL
+                        .iter()
+                        .filter(|c| **c != ReasonCode::Other)
+                        .map(|c| format!("'{}'", c.as_str()))
+                        .collect();
+                    filter.push_str(&format!(" AND {REASON_CODE_SQL} NOT IN ({})", codes.join(", ")));
+                }
+                Some(code) => arg(&mut filter, &format!(" AND {REASON_CODE_SQL} = ?"), Sql::Text(code.as_str().into())),
+            }
+            let mut totals: std::collections::BTreeMap<ReasonCode, (i64, u64)> = Default::default();
+            {
+                let sql = format!(
+                    "SELECT {REASON_CODE_SQL} AS code, SUM(delta), COUNT(*) FROM journal WHERE {filter} GROUP BY code"
+                );
+                let mut stmt = tx.prepare(&sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+                while let Some(r) = rows.next()? {
+                    let code = r.get::<_, String>(0)?;
+                    let code = ReasonCode::parse(&code).unwrap_or(ReasonCode::Other);
+                    let t = totals.entry(code).or_default();
+                    t.0 = t.0.saturating_add(r.get::<_, i64>(1)?);
+                    t.1 += r.get::<_, u64>(2)?;
+                }
+            }
+            let mut report = AdjustmentReport {
+                totals: ReasonCode::ALL.iter().filter_map(|c| totals.get(c).map(|(u, n)| (*c, *u, *n))).collect(),
+                ..Default::default()
+            };
+            if let Some(after) = f.after {
+                let at: Option<i64> = tx
+                    .query_row(
+                        "SELECT occurred_at_ms FROM journal WHERE seq = ?1 AND store = ?2 AND kind = 'adjustment'",
+                        params![i64::try_from(after).unwrap_or(i64::MAX), f.store.as_str()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(at) = at else {
+                    report.after_unknown = true;
+                    return Ok(report);
+                };
+                args.push(Sql::Integer(at));
+                args.push(Sql::Integer(after as i64));
+                filter.push_str(&format!(" AND (occurred_at_ms, seq) < (?{}, ?{})", args.len() - 1, args.len()));
+            }
+            args.push(Sql::Integer(f.limit as i64));
+            let sql = format!(
+                "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+                 FROM journal WHERE {filter} ORDER BY occurred_at_ms DESC, seq DESC LIMIT ?{}",
+                args.len()
+            );
+            let mut stmt = tx.prepare(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+            while let Some(r) = rows.next()? {
+                let seq: u64 = r.get("seq")?;
+                report.rows.push((seq, event_from_row(r)??));
+            }
+            drop(rows);
+            drop(stmt);
+            tx.finish()?;
+            Ok(report)
         })
         .await
     }

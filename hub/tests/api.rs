@@ -43,12 +43,12 @@ impl H {
 #[tokio::test]
 async fn tokens_and_roles_are_enforced() {
     let h = hub().await;
-    let (s, v) = h.call("GET", "/v1/availability/A", None, None).await;
+    let (s, v) = h.call("GET", "/v1/availability?sku=A", None, None).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
-    let (s, _) = h.call("GET", "/v1/availability/A", Some("ss_not_a_token"), None).await;
+    let (s, _) = h.call("GET", "/v1/availability?sku=A", Some("ss_not_a_token"), None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     for t in [&h.viewer, &h.storefront, &h.admin] {
-        let (s, _) = h.call("GET", "/v1/availability/A", Some(t), None).await;
+        let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(t), None).await;
         assert_eq!(s, StatusCode::OK);
     }
     let restock = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "A", "qty": 1}]});
@@ -130,7 +130,12 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
         ),
         (
             "/v1/restocks",
-            json!({"id": "x", "store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
+            json!({"id": "", "store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/v1/restocks",
+            json!({"store": "store-a", "lines": [{"sku": "A", "qty": 1}]}),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
@@ -168,6 +173,404 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     h.hub.stop().await;
+}
+
+impl H {
+    /// A call with an `Idempotency-Key` header.
+    async fn keyed(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.hub.url()))
+            .bearer_auth(&self.admin)
+            .header("idempotency-key", key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+/// One rule for idempotency keys at every hub write: the body's `id` or the `Idempotency-Key`
+/// header, any 1..128 printable ASCII; same key and body → the first answer, another body → 409;
+/// both given and different → 422. A reservation is addressable by its key, and keeps it.
+#[tokio::test]
+async fn idempotency_keys_are_any_printable_ascii_by_body_or_header() {
+    let h = hub().await;
+    let t = Some(h.admin.as_str());
+    let delivery = json!({"store": "store-a", "lines": [{"sku": "K", "qty": 4}]});
+    let mut with_id = delivery.clone();
+    with_id["id"] = json!("delivery-0042");
+    let (s1, first) = h.call("POST", "/v1/restocks", t, Some(with_id.clone())).await;
+    assert_eq!(s1, StatusCode::CREATED, "{first}");
+    let id = Uuid::parse_str(first["id"].as_str().unwrap()).unwrap();
+    assert_eq!((first["key"].as_str(), id.get_version_num()), (Some("delivery-0042"), 8), "{first}");
+    // Header only, and both equal: the same request, the first answer.
+    let (s, again) = h.keyed("POST", "/v1/restocks", "delivery-0042", Some(delivery.clone())).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    let (s, again) = h.keyed("POST", "/v1/restocks", "delivery-0042", Some(with_id.clone())).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // Same key, other body.
+    let (s, e) = h
+        .keyed(
+            "POST",
+            "/v1/restocks",
+            "delivery-0042",
+            Some(json!({"store": "store-a", "lines": [{"sku": "K", "qty": 5}]})),
+        )
+        .await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    // Two different keys, too long, control characters: 422 naming the field.
+    let (s, e) = h.keyed("POST", "/v1/restocks", "delivery-0043", Some(with_id.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("id")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("delivery-0043"), "{e}");
+    for bad in ["x".repeat(129), "line\nbreak".to_owned(), "nul\u{0}".to_owned()] {
+        let mut b = delivery.clone();
+        b["id"] = json!(bad);
+        let (s, e) = h.call("POST", "/v1/restocks", t, Some(b)).await;
+        assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("id")), "{bad:?}: {e}");
+    }
+    let (s, e) = h.keyed("POST", "/v1/restocks", "tab\there", Some(delivery.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key")), "{e}");
+    let (s, e) = h.keyed("POST", "/v1/restocks", &"k".repeat(129), Some(delivery.clone())).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key")), "{e}");
+    let (_, v) = h.call("GET", "/v1/availability/K", t, None).await;
+    assert_eq!(v["on_hand"], 4, "only the first request changed stock: {v}");
+
+    // A UUID key is that UUID; its key is its own spelling.
+    let u = Uuid::now_v7();
+    let tr = json!({"from": "store-a", "to": "store-b", "lines": [{"sku": "K", "qty": 1}]});
+    let (s, v) = h.keyed("POST", "/v1/transfers", &u.to_string().to_uppercase(), Some(tr)).await;
+    assert_eq!(
+        (s, v["id"].as_str(), v["key"].as_str()),
+        (StatusCode::CREATED, Some(u.to_string().as_str()), Some(u.to_string().as_str())),
+        "{v}"
+    );
+
+    // A storefront names the reservation by its order number, and finds it by it.
+    let order = json!({"lines": [{"sku": "K", "qty": 1}]});
+    let (s, r) = h.keyed("POST", "/v1/reservations", "order-1234", Some(order.clone())).await;
+    assert_eq!((s, r["key"].as_str()), (StatusCode::CREATED, Some("order-1234")), "{r}");
+    let rid = r["id"].as_str().unwrap().to_owned();
+    let (s, again) = h
+        .call(
+            "POST",
+            "/v1/reservations",
+            Some(&h.storefront),
+            Some(json!({"id": "order-1234", "lines": [{"sku": "K", "qty": 1}]})),
+        )
+        .await;
+    assert_eq!((s, again["id"].as_str()), (StatusCode::OK, Some(rid.as_str())));
+    let (s, e) =
+        h.keyed("POST", "/v1/reservations", "order-1234", Some(json!({"lines": [{"sku": "K", "qty": 2}]}))).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    for path in ["/v1/reservations/order-1234".to_owned(), format!("/v1/reservations/{rid}")] {
+        let (s, g) = h.call("GET", &path, Some(&h.storefront), None).await;
+        assert_eq!(
+            (s, g["id"].as_str(), g["key"].as_str()),
+            (StatusCode::OK, Some(rid.as_str()), Some("order-1234")),
+            "{path}: {g}"
+        );
+    }
+    let (s, _) = h.call("GET", "/v1/reservations/order-9999", Some(&h.storefront), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Actions by the order number, under their own keys.
+    let (s, c1) = h.keyed("POST", "/v1/reservations/order-1234/commit", "pay-1234", None).await;
+    assert_eq!((s, c1["status"].as_str()), (StatusCode::OK, Some("committed")), "{c1}");
+    let (s, c2) = h.keyed("POST", "/v1/reservations/order-1234/commit", "pay-1234", None).await;
+    assert_eq!((s, &c2), (StatusCode::OK, &c1));
+    let (s, e) = h.keyed("DELETE", "/v1/reservations/order-1234", "pay-1234", None).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+    let (s, e) = h.keyed("DELETE", "/v1/reservations/order-1234", "", None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+
+    // The key is stored with the reservation and the restock's answer: a restart keeps both.
+    let h = h.restart(|cfg| cfg.http.max_body_bytes = 4096).await;
+    let (s, g) = h.call("GET", "/v1/reservations/order-1234", Some(&h.storefront), None).await;
+    assert_eq!(
+        (s, g["key"].as_str(), g["status"].as_str()),
+        (StatusCode::OK, Some("order-1234"), Some("committed")),
+        "{g}"
+    );
+    let (s, again) = h.call("POST", "/v1/restocks", Some(&h.admin), Some(with_id)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+}
+
+/// Head office corrects a store's count with a reason code; `expected_on_hand` makes it a
+/// compare-and-set decided with the change, so a correction made on stale figures is refused
+/// with the current figure and records nothing.
+#[tokio::test]
+async fn head_office_adjustments_check_reasons_and_compare_and_set() {
+    let h = hub().await;
+    let t = Some(h.admin.as_str());
+    let restock = json!({"id": "delivery-1", "store": "store-a", "lines": [{"sku": "ADJ", "qty": 10}]});
+    assert_eq!(h.call("POST", "/v1/restocks", t, Some(restock)).await.0, StatusCode::CREATED);
+    let body = json!({"id": "fix-1", "sku": "ADJ", "delta": -3, "reason": "damaged", "note": "pallet dropped", "expected_on_hand": 10});
+    let (s, first) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(body.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!((first["kind"].as_str(), first["key"].as_str()), (Some("adjustment"), Some("fix-1")));
+    assert_eq!((first["lines"][0]["delta"].as_i64(), first["lines"][0]["on_hand"].as_i64()), (Some(-3), Some(7)));
+    // A retry is the first answer, though on_hand is no longer 10.
+    let (s, again) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(body)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // Stale: nothing recorded, the current figure in the answer.
+    let stale = json!({"id": "fix-2", "sku": "ADJ", "delta": 2, "reason": "found", "expected_on_hand": 10});
+    let (s, e) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(stale)).await;
+    assert_eq!(
+        (s, e["error"].as_str(), e["on_hand"].as_i64()),
+        (StatusCode::CONFLICT, Some("stale_quantity"), Some(7)),
+        "{e}"
+    );
+    assert_eq!(h.call("GET", "/v1/availability/ADJ", t, None).await.1["on_hand"], 7);
+    // The same key with the figure it now knows goes through (the refusal recorded nothing).
+    let fresh = json!({"id": "fix-2", "sku": "ADJ", "delta": 2, "reason": "found", "expected_on_hand": 7});
+    let (s, v) = h.call("POST", "/v1/stores/store-a/adjustments", t, Some(fresh)).await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(9)), "{v}");
+    // Without expected_on_hand it just applies; a store that has never had the SKU starts at 0.
+    let (s, v) = h
+        .keyed(
+            "POST",
+            "/v1/stores/store-b/adjustments",
+            "fix-3",
+            Some(json!({"sku": "ADJ", "delta": 4, "reason": "correction", "expected_on_hand": 0})),
+        )
+        .await;
+    assert_eq!((s, v["lines"][0]["on_hand"].as_i64()), (StatusCode::CREATED, Some(4)), "{v}");
+
+    let cases = [
+        ("store-z", json!({"id": "z", "sku": "ADJ", "delta": -1, "reason": "theft"}), StatusCode::NOT_FOUND, None),
+        (
+            "store-a",
+            json!({"id": "b1", "sku": "ADJ", "delta": 0, "reason": "theft"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("delta"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b2", "sku": "ADJ", "delta": 1_000_001, "reason": "found"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("delta"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b3", "sku": "ADJ", "delta": 1, "reason": "theft"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reason"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b4", "sku": "ADJ", "delta": -1, "reason": "broken"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reason"),
+        ),
+        (
+            "store-a",
+            json!({"id": "b5", "sku": "ADJ", "delta": -1, "reason": "other"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("note"),
+        ),
+        ("store-a", json!({"sku": "ADJ", "delta": -1, "reason": "lost"}), StatusCode::UNPROCESSABLE_ENTITY, Some("id")),
+        (
+            "store-a",
+            json!({"id": "b6", "sku": "bad sku", "delta": -1, "reason": "lost"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("sku"),
+        ),
+    ];
+    for (store, body, status, field) in cases {
+        let (s, e) = h.call("POST", &format!("/v1/stores/{store}/adjustments"), t, Some(body.clone())).await;
+        assert_eq!((s, e["field"].as_str()), (status, field), "{body}: {e}");
+    }
+    let (_, e) = h
+        .call(
+            "POST",
+            "/v1/stores/store-a/adjustments",
+            t,
+            Some(json!({"id": "b4", "sku": "ADJ", "delta": -1, "reason": "broken"})),
+        )
+        .await;
+    assert!(e["message"].as_str().unwrap().contains("damaged, theft"), "the codes are listed: {e}");
+    let (s, _) = h
+        .call(
+            "POST",
+            "/v1/stores/store-a/adjustments",
+            Some(&h.storefront),
+            Some(json!({"id": "r", "sku": "ADJ", "delta": -1, "reason": "lost"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(h.call("GET", "/v1/availability/ADJ", t, None).await.1["on_hand"], 13, "refusals changed nothing");
+}
+
+/// The shrink report: a store's adjustments newest first, paged by the one convention, filtered
+/// by reason code and time, with totals over the whole filter.
+#[tokio::test]
+async fn the_shrink_report_pages_filters_and_totals() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    let restock =
+        json!({"id": "r1", "store": "store-a", "lines": [{"sku": "S1", "qty": 50}, {"sku": "S2", "qty": 50}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(restock)).await.0, StatusCode::CREATED);
+    let made = [
+        ("S1", -2, "damaged", Some("crushed")),
+        ("S2", -1, "theft", None),
+        ("S1", 3, "found", Some("back room")),
+        ("S2", -4, "damaged", None),
+        ("S1", -1, "expired", None),
+    ];
+    let mut ids = Vec::new();
+    for (i, (sku, delta, reason, note)) in made.iter().enumerate() {
+        let body = json!({"id": format!("adj-{i}"), "sku": sku, "delta": delta, "reason": reason, "note": note});
+        let (s, r) = h.call("POST", "/v1/stores/store-a/adjustments", a, Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    let other = json!({"id": "adj-b", "sku": "S1", "delta": -9, "reason": "lost"});
+    assert_eq!(h.call("POST", "/v1/stores/store-b/adjustments", a, Some(other)).await.0, StatusCode::CREATED);
+
+    // Newest first, every page by the one convention; restocks are not adjustments.
+    let (mut after, mut seen) = (None::<u64>, Vec::new());
+    loop {
+        let q = after.map(|n| format!("&after={n}")).unwrap_or_default();
+        let (s, page) = h.call("GET", &format!("/v1/stores/store-a/adjustments?limit=2{q}"), v, None).await;
+        assert_eq!((s, page["order"].as_str()), (StatusCode::OK, Some("newest_first")), "{page}");
+        assert_eq!(page["totals"].as_array().unwrap().len(), 4, "totals cover the whole filter: {page}");
+        for i in page["items"].as_array().unwrap() {
+            assert_eq!(
+                (i["by"].as_str(), i["writer"].as_str().map(|w| w.starts_with("hub@"))),
+                (Some("hub"), Some(true))
+            );
+            seen.push((
+                i["id"].as_str().unwrap().to_owned(),
+                i["reason"].as_str().unwrap().to_owned(),
+                i["note"].clone(),
+            ));
+        }
+        match page["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let want: Vec<_> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), want);
+    assert_eq!((seen[4].1.as_str(), &seen[4].2), ("damaged", &json!("crushed")));
+    assert_eq!((seen[3].1.as_str(), &seen[3].2), ("theft", &Value::Null));
+
+    let (_, all) = h.call("GET", "/v1/stores/store-a/adjustments", v, None).await;
+    let totals: Vec<(&str, i64, u64)> = all["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["reason"].as_str().unwrap(), t["units"].as_i64().unwrap(), t["events"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(totals, [("damaged", -6, 2), ("theft", -1, 1), ("expired", -1, 1), ("found", 3, 1)]);
+    assert_eq!(all["next"], Value::Null);
+
+    let (_, damaged) = h.call("GET", "/v1/stores/store-a/adjustments?reason=damaged&limit=1", v, None).await;
+    assert_eq!(damaged["items"].as_array().unwrap().len(), 1);
+    assert_eq!(damaged["items"][0]["sku"], "S2", "the newest damaged one: {damaged}");
+    assert!(damaged["next"].is_u64());
+    assert_eq!(damaged["totals"], json!([{"reason": "damaged", "units": -6, "events": 2}]));
+    let (_, none) = h.call("GET", "/v1/stores/store-a/adjustments?reason=other", v, None).await;
+    assert_eq!((none["items"].as_array().unwrap().len(), &none["totals"]), (0, &json!([])));
+
+    // Time bounds on occurred_at: [from, to).
+    let oldest = all["items"][4]["occurred_at"].as_str().unwrap().to_owned();
+    let (_, future) = h.call("GET", "/v1/stores/store-a/adjustments?from=2999-01-01T00:00:00Z", v, None).await;
+    assert_eq!(future["items"].as_array().unwrap().len(), 0);
+    let (_, upto) = h
+        .call("GET", &format!("/v1/stores/store-a/adjustments?from={oldest}&to=2999-01-01T00:00:00%2B01:00"), v, None)
+        .await;
+    assert_eq!(upto["items"].as_array().unwrap().len(), 5, "{upto}");
+    let (_, before) = h.call("GET", &format!("/v1/stores/store-a/adjustments?to={oldest}"), v, None).await;
+    assert_eq!(before["items"].as_array().unwrap().len(), 0, "to is exclusive: {before}");
+
+    let bad = [
+        ("/v1/stores/store-a/adjustments?reason=broken", "reason"),
+        ("/v1/stores/store-a/adjustments?from=yesterday", "from"),
+        ("/v1/stores/store-a/adjustments?to=2025-03-01T14:05:09", "to"),
+        ("/v1/stores/store-a/adjustments?from=2025-03-02T00:00:00Z&to=2025-03-01T00:00:00Z", "from"),
+        ("/v1/stores/store-a/adjustments?after=x", "after"),
+        ("/v1/stores/store-a/adjustments?after=123456", "after"),
+        ("/v1/stores/store-a/adjustments?limit=0", "limit"),
+    ];
+    for (path, parameter) in bad {
+        let (s, e) = h.call("GET", path, v, None).await;
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
+            "{path}: {e}"
+        );
+        if parameter != "limit" {
+            assert_eq!(e["parameter"].as_str(), Some(parameter), "{path}: {e}");
+        }
+    }
+    let (_, e) = h.call("GET", "/v1/stores/store-a/adjustments?reason=broken", v, None).await;
+    assert!(e["message"].as_str().unwrap().contains("damaged, theft, expired"), "{e}");
+    let (s, _) = h.call("GET", "/v1/stores/store-a/adjustments?sku=S1", v, None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "unknown parameters are refused");
+    let (s, _) = h.call("GET", "/v1/stores/store-z/adjustments", v, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// A batch restock is one request under one key: every entry or none, answered per entry.
+#[tokio::test]
+async fn batch_restocks_are_all_or_nothing_under_one_key() {
+    let h = hub_with(|cfg| cfg.http.max_body_bytes = 64 * 1024).await;
+    let t = Some(h.admin.as_str());
+    let batch = json!({"id": "wave-7", "restocks": [
+        {"store": "store-a", "lines": [{"sku": "BA", "qty": 3}, {"sku": "BB", "qty": 1}], "reason": "wave 7"},
+        {"store": "store-b", "lines": [{"sku": "BA", "qty": 5}]},
+        {"store": "store-a", "lines": [{"sku": "BA", "qty": 2}]},
+    ]});
+    let (s, first) = h.call("POST", "/v1/restocks/batch", t, Some(batch.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!((first["kind"].as_str(), first["key"].as_str()), (Some("restock_batch"), Some("wave-7")));
+    let entries = first["restocks"].as_array().unwrap();
+    let got: Vec<(&str, usize, i64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["store"].as_str().unwrap(),
+                e["lines"].as_array().unwrap().len(),
+                e["lines"][0]["on_hand"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("store-a", 2, 3), ("store-b", 1, 5), ("store-a", 1, 5)], "{first}");
+    assert_ne!(entries[0]["id"], entries[2]["id"], "each entry is its own journal event");
+    let (s, again) =
+        h.keyed("POST", "/v1/restocks/batch", "wave-7", Some(json!({"restocks": batch["restocks"]}))).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    let mut other = batch.clone();
+    other["restocks"][1]["lines"][0]["qty"] = json!(6);
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(other)).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{e}");
+
+    // Any bad entry refuses the whole batch, naming it; nothing recorded.
+    let ok = json!({"store": "store-a", "lines": [{"sku": "BC", "qty": 1}]});
+    let bad = [
+        (json!({"store": "store-z", "lines": [{"sku": "BC", "qty": 1}]}), "restocks[1].store"),
+        (json!({"store": "Bad Store", "lines": [{"sku": "BC", "qty": 1}]}), "restocks[1].store"),
+        (json!({"store": "store-b", "lines": []}), "restocks[1]"),
+        (json!({"store": "store-b", "lines": [{"sku": "BC", "qty": 0}]}), "restocks[1]"),
+        (json!({"store": "store-b", "lines": [{"sku": "BC", "qty": 1}], "reason": "x".repeat(201)}), "restocks[1]"),
+    ];
+    for (i, (entry, field)) in bad.into_iter().enumerate() {
+        let body = json!({"id": format!("bad-{i}"), "restocks": [ok.clone(), entry]});
+        let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(body)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(e["message"].as_str().unwrap().starts_with(field), "{field}: {e}");
+    }
+    let too_many: Vec<Value> = (0..101).map(|_| ok.clone()).collect();
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(json!({"id": "big", "restocks": too_many}))).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("restocks")), "{e}");
+    let (s, e) = h.call("POST", "/v1/restocks/batch", t, Some(json!({"id": "none", "restocks": []}))).await;
+    assert_eq!((s, e["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("restocks")), "{e}");
+    let (_, v) = h.call("GET", "/v1/availability?sku=BC&sku=BA", t, None).await;
+    assert_eq!((v["items"][0]["known"].as_bool(), v["items"][1]["on_hand"].as_i64()), (Some(false), Some(10)), "{v}");
 }
 
 #[tokio::test]
@@ -279,7 +682,7 @@ async fn admin_api_creates_lists_and_revokes_tokens() {
     // Revoked: its very next request is refused, saying why.
     let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("revoked")), "{v}");
-    let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+    let (s, v) = h.call("GET", "/v1/availability?sku=A", Some(&secret), None).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_revoked")), "{v}");
     assert!(v["message"].as_str().unwrap().contains("web shop"), "{v}");
     let (s, v) = h.raw_delete(&format!("/v1/tokens/{id}")).await;
@@ -321,7 +724,7 @@ async fn an_expired_token_is_refused() {
     let expires = jiff::Timestamp::from_str(v["expires_at"].as_str().unwrap()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (s, v) = h.call("GET", "/v1/availability/A", Some(&secret), None).await;
+        let (s, v) = h.call("GET", "/v1/availability?sku=A", Some(&secret), None).await;
         if s != StatusCode::OK {
             assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("token_expired")), "{v}");
             assert!(jiff::Timestamp::now() >= expires, "refused before its expiry");
@@ -345,7 +748,7 @@ async fn last_use_is_recorded_without_a_write_per_request() {
         viewer["last_used_at"].as_str().map(str::to_owned)
     };
     assert_eq!(last_used().await, None, "never used yet");
-    let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+    let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(&h.viewer), None).await;
     assert_eq!(s, StatusCode::OK);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let first = loop {
@@ -361,7 +764,7 @@ async fn last_use_is_recorded_without_a_write_per_request() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     for _ in 0..20 {
-        let (s, _) = h.call("GET", "/v1/availability/A", Some(&h.viewer), None).await;
+        let (s, _) = h.call("GET", "/v1/availability?sku=A", Some(&h.viewer), None).await;
         assert_eq!(s, StatusCode::OK);
     }
     // Whatever the background writer had in flight has landed once a later write commits.
@@ -434,7 +837,7 @@ async fn every_error_is_json_on_every_route() {
             "invalid_request",
         ),
         ("GET", "/v1/availability", v, None, vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        ("GET", "/v1/availability/A", None, None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("GET", "/v1/availability?sku=A", None, None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
         ("GET", "/metrics", Some("ss_wrong"), None, vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
         ("POST", "/v1/tokens", v, json_ct, b"{}".to_vec(), StatusCode::FORBIDDEN, "forbidden"),
     ];
@@ -480,7 +883,77 @@ async fn change_cursors_out_of_range_are_refused_naming_the_parameter() {
     }
     let (s, _, body) = raw(&h, "GET", "/v1/changes?after=9223372036854775807", v, None, vec![]).await;
     assert_eq!((s, body["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{body}");
-    assert_eq!(body["next"].as_u64(), Some(9223372036854775807));
+    assert_eq!((&body["next"], body["cursor"].as_u64()), (&Value::Null, Some(9223372036854775807)), "{body}");
+}
+
+/// `/v1/changes` pages like every list (`next` null exactly when the page reached the head) and
+/// stays tail-able: `cursor` says where to resume, also on the last page.
+#[tokio::test]
+async fn the_change_feed_pages_to_its_head_and_resumes_from_cursor() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    for i in 0..3 {
+        let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": format!("F{i}"), "qty": 1}]});
+        assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    }
+    let (_, all) = h.call("GET", "/v1/changes?limit=1000", v, None).await;
+    let head = all["cursor"].as_u64().unwrap();
+    assert_eq!(all["next"], Value::Null, "one page reaches the head: {all}");
+    assert!(all["items"].as_array().unwrap().len() >= 3);
+    let (mut after, mut seen) = (0u64, Vec::new());
+    loop {
+        let (s, page) = h.call("GET", &format!("/v1/changes?after={after}&limit=2"), v, None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(|i| i["cursor"].as_u64().unwrap()));
+        after = page["cursor"].as_u64().unwrap();
+        match page["next"].as_u64() {
+            Some(n) => assert_eq!(n, after, "next is the cursor to ask after"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=head).collect::<Vec<_>>(), "gap-free, every event once");
+    assert_eq!(after, head);
+    // Caught up: an empty page keeps the cursor; the next change is after it.
+    let (_, empty) = h.call("GET", &format!("/v1/changes?after={head}"), v, None).await;
+    assert_eq!(
+        (empty["items"].as_array().unwrap().len(), &empty["next"], empty["cursor"].as_u64()),
+        (0, &Value::Null, Some(head))
+    );
+    let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "F9", "qty": 1}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    let (_, more) = h.call("GET", &format!("/v1/changes?after={head}"), v, None).await;
+    assert_eq!(more["items"][0]["cursor"].as_u64(), Some(head + 1), "{more}");
+}
+
+/// A SKU nobody catalogued or stocked is a 404 alone (the agent answers the same) and
+/// `"known": false` in a batch; a catalogued SKU that no store has yet is known, with zeros.
+#[tokio::test]
+async fn unknown_skus_are_404_alone_and_flagged_in_a_batch() {
+    let h = hub().await;
+    let (a, v) = (Some(h.admin.as_str()), Some(h.viewer.as_str()));
+    let body = json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "STOCKED", "qty": 2}]});
+    assert_eq!(h.call("POST", "/v1/restocks", a, Some(body)).await.0, StatusCode::CREATED);
+    let (s, _) = h.raw_json("PUT", "/v1/catalog/LISTED", json!({"name": "Listed, not yet delivered"})).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, e) = h.call("GET", "/v1/availability/NOPE-1", v, None).await;
+    assert_eq!((s, e["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("NOPE-1"), "the message names the SKU: {e}");
+    let (s, one) = h.call("GET", "/v1/availability/STOCKED", v, None).await;
+    assert_eq!((s, one["known"].as_bool(), one["on_hand"].as_i64()), (StatusCode::OK, Some(true), Some(2)), "{one}");
+    let (s, one) = h.call("GET", "/v1/availability/LISTED", v, None).await;
+    assert_eq!((s, one["known"].as_bool(), one["on_hand"].as_i64()), (StatusCode::OK, Some(true), Some(0)), "{one}");
+
+    let (s, batch) = h.call("GET", "/v1/availability?sku=STOCKED&sku=NOPE-1&sku=LISTED", v, None).await;
+    assert_eq!(s, StatusCode::OK, "{batch}");
+    let known: Vec<(&str, bool)> = batch["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["sku"].as_str().unwrap(), i["known"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(known, [("STOCKED", true), ("NOPE-1", false), ("LISTED", true)]);
+    assert_eq!(batch["items"][1]["on_hand"], 0);
 }
 
 #[tokio::test]
@@ -556,7 +1029,7 @@ async fn cors_lets_only_configured_origins_in() {
     // A real call from the listed origin still needs its token, and can read the answer.
     let r = h
         .http
-        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .get(format!("{}/v1/availability?sku=X", h.hub.url()))
         .header("origin", "https://shop.example.com")
         .bearer_auth(&h.storefront)
         .send()
@@ -566,7 +1039,7 @@ async fn cors_lets_only_configured_origins_in() {
     assert_eq!(acao(&r).as_deref(), Some("https://shop.example.com"));
     let r = h
         .http
-        .get(format!("{}/v1/availability/X", h.hub.url()))
+        .get(format!("{}/v1/availability?sku=X", h.hub.url()))
         .header("origin", "https://shop.example.com")
         .send()
         .await

@@ -255,7 +255,7 @@ async fn sse_resumes_from_last_event_id_without_gaps() {
     assert!(kinds.contains("reservation_held") && kinds.contains("availability_changed"));
 
     // Live: a client waiting at the head gets the next event as it happens.
-    let head = feed["next"].as_u64().unwrap();
+    let head = feed["cursor"].as_u64().unwrap();
     let h = Arc::new(h);
     let h2 = h.clone();
     let waiter = tokio::spawn(async move { sse_events(&h2, Some(head), 1).await });
@@ -284,7 +284,7 @@ async fn an_event_stream_ends_when_its_token_is_revoked() {
     let (s, t) = h.post(&h.admin, "/v1/tokens", json!({"role": "viewer", "name": "sse client"})).await;
     assert_eq!(s, StatusCode::CREATED, "{t}");
     let secret = t["token"].as_str().unwrap().to_owned();
-    let head = h.get("/v1/changes?limit=1").await["next"].as_u64().unwrap();
+    let head = h.get("/v1/changes?limit=1").await["cursor"].as_u64().unwrap();
     let resp = h.http.get(format!("{}/v1/events?after={head}", h.hub.url())).bearer_auth(&secret).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut stream = resp.bytes_stream();

@@ -295,8 +295,9 @@ impl Cluster {
 
     /// `on_hand` of a SKU per store as the hub sees it.
     pub async fn hub_on_hand(&self, sku: &str) -> BTreeMap<String, i64> {
-        let v = self.hub_get(&format!("/v1/availability/{sku}")).await;
-        v["stores"]
+        // The batch form: a SKU no store has yet is `known: false` there, where alone it is a 404.
+        let v = self.hub_get(&format!("/v1/availability?sku={sku}")).await;
+        v["items"][0]["stores"]
             .as_array()
             .unwrap()
             .iter()

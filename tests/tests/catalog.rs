@@ -168,7 +168,7 @@ async fn catalog_drives_offers_limits_alerts_and_unknown_skus() {
     c.restock(0, "LIM", 10).await;
     c.restock(0, "OLD", 4).await;
     c.converged(&["LIM"], DEADLINE).await;
-    let feed_start = c.hub_get("/v1/changes?limit=1000").await["next"].as_u64().unwrap();
+    let feed_start = c.hub_get("/v1/changes?limit=1000").await["cursor"].as_u64().unwrap();
 
     // Safety stock: 10 on hand, 3 never offered.
     assert_eq!(c.hub_get("/v1/availability/LIM").await["available"], 7);

@@ -160,7 +160,7 @@ async fn stalled_clients_from_one_address_leave_the_storefront_served() {
     let storefront = client_from(STOREFRONT);
     let answer = tokio::time::timeout(
         PROMPT,
-        storefront.get(format!("{}/v1/availability/A", h.hub.url())).bearer_auth(&h.storefront).send(),
+        storefront.get(format!("{}/v1/availability?sku=A", h.hub.url())).bearer_auth(&h.storefront).send(),
     )
     .await
     .expect("the storefront is answered while 2,000 stalled connections are open")
@@ -200,7 +200,8 @@ async fn the_header_timeout_frees_a_full_hub() {
     }
     let storefront = client_from(STOREFRONT);
     let status = wait_until("the storefront to be served again", DEADLINE, || async {
-        let r = storefront.get(format!("{}/v1/availability/A", h.hub.url())).bearer_auth(&h.storefront).send().await;
+        let r =
+            storefront.get(format!("{}/v1/availability?sku=A", h.hub.url())).bearer_auth(&h.storefront).send().await;
         r.ok().map(|r| r.status())
     })
     .await;
@@ -324,7 +325,7 @@ async fn floods_get_429_per_token_and_per_address() {
     let url = h.hub.url();
 
     let (u, t) = (url.clone(), h.viewer.clone());
-    let answers = flood(5000, 32, move |http, _| http.get(format!("{u}/v1/availability/A")).bearer_auth(&t)).await;
+    let answers = flood(5000, 32, move |http, _| http.get(format!("{u}/v1/availability?sku=A")).bearer_auth(&t)).await;
     let n = limited(&answers);
     assert!(n > 0, "5,000 reads from one token got no 429");
     assert!(answers.iter().all(|a| a.0 == 200 || a.0 == 429), "only 200 or 429");

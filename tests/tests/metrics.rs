@@ -74,6 +74,7 @@ async fn hub_and_agent_metrics_after_activity() {
         assert_eq!(c.sell(0, "A", 2).await, 201);
     }
     c.converged(&["A"], DEADLINE).await;
+    assert_eq!(c.hub_get("/v1/availability/A").await["on_hand"], 44);
     let (s, v) = c
         .hub_post(
             "/v1/reservations",

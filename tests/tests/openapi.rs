@@ -166,6 +166,30 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         )
         .await;
     assert_eq!(s, 201);
+    let batch = json!({"id": "doc-wave-1", "restocks": [
+        {"store": "store-0", "lines": [{"sku": "DOC-1", "qty": 1}]},
+        {"store": "store-1", "lines": [{"sku": "DOC-1", "qty": 1}], "reason": "wave 1"},
+    ]});
+    let (s, _) = hub.call(Method::POST, "/v1/restocks/batch", "/v1/restocks/batch", Some(batch.clone())).await;
+    assert_eq!(s, 201);
+    assert_eq!(hub.call(Method::POST, "/v1/restocks/batch", "/v1/restocks/batch", Some(batch)).await.0, 200);
+    let (s, _) = hub
+        .call(
+            Method::POST,
+            "/v1/restocks/batch",
+            "/v1/restocks/batch",
+            Some(json!({"id": "doc-wave-2", "restocks": []})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    let adjust = "/v1/stores/{id}/adjustments";
+    let adj = json!({"id": "doc-fix-1", "sku": "DOC-1", "delta": -1, "reason": "damaged", "note": "chipped", "expected_on_hand": 9});
+    assert_eq!(hub.call(Method::POST, adjust, "/v1/stores/store-0/adjustments", Some(adj)).await.0, 201);
+    let stale = json!({"id": "doc-fix-2", "sku": "DOC-1", "delta": 1, "reason": "found", "expected_on_hand": 100});
+    let (s, e) = hub.call(Method::POST, adjust, "/v1/stores/store-0/adjustments", Some(stale)).await;
+    assert_eq!((s, e["on_hand"].as_i64()), (409, Some(8)), "{e}");
+    let nowhere = json!({"id": "doc-fix-3", "sku": "DOC-1", "delta": 1, "reason": "found"});
+    assert_eq!(hub.call(Method::POST, adjust, "/v1/stores/store-9/adjustments", Some(nowhere)).await.0, 404);
     c.converged(&["DOC-1"], std::time::Duration::from_secs(30)).await;
     let rid = Uuid::now_v7();
     let (s, _) = hub
@@ -193,6 +217,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::POST, "/v1/reservations/{id}/commit", &commit, None).await.0, 200);
     assert_eq!(hub.call(Method::DELETE, "/v1/reservations/{id}", &rpath, None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/DOC-1", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/NONE", None).await.0, 404);
     assert_eq!(hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&sku=NONE", None).await.0, 200);
     assert_eq!(
         hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&store=store-1", None).await.0,
@@ -202,6 +227,11 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/v1/reservations", "/v1/reservations?status=lost", None).await.0, 422);
     assert_eq!(hub.call(Method::GET, "/v1/stores", "/v1/stores", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/stores/{id}/stock", "/v1/stores/store-0/stock?limit=1", None).await.0, 200);
+    let shrink = "/v1/stores/{id}/adjustments";
+    let (s, report) = hub.call(Method::GET, shrink, "/v1/stores/store-0/adjustments?reason=damaged", None).await;
+    assert_eq!((s, report["items"][0]["note"].as_str()), (200, Some("chipped")), "{report}");
+    assert_eq!(hub.call(Method::GET, shrink, "/v1/stores/store-0/adjustments?reason=broken", None).await.0, 422);
+    assert_eq!(hub.call(Method::GET, shrink, "/v1/stores/store-9/adjustments", None).await.0, 404);
     assert_eq!(hub.call(Method::GET, "/v1/catalog", "/v1/catalog?q=mug", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=5", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/v1/overview", "/v1/overview?minutes=0", None).await.0, 422);
@@ -229,8 +259,11 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/metrics", "/metrics", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/", "/", None).await.0, 200);
     // Errors validate too.
-    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", "/v1/reservations/nope", None).await;
+    let too_long = format!("/v1/reservations/{}", "k".repeat(129));
+    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", &too_long, None).await;
     assert_eq!(s, 422);
+    let (s, _) = hub.call(Method::GET, "/v1/reservations/{id}", "/v1/reservations/order-nope", None).await;
+    assert_eq!(s, 404);
     let (s, _) =
         hub.call(Method::GET, "/v1/reservations/{id}", &format!("/v1/reservations/{}", Uuid::now_v7()), None).await;
     assert_eq!(s, 404);
@@ -257,6 +290,21 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(agent.call(Method::POST, "/v1/returns", "/v1/returns", Some(ret)).await.0, 201);
     let adj = json!({"id": Uuid::now_v7(), "sku": "DOC-1", "delta": -1, "reason": "damaged"});
     assert_eq!(agent.call(Method::POST, "/v1/adjustments", "/v1/adjustments", Some(adj)).await.0, 201);
+    // The till's adjustment reaches the hub's shrink report beside head office's.
+    let by_store = shelfsync_tests::procs::wait_until(
+        "the store's adjustment in the hub's report",
+        std::time::Duration::from_secs(30),
+        || async {
+            let (_, v) =
+                hub.call(Method::GET, "/v1/stores/{id}/adjustments", "/v1/stores/store-0/adjustments", None).await;
+            let items = v["items"].as_array().unwrap().clone();
+            items.iter().any(|i| i["by"] == "store").then_some(items)
+        },
+    )
+    .await;
+    let store_adj = by_store.iter().find(|i| i["by"] == "store").unwrap();
+    assert_eq!((store_adj["reason"].as_str(), store_adj["delta"].as_i64()), (Some("damaged"), Some(-1)), "{store_adj}");
+    assert!(by_store.iter().any(|i| i["by"] == "hub"), "{by_store:?}");
     let count = json!({"id": "handheld-7/0001", "sku": "DOC-1", "counted": 7});
     assert_eq!(agent.call(Method::POST, "/v1/counts", "/v1/counts", Some(count)).await.0, 201);
     let batch = json!({"id": "stocktake-doc", "items": [

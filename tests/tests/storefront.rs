@@ -32,7 +32,7 @@ async fn oversell_while_offline_is_reconciled() {
         sink.url
     );
     let mut c = Cluster::start_full(2, vec![], vec![("SHELFSYNC_HUB__WEBHOOKS".into(), hooks)]).await;
-    let feed_start = c.hub_get("/v1/changes?limit=1000").await["next"].as_u64().unwrap();
+    let feed_start = c.hub_get("/v1/changes?limit=1000").await["cursor"].as_u64().unwrap();
     c.restock(0, "X", 6).await;
     c.restock(1, "X", 5).await;
     c.converged(&["X"], DEADLINE).await;

@@ -32,7 +32,7 @@ async fn cli_tokens_are_named_listed_and_revoked_while_the_hub_runs() {
     assert!(secret.starts_with("ss_"), "{secret}");
     let http = reqwest::Client::new();
     let get = |token: String| {
-        let url = format!("{}/v1/availability/A", c.hub_url());
+        let url = format!("{}/v1/availability?sku=A", c.hub_url());
         let http = http.clone();
         async move {
             let r = http.get(url).bearer_auth(token).send().await.unwrap();

@@ -39,6 +39,7 @@ fn reservations(n: usize) -> f64 {
         let lines = vec![QtyLine { sku: hot.clone(), qty: 100_000 }];
         let req = HubChangeRequest {
             id: Uuid::from_u128(i as u128 + 1),
+            key: None,
             change: HubChange::Restock { store: store(i), lines },
             reason: None,
         };
@@ -51,6 +52,7 @@ fn reservations(n: usize) -> f64 {
         let id = Uuid::from_u128(1 << 64 | i as u128);
         let req = ReservationRequest {
             id,
+            key: None,
             lines: vec![QtyLine { sku: hot.clone(), qty: 1 }],
             ttl_secs: 900,
             pickup_store: None,

@@ -153,6 +153,15 @@ impl Decider {
             .collect()
     }
 
+    /// Whether the hub knows `sku`: it is in the catalog (active or not) or some store ever had
+    /// a counter of it. An unknown SKU is a typo or a product of another system; reads say so.
+    pub fn knows_sku(&self, sku: &Sku) -> bool {
+        self.t.sku_ix.get(sku).is_some_and(|&sk| {
+            let info = self.t.sku(sk);
+            info.rule.is_some() || !info.stores.is_empty()
+        })
+    }
+
     /// The hub's `on_hand` of a SKU at a store (0 when it has no counter).
     pub fn on_hand(&self, store: &StoreId, sku: &Sku) -> i64 {
         self.t.cell_by_name(store, sku).map_or(0, |c| c.on_hand)

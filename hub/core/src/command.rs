@@ -20,6 +20,10 @@ pub const CUSTOMER_MAX_LEN: usize = 128;
 pub struct ReservationRequest {
     /// Idempotency id = reservation id.
     pub id: Uuid,
+    /// The idempotency key as the caller sent it (`None`: the id itself), shown with the
+    /// reservation so a storefront finds its own order number there.
+    #[serde(default)]
+    pub key: Option<String>,
     /// What.
     pub lines: Vec<QtyLine>,
     /// Lease length.
@@ -55,6 +59,20 @@ impl Action {
     }
 }
 
+/// Most stores in one batch restock.
+pub const RESTOCK_BATCH_MAX: usize = 100;
+
+/// One store's part of a batch restock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestockEntry {
+    /// Where.
+    pub store: StoreId,
+    /// What.
+    pub lines: Vec<QtyLine>,
+    /// Free text (delivery note).
+    pub reason: Option<String>,
+}
+
 /// A hub-authored change of store stock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubChange {
@@ -74,6 +92,24 @@ pub enum HubChange {
         /// What.
         lines: Vec<QtyLine>,
     },
+    /// A head-office correction of one store's count (the request's reason holds the stored
+    /// reason code and note).
+    Adjust {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// Change of `on_hand` (non-zero, at most `ADJUST_DELTA_MAX` either way).
+        delta: i64,
+        /// Compare-and-set: refuse (`StaleQuantity`) unless the hub's `on_hand` is this now.
+        expected_on_hand: Option<i64>,
+    },
+    /// Deliveries to several stores, all or none (each entry's journal events carry the
+    /// entry's own id, derived from the request's).
+    RestockBatch {
+        /// Per store, in order.
+        restocks: Vec<RestockEntry>,
+    },
 }
 
 /// A hub-authored change with its idempotency id.
@@ -81,6 +117,9 @@ pub enum HubChange {
 pub struct HubChangeRequest {
     /// Idempotency id.
     pub id: Uuid,
+    /// The idempotency key as the caller sent it (`None`: the id itself).
+    #[serde(default)]
+    pub key: Option<String>,
     /// What.
     pub change: HubChange,
     /// Free text.
@@ -295,6 +334,18 @@ pub enum Refusal {
         id: Uuid,
         /// What it was used for.
         kind: String,
+    },
+    /// Compare-and-set of an adjustment failed: the hub's `on_hand` is not what the caller saw.
+    #[error("store {store} has {on_hand} of {sku} on hand, not the {expected} expected; nothing was changed")]
+    StaleQuantity {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// What the caller expected.
+        expected: i64,
+        /// What the hub has.
+        on_hand: i64,
     },
     /// Not enough stock for a transfer.
     #[error("store {store} has {on_hand} of {sku}, fewer than the {wanted} to transfer")]

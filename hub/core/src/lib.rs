@@ -64,7 +64,7 @@ pub use alerts::{alert_state, next_velocity};
 pub use availability::{available, sellable, staleness_discount, Staleness, StoreFigures};
 pub use command::{
     Action, CatalogApplied, Command, Done, Expired, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal,
-    ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX,
+    ReservationRequest, RestockEntry, Written, CUSTOMER_MAX_LEN, RESTOCK_BATCH_MAX, TTL_SECS_MAX,
 };
 pub use conflicts::ConflictFilter;
 pub use feed::{FeedData, FeedEvent, FeedKind, FeedRead};

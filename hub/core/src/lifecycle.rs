@@ -123,6 +123,7 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
     let now = cx.now;
     let mut r = Reservation {
         id: req.id,
+        key: req.key.clone().filter(|k| *k != req.id.to_string()),
         status: ReservationStatus::Held,
         pickup_store: req.pickup_store.clone(),
         customer: req.customer.clone(),
@@ -156,6 +157,7 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
 fn placeholder(id: Uuid, now: i64) -> ReservationView {
     ReservationView {
         id,
+        key: None,
         status: ReservationStatus::Held,
         short: false,
         pickup_store: None,

@@ -9,12 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shelfsync_shared::journal::{EventKind, JournalEvent};
-use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::qty::{ADJUST_DELTA_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
 use crate::alerts::{emit_availability, record_velocity};
-use crate::command::{Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal};
+use crate::command::{Done, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal, RESTOCK_BATCH_MAX};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{
     AllocationStatus, ChangedLine, HubChangeKind, HubChangeResponse, HubRequest, QtyLine, ReservationStatus, SkuIx,
@@ -161,21 +161,73 @@ fn validate_lines(lines: &[QtyLine], reason: Option<&String>) -> Result<(), Refu
             return Err(invalid(format!("lines[{i}].qty must be between 1 and {LINE_QTY_MAX}, got {}", l.qty)));
         }
     }
+    check_reason("reason", reason)
+}
+
+fn check_reason(what: &str, reason: Option<&String>) -> Result<(), Refusal> {
     match reason {
         Some(r) if r.len() > REASON_MAX_LEN => {
-            Err(invalid(format!("reason is {} bytes long; the limit is {REASON_MAX_LEN}", r.len())))
+            Err(invalid(format!("{what} is {} bytes long; the limit is {REASON_MAX_LEN}", r.len())))
         }
         _ => Ok(()),
     }
 }
 
-/// A restock or transfer, idempotent by id. Writes the hub writer's entries.
+/// Checks a request's shape (the API checks the same, naming fields; commands from elsewhere
+/// get here too) and says which kind it is.
+fn validate_change(req: &HubChangeRequest) -> Result<HubChangeKind, Refusal> {
+    match &req.change {
+        HubChange::Restock { lines, .. } => validate_lines(lines, req.reason.as_ref()).map(|()| HubChangeKind::Restock),
+        HubChange::Transfer { lines, .. } => {
+            validate_lines(lines, req.reason.as_ref()).map(|()| HubChangeKind::Transfer)
+        }
+        HubChange::Adjust { delta, .. } => {
+            if *delta == 0 || delta.abs() > ADJUST_DELTA_MAX {
+                return Err(invalid(format!(
+                    "delta must be non-zero and between -{ADJUST_DELTA_MAX} and {ADJUST_DELTA_MAX}, got {delta}"
+                )));
+            }
+            if req.reason.is_none() {
+                return Err(invalid("an adjustment needs a reason"));
+            }
+            check_reason("reason", req.reason.as_ref())?;
+            Ok(HubChangeKind::Adjustment)
+        }
+        HubChange::RestockBatch { restocks } => {
+            if restocks.is_empty() || restocks.len() > RESTOCK_BATCH_MAX {
+                return Err(invalid(format!(
+                    "restocks must have 1 to {RESTOCK_BATCH_MAX} entries, got {}",
+                    restocks.len()
+                )));
+            }
+            if req.reason.is_some() {
+                return Err(invalid("a batch restock has a reason per entry"));
+            }
+            for (i, r) in restocks.iter().enumerate() {
+                validate_lines(&r.lines, r.reason.as_ref()).map_err(|e| invalid(format!("restocks[{i}]: {e}")))?;
+            }
+            Ok(HubChangeKind::RestockBatch)
+        }
+    }
+}
+
+/// One planned change of a hub entry.
+struct Move<'a> {
+    st: StoreIx,
+    sku: &'a Sku,
+    delta: i64,
+    reason: Option<String>,
+    /// The journal event's id (the request's, or a batch entry's own).
+    event: Uuid,
+    kind: EventKind,
+    /// The batch entry it belongs to.
+    entry: Option<u32>,
+}
+
+/// A restock, transfer, adjustment or batch restock, idempotent by id. Writes the hub writer's
+/// entries; all or nothing.
 pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<HubChanged, Refusal> {
-    let (kind, lines) = match &req.change {
-        HubChange::Restock { lines, .. } => (HubChangeKind::Restock, lines),
-        HubChange::Transfer { lines, .. } => (HubChangeKind::Transfer, lines),
-    };
-    validate_lines(lines, req.reason.as_ref())?;
+    let kind = validate_change(req)?;
     let fingerprint = fingerprint_of(&(&req.change, &req.reason));
     if let Some(earlier) = cx.t.hub_requests.get(&req.id) {
         if earlier.kind != kind || earlier.fingerprint != fingerprint {
@@ -189,13 +241,15 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
             counter_head: cx.t.counter_seq,
         });
     }
-    // (store, sku, delta, reason) per side.
-    let mut moves: Vec<(StoreIx, &Sku, i64, Option<String>)> = Vec::new();
+    let on_hand_of =
+        |t: &Tables, st: StoreIx, sku: &Sku| t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)).map_or(0, |c| c.on_hand);
+    let mv = |st, sku, delta, reason, kind| Move { st, sku, delta, reason, event: req.id, kind, entry: None };
+    let mut moves: Vec<Move<'_>> = Vec::new();
     match &req.change {
         HubChange::Restock { store, lines } => {
             let st = require(cx.t, store)?;
             for l in lines {
-                moves.push((st, &l.sku, l.qty as i64, req.reason.clone()));
+                moves.push(mv(st, &l.sku, l.qty as i64, req.reason.clone(), EventKind::Restock));
             }
         }
         HubChange::Transfer { from, to, lines } => {
@@ -207,9 +261,9 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
                 })
             };
             for l in lines {
-                let have = cx.t.sku_ix.get(&l.sku).and_then(|sk| cx.t.cell(f, *sk)).map_or(0, |c| c.on_hand);
+                let have = on_hand_of(cx.t, f, &l.sku);
                 let already: i64 =
-                    moves.iter().filter(|(s, k, d, _)| *s == f && *k == &l.sku && *d < 0).map(|(_, _, d, _)| -d).sum();
+                    moves.iter().filter(|m| m.st == f && m.sku == &l.sku && m.delta < 0).map(|m| -m.delta).sum();
                 if have - already < l.qty as i64 {
                     return Err(Refusal::InsufficientStock {
                         store: from.clone(),
@@ -218,39 +272,65 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
                         wanted: l.qty,
                     });
                 }
-                moves.push((f, &l.sku, -(l.qty as i64), why("to", to)));
-                moves.push((d, &l.sku, l.qty as i64, why("from", from)));
+                moves.push(mv(f, &l.sku, -(l.qty as i64), why("to", to), EventKind::Transfer));
+                moves.push(mv(d, &l.sku, l.qty as i64, why("from", from), EventKind::Transfer));
+            }
+        }
+        HubChange::Adjust { store, sku, delta, expected_on_hand } => {
+            let st = require(cx.t, store)?;
+            // Compare-and-set in the same decision as the change: nothing can come between.
+            let on_hand = on_hand_of(cx.t, st, sku);
+            if let Some(expected) = *expected_on_hand {
+                if expected != on_hand {
+                    return Err(Refusal::StaleQuantity { store: store.clone(), sku: sku.clone(), expected, on_hand });
+                }
+            }
+            moves.push(mv(st, sku, *delta, req.reason.clone(), EventKind::Adjustment));
+        }
+        HubChange::RestockBatch { restocks } => {
+            let key = shelfsync_shared::IdempotencyKey::from_uuid(req.id);
+            for (i, r) in restocks.iter().enumerate() {
+                let st = require(cx.t, &r.store).map_err(|e| match e {
+                    Refusal::UnknownStore(s) => invalid(format!("restocks[{i}].store: unknown store {s}")),
+                    Refusal::Revoked(s) => invalid(format!("restocks[{i}].store: store {s} is revoked")),
+                    other => other,
+                })?;
+                for l in &r.lines {
+                    moves.push(Move {
+                        st,
+                        sku: &l.sku,
+                        delta: l.qty as i64,
+                        reason: r.reason.clone(),
+                        event: key.item(i),
+                        kind: EventKind::Restock,
+                        entry: Some(i as u32),
+                    });
+                }
             }
         }
     }
     // Plan the hub's entries and the sums they make.
     let hub = cx.t.hub_writer.clone();
     let mut planned: HashMap<(StoreIx, &Sku), (PnEntry, i128)> = HashMap::new();
-    for (st, sku, delta, _) in &moves {
-        let (entry, sum) = match planned.get(&(*st, *sku)) {
+    for m in &moves {
+        let (entry, sum) = match planned.get(&(m.st, m.sku)) {
             Some(p) => *p,
-            None => {
-                let on_hand = cx.t.sku_ix.get(*sku).and_then(|sk| cx.t.cell(*st, *sk)).map_or(0, |c| c.on_hand);
-                (entry_of(cx.t, *st, sku, &hub), i128::from(on_hand))
-            }
+            None => (entry_of(cx.t, m.st, m.sku, &hub), i128::from(on_hand_of(cx.t, m.st, m.sku))),
         };
-        let next = entry.apply(&hub, *delta).map_err(invalid)?;
-        let sum = sum + i128::from(*delta);
+        let next = entry.apply(&hub, m.delta).map_err(invalid)?;
+        let sum = sum + i128::from(m.delta);
         i64::try_from(sum).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))?;
-        planned.insert((*st, *sku), (next, sum));
+        planned.insert((m.st, m.sku), (next, sum));
     }
 
     let now = cx.now;
-    let journal_kind = match kind {
-        HubChangeKind::Restock => EventKind::Restock,
-        HubChangeKind::Transfer => EventKind::Transfer,
-    };
     let w = cx.t.intern_writer(&hub);
     let mut changed_lines = Vec::new();
     let mut stores: Vec<StoreId> = Vec::new();
-    let mut line_no: BTreeMap<StoreIx, u32> = BTreeMap::new();
+    let mut line_no: BTreeMap<(Uuid, StoreIx), u32> = BTreeMap::new();
     let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
-    for (st, sku, delta, reason) in moves {
+    for m in moves {
+        let Move { st, sku, delta, reason, event, kind: journal_kind, entry } = m;
         let sk = cx.t.intern_sku(sku);
         let next = entry_of(cx.t, st, sku, &hub).apply(&hub, delta).expect("planned");
         cx.t.put_entry(st, sk, w, next);
@@ -258,9 +338,9 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         emit_availability(cx.t, st, sk, now);
         holds_changed.extend(reconcile(cx, st, sk));
         let store = cx.t.store(st).id.clone();
-        let n = line_no.entry(st).or_default();
+        let n = line_no.entry((event, st)).or_default();
         cx.t.dirty.journal.push(JournalEvent {
-            id: req.id,
+            id: event,
             line: *n,
             kind: journal_kind,
             store: store.clone(),
@@ -276,9 +356,10 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         if !stores.contains(&store) {
             stores.push(store.clone());
         }
-        changed_lines.push(ChangedLine { store, sku: sku.clone(), delta, on_hand });
+        changed_lines.push(ChangedLine { store, sku: sku.clone(), delta, on_hand, entry });
     }
-    let response = HubChangeResponse { id: req.id, kind, lines: changed_lines, recorded_at_ms: now };
+    let key = req.key.clone().filter(|k| *k != req.id.to_string());
+    let response = HubChangeResponse { id: req.id, key, kind, lines: changed_lines, recorded_at_ms: now };
     cx.t.put_hub_request(HubRequest { id: req.id, kind, fingerprint, response: response.clone() });
     Ok(HubChanged {
         created: true,

@@ -173,6 +173,10 @@ named_enum! {
         Restock => "restock",
         /// Units moved between stores.
         Transfer => "transfer",
+        /// A head-office correction of one store's count.
+        Adjustment => "adjustment",
+        /// Deliveries to several stores at once.
+        RestockBatch => "restock_batch",
     }
 }
 
@@ -280,6 +284,9 @@ pub(crate) struct SkuInfo {
 pub struct Reservation {
     /// Id (= the caller's idempotency id).
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself (rows from before keys: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Lifecycle state.
     pub status: ReservationStatus,
     /// Pickup store, if one was named.
@@ -361,6 +368,9 @@ pub struct ChangedLine {
     pub delta: i64,
     /// `on_hand` after.
     pub on_hand: i64,
+    /// Which entry of a batch restock it belongs to (none outside batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<u32>,
 }
 
 /// The answer to a restock or transfer (kept for idempotent replays).
@@ -368,6 +378,9 @@ pub struct ChangedLine {
 pub struct HubChangeResponse {
     /// The request id.
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Restock or transfer.
     pub kind: HubChangeKind,
     /// Per store and SKU, in the order applied.

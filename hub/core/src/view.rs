@@ -45,6 +45,9 @@ pub struct LineView {
 pub struct ReservationView {
     /// Id.
     pub id: Uuid,
+    /// The idempotency key as sent, when it is not the id itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Lifecycle state.
     pub status: ReservationStatus,
     /// Whether some units could not be supplied after an oversell.
@@ -63,11 +66,17 @@ pub struct ReservationView {
     pub lines: Vec<LineView>,
 }
 
+/// The key an answer shows: as sent, or the id's own spelling when the key was the id.
+fn key_of(id: Uuid, key: Option<&str>) -> String {
+    key.map_or_else(|| id.to_string(), str::to_owned)
+}
+
 impl ReservationView {
     /// Today's JSON shape (`created_at`/`expires_at` as RFC 3339).
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,
+            "key": key_of(self.id, self.key.as_deref()),
             "status": self.status.as_str(),
             "short": self.short,
             "pickup_store": self.pickup_store,
@@ -103,10 +112,36 @@ impl Conflict {
 }
 
 impl HubChangeResponse {
-    /// Today's JSON shape (`kind` as a string, `recorded_at` as RFC 3339).
+    /// Today's JSON shape (`kind` as a string, `recorded_at` as RFC 3339). A batch restock
+    /// answers per entry, in order: `restocks: [{id, store, lines}]` (`id`: the entry's journal
+    /// event id, derived from the request's).
     pub fn to_json(&self) -> Value {
+        if self.kind == crate::model::HubChangeKind::RestockBatch {
+            let mut entries: Vec<Value> = Vec::new();
+            for l in &self.lines {
+                let i = l.entry.unwrap_or_default() as usize;
+                while entries.len() <= i {
+                    let n = entries.len();
+                    entries.push(json!({
+                        "id": shelfsync_shared::IdempotencyKey::from_uuid(self.id).item(n),
+                        "store": l.store,
+                        "lines": [],
+                    }));
+                }
+                let line = json!({"sku": l.sku, "delta": l.delta, "on_hand": l.on_hand});
+                entries[i]["lines"].as_array_mut().expect("built above").push(line);
+            }
+            return json!({
+                "id": self.id,
+                "key": key_of(self.id, self.key.as_deref()),
+                "kind": self.kind.as_str(),
+                "restocks": entries,
+                "recorded_at": rfc3339(self.recorded_at_ms),
+            });
+        }
         json!({
             "id": self.id,
+            "key": key_of(self.id, self.key.as_deref()),
             "kind": self.kind.as_str(),
             "lines": self.lines,
             "recorded_at": rfc3339(self.recorded_at_ms),
@@ -141,6 +176,7 @@ pub(crate) fn build(t: &Tables, r: &Reservation) -> ReservationView {
     let short = lines.iter().any(|l| l.short > 0);
     ReservationView {
         id: r.id,
+        key: r.key.clone(),
         status: r.status,
         short,
         pickup_store: r.pickup_store.clone(),

@@ -201,6 +201,7 @@ fn transfers_check_the_source_across_lines_and_name_both_sides() {
     let transfer = |lines| {
         Command::HubChange(HubChangeRequest {
             id: uid(5),
+            key: None,
             change: HubChange::Transfer { from: s("a"), to: s("b"), lines },
             reason: Some("rebalance".into()),
         })
@@ -255,4 +256,93 @@ fn a_new_hub_writer_writes_new_entries() {
     assert_eq!(h.d.on_hand(&s("a"), &k("X")), 5);
     assert!(matches!(h.apply(Command::SetHubWriter { writer: writer("a") }), Err(Refusal::Invalid(_))));
     assert_eq!(h.rebuilt().hub_writer(), &next);
+}
+
+#[test]
+fn an_adjustment_compares_and_sets_in_the_same_decision() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.stock("a", "X", 5);
+    let adjust = |id: u128, delta: i64, expected_on_hand: Option<i64>| {
+        Command::HubChange(HubChangeRequest {
+            id: uid(id),
+            key: Some(format!("fix-{id}")),
+            change: HubChange::Adjust { store: s("a"), sku: k("X"), delta, expected_on_hand },
+            reason: Some("damaged: wet".into()),
+        })
+    };
+    let before = h.d.snapshot();
+    assert_eq!(
+        h.apply(adjust(1, -2, Some(4))),
+        Err(Refusal::StaleQuantity { store: s("a"), sku: k("X"), expected: 4, on_hand: 5 })
+    );
+    assert_eq!(h.d.snapshot(), before, "a stale adjustment changes nothing");
+    let Done::HubChanged(c) = h.ok(adjust(1, -2, Some(5))) else { panic!() };
+    assert_eq!((c.response.kind, c.response.key.as_deref()), (HubChangeKind::Adjustment, Some("fix-1")));
+    assert_eq!(h.d.on_hand(&s("a"), &k("X")), 3);
+    let journal: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Journal(e) => Some((e.kind, e.delta, e.reason.clone(), e.writer.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(journal, [(EventKind::Adjustment, -2, Some("damaged: wet".into()), hub_writer())]);
+    // A replay answers the first result even though on_hand moved on.
+    let Done::HubChanged(again) = h.ok(adjust(1, -2, Some(5))) else { panic!() };
+    assert_eq!((again.created, again.response), (false, c.response));
+    assert!(matches!(h.apply(adjust(2, 0, None)), Err(Refusal::Invalid(_))));
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
+}
+
+#[test]
+fn a_batch_restock_is_all_entries_or_none() {
+    use shelfsync_hub_core::RestockEntry;
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    let batch = |stores: &[&str]| {
+        Command::HubChange(HubChangeRequest {
+            id: uid(3),
+            key: None,
+            change: HubChange::RestockBatch {
+                restocks: stores
+                    .iter()
+                    .map(|st| RestockEntry { store: s(st), lines: vec![line("X", 2)], reason: None })
+                    .collect(),
+            },
+            reason: None,
+        })
+    };
+    let before = h.d.snapshot();
+    let Err(Refusal::Invalid(m)) = h.apply(batch(&["a", "z"])) else { panic!() };
+    assert!(m.starts_with("restocks[1].store"), "{m}");
+    assert_eq!(h.d.snapshot(), before);
+    let Done::HubChanged(c) = h.ok(batch(&["a", "b", "a"])) else { panic!() };
+    assert_eq!(c.stores, [s("a"), s("b")]);
+    assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.on_hand(&s("b"), &k("X"))), (4, 2));
+    let ids: Vec<_> = h
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Journal(e) => Some((e.id, e.line)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.iter().all(|(id, line)| *id != uid(3) && *line == 0), "each entry is its own event: {ids:?}");
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
+}
+
+#[test]
+fn answers_stored_before_keys_read_back_with_the_id_as_key() {
+    let old = serde_json::json!({
+        "id": uid(4), "kind": "restock", "fingerprint": [1, 2, 3],
+        "response": {"id": uid(4), "kind": "restock", "recorded_at_ms": 5,
+                     "lines": [{"store": "a", "sku": "X", "delta": 1, "on_hand": 1}]},
+    });
+    let r: shelfsync_hub_core::HubRequest = serde_json::from_value(old).unwrap();
+    assert_eq!((r.response.key.as_deref(), r.response.lines[0].entry), (None, None));
+    assert_eq!(r.response.to_json()["key"], uid(4).to_string());
+    assert!(r.response.to_json()["lines"][0].get("entry").is_none(), "restock answers keep their shape");
 }

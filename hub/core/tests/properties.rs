@@ -24,7 +24,7 @@ use common::*;
 use proptest::prelude::*;
 use shelfsync_hub_core::{
     Action, AgentConflictKind, AllocationStatus, CatalogRule, Command, Done, FeedRead, HubChange, HubChangeRequest,
-    Overrides, QtyLine, Record, ReservationRequest, ReservationStatus,
+    Overrides, QtyLine, Record, ReservationRequest, ReservationStatus, RestockEntry,
 };
 use uuid::Uuid;
 
@@ -33,21 +33,73 @@ const SKUS: [&str; 3] = ["A", "B", "C"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Reserve { reuse: Option<(u8, bool)>, lines: Vec<(u8, u64)>, pickup: Option<u8>, customer: Option<u8>, ttl: u64 },
-    Act { pick: u8, action: u8, ttl: u64, key: Option<u8> },
+    Reserve {
+        reuse: Option<(u8, bool)>,
+        lines: Vec<(u8, u64)>,
+        pickup: Option<u8>,
+        customer: Option<u8>,
+        ttl: u64,
+    },
+    Act {
+        pick: u8,
+        action: u8,
+        ttl: u64,
+        key: Option<u8>,
+    },
     Expire,
     Advance(i64),
-    Stock { store: u8, targets: Vec<(u8, i64)>, fulfil: Vec<u8>, late: Option<u8> },
-    Restock { reuse: Option<u8>, store: u8, sku: u8, qty: u64 },
-    Transfer { from: u8, to: u8, sku: u8, qty: u64 },
-    Catalog { sku: u8, rule: Option<(u64, u64, u64, bool)> },
-    Override { store: u8, sku: u8, safety: Option<u64> },
+    Stock {
+        store: u8,
+        targets: Vec<(u8, i64)>,
+        fulfil: Vec<u8>,
+        late: Option<u8>,
+    },
+    Restock {
+        reuse: Option<u8>,
+        store: u8,
+        sku: u8,
+        qty: u64,
+    },
+    Transfer {
+        from: u8,
+        to: u8,
+        sku: u8,
+        qty: u64,
+    },
+    /// A head-office adjustment; `stale`: expect `on_hand` off by this much (0: up to date).
+    Adjust {
+        store: u8,
+        sku: u8,
+        delta: i64,
+        stale: Option<i64>,
+    },
+    Batch {
+        entries: Vec<(u8, u8, u64)>,
+    },
+    Catalog {
+        sku: u8,
+        rule: Option<(u64, u64, u64, bool)>,
+    },
+    Override {
+        store: u8,
+        sku: u8,
+        safety: Option<u64>,
+    },
     AddStore(u8),
     Revoke(u8),
-    Seen { store: u8, connected: bool },
-    Journal { store: u8, sku: u8 },
+    Seen {
+        store: u8,
+        connected: bool,
+    },
+    Journal {
+        store: u8,
+        sku: u8,
+    },
     Resolve(u8),
-    Agent { store: u8, n: u8 },
+    Agent {
+        store: u8,
+        n: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -77,6 +129,10 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(reuse, store, sku, qty)| Op::Restock { reuse, store, sku, qty }),
         2 => (store.clone(), store.clone(), sku.clone(), 1..6u64)
             .prop_map(|(from, to, sku, qty)| Op::Transfer { from, to, sku, qty }),
+        2 => (store.clone(), sku.clone(), -4..4i64, proptest::option::weighted(0.6, -1..2i64))
+            .prop_map(|(store, sku, delta, stale)| Op::Adjust { store, sku, delta, stale }),
+        1 => proptest::collection::vec((store.clone(), sku.clone(), 1..4u64), 1..4)
+            .prop_map(|entries| Op::Batch { entries }),
         2 => (sku.clone(), proptest::option::weighted(0.8, (0..3u64, 0..4u64, 0..7u64, proptest::bool::weighted(0.85))))
             .prop_map(|(sku, rule)| Op::Catalog { sku, rule }),
         1 => (store.clone(), sku.clone(), proptest::option::of(0..4u64))
@@ -148,6 +204,7 @@ impl Run {
             Op::Reserve { reuse: None, lines, pickup, customer, ttl } => {
                 let req = ReservationRequest {
                     id: self.fresh(),
+                    key: None,
                     lines: lines.into_iter().map(|(i, qty)| QtyLine { sku: sk(i), qty }).collect(),
                     ttl_secs: ttl,
                     pickup_store: pickup.map(st),
@@ -204,6 +261,7 @@ impl Run {
                     None => {
                         let r = HubChangeRequest {
                             id: self.fresh(),
+                            key: None,
                             change: HubChange::Restock { store: st(store), lines: vec![QtyLine { sku: sk(sku), qty }] },
                             reason: None,
                         };
@@ -215,8 +273,35 @@ impl Run {
             }
             Op::Transfer { from, to, sku, qty } => Command::HubChange(HubChangeRequest {
                 id: self.fresh(),
+                key: None,
                 change: HubChange::Transfer { from: st(from), to: st(to), lines: vec![QtyLine { sku: sk(sku), qty }] },
                 reason: Some("move".into()),
+            }),
+            Op::Adjust { store, sku, delta, stale } => Command::HubChange(HubChangeRequest {
+                id: self.fresh(),
+                key: None,
+                change: HubChange::Adjust {
+                    store: st(store),
+                    sku: sk(sku),
+                    delta,
+                    expected_on_hand: stale.map(|off| self.h.d.on_hand(&st(store), &sk(sku)) + off),
+                },
+                reason: Some("correction".into()),
+            }),
+            Op::Batch { entries } => Command::HubChange(HubChangeRequest {
+                id: self.fresh(),
+                key: None,
+                change: HubChange::RestockBatch {
+                    restocks: entries
+                        .into_iter()
+                        .map(|(store, sku, qty)| RestockEntry {
+                            store: st(store),
+                            lines: vec![QtyLine { sku: sk(sku), qty }],
+                            reason: None,
+                        })
+                        .collect(),
+                },
+                reason: None,
             }),
             Op::Catalog { sku, rule } => Command::CatalogChanged {
                 items: vec![(

@@ -118,6 +118,7 @@ fn a_transfer_that_oversells_its_source_reconciles_it() {
     // The hub's on_hand allows the transfer; the holds do not stop it.
     let Done::HubChanged(c) = h.ok(Command::HubChange(HubChangeRequest {
         id: uid(7),
+        key: None,
         change: HubChange::Transfer { from: s("a"), to: s("b"), lines: vec![line("X", 3)] },
         reason: None,
     })) else {

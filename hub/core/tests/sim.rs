@@ -1054,6 +1054,7 @@ impl Sim {
         let customer = self.rng.chance(0.5).then(|| format!("c{}", self.rng.below(4)));
         let req = ReservationRequest {
             id: self.fresh(),
+            key: None,
             lines,
             ttl_secs: self.rng.range(5, 300) as u64,
             pickup_store: pickup,
@@ -1119,7 +1120,7 @@ impl Sim {
             let to = (from + 1 + self.rng.below(self.stores.len() - 1)) % self.stores.len();
             HubChange::Transfer { from: self.stores[from].clone(), to: self.stores[to].clone(), lines }
         };
-        let req = HubChangeRequest { id: self.fresh(), change, reason: None };
+        let req = HubChangeRequest { id: self.fresh(), key: None, change, reason: None };
         self.hub_requests.push(req.clone());
         match self.hub(Command::HubChange(req))? {
             Ok(Done::HubChanged(h)) => {

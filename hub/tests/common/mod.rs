@@ -34,3 +34,18 @@ pub async fn hub_with(tune: impl FnOnce(&mut HubConfig)) -> H {
     let hub = start(cfg).await.unwrap();
     H { hub, admin: admin_token, viewer, storefront, http: reqwest::Client::new(), dir }
 }
+
+impl H {
+    /// Stops the hub and starts it again on the same data dir (new ports): what it answers
+    /// afterwards comes from storage.
+    pub async fn restart(self, tune: impl FnOnce(&mut HubConfig)) -> H {
+        let H { hub, admin, viewer, storefront, http, dir } = self;
+        hub.stop().await;
+        let mut cfg = HubConfig { data_dir: dir.path().join("hub"), ..Default::default() };
+        cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+        tune(&mut cfg);
+        let hub = start(cfg).await.unwrap();
+        H { hub, admin, viewer, storefront, http, dir }
+    }
+}

@@ -330,7 +330,10 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
         2 => json(Method::POST, &format!("/v1/reservations/{seg}/extend")),
         3 => json(Method::POST, &format!("/v1/reservations/{seg}/commit")),
         4 => json(Method::DELETE, &format!("/v1/reservations/{seg}")),
+        // Batch restocks and head-office adjustments share the slots of their older kin.
+        5 if pick & 0x80 != 0 => json(Method::POST, "/v1/restocks/batch"),
         5 => json(Method::POST, "/v1/restocks"),
+        6 if pick & 0x80 != 0 => json(Method::POST, &format!("/v1/stores/{seg}/adjustments")),
         6 => json(Method::POST, "/v1/transfers"),
         7 => json(Method::PUT, &format!("/v1/catalog/{seg}")),
         8 => json(Method::PATCH, &format!("/v1/catalog/{seg}")),
@@ -345,6 +348,7 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
         11 => get_q("/v1/conflicts"),
         12 => get_q("/v1/changes"),
         13 => get_q("/v1/catalog"),
+        14 if pick & 0x80 != 0 => get_q(&format!("/v1/stores/{seg}/adjustments")),
         14 => get_q(&format!("/v1/stores/{seg}/stock")),
         // API tokens (on main).
         15 if pick & 0x40 != 0 => match pick >> 7 {

@@ -106,6 +106,7 @@ impl H {
     pub fn reserve(&mut self, id: u128, lines: Vec<QtyLine>, pickup: Option<&str>, customer: Option<&str>) -> Outcome {
         self.apply(Command::Reserve(ReservationRequest {
             id: uid(id),
+            key: None,
             lines,
             ttl_secs: 900,
             pickup_store: pickup.map(s),
@@ -127,6 +128,7 @@ impl H {
     pub fn restock(&mut self, id: u128, store: &str, lines: Vec<QtyLine>) -> Outcome {
         self.apply(Command::HubChange(HubChangeRequest {
             id: uid(id),
+            key: None,
             change: HubChange::Restock { store: s(store), lines },
             reason: None,
         }))
