@@ -48,6 +48,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     shelfsync_node::catalog::MIGRATION,
     // 4: writer lineage (ordinals and chains of own changes, boots, retired writers, entry tags).
     crate::lineage::MIGRATION,
+    // 5: transfers on their way to this store, pushed down by the hub.
+    crate::incoming::MIGRATION,
 ];
 
 /// Who this database is. The writer changes when the agent retires a forked one

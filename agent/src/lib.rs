@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod guard;
 pub mod holds;
+pub mod incoming;
 pub mod ledger;
 pub mod lineage;
 pub mod metrics;

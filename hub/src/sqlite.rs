@@ -115,6 +115,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 6: the decider's rows (reservations, allocations, conflicts, velocity, alerts, answers as
     // typed JSON rows) and its feed; the older decision tables stay, unread.
     crate::persist::MIGRATION,
+    // 7: transfers between stores (shipped, received, cancelled).
+    crate::persist::TRANSFERS_MIGRATION,
 ];
 
 impl From<DbError> for StorageError {

@@ -864,6 +864,7 @@ impl Sim {
             Effect::LookupPeer { .. }
             | Effect::DigestCompared { .. }
             | Effect::ApplyHolds { .. }
+            | Effect::ApplyIncoming { .. }
             | Effect::Pong { .. } => {
                 self.fail(format!("agent-{j}: agent got {effect:?}"));
             }
@@ -1178,7 +1179,9 @@ impl Sim {
                     }
                 }
             }
-            Effect::ApplyHolds { .. } | Effect::CheckLineage { .. } => self.fail(format!("hub got {effect:?}")),
+            Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. } | Effect::CheckLineage { .. } => {
+                self.fail(format!("hub got {effect:?}"))
+            }
             _ => {}
         }
         if let Err(e) = r {

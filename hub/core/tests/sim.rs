@@ -613,11 +613,19 @@ impl Sim {
                 }
             }
             Command::HubChange(req) if !self.last.hub_requests.contains_key(&req.id) => {
-                // Each line is taken out and reconciled in turn: reconciliation lowers the
-                // source's held by exactly the shortfall (moved elsewhere or marked short).
+                // A shipment takes each SKU out (its lines added up) and reconciles it:
+                // reconciliation lowers the source's held by exactly the shortfall (moved
+                // elsewhere or marked short).
                 if let HubChange::Transfer { from, lines, .. } = &req.change {
-                    let mut cells: BTreeMap<&Sku, (i64, u64)> = BTreeMap::new();
+                    let mut per_sku: Vec<QtyLine> = Vec::new();
                     for l in lines {
+                        match per_sku.iter_mut().find(|p| p.sku == l.sku) {
+                            Some(p) => p.qty += l.qty,
+                            None => per_sku.push(l.clone()),
+                        }
+                    }
+                    let mut cells: BTreeMap<&Sku, (i64, u64)> = BTreeMap::new();
+                    for l in &per_sku {
                         let (on_hand, held) = cells
                             .entry(&l.sku)
                             .or_insert_with(|| cell(from, &l.sku).map_or((0, 0), |c| (c.on_hand, c.held)));

@@ -289,7 +289,7 @@ impl Session for HubSession {
     }
 
     fn foreign(effect: &Effect) -> bool {
-        matches!(effect, Effect::CheckLineage { .. } | Effect::ApplyHolds { .. })
+        matches!(effect, Effect::CheckLineage { .. } | Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. })
     }
 
     fn read_entries(_u: &mut Unstructured, _read: &mut DeltaRead) -> Result<()> {
@@ -641,6 +641,7 @@ impl<S: Session> Run<S> {
             Effect::ApplyDelta { .. }
             | Effect::ApplyJournal { .. }
             | Effect::ApplyHolds { .. }
+            | Effect::ApplyIncoming { .. }
             | Effect::ReadDelta { .. }
             | Effect::ReadJournal { .. }
             | Effect::Acked { .. }
