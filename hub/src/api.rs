@@ -885,7 +885,8 @@ async fn get_transfers(
     ApiQuery(q): ApiQuery<TransferQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit, 100, TRANSFERS_PAGE_MAX)?;
-    let store = q.store.as_deref().map(|s| parse_store("store", s).map_err(|e| e.with("parameter", "store"))).transpose()?;
+    let store =
+        q.store.as_deref().map(|s| parse_store("store", s).map_err(|e| e.with("parameter", "store"))).transpose()?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(shelfsync_hub_core::TransferStatus::parse(s).ok_or_else(|| {

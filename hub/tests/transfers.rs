@@ -81,20 +81,38 @@ async fn a_transfer_is_incoming_until_received_and_the_shortfall_is_a_transit_lo
     let ship = json!({"id": id, "from": "store-a", "to": "store-b", "lines": [{"sku": "A", "qty": 6}, {"sku": "B", "qty": 4}], "reason": "rebalance"});
     let (s, v) = call(&h, "POST", "/v1/transfers", &h.admin, Some(ship.clone())).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::CREATED, Some("in_transit")), "{v}");
-    assert_eq!((v["from"].as_str(), v["to"].as_str(), v["received_at"].is_null()), (Some("store-a"), Some("store-b"), true));
-    assert_eq!(v["lines"], json!([{"sku": "A", "shipped": 6, "received": null, "lost": null}, {"sku": "B", "shipped": 4, "received": null, "lost": null}]));
+    assert_eq!(
+        (v["from"].as_str(), v["to"].as_str(), v["received_at"].is_null()),
+        (Some("store-a"), Some("store-b"), true)
+    );
+    assert_eq!(
+        v["lines"],
+        json!([{"sku": "A", "shipped": 6, "received": null, "lost": null}, {"sku": "B", "shipped": 4, "received": null, "lost": null}])
+    );
     let (s, again) = call(&h, "POST", "/v1/transfers", &h.admin, Some(ship)).await;
     assert_eq!((s, &again), (StatusCode::OK, &v), "a retry answers the transfer as it stands");
 
     // Gone from a at once; incoming at b, never available, not on hand.
     let (a, b) = (at(&h, "store-a", "A").await, at(&h, "store-b", "A").await);
     assert_eq!((a["on_hand"].as_i64(), a["incoming"].as_u64()), (Some(4), Some(0)), "{a}");
-    assert_eq!((b["on_hand"].as_i64(), b["incoming"].as_u64(), b["available"].as_u64()), (Some(0), Some(6), Some(0)), "{b}");
+    assert_eq!(
+        (b["on_hand"].as_i64(), b["incoming"].as_u64(), b["available"].as_u64()),
+        (Some(0), Some(6), Some(0)),
+        "{b}"
+    );
     let (_, all) = call(&h, "GET", "/v1/availability/A", &h.viewer, None).await;
-    assert_eq!((all["on_hand"].as_i64(), all["incoming"].as_u64(), all["available"].as_u64()), (Some(4), Some(6), Some(4)), "{all}");
+    assert_eq!(
+        (all["on_hand"].as_i64(), all["incoming"].as_u64(), all["available"].as_u64()),
+        (Some(4), Some(6), Some(4)),
+        "{all}"
+    );
     let (s, stock) = call(&h, "GET", "/v1/stores/store-b/stock", &h.viewer, None).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(stock["items"][0], json!({"sku": "A", "on_hand": 0, "held": 0, "incoming": 6, "available": 0}), "{stock}");
+    assert_eq!(
+        stock["items"][0],
+        json!({"sku": "A", "on_hand": 0, "held": 0, "incoming": 6, "available": 0}),
+        "{stock}"
+    );
     // Nothing of it can be reserved at b.
     let (s, v) = call(
         &h,
@@ -119,7 +137,10 @@ async fn a_transfer_is_incoming_until_received_and_the_shortfall_is_a_transit_lo
     for (body, why) in [
         (json!({"lines": [{"sku": "A", "qty": 7}, {"sku": "B", "qty": 4}]}), "more than shipped"),
         (json!({"lines": [{"sku": "A", "qty": 6}]}), "B is missing"),
-        (json!({"lines": [{"sku": "A", "qty": 6}, {"sku": "B", "qty": 4}, {"sku": "C", "qty": 1}]}), "C was not shipped"),
+        (
+            json!({"lines": [{"sku": "A", "qty": 6}, {"sku": "B", "qty": 4}, {"sku": "C", "qty": 1}]}),
+            "C was not shipped",
+        ),
         (json!({"lines": [{"sku": "A", "qty": -1}, {"sku": "B", "qty": 4}]}), "negative"),
         (json!({"lines": [{"sku": "A", "qty": 6}, {"sku": "A", "qty": 0}, {"sku": "B", "qty": 4}]}), "A twice"),
         (json!({"lines": [{"sku": "A", "qty": 6}], "colour": "red"}), "unknown field"),
@@ -135,7 +156,11 @@ async fn a_transfer_is_incoming_until_received_and_the_shortfall_is_a_transit_lo
     assert_eq!((s, r["status"].as_str()), (StatusCode::OK, Some("received")), "{r}");
     assert_eq!(r["lines"][0], json!({"sku": "A", "shipped": 6, "received": 5, "lost": 1}));
     let b = at(&h, "store-b", "A").await;
-    assert_eq!((b["on_hand"].as_i64(), b["incoming"].as_u64(), b["available"].as_u64()), (Some(5), Some(0), Some(5)), "{b}");
+    assert_eq!(
+        (b["on_hand"].as_i64(), b["incoming"].as_u64(), b["available"].as_u64()),
+        (Some(5), Some(0), Some(5)),
+        "{b}"
+    );
     assert_eq!(at(&h, "store-b", "B").await["on_hand"], 4);
     let loss = shelfsync_shared::Reason {
         code: shelfsync_shared::ReasonCode::TransitLoss,
@@ -191,7 +216,11 @@ async fn a_cancelled_transfer_returns_its_units_and_everything_survives_a_restar
     assert_eq!(at(&h, "store-a", "A").await["on_hand"], 1);
     assert_eq!(at(&h, "store-b", "A").await["incoming"], 4);
     let (s, v) = call(&h, "POST", &format!("/v1/transfers/{first}/cancel"), &h.admin, None).await;
-    assert_eq!((s, v["status"].as_str(), v["cancelled_at"].is_string()), (StatusCode::OK, Some("cancelled"), true), "{v}");
+    assert_eq!(
+        (s, v["status"].as_str(), v["cancelled_at"].is_string()),
+        (StatusCode::OK, Some("cancelled"), true),
+        "{v}"
+    );
     let (s, again) = call(&h, "POST", &format!("/v1/transfers/{first}/cancel"), &h.admin, None).await;
     assert_eq!((s, &again), (StatusCode::OK, &v));
     let (s, e) = call(&h, "POST", &format!("/v1/transfers/{first}/receive"), &h.admin, None).await;
@@ -202,7 +231,8 @@ async fn a_cancelled_transfer_returns_its_units_and_everything_survives_a_restar
     // Pages: newest first, next null on the last page.
     let (_, p1) = call(&h, "GET", "/v1/transfers?store=store-a&limit=1", &h.viewer, None).await;
     assert_eq!((p1["items"][0]["id"].clone(), p1["next"].clone()), (json!(second), json!(second)), "{p1}");
-    let (_, p2) = call(&h, "GET", &format!("/v1/transfers?store=store-a&limit=1&after={second}"), &h.viewer, None).await;
+    let (_, p2) =
+        call(&h, "GET", &format!("/v1/transfers?store=store-a&limit=1&after={second}"), &h.viewer, None).await;
     assert_eq!((p2["items"][0]["id"].clone(), p2["next"].clone()), (json!(first), Value::Null), "{p2}");
 
     // 404s and 422s.
@@ -227,7 +257,11 @@ async fn a_cancelled_transfer_returns_its_units_and_everything_survives_a_restar
         "/v1/transfers?colour=red".to_owned(),
     ] {
         let (s, v) = call(&h, "GET", &path, &h.viewer, None).await;
-        assert_eq!((s, v["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{path}: {v}");
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")),
+            "{path}: {v}"
+        );
     }
     let (s, v) = call_with(&h, "POST", &format!("/v1/transfers/{second}/cancel"), &h.admin, None, Some("")).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "an empty Idempotency-Key: {v}");
@@ -237,8 +271,7 @@ async fn a_cancelled_transfer_returns_its_units_and_everything_survives_a_restar
     // A restart reads every transfer back, with its incoming.
     let H { hub, admin, viewer, storefront, http, dir } = h;
     hub.stop().await;
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = dir.path().join("hub");
+    let mut cfg = HubConfig { data_dir: dir.path().join("hub"), ..HubConfig::default() };
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.http.listen = "127.0.0.1:0".parse().unwrap();
     let h = H { hub: start(cfg).await.unwrap(), admin, viewer, storefront, http, dir };

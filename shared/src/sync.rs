@@ -23,8 +23,8 @@ use crate::lineage::{Boot, Checkpoint, HubLineage, BOOTS_MAX};
 use crate::mac::EntryMac;
 use crate::wire::{
     close_code, Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello,
-    HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX, DELTA_ENTRIES_MAX,
-    JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
+    HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX,
+    DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -929,9 +929,13 @@ impl AgentSession {
                 Ok(())
             }
             FrameV1::Incoming(snapshot) => {
-                let empty = snapshot.transfers.iter().find(|t| t.lines.is_empty() || t.lines.iter().any(|l| l.qty == 0));
+                let empty =
+                    snapshot.transfers.iter().find(|t| t.lines.is_empty() || t.lines.iter().any(|l| l.qty == 0));
                 if let Some(t) = empty {
-                    return Err(SessionError::violation(format!("incoming transfer {} has a line without units", t.id)));
+                    return Err(SessionError::violation(format!(
+                        "incoming transfer {} has a line without units",
+                        t.id
+                    )));
                 }
                 self.link.effects.push_back(Effect::ApplyIncoming { snapshot });
                 Ok(())

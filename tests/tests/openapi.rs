@@ -174,19 +174,32 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     let tpath = format!("/v1/transfers/{tid}");
     assert_eq!(hub.call(Method::GET, "/v1/transfers/{id}", &tpath, None).await.0, 200);
     let receive = format!("{tpath}/receive");
-    let (s, _) =
-        hub.call(Method::POST, "/v1/transfers/{id}/receive", &receive, Some(json!({"lines": [{"sku": "DOC-1", "qty": 2}]}))).await;
+    let (s, _) = hub
+        .call(
+            Method::POST,
+            "/v1/transfers/{id}/receive",
+            &receive,
+            Some(json!({"lines": [{"sku": "DOC-1", "qty": 2}]})),
+        )
+        .await;
     assert_eq!(s, 200);
     // A transfer the other way stays in transit until store-0's agent lists it, then is called off.
     let back = Uuid::now_v7();
     let body = json!({"id": back, "from": "store-1", "to": "store-0", "lines": [{"sku": "DOC-1", "qty": 1}]});
     assert_eq!(hub.call(Method::POST, "/v1/transfers", "/v1/transfers", Some(body)).await.0, 201);
-    shelfsync_tests::procs::wait_until("the transfer at store-0's agent", std::time::Duration::from_secs(30), || async {
-        let (_, v) = agent.call(Method::GET, "/v1/incoming", "/v1/incoming", None).await;
-        (v["items"].as_array().unwrap().len() == 1).then_some(())
-    })
+    shelfsync_tests::procs::wait_until(
+        "the transfer at store-0's agent",
+        std::time::Duration::from_secs(30),
+        || async {
+            let (_, v) = agent.call(Method::GET, "/v1/incoming", "/v1/incoming", None).await;
+            (v["items"].as_array().unwrap().len() == 1).then_some(())
+        },
+    )
     .await;
-    assert_eq!(hub.call(Method::GET, "/v1/transfers", "/v1/transfers?store=store-0&status=in_transit", None).await.0, 200);
+    assert_eq!(
+        hub.call(Method::GET, "/v1/transfers", "/v1/transfers?store=store-0&status=in_transit", None).await.0,
+        200
+    );
     let cancel = format!("/v1/transfers/{back}/cancel");
     assert_eq!(hub.call(Method::POST, "/v1/transfers/{id}/cancel", &cancel, None).await.0, 200);
     let again = format!("/v1/transfers/{back}/receive");

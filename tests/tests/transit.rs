@@ -62,9 +62,8 @@ async fn the_destination_sees_incoming_until_the_transfer_is_received() {
     assert_eq!((v["incoming"].as_u64(), v["available"].as_u64()), (Some(6), Some(4)), "incoming is never offered: {v}");
 
     // 5 arrive: store-1 has 5 on hand, nothing incoming; one unit is a transit loss.
-    let (s, v) = c
-        .hub_post(&format!("/v1/transfers/{id}/receive"), json!({"lines": [{"sku": "JKT-RAIN", "qty": 5}]}))
-        .await;
+    let (s, v) =
+        c.hub_post(&format!("/v1/transfers/{id}/receive"), json!({"lines": [{"sku": "JKT-RAIN", "qty": 5}]})).await;
     assert_eq!((s, v["status"].as_str(), v["lines"][0]["lost"].as_u64()), (200, Some("received"), Some(1)), "{v}");
     wait_until("incoming gone and units on hand at store-1's agent", DEADLINE, || async {
         let (_, v) = agent_get(&c, 1, "/v1/stock/JKT-RAIN").await;

@@ -156,9 +156,13 @@ impl Decider {
     pub fn figures(&self, sku: &Sku, now_ms: i64, connected: &HashSet<StoreId>) -> Vec<StoreFigures> {
         let Some(&sk) = self.t.sku_ix.get(sku) else { return Vec::new() };
         let mut stores: Vec<StoreIx> = live_stores_of(&self.t, sk).collect();
-        let incoming_only = self.t.incoming.get(&sk).into_iter().flat_map(|m| m.keys().copied()).filter(|st| {
-            self.t.cell(*st, sk).is_none() && self.t.store(*st).revoked_at_ms.is_none()
-        });
+        let incoming_only = self
+            .t
+            .incoming
+            .get(&sk)
+            .into_iter()
+            .flat_map(|m| m.keys().copied())
+            .filter(|st| self.t.cell(*st, sk).is_none() && self.t.store(*st).revoked_at_ms.is_none());
         let before = stores.len();
         stores.extend(incoming_only);
         if stores.len() > before {

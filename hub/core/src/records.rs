@@ -20,8 +20,7 @@ use uuid::Uuid;
 use crate::feed::FeedEvent;
 use crate::model::{
     ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictKind, ConflictStatus, HubChangeKind,
-    HubRequest, Overrides,
-    Reservation, ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
+    HubRequest, Overrides, Reservation, ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
 };
 use crate::stores::empty_store;
 use crate::tables::{indexed, Tables};
@@ -382,13 +381,12 @@ impl Decider {
             load(&mut d.t, r)?;
         }
         // Transfers recorded before they travelled moved at once: they count as received.
-        let legacy: Vec<crate::transfers::Transfer> = d
-            .t
-            .hub_requests
-            .values()
-            .filter(|r| r.kind == HubChangeKind::Transfer && !d.t.transfers.contains_key(&r.id))
-            .filter_map(|r| crate::transfers::legacy(r.id, &r.response.lines, r.response.recorded_at_ms))
-            .collect();
+        let legacy: Vec<crate::transfers::Transfer> =
+            d.t.hub_requests
+                .values()
+                .filter(|r| r.kind == HubChangeKind::Transfer && !d.t.transfers.contains_key(&r.id))
+                .filter_map(|r| crate::transfers::legacy(r.id, &r.response.lines, r.response.recorded_at_ms))
+                .collect();
         for tr in legacy {
             d.t.transfers.insert(tr.id, tr);
         }

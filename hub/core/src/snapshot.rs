@@ -149,7 +149,11 @@ impl Decider {
             hub_requests: t.hub_requests.iter().map(|(k, v)| (*k, v.clone())).collect(),
             action_requests: t.action_requests.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             transfers: t.transfers.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            in_transit: t.in_transit_to.iter().map(|(st, set)| (store_name(*st), set.iter().copied().collect())).collect(),
+            in_transit: t
+                .in_transit_to
+                .iter()
+                .map(|(st, set)| (store_name(*st), set.iter().copied().collect()))
+                .collect(),
             incoming: t
                 .incoming
                 .iter()

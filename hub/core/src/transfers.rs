@@ -487,7 +487,9 @@ impl Decider {
     /// The transfers on their way to a store, as pushed to its agent: oldest first, as many
     /// whole transfers as the frame's limits allow; the version is the holds snapshot's.
     pub fn incoming_snapshot(&self, store: &StoreId) -> IncomingSnapshot {
-        let Some(&st) = self.t.store_ix.get(store) else { return IncomingSnapshot { version: 0, transfers: Vec::new() } };
+        let Some(&st) = self.t.store_ix.get(store) else {
+            return IncomingSnapshot { version: 0, transfers: Vec::new() };
+        };
         let mut transfers = Vec::new();
         let mut lines_total = 0;
         for (_, id) in self.t.in_transit_to.get(&st).into_iter().flatten() {

@@ -239,12 +239,7 @@ fn a_transfer_ships_from_the_source_and_is_incoming_at_the_destination() {
     let snap = h.d.incoming_snapshot(&s("b"));
     assert_eq!((snap.transfers.len(), snap.transfers[0].lines[0].qty), (1, 5));
     assert!(h.d.incoming_snapshot(&s("a")).transfers.is_empty());
-    assert_eq!(
-        journal_after(&h, mark),
-        [
-            ("a".into(), 0, EventKind::Transfer, -5, "to b: rebalance".into()),
-        ]
-    );
+    assert_eq!(journal_after(&h, mark), [("a".into(), 0, EventKind::Transfer, -5, "to b: rebalance".into()),]);
     assert!(h.kinds_after(head).contains(&FeedKind::TransferShipped));
     assert_eq!(
         h.apply(transfer(vec![line("X", 3), line("X", 3)])),
@@ -270,15 +265,21 @@ fn a_partial_receipt_books_the_loss_once() {
         assert!(matches!(h.apply(receive(Some(bad), None)), Err(Refusal::Invalid(_))));
     }
     assert_eq!(h.d.snapshot(), before);
-    assert!(matches!(h.apply(Command::ReceiveTransfer { id: uid(6), lines: None, key: None }), Err(Refusal::NotFound(_))));
+    assert!(matches!(
+        h.apply(Command::ReceiveTransfer { id: uid(6), lines: None, key: None }),
+        Err(Refusal::NotFound(_))
+    ));
     let mark = h.records.len();
     let Done::TransferChanged(c) = h.ok(receive(Some(vec![line("Y", 2), line("X", 3)]), Some("k1"))) else { panic!() };
     assert!(c.created);
     assert_eq!(c.transfer.status, TransferStatus::Received);
     assert_eq!((h.d.on_hand(&s("b"), &k("X")), h.d.on_hand(&s("b"), &k("Y"))), (3, 2));
     assert_eq!((h.d.incoming(&s("b"), &k("X")), h.d.incoming(&s("b"), &k("Y"))), (0, 0));
-    let loss = shelfsync_shared::Reason { code: shelfsync_shared::ReasonCode::TransitLoss, note: Some(format!("transfer {} from a", uid(5))) }
-        .to_stored();
+    let loss = shelfsync_shared::Reason {
+        code: shelfsync_shared::ReasonCode::TransitLoss,
+        note: Some(format!("transfer {} from a", uid(5))),
+    }
+    .to_stored();
     assert_eq!(
         journal_after(&h, mark),
         [
@@ -312,7 +313,10 @@ fn a_cancelled_transfer_goes_back_to_its_source() {
     let Done::TransferChanged(c) = h.ok(Command::CancelTransfer { id: uid(5), key: None }) else { panic!() };
     assert_eq!(c.transfer.status, TransferStatus::Cancelled);
     assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.incoming(&s("b"), &k("X"))), (5, 0));
-    assert_eq!(journal_after(&h, mark), [("a".into(), 1, EventKind::Transfer, 3, "cancelled transfer to b: rebalance".into())]);
+    assert_eq!(
+        journal_after(&h, mark),
+        [("a".into(), 1, EventKind::Transfer, 3, "cancelled transfer to b: rebalance".into())]
+    );
     assert!(h.kinds_after(head).contains(&FeedKind::TransferCancelled));
     let Done::TransferChanged(again) = h.ok(Command::CancelTransfer { id: uid(5), key: None }) else { panic!() };
     assert!(!again.created);

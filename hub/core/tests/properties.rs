@@ -228,7 +228,8 @@ impl Run {
                 let t = pick(&self.h.d.snapshot().transfers.values().cloned().collect::<Vec<_>>(), i);
                 let id = t.as_ref().map_or(uid(0), |t| t.id);
                 // `got` units of the transfer's SKU arrived (more than shipped: refused).
-                let lines = got.and_then(|n| t.map(|t| t.lines.iter().map(|l| QtyLine { sku: l.sku.clone(), qty: n }).collect()));
+                let lines = got
+                    .and_then(|n| t.map(|t| t.lines.iter().map(|l| QtyLine { sku: l.sku.clone(), qty: n }).collect()));
                 Command::ReceiveTransfer { id, lines, key: key.map(|k| format!("r{k}")) }
             }
             Op::Cancel { pick: i } => {

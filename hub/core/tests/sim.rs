@@ -1117,7 +1117,8 @@ impl Sim {
 
     /// Head office receives (often short) or cancels a transfer in transit.
     fn transfer_arrives(&mut self) -> Result<(), String> {
-        let filter = TransferFilter { status: Some(TransferStatus::InTransit), limit: usize::MAX, ..Default::default() };
+        let filter =
+            TransferFilter { status: Some(TransferStatus::InTransit), limit: usize::MAX, ..Default::default() };
         let open: Vec<Transfer> = self.d.transfers(&filter);
         let Some(t) = self.rng.pick(&open).cloned() else { return Ok(()) };
         let cmd = if self.rng.chance(0.2) {

@@ -8,7 +8,8 @@ use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::EntryMac;
 use shelfsync_shared::wire::{
     Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, Hold, HoldStatus,
-    HoldsSnapshot, IncomingLine, IncomingSnapshot, IncomingTransfer, JournalBatch, Retirement, Welcome, WireEntry, PROTOCOL_VERSION,
+    HoldsSnapshot, IncomingLine, IncomingSnapshot, IncomingTransfer, JournalBatch, Retirement, Welcome, WireEntry,
+    PROTOCOL_VERSION,
 };
 use shelfsync_shared::{EventFlag, EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
 use uuid::Uuid;
