@@ -273,6 +273,11 @@ impl Session for HubSession {
                 self.ping(gen::num(u)?);
                 Ok(())
             }
+            1 if u.arbitrary()? => {
+                let transfers = gen::vec_of(u, gen::incoming)?;
+                self.send_incoming(shelfsync_shared::wire::IncomingSnapshot { version: gen::num(u)?, transfers });
+                Ok(())
+            }
             1 => {
                 self.send_holds(HoldsSnapshot { version: gen::num(u)?, holds: gen::vec_of(u, gen::hold)? });
                 Ok(())
