@@ -195,15 +195,16 @@ fn invalid(e: impl std::fmt::Display) -> Refusal {
     Refusal::Invalid(e.to_string())
 }
 
-/// Writes the hub's counter changes of one store (`(sku, [deltas])` applied in order), with a
-/// journal event per delta, refreshing and reconciling each cell. Plans first: a refusal
-/// leaves nothing behind.
+/// The hub's counter changes at one store, each with its journal event.
 struct Booking<'a> {
     st: StoreIx,
     /// (sku, delta, kind, reason) in order.
     events: Vec<(&'a Sku, i64, EventKind, Option<String>)>,
 }
 
+/// Writes a booking under the hub's writer: one journal event per change (lines from
+/// `first_line`, id `id`), then each touched cell refreshed, announced and reconciled once.
+/// Plans first (entry bounds, sums): a refusal leaves nothing behind.
 fn book(cx: &mut Ctx<'_>, id: Uuid, first_line: u32, b: Booking<'_>) -> Result<Booked, Refusal> {
     let hub = cx.t.hub_writer.clone();
     let st = b.st;
