@@ -682,7 +682,7 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
         }));
     }
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    // A transfer's shipment answers the transfer (in transit, or as it stands on a retry).
+    // A transfer's shipment answers the transfer as shipped (a retry too).
     let body = match &outcome.transfer {
         Some(t) => t.to_json(),
         None => outcome.response.to_json(),
@@ -715,7 +715,7 @@ async fn post_restock(State(state): State<ApiState>, ApiJson(b): ApiJson<Restock
     tag = "admin",
     summary = "Ship units from one store to another (idempotent by id): they leave from at once and are incoming at to until received",
     request_body = TransferBody,
-    responses((status = 201, description = "Shipped: the transfer, in transit", body = crate::openapi::Transfer), (status = 200, description = "A retry: the transfer as it stands", body = crate::openapi::Transfer), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    responses((status = 201, description = "Shipped: the transfer, in transit", body = crate::openapi::Transfer), (status = 200, description = "A retry: the first answer", body = crate::openapi::Transfer), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn post_transfer(State(state): State<ApiState>, ApiJson(b): ApiJson<TransferBody>) -> Result<Response, ApiError> {

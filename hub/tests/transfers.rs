@@ -89,8 +89,9 @@ async fn a_transfer_is_incoming_until_received_and_the_shortfall_is_a_transit_lo
         v["lines"],
         json!([{"sku": "A", "shipped": 6, "received": null, "lost": null}, {"sku": "B", "shipped": 4, "received": null, "lost": null}])
     );
-    let (s, again) = call(&h, "POST", "/v1/transfers", &h.admin, Some(ship)).await;
-    assert_eq!((s, &again), (StatusCode::OK, &v), "a retry answers the transfer as it stands");
+    let (s, again) = call(&h, "POST", "/v1/transfers", &h.admin, Some(ship.clone())).await;
+    assert_eq!((s, &again), (StatusCode::OK, &v), "a retry answers the first answer");
+    let shipped = v;
 
     // Gone from a at once; incoming at b, never available, not on hand.
     let (a, b) = (at(&h, "store-a", "A").await, at(&h, "store-b", "A").await);
@@ -193,6 +194,13 @@ async fn a_transfer_is_incoming_until_received_and_the_shortfall_is_a_transit_lo
     let (s, v) = call(&h, "POST", &format!("/v1/transfers/{id}/cancel"), &h.admin, None).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::CONFLICT, Some("invalid_state")), "{v}");
     assert_eq!(at(&h, "store-b", "A").await["on_hand"], 5, "nothing was booked twice");
+    let (s, again) = call(&h, "POST", "/v1/transfers", &h.admin, Some(ship)).await;
+    assert_eq!(
+        (s, &again),
+        (StatusCode::OK, &shipped),
+        "a late retry of the shipment: its first answer, nothing shipped"
+    );
+    assert_eq!(at(&h, "store-a", "A").await["on_hand"], 4);
 
     // The feed says what happened.
     let (_, feed) = call(&h, "GET", &format!("/v1/changes?after={cursor}&limit=1000"), &h.viewer, None).await;

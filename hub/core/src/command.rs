@@ -245,7 +245,8 @@ pub struct HubChanged {
     pub holds_changed: Vec<StoreId>,
     /// The hub counter sequence head after the change.
     pub counter_head: u64,
-    /// A transfer's shipment: the transfer as it stands.
+    /// A transfer's shipment: the transfer as shipped (also on a retry, whatever became of it
+    /// since).
     pub transfer: Option<crate::transfers::Transfer>,
 }
 

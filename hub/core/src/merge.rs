@@ -187,7 +187,7 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
             stores: Vec::new(),
             holds_changed: Vec::new(),
             counter_head: cx.t.counter_seq,
-            transfer: cx.t.transfers.get(&req.id).cloned(),
+            transfer: cx.t.transfers.get(&req.id).and_then(crate::transfers::Transfer::as_shipped),
         });
     }
     if let HubChange::Transfer { from, to, lines } = &req.change {

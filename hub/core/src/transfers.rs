@@ -90,6 +90,24 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// The transfer as its shipment answered (a retry of the shipment gets this again):
+    /// in transit, nothing received. `None` for a transfer recorded before transfers travelled
+    /// (its first answer is its stored restock-style answer).
+    pub fn as_shipped(&self) -> Option<Transfer> {
+        if self.legacy {
+            return None;
+        }
+        let mut t = self.clone();
+        t.status = TransferStatus::InTransit;
+        t.received_at_ms = None;
+        t.cancelled_at_ms = None;
+        t.closed_by = None;
+        for l in &mut t.lines {
+            l.received = None;
+        }
+        Some(t)
+    }
+
     /// The API's JSON shape (times as RFC 3339; per line `lost` once received).
     pub fn to_json(&self) -> Value {
         let lines: Vec<Value> = self
