@@ -58,6 +58,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_stock))
         .routes(routes!(get_status))
         .routes(routes!(get_holds))
+        .routes(routes!(get_incoming))
         .routes(routes!(get_catalog))
         .routes(routes!(put_overrides))
         .routes(routes!(post_fulfil))
@@ -537,6 +538,18 @@ async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Va
 )]
 async fn get_holds(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let items = crate::holds::list(&state.db).await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+#[utoipa::path(
+    get,
+    path = "/incoming",
+    summary = "Transfers on their way here from other stores (head office receives them), oldest first",
+    responses((status = 200, description = "Transfers in transit to this store", body = crate::openapi::IncomingList), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security((), ("bearer" = []))
+)]
+async fn get_incoming(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let items = crate::incoming::list(&state.db).await?;
     Ok(Json(json!({ "items": items })))
 }
 

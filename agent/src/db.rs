@@ -50,6 +50,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::lineage::MIGRATION,
     // 5: counts ordered by occurred_at (the anchor of each counted SKU).
     crate::counts::MIGRATION,
+    // 6: transfers on their way to this store, pushed down by the hub.
+    crate::incoming::MIGRATION,
 ];
 
 /// Who this database is. The writer changes when the agent retires a forked one

@@ -530,6 +530,8 @@ pub struct StockView {
     pub held: u64,
     /// `on_hand − held`.
     pub sellable: i64,
+    /// Units on their way here from other stores (not on hand, not sellable).
+    pub incoming: u64,
     /// The catalog's name for it, if the store has a catalog that lists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -537,22 +539,27 @@ pub struct StockView {
 
 fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
     let f = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
+    let incoming = crate::incoming::incoming(conn, &sku)?;
     Ok(StockView {
         name: shelfsync_node::catalog::name_of(conn, &sku)?,
         sku,
         on_hand,
         held: f.held,
         sellable: f.sellable(),
+        incoming,
     })
 }
 
-/// One SKU's stock, or `None` if it is unknown here: neither in the store's catalog nor ever
-/// stocked (the hub answers the same way: known means catalogued or stocked somewhere).
+/// One SKU's stock, or `None` if it is unknown here: neither in the store's catalog, nor ever
+/// stocked, nor on its way (the hub answers the same way: known means catalogued or stocked).
 pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
     db.read(move |conn| {
         let on_hand = match db::on_hand(conn, &sku)? {
             Some(n) => Some(n),
-            None => shelfsync_node::catalog::standing(conn, &sku)?.filter(|(listed, _)| *listed).map(|_| 0),
+            None => {
+                let listed = shelfsync_node::catalog::standing(conn, &sku)?.is_some_and(|(listed, _)| listed);
+                (listed || crate::incoming::incoming(conn, &sku)? > 0).then_some(0)
+            }
         };
         on_hand.map(|on_hand| view(conn, sku, on_hand)).transpose()
     })
@@ -562,7 +569,12 @@ pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
 /// A page of stock in SKU order, starting after `after`.
 pub async fn stock_page(db: &Db, after: Option<Sku>, limit: usize) -> Result<Vec<StockView>, DbError> {
     db.read(move |conn| {
-        let mut stmt = conn.prepare_cached("SELECT sku, on_hand FROM stock WHERE sku > ?1 ORDER BY sku LIMIT ?2")?;
+        // SKUs on hand, and SKUs only on their way here.
+        let mut stmt = conn.prepare_cached(
+            "SELECT sku, on_hand FROM stock WHERE sku > ?1
+             UNION SELECT DISTINCT sku, 0 FROM incoming WHERE sku > ?1 AND sku NOT IN (SELECT sku FROM stock)
+             ORDER BY sku LIMIT ?2",
+        )?;
         let after = after.map(String::from).unwrap_or_default();
         let rows =
             stmt.query_map(params![after, limit as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;

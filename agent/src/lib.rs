@@ -22,6 +22,7 @@ pub mod counts;
 pub mod db;
 pub mod guard;
 pub mod holds;
+pub mod incoming;
 pub mod ledger;
 pub mod lineage;
 pub mod metrics;

@@ -309,14 +309,15 @@ fn print_human(v: &Value) {
             );
         }
     } else if let Some(items) = v.get("items").and_then(Value::as_array) {
-        println!("{:<24} {:>10} {:>8} {:>10}", "SKU", "ON_HAND", "HELD", "SELLABLE");
+        println!("{:<24} {:>10} {:>8} {:>10} {:>10}", "SKU", "ON_HAND", "HELD", "SELLABLE", "INCOMING");
         for i in items {
             println!(
-                "{:<24} {:>10} {:>8} {:>10}",
+                "{:<24} {:>10} {:>8} {:>10} {:>10}",
                 s(i, "sku").unwrap_or_default(),
                 s(i, "on_hand").unwrap_or_default(),
                 s(i, "held").unwrap_or_default(),
-                s(i, "sellable").unwrap_or_default()
+                s(i, "sellable").unwrap_or_default(),
+                s(i, "incoming").unwrap_or_default()
             );
         }
         if let Some(next) = v.get("next").and_then(Value::as_str) {

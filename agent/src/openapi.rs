@@ -130,6 +130,8 @@ pub struct Stock {
     pub on_hand: i64,
     pub held: u64,
     pub sellable: i64,
+    /// Units on their way here from other stores (not on hand, not sellable).
+    pub incoming: u64,
     /// The catalog's name, when the store's catalog lists it.
     #[schema(nullable = false)]
     pub name: Option<String>,
@@ -140,6 +142,31 @@ pub struct Stock {
 pub struct StockPage {
     pub items: Vec<Stock>,
     pub next: Option<String>,
+}
+
+/// One SKU of a transfer on its way here.
+#[derive(Serialize, ToSchema)]
+pub struct IncomingLine {
+    pub sku: String,
+    pub qty: u64,
+}
+
+/// A transfer on its way here.
+#[derive(Serialize, ToSchema)]
+pub struct Incoming {
+    /// The transfer id (head office receives it by this id).
+    pub id: uuid::Uuid,
+    /// The store that shipped it.
+    pub from: String,
+    pub lines: Vec<IncomingLine>,
+    /// RFC 3339.
+    pub shipped_at: String,
+}
+
+/// `GET /v1/incoming`.
+#[derive(Serialize, ToSchema)]
+pub struct IncomingList {
+    pub items: Vec<Incoming>,
 }
 
 /// `GET /v1/holds`.

@@ -516,6 +516,11 @@ impl EffectHost<AgentSession> for AgentHost {
             Effect::ApplyHolds { snapshot } => {
                 crate::holds::apply_snapshot(&self.db, snapshot).await.map_err(|e| internal("storing holds", e))?;
             }
+            Effect::ApplyIncoming { snapshot } => {
+                crate::incoming::apply_snapshot(&self.db, snapshot)
+                    .await
+                    .map_err(|e| internal("storing incoming transfers", e))?;
+            }
             Effect::LookupPeer { .. } | Effect::DigestCompared { .. } | Effect::Pong { .. } => {}
         }
         Ok(())

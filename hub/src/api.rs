@@ -77,6 +77,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_overview))
         .routes(routes!(get_catalog_item))
         .routes(routes!(get_changes))
+        .routes(routes!(get_transfers))
+        .routes(routes!(get_transfer))
         .routes(routes!(crate::feed::get_events))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
     let storefront = OpenApiRouter::new()
@@ -90,6 +92,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(post_restock_batch))
         .routes(routes!(post_adjustment))
         .routes(routes!(post_transfer))
+        .routes(routes!(post_transfer_receive))
+        .routes(routes!(post_transfer_cancel))
         .routes(routes!(put_catalog_item, patch_catalog_item))
         .routes(routes!(post_catalog_import).layer(DefaultBodyLimit::max(CATALOG_IMPORT_MAX_BYTES)))
         .routes(routes!(get_tokens, post_token))
@@ -234,6 +238,7 @@ struct StoreAvailability {
     store: StoreId,
     on_hand: i64,
     held: u64,
+    incoming: u64,
     safety_stock: u64,
     raw_available: u64,
     staleness_discount: u64,
@@ -249,6 +254,7 @@ struct SkuAvailability {
     known: bool,
     on_hand: i64,
     held: u64,
+    incoming: u64,
     raw_available: u64,
     available: u64,
     stores: Vec<StoreAvailability>,
@@ -267,6 +273,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                     store: f.store,
                     on_hand: f.on_hand,
                     held: f.held,
+                    incoming: f.incoming,
                     safety_stock: f.safety_stock,
                     raw_available: f.raw_available,
                     staleness_discount: f.staleness_discount,
@@ -278,6 +285,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
             SkuAvailability {
                 on_hand: stores.iter().map(|s| s.on_hand).fold(0i64, i64::saturating_add),
                 held: stores.iter().map(|s| s.held).fold(0u64, u64::saturating_add),
+                incoming: stores.iter().map(|s| s.incoming).fold(0u64, u64::saturating_add),
                 raw_available: stores.iter().map(|s| s.raw_available).fold(0u64, u64::saturating_add),
                 available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
                 stores,
@@ -359,6 +367,7 @@ async fn get_availability_batch(
             item.stores.retain(|s| s.store == store);
             item.on_hand = item.stores.iter().map(|s| s.on_hand).sum();
             item.held = item.stores.iter().map(|s| s.held).sum();
+            item.incoming = item.stores.iter().map(|s| s.incoming).sum();
             item.raw_available = item.stores.iter().map(|s| s.raw_available).sum();
             item.available = item.stores.iter().map(|s| s.available).sum();
         }
@@ -457,7 +466,7 @@ async fn get_store_stock(
         .into_iter()
         .map(|r| {
             let (held, available) = figs.get(&r.sku).copied().unwrap_or((0, 0));
-            json!({"sku": r.sku, "on_hand": r.on_hand, "held": held, "available": available})
+            json!({"sku": r.sku, "on_hand": r.on_hand, "held": held, "incoming": r.incoming, "available": available})
         })
         .collect();
     Ok(Json(json!({"store": store, "items": items, "next": next})))
@@ -841,7 +850,12 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
         }));
     }
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(outcome.response.to_json())).into_response())
+    // A transfer's shipment answers the transfer as shipped (a retry too).
+    let body = match &outcome.transfer {
+        Some(t) => t.to_json(),
+        None => outcome.response.to_json(),
+    };
+    Ok((status, Json(body)).into_response())
 }
 
 #[utoipa::path(
@@ -874,10 +888,10 @@ async fn post_restock(
     post,
     path = "/v1/transfers",
     tag = "admin",
-    summary = "Move units between stores (idempotent by key: the body's id or Idempotency-Key)",
+    summary = "Ship units from one store to another (idempotent by key: the body's id or Idempotency-Key): they leave from at once and are incoming at to until received",
     params(("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of (or equal to) the body's id: 1..128 printable ASCII")),
     request_body = TransferBody,
-    responses((status = 201, description = "Recorded", body = crate::openapi::HubChange), (status = 200, description = "A retry: the first answer", body = crate::openapi::HubChange), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    responses((status = 201, description = "Shipped: the transfer, in transit", body = crate::openapi::Transfer), (status = 200, description = "A retry: the first answer", body = crate::openapi::Transfer), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 409, description = "The id was used for another request, or not enough at from", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn post_transfer(
@@ -898,6 +912,184 @@ async fn post_transfer(
         reason: b.reason,
     };
     hub_change(&state, req).await
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ReceiveBody {
+    /// Units that arrived per shipped SKU (every shipped SKU, qty 0 when none did); absent:
+    /// everything shipped arrived.
+    lines: Option<Vec<LineBody>>,
+}
+
+/// The lines of a receipt: every shipped SKU once, 0..=shipped units (checked by the decider).
+fn parse_receipt_lines(lines: &[LineBody]) -> Result<Vec<QtyLine>, ApiError> {
+    if lines.len() > LINES_MAX {
+        return Err(ApiError::invalid(format!("lines has {} entries; the limit is {LINES_MAX}", lines.len())));
+    }
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let sku = parse_sku(&format!("lines[{i}].sku"), &l.sku)?;
+            if l.qty < 0 || l.qty as u64 > LINE_QTY_MAX {
+                return Err(ApiError::invalid(format!(
+                    "lines[{i}].qty must be between 0 and {LINE_QTY_MAX}, got {}",
+                    l.qty
+                )));
+            }
+            Ok(QtyLine { sku, qty: l.qty as u64 })
+        })
+        .collect()
+}
+
+fn transfer_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(shelfsync_node::http::request_key(None, headers)?.map(|k| k.as_str().to_owned()))
+}
+
+async fn transfer_changed(
+    state: &ApiState,
+    r: Result<crate::storage::TransferOutcome, StorageError>,
+) -> Result<Response, ApiError> {
+    let outcome = r?;
+    let c = &outcome.changed;
+    state.hub.holds_changed(&c.holds_changed);
+    if c.created {
+        Metrics::inc(&state.hub.metrics.hub_changes_total);
+        state.hub.notify(&c.stores, outcome.heads);
+        state.hub.stock_changed(c.lines.iter().map(|l| crate::state::StockChange {
+            store: l.store.clone(),
+            sku: l.sku.clone(),
+            on_hand: l.on_hand,
+        }));
+    }
+    tracing::debug!(transfer = %c.transfer.id, status = c.transfer.status.as_str(), created = c.created, "transfer closed");
+    Ok(Json(c.transfer.to_json()).into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/transfers/{id}/receive",
+    tag = "admin",
+    summary = "Receive a transfer at its destination: on_hand gains what was shipped, and what did not arrive is booked there as a transit_loss adjustment (once; an identical retry answers the same)",
+    params(("id" = String, Path, description = "Transfer id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Optional; the same key with another body is 409 idempotency_conflict")),
+    request_body = ReceiveBody,
+    responses((status = 200, description = "The transfer, received", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 409, description = "Received already with other quantities, or cancelled", body = crate::openapi::Error), (status = 422, description = "Invalid request (more than shipped, a SKU not shipped or missing)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_transfer_receive(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let key = transfer_key(&headers)?;
+    // The body is optional: none (or `{}`) receives everything shipped.
+    let b: ReceiveBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReceiveBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+        })?
+    };
+    let lines = b.lines.as_deref().map(parse_receipt_lines).transpose()?;
+    let r = state.hub.storage.receive_transfer(id, lines, key, shelfsync_node::now_ms()).await;
+    transfer_changed(&state, r).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/transfers/{id}/cancel",
+    tag = "admin",
+    summary = "Cancel a transfer in transit: its units go back to the source (a retry answers the same)",
+    params(("id" = String, Path, description = "Transfer id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Optional")),
+    responses((status = 200, description = "The transfer, cancelled", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 409, description = "Received already", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn post_transfer_cancel(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let key = transfer_key(&headers)?;
+    let r = state.hub.storage.cancel_transfer(id, key, shelfsync_node::now_ms()).await;
+    transfer_changed(&state, r).await
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/transfers/{id}",
+    tag = "viewer",
+    summary = "A transfer",
+    params(("id" = String, Path, description = "Transfer id (UUID)")),
+    responses((status = 200, description = "The transfer", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_transfer(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    match state.hub.storage.transfer(id).await? {
+        Some(t) => Ok(Json(t.to_json())),
+        None => Err(ApiError::not_found(format!("no transfer {id}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferQuery {
+    store: Option<String>,
+    status: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Largest page of `/v1/transfers`.
+pub const TRANSFERS_PAGE_MAX: usize = 1000;
+
+#[utoipa::path(
+    get,
+    path = "/v1/transfers",
+    tag = "viewer",
+    summary = "Transfers, newest first, a page at a time (by store, from or to; by status)",
+    params(
+        ("store" = Option<String>, Query, description = "Only transfers from or to this store"),
+        ("status" = Option<String>, Query, description = "in_transit, received or cancelled"),
+        ("after" = Option<String>, Query, description = "The previous page's next (a transfer id)"),
+        ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")
+    ),
+    responses((status = 200, description = "A page", body = crate::openapi::TransferPage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    security(("bearer" = []))
+)]
+async fn get_transfers(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<TransferQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(q.limit, 100, TRANSFERS_PAGE_MAX)?;
+    let store =
+        q.store.as_deref().map(|s| parse_store("store", s).map_err(|e| e.with("parameter", "store"))).transpose()?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(shelfsync_hub_core::TransferStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("status must be in_transit, received or cancelled; got {}", quote(s)))
+                .with("parameter", "status")
+        })?),
+    };
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(a) => {
+            let id = parse_id(a).map_err(|e| e.with("parameter", "after"))?;
+            if state.hub.storage.transfer(id).await?.is_none() {
+                return Err(ApiError::invalid(format!("after names no transfer: {id}")).with("parameter", "after"));
+            }
+            Some(id)
+        }
+    };
+    let filter = shelfsync_hub_core::TransferFilter { store, status, after, limit: limit + 1 };
+    let (rows, next) = page(state.hub.storage.transfers(filter).await?, limit, |t| t.id);
+    let items: Vec<Value> = rows.iter().map(|t| t.to_json()).collect();
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -42,7 +42,7 @@ use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::MacKey;
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
-use shelfsync_shared::wire::{Delta, HoldsSnapshot, JournalBatch, Retirement};
+use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement};
 use shelfsync_shared::{EventFlag, Incarnation, NodeId, Sku, StoreId, WriterId};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
@@ -685,7 +685,54 @@ impl Engine {
             // Read after the commit, which published the journal events this change wrote.
             heads: HubHeads { counter: outcome.counter_head, journal: self.db.journal_head() },
             holds_changed: outcome.holds_changed,
+            transfer: outcome.transfer,
         })
+    }
+
+    /// Receives a transfer at its destination (`lines`: what arrived; `None`: everything).
+    pub async fn receive_transfer(
+        &self,
+        id: Uuid,
+        lines: Option<Vec<QtyLine>>,
+        key: Option<String>,
+        now_ms: i64,
+    ) -> StorageResult<TransferOutcome> {
+        self.transfer_command(Command::ReceiveTransfer { id, lines, key }, now_ms).await
+    }
+
+    /// Cancels a transfer in transit: its units go back to the source.
+    pub async fn cancel_transfer(&self, id: Uuid, key: Option<String>, now_ms: i64) -> StorageResult<TransferOutcome> {
+        self.transfer_command(Command::CancelTransfer { id, key }, now_ms).await
+    }
+
+    async fn transfer_command(&self, cmd: Command, now_ms: i64) -> StorageResult<TransferOutcome> {
+        let changed = self
+            .run(move |st, _| match st.decide(cmd, now_ms)? {
+                Done::TransferChanged(c) => Ok(c),
+                other => Err(unexpected(other)),
+            })
+            .await??;
+        // Read after the commit, which published the journal events this change wrote.
+        let heads = HubHeads { counter: changed.counter_head, journal: self.db.journal_head() };
+        Ok(TransferOutcome { changed, heads })
+    }
+
+    /// One transfer.
+    pub async fn transfer(&self, id: Uuid) -> StorageResult<Option<shelfsync_hub_core::Transfer>> {
+        self.run(move |st, _| st.d.transfer(id)).await
+    }
+
+    /// Transfers, newest first, filtered.
+    pub async fn transfers(
+        &self,
+        filter: shelfsync_hub_core::TransferFilter,
+    ) -> StorageResult<Vec<shelfsync_hub_core::Transfer>> {
+        self.run(move |st, _| st.d.transfers(&filter)).await
+    }
+
+    /// The transfers on their way to a store, as pushed to its agent.
+    pub async fn incoming_snapshot(&self, store: StoreId) -> StorageResult<IncomingSnapshot> {
+        self.run(move |st, _| st.d.incoming_snapshot(&store)).await
     }
 
     /// Reserves all lines or none (idempotent by reservation id).
@@ -950,6 +997,7 @@ impl Engine {
             skus.iter()
                 .flat_map(|sku| {
                     st.d.stock_of(sku).into_iter().map(|(store, on_hand)| StoreStock {
+                        incoming: st.d.incoming(&store, sku),
                         store,
                         sku: sku.clone(),
                         on_hand,
@@ -974,7 +1022,7 @@ impl Engine {
                     None => Err(Refusal::UnknownStore(store).into()),
                     Some(rows) => Ok(rows
                         .into_iter()
-                        .map(|(sku, on_hand)| StoreStock { store: store.clone(), sku, on_hand })
+                        .map(|(sku, on_hand, incoming)| StoreStock { store: store.clone(), sku, on_hand, incoming })
                         .collect()),
                 })
                 .await?

@@ -56,6 +56,8 @@ pub struct StoreAvailability {
     pub store: String,
     pub on_hand: i64,
     pub held: u64,
+    /// Units on their way here (transfers in transit); never part of available.
+    pub incoming: u64,
     pub safety_stock: u64,
     pub raw_available: u64,
     pub staleness_discount: u64,
@@ -75,6 +77,8 @@ pub struct SkuAvailability {
     pub known: bool,
     pub on_hand: i64,
     pub held: u64,
+    /// Units on their way between stores (transfers in transit).
+    pub incoming: u64,
     pub raw_available: u64,
     /// What the storefront may promise.
     pub available: u64,
@@ -131,6 +135,8 @@ pub struct StockRow {
     pub sku: String,
     pub on_hand: i64,
     pub held: u64,
+    /// Units on their way here (transfers in transit); never part of available.
+    pub incoming: u64,
     pub available: u64,
 }
 
@@ -254,6 +260,41 @@ pub struct AdjustmentPage {
     pub next: Option<u64>,
     /// Per reason code present, in the documented order, over every page of the filter.
     pub totals: Vec<ReasonTotal>,
+/// One SKU of a transfer.
+#[derive(Serialize, ToSchema)]
+pub struct TransferLine {
+    pub sku: String,
+    /// Units that left the source.
+    pub shipped: u64,
+    /// Units that arrived; null until received.
+    pub received: Option<u64>,
+    /// shipped − received, booked at the destination as a transit_loss adjustment; null until
+    /// received.
+    pub lost: Option<u64>,
+}
+
+/// A transfer between two stores.
+#[derive(Serialize, ToSchema)]
+pub struct Transfer {
+    pub id: uuid::Uuid,
+    pub from: String,
+    pub to: String,
+    /// in_transit, received or cancelled.
+    pub status: String,
+    pub reason: Option<String>,
+    /// One per SKU.
+    pub lines: Vec<TransferLine>,
+    pub shipped_at: String,
+    pub received_at: Option<String>,
+    pub cancelled_at: Option<String>,
+}
+
+/// `GET /v1/transfers`: newest first.
+#[derive(Serialize, ToSchema)]
+pub struct TransferPage {
+    pub items: Vec<Transfer>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
 }
 
 /// Units of a line promised at one store.

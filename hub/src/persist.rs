@@ -10,6 +10,7 @@
 //! | `Feed`                         | `feed` (cursor → event)                          |
 //! | reservations, allocations, conflicts, velocity, alerts, idempotent answers | `decisions` (kind, key → JSON row) |
 //! | `CatalogRule`, `Overrides`     | none: the catalog's materialised rows (`catalog_items`, `catalog_overrides`) are written by the catalog code in the same transaction, and read back as rules |
+//! | `Transfer`                     | `transfers` (id, stores, status, ship time; the row as JSON) |
 //! | `HubWriter`, `IdCounter`       | `meta`                                           |
 
 use rusqlite::{params, Connection};
@@ -43,6 +44,16 @@ fn put(conn: &Connection, kind: &str, key: &str, body: String) -> StorageResult<
 fn cell_key(store: &StoreId, sku: &Sku) -> String {
     format!("{store}\u{1f}{sku}")
 }
+
+/// Schema (migration 8 of the hub database): transfers between stores, typed columns for what
+/// people query (who, which state, when) and the decider's row as JSON. Transfers recorded
+/// before it exist only as their `hub_request` answers; the decider reads those as received.
+pub const TRANSFERS_MIGRATION: &str = "
+    CREATE TABLE transfers (
+        id TEXT PRIMARY KEY, from_store TEXT NOT NULL, to_store TEXT NOT NULL, status TEXT NOT NULL,
+        shipped_at_ms INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+    CREATE INDEX transfers_to_status ON transfers(to_store, status);
+    CREATE INDEX transfers_from ON transfers(from_store);";
 
 /// Writes one batch of records (inside the caller's transaction).
 pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
@@ -88,6 +99,21 @@ pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
             Record::Conflict(x) => put(conn, "conflict", &x.id.to_string(), json(x))?,
             Record::HubRequest(x) => put(conn, "hub_request", &x.id.to_string(), json(x))?,
             Record::ActionRequest(x) => put(conn, "action_request", &x.key, json(x))?,
+            Record::Transfer(x) => {
+                conn.prepare_cached(
+                    "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+                )?
+                .execute(params![
+                    x.id.to_string(),
+                    x.from.as_str(),
+                    x.to.as_str(),
+                    x.status.as_str(),
+                    x.shipped_at_ms,
+                    json(x)
+                ])?;
+            }
             Record::Feed(e) => {
                 conn.prepare_cached("INSERT INTO feed (cursor, kind, at_ms, body) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![e.cursor, e.kind.as_str(), e.at_ms, json(e)])?;
@@ -197,6 +223,10 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
             "action_request" => Record::ActionRequest(parse(&kind, &key, &body)?),
             other => return Err(StorageError::Corrupt(format!("unknown decisions kind {other:?}"))),
         })
+    })?;
+    each_row(conn, "SELECT id, body FROM transfers", &mut out, |r| {
+        let (id, body): (String, String) = (r.get(0)?, r.get(1)?);
+        Ok(Record::Transfer(parse("transfer", &id, &body)?))
     })?;
     let mut events = feed_rows(conn, "SELECT body FROM feed ORDER BY cursor DESC LIMIT ?1", [feed_retain as i64])?;
     events.reverse();

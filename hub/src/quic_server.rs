@@ -354,6 +354,14 @@ impl HubHost {
         let snapshot =
             self.hub.storage.holds_snapshot(self.store.clone()).await.map_err(|e| internal("reading holds", e))?;
         session.send_holds(snapshot);
+        // Transfers on their way here travel with the holds (same version, same wake-up).
+        let incoming = self
+            .hub
+            .storage
+            .incoming_snapshot(self.store.clone())
+            .await
+            .map_err(|e| internal("reading incoming transfers", e))?;
+        session.send_incoming(incoming);
         Ok(())
     }
 }
@@ -503,7 +511,7 @@ impl EffectHost<HubSession> for HubHost {
                     hub.storage.digest(store.clone()).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(now(), digest, head)?;
             }
-            Effect::ApplyHolds { .. } | Effect::CheckLineage { .. } => {}
+            Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. } | Effect::CheckLineage { .. } => {}
             Effect::DigestCompared { matched } => {
                 if matched {
                     Metrics::inc(&hub.metrics.digests_matched_total);

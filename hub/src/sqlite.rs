@@ -117,6 +117,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::persist::MIGRATION,
     // 7: a store's adjustments by when they happened (the shrink report), only those rows.
     "CREATE INDEX journal_adjustments ON journal(store, occurred_at_ms, seq) WHERE kind = 'adjustment';",
+    // 8: transfers between stores (shipped, received, cancelled).
+    crate::persist::TRANSFERS_MIGRATION,
 ];
 
 /// The reason code of a stored reason string, in SQL (`code` or `code: note`; the caller folds

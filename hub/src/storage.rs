@@ -138,8 +138,20 @@ pub struct HubChangeOutcome {
     pub stores: Vec<StoreId>,
     /// Heads after the commit.
     pub heads: HubHeads,
-    /// Stores whose holds changed (a transfer can oversell its source).
+    /// Stores whose holds changed (a transfer can oversell its source), or whose incoming
+    /// transfers did (a shipment's destination).
     pub holds_changed: Vec<StoreId>,
+    /// A transfer's shipment: the transfer.
+    pub transfer: Option<shelfsync_hub_core::Transfer>,
+}
+
+/// Outcome of receiving or cancelling a transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferOutcome {
+    /// What the decider did.
+    pub changed: shelfsync_hub_core::TransferChanged,
+    /// Heads after the commit.
+    pub heads: HubHeads,
 }
 
 /// One store's row of a SKU's stock.
@@ -151,6 +163,8 @@ pub struct StoreStock {
     pub sku: Sku,
     /// Σp − Σn.
     pub on_hand: i64,
+    /// Units on their way to the store (transfers in transit).
+    pub incoming: u64,
 }
 
 /// A registered store.

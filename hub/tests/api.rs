@@ -90,10 +90,14 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
     assert_eq!(v["on_hand"], 5, "the replay changed nothing: {v}");
     assert_eq!(v["stores"][0]["connected"], false);
 
-    let tr = json!({"id": Uuid::now_v7(), "from": "store-a", "to": "store-b", "lines": [{"sku": "A", "qty": 3}]});
+    // A transfer ships now and arrives when received.
+    let tr_id = Uuid::now_v7();
+    let tr = json!({"id": tr_id, "from": "store-a", "to": "store-b", "lines": [{"sku": "A", "qty": 3}]});
     let (s, v) = h.call("POST", "/v1/transfers", t, Some(tr)).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    assert_eq!(v["lines"].as_array().unwrap().len(), 2);
+    assert_eq!((s, v["status"].as_str()), (StatusCode::CREATED, Some("in_transit")), "{v}");
+    assert_eq!(v["lines"].as_array().unwrap().len(), 1);
+    let (s, v) = h.call("POST", &format!("/v1/transfers/{tr_id}/receive"), t, None).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("received")), "{v}");
     let (_, v) = h.call("GET", "/v1/availability?sku=A&sku=B", t, None).await;
     assert_eq!(v["items"][0]["on_hand"], 5);
     assert_eq!(v["items"][0]["stores"].as_array().unwrap().len(), 2);

@@ -23,8 +23,8 @@ use crate::lineage::{Boot, Checkpoint, HubLineage, BOOTS_MAX};
 use crate::mac::EntryMac;
 use crate::wire::{
     close_code, Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello,
-    HoldsSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX, DELTA_ENTRIES_MAX,
-    JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
+    HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX,
+    DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -216,6 +216,12 @@ pub enum Effect {
     ApplyHolds {
         /// The hub's holds for this store.
         snapshot: HoldsSnapshot,
+    },
+    /// Agent only: replace the store's incoming transfers with this snapshot (durably; no ack,
+    /// as for holds).
+    ApplyIncoming {
+        /// The transfers on their way to this store.
+        snapshot: IncomingSnapshot,
     },
     /// The hub compared digests (for metrics and logs).
     DigestCompared {
@@ -922,6 +928,18 @@ impl AgentSession {
                 self.link.effects.push_back(Effect::ApplyHolds { snapshot });
                 Ok(())
             }
+            FrameV1::Incoming(snapshot) => {
+                let empty =
+                    snapshot.transfers.iter().find(|t| t.lines.is_empty() || t.lines.iter().any(|l| l.qty == 0));
+                if let Some(t) = empty {
+                    return Err(SessionError::violation(format!(
+                        "incoming transfer {} has a line without units",
+                        t.id
+                    )));
+                }
+                self.link.effects.push_back(Effect::ApplyIncoming { snapshot });
+                Ok(())
+            }
             FrameV1::Ping(nonce) => {
                 self.link.send(StreamKind::State, FrameV1::Pong(nonce));
                 Ok(())
@@ -1181,6 +1199,14 @@ impl HubSession {
         }
     }
 
+    /// Sends the transfers on their way to the store (after `Established` and whenever they
+    /// change).
+    pub fn send_incoming(&mut self, snapshot: IncomingSnapshot) {
+        if self.is_established() {
+            self.link.send(StreamKind::State, FrameV1::Incoming(snapshot));
+        }
+    }
+
     /// The agent's `Hello`, once received.
     pub fn hello(&self) -> Option<&Hello> {
         self.hello.as_ref()
@@ -1279,5 +1305,6 @@ fn frame_name(f: &FrameV1) -> &'static str {
         FrameV1::Catalog(_) => "catalog",
         FrameV1::Ping(_) => "ping",
         FrameV1::Pong(_) => "pong",
+        FrameV1::Incoming(_) => "incoming",
     }
 }

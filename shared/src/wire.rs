@@ -12,8 +12,9 @@ use crate::mac::EntryMac;
 use crate::qty::REASON_MAX_LEN;
 
 /// The protocol version exchanged in `Hello`/`Welcome`. Version 2 added writer lineage,
-/// retirement reports, authenticated hub entries and liveness probes.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// retirement reports, authenticated hub entries and liveness probes; version 3 the store's
+/// incoming transfers (`Incoming`), a frame a version-2 agent could not decode.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Most retirement reports in one `Hello`.
 pub const RETIRED_MAX: usize = 16;
 /// TLS application protocol name.
@@ -32,6 +33,10 @@ pub const MESSAGE_MAX_LEN: usize = 1024;
 pub const DELTA_FULFILLED_MAX: usize = 1024;
 /// Most holds in one holds snapshot.
 pub const HOLDS_MAX: usize = 4096;
+/// Most transfers in one incoming snapshot.
+pub const INCOMING_TRANSFERS_MAX: usize = 1024;
+/// Most lines, over all its transfers, in one incoming snapshot.
+pub const INCOMING_LINES_MAX: usize = 4096;
 /// Most bytes of an automerge sync message in one catalog frame (larger messages are split).
 pub const CATALOG_PART_MAX: usize = 512 * 1024;
 /// Most bytes of one reassembled automerge sync message.
@@ -111,6 +116,9 @@ pub enum FrameV1 {
     Ping(u64),
     /// Agent → hub: the answer to `Ping`.
     Pong(u64),
+    /// Hub → agent: every transfer on its way to this store (shipped, not yet received or
+    /// cancelled), replacing the previous snapshot (state stream; protocol version 3).
+    Incoming(IncomingSnapshot),
 }
 
 /// Which replicated document a catalog frame is about.
@@ -186,6 +194,38 @@ pub struct HoldsSnapshot {
     pub version: u64,
     /// The holds.
     pub holds: Vec<Hold>,
+}
+
+/// One SKU of a transfer on its way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingLine {
+    /// What.
+    pub sku: Sku,
+    /// Units shipped (at least 1).
+    pub qty: u64,
+}
+
+/// A transfer shipped to this store by another, not yet received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingTransfer {
+    /// The transfer id (the hub's `POST /v1/transfers/{id}/receive` takes it).
+    pub id: uuid::Uuid,
+    /// The store that shipped it.
+    pub from: StoreId,
+    /// What is on its way.
+    pub lines: Vec<IncomingLine>,
+    /// When it was shipped (ms).
+    pub shipped_at_ms: i64,
+}
+
+/// Every transfer on its way to a store, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingSnapshot {
+    /// Increases with every change at the hub (shared with the holds snapshot's).
+    pub version: u64,
+    /// The transfers, at most [`INCOMING_TRANSFERS_MAX`] with at most [`INCOMING_LINES_MAX`]
+    /// lines in all.
+    pub transfers: Vec<IncomingTransfer>,
 }
 
 /// First frame of an agent.
@@ -456,6 +496,11 @@ impl Frame {
             }
             FrameV1::Error(e) => limit("error message bytes", e.message.len(), MESSAGE_MAX_LEN)?,
             FrameV1::Holds(h) => limit("holds", h.holds.len(), HOLDS_MAX)?,
+            FrameV1::Incoming(i) => {
+                limit("incoming transfers", i.transfers.len(), INCOMING_TRANSFERS_MAX)?;
+                let lines: usize = i.transfers.iter().map(|t| t.lines.len()).sum();
+                limit("incoming lines", lines, INCOMING_LINES_MAX)?;
+            }
             FrameV1::Catalog(c) => limit("catalog frame bytes", c.bytes.len(), CATALOG_PART_MAX)?,
             FrameV1::Hello(h) => {
                 limit("retired writers", h.retired.len(), RETIRED_MAX)?;
@@ -605,6 +650,25 @@ mod tests {
         );
     }
 
+    /// An incoming snapshot round-trips and its limits hold both ways.
+    #[test]
+    fn incoming_snapshots_are_bounded() {
+        let t = |lines: usize| IncomingTransfer {
+            id: uuid::Uuid::from_u128(7),
+            from: "s2".parse().unwrap(),
+            lines: (0..lines).map(|_| IncomingLine { sku: "A".parse().unwrap(), qty: 3 }).collect(),
+            shipped_at_ms: 1,
+        };
+        let ok = Frame::V1(FrameV1::Incoming(IncomingSnapshot { version: 4, transfers: vec![t(2), t(1)] }));
+        let bytes = encode(&ok).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), Some((ok, bytes.len())));
+        let too_many = Frame::V1(FrameV1::Incoming(IncomingSnapshot {
+            version: 4,
+            transfers: (0..=INCOMING_LINES_MAX / 100).map(|_| t(100)).collect(),
+        }));
+        assert!(matches!(encode(&too_many), Err(CodecError::Limit(m)) if m.contains("incoming lines")));
+    }
+
     /// A peer of protocol version 1 (whose `Hello` had fewer fields) is told the version, not
     /// "malformed".
     #[test]
@@ -636,6 +700,6 @@ mod tests {
         assert_eq!(decode_body(&body), Err(CodecError::Version { found: 1 }));
         assert!(CodecError::Version { found: 1 }.to_string().contains("protocol version 1"));
         // Garbage is still just malformed.
-        assert!(matches!(decode_body(&[0, 0, 2]), Err(CodecError::Malformed(_))));
+        assert!(matches!(decode_body(&[0, 0, PROTOCOL_VERSION as u8]), Err(CodecError::Malformed(_))));
     }
 }

@@ -864,6 +864,7 @@ impl Sim {
             Effect::LookupPeer { .. }
             | Effect::DigestCompared { .. }
             | Effect::ApplyHolds { .. }
+            | Effect::ApplyIncoming { .. }
             | Effect::Pong { .. } => {
                 self.fail(format!("agent-{j}: agent got {effect:?}"));
             }
@@ -1178,7 +1179,9 @@ impl Sim {
                     }
                 }
             }
-            Effect::ApplyHolds { .. } | Effect::CheckLineage { .. } => self.fail(format!("hub got {effect:?}")),
+            Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. } | Effect::CheckLineage { .. } => {
+                self.fail(format!("hub got {effect:?}"))
+            }
             _ => {}
         }
         if let Err(e) = r {
@@ -2202,6 +2205,12 @@ fn foreign_writers_and_wrong_versions_are_refused() {
     assert!(err.message.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)), "{err}");
     assert!(error_sent(std::iter::from_fn(|| hub.poll_transmit()), close_code::VERSION_MISMATCH));
     assert_eq!(hub.poll_effect(), None, "no peer lookup for a refused hello");
+    // An agent of the previous version (2: no incoming transfers) is told so, never sent a frame
+    // it could not decode.
+    let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);
+    let err = hub.handle_frame(now, hello("s1", me.clone(), PROTOCOL_VERSION - 1)).unwrap_err();
+    assert_eq!(err.code, close_code::VERSION_MISMATCH);
+    assert!(err.message.contains(&format!("agent speaks protocol {}", PROTOCOL_VERSION - 1)), "{err}");
 
     // The certificate's store wins over the hello's.
     let mut hub = HubSession::new(SyncConfig::default(), "s1".parse().unwrap(), hub_writer.clone(), 0, 0);

@@ -86,6 +86,10 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         ("get", "/v1/stores/{id}/stock"),
         ("post", "/v1/restocks"),
         ("post", "/v1/transfers"),
+        ("get", "/v1/transfers"),
+        ("get", "/v1/transfers/{id}"),
+        ("post", "/v1/transfers/{id}/receive"),
+        ("post", "/v1/transfers/{id}/cancel"),
         ("post", "/v1/reservations"),
         ("get", "/v1/reservations"),
         ("get", "/v1/reservations/{id}"),
@@ -112,6 +116,7 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         ("get", "/v1/stock/{sku}"),
         ("get", "/v1/holds"),
         ("post", "/v1/holds/{id}/fulfil"),
+        ("get", "/v1/incoming"),
         ("get", "/v1/status"),
         ("get", "/healthz"),
         ("get", "/metrics"),
@@ -157,12 +162,13 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
         )
         .await;
     assert_eq!(s, 201);
+    let tid = Uuid::now_v7();
     let (s, _) = hub
         .call(
             Method::POST,
             "/v1/transfers",
             "/v1/transfers",
-            Some(json!({"id": Uuid::now_v7(), "from": "store-0", "to": "store-1", "lines": [{"sku": "DOC-1", "qty": 2}]})),
+            Some(json!({"id": tid, "from": "store-0", "to": "store-1", "lines": [{"sku": "DOC-1", "qty": 2}]})),
         )
         .await;
     assert_eq!(s, 201);
@@ -190,6 +196,40 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!((s, e["on_hand"].as_i64()), (409, Some(8)), "{e}");
     let nowhere = json!({"id": "doc-fix-3", "sku": "DOC-1", "delta": 1, "reason": "found"});
     assert_eq!(hub.call(Method::POST, adjust, "/v1/stores/store-9/adjustments", Some(nowhere)).await.0, 404);
+    let tpath = format!("/v1/transfers/{tid}");
+    assert_eq!(hub.call(Method::GET, "/v1/transfers/{id}", &tpath, None).await.0, 200);
+    let receive = format!("{tpath}/receive");
+    let (s, _) = hub
+        .call(
+            Method::POST,
+            "/v1/transfers/{id}/receive",
+            &receive,
+            Some(json!({"lines": [{"sku": "DOC-1", "qty": 2}]})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // A transfer the other way stays in transit until store-0's agent lists it, then is called off.
+    let back = Uuid::now_v7();
+    let body = json!({"id": back, "from": "store-1", "to": "store-0", "lines": [{"sku": "DOC-1", "qty": 1}]});
+    assert_eq!(hub.call(Method::POST, "/v1/transfers", "/v1/transfers", Some(body)).await.0, 201);
+    shelfsync_tests::procs::wait_until(
+        "the transfer at store-0's agent",
+        std::time::Duration::from_secs(30),
+        || async {
+            let (_, v) = agent.call(Method::GET, "/v1/incoming", "/v1/incoming", None).await;
+            (v["items"].as_array().unwrap().len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        hub.call(Method::GET, "/v1/transfers", "/v1/transfers?store=store-0&status=in_transit", None).await.0,
+        200
+    );
+    let cancel = format!("/v1/transfers/{back}/cancel");
+    assert_eq!(hub.call(Method::POST, "/v1/transfers/{id}/cancel", &cancel, None).await.0, 200);
+    let again = format!("/v1/transfers/{back}/receive");
+    assert_eq!(hub.call(Method::POST, "/v1/transfers/{id}/receive", &again, None).await.0, 409);
+    assert_eq!(hub.call(Method::GET, "/v1/transfers", "/v1/transfers?status=lost", None).await.0, 422);
     c.converged(&["DOC-1"], std::time::Duration::from_secs(30)).await;
     let rid = Uuid::now_v7();
     let (s, _) = hub

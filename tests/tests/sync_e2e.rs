@@ -47,14 +47,18 @@ async fn sale_reaches_the_hub_and_restock_reaches_the_store() {
     assert_eq!(v["items"][0]["available"], 7);
     assert_eq!(v["items"][1]["stores"].as_array().unwrap().len(), 0);
 
-    // A transfer moves units between the stores, and both stores see it.
+    // A transfer ships units from one store and, once received, they are at the other; both
+    // stores see it.
+    let id = uuid::Uuid::now_v7();
     let (s, body) = c
         .hub_post(
             "/v1/transfers",
-            serde_json::json!({"id": uuid::Uuid::now_v7(), "from": "store-0", "to": "store-1", "lines": [{"sku": "HSS-001", "qty": 4}]}),
+            serde_json::json!({"id": id, "from": "store-0", "to": "store-1", "lines": [{"sku": "HSS-001", "qty": 4}]}),
         )
         .await;
     assert_eq!(s, 201, "{body}");
+    let (s, body) = c.hub_post(&format!("/v1/transfers/{id}/receive"), serde_json::json!({})).await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("received")), "{body}");
     let (s, body) = c
         .hub_post(
             "/v1/transfers",

@@ -37,6 +37,9 @@ pub struct StoreFigures {
     pub on_hand: i64,
     /// Units promised to open online reservations here.
     pub held: u64,
+    /// Units on their way here from other stores (transfers in transit); never part of
+    /// `available`.
+    pub incoming: u64,
     /// Units never offered online.
     pub safety_stock: u64,
     /// `max(0, on_hand − held − safety_stock)` (0 for an inactive SKU).
@@ -118,7 +121,9 @@ pub(crate) fn cell_figures(
     staleness: Staleness,
 ) -> StoreFigures {
     let store = t.store(st);
-    let cell = t.cell(st, sk).expect("figures of an existing cell");
+    // A store may have units of a SKU on their way before it has a counter of it.
+    let empty = crate::model::Cell::default();
+    let cell = t.cell(st, sk).unwrap_or(&empty);
     let rule = effective(t, &store.id, sk);
     let raw = available(cell.on_hand, cell.held, rule.safety_stock, rule.active);
     let silent_ms =
@@ -129,6 +134,7 @@ pub(crate) fn cell_figures(
         store: store.id.clone(),
         on_hand: cell.on_hand,
         held: cell.held,
+        incoming: t.incoming.get(&sk).and_then(|m| m.get(&st)).copied().unwrap_or(0),
         safety_stock: rule.safety_stock,
         raw_available: raw,
         staleness_discount: discount,
@@ -144,13 +150,25 @@ pub(crate) fn live_stores_of(t: &Tables, sk: SkuIx) -> impl Iterator<Item = Stor
 }
 
 impl Decider {
-    /// Figures of `sku` at every store (not revoked) that has a counter for it, by store id.
-    /// `connected` are the stores with a live sync connection (they are not silent).
+    /// Figures of `sku` at every store (not revoked) that has a counter for it or units of it
+    /// on their way, by store id. `connected` are the stores with a live sync connection (they
+    /// are not silent).
     pub fn figures(&self, sku: &Sku, now_ms: i64, connected: &HashSet<StoreId>) -> Vec<StoreFigures> {
         let Some(&sk) = self.t.sku_ix.get(sku) else { return Vec::new() };
-        live_stores_of(&self.t, sk)
-            .map(|st| cell_figures(&self.t, st, sk, now_ms, connected, self.config.staleness))
-            .collect()
+        let mut stores: Vec<StoreIx> = live_stores_of(&self.t, sk).collect();
+        let incoming_only = self
+            .t
+            .incoming
+            .get(&sk)
+            .into_iter()
+            .flat_map(|m| m.keys().copied())
+            .filter(|st| self.t.cell(*st, sk).is_none() && self.t.store(*st).revoked_at_ms.is_none());
+        let before = stores.len();
+        stores.extend(incoming_only);
+        if stores.len() > before {
+            stores.sort_by(|a, b| self.t.store(*a).id.cmp(&self.t.store(*b).id));
+        }
+        stores.into_iter().map(|st| cell_figures(&self.t, st, sk, now_ms, connected, self.config.staleness)).collect()
     }
 
     /// Whether the hub knows `sku`: it is in the catalog (active or not) or some store ever had

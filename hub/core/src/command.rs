@@ -181,8 +181,25 @@ pub enum Command {
     },
     /// Expires held reservations whose lease ended.
     ExpireDue,
-    /// A restock or transfer, idempotent by id.
+    /// A restock, or a transfer's shipment, idempotent by id.
     HubChange(HubChangeRequest),
+    /// A transfer arrived at its destination (`lines`: how many of each shipped SKU arrived;
+    /// `None`: everything). Once only; a retry with the same quantities gets the same answer.
+    ReceiveTransfer {
+        /// The transfer.
+        id: Uuid,
+        /// Units that arrived per SKU (quantity 0 allowed).
+        lines: Option<Vec<QtyLine>>,
+        /// The caller's Idempotency-Key.
+        key: Option<String>,
+    },
+    /// A transfer in transit is called off: its units go back to the source.
+    CancelTransfer {
+        /// The transfer.
+        id: Uuid,
+        /// The caller's Idempotency-Key.
+        key: Option<String>,
+    },
     /// The materialised catalog changed: rules (`None`: removed) and one store's overrides.
     CatalogChanged {
         /// Rules by SKU.
@@ -267,6 +284,9 @@ pub struct HubChanged {
     pub holds_changed: Vec<StoreId>,
     /// The hub counter sequence head after the change.
     pub counter_head: u64,
+    /// A transfer's shipment: the transfer as shipped (also on a retry, whatever became of it
+    /// since).
+    pub transfer: Option<crate::transfers::Transfer>,
 }
 
 /// What a catalog change did beyond storing the rules.
@@ -302,6 +322,8 @@ pub enum Done {
     Expired(Expired),
     /// `HubChange`.
     HubChanged(HubChanged),
+    /// `ReceiveTransfer`, `CancelTransfer`.
+    TransferChanged(crate::transfers::TransferChanged),
     /// `CatalogChanged`.
     CatalogApplied(CatalogApplied),
     /// `JournalSkus`: the `unknown_sku` conflicts opened.
@@ -405,6 +427,10 @@ pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
         Command::Act { id, action, key } => crate::lifecycle::act(cx, id, action, key).map(Done::Acted),
         Command::ExpireDue => Ok(Done::Expired(crate::lifecycle::expire_due(cx))),
         Command::HubChange(req) => crate::merge::hub_change(cx, &req).map(Done::HubChanged),
+        Command::ReceiveTransfer { id, lines, key } => {
+            crate::transfers::receive(cx, id, lines.as_deref(), key).map(Done::TransferChanged)
+        }
+        Command::CancelTransfer { id, key } => crate::transfers::cancel(cx, id, key).map(Done::TransferChanged),
         Command::CatalogChanged { items, overrides } => crate::catalog::changed(cx, &items, overrides.as_ref()),
         Command::JournalSkus { store, skus } => crate::catalog::journal_skus(cx, &store, &skus),
         Command::AgentConflict { id, kind, store, resolution, details } => {

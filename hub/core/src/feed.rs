@@ -55,6 +55,12 @@ named_enum! {
         HubRolledBack => "hub_rolled_back",
         /// A person resolved a conflict.
         ConflictResolved => "conflict_resolved",
+        /// A transfer left its source: its units are incoming at the destination.
+        TransferShipped => "transfer_shipped",
+        /// A transfer arrived (what did not was booked as `transit_loss`).
+        TransferReceived => "transfer_received",
+        /// A transfer was called off: its units went back to the source.
+        TransferCancelled => "transfer_cancelled",
     }
 }
 
@@ -118,6 +124,11 @@ pub enum FeedData {
         /// The conflict as recorded.
         conflict: Conflict,
     },
+    /// `transfer_shipped|received|cancelled`.
+    Transfer {
+        /// The transfer after the change.
+        transfer: crate::transfers::Transfer,
+    },
 }
 
 /// One entry of the change feed.
@@ -152,6 +163,7 @@ impl FeedEvent {
                 json!({"reservation": reservation.to_json(), "store": store, "sku": sku, "short": short})
             }
             FeedData::Conflict { conflict } => json!({"conflict": conflict.to_json()}),
+            FeedData::Transfer { transfer } => json!({"transfer": transfer.to_json()}),
         }
     }
 }

@@ -25,6 +25,8 @@
 //!   fulfilled after the hub had moved it counts as moved). Open allocations carry their
 //!   reservation's status; a closed reservation has none.
 //! - Per-customer limits hold when a reservation is made.
+//! - A store's `incoming` of a SKU is the sum shipped to it by transfers in transit, and is
+//!   never part of `available`.
 //! - The feed's cursors are 1, 2, 3... without gaps, in memory and in the records.
 //! - A refused command changes nothing and produces no records.
 //! - Same seed, commands and times give the same outcomes, ids and records; loading the rows the
@@ -54,6 +56,7 @@ mod snapshot;
 mod sourcing;
 mod stores;
 mod tables;
+mod transfers;
 mod view;
 
 use std::collections::HashSet;
@@ -80,6 +83,7 @@ pub use overview::{Overview, OverviewQuery, ReservationCounts, Series, StoreSumm
 pub use records::{EntryRecord, LoadError, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
+pub use transfers::{Closing, Transfer, TransferChanged, TransferFilter, TransferLine, TransferStatus};
 pub use view::{AllocationView, LineView, ReservationView};
 
 use crate::sourcing::Moment;

@@ -32,7 +32,7 @@ fn invalid(e: impl std::fmt::Display) -> Refusal {
 }
 
 /// The hub's entry of `writer` for (store, sku) (zero if none).
-fn entry_of(t: &Tables, st: StoreIx, sku: &Sku, writer: &WriterId) -> PnEntry {
+pub(crate) fn entry_of(t: &Tables, st: StoreIx, sku: &Sku, writer: &WriterId) -> PnEntry {
     let (Some(sk), Some(w)) = (t.sku_ix.get(sku), t.writer_ix.get(writer)) else { return PnEntry::default() };
     t.cell(st, *sk).and_then(|c| c.slots.iter().find(|s| s.writer == *w)).map_or(PnEntry::default(), |s| s.entry)
 }
@@ -224,8 +224,8 @@ struct Move<'a> {
     entry: Option<u32>,
 }
 
-/// A restock, transfer, adjustment or batch restock, idempotent by id. Writes the hub writer's
-/// entries; all or nothing.
+/// A restock, a transfer's shipment, an adjustment or a batch restock, idempotent by id. Writes
+/// the hub writer's entries; all or nothing.
 pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<HubChanged, Refusal> {
     let kind = validate_change(req)?;
     let fingerprint = fingerprint_of(&(&req.change, &req.reason));
@@ -239,7 +239,11 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
             stores: Vec::new(),
             holds_changed: Vec::new(),
             counter_head: cx.t.counter_seq,
+            transfer: cx.t.transfers.get(&req.id).and_then(crate::transfers::Transfer::as_shipped),
         });
+    }
+    if let HubChange::Transfer { from, to, lines } = &req.change {
+        return ship(cx, req, from, to, lines, fingerprint);
     }
     let on_hand_of =
         |t: &Tables, st: StoreIx, sku: &Sku| t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)).map_or(0, |c| c.on_hand);
@@ -252,30 +256,7 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
                 moves.push(mv(st, &l.sku, l.qty as i64, req.reason.clone(), EventKind::Restock));
             }
         }
-        HubChange::Transfer { from, to, lines } => {
-            let (f, d) = (require(cx.t, from)?, require(cx.t, to)?);
-            let why = |dir: &str, other: &StoreId| {
-                Some(match &req.reason {
-                    Some(r) => format!("{dir} {other}: {r}"),
-                    None => format!("{dir} {other}"),
-                })
-            };
-            for l in lines {
-                let have = on_hand_of(cx.t, f, &l.sku);
-                let already: i64 =
-                    moves.iter().filter(|m| m.st == f && m.sku == &l.sku && m.delta < 0).map(|m| -m.delta).sum();
-                if have - already < l.qty as i64 {
-                    return Err(Refusal::InsufficientStock {
-                        store: from.clone(),
-                        sku: l.sku.clone(),
-                        on_hand: have - already,
-                        wanted: l.qty,
-                    });
-                }
-                moves.push(mv(f, &l.sku, -(l.qty as i64), why("to", to), EventKind::Transfer));
-                moves.push(mv(d, &l.sku, l.qty as i64, why("from", from), EventKind::Transfer));
-            }
-        }
+        HubChange::Transfer { .. } => unreachable!("shipments are decided by ship, above"),
         HubChange::Adjust { store, sku, delta, expected_on_hand } => {
             let st = require(cx.t, store)?;
             // Compare-and-set in the same decision as the change: nothing can come between.
@@ -367,6 +348,51 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         stores,
         holds_changed: holds_changed.into_iter().collect(),
         counter_head: cx.t.counter_seq,
+        transfer: None,
+    })
+}
+
+/// Ships a transfer (see `transfers`): refused when `from` has fewer on hand than the lines
+/// take, counting earlier lines of the same SKU.
+fn ship(
+    cx: &mut Ctx<'_>,
+    req: &HubChangeRequest,
+    from: &StoreId,
+    to: &StoreId,
+    lines: &[QtyLine],
+    fingerprint: Vec<u8>,
+) -> Result<HubChanged, Refusal> {
+    if from == to {
+        return Err(invalid("from and to must be different stores"));
+    }
+    let f = require(cx.t, from)?;
+    require(cx.t, to)?;
+    let mut taken: HashMap<&Sku, i64> = HashMap::new();
+    for l in lines {
+        let have = cx.t.sku_ix.get(&l.sku).and_then(|sk| cx.t.cell(f, *sk)).map_or(0, |c| c.on_hand);
+        let already = taken.entry(&l.sku).or_default();
+        if have - *already < l.qty as i64 {
+            return Err(Refusal::InsufficientStock {
+                store: from.clone(),
+                sku: l.sku.clone(),
+                on_hand: have - *already,
+                wanted: l.qty,
+            });
+        }
+        *already += l.qty as i64;
+    }
+    let (booked, transfer) = crate::transfers::ship(cx, req.id, from, to, lines, req.reason.as_ref())?;
+    let kind = HubChangeKind::Transfer;
+    let key = req.key.clone().filter(|k| *k != req.id.to_string());
+    let response = HubChangeResponse { id: req.id, key, kind, lines: booked.lines, recorded_at_ms: cx.now };
+    cx.t.put_hub_request(HubRequest { id: req.id, kind, fingerprint, response: response.clone() });
+    Ok(HubChanged {
+        created: true,
+        response,
+        stores: vec![from.clone()],
+        holds_changed: booked.holds.into_iter().collect(),
+        counter_head: cx.t.counter_seq,
+        transfer: Some(transfer),
     })
 }
 
@@ -446,17 +472,27 @@ impl Decider {
         out
     }
 
-    /// A page of one store's `on_hand` by SKU, SKUs after `after` in order (`None`: unknown store).
-    pub fn store_stock(&self, store: &StoreId, after: Option<&Sku>, limit: usize) -> Option<Vec<(Sku, i64)>> {
+    /// A page of one store's `on_hand` and `incoming` by SKU, SKUs after `after` in order: those
+    /// it has a counter of or units of on their way (`None`: unknown store).
+    pub fn store_stock(&self, store: &StoreId, after: Option<&Sku>, limit: usize) -> Option<Vec<(Sku, i64, u64)>> {
         let &st = self.t.store_ix.get(store)?;
         // A cell has one index entry per writer: the map keeps each SKU once, in SKU order.
-        let skus: BTreeMap<&Sku, SkuIx> =
+        let mut skus: BTreeMap<&Sku, SkuIx> =
             self.t.store(st).entries_by_seq.values().map(|&(sk, _)| (&self.t.sku(sk).sku, sk)).collect();
+        for (_, id) in self.t.in_transit_to.get(&st).into_iter().flatten() {
+            for l in &self.t.transfers[id].lines {
+                skus.insert(&l.sku, self.t.sku_ix[&l.sku]);
+            }
+        }
         let out = skus
             .into_iter()
             .filter(|(s, _)| after.is_none_or(|a| *s > a))
             .take(limit)
-            .map(|(s, sk)| (s.clone(), self.t.cell(st, sk).map_or(0, |c| c.on_hand)))
+            .map(|(s, sk)| {
+                let on_hand = self.t.cell(st, sk).map_or(0, |c| c.on_hand);
+                let incoming = self.t.incoming.get(&sk).and_then(|m| m.get(&st)).copied().unwrap_or(0);
+                (s.clone(), on_hand, incoming)
+            })
             .collect();
         Some(out)
     }

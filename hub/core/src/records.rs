@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::feed::FeedEvent;
 use crate::model::{
-    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictKind, ConflictStatus, HubRequest, Overrides,
-    Reservation, ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
+    ActionRequest, AlertState, Allocation, CatalogRule, Conflict, ConflictKind, ConflictStatus, HubChangeKind,
+    HubRequest, Overrides, Reservation, ReservationStatus, SkuIx, Slot, StoreIx, Velocity, WriterIx,
 };
 use crate::stores::empty_store;
 use crate::tables::{indexed, Tables};
@@ -110,6 +110,8 @@ pub enum Record {
     HubRequest(HubRequest),
     /// An action under an Idempotency-Key and its answer (by key).
     ActionRequest(ActionRequest),
+    /// A transfer between stores (by id).
+    Transfer(crate::transfers::Transfer),
     /// A hub-authored journal event (by id, line; appended). Not read back.
     Journal(JournalEvent),
     /// The hub's counter writer.
@@ -161,6 +163,7 @@ pub(crate) fn flush(t: &mut Tables, out: &mut Vec<Record>) {
     out.extend(d.conflicts.iter().map(|id| Record::Conflict(t.conflicts[id].clone())));
     out.extend(d.hub_requests.iter().map(|id| Record::HubRequest(t.hub_requests[id].clone())));
     out.extend(d.action_requests.iter().map(|k| Record::ActionRequest(t.action_requests[k].clone())));
+    out.extend(d.transfers.iter().map(|id| Record::Transfer(t.transfers[id].clone())));
     out.extend(d.journal.into_iter().map(Record::Journal));
     out.extend(d.feed.into_iter().map(Record::Feed));
     if d.hub_writer {
@@ -246,6 +249,11 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
         Record::ActionRequest(r) => {
             t.action_requests.insert(r.key.clone(), r);
         }
+        Record::Transfer(x) => {
+            store_ix(t, &x.from)?;
+            store_ix(t, &x.to)?;
+            t.transfers.insert(x.id, x);
+        }
         Record::Journal(_) => {}
         Record::HubWriter(w) => t.hub_writer = w,
         Record::IdCounter(n) => t.id_counter = n,
@@ -267,6 +275,7 @@ pub(crate) struct Dirty {
     pub conflicts: BTreeSet<Uuid>,
     pub hub_requests: BTreeSet<Uuid>,
     pub action_requests: BTreeSet<String>,
+    pub transfers: BTreeSet<Uuid>,
     pub journal: Vec<JournalEvent>,
     pub feed: Vec<FeedEvent>,
     pub hub_writer: bool,
@@ -286,6 +295,7 @@ impl Dirty {
             && self.conflicts.is_empty()
             && self.hub_requests.is_empty()
             && self.action_requests.is_empty()
+            && self.transfers.is_empty()
             && self.journal.is_empty()
             && self.feed.is_empty()
             && !self.hub_writer
@@ -307,6 +317,12 @@ pub(crate) fn reindex(t: &mut Tables) {
     }
     for s in &mut t.stores {
         s.open.clear();
+    }
+    t.in_transit_to.clear();
+    t.incoming.clear();
+    let transfers: Vec<crate::transfers::Transfer> = t.transfers.values().cloned().collect();
+    for tr in &transfers {
+        t.index_transfer(tr, true);
     }
     let mut ids: Vec<&Reservation> = t.reservations.values().collect();
     ids.sort_by_key(|r| (r.created_at_ms, r.id));
@@ -363,6 +379,16 @@ impl Decider {
         let mut d = Decider::new(config, seed);
         for r in records {
             load(&mut d.t, r)?;
+        }
+        // Transfers recorded before they travelled moved at once: they count as received.
+        let legacy: Vec<crate::transfers::Transfer> =
+            d.t.hub_requests
+                .values()
+                .filter(|r| r.kind == HubChangeKind::Transfer && !d.t.transfers.contains_key(&r.id))
+                .filter_map(|r| crate::transfers::legacy(r.id, &r.response.lines, r.response.recorded_at_ms))
+                .collect();
+        for tr in legacy {
+            d.t.transfers.insert(tr.id, tr);
         }
         reindex(&mut d.t);
         d.t.dirty = Dirty::default();

@@ -75,6 +75,12 @@ pub struct Snapshot {
     pub hub_requests: BTreeMap<Uuid, HubRequest>,
     /// Actions under Idempotency-Keys.
     pub action_requests: BTreeMap<String, ActionRequest>,
+    /// Transfers.
+    pub transfers: BTreeMap<Uuid, crate::transfers::Transfer>,
+    /// Transfers in transit by destination, by (ship time, id).
+    pub in_transit: BTreeMap<StoreId, Vec<(i64, Uuid)>>,
+    /// Units in transit per (destination, SKU).
+    pub incoming: BTreeMap<(StoreId, Sku), u64>,
     /// The retained feed.
     pub feed: Vec<FeedEvent>,
     /// Sequences and counters: feed head, counter head, allocation sequence, ids minted.
@@ -142,6 +148,17 @@ impl Decider {
             open_conflicts: t.open_conflicts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             hub_requests: t.hub_requests.iter().map(|(k, v)| (*k, v.clone())).collect(),
             action_requests: t.action_requests.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            transfers: t.transfers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            in_transit: t
+                .in_transit_to
+                .iter()
+                .map(|(st, set)| (store_name(*st), set.iter().copied().collect()))
+                .collect(),
+            incoming: t
+                .incoming
+                .iter()
+                .flat_map(|(sk, m)| m.iter().map(move |(st, n)| ((store_name(*st), t.sku(*sk).sku.clone()), *n)))
+                .collect(),
             feed: t.feed.iter().cloned().collect(),
             heads: (t.feed_head, t.counter_seq, t.alloc_seq, t.id_counter),
             hub_writer: t.hub_writer.clone(),

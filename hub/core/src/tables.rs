@@ -6,7 +6,7 @@
 //! Primitives assume the command was validated: a broken bookkeeping rule here is a bug, and it
 //! panics (fail-stop) rather than write a half-true state.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use shelfsync_shared::{counter::sum_entries, PnEntry, Sku, StoreId, WriterId};
 use uuid::Uuid;
@@ -17,6 +17,7 @@ use crate::model::{
     Overrides, Reservation, ReservationStatus, SkuInfo, SkuIx, Slot, Store, StoreIx, Velocity, WriterIx,
 };
 pub(crate) use crate::records::Dirty;
+use crate::transfers::{Transfer, TransferStatus};
 
 /// Conflict kinds that are open at most once per (store, SKU), found through the index.
 pub(crate) fn indexed(kind: ConflictKind) -> bool {
@@ -50,6 +51,11 @@ pub(crate) struct Tables {
     pub open_oversells: HashMap<Uuid, BTreeSet<Uuid>>,
     pub hub_requests: HashMap<Uuid, HubRequest>,
     pub action_requests: HashMap<String, ActionRequest>,
+    pub transfers: HashMap<Uuid, Transfer>,
+    /// Transfers in transit by destination, by (ship time, id).
+    pub in_transit_to: HashMap<StoreIx, BTreeSet<(i64, Uuid)>>,
+    /// Units in transit per SKU and destination.
+    pub incoming: HashMap<SkuIx, BTreeMap<StoreIx, u64>>,
     pub feed: VecDeque<FeedEvent>,
     pub feed_head: u64,
     pub counter_seq: u64,
@@ -82,6 +88,9 @@ impl Tables {
             open_oversells: HashMap::new(),
             hub_requests: HashMap::new(),
             action_requests: HashMap::new(),
+            transfers: HashMap::new(),
+            in_transit_to: HashMap::new(),
+            incoming: HashMap::new(),
             feed: VecDeque::new(),
             feed_head: 0,
             counter_seq: 0,
@@ -414,6 +423,49 @@ impl Tables {
     pub fn put_hub_request(&mut self, r: HubRequest) {
         self.dirty.hub_requests.insert(r.id);
         self.hub_requests.insert(r.id, r);
+    }
+
+    /// Inserts or replaces a transfer row, keeping the in-transit indexes in step.
+    pub fn put_transfer(&mut self, t: Transfer) {
+        if let Some(old) = self.transfers.remove(&t.id) {
+            self.index_transfer(&old, false);
+        }
+        self.index_transfer(&t, true);
+        self.dirty.transfers.insert(t.id);
+        self.transfers.insert(t.id, t);
+    }
+
+    /// Adds (or takes away) a transfer's part of the in-transit indexes.
+    pub fn index_transfer(&mut self, t: &Transfer, add: bool) {
+        if t.status != TransferStatus::InTransit {
+            return;
+        }
+        let to = self.store_ix[&t.to];
+        let at = self.in_transit_to.entry(to).or_default();
+        if add {
+            at.insert((t.shipped_at_ms, t.id));
+        } else {
+            at.remove(&(t.shipped_at_ms, t.id));
+            if at.is_empty() {
+                self.in_transit_to.remove(&to);
+            }
+        }
+        for l in &t.lines {
+            let sk = self.intern_sku(&l.sku);
+            let per_store = self.incoming.entry(sk).or_default();
+            let units = per_store.entry(to).or_default();
+            if add {
+                *units += l.shipped;
+            } else {
+                *units = units.checked_sub(l.shipped).expect("incoming covers its transfers");
+                if *units == 0 {
+                    per_store.remove(&to);
+                    if per_store.is_empty() {
+                        self.incoming.remove(&sk);
+                    }
+                }
+            }
+        }
     }
 
     pub fn put_action_request(&mut self, r: ActionRequest) {

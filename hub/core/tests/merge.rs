@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use shelfsync_hub_core::{
     Command, Done, FeedKind, HubChange, HubChangeKind, HubChangeRequest, Record, Refusal, ReservationStatus, Staleness,
+    TransferStatus,
 };
 use shelfsync_shared::journal::EventKind;
 use shelfsync_shared::PnEntry;
@@ -193,50 +194,161 @@ fn restocks_write_the_hub_entry_journal_and_replay() {
     assert!(matches!(h.restock(11, "a", vec![line("X", 0)]), Err(Refusal::Invalid(_))));
 }
 
+fn transfer_cmd(id: u128, from: &str, to: &str, lines: Vec<shelfsync_hub_core::QtyLine>) -> Command {
+    Command::HubChange(HubChangeRequest {
+        id: uid(id),
+        key: None,
+        change: HubChange::Transfer { from: s(from), to: s(to), lines },
+        reason: Some("rebalance".into()),
+    })
+}
+
+fn journal_after(h: &H, from: usize) -> Vec<(String, u32, EventKind, i64, String)> {
+    h.records[from..]
+        .iter()
+        .filter_map(|r| match r {
+            Record::Journal(e) => Some((e.store.to_string(), e.line, e.kind, e.delta, e.reason.clone().unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn transfers_check_the_source_across_lines_and_name_both_sides() {
+fn a_transfer_ships_from_the_source_and_is_incoming_at_the_destination() {
     let mut h = H::new();
     h.stores(&["a", "b"]);
     h.stock("a", "X", 5);
-    let transfer = |lines| {
-        Command::HubChange(HubChangeRequest {
-            id: uid(5),
-            key: None,
-            change: HubChange::Transfer { from: s("a"), to: s("b"), lines },
-            reason: Some("rebalance".into()),
-        })
-    };
+    let transfer = |lines| transfer_cmd(5, "a", "b", lines);
     let before = h.d.snapshot();
     assert_eq!(
         h.apply(transfer(vec![line("X", 3), line("X", 3)])),
         Err(Refusal::InsufficientStock { store: s("a"), sku: k("X"), on_hand: 2, wanted: 3 })
     );
     assert_eq!(h.d.snapshot(), before);
+    let head = h.d.feed_head();
+    let mark = h.records.len();
     let Done::HubChanged(c) = h.ok(transfer(vec![line("X", 3), line("X", 2)])) else { panic!() };
     assert_eq!(c.response.kind, HubChangeKind::Transfer);
-    assert_eq!(c.stores, [s("a"), s("b")]);
-    assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.on_hand(&s("b"), &k("X"))), (0, 5));
-    let journal: Vec<_> = h
-        .records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Journal(e) => Some((e.store.to_string(), e.line, e.delta, e.reason.clone().unwrap())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        journal,
-        [
-            ("a".into(), 0, -3, "to b: rebalance".into()),
-            ("b".into(), 0, 3, "from a: rebalance".into()),
-            ("a".into(), 1, -2, "to b: rebalance".into()),
-            ("b".into(), 1, 2, "from a: rebalance".into()),
-        ]
-    );
+    assert_eq!(c.stores, [s("a")]);
+    assert!(c.holds_changed.contains(&s("b")), "b's agent gets its incoming");
+    let t = c.transfer.expect("a shipment answers its transfer");
+    assert_eq!((t.status, t.lines.len(), t.lines[0].shipped), (TransferStatus::InTransit, 1, 5));
+    assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.on_hand(&s("b"), &k("X"))), (0, 0));
+    assert_eq!(h.d.incoming(&s("b"), &k("X")), 5);
+    let at_b: Vec<_> = h.d.figures(&k("X"), h.now, h.d.connected()).into_iter().filter(|f| f.store == s("b")).collect();
+    assert_eq!((at_b[0].incoming, at_b[0].available, at_b[0].on_hand), (5, 0, 0), "incoming is never available");
+    let snap = h.d.incoming_snapshot(&s("b"));
+    assert_eq!((snap.transfers.len(), snap.transfers[0].lines[0].qty), (1, 5));
+    assert!(h.d.incoming_snapshot(&s("a")).transfers.is_empty());
+    assert_eq!(journal_after(&h, mark), [("a".into(), 0, EventKind::Transfer, -5, "to b: rebalance".into()),]);
+    assert!(h.kinds_after(head).contains(&FeedKind::TransferShipped));
     assert_eq!(
         h.apply(transfer(vec![line("X", 3), line("X", 3)])),
         Err(Refusal::IdempotencyConflict { id: uid(5), kind: "transfer".into() })
     );
+    assert_eq!(h.reloaded().snapshot(), h.d.snapshot());
+}
+
+#[test]
+fn a_partial_receipt_books_the_loss_once() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    h.stock("a", "Y", 2);
+    h.ok(transfer_cmd(5, "a", "b", vec![line("X", 4), line("Y", 2)]));
+    let receive = |lines: Option<Vec<_>>, key: Option<&str>| Command::ReceiveTransfer {
+        id: uid(5),
+        lines,
+        key: key.map(str::to_owned),
+    };
+    let before = h.d.snapshot();
+    for bad in [vec![line("X", 5), line("Y", 2)], vec![line("X", 3)], vec![line("X", 3), line("Z", 1)]] {
+        assert!(matches!(h.apply(receive(Some(bad), None)), Err(Refusal::Invalid(_))));
+    }
+    assert_eq!(h.d.snapshot(), before);
+    assert!(matches!(
+        h.apply(Command::ReceiveTransfer { id: uid(6), lines: None, key: None }),
+        Err(Refusal::NotFound(_))
+    ));
+    let mark = h.records.len();
+    let Done::TransferChanged(c) = h.ok(receive(Some(vec![line("Y", 2), line("X", 3)]), Some("k1"))) else { panic!() };
+    assert!(c.created);
+    assert_eq!(c.transfer.status, TransferStatus::Received);
+    assert_eq!((h.d.on_hand(&s("b"), &k("X")), h.d.on_hand(&s("b"), &k("Y"))), (3, 2));
+    assert_eq!((h.d.incoming(&s("b"), &k("X")), h.d.incoming(&s("b"), &k("Y"))), (0, 0));
+    let loss = shelfsync_shared::Reason {
+        code: shelfsync_shared::ReasonCode::TransitLoss,
+        note: Some(format!("transfer {} from a", uid(5))),
+    }
+    .to_stored();
+    assert_eq!(
+        journal_after(&h, mark),
+        [
+            ("b".into(), 0, EventKind::Transfer, 4, "from a: rebalance".into()),
+            ("b".into(), 1, EventKind::Adjustment, -1, loss),
+            ("b".into(), 2, EventKind::Transfer, 2, "from a: rebalance".into()),
+        ]
+    );
+    // The same receipt again: the same answer, nothing changes.
+    let snap = h.d.snapshot();
+    let Done::TransferChanged(again) = h.ok(receive(Some(vec![line("X", 3), line("Y", 2)]), None)) else { panic!() };
+    assert!(!again.created);
+    assert_eq!(again.transfer, c.transfer);
+    assert_eq!(h.d.snapshot(), snap);
+    // Another receipt: refused; under the same key: an idempotency conflict.
+    assert!(matches!(h.apply(receive(None, None)), Err(Refusal::InvalidState(_))));
+    assert!(matches!(h.apply(receive(None, Some("k1"))), Err(Refusal::IdempotencyConflict { .. })));
+    assert!(matches!(h.apply(Command::CancelTransfer { id: uid(5), key: None }), Err(Refusal::InvalidState(_))));
+    assert_eq!(h.reloaded().snapshot(), h.d.snapshot());
+}
+
+#[test]
+fn a_cancelled_transfer_goes_back_to_its_source() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    h.ok(transfer_cmd(5, "a", "b", vec![line("X", 2), line("X", 1)]));
+    assert_eq!(h.d.on_hand(&s("a"), &k("X")), 2);
+    let mark = h.records.len();
+    let head = h.d.feed_head();
+    let Done::TransferChanged(c) = h.ok(Command::CancelTransfer { id: uid(5), key: None }) else { panic!() };
+    assert_eq!(c.transfer.status, TransferStatus::Cancelled);
+    assert_eq!((h.d.on_hand(&s("a"), &k("X")), h.d.incoming(&s("b"), &k("X"))), (5, 0));
+    assert_eq!(
+        journal_after(&h, mark),
+        [("a".into(), 1, EventKind::Transfer, 3, "cancelled transfer to b: rebalance".into())]
+    );
+    assert!(h.kinds_after(head).contains(&FeedKind::TransferCancelled));
+    let Done::TransferChanged(again) = h.ok(Command::CancelTransfer { id: uid(5), key: None }) else { panic!() };
+    assert!(!again.created);
+    assert!(matches!(
+        h.apply(Command::ReceiveTransfer { id: uid(5), lines: None, key: None }),
+        Err(Refusal::InvalidState(_))
+    ));
+    assert_eq!(h.reloaded().snapshot(), h.d.snapshot());
+}
+
+#[test]
+fn transfers_recorded_before_they_travelled_read_as_received() {
+    use shelfsync_hub_core::{ChangedLine, HubChangeResponse, HubRequest};
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    let mut rows = h.records.clone();
+    let lines = vec![
+        ChangedLine { store: s("a"), sku: k("X"), delta: -3, on_hand: 2, entry: None },
+        ChangedLine { store: s("b"), sku: k("X"), delta: 3, on_hand: 3, entry: None },
+    ];
+    let response = HubChangeResponse { id: uid(9), key: None, kind: HubChangeKind::Transfer, lines, recorded_at_ms: 1_000 };
+    rows.push(Record::HubRequest(HubRequest {
+        id: uid(9),
+        kind: HubChangeKind::Transfer,
+        fingerprint: vec![1],
+        response,
+    }));
+    let d = shelfsync_hub_core::Decider::from_records(h.d.config().clone(), 42, rows).unwrap();
+    let t = d.transfer(uid(9)).expect("the old transfer is listed");
+    assert_eq!((t.status, &t.from, &t.to, t.lines[0].received), (TransferStatus::Received, &s("a"), &s("b"), Some(3)));
+    assert_eq!(d.incoming(&s("b"), &k("X")), 0);
 }
 
 #[test]

@@ -15,6 +15,7 @@
 //! 8. `ExpireDue` without `more` leaves no held reservation past its lease.
 //! 9. The records so far rebuild a decider with an equal snapshot.
 //! 10. The same seed, commands and times produce the same records.
+//! 11. A store's `incoming` of a SKU is Σ shipped over the transfers in transit to it.
 
 mod common;
 
@@ -24,7 +25,7 @@ use common::*;
 use proptest::prelude::*;
 use shelfsync_hub_core::{
     Action, AgentConflictKind, AllocationStatus, CatalogRule, Command, Done, FeedRead, HubChange, HubChangeRequest,
-    Overrides, QtyLine, Record, ReservationRequest, ReservationStatus, RestockEntry,
+    Overrides, QtyLine, Record, ReservationRequest, ReservationStatus, RestockEntry, TransferStatus,
 };
 use uuid::Uuid;
 
@@ -85,6 +86,14 @@ enum Op {
         sku: u8,
         safety: Option<u64>,
     },
+    Receive {
+        pick: u8,
+        got: Option<u64>,
+        key: Option<u8>,
+    },
+    Cancel {
+        pick: u8,
+    },
     AddStore(u8),
     Revoke(u8),
     Seen {
@@ -133,6 +142,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(store, sku, delta, stale)| Op::Adjust { store, sku, delta, stale }),
         1 => proptest::collection::vec((store.clone(), sku.clone(), 1..4u64), 1..4)
             .prop_map(|entries| Op::Batch { entries }),
+        2 => (any::<u8>(), proptest::option::weighted(0.6, 0..7u64), proptest::option::weighted(0.3, 0..2u8))
+            .prop_map(|(pick, got, key)| Op::Receive { pick, got, key }),
+        1 => any::<u8>().prop_map(|pick| Op::Cancel { pick }),
         2 => (sku.clone(), proptest::option::weighted(0.8, (0..3u64, 0..4u64, 0..7u64, proptest::bool::weighted(0.85))))
             .prop_map(|(sku, rule)| Op::Catalog { sku, rule }),
         1 => (store.clone(), sku.clone(), proptest::option::of(0..4u64))
@@ -303,6 +315,18 @@ impl Run {
                 },
                 reason: None,
             }),
+            Op::Receive { pick: i, got, key } => {
+                let t = pick(&self.h.d.snapshot().transfers.values().cloned().collect::<Vec<_>>(), i);
+                let id = t.as_ref().map_or(uid(0), |t| t.id);
+                // `got` units of the transfer's SKU arrived (more than shipped: refused).
+                let lines = got
+                    .and_then(|n| t.map(|t| t.lines.iter().map(|l| QtyLine { sku: l.sku.clone(), qty: n }).collect()));
+                Command::ReceiveTransfer { id, lines, key: key.map(|k| format!("r{k}")) }
+            }
+            Op::Cancel { pick: i } => {
+                let ids: Vec<Uuid> = self.h.d.snapshot().transfers.keys().copied().collect();
+                Command::CancelTransfer { id: pick(&ids, i).unwrap_or(uid(0)), key: None }
+            }
             Op::Catalog { sku, rule } => Command::CatalogChanged {
                 items: vec![(
                     sk(sku),
@@ -430,6 +454,14 @@ impl Run {
             _ => None,
         });
         prop_assert!(recorded.eq(1..=head), "feed records have gaps");
+        // 11: incoming is what is in transit.
+        let mut in_transit: BTreeMap<(shelfsync_shared::StoreId, shelfsync_shared::Sku), u64> = BTreeMap::new();
+        for t in snap.transfers.values().filter(|t| t.status == TransferStatus::InTransit) {
+            for l in &t.lines {
+                *in_transit.entry((t.to.clone(), l.sku.clone())).or_default() += l.shipped;
+            }
+        }
+        prop_assert_eq!(&snap.incoming, &in_transit, "incoming is not what is in transit");
         // 9: the records rebuild the same state.
         prop_assert_eq!(&self.h.reloaded().snapshot(), &snap, "rebuilt from the rows storage keeps");
         Ok(())
@@ -505,6 +537,9 @@ fn sequences_reach_oversells_shorts_fulfilments_and_expiries() {
         "reservation committed",
         "reservation released",
         "feed low_stock",
+        "feed transfer_shipped",
+        "feed transfer_received",
+        "feed transfer_cancelled",
         "feed back_in_stock",
         "refused Unavailable",
         "refused LimitExceeded",

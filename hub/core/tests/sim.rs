@@ -27,7 +27,8 @@
 //!
 //! Around them, a storefront reserves (ship or pickup, with or without a customer), commits,
 //! releases and extends leases and retries its requests; the hub expires due leases (in small
-//! batches in some runs), restocks stores and transfers between them (one or two lines), the
+//! batches in some runs), restocks stores and ships transfers between them (one or two lines),
+//! receives them (often short: the rest is a `transit_loss`) or cancels them, the
 //! catalog changes (safety stock, limits, inactive SKUs, store overrides), a person resolves
 //! oversell conflicts, and the hub process restarts: its connections die and it rebuilds its
 //! decider from the rows storage kept, sometimes with a new incarnation of its counter writer.
@@ -49,7 +50,7 @@
 //! - a refused command and a replayed request write no records; a replay answers the first answer;
 //! - exact oversell accounting: before each `Merge` and transfer the simulator predicts, from the
 //!   state before it, each changed cell's `on_hand` and `held` (less the holds picked in the same
-//!   merge; a transfer line by line). Wherever held would exceed `max(on_hand, 0)` there must be a
+//!   merge; a shipment SKU by SKU; a receipt or cancellation only raises `on_hand`). Wherever held would exceed `max(on_hand, 0)` there must be a
 //!   new oversell conflict of that cell with exactly that shortfall, the new allocations of the SKU
 //!   (re-sourced elsewhere or `short`) must add up to it, they are `short` only at the oversold
 //!   store, and the conflict is resolved exactly when nothing went short. No other command may
@@ -63,7 +64,8 @@
 //!
 //! **At the end** every link heals and the agents sync until quiescent. Then, exactly: for every
 //! (store, SKU) the hub's `on_hand` = the agent's counter value = the sum of every change ever
-//! recorded there (POS changes, restocks and transfers); the hub's entries per writer equal the
+//! recorded there (POS changes, restocks, shipments, receipts with their losses, returns of
+//! cancelled transfers); the hub's entries per writer equal the
 //! agent's; the agent's open holds and holds version equal the hub's snapshot, with no pick left
 //! unacknowledged; there are as many oversell conflicts as predicted oversells. Each seed then
 //! runs again without the oracles and must write identical records (decider determinism).
@@ -85,7 +87,7 @@ use common::{rows, T0};
 use shelfsync_hub_core::{
     Action, AllocationStatus, CatalogRule, Command, Config, ConflictFilter, ConflictKind, ConflictStatus, Decider,
     Done, EntriesPage, HubChange, HubChangeRequest, HubChanged, Outcome, Overrides, QtyLine, Record, Refusal,
-    ReservationRequest, ReservationStatus, Snapshot, Staleness,
+    ReservationRequest, ReservationStatus, Snapshot, Staleness, Transfer, TransferFilter, TransferStatus,
 };
 use shelfsync_shared::counter::{CounterMap, PnEntry};
 use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot};
@@ -327,6 +329,7 @@ struct Stats {
     replays: usize,
     expired: usize,
     transfers_refused: usize,
+    transfers_arrived: usize,
     oversells: usize,
     oversells_short: usize,
     negative_stock: usize,
@@ -363,6 +366,7 @@ impl Stats {
             replays,
             expired,
             transfers_refused,
+            transfers_arrived,
             oversells,
             oversells_short,
             negative_stock,
@@ -613,11 +617,19 @@ impl Sim {
                 }
             }
             Command::HubChange(req) if !self.last.hub_requests.contains_key(&req.id) => {
-                // Each line is taken out and reconciled in turn: reconciliation lowers the
-                // source's held by exactly the shortfall (moved elsewhere or marked short).
+                // A shipment takes each SKU out (its lines added up) and reconciles it:
+                // reconciliation lowers the source's held by exactly the shortfall (moved
+                // elsewhere or marked short).
                 if let HubChange::Transfer { from, lines, .. } = &req.change {
-                    let mut cells: BTreeMap<&Sku, (i64, u64)> = BTreeMap::new();
+                    let mut per_sku: Vec<QtyLine> = Vec::new();
                     for l in lines {
+                        match per_sku.iter_mut().find(|p| p.sku == l.sku) {
+                            Some(p) => p.qty += l.qty,
+                            None => per_sku.push(l.clone()),
+                        }
+                    }
+                    let mut cells: BTreeMap<&Sku, (i64, u64)> = BTreeMap::new();
+                    for l in &per_sku {
                         let (on_hand, held) = cells
                             .entry(&l.sku)
                             .or_insert_with(|| cell(from, &l.sku).map_or((0, 0), |c| (c.on_hand, c.held)));
@@ -1104,7 +1116,43 @@ impl Sim {
         }
     }
 
+    /// Head office receives (often short) or cancels a transfer in transit.
+    fn transfer_arrives(&mut self) -> Result<(), String> {
+        let filter =
+            TransferFilter { status: Some(TransferStatus::InTransit), limit: usize::MAX, ..Default::default() };
+        let open: Vec<Transfer> = self.d.transfers(&filter);
+        let Some(t) = self.rng.pick(&open).cloned() else { return Ok(()) };
+        let cmd = if self.rng.chance(0.2) {
+            Command::CancelTransfer { id: t.id, key: None }
+        } else {
+            let lines = self.rng.chance(0.5).then(|| {
+                t.lines
+                    .iter()
+                    .map(|l| QtyLine { sku: l.sku.clone(), qty: l.shipped.saturating_sub(self.rng.range(0, 2) as u64) })
+                    .collect()
+            });
+            Command::ReceiveTransfer { id: t.id, lines, key: None }
+        };
+        match self.hub(cmd)? {
+            Ok(Done::TransferChanged(c)) => {
+                ensure!(c.created, "a transfer in transit answered as a replay");
+                for l in &c.lines {
+                    let (i, s) = (self.ix(&l.store), self.skus.iter().position(|k| *k == l.sku).expect("a SKU"));
+                    *self.truth.entry((i, s)).or_default() += l.delta;
+                }
+                self.stats.transfers_arrived += 1;
+                Ok(())
+            }
+            // The destination or source was revoked meanwhile.
+            Err(Refusal::Revoked(_)) => Ok(()),
+            other => Err(format!("transfer arrival: {other:?}")),
+        }
+    }
+
     fn hub_change(&mut self) -> Result<(), String> {
+        if self.rng.chance(0.3) {
+            return self.transfer_arrives();
+        }
         let restock = self.rng.chance(0.5) || self.stores.len() < 2;
         let most = if restock { 8 } else { 4 };
         let lines: Vec<QtyLine> = (0..self.rng.range(1, 2))
@@ -1521,6 +1569,7 @@ fn agents_and_decider_converge_and_every_oversell_is_recorded() {
             ("partitions", total.partitions),
             ("hub restarts", total.restarts),
             ("refused transfers", total.transfers_refused),
+            ("transfers received or cancelled", total.transfers_arrived),
             ("unavailable reservations", total.unavailable),
         ] {
             assert!(n > 0, "never reached: {what}");

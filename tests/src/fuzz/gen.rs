@@ -8,7 +8,8 @@ use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::EntryMac;
 use shelfsync_shared::wire::{
     Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, Hold, HoldStatus,
-    HoldsSnapshot, JournalBatch, Retirement, Welcome, WireEntry, PROTOCOL_VERSION,
+    HoldsSnapshot, IncomingLine, IncomingSnapshot, IncomingTransfer, JournalBatch, Retirement, Welcome, WireEntry,
+    PROTOCOL_VERSION,
 };
 use shelfsync_shared::{EventFlag, EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
 use uuid::Uuid;
@@ -276,6 +277,16 @@ pub fn hold(u: &mut Unstructured) -> Result<Hold> {
     })
 }
 
+/// A transfer on its way to the store under test.
+pub fn incoming(u: &mut Unstructured) -> Result<IncomingTransfer> {
+    Ok(IncomingTransfer {
+        id: uuid(u)?,
+        from: OTHER_STORE.parse().expect("a store id"),
+        lines: vec_of(u, |u| Ok(IncomingLine { sku: sku(u)?, qty: num(u)? }))?,
+        shipped_at_ms: inum(u)?,
+    })
+}
+
 /// A catalog document.
 pub fn catalog_doc(u: &mut Unstructured) -> Result<CatalogDoc> {
     Ok(if u.arbitrary()? { CatalogDoc::Catalog } else { CatalogDoc::Overrides })
@@ -283,7 +294,7 @@ pub fn catalog_doc(u: &mut Unstructured) -> Result<CatalogDoc> {
 
 /// Any frame of the protocol. Not necessarily valid: callers validate as the codec would.
 pub fn frame(u: &mut Unstructured) -> Result<Frame> {
-    let f = match u.int_in_range(0u8..=12)? {
+    let f = match u.int_in_range(0u8..=13)? {
         0 => FrameV1::Hello(hello(u)?),
         1 => FrameV1::Welcome(welcome(u)?),
         2 => FrameV1::Delta(delta(u)?),
@@ -299,6 +310,7 @@ pub fn frame(u: &mut Unstructured) -> Result<Frame> {
             FrameV1::Catalog(CatalogFrame { doc: catalog_doc(u)?, last: u.arbitrary()?, bytes: u.bytes(n)?.to_vec() })
         }
         11 => FrameV1::Ping(num(u)?),
+        12 => FrameV1::Incoming(IncomingSnapshot { version: num(u)?, transfers: vec_of(u, incoming)? }),
         _ => FrameV1::Pong(num(u)?),
     };
     Ok(Frame::V1(f))

@@ -305,6 +305,12 @@ impl HubApi {
                 "/v1/restocks",
                 r#"{"id":"0193a0b4-0000-7000-8000-0000000000f2","store":"s2","lines":[{"sku":"HSS-001","qty":7}]}"#,
             ),
+            // A transfer in transit under an id the path segments name, to receive or cancel.
+            (
+                Method::POST,
+                "/v1/transfers",
+                r#"{"id":"0193a0b4-0000-7000-8000-000000000002","from":"s1","to":"s2","lines":[{"sku":"HSS-001","qty":3}]}"#,
+            ),
         ] {
             let req = build(method, uri, 0, Some(&admin), body.as_bytes(), true).expect("request");
             let resp = api.router.call(req).await.expect("infallible");
@@ -334,7 +340,12 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
         5 if pick & 0x80 != 0 => json(Method::POST, "/v1/restocks/batch"),
         5 => json(Method::POST, "/v1/restocks"),
         6 if pick & 0x80 != 0 => json(Method::POST, &format!("/v1/stores/{seg}/adjustments")),
-        6 => json(Method::POST, "/v1/transfers"),
+        6 => match pick >> 6 {
+            0 => json(Method::POST, "/v1/transfers"),
+            1 => json(Method::POST, &format!("/v1/transfers/{seg}/receive")),
+            2 => json(Method::POST, &format!("/v1/transfers/{seg}/cancel")),
+            _ => get_q("/v1/transfers"),
+        },
         7 => json(Method::PUT, &format!("/v1/catalog/{seg}")),
         8 => json(Method::PATCH, &format!("/v1/catalog/{seg}")),
         // The import's path on this branch, and its name on main. A few rows at most: every row
@@ -362,7 +373,8 @@ fn hub_request(api: &HubApi, pick: u8, flags: u8, rest: &[u8]) -> Option<Request
             build(Method::GET, &format!("{p}{}", if p.ends_with('/') { seg } else { "" }), flags, auth, &[], true)
         }
     }?;
-    if matches!(pick % 16, 2..=4) && flags & 0x0c == 0 {
+    let transfer_act = pick % 16 == 6 && matches!(pick >> 6, 1 | 2);
+    if (matches!(pick % 16, 2..=4) || transfer_act) && flags & 0x0c == 0 {
         if let Ok(v) = KEYS[(pick as usize >> 4) % KEYS.len()].parse() {
             req.headers_mut().insert("idempotency-key", v);
         }

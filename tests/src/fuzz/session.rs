@@ -273,6 +273,11 @@ impl Session for HubSession {
                 self.ping(gen::num(u)?);
                 Ok(())
             }
+            1 if u.arbitrary()? => {
+                let transfers = gen::vec_of(u, gen::incoming)?;
+                self.send_incoming(shelfsync_shared::wire::IncomingSnapshot { version: gen::num(u)?, transfers });
+                Ok(())
+            }
             1 => {
                 self.send_holds(HoldsSnapshot { version: gen::num(u)?, holds: gen::vec_of(u, gen::hold)? });
                 Ok(())
@@ -289,7 +294,7 @@ impl Session for HubSession {
     }
 
     fn foreign(effect: &Effect) -> bool {
-        matches!(effect, Effect::CheckLineage { .. } | Effect::ApplyHolds { .. })
+        matches!(effect, Effect::CheckLineage { .. } | Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. })
     }
 
     fn read_entries(_u: &mut Unstructured, _read: &mut DeltaRead) -> Result<()> {
@@ -641,6 +646,7 @@ impl<S: Session> Run<S> {
             Effect::ApplyDelta { .. }
             | Effect::ApplyJournal { .. }
             | Effect::ApplyHolds { .. }
+            | Effect::ApplyIncoming { .. }
             | Effect::ReadDelta { .. }
             | Effect::ReadJournal { .. }
             | Effect::Acked { .. }

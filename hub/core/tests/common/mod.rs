@@ -173,6 +173,7 @@ pub fn rows(records: &[Record]) -> Vec<Record> {
             Record::Conflict(c) => (8, c.id.to_string()),
             Record::HubRequest(q) => (9, q.id.to_string()),
             Record::ActionRequest(q) => (10, q.key.clone()),
+            Record::Transfer(t) => (10, format!("transfer/{}", t.id)),
             Record::Feed(e) => (11, format!("{:020}", e.cursor)),
             Record::HubWriter(_) => (12, String::new()),
             Record::IdCounter(_) => (13, String::new()),
