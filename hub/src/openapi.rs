@@ -260,6 +260,8 @@ pub struct AdjustmentPage {
     pub next: Option<u64>,
     /// Per reason code present, in the documented order, over every page of the filter.
     pub totals: Vec<ReasonTotal>,
+}
+
 /// One SKU of a transfer.
 #[derive(Serialize, ToSchema)]
 pub struct TransferLine {
