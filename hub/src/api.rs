@@ -804,9 +804,9 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// A reservation named in a path: its id, or the idempotency key it was made with (a
-/// storefront's own order number), which stands for the same id.
-fn reservation_id(id: &str) -> Result<Uuid, ApiError> {
+/// A reservation or transfer named in a path: its id, or the idempotency key it was made with (a
+/// storefront's own order number, a shipment's delivery note), which stands for the same id.
+fn keyed_id(id: &str) -> Result<Uuid, ApiError> {
     IdempotencyKey::parse(id).map(|k| k.id()).map_err(|e| ApiError::invalid(format!("id {e}")).with("field", "id"))
 }
 
@@ -850,9 +850,15 @@ async fn hub_change(state: &ApiState, req: HubChangeRequest) -> Result<Response,
         }));
     }
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
-    // A transfer's shipment answers the transfer as shipped (a retry too).
+    // A transfer's shipment answers the transfer as shipped (a retry too), with the key it was
+    // sent under, as every keyed write does.
     let body = match &outcome.transfer {
-        Some(t) => t.to_json(),
+        Some(t) => {
+            let mut v = t.to_json();
+            let key = key.unwrap_or_else(|| outcome.response.id.to_string());
+            v.as_object_mut().expect("a transfer is an object").insert("key".into(), Value::String(key));
+            v
+        }
         None => outcome.response.to_json(),
     };
     Ok((status, Json(body)).into_response())
@@ -972,7 +978,7 @@ async fn transfer_changed(
     path = "/v1/transfers/{id}/receive",
     tag = "admin",
     summary = "Receive a transfer at its destination: on_hand gains what was shipped, and what did not arrive is booked there as a transit_loss adjustment (once; an identical retry answers the same)",
-    params(("id" = String, Path, description = "Transfer id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Optional; the same key with another body is 409 idempotency_conflict")),
+    params(("id" = String, Path, description = "Transfer id (UUID) or the key it was shipped under"), ("Idempotency-Key" = Option<String>, Header, description = "Optional; the same key with another body is 409 idempotency_conflict")),
     request_body = ReceiveBody,
     responses((status = 200, description = "The transfer, received", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 409, description = "Received already with other quantities, or cancelled", body = crate::openapi::Error), (status = 422, description = "Invalid request (more than shipped, a SKU not shipped or missing)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -983,7 +989,7 @@ async fn post_transfer_receive(
     headers: axum::http::HeaderMap,
     ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let id = keyed_id(&id)?;
     let key = transfer_key(&headers)?;
     // The body is optional: none (or `{}`) receives everything shipped.
     let b: ReceiveBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -1004,7 +1010,7 @@ async fn post_transfer_receive(
     path = "/v1/transfers/{id}/cancel",
     tag = "admin",
     summary = "Cancel a transfer in transit: its units go back to the source (a retry answers the same)",
-    params(("id" = String, Path, description = "Transfer id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Optional")),
+    params(("id" = String, Path, description = "Transfer id (UUID) or the key it was shipped under"), ("Idempotency-Key" = Option<String>, Header, description = "Optional")),
     responses((status = 200, description = "The transfer, cancelled", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 409, description = "Received already", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
@@ -1013,7 +1019,7 @@ async fn post_transfer_cancel(
     ApiPath(id): ApiPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let id = keyed_id(&id)?;
     let key = transfer_key(&headers)?;
     let r = state.hub.storage.cancel_transfer(id, key, shelfsync_node::now_ms()).await;
     transfer_changed(&state, r).await
@@ -1024,12 +1030,12 @@ async fn post_transfer_cancel(
     path = "/v1/transfers/{id}",
     tag = "viewer",
     summary = "A transfer",
-    params(("id" = String, Path, description = "Transfer id (UUID)")),
+    params(("id" = String, Path, description = "Transfer id (UUID) or the key it was shipped under")),
     responses((status = 200, description = "The transfer", body = crate::openapi::Transfer), (status = 404, description = "No such transfer", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_transfer(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
+    let id = keyed_id(&id)?;
     match state.hub.storage.transfer(id).await? {
         Some(t) => Ok(Json(t.to_json())),
         None => Err(ApiError::not_found(format!("no transfer {id}"))),
@@ -1287,7 +1293,7 @@ async fn post_reservation(
     security(("bearer" = []))
 )]
 async fn get_reservation(State(state): State<ApiState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
-    let rid = reservation_id(&id)?;
+    let rid = keyed_id(&id)?;
     match state.hub.storage.reservation(rid).await? {
         Some(v) => Ok(Json(v.to_json())),
         None => Err(ApiError::not_found(format!("no reservation {}", quote(&id)))),
@@ -1370,7 +1376,7 @@ async fn act(
     action: shelfsync_hub_core::Action,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = reservation_id(id)?;
+    let id = keyed_id(id)?;
     // The action's own key (optional): the same rule as every write, kept by its UUID.
     let key = request_key(None, headers)?;
     let name = match action {

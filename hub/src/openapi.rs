@@ -279,6 +279,9 @@ pub struct TransferLine {
 #[derive(Serialize, ToSchema)]
 pub struct Transfer {
     pub id: uuid::Uuid,
+    /// The idempotency key it was shipped under (in the answer to the shipment and its retries).
+    #[schema(nullable = false)]
+    pub key: Option<String>,
     pub from: String,
     pub to: String,
     /// in_transit, received or cancelled.

@@ -256,8 +256,12 @@ async fn a_cancelled_transfer_returns_its_units_and_everything_survives_a_restar
     let body = json!({"id": Uuid::now_v7(), "from": "store-a", "to": "nowhere", "lines": [{"sku": "A", "qty": 1}]});
     let (s, v) = call(&h, "POST", "/v1/transfers", &h.admin, Some(body)).await;
     assert_eq!((s, v["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
+    // A path names a transfer by id or by the key it was shipped under: an unknown key is a 404,
+    // a key that cannot be one is a 422.
+    let (s, v) = call(&h, "GET", "/v1/transfers/delivery-note-77", &h.viewer, None).await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
     for path in [
-        "/v1/transfers/not-a-uuid".to_owned(),
+        format!("/v1/transfers/{}", "k".repeat(129)),
         "/v1/transfers?status=lost".to_owned(),
         "/v1/transfers?store=Bad%20Store".to_owned(),
         format!("/v1/transfers?after={nobody}"),

@@ -338,7 +338,8 @@ fn transfers_recorded_before_they_travelled_read_as_received() {
         ChangedLine { store: s("a"), sku: k("X"), delta: -3, on_hand: 2, entry: None },
         ChangedLine { store: s("b"), sku: k("X"), delta: 3, on_hand: 3, entry: None },
     ];
-    let response = HubChangeResponse { id: uid(9), key: None, kind: HubChangeKind::Transfer, lines, recorded_at_ms: 1_000 };
+    let response =
+        HubChangeResponse { id: uid(9), key: None, kind: HubChangeKind::Transfer, lines, recorded_at_ms: 1_000 };
     rows.push(Record::HubRequest(HubRequest {
         id: uid(9),
         kind: HubChangeKind::Transfer,
