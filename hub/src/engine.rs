@@ -616,6 +616,16 @@ impl Engine {
                 if !skus.is_empty() {
                     st.decide(Command::JournalSkus { store: store.clone(), skus }, now_ms())?;
                 }
+                // The tills' adjustments reach the feed once (this range is new for the peer).
+                let adjustments: Vec<_> = batch
+                    .events
+                    .iter()
+                    .filter(|e| e.kind == shelfsync_shared::EventKind::Adjustment)
+                    .cloned()
+                    .collect();
+                if !adjustments.is_empty() {
+                    st.decide(Command::JournalAdjustments { store: store.clone(), events: adjustments }, now_ms())?;
+                }
             }
             extras.push(Box::new(move |conn| {
                 for e in &batch.events {

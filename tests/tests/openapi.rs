@@ -345,6 +345,13 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     let store_adj = by_store.iter().find(|i| i["by"] == "store").unwrap();
     assert_eq!((store_adj["reason"].as_str(), store_adj["delta"].as_i64()), (Some("damaged"), Some(-1)), "{store_adj}");
     assert!(by_store.iter().any(|i| i["by"] == "hub"), "{by_store:?}");
+    // And the feed told it, with its reason code apart from its note.
+    let (_, feed) = hub.call(Method::GET, "/v1/changes", "/v1/changes?limit=1000", None).await;
+    let told =
+        feed["items"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == "adjustment_recorded" && e["data"]["by"] == "store" && e["data"]["reason"] == "damaged"
+        });
+    assert!(told, "the till's adjustment is on the feed: {feed}");
     let count = json!({"id": "handheld-7/0001", "sku": "DOC-1", "counted": 7});
     assert_eq!(agent.call(Method::POST, "/v1/counts", "/v1/counts", Some(count)).await.0, 201);
     let batch = json!({"id": "stocktake-doc", "items": [

@@ -214,6 +214,14 @@ pub enum Command {
         /// The SKUs.
         skus: Vec<Sku>,
     },
+    /// Adjustment lines a store synced up (newly stored): each becomes an `adjustment_recorded`
+    /// feed event. The runtime stores the lines themselves.
+    JournalAdjustments {
+        /// The store.
+        store: StoreId,
+        /// The lines (only adjustments are told; others are ignored).
+        events: Vec<shelfsync_shared::JournalEvent>,
+    },
     /// A conflict about a store's agents or the hub's files, recorded once per id.
     AgentConflict {
         /// Id (derived by the runtime from what makes two reports the same).
@@ -328,6 +336,8 @@ pub enum Done {
     CatalogApplied(CatalogApplied),
     /// `JournalSkus`: the `unknown_sku` conflicts opened.
     UnknownSkus(Vec<Uuid>),
+    /// `JournalAdjustments`: how many feed events it made.
+    AdjustmentsNoted(usize),
     /// `AgentConflict` (`new`: not recorded before).
     AgentConflict {
         /// Whether it was new.
@@ -433,6 +443,17 @@ pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
         Command::CancelTransfer { id, key } => crate::transfers::cancel(cx, id, key).map(Done::TransferChanged),
         Command::CatalogChanged { items, overrides } => crate::catalog::changed(cx, &items, overrides.as_ref()),
         Command::JournalSkus { store, skus } => crate::catalog::journal_skus(cx, &store, &skus),
+        Command::JournalAdjustments { store, events } => {
+            crate::stores::require(cx.t, &store)?;
+            let mut n = 0;
+            for e in events {
+                if e.store == store && e.kind == shelfsync_shared::EventKind::Adjustment {
+                    cx.t.note_journal(e, false, cx.now);
+                    n += 1;
+                }
+            }
+            Ok(Done::AdjustmentsNoted(n))
+        }
         Command::AgentConflict { id, kind, store, resolution, details } => {
             Ok(crate::conflicts::agent_conflict(cx, id, kind, store, resolution, details))
         }

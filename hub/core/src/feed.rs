@@ -61,6 +61,9 @@ named_enum! {
         TransferReceived => "transfer_received",
         /// A transfer was called off: its units went back to the source.
         TransferCancelled => "transfer_cancelled",
+        /// An adjustment was recorded: at a till (synced up) or by head office (a correction, or
+        /// the `transit_loss` of a short receipt). The shrink report's rows, live.
+        AdjustmentRecorded => "adjustment_recorded",
     }
 }
 
@@ -124,6 +127,26 @@ pub enum FeedData {
         /// The conflict as recorded.
         conflict: Conflict,
     },
+    /// `adjustment_recorded`.
+    Adjustment {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// Change of on_hand.
+        delta: i64,
+        /// The reason code and note, as stored (`code` or `code: note`).
+        reason: Option<String>,
+        /// The journal line: request id and line (a store restored from a backup may send a line
+        /// again; this pair names it).
+        id: Uuid,
+        /// Line within the request.
+        line: u32,
+        /// When it happened (the caller's `occurred_at`).
+        occurred_at_ms: i64,
+        /// `store` (a till) or `hub` (head office).
+        by: String,
+    },
     /// `transfer_shipped|received|cancelled`.
     Transfer {
         /// The transfer after the change.
@@ -164,6 +187,13 @@ impl FeedEvent {
             }
             FeedData::Conflict { conflict } => json!({"conflict": conflict.to_json()}),
             FeedData::Transfer { transfer } => json!({"transfer": transfer.to_json()}),
+            FeedData::Adjustment { store, sku, delta, reason, id, line, occurred_at_ms, by } => {
+                let r = shelfsync_shared::Reason::parse_stored(reason.as_deref().unwrap_or(""));
+                json!({
+                    "store": store, "sku": sku, "delta": delta, "reason": r.code.as_str(), "note": r.note,
+                    "id": id, "line": line, "occurred_at": shelfsync_shared::rfc3339(*occurred_at_ms), "by": by,
+                })
+            }
         }
     }
 }

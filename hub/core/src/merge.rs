@@ -320,7 +320,7 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         holds_changed.extend(reconcile(cx, st, sk));
         let store = cx.t.store(st).id.clone();
         let n = line_no.entry((event, st)).or_default();
-        cx.t.dirty.journal.push(JournalEvent {
+        let line = JournalEvent {
             id: event,
             line: *n,
             kind: journal_kind,
@@ -332,7 +332,8 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
             recorded_at_ms: now,
             writer: hub.clone(),
             flags: Vec::new(),
-        });
+        };
+        cx.t.note_journal(line, true, now);
         *n += 1;
         if !stores.contains(&store) {
             stores.push(store.clone());

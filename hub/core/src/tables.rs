@@ -481,6 +481,28 @@ impl Tables {
         self.push_feed(e);
     }
 
+    /// Records a journal line the hub stores (its own, or one a store synced up) and, for an
+    /// adjustment, tells the feed (`adjustment_recorded`).
+    pub fn note_journal(&mut self, e: shelfsync_shared::JournalEvent, own: bool, now_ms: i64) {
+        if e.kind == shelfsync_shared::EventKind::Adjustment {
+            let by = if e.writer.is_hub() { "hub" } else { "store" };
+            let data = crate::feed::FeedData::Adjustment {
+                store: e.store.clone(),
+                sku: e.sku.clone(),
+                delta: e.delta,
+                reason: e.reason.clone(),
+                id: e.id,
+                line: e.line,
+                occurred_at_ms: e.occurred_at_ms,
+                by: by.into(),
+            };
+            self.emit(crate::feed::FeedKind::AdjustmentRecorded, now_ms, data);
+        }
+        if own {
+            self.dirty.journal.push(e);
+        }
+    }
+
     pub fn push_feed(&mut self, e: FeedEvent) {
         self.feed.push_back(e);
         while self.feed.len() > self.feed_retain {

@@ -249,7 +249,7 @@ fn book(cx: &mut Ctx<'_>, id: Uuid, first_line: u32, b: Booking<'_>) -> Result<B
         let sk = cx.t.intern_sku(sku);
         let next = crate::merge::entry_of(cx.t, st, sku, &hub).apply(&hub, delta).expect("planned");
         cx.t.put_entry(st, sk, w, next);
-        cx.t.dirty.journal.push(JournalEvent {
+        let line = JournalEvent {
             id,
             line: first_line + n as u32,
             kind,
@@ -261,7 +261,8 @@ fn book(cx: &mut Ctx<'_>, id: Uuid, first_line: u32, b: Booking<'_>) -> Result<B
             recorded_at_ms: now,
             writer: hub.clone(),
             flags: Vec::new(),
-        });
+        };
+        cx.t.note_journal(line, true, now);
         match net.iter_mut().find(|(s, _)| s == sku) {
             Some((_, d)) => *d += delta,
             None => net.push((sku.clone(), delta)),

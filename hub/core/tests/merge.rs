@@ -409,6 +409,62 @@ fn an_adjustment_compares_and_sets_in_the_same_decision() {
     assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
 }
 
+/// Adjustments reach the feed: head office's when made, a till's when its lines sync up (only
+/// adjustments, only the store's own), with the reason code and note apart.
+#[test]
+fn adjustments_reach_the_feed_with_their_reason() {
+    let mut h = H::new();
+    h.stores(&["a", "b"]);
+    h.stock("a", "X", 5);
+    let head = h.d.feed_head();
+    h.ok(Command::HubChange(HubChangeRequest {
+        id: uid(1),
+        key: None,
+        change: HubChange::Adjust { store: s("a"), sku: k("X"), delta: -1, expected_on_hand: None },
+        reason: Some("theft: shelf 4".into()),
+    }));
+    let till = |kind, delta, reason: &str| shelfsync_shared::JournalEvent {
+        id: uid(2),
+        line: 0,
+        kind,
+        store: s("a"),
+        sku: k("X"),
+        delta,
+        reason: Some(reason.into()),
+        occurred_at_ms: 1_000,
+        recorded_at_ms: 1_000,
+        writer: writer("a"),
+        flags: Vec::new(),
+    };
+    let Done::AdjustmentsNoted(n) = h.ok(Command::JournalAdjustments {
+        store: s("a"),
+        events: vec![till(EventKind::Adjustment, 2, "found"), till(EventKind::Sale, -1, "")],
+    }) else {
+        panic!()
+    };
+    assert_eq!(n, 1, "a sale line is not an adjustment");
+    assert_eq!(
+        h.apply(Command::JournalAdjustments { store: s("z"), events: vec![] }),
+        Err(Refusal::UnknownStore(s("z")))
+    );
+    let told: Vec<serde_json::Value> = h
+        .feed()
+        .into_iter()
+        .filter(|e| e.cursor > head && e.kind == FeedKind::AdjustmentRecorded)
+        .map(|e| e.data_json())
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(
+        (told[0]["by"].as_str(), told[0]["reason"].as_str(), told[0]["note"].as_str(), told[0]["delta"].as_i64()),
+        (Some("hub"), Some("theft"), Some("shelf 4"), Some(-1))
+    );
+    assert_eq!(
+        (told[1]["by"].as_str(), told[1]["reason"].as_str(), told[1]["note"].is_null(), told[1]["delta"].as_i64()),
+        (Some("store"), Some("found"), true, Some(2))
+    );
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
+}
+
 #[test]
 fn a_batch_restock_is_all_entries_or_none() {
     use shelfsync_hub_core::RestockEntry;

@@ -540,6 +540,7 @@ fn sequences_reach_oversells_shorts_fulfilments_and_expiries() {
         "feed transfer_shipped",
         "feed transfer_received",
         "feed transfer_cancelled",
+        "feed adjustment_recorded",
         "feed back_in_stock",
         "refused Unavailable",
         "refused LimitExceeded",
