@@ -532,25 +532,40 @@ async fn get_status(State(state): State<AppState>) -> Result<Json<serde_json::Va
 #[utoipa::path(
     get,
     path = "/holds",
-    summary = "Online holds to pick here",
-    responses((status = 200, description = "Holds", body = crate::openapi::HoldList), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    summary = "Online holds to pick here, by SKU (all of them up to 4096 a page: the most a store is sent)",
+    params(("after" = Option<String>, Query, description = "The previous page's next (a hold id)"), ("limit" = Option<usize>, Query, description = "1..4096 (default 4096)")),
+    responses((status = 200, description = "Holds", body = crate::openapi::HoldList), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn get_holds(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let items = crate::holds::list(&state.db).await?;
-    Ok(Json(json!({ "items": items })))
+async fn get_holds(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = shelfsync_shared::wire::HOLDS_MAX;
+    let limit = shelfsync_node::http::page_limit(q.limit, max, max)?;
+    let after = q.after.as_deref().map(|a| parse_id(a).map_err(|e| e.with("parameter", "after"))).transpose()?;
+    let (items, next) = shelfsync_node::http::page_after(crate::holds::list(&state.db).await?, after, limit, |h| h.id)?;
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 #[utoipa::path(
     get,
     path = "/incoming",
-    summary = "Transfers on their way here from other stores (head office receives them), oldest first",
-    responses((status = 200, description = "Transfers in transit to this store", body = crate::openapi::IncomingList), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    summary = "Transfers on their way here from other stores (head office receives them), oldest first (all of them up to 1024 a page: the most a store is sent)",
+    params(("after" = Option<String>, Query, description = "The previous page's next (a transfer id)"), ("limit" = Option<usize>, Query, description = "1..1024 (default 1024)")),
+    responses((status = 200, description = "Transfers in transit to this store", body = crate::openapi::IncomingList), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security((), ("bearer" = []))
 )]
-async fn get_incoming(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let items = crate::incoming::list(&state.db).await?;
-    Ok(Json(json!({ "items": items })))
+async fn get_incoming(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = shelfsync_shared::wire::INCOMING_TRANSFERS_MAX;
+    let limit = shelfsync_node::http::page_limit(q.limit, max, max)?;
+    let after = q.after.as_deref().map(|a| parse_id(a).map_err(|e| e.with("parameter", "after"))).transpose()?;
+    let (items, next) =
+        shelfsync_node::http::page_after(crate::incoming::list(&state.db).await?, after, limit, |t| t.id)?;
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 #[utoipa::path(

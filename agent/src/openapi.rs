@@ -167,12 +167,16 @@ pub struct Incoming {
 #[derive(Serialize, ToSchema)]
 pub struct IncomingList {
     pub items: Vec<Incoming>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
 }
 
 /// `GET /v1/holds`.
 #[derive(Serialize, ToSchema)]
 pub struct HoldList {
     pub items: Vec<Hold>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
 }
 
 /// `POST /v1/holds/{id}/fulfil`.

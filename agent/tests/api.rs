@@ -252,6 +252,14 @@ async fn a_batch_records_all_or_nothing_with_a_result_per_item() {
     let (s, e) = h.post("/v1/batch", json!({"id": id(), "items": []})).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
     assert!(e["message"].as_str().unwrap().contains("items must not be empty"), "{e}");
+    for bad in ["/v1/holds?limit=0", "/v1/holds?after=not-a-hold", "/v1/incoming?colour=red"] {
+        let (s, e) = h.get(bad).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {e}");
+    }
+    let (s, e) = h.get(&format!("/v1/holds?after={}", Uuid::now_v7())).await;
+    assert_eq!((s, e["parameter"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("after")), "{e}");
+    let (s, e) = h.get("/v1/holds").await;
+    assert_eq!((s, e["next"].is_null()), (StatusCode::OK, true), "{e}");
     let (s, e) = h.get("/v1/stock/NEVER-SEEN").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(e["message"].as_str().unwrap().contains("unknown here"), "{e}");

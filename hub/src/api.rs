@@ -375,25 +375,24 @@ async fn get_availability_batch(
     Ok(Json(json!({ "items": items })))
 }
 
-/// A route that takes no query parameters refuses any (422), like every other route does
-/// with parameters it does not know.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
 #[utoipa::path(
     get,
     path = "/v1/stores",
     tag = "viewer",
-    summary = "Every store with its connection and sync marks",
-    responses((status = 200, description = "Stores", body = crate::openapi::StoreList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    summary = "Every store with its connection and sync marks, by id (all of them up to 1000 a page)",
+    params(("after" = Option<String>, Query, description = "The previous page's next (a store id)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 1000)")),
+    responses((status = 200, description = "Stores", body = crate::openapi::StoreList), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_stores(
     State(state): State<ApiState>,
-    ApiQuery(NoParams {}): ApiQuery<NoParams>,
+    ApiQuery(q): ApiQuery<ShortListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let stores = state.hub.storage.stores().await?;
+    let limit = page_limit(q.limit, SHORT_LIST_MAX, SHORT_LIST_MAX)?;
+    let after =
+        q.after.as_deref().map(|a| parse_store("after", a).map_err(|e| e.with("parameter", "after"))).transpose()?;
+    let (stores, next) =
+        shelfsync_node::http::page_after(state.hub.storage.stores().await?, after, limit, |s| s.id.clone())?;
     let items: Vec<Value> = stores
         .into_iter()
         .map(|s| {
@@ -424,7 +423,18 @@ async fn get_stores(
             })
         })
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+/// Largest (and default) page of the short lists: stores, tokens.
+pub const SHORT_LIST_MAX: usize = 1000;
+
+/// `after` and `limit` of a short list (default: all of it up to [`SHORT_LIST_MAX`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShortListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -1850,13 +1860,29 @@ async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody
     path = "/v1/tokens",
     tag = "admin",
     summary = "Every token (never a secret)",
-    responses((status = 200, description = "Tokens", body = crate::openapi::TokenList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    params(("after" = Option<String>, Query, description = "The previous page's next (a token id)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 1000)")),
+    responses((status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 200, description = "Tokens", body = crate::openapi::TokenList), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
-async fn get_tokens(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+async fn get_tokens(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ShortListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let now = shelfsync_node::now_ms();
-    let items: Vec<_> = state.hub.storage.tokens().await?.iter().map(|t| t.view(now)).collect();
-    Ok(Json(json!({ "items": items })))
+    let limit = page_limit(q.limit, SHORT_LIST_MAX, SHORT_LIST_MAX)?;
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| {
+            Uuid::parse_str(a).map_err(|_| {
+                ApiError::invalid(format!("after must be a token id (a UUID), got {}", quote(a)))
+                    .with("parameter", "after")
+            })
+        })
+        .transpose()?;
+    let (tokens, next) = shelfsync_node::http::page_after(state.hub.storage.tokens().await?, after, limit, |t| t.id)?;
+    let items: Vec<_> = tokens.iter().map(|t| t.view(now)).collect();
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 /// `DELETE /v1/tokens/{id}`: revokes; the token's next request is refused.

@@ -127,6 +127,8 @@ pub struct Store {
 #[derive(Serialize, ToSchema)]
 pub struct StoreList {
     pub items: Vec<Store>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
 }
 
 /// One SKU at one store.
@@ -457,6 +459,8 @@ pub struct Token {
 #[derive(Serialize, ToSchema)]
 pub struct TokenList {
     pub items: Vec<Token>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<uuid::Uuid>,
 }
 
 /// `GET /healthz`.

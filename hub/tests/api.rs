@@ -176,6 +176,25 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
     let (s, v) = h.call("GET", "/v1/stores", t, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
+    assert!(v["next"].is_null(), "all stores fit the default page: {v}");
+    // The short lists page like every other list.
+    let (_, v) = h.call("GET", "/v1/stores?limit=1", t, None).await;
+    assert_eq!((v["items"][0]["id"].as_str(), v["next"].as_str()), (Some("store-a"), Some("store-a")), "{v}");
+    let (_, v) = h.call("GET", "/v1/stores?limit=1&after=store-a", t, None).await;
+    assert_eq!((v["items"][0]["id"].as_str(), v["next"].is_null()), (Some("store-b"), true), "{v}");
+    for bad in ["/v1/stores?after=store-z", "/v1/stores?limit=0", "/v1/stores?after=Bad%20Id"] {
+        let (s, v) = h.call("GET", bad, t, None).await;
+        assert_eq!((s, v["parameter"].is_string()), (StatusCode::UNPROCESSABLE_ENTITY, true), "{bad}: {v}");
+    }
+    let (_, all) = h.call("GET", "/v1/tokens", t, None).await;
+    let ids: Vec<&str> = all["items"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert!(ids.len() >= 3 && all["next"].is_null(), "{all}");
+    let (_, v) = h.call("GET", "/v1/tokens?limit=1", t, None).await;
+    assert_eq!(v["next"].as_str(), Some(ids[0]), "{v}");
+    let (_, v) = h.call("GET", &format!("/v1/tokens?limit=100&after={}", ids[0]), t, None).await;
+    assert_eq!(v["items"].as_array().unwrap().len(), ids.len() - 1, "{v}");
+    let (s, _) = h.call("GET", "/v1/tokens?colour=red", t, None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     h.hub.stop().await;
 }
 

@@ -344,6 +344,27 @@ pub fn required_key(body_id: Option<&str>, headers: &HeaderMap) -> Result<shelfs
     })
 }
 
+/// A page of a short list held in memory, in its order, after the row whose key is `after`
+/// (`422` naming `after` when no row has it), with `next` as [`page`] gives it.
+pub fn page_after<T, K: PartialEq + std::fmt::Display>(
+    rows: Vec<T>,
+    after: Option<K>,
+    limit: usize,
+    key: impl Fn(&T) -> K,
+) -> Result<(Vec<T>, Option<K>), ApiError> {
+    let start = match after {
+        None => 0,
+        Some(a) => {
+            let at = rows.iter().position(|r| key(r) == a).ok_or_else(|| {
+                ApiError::invalid(format!("after names nothing in this list: {a}")).with("parameter", "after")
+            })?;
+            at + 1
+        }
+    };
+    let rows: Vec<T> = rows.into_iter().skip(start).take(limit + 1).collect();
+    Ok(page(rows, limit, key))
+}
+
 /// `{"status": "ok"}`.
 pub async fn healthz() -> axum::Json<Value> {
     axum::Json(json!({"status": "ok"}))
