@@ -33,12 +33,18 @@ use uuid::Uuid;
 use crate::db::{self, DbError, Identity};
 use crate::ledger::LedgerError;
 
-/// Schema: the anchor of every counted SKU, and the index the sums read.
+/// Schema: the anchor of every counted SKU with the two sums its corrections need, kept up to
+/// date line by line (so a backdated sale costs one row, not a scan of the SKU's history), and a
+/// covering index for the scans a new anchor makes.
 pub const MIGRATION: &str = "
     CREATE TABLE count_anchors (
         sku TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, counted INTEGER NOT NULL,
-        id BLOB NOT NULL, line INTEGER NOT NULL, writer TEXT NOT NULL) WITHOUT ROWID;
-    CREATE INDEX journal_sku_at ON journal(sku, occurred_at_ms);";
+        id BLOB NOT NULL, line INTEGER NOT NULL, writer TEXT NOT NULL,
+        inside INTEGER NOT NULL, corrections INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX journal_sku_kind_at ON journal(sku, kind, occurred_at_ms, delta);";
+
+/// The kinds that are changes (everything but counts), for index range scans.
+const CHANGE_KINDS: &str = "('adjustment', 'fulfilment', 'restock', 'return', 'sale', 'transfer')";
 
 /// Journal reason of a count line that states a quantity: `counted N`.
 const COUNTED: &str = "counted ";
@@ -69,6 +75,10 @@ pub struct Anchor {
     pub line: u32,
     /// Who recorded it: that writer's agent keeps the corrections right (see [`rebase`]).
     pub writer: WriterId,
+    /// Σ of the changes (not counts) that occurred at or before `at_ms`, as the journal holds them.
+    pub inside: i64,
+    /// Σ of every count line's delta (the corrections so far).
+    pub corrections: i64,
 }
 
 impl Anchor {
@@ -79,26 +89,54 @@ impl Anchor {
 
 /// The SKU's anchor, if it was ever counted.
 pub fn anchor(conn: &Connection, sku: &Sku) -> Result<Option<Anchor>, DbError> {
-    let row: Option<(i64, i64, Vec<u8>, u32, String)> = conn
-        .prepare_cached("SELECT at_ms, counted, id, line, writer FROM count_anchors WHERE sku = ?1")?
-        .query_row([sku.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+    type Row = (i64, i64, Vec<u8>, u32, String, i64, i64);
+    let row: Option<Row> = conn
+        .prepare_cached(
+            "SELECT at_ms, counted, id, line, writer, inside, corrections FROM count_anchors WHERE sku = ?1",
+        )?
+        .query_row([sku.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+        })
         .optional()?;
-    row.map(|(at_ms, counted, id, line, writer)| {
+    row.map(|(at_ms, counted, id, line, writer, inside, corrections)| {
         let id = Uuid::from_slice(&id).map_err(|e| DbError::Corrupt(format!("count anchor id: {e}")))?;
-        Ok(Anchor { at_ms, counted, id, line, writer: db::writer_col(writer)? })
+        Ok(Anchor { at_ms, counted, id, line, writer: db::writer_col(writer)?, inside, corrections })
     })
     .transpose()
 }
 
-/// Makes `a` the SKU's anchor if it is newer than the current one. Returns whether it is now.
+/// Σ of the changes (not counts) of `sku` that occurred in `(after, upto]` (index only).
+fn changes_between(conn: &Connection, sku: &Sku, after: Option<UnixMs>, upto: UnixMs) -> Result<i64, DbError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT COALESCE(SUM(delta), 0) FROM journal
+             WHERE sku = ?1 AND kind IN {CHANGE_KINDS} AND occurred_at_ms > ?2 AND occurred_at_ms <= ?3"
+        ))?
+        .query_row(params![sku.as_str(), after.unwrap_or(i64::MIN), upto], |r| r.get(0))?)
+}
+
+/// Makes `a` (its sums ignored) the SKU's anchor if it is newer than the current one, with the
+/// sums as the journal holds them now. Returns whether it is now the anchor.
 pub fn offer(conn: &Connection, sku: &Sku, a: &Anchor) -> Result<bool, DbError> {
-    if anchor(conn, sku)?.is_some_and(|cur| cur.order() >= a.order()) {
+    let current = anchor(conn, sku)?;
+    if current.as_ref().is_some_and(|cur| cur.order() >= a.order()) {
         return Ok(false);
     }
+    // A newer anchor is later in time: carry the sums over and add what lies between.
+    let (inside, corrections) = match &current {
+        Some(cur) => (cur.inside + changes_between(conn, sku, Some(cur.at_ms), a.at_ms)?, cur.corrections),
+        None => (
+            changes_between(conn, sku, None, a.at_ms)?,
+            conn.prepare_cached("SELECT COALESCE(SUM(delta), 0) FROM journal WHERE sku = ?1 AND kind = 'count'")?
+                .query_row([sku.as_str()], |r| r.get(0))?,
+        ),
+    };
     conn.prepare_cached(
-        "INSERT INTO count_anchors (sku, at_ms, counted, id, line, writer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO count_anchors (sku, at_ms, counted, id, line, writer, inside, corrections)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (sku) DO UPDATE SET at_ms = excluded.at_ms, counted = excluded.counted,
-             id = excluded.id, line = excluded.line, writer = excluded.writer",
+             id = excluded.id, line = excluded.line, writer = excluded.writer,
+             inside = excluded.inside, corrections = excluded.corrections",
     )?
     .execute(params![
         sku.as_str(),
@@ -106,9 +144,41 @@ pub fn offer(conn: &Connection, sku: &Sku, a: &Anchor) -> Result<bool, DbError> 
         a.counted,
         a.id.as_bytes().as_slice(),
         a.line,
-        a.writer.to_string()
+        a.writer.to_string(),
+        inside,
+        corrections
     ])?;
     Ok(true)
+}
+
+/// A journal line of `sku` was just stored: the anchor's sums take it in. Returns the anchor
+/// (after) when the line falls inside it or is a count, i.e. when a correction may be due.
+pub fn note_line(
+    conn: &Connection,
+    sku: &Sku,
+    kind: EventKind,
+    occurred_at_ms: UnixMs,
+    delta: i64,
+) -> Result<Option<Anchor>, DbError> {
+    let Some(mut a) = anchor(conn, sku)? else { return Ok(None) };
+    let column = if kind == EventKind::Count {
+        a.corrections += delta;
+        "corrections"
+    } else if occurred_at_ms <= a.at_ms {
+        a.inside += delta;
+        "inside"
+    } else {
+        return Ok(None);
+    };
+    if delta != 0 {
+        conn.prepare_cached(&format!("UPDATE count_anchors SET {column} = {column} + ?2 WHERE sku = ?1"))?
+            .execute(params![sku.as_str(), delta])?;
+    }
+    Ok(Some(a))
+}
+
+fn note(conn: &Connection, e: &JournalEvent) -> Result<Option<Anchor>, DbError> {
+    note_line(conn, &e.sku, e.kind, e.occurred_at_ms, e.delta)
 }
 
 /// Whether this agent keeps `a`'s corrections: it recorded the count, or the writer that did is
@@ -124,25 +194,26 @@ fn keeps(conn: &Connection, me: &Identity, a: &Anchor) -> Result<bool, DbError> 
         .query_row([a.writer.to_string()], |r| r.get(0))?)
 }
 
-/// What the corrections still lack: `N − Σ{non-count ≤ T} − Σ corrections` (0 without a count).
+/// What the corrections still lack: `N − Σ{changes ≤ T} − Σ corrections` (0 without a count).
 pub fn shortfall(conn: &Connection, sku: &Sku) -> Result<i64, DbError> {
+    Ok(anchor(conn, sku)?.map_or(0, |a| a.counted - a.inside - a.corrections))
+}
+
+/// [`shortfall`] recomputed from the whole journal, for tests that check the kept sums.
+pub fn shortfall_by_scan(conn: &Connection, sku: &Sku) -> Result<i64, DbError> {
     let Some(a) = anchor(conn, sku)? else { return Ok(0) };
-    let (inside, corrections): (i64, i64) = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(CASE WHEN kind <> 'count' AND occurred_at_ms <= ?2 THEN delta END), 0),
-                    COALESCE(SUM(CASE WHEN kind = 'count' THEN delta END), 0)
-             FROM journal WHERE sku = ?1",
-        )?
-        .query_row(params![sku.as_str(), a.at_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(a.counted - inside - corrections)
+    let corrections: i64 = conn
+        .prepare_cached("SELECT COALESCE(SUM(delta), 0) FROM journal WHERE sku = ?1 AND kind = 'count'")?
+        .query_row([sku.as_str()], |r| r.get(0))?;
+    Ok(a.counted - changes_between(conn, sku, None, a.at_ms)? - corrections)
 }
 
 /// Σ of the non-count changes that occurred after `at_ms` (what a count at `at_ms` has on top).
 pub fn changes_after(conn: &Connection, sku: &Sku, at_ms: UnixMs) -> Result<i64, DbError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(delta), 0) FROM journal WHERE sku = ?1 AND occurred_at_ms > ?2 AND kind <> 'count'",
-        )?
+        .prepare_cached(&format!(
+            "SELECT COALESCE(SUM(delta), 0) FROM journal WHERE sku = ?1 AND kind IN {CHANGE_KINDS} AND occurred_at_ms > ?2"
+        ))?
         .query_row(params![sku.as_str(), at_ms], |r| r.get(0))?)
 }
 
@@ -162,42 +233,52 @@ pub fn rebase(conn: &Connection, me: &Identity, sku: &Sku, now: UnixMs) -> Resul
     let entry = db::entry(conn, sku, &me.writer)?.unwrap_or_default().apply(&me.writer, need)?;
     db::put_entry(conn, sku, &me.writer, entry, db::next_seq(conn)?)?;
     db::refresh_stock(conn, sku)?;
-    crate::replica::insert_own_event(
-        conn,
-        &JournalEvent {
-            id: Uuid::now_v7(),
-            line: 0,
-            kind: EventKind::Count,
-            store: me.store.clone(),
-            sku: sku.clone(),
-            delta: need,
-            reason: Some(REBASE.into()),
-            occurred_at_ms: at,
-            recorded_at_ms: now,
-            writer: me.writer.clone(),
-            flags: Vec::new(),
-        },
-    )?;
+    let line = JournalEvent {
+        id: Uuid::now_v7(),
+        line: 0,
+        kind: EventKind::Count,
+        store: me.store.clone(),
+        sku: sku.clone(),
+        delta: need,
+        reason: Some(REBASE.into()),
+        occurred_at_ms: at,
+        recorded_at_ms: now,
+        writer: me.writer.clone(),
+        flags: Vec::new(),
+    };
+    crate::replica::insert_own_event(conn, &line)?;
+    note(conn, &line)?;
     tracing::debug!(%sku, need, "count rebased");
     Ok(need)
 }
 
-/// After a journal line of `sku` arrived (own or from the hub): keeps the anchor newest, and
-/// rebases when the line falls inside the anchor. Returns the anchor's time when it did.
+/// After a journal line was stored (own or from the hub; the ledger notes the lines of its own
+/// requests itself, with [`note_line`]): the anchor's sums take it in, a count line offers itself as the
+/// anchor, and a line inside the anchor (or any count) rebases. Returns the anchor's time when
+/// the line fell inside it.
 pub fn settle_line(
     conn: &Connection,
     me: &Identity,
     e: &JournalEvent,
     now: UnixMs,
 ) -> Result<Option<UnixMs>, LedgerError> {
+    let inside = note(conn, e)?;
     if e.kind == EventKind::Count {
         if let Some(counted) = counted_of(e.reason.as_deref()) {
-            let a = Anchor { at_ms: e.occurred_at_ms, counted, id: e.id, line: e.line, writer: e.writer.clone() };
+            let a = Anchor {
+                at_ms: e.occurred_at_ms,
+                counted,
+                id: e.id,
+                line: e.line,
+                writer: e.writer.clone(),
+                inside: 0,
+                corrections: 0,
+            };
             offer(conn, &e.sku, &a)?;
         }
     }
     let Some(a) = anchor(conn, &e.sku)? else { return Ok(None) };
-    if e.kind != EventKind::Count && e.occurred_at_ms > a.at_ms {
+    if e.kind != EventKind::Count && inside.is_none() {
         return Ok(None);
     }
     rebase(conn, me, &e.sku, now)?;

@@ -398,7 +398,15 @@ fn record_in(
         let (delta, reason, superseded) = match (delta, counted) {
             (Some(d), _) => (d, reason.map(str::to_owned), None),
             (None, Some(c)) => {
-                let mine = counts::Anchor { at_ms: occurred, counted: c, id: req.id, line, writer: me.writer.clone() };
+                let mine = counts::Anchor {
+                    at_ms: occurred,
+                    counted: c,
+                    id: req.id,
+                    line,
+                    writer: me.writer.clone(),
+                    inside: 0,
+                    corrections: 0,
+                };
                 let newest = counts::offer(conn, &sku, &mine)?;
                 let superseded = (!newest).then(|| counts::anchor(conn, &sku)).transpose()?.flatten();
                 let delta = if newest { counts::shortfall(conn, &sku)? } else { 0 };
@@ -432,17 +440,15 @@ fn record_in(
             lineage.chain.as_slice(),
         ])
         .map_err(DbError::from)?;
-        // A change that occurred at or before the newest count is inside it: the count's
-        // correction takes it back out, in this transaction.
-        let absorbed = match counted {
-            None => match counts::anchor(conn, &sku)? {
-                Some(a) if occurred <= a.at_ms => {
-                    counts::rebase(conn, me, &sku, now)?;
-                    Some(a.at_ms)
-                }
-                _ => None,
-            },
-            Some(_) => None,
+        // The newest count's sums take the line in. A change that occurred at or before that
+        // count is inside it: the count's correction takes it back out, in this transaction.
+        let noted = counts::note_line(conn, &sku, kind, occurred, delta)?;
+        let absorbed = match (counted, noted) {
+            (None, Some(a)) => {
+                counts::rebase(conn, me, &sku, now)?;
+                Some(a.at_ms)
+            }
+            _ => None,
         };
         let on_hand = if delta != 0 || !seen || absorbed.is_some() { db::refresh_stock(conn, &sku)? } else { before };
         let figures = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
@@ -474,7 +480,13 @@ fn record_in(
             Some(c) => Some(CountResult {
                 counted: c,
                 counted_at: rfc3339(occurred),
-                changes_after: counts::changes_after(conn, &sku, occurred)?,
+                // The newest count stands under everything after it: what is on top is what
+                // on_hand shows beyond it (also changes whose journal lines are still on their
+                // way). A superseded count is told from the journal.
+                changes_after: match superseded {
+                    None => on_hand - c,
+                    Some(_) => counts::changes_after(conn, &sku, occurred)?,
+                },
                 superseded_by: superseded.map(|a| rfc3339(a.at_ms)),
             }),
             None => None,

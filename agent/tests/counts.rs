@@ -142,7 +142,18 @@ async fn deliver(events: &[Ev]) -> i64 {
         journal_seq += 1;
         send_journal(line, journal_seq).await;
     }
-    let on_hand = ledger::stock(&db, sku).await.unwrap().map(|v| v.on_hand).unwrap_or(0);
+    let on_hand = ledger::stock(&db, sku.clone()).await.unwrap().map(|v| v.on_hand).unwrap_or(0);
+    // The sums the agent keeps line by line are the journal's, and nothing is left to correct.
+    let (kept, scanned) = db
+        .read(move |conn| {
+            Ok::<_, shelfsync_agent::db::DbError>((
+                shelfsync_agent::counts::shortfall(conn, &sku)?,
+                shelfsync_agent::counts::shortfall_by_scan(conn, &sku)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!((kept, scanned), (0, 0), "kept sums against a scan of the journal");
     drop(db);
     on_hand
 }

@@ -4,8 +4,9 @@
 //! - a plain sale of a SKU never counted (the path every till takes);
 //! - a sale of a counted SKU that happened after the count (one more index lookup);
 //! - a sale backdated inside the count (the count takes it back out: a correction line);
-//! - a count an hour late and a count on time, each the SKU's newest (both sum the SKU's journal
-//!   up to their time).
+//! - a count an hour late and a count on time, each the SKU's newest (they add what lies
+//!   between the previous count and theirs);
+//! - the first count of the SKU (once: it sums the SKU's whole history up to its time; one run).
 //!
 //! `cargo bench -p shelfsync-tests --bench counts` prints the median of 200 of each (per history);
 //! the machine is shared, so compare figures of the same run only.
@@ -41,8 +42,8 @@ async fn main() {
     let samples = if quick { 20 } else { SAMPLES };
     println!("counts ordered by occurred_at, on the ledger (synchronous=FULL), median µs of {samples} each");
     println!(
-        "{:>9} {:>12} {:>14} {:>15} {:>12} {:>12}",
-        "history", "plain sale", "counted, after", "backdated sale", "count", "late count"
+        "{:>9} {:>12} {:>14} {:>15} {:>12} {:>12} {:>12}",
+        "history", "plain sale", "counted, after", "backdated sale", "count", "late count", "first count"
     );
     for &history in histories {
         let dir = tempfile::tempdir().unwrap();
@@ -65,7 +66,7 @@ async fn main() {
             }
         }
         // One count an hour and a half ago anchors COUNTED.
-        timed(&db, Change::Count { sku: counted.clone(), counted: 1_000_000 }, Some(now - 5_400_000)).await;
+        let first = timed(&db, Change::Count { sku: counted.clone(), counted: 1_000_000 }, Some(now - 5_400_000)).await;
         let (mut a, mut b, mut c, mut d, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let n = 1_000_000;
         for _ in 0..samples {
@@ -82,13 +83,14 @@ async fn main() {
             d.push(timed(&db, Change::Count { sku: counted.clone(), counted: n }, None).await);
         }
         println!(
-            "{:>9} {:>12.0} {:>14.0} {:>15.0} {:>12.0} {:>12.0}",
+            "{:>9} {:>12.0} {:>14.0} {:>15.0} {:>12.0} {:>12.0} {:>12.0}",
             history,
             median_us(a),
             median_us(b),
             median_us(c),
             median_us(d),
-            median_us(e)
+            median_us(e),
+            first
         );
     }
 }
