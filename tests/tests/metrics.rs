@@ -100,8 +100,12 @@ async fn hub_and_agent_metrics_after_activity() {
     let text = wait_until("the hub's view of the store to settle", DEADLINE, || async {
         let t = hub_metrics(&c).await;
         let expired = series(&t, r#"shelfsync_hub_reservations_total{action="expire",outcome="ok"}"#);
-        (series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#) == Some(0.0) && expired == Some(1.0))
-            .then_some(t)
+        // The unknown_sku conflict comes with the journal, which syncs after the counters.
+        let unknown = series(&t, r#"shelfsync_hub_conflicts_open{kind="unknown_sku"}"#);
+        (series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#) == Some(0.0)
+            && expired == Some(1.0)
+            && unknown == Some(1.0))
+        .then_some(t)
     })
     .await;
     assert_eq!(must(&text, r#"shelfsync_hub_store_connected{store="store-0"}"#), 1.0);
