@@ -226,19 +226,8 @@ struct CountBody {
 
 /// An adjustment with its reason code checked against the delta's sign.
 fn adjustment(sku: Sku, delta: i64, reason: &str, note: Option<String>) -> Result<Change, ApiError> {
-    use shelfsync_shared::qty::{check_range, QtyError, ADJUST_DELTA_MAX};
-    if delta == 0 {
-        return Err(ApiError::invalid(QtyError::Zero { field: "delta" }.to_string()).with("field", "delta"));
-    }
-    check_range("delta", delta, -ADJUST_DELTA_MAX, ADJUST_DELTA_MAX)
-        .map_err(|e| ApiError::invalid(e.to_string()).with("field", "delta"))?;
-    let reason = shelfsync_shared::Reason::new(reason, note, delta)
-        .map_err(|e| ApiError::invalid(e.to_string()).with("field", "reason"))?;
+    let reason = shelfsync_node::http::adjustment_reason(delta, reason, note)?;
     Ok(Change::Adjustment { sku, delta, reason: reason.to_stored() })
-}
-
-fn lines(body: &LinesBody) -> Result<Vec<Line>, ApiError> {
-    parse_lines(&body.lines)
 }
 
 fn parse_lines(lines: &[LineBody]) -> Result<Vec<Line>, ApiError> {
@@ -295,7 +284,7 @@ async fn post_sale(
     ApiJson(body): ApiJson<LinesBody>,
 ) -> Result<Response, ApiError> {
     let key = required_key(body.id.as_deref(), &headers)?;
-    let change = Change::Sale { lines: lines(&body)? };
+    let change = Change::Sale { lines: parse_lines(&body.lines)? };
     let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
 }
@@ -314,7 +303,7 @@ async fn post_return(
     ApiJson(body): ApiJson<LinesBody>,
 ) -> Result<Response, ApiError> {
     let key = required_key(body.id.as_deref(), &headers)?;
-    let change = Change::Return { lines: lines(&body)? };
+    let change = Change::Return { lines: parse_lines(&body.lines)? };
     let req = RecordRequest::new(&key, change, parse_time(body.occurred_at.as_deref(), now_ms())?);
     record(&state, req).await
 }

@@ -16,9 +16,9 @@ use shelfsync_node::http::{
     bearer, page, page_limit, request_key, required_key, ApiBytes, ApiError, ApiJson, ApiPath, ApiQuery,
 };
 use shelfsync_shared::id::quote;
-use shelfsync_shared::qty::{ADJUST_DELTA_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
+use shelfsync_shared::qty::{LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::rfc3339;
-use shelfsync_shared::{IdempotencyKey, Reason, ReasonError, Sku, StoreId};
+use shelfsync_shared::{IdempotencyKey, Reason, Sku, StoreId};
 use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use uuid::Uuid;
 
@@ -1184,14 +1184,6 @@ struct AdjustmentBody {
     expected_on_hand: Option<i64>,
 }
 
-fn reason_error(e: ReasonError) -> ApiError {
-    let field = match e {
-        ReasonError::NoteRequired | ReasonError::NoteTooLong(_) => "note",
-        ReasonError::UnknownCode { .. } | ReasonError::WrongSign { .. } => "reason",
-    };
-    ApiError::invalid(e.to_string()).with("field", field)
-}
-
 #[utoipa::path(
     post,
     path = "/v1/stores/{id}/adjustments",
@@ -1211,14 +1203,7 @@ async fn post_adjustment(
     let key = required_key(b.id.as_deref(), &headers)?;
     let store = parse_store("id", &id)?;
     let sku = parse_sku("sku", &b.sku).map_err(|e| e.with("field", "sku"))?;
-    if b.delta == 0 || b.delta.abs() > ADJUST_DELTA_MAX {
-        return Err(ApiError::invalid(format!(
-            "delta must be non-zero and between -{ADJUST_DELTA_MAX} and {ADJUST_DELTA_MAX}, got {}",
-            b.delta
-        ))
-        .with("field", "delta"));
-    }
-    let reason = Reason::new(&b.reason, b.note, b.delta).map_err(reason_error)?;
+    let reason = shelfsync_node::http::adjustment_reason(b.delta, &b.reason, b.note)?;
     let req = HubChangeRequest {
         id: key.id(),
         key: Some(key.as_str().to_owned()),

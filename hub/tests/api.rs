@@ -20,23 +20,7 @@ async fn hub() -> H {
 
 impl H {
     async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
-        let url = format!("{}{path}", self.hub.url());
-        let mut req = match method {
-            "GET" => self.http.get(url),
-            "POST" => self.http.post(url),
-            "DELETE" => self.http.delete(url),
-            _ => unreachable!(),
-        };
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.request(method, path, token, body, None).await
     }
 }
 
@@ -201,18 +185,7 @@ async fn restocks_and_transfers_are_idempotent_and_validated() {
 impl H {
     /// A call with an `Idempotency-Key` header.
     async fn keyed(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.hub.url()))
-            .bearer_auth(&self.admin)
-            .header("idempotency-key", key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.request(method, path, Some(&self.admin), body, Some(key)).await
     }
 }
 

@@ -23,23 +23,7 @@ async fn call_with(
     body: Option<Value>,
     key: Option<&str>,
 ) -> (StatusCode, Value) {
-    let url = format!("{}{path}", h.hub.url());
-    let mut req = match method {
-        "GET" => h.http.get(url),
-        "POST" => h.http.post(url),
-        _ => unreachable!(),
-    };
-    req = req.bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    if let Some(k) = key {
-        req = req.header("Idempotency-Key", k);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    h.request(method, path, Some(token), body, key).await
 }
 
 async fn restock(h: &H, store: &str, lines: Value) {

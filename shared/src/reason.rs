@@ -89,11 +89,6 @@ impl ReasonCode {
         }
     }
 
-    /// Whether a shrink report counts it (units gone without a sale).
-    pub fn is_shrink(self) -> bool {
-        self.direction() == Direction::Remove
-    }
-
     /// The documented list, for error messages: `damaged, theft, …`.
     pub fn list() -> String {
         ReasonCode::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")

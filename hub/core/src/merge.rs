@@ -37,6 +37,69 @@ pub(crate) fn entry_of(t: &Tables, st: StoreIx, sku: &Sku, writer: &WriterId) ->
     t.cell(st, *sk).and_then(|c| c.slots.iter().find(|s| s.writer == *w)).map_or(PnEntry::default(), |s| s.entry)
 }
 
+/// `on_hand` of (store, sku) as the tables hold it (0 for a cell never seen).
+pub(crate) fn on_hand_of(t: &Tables, st: StoreIx, sku: &Sku) -> i64 {
+    t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)).map_or(0, |c| c.on_hand)
+}
+
+/// Plans hub-authored changes `(store, sku, delta)` in order before any is written: each hub
+/// entry stays within its bounds and each `on_hand` within i64, so a refusal leaves nothing.
+pub(crate) fn plan_hub_changes<'a>(
+    t: &Tables,
+    changes: impl IntoIterator<Item = (StoreIx, &'a Sku, i64)>,
+) -> Result<(), Refusal> {
+    let hub = &t.hub_writer;
+    let mut planned: HashMap<(StoreIx, &Sku), (PnEntry, i128)> = HashMap::new();
+    for (st, sku, delta) in changes {
+        let (entry, sum) = match planned.get(&(st, sku)) {
+            Some(p) => *p,
+            None => (entry_of(t, st, sku, hub), i128::from(on_hand_of(t, st, sku))),
+        };
+        let next = entry.apply(hub, delta).map_err(invalid)?;
+        let sum = sum + i128::from(delta);
+        i64::try_from(sum).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))?;
+        planned.insert((st, sku), (next, sum));
+    }
+    Ok(())
+}
+
+/// One hub-authored change of a cell with its journal line.
+pub(crate) struct HubLine<'a> {
+    pub st: StoreIx,
+    pub sku: &'a Sku,
+    pub delta: i64,
+    pub kind: EventKind,
+    pub reason: Option<String>,
+    /// The journal event's id and line.
+    pub id: Uuid,
+    pub line: u32,
+}
+
+/// Writes one planned hub-authored change: the hub writer's entry and its journal line (told to
+/// the feed when it is an adjustment). The caller refreshes, announces and reconciles the cell.
+pub(crate) fn write_hub_line(cx: &mut Ctx<'_>, l: HubLine<'_>) -> SkuIx {
+    let hub = cx.t.hub_writer.clone();
+    let sk = cx.t.intern_sku(l.sku);
+    let w = cx.t.intern_writer(&hub);
+    let next = entry_of(cx.t, l.st, l.sku, &hub).apply(&hub, l.delta).expect("planned");
+    cx.t.put_entry(l.st, sk, w, next);
+    let event = JournalEvent {
+        id: l.id,
+        line: l.line,
+        kind: l.kind,
+        store: cx.t.store(l.st).id.clone(),
+        sku: l.sku.clone(),
+        delta: l.delta,
+        reason: l.reason,
+        occurred_at_ms: cx.now,
+        recorded_at_ms: cx.now,
+        writer: hub,
+        flags: Vec::new(),
+    };
+    cx.t.note_journal(event, true, cx.now);
+    sk
+}
+
 /// `on_hand` of (store, sku) with some entries replaced, refusing a sum outside i64.
 fn planned_sum(t: &Tables, st: StoreIx, sku: &Sku, planned: &[(&WriterId, PnEntry)]) -> Result<i64, Refusal> {
     let mut total: i128 = 0;
@@ -245,8 +308,6 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
     if let HubChange::Transfer { from, to, lines } = &req.change {
         return ship(cx, req, from, to, lines, fingerprint);
     }
-    let on_hand_of =
-        |t: &Tables, st: StoreIx, sku: &Sku| t.sku_ix.get(sku).and_then(|sk| t.cell(st, *sk)).map_or(0, |c| c.on_hand);
     let mv = |st, sku, delta, reason, kind| Move { st, sku, delta, reason, event: req.id, kind, entry: None };
     let mut moves: Vec<Move<'_>> = Vec::new();
     match &req.change {
@@ -290,50 +351,22 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
             }
         }
     }
-    // Plan the hub's entries and the sums they make.
-    let hub = cx.t.hub_writer.clone();
-    let mut planned: HashMap<(StoreIx, &Sku), (PnEntry, i128)> = HashMap::new();
-    for m in &moves {
-        let (entry, sum) = match planned.get(&(m.st, m.sku)) {
-            Some(p) => *p,
-            None => (entry_of(cx.t, m.st, m.sku, &hub), i128::from(on_hand_of(cx.t, m.st, m.sku))),
-        };
-        let next = entry.apply(&hub, m.delta).map_err(invalid)?;
-        let sum = sum + i128::from(m.delta);
-        i64::try_from(sum).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))?;
-        planned.insert((m.st, m.sku), (next, sum));
-    }
+    plan_hub_changes(cx.t, moves.iter().map(|m| (m.st, m.sku, m.delta)))?;
 
     let now = cx.now;
-    let w = cx.t.intern_writer(&hub);
     let mut changed_lines = Vec::new();
     let mut stores: Vec<StoreId> = Vec::new();
     let mut line_no: BTreeMap<(Uuid, StoreIx), u32> = BTreeMap::new();
     let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
     for m in moves {
         let Move { st, sku, delta, reason, event, kind: journal_kind, entry } = m;
-        let sk = cx.t.intern_sku(sku);
-        let next = entry_of(cx.t, st, sku, &hub).apply(&hub, delta).expect("planned");
-        cx.t.put_entry(st, sk, w, next);
+        let n = line_no.entry((event, st)).or_default();
+        let line = HubLine { st, sku, delta, kind: journal_kind, reason, id: event, line: *n };
+        let sk = write_hub_line(cx, line);
         let (_, on_hand) = cx.t.refresh(st, sk);
         emit_availability(cx.t, st, sk, now);
         holds_changed.extend(reconcile(cx, st, sk));
         let store = cx.t.store(st).id.clone();
-        let n = line_no.entry((event, st)).or_default();
-        let line = JournalEvent {
-            id: event,
-            line: *n,
-            kind: journal_kind,
-            store: store.clone(),
-            sku: sku.clone(),
-            delta,
-            reason,
-            occurred_at_ms: now,
-            recorded_at_ms: now,
-            writer: hub.clone(),
-            flags: Vec::new(),
-        };
-        cx.t.note_journal(line, true, now);
         *n += 1;
         if !stores.contains(&store) {
             stores.push(store.clone());
@@ -370,7 +403,7 @@ fn ship(
     require(cx.t, to)?;
     let mut taken: HashMap<&Sku, i64> = HashMap::new();
     for l in lines {
-        let have = cx.t.sku_ix.get(&l.sku).and_then(|sk| cx.t.cell(f, *sk)).map_or(0, |c| c.on_hand);
+        let have = on_hand_of(cx.t, f, &l.sku);
         let already = taken.entry(&l.sku).or_default();
         if have - *already < l.qty as i64 {
             return Err(Refusal::InsufficientStock {

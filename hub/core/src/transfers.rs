@@ -9,16 +9,16 @@
 //! usual deltas; the destination's agent also gets the transfers on their way to it
 //! ([`Decider::incoming_snapshot`]), pushed with its holds (same version).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shelfsync_shared::journal::{EventKind, JournalEvent};
+use shelfsync_shared::journal::EventKind;
 use shelfsync_shared::qty::LINES_MAX;
 use shelfsync_shared::wire::{
     IncomingLine, IncomingSnapshot, IncomingTransfer, INCOMING_LINES_MAX, INCOMING_TRANSFERS_MAX,
 };
-use shelfsync_shared::{fingerprint_of, rfc3339, PnEntry, Reason, ReasonCode, Sku, StoreId};
+use shelfsync_shared::{fingerprint_of, rfc3339, Reason, ReasonCode, Sku, StoreId};
 use uuid::Uuid;
 
 use crate::alerts::emit_availability;
@@ -224,45 +224,14 @@ struct Booking<'a> {
 /// `first_line`, id `id`), then each touched cell refreshed, announced and reconciled once.
 /// Plans first (entry bounds, sums): a refusal leaves nothing behind.
 fn book(cx: &mut Ctx<'_>, id: Uuid, first_line: u32, b: Booking<'_>) -> Result<Booked, Refusal> {
-    let hub = cx.t.hub_writer.clone();
     let st = b.st;
-    // Plan: entries and sums per SKU.
-    let mut planned: HashMap<&Sku, (PnEntry, i128)> = HashMap::new();
-    for (sku, delta, _, _) in &b.events {
-        let (entry, sum) = match planned.get(sku) {
-            Some(p) => *p,
-            None => {
-                let on_hand = cx.t.sku_ix.get(*sku).and_then(|sk| cx.t.cell(st, *sk)).map_or(0, |c| c.on_hand);
-                (crate::merge::entry_of(cx.t, st, sku, &hub), i128::from(on_hand))
-            }
-        };
-        let next = entry.apply(&hub, *delta).map_err(invalid)?;
-        let sum = sum + i128::from(*delta);
-        i64::try_from(sum).map_err(|_| invalid(shelfsync_shared::CounterError::ValueOverflow))?;
-        planned.insert(sku, (next, sum));
-    }
+    crate::merge::plan_hub_changes(cx.t, b.events.iter().map(|(sku, delta, _, _)| (st, *sku, *delta)))?;
     let now = cx.now;
-    let w = cx.t.intern_writer(&hub);
     let store = cx.t.store(st).id.clone();
     let mut net: Vec<(Sku, i64)> = Vec::new();
     for (n, (sku, delta, kind, reason)) in b.events.into_iter().enumerate() {
-        let sk = cx.t.intern_sku(sku);
-        let next = crate::merge::entry_of(cx.t, st, sku, &hub).apply(&hub, delta).expect("planned");
-        cx.t.put_entry(st, sk, w, next);
-        let line = JournalEvent {
-            id,
-            line: first_line + n as u32,
-            kind,
-            store: store.clone(),
-            sku: sku.clone(),
-            delta,
-            reason,
-            occurred_at_ms: now,
-            recorded_at_ms: now,
-            writer: hub.clone(),
-            flags: Vec::new(),
-        };
-        cx.t.note_journal(line, true, now);
+        let line = first_line + n as u32;
+        crate::merge::write_hub_line(cx, crate::merge::HubLine { st, sku, delta, kind, reason, id, line });
         match net.iter_mut().find(|(s, _)| s == sku) {
             Some((_, d)) => *d += delta,
             None => net.push((sku.clone(), delta)),

@@ -49,3 +49,32 @@ impl H {
         H { hub, admin, viewer, storefront, http, dir }
     }
 }
+
+impl H {
+    /// One HTTP call on the hub: `token` as bearer, `body` as JSON, `key` as `Idempotency-Key`.
+    /// Answers the status and the body (JSON, or the text as a JSON string).
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+        key: Option<&str>,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let method: reqwest::Method = method.parse().expect("an HTTP method");
+        let mut req = self.http.request(method, format!("{}{path}", self.hub.url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}

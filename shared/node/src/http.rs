@@ -336,6 +336,26 @@ pub fn request_key(
     }
 }
 
+/// An adjustment's `delta`, `reason` code and `note`, one check for both APIs: the delta is
+/// non-zero and within ±[`shelfsync_shared::qty::ADJUST_DELTA_MAX`], the code is one of the set
+/// and fits the delta's sign, `other` has a note. The 422 names the field at fault.
+pub fn adjustment_reason(delta: i64, code: &str, note: Option<String>) -> Result<shelfsync_shared::Reason, ApiError> {
+    use shelfsync_shared::qty::{check_range, QtyError, ADJUST_DELTA_MAX};
+    use shelfsync_shared::ReasonError;
+    if delta == 0 {
+        return Err(ApiError::invalid(QtyError::Zero { field: "delta" }.to_string()).with("field", "delta"));
+    }
+    check_range("delta", delta, -ADJUST_DELTA_MAX, ADJUST_DELTA_MAX)
+        .map_err(|e| ApiError::invalid(e.to_string()).with("field", "delta"))?;
+    shelfsync_shared::Reason::new(code, note, delta).map_err(|e| {
+        let field = match e {
+            ReasonError::NoteRequired | ReasonError::NoteTooLong(_) => "note",
+            ReasonError::UnknownCode { .. } | ReasonError::WrongSign { .. } => "reason",
+        };
+        ApiError::invalid(e.to_string()).with("field", field)
+    })
+}
+
 /// [`request_key`] where a key is required (every write that creates something).
 pub fn required_key(body_id: Option<&str>, headers: &HeaderMap) -> Result<shelfsync_shared::IdempotencyKey, ApiError> {
     request_key(body_id, headers)?.ok_or_else(|| {
