@@ -10,7 +10,8 @@ use shelfsync_shared::StoreId;
 
 use crate::api::{new_token, token_hash};
 use crate::pki::Pki;
-use crate::sqlite::{db_path, SqliteOptions, SqliteStorage};
+use crate::db::{HubDb, Target};
+use crate::sqlite::{db_path, SqliteOptions};
 use crate::storage::{CertRecord, Role, StorageError};
 use crate::tokens::{NewToken, TokenInfo};
 use shelfsync_shared::id::quote;
@@ -39,25 +40,33 @@ fn pki_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("pki")
 }
 
-async fn open(data_dir: &Path) -> Result<Arc<SqliteStorage>, AdminError> {
-    let path = db_path(data_dir);
-    let s = tokio::task::spawn_blocking(move || {
-        SqliteStorage::open(&path, SqliteOptions { readers: 1, ..Default::default() })
-    })
-    .await
-    .map_err(|e| StorageError::Backend(e.to_string()))??;
-    Ok(Arc::new(s))
+/// Opens the data dir's database (wherever [`Target::for_data_dir`] says it is).
+async fn open(data_dir: &Path) -> Result<Arc<HubDb>, AdminError> {
+    let target = Target::for_data_dir(data_dir, None)?;
+    let opened = HubDb::open(&target, SqliteOptions { readers: 1, ..Default::default() }, None).await?;
+    Ok(Arc::new(opened.storage))
 }
 
-/// Creates the hub database and its private CA.
+/// Creates the hub database (the embedded one in the data dir) and its private CA.
 pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
+    init_with(data_dir, None).await
+}
+
+/// Creates the data dir with its private CA, and the hub database: in PostgreSQL at
+/// `database_url` (which the data dir then remembers, [`crate::db::URL_FILE`]), else the
+/// embedded one.
+pub async fn init_with(data_dir: &Path, database_url: Option<&str>) -> Result<String, AdminError> {
+    let target = Target::for_data_dir(data_dir, database_url)?;
     shelfsync_node::dbfile::create_private_dir(data_dir)
         .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
-    let path = db_path(data_dir);
-    let writer = tokio::task::spawn_blocking(move || SqliteStorage::create(&path))
-        .await
-        .map_err(|e| StorageError::Backend(e.to_string()))??;
+    let writer = HubDb::create(&target).await?;
+    if let Target::Postgres(url) = &target {
+        let file = data_dir.join(crate::db::URL_FILE);
+        shelfsync_node::dbfile::create_private_file(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{url}\n").as_bytes()))
+            .map_err(|e| StorageError::Backend(format!("{}: {e}", file.display())))?;
+    }
     Ok(writer.to_string())
 }
 
@@ -232,6 +241,8 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Restored, AdminError> {
 pub struct DirStatus {
     /// The data dir.
     pub data_dir: String,
+    /// Which database (`sqlite PATH` or `postgres URL` without password).
+    pub database: String,
     /// The hub writer (incarnation) of this database's life.
     pub hub_writer: String,
     /// The database was restored and has not been opened by a hub since (it will take a new life).
@@ -242,7 +253,7 @@ pub struct DirStatus {
     pub stores_revoked: usize,
     /// API tokens by status (`active`, `revoked`, `expired`).
     pub tokens: std::collections::BTreeMap<String, usize>,
-    /// Bytes of hub.db with its write-ahead log.
+    /// Bytes the database takes (SQLite: hub.db with its write-ahead log).
     pub database_bytes: u64,
     /// The newest journal sequence.
     pub journal_head: u64,
@@ -259,24 +270,19 @@ pub async fn dir_status(data_dir: &Path) -> Result<DirStatus, AdminError> {
     for t in storage.tokens().await? {
         *tokens.entry(t.view(now).status.as_str().to_owned()).or_insert(0) += 1;
     }
-    let db = db_path(data_dir);
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let path = db.clone();
-    let restored_copy = tokio::task::spawn_blocking(move || {
-        let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        shelfsync_node::db::meta_get(&conn, "restored_copy").map_err(|e| StorageError::Backend(e.to_string()))
-    })
-    .await
-    .map_err(|e| StorageError::Backend(e.to_string()))??
-    .is_some();
+    let restored_copy = match storage.as_ref() {
+        HubDb::Sqlite(s) => s.restored_copy().await?,
+        HubDb::Postgres(_) => false,
+    };
     Ok(DirStatus {
         data_dir: data_dir.display().to_string(),
+        database: Target::for_data_dir(data_dir, None)?.describe(),
         hub_writer: storage.hub_writer().to_string(),
         restored_copy,
         stores: stores.len(),
         stores_revoked: stores.iter().filter(|s| s.revoked_at_ms.is_some()).count(),
         tokens,
-        database_bytes: size(&db) + size(&shelfsync_node::dbfile::companion(&db, "-wal")),
+        database_bytes: storage.size_bytes().await?,
         journal_head: storage.journal_head(),
         journal_events: storage.journal_count(None).await?,
     })

@@ -35,26 +35,26 @@ pub trait CatalogStore: Sync {
     fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send;
 }
 
-impl CatalogStore for crate::sqlite::SqliteStorage {
+impl CatalogStore for crate::db::HubDb {
     fn load_doc(&self, name: String) -> impl std::future::Future<Output = StorageResult<TrackedDoc>> + Send {
-        crate::sqlite::SqliteStorage::load_doc(self, name)
+        crate::db::HubDb::load_doc(self, name)
     }
     fn doc_chunks_after(
         &self,
         doc: String,
         after: i64,
     ) -> impl std::future::Future<Output = StorageResult<Vec<(i64, Vec<u8>)>>> + Send {
-        crate::sqlite::SqliteStorage::doc_chunks_after(self, doc, after)
+        crate::db::HubDb::doc_chunks_after(self, doc, after)
     }
     fn sync_state(
         &self,
         doc: String,
         peer: String,
     ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
-        crate::sqlite::SqliteStorage::sync_state(self, doc, peer)
+        crate::db::HubDb::sync_state(self, doc, peer)
     }
     fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
-        crate::sqlite::SqliteStorage::catalog_commit(self, c)
+        crate::db::HubDb::catalog_commit(self, c)
     }
 }
 

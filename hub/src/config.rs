@@ -174,7 +174,11 @@ impl HubRateLimits {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
-    /// `full` or `normal`.
+    /// The database: unset for the embedded SQLite database in the data dir (or what
+    /// `init --database-url` wrote there), or `postgres://user@host:port/database`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `full` or `normal` (SQLite).
     pub synchronous: Synchronous,
     /// Most writes per group commit.
     pub group_commit_max: usize,
@@ -246,7 +250,7 @@ impl Default for HttpSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
+        StorageSection { url: None, synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
     }
 }
 
@@ -310,6 +314,11 @@ impl HubConfig {
         }
         if self.storage.group_commit_max == 0 || self.storage.group_commit_max > 10_000 {
             return bad("storage.group_commit_max", "must be between 1 and 10000");
+        }
+        if let Some(url) = &self.storage.url {
+            if let Err(e) = crate::db::Target::new(&self.data_dir, Some(url)) {
+                return bad("storage.url", &e.to_string());
+            }
         }
         if self.storage.readers == 0 || self.storage.readers > 64 {
             return bad("storage.readers", "must be between 1 and 64");

@@ -30,14 +30,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 
-use rusqlite::{params, Connection};
 use sha2::{Digest as _, Sha256};
 use shelfsync_hub_core::{
     AgentConflictKind, CatalogRule, Command, Config, Decider, Done, FeedRead, HubChangeRequest, Refusal,
     ReservationRequest, ReservationView, Staleness, StoreFigures, Written,
 };
 use shelfsync_node::fatal;
-use shelfsync_node::sqlite::{SqliteError, SqliteThreads};
 use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::MacKey;
@@ -47,7 +45,7 @@ use shelfsync_shared::{EventFlag, Incarnation, NodeId, Sku, StoreId, WriterId};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::sqlite::{ensure_peer, SqliteStorage};
+use crate::db::{Commit, Committer, HubDb, SideWrite, Target};
 use crate::storage::*;
 use shelfsync_node::catalog::CatalogView;
 
@@ -71,7 +69,7 @@ impl Default for EngineOptions {
 }
 
 /// A row the runtime writes in the same transaction as a batch's records.
-type Extra = Box<dyn FnOnce(&Connection) -> StorageResult<()> + Send>;
+type Extra = crate::db::SideWrite;
 type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 type Job = Box<dyn FnOnce(&mut State, &mut Vec<Extra>) -> Reply + Send>;
 
@@ -153,18 +151,14 @@ fn new_life(
 ) -> impl FnOnce(&mut State, &mut Vec<Extra>) -> StorageResult<()> + Send + 'static {
     move |st, extras| {
         hub_rolled_back(st, &old, &new, &why, now)?;
-        extras.push(Box::new(|conn| {
-            shelfsync_node::db::meta_set(conn, "incarnation_started_ms", &now_ms().to_string())?;
-            conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
-            Ok(())
-        }));
+        extras.push(SideWrite::NewLife { at_ms: now_ms() });
         Ok(())
     }
 }
 
 /// The running hub's state: the decider thread, the storage threads, and the runtime's view.
 pub struct Engine {
-    db: SqliteStorage,
+    db: HubDb,
     queue: SyncSender<Job>,
     hub_writer: Arc<RwLock<WriterId>>,
     key: MacKey,
@@ -175,14 +169,31 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the hub database, loads the decider from it and starts the decider thread. Blocking.
+    /// Opens the hub's SQLite database, loads the decider from it and starts the decider thread.
+    /// Blocking.
     pub fn open(
         path: &std::path::Path,
         sql: crate::sqlite::SqliteOptions,
         opts: EngineOptions,
     ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
-        let opened = SqliteStorage::open_with(path, sql, Some(opts.feed_retain))?;
+        let opened = crate::sqlite::SqliteStorage::open_with(path, sql, Some(opts.feed_retain))?;
+        Self::start(opened, opts, started)
+    }
+
+    /// Opens the hub's database wherever it is, loads the decider from it and starts the decider
+    /// thread.
+    pub async fn open_target(target: &Target, sql: crate::sqlite::SqliteOptions, opts: EngineOptions) -> StorageResult<Engine> {
+        let started = std::time::Instant::now();
+        let opened = HubDb::open(target, sql, Some(opts.feed_retain)).await?;
+        tokio::task::spawn_blocking(move || Self::start(opened, opts, started))
+            .await
+            .map_err(|e| StorageError::Backend(format!("starting the decider: {e}")))?
+    }
+
+    /// Loads the decider from an opened database and starts its thread. Blocking (a restored
+    /// copy takes a new life before this returns).
+    fn start(opened: crate::db::Opened, opts: EngineOptions, started: std::time::Instant) -> StorageResult<Engine> {
         let db = opened.storage;
         let hub_writer = db.hub_writer();
         let config =
@@ -199,14 +210,14 @@ impl Engine {
             .collect();
         let (head_tx, change_head) = watch::channel(d.feed_head());
         let (queue, rx) = mpsc::sync_channel::<Job>(opts.queue_max.max(1));
-        let threads = db.threads();
+        let committer = db.committer();
         let batch_max = opts.batch_max.max(1);
         let state = State { d, peers };
         let connectivity = Connectivity::default();
         let conn = connectivity.clone();
         std::thread::Builder::new()
             .name("hub-decider".into())
-            .spawn(move || decide_loop(state, rx, threads, batch_max, head_tx, conn))
+            .spawn(move || decide_loop(state, rx, committer, batch_max, head_tx, conn))
             .map_err(|e| StorageError::Backend(format!("spawning the decider thread: {e}")))?;
         let engine = Engine {
             key: db.mac_key(),
@@ -274,7 +285,7 @@ impl Engine {
     }
 
     /// The persistence layer (SQL reads and the admin's writes).
-    pub fn db(&self) -> &SqliteStorage {
+    pub fn db(&self) -> &HubDb {
         &self.db
     }
 
@@ -545,15 +556,7 @@ impl Engine {
             }
             let lineage_row = lineage.is_some().then(|| postcard::to_stdvec(&ps.lineage).expect("lineage serialises"));
             st.peers.insert(key, ps);
-            extras.push(Box::new(move |conn| {
-                ensure_peer(conn, &store, &peer)?;
-                conn.prepare_cached(
-                    "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4, lineage = COALESCE(?5, lineage)
-                     WHERE store = ?1 AND writer = ?2",
-                )?
-                .execute(params![store.as_str(), peer.to_string(), upto, now_ms, lineage_row])?;
-                Ok(())
-            }));
+            extras.push(SideWrite::PeerApplied { store, peer, upto, at_ms: now_ms, lineage: lineage_row });
             Ok(Applied {
                 holds_changed: merged.holds_changed,
                 changed: merged.changed,
@@ -627,17 +630,7 @@ impl Engine {
                     st.decide(Command::JournalAdjustments { store: store.clone(), events: adjustments }, now_ms())?;
                 }
             }
-            extras.push(Box::new(move |conn| {
-                for e in &batch.events {
-                    shelfsync_node::journal::insert_event(conn, e)?;
-                }
-                ensure_peer(conn, &store, &peer)?;
-                conn.prepare_cached(
-                    "UPDATE peers SET journal_applied = MAX(journal_applied, ?3) WHERE store = ?1 AND writer = ?2",
-                )?
-                .execute(params![store.as_str(), peer.to_string(), batch.upto])?;
-                Ok(())
-            }));
+            extras.push(SideWrite::PeerJournal { store, peer, upto: batch.upto, events: batch.events });
             Ok(())
         })
         .await?
@@ -916,7 +909,7 @@ impl Engine {
             if !items.is_empty() || overrides.is_some() {
                 st.decide(Command::CatalogChanged { items, overrides }, now_ms())?;
             }
-            extras.push(Box::new(move |conn| crate::sqlite::write_catalog(conn, &c)));
+            extras.push(SideWrite::Catalog(c));
             Ok(())
         })
         .await?
@@ -1105,7 +1098,7 @@ fn unexpected(done: Done) -> StorageError {
 fn decide_loop(
     mut st: State,
     rx: Receiver<Job>,
-    threads: SqliteThreads,
+    committer: Committer,
     batch_max: usize,
     feed: watch::Sender<u64>,
     connectivity: Connectivity,
@@ -1143,18 +1136,9 @@ fn decide_loop(
         let head = st.d.feed_head();
         in_flight.fetch_add(1, Ordering::AcqRel);
         let (feed, flight) = (feed.clone(), in_flight.clone());
-        let submitted = threads.submit(
-            move |conn| {
-                if fatal::is_stopping() {
-                    return Err(SqliteError::Closed);
-                }
-                crate::persist::write(conn, &records).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
-                for x in extras {
-                    x(conn).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
-                }
-                Ok(())
-            },
-            move |result| {
+        let submitted = committer.submit(
+            Commit { records, side: extras },
+            Box::new(move |result| {
                 match result {
                     Ok(()) => {
                         feed.send_if_modified(|h| std::mem::replace(h, head) != head);
@@ -1170,7 +1154,7 @@ fn decide_loop(
                     }
                 }
                 flight.fetch_sub(1, Ordering::AcqRel);
-            },
+            }),
         );
         if let Err(e) = submitted {
             fatal::stop(&format!("the storage writer is gone: {e}"));
@@ -1210,7 +1194,7 @@ mod tests {
 
     fn engine(dir: &std::path::Path, queue_max: usize) -> Engine {
         let path = dir.join("hub.db");
-        SqliteStorage::create(&path).unwrap();
+        crate::sqlite::SqliteStorage::create(&path).unwrap();
         Engine::open(&path, SqliteOptions::default(), EngineOptions { queue_max, ..EngineOptions::default() }).unwrap()
     }
 

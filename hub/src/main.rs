@@ -25,6 +25,10 @@ enum Cmd {
     Init {
         #[command(flatten)]
         dir: DataDirArgs,
+        /// Keep the hub's data in this PostgreSQL database (postgres://user@host:port/db) instead
+        /// of the embedded SQLite file; the data dir remembers it (its `database-url` file).
+        #[arg(long, value_name = "URL", env = "SHELFSYNC_HUB_DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Manage stores.
     Store {
@@ -44,6 +48,9 @@ enum Cmd {
         /// Overrides data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Overrides storage.url (PostgreSQL; default: what the data dir says, else SQLite).
+        #[arg(long, value_name = "URL", env = "SHELFSYNC_HUB_DATABASE_URL")]
+        database_url: Option<String>,
         /// Overrides quic.listen.
         #[arg(long)]
         quic_listen: Option<SocketAddr>,
@@ -281,10 +288,11 @@ fn data_dir(dir: &DataDirArgs) -> anyhow::Result<PathBuf> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { dir } => {
+        Cmd::Init { dir, database_url } => {
             let data_dir = data_dir(&dir)?;
-            let writer = admin::init(&data_dir).await?;
-            println!("initialised hub {writer} in {}", data_dir.display());
+            let writer = admin::init_with(&data_dir, database_url.as_deref()).await?;
+            let target = shelfsync_hub::db::Target::for_data_dir(&data_dir, None)?;
+            println!("initialised hub {writer} in {} ({})", data_dir.display(), target.describe());
         }
         Cmd::Store { cmd: StoreCmd::Add { id, out, hub_addr, dir } } => {
             let data_dir = data_dir(&dir)?;
@@ -325,10 +333,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let t = admin::revoke_token(&data_dir, &id).await?;
             println!("token {} ({}) revoked", t.id, t.name);
         }
-        Cmd::Serve { config, data_dir, quic_listen, http_listen } => {
+        Cmd::Serve { config, data_dir, database_url, quic_listen, http_listen } => {
             let mut cfg = HubConfig::load(config.as_deref())?;
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
+            }
+            if let Some(u) = database_url {
+                cfg.storage.url = Some(u);
             }
             if let Some(a) = quic_listen {
                 cfg.quic.listen = a;
@@ -500,7 +511,7 @@ async fn status(
     println!("stores         {} registered, {} revoked", d.stores, d.stores_revoked);
     let tokens: Vec<String> = d.tokens.iter().map(|(k, v)| format!("{v} {k}")).collect();
     println!("tokens         {}", if tokens.is_empty() { "none".to_owned() } else { tokens.join(", ") });
-    println!("database       {:.1} MiB (hub.db with its WAL)", d.database_bytes as f64 / (1 << 20) as f64);
+    println!("database       {}, {:.1} MiB", d.database, d.database_bytes as f64 / (1 << 20) as f64);
     println!("journal        head {}, {} events", d.journal_head, d.journal_events);
     match (&url, &live) {
         (Some(u), Some(Ok(m))) => {

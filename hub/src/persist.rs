@@ -55,11 +55,62 @@ pub const TRANSFERS_MIGRATION: &str = "
     CREATE INDEX transfers_to_status ON transfers(to_store, status);
     CREATE INDEX transfers_from ON transfers(from_store);";
 
+/// One row write of a decided record, whatever the engine: what [`write`] (SQLite) and
+/// `crate::postgres` turn into their SQL. Records without rows of their own (catalog rules and
+/// overrides: the catalog code writes those rows) give none.
+pub enum RowWrite<'a> {
+    /// `stores` (revocation and last contact only move forward).
+    Store(&'a StoreRecord),
+    /// `counters`.
+    Entry(&'a shelfsync_hub_core::EntryRecord),
+    /// `decisions` (kind, key → JSON body).
+    Decision {
+        /// Kind of row.
+        kind: &'static str,
+        /// Natural key.
+        key: String,
+        /// The record as JSON.
+        body: String,
+    },
+    /// `transfers`.
+    Transfer(&'a shelfsync_hub_core::Transfer, String),
+    /// `feed`.
+    Feed(&'a FeedEvent, String),
+    /// `journal` (hub-authored events; insert once per (store, id, line)).
+    Journal(&'a shelfsync_shared::JournalEvent),
+    /// `meta`.
+    Meta(&'static str, String),
+}
+
+/// The row writes of one batch of records, in order.
+pub fn rows(records: &[Record]) -> impl Iterator<Item = RowWrite<'_>> {
+    records.iter().filter_map(|r| {
+        let decision = |kind, key: String, body| Some(RowWrite::Decision { kind, key, body });
+        match r {
+            Record::Store(s) => Some(RowWrite::Store(s)),
+            Record::Entry(e) => Some(RowWrite::Entry(e)),
+            Record::Velocity { store, sku, velocity } => decision("velocity", cell_key(store, sku), json(velocity)),
+            Record::Alert { store, sku, state } => decision("alert", cell_key(store, sku), json(state)),
+            Record::CatalogRule { .. } | Record::Overrides { .. } => None,
+            Record::Reservation(x) => decision("reservation", x.id.to_string(), json(x)),
+            Record::Allocation(x) => decision("allocation", x.id.to_string(), json(x)),
+            Record::Conflict(x) => decision("conflict", x.id.to_string(), json(x)),
+            Record::HubRequest(x) => decision("hub_request", x.id.to_string(), json(x)),
+            Record::ActionRequest(x) => decision("action_request", x.key.clone(), json(x)),
+            Record::Transfer(x) => Some(RowWrite::Transfer(x, json(x))),
+            Record::Feed(e) => Some(RowWrite::Feed(e, json(e))),
+            Record::Journal(e) => Some(RowWrite::Journal(e)),
+            Record::HubWriter(w) => Some(RowWrite::Meta("writer", w.to_string())),
+            Record::IdCounter(n) => Some(RowWrite::Meta("id_counter", n.to_string())),
+        }
+    })
+}
+
 /// Writes one batch of records (inside the caller's transaction).
 pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
-    for r in records {
-        match r {
-            Record::Store(s) => {
+    for row in rows(records) {
+        match row {
+            RowWrite::Store(s) => {
                 conn.prepare_cached(
                     "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
                      VALUES (?1, ?2, ?3, ?4, ?5)
@@ -77,7 +128,7 @@ pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
                     s.holds_version
                 ])?;
             }
-            Record::Entry(e) => {
+            RowWrite::Entry(e) => {
                 conn.prepare_cached(
                     "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
@@ -91,15 +142,8 @@ pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
                     e.seq
                 ])?;
             }
-            Record::Velocity { store, sku, velocity } => put(conn, "velocity", &cell_key(store, sku), json(velocity))?,
-            Record::Alert { store, sku, state } => put(conn, "alert", &cell_key(store, sku), json(state))?,
-            Record::CatalogRule { .. } | Record::Overrides { .. } => {}
-            Record::Reservation(x) => put(conn, "reservation", &x.id.to_string(), json(x))?,
-            Record::Allocation(x) => put(conn, "allocation", &x.id.to_string(), json(x))?,
-            Record::Conflict(x) => put(conn, "conflict", &x.id.to_string(), json(x))?,
-            Record::HubRequest(x) => put(conn, "hub_request", &x.id.to_string(), json(x))?,
-            Record::ActionRequest(x) => put(conn, "action_request", &x.key, json(x))?,
-            Record::Transfer(x) => {
+            RowWrite::Decision { kind, key, body } => put(conn, kind, &key, body)?,
+            RowWrite::Transfer(x, body) => {
                 conn.prepare_cached(
                     "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -111,18 +155,17 @@ pub fn write(conn: &Connection, records: &[Record]) -> StorageResult<()> {
                     x.to.as_str(),
                     x.status.as_str(),
                     x.shipped_at_ms,
-                    json(x)
+                    body
                 ])?;
             }
-            Record::Feed(e) => {
+            RowWrite::Feed(e, body) => {
                 conn.prepare_cached("INSERT INTO feed (cursor, kind, at_ms, body) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![e.cursor, e.kind.as_str(), e.at_ms, json(e)])?;
+                    .execute(params![e.cursor, e.kind.as_str(), e.at_ms, body])?;
             }
-            Record::Journal(e) => {
+            RowWrite::Journal(e) => {
                 insert_event(conn, e)?;
             }
-            Record::HubWriter(w) => adb::meta_set(conn, "writer", &w.to_string())?,
-            Record::IdCounter(n) => adb::meta_set(conn, "id_counter", &n.to_string())?,
+            RowWrite::Meta(key, value) => adb::meta_set(conn, key, &value)?,
         }
     }
     Ok(())
@@ -162,88 +205,130 @@ fn each_row(
     Ok(())
 }
 
+/// A `stores` row as a record.
+pub fn store_record(
+    id: String,
+    added_at_ms: i64,
+    revoked_at_ms: Option<i64>,
+    last_seen_ms: Option<i64>,
+    holds_version: u64,
+) -> StorageResult<Record> {
+    Ok(Record::Store(StoreRecord { id: col("store", id)?, added_at_ms, revoked_at_ms, last_seen_ms, holds_version }))
+}
+
+/// A `counters` row as a record.
+pub fn entry_record(store: String, sku: String, writer: String, p: u64, n: u64, seq: u64) -> StorageResult<Record> {
+    Ok(Record::Entry(shelfsync_hub_core::EntryRecord {
+        store: col("store", store)?,
+        sku: col("sku", sku)?,
+        writer: adb::writer_col(writer)?,
+        entry: PnEntry { p, n },
+        seq,
+    }))
+}
+
+/// A `catalog_items` row as the decider's rule.
+pub fn rule_record(
+    sku: String,
+    safety_stock: u64,
+    low_stock_threshold: u64,
+    max_per_customer: u64,
+    active: bool,
+) -> StorageResult<Record> {
+    Ok(Record::CatalogRule {
+        sku: col("sku", sku)?,
+        rule: Some(CatalogRule { safety_stock, low_stock_threshold, max_per_customer, active }),
+    })
+}
+
+/// A `catalog_overrides` row as a record.
+pub fn overrides_record(
+    store: String,
+    sku: String,
+    safety_stock: Option<u64>,
+    low_stock_threshold: Option<u64>,
+) -> StorageResult<Record> {
+    Ok(Record::Overrides {
+        store: col("store", store)?,
+        sku: col("sku", sku)?,
+        overrides: Overrides { safety_stock, low_stock_threshold },
+    })
+}
+
+/// A `decisions` row as a record.
+pub fn decision_record(kind: &str, key: &str, body: &str) -> StorageResult<Record> {
+    Ok(match kind {
+        "velocity" => {
+            let (store, sku) = cell_of(key)?;
+            Record::Velocity { store, sku, velocity: parse(kind, key, body)? }
+        }
+        "alert" => {
+            let (store, sku) = cell_of(key)?;
+            Record::Alert { store, sku, state: parse(kind, key, body)? }
+        }
+        "reservation" => Record::Reservation(parse(kind, key, body)?),
+        "allocation" => Record::Allocation(parse(kind, key, body)?),
+        "conflict" => Record::Conflict(parse(kind, key, body)?),
+        "hub_request" => Record::HubRequest(parse(kind, key, body)?),
+        "action_request" => Record::ActionRequest(parse(kind, key, body)?),
+        other => return Err(StorageError::Corrupt(format!("unknown decisions kind {other:?}"))),
+    })
+}
+
+/// A `transfers` row as a record.
+pub fn transfer_record(id: &str, body: &str) -> StorageResult<Record> {
+    Ok(Record::Transfer(parse("transfer", id, body)?))
+}
+
+/// A `feed` row's event.
+pub fn feed_event(body: &str) -> StorageResult<FeedEvent> {
+    parse("feed", "", body)
+}
+
+/// The `meta` rows the decider reads, as records.
+pub fn meta_records(writer: Option<String>, id_counter: Option<String>) -> StorageResult<Vec<Record>> {
+    let mut out = Vec::new();
+    if let Some(w) = writer {
+        out.push(Record::HubWriter(col("meta.writer", w)?));
+    }
+    if let Some(n) = id_counter {
+        out.push(Record::IdCounter(col("meta.id_counter", n)?));
+    }
+    Ok(out)
+}
+
 /// Every row as records, in an order [`shelfsync_hub_core::Decider::from_records`] accepts
 /// (stores first), with at most `feed_retain` of the newest feed events.
 pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>> {
     let mut out = Vec::new();
     let sql = "SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id";
-    each_row(conn, sql, &mut out, |r| {
-        Ok(Record::Store(StoreRecord {
-            id: col("store", r.get(0)?)?,
-            added_at_ms: r.get(1)?,
-            revoked_at_ms: r.get(2)?,
-            last_seen_ms: r.get(3)?,
-            holds_version: r.get(4)?,
-        }))
-    })?;
+    each_row(conn, sql, &mut out, |r| store_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
     each_row(conn, "SELECT store, sku, writer, p, n, seq FROM counters", &mut out, |r| {
-        Ok(Record::Entry(shelfsync_hub_core::EntryRecord {
-            store: col("store", r.get(0)?)?,
-            sku: col("sku", r.get(1)?)?,
-            writer: adb::writer_col(r.get(2)?)?,
-            entry: PnEntry { p: r.get(3)?, n: r.get(4)? },
-            seq: r.get(5)?,
-        }))
+        entry_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)
     })?;
     let sql = "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items";
-    each_row(conn, sql, &mut out, |r| {
-        Ok(Record::CatalogRule {
-            sku: col("sku", r.get(0)?)?,
-            rule: Some(CatalogRule {
-                safety_stock: r.get(1)?,
-                low_stock_threshold: r.get(2)?,
-                max_per_customer: r.get(3)?,
-                active: r.get(4)?,
-            }),
-        })
-    })?;
+    each_row(conn, sql, &mut out, |r| rule_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
     let sql = "SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides";
-    each_row(conn, sql, &mut out, |r| {
-        Ok(Record::Overrides {
-            store: col("store", r.get(0)?)?,
-            sku: col("sku", r.get(1)?)?,
-            overrides: Overrides { safety_stock: r.get(2)?, low_stock_threshold: r.get(3)? },
-        })
-    })?;
+    each_row(conn, sql, &mut out, |r| overrides_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))?;
     each_row(conn, "SELECT kind, key, body FROM decisions", &mut out, |r| {
         let (kind, key, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        Ok(match kind.as_str() {
-            "velocity" => {
-                let (store, sku) = cell_of(&key)?;
-                Record::Velocity { store, sku, velocity: parse(&kind, &key, &body)? }
-            }
-            "alert" => {
-                let (store, sku) = cell_of(&key)?;
-                Record::Alert { store, sku, state: parse(&kind, &key, &body)? }
-            }
-            "reservation" => Record::Reservation(parse(&kind, &key, &body)?),
-            "allocation" => Record::Allocation(parse(&kind, &key, &body)?),
-            "conflict" => Record::Conflict(parse(&kind, &key, &body)?),
-            "hub_request" => Record::HubRequest(parse(&kind, &key, &body)?),
-            "action_request" => Record::ActionRequest(parse(&kind, &key, &body)?),
-            other => return Err(StorageError::Corrupt(format!("unknown decisions kind {other:?}"))),
-        })
+        decision_record(&kind, &key, &body)
     })?;
     each_row(conn, "SELECT id, body FROM transfers", &mut out, |r| {
         let (id, body): (String, String) = (r.get(0)?, r.get(1)?);
-        Ok(Record::Transfer(parse("transfer", &id, &body)?))
+        transfer_record(&id, &body)
     })?;
     let mut events = feed_rows(conn, "SELECT body FROM feed ORDER BY cursor DESC LIMIT ?1", [feed_retain as i64])?;
     events.reverse();
     out.extend(events.into_iter().map(Record::Feed));
-    if let Some(w) = adb::meta_get(conn, "writer")? {
-        out.push(Record::HubWriter(col("meta.writer", w)?));
-    }
-    if let Some(n) = adb::meta_get(conn, "id_counter")? {
-        out.push(Record::IdCounter(col("meta.id_counter", n)?));
-    }
+    out.extend(meta_records(adb::meta_get(conn, "writer")?, adb::meta_get(conn, "id_counter")?)?);
     Ok(out)
 }
 
 fn feed_rows(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> StorageResult<Vec<FeedEvent>> {
     conn.prepare_cached(sql)?
         .query_map(args, |r| r.get::<_, String>(0))?
-        .map(|b| parse::<FeedEvent>("feed", "", &b?))
+        .map(|b| feed_event(&b?))
         .collect()
 }
 

@@ -14,7 +14,7 @@ use crate::api::{router, ApiState};
 use crate::config::HubConfig;
 use crate::pki::Pki;
 use crate::quic_server;
-use crate::sqlite::{db_path, SqliteOptions};
+use crate::sqlite::SqliteOptions;
 use crate::state::Hub;
 use crate::storage::StorageError;
 
@@ -76,7 +76,8 @@ impl RunningHub {
 /// Opens the hub's state and starts serving. Returns once both endpoints listen.
 pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     config.validate()?;
-    let path = db_path(&config.data_dir);
+    let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
+    tracing::info!(database = %target.describe(), "opening the hub's database");
     let opts = SqliteOptions {
         synchronous: config.storage.synchronous,
         group_commit_max: config.storage.group_commit_max,
@@ -86,9 +87,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         staleness: config.staleness.to_staleness(),
         ..crate::engine::EngineOptions::default()
     };
-    let storage = tokio::task::spawn_blocking(move || crate::engine::Engine::open(&path, opts, engine_opts))
-        .await
-        .map_err(|e| HubError::Other(format!("opening storage: {e}")))??;
+    let storage = crate::engine::Engine::open_target(&target, opts, engine_opts).await?;
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
     let storage = Arc::new(storage);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;

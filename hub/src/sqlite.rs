@@ -121,10 +121,125 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::persist::TRANSFERS_MIGRATION,
 ];
 
-/// The reason code of a stored reason string, in SQL (`code` or `code: note`; the caller folds
-/// anything that is not a code into `other`, as [`shelfsync_shared::Reason::parse_stored`] does).
-const REASON_CODE_SQL: &str =
-    "CASE WHEN reason IS NULL THEN 'other' WHEN instr(reason, ': ') > 0 THEN substr(reason, 1, instr(reason, ': ') - 1) ELSE reason END";
+/// One argument of a query built at run time.
+#[derive(Clone, Debug)]
+pub(crate) enum Arg {
+    /// An integer.
+    Int(i64),
+    /// Text.
+    Text(String),
+}
+
+/// What differs between the SQL of the two engines, for queries built at run time.
+pub(crate) struct Dialect {
+    /// The function finding a substring (`instr`, `strpos`: both take (haystack, needle)).
+    pub strpos: &'static str,
+    /// The `n`th (1-based) placeholder.
+    pub placeholder: fn(usize) -> String,
+}
+
+/// SQLite's.
+pub(crate) const SQLITE: Dialect = Dialect { strpos: "instr", placeholder: |n| format!("?{n}") };
+
+/// The shrink report's queries ([`AdjustmentFilter`]) in one dialect: the same SQL for both
+/// engines but for [`Dialect`].
+pub(crate) struct AdjustmentSql {
+    dialect: &'static Dialect,
+    code: String,
+    filter: String,
+    /// The arguments of every query built so far, in placeholder order.
+    pub args: Vec<Arg>,
+}
+
+impl AdjustmentSql {
+    /// The filter of `f` (store, period, reason code).
+    pub fn new(f: &AdjustmentFilter, dialect: &'static Dialect) -> AdjustmentSql {
+        use shelfsync_shared::ReasonCode;
+        // The reason code of a stored reason string (`code` or `code: note`; anything that is not
+        // a code is folded into `other` by the caller, as `Reason::parse_stored` does).
+        let code = format!(
+            "CASE WHEN reason IS NULL THEN 'other' WHEN {p}(reason, ': ') > 0 \
+             THEN substr(reason, 1, {p}(reason, ': ') - 1) ELSE reason END",
+            p = dialect.strpos
+        );
+        let mut q = AdjustmentSql { dialect, code, filter: String::new(), args: Vec::new() };
+        q.filter = format!("store = {} AND kind = 'adjustment'", q.arg(Arg::Text(f.store.to_string())));
+        if let Some(from) = f.from_ms {
+            let p = q.arg(Arg::Int(from));
+            q.filter.push_str(&format!(" AND occurred_at_ms >= {p}"));
+        }
+        if let Some(to) = f.to_ms {
+            let p = q.arg(Arg::Int(to));
+            q.filter.push_str(&format!(" AND occurred_at_ms < {p}"));
+        }
+        match f.reason {
+            None => {}
+            Some(ReasonCode::Other) => {
+                let codes: Vec<String> = ReasonCode::ALL
+                    .iter()
+                    .filter(|c| **c != ReasonCode::Other)
+                    .map(|c| format!("'{}'", c.as_str()))
+                    .collect();
+                q.filter.push_str(&format!(" AND {} NOT IN ({})", q.code, codes.join(", ")));
+            }
+            Some(code) => {
+                let p = q.arg(Arg::Text(code.as_str().into()));
+                q.filter.push_str(&format!(" AND {} = {p}", q.code));
+            }
+        }
+        q
+    }
+
+    fn arg(&mut self, a: Arg) -> String {
+        self.args.push(a);
+        (self.dialect.placeholder)(self.args.len())
+    }
+
+    /// (code, Σ delta, events) per code over the whole filter.
+    pub fn totals(&self) -> String {
+        format!(
+            "SELECT {} AS code, CAST(SUM(delta) AS BIGINT), COUNT(*) FROM journal WHERE {} GROUP BY code",
+            self.code, self.filter
+        )
+    }
+
+    /// The time of the adjustment `after` names (arguments: seq, store).
+    pub fn after_row(&self) -> String {
+        format!(
+            "SELECT occurred_at_ms FROM journal WHERE seq = {} AND store = {} AND kind = 'adjustment'",
+            (self.dialect.placeholder)(1),
+            (self.dialect.placeholder)(2)
+        )
+    }
+
+    /// The page, newest first, below `after` (its time and sequence) when given.
+    pub fn page(&mut self, after: Option<(i64, u64)>, limit: usize) -> String {
+        if let Some((at, seq)) = after {
+            let (a, b) = (self.arg(Arg::Int(at)), self.arg(Arg::Int(i64::try_from(seq).unwrap_or(i64::MAX))));
+            self.filter.push_str(&format!(" AND (occurred_at_ms, seq) < ({a}, {b})"));
+        }
+        let l = self.arg(Arg::Int(limit as i64));
+        format!(
+            "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+             FROM journal WHERE {} ORDER BY occurred_at_ms DESC, seq DESC LIMIT {l}",
+            self.filter
+        )
+    }
+
+    /// Totals rows as the report's, in the documented order.
+    pub fn fold_totals(
+        rows: impl IntoIterator<Item = (String, i64, u64)>,
+    ) -> Vec<(shelfsync_shared::ReasonCode, i64, u64)> {
+        use shelfsync_shared::ReasonCode;
+        let mut totals: std::collections::BTreeMap<ReasonCode, (i64, u64)> = Default::default();
+        for (code, units, n) in rows {
+            let t = totals.entry(ReasonCode::parse(&code).unwrap_or(ReasonCode::Other)).or_default();
+            t.0 = t.0.saturating_add(units);
+            t.1 += n;
+        }
+        ReasonCode::ALL.iter().filter_map(|c| totals.get(c).map(|(u, n)| (*c, *u, *n))).collect()
+    }
+}
 
 /// What a shrink report asks for.
 #[derive(Clone, Debug)]
@@ -213,6 +328,7 @@ impl Default for SqliteOptions {
 
 /// The hub database: its threads and what was read at opening.
 pub struct SqliteStorage {
+    path: PathBuf,
     threads: SqliteThreads,
     hub_writer: WriterId,
     /// Tags the entries the hub sends, so stores can give them back after a restore.
@@ -221,18 +337,7 @@ pub struct SqliteStorage {
     journal_head: Arc<AtomicU64>,
 }
 
-/// An opened database with the rows the runtime loads.
-pub struct Opened {
-    /// The database.
-    pub storage: SqliteStorage,
-    /// The decider's rows as records.
-    pub records: Vec<shelfsync_hub_core::Record>,
-    /// Per agent writer: (store, writer, journal applied, lineage).
-    pub peers: Vec<(StoreId, WriterId, u64, HubLineage)>,
-    /// The copy was made by `backup` (or is a restored file): the writer it ran as, which must be
-    /// retired.
-    pub restored_from: Option<String>,
-}
+pub use crate::db::Opened;
 
 /// How to get a good hub database back, for refusals at start-up.
 fn recovery_advice(path: &Path) -> String {
@@ -279,7 +384,10 @@ impl SqliteStorage {
     /// Opens an existing hub database and starts its threads, without loading the decider's rows
     /// (admin verbs). Blocking.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
-        Ok(Self::open_with(path, opts, None)?.storage)
+        match Self::open_with(path, opts, None)?.storage {
+            crate::db::HubDb::Sqlite(s) => Ok(s),
+            crate::db::HubDb::Postgres(_) => unreachable!("SQLite opens SQLite"),
+        }
     }
 
     /// Opens an existing hub database, reads the decider's rows when `load` says how many of the
@@ -336,7 +444,13 @@ impl SqliteStorage {
         let threads = SqliteThreads::spawn("hub", conn, readers, opts.group_commit_max, after_commit)
             .map_err(|e| StorageError::Backend(format!("spawning storage threads: {e}")))?;
         Ok(Opened {
-            storage: SqliteStorage { threads, hub_writer, key, journal_head: journal },
+            storage: crate::db::HubDb::Sqlite(SqliteStorage {
+                path: path.to_owned(),
+                threads,
+                hub_writer,
+                key,
+                journal_head: journal,
+            }),
             records,
             peers,
             restored_from,
@@ -422,6 +536,57 @@ pub fn write_catalog(conn: &Connection, c: &CatalogCommit) -> StorageResult<()> 
     Ok(())
 }
 
+/// Queues one decided batch on the writer thread: the records and the side writes in one
+/// transaction (group-committed with the batches queued beside it).
+pub fn submit(threads: &SqliteThreads, commit: crate::db::Commit, done: crate::db::CommitDone) -> Result<(), String> {
+    threads
+        .submit(
+            move |conn| {
+                if shelfsync_node::fatal::is_stopping() {
+                    return Err(SqliteError::Closed);
+                }
+                crate::persist::write(conn, &commit.records).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
+                for w in &commit.side {
+                    write_side(conn, w).map_err(|e| SqliteError::Sqlite(e.to_string()))?;
+                }
+                Ok(())
+            },
+            move |result| done(result.map_err(|e| e.to_string())),
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// Writes one side write (inside the caller's transaction).
+pub fn write_side(conn: &Connection, w: &crate::db::SideWrite) -> StorageResult<()> {
+    use crate::db::SideWrite;
+    match w {
+        SideWrite::NewLife { at_ms } => {
+            adb::meta_set(conn, "incarnation_started_ms", &at_ms.to_string())?;
+            conn.execute("DELETE FROM meta WHERE key = 'restored_copy'", [])?;
+        }
+        SideWrite::PeerApplied { store, peer, upto, at_ms, lineage } => {
+            ensure_peer(conn, store, peer)?;
+            conn.prepare_cached(
+                "UPDATE peers SET applied = MAX(applied, ?3), last_seen_ms = ?4, lineage = COALESCE(?5, lineage)
+                 WHERE store = ?1 AND writer = ?2",
+            )?
+            .execute(params![store.as_str(), peer.to_string(), upto, at_ms, lineage])?;
+        }
+        SideWrite::PeerJournal { store, peer, upto, events } => {
+            for e in events {
+                shelfsync_node::journal::insert_event(conn, e)?;
+            }
+            ensure_peer(conn, store, peer)?;
+            conn.prepare_cached(
+                "UPDATE peers SET journal_applied = MAX(journal_applied, ?3) WHERE store = ?1 AND writer = ?2",
+            )?
+            .execute(params![store.as_str(), peer.to_string(), upto])?;
+        }
+        SideWrite::Catalog(c) => write_catalog(conn, c)?,
+    }
+    Ok(())
+}
+
 fn load_peers(conn: &Connection) -> StorageResult<Vec<(StoreId, WriterId, u64, HubLineage)>> {
     let mut stmt = conn.prepare("SELECT store, writer, journal_applied, lineage FROM peers")?;
     let rows = stmt.query_map([], |r| {
@@ -451,6 +616,11 @@ fn mac_key(conn: &Connection) -> StorageResult<MacKey> {
             h
         }
     };
+    parse_mac_key(&hex)
+}
+
+/// The tag key from its stored hex.
+pub(crate) fn parse_mac_key(hex: &str) -> StorageResult<MacKey> {
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
@@ -475,17 +645,17 @@ fn require_store(conn: &Connection, store: &StoreId) -> StorageResult<()> {
     }
 }
 
-fn store_col(s: String) -> StorageResult<StoreId> {
+pub(crate) fn store_col(s: String) -> StorageResult<StoreId> {
     s.parse().map_err(|e| StorageError::Corrupt(format!("store id in database: {e}")))
 }
 
-fn lineage_col(v: Option<Vec<u8>>) -> StorageResult<HubLineage> {
+pub(crate) fn lineage_col(v: Option<Vec<u8>>) -> StorageResult<HubLineage> {
     v.map(|b| postcard::from_bytes(&b).map_err(|e| StorageError::Corrupt(format!("peer lineage: {e}"))))
         .transpose()
         .map(Option::unwrap_or_default)
 }
 
-pub(crate) fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
+fn ensure_peer(conn: &Connection, store: &StoreId, writer: &WriterId) -> StorageResult<()> {
     conn.prepare_cached("INSERT OR IGNORE INTO peers (store, writer) VALUES (?1, ?2)")?
         .execute(params![store.as_str(), writer.to_string()])?;
     Ok(())
@@ -773,76 +943,42 @@ impl SqliteStorage {
     /// `journal_adjustments`; totals per reason code over the whole filter in the same read.
     pub async fn adjustments(&self, f: AdjustmentFilter) -> StorageResult<AdjustmentReport> {
         use rusqlite::types::Value as Sql;
-        use shelfsync_shared::ReasonCode;
+        fn sql(args: &[Arg]) -> Vec<Sql> {
+            args.iter()
+                .map(|a| match a {
+                    Arg::Int(i) => Sql::Integer(*i),
+                    Arg::Text(t) => Sql::Text(t.clone()),
+                })
+                .collect()
+        }
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
-            let mut filter = String::from("store = ?1 AND kind = 'adjustment'");
-            let mut args: Vec<Sql> = vec![Sql::Text(f.store.to_string())];
-            let mut arg = |filter: &mut String, sql: &str, v: Sql| {
-                args.push(v);
-                filter.push_str(&sql.replace('?', &format!("?{}", args.len())));
-            };
-            if let Some(from) = f.from_ms {
-                arg(&mut filter, " AND occurred_at_ms >= ?", Sql::Integer(from));
-            }
-            if let Some(to) = f.to_ms {
-                arg(&mut filter, " AND occurred_at_ms < ?", Sql::Integer(to));
-            }
-            match f.reason {
-                None => {}
-                Some(ReasonCode::Other) => {
-                    let codes: Vec<String> = ReasonCode::ALL
-                        .iter()
-                        .filter(|c| **c != ReasonCode::Other)
-                        .map(|c| format!("'{}'", c.as_str()))
-                        .collect();
-                    filter.push_str(&format!(" AND {REASON_CODE_SQL} NOT IN ({})", codes.join(", ")));
+            let mut q = AdjustmentSql::new(&f, &SQLITE);
+            let totals = tx
+                .prepare(&q.totals())?
+                .query_map(rusqlite::params_from_iter(sql(&q.args)), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut report = AdjustmentReport { totals: AdjustmentSql::fold_totals(totals), ..Default::default() };
+            let after = match f.after {
+                None => None,
+                Some(after) => {
+                    let at: Option<i64> = tx
+                        .query_row(
+                            &q.after_row(),
+                            params![i64::try_from(after).unwrap_or(i64::MAX), f.store.as_str()],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    let Some(at) = at else {
+                        report.after_unknown = true;
+                        return Ok(report);
+                    };
+                    Some((at, after))
                 }
-                Some(code) => arg(&mut filter, &format!(" AND {REASON_CODE_SQL} = ?"), Sql::Text(code.as_str().into())),
-            }
-            let mut totals: std::collections::BTreeMap<ReasonCode, (i64, u64)> = Default::default();
-            {
-                let sql = format!(
-                    "SELECT {REASON_CODE_SQL} AS code, SUM(delta), COUNT(*) FROM journal WHERE {filter} GROUP BY code"
-                );
-                let mut stmt = tx.prepare(&sql)?;
-                let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
-                while let Some(r) = rows.next()? {
-                    let code = r.get::<_, String>(0)?;
-                    let code = ReasonCode::parse(&code).unwrap_or(ReasonCode::Other);
-                    let t = totals.entry(code).or_default();
-                    t.0 = t.0.saturating_add(r.get::<_, i64>(1)?);
-                    t.1 += r.get::<_, u64>(2)?;
-                }
-            }
-            let mut report = AdjustmentReport {
-                totals: ReasonCode::ALL.iter().filter_map(|c| totals.get(c).map(|(u, n)| (*c, *u, *n))).collect(),
-                ..Default::default()
             };
-            if let Some(after) = f.after {
-                let at: Option<i64> = tx
-                    .query_row(
-                        "SELECT occurred_at_ms FROM journal WHERE seq = ?1 AND store = ?2 AND kind = 'adjustment'",
-                        params![i64::try_from(after).unwrap_or(i64::MAX), f.store.as_str()],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                let Some(at) = at else {
-                    report.after_unknown = true;
-                    return Ok(report);
-                };
-                args.push(Sql::Integer(at));
-                args.push(Sql::Integer(after as i64));
-                filter.push_str(&format!(" AND (occurred_at_ms, seq) < (?{}, ?{})", args.len() - 1, args.len()));
-            }
-            args.push(Sql::Integer(f.limit as i64));
-            let sql = format!(
-                "SELECT seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
-                 FROM journal WHERE {filter} ORDER BY occurred_at_ms DESC, seq DESC LIMIT ?{}",
-                args.len()
-            );
-            let mut stmt = tx.prepare(&sql)?;
-            let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+            let page = q.page(after, f.limit);
+            let mut stmt = tx.prepare(&page)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(sql(&q.args)))?;
             while let Some(r) = rows.next()? {
                 let seq: u64 = r.get("seq")?;
                 report.rows.push((seq, event_from_row(r)??));
@@ -853,6 +989,17 @@ impl SqliteStorage {
             Ok(report)
         })
         .await
+    }
+
+    /// Bytes of the database file with its write-ahead log.
+    pub async fn size_bytes(&self) -> StorageResult<u64> {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        Ok(size(&self.path) + size(&dbfile::companion(&self.path, "-wal")))
+    }
+
+    /// Whether the database is a restored copy no hub has opened yet.
+    pub async fn restored_copy(&self) -> StorageResult<bool> {
+        self.read(|conn| Ok(adb::meta_get(conn, "restored_copy")?.is_some())).await
     }
 
     /// Journal events held (of one store, or all).

@@ -181,15 +181,18 @@ pub fn parse_expires_in(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
-const COLUMNS: &str = "id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms";
+/// The columns of a [`Row`].
+pub(crate) const COLUMNS: &str = "id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms";
 
-type Row = (String, String, String, i64, Option<i64>, Option<i64>, Option<i64>);
+/// A `tokens` row ([`COLUMNS`]).
+pub(crate) type Row = (String, String, String, i64, Option<i64>, Option<i64>, Option<i64>);
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
-fn info(
+/// A row as a token.
+pub(crate) fn info(
     (id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms): Row,
 ) -> StorageResult<TokenInfo> {
     Ok(TokenInfo {

@@ -388,8 +388,13 @@ impl TrackedDoc {
     pub fn load(conn: &Connection, name: &str) -> Result<TrackedDoc, CatalogError> {
         let mut stmt = conn.prepare_cached("SELECT bytes FROM doc_chunks WHERE doc = ?1 ORDER BY seq")?;
         let chunks = stmt.query_map([name], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Self::from_chunks(name, &chunks)
+    }
+
+    /// A document from its stored chunks, oldest first (whatever stored them).
+    pub fn from_chunks(name: &str, chunks: &[Vec<u8>]) -> Result<TrackedDoc, CatalogError> {
         let mut doc = AutoCommit::new();
-        for c in &chunks {
+        for c in chunks {
             doc.load_incremental(c)?;
         }
         // Mark everything loaded as saved, so the next save is incremental from here.
@@ -556,9 +561,12 @@ pub struct Effective {
     pub low_stock_threshold: u64,
 }
 
-type ItemRow = (String, String, String, u64, u64, u64, bool);
+/// A `catalog_items` row: sku, name, barcodes (JSON), safety stock, threshold, max per customer,
+/// active.
+pub type ItemRow = (String, String, String, u64, u64, u64, bool);
 
-fn item_from_row(row: ItemRow) -> Result<(Sku, CatalogItem), DbError> {
+/// A `catalog_items` row as an entry.
+pub fn item_from_row(row: ItemRow) -> Result<(Sku, CatalogItem), DbError> {
     let (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active) = row;
     Ok((
         crate::db::sku_col(sku)?,
@@ -573,7 +581,8 @@ fn item_from_row(row: ItemRow) -> Result<(Sku, CatalogItem), DbError> {
     ))
 }
 
-const ITEM_COLUMNS: &str = "sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active";
+/// The columns of [`ItemRow`], in order.
+pub const ITEM_COLUMNS: &str = "sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
@@ -587,18 +596,19 @@ pub fn view(conn: &Connection, sku: &Sku, store: Option<&StoreId>) -> Result<Opt
         .optional()?;
     let Some(r) = r else { return Ok(None) };
     let (sku, item) = item_from_row(r)?;
-    let (overrides, effective) = match store {
-        Some(s) => {
-            let o = store_overrides(conn, s, &sku)?;
-            let e = Effective {
-                safety_stock: o.safety_stock.unwrap_or(item.safety_stock),
-                low_stock_threshold: o.low_stock_threshold.unwrap_or(item.low_stock_threshold),
-            };
-            (Some(o), Some(e))
-        }
-        None => (None, None),
-    };
-    Ok(Some(CatalogView { sku, item, overrides, effective }))
+    let overrides = store.map(|s| store_overrides(conn, s, &sku)).transpose()?;
+    Ok(Some(CatalogView::new(sku, item, overrides)))
+}
+
+impl CatalogView {
+    /// An entry with a store's overrides (and what is in force there), or without.
+    pub fn new(sku: Sku, item: CatalogItem, overrides: Option<Overrides>) -> CatalogView {
+        let effective = overrides.map(|o| Effective {
+            safety_stock: o.safety_stock.unwrap_or(item.safety_stock),
+            low_stock_threshold: o.low_stock_threshold.unwrap_or(item.low_stock_threshold),
+        });
+        CatalogView { sku, item, overrides, effective }
+    }
 }
 
 /// A page of entries in SKU order.
