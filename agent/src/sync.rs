@@ -17,6 +17,7 @@
 //!   are logged at ERROR once per episode and retried only every `sync.refused_retry_ms`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,9 +104,13 @@ pub fn spawn(
     }
     let hub_addr = if config.sync.hub_addr.is_empty() { bundle.hub_addr.clone() } else { config.sync.hub_addr.clone() };
     let client_config = bundle.client_config().map_err(|e| StartError::Other(e.to_string()))?;
+    let hub_addrs: Vec<String> =
+        hub_addr.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
     let client = SyncClient {
         db,
-        hub_addr,
+        handshake_phase: if hub_addrs.len() > 1 { HANDSHAKE_PHASE_FAILOVER } else { HANDSHAKE_PHASE },
+        hub_addrs,
+        current: AtomicUsize::new(0),
         server_name: bundle.server_name.clone(),
         client_config,
         session_config: SyncConfig {
@@ -125,7 +130,13 @@ pub fn spawn(
 
 struct SyncClient {
     db: Db,
-    hub_addr: String,
+    /// The hubs this store may sync with (one, or several sharing a database): the agent stays
+    /// with one while it answers and moves to the next when it does not.
+    hub_addrs: Vec<String>,
+    /// Index of the hub tried now.
+    current: AtomicUsize,
+    /// How long a handshake may go unanswered before the next hub is tried.
+    handshake_phase: Duration,
     server_name: String,
     client_config: quinn::ClientConfig,
     session_config: SyncConfig,
@@ -159,16 +170,29 @@ pub const HANDSHAKES_PENDING_MAX: usize = 3;
 /// How long one connection attempt keeps starting handshakes before it reports failure.
 const HANDSHAKE_PHASE: Duration = Duration::from_secs(10);
 
+/// [`HANDSHAKE_PHASE`] when the bundle names several hubs: a dead one is given up sooner, since
+/// another may answer.
+const HANDSHAKE_PHASE_FAILOVER: Duration = Duration::from_secs(3);
+
 /// Gap between handshakes while earlier ones go unanswered: uniform in 0.5 .. 1 s.
 fn handshake_gap() -> Duration {
     Duration::from_millis(500).mul_f64(1.0 + rand::random::<f64>())
 }
 
 impl SyncClient {
+    /// The hub tried now.
+    fn hub_addr(&self) -> String {
+        self.hub_addrs[self.current.load(Ordering::Relaxed) % self.hub_addrs.len()].clone()
+    }
+
     async fn run(self) {
+        if self.hub_addrs.is_empty() {
+            tracing::error!("no hub address: set sync.hub_addr or give the bundle one; the store sells offline");
+            return;
+        }
         self.status.send_modify(|s| {
             s.state = SyncState::Connecting;
-            s.hub_addr = Some(self.hub_addr.clone());
+            s.hub_addr = Some(self.hub_addr());
         });
         let mut endpoint: Option<quinn::Endpoint> = None;
         let mut failures = 0u32;
@@ -191,44 +215,60 @@ impl SyncClient {
             let refused = matches!(kind, Ended::Refused | Ended::Permanent);
             match kind {
                 Ended::Retired => {
-                    tracing::warn!(hub = %self.hub_addr, reason = %error, "sync connection ended; reconnecting under the new writer")
+                    tracing::warn!(hub = %self.hub_addr(), reason = %error, "sync connection ended; reconnecting under the new writer")
                 }
                 // Logged once per episode at ERROR: head office must resolve it.
                 Ended::Refused if !refused_before => tracing::error!(
-                    hub = %self.hub_addr,
+                    hub = %self.hub_addr(),
                     reason = %error,
                     retry_secs = self.refused_retry.as_secs(),
                     "the hub refuses this agent: another agent of this store is connected; \
                      it keeps selling offline and retries, but head office must switch one of them off"
                 ),
                 Ended::Permanent if !refused_before => tracing::error!(
-                    hub = %self.hub_addr,
+                    hub = %self.hub_addr(),
                     reason = %error,
                     retry_secs = self.refused_retry.as_secs(),
                     "the hub refuses this store's credentials (certificate unknown, revoked, or from another hub's CA); \
                      the store keeps selling offline and retries slowly, but its bundle must be fixed"
                 ),
                 Ended::Refused | Ended::Permanent => {
-                    tracing::debug!(hub = %self.hub_addr, reason = %error, "still refused")
+                    tracing::debug!(hub = %self.hub_addr(), reason = %error, "still refused")
                 }
                 Ended::Other if established => {
-                    tracing::warn!(hub = %self.hub_addr, error = %error, "sync connection lost; reconnecting")
+                    tracing::warn!(hub = %self.hub_addr(), error = %error, "sync connection lost; reconnecting")
                 }
-                Ended::Other => tracing::info!(hub = %self.hub_addr, error = %error, "cannot reach the hub; retrying"),
+                Ended::Other => tracing::info!(hub = %self.hub_addr(), error = %error, "cannot reach the hub; retrying"),
             }
             refused_before = refused;
+            // A hub that cannot be reached (or stands by and refuses) hands over to the next one;
+            // the back-off grows only once every hub was tried.
+            let several = self.hub_addrs.len() > 1;
+            if several && kind == Ended::Other {
+                let next = (self.current.load(Ordering::Relaxed) + 1) % self.hub_addrs.len();
+                self.current.store(next, Ordering::Relaxed);
+                tracing::info!(hub = %self.hub_addr(), "trying the next hub of the bundle");
+            }
             self.status.send_modify(|s| {
                 s.state = if refused { SyncState::Refused } else { SyncState::Connecting };
                 s.connected_since = None;
                 s.last_error = Some(error);
+                s.hub_addr = Some(self.hub_addr());
             });
             failures = if established { 0 } else { failures.saturating_add(1) };
+            let round_failures = if several && kind == Ended::Other {
+                // Within a round of the hubs, retry at once; between rounds, back off.
+                if failures as usize % self.hub_addrs.len() != 0 { 0 } else { failures / self.hub_addrs.len() as u32 }
+            } else {
+                failures
+            };
             let delay = match kind {
                 // The writer changed: ship under the new one at once.
                 Ended::Retired => Duration::ZERO,
                 // Someone has to act first: no point knocking often.
                 Ended::Refused | Ended::Permanent => self.refused_retry.mul_f64(0.75 + 0.25 * rand::random::<f64>()),
-                Ended::Other => backoff(self.backoff_min, self.backoff_max, failures, rand::random::<f64>()),
+                Ended::Other if round_failures == 0 && failures > 0 => Duration::ZERO,
+                Ended::Other => backoff(self.backoff_min, self.backoff_max, round_failures, rand::random::<f64>()),
             };
             tokio::time::sleep(delay).await;
         }
@@ -250,11 +290,12 @@ impl SyncClient {
     }
 
     async fn connect_inner(&self, endpoint: &mut Option<quinn::Endpoint>) -> Result<(), String> {
-        let addr: SocketAddr = tokio::net::lookup_host(&self.hub_addr)
+        let hub_addr = self.hub_addr();
+        let addr: SocketAddr = tokio::net::lookup_host(&hub_addr)
             .await
-            .map_err(|e| format!("resolving {}: {e}", self.hub_addr))?
+            .map_err(|e| format!("resolving {hub_addr}: {e}"))?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.hub_addr))?;
+            .ok_or_else(|| format!("{hub_addr} resolves to no address"))?;
         let ep = match endpoint {
             Some(ep) => ep.clone(),
             None => {
@@ -311,12 +352,12 @@ impl SyncClient {
     async fn handshake(&self, ep: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection, String> {
         let mut pending = tokio::task::JoinSet::new();
         let mut order = std::collections::VecDeque::new();
-        let until = tokio::time::Instant::now() + HANDSHAKE_PHASE;
+        let until = tokio::time::Instant::now() + self.handshake_phase;
         let mut next = tokio::time::Instant::now();
         loop {
             let now = tokio::time::Instant::now();
             if now >= until {
-                return Err(format!("handshake with {addr}: no answer within {} s", HANDSHAKE_PHASE.as_secs()));
+                return Err(format!("handshake with {addr}: no answer within {} s", self.handshake_phase.as_secs()));
             }
             if now >= next {
                 if order.len() >= HANDSHAKES_PENDING_MAX {

@@ -9,8 +9,8 @@ use shelfsync_node::bundle::Bundle;
 use shelfsync_shared::StoreId;
 
 use crate::api::{new_token, token_hash};
-use crate::pki::Pki;
 use crate::db::{HubDb, Target};
+use crate::pki::Pki;
 use crate::sqlite::{db_path, SqliteOptions};
 use crate::storage::{CertRecord, Role, StorageError};
 use crate::tokens::{NewToken, TokenInfo};

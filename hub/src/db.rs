@@ -200,6 +200,17 @@ impl HubDb {
     /// Opens an existing database; reads the decider's rows when `load` says how many of the
     /// newest feed events to keep (`None`: read nothing, for admin verbs).
     pub async fn open(target: &Target, opts: SqliteOptions, load: Option<usize>) -> StorageResult<Opened> {
+        Self::open_fenced(target, opts, load, None).await
+    }
+
+    /// [`HubDb::open`], with every commit fenced by the lease `fence` holds (PostgreSQL only:
+    /// [`crate::cluster`]).
+    pub async fn open_fenced(
+        target: &Target,
+        opts: SqliteOptions,
+        load: Option<usize>,
+        fence: Option<crate::cluster::Fence>,
+    ) -> StorageResult<Opened> {
         match target {
             Target::Sqlite(path) => {
                 let path = path.clone();
@@ -207,7 +218,7 @@ impl HubDb {
                     .await
                     .map_err(|e| StorageError::Backend(e.to_string()))?
             }
-            Target::Postgres(url) => PgStorage::open(url, opts, load).await,
+            Target::Postgres(url) => PgStorage::open(url, opts, load, fence).await,
         }
     }
 

@@ -183,9 +183,14 @@ impl Engine {
 
     /// Opens the hub's database wherever it is, loads the decider from it and starts the decider
     /// thread.
-    pub async fn open_target(target: &Target, sql: crate::sqlite::SqliteOptions, opts: EngineOptions) -> StorageResult<Engine> {
+    pub async fn open_target(
+        target: &Target,
+        sql: crate::sqlite::SqliteOptions,
+        opts: EngineOptions,
+        fence: Option<crate::cluster::Fence>,
+    ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
-        let opened = HubDb::open(target, sql, Some(opts.feed_retain)).await?;
+        let opened = HubDb::open_fenced(target, sql, Some(opts.feed_retain), fence).await?;
         tokio::task::spawn_blocking(move || Self::start(opened, opts, started))
             .await
             .map_err(|e| StorageError::Backend(format!("starting the decider: {e}")))?

@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod api;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -24,8 +25,8 @@ pub mod feed;
 pub mod metrics;
 pub mod openapi;
 pub mod persist;
-pub mod postgres;
 pub mod pki;
+pub mod postgres;
 pub mod quic_server;
 pub mod server;
 pub mod sqlite;

@@ -133,9 +133,10 @@ enum StoreCmd {
         /// Directory to write the bundle into.
         #[arg(long)]
         out: PathBuf,
-        /// The address agents dial (host:port of the hub's QUIC endpoint).
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        hub_addr: String,
+        /// The address agents dial (host:port of the hub's QUIC endpoint); several hubs sharing
+        /// one database: repeat the flag or separate with commas (agents fail over in order).
+        #[arg(long, default_value = "127.0.0.1:7443", value_delimiter = ',')]
+        hub_addr: Vec<String>,
         #[command(flatten)]
         dir: DataDirArgs,
     },
@@ -297,6 +298,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Store { cmd: StoreCmd::Add { id, out, hub_addr, dir } } => {
             let data_dir = data_dir(&dir)?;
             let store = store_id(&id)?;
+            let hub_addr = hub_addr.iter().map(|a| a.trim()).collect::<Vec<_>>().join(",");
+            shelfsync_node::bundle::check_hub_addrs(&hub_addr).map_err(|m| anyhow::anyhow!("--hub-addr: {m}"))?;
             admin::add_store(&data_dir, &store, &out, &hub_addr).await?;
             println!("store {store} registered; bundle written to {}", out.display());
         }
@@ -348,16 +351,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 cfg.http.listen = a;
             }
             shelfsync_node::cli::init_tracing(&cfg.log.filter, cfg.log.format);
-            let hub = server::start(cfg).await?;
+            let target = shelfsync_hub::db::Target::for_data_dir(&cfg.data_dir, cfg.storage.url.as_deref())?;
+            // On PostgreSQL a hub may have company: it decides while it holds the lease.
+            let clustered = matches!(target, shelfsync_hub::db::Target::Postgres(_));
+            let running = if clustered {
+                Err(server::start_clustered(cfg).await?)
+            } else {
+                Ok(server::start(cfg).await?)
+            };
+            let (quic, url) = match &running {
+                Ok(hub) => (hub.quic_addr, hub.url()),
+                Err(node) => (node.quic_addr, node.url()),
+            };
             // Machine-readable lines, so scripts and tests learn the bound ports.
-            println!("shelfsync-hub quic on {}", hub.quic_addr);
-            println!("shelfsync-hub listening on {}", hub.url());
+            println!("shelfsync-hub quic on {quic}");
+            println!("shelfsync-hub listening on {url}");
             let fatal = tokio::select! {
                 _ = shelfsync_node::cli::shutdown_signal() => None,
                 reason = shelfsync_node::fatal::stopped() => Some(reason),
             };
             tracing::info!("shutting down");
-            hub.stop().await;
+            match running {
+                Ok(hub) => hub.stop().await,
+                Err(node) => node.stop().await,
+            }
             if let Some(reason) = fatal {
                 anyhow::bail!("fail-stop: {reason}; restart the hub: it reloads what was committed");
             }

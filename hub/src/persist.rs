@@ -326,10 +326,7 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
 }
 
 fn feed_rows(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> StorageResult<Vec<FeedEvent>> {
-    conn.prepare_cached(sql)?
-        .query_map(args, |r| r.get::<_, String>(0))?
-        .map(|b| feed_event(&b?))
-        .collect()
+    conn.prepare_cached(sql)?.query_map(args, |r| r.get::<_, String>(0))?.map(|b| feed_event(&b?)).collect()
 }
 
 /// Feed events after `cursor` from storage (for cursors older than the decider keeps).

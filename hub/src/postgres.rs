@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::db::{Commit, CommitDone, Opened, SideWrite};
 use crate::persist::{self, RowWrite};
-use crate::sqlite::{parse_mac_key, Arg, AdjustmentFilter, AdjustmentReport, AdjustmentSql, Dialect, SqliteOptions};
+use crate::sqlite::{parse_mac_key, AdjustmentFilter, AdjustmentReport, AdjustmentSql, Arg, Dialect, SqliteOptions};
 use crate::storage::*;
 
 /// PostgreSQL's dialect for queries built at run time.
@@ -35,7 +35,8 @@ const POSTGRES: Dialect = Dialect { strpos: "strpos", placeholder: |n| format!("
 
 /// The schema, one migration per entry (applied in order, each once, recorded in
 /// `schema_migrations`). Unsigned figures are `BIGINT` (they stay far below 2^63).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE stores (
         id TEXT PRIMARY KEY, created_at_ms BIGINT NOT NULL, revoked_at_ms BIGINT, last_seen_ms BIGINT,
@@ -83,7 +84,10 @@ const MIGRATIONS: &[&str] = &["
         shipped_at_ms BIGINT NOT NULL, body TEXT NOT NULL);
     CREATE INDEX transfers_to_status ON transfers(to_store, status);
     CREATE INDEX transfers_from ON transfers(from_store);
-    CREATE TABLE webhook_cursors (url TEXT PRIMARY KEY, cursor BIGINT NOT NULL);"];
+    CREATE TABLE webhook_cursors (url TEXT PRIMARY KEY, cursor BIGINT NOT NULL);",
+    // 2: hubs and their lease (several hubs on one database).
+    crate::cluster::MIGRATION,
+];
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -113,8 +117,7 @@ fn unsigned(r: &Row, i: usize) -> StorageResult<u64> {
 
 fn opt_unsigned(r: &Row, i: usize) -> StorageResult<Option<u64>> {
     let v: Option<i64> = get(r, i)?;
-    v.map(|v| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("column {i} is negative ({v})"))))
-        .transpose()
+    v.map(|v| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("column {i} is negative ({v})")))).transpose()
 }
 
 /// A figure as `BIGINT` (figures stay far below 2^63; saturates rather than wraps).
@@ -149,8 +152,11 @@ async fn migrate(client: &mut Client) -> StorageResult<()> {
         let done = tx.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[&version]).await?.is_some();
         if !done {
             tx.batch_execute(sql).await?;
-            tx.execute("INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)", &[&version, &now_ms()])
-                .await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+                &[&version, &now_ms()],
+            )
+            .await?;
         }
         tx.commit().await?;
     }
@@ -169,7 +175,8 @@ async fn meta_get(c: &impl tokio_postgres::GenericClient, key: &str) -> StorageR
     Ok(c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?.map(|r| r.get(0)))
 }
 
-const META_SET: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const META_SET: &str =
+    "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// The handle the decider thread commits through: batches go to the writer task in order.
 #[derive(Clone)]
@@ -204,10 +211,7 @@ impl PgStorage {
         let tx = client.transaction().await?;
         tx.batch_execute("LOCK TABLE meta IN EXCLUSIVE MODE").await?;
         if meta_get(&tx, "writer").await?.is_some() {
-            return Err(StorageError::Invalid(format!(
-                "a hub database already exists at {}",
-                crate::db::redact(url)
-            )));
+            return Err(StorageError::Invalid(format!("a hub database already exists at {}", crate::db::redact(url))));
         }
         let writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
         let key: [u8; 32] = rand::random();
@@ -221,7 +225,14 @@ impl PgStorage {
 
     /// Opens the hub's database: migrates it, reads the decider's rows when `load` says how many
     /// of the newest feed events to keep, and starts the writer task.
-    pub async fn open(url: &str, opts: SqliteOptions, load: Option<usize>) -> StorageResult<Opened> {
+    /// With a `fence`, every commit first checks that the lease's epoch is still the one the
+    /// fence holds ([`crate::cluster`]); a commit under another epoch fails and writes nothing.
+    pub async fn open(
+        url: &str,
+        opts: SqliteOptions,
+        load: Option<usize>,
+        fence: Option<crate::cluster::Fence>,
+    ) -> StorageResult<Opened> {
         let mut admin = connect(url).await?;
         migrate(&mut admin).await?;
         let hub_writer: WriterId = meta_get(&admin, "writer")
@@ -249,7 +260,7 @@ impl PgStorage {
         }
         let writer = connect(url).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(writer, rx, opts.group_commit_max.max(1), journal_head.clone()));
+        tokio::spawn(write_loop(writer, rx, opts.group_commit_max.max(1), journal_head.clone(), fence));
         Ok(Opened {
             storage: crate::db::HubDb::Postgres(PgStorage {
                 readers,
@@ -687,7 +698,12 @@ impl PgStorage {
             p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()
         }
         let mut admin = self.admin.lock().await;
-        let tx = admin.build_transaction().read_only(true).isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
+        let tx = admin
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
         let mut q = AdjustmentSql::new(&f, &POSTGRES);
         let p = params(&q.args);
         let totals = tx
@@ -769,7 +785,10 @@ async fn journal_head(c: &impl tokio_postgres::GenericClient) -> StorageResult<u
 
 async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Record>> {
     let mut out = Vec::new();
-    for r in c.query("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id", &[]).await? {
+    for r in c
+        .query("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id", &[])
+        .await?
+    {
         out.push(persist::store_record(get(&r, 0)?, get(&r, 1)?, get(&r, 2)?, get(&r, 3)?, unsigned(&r, 4)?)?);
     }
     for r in c.query("SELECT store, sku, writer, p, n, seq FROM counters", &[]).await? {
@@ -888,7 +907,9 @@ fn record_ops(records: &[Record], ops: &mut Vec<Op>) {
                     Box::new(big(e.seq)),
                 ],
             ),
-            RowWrite::Decision { kind, key, body } => op(DECISION_UPSERT, vec![Box::new(kind), Box::new(key), Box::new(body)]),
+            RowWrite::Decision { kind, key, body } => {
+                op(DECISION_UPSERT, vec![Box::new(kind), Box::new(key), Box::new(body)])
+            }
             RowWrite::Transfer(x, body) => op(
                 TRANSFER_UPSERT,
                 vec![
@@ -1027,6 +1048,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<(Commit, CommitDone)>,
     group_max: usize,
     journal: Arc<AtomicU64>,
+    fence: Option<crate::cluster::Fence>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -1051,7 +1073,27 @@ async fn write_loop(
                 return Err(StorageError::Stopped("the hub is stopping".into()));
             }
             let tx = client.transaction().await?;
-            run_ops(&tx, &ops).await?;
+            match &fence {
+                None => run_ops(&tx, &ops).await?,
+                Some(fence) => {
+                    // Pipelined: the check goes first, so its share lock is held by the time the
+                    // writes run.
+                    let held = fence.epoch();
+                    let check = async {
+                        Ok::<_, StorageError>(
+                            tx.query_one(crate::cluster::Fence::CHECK, &[&crate::cluster::PARTITION]).await?,
+                        )
+                    };
+                    let (row, ()) = tokio::try_join!(check, run_ops(&tx, &ops))?;
+                    let epoch: i64 = row.get(0);
+                    if held == 0 || epoch != held {
+                        return Err(StorageError::Stopped(format!(
+                            "fenced: the lease is at epoch {epoch} and this hub holds {held}; another hub took over, \
+                             nothing of this batch was written"
+                        )));
+                    }
+                }
+            }
             let head = journal_head(&tx).await?;
             tx.commit().await?;
             Ok(head)

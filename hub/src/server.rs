@@ -73,34 +73,66 @@ impl RunningHub {
     }
 }
 
-/// Opens the hub's state and starts serving. Returns once both endpoints listen.
-pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
-    config.validate()?;
-    let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
+/// Storage options from the config.
+fn storage_options(config: &HubConfig) -> (SqliteOptions, crate::engine::EngineOptions) {
+    (
+        SqliteOptions {
+            synchronous: config.storage.synchronous,
+            group_commit_max: config.storage.group_commit_max,
+            readers: config.storage.readers,
+        },
+        crate::engine::EngineOptions {
+            staleness: config.staleness.to_staleness(),
+            ..crate::engine::EngineOptions::default()
+        },
+    )
+}
+
+/// Opens the decider on `target` (fenced by `fence` on a shared database) and the catalog.
+async fn open_hub(
+    config: &HubConfig,
+    target: &crate::db::Target,
+    fence: Option<crate::cluster::Fence>,
+) -> Result<Arc<Hub>, HubError> {
     tracing::info!(database = %target.describe(), "opening the hub's database");
-    let opts = SqliteOptions {
-        synchronous: config.storage.synchronous,
-        group_commit_max: config.storage.group_commit_max,
-        readers: config.storage.readers,
-    };
-    let engine_opts = crate::engine::EngineOptions {
-        staleness: config.staleness.to_staleness(),
-        ..crate::engine::EngineOptions::default()
-    };
-    let storage = crate::engine::Engine::open_target(&target, opts, engine_opts).await?;
-    let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
-    let storage = Arc::new(storage);
+    let (opts, engine_opts) = storage_options(config);
+    let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence).await?);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
     let hub = Hub::new(storage, catalog);
     if hub.storage.opened_restored() {
         crate::metrics::Metrics::inc(&hub.metrics.hub_rollbacks_total);
     }
+    Ok(hub)
+}
 
-    let server_config = quic_server::server_config(&hub, &pki).await.map_err(HubError::Pki)?;
+/// Binds the QUIC endpoint (with a configuration from the PKI; an active hub sets its own with
+/// the revocation list) and the HTTP listener.
+async fn bind(
+    config: &HubConfig,
+    pki: &Pki,
+) -> Result<(quinn::Endpoint, SocketAddr, tokio::net::TcpListener, SocketAddr), HubError> {
+    let server_config = pki.server_config(Vec::new()).map_err(|e| HubError::Pki(e.to_string()))?;
     let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
         .map_err(|e| HubError::Bind { addr: config.quic.listen, message: e.to_string() })?;
     let quic_addr =
         endpoint.local_addr().map_err(|e| HubError::Bind { addr: config.quic.listen, message: e.to_string() })?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
+    let http_addr =
+        listener.local_addr().map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
+    Ok((endpoint, quic_addr, listener, http_addr))
+}
+
+/// Starts what an active hub runs beside its API on a bound endpoint (agent sync, revocation
+/// checks, catalog pick-up, reservation expiry, webhooks) and returns its API.
+async fn activate(
+    config: &HubConfig,
+    hub: &Arc<Hub>,
+    pki: &Arc<Pki>,
+    endpoint: &quinn::Endpoint,
+) -> Result<(axum::Router, Vec<JoinHandle<()>>), HubError> {
+    endpoint.set_server_config(Some(quic_server::server_config(hub, pki).await.map_err(HubError::Pki)?));
     let sync = SyncConfig { coalesce: Duration::from_millis(config.sync.coalesce_ms), ..SyncConfig::default() };
     let mut tasks = vec![tokio::spawn(quic_server::serve(
         hub.clone(),
@@ -115,12 +147,6 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
         pki.clone(),
         Duration::from_secs(config.sync.revocation_check_secs),
     )));
-
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
-    let http_addr =
-        listener.local_addr().map_err(|e| HubError::Bind { addr: config.http.listen, message: e.to_string() })?;
     tasks.push(tokio::spawn(watch_catalog_imports(hub.clone())));
     tasks.push(tokio::spawn(expire_leases(hub.clone(), Duration::from_millis(config.reservations.expiry_check_ms))));
     for w in &config.webhooks {
@@ -136,17 +162,248 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
             reservations: config.reservations.clone(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
             limiter,
-            edge: edge.clone(),
+            edge,
         },
         config.http.max_body_bytes,
     );
-    let app = app.layer(cors(&config.http.cors_allowed_origins));
+    Ok((app.layer(cors(&config.http.cors_allowed_origins)), tasks))
+}
+
+/// Opens the hub's state and starts serving. Returns once both endpoints listen. (On a
+/// PostgreSQL database shared with other hubs, run [`start_clustered`] instead.)
+pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
+    config.validate()?;
+    let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
+    let hub = open_hub(&config, &target, None).await?;
+    let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
+    let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
+    let (app, tasks) = activate(&config, &hub, &pki, &endpoint).await?;
+    let edge = hub.metrics.edge.clone();
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
         let _ = shutdown_rx.await;
     }));
     tracing::info!(%quic_addr, %http_addr, writer = %hub.storage.hub_writer(), "hub listening");
     Ok(RunningHub { quic_addr, http_addr, hub, endpoint, shutdown: Some(shutdown_tx), http, tasks })
+}
+
+/// A hub among several on one PostgreSQL database ([`crate::cluster`]): active (it holds the
+/// lease and decides) or standing by (it forwards HTTP requests to the active hub and refuses
+/// agents, which fail over to the next address in their bundle) until it takes the lease over.
+pub struct ClusterNode {
+    /// Where agents connect.
+    pub quic_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// This hub's id in the `hubs` table.
+    pub hub_id: String,
+    coord: Arc<crate::cluster::Coordinator>,
+    fence: crate::cluster::Fence,
+    active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>,
+    endpoint: quinn::Endpoint,
+    shutdown: Option<oneshot::Sender<()>>,
+    http: JoinHandle<std::io::Result<()>>,
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl ClusterNode {
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Whether this hub holds the lease and decides.
+    pub fn is_active(&self) -> bool {
+        self.active.read().expect("active lock").is_some()
+    }
+
+    /// Stops serving; an active hub gives its lease up so a standby takes over at once.
+    pub async fn stop(mut self) {
+        let hub = self.active.read().expect("active lock").as_ref().map(|(h, _)| h.clone());
+        if let Some(h) = &hub {
+            h.begin_stop();
+        }
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        let _ = (&mut self.http).await;
+        if hub.is_some() && !shelfsync_node::fatal::is_stopping() {
+            if let Err(e) = self.coord.release(self.fence.epoch()).await {
+                tracing::warn!(error = %e, "could not release the lease; a standby takes over when it expires");
+            }
+        }
+    }
+}
+
+/// State of a clustered hub's HTTP front: the active API once this hub decides, else how to
+/// reach the hub that does.
+#[derive(Clone)]
+struct Front {
+    active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>,
+    owners: Arc<tokio_postgres::Client>,
+    client: reqwest::Client,
+    max_body_bytes: usize,
+}
+
+/// Marks a request forwarded by a standby (a hub that is not active answers it 503 instead of
+/// forwarding again).
+const FORWARDED: &str = "x-shelfsync-forwarded-by";
+
+/// Starts a hub on a PostgreSQL database shared with other hubs. Returns once both endpoints
+/// listen; the hub becomes active when it takes the lease (at once if nobody holds it).
+pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError> {
+    config.validate()?;
+    let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
+    let crate::db::Target::Postgres(url) = target.clone() else {
+        return Err(HubError::Other("several hubs share a PostgreSQL database; this data dir's is SQLite".into()));
+    };
+    let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
+    // Migrations first (a fresh database gets the coordination tables).
+    drop(crate::db::HubDb::open(&target, storage_options(&config).0, None).await?);
+    let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
+    let coord =
+        Arc::new(crate::cluster::Coordinator::join(&url, &http_addr.to_string(), &quic_addr.to_string()).await?);
+    let (owners, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| HubError::Other(format!("connecting to {}: {e}", crate::db::redact(&url))))?;
+    tokio::spawn(conn);
+    let active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>> = Arc::default();
+    let front = Front {
+        active: active.clone(),
+        owners: Arc::new(owners),
+        client: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| HubError::Other(e.to_string()))?,
+        max_body_bytes: config.http.max_body_bytes,
+    };
+    let app = axum::Router::new().fallback(front_door).with_state(front);
+    let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
+        let _ = shutdown_rx.await;
+    }));
+    let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    let (activated_tx, activated_rx) = tokio::sync::watch::channel(false);
+    tasks.lock().expect("tasks lock").push(tokio::spawn(refuse_agents(endpoint.clone(), activated_rx)));
+    let fence = crate::cluster::Fence::default();
+    {
+        let (config, endpoint, active, more_tasks, fence2, pki) =
+            (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());
+        let lease = crate::cluster::run_lease(coord.clone(), fence.clone(), move |epoch| async move {
+            let hub = open_hub(&config, &target, Some(fence2)).await.map_err(|e| e.to_string())?;
+            let _ = activated_tx.send(true);
+            let (app, more) = activate(&config, &hub, &pki, &endpoint).await.map_err(|e| e.to_string())?;
+            more_tasks.lock().expect("tasks lock").extend(more);
+            tracing::info!(epoch, writer = %hub.storage.hub_writer(), "this hub is active: it decides");
+            *active.write().expect("active lock") = Some((hub, app));
+            Ok(())
+        });
+        tasks.lock().expect("tasks lock").push(tokio::spawn(lease));
+    }
+    tracing::info!(%quic_addr, %http_addr, hub = %coord.hub_id, "hub listening (clustered: standing by until it holds the lease)");
+    Ok(ClusterNode {
+        quic_addr,
+        http_addr,
+        hub_id: coord.hub_id.clone(),
+        coord,
+        fence,
+        active,
+        endpoint,
+        shutdown: Some(shutdown_tx),
+        http,
+        tasks,
+    })
+}
+
+/// A standby refuses agents at once (they try the next hub of their bundle) until it is active.
+async fn refuse_agents(endpoint: quinn::Endpoint, mut activated: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *activated.borrow() {
+            return;
+        }
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => {
+                    tracing::debug!(peer = %i.remote_address(), "refusing an agent: this hub stands by");
+                    i.refuse();
+                }
+                None => return,
+            },
+            changed = activated.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Every HTTP request of a clustered hub: served here when active, else forwarded to the active
+/// hub with the caller's credentials (which that hub checks), streamed both ways.
+async fn front_door(
+    axum::extract::State(front): axum::extract::State<Front>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let app = front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
+    if let Some(mut app) = app {
+        return match tower_service::Service::call(&mut app, req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+    }
+    let unavailable = |message: String| {
+        let mut r = (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "error": "no_active_hub", "message": message })),
+        )
+            .into_response();
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        r
+    };
+    if req.headers().contains_key(FORWARDED) {
+        return unavailable("this hub stands by and was forwarded a request; the lease is changing hands".into());
+    }
+    let owner = match crate::cluster::owner(&front.owners).await {
+        Ok(Some(o)) => o,
+        Ok(None) => return unavailable("no hub holds the lease right now (a takeover is under way); retry".into()),
+        Err(e) => return unavailable(format!("cannot read who holds the lease: {e}")),
+    };
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, front.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(serde_json::json!({ "error": "payload_too_large", "message": e.to_string() })),
+            )
+                .into_response()
+        }
+    };
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("http://{}{path}", owner.http_addr);
+    let mut out = front.client.request(parts.method.clone(), &url).body(body);
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::HOST && name != axum::http::header::CONNECTION {
+            out = out.header(name, value);
+        }
+    }
+    out = out.header(FORWARDED, "standby");
+    match out.send().await {
+        Ok(resp) => {
+            let mut r = axum::response::Response::builder().status(resp.status());
+            for (name, value) in resp.headers() {
+                if name != axum::http::header::CONNECTION && name != axum::http::header::TRANSFER_ENCODING {
+                    r = r.header(name, value);
+                }
+            }
+            r.body(axum::body::Body::from_stream(resp.bytes_stream()))
+                .unwrap_or_else(|e| unavailable(format!("forwarding: {e}")))
+        }
+        Err(e) => unavailable(format!("the active hub ({}) did not answer: {e}", owner.http_addr)),
+    }
 }
 
 /// Expires due reservation leases, on time, and pushes the freed holds to the stores.

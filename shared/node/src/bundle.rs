@@ -68,6 +68,21 @@ fn write(path: &Path, data: &[u8], secret: bool) -> Result<(), BundleError> {
     f.sync_all().map_err(err)
 }
 
+/// Checks a bundle's `hub_addr`: one `host:port`, or several separated by commas (hubs sharing
+/// one database; the agent moves to the next when one does not answer).
+pub fn check_hub_addrs(addrs: &str) -> Result<(), String> {
+    let list: Vec<&str> = addrs.split(',').map(str::trim).collect();
+    if list.len() > 16 {
+        return Err(format!("hub_addr names {} hubs; at most 16", list.len()));
+    }
+    for a in list {
+        if a.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().filter(|_| !h.is_empty())).is_none() {
+            return Err(format!("hub_addr {addrs:?}: {a:?} must be host:port (several: comma-separated)"));
+        }
+    }
+    Ok(())
+}
+
 impl Bundle {
     /// Writes a bundle into `dir` (created if missing).
     pub fn write(
@@ -126,9 +141,7 @@ impl Bundle {
             .map_err(|e| invalid("store.pem", e.to_string()))?;
         let key_pem = read("store.key")?;
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("store.key", e.to_string()))?;
-        if manifest.hub_addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            return Err(invalid("bundle.toml", format!("hub_addr {:?} must be host:port", manifest.hub_addr)));
-        }
+        check_hub_addrs(&manifest.hub_addr).map_err(|m| invalid("bundle.toml", m))?;
         Ok(Bundle {
             store_id: manifest.store_id,
             hub_addr: manifest.hub_addr,

@@ -1,0 +1,209 @@
+//! Several hubs on one PostgreSQL database: one of them decides (it holds the lease), the others
+//! stand by, forward HTTP requests to it and refuse agents (which fail over to the next address in
+//! their bundle). The lease is a row with an epoch that every takeover increments; the active hub
+//! renews it every second and every batch it commits first checks, under a share lock on that
+//! row, that the epoch is still its own ([`Fence`]). A hub that was paused past its lease (or cut
+//! from the database) therefore cannot write when it resumes: its commit fails and it stops
+//! (fail-stop), and the hub that took over has loaded everything committed before the takeover.
+//!
+//! Time is the database's (`now()`), never a hub's clock.
+//!
+//! This is one partition (the whole chain): the design for SKU partitions spread over the hubs
+//! is in `hub/docs/scale-out.md`; the lease table is already keyed by partition.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::storage::{StorageError, StorageResult};
+
+/// How long a lease lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(3);
+/// How often the active hub renews, and a standby tries to take over.
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// The partition every decision belongs to today.
+pub const PARTITION: i32 = 0;
+
+/// Schema of the coordination tables (PostgreSQL migration 2).
+pub const MIGRATION: &str = "
+    CREATE TABLE hubs (
+        id TEXT PRIMARY KEY, http_addr TEXT NOT NULL, quic_addr TEXT NOT NULL,
+        started_at TIMESTAMPTZ NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL);
+    CREATE TABLE leases (
+        partition INTEGER PRIMARY KEY, owner TEXT, epoch BIGINT NOT NULL DEFAULT 0,
+        expires_at TIMESTAMPTZ NOT NULL DEFAULT now(), taken_at TIMESTAMPTZ);
+    INSERT INTO leases (partition) VALUES (0) ON CONFLICT (partition) DO NOTHING;";
+
+/// The epoch the hub's writes must carry: 0 until it holds the lease. Shared by the lease loop
+/// and the storage writer.
+#[derive(Clone, Debug, Default)]
+pub struct Fence(Arc<AtomicI64>);
+
+impl Fence {
+    /// The epoch held (0: none).
+    pub fn epoch(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, epoch: i64) {
+        self.0.store(epoch, Ordering::Release);
+    }
+
+    /// The statement every fenced commit runs first (argument: the partition). The share lock
+    /// makes a takeover wait for the commit, and the commit wait for a takeover in progress.
+    pub const CHECK: &'static str = "SELECT epoch FROM leases WHERE partition = $1 FOR SHARE";
+}
+
+/// Who holds the lease, as a standby sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The hub's id.
+    pub hub: String,
+    /// Its HTTP address.
+    pub http_addr: String,
+    /// The lease's epoch.
+    pub epoch: i64,
+}
+
+/// One hub's connection for coordination (separate from storage: renewals never queue behind
+/// writes).
+pub struct Coordinator {
+    client: Client,
+    /// This hub process's id (new at every start).
+    pub hub_id: String,
+}
+
+impl Coordinator {
+    /// Connects and records this hub with its addresses.
+    pub async fn join(url: &str, http_addr: &str, quic_addr: &str) -> StorageResult<Coordinator> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|e| StorageError::Backend(format!("connecting to {}: {e}", crate::db::redact(url))))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::error!(error = %e, "the coordination connection to PostgreSQL failed");
+            }
+        });
+        let hub_id = uuid::Uuid::now_v7().to_string();
+        client
+            .execute(
+                "INSERT INTO hubs (id, http_addr, quic_addr, started_at, heartbeat_at) VALUES ($1, $2, $3, now(), now())",
+                &[&hub_id, &http_addr, &quic_addr],
+            )
+            .await?;
+        Ok(Coordinator { client, hub_id })
+    }
+
+    /// Takes the lease if it is free or expired; returns the new epoch.
+    pub async fn try_acquire(&self) -> StorageResult<Option<i64>> {
+        let row = self
+            .client
+            .query_opt(
+                "UPDATE leases SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3),
+                    taken_at = now()
+                 WHERE partition = $1 AND (owner IS NULL OR expires_at < now())
+                 RETURNING epoch",
+                &[&PARTITION, &self.hub_id, &LEASE.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Extends the lease held at `epoch`; false if it is not ours any more.
+    pub async fn renew(&self, epoch: i64) -> StorageResult<bool> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => $4)
+                 WHERE partition = $1 AND owner = $2 AND epoch = $3",
+                &[&PARTITION, &self.hub_id, &epoch, &LEASE.as_secs_f64()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Records that this hub is alive.
+    pub async fn heartbeat(&self) -> StorageResult<()> {
+        self.client.execute("UPDATE hubs SET heartbeat_at = now() WHERE id = $1", &[&self.hub_id]).await?;
+        Ok(())
+    }
+
+    /// Gives the lease up (a clean stop), so a standby takes over at once.
+    pub async fn release(&self, epoch: i64) -> StorageResult<()> {
+        self.client
+            .execute(
+                "UPDATE leases SET expires_at = now() - interval '1 second' WHERE partition = $1 AND owner = $2 AND epoch = $3",
+                &[&PARTITION, &self.hub_id, &epoch],
+            )
+            .await?;
+        self.client.execute("DELETE FROM hubs WHERE id = $1", &[&self.hub_id]).await?;
+        Ok(())
+    }
+}
+
+/// Who holds an unexpired lease, through any connection.
+pub async fn owner(client: &Client) -> StorageResult<Option<Owner>> {
+    let row = client
+        .query_opt(
+            "SELECT l.owner, h.http_addr, l.epoch FROM leases l JOIN hubs h ON h.id = l.owner
+             WHERE l.partition = $1 AND l.expires_at > now()",
+            &[&PARTITION],
+        )
+        .await?;
+    Ok(row.map(|r| Owner { hub: r.get(0), http_addr: r.get(1), epoch: r.get(2) }))
+}
+
+/// Drives the lease: tries to take it until it does (then calls `on_acquired` once, which
+/// loads the decider and starts serving), then renews it; stops the hub (fail-stop) once it is
+/// lost or cannot be renewed before it expires.
+pub async fn run_lease<F, Fut>(coord: Arc<Coordinator>, fence: Fence, on_acquired: F)
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let epoch = loop {
+        tick.tick().await;
+        if let Err(e) = coord.heartbeat().await {
+            tracing::warn!(error = %e, "hub heartbeat failed");
+        }
+        match coord.try_acquire().await {
+            Ok(Some(epoch)) => break epoch,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot reach the database to take the lease"),
+        }
+    };
+    tracing::info!(epoch, hub = %coord.hub_id, "took the lease: loading the decider");
+    fence.set(epoch);
+    let mut renewed = tokio::time::Instant::now();
+    if let Err(e) = on_acquired(epoch).await {
+        shelfsync_node::fatal::stop(&format!("taking over as the active hub failed: {e}"));
+        return;
+    }
+    loop {
+        tick.tick().await;
+        match coord.renew(epoch).await {
+            Ok(true) => renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                shelfsync_node::fatal::stop(&format!(
+                    "lost the lease (epoch {epoch}): another hub took over; this one stops deciding"
+                ));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the lease failed");
+                if renewed.elapsed() >= LEASE {
+                    shelfsync_node::fatal::stop(&format!(
+                        "could not renew the lease (epoch {epoch}) before it expired: {e}"
+                    ));
+                    return;
+                }
+            }
+        }
+        let _ = coord.heartbeat().await;
+    }
+}
