@@ -1,5 +1,10 @@
 //! A hub and store agents as real processes on loopback, for end-to-end tests: set-up through the
 //! real CLIs (`init`, `store add`, `token create`, `init --bundle`), then `serve` and `run`.
+//!
+//! The hub stores in SQLite in its data dir, or, when [`backend::current`] is
+//! [`Backend::Postgres`], in a fresh PostgreSQL database: then every hub process the cluster runs
+//! gets [`DATABASE_URL_ENV`]. Tests run hub admin verbs through [`Cluster::hub_admin`] and
+//! [`Cluster::hub_cli`] so they need not know which.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +13,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::backend::{self, Backend};
 use crate::procs::{wait_until, Proc};
+
+/// The hub's database URL variable (its `--database-url`); set for every hub process of a
+/// PostgreSQL cluster, never for a SQLite one.
+pub const DATABASE_URL_ENV: &str = "SHELFSYNC_HUB_DATABASE_URL";
 
 /// A request rate no test client reaches: these tests poll the hub and drive agents as fast as they
 /// can from one token, which is load, not abuse. (Extra `hub_env`/`agent_env` entries come later
@@ -48,6 +58,9 @@ pub struct Cluster {
     pub hub_env: Vec<(String, String)>,
     /// The hub's data dir (`<dir>/hub`; a test that restores the hub elsewhere points it there).
     pub hub_data_dir: PathBuf,
+    /// The hub's PostgreSQL database (from [`crate::pg::fresh_database`]) when the test runs under
+    /// [`Backend::Postgres`]; `None` for SQLite.
+    pub database_url: Option<String>,
     http: reqwest::Client,
 }
 
@@ -66,43 +79,30 @@ impl Cluster {
     pub async fn start_full(n: usize, agent_env: Vec<(String, String)>, hub_env: Vec<(String, String)>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hub_dir = dir.path().join("hub");
-        let hd = hub_dir.to_str().unwrap();
-        Proc::run_ok("shelfsync-hub", &["init", "--data-dir", hd]).await;
-        let admin_token = Proc::run_ok("shelfsync-hub", &["token", "create", "--role", "admin", "--data-dir", hd])
-            .await
-            .trim()
-            .to_owned();
+        let database_url = match backend::current() {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(crate::pg::fresh_database().await),
+        };
         let mut c = Cluster {
             dir,
             hub: None,
             quic_addr: "127.0.0.1:0".into(),
-            admin_token,
+            admin_token: String::new(),
             stores: (0..n).map(|i| format!("store-{i}")).collect(),
             agents: (0..n).map(|_| None).collect(),
             agent_env,
             hub_env,
-            hub_data_dir: hub_dir.clone(),
+            hub_data_dir: hub_dir,
+            database_url,
             http: reqwest::Client::new(),
         };
+        c.hub_admin(&["init"]).await;
+        c.admin_token = c.hub_admin(&["token", "create", "--role", "admin"]).await.trim().to_owned();
         c.start_hub().await;
         for i in 0..n {
             let bundle = c.dir.path().join(format!("bundle-{i}"));
             let store = c.stores[i].clone();
-            Proc::run_ok(
-                "shelfsync-hub",
-                &[
-                    "store",
-                    "add",
-                    &store,
-                    "--out",
-                    bundle.to_str().unwrap(),
-                    "--hub-addr",
-                    &c.quic_addr,
-                    "--data-dir",
-                    hd,
-                ],
-            )
-            .await;
+            c.hub_admin(&["store", "add", &store, "--out", bundle.to_str().unwrap(), "--hub-addr", &c.quic_addr]).await;
             let ad = c.agent_dir(i);
             Proc::run_ok(
                 "shelfsync-agent",
@@ -111,7 +111,28 @@ impl Cluster {
             .await;
             c.start_agent(i).await;
         }
+        c.assert_hub_stores_in_its_database().await;
         c
+    }
+
+    /// Under PostgreSQL, panics unless the hub created tables in its database: a hub that ignores
+    /// [`DATABASE_URL_ENV`] would run the `_postgres` variant on SQLite and pass it for nothing.
+    async fn assert_hub_stores_in_its_database(&self) {
+        let Some(url) = &self.database_url else { return };
+        let db = crate::pg::connect(url).await;
+        let tables: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("counting the tables of {url}: {e:?}"))
+            .get(0);
+        assert!(
+            tables > 0,
+            "the hub was given {DATABASE_URL_ENV}={url} but created no table there after init, token create, serve \
+             and store add: this shelfsync-hub does not store in PostgreSQL"
+        );
     }
 
     /// A second agent of store `i` on a copy of its files (`cp -a` of the data dir; the agent
@@ -151,6 +172,53 @@ impl Cluster {
         self.dir.path().join(format!("agent-{i}"))
     }
 
+    /// The environment every `shelfsync-hub` process of this cluster gets from its backend:
+    /// [`DATABASE_URL_ENV`] for PostgreSQL, nothing for SQLite.
+    pub fn hub_backend_env(&self) -> Vec<(&str, &str)> {
+        self.database_url.iter().map(|url| (DATABASE_URL_ENV, url.as_str())).collect()
+    }
+
+    /// Runs a hub admin verb on this cluster's hub storage: `shelfsync-hub <args> --data-dir
+    /// <hub dir>` with [`Cluster::hub_backend_env`]; its stdout. Panics with stderr if it fails.
+    pub async fn hub_admin(&self, args: &[&str]) -> String {
+        let args = self.with_data_dir(args);
+        Proc::run_ok_env("shelfsync-hub", &args, &self.hub_backend_env()).await
+    }
+
+    /// As [`Cluster::hub_admin`], for a verb expected to fail: its status and output, unchecked.
+    pub async fn hub_admin_output(&self, args: &[&str]) -> std::process::Output {
+        let args = self.with_data_dir(args);
+        Proc::output_env("shelfsync-hub", &args, &self.hub_backend_env()).await
+    }
+
+    /// Runs `shelfsync-hub <args>` as given (e.g. a verb that talks to the running hub with
+    /// `--url`), with [`Cluster::hub_backend_env`]; its stdout. Panics with stderr if it fails.
+    pub async fn hub_cli(&self, args: &[&str]) -> String {
+        Proc::run_ok_env("shelfsync-hub", args, &self.hub_backend_env()).await
+    }
+
+    /// `args` followed by `--data-dir <hub dir>`.
+    fn with_data_dir<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let hd = self.hub_data_dir.to_str().expect("a UTF-8 hub data dir");
+        args.iter().copied().chain(["--data-dir", hd]).collect()
+    }
+
+    /// Runs one SQL statement on the hub's database behind its back (the hub should be stopped),
+    /// whichever the backend: `hub.db` in the data dir for SQLite, [`Cluster::database_url`] for
+    /// PostgreSQL. Returns the number of rows it changed. Keep the SQL portable (both dialects).
+    pub async fn hub_sql(&self, sql: &str) -> u64 {
+        match &self.database_url {
+            None => {
+                let db = rusqlite::Connection::open(self.hub_dir().join("hub.db")).expect("open hub.db");
+                db.execute(sql, []).unwrap_or_else(|e| panic!("{sql} on hub.db: {e}")) as u64
+            }
+            Some(url) => {
+                let db = crate::pg::connect(url).await;
+                db.execute(sql, &[]).await.unwrap_or_else(|e| panic!("{sql} on {url}: {e:?}"))
+            }
+        }
+    }
+
     /// Starts (or restarts) the hub on the same QUIC address.
     pub async fn start_hub(&mut self) {
         assert!(self.hub.is_none(), "hub already running");
@@ -169,6 +237,7 @@ impl Cluster {
             &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")]
                 .into_iter()
                 .chain(RAISED_HUB_LIMITS.iter().copied())
+                .chain(self.hub_backend_env())
                 .chain(self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .collect::<Vec<_>>(),
         )

@@ -57,7 +57,12 @@ pub struct Proc {
 impl Proc {
     /// Runs a command to completion and returns its stdout; panics with stderr on failure.
     pub async fn run_ok(bin_name: &str, args: &[&str]) -> String {
-        let out = Command::new(bin(bin_name)).args(args).output().await.expect("spawn");
+        Self::run_ok_env(bin_name, args, &[]).await
+    }
+
+    /// As [`Proc::run_ok`], with extra environment variables for the command.
+    pub async fn run_ok_env(bin_name: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+        let out = Self::output_env(bin_name, args, envs).await;
         assert!(
             out.status.success(),
             "{bin_name} {args:?} failed: {}\n{}",
@@ -65,6 +70,18 @@ impl Proc {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs a command to completion with extra environment variables and returns its status and
+    /// output whatever they are (for commands expected to fail).
+    pub async fn output_env(bin_name: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+        Command::new(bin(bin_name))
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("spawning {bin_name}: {e}"))
     }
 
     /// Starts `bin_name args...` and waits (up to 30 s) for its `listening on URL` line.
