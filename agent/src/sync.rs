@@ -104,8 +104,7 @@ pub fn spawn(
     }
     let hub_addr = if config.sync.hub_addr.is_empty() { bundle.hub_addr.clone() } else { config.sync.hub_addr.clone() };
     let client_config = bundle.client_config().map_err(|e| StartError::Other(e.to_string()))?;
-    let hub_addrs: Vec<String> =
-        hub_addr.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+    let hub_addrs: Vec<String> = hub_addr.split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
     let client = SyncClient {
         db,
         handshake_phase: if hub_addrs.len() > 1 { HANDSHAKE_PHASE_FAILOVER } else { HANDSHAKE_PHASE },
@@ -238,7 +237,9 @@ impl SyncClient {
                 Ended::Other if established => {
                     tracing::warn!(hub = %self.hub_addr(), error = %error, "sync connection lost; reconnecting")
                 }
-                Ended::Other => tracing::info!(hub = %self.hub_addr(), error = %error, "cannot reach the hub; retrying"),
+                Ended::Other => {
+                    tracing::info!(hub = %self.hub_addr(), error = %error, "cannot reach the hub; retrying")
+                }
             }
             refused_before = refused;
             // A hub that cannot be reached (or stands by and refuses) hands over to the next one;
@@ -258,7 +259,11 @@ impl SyncClient {
             failures = if established { 0 } else { failures.saturating_add(1) };
             let round_failures = if several && kind == Ended::Other {
                 // Within a round of the hubs, retry at once; between rounds, back off.
-                if failures as usize % self.hub_addrs.len() != 0 { 0 } else { failures / self.hub_addrs.len() as u32 }
+                if failures as usize % self.hub_addrs.len() != 0 {
+                    0
+                } else {
+                    failures / self.hub_addrs.len() as u32
+                }
             } else {
                 failures
             };

@@ -156,34 +156,44 @@ pub async fn owner(client: &Client) -> StorageResult<Option<Owner>> {
     Ok(row.map(|r| Owner { hub: r.get(0), http_addr: r.get(1), epoch: r.get(2) }))
 }
 
-/// Drives the lease: tries to take it until it does (then calls `on_acquired` once, which
-/// loads the decider and starts serving), then renews it; stops the hub (fail-stop) once it is
-/// lost or cannot be renewed before it expires.
-pub async fn run_lease<F, Fut>(coord: Arc<Coordinator>, fence: Fence, on_acquired: F)
-where
-    F: FnOnce(i64) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
+/// Tries to take the lease every [`TICK`] until it does (heartbeating meanwhile); returns the
+/// epoch and sets it on `fence`.
+pub async fn acquire(coord: &Coordinator, fence: &Fence) -> i64 {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let epoch = loop {
+    loop {
         tick.tick().await;
         if let Err(e) = coord.heartbeat().await {
             tracing::warn!(error = %e, "hub heartbeat failed");
         }
         match coord.try_acquire().await {
-            Ok(Some(epoch)) => break epoch,
+            Ok(Some(epoch)) => {
+                fence.set(epoch);
+                tracing::info!(epoch, hub = %coord.hub_id, "took the lease");
+                return epoch;
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot reach the database to take the lease"),
         }
-    };
-    tracing::info!(epoch, hub = %coord.hub_id, "took the lease: loading the decider");
-    fence.set(epoch);
-    let mut renewed = tokio::time::Instant::now();
-    if let Err(e) = on_acquired(epoch).await {
-        shelfsync_node::fatal::stop(&format!("taking over as the active hub failed: {e}"));
-        return;
     }
+}
+
+/// Takes the lease now if it is free (sets it on `fence`).
+pub async fn acquire_now(coord: &Coordinator, fence: &Fence) -> StorageResult<Option<i64>> {
+    let epoch = coord.try_acquire().await?;
+    if let Some(e) = epoch {
+        fence.set(e);
+        tracing::info!(epoch = e, hub = %coord.hub_id, "took the lease");
+    }
+    Ok(epoch)
+}
+
+/// Renews the lease held at `epoch` every [`TICK`]; stops the hub (fail-stop) once it is lost
+/// or cannot be renewed before it expires.
+pub async fn hold(coord: Arc<Coordinator>, epoch: i64) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         match coord.renew(epoch).await {

@@ -354,11 +354,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let target = shelfsync_hub::db::Target::for_data_dir(&cfg.data_dir, cfg.storage.url.as_deref())?;
             // On PostgreSQL a hub may have company: it decides while it holds the lease.
             let clustered = matches!(target, shelfsync_hub::db::Target::Postgres(_));
-            let running = if clustered {
-                Err(server::start_clustered(cfg).await?)
-            } else {
-                Ok(server::start(cfg).await?)
-            };
+            let running =
+                if clustered { Err(server::start_clustered(cfg).await?) } else { Ok(server::start(cfg).await?) };
             let (quic, url) = match &running {
                 Ok(hub) => (hub.quic_addr, hub.url()),
                 Err(node) => (node.quic_addr, node.url()),

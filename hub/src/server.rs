@@ -292,19 +292,36 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let (activated_tx, activated_rx) = tokio::sync::watch::channel(false);
     tasks.lock().expect("tasks lock").push(tokio::spawn(refuse_agents(endpoint.clone(), activated_rx)));
     let fence = crate::cluster::Fence::default();
-    {
-        let (config, endpoint, active, more_tasks, fence2, pki) =
+    let takeover = {
+        let (config, endpoint, active, more_tasks, fence, pki) =
             (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());
-        let lease = crate::cluster::run_lease(coord.clone(), fence.clone(), move |epoch| async move {
-            let hub = open_hub(&config, &target, Some(fence2)).await.map_err(|e| e.to_string())?;
+        move |epoch: i64| async move {
+            let hub = open_hub(&config, &target, Some(fence)).await?;
             let _ = activated_tx.send(true);
-            let (app, more) = activate(&config, &hub, &pki, &endpoint).await.map_err(|e| e.to_string())?;
+            let (app, more) = activate(&config, &hub, &pki, &endpoint).await?;
             more_tasks.lock().expect("tasks lock").extend(more);
             tracing::info!(epoch, writer = %hub.storage.hub_writer(), "this hub is active: it decides");
             *active.write().expect("active lock") = Some((hub, app));
-            Ok(())
-        });
-        tasks.lock().expect("tasks lock").push(tokio::spawn(lease));
+            Ok::<(), HubError>(())
+        }
+    };
+    // A free lease is taken before this returns: a lone hub is active once it listens.
+    match crate::cluster::acquire_now(&coord, &fence).await? {
+        Some(epoch) => {
+            takeover(epoch).await?;
+            tasks.lock().expect("tasks lock").push(tokio::spawn(crate::cluster::hold(coord.clone(), epoch)));
+        }
+        None => {
+            let (coord, fence) = (coord.clone(), fence.clone());
+            tasks.lock().expect("tasks lock").push(tokio::spawn(async move {
+                let epoch = crate::cluster::acquire(&coord, &fence).await;
+                if let Err(e) = takeover(epoch).await {
+                    shelfsync_node::fatal::stop(&format!("taking over as the active hub failed: {e}"));
+                    return;
+                }
+                crate::cluster::hold(coord, epoch).await;
+            }));
+        }
     }
     tracing::info!(%quic_addr, %http_addr, hub = %coord.hub_id, "hub listening (clustered: standing by until it holds the lease)");
     Ok(ClusterNode {
@@ -341,14 +358,17 @@ async fn refuse_agents(endpoint: quinn::Endpoint, mut activated: tokio::sync::wa
 }
 
 /// Every HTTP request of a clustered hub: served here when active, else forwarded to the active
-/// hub with the caller's credentials (which that hub checks), streamed both ways.
+/// hub with the caller's credentials (which that hub checks), streamed both ways. During a
+/// takeover (nobody holds the lease, or its holder died and the lease has not expired yet) the
+/// request waits for the new active hub, up to the lease's length and a second, instead of
+/// failing; it is sent on only once a hub answers, so it is never decided twice.
 async fn front_door(
     axum::extract::State(front): axum::extract::State<Front>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let app = front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
-    if let Some(mut app) = app {
+    let local = |front: &Front| front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
+    if let Some(mut app) = local(&front) {
         return match tower_service::Service::call(&mut app, req).await {
             Ok(r) => r,
             Err(never) => match never {},
@@ -366,11 +386,6 @@ async fn front_door(
     if req.headers().contains_key(FORWARDED) {
         return unavailable("this hub stands by and was forwarded a request; the lease is changing hands".into());
     }
-    let owner = match crate::cluster::owner(&front.owners).await {
-        Ok(Some(o)) => o,
-        Ok(None) => return unavailable("no hub holds the lease right now (a takeover is under way); retry".into()),
-        Err(e) => return unavailable(format!("cannot read who holds the lease: {e}")),
-    };
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, front.max_body_bytes).await {
         Ok(b) => b,
@@ -382,27 +397,48 @@ async fn front_door(
                 .into_response()
         }
     };
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = format!("http://{}{path}", owner.http_addr);
-    let mut out = front.client.request(parts.method.clone(), &url).body(body);
-    for (name, value) in parts.headers.iter() {
-        if name != axum::http::header::HOST && name != axum::http::header::CONNECTION {
-            out = out.header(name, value);
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    let deadline = tokio::time::Instant::now() + crate::cluster::LEASE + Duration::from_secs(1);
+    loop {
+        if let Some(mut app) = local(&front) {
+            let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+            return match tower_service::Service::call(&mut app, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
         }
-    }
-    out = out.header(FORWARDED, "standby");
-    match out.send().await {
-        Ok(resp) => {
-            let mut r = axum::response::Response::builder().status(resp.status());
-            for (name, value) in resp.headers() {
-                if name != axum::http::header::CONNECTION && name != axum::http::header::TRANSFER_ENCODING {
-                    r = r.header(name, value);
-                }
+        let late = tokio::time::Instant::now() >= deadline;
+        let owner = match crate::cluster::owner(&front.owners).await {
+            Ok(Some(o)) => o,
+            Ok(None) if !late => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            r.body(axum::body::Body::from_stream(resp.bytes_stream()))
-                .unwrap_or_else(|e| unavailable(format!("forwarding: {e}")))
+            Ok(None) => return unavailable("no hub holds the lease (a takeover is under way); retry".into()),
+            Err(e) => return unavailable(format!("cannot read who holds the lease: {e}")),
+        };
+        let mut out = front.client.request(parts.method.clone(), format!("http://{}{path}", owner.http_addr));
+        for (name, value) in parts.headers.iter() {
+            if name != axum::http::header::HOST && name != axum::http::header::CONNECTION {
+                out = out.header(name, value);
+            }
         }
-        Err(e) => unavailable(format!("the active hub ({}) did not answer: {e}", owner.http_addr)),
+        match out.header(FORWARDED, "standby").body(body.clone()).send().await {
+            Ok(resp) => {
+                let mut r = axum::response::Response::builder().status(resp.status());
+                for (name, value) in resp.headers() {
+                    if name != axum::http::header::CONNECTION && name != axum::http::header::TRANSFER_ENCODING {
+                        r = r.header(name, value);
+                    }
+                }
+                return r
+                    .body(axum::body::Body::from_stream(resp.bytes_stream()))
+                    .unwrap_or_else(|e| unavailable(format!("forwarding: {e}")));
+            }
+            // Not connected: the request never reached the owner, so it may go to the next one.
+            Err(e) if e.is_connect() && !late => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return unavailable(format!("the active hub ({}) did not answer: {e}", owner.http_addr)),
+        }
     }
 }
 
