@@ -48,6 +48,13 @@ impl Fence {
         self.0.load(Ordering::Acquire)
     }
 
+    /// A fence at `epoch` (the lease loop sets it; tests make their own).
+    pub fn at(epoch: i64) -> Fence {
+        let f = Fence::default();
+        f.set(epoch);
+        f
+    }
+
     fn set(&self, epoch: i64) {
         self.0.store(epoch, Ordering::Release);
     }

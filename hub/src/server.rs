@@ -244,6 +244,8 @@ impl ClusterNode {
 /// reach the hub that does.
 #[derive(Clone)]
 struct Front {
+    /// This hub's id (a lease it holds while still loading is waited for, not forwarded to).
+    me: String,
     active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>,
     owners: Arc<tokio_postgres::Client>,
     client: reqwest::Client,
@@ -274,6 +276,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     tokio::spawn(conn);
     let active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>> = Arc::default();
     let front = Front {
+        me: coord.hub_id.clone(),
         active: active.clone(),
         owners: Arc::new(owners),
         client: reqwest::Client::builder()
@@ -409,6 +412,11 @@ async fn front_door(
         }
         let late = tokio::time::Instant::now() >= deadline;
         let owner = match crate::cluster::owner(&front.owners).await {
+            // This hub took the lease and is loading the decider: serve here in a moment.
+            Ok(Some(o)) if o.hub == front.me && !late => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             Ok(Some(o)) => o,
             Ok(None) if !late => {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod browser;
 pub mod cluster;
 pub mod fuzz;
+pub mod hubs;
 pub mod inproc;
 pub mod pg;
 pub mod procs;

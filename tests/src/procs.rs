@@ -117,6 +117,19 @@ impl Proc {
         Proc { child, early_lines, url, name: bin_name.to_owned() }
     }
 
+    /// The process id (None once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends a signal (`libc::SIGSTOP`, `libc::SIGCONT`, ...) without waiting.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("process running") as i32;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+
     /// The rest of an early stdout line after `prefix` (e.g. `"quic on "`).
     pub fn extra_line(&self, prefix: &str) -> Option<String> {
         self.early_lines.iter().find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.trim().to_owned()))

@@ -1,0 +1,299 @@
+//! Several hubs on one PostgreSQL database, as real processes: the active hub killed in the middle
+//! of a reservation burst, a paused hub fenced off, and the change feed read through a standby.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use shelfsync_tests::hubs::HubSet;
+use shelfsync_tests::procs::wait_until;
+
+const HOT: &str = "HOT-1";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reserves one unit under `key` through hub `first`, moving to the next hub while a hub does not
+/// answer or answers 503 (a storefront retrying with the same key: never decided twice). The
+/// final status.
+async fn reserve(set: &HubSet, first: usize, key: &str, stop_at: Instant) -> Option<u16> {
+    let body = json!({"id": key, "lines": [{"sku": HOT, "qty": 1}], "ttl_secs": 3600});
+    let mut i = first;
+    loop {
+        match set.call(i, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await {
+            Some((s, _)) if s != 503 => return Some(s),
+            _ if Instant::now() > stop_at => return None,
+            _ => {
+                i = (i + 1) % set.http.len();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// 3 hubs, 6 stores; storefront clients on every hub; `kill -9` of the active hub in the middle of
+/// a burst on one SKU while the stores keep selling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_active_hub_mid_burst_loses_no_reservation_and_promises_no_unit_twice() {
+    let set = HubSet::start(3, 6).await;
+    let active = set.active().await;
+    for s in 0..6 {
+        let body = json!({"id": format!("stock-{s}"), "store": set.stores[s], "lines": [{"sku": HOT, "qty": 20}]});
+        let (status, v) = set.call(s % 3, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+        assert_eq!(status, 201, "{v}");
+    }
+    for s in 0..6 {
+        wait_until("the restock at every store", DEADLINE, || async {
+            (set.agent_on_hand(s, HOT).await == 20).then_some(())
+        })
+        .await;
+    }
+
+    // The burst: 12 storefront clients, 4 per hub, each reserving one unit at a time.
+    let answered: Arc<Mutex<BTreeMap<String, u16>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let set = Arc::new(tokio::sync::RwLock::new(set));
+    let mut clients = Vec::new();
+    for c in 0..12usize {
+        let (set, answered, stop) = (set.clone(), answered.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("order-{c}-{n}");
+                n += 1;
+                let stop_at = Instant::now() + Duration::from_secs(30);
+                let status = reserve(&*set.read().await, c % 3, &key, stop_at).await;
+                if let Some(s) = status {
+                    answered.lock().unwrap().insert(key, s);
+                }
+            }
+        }));
+    }
+    // The stores sell too, through the hub change.
+    let mut sold = [0i64; 6];
+    for round in 0..3 {
+        for (s, n) in sold.iter_mut().enumerate() {
+            if set.read().await.sell(s, HOT, 1).await == 201 {
+                *n += 1;
+            }
+        }
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    // Kill the active hub mid-burst.
+    let (old_epoch, expiry_in, read_at) = {
+        let mut w = set.write().await;
+        w.hubs[active].take().expect("active hub running").kill9().await;
+        let (_, epoch, expiry_in) = w.lease().await;
+        assert!(epoch >= 1);
+        (epoch, expiry_in, Instant::now())
+    };
+    for _ in 0..3 {
+        for (s, n) in sold.iter_mut().enumerate() {
+            if set.read().await.sell(s, HOT, 1).await == 201 {
+                *n += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let new_active = {
+        let set = set.read().await;
+        wait_until("a surviving hub to take the lease", DEADLINE, || async {
+            let (owner, epoch, left) = set.lease().await;
+            let owner = owner.filter(|_| epoch > old_epoch && left > 0.0)?;
+            set.http.iter().position(|h| *h == owner)
+        })
+        .await
+    };
+    assert_ne!(new_active, active, "a surviving hub holds the lease");
+    // Within the lease's expiry and a second (by the database's clock).
+    let gap = set.read().await.takeover_gap(expiry_in, read_at).await;
+    assert!(gap <= 1.0, "the takeover came {gap:.2} s after the dead hub's lease expired");
+    // Keep the burst going on the survivors for a moment, then stop it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let set = Arc::try_unwrap(set).ok().expect("no client holds the set").into_inner();
+    let answered = std::mem::take(&mut *answered.lock().unwrap());
+    let created: Vec<&String> = answered.iter().filter(|(_, s)| **s == 201 || **s == 200).map(|(k, _)| k).collect();
+    assert!(created.len() > 20, "the burst made reservations: {answered:?}");
+
+    // Every reservation answered 201 is there, on every surviving hub.
+    for key in &created {
+        for h in (0..3).filter(|h| *h != active) {
+            let (status, v) =
+                set.call(h, Method::GET, &format!("/v1/reservations/{key}"), &set.admin, None).await.unwrap();
+            assert_eq!(status, 200, "reservation {key} through hub {h}: {v}");
+        }
+    }
+
+    // The stores' sales are counted exactly once, at the hub and at the stores (agents of the
+    // dead hub failed over).
+    let want: Vec<i64> = sold.iter().map(|n| 20 - n).collect();
+    wait_until("the stores' counts at the hub", DEADLINE, || async {
+        let (_, v) = set.call(new_active, Method::GET, &format!("/v1/availability/{HOT}"), &set.admin, None).await?;
+        let got: Vec<i64> = set
+            .stores
+            .iter()
+            .map(|id| {
+                v["stores"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["store"] == json!(id)))
+                    .map_or(i64::MIN, |x| x["on_hand"].as_i64().unwrap())
+            })
+            .collect();
+        (got == want).then_some(())
+    })
+    .await;
+    for s in 0..6 {
+        assert_eq!(set.agent_on_hand(s, HOT).await, want[s], "store {s}'s own count");
+    }
+
+    // No unit promised twice: held ≤ on_hand at every store, or an open conflict says why.
+    let (_, v) = set.call(new_active, Method::GET, &format!("/v1/availability/{HOT}"), &set.admin, None).await.unwrap();
+    let (_, conflicts) =
+        set.call(new_active, Method::GET, "/v1/conflicts?status=open&limit=500", &set.admin, None).await.unwrap();
+    let conflicted: BTreeSet<String> = conflicts["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["sku"] == json!(HOT))
+        .map(|c| c["store"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut held_total = 0;
+    for st in v["stores"].as_array().unwrap() {
+        let (held, on_hand) = (st["held"].as_i64().unwrap(), st["on_hand"].as_i64().unwrap());
+        held_total += held;
+        let store = st["store"].as_str().unwrap();
+        assert!(
+            held <= on_hand || conflicted.contains(store),
+            "store {store}: held {held} > on_hand {on_hand}, no conflict"
+        );
+    }
+    assert!(held_total > 0, "{v}");
+    set.shutdown().await;
+}
+
+/// A hub paused past its lease (SIGSTOP) cannot write when it resumes (SIGCONT): the other hub
+/// took over, the paused one's first commit is fenced off and it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_hub_cannot_write_after_it_resumes() {
+    let mut set = HubSet::start(2, 1).await;
+    let a = set.active().await;
+    let b = 1 - a;
+    let body = |k: &str| json!({"id": k, "store": "store-0", "lines": [{"sku": "P-1", "qty": 5}]});
+    let (s, v) = set.call(a, Method::POST, "/v1/restocks", &set.admin, Some(body("before"))).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let (_, epoch_a, _) = set.lease().await;
+    set.hubs[a].as_ref().unwrap().signal(libc::SIGSTOP);
+    // The other hub takes the lease over once it expires.
+    wait_until("the standby to take over", DEADLINE, || async {
+        let (owner, epoch, _) = set.lease().await;
+        (epoch > epoch_a && owner.as_deref() == Some(set.http[b].as_str())).then_some(())
+    })
+    .await;
+    let (s, v) = set.call(b, Method::POST, "/v1/restocks", &set.admin, Some(body("during"))).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let decisions_before = set.sql_i64("SELECT COUNT(*) FROM decisions").await;
+
+    // Resume the paused hub and ask it to decide at once: it still believes it is active.
+    set.hubs[a].as_ref().unwrap().signal(libc::SIGCONT);
+    let answer = set.call(a, Method::POST, "/v1/restocks", &set.admin, Some(body("after"))).await;
+    assert!(!matches!(answer, Some((201, _)) | Some((200, _))), "the fenced hub decided: {answer:?}");
+    let status = set.hubs[a].take().unwrap().exited(DEADLINE).await;
+    assert!(!status.success(), "the fenced hub stops (fail-stop), it does not carry on");
+    assert_eq!(
+        set.sql_i64("SELECT COUNT(*) FROM decisions").await,
+        decisions_before,
+        "nothing was written by the fenced hub"
+    );
+    let (s, _) = set.call(b, Method::GET, "/v1/stores/store-0/stock", &set.admin, None).await.unwrap();
+    assert_eq!(s, 200);
+    let (_, v) = set.call(b, Method::GET, "/v1/availability/P-1", &set.admin, None).await.unwrap();
+    assert_eq!(v["on_hand"], json!(10), "the restocks before and during the pause, not the fenced one: {v}");
+    set.shutdown().await;
+}
+
+/// An SSE client on a standby hub gets every event decided on the active hub (and on the
+/// standby, forwarded), each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
+    let set = HubSet::start(2, 1).await;
+    let active = set.active().await;
+    let standby = 1 - active;
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/events?after=0", set.http[standby]))
+        .bearer_auth(&set.storefront)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for n in 0..10 {
+        let via = if n % 2 == 0 { active } else { standby };
+        let body = json!({"id": format!("r-{n}"), "store": "store-0", "lines": [{"sku": format!("S-{n}"), "qty": 1}]});
+        let (s, v) = set.call(via, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    let (_, feed) = set.call(active, Method::GET, "/v1/changes?after=0&limit=1000", &set.admin, None).await.unwrap();
+    let want: Vec<u64> = feed["items"].as_array().unwrap().iter().map(|e| e["cursor"].as_u64().unwrap()).collect();
+    assert!(want.len() >= 10, "{feed}");
+    let mut text = String::new();
+    let mut got: Vec<u64> = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while got.len() < want.len() {
+            let chunk = resp.chunk().await.expect("stream chunk").expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                if let Some(id) = event.lines().find_map(|l| l.strip_prefix("id:")) {
+                    got.push(id.trim().parse().unwrap());
+                }
+            }
+        }
+    })
+    .await
+    .expect("every event within the deadline");
+    assert_eq!(got, want, "each event once, in order");
+    let kinds: Vec<Value> = feed["items"].as_array().unwrap().iter().map(|e| e["kind"].clone()).collect();
+    assert!(kinds.contains(&json!("availability_changed")), "{kinds:?}");
+    set.shutdown().await;
+}
+
+/// The fence itself, below the processes: a commit made under an epoch the lease has moved past
+/// writes nothing and fails; under the current epoch it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_under_a_stale_epoch_writes_nothing() {
+    use shelfsync_hub::cluster::Fence;
+    use shelfsync_hub::db::{Commit, HubDb, Target};
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let target = Target::Postgres(url.clone());
+    HubDb::create(&target).await.unwrap();
+    let db = shelfsync_tests::pg::connect(&url).await;
+    db.execute("UPDATE leases SET epoch = 7, owner = 'me', expires_at = now() + interval '1 minute'", &[])
+        .await
+        .unwrap();
+    let commit = |db: &HubDb, n: u64| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let records = vec![shelfsync_hub_core::Record::IdCounter(n)];
+        db.committer().submit(Commit { records, side: Vec::new() }, Box::new(move |r| tx.send(r).unwrap())).unwrap();
+        rx
+    };
+    let id_counter = || async {
+        db.query_opt("SELECT value FROM meta WHERE key = 'id_counter'", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    let opts = shelfsync_hub::sqlite::SqliteOptions::default();
+    let current = HubDb::open_fenced(&target, opts, None, Some(Fence::at(7))).await.unwrap().storage;
+    commit(&current, 11).await.unwrap().expect("the lease's own epoch commits");
+    assert_eq!(id_counter().await.as_deref(), Some("11"));
+    let stale = HubDb::open_fenced(&target, opts, None, Some(Fence::at(6))).await.unwrap().storage;
+    let err = commit(&stale, 12).await.unwrap().expect_err("a stale epoch is fenced off");
+    assert!(err.contains("fenced"), "{err}");
+    assert_eq!(id_counter().await.as_deref(), Some("11"), "nothing of the fenced batch was written");
+}
