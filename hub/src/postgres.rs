@@ -1035,9 +1035,37 @@ fn side_ops(w: &SideWrite) -> Vec<Op> {
 /// Runs the statements in order, pipelined on the transaction's connection (the server executes
 /// them in the order sent; one failure fails the transaction).
 async fn run_ops(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> StorageResult<()> {
+    run_prepared(tx, ops, &Statements::default()).await
+}
+
+/// The writer's prepared statements, by SQL text (the statements of commits are a fixed set:
+/// each is parsed and planned once per connection, not once per row).
+#[derive(Default)]
+struct Statements(std::collections::HashMap<&'static str, tokio_postgres::Statement>);
+
+impl Statements {
+    /// Prepares what `ops` use that is not prepared yet (pipelined).
+    async fn prepare(&mut self, client: &Client, ops: &[Op]) -> StorageResult<()> {
+        let mut missing: Vec<&'static str> = ops.iter().map(|(sql, _)| *sql).filter(|s| !self.0.contains_key(s)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let prepared = try_join_all(missing.iter().map(|sql| client.prepare(sql))).await?;
+        self.0.extend(missing.into_iter().zip(prepared));
+        Ok(())
+    }
+}
+
+/// [`run_ops`] with the statements `stmts` holds prepared (others are prepared as they run).
+async fn run_prepared(tx: &tokio_postgres::Transaction<'_>, ops: &[Op], stmts: &Statements) -> StorageResult<()> {
     let args: Vec<Vec<&(dyn ToSql + Sync)>> =
         ops.iter().map(|(_, a)| a.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()).collect();
-    try_join_all(ops.iter().zip(&args).map(|((sql, _), a)| tx.execute(*sql, a))).await?;
+    try_join_all(ops.iter().zip(&args).map(|((sql, _), a)| async move {
+        match stmts.0.get(sql) {
+            Some(st) => tx.execute(st, a).await,
+            None => tx.execute(*sql, a).await,
+        }
+    }))
+    .await?;
     Ok(())
 }
 
@@ -1051,6 +1079,7 @@ async fn write_loop(
     fence: Option<crate::cluster::Fence>,
 ) {
     let mut batch = Vec::new();
+    let mut stmts = Statements::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < group_max {
@@ -1072,9 +1101,10 @@ async fn write_loop(
             if shelfsync_node::fatal::is_stopping() {
                 return Err(StorageError::Stopped("the hub is stopping".into()));
             }
+            stmts.prepare(&client, &ops).await?;
             let tx = client.transaction().await?;
             match &fence {
-                None => run_ops(&tx, &ops).await?,
+                None => run_prepared(&tx, &ops, &stmts).await?,
                 Some(fence) => {
                     // Pipelined: the check goes first, so its share lock is held by the time the
                     // writes run.
@@ -1084,7 +1114,7 @@ async fn write_loop(
                             tx.query_one(crate::cluster::Fence::CHECK, &[&crate::cluster::PARTITION]).await?,
                         )
                     };
-                    let (row, ()) = tokio::try_join!(check, run_ops(&tx, &ops))?;
+                    let (row, ()) = tokio::try_join!(check, run_prepared(&tx, &ops, &stmts))?;
                     let epoch: i64 = row.get(0);
                     if held == 0 || epoch != held {
                         return Err(StorageError::Stopped(format!(

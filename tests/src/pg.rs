@@ -81,7 +81,7 @@ if [ "$status" -ne 0 ]; then
   echo "$status" >"$dir/initdb.failed"
 else
   "$@" "$bin/postgres" -D "$dir/data" -h 127.0.0.1 -p "$port" -k "$dir/sock" \
-    -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+    $SHELFSYNC_PG_SPEED -c max_connections=300 \
     >>"$dir/postgres.log" 2>&1 </dev/null &
   child=$!
 fi
@@ -95,6 +95,15 @@ while alive; do
 done
 stop
 "#;
+
+static DURABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the server this process starts durable (fsync and synchronous commit on, PostgreSQL's
+/// defaults), for benchmarks; tests run it without (faster, and nothing outlives them). Call
+/// before the first [`server`].
+pub fn set_durable(durable: bool) {
+    DURABLE.store(durable, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The running server of this test process.
 #[derive(Debug)]
@@ -257,7 +266,13 @@ fn start_once(rt: &tokio::runtime::Runtime, bin: &Path, run_as: Option<&RunAs>) 
             .arg("--clear-groups")
             .arg("--");
     }
+    let speed = if DURABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        ""
+    } else {
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
     cmd.current_dir(&dir)
+        .env("SHELFSYNC_PG_SPEED", speed)
         .env("LC_ALL", "C")
         .env_remove("PGDATA")
         .stdin(Stdio::null())

@@ -1,0 +1,183 @@
+//! Hubs on PostgreSQL, next to PostgreSQL itself, in one run on one durable server (fsync and
+//! synchronous commit on):
+//!
+//! 1. the hot SKU: 64 clients each reserving 1 unit of one SKU through one hub, next to 64
+//!    clients running the same check-and-decrement as a plain `UPDATE … WHERE qty >= 1`;
+//! 2. distinct SKUs (a SKU per client) through 1, 2 and 3 hubs (clients spread over them; one
+//!    hub decides, the others forward);
+//! 3. failover: `kill -9` of the active hub, then the time until a reservation sent to a
+//!    survivor is answered 201 (three times).
+//!
+//! Hubs run as release processes: `cargo build --release -p shelfsync-hub -p shelfsync-agent &&
+//! cargo bench -p shelfsync-tests --bench postgres` (`SHELFSYNC_BENCH_QUICK=1`: 1 s rounds).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+use shelfsync_tests::hubs::HubSet;
+use uuid::Uuid;
+
+#[path = "../src/bin/reserve-load/load.rs"]
+#[allow(dead_code)]
+mod load;
+
+/// `clients` tasks reserving 1 unit each back to back for `secs`, client `c` on hub
+/// `hubs[c % len]` and SKU `sku(c)`.
+async fn round(
+    set: &HubSet,
+    hubs: &[usize],
+    clients: usize,
+    secs: u64,
+    sku: impl Fn(usize) -> String,
+) -> anyhow::Result<load::Round> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let url = format!("{}/v1/reservations", set.http[hubs[c % hubs.len()]]);
+        let (token, lat, sku) = (set.storefront.clone(), lat.clone(), sku(c));
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut mine = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"id": Uuid::now_v7(), "lines": [{"sku": sku, "qty": 1}]}))
+                    .send()
+                    .await?;
+                let status = r.status();
+                let body = r.bytes().await?;
+                anyhow::ensure!(status == 201, "POST {url} answered {status}: {}", String::from_utf8_lossy(&body));
+                mine.push(t.elapsed());
+            }
+            lat.lock().unwrap().extend(mine);
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let l = std::mem::take(&mut *lat.lock().unwrap());
+    summarise(start.elapsed(), l)
+}
+
+fn summarise(elapsed: Duration, mut l: Vec<Duration>) -> anyhow::Result<load::Round> {
+    anyhow::ensure!(!l.is_empty(), "nothing completed");
+    l.sort();
+    let pct = |p: f64| l[((l.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3;
+    Ok(load::Round { rate: l.len() as f64 / elapsed.as_secs_f64(), p50_ms: pct(0.5), p99_ms: pct(0.99) })
+}
+
+/// The same check-and-decrement in plain SQL: `clients` connections, one `UPDATE` each at a time.
+async fn plain_update(url: &str, clients: usize, secs: u64) -> anyhow::Result<load::Round> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, lat) = (url.to_owned(), lat.clone());
+        tasks.push(tokio::spawn(async move {
+            let db = shelfsync_tests::pg::connect(&url).await;
+            let stmt = db.prepare("UPDATE plain_stock SET qty = qty - 1 WHERE sku = 'HOT' AND qty >= 1").await?;
+            let mut mine = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                anyhow::ensure!(db.execute(&stmt, &[]).await? == 1, "the plain stock ran dry");
+                mine.push(t.elapsed());
+            }
+            lat.lock().unwrap().extend(mine);
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let l = std::mem::take(&mut *lat.lock().unwrap());
+    summarise(start.elapsed(), l)
+}
+
+async fn restock(set: &HubSet, skus: &[String], qty: u64) -> anyhow::Result<()> {
+    let lines: Vec<_> = skus.iter().map(|s| json!({"sku": s, "qty": qty})).collect();
+    let body = json!({"id": Uuid::now_v7(), "store": set.stores[0], "lines": lines});
+    let (status, v) = set.call(0, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.expect("hub answers");
+    anyhow::ensure!(status == 201, "restock: {status} {v}");
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let (clients, secs, rounds) = load::params();
+    shelfsync_tests::pg::set_durable(true);
+    let mut set = HubSet::start(3, 1).await;
+    let stock = (secs * 60_000).min(100_000);
+
+    // 1. The hot SKU, through one hub, next to plain SQL.
+    let active = set.active().await;
+    let mut hub = Vec::new();
+    let mut plain = Vec::new();
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let db = shelfsync_tests::pg::connect(&url).await;
+    db.batch_execute("CREATE TABLE plain_stock (sku TEXT PRIMARY KEY, qty BIGINT NOT NULL)").await?;
+    for _ in 0..rounds {
+        restock(&set, &["HOT".to_owned()], stock).await?;
+        hub.push(round(&set, &[active], clients, secs, |_| "HOT".to_owned()).await?);
+        db.execute("INSERT INTO plain_stock VALUES ('HOT', 10000000) ON CONFLICT (sku) DO UPDATE SET qty = 10000000", &[])
+            .await?;
+        plain.push(plain_update(&url, clients, secs).await?);
+    }
+    println!("hot SKU, one PostgreSQL server (fsync on, synchronous_commit on), medians of {rounds} rounds of {secs} s:");
+    println!("  {}", load::line("hub on pg", clients, &hub, "HTTP + JSON + auth, decider, one commit per batch"));
+    println!("  {}", load::line("plain UPDATE", clients, &plain, "tokio-postgres, prepared, autocommit"));
+
+    // 2. Distinct SKUs over 1, 2, 3 hubs.
+    let skus: Vec<String> = (0..clients).map(|c| format!("D-{c:03}")).collect();
+    println!("distinct SKUs (one per client), clients spread over the hubs:");
+    for n in 1..=3usize {
+        let hubs: Vec<usize> = std::iter::once(active).chain((0..3).filter(|h| *h != active)).take(n).collect();
+        let mut done = Vec::new();
+        for _ in 0..rounds {
+            restock(&set, &skus, stock / clients as u64 + 1000).await?;
+            let skus = skus.clone();
+            done.push(round(&set, &hubs, clients, secs, move |c| skus[c].clone()).await?);
+        }
+        let note = if n == 1 { "the active hub".to_owned() } else { format!("the active hub and {} forwarding", n - 1) };
+        println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
+    }
+
+    // 3. Failover: kill -9 the active hub, then reserve through a survivor until it answers 201.
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        restock(&set, &["F".to_owned()], 1000).await?;
+        let active = set.active().await;
+        let survivor = (active + 1) % 3;
+        set.hubs[active].take().expect("active hub running").kill9().await;
+        let killed = Instant::now();
+        let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "F", "qty": 1}]});
+        loop {
+            if let Some((201, _)) =
+                set.call(survivor, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        times.push(killed.elapsed().as_secs_f64());
+        set.start_hub(active).await;
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "failover (kill -9 of the active hub → first reservation answered 201 through a survivor): median {:.2} s, \
+         runs {:?} s (lease {} s, renewed every {} ms)",
+        times[1],
+        times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        shelfsync_hub::cluster::LEASE.as_secs(),
+        shelfsync_hub::cluster::TICK.as_millis()
+    );
+    set.shutdown().await;
+    Ok(())
+}
