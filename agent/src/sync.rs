@@ -259,7 +259,7 @@ impl SyncClient {
             failures = if established { 0 } else { failures.saturating_add(1) };
             let round_failures = if several && kind == Ended::Other {
                 // Within a round of the hubs, retry at once; between rounds, back off.
-                if failures as usize % self.hub_addrs.len() != 0 {
+                if !(failures as usize).is_multiple_of(self.hub_addrs.len()) {
                     0
                 } else {
                     failures / self.hub_addrs.len() as u32

@@ -1046,7 +1046,8 @@ struct Statements(std::collections::HashMap<&'static str, tokio_postgres::Statem
 impl Statements {
     /// Prepares what `ops` use that is not prepared yet (pipelined).
     async fn prepare(&mut self, client: &Client, ops: &[Op]) -> StorageResult<()> {
-        let mut missing: Vec<&'static str> = ops.iter().map(|(sql, _)| *sql).filter(|s| !self.0.contains_key(s)).collect();
+        let mut missing: Vec<&'static str> =
+            ops.iter().map(|(sql, _)| *sql).filter(|s| !self.0.contains_key(s)).collect();
         missing.sort_unstable();
         missing.dedup();
         let prepared = try_join_all(missing.iter().map(|sql| client.prepare(sql))).await?;

@@ -199,7 +199,7 @@ pub struct ClusterNode {
     pub hub_id: String,
     coord: Arc<crate::cluster::Coordinator>,
     fence: crate::cluster::Fence,
-    active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>,
+    active: ActiveSlot,
     endpoint: quinn::Endpoint,
     shutdown: Option<oneshot::Sender<()>>,
     http: JoinHandle<std::io::Result<()>>,
@@ -240,13 +240,16 @@ impl ClusterNode {
     }
 }
 
+/// The active hub and its API, once this hub decides.
+type ActiveSlot = Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>;
+
 /// State of a clustered hub's HTTP front: the active API once this hub decides, else how to
 /// reach the hub that does.
 #[derive(Clone)]
 struct Front {
     /// This hub's id (a lease it holds while still loading is waited for, not forwarded to).
     me: String,
-    active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>,
+    active: ActiveSlot,
     owners: Arc<tokio_postgres::Client>,
     client: reqwest::Client,
     max_body_bytes: usize,
@@ -274,7 +277,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         .await
         .map_err(|e| HubError::Other(format!("connecting to {}: {e}", crate::db::redact(&url))))?;
     tokio::spawn(conn);
-    let active: Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>> = Arc::default();
+    let active: ActiveSlot = Arc::default();
     let front = Front {
         me: coord.hub_id.clone(),
         active: active.clone(),

@@ -112,7 +112,10 @@ async fn restock(set: &HubSet, skus: &[String], qty: u64) -> anyhow::Result<()> 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let (clients, secs, rounds) = load::params();
-    shelfsync_tests::pg::set_durable(true);
+    // SHELFSYNC_BENCH_PG_FAST=1: fsync and synchronous commit off (how much of the figure is the
+    // disk's flush).
+    let durable = std::env::var_os("SHELFSYNC_BENCH_PG_FAST").is_none();
+    shelfsync_tests::pg::set_durable(durable);
     let mut set = HubSet::start(3, 1).await;
     let stock = (secs * 60_000).min(100_000);
 
@@ -126,11 +129,15 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..rounds {
         restock(&set, &["HOT".to_owned()], stock).await?;
         hub.push(round(&set, &[active], clients, secs, |_| "HOT".to_owned()).await?);
-        db.execute("INSERT INTO plain_stock VALUES ('HOT', 10000000) ON CONFLICT (sku) DO UPDATE SET qty = 10000000", &[])
-            .await?;
+        db.execute(
+            "INSERT INTO plain_stock VALUES ('HOT', 10000000) ON CONFLICT (sku) DO UPDATE SET qty = 10000000",
+            &[],
+        )
+        .await?;
         plain.push(plain_update(&url, clients, secs).await?);
     }
-    println!("hot SKU, one PostgreSQL server (fsync on, synchronous_commit on), medians of {rounds} rounds of {secs} s:");
+    let mode = if durable { "fsync on, synchronous_commit on" } else { "fsync OFF, synchronous_commit OFF" };
+    println!("hot SKU, one PostgreSQL server ({mode}), medians of {rounds} rounds of {secs} s:");
     println!("  {}", load::line("hub on pg", clients, &hub, "HTTP + JSON + auth, decider, one commit per batch"));
     println!("  {}", load::line("plain UPDATE", clients, &plain, "tokio-postgres, prepared, autocommit"));
 
@@ -145,7 +152,8 @@ async fn main() -> anyhow::Result<()> {
             let skus = skus.clone();
             done.push(round(&set, &hubs, clients, secs, move |c| skus[c].clone()).await?);
         }
-        let note = if n == 1 { "the active hub".to_owned() } else { format!("the active hub and {} forwarding", n - 1) };
+        let note =
+            if n == 1 { "the active hub".to_owned() } else { format!("the active hub and {} forwarding", n - 1) };
         println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
     }
 

@@ -149,8 +149,8 @@ async fn killing_the_active_hub_mid_burst_loses_no_reservation_and_promises_no_u
         (got == want).then_some(())
     })
     .await;
-    for s in 0..6 {
-        assert_eq!(set.agent_on_hand(s, HOT).await, want[s], "store {s}'s own count");
+    for (s, want) in want.iter().enumerate() {
+        assert_eq!(set.agent_on_hand(s, HOT).await, *want, "store {s}'s own count");
     }
 
     // No unit promised twice: held ≤ on_hand at every store, or an open conflict says why.
