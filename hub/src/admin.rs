@@ -57,10 +57,22 @@ pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
 /// embedded one.
 pub async fn init_with(data_dir: &Path, database_url: Option<&str>) -> Result<String, AdminError> {
     let target = Target::for_data_dir(data_dir, database_url)?;
+    let had_dir = data_dir.exists();
     shelfsync_node::dbfile::create_private_dir(data_dir)
         .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
-    let writer = HubDb::create(&target).await?;
+    let writer = match HubDb::create(&target).await {
+        Ok(w) => w,
+        Err(e) => {
+            // Nothing half-made stays behind: the CA just made (Pki::init refuses an existing
+            // one) and the data dir if this made it.
+            let _ = std::fs::remove_dir_all(pki_dir(data_dir));
+            if !had_dir {
+                let _ = std::fs::remove_dir(data_dir);
+            }
+            return Err(e.into());
+        }
+    };
     if let Target::Postgres(url) = &target {
         let file = data_dir.join(crate::db::URL_FILE);
         shelfsync_node::dbfile::create_private_file(&file)

@@ -95,6 +95,14 @@ impl Coordinator {
             }
         });
         let hub_id = uuid::Uuid::now_v7().to_string();
+        // Hubs that stopped without leaving (killed) and were not heard of for a day.
+        client
+            .execute(
+                "DELETE FROM hubs WHERE heartbeat_at < now() - interval '1 day'
+                   AND id NOT IN (SELECT owner FROM leases WHERE owner IS NOT NULL)",
+                &[],
+            )
+            .await?;
         client
             .execute(
                 "INSERT INTO hubs (id, http_addr, quic_addr, started_at, heartbeat_at) VALUES ($1, $2, $3, now(), now())",

@@ -297,3 +297,26 @@ async fn a_commit_under_a_stale_epoch_writes_nothing() {
     assert!(err.contains("fenced"), "{err}");
     assert_eq!(id_counter().await.as_deref(), Some("11"), "nothing of the fenced batch was written");
 }
+
+/// `init` against a database that holds a hub already refuses, names it, and leaves nothing
+/// half-made; `status` says where the data is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_refuses_a_database_that_holds_a_hub() {
+    use shelfsync_tests::procs::Proc;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", first.to_str().unwrap(), "--database-url", &url]).await;
+    let out = Proc::output_env(
+        "shelfsync-hub",
+        &["init", "--data-dir", second.to_str().unwrap(), "--database-url", &url],
+        &[],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a hub database already exists at postgres://"), "{err}");
+    assert!(!second.exists(), "nothing of the refused init stays behind");
+    let status = Proc::run_ok("shelfsync-hub", &["status", "--data-dir", first.to_str().unwrap()]).await;
+    assert!(status.contains("database       postgres postgres://shelfsync@127.0.0.1:"), "{status}");
+}
