@@ -326,7 +326,7 @@ impl PgStorage {
     pub async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<()> {
         let mut admin = self.admin.lock().await;
         let tx = admin.transaction().await?;
-        let ops = side_ops(&SideWrite::Catalog(c));
+        let ops = side_ops(&SideWrite::Catalog(c), &mut Rows::default());
         run_ops(&tx, &ops).await?;
         tx.commit().await?;
         Ok(())
@@ -846,92 +846,198 @@ fn op(sql: &'static str, args: Vec<Box<dyn ToSql + Sync + Send>>) -> Op {
     (sql, args)
 }
 
-const STORE_UPSERT: &str = "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
-     VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (id) DO UPDATE SET
-        revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
-        last_seen_ms = GREATEST(stores.last_seen_ms, excluded.last_seen_ms),
-        holds_version = excluded.holds_version";
-const ENTRY_UPSERT: &str = "INSERT INTO counters (store, sku, writer, p, n, seq) VALUES ($1, $2, $3, $4, $5, $6)
-     ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq";
-const DECISION_UPSERT: &str = "INSERT INTO decisions (kind, key, body) VALUES ($1, $2, $3)
-     ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body";
-const TRANSFER_UPSERT: &str = "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
-     VALUES ($1, $2, $3, $4, $5, $6)
-     ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body";
-const FEED_INSERT: &str = "INSERT INTO feed (cursor, kind, at_ms, body) VALUES ($1, $2, $3, $4)";
-const JOURNAL_INSERT: &str = "INSERT INTO journal
-     (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (store, id, line) DO NOTHING";
-
-fn journal_op(e: &JournalEvent) -> Op {
-    op(
-        JOURNAL_INSERT,
-        vec![
-            Box::new(e.id.as_bytes().to_vec()),
-            Box::new(e.line as i32),
-            Box::new(e.kind.as_str()),
-            Box::new(e.store.to_string()),
-            Box::new(e.sku.to_string()),
-            Box::new(e.delta),
-            Box::new(e.reason.clone()),
-            Box::new(e.occurred_at_ms),
-            Box::new(e.recorded_at_ms),
-            Box::new(e.writer.to_string()),
-            Box::new(EventFlag::to_bits(&e.flags) as i32),
-        ],
-    )
+/// The rows of a group commit, one set per table: written with one statement per table
+/// (`INSERT … SELECT FROM unnest($1, $2, …)`), not one per row. Upserts keep the last row of a key
+/// (a statement may not update a row twice; records carry whole rows, so the last one is the
+/// state); journal and feed rows keep their order.
+#[derive(Default)]
+struct Rows {
+    stores: Keyed<String, (String, i64, Option<i64>, Option<i64>, i64)>,
+    entries: Keyed<(String, String, String), (i64, i64, i64)>,
+    decisions: Keyed<(&'static str, String), String>,
+    transfers: Keyed<String, (String, String, String, i64, String)>,
+    meta: Keyed<&'static str, String>,
+    feed: Vec<(i64, String, i64, String)>,
+    journal: Vec<JournalRow>,
 }
 
-fn record_ops(records: &[Record], ops: &mut Vec<Op>) {
-    for row in persist::rows(records) {
-        ops.push(match row {
-            RowWrite::Store(s) => op(
-                STORE_UPSERT,
-                vec![
-                    Box::new(s.id.to_string()),
-                    Box::new(s.added_at_ms),
-                    Box::new(s.revoked_at_ms),
-                    Box::new(s.last_seen_ms),
-                    Box::new(big(s.holds_version)),
-                ],
-            ),
-            RowWrite::Entry(e) => op(
-                ENTRY_UPSERT,
-                vec![
-                    Box::new(e.store.to_string()),
-                    Box::new(e.sku.to_string()),
-                    Box::new(e.writer.to_string()),
-                    Box::new(big(e.entry.p)),
-                    Box::new(big(e.entry.n)),
-                    Box::new(big(e.seq)),
-                ],
-            ),
-            RowWrite::Decision { kind, key, body } => {
-                op(DECISION_UPSERT, vec![Box::new(kind), Box::new(key), Box::new(body)])
-            }
-            RowWrite::Transfer(x, body) => op(
-                TRANSFER_UPSERT,
-                vec![
-                    Box::new(x.id.to_string()),
-                    Box::new(x.from.to_string()),
-                    Box::new(x.to.to_string()),
-                    Box::new(x.status.as_str()),
-                    Box::new(x.shipped_at_ms),
-                    Box::new(body),
-                ],
-            ),
-            RowWrite::Feed(e, body) => op(
-                FEED_INSERT,
-                vec![Box::new(big(e.cursor)), Box::new(e.kind.as_str()), Box::new(e.at_ms), Box::new(body)],
-            ),
-            RowWrite::Journal(e) => journal_op(e),
-            RowWrite::Meta(key, value) => op(META_SET, vec![Box::new(key), Box::new(value)]),
-        });
+type JournalRow = (Vec<u8>, i32, String, String, String, i64, Option<String>, i64, i64, String, i32);
+
+/// Rows by key, the last one of a key winning, in first-seen order.
+struct Keyed<K, V> {
+    index: std::collections::HashMap<K, usize>,
+    rows: Vec<(K, V)>,
+}
+
+impl<K, V> Default for Keyed<K, V> {
+    fn default() -> Self {
+        Keyed { index: Default::default(), rows: Vec::new() }
     }
 }
 
-fn side_ops(w: &SideWrite) -> Vec<Op> {
+impl<K: std::hash::Hash + Eq + Clone, V> Keyed<K, V> {
+    fn put(&mut self, k: K, v: V) {
+        match self.index.get(&k) {
+            Some(&i) => self.rows[i].1 = v,
+            None => {
+                self.index.insert(k.clone(), self.rows.len());
+                self.rows.push((k, v));
+            }
+        }
+    }
+}
+
+fn journal_row(e: &JournalEvent) -> JournalRow {
+    (
+        e.id.as_bytes().to_vec(),
+        e.line as i32,
+        e.kind.as_str().to_owned(),
+        e.store.to_string(),
+        e.sku.to_string(),
+        e.delta,
+        e.reason.clone(),
+        e.occurred_at_ms,
+        e.recorded_at_ms,
+        e.writer.to_string(),
+        EventFlag::to_bits(&e.flags) as i32,
+    )
+}
+
+/// A column as an array argument.
+fn col<T: ToSql + Sync + Send + 'static>(v: Vec<T>) -> Box<dyn ToSql + Sync + Send> {
+    Box::new(v)
+}
+
+impl Rows {
+    fn add_records(&mut self, records: &[Record]) {
+        for row in persist::rows(records) {
+            match row {
+                RowWrite::Store(s) => self.stores.put(
+                    s.id.to_string(),
+                    (s.id.to_string(), s.added_at_ms, s.revoked_at_ms, s.last_seen_ms, big(s.holds_version)),
+                ),
+                RowWrite::Entry(e) => self.entries.put(
+                    (e.store.to_string(), e.sku.to_string(), e.writer.to_string()),
+                    (big(e.entry.p), big(e.entry.n), big(e.seq)),
+                ),
+                RowWrite::Decision { kind, key, body } => self.decisions.put((kind, key), body),
+                RowWrite::Transfer(x, body) => self.transfers.put(
+                    x.id.to_string(),
+                    (x.from.to_string(), x.to.to_string(), x.status.as_str().to_owned(), x.shipped_at_ms, body),
+                ),
+                RowWrite::Feed(e, body) => self.feed.push((big(e.cursor), e.kind.as_str().to_owned(), e.at_ms, body)),
+                RowWrite::Journal(e) => self.journal.push(journal_row(e)),
+                RowWrite::Meta(key, value) => self.meta.put(key, value),
+            }
+        }
+    }
+
+    /// One statement per table that has rows.
+    fn ops(self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if !self.stores.rows.is_empty() {
+            let (mut id, mut added, mut revoked, mut seen, mut holds) = (vec![], vec![], vec![], vec![], vec![]);
+            for (_, (i, a, r, l, h)) in self.stores.rows {
+                (id.push(i), added.push(a), revoked.push(r), seen.push(l), holds.push(h));
+            }
+            ops.push(op(
+                "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                 ON CONFLICT (id) DO UPDATE SET
+                    revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
+                    last_seen_ms = GREATEST(stores.last_seen_ms, excluded.last_seen_ms),
+                    holds_version = excluded.holds_version",
+                vec![col(id), col(added), col(revoked), col(seen), col(holds)],
+            ));
+        }
+        if !self.entries.rows.is_empty() {
+            let (mut store, mut sku, mut writer, mut p, mut n, mut seq) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for ((st, sk, w), (pp, nn, sq)) in self.entries.rows {
+                (store.push(st), sku.push(sk), writer.push(w), p.push(pp), n.push(nn), seq.push(sq));
+            }
+            ops.push(op(
+                "INSERT INTO counters (store, sku, writer, p, n, seq)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                 ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+                vec![col(store), col(sku), col(writer), col(p), col(n), col(seq)],
+            ));
+        }
+        if !self.decisions.rows.is_empty() {
+            let (mut kind, mut key, mut body) = (vec![], vec![], vec![]);
+            for ((k, ky), b) in self.decisions.rows {
+                (kind.push(k.to_owned()), key.push(ky), body.push(b));
+            }
+            ops.push(op(
+                "INSERT INTO decisions (kind, key, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                 ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body",
+                vec![col(kind), col(key), col(body)],
+            ));
+        }
+        if !self.transfers.rows.is_empty() {
+            let (mut id, mut from, mut to, mut status, mut at, mut body) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for (i, (f, t, s, a, b)) in self.transfers.rows {
+                (id.push(i), from.push(f), to.push(t), status.push(s), at.push(a), body.push(b));
+            }
+            ops.push(op(
+                "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[])
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+                vec![col(id), col(from), col(to), col(status), col(at), col(body)],
+            ));
+        }
+        if !self.feed.is_empty() {
+            let (mut cursor, mut kind, mut at, mut body) = (vec![], vec![], vec![], vec![]);
+            for (c, k, a, b) in self.feed {
+                (cursor.push(c), kind.push(k), at.push(a), body.push(b));
+            }
+            ops.push(op(
+                "INSERT INTO feed (cursor, kind, at_ms, body)
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[])",
+                vec![col(cursor), col(kind), col(at), col(body)],
+            ));
+        }
+        if !self.journal.is_empty() {
+            let mut c: (Vec<Vec<u8>>, Vec<i32>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
+            let mut d: (Vec<Option<String>>, Vec<i64>, Vec<i64>, Vec<String>, Vec<i32>) = Default::default();
+            for (id, line, kind, store, sku, delta, reason, occurred, recorded, writer, flags) in self.journal {
+                (c.0.push(id), c.1.push(line), c.2.push(kind), c.3.push(store), c.4.push(sku), c.5.push(delta));
+                (d.0.push(reason), d.1.push(occurred), d.2.push(recorded), d.3.push(writer), d.4.push(flags));
+            }
+            // In order: the journal's sequence follows the order the events were decided.
+            ops.push(op(
+                "INSERT INTO journal
+                    (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
+                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+                 FROM unnest($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[],
+                             $8::int8[], $9::int8[], $10::text[], $11::int4[])
+                      WITH ORDINALITY AS t(id, line, kind, store, sku, delta, reason, occurred_at_ms,
+                                           recorded_at_ms, writer, flags, n)
+                 ORDER BY n
+                 ON CONFLICT (store, id, line) DO NOTHING",
+                vec![
+                    col(c.0),
+                    col(c.1),
+                    col(c.2),
+                    col(c.3),
+                    col(c.4),
+                    col(c.5),
+                    col(d.0),
+                    col(d.1),
+                    col(d.2),
+                    col(d.3),
+                    col(d.4),
+                ],
+            ));
+        }
+        for (key, value) in self.meta.rows {
+            ops.push(op(META_SET, vec![Box::new(key), Box::new(value)]));
+        }
+        ops
+    }
+}
+
+/// The statements of a side write; its journal events join `rows`.
+fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
     match w {
         SideWrite::NewLife { at_ms } => vec![
             op(META_SET, vec![Box::new("incarnation_started_ms"), Box::new(at_ms.to_string())]),
@@ -950,7 +1056,8 @@ fn side_ops(w: &SideWrite) -> Vec<Op> {
             ],
         )],
         SideWrite::PeerJournal { store, peer, upto, events } => {
-            let mut ops: Vec<Op> = events.iter().map(journal_op).collect();
+            rows.journal.extend(events.iter().map(journal_row));
+            let mut ops = Vec::new();
             ops.push(op(
                 "INSERT INTO peers (store, writer, journal_applied) VALUES ($1, $2, $3)
                  ON CONFLICT (store, writer) DO UPDATE
@@ -1090,14 +1197,16 @@ async fn write_loop(
             }
         }
         let (commits, dones): (Vec<Commit>, Vec<CommitDone>) = batch.drain(..).unzip();
-        let mut ops = Vec::new();
+        let (mut rows, mut side) = (Rows::default(), Vec::new());
         for c in &commits {
-            record_ops(&c.records, &mut ops);
+            rows.add_records(&c.records);
             for w in &c.side {
-                ops.extend(side_ops(w));
+                side.extend(side_ops(w, &mut rows));
             }
         }
         drop(commits);
+        let mut ops = rows.ops();
+        ops.extend(side);
         let result = async {
             if shelfsync_node::fatal::is_stopping() {
                 return Err(StorageError::Stopped("the hub is stopping".into()));
