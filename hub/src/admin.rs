@@ -255,6 +255,9 @@ pub struct DirStatus {
     pub data_dir: String,
     /// Which database (`sqlite PATH` or `postgres URL` without password).
     pub database: String,
+    /// On PostgreSQL: the hubs sharing the database and the lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterView>,
     /// The hub writer (incarnation) of this database's life.
     pub hub_writer: String,
     /// The database was restored and has not been opened by a hub since (it will take a new life).
@@ -282,13 +285,14 @@ pub async fn dir_status(data_dir: &Path) -> Result<DirStatus, AdminError> {
     for t in storage.tokens().await? {
         *tokens.entry(t.view(now).status.as_str().to_owned()).or_insert(0) += 1;
     }
-    let restored_copy = match storage.as_ref() {
-        HubDb::Sqlite(s) => s.restored_copy().await?,
-        HubDb::Postgres(_) => false,
+    let (restored_copy, cluster) = match storage.as_ref() {
+        HubDb::Sqlite(s) => (s.restored_copy().await?, None),
+        HubDb::Postgres(p) => (false, Some(p.cluster().await?)),
     };
     Ok(DirStatus {
         data_dir: data_dir.display().to_string(),
         database: Target::for_data_dir(data_dir, None)?.describe(),
+        cluster,
         hub_writer: storage.hub_writer().to_string(),
         restored_copy,
         stores: stores.len(),

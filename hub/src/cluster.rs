@@ -64,6 +64,30 @@ impl Fence {
     pub const CHECK: &'static str = "SELECT epoch FROM leases WHERE partition = $1 FOR SHARE";
 }
 
+/// Whom a lease was taken from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Nobody ever held it.
+    Free,
+    /// A hub that stopped cleanly (it gave the lease up and left).
+    Released,
+    /// A hub that stopped renewing without leaving: it died, hangs, or lost the database.
+    Expired(String),
+}
+
+/// Logs a takeover at the level it deserves: a dead or stalled predecessor is an anomaly.
+fn log_taken(coord: &Coordinator, epoch: i64, taken: &Taken) {
+    match taken {
+        Taken::Expired(prev) => tracing::warn!(
+            epoch,
+            hub = %coord.hub_id,
+            previous = %prev,
+            "took the lease over from a hub that stopped renewing it (died, hung, or lost the database)"
+        ),
+        Taken::Free | Taken::Released => tracing::info!(epoch, hub = %coord.hub_id, "took the lease"),
+    }
+}
+
 /// Who holds the lease, as a standby sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -112,19 +136,31 @@ impl Coordinator {
         Ok(Coordinator { client, hub_id })
     }
 
-    /// Takes the lease if it is free or expired; returns the new epoch.
-    pub async fn try_acquire(&self) -> StorageResult<Option<i64>> {
+    /// Takes the lease if it is free or expired; returns the new epoch and whom it was taken from
+    /// ([`Taken`]).
+    pub async fn try_acquire(&self) -> StorageResult<Option<(i64, Taken)>> {
         let row = self
             .client
             .query_opt(
-                "UPDATE leases SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3),
+                "WITH prev AS (
+                    SELECT l.owner, EXISTS (SELECT 1 FROM hubs h WHERE h.id = l.owner) AS registered
+                    FROM leases l WHERE l.partition = $1)
+                 UPDATE leases SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3),
                     taken_at = now()
                  WHERE partition = $1 AND (owner IS NULL OR expires_at < now())
-                 RETURNING epoch",
+                 RETURNING epoch, (SELECT owner FROM prev), (SELECT registered FROM prev)",
                 &[&PARTITION, &self.hub_id, &LEASE.as_secs_f64()],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| {
+            let (owner, registered): (Option<String>, Option<bool>) = (r.get(1), r.get(2));
+            let taken = match owner {
+                None => Taken::Free,
+                Some(o) if registered == Some(true) && o != self.hub_id => Taken::Expired(o),
+                Some(_) => Taken::Released,
+            };
+            (r.get(0), taken)
+        }))
     }
 
     /// Extends the lease held at `epoch`; false if it is not ours any more.
@@ -182,9 +218,9 @@ pub async fn acquire(coord: &Coordinator, fence: &Fence) -> i64 {
             tracing::warn!(error = %e, "hub heartbeat failed");
         }
         match coord.try_acquire().await {
-            Ok(Some(epoch)) => {
+            Ok(Some((epoch, taken))) => {
                 fence.set(epoch);
-                tracing::info!(epoch, hub = %coord.hub_id, "took the lease");
+                log_taken(coord, epoch, &taken);
                 return epoch;
             }
             Ok(None) => {}
@@ -195,12 +231,12 @@ pub async fn acquire(coord: &Coordinator, fence: &Fence) -> i64 {
 
 /// Takes the lease now if it is free (sets it on `fence`).
 pub async fn acquire_now(coord: &Coordinator, fence: &Fence) -> StorageResult<Option<i64>> {
-    let epoch = coord.try_acquire().await?;
-    if let Some(e) = epoch {
-        fence.set(e);
-        tracing::info!(epoch = e, hub = %coord.hub_id, "took the lease");
+    let taken = coord.try_acquire().await?;
+    if let Some((e, how)) = &taken {
+        fence.set(*e);
+        log_taken(coord, *e, how);
     }
-    Ok(epoch)
+    Ok(taken.map(|(e, _)| e))
 }
 
 /// Renews the lease held at `epoch` every [`TICK`]; stops the hub (fail-stop) once it is lost
@@ -231,4 +267,61 @@ pub async fn hold(coord: Arc<Coordinator>, epoch: i64) {
         }
         let _ = coord.heartbeat().await;
     }
+}
+
+/// The hubs sharing a database and the lease, for `status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterView {
+    /// The lease's epoch (the number of takeovers so far).
+    pub epoch: i64,
+    /// Seconds until the lease expires (negative: expired), by the database's clock.
+    pub lease_expires_in_secs: f64,
+    /// Every hub the database knows, the active one first.
+    pub hubs: Vec<HubView>,
+}
+
+/// One hub as the database knows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HubView {
+    /// Its id (new at every start).
+    pub id: String,
+    /// Where its HTTP API listens.
+    pub http_addr: String,
+    /// Where agents reach it.
+    pub quic_addr: String,
+    /// Seconds since it last said it is alive.
+    pub heartbeat_age_secs: f64,
+    /// It holds an unexpired lease.
+    pub active: bool,
+}
+
+/// Reads the hubs and the lease.
+pub async fn view(c: &Client) -> StorageResult<ClusterView> {
+    let lease = c
+        .query_one(
+            "SELECT owner, epoch, EXTRACT(EPOCH FROM (expires_at - now()))::float8 FROM leases WHERE partition = $1",
+            &[&PARTITION],
+        )
+        .await?;
+    let (owner, epoch, left): (Option<String>, i64, f64) = (lease.get(0), lease.get(1), lease.get(2));
+    let mut hubs: Vec<HubView> = c
+        .query(
+            "SELECT id, http_addr, quic_addr, EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8 FROM hubs ORDER BY started_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            HubView {
+                active: left > 0.0 && owner.as_deref() == Some(id.as_str()),
+                id,
+                http_addr: r.get(1),
+                quic_addr: r.get(2),
+                heartbeat_age_secs: r.get(3),
+            }
+        })
+        .collect();
+    hubs.sort_by_key(|h| !h.active);
+    Ok(ClusterView { epoch, lease_expires_in_secs: left, hubs })
 }

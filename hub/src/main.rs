@@ -527,6 +527,27 @@ async fn status(
     println!("tokens         {}", if tokens.is_empty() { "none".to_owned() } else { tokens.join(", ") });
     println!("database       {}, {:.1} MiB", d.database, d.database_bytes as f64 / (1 << 20) as f64);
     println!("journal        head {}, {} events", d.journal_head, d.journal_events);
+    if let Some(c) = &d.cluster {
+        println!(
+            "lease          epoch {}, {}",
+            c.epoch,
+            if c.lease_expires_in_secs > 0.0 {
+                format!("expires in {:.1} s", c.lease_expires_in_secs)
+            } else {
+                format!("expired {:.1} s ago: no hub decides", -c.lease_expires_in_secs)
+            }
+        );
+        for h in &c.hubs {
+            println!(
+                "hub            {} http {} quic {}  heard {:.1} s ago{}",
+                h.id,
+                h.http_addr,
+                h.quic_addr,
+                h.heartbeat_age_secs,
+                if h.active { "  ACTIVE" } else { "  standby" }
+            );
+        }
+    }
     match (&url, &live) {
         (Some(u), Some(Ok(m))) => {
             println!("running hub    {u}: up");

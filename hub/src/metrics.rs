@@ -29,6 +29,9 @@ macro_rules! counters {
             pub http: Arc<HttpMetrics>,
             /// Agent connections open now.
             pub connections_open: Gauge,
+            /// The lease epoch this hub decides under (several hubs on PostgreSQL; 0 for a lone
+            /// hub, which holds no lease).
+            pub lease_epoch: Gauge,
             /// Reservation calls by action and outcome.
             pub reservations: Family<Labels, Counter>,
             /// Time to merge one delta from a store (decide + commit).
@@ -52,6 +55,7 @@ macro_rules! counters {
                     edge,
                     http,
                     connections_open: Gauge::default(),
+                    lease_epoch: Gauge::default(),
                     reservations: Family::default(),
                     merge_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
                     webhook_delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
@@ -62,6 +66,11 @@ macro_rules! counters {
                 };
                 let r = registry.sub_registry_with_prefix(PREFIX);
                 r.register("connections_open", "Agent connections open now", m.connections_open.clone());
+                r.register(
+                    "lease_epoch",
+                    "The lease epoch this hub decides under (hubs sharing PostgreSQL: it grows at every takeover; 0 for a lone hub)",
+                    m.lease_epoch.clone(),
+                );
                 r.register(
                     "reservations",
                     "Reservation calls by action (create, commit, extend, release, expire) and outcome",

@@ -733,6 +733,11 @@ impl PgStorage {
         Ok(report)
     }
 
+    /// The hubs sharing this database and the lease.
+    pub async fn cluster(&self) -> StorageResult<crate::cluster::ClusterView> {
+        crate::cluster::view(self.r()).await
+    }
+
     /// Bytes the database takes (`pg_database_size`).
     pub async fn size_bytes(&self) -> StorageResult<u64> {
         unsigned(&self.r().query_one("SELECT pg_database_size(current_database())", &[]).await?, 0)
@@ -951,7 +956,8 @@ impl Rows {
             ));
         }
         if !self.entries.rows.is_empty() {
-            let (mut store, mut sku, mut writer, mut p, mut n, mut seq) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut store, mut sku, mut writer, mut p, mut n, mut seq) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for ((st, sk, w), (pp, nn, sq)) in self.entries.rows {
                 (store.push(st), sku.push(sk), writer.push(w), p.push(pp), n.push(nn), seq.push(sq));
             }
@@ -974,7 +980,8 @@ impl Rows {
             ));
         }
         if !self.transfers.rows.is_empty() {
-            let (mut id, mut from, mut to, mut status, mut at, mut body) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut id, mut from, mut to, mut status, mut at, mut body) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for (i, (f, t, s, a, b)) in self.transfers.rows {
                 (id.push(i), from.push(f), to.push(t), status.push(s), at.push(a), body.push(b));
             }

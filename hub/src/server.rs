@@ -303,6 +303,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
             (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());
         move |epoch: i64| async move {
             let hub = open_hub(&config, &target, Some(fence)).await?;
+            hub.metrics.lease_epoch.set(epoch);
             let _ = activated_tx.send(true);
             let (app, more) = activate(&config, &hub, &pki, &endpoint).await?;
             more_tasks.lock().expect("tasks lock").extend(more);

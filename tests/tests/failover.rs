@@ -260,6 +260,30 @@ async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
     assert_eq!(got, want, "each event once, in order");
     let kinds: Vec<Value> = feed["items"].as_array().unwrap().iter().map(|e| e["kind"].clone()).collect();
     assert!(kinds.contains(&json!("availability_changed")), "{kinds:?}");
+
+    // Head office sees who decides: `status` lists both hubs, the active one marked, and the
+    // active hub's metrics carry its lease epoch.
+    let dir = set.dir.path().join("hub-0");
+    let status =
+        shelfsync_tests::procs::Proc::run_ok("shelfsync-hub", &["status", "--data-dir", dir.to_str().unwrap()]).await;
+    let active_addr = set.http[active].trim_start_matches("http://");
+    let hub_lines: Vec<&str> = status.lines().filter(|l| l.starts_with("hub            ")).collect();
+    assert_eq!(hub_lines.len(), 2, "{status}");
+    assert!(hub_lines.iter().any(|l| l.contains(active_addr) && l.ends_with("ACTIVE")), "{status}");
+    assert!(status.contains("lease          epoch 1, expires in"), "{status}");
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", set.http[standby]))
+        .bearer_auth(&set.admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "shelfsync_hub_lease_epoch 1"),
+        "the active hub's /metrics, through the standby"
+    );
     set.shutdown().await;
 }
 
