@@ -857,7 +857,7 @@ fn op(sql: &'static str, args: Vec<Box<dyn ToSql + Sync + Send>>) -> Op {
 /// state); journal and feed rows keep their order.
 #[derive(Default)]
 struct Rows {
-    stores: Keyed<String, (String, i64, Option<i64>, Option<i64>, i64)>,
+    stores: Keyed<String, StoreRow>,
     entries: Keyed<(String, String, String), (i64, i64, i64)>,
     decisions: Keyed<(&'static str, String), String>,
     transfers: Keyed<String, (String, String, String, i64, String)>,
@@ -865,6 +865,8 @@ struct Rows {
     feed: Vec<(i64, String, i64, String)>,
     journal: Vec<JournalRow>,
 }
+
+type StoreRow = (String, i64, Option<i64>, Option<i64>, i64);
 
 type JournalRow = (Vec<u8>, i32, String, String, String, i64, Option<String>, i64, i64, String, i32);
 
@@ -943,7 +945,11 @@ impl Rows {
         if !self.stores.rows.is_empty() {
             let (mut id, mut added, mut revoked, mut seen, mut holds) = (vec![], vec![], vec![], vec![], vec![]);
             for (_, (i, a, r, l, h)) in self.stores.rows {
-                (id.push(i), added.push(a), revoked.push(r), seen.push(l), holds.push(h));
+                id.push(i);
+                added.push(a);
+                revoked.push(r);
+                seen.push(l);
+                holds.push(h);
             }
             ops.push(op(
                 "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
@@ -959,7 +965,12 @@ impl Rows {
             let (mut store, mut sku, mut writer, mut p, mut n, mut seq) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             for ((st, sk, w), (pp, nn, sq)) in self.entries.rows {
-                (store.push(st), sku.push(sk), writer.push(w), p.push(pp), n.push(nn), seq.push(sq));
+                store.push(st);
+                sku.push(sk);
+                writer.push(w);
+                p.push(pp);
+                n.push(nn);
+                seq.push(sq);
             }
             ops.push(op(
                 "INSERT INTO counters (store, sku, writer, p, n, seq)
@@ -971,7 +982,9 @@ impl Rows {
         if !self.decisions.rows.is_empty() {
             let (mut kind, mut key, mut body) = (vec![], vec![], vec![]);
             for ((k, ky), b) in self.decisions.rows {
-                (kind.push(k.to_owned()), key.push(ky), body.push(b));
+                kind.push(k.to_owned());
+                key.push(ky);
+                body.push(b);
             }
             ops.push(op(
                 "INSERT INTO decisions (kind, key, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
@@ -983,7 +996,12 @@ impl Rows {
             let (mut id, mut from, mut to, mut status, mut at, mut body) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             for (i, (f, t, s, a, b)) in self.transfers.rows {
-                (id.push(i), from.push(f), to.push(t), status.push(s), at.push(a), body.push(b));
+                id.push(i);
+                from.push(f);
+                to.push(t);
+                status.push(s);
+                at.push(a);
+                body.push(b);
             }
             ops.push(op(
                 "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
@@ -995,7 +1013,10 @@ impl Rows {
         if !self.feed.is_empty() {
             let (mut cursor, mut kind, mut at, mut body) = (vec![], vec![], vec![], vec![]);
             for (c, k, a, b) in self.feed {
-                (cursor.push(c), kind.push(k), at.push(a), body.push(b));
+                cursor.push(c);
+                kind.push(k);
+                at.push(a);
+                body.push(b);
             }
             ops.push(op(
                 "INSERT INTO feed (cursor, kind, at_ms, body)
@@ -1004,11 +1025,34 @@ impl Rows {
             ));
         }
         if !self.journal.is_empty() {
-            let mut c: (Vec<Vec<u8>>, Vec<i32>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
-            let mut d: (Vec<Option<String>>, Vec<i64>, Vec<i64>, Vec<String>, Vec<i32>) = Default::default();
-            for (id, line, kind, store, sku, delta, reason, occurred, recorded, writer, flags) in self.journal {
-                (c.0.push(id), c.1.push(line), c.2.push(kind), c.3.push(store), c.4.push(sku), c.5.push(delta));
-                (d.0.push(reason), d.1.push(occurred), d.2.push(recorded), d.3.push(writer), d.4.push(flags));
+            let n = self.journal.len();
+            let (mut id, mut line, mut kind, mut store, mut sku, mut delta) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut reason, mut occurred, mut recorded, mut writer, mut flags) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for row in self.journal {
+                id.push(row.0);
+                line.push(row.1);
+                kind.push(row.2);
+                store.push(row.3);
+                sku.push(row.4);
+                delta.push(row.5);
+                reason.push(row.6);
+                occurred.push(row.7);
+                recorded.push(row.8);
+                writer.push(row.9);
+                flags.push(row.10);
             }
             // In order: the journal's sequence follows the order the events were decided.
             ops.push(op(
@@ -1022,17 +1066,17 @@ impl Rows {
                  ORDER BY n
                  ON CONFLICT (store, id, line) DO NOTHING",
                 vec![
-                    col(c.0),
-                    col(c.1),
-                    col(c.2),
-                    col(c.3),
-                    col(c.4),
-                    col(c.5),
-                    col(d.0),
-                    col(d.1),
-                    col(d.2),
-                    col(d.3),
-                    col(d.4),
+                    col(id),
+                    col(line),
+                    col(kind),
+                    col(store),
+                    col(sku),
+                    col(delta),
+                    col(reason),
+                    col(occurred),
+                    col(recorded),
+                    col(writer),
+                    col(flags),
                 ],
             ));
         }
@@ -1064,14 +1108,12 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
         )],
         SideWrite::PeerJournal { store, peer, upto, events } => {
             rows.journal.extend(events.iter().map(journal_row));
-            let mut ops = Vec::new();
-            ops.push(op(
+            vec![op(
                 "INSERT INTO peers (store, writer, journal_applied) VALUES ($1, $2, $3)
                  ON CONFLICT (store, writer) DO UPDATE
                  SET journal_applied = GREATEST(peers.journal_applied, excluded.journal_applied)",
                 vec![Box::new(store.to_string()), Box::new(peer.to_string()), Box::new(big(*upto))],
-            ));
-            ops
+            )]
         }
         SideWrite::Catalog(c) => {
             let mut ops = Vec::new();
