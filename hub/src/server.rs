@@ -375,6 +375,11 @@ async fn front_door(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let local = |front: &Front| front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
+    // Each hub answers its own liveness (a load balancer checks every hub), with its role.
+    if req.method() == axum::http::Method::GET && req.uri().path() == "/healthz" {
+        let role = if local(&front).is_some() { "active" } else { "standby" };
+        return axum::Json(serde_json::json!({ "status": "ok", "role": role, "hub": front.me })).into_response();
+    }
     if let Some(mut app) = local(&front) {
         return match tower_service::Service::call(&mut app, req).await {
             Ok(r) => r,

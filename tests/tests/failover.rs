@@ -261,6 +261,12 @@ async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
     let kinds: Vec<Value> = feed["items"].as_array().unwrap().iter().map(|e| e["kind"].clone()).collect();
     assert!(kinds.contains(&json!("availability_changed")), "{kinds:?}");
 
+    // Each hub answers its own liveness, with its role.
+    for (i, role) in [(active, "active"), (standby, "standby")] {
+        let (s, v) = set.call(i, Method::GET, "/healthz", "", None).await.unwrap();
+        assert_eq!((s, v["status"].clone(), v["role"].clone()), (200, json!("ok"), json!(role)), "{v}");
+    }
+
     // Head office sees who decides: `status` lists both hubs, the active one marked, and the
     // active hub's metrics carry its lease epoch.
     let dir = set.dir.path().join("hub-0");
