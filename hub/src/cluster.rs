@@ -19,9 +19,10 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::storage::{StorageError, StorageResult};
 
-/// How long a lease lasts without renewal.
+/// How long a lease lasts without renewal, by default (`storage.lease_ms`).
 pub const LEASE: Duration = Duration::from_secs(3);
-/// How often the active hub renews, and a standby tries to take over.
+/// How often the active hub renews, and a standby tries to take over, by default
+/// (`storage.lease_renew_ms`).
 pub const TICK: Duration = Duration::from_millis(500);
 
 /// The partition every decision belongs to today.
@@ -105,11 +106,21 @@ pub struct Coordinator {
     client: Client,
     /// This hub process's id (new at every start).
     pub hub_id: String,
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// How often the lease is renewed, and a standby tries to take it.
+    pub tick: Duration,
 }
 
 impl Coordinator {
     /// Connects and records this hub with its addresses.
-    pub async fn join(url: &str, http_addr: &str, quic_addr: &str) -> StorageResult<Coordinator> {
+    pub async fn join(
+        url: &str,
+        http_addr: &str,
+        quic_addr: &str,
+        lease: Duration,
+        tick: Duration,
+    ) -> StorageResult<Coordinator> {
         let (client, conn) = tokio_postgres::connect(url, NoTls)
             .await
             .map_err(|e| StorageError::Backend(format!("connecting to {}: {e}", crate::db::redact(url))))?;
@@ -133,7 +144,7 @@ impl Coordinator {
                 &[&hub_id, &http_addr, &quic_addr],
             )
             .await?;
-        Ok(Coordinator { client, hub_id })
+        Ok(Coordinator { client, hub_id, lease, tick })
     }
 
     /// Takes the lease if it is free or expired; returns the new epoch and whom it was taken from
@@ -149,7 +160,7 @@ impl Coordinator {
                     taken_at = now()
                  WHERE partition = $1 AND (owner IS NULL OR expires_at < now())
                  RETURNING epoch, (SELECT owner FROM prev), (SELECT registered FROM prev)",
-                &[&PARTITION, &self.hub_id, &LEASE.as_secs_f64()],
+                &[&PARTITION, &self.hub_id, &self.lease.as_secs_f64()],
             )
             .await?;
         Ok(row.map(|r| {
@@ -170,7 +181,7 @@ impl Coordinator {
             .execute(
                 "UPDATE leases SET expires_at = now() + make_interval(secs => $4)
                  WHERE partition = $1 AND owner = $2 AND epoch = $3",
-                &[&PARTITION, &self.hub_id, &epoch, &LEASE.as_secs_f64()],
+                &[&PARTITION, &self.hub_id, &epoch, &self.lease.as_secs_f64()],
             )
             .await?;
         Ok(n == 1)
@@ -207,10 +218,10 @@ pub async fn owner(client: &Client) -> StorageResult<Option<Owner>> {
     Ok(row.map(|r| Owner { hub: r.get(0), http_addr: r.get(1), epoch: r.get(2) }))
 }
 
-/// Tries to take the lease every [`TICK`] until it does (heartbeating meanwhile); returns the
+/// Tries to take the lease every tick until it does (heartbeating meanwhile); returns the
 /// epoch and sets it on `fence`.
 pub async fn acquire(coord: &Coordinator, fence: &Fence) -> i64 {
-    let mut tick = tokio::time::interval(TICK);
+    let mut tick = tokio::time::interval(coord.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -239,10 +250,10 @@ pub async fn acquire_now(coord: &Coordinator, fence: &Fence) -> StorageResult<Op
     Ok(taken.map(|(e, _)| e))
 }
 
-/// Renews the lease held at `epoch` every [`TICK`]; stops the hub (fail-stop) once it is lost
+/// Renews the lease held at `epoch` every tick; stops the hub (fail-stop) once it is lost
 /// or cannot be renewed before it expires.
 pub async fn hold(coord: Arc<Coordinator>, epoch: i64) {
-    let mut tick = tokio::time::interval(TICK);
+    let mut tick = tokio::time::interval(coord.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewed = tokio::time::Instant::now();
     loop {
@@ -257,7 +268,7 @@ pub async fn hold(coord: Arc<Coordinator>, epoch: i64) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "renewing the lease failed");
-                if renewed.elapsed() >= LEASE {
+                if renewed.elapsed() >= coord.lease {
                     shelfsync_node::fatal::stop(&format!(
                         "could not renew the lease (epoch {epoch}) before it expired: {e}"
                     ));

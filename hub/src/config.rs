@@ -178,6 +178,11 @@ pub struct StorageSection {
     /// `init --database-url` wrote there), or `postgres://user@host:port/database`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Several hubs on PostgreSQL: how long the deciding hub's lease lasts without renewal (ms);
+    /// the bound on failover, before the new hub's load.
+    pub lease_ms: u64,
+    /// How often the lease is renewed, and a standby tries to take it (ms).
+    pub lease_renew_ms: u64,
     /// `full` or `normal` (SQLite).
     pub synchronous: Synchronous,
     /// Most writes per group commit.
@@ -250,7 +255,14 @@ impl Default for HttpSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { url: None, synchronous: Synchronous::Full, group_commit_max: 512, readers: 2 }
+        StorageSection {
+            url: None,
+            lease_ms: 3000,
+            lease_renew_ms: 500,
+            synchronous: Synchronous::Full,
+            group_commit_max: 512,
+            readers: 2,
+        }
     }
 }
 
@@ -319,6 +331,12 @@ impl HubConfig {
             if let Err(e) = crate::db::Target::new(&self.data_dir, Some(url)) {
                 return bad("storage.url", &e.to_string());
             }
+        }
+        if !(1000..=60_000).contains(&self.storage.lease_ms) {
+            return bad("storage.lease_ms", "must be between 1000 and 60000");
+        }
+        if self.storage.lease_renew_ms < 100 || self.storage.lease_renew_ms * 3 > self.storage.lease_ms {
+            return bad("storage.lease_renew_ms", "must be at least 100 and at most a third of storage.lease_ms");
         }
         if self.storage.readers == 0 || self.storage.readers > 64 {
             return bad("storage.readers", "must be between 1 and 64");
@@ -422,6 +440,14 @@ mod tests {
         let mut c = HubConfig::default();
         c.storage.readers = 0;
         assert!(c.validate().unwrap_err().to_string().contains("storage.readers"));
+        c.storage.readers = 2;
+        c.storage.lease_ms = 900;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.lease_ms"));
+        c.storage.lease_ms = 3000;
+        c.storage.lease_renew_ms = 1001;
+        assert!(c.validate().unwrap_err().to_string().contains("storage.lease_renew_ms"));
+        c.storage.lease_renew_ms = 1000;
+        assert!(c.validate().is_ok());
         let mut c = HubConfig::default();
         c.http.rate_limit.events.burst = 0;
         assert!(c.validate().unwrap_err().to_string().contains("http.rate_limit.events"));

@@ -247,6 +247,8 @@ type ActiveSlot = Arc<std::sync::RwLock<Option<(Arc<Hub>, axum::Router)>>>;
 /// reach the hub that does.
 #[derive(Clone)]
 struct Front {
+    /// How long a lease lasts (a takeover takes at most that, and a tick).
+    lease: Duration,
     /// This hub's id (a lease it holds while still loading is waited for, not forwarded to).
     me: String,
     active: ActiveSlot,
@@ -271,8 +273,17 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     // Migrations first (a fresh database gets the coordination tables).
     drop(crate::db::HubDb::open(&target, storage_options(&config).0, None).await?);
     let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
-    let coord =
-        Arc::new(crate::cluster::Coordinator::join(&url, &http_addr.to_string(), &quic_addr.to_string()).await?);
+    let lease = Duration::from_millis(config.storage.lease_ms);
+    let coord = Arc::new(
+        crate::cluster::Coordinator::join(
+            &url,
+            &http_addr.to_string(),
+            &quic_addr.to_string(),
+            lease,
+            Duration::from_millis(config.storage.lease_renew_ms),
+        )
+        .await?,
+    );
     let (owners, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .map_err(|e| HubError::Other(format!("connecting to {}: {e}", crate::db::redact(&url))))?;
@@ -280,6 +291,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let active: ActiveSlot = Arc::default();
     let front = Front {
         me: coord.hub_id.clone(),
+        lease,
         active: active.clone(),
         owners: Arc::new(owners),
         client: reqwest::Client::builder()
@@ -410,7 +422,7 @@ async fn front_door(
         }
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
-    let deadline = tokio::time::Instant::now() + crate::cluster::LEASE + Duration::from_secs(1);
+    let deadline = tokio::time::Instant::now() + front.lease + Duration::from_secs(1);
     loop {
         if let Some(mut app) = local(&front) {
             let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
