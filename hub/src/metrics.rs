@@ -47,8 +47,15 @@ macro_rules! counters {
 
         impl Default for Metrics {
             fn default() -> Self {
+                Self::with_edge(Arc::new(EdgeStats::default()))
+            }
+        }
+
+        impl Metrics {
+            /// The metrics, counting the HTTP edge of `edge` (a clustered hub's front serves its
+            /// HTTP before this hub decides).
+            pub fn with_edge(edge: Arc<EdgeStats>) -> Self {
                 let mut registry = Registry::default();
-                let edge = Arc::new(EdgeStats::default());
                 observe::register_common(&mut registry, "hub", PREFIX, edge.clone());
                 let http = HttpMetrics::register(&mut registry, PREFIX);
                 let m = Metrics {

@@ -93,12 +93,17 @@ async fn open_hub(
     config: &HubConfig,
     target: &crate::db::Target,
     fence: Option<crate::cluster::Fence>,
+    edge: Option<Arc<shelfsync_node::http::EdgeStats>>,
 ) -> Result<Arc<Hub>, HubError> {
     tracing::info!(database = %target.describe(), "opening the hub's database");
     let (opts, engine_opts) = storage_options(config);
     let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence).await?);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
-    let hub = Hub::new(storage, catalog);
+    let metrics = match edge {
+        Some(edge) => crate::metrics::Metrics::with_edge(edge),
+        None => crate::metrics::Metrics::default(),
+    };
+    let hub = Hub::with_metrics(storage, catalog, metrics);
     if hub.storage.opened_restored() {
         crate::metrics::Metrics::inc(&hub.metrics.hub_rollbacks_total);
     }
@@ -174,7 +179,7 @@ async fn activate(
 pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     config.validate()?;
     let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
-    let hub = open_hub(&config, &target, None).await?;
+    let hub = open_hub(&config, &target, None, None).await?;
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
     let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
     let (app, tasks) = activate(&config, &hub, &pki, &endpoint).await?;
@@ -303,9 +308,10 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let app = axum::Router::new().fallback(front_door).with_state(front);
     let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
-        let _ = shutdown_rx.await;
-    }));
+    let http =
+        tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge.clone(), async move {
+            let _ = shutdown_rx.await;
+        }));
     let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     let (activated_tx, activated_rx) = tokio::sync::watch::channel(false);
     tasks.lock().expect("tasks lock").push(tokio::spawn(refuse_agents(endpoint.clone(), activated_rx)));
@@ -313,8 +319,9 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let takeover = {
         let (config, endpoint, active, more_tasks, fence, pki) =
             (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());
+        let edge = edge.clone();
         move |epoch: i64| async move {
-            let hub = open_hub(&config, &target, Some(fence)).await?;
+            let hub = open_hub(&config, &target, Some(fence), Some(edge)).await?;
             hub.metrics.lease_epoch.set(epoch);
             let _ = activated_tx.send(true);
             let (app, more) = activate(&config, &hub, &pki, &endpoint).await?;

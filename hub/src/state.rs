@@ -91,10 +91,15 @@ const TOKEN_USES_MAX: usize = 10_000;
 impl Hub {
     /// Wraps a storage.
     pub fn new(storage: Arc<Engine>, catalog: Arc<crate::catalog::HubCatalog>) -> Arc<Hub> {
+        Self::with_metrics(storage, catalog, Metrics::default())
+    }
+
+    /// [`Hub::new`] with its metrics made already (sharing an HTTP edge's counters).
+    pub fn with_metrics(storage: Arc<Engine>, catalog: Arc<crate::catalog::HubCatalog>, metrics: Metrics) -> Arc<Hub> {
         Arc::new(Hub {
             storage,
             catalog,
-            metrics: Metrics::default(),
+            metrics,
             live: Mutex::default(),
             reincarnating: tokio::sync::Mutex::new(()),
             ended: tokio::sync::Notify::new(),

@@ -286,6 +286,13 @@ async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
         .text()
         .await
         .unwrap();
+    let accepted: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shelfsync_hub_http_connections_accepted"))
+        .and_then(|rest| rest.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(accepted > 0.0, "the active hub's metrics count its HTTP connections: {accepted}");
     assert!(
         metrics.lines().any(|l| l == "shelfsync_hub_lease_epoch 1"),
         "the active hub's /metrics, through the standby"
