@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::storage::{StorageError, StorageResult};
+use crate::storage::StorageResult;
 
 /// How long a lease lasts without renewal, by default (`storage.lease_ms`).
 pub const LEASE: Duration = Duration::from_secs(3);
@@ -121,14 +121,7 @@ impl Coordinator {
         lease: Duration,
         tick: Duration,
     ) -> StorageResult<Coordinator> {
-        let (client, conn) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|e| StorageError::Backend(format!("connecting to {}: {e}", crate::db::redact(url))))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::error!(error = %e, "the coordination connection to PostgreSQL failed");
-            }
-        });
+        let client = crate::postgres::connect(url).await?;
         let hub_id = uuid::Uuid::now_v7().to_string();
         // Hubs that stopped without leaving (killed) and were not heard of for a day.
         client

@@ -125,7 +125,8 @@ fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-async fn connect(url: &str) -> StorageResult<Client> {
+/// A connection, driven on the current runtime (its failure is logged).
+pub(crate) async fn connect(url: &str) -> StorageResult<Client> {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|e| StorageError::Backend(format!("connecting to {}: {}", crate::db::redact(url), pg_message(&e))))?;
@@ -204,6 +205,11 @@ pub struct PgStorage {
 }
 
 impl PgStorage {
+    /// Brings the database's schema up to this build's (what a hub needs before it joins others).
+    pub async fn migrate(url: &str) -> StorageResult<()> {
+        migrate(&mut connect(url).await?).await
+    }
+
     /// Creates the hub's tables in an empty database (refuses one that holds a hub already).
     pub async fn create(url: &str) -> StorageResult<WriterId> {
         let mut client = connect(url).await?;

@@ -276,7 +276,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     };
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
     // Migrations first (a fresh database gets the coordination tables).
-    drop(crate::db::HubDb::open(&target, storage_options(&config).0, None).await?);
+    crate::postgres::PgStorage::migrate(&url).await?;
     let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
     let lease = Duration::from_millis(config.storage.lease_ms);
     let coord = Arc::new(
@@ -289,10 +289,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         )
         .await?,
     );
-    let (owners, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| HubError::Other(format!("connecting to {}: {e}", crate::db::redact(&url))))?;
-    tokio::spawn(conn);
+    let owners = crate::postgres::connect(&url).await?;
     let active: ActiveSlot = Arc::default();
     let front = Front {
         me: coord.hub_id.clone(),

@@ -381,15 +381,6 @@ impl SqliteStorage {
         Ok(w)
     }
 
-    /// Opens an existing hub database and starts its threads, without loading the decider's rows
-    /// (admin verbs). Blocking.
-    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStorage, StorageError> {
-        match Self::open_with(path, opts, None)?.storage {
-            crate::db::HubDb::Sqlite(s) => Ok(s),
-            crate::db::HubDb::Postgres(_) => unreachable!("SQLite opens SQLite"),
-        }
-    }
-
     /// Opens an existing hub database, reads the decider's rows when `load` says how many of the
     /// newest feed events to keep (`None`: read nothing, for admin verbs), and starts its threads.
     /// Blocking.
