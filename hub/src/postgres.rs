@@ -477,26 +477,16 @@ impl PgStorage {
 
     /// Stores a new API token (its hash only) and returns its record.
     pub async fn add_token(&self, t: crate::tokens::NewToken) -> StorageResult<crate::tokens::TokenInfo> {
-        let now = now_ms();
-        let id = Uuid::now_v7();
-        let expires_at_ms = t.expires_in_secs.map(|s| now.saturating_add(big(s).saturating_mul(1000)));
+        let info = crate::tokens::mint(&t, now_ms());
         self.admin
             .lock()
             .await
             .execute(
                 "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&t.hash, &id.to_string(), &t.name, &t.role.as_str(), &now, &expires_at_ms],
+                &[&t.hash, &info.id.to_string(), &t.name, &t.role.as_str(), &info.created_at_ms, &info.expires_at_ms],
             )
             .await?;
-        Ok(crate::tokens::TokenInfo {
-            id,
-            name: t.name,
-            role: t.role,
-            created_at_ms: now,
-            expires_at_ms,
-            revoked_at_ms: None,
-            last_used_at_ms: None,
-        })
+        Ok(info)
     }
 
     fn token(r: &Row) -> StorageResult<crate::tokens::TokenInfo> {

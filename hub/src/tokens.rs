@@ -209,21 +209,25 @@ pub(crate) fn info(
 
 /// Stores a new token.
 pub fn insert(conn: &Connection, t: &NewToken, now_ms: i64) -> StorageResult<TokenInfo> {
-    let id = Uuid::now_v7();
-    let expires_at_ms = t.expires_in_secs.map(|s| now_ms.saturating_add(s as i64 * 1000));
+    let info = mint(t, now_ms);
     conn.execute(
         "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![t.hash, id.to_string(), t.name, t.role.as_str(), now_ms, expires_at_ms],
+        params![t.hash, info.id.to_string(), t.name, t.role.as_str(), now_ms, info.expires_at_ms],
     )?;
-    Ok(TokenInfo {
-        id,
+    Ok(info)
+}
+
+/// The record of a token created at `now_ms` (a new id, its expiry), for either engine to store.
+pub(crate) fn mint(t: &NewToken, now_ms: i64) -> TokenInfo {
+    TokenInfo {
+        id: Uuid::now_v7(),
         name: t.name.clone(),
         role: t.role,
         created_at_ms: now_ms,
-        expires_at_ms,
+        expires_at_ms: t.expires_in_secs.map(|s| now_ms.saturating_add(s as i64 * 1000)),
         revoked_at_ms: None,
         last_used_at_ms: None,
-    })
+    }
 }
 
 /// The token with this hash (whatever its status).
