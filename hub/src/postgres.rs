@@ -6,8 +6,9 @@
 //!
 //! SQL is kept to what PostgreSQL-compatible distributed engines also accept where that costs
 //! nothing (`INSERT … ON CONFLICT`, `GREATEST`, identity columns, row-value comparisons). What is
-//! PostgreSQL-specific: `LOCK TABLE` to serialise migrations of hubs starting together, and
-//! `strpos` (the shrink report).
+//! PostgreSQL-specific: `LOCK TABLE` to serialise migrations of hubs starting together, `strpos`
+//! (the shrink report), `make_interval` (lease times, `crate::cluster`), `pg_database_size`
+//! (`status`) and `unnest(…) WITH ORDINALITY` (batched writes); the README lists them too.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
