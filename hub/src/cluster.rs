@@ -40,24 +40,40 @@ pub const MIGRATION: &str = "
 
 /// The epoch the hub's writes must carry: 0 until it holds the lease. Shared by the lease loop
 /// and the storage writer.
-#[derive(Clone, Debug, Default)]
-pub struct Fence(Arc<AtomicI64>);
+#[derive(Clone, Debug)]
+pub struct Fence {
+    epoch: Arc<AtomicI64>,
+    lease: Duration,
+}
 
 impl Fence {
-    /// The epoch held (0: none).
-    pub fn epoch(&self) -> i64 {
-        self.0.load(Ordering::Acquire)
+    /// A fence for leases lasting `lease`, holding none yet.
+    pub fn new(lease: Duration) -> Fence {
+        Fence { epoch: Arc::default(), lease }
     }
 
-    /// A fence at `epoch` (the lease loop sets it; tests make their own).
+    /// The epoch held (0: none).
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A fence at `epoch` with the default lease (the lease loop sets it; tests make their own).
     pub fn at(epoch: i64) -> Fence {
-        let f = Fence::default();
+        let f = Fence::new(LEASE);
         f.set(epoch);
         f
     }
 
     fn set(&self, epoch: i64) {
-        self.0.store(epoch, Ordering::Release);
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// What the writer's session sets first. A commit holds the lease row's share lock, so a hub
+    /// paused (or cut off) in the middle of one would stall every takeover for as long as it
+    /// stays paused; the database ends such a session once it has idled in its transaction for a
+    /// lease, which releases the lock and aborts the commit.
+    pub fn session_setup(&self) -> String {
+        format!("SET idle_in_transaction_session_timeout = {}", self.lease.as_millis().max(1))
     }
 
     /// The statement every fenced commit runs first (argument: the partition). The share lock
@@ -122,6 +138,10 @@ impl Coordinator {
         tick: Duration,
     ) -> StorageResult<Coordinator> {
         let client = crate::postgres::connect(url).await?;
+        // A takeover waits on the lease row's lock while a commit holds it; it gives up after a
+        // tick rather than stalling the loop (a paused holder's session is ended by the database,
+        // `Fence::session_setup`).
+        client.batch_execute(&format!("SET lock_timeout = {}", tick.as_millis().max(1))).await?;
         let hub_id = uuid::Uuid::now_v7().to_string();
         // Hubs that stopped without leaving (killed) and were not heard of for a day.
         client
@@ -228,7 +248,7 @@ pub async fn acquire(coord: &Coordinator, fence: &Fence) -> i64 {
                 return epoch;
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot reach the database to take the lease"),
+            Err(e) => tracing::warn!(error = %e, "could not take the lease this time; trying again"),
         }
     }
 }

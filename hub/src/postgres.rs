@@ -266,6 +266,9 @@ impl PgStorage {
             readers.push(connect(url).await?);
         }
         let writer = connect(url).await?;
+        if let Some(fence) = &fence {
+            writer.batch_execute(&fence.session_setup()).await?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(writer, rx, opts.group_commit_max.max(1), journal_head.clone(), fence));
         Ok(Opened {

@@ -312,7 +312,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     let (activated_tx, activated_rx) = tokio::sync::watch::channel(false);
     tasks.lock().expect("tasks lock").push(tokio::spawn(refuse_agents(endpoint.clone(), activated_rx)));
-    let fence = crate::cluster::Fence::default();
+    let fence = crate::cluster::Fence::new(coord.lease);
     let takeover = {
         let (config, endpoint, active, more_tasks, fence, pki) =
             (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());

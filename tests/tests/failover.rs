@@ -178,6 +178,10 @@ async fn killing_the_active_hub_mid_burst_loses_no_reservation_and_promises_no_u
     set.shutdown().await;
 }
 
+fn answered_now(n: &std::sync::atomic::AtomicUsize) -> usize {
+    n.load(Ordering::Relaxed)
+}
+
 /// A hub paused past its lease (SIGSTOP) cannot write when it resumes (SIGCONT): the other hub
 /// took over, the paused one's first commit is fenced off and it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -189,7 +193,58 @@ async fn a_paused_hub_cannot_write_after_it_resumes() {
     let (s, v) = set.call(a, Method::POST, "/v1/restocks", &set.admin, Some(body("before"))).await.unwrap();
     assert_eq!(s, 201, "{v}");
     let (_, epoch_a, _) = set.lease().await;
-    set.hubs[a].as_ref().unwrap().signal(libc::SIGSTOP);
+    // Pause it while it commits: a steady stream of restocks (another SKU) keeps its writer in
+    // transactions, so the pause usually lands inside one, holding the lease row's share lock.
+    let load = {
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..8 {
+            let (url, token, client, answered) =
+                (set.http[a].clone(), set.admin.clone(), client.clone(), answered.clone());
+            tasks.spawn(async move {
+                for n in 0.. {
+                    let body =
+                        json!({"id": format!("load-{c}-{n}"), "store": "store-0", "lines": [{"sku": "L-1", "qty": 1}]});
+                    let sent = client.post(format!("{url}/v1/restocks")).bearer_auth(&token).json(&body).send().await;
+                    match sent {
+                        Ok(r) if r.status() == 201 => answered.fetch_add(1, Ordering::Relaxed),
+                        _ => return,
+                    };
+                }
+            });
+        }
+        wait_until("restocks flowing", DEADLINE, || async { (answered.load(Ordering::Relaxed) >= 50).then_some(()) })
+            .await;
+        (tasks, answered)
+    };
+    // Pause it until the pause lands inside a commit past its fence check (its session idles in a
+    // transaction holding the lease row's share lock), so the test checks that such a paused hub
+    // cannot stall the takeover.
+    let mid_commit = "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+                      WHERE s.state = 'idle in transaction' AND l.relation = 'leases'::regclass";
+    let hub_a = set.hubs[a].as_ref().unwrap();
+    let mut tries = 0;
+    loop {
+        hub_a.signal(libc::SIGSTOP);
+        let settled = Instant::now() + Duration::from_millis(300);
+        let mut caught = false;
+        while Instant::now() < settled && !caught {
+            caught = set.sql_i64(mid_commit).await > 0;
+        }
+        if caught {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "never paused the hub inside a commit");
+        hub_a.signal(libc::SIGCONT);
+        let resumed = answered_now(&load.1);
+        wait_until("restocks flowing again", DEADLINE, || async {
+            (answered_now(&load.1) > resumed + 5).then_some(())
+        })
+        .await;
+    }
+    load.0.join_all().await;
     // The other hub takes the lease over once it expires.
     wait_until("the standby to take over", DEADLINE, || async {
         let (owner, epoch, _) = set.lease().await;
