@@ -157,13 +157,38 @@ impl Committer {
 pub struct Opened {
     /// The database.
     pub storage: HubDb,
-    /// The decider's rows as records.
+    /// The decider's rows as records (after a warm standby's: the records it had not read yet).
     pub records: Vec<Record>,
+    /// A warm standby's decider, loaded up to `records`.
+    pub loader: Option<shelfsync_hub_core::Loader>,
     /// Per agent writer: (store, writer, journal applied, lineage).
     pub peers: Vec<(StoreId, WriterId, u64, HubLineage)>,
     /// The copy was made by `backup` (or is a restored file): the writer it ran as, which must be
     /// retired.
     pub restored_from: Option<String>,
+}
+
+/// What opening a database loads for the decider.
+pub enum Load {
+    /// Nothing (admin verbs).
+    Nothing,
+    /// Every record, with the newest `feed_retain` feed events.
+    All {
+        /// Feed events kept in memory.
+        feed_retain: usize,
+    },
+    /// The records a warm standby has not read yet (PostgreSQL; on SQLite, as `All`). If it fell
+    /// too far behind, every record.
+    Warm(crate::standby::Warm),
+}
+
+impl From<Option<usize>> for Load {
+    fn from(feed_retain: Option<usize>) -> Load {
+        match feed_retain {
+            Some(feed_retain) => Load::All { feed_retain },
+            None => Load::Nothing,
+        }
+    }
 }
 
 /// The hub's database.
@@ -204,16 +229,23 @@ impl HubDb {
     }
 
     /// [`HubDb::open`], with every commit fenced by the lease `fence` holds (PostgreSQL only:
-    /// [`crate::cluster`]).
+    /// [`crate::cluster`]), loading what `load` says.
     pub async fn open_fenced(
         target: &Target,
         opts: SqliteOptions,
-        load: Option<usize>,
+        load: impl Into<Load>,
         fence: Option<crate::cluster::Fence>,
     ) -> StorageResult<Opened> {
+        let load = load.into();
         match target {
             Target::Sqlite(path) => {
                 let path = path.clone();
+                let load = match load {
+                    Load::Nothing => None,
+                    Load::All { feed_retain } | Load::Warm(crate::standby::Warm { feed_retain, .. }) => {
+                        Some(feed_retain)
+                    }
+                };
                 tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, opts, load))
                     .await
                     .map_err(|e| StorageError::Backend(e.to_string()))?

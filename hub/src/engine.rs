@@ -32,7 +32,7 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest as _, Sha256};
 use shelfsync_hub_core::{
-    AgentConflictKind, CatalogRule, Command, Config, Decider, Done, FeedRead, HubChangeRequest, Refusal,
+    AgentConflictKind, CatalogRule, Command, Config, Decider, Done, FeedRead, HubChangeRequest, Loader, Refusal,
     ReservationRequest, ReservationView, Staleness, StoreFigures, Written,
 };
 use shelfsync_node::fatal;
@@ -65,6 +65,13 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions { staleness: Staleness::default(), queue_max: 16_384, batch_max: 1024, feed_retain: 100_000 }
+    }
+}
+
+impl EngineOptions {
+    /// The decider's configuration, starting as `hub_writer`.
+    pub fn decider_config(&self, hub_writer: WriterId) -> Config {
+        Config { staleness: self.staleness, feed_retain: self.feed_retain, ..Config::new(hub_writer) }
     }
 }
 
@@ -183,14 +190,20 @@ impl Engine {
 
     /// Opens the hub's database wherever it is, loads the decider from it and starts the decider
     /// thread.
+    /// A warm standby's decider (`warm`) only reads what was committed since it last looked.
     pub async fn open_target(
         target: &Target,
         sql: crate::sqlite::SqliteOptions,
         opts: EngineOptions,
         fence: Option<crate::cluster::Fence>,
+        warm: Option<crate::standby::Warm>,
     ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
-        let opened = HubDb::open_fenced(target, sql, Some(opts.feed_retain), fence).await?;
+        let load = match warm {
+            Some(w) => crate::db::Load::Warm(w),
+            None => crate::db::Load::All { feed_retain: opts.feed_retain },
+        };
+        let opened = HubDb::open_fenced(target, sql, load, fence).await?;
         tokio::task::spawn_blocking(move || Self::start(opened, opts, started))
             .await
             .map_err(|e| StorageError::Backend(format!("starting the decider: {e}")))?
@@ -201,13 +214,16 @@ impl Engine {
     fn start(opened: crate::db::Opened, opts: EngineOptions, started: std::time::Instant) -> StorageResult<Engine> {
         let db = opened.storage;
         let hub_writer = db.hub_writer();
-        let config =
-            Config { staleness: opts.staleness, feed_retain: opts.feed_retain, ..Config::new(hub_writer.clone()) };
         let records = opened.records.len();
+        let warm = opened.loader.is_some();
         // The records include `meta.writer`, so the decider starts with the stored writer.
-        let d = Decider::from_records(config, rand::random::<u128>(), opened.records)
-            .map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
-        tracing::info!(records, ms = started.elapsed().as_millis() as u64, "loaded the decider");
+        let mut loader = opened
+            .loader
+            .unwrap_or_else(|| Loader::new(opts.decider_config(hub_writer.clone()), rand::random::<u128>()));
+        loader.load(opened.records).map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
+        let total = loader.records();
+        let d = loader.finish();
+        tracing::info!(records, total, warm, ms = started.elapsed().as_millis() as u64, "loaded the decider");
         let peers = opened
             .peers
             .into_iter()

@@ -30,6 +30,7 @@ pub mod postgres;
 pub mod quic_server;
 pub mod server;
 pub mod sqlite;
+pub mod standby;
 pub mod state;
 pub mod storage;
 pub mod tokens;

@@ -88,7 +88,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE webhook_cursors (url TEXT PRIMARY KEY, cursor BIGINT NOT NULL);",
     // 2: hubs and their lease (several hubs on one database).
     crate::cluster::MIGRATION,
+    // 3: the decider's records of every commit, briefly, for warm standbys ([`crate::standby`]).
+    "
+    CREATE TABLE record_log (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at TIMESTAMPTZ NOT NULL DEFAULT now(), body TEXT NOT NULL);
+    CREATE TABLE record_log_floor (id INTEGER PRIMARY KEY, floor BIGINT NOT NULL);
+    INSERT INTO record_log_floor VALUES (0, 0);",
 ];
+
+/// How long the record log keeps a commit's records: a standby that fell further behind (or
+/// started) loads the tables instead.
+const RECORD_LOG_KEEP_SECS: f64 = 30.0;
+/// The writer trims the record log every this many commits.
+const RECORD_LOG_TRIM_EVERY: u64 = 64;
+/// Most record-log rows one read of the tail returns.
+const RECORD_LOG_PAGE: i64 = 1000;
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -237,7 +252,7 @@ impl PgStorage {
     pub async fn open(
         url: &str,
         opts: SqliteOptions,
-        load: Option<usize>,
+        load: crate::db::Load,
         fence: Option<crate::cluster::Fence>,
     ) -> StorageResult<Opened> {
         let mut admin = connect(url).await?;
@@ -255,10 +270,25 @@ impl PgStorage {
         let key = parse_mac_key(
             &meta_get(&admin, "mac_key").await?.ok_or_else(|| StorageError::Corrupt("meta.mac_key missing".into()))?,
         )?;
-        let (records, peers) = match load {
-            Some(feed_retain) => (load_records(&admin, feed_retain).await?, load_peers(&admin).await?),
-            None => (Vec::new(), Vec::new()),
+        let want_peers = !matches!(load, crate::db::Load::Nothing);
+        let (records, loader) = match load {
+            crate::db::Load::Nothing => (Vec::new(), None),
+            crate::db::Load::All { feed_retain } => (load_records(&admin, feed_retain).await?, None),
+            crate::db::Load::Warm(mut warm) => match catch_up(&admin, &mut warm).await? {
+                // The records since the standby's last read, then the stores' rows: the admin
+                // writes some of their columns directly.
+                true => {
+                    let mut tail = std::mem::take(&mut warm.pending);
+                    tail.extend(load_stores(&admin).await?);
+                    (tail, Some(warm.loader))
+                }
+                false => {
+                    tracing::warn!("the standby fell behind the record log; loading every record");
+                    (load_records(&admin, warm.feed_retain).await?, None)
+                }
+            },
         };
+        let peers = if want_peers { load_peers(&admin).await? } else { Vec::new() };
         let head = journal_head(&admin).await?;
         let journal_head = Arc::new(AtomicU64::new(head));
         let mut readers = Vec::new();
@@ -282,6 +312,7 @@ impl PgStorage {
                 journal_head,
             }),
             records,
+            loader,
             peers,
             restored_from: None,
         })
@@ -788,7 +819,8 @@ async fn journal_head(c: &impl tokio_postgres::GenericClient) -> StorageResult<u
     Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
 }
 
-async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Record>> {
+/// The stores' rows as records.
+async fn load_stores(c: &Client) -> StorageResult<Vec<Record>> {
     let mut out = Vec::new();
     for r in c
         .query("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id", &[])
@@ -796,6 +828,65 @@ async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Recor
     {
         out.push(persist::store_record(get(&r, 0)?, get(&r, 1)?, get(&r, 2)?, get(&r, 3)?, unsigned(&r, 4)?)?);
     }
+    Ok(out)
+}
+
+/// A warm standby's first load: every record and where the record log stood, from one snapshot
+/// of the database (so the log's later rows are exactly what was committed after it).
+pub(crate) async fn warm_snapshot(c: &Client, feed_retain: usize) -> StorageResult<(Vec<Record>, WriterId, i64)> {
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let read = async {
+        let writer: WriterId = meta_get(c, "writer")
+            .await?
+            .ok_or_else(|| StorageError::Invalid("no hub database here yet".into()))?
+            .parse()
+            .map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?;
+        let records = load_records(c, feed_retain).await?;
+        let cursor: Option<i64> = c.query_one("SELECT MAX(seq) FROM record_log", &[]).await?.get(0);
+        Ok::<_, StorageError>((records, writer, cursor.unwrap_or(0)))
+    }
+    .await;
+    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+    read
+}
+
+/// Reads the record log after `warm.cursor` into `warm.pending`, up to its end. False if the log
+/// was trimmed past the cursor (the standby fell behind: it must load the tables again).
+pub(crate) async fn catch_up(c: &Client, warm: &mut crate::standby::Warm) -> StorageResult<bool> {
+    loop {
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+        let read = async {
+            let floor: i64 = c.query_one("SELECT floor FROM record_log_floor WHERE id = 0", &[]).await?.get(0);
+            let rows = c
+                .query(
+                    "SELECT seq, body FROM record_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&warm.cursor, &RECORD_LOG_PAGE],
+                )
+                .await?;
+            Ok::<_, StorageError>((floor, rows))
+        }
+        .await;
+        c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+        let (floor, rows) = read?;
+        if floor > warm.cursor {
+            return Ok(false);
+        }
+        let full = rows.len() as i64 == RECORD_LOG_PAGE;
+        for r in rows {
+            let (seq, body): (i64, String) = (get(&r, 0)?, get(&r, 1)?);
+            let records: Vec<Record> =
+                serde_json::from_str(&body).map_err(|e| StorageError::Corrupt(format!("record_log {seq}: {e}")))?;
+            warm.pending.extend(records);
+            warm.cursor = seq;
+        }
+        if !full {
+            return Ok(true);
+        }
+    }
+}
+
+async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Record>> {
+    let mut out = load_stores(c).await?;
     for r in c.query("SELECT store, sku, writer, p, n, seq FROM counters", &[]).await? {
         out.push(persist::entry_record(
             get(&r, 0)?,
@@ -1237,6 +1328,7 @@ async fn write_loop(
 ) {
     let mut batch = Vec::new();
     let mut stmts = Statements::default();
+    let mut commits_done = 0u64;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < group_max {
@@ -1253,9 +1345,22 @@ async fn write_loop(
                 side.extend(side_ops(w, &mut rows));
             }
         }
+        let log = serde_json::to_string(&commits.iter().flat_map(|c| &c.records).collect::<Vec<_>>())
+            .expect("records serialise");
         drop(commits);
         let mut ops = rows.ops();
         ops.extend(side);
+        // Every commit's records, for the warm standbys; trimmed to the last seconds now and then.
+        ops.push(op("INSERT INTO record_log (body) VALUES ($1)", vec![Box::new(log)]));
+        commits_done += 1;
+        if commits_done % RECORD_LOG_TRIM_EVERY == 0 {
+            ops.push(op(
+                "UPDATE record_log_floor SET floor = GREATEST(floor, COALESCE(
+                    (SELECT MAX(seq) FROM record_log WHERE at < now() - make_interval(secs => $1)), floor))",
+                vec![Box::new(RECORD_LOG_KEEP_SECS)],
+            ));
+            ops.push(op("DELETE FROM record_log WHERE seq <= (SELECT floor FROM record_log_floor)", vec![]));
+        }
         let result = async {
             if shelfsync_node::fatal::is_stopping() {
                 return Err(StorageError::Stopped("the hub is stopping".into()));

@@ -94,10 +94,11 @@ async fn open_hub(
     target: &crate::db::Target,
     fence: Option<crate::cluster::Fence>,
     edge: Option<Arc<shelfsync_node::http::EdgeStats>>,
+    warm: Option<crate::standby::Warm>,
 ) -> Result<Arc<Hub>, HubError> {
     tracing::info!(database = %target.describe(), "opening the hub's database");
     let (opts, engine_opts) = storage_options(config);
-    let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence).await?);
+    let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence, warm).await?);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
     let metrics = match edge {
         Some(edge) => crate::metrics::Metrics::with_edge(edge),
@@ -179,7 +180,7 @@ async fn activate(
 pub async fn start(config: HubConfig) -> Result<RunningHub, HubError> {
     config.validate()?;
     let target = crate::db::Target::for_data_dir(&config.data_dir, config.storage.url.as_deref())?;
-    let hub = open_hub(&config, &target, None, None).await?;
+    let hub = open_hub(&config, &target, None, None, None).await?;
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
     let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
     let (app, tasks) = activate(&config, &hub, &pki, &endpoint).await?;
@@ -317,8 +318,8 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         let (config, endpoint, active, more_tasks, fence, pki) =
             (config.clone(), endpoint.clone(), active.clone(), tasks.clone(), fence.clone(), pki.clone());
         let edge = edge.clone();
-        move |epoch: i64| async move {
-            let hub = open_hub(&config, &target, Some(fence), Some(edge)).await?;
+        move |epoch: i64, warm: Option<crate::standby::Warm>| async move {
+            let hub = open_hub(&config, &target, Some(fence), Some(edge), warm).await?;
             hub.metrics.lease_epoch.set(epoch);
             let _ = activated_tx.send(true);
             let (app, more) = activate(&config, &hub, &pki, &endpoint).await?;
@@ -329,20 +330,23 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         }
     };
     // A free lease is taken before this returns: a lone hub is active once it listens.
+    // The lease is renewed from the moment it is taken, while the decider loads.
     match crate::cluster::acquire_now(&coord, &fence).await? {
         Some(epoch) => {
-            takeover(epoch).await?;
             tasks.lock().expect("tasks lock").push(tokio::spawn(crate::cluster::hold(coord.clone(), epoch)));
+            takeover(epoch, None).await?;
         }
         None => {
-            let (coord, fence) = (coord.clone(), fence.clone());
+            let (coord, fence, more_tasks) = (coord.clone(), fence.clone(), tasks.clone());
+            // A standby keeps a decider loaded (warm), so a takeover reads only the last moments.
+            let follower = crate::standby::Follower::start(url.to_owned(), storage_options(&config).1);
             tasks.lock().expect("tasks lock").push(tokio::spawn(async move {
                 let epoch = crate::cluster::acquire(&coord, &fence).await;
-                if let Err(e) = takeover(epoch).await {
+                more_tasks.lock().expect("tasks lock").push(tokio::spawn(crate::cluster::hold(coord, epoch)));
+                let warm = follower.stop().await;
+                if let Err(e) = takeover(epoch, warm).await {
                     shelfsync_node::fatal::stop(&format!("taking over as the active hub failed: {e}"));
-                    return;
                 }
-                crate::cluster::hold(coord, epoch).await;
             }));
         }
     }

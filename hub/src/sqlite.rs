@@ -443,6 +443,7 @@ impl SqliteStorage {
                 journal_head: journal,
             }),
             records,
+            loader: None,
             peers,
             restored_from,
         })

@@ -412,3 +412,92 @@ async fn init_refuses_a_database_that_holds_a_hub() {
     let status = Proc::run_ok("shelfsync-hub", &["status", "--data-dir", first.to_str().unwrap()]).await;
     assert!(status.contains("database       postgres postgres://shelfsync@127.0.0.1:"), "{status}");
 }
+
+/// A warm standby (loaded once, then following the record log) rebuilds exactly the decider a
+/// cold start loads from the tables, after every kind of decision; one that fell behind the
+/// trimmed log loads the tables instead, and gets the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
+    use shelfsync_hub::db::{HubDb, Load, Target};
+    use shelfsync_hub::engine::EngineOptions;
+    use shelfsync_hub::standby::Follower;
+    use shelfsync_hub_core::{Decider, Loader};
+    let mut set = HubSet::start(1, 2).await;
+    let opts = EngineOptions::default();
+    let following = Follower::start(set.database_url.clone(), opts);
+    let fell_behind = Follower::start(set.database_url.clone(), opts);
+    wait_until("both standbys warm", DEADLINE, || async {
+        (following.cursor().is_some() && fell_behind.cursor().is_some()).then_some(())
+    })
+    .await;
+
+    let admin = set.admin.clone();
+    let ok = |expect: u16, (s, v): (u16, Value)| assert_eq!(s, expect, "{v}");
+    let call = |method: Method, path: String, body: Option<Value>| {
+        let set = &set;
+        let token = if path.starts_with("/v1/reservations") { set.storefront.clone() } else { admin.clone() };
+        async move { set.call(0, method, &path, &token, body).await.unwrap() }
+    };
+    ok(
+        200,
+        call(Method::PUT, "/v1/catalog/W-1".into(), Some(json!({"name": "Warm mug", "low_stock_threshold": 2}))).await,
+    );
+    for (store, qty) in [("store-0", 12), ("store-1", 6)] {
+        let body = json!({"id": format!("stock-{store}"), "store": store, "lines": [{"sku": "W-1", "qty": qty}]});
+        ok(201, call(Method::POST, "/v1/restocks".into(), Some(body)).await);
+    }
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let body =
+            json!({"id": format!("w-{n}"), "lines": [{"sku": "W-1", "qty": 1}], "customer": format!("c-{}", n % 2)});
+        let (s, v) = call(Method::POST, "/v1/reservations".into(), Some(body)).await;
+        assert_eq!(s, 201, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    ok(200, call(Method::POST, format!("/v1/reservations/{}/commit", ids[0]), None).await);
+    ok(200, call(Method::DELETE, format!("/v1/reservations/{}", ids[1]), None).await);
+    let stop_early = fell_behind.stop().await.expect("the second standby was warm");
+    let transfer =
+        json!({"id": uuid::Uuid::now_v7(), "from": "store-0", "to": "store-1", "lines": [{"sku": "W-1", "qty": 2}]});
+    ok(201, call(Method::POST, "/v1/transfers".into(), Some(transfer)).await);
+    let adj = json!({"id": "fix-1", "sku": "W-1", "delta": -1, "reason": "damaged"});
+    ok(201, call(Method::POST, "/v1/stores/store-0/adjustments".into(), Some(adj)).await);
+    assert_eq!(set.sell(1, "W-1", 2).await, 201);
+    wait_until("the store's sale at the hub", DEADLINE, || async {
+        let (_, v) = call(Method::GET, "/v1/stores/store-1/stock".into(), None).await;
+        let sold = v["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["sku"] == "W-1").map(|i| i["on_hand"].as_i64() == Some(4)));
+        (sold == Some(true)).then_some(())
+    })
+    .await;
+
+    // Stop the hub (nothing more is committed), let the first standby catch up, then compare.
+    set.hubs[0].take().unwrap().kill9().await;
+    let head = set.sql_i64("SELECT COALESCE(MAX(seq), 0) FROM record_log").await;
+    wait_until("the standby at the log's end", DEADLINE, || async { (following.cursor() >= Some(head)).then_some(()) })
+        .await;
+    let warm = following.stop().await.expect("the standby was warm");
+    assert!(warm.records() > 0);
+    let target = Target::Postgres(set.database_url.clone());
+    let sql = shelfsync_hub::sqlite::SqliteOptions::default();
+    let finish = |opened: shelfsync_hub::db::Opened| -> Decider {
+        let writer = opened.storage.hub_writer();
+        let mut l = opened.loader.unwrap_or_else(|| Loader::new(opts.decider_config(writer), 1));
+        l.load(opened.records).unwrap();
+        l.finish()
+    };
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(warm), None).await.unwrap();
+    assert!(opened.loader.is_some(), "taken over warm");
+    let warm = finish(opened);
+    let cold = finish(HubDb::open_fenced(&target, sql, Some(opts.feed_retain), None).await.unwrap());
+    assert!(cold.snapshot().reservations.len() >= 6);
+    assert_eq!(warm.snapshot(), cold.snapshot(), "warm and cold load the same decider");
+
+    // The log trimmed past where the other standby stopped: it loads the tables.
+    set.sql_i64("UPDATE record_log_floor SET floor = (SELECT MAX(seq) FROM record_log) RETURNING floor").await;
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(stop_early), None).await.unwrap();
+    assert!(opened.loader.is_none(), "fell behind: loaded cold");
+    assert_eq!(finish(opened).snapshot(), cold.snapshot());
+    set.shutdown().await;
+}

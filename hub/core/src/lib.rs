@@ -80,7 +80,7 @@ pub use model::{
     ReservationStatus, Velocity,
 };
 pub use overview::{Overview, OverviewQuery, ReservationCounts, Series, StoreSummary, OVERVIEW_MINUTES_MAX};
-pub use records::{EntryRecord, LoadError, Record, StoreRecord};
+pub use records::{EntryRecord, LoadError, Loader, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
 pub use transfers::{Closing, Transfer, TransferChanged, TransferFilter, TransferLine, TransferStatus};

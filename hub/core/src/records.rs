@@ -239,8 +239,10 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
         Record::Conflict(c) => {
             t.conflicts.insert(c.id, c);
         }
+        // An append by cursor: an event loaded before is not appended again.
+        Record::Feed(e) if e.cursor <= t.feed_head => {}
         Record::Feed(e) => {
-            t.feed_head = t.feed_head.max(e.cursor);
+            t.feed_head = e.cursor;
             t.push_feed(e);
         }
         Record::HubRequest(r) => {
@@ -368,18 +370,39 @@ pub(crate) fn reindex(t: &mut Tables) {
     }
 }
 
-impl Decider {
-    /// Rebuilds a decider from records in commit order (the rows storage holds, loaded back as
-    /// records). The feed may be only its newest part.
-    pub fn from_records(
-        config: Config,
-        seed: u128,
-        records: impl IntoIterator<Item = Record>,
-    ) -> Result<Decider, LoadError> {
-        let mut d = Decider::new(config, seed);
+/// A decider being loaded: records go in, in commit order, possibly over a long time (a warm
+/// standby follows a live hub's commits this way), and [`Loader::finish`] rebuilds the indexes
+/// once. Loading a record is an upsert by its key (a feed event, an append by cursor), so a
+/// prefix of the history followed by the rest loads the same state as the whole at once.
+#[derive(Debug)]
+pub struct Loader {
+    d: Decider,
+    records: usize,
+}
+
+impl Loader {
+    /// An empty decider to load into. `seed` makes the ids it mints unique to this hub's life.
+    pub fn new(config: Config, seed: u128) -> Loader {
+        Loader { d: Decider::new(config, seed), records: 0 }
+    }
+
+    /// Loads `records`, which follow the ones loaded before in commit order.
+    pub fn load(&mut self, records: impl IntoIterator<Item = Record>) -> Result<(), LoadError> {
         for r in records {
-            load(&mut d.t, r)?;
+            load(&mut self.d.t, r)?;
+            self.records += 1;
         }
+        Ok(())
+    }
+
+    /// How many records were loaded.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// The decider, its indexes rebuilt.
+    pub fn finish(self) -> Decider {
+        let mut d = self.d;
         // Transfers recorded before they travelled moved at once: they count as received.
         let legacy: Vec<crate::transfers::Transfer> =
             d.t.hub_requests
@@ -392,6 +415,20 @@ impl Decider {
         }
         reindex(&mut d.t);
         d.t.dirty = Dirty::default();
-        Ok(d)
+        d
+    }
+}
+
+impl Decider {
+    /// Rebuilds a decider from records in commit order (the rows storage holds, loaded back as
+    /// records). The feed may be only its newest part.
+    pub fn from_records(
+        config: Config,
+        seed: u128,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<Decider, LoadError> {
+        let mut l = Loader::new(config, seed);
+        l.load(records)?;
+        Ok(l.finish())
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use shelfsync_hub_core::{Action, Command, Decider, FeedRead, LoadError, Record, StoreRecord};
+use shelfsync_hub_core::{Action, Command, Decider, FeedRead, LoadError, Loader, Record, StoreRecord};
 
 /// A short history touching every kind of record.
 fn scenario(h: &mut H) {
@@ -42,6 +42,31 @@ fn the_rows_storage_keeps_rebuild_the_same_decider_which_mints_the_same_next_ids
         x.stock("b", "X", -1);
     }
     assert_eq!(other.records, h.records[before..]);
+}
+
+/// A warm standby: the rows as they stood at some point, then every record committed after, in
+/// pieces, builds the live decider, at any split point; and records loaded twice change nothing.
+#[test]
+fn the_rows_of_a_moment_then_the_records_after_it_rebuild_the_live_decider() {
+    let mut h = H::new();
+    scenario(&mut h);
+    let history = h.records.clone();
+    for split in 0..=history.len() {
+        let mut l = Loader::new(h.d.config().clone(), 42);
+        l.load(rows(&history[..split])).unwrap();
+        for piece in history[split..].chunks(3) {
+            l.load(piece.iter().cloned()).unwrap();
+        }
+        assert_eq!(l.records(), rows(&history[..split]).len() + history.len() - split);
+        assert_eq!(l.finish().snapshot(), h.d.snapshot(), "split at {split}");
+    }
+    // The same tail read twice (a standby's poll repeated).
+    for from in 0..history.len() {
+        let mut twice = Loader::new(h.d.config().clone(), 42);
+        twice.load(history.iter().cloned()).unwrap();
+        twice.load(history[from..].iter().cloned()).unwrap();
+        assert_eq!(twice.finish().snapshot(), h.d.snapshot(), "the tail from {from} loaded twice");
+    }
 }
 
 #[test]

@@ -1,0 +1,146 @@
+//! A warm standby: a hub that does not hold the lease keeps a decider loaded and follows the
+//! active hub's commits, so taking over reads only the last moments instead of every record.
+//!
+//! Every commit on PostgreSQL also appends its records to `record_log` (kept for a few seconds,
+//! trimmed by the writer). A standby loads every table once from one snapshot, noting where the
+//! log stood, then reads the log after that point every [`POLL`]. One hub writes at a time
+//! (the lease), so the log's order is the commit order. A standby that falls behind the trimmed
+//! log loads the tables again. On takeover, the lease is taken first, so nothing more is
+//! committed by the old owner; the new owner then reads the rest of the log and the stores' rows
+//! (the admin writes some of their columns directly), and rebuilds the indexes once.
+
+use std::time::Duration;
+
+use shelfsync_hub_core::{Loader, Record};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::engine::EngineOptions;
+use crate::storage::{StorageError, StorageResult};
+
+/// How often a standby reads the record log.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// A decider loaded up to a point of the record log.
+pub struct Warm {
+    pub(crate) loader: Loader,
+    /// The last record-log row loaded (or read into `pending`).
+    pub(crate) cursor: i64,
+    /// Records read but not loaded yet.
+    pub(crate) pending: Vec<Record>,
+    /// Feed events kept in memory (for a reload from the tables).
+    pub(crate) feed_retain: usize,
+}
+
+impl Warm {
+    /// Records loaded so far.
+    pub fn records(&self) -> usize {
+        self.loader.records()
+    }
+
+    /// Loads what was read (CPU work: off the runtime's threads).
+    async fn settle(mut self) -> StorageResult<Warm> {
+        if self.pending.is_empty() {
+            return Ok(self);
+        }
+        tokio::task::spawn_blocking(move || {
+            let pending = std::mem::take(&mut self.pending);
+            self.loader.load(pending).map_err(|e| StorageError::Corrupt(format!("loading the decider: {e}")))?;
+            Ok(self)
+        })
+        .await
+        .map_err(|e| StorageError::Backend(format!("loading the decider: {e}")))?
+    }
+}
+
+/// The task that keeps a [`Warm`] decider up to date.
+pub struct Follower {
+    stop: watch::Sender<bool>,
+    cursor: watch::Receiver<Option<i64>>,
+    task: JoinHandle<Option<Warm>>,
+}
+
+impl Follower {
+    /// Starts following the database at `url`.
+    pub fn start(url: String, opts: EngineOptions) -> Follower {
+        let (stop, stopped) = watch::channel(false);
+        let (cursor_tx, cursor) = watch::channel(None);
+        Follower { stop, cursor, task: tokio::spawn(follow(url, opts, stopped, cursor_tx)) }
+    }
+
+    /// The last record-log row loaded (None: not loaded yet).
+    pub fn cursor(&self) -> Option<i64> {
+        *self.cursor.borrow()
+    }
+
+    /// Stops following and hands over the decider (None: it never loaded, or could not).
+    pub async fn stop(self) -> Option<Warm> {
+        let _ = self.stop.send(true);
+        self.task.await.ok().flatten()
+    }
+}
+
+async fn follow(
+    url: String,
+    opts: EngineOptions,
+    mut stopped: watch::Receiver<bool>,
+    cursor: watch::Sender<Option<i64>>,
+) -> Option<Warm> {
+    let mut client = None;
+    let mut warm: Option<Warm> = None;
+    let mut behind = false;
+    loop {
+        if *stopped.borrow() {
+            return warm;
+        }
+        let step = async {
+            if client.is_none() {
+                client = Some(crate::postgres::connect(&url).await?);
+            }
+            let c = client.as_ref().expect("connected");
+            match warm.take() {
+                None => {
+                    let started = std::time::Instant::now();
+                    let (records, writer, cursor) = crate::postgres::warm_snapshot(c, opts.feed_retain).await?;
+                    let loader = Loader::new(opts.decider_config(writer), rand::random::<u128>());
+                    let w = Warm { loader, cursor, pending: records, feed_retain: opts.feed_retain }.settle().await?;
+                    tracing::info!(
+                        records = w.records(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "standing by warm: loaded the decider, following the active hub's commits"
+                    );
+                    Ok::<_, StorageError>(Some(w))
+                }
+                Some(mut w) => match crate::postgres::catch_up(c, &mut w).await {
+                    Ok(true) => Ok(Some(w.settle().await?)),
+                    Ok(false) => {
+                        behind = true;
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        // Keep what is loaded: the next read goes on from the same point.
+                        warm = Some(w);
+                        Err(e)
+                    }
+                },
+            }
+        };
+        match step.await {
+            Ok(w) => {
+                let _ = cursor.send(w.as_ref().map(|w| w.cursor));
+                warm = w;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the warm standby cannot read the database; trying again");
+                client = None;
+            }
+        }
+        if std::mem::take(&mut behind) {
+            tracing::warn!("the warm standby fell behind the record log; loading every record again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
