@@ -1353,7 +1353,7 @@ async fn write_loop(
         // Every commit's records, for the warm standbys; trimmed to the last seconds now and then.
         ops.push(op("INSERT INTO record_log (body) VALUES ($1)", vec![Box::new(log)]));
         commits_done += 1;
-        if commits_done % RECORD_LOG_TRIM_EVERY == 0 {
+        if commits_done.is_multiple_of(RECORD_LOG_TRIM_EVERY) {
             ops.push(op(
                 "UPDATE record_log_floor SET floor = GREATEST(floor, COALESCE(
                     (SELECT MAX(seq) FROM record_log WHERE at < now() - make_interval(secs => $1)), floor))",
