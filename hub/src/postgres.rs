@@ -141,17 +141,114 @@ fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A connection, driven on the current runtime (its failure is logged).
+/// A connection, driven on the current runtime (its failure is logged). TLS as the URL says
+/// ([`tls_of`]).
 pub(crate) async fn connect(url: &str) -> StorageResult<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| StorageError::Backend(format!("connecting to {}: {}", crate::db::redact(url), pg_message(&e))))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::error!(error = %pg_message(&e), "a PostgreSQL connection failed");
+    let (plain_url, tls) = tls_of(url)?;
+    let failed = |e: tokio_postgres::Error| {
+        StorageError::Backend(format!("connecting to {}: {}", crate::db::redact(url), pg_message(&e)))
+    };
+    let client = match tls {
+        None => {
+            let (client, conn) = tokio_postgres::connect(&plain_url, NoTls).await.map_err(failed)?;
+            tokio::spawn(drive(conn));
+            client
         }
-    });
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            let (client, conn) = tokio_postgres::connect(&plain_url, tls).await.map_err(failed)?;
+            tokio::spawn(drive(conn));
+            client
+        }
+    };
     Ok(client)
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(conn: F) {
+    if let Err(e) = conn.await {
+        tracing::error!(error = %pg_message(&e), "a PostgreSQL connection failed");
+    }
+}
+
+/// The TLS a database URL asks for, as libpq reads its `sslmode` and `sslrootcert`, and the URL
+/// for the driver (which knows neither `sslrootcert` nor the `verify-*` modes).
+///
+/// - no `sslmode`, `disable`, `allow` or `prefer` without `sslrootcert`: no TLS (the driver's
+///   own default, `prefer`, also ends in plain text when no TLS is offered);
+/// - `prefer` with `sslrootcert`: TLS when the server offers it, verified;
+/// - `require`, `verify-ca`, `verify-full`: TLS, or no connection. The server's certificate is
+///   always verified against `sslrootcert`, host name included (stricter than libpq's `require`
+///   and `verify-ca`: a hub's link to its system of record is never left unverified), so
+///   `sslrootcert` is required.
+pub(crate) fn tls_of(url: &str) -> StorageResult<(String, Option<rustls::ClientConfig>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let (mut mode, mut root, mut kept) = (None, None, Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(v.to_owned()),
+            Some(("sslrootcert", v)) => root = Some(percent_decode(v)),
+            _ => kept.push(pair),
+        }
+    }
+    let invalid = |m: String| StorageError::Invalid(format!("database URL {}: {m}", crate::db::redact(url)));
+    let (driver_mode, tls) = match (mode.as_deref(), &root) {
+        (None, None) => (None, false),
+        (Some(m @ ("disable" | "allow" | "prefer")), None) => (Some(if m == "allow" { "prefer" } else { m }), false),
+        (Some("disable"), Some(_)) => (Some("disable"), false),
+        (None | Some("allow" | "prefer"), Some(_)) => (Some("prefer"), true),
+        (Some("require" | "verify-ca" | "verify-full"), Some(_)) => (Some("require"), true),
+        (Some(m @ ("require" | "verify-ca" | "verify-full")), None) => {
+            return Err(invalid(format!(
+                "sslmode={m} needs sslrootcert=FILE, the CA certificate (PEM) that signed the database server's"
+            )))
+        }
+        (Some(other), _) => {
+            return Err(invalid(format!(
+                "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+            )))
+        }
+    };
+    if let Some(m) = driver_mode {
+        kept.push(match m {
+            "disable" => "sslmode=disable",
+            "prefer" => "sslmode=prefer",
+            _ => "sslmode=require",
+        });
+    }
+    let plain = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    if !tls {
+        return Ok((plain, None));
+    }
+    let path = root.expect("checked above");
+    let pem = std::fs::read(&path).map_err(|e| invalid(format!("sslrootcert {path}: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for cert in rustls_pemfile_certs(&pem).map_err(|e| invalid(format!("sslrootcert {path}: {e}")))? {
+        roots.add(cert).map_err(|e| invalid(format!("sslrootcert {path}: {e}")))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(invalid(format!("sslrootcert {path} holds no PEM certificate")));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((plain, Some(config)))
+}
+
+/// The certificates of a PEM file.
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+}
+
+/// `%XX` escapes of a URL parameter decoded (a path may hold spaces or `&`).
+fn percent_decode(v: &str) -> String {
+    percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()
 }
 
 /// Applies the migrations this build knows and the database lacks, one transaction each, under a
@@ -1407,5 +1504,32 @@ async fn write_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tls_url_tests {
+    use super::tls_of;
+
+    #[test]
+    fn the_url_says_which_tls_and_the_driver_gets_what_it_knows() {
+        let plain = |u: &str| tls_of(u).map(|(url, tls)| (url, tls.is_some())).map_err(|e| e.to_string());
+        assert_eq!(plain("postgres://h/db"), Ok(("postgres://h/db".into(), false)));
+        assert_eq!(plain("postgres://h/db?sslmode=disable"), Ok(("postgres://h/db?sslmode=disable".into(), false)));
+        assert_eq!(
+            plain("postgres://h/db?application_name=x&sslmode=allow"),
+            Ok(("postgres://h/db?application_name=x&sslmode=prefer".into(), false))
+        );
+        let err = plain("postgres://u:secret@h/db?sslmode=verify-full").unwrap_err();
+        assert!(err.contains("needs sslrootcert") && !err.contains("secret"), "{err}");
+        let err = plain("postgres://h/db?sslmode=strict").unwrap_err();
+        assert!(err.contains("sslmode=strict is not one of"), "{err}");
+        let err = plain("postgres://h/db?sslmode=require&sslrootcert=/no%20such/ca.pem").unwrap_err();
+        assert!(err.contains("sslrootcert /no such/ca.pem"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = plain(&format!("postgres://h/db?sslrootcert={}", empty.display())).unwrap_err();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
     }
 }

@@ -26,6 +26,24 @@ pub const PG_BIN_ENV: &str = "SHELFSYNC_PG_BIN";
 /// password).
 pub const PG_USER: &str = "shelfsync";
 
+/// A role (created by [`tls_only_role`]) that `pg_hba.conf` lets in over TLS only: plain-text
+/// connections as it are rejected. Every server this module starts has TLS on (its own CA,
+/// [`PgServer::ca_file`]).
+pub const TLS_USER: &str = "tlsonly";
+
+/// Creates [`TLS_USER`] (a superuser, so that it can create a hub's tables) if it does not exist.
+pub async fn tls_only_role() {
+    let server = server().await;
+    let admin = connect(&server.url("postgres")).await;
+    let sql = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{TLS_USER}') THEN \
+         CREATE ROLE {TLS_USER} LOGIN SUPERUSER; END IF; END $$"
+    );
+    if let Err(e) = admin.batch_execute(&sql).await {
+        panic!("creating the role {TLS_USER}: {e:?}\nserver log (end):\n{}", server.log_tail());
+    }
+}
+
 /// How long `initdb` plus the server's start may take before a real connection works.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -80,8 +98,13 @@ child=
 if [ "$status" -ne 0 ]; then
   echo "$status" >"$dir/initdb.failed"
 else
+  # The TLS-only role: over TLS it gets in, in plain text it is turned away.
+  "$@" /bin/sh -c 'cp "$1/pg_hba.conf" "$1/pg_hba.orig" &&
+    { printf "%s\n" "hostssl all tlsonly 127.0.0.1/32 trust" "host all tlsonly 127.0.0.1/32 reject";
+      cat "$1/pg_hba.orig"; } >"$1/pg_hba.conf"' sh "$dir/data"
   "$@" "$bin/postgres" -D "$dir/data" -h 127.0.0.1 -p "$port" -k "$dir/sock" \
     $SHELFSYNC_PG_SPEED -c max_connections=300 \
+    -c ssl=on -c ssl_cert_file="$dir/tls/server.crt" -c ssl_key_file="$dir/tls/server.key" \
     >>"$dir/postgres.log" 2>&1 </dev/null &
   child=$!
 fi
@@ -132,6 +155,17 @@ impl PgServer {
     /// A URL for `database` as [`PG_USER`] (what the hub takes in `SHELFSYNC_HUB_DATABASE_URL`).
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{PG_USER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A URL for `database` as [`TLS_USER`], which the server lets in over TLS only, with no
+    /// TLS parameters (add `?sslmode=…&sslrootcert=…`).
+    pub fn tls_user_url(&self, database: &str) -> String {
+        format!("postgres://{TLS_USER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The CA certificate (PEM) that signed the server's certificate (for 127.0.0.1).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.pem")
     }
 
     /// The end of the server's log (its stderr), for error messages.
@@ -248,6 +282,7 @@ fn start_once(rt: &tokio::runtime::Runtime, bin: &Path, run_as: Option<&RunAs>) 
                 .map_err(|e| fail(format!("chown {} to {}: {e}", d.display(), r.name)))?;
         }
     }
+    write_tls(&dir.join("tls"), run_as).map_err(|e| fail(format!("writing the server's TLS files: {e}")))?;
     let port = free_port().map_err(|e| fail(format!("finding a free port on 127.0.0.1: {e}")))?;
 
     let mut cmd = Command::new("/bin/sh");
@@ -309,6 +344,39 @@ fn start_once(rt: &tokio::runtime::Runtime, bin: &Path, run_as: Option<&RunAs>) 
             ))
         }
     }
+}
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 it signed (`server.crt`, `server.key`), in
+/// `dir`, readable by the server only.
+fn write_tls(dir: &Path, run_as: Option<&RunAs>) -> Result<(), String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "shelfsync test PostgreSQL CA");
+    let ca = ca.self_signed(&ca_key).map_err(e)?;
+    let key = KeyPair::generate().map_err(e)?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .map_err(e)?
+        .signed_by(&key, &ca, &ca_key)
+        .map_err(e)?;
+    std::fs::create_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, body, mode) in
+        [("ca.pem", ca.pem(), 0o644), ("server.crt", cert.pem(), 0o644), ("server.key", key.serialize_pem(), 0o600)]
+    {
+        let path = dir.join(name);
+        std::fs::write(&path, body).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    for path in [dir.to_owned(), dir.join("ca.pem"), dir.join("server.crt"), dir.join("server.key")] {
+        if let Some(r) = run_as {
+            std::os::unix::fs::chown(&path, Some(r.uid), Some(r.gid))
+                .map_err(|e| format!("chown {} to {}: {e}", path.display(), r.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Why a start attempt failed.

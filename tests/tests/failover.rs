@@ -501,3 +501,75 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
     assert_eq!(finish(opened).snapshot(), cold.snapshot());
     set.shutdown().await;
 }
+
+/// A hub reaches PostgreSQL over TLS, verified against the CA the URL names (`sslrootcert`),
+/// and refuses what it cannot verify: a role the server lets in over TLS only is turned away in
+/// plain text, accepted over TLS, and the hub's sessions show as encrypted on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_reaches_postgres_over_verified_tls_only_when_asked_and_verifiable() {
+    use shelfsync_tests::pg;
+    use shelfsync_tests::procs::Proc;
+    pg::tls_only_role().await;
+    let plain_url = pg::fresh_database().await;
+    let server = pg::server().await;
+    let database = plain_url.rsplit('/').next().unwrap();
+    let base = server.tls_user_url(database);
+    let dir = tempfile::tempdir().unwrap();
+    let init = |name: &str, url: String| {
+        let data = dir.path().join(name);
+        async move {
+            let out = Proc::output_env(
+                "shelfsync-hub",
+                &["init", "--data-dir", data.to_str().unwrap(), "--database-url", &url],
+                &[],
+            )
+            .await;
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), data)
+        }
+    };
+
+    let (ok, err, _) = init("plain", base.clone()).await;
+    assert!(!ok && err.contains("no encryption"), "plain text is turned away by the server: {err}");
+    let (ok, err, _) = init("unverifiable", format!("{base}?sslmode=verify-full")).await;
+    assert!(!ok && err.contains("needs sslrootcert"), "{err}");
+    let other_ca = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let (ok, err, _) = init("wrong-ca", format!("{base}?sslmode=require&sslrootcert={}", other_ca.display())).await;
+    assert!(!ok && err.contains("certificate"), "a server the CA did not sign is refused: {err}");
+
+    let url = format!("{base}?sslmode=verify-full&sslrootcert={}", server.ca_file().display());
+    let (ok, err, data) = init("tls", url).await;
+    assert!(ok, "{err}");
+    let d = data.to_str().unwrap();
+    let token = Proc::run_ok("shelfsync-hub", &["token", "create", "--role", "admin", "--data-dir", d]).await;
+    let hub = Proc::start(
+        "shelfsync-hub",
+        &["serve", "--data-dir", d, "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
+    let body = json!({"id": "tls-1", "store": "store-0", "lines": [{"sku": "T-1", "qty": 3}]});
+    let client = reqwest::Client::new();
+    Proc::run_ok(
+        "shelfsync-hub",
+        &["store", "add", "store-0", "--out", dir.path().join("b").to_str().unwrap(), "--data-dir", d],
+    )
+    .await;
+    let r = client.post(format!("{}/v1/restocks", hub.url)).bearer_auth(token.trim()).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let admin = pg::connect(&plain_url).await;
+    let encrypted: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid
+             WHERE a.usename = $1 AND a.datname = current_database() AND s.ssl",
+            &[&pg::TLS_USER],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted > 0, "the hub's sessions are encrypted");
+    hub.kill9().await;
+}
