@@ -43,6 +43,26 @@ where
     }
 }
 
+/// [`wait_until`], where `check` says what it saw when it is not there yet (`Err`): a timeout
+/// names the last of it.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let seen = match check().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for {what}; last seen: {seen}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A running child process that announced `... listening on <url>` on stdout.
 pub struct Proc {
     child: Child,

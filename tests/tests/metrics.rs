@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use shelfsync_tests::cluster::Cluster;
-use shelfsync_tests::procs::wait_until;
+use shelfsync_tests::procs::{wait_for, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -97,15 +97,17 @@ async fn hub_and_agent_metrics_after_activity() {
     assert_eq!(s, 404);
 
     // Wait until the agent acked the restock and the hub acked its sales (gauges settle).
-    let text = wait_until("the hub's view of the store to settle", DEADLINE, || async {
+    let text = wait_for("the hub's view of the store to settle", DEADLINE, || async {
         let t = hub_metrics(&c).await;
         let expired = series(&t, r#"shelfsync_hub_reservations_total{action="expire",outcome="ok"}"#);
         // The unknown_sku conflict comes with the journal, which syncs after the counters.
         let unknown = series(&t, r#"shelfsync_hub_conflicts_open{kind="unknown_sku"}"#);
-        (series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#) == Some(0.0)
-            && expired == Some(1.0)
-            && unknown == Some(1.0))
-        .then_some(t)
+        let unacked = series(&t, r#"shelfsync_hub_store_unacked_entries{store="store-0"}"#);
+        if unacked == Some(0.0) && expired == Some(1.0) && unknown == Some(1.0) {
+            return Ok(t);
+        }
+        let agent = c.agent_status(0).await;
+        Err(format!("unacked {unacked:?}, expired {expired:?}, unknown_sku {unknown:?}; the agent's status: {agent}"))
     })
     .await;
     assert_eq!(must(&text, r#"shelfsync_hub_store_connected{store="store-0"}"#), 1.0);
