@@ -371,19 +371,34 @@ impl PgStorage {
         let (records, loader) = match load {
             crate::db::Load::Nothing => (Vec::new(), None),
             crate::db::Load::All { feed_retain } => (load_records(&admin, feed_retain).await?, None),
-            crate::db::Load::Warm(mut warm) => match catch_up(&admin, &mut warm).await? {
+            crate::db::Load::Warm(mut warm) => {
+                let feed_retain = warm.feed_retain;
+                let caught_up = catch_up(&admin, &mut warm).await?;
                 // The records since the standby's last read, then the stores' rows: the admin
                 // writes some of their columns directly.
-                true => {
-                    let mut tail = std::mem::take(&mut warm.pending);
-                    tail.extend(load_stores(&admin).await?);
-                    (tail, Some(warm.loader))
-                }
-                false => {
+                let warm = if caught_up {
+                    tracing::info!(tail = warm.pending.len(), "the warm decider read the commits since its last look");
+                    warm.pending.extend(load_stores(&admin).await?);
+                    Some(warm.settle().await?)
+                } else {
                     tracing::warn!("the standby fell behind the record log; loading every record");
-                    (load_records(&admin, warm.feed_retain).await?, None)
+                    None
+                };
+                match warm {
+                    Some(w) if w.loader.heads() == stored_heads(&admin).await? => (Vec::new(), Some(w.loader)),
+                    Some(w) => {
+                        let stored = stored_heads(&admin).await?;
+                        tracing::warn!(
+                            warm = ?w.loader.heads(),
+                            ?stored,
+                            "the warm decider's heads (feed, counters, ids) differ from the database's \
+                             (a hub that does not write the record log?); loading every record"
+                        );
+                        (load_records(&admin, feed_retain).await?, None)
+                    }
+                    None => (load_records(&admin, feed_retain).await?, None),
                 }
-            },
+            }
         };
         let peers = if want_peers { load_peers(&admin).await? } else { Vec::new() };
         let head = journal_head(&admin).await?;
@@ -914,6 +929,20 @@ fn journal_event(r: &Row) -> StorageResult<JournalEvent> {
 async fn journal_head(c: &impl tokio_postgres::GenericClient) -> StorageResult<u64> {
     let v: Option<i64> = c.query_one("SELECT MAX(seq) FROM journal", &[]).await?.get(0);
     Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
+}
+
+/// The heads the database holds, as [`shelfsync_hub_core::Loader::heads`] reads them: (feed
+/// cursor, counter sequence, ids minted).
+async fn stored_heads(c: &Client) -> StorageResult<(u64, u64, u64)> {
+    let r = c
+        .query_one(
+            "SELECT (SELECT COALESCE(MAX(cursor), 0) FROM feed), (SELECT COALESCE(MAX(seq), 0) FROM counters)",
+            &[],
+        )
+        .await?;
+    let ids = meta_get(c, "id_counter").await?.map(|v| v.parse::<u64>()).transpose();
+    let ids = ids.map_err(|e| StorageError::Corrupt(format!("meta.id_counter: {e}")))?.unwrap_or(0);
+    Ok((unsigned(&r, 0)?, unsigned(&r, 1)?, ids))
 }
 
 /// The stores' rows as records.

@@ -39,7 +39,7 @@ impl Warm {
     }
 
     /// Loads what was read (CPU work: off the runtime's threads).
-    async fn settle(mut self) -> StorageResult<Warm> {
+    pub(crate) async fn settle(mut self) -> StorageResult<Warm> {
         if self.pending.is_empty() {
             return Ok(self);
         }

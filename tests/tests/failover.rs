@@ -426,8 +426,9 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
     let opts = EngineOptions::default();
     let following = Follower::start(set.database_url.clone(), opts);
     let fell_behind = Follower::start(set.database_url.clone(), opts);
-    wait_until("both standbys warm", DEADLINE, || async {
-        (following.cursor().is_some() && fell_behind.cursor().is_some()).then_some(())
+    let misled = Follower::start(set.database_url.clone(), opts);
+    wait_until("the standbys warm", DEADLINE, || async {
+        (following.cursor().is_some() && fell_behind.cursor().is_some() && misled.cursor().is_some()).then_some(())
     })
     .await;
 
@@ -475,9 +476,12 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
     // Stop the hub (nothing more is committed), let the first standby catch up, then compare.
     set.hubs[0].take().unwrap().kill9().await;
     let head = set.sql_i64("SELECT COALESCE(MAX(seq), 0) FROM record_log").await;
-    wait_until("the standby at the log's end", DEADLINE, || async { (following.cursor() >= Some(head)).then_some(()) })
-        .await;
+    wait_until("the standbys at the log's end", DEADLINE, || async {
+        (following.cursor() >= Some(head) && misled.cursor() >= Some(head)).then_some(())
+    })
+    .await;
     let warm = following.stop().await.expect("the standby was warm");
+    let misled = misled.stop().await.expect("the third standby was warm");
     assert!(warm.records() > 0);
     let target = Target::Postgres(set.database_url.clone());
     let sql = shelfsync_hub::sqlite::SqliteOptions::default();
@@ -498,6 +502,18 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
     set.sql_i64("UPDATE record_log_floor SET floor = (SELECT MAX(seq) FROM record_log) RETURNING floor").await;
     let opened = HubDb::open_fenced(&target, sql, Load::Warm(stop_early), None).await.unwrap();
     assert!(opened.loader.is_none(), "fell behind: loaded cold");
+    assert_eq!(finish(opened).snapshot(), cold.snapshot());
+
+    // A commit that did not go through the record log (a hub of an older version, say): the
+    // warm decider's heads differ from the database's, so it is not trusted.
+    set.sql_i64(
+        "INSERT INTO feed (cursor, kind, at_ms, body)
+         SELECT cursor + 1, kind, at_ms, body FROM feed ORDER BY cursor DESC LIMIT 1 RETURNING cursor",
+    )
+    .await;
+    let cold = finish(HubDb::open_fenced(&target, sql, Some(opts.feed_retain), None).await.unwrap());
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(misled), None).await.unwrap();
+    assert!(opened.loader.is_none(), "a warm decider that missed a commit is not used");
     assert_eq!(finish(opened).snapshot(), cold.snapshot());
     set.shutdown().await;
 }

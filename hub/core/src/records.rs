@@ -400,6 +400,13 @@ impl Loader {
         self.records
     }
 
+    /// The heads the records loaded so far reached: (feed cursor, counter sequence, ids minted).
+    /// Storage holds the same heads when nothing it committed was missed, a cheap check of a
+    /// decider loaded over time.
+    pub fn heads(&self) -> (u64, u64, u64) {
+        (self.d.t.feed_head, self.d.t.counter_seq, self.d.t.id_counter)
+    }
+
     /// The decider, its indexes rebuilt.
     pub fn finish(self) -> Decider {
         let mut d = self.d;
