@@ -70,6 +70,11 @@ fn promtool_check(what: &str, text: &str) {
 async fn hub_and_agent_metrics_after_activity() {
     let mut c = Cluster::start(1).await;
     c.restock(0, "A", 50).await;
+    // The store has no catalog, so "unknown" means "never seen here": once the restock is there,
+    // "A" is known. (Selling before it arrived would flag "A" or not, by a race.) A count of a
+    // SKU the store never saw opens the one unknown_sku conflict, without negative stock.
+    c.settled(0, "A", 50, DEADLINE).await;
+    assert_eq!(c.count(0, "U", 1).await, 201);
     for _ in 0..3 {
         assert_eq!(c.sell(0, "A", 2).await, 201);
     }
@@ -123,7 +128,8 @@ async fn hub_and_agent_metrics_after_activity() {
     for kind in ["oversell", "negative_stock", "duplicate_agent", "writer_cloned"] {
         assert_eq!(must(&text, &format!(r#"shelfsync_hub_conflicts_open{{kind="{kind}"}}"#)), 0.0);
     }
-    // "A" is not in the catalog: the store's sales of it opened one unknown_sku conflict.
+    // "U" was never seen at the store (and there is no catalog): its count opened one unknown_sku
+    // conflict; "A", restocked before it was sold, opened none.
     assert_eq!(must(&text, r#"shelfsync_hub_conflicts_open{kind="unknown_sku"}"#), 1.0);
     assert!(must(&text, "shelfsync_hub_feed_head") >= 1.0);
     assert_eq!(must(&text, "shelfsync_hub_hub_changes_total"), 1.0);
