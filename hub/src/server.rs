@@ -261,6 +261,8 @@ struct Front {
     owners: Arc<tokio_postgres::Client>,
     client: reqwest::Client,
     max_body_bytes: usize,
+    /// How far this hub's warm decider is while it stands by.
+    warm: tokio::sync::watch::Receiver<crate::standby::Progress>,
 }
 
 /// Marks a request forwarded by a standby (a hub that is not active answers it 503 instead of
@@ -292,7 +294,9 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     );
     let owners = crate::postgres::connect(&url).await?;
     let active: ActiveSlot = Arc::default();
+    let (warm_tx, warm) = tokio::sync::watch::channel(None);
     let front = Front {
+        warm,
         me: coord.hub_id.clone(),
         lease,
         active: active.clone(),
@@ -339,7 +343,8 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         None => {
             let (coord, fence, more_tasks) = (coord.clone(), fence.clone(), tasks.clone());
             // A standby keeps a decider loaded (warm), so a takeover reads only the last moments.
-            let follower = crate::standby::Follower::start(url.to_owned(), storage_options(&config).1);
+            let follower =
+                crate::standby::Follower::start_reporting(url.to_owned(), storage_options(&config).1, warm_tx);
             tasks.lock().expect("tasks lock").push(tokio::spawn(async move {
                 let epoch = crate::cluster::acquire(&coord, &fence).await;
                 more_tasks.lock().expect("tasks lock").push(tokio::spawn(crate::cluster::hold(coord, epoch)));
@@ -397,8 +402,21 @@ async fn front_door(
     let local = |front: &Front| front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
     // Each hub answers its own liveness (a load balancer checks every hub), with its role.
     if req.method() == axum::http::Method::GET && req.uri().path() == "/healthz" {
-        let role = if local(&front).is_some() { "active" } else { "standby" };
-        return axum::Json(serde_json::json!({ "status": "ok", "role": role, "hub": front.me })).into_response();
+        let body = match local(&front) {
+            Some(_) => serde_json::json!({ "status": "ok", "role": "active", "hub": front.me }),
+            // Whether a takeover would read only the last moments (warm) or every record.
+            None => {
+                let warm = *front.warm.borrow();
+                serde_json::json!({
+                    "status": "ok",
+                    "role": "standby",
+                    "hub": front.me,
+                    "warm": warm.is_some(),
+                    "warm_records": warm.map_or(0, |(_, records)| records),
+                })
+            }
+        };
+        return axum::Json(body).into_response();
     }
     if let Some(mut app) = local(&front) {
         return match tower_service::Service::call(&mut app, req).await {

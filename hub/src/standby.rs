@@ -53,24 +53,33 @@ impl Warm {
     }
 }
 
+/// How far a standby's decider is: the last record-log row loaded and the records loaded (None:
+/// not loaded, or dropped to load again).
+pub type Progress = Option<(i64, usize)>;
+
 /// The task that keeps a [`Warm`] decider up to date.
 pub struct Follower {
     stop: watch::Sender<bool>,
-    cursor: watch::Receiver<Option<i64>>,
+    progress: watch::Receiver<Progress>,
     task: JoinHandle<Option<Warm>>,
 }
 
 impl Follower {
     /// Starts following the database at `url`.
     pub fn start(url: String, opts: EngineOptions) -> Follower {
+        Self::start_reporting(url, opts, watch::channel(None).0)
+    }
+
+    /// [`Follower::start`], publishing its progress on `progress` too (a hub's `/healthz`).
+    pub fn start_reporting(url: String, opts: EngineOptions, progress: watch::Sender<Progress>) -> Follower {
         let (stop, stopped) = watch::channel(false);
-        let (cursor_tx, cursor) = watch::channel(None);
-        Follower { stop, cursor, task: tokio::spawn(follow(url, opts, stopped, cursor_tx)) }
+        let rx = progress.subscribe();
+        Follower { stop, progress: rx, task: tokio::spawn(follow(url, opts, stopped, progress)) }
     }
 
     /// The last record-log row loaded (None: not loaded yet).
     pub fn cursor(&self) -> Option<i64> {
-        *self.cursor.borrow()
+        self.progress.borrow().map(|(cursor, _)| cursor)
     }
 
     /// Stops following and hands over the decider (None: it never loaded, or could not).
@@ -84,7 +93,7 @@ async fn follow(
     url: String,
     opts: EngineOptions,
     mut stopped: watch::Receiver<bool>,
-    cursor: watch::Sender<Option<i64>>,
+    progress: watch::Sender<Progress>,
 ) -> Option<Warm> {
     let mut client = None;
     let mut warm: Option<Warm> = None;
@@ -127,7 +136,7 @@ async fn follow(
         };
         match step.await {
             Ok(w) => {
-                let _ = cursor.send(w.as_ref().map(|w| w.cursor));
+                progress.send_replace(w.as_ref().map(|w| (w.cursor, w.records())));
                 warm = w;
             }
             Err(e) => {

@@ -321,6 +321,13 @@ async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
         let (s, v) = set.call(i, Method::GET, "/healthz", "", None).await.unwrap();
         assert_eq!((s, v["status"].clone(), v["role"].clone()), (200, json!("ok"), json!(role)), "{v}");
     }
+    // The standby says whether it is warm: its decider follows the active hub's commits.
+    let decided = feed["items"].as_array().unwrap().len() as u64;
+    wait_until("the standby warm with what was decided", DEADLINE, || async {
+        let (_, v) = set.call(standby, Method::GET, "/healthz", "", None).await.unwrap();
+        (v["warm"] == json!(true) && v["warm_records"].as_u64().unwrap_or(0) >= decided).then_some(())
+    })
+    .await;
 
     // Head office sees who decides: `status` lists both hubs, the active one marked, and the
     // active hub's metrics carry its lease epoch.
