@@ -183,6 +183,10 @@ pub struct StorageSection {
     pub lease_ms: u64,
     /// How often the lease is renewed, and a standby tries to take it (ms).
     pub lease_renew_ms: u64,
+    /// Several hubs on PostgreSQL: a standby keeps a decider loaded and follows the active hub's
+    /// commits, so a takeover reads only the last moments (it costs a standby the active hub's
+    /// memory). Off: a takeover loads every record.
+    pub warm_standby: bool,
     /// `full` or `normal` (SQLite).
     pub synchronous: Synchronous,
     /// Most writes per group commit.
@@ -259,6 +263,7 @@ impl Default for StorageSection {
             url: None,
             lease_ms: 3000,
             lease_renew_ms: 500,
+            warm_standby: true,
             synchronous: Synchronous::Full,
             group_commit_max: 512,
             readers: 2,

@@ -343,12 +343,16 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         None => {
             let (coord, fence, more_tasks) = (coord.clone(), fence.clone(), tasks.clone());
             // A standby keeps a decider loaded (warm), so a takeover reads only the last moments.
-            let follower =
-                crate::standby::Follower::start_reporting(url.to_owned(), storage_options(&config).1, warm_tx);
+            let follower = config.storage.warm_standby.then(|| {
+                crate::standby::Follower::start_reporting(url.to_owned(), storage_options(&config).1, warm_tx)
+            });
             tasks.lock().expect("tasks lock").push(tokio::spawn(async move {
                 let epoch = crate::cluster::acquire(&coord, &fence).await;
                 more_tasks.lock().expect("tasks lock").push(tokio::spawn(crate::cluster::hold(coord, epoch)));
-                let warm = follower.stop().await;
+                let warm = match follower {
+                    Some(f) => f.stop().await,
+                    None => None,
+                };
                 if let Err(e) = takeover(epoch, warm).await {
                     shelfsync_node::fatal::stop(&format!("taking over as the active hub failed: {e}"));
                 }

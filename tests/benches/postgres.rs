@@ -157,7 +157,33 @@ async fn main() -> anyhow::Result<()> {
         println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
     }
 
-    // 3. Failover: kill -9 the active hub, then reserve through a survivor until it answers 201.
+    // 3. Failover: kill -9 the active hub, then reserve through a survivor until it answers 201;
+    // with warm standbys (the default), then with cold ones (every hub restarted without).
+    let records = set.sql_i64("SELECT (SELECT COUNT(*) FROM decisions) + (SELECT COUNT(*) FROM feed)").await;
+    for warm in [true, false] {
+        if !warm {
+            set.hub_env.push(("SHELFSYNC_HUB__STORAGE__WARM_STANDBY".into(), "false".into()));
+            for i in 0..3 {
+                if let Some(h) = set.hubs[i].take() {
+                    h.kill9().await;
+                }
+                set.start_hub(i).await;
+            }
+            // One of them takes the lease once the old one expires, and loads every record.
+            let until = Instant::now() + Duration::from_secs(60);
+            while let Err(e) = restock(&set, &["F".to_owned()], 1).await {
+                anyhow::ensure!(Instant::now() < until, "no hub took over after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        failover(&mut set, warm, records).await?;
+    }
+    set.shutdown().await;
+    Ok(())
+}
+
+/// Three `kill -9`s of the active hub, each timed to the first reservation a survivor answers 201.
+async fn failover(set: &mut HubSet, warm: bool, records: i64) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for _ in 0..3 {
         restock(&set, &["F".to_owned()], 1000).await?;
@@ -179,13 +205,13 @@ async fn main() -> anyhow::Result<()> {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "failover (kill -9 of the active hub → first reservation answered 201 through a survivor): median {:.2} s, \
-         runs {:?} s (lease {} s, renewed every {} ms)",
+        "failover, {} standbys (kill -9 of the active hub → first reservation answered 201 through a survivor, \
+         {records} decisions and feed events stored): median {:.2} s, runs {:?} s (lease {} s, renewed every {} ms)",
+        if warm { "warm" } else { "cold" },
         times[1],
         times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
         shelfsync_hub::cluster::LEASE.as_secs(),
         shelfsync_hub::cluster::TICK.as_millis()
     );
-    set.shutdown().await;
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct HubSet {
     pub stores: Vec<String>,
     /// Agents by store index.
     pub agents: Vec<Option<Proc>>,
+    /// More environment for the hubs started from now on (configuration overrides).
+    pub hub_env: Vec<(String, String)>,
     client: reqwest::Client,
     db: tokio_postgres::Client,
 }
@@ -71,6 +73,7 @@ impl HubSet {
             storefront,
             stores: (0..n_stores).map(|i| format!("store-{i}")).collect(),
             agents: (0..n_stores).map(|_| None).collect(),
+            hub_env: Vec::new(),
             client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
             db,
         };
@@ -134,6 +137,7 @@ impl HubSet {
             &[("SHELFSYNC_HUB__SYNC__REVOCATION_CHECK_SECS", "1")]
                 .into_iter()
                 .chain(RAISED_HUB_LIMITS.iter().copied())
+                .chain(self.hub_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .collect::<Vec<_>>(),
         )
         .await;
