@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
 async fn failover(set: &mut HubSet, warm: bool, records: i64) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for _ in 0..3 {
-        restock(&set, &["F".to_owned()], 1000).await?;
+        restock(set, &["F".to_owned()], 1000).await?;
         let active = set.active().await;
         let survivor = (active + 1) % 3;
         set.hubs[active].take().expect("active hub running").kill9().await;
