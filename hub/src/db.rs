@@ -157,9 +157,9 @@ impl Committer {
 pub struct Opened {
     /// The database.
     pub storage: HubDb,
-    /// The decider's rows as records (after a warm standby's: the records it had not read yet).
+    /// The decider's rows as records (none when `loader` holds them already).
     pub records: Vec<Record>,
-    /// A warm standby's decider, loaded up to `records`.
+    /// A warm standby's decider, brought up to date with the database.
     pub loader: Option<shelfsync_hub_core::Loader>,
     /// Per agent writer: (store, writer, journal applied, lineage).
     pub peers: Vec<(StoreId, WriterId, u64, HubLineage)>,
@@ -177,9 +177,9 @@ pub enum Load {
         /// Feed events kept in memory.
         feed_retain: usize,
     },
-    /// The records a warm standby has not read yet (PostgreSQL; on SQLite, as `All`). If it fell
-    /// too far behind, every record.
-    Warm(crate::standby::Warm),
+    /// A warm standby's decider, brought up to date with what it has not read yet (PostgreSQL;
+    /// on SQLite, as `All`). If it fell too far behind, or missed a commit, every record.
+    Warm(Box<crate::standby::Warm>),
 }
 
 impl From<Option<usize>> for Load {
@@ -242,9 +242,8 @@ impl HubDb {
                 let path = path.clone();
                 let load = match load {
                     Load::Nothing => None,
-                    Load::All { feed_retain } | Load::Warm(crate::standby::Warm { feed_retain, .. }) => {
-                        Some(feed_retain)
-                    }
+                    Load::All { feed_retain } => Some(feed_retain),
+                    Load::Warm(w) => Some(w.feed_retain),
                 };
                 tokio::task::spawn_blocking(move || SqliteStorage::open_with(&path, opts, load))
                     .await

@@ -200,7 +200,7 @@ impl Engine {
     ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
         let load = match warm {
-            Some(w) => crate::db::Load::Warm(w),
+            Some(w) => crate::db::Load::Warm(Box::new(w)),
             None => crate::db::Load::All { feed_retain: opts.feed_retain },
         };
         let opened = HubDb::open_fenced(target, sql, load, fence).await?;

@@ -371,31 +371,10 @@ impl PgStorage {
         let (records, loader) = match load {
             crate::db::Load::Nothing => (Vec::new(), None),
             crate::db::Load::All { feed_retain } => (load_records(&admin, feed_retain).await?, None),
-            crate::db::Load::Warm(mut warm) => {
+            crate::db::Load::Warm(warm) => {
                 let feed_retain = warm.feed_retain;
-                let caught_up = catch_up(&admin, &mut warm).await?;
-                // The records since the standby's last read, then the stores' rows: the admin
-                // writes some of their columns directly.
-                let warm = if caught_up {
-                    tracing::info!(tail = warm.pending.len(), "the warm decider read the commits since its last look");
-                    warm.pending.extend(load_stores(&admin).await?);
-                    Some(warm.settle().await?)
-                } else {
-                    tracing::warn!("the standby fell behind the record log; loading every record");
-                    None
-                };
-                match warm {
-                    Some(w) if w.loader.heads() == stored_heads(&admin).await? => (Vec::new(), Some(w.loader)),
-                    Some(w) => {
-                        let stored = stored_heads(&admin).await?;
-                        tracing::warn!(
-                            warm = ?w.loader.heads(),
-                            ?stored,
-                            "the warm decider's heads (feed, counters, ids) differ from the database's \
-                             (a hub that does not write the record log?); loading every record"
-                        );
-                        (load_records(&admin, feed_retain).await?, None)
-                    }
+                match warm_takeover(&admin, *warm).await? {
+                    Some(loader) => (Vec::new(), Some(loader)),
                     None => (load_records(&admin, feed_retain).await?, None),
                 }
             }
@@ -974,6 +953,34 @@ pub(crate) async fn warm_snapshot(c: &Client, feed_retain: usize) -> StorageResu
     .await;
     c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
     read
+}
+
+/// A warm standby's decider brought up to date at takeover: the records since its last read,
+/// then the stores' rows (the admin writes some of their columns directly). None (with a WARN)
+/// when it fell behind the trimmed log, or when its heads differ from the database's (a commit
+/// that never reached the log, e.g. of a hub of an older version): then every record is loaded.
+async fn warm_takeover(
+    c: &Client,
+    mut warm: crate::standby::Warm,
+) -> StorageResult<Option<shelfsync_hub_core::Loader>> {
+    if !catch_up(c, &mut warm).await? {
+        tracing::warn!("the standby fell behind the record log; loading every record");
+        return Ok(None);
+    }
+    tracing::info!(tail = warm.pending.len(), "the warm decider read the commits since its last look");
+    warm.pending.extend(load_stores(c).await?);
+    let warm = warm.settle().await?;
+    let stored = stored_heads(c).await?;
+    if warm.loader.heads() != stored {
+        tracing::warn!(
+            warm = ?warm.loader.heads(),
+            ?stored,
+            "the warm decider's heads (feed, counters, ids) differ from the database's \
+             (a hub that does not write the record log?); loading every record"
+        );
+        return Ok(None);
+    }
+    Ok(Some(warm.loader))
 }
 
 /// Reads the record log after `warm.cursor` into `warm.pending`, up to its end. False if the log

@@ -97,7 +97,6 @@ async fn follow(
 ) -> Option<Warm> {
     let mut client = None;
     let mut warm: Option<Warm> = None;
-    let mut behind = false;
     loop {
         if *stopped.borrow() {
             return warm;
@@ -123,7 +122,7 @@ async fn follow(
                 Some(mut w) => match crate::postgres::catch_up(c, &mut w).await {
                     Ok(true) => Ok(Some(w.settle().await?)),
                     Ok(false) => {
-                        behind = true;
+                        tracing::warn!("the warm standby fell behind the record log; loading every record again");
                         Ok(None)
                     }
                     Err(e) => {
@@ -143,9 +142,6 @@ async fn follow(
                 tracing::warn!(error = %e, "the warm standby cannot read the database; trying again");
                 client = None;
             }
-        }
-        if std::mem::take(&mut behind) {
-            tracing::warn!("the warm standby fell behind the record log; loading every record again");
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}

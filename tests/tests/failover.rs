@@ -498,7 +498,7 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
         l.load(opened.records).unwrap();
         l.finish()
     };
-    let opened = HubDb::open_fenced(&target, sql, Load::Warm(warm), None).await.unwrap();
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(Box::new(warm)), None).await.unwrap();
     assert!(opened.loader.is_some(), "taken over warm");
     let warm = finish(opened);
     let cold = finish(HubDb::open_fenced(&target, sql, Some(opts.feed_retain), None).await.unwrap());
@@ -507,7 +507,7 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
 
     // The log trimmed past where the other standby stopped: it loads the tables.
     set.sql_i64("UPDATE record_log_floor SET floor = (SELECT MAX(seq) FROM record_log) RETURNING floor").await;
-    let opened = HubDb::open_fenced(&target, sql, Load::Warm(stop_early), None).await.unwrap();
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(Box::new(stop_early)), None).await.unwrap();
     assert!(opened.loader.is_none(), "fell behind: loaded cold");
     assert_eq!(finish(opened).snapshot(), cold.snapshot());
 
@@ -519,7 +519,7 @@ async fn a_warm_standby_rebuilds_the_decider_a_cold_start_loads() {
     )
     .await;
     let cold = finish(HubDb::open_fenced(&target, sql, Some(opts.feed_retain), None).await.unwrap());
-    let opened = HubDb::open_fenced(&target, sql, Load::Warm(misled), None).await.unwrap();
+    let opened = HubDb::open_fenced(&target, sql, Load::Warm(Box::new(misled)), None).await.unwrap();
     assert!(opened.loader.is_none(), "a warm decider that missed a commit is not used");
     assert_eq!(finish(opened).snapshot(), cold.snapshot());
     set.shutdown().await;
