@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use shelfsync_hub_core::Partitions;
 use shelfsync_node::backup::{self, BackupFile};
 use shelfsync_node::bundle::Bundle;
 use shelfsync_shared::StoreId;
@@ -49,19 +50,25 @@ async fn open(data_dir: &Path) -> Result<Arc<HubDb>, AdminError> {
 
 /// Creates the hub database (the embedded one in the data dir) and its private CA.
 pub async fn init(data_dir: &Path) -> Result<String, AdminError> {
-    init_with(data_dir, None).await
+    init_with(data_dir, None, Partitions::ONE).await
 }
 
 /// Creates the data dir with its private CA, and the hub database: in PostgreSQL at
 /// `database_url` (which the data dir then remembers, [`crate::db::URL_FILE`]), else the
 /// embedded one.
-pub async fn init_with(data_dir: &Path, database_url: Option<&str>) -> Result<String, AdminError> {
+pub async fn init_with(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    partitions: Partitions,
+) -> Result<String, AdminError> {
     let target = Target::for_data_dir(data_dir, database_url)?;
+    // Refused before anything is made.
+    target.check_partitions(partitions)?;
     let had_dir = data_dir.exists();
     shelfsync_node::dbfile::create_private_dir(data_dir)
         .map_err(|e| StorageError::Backend(format!("{}: {e}", data_dir.display())))?;
     Pki::init(&pki_dir(data_dir)).map_err(|e| AdminError::Pki(e.to_string()))?;
-    let writer = match HubDb::create(&target).await {
+    let writer = match HubDb::create(&target, partitions).await {
         Ok(w) => w,
         Err(e) => {
             // Nothing half-made stays behind: the CA just made (Pki::init refuses an existing

@@ -296,12 +296,28 @@ pub async fn hold(coord: Arc<Coordinator>, epoch: i64) {
 /// The hubs sharing a database and the lease, for `status`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ClusterView {
-    /// The lease's epoch (the number of takeovers so far).
+    /// Partition 0's lease's epoch (the number of takeovers so far).
     pub epoch: i64,
-    /// Seconds until the lease expires (negative: expired), by the database's clock.
+    /// Seconds until partition 0's lease expires (negative: expired), by the database's clock.
     pub lease_expires_in_secs: f64,
+    /// Every partition's lease, in order (one unless the database was made with
+    /// `init --partitions`).
+    pub leases: Vec<LeaseView>,
     /// Every hub the database knows, the active one first.
     pub hubs: Vec<HubView>,
+}
+
+/// One partition's lease.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LeaseView {
+    /// The partition.
+    pub partition: i32,
+    /// The hub that holds (or last held) it.
+    pub owner: Option<String>,
+    /// The number of takeovers so far.
+    pub epoch: i64,
+    /// Seconds until it expires (negative: expired), by the database's clock.
+    pub expires_in_secs: f64,
 }
 
 /// One hub as the database knows it.
@@ -321,13 +337,19 @@ pub struct HubView {
 
 /// Reads the hubs and the lease.
 pub async fn view(c: &Client) -> StorageResult<ClusterView> {
-    let lease = c
-        .query_one(
-            "SELECT owner, epoch, EXTRACT(EPOCH FROM (expires_at - now()))::float8 FROM leases WHERE partition = $1",
-            &[&PARTITION],
+    let leases: Vec<LeaseView> = c
+        .query(
+            "SELECT partition, owner, epoch, EXTRACT(EPOCH FROM (expires_at - now()))::float8 FROM leases ORDER BY partition",
+            &[],
         )
-        .await?;
-    let (owner, epoch, left): (Option<String>, i64, f64) = (lease.get(0), lease.get(1), lease.get(2));
+        .await?
+        .iter()
+        .map(|r| LeaseView { partition: r.get(0), owner: r.get(1), epoch: r.get(2), expires_in_secs: r.get(3) })
+        .collect();
+    let Some(first) = leases.iter().find(|l| l.partition == PARTITION) else {
+        return Err(crate::storage::StorageError::Corrupt("the leases table has no row for partition 0".into()));
+    };
+    let (owner, epoch, left) = (first.owner.clone(), first.epoch, first.expires_in_secs);
     let mut hubs: Vec<HubView> = c
         .query(
             "SELECT id, http_addr, quic_addr, EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8 FROM hubs ORDER BY started_at",
@@ -347,5 +369,5 @@ pub async fn view(c: &Client) -> StorageResult<ClusterView> {
         })
         .collect();
     hubs.sort_by_key(|h| !h.active);
-    Ok(ClusterView { epoch, lease_expires_in_secs: left, hubs })
+    Ok(ClusterView { epoch, lease_expires_in_secs: left, leases, hubs })
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shelfsync_hub_core::Record;
+use shelfsync_hub_core::{Partitions, Record};
 use shelfsync_shared::lineage::HubLineage;
 use shelfsync_shared::mac::MacKey;
 use shelfsync_shared::sync::JournalRead;
@@ -60,6 +60,17 @@ impl Target {
                  for the embedded SQLite database",
                 redact(u)
             ))),
+        }
+    }
+
+    /// Whether a database here may have `partitions` (several need PostgreSQL).
+    pub fn check_partitions(&self, partitions: Partitions) -> StorageResult<()> {
+        match self {
+            Target::Sqlite(_) if partitions != Partitions::ONE => Err(StorageError::Invalid(format!(
+                "{} partitions need PostgreSQL storage (--database-url): one SQLite hub decides for the whole chain",
+                partitions.count()
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -210,7 +221,10 @@ macro_rules! both {
 
 impl HubDb {
     /// Creates a new hub database (refuses to overwrite one); returns the hub's first writer.
-    pub async fn create(target: &Target) -> StorageResult<WriterId> {
+    /// `partitions`: how many partitions the chain's SKUs are split into (PostgreSQL only; one
+    /// SQLite hub decides for the whole chain).
+    pub async fn create(target: &Target, partitions: Partitions) -> StorageResult<WriterId> {
+        target.check_partitions(partitions)?;
         match target {
             Target::Sqlite(path) => {
                 let path = path.clone();
@@ -218,7 +232,7 @@ impl HubDb {
                     .await
                     .map_err(|e| StorageError::Backend(e.to_string()))?
             }
-            Target::Postgres(url) => PgStorage::create(url).await,
+            Target::Postgres(url) => PgStorage::create(url, partitions).await,
         }
     }
 

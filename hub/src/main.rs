@@ -29,6 +29,10 @@ enum Cmd {
         /// of the embedded SQLite file; the data dir remembers it (its `database-url` file).
         #[arg(long, value_name = "URL", env = "SHELFSYNC_HUB_DATABASE_URL")]
         database_url: Option<String>,
+        /// Split the chain's SKUs into this many partitions, each decided by one hub at a time
+        /// (PostgreSQL only; fixed for the database's life).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        partitions: u16,
     },
     /// Manage stores.
     Store {
@@ -289,9 +293,11 @@ fn data_dir(dir: &DataDirArgs) -> anyhow::Result<PathBuf> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { dir, database_url } => {
+        Cmd::Init { dir, database_url, partitions } => {
             let data_dir = data_dir(&dir)?;
-            let writer = admin::init_with(&data_dir, database_url.as_deref()).await?;
+            let partitions =
+                shelfsync_hub_core::Partitions::new(partitions).map_err(|m| anyhow::anyhow!("--partitions: {m}"))?;
+            let writer = admin::init_with(&data_dir, database_url.as_deref(), partitions).await?;
             let target = shelfsync_hub::db::Target::for_data_dir(&data_dir, None)?;
             println!("initialised hub {writer} in {} ({})", data_dir.display(), target.describe());
         }
@@ -537,6 +543,20 @@ async fn status(
                 format!("expired {:.1} s ago: no hub decides", -c.lease_expires_in_secs)
             }
         );
+        if c.leases.len() > 1 {
+            for l in &c.leases {
+                println!(
+                    "partition {:<4} epoch {}, {}",
+                    l.partition,
+                    l.epoch,
+                    match (&l.owner, l.expires_in_secs > 0.0) {
+                        (Some(o), true) => format!("held by {o}, expires in {:.1} s", l.expires_in_secs),
+                        (Some(o), false) => format!("expired {:.1} s ago (last held by {o})", -l.expires_in_secs),
+                        (None, _) => "never held".to_owned(),
+                    }
+                );
+            }
+        }
         for h in &c.hubs {
             println!(
                 "hub            {} http {} quic {}  heard {:.1} s ago{}",

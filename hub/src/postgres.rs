@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::future::try_join_all;
-use shelfsync_hub_core::{Record, Refusal};
+use shelfsync_hub_core::{Partitions, Record, Refusal};
 use shelfsync_node::catalog::{self as cat, CatalogView, TrackedDoc};
 use shelfsync_node::now_ms;
 use shelfsync_shared::lineage::HubLineage;
@@ -318,13 +318,27 @@ pub struct PgStorage {
 }
 
 impl PgStorage {
+    /// How many partitions the database was created with (one for databases made before
+    /// partitions existed).
+    pub async fn partitions(c: &impl tokio_postgres::GenericClient) -> StorageResult<Partitions> {
+        match meta_get(c, "partitions").await? {
+            None => Ok(Partitions::ONE),
+            Some(v) => v
+                .parse::<u16>()
+                .map_err(|e| e.to_string())
+                .and_then(Partitions::new)
+                .map_err(|e| StorageError::Corrupt(format!("meta.partitions {v:?}: {e}"))),
+        }
+    }
+
     /// Brings the database's schema up to this build's (what a hub needs before it joins others).
     pub async fn migrate(url: &str) -> StorageResult<()> {
         migrate(&mut connect(url).await?).await
     }
 
     /// Creates the hub's tables in an empty database (refuses one that holds a hub already).
-    pub async fn create(url: &str) -> StorageResult<WriterId> {
+    /// `partitions` is fixed from now on: it is stored in `meta` and gets one lease row each.
+    pub async fn create(url: &str, partitions: Partitions) -> StorageResult<WriterId> {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
         let tx = client.transaction().await?;
@@ -338,6 +352,14 @@ impl PgStorage {
         tx.execute(META_SET, &[&"writer", &writer.to_string()]).await?;
         tx.execute(META_SET, &[&"incarnation_started_ms", &now_ms().to_string()]).await?;
         tx.execute(META_SET, &[&"mac_key", &key]).await?;
+        tx.execute(META_SET, &[&"partitions", &partitions.count().to_string()]).await?;
+        for p in partitions.all() {
+            tx.execute(
+                "INSERT INTO leases (partition) VALUES ($1) ON CONFLICT (partition) DO NOTHING",
+                &[&i32::from(p)],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(writer)
     }

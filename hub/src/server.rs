@@ -280,6 +280,16 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     let pki = Arc::new(Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?);
     // Migrations first (a fresh database gets the coordination tables).
     crate::postgres::PgStorage::migrate(&url).await?;
+    let partitions = crate::postgres::PgStorage::partitions(&crate::postgres::connect(&url).await?).await?;
+    if partitions != shelfsync_hub_core::Partitions::ONE {
+        // Said plainly rather than half-served: the partitioned deciders are being built
+        // (`hub/docs/scale-out.md`, step 3).
+        return Err(HubError::Other(format!(
+            "this database was made with {} partitions; serving several partitions is not built yet \
+             (hub/docs/scale-out.md, step 3): make the database with one partition",
+            partitions.count()
+        )));
+    }
     let (endpoint, quic_addr, listener, http_addr) = bind(&config, &pki).await?;
     let lease = Duration::from_millis(config.storage.lease_ms);
     let coord = Arc::new(

@@ -370,7 +370,7 @@ async fn a_commit_under_a_stale_epoch_writes_nothing() {
     use shelfsync_hub::db::{Commit, HubDb, Target};
     let url = shelfsync_tests::pg::fresh_database().await;
     let target = Target::Postgres(url.clone());
-    HubDb::create(&target).await.unwrap();
+    HubDb::create(&target, shelfsync_hub_core::Partitions::ONE).await.unwrap();
     let db = shelfsync_tests::pg::connect(&url).await;
     db.execute("UPDATE leases SET epoch = 7, owner = 'me', expires_at = now() + interval '1 minute'", &[])
         .await
@@ -418,6 +418,70 @@ async fn init_refuses_a_database_that_holds_a_hub() {
     assert!(!second.exists(), "nothing of the refused init stays behind");
     let status = Proc::run_ok("shelfsync-hub", &["status", "--data-dir", first.to_str().unwrap()]).await;
     assert!(status.contains("database       postgres postgres://shelfsync@127.0.0.1:"), "{status}");
+}
+
+/// `init --partitions` fixes the partition count: `status` lists one lease per partition;
+/// SQLite and counts out of range are refused before anything is made; and a hub refuses to
+/// serve several partitions (not built yet) rather than serve them wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_fixes_the_partitions_and_status_lists_their_leases() {
+    use shelfsync_tests::procs::Proc;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hub");
+    let d = data.to_str().unwrap();
+    let refused = |args: Vec<String>, needle: &'static str| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = Proc::output_env("shelfsync-hub", &args, &[]).await;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    let sqlite = dir.path().join("sqlite");
+    refused(
+        vec!["init".into(), "--data-dir".into(), sqlite.display().to_string(), "--partitions".into(), "2".into()],
+        "2 partitions need PostgreSQL storage",
+    )
+    .await;
+    assert!(!sqlite.exists(), "nothing of the refused init stays behind");
+    refused(
+        vec![
+            "init".into(),
+            "--data-dir".into(),
+            d.into(),
+            "--database-url".into(),
+            url.clone(),
+            "--partitions".into(),
+            "0".into(),
+        ],
+        "--partitions: a partition count must be between 1 and 256, not 0",
+    )
+    .await;
+    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", d, "--database-url", &url, "--partitions", "6"]).await;
+    let status = Proc::run_ok("shelfsync-hub", &["status", "--data-dir", d]).await;
+    let lines: Vec<&str> = status.lines().filter(|l| l.starts_with("partition ")).collect();
+    assert_eq!(lines.len(), 6, "{status}");
+    for (p, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("partition {p:<4} epoch 0, never held")), "{status}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&Proc::run_ok("shelfsync-hub", &["status", "--data-dir", d, "--json"]).await).unwrap();
+    let parts: Vec<i64> =
+        json["cluster"]["leases"].as_array().unwrap().iter().map(|l| l["partition"].as_i64().unwrap()).collect();
+    assert_eq!(parts, (0..6).collect::<Vec<i64>>(), "{json}");
+    refused(
+        vec![
+            "serve".into(),
+            "--data-dir".into(),
+            d.into(),
+            "--quic-listen".into(),
+            "127.0.0.1:0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        "this database was made with 6 partitions; serving several partitions is not built yet",
+    )
+    .await;
 }
 
 /// A warm standby (loaded once, then following the record log) rebuilds exactly the decider a

@@ -50,6 +50,7 @@ mod lifecycle;
 mod merge;
 mod model;
 mod overview;
+mod partition;
 mod reconcile;
 mod records;
 mod snapshot;
@@ -80,6 +81,7 @@ pub use model::{
     ReservationStatus, Velocity,
 };
 pub use overview::{Overview, OverviewQuery, ReservationCounts, Series, StoreSummary, OVERVIEW_MINUTES_MAX};
+pub use partition::{Partition, Partitions};
 pub use records::{EntryRecord, LoadError, Loader, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
