@@ -97,6 +97,10 @@ pub struct QuicSection {
 pub struct HttpSection {
     /// The API, dashboard and metrics.
     pub listen: SocketAddr,
+    /// Several hubs on PostgreSQL: where the hubs' internal API listens (mutual TLS between
+    /// hubs, [`crate::internal`]). Unset: `listen`'s address, any free port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_listen: Option<SocketAddr>,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// Most SKUs in one batch availability query.
@@ -244,6 +248,7 @@ impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             listen: "127.0.0.1:8080".parse().expect("valid"),
+            internal_listen: None,
             max_body_bytes: 256 * 1024,
             max_batch_skus: 100,
             max_event_streams: 1000,

@@ -22,6 +22,7 @@ pub mod demo;
 pub mod edge;
 pub mod engine;
 pub mod feed;
+pub mod internal;
 pub mod metrics;
 pub mod openapi;
 pub mod persist;

@@ -24,6 +24,12 @@ pub const PKI_FILES: [&str; 4] = ["ca.pem", "ca.key", "hub.pem", "hub.key"];
 /// The name agents verify the hub's certificate under, whatever address they dial.
 pub const HUB_SERVER_NAME: &str = "hub.shelfsync";
 
+/// The name hubs give each other on their internal API (never a store id: those have no dots).
+pub const HUB_PEER_NAME: &str = "peer.hub.shelfsync";
+
+/// ALPN of the hubs' internal API (HTTP/2 only: one connection carries every forwarded request).
+pub const INTERNAL_ALPN: &[u8] = b"h2";
+
 /// PKI failures, naming the file or value involved.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -280,6 +286,129 @@ impl Pki {
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(transport());
         Ok(config)
+    }
+}
+
+/// A hub's credentials on the internal API: a certificate the CA signs for [`HUB_PEER_NAME`],
+/// made at every start (only a holder of the CA key can make one), for both ends of a connection.
+pub struct PeerCredentials {
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: String,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Pki {
+    /// Mints this hub process's internal-API certificate.
+    pub fn peer_credentials(&self) -> Result<PeerCredentials, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+        let mut params = CertificateParams::new(vec![HUB_PEER_NAME.to_owned()]).map_err(cert_err)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, HUB_PEER_NAME);
+        params.serial_number = Some(random_serial());
+        params.not_before = now() - time::Duration::days(1);
+        params.not_after = now() + time::Duration::days(3650);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).map_err(cert_err)?;
+        Ok(PeerCredentials { chain: vec![cert.der().clone()], key_pem: key.serialize_pem(), roots: self.roots()? })
+    }
+}
+
+impl PeerCredentials {
+    fn key(&self) -> Result<PrivateKeyDer<'static>, PkiError> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(cert_err)
+    }
+
+    /// The internal API's server side: TLS 1.3, HTTP/2, a client certificate from the CA
+    /// required (whose name [`is_hub_peer`] then checks).
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key()?)
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![INTERNAL_ALPN.to_vec()];
+        Ok(tls)
+    }
+
+    /// The internal API's client side: presents this hub's certificate and accepts only a
+    /// server whose certificate the CA signed for [`HUB_PEER_NAME`], whatever address it dials.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, PkiError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerServerVerifier { inner }))
+            .with_client_auth_cert(self.chain.clone(), self.key()?)
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![INTERNAL_ALPN.to_vec()];
+        Ok(tls)
+    }
+}
+
+/// Whether a verified client certificate is another hub's (not a store's).
+pub fn is_hub_peer(der: &CertificateDer<'_>) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return false };
+    let san = cert.subject_alternative_name().ok().flatten().map(|san| {
+        san.value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == HUB_PEER_NAME))
+    });
+    san == Some(true)
+}
+
+/// Verifies a hub's internal-API certificate against the CA under [`HUB_PEER_NAME`], whatever
+/// host name the URL dialled (hubs know each other by address).
+#[derive(Debug)]
+struct PeerServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(HUB_PEER_NAME).expect("a valid DNS name");
+        self.inner.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -95,6 +95,8 @@ const MIGRATIONS: &[&str] = &[
         at TIMESTAMPTZ NOT NULL DEFAULT now(), body TEXT NOT NULL);
     CREATE TABLE record_log_floor (id INTEGER PRIMARY KEY, floor BIGINT NOT NULL);
     INSERT INTO record_log_floor VALUES (0, 0);",
+    // 4: where each hub's internal API listens.
+    crate::internal::MIGRATION,
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or

@@ -259,7 +259,10 @@ struct Front {
     me: String,
     active: ActiveSlot,
     owners: Arc<tokio_postgres::Client>,
+    /// Plain HTTP, for a deciding hub of an older version (no internal API).
     client: reqwest::Client,
+    /// The internal API's client ([`crate::internal`]).
+    peers: reqwest::Client,
     max_body_bytes: usize,
     /// How far this hub's warm decider is while it stands by.
     warm: tokio::sync::watch::Receiver<crate::standby::Progress>,
@@ -302,7 +305,16 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
         )
         .await?,
     );
+    // The hubs' internal API: where a standby's forwarded requests arrive.
+    let creds = pki.peer_credentials().map_err(|e| HubError::Pki(e.to_string()))?;
+    let internal_at = config.http.internal_listen.unwrap_or(SocketAddr::new(http_addr.ip(), 0));
+    let internal_listener = tokio::net::TcpListener::bind(internal_at)
+        .await
+        .map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
+    let internal_addr =
+        internal_listener.local_addr().map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
     let owners = crate::postgres::connect(&url).await?;
+    crate::internal::advertise(&owners, &coord.hub_id, internal_addr).await?;
     let active: ActiveSlot = Arc::default();
     let (warm_tx, warm) = tokio::sync::watch::channel(None);
     let front = Front {
@@ -315,8 +327,11 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| HubError::Other(e.to_string()))?,
+        peers: crate::internal::client(&creds).map_err(HubError::Pki)?,
         max_body_bytes: config.http.max_body_bytes,
     };
+    let internal_app = axum::Router::new().fallback(internal_door).with_state(front.clone());
+    let internal_tls = creds.server_config().map_err(|e| HubError::Pki(e.to_string()))?;
     let app = axum::Router::new().fallback(front_door).with_state(front);
     let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -325,6 +340,12 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
             let _ = shutdown_rx.await;
         }));
     let tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    tasks.lock().expect("tasks lock").push(tokio::spawn(crate::internal::serve(
+        internal_listener,
+        internal_tls,
+        internal_app,
+        std::future::pending(),
+    )));
     let (activated_tx, activated_rx) = tokio::sync::watch::channel(false);
     tasks.lock().expect("tasks lock").push(tokio::spawn(refuse_agents(endpoint.clone(), activated_rx)));
     let fence = crate::cluster::Fence::new(coord.lease);
@@ -369,7 +390,13 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
             }));
         }
     }
-    tracing::info!(%quic_addr, %http_addr, hub = %coord.hub_id, "hub listening (clustered: standing by until it holds the lease)");
+    tracing::info!(
+        %quic_addr,
+        %http_addr,
+        %internal_addr,
+        hub = %coord.hub_id,
+        "hub listening (clustered: standing by until it holds the lease)"
+    );
     Ok(ClusterNode {
         quic_addr,
         http_addr,
@@ -403,8 +430,52 @@ async fn refuse_agents(endpoint: quinn::Endpoint, mut activated: tokio::sync::wa
     }
 }
 
+/// A request another hub forwarded over the internal API: served when this hub decides, else
+/// 503 (it is never forwarded again: the lease is changing hands, and the sender retries).
+async fn internal_door(
+    axum::extract::State(front): axum::extract::State<Front>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let app = front.active.read().expect("active lock").as_ref().map(|(_, app)| app.clone());
+    match app {
+        Some(mut app) => match tower_service::Service::call(&mut app, req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        None => {
+            let mut r = (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({
+                    "error": "no_active_hub",
+                    "message": "this hub does not decide (the lease is changing hands); retry",
+                })),
+            )
+                .into_response();
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// Headers that belong to one HTTP/1.1 hop and are not carried over (HTTP/2 forbids them).
+fn hop_by_hop(name: &axum::http::HeaderName) -> bool {
+    use axum::http::header;
+    [
+        header::HOST,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Every HTTP request of a clustered hub: served here when active, else forwarded to the active
-/// hub with the caller's credentials (which that hub checks), streamed both ways. During a
+/// hub (over the internal API, [`crate::internal`]) with the caller's credentials (which that hub checks), streamed both ways. During a
 /// takeover (nobody holds the lease, or its holder died and the lease has not expired yet) the
 /// request waits for the new active hub, up to the lease's length and a second, instead of
 /// failing; it is sent on only once a hub answers, so it is never decided twice.
@@ -472,7 +543,7 @@ async fn front_door(
             };
         }
         let late = tokio::time::Instant::now() >= deadline;
-        let owner = match crate::cluster::owner(&front.owners).await {
+        let owner = match crate::internal::decider(&front.owners, crate::cluster::PARTITION).await {
             // This hub took the lease and is loading the decider: serve here in a moment.
             Ok(Some(o)) if o.hub == front.me && !late => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -486,9 +557,12 @@ async fn front_door(
             Ok(None) => return unavailable("no hub holds the lease (a takeover is under way); retry".into()),
             Err(e) => return unavailable(format!("cannot read who holds the lease: {e}")),
         };
-        let mut out = front.client.request(parts.method.clone(), format!("http://{}{path}", owner.http_addr));
+        let mut out = match owner.internal_addr {
+            Some(addr) => front.peers.request(parts.method.clone(), format!("https://{addr}{path}")),
+            None => front.client.request(parts.method.clone(), format!("http://{}{path}", owner.http_addr)),
+        };
         for (name, value) in parts.headers.iter() {
-            if name != axum::http::header::HOST && name != axum::http::header::CONNECTION {
+            if !hop_by_hop(name) {
                 out = out.header(name, value);
             }
         }
@@ -496,7 +570,7 @@ async fn front_door(
             Ok(resp) => {
                 let mut r = axum::response::Response::builder().status(resp.status());
                 for (name, value) in resp.headers() {
-                    if name != axum::http::header::CONNECTION && name != axum::http::header::TRANSFER_ENCODING {
+                    if !hop_by_hop(name) {
                         r = r.header(name, value);
                     }
                 }
@@ -506,7 +580,7 @@ async fn front_door(
             }
             // Not connected: the request never reached the owner, so it may go to the next one.
             Err(e) if e.is_connect() && !late => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => return unavailable(format!("the active hub ({}) did not answer: {e}", owner.http_addr)),
+            Err(e) => return unavailable(format!("the active hub ({}) did not answer: {e}", owner.hub)),
         }
     }
 }

@@ -362,6 +362,96 @@ async fn events_decided_on_one_hub_reach_a_client_of_another_once_in_order() {
     set.shutdown().await;
 }
 
+/// A standby forwards over the hubs' internal API: one HTTP/2 connection carries a burst of
+/// forwarded requests (the active hub's public listener sees none of them, so its per-address
+/// caps never count them), and that port takes only hubs: a hub's certificate gets through to
+/// the API (which still wants the caller's token), a store's certificate from the same CA and
+/// a client without one are turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_forwards_over_one_connection_that_only_hubs_may_open() {
+    let set = HubSet::start(2, 1).await;
+    let active = set.active().await;
+    let standby = 1 - active;
+    let accepted = |i: usize| {
+        let url = format!("{}/metrics", set.http[i]);
+        let token = set.admin.clone();
+        async move {
+            let text = reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("shelfsync_hub_http_connections_accepted_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no connections_accepted in {text}"))
+        }
+    };
+    let before = accepted(active).await;
+    let client = reqwest::Client::new();
+    let mut burst = tokio::task::JoinSet::new();
+    for n in 0..40 {
+        let req = client
+            .post(format!("{}/v1/restocks", set.http[standby]))
+            .bearer_auth(&set.admin)
+            .json(&json!({"id": format!("burst-{n}"), "store": "store-0", "lines": [{"sku": "B", "qty": 1}]}));
+        burst.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(r) = burst.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), 201, "every forwarded restock decided");
+    }
+    let after = accepted(active).await;
+    assert!(
+        after - before <= 1.0,
+        "40 forwarded requests opened {} public connections at the active hub (only this probe's should count)",
+        after - before - 1.0
+    );
+
+    // Who may open the internal port.
+    let db = shelfsync_tests::pg::connect(&set.database_url).await;
+    let addr: String = db
+        .query_one("SELECT h.internal_addr FROM leases l JOIN hubs h ON h.id = l.owner WHERE l.partition = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let pki = shelfsync_hub::pki::Pki::load(&set.dir.path().join("hub-0").join("pki")).unwrap();
+    let hub = shelfsync_hub::internal::client(&pki.peer_credentials().unwrap()).unwrap();
+    let url = format!("https://{addr}/v1/stores");
+    assert_eq!(hub.get(&url).send().await.unwrap().status(), 401, "a hub gets through; the API wants a token");
+    assert_eq!(hub.get(&url).bearer_auth(&set.admin).send().await.unwrap().status(), 200);
+    let store_cert = pki.issue_store(&"store-0".parse().unwrap()).unwrap();
+    let as_store = |with_cert: bool| {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_cert_pem().as_bytes()).unwrap()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut tls = if with_cert {
+            builder
+                .with_client_auth_cert(
+                    vec![rustls::pki_types::CertificateDer::from_pem_slice(store_cert.cert_pem.as_bytes()).unwrap()],
+                    rustls::pki_types::PrivateKeyDer::from_pem_slice(store_cert.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .http2_prior_knowledge()
+            .resolve(shelfsync_hub::pki::HUB_PEER_NAME, addr)
+            .build()
+            .unwrap()
+    };
+    let named = format!("https://{}:{}/v1/stores", shelfsync_hub::pki::HUB_PEER_NAME, addr.port());
+    for (with_cert, who) in [(true, "a store's certificate"), (false, "no certificate")] {
+        let r = as_store(with_cert).get(&named).bearer_auth(&set.admin).send().await;
+        assert!(r.is_err(), "{who} on the internal port: {r:?}");
+    }
+    set.shutdown().await;
+}
+
 /// The fence itself, below the processes: a commit made under an epoch the lease has moved past
 /// writes nothing and fails; under the current epoch it is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
