@@ -34,4 +34,5 @@ pub mod sqlite;
 pub mod standby;
 pub mod state;
 pub mod storage;
+pub mod syncplane;
 pub mod tokens;

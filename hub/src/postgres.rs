@@ -97,6 +97,8 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO record_log_floor VALUES (0, 0);",
     // 4: where each hub's internal API listens.
     crate::internal::MIGRATION,
+    // 5: the sync plane of partitioned databases: store sequences, merge logs.
+    crate::syncplane::MIGRATION,
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or
@@ -355,6 +357,7 @@ impl PgStorage {
         tx.execute(META_SET, &[&"incarnation_started_ms", &now_ms().to_string()]).await?;
         tx.execute(META_SET, &[&"mac_key", &key]).await?;
         tx.execute(META_SET, &[&"partitions", &partitions.count().to_string()]).await?;
+        crate::syncplane::create(&tx, partitions).await?;
         for p in partitions.all() {
             tx.execute(
                 "INSERT INTO leases (partition) VALUES ($1) ON CONFLICT (partition) DO NOTHING",

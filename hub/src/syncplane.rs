@@ -1,0 +1,324 @@
+//! The sync plane of a partitioned database: agents' deltas merged straight into PostgreSQL by
+//! whichever hub the agent reached, and everything an agent reads back, by the store's own
+//! sequence (`hub/docs/scale-out.md`, "Step 3, revised").
+//!
+//! The counters are a CRDT: merging is a component-wise maximum, so any hub may merge any delta
+//! without asking a decider, and merging twice changes nothing. What needs ordering is ordered by
+//! row locks, taken in one order by every transaction (no deadlock between them):
+//!
+//! 1. the agent writer's `peers` row: the lineage compare-and-set. A cloned agent's second
+//!    connection, on this hub or another, waits for the first merge and then fails it;
+//! 2. the store's `store_seqs` row: the store's sequence. Entries are stamped under it, so a
+//!    store's sequence follows commit order, and a reader that read the head `h` never later
+//!    finds a new row at or below `h` (gaps are allowed; going back is not);
+//! 3. each touched partition's `part_seqs` row: the partition's merge log sequence, which its
+//!    decider tails in commit order ([`tail`]).
+//!
+//! The single-decider path (SQLite, PostgreSQL with one partition) does not use this module.
+
+use serde::{Deserialize, Serialize};
+use shelfsync_hub_core::{Partition, Partitions};
+use shelfsync_shared::counter::StateDigest;
+use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage};
+use shelfsync_shared::wire::DeltaLineage;
+use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::storage::{StorageError, StorageResult};
+
+/// Schema (PostgreSQL migration 5): the store sequences, the partitions' merge logs, and which
+/// partition and store sequence each counter row has.
+pub const MIGRATION: &str = "
+    ALTER TABLE counters ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE counters ADD COLUMN store_seq BIGINT;
+    CREATE INDEX counters_store_seq ON counters(store, store_seq) WHERE store_seq IS NOT NULL;
+    CREATE TABLE store_seqs (
+        store TEXT PRIMARY KEY, counter BIGINT NOT NULL DEFAULT 0, journal BIGINT NOT NULL DEFAULT 0);
+    CREATE TABLE part_seqs (partition SMALLINT PRIMARY KEY, merged BIGINT NOT NULL DEFAULT 0);
+    CREATE TABLE merge_log (
+        partition SMALLINT NOT NULL, seq BIGINT NOT NULL, store TEXT NOT NULL, body BYTEA NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, seq));";
+
+/// Most entries one delta may bring (the wire's own limit is lower; this guards the SQL arrays).
+pub const ENTRIES_MAX: usize = 100_000;
+
+/// An agent's delta, authenticated by the caller (certificate, tags, own writers), to merge.
+#[derive(Clone, Debug)]
+pub struct AgentDelta {
+    /// The store (from the agent's certificate).
+    pub store: StoreId,
+    /// The agent writer that sent it.
+    pub peer: WriterId,
+    /// Entries in the order received.
+    pub entries: Vec<(Sku, WriterId, PnEntry)>,
+    /// Holds the store fulfilled in this range.
+    pub fulfilled: Vec<Uuid>,
+    /// The agent's sequence this delta completes.
+    pub upto: u64,
+    /// The writer's history head the connection was welcomed with: the merge fails if another
+    /// connection moved it since.
+    pub lineage_base: Option<Checkpoint>,
+    /// The writer's history at the end of this delta, when it completes everything it wrote.
+    pub lineage: Option<DeltaLineage>,
+    /// Latest starts of the copy that sent it.
+    pub pusher_boots: Vec<Boot>,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// What one partition's decider takes from a merge: the entries of its SKUs that grew, and the
+/// holds the store fulfilled (every part carries them all; a decider ignores holds it never made).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergePart {
+    /// Entries that grew.
+    pub entries: Vec<(Sku, WriterId, PnEntry)>,
+    /// Fulfilled holds.
+    pub fulfilled: Vec<Uuid>,
+}
+
+/// What a merge did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Merged {
+    /// Entries that grew (the rest were known already).
+    pub changed: usize,
+    /// The store's sequence after it.
+    pub head: u64,
+    /// The merge-log rows written: (partition, its sequence).
+    pub parts: Vec<(Partition, u64)>,
+}
+
+/// Sets up the partitions' merge-log sequences (at `init`).
+pub async fn create(c: &impl tokio_postgres::GenericClient, partitions: Partitions) -> StorageResult<()> {
+    for p in partitions.all() {
+        c.execute("INSERT INTO part_seqs (partition) VALUES ($1) ON CONFLICT DO NOTHING", &[&part_col(p)]).await?;
+    }
+    Ok(())
+}
+
+fn part_col(p: Partition) -> i16 {
+    i16::try_from(p).expect("at most Partitions::MAX partitions")
+}
+
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn unsigned(v: i64, what: &str) -> StorageResult<u64> {
+    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+/// Merges `d` in one transaction (see the module documentation for the locks, in order).
+/// Merging the same delta again changes nothing and writes no merge-log row.
+pub async fn merge(c: &mut Client, partitions: Partitions, d: AgentDelta) -> StorageResult<Merged> {
+    if d.entries.len() > ENTRIES_MAX {
+        return Err(StorageError::Invalid(format!(
+            "a delta of {} entries is more than {ENTRIES_MAX}",
+            d.entries.len()
+        )));
+    }
+    // One row per (SKU, writer): the upsert may touch a row once per statement.
+    let mut joined: std::collections::BTreeMap<(Sku, WriterId), PnEntry> = std::collections::BTreeMap::new();
+    for (sku, writer, e) in d.entries {
+        let slot = joined.entry((sku, writer)).or_default();
+        *slot = slot.join(e);
+    }
+    let (store, peer) = (d.store.as_str(), d.peer.to_string());
+    let tx = c.transaction().await?;
+    tx.execute("INSERT INTO peers (store, writer) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&store, &peer]).await?;
+    let row =
+        tx.query_one("SELECT lineage FROM peers WHERE store = $1 AND writer = $2 FOR UPDATE", &[&store, &peer]).await?;
+    let mut lineage = crate::sqlite::lineage_col(row.get(0))?;
+    if let Some(base) = d.lineage_base.filter(|b| *b != lineage.head) {
+        return Err(StorageError::Forked(format!(
+            "another connection moved {}'s history from change {} to {} since this one was welcomed; reconnect",
+            d.peer, base.ordinal, lineage.head.ordinal
+        )));
+    }
+    tx.execute("INSERT INTO store_seqs (store) VALUES ($1) ON CONFLICT DO NOTHING", &[&store]).await?;
+    let head: i64 = tx.query_one("SELECT counter FROM store_seqs WHERE store = $1 FOR UPDATE", &[&store]).await?.get(0);
+    let n = joined.len();
+    let (mut skus, mut writers, mut ps, mut ns, mut parts, mut seqs) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (i, ((sku, writer), e)) in joined.iter().enumerate() {
+        skus.push(sku.as_str().to_owned());
+        writers.push(writer.to_string());
+        ps.push(big(e.p));
+        ns.push(big(e.n));
+        parts.push(part_col(partitions.of(sku)));
+        seqs.push(head + 1 + i as i64);
+    }
+    let grown = tx
+        .query(
+            "INSERT INTO counters (store, sku, writer, p, n, seq, partition, store_seq)
+             SELECT $1, s, w, p, n, q, pt, q FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int2[], $7::int8[])
+                 AS u(s, w, p, n, pt, q)
+             ON CONFLICT (store, sku, writer) DO UPDATE SET
+                 p = GREATEST(counters.p, excluded.p), n = GREATEST(counters.n, excluded.n),
+                 seq = excluded.seq, store_seq = excluded.store_seq, partition = excluded.partition
+             WHERE counters.p < excluded.p OR counters.n < excluded.n
+             RETURNING sku, writer",
+            &[&store, &skus, &writers, &ps, &ns, &parts, &seqs],
+        )
+        .await?;
+    let grown: std::collections::BTreeSet<(String, String)> =
+        grown.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+    let mut by_part: std::collections::BTreeMap<Partition, MergePart> = std::collections::BTreeMap::new();
+    for ((sku, writer), e) in &joined {
+        if grown.contains(&(sku.as_str().to_owned(), writer.to_string())) {
+            let part = by_part
+                .entry(partitions.of(sku))
+                .or_insert_with(|| MergePart { entries: Vec::new(), fulfilled: d.fulfilled.clone() });
+            part.entries.push((sku.clone(), writer.clone(), *e));
+        }
+    }
+    let mut new_head = head;
+    if !grown.is_empty() {
+        new_head = head + n as i64;
+        tx.execute("UPDATE store_seqs SET counter = $2 WHERE store = $1", &[&store, &new_head]).await?;
+    }
+    let mut logged = Vec::with_capacity(by_part.len());
+    for (p, part) in &by_part {
+        let seq: i64 = tx
+            .query_one(
+                "UPDATE part_seqs SET merged = merged + 1 WHERE partition = $1 RETURNING merged",
+                &[&part_col(*p)],
+            )
+            .await?
+            .get(0);
+        let body = postcard::to_stdvec(part).expect("merge parts serialise");
+        tx.execute(
+            "INSERT INTO merge_log (partition, seq, store, body) VALUES ($1, $2, $3, $4)",
+            &[&part_col(*p), &seq, &store, &body],
+        )
+        .await?;
+        logged.push((*p, unsigned(seq, "part_seqs.merged")?));
+    }
+    let lineage_row = match &d.lineage {
+        Some(l) => {
+            lineage.advance(l.head, &l.boots, &d.pusher_boots);
+            Some(postcard::to_stdvec(&lineage).expect("lineage serialises"))
+        }
+        None => None,
+    };
+    tx.execute(
+        "UPDATE peers SET applied = GREATEST(applied, $3), last_seen_ms = $4, lineage = COALESCE($5, lineage)
+         WHERE store = $1 AND writer = $2",
+        &[&store, &peer, &big(d.upto), &d.at_ms, &lineage_row],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Merged { changed: grown.len(), head: unsigned(new_head, "store_seqs.counter")?, parts: logged })
+}
+
+/// A page of a store's entries in the store's sequence.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntriesPage {
+    /// (store sequence, SKU, writer, entry), ascending.
+    pub entries: Vec<(u64, Sku, WriterId, PnEntry)>,
+    /// Everything up to here has been read (the next read starts after it).
+    pub upto: u64,
+}
+
+/// `store`'s entries above `after`, except `exclude`'s (the agent being sent them), at most
+/// `limit`. The head is read first: a row committed later has a higher sequence.
+pub async fn read_delta(
+    c: &Client,
+    store: &StoreId,
+    exclude: Option<&WriterId>,
+    after: u64,
+    limit: usize,
+) -> StorageResult<EntriesPage> {
+    let head = store_head(c, store).await?;
+    let exclude = exclude.map(|w| w.to_string()).unwrap_or_default();
+    let rows = c
+        .query(
+            "SELECT store_seq, sku, writer, p, n FROM counters
+             WHERE store = $1 AND store_seq > $2 AND store_seq <= $3 AND writer <> $4 ORDER BY store_seq LIMIT $5",
+            &[&store.as_str(), &big(after), &big(head), &exclude, &(limit as i64)],
+        )
+        .await?;
+    let mut entries = Vec::with_capacity(rows.len());
+    for r in &rows {
+        entries.push((
+            unsigned(r.get(0), "counters.store_seq")?,
+            shelfsync_node::db::sku_col(r.get(1))?,
+            shelfsync_node::db::writer_col(r.get(2))?,
+            PnEntry { p: unsigned(r.get(3), "counters.p")?, n: unsigned(r.get(4), "counters.n")? },
+        ));
+    }
+    let upto = match entries.last() {
+        Some((seq, ..)) if entries.len() == limit => *seq,
+        _ => head.max(after),
+    };
+    Ok(EntriesPage { entries, upto })
+}
+
+/// The store's sequence head (0: nothing merged yet).
+pub async fn store_head(c: &Client, store: &StoreId) -> StorageResult<u64> {
+    let row = c.query_opt("SELECT counter FROM store_seqs WHERE store = $1", &[&store.as_str()]).await?;
+    row.map_or(Ok(0), |r| unsigned(r.get(0), "store_seqs.counter"))
+}
+
+/// Digest of every entry of `store`, and the store's sequence head it covers, read from one
+/// snapshot.
+pub async fn digest(c: &Client, store: &StoreId) -> StorageResult<(StateDigest, u64)> {
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let read = async {
+        let head = store_head(c, store).await?;
+        let mut d = StateDigest::default();
+        for r in c.query("SELECT sku, writer, p, n FROM counters WHERE store = $1", &[&store.as_str()]).await? {
+            let entry = PnEntry { p: unsigned(r.get(2), "counters.p")?, n: unsigned(r.get(3), "counters.n")? };
+            d.add(&shelfsync_node::db::sku_col(r.get(0))?, &shelfsync_node::db::writer_col(r.get(1))?, entry);
+        }
+        Ok::<_, StorageError>((d, head))
+    }
+    .await;
+    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+    read
+}
+
+/// Partition `partition`'s merge log after `after`, at most `limit` rows, in order: what its
+/// decider applies as `Merge` commands.
+pub async fn tail(
+    c: &Client,
+    partition: Partition,
+    after: u64,
+    limit: usize,
+) -> StorageResult<Vec<(u64, StoreId, MergePart)>> {
+    let rows = c
+        .query(
+            "SELECT seq, store, body FROM merge_log WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&part_col(partition), &big(after), &(limit as i64)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let seq = unsigned(r.get(0), "merge_log.seq")?;
+            let body: Vec<u8> = r.get(2);
+            let part = postcard::from_bytes(&body)
+                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{seq}: {e}")))?;
+            Ok((seq, crate::sqlite::store_col(r.get(1))?, part))
+        })
+        .collect()
+}
+
+/// What the hub holds of an agent writer: (applied, lineage).
+pub async fn peer(c: &Client, store: &StoreId, writer: &WriterId) -> StorageResult<(u64, HubLineage)> {
+    let row = c
+        .query_opt(
+            "SELECT applied, lineage FROM peers WHERE store = $1 AND writer = $2",
+            &[&store.as_str(), &writer.to_string()],
+        )
+        .await?;
+    match row {
+        None => Ok((0, HubLineage::default())),
+        Some(r) => Ok((unsigned(r.get(0), "peers.applied")?, crate::sqlite::lineage_col(r.get(1))?)),
+    }
+}

@@ -1,0 +1,229 @@
+//! The sync plane of a partitioned PostgreSQL database, below the processes: agents' deltas
+//! merged by any hub straight into the database (`hub/src/syncplane.rs`). What an agent and a
+//! partition's decider read back must hold every merged entry exactly once, whichever hubs
+//! merged concurrently, and a cloned writer's second connection must not merge past the first.
+
+use std::collections::BTreeMap;
+
+use shelfsync_hub::db::{HubDb, Target};
+use shelfsync_hub::storage::StorageError;
+use shelfsync_hub::syncplane::{self, AgentDelta};
+use shelfsync_hub_core::Partitions;
+use shelfsync_shared::id::{Incarnation, NodeId};
+use shelfsync_shared::lineage::Checkpoint;
+use shelfsync_shared::wire::DeltaLineage;
+use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+
+const PARTS: u16 = 4;
+
+async fn database() -> (String, Partitions) {
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let parts = Partitions::new(PARTS).unwrap();
+    HubDb::create(&Target::Postgres(url.clone()), parts).await.unwrap();
+    (url, parts)
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    shelfsync_tests::pg::connect(url).await
+}
+
+fn store() -> StoreId {
+    "store-1".parse().unwrap()
+}
+
+fn writer(n: u64) -> WriterId {
+    WriterId::new(NodeId::Store(store()), Incarnation::from_u64(n))
+}
+
+fn sku(i: usize) -> Sku {
+    format!("SKU-{i:03}").parse().unwrap()
+}
+
+fn delta(w: &WriterId, entries: Vec<(Sku, PnEntry)>, upto: u64) -> AgentDelta {
+    AgentDelta {
+        store: store(),
+        peer: w.clone(),
+        entries: entries.into_iter().map(|(s, e)| (s, w.clone(), e)).collect(),
+        fulfilled: Vec::new(),
+        upto,
+        lineage_base: None,
+        lineage: None,
+        pusher_boots: Vec::new(),
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+/// Every counter row of the store: (SKU, writer) → entry.
+async fn stored(c: &tokio_postgres::Client) -> BTreeMap<(String, String), PnEntry> {
+    c.query("SELECT sku, writer, p, n FROM counters WHERE store = 'store-1'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), PnEntry { p: r.get::<_, i64>(2) as u64, n: r.get::<_, i64>(3) as u64 }))
+        .collect()
+}
+
+/// A delta is split by partition into the merge logs; merged again, or with entries that do not
+/// grow, it changes nothing and logs nothing; a grown entry is logged once, in its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
+    let (url, parts) = database().await;
+    let mut c = client(&url).await;
+    let w = writer(1);
+    let entries: Vec<(Sku, PnEntry)> = (0..20).map(|i| (sku(i), PnEntry { p: 10 + i as u64, n: 1 })).collect();
+    let mut d = delta(&w, entries.clone(), 20);
+    d.fulfilled = vec![uuid::Uuid::from_u128(7)];
+    let first = syncplane::merge(&mut c, parts, d.clone()).await.unwrap();
+    assert_eq!((first.changed, first.head), (20, 20));
+    let touched: Vec<u16> = parts.all().filter(|p| entries.iter().any(|(s, _)| parts.of(s) == *p)).collect();
+    assert!(touched.len() > 1, "20 SKUs spread over several of {PARTS} partitions: {touched:?}");
+    assert_eq!(first.parts, touched.iter().map(|p| (*p, 1)).collect::<Vec<_>>());
+    for p in parts.all() {
+        let log = syncplane::tail(&c, p, 0, 100).await.unwrap();
+        let want: Vec<&Sku> = entries.iter().filter(|(s, _)| parts.of(s) == p).map(|(s, _)| s).collect();
+        if want.is_empty() {
+            assert!(log.is_empty(), "partition {p} has none of these SKUs: {log:?}");
+            continue;
+        }
+        assert_eq!(log.len(), 1, "partition {p}");
+        let (seq, st, part) = &log[0];
+        assert_eq!((*seq, st), (1, &store()));
+        assert_eq!(part.entries.iter().map(|(s, ..)| s).collect::<Vec<_>>(), want, "partition {p}");
+        assert_eq!(part.fulfilled, vec![uuid::Uuid::from_u128(7)], "every part carries the fulfilled holds");
+    }
+
+    // Again, and stale: nothing changes, nothing is logged, the store's sequence stays.
+    let again = syncplane::merge(&mut c, parts, d).await.unwrap();
+    assert_eq!((again.changed, again.head, again.parts.len()), (0, 20, 0));
+    let stale = delta(&w, vec![(sku(3), PnEntry { p: 1, n: 0 })], 21);
+    assert_eq!(syncplane::merge(&mut c, parts, stale).await.unwrap().changed, 0);
+    assert_eq!(stored(&c).await[&(sku(3).to_string(), w.to_string())], PnEntry { p: 13, n: 1 }, "never goes back");
+
+    // One entry grows: logged once, in its partition, after the first row.
+    let grown = delta(&w, vec![(sku(3), PnEntry { p: 13, n: 2 })], 22);
+    let m = syncplane::merge(&mut c, parts, grown).await.unwrap();
+    assert_eq!((m.changed, m.parts), (1, vec![(parts.of(&sku(3)), 2)]));
+    let log = syncplane::tail(&c, parts.of(&sku(3)), 1, 100).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].2.entries, vec![(sku(3), w.clone(), PnEntry { p: 13, n: 2 })]);
+    assert!(m.head > 20, "the store's sequence moved on: {}", m.head);
+
+    // What the agent reads back (another writer's view: this writer's own entries excluded).
+    let page = syncplane::read_delta(&c, &store(), None, 0, 1000).await.unwrap();
+    assert_eq!(page.entries.len(), 20);
+    assert_eq!(page.upto, m.head);
+    let mine = syncplane::read_delta(&c, &store(), Some(&w), 0, 1000).await.unwrap();
+    assert!(mine.entries.is_empty(), "an agent is not sent its own entries");
+    let (applied, _) = syncplane::peer(&c, &store(), &w).await.unwrap();
+    assert_eq!(applied, 22, "the applied watermark is the last delta's");
+}
+
+/// Two connections of one writer (a cloned machine, on one hub or two) welcomed at the same
+/// history: whichever merges first wins; the other waits on the writer's row and then fails
+/// its compare-and-set instead of merging past the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
+    let (url, parts) = database().await;
+    let w = writer(2);
+    // The writer's row exists, and a third session holds it while both deltas arrive.
+    syncplane::merge(&mut client(&url).await, parts, delta(&w, Vec::new(), 0)).await.unwrap();
+    let mut holder = client(&url).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute("SELECT 1 FROM peers WHERE store = 'store-1' AND writer = $1 FOR UPDATE", &[&w.to_string()])
+        .await
+        .unwrap();
+    let copy = |n: u64| {
+        let (url, w) = (url.clone(), w.clone());
+        tokio::spawn(async move {
+            let mut d = delta(&w, vec![(sku(n as usize), PnEntry { p: n, n: 0 })], n);
+            d.lineage_base = Some(Checkpoint::ZERO);
+            let head = Checkpoint::ZERO.next(&uuid::Uuid::from_u128(n.into()), 0, &sku(n as usize), n as i64);
+            d.lineage = Some(DeltaLineage { head, boots: Vec::new() });
+            syncplane::merge(&mut client(&url).await, parts, d).await
+        })
+    };
+    let (a, b) = (copy(1), copy(2));
+    // Both are waiting on the writer's row.
+    let probe = client(&url).await;
+    shelfsync_tests::procs::wait_until("both merges waiting on the writer's row", std::time::Duration::from_secs(20), || async {
+        let waiting: i64 = probe
+            .query_one("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM peers%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (waiting == 2).then_some(())
+    })
+    .await;
+    hold.rollback().await.unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let forked = [&a, &b].iter().filter(|r| matches!(r, Err(StorageError::Forked(_)))).count();
+    assert_eq!((a.is_ok() as u8 + b.is_ok() as u8, forked), (1, 1), "one wins, one is refused: {a:?} {b:?}");
+    let c = client(&url).await;
+    assert_eq!(stored(&c).await.len(), 1, "only the winner's entry was merged");
+}
+
+/// Four writers of one store merging concurrently (four agents, through any hubs), while a
+/// reader follows the store's sequence as an agent does: it reads every entry, once each time it
+/// changed, never one below its watermark later, and ends with exactly the database's state;
+/// each partition's log, read the same way, adds up to the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_merges() {
+    let (url, parts) = database().await;
+    let mut merges = tokio::task::JoinSet::new();
+    for k in 0..4u64 {
+        let url = url.clone();
+        merges.spawn(async move {
+            let mut c = client(&url).await;
+            let w = writer(10 + k);
+            for round in 1..=40u64 {
+                let entries =
+                    (0..5).map(|i| (sku(((round * 7 + i * 3 + k) % 30) as usize), PnEntry { p: round, n: round / 2 }));
+                syncplane::merge(&mut c, parts, delta(&w, entries.collect(), round)).await.unwrap();
+            }
+        });
+    }
+    let reader = client(&url).await;
+    let mut seen: BTreeMap<(String, String), PnEntry> = BTreeMap::new();
+    let (mut after, mut last_seq) = (0u64, 0u64);
+    let mut read = async |seen: &mut BTreeMap<_, _>, after: &mut u64| loop {
+        let page = syncplane::read_delta(&reader, &store(), None, *after, 50).await.unwrap();
+        for (seq, s, w, e) in &page.entries {
+            assert!(*seq > last_seq, "sequence {seq} after {last_seq}: read twice or out of order");
+            last_seq = *seq;
+            let slot: &mut PnEntry = seen.entry((s.to_string(), w.to_string())).or_default();
+            *slot = slot.join(*e);
+        }
+        *after = page.upto;
+        if page.entries.len() < 50 {
+            return;
+        }
+    };
+    while !merges.is_empty() {
+        read(&mut seen, &mut after).await;
+        if let Some(r) = merges.try_join_next() {
+            r.unwrap();
+        }
+        tokio::task::yield_now().await;
+    }
+    read(&mut seen, &mut after).await;
+    let c = client(&url).await;
+    let want = stored(&c).await;
+    assert_eq!(seen, want, "the reader holds exactly what was merged");
+    let (digest, head) = syncplane::digest(&c, &store()).await.unwrap();
+    assert_eq!((digest.count, head), (want.len() as u64, after));
+
+    let mut logged: BTreeMap<(String, String), PnEntry> = BTreeMap::new();
+    for p in parts.all() {
+        let log = syncplane::tail(&c, p, 0, 100_000).await.unwrap();
+        let seqs: Vec<u64> = log.iter().map(|(s, ..)| *s).collect();
+        assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>(), "partition {p}'s log has no gap");
+        for (_, _, part) in log {
+            for (s, w, e) in part.entries {
+                assert_eq!(parts.of(&s), p, "{s} logged in partition {p}");
+                let slot = logged.entry((s.to_string(), w.to_string())).or_default();
+                *slot = slot.join(e);
+            }
+        }
+    }
+    assert_eq!(logged, want, "the partitions' logs add up to what was merged");
+}
