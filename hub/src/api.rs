@@ -1569,8 +1569,8 @@ async fn post_resolve_conflict(
 /// Largest page of the change feed.
 pub const CHANGES_PAGE_MAX: usize = 1000;
 
-/// Largest change cursor (cursors are SQLite integers).
-pub const CURSOR_MAX: u64 = i64::MAX as u64;
+/// Largest change cursor (cursors are SQL integers).
+pub use shelfsync_hub_core::CURSOR_MAX;
 
 /// Parses a change cursor given as `what` (`after`, `Last-Event-ID`): 0 to [`CURSOR_MAX`].
 pub(crate) fn parse_cursor(what: &str, s: &str) -> Result<u64, ApiError> {
