@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shelfsync_hub_core::{Partitions, Record};
+use shelfsync_hub_core::{Partition, Partitions, Record};
 use shelfsync_shared::lineage::HubLineage;
 use shelfsync_shared::mac::MacKey;
 use shelfsync_shared::sync::JournalRead;
@@ -243,15 +243,31 @@ impl HubDb {
     }
 
     /// [`HubDb::open`], with every commit fenced by the lease `fence` holds (PostgreSQL only:
-    /// [`crate::cluster`]), loading what `load` says.
+    /// [`crate::cluster`]), loading what `load` says: [`HubDb::open_partition`] of partition 0.
     pub async fn open_fenced(
         target: &Target,
         opts: SqliteOptions,
         load: impl Into<Load>,
         fence: Option<crate::cluster::Fence>,
     ) -> StorageResult<Opened> {
+        Self::open_partition(target, opts, load, fence, 0).await
+    }
+
+    /// [`HubDb::open_fenced`] for `partition`'s decider: it loads that partition's rows (and the
+    /// global ones), its commits write that partition's rows, and `fence` is that partition's
+    /// lease. SQLite has one partition, 0.
+    pub async fn open_partition(
+        target: &Target,
+        opts: SqliteOptions,
+        load: impl Into<Load>,
+        fence: Option<crate::cluster::Fence>,
+        partition: Partition,
+    ) -> StorageResult<Opened> {
         let load = load.into();
         match target {
+            Target::Sqlite(_) if partition != 0 => Err(StorageError::Invalid(format!(
+                "partition {partition} does not exist: a SQLite hub decides for the whole chain (partition 0)"
+            ))),
             Target::Sqlite(path) => {
                 let path = path.clone();
                 let load = match load {
@@ -263,7 +279,7 @@ impl HubDb {
                     .await
                     .map_err(|e| StorageError::Backend(e.to_string()))?
             }
-            Target::Postgres(url) => PgStorage::open(url, opts, load, fence).await,
+            Target::Postgres(url) => PgStorage::open(url, opts, load, fence, partition).await,
         }
     }
 

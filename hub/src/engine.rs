@@ -188,8 +188,8 @@ impl Engine {
         Self::start(opened, opts, started)
     }
 
-    /// Opens the hub's database wherever it is, loads the decider from it and starts the decider
-    /// thread.
+    /// Opens the hub's database wherever it is, loads `partition`'s decider from it and starts
+    /// the decider thread (partition 0: the whole chain, unless the database has several).
     /// A warm standby's decider (`warm`) only reads what was committed since it last looked.
     pub async fn open_target(
         target: &Target,
@@ -197,13 +197,14 @@ impl Engine {
         opts: EngineOptions,
         fence: Option<crate::cluster::Fence>,
         warm: Option<crate::standby::Warm>,
+        partition: shelfsync_hub_core::Partition,
     ) -> StorageResult<Engine> {
         let started = std::time::Instant::now();
         let load = match warm {
             Some(w) => crate::db::Load::Warm(Box::new(w)),
             None => crate::db::Load::All { feed_retain: opts.feed_retain },
         };
-        let opened = HubDb::open_fenced(target, sql, load, fence).await?;
+        let opened = HubDb::open_partition(target, sql, load, fence, partition).await?;
         tokio::task::spawn_blocking(move || Self::start(opened, opts, started))
             .await
             .map_err(|e| StorageError::Backend(format!("starting the decider: {e}")))?

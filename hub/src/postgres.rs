@@ -9,12 +9,18 @@
 //! PostgreSQL-specific: `LOCK TABLE` to serialise migrations of hubs starting together, `strpos`
 //! (the shrink report), `make_interval` (lease times, `crate::cluster`), `pg_database_size`
 //! (`status`) and `unnest(…) WITH ORDINALITY` (batched writes); the README lists them too.
+//!
+//! A database made with several partitions holds each partition's decider apart: its rows carry
+//! the partition (`store_parts` holds each partition's holds version of a store), its hub writer
+//! and id counter are its own `meta` keys (`writer:p`), and one [`PgStorage`] loads and writes one
+//! partition. Its counters follow the sync plane ([`crate::syncplane`]): the hub writer's entries
+//! are numbered by their store's sequence in the commit that writes them.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::future::try_join_all;
-use shelfsync_hub_core::{Partitions, Record, Refusal};
+use shelfsync_hub_core::{Partition, Partitions, Record, Refusal};
 use shelfsync_node::catalog::{self as cat, CatalogView, TrackedDoc};
 use shelfsync_node::now_ms;
 use shelfsync_shared::lineage::HubLineage;
@@ -99,6 +105,22 @@ const MIGRATIONS: &[&str] = &[
     crate::internal::MIGRATION,
     // 5: the sync plane of partitioned databases: store sequences, merge logs.
     crate::syncplane::MIGRATION,
+    // 6: the decider's rows by partition (rows of databases made before are partition 0's).
+    "
+    ALTER TABLE decisions ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE decisions DROP CONSTRAINT decisions_pkey, ADD PRIMARY KEY (partition, kind, key);
+    ALTER TABLE feed ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE feed DROP CONSTRAINT feed_pkey, ADD PRIMARY KEY (partition, cursor);
+    ALTER TABLE transfers ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE transfers DROP CONSTRAINT transfers_pkey, ADD PRIMARY KEY (partition, id);
+    ALTER TABLE journal ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE record_log ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
+    CREATE INDEX record_log_partition_seq ON record_log (partition, seq);
+    INSERT INTO record_log_floor (id, floor) SELECT partition, 0 FROM leases ON CONFLICT (id) DO NOTHING;
+    CREATE TABLE store_parts (
+        partition SMALLINT NOT NULL, store TEXT NOT NULL, holds_version BIGINT NOT NULL,
+        PRIMARY KEY (partition, store));
+    INSERT INTO store_parts (partition, store, holds_version) SELECT 0, id, holds_version FROM stores;",
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or
@@ -296,6 +318,28 @@ async fn meta_get(c: &impl tokio_postgres::GenericClient, key: &str) -> StorageR
 const META_SET: &str =
     "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
+/// A partition's own `meta` key: partition 0 keeps the names of databases made before partitions
+/// (`writer`), partition `p` adds its number (`writer:p`).
+fn meta_key(key: &str, partition: Partition) -> String {
+    match partition {
+        0 => key.to_owned(),
+        p => format!("{key}:{p}"),
+    }
+}
+
+/// A partition as its `SMALLINT` column.
+fn part_col(p: Partition) -> i16 {
+    i16::try_from(p).expect("at most Partitions::MAX partitions")
+}
+
+/// Which partition a writer task persists, and whether the database has several (then the
+/// counters follow the sync plane, [`crate::syncplane`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Scope {
+    partition: Partition,
+    several: bool,
+}
+
 /// The handle the decider thread commits through: batches go to the writer task in order.
 #[derive(Clone)]
 pub struct PgCommitter {
@@ -319,6 +363,8 @@ pub struct PgStorage {
     hub_writer: WriterId,
     key: MacKey,
     journal_head: Arc<AtomicU64>,
+    /// The partition whose decider this storage persists and loads.
+    partition: Partition,
 }
 
 impl PgStorage {
@@ -341,7 +387,8 @@ impl PgStorage {
     }
 
     /// Creates the hub's tables in an empty database (refuses one that holds a hub already).
-    /// `partitions` is fixed from now on: it is stored in `meta` and gets one lease row each.
+    /// `partitions` is fixed from now on: it is stored in `meta` and gets one lease row and one
+    /// hub writer each. Returns partition 0's writer.
     pub async fn create(url: &str, partitions: Partitions) -> StorageResult<WriterId> {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
@@ -350,59 +397,76 @@ impl PgStorage {
         if meta_get(&tx, "writer").await?.is_some() {
             return Err(StorageError::Invalid(format!("a hub database already exists at {}", crate::db::redact(url))));
         }
-        let writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
         let key: [u8; 32] = rand::random();
         let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        tx.execute(META_SET, &[&"writer", &writer.to_string()]).await?;
-        tx.execute(META_SET, &[&"incarnation_started_ms", &now_ms().to_string()]).await?;
         tx.execute(META_SET, &[&"mac_key", &key]).await?;
         tx.execute(META_SET, &[&"partitions", &partitions.count().to_string()]).await?;
         crate::syncplane::create(&tx, partitions).await?;
+        let mut first = None;
         for p in partitions.all() {
+            // Each partition is its own hub writer: the entries one partition authors never share
+            // a sequence with another's.
+            let writer = WriterId::new(NodeId::Hub, Incarnation::from_u64(rand::random::<u64>()));
+            tx.execute(META_SET, &[&meta_key("writer", p), &writer.to_string()]).await?;
+            tx.execute(META_SET, &[&meta_key("incarnation_started_ms", p), &now_ms().to_string()]).await?;
+            first.get_or_insert(writer);
             tx.execute(
                 "INSERT INTO leases (partition) VALUES ($1) ON CONFLICT (partition) DO NOTHING",
                 &[&i32::from(p)],
             )
             .await?;
+            tx.execute(
+                "INSERT INTO record_log_floor (id, floor) VALUES ($1, 0) ON CONFLICT (id) DO NOTHING",
+                &[&i32::from(p)],
+            )
+            .await?;
         }
         tx.commit().await?;
-        Ok(writer)
+        Ok(first.expect("at least one partition"))
     }
 
-    /// Opens the hub's database: migrates it, reads the decider's rows when `load` says how many
-    /// of the newest feed events to keep, and starts the writer task.
-    /// With a `fence`, every commit first checks that the lease's epoch is still the one the
-    /// fence holds ([`crate::cluster`]); a commit under another epoch fails and writes nothing.
+    /// Opens the hub's database for `partition`'s decider: migrates it, reads that partition's
+    /// rows (and the global ones) when `load` says how many of the newest feed events to keep,
+    /// and starts the writer task, which writes that partition's rows.
+    /// With a `fence` (the partition's lease), every commit first checks that the lease's epoch is
+    /// still the one the fence holds ([`crate::cluster`]); a commit under another epoch fails and
+    /// writes nothing.
     pub async fn open(
         url: &str,
         opts: SqliteOptions,
         load: crate::db::Load,
         fence: Option<crate::cluster::Fence>,
+        partition: Partition,
     ) -> StorageResult<Opened> {
         let mut admin = connect(url).await?;
         migrate(&mut admin).await?;
-        let hub_writer: WriterId = meta_get(&admin, "writer")
-            .await?
-            .ok_or_else(|| {
-                StorageError::Invalid(format!(
-                    "no hub database at {}; run `shelfsync-hub init --database-url …` first",
-                    crate::db::redact(url)
-                ))
-            })?
-            .parse()
-            .map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?;
+        if meta_get(&admin, "writer").await?.is_none() {
+            return Err(StorageError::Invalid(format!(
+                "no hub database at {}; run `shelfsync-hub init --database-url …` first",
+                crate::db::redact(url)
+            )));
+        }
+        let partitions = Self::partitions(&admin).await?;
+        if partition >= partitions.count() {
+            return Err(StorageError::Invalid(format!(
+                "partition {partition} does not exist: this database was made with {} partitions",
+                partitions.count()
+            )));
+        }
+        let scope = Scope { partition, several: partitions != Partitions::ONE };
+        let hub_writer = partition_writer(&admin, partition).await?;
         let key = parse_mac_key(
             &meta_get(&admin, "mac_key").await?.ok_or_else(|| StorageError::Corrupt("meta.mac_key missing".into()))?,
         )?;
         let want_peers = !matches!(load, crate::db::Load::Nothing);
         let (records, loader) = match load {
             crate::db::Load::Nothing => (Vec::new(), None),
-            crate::db::Load::All { feed_retain } => (load_records(&admin, feed_retain).await?, None),
+            crate::db::Load::All { feed_retain } => (load_records(&admin, partition, feed_retain).await?, None),
             crate::db::Load::Warm(warm) => {
                 let feed_retain = warm.feed_retain;
-                match warm_takeover(&admin, *warm).await? {
+                match warm_takeover(&admin, partition, *warm).await? {
                     Some(loader) => (Vec::new(), Some(loader)),
-                    None => (load_records(&admin, feed_retain).await?, None),
+                    None => (load_records(&admin, partition, feed_retain).await?, None),
                 }
             }
         };
@@ -418,7 +482,7 @@ impl PgStorage {
             writer.batch_execute(&fence.session_setup()).await?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(writer, rx, opts.group_commit_max.max(1), journal_head.clone(), fence));
+        tokio::spawn(write_loop(writer, rx, opts.group_commit_max.max(1), journal_head.clone(), fence, scope));
         Ok(Opened {
             storage: crate::db::HubDb::Postgres(PgStorage {
                 readers,
@@ -428,6 +492,7 @@ impl PgStorage {
                 hub_writer,
                 key,
                 journal_head,
+                partition,
             }),
             records,
             loader,
@@ -446,9 +511,14 @@ impl PgStorage {
         self.key.clone()
     }
 
-    /// The writer this database ran as when opened.
+    /// The writer this database's partition ran as when opened.
     pub fn hub_writer(&self) -> WriterId {
         self.hub_writer.clone()
+    }
+
+    /// The partition whose decider this storage persists.
+    pub fn partition(&self) -> Partition {
+        self.partition
     }
 
     /// The journal's newest committed sequence.
@@ -471,10 +541,13 @@ impl PgStorage {
             .collect()
     }
 
-    /// Feed events after `cursor` from storage.
+    /// The partition's feed events after `cursor` from storage.
     pub async fn feed_after(&self, cursor: u64, limit: usize) -> StorageResult<Vec<shelfsync_hub_core::FeedEvent>> {
         self.r()
-            .query("SELECT body FROM feed WHERE cursor > $1 ORDER BY cursor LIMIT $2", &[&big(cursor), &(limit as i64)])
+            .query(
+                "SELECT body FROM feed WHERE partition = $3 AND cursor > $1 ORDER BY cursor LIMIT $2",
+                &[&big(cursor), &(limit as i64), &part_col(self.partition)],
+            )
             .await?
             .iter()
             .map(|r| persist::feed_event(&get::<String>(r, 0)?))
@@ -937,25 +1010,44 @@ async fn journal_head(c: &impl tokio_postgres::GenericClient) -> StorageResult<u
     Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
 }
 
-/// The heads the database holds, as [`shelfsync_hub_core::Loader::heads`] reads them: (feed
-/// cursor, counter sequence, ids minted).
-async fn stored_heads(c: &Client) -> StorageResult<(u64, u64, u64)> {
+/// `partition`'s hub writer (`meta.writer`, `meta.writer:p`).
+async fn partition_writer(c: &impl tokio_postgres::GenericClient, partition: Partition) -> StorageResult<WriterId> {
+    let key = meta_key("writer", partition);
+    meta_get(c, &key)
+        .await?
+        .ok_or_else(|| StorageError::Corrupt(format!("meta.{key} missing: partition {partition} has no hub writer")))?
+        .parse()
+        .map_err(|e| StorageError::Corrupt(format!("meta.{key}: {e}")))
+}
+
+/// The heads `partition`'s rows hold, as [`shelfsync_hub_core::Loader::heads`] reads them:
+/// (feed cursor, counter sequence, ids minted).
+async fn stored_heads(c: &Client, partition: Partition) -> StorageResult<(u64, u64, u64)> {
     let r = c
         .query_one(
-            "SELECT (SELECT COALESCE(MAX(cursor), 0) FROM feed), (SELECT COALESCE(MAX(seq), 0) FROM counters)",
-            &[],
+            "SELECT (SELECT COALESCE(MAX(cursor), 0) FROM feed WHERE partition = $1),
+                    (SELECT COALESCE(MAX(seq), 0) FROM counters WHERE partition = $1)",
+            &[&part_col(partition)],
         )
         .await?;
-    let ids = meta_get(c, "id_counter").await?.map(|v| v.parse::<u64>()).transpose();
-    let ids = ids.map_err(|e| StorageError::Corrupt(format!("meta.id_counter: {e}")))?.unwrap_or(0);
+    let key = meta_key("id_counter", partition);
+    let ids = meta_get(c, &key).await?.map(|v| v.parse::<u64>()).transpose();
+    let ids = ids.map_err(|e| StorageError::Corrupt(format!("meta.{key}: {e}")))?.unwrap_or(0);
     Ok((unsigned(&r, 0)?, unsigned(&r, 1)?, ids))
 }
 
-/// The stores' rows as records.
-async fn load_stores(c: &Client) -> StorageResult<Vec<Record>> {
+/// The stores' rows as records, with `partition`'s holds version of each (`store_parts`; the
+/// `stores` column for partition 0 of a database where the store has no such row yet).
+async fn load_stores(c: &Client, partition: Partition) -> StorageResult<Vec<Record>> {
     let mut out = Vec::new();
     for r in c
-        .query("SELECT id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version FROM stores ORDER BY id", &[])
+        .query(
+            "SELECT s.id, s.created_at_ms, s.revoked_at_ms, s.last_seen_ms,
+                    COALESCE(sp.holds_version, CASE WHEN $1::int2 = 0 THEN s.holds_version ELSE 0 END)
+             FROM stores s LEFT JOIN store_parts sp ON sp.partition = $1 AND sp.store = s.id
+             ORDER BY s.id",
+            &[&part_col(partition)],
+        )
         .await?
     {
         out.push(persist::store_record(get(&r, 0)?, get(&r, 1)?, get(&r, 2)?, get(&r, 3)?, unsigned(&r, 4)?)?);
@@ -963,18 +1055,23 @@ async fn load_stores(c: &Client) -> StorageResult<Vec<Record>> {
     Ok(out)
 }
 
-/// A warm standby's first load: every record and where the record log stood, from one snapshot
-/// of the database (so the log's later rows are exactly what was committed after it).
-pub(crate) async fn warm_snapshot(c: &Client, feed_retain: usize) -> StorageResult<(Vec<Record>, WriterId, i64)> {
+/// A warm standby's first load: every record of `partition` and where its record log stood,
+/// from one snapshot of the database (so the log's later rows are exactly what was committed
+/// after it).
+pub(crate) async fn warm_snapshot(
+    c: &Client,
+    partition: Partition,
+    feed_retain: usize,
+) -> StorageResult<(Vec<Record>, WriterId, i64)> {
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
     let read = async {
-        let writer: WriterId = meta_get(c, "writer")
-            .await?
-            .ok_or_else(|| StorageError::Invalid("no hub database here yet".into()))?
-            .parse()
-            .map_err(|e| StorageError::Corrupt(format!("meta.writer: {e}")))?;
-        let records = load_records(c, feed_retain).await?;
-        let cursor: Option<i64> = c.query_one("SELECT MAX(seq) FROM record_log", &[]).await?.get(0);
+        if meta_get(c, "writer").await?.is_none() {
+            return Err(StorageError::Invalid("no hub database here yet".into()));
+        }
+        let writer = partition_writer(c, partition).await?;
+        let records = load_records(c, partition, feed_retain).await?;
+        let cursor: Option<i64> =
+            c.query_one("SELECT MAX(seq) FROM record_log WHERE partition = $1", &[&part_col(partition)]).await?.get(0);
         Ok::<_, StorageError>((records, writer, cursor.unwrap_or(0)))
     }
     .await;
@@ -988,16 +1085,23 @@ pub(crate) async fn warm_snapshot(c: &Client, feed_retain: usize) -> StorageResu
 /// that never reached the log, e.g. of a hub of an older version): then every record is loaded.
 async fn warm_takeover(
     c: &Client,
+    partition: Partition,
     mut warm: crate::standby::Warm,
 ) -> StorageResult<Option<shelfsync_hub_core::Loader>> {
-    if !catch_up(c, &mut warm).await? {
-        tracing::warn!("the standby fell behind the record log; loading every record");
+    if warm.partition != partition {
+        return Err(StorageError::Invalid(format!(
+            "a warm decider of partition {} cannot take over partition {partition}",
+            warm.partition
+        )));
+    }
+    if !catch_up(c, partition, &mut warm).await? {
+        tracing::warn!(partition, "the standby fell behind the record log; loading every record");
         return Ok(None);
     }
-    tracing::info!(tail = warm.pending.len(), "the warm decider read the commits since its last look");
-    warm.pending.extend(load_stores(c).await?);
+    tracing::info!(partition, tail = warm.pending.len(), "the warm decider read the commits since its last look");
+    warm.pending.extend(load_stores(c, partition).await?);
     let warm = warm.settle().await?;
-    let stored = stored_heads(c).await?;
+    let stored = stored_heads(c, partition).await?;
     if warm.loader.heads() != stored {
         tracing::warn!(
             warm = ?warm.loader.heads(),
@@ -1010,17 +1114,21 @@ async fn warm_takeover(
     Ok(Some(warm.loader))
 }
 
-/// Reads the record log after `warm.cursor` into `warm.pending`, up to its end. False if the log
-/// was trimmed past the cursor (the standby fell behind: it must load the tables again).
-pub(crate) async fn catch_up(c: &Client, warm: &mut crate::standby::Warm) -> StorageResult<bool> {
+/// Reads `partition`'s record log after `warm.cursor` into `warm.pending`, up to its end. False
+/// if the log was trimmed past the cursor (the standby fell behind: it must load the tables
+/// again).
+pub(crate) async fn catch_up(c: &Client, partition: Partition, warm: &mut crate::standby::Warm) -> StorageResult<bool> {
     loop {
         c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
         let read = async {
-            let floor: i64 = c.query_one("SELECT floor FROM record_log_floor WHERE id = 0", &[]).await?.get(0);
+            let floor: Option<i64> = c
+                .query_opt("SELECT floor FROM record_log_floor WHERE id = $1", &[&i32::from(partition)])
+                .await?
+                .map(|r| r.get(0));
             let rows = c
                 .query(
-                    "SELECT seq, body FROM record_log WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    &[&warm.cursor, &RECORD_LOG_PAGE],
+                    "SELECT seq, body FROM record_log WHERE partition = $3 AND seq > $1 ORDER BY seq LIMIT $2",
+                    &[&warm.cursor, &RECORD_LOG_PAGE, &part_col(partition)],
                 )
                 .await?;
             Ok::<_, StorageError>((floor, rows))
@@ -1028,7 +1136,7 @@ pub(crate) async fn catch_up(c: &Client, warm: &mut crate::standby::Warm) -> Sto
         .await;
         c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
         let (floor, rows) = read?;
-        if floor > warm.cursor {
+        if floor.unwrap_or(0) > warm.cursor {
             return Ok(false);
         }
         let full = rows.len() as i64 == RECORD_LOG_PAGE;
@@ -1045,9 +1153,12 @@ pub(crate) async fn catch_up(c: &Client, warm: &mut crate::standby::Warm) -> Sto
     }
 }
 
-async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Record>> {
-    let mut out = load_stores(c).await?;
-    for r in c.query("SELECT store, sku, writer, p, n, seq FROM counters", &[]).await? {
+/// `partition`'s decider as records: the stores, its counters, the catalog's rules and overrides
+/// (global), its decisions, transfers, newest `feed_retain` feed events and `meta` rows.
+async fn load_records(c: &Client, partition: Partition, feed_retain: usize) -> StorageResult<Vec<Record>> {
+    let part = part_col(partition);
+    let mut out = load_stores(c, partition).await?;
+    for r in c.query("SELECT store, sku, writer, p, n, seq FROM counters WHERE partition = $1", &[&part]).await? {
         out.push(persist::entry_record(
             get(&r, 0)?,
             get(&r, 1)?,
@@ -1064,19 +1175,21 @@ async fn load_records(c: &Client, feed_retain: usize) -> StorageResult<Vec<Recor
     for r in c.query("SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides", &[]).await? {
         out.push(persist::overrides_record(get(&r, 0)?, get(&r, 1)?, opt_unsigned(&r, 2)?, opt_unsigned(&r, 3)?)?);
     }
-    for r in c.query("SELECT kind, key, body FROM decisions", &[]).await? {
+    for r in c.query("SELECT kind, key, body FROM decisions WHERE partition = $1", &[&part]).await? {
         out.push(persist::decision_record(&get::<String>(&r, 0)?, &get::<String>(&r, 1)?, &get::<String>(&r, 2)?)?);
     }
-    for r in c.query("SELECT id, body FROM transfers", &[]).await? {
+    for r in c.query("SELECT id, body FROM transfers WHERE partition = $1", &[&part]).await? {
         out.push(persist::transfer_record(&get::<String>(&r, 0)?, &get::<String>(&r, 1)?)?);
     }
     let mut events = Vec::new();
-    for r in c.query("SELECT body FROM feed ORDER BY cursor DESC LIMIT $1", &[&(feed_retain as i64)]).await? {
+    let sql = "SELECT body FROM feed WHERE partition = $2 ORDER BY cursor DESC LIMIT $1";
+    for r in c.query(sql, &[&(feed_retain as i64), &part]).await? {
         events.push(persist::feed_event(&get::<String>(&r, 0)?)?);
     }
     events.reverse();
     out.extend(events.into_iter().map(Record::Feed));
-    out.extend(persist::meta_records(meta_get(c, "writer").await?, meta_get(c, "id_counter").await?)?);
+    let writer = meta_get(c, &meta_key("writer", partition)).await?;
+    out.extend(persist::meta_records(writer, meta_get(c, &meta_key("id_counter", partition)).await?)?);
     Ok(out)
 }
 
@@ -1105,16 +1218,23 @@ fn op(sql: &'static str, args: Vec<Box<dyn ToSql + Sync + Send>>) -> Op {
 /// The rows of a group commit, one set per table: written with one statement per table
 /// (`INSERT … SELECT FROM unnest($1, $2, …)`), not one per row. Upserts keep the last row of a key
 /// (a statement may not update a row twice; records carry whole rows, so the last one is the
-/// state); journal and feed rows keep their order.
+/// state); journal and feed rows keep their order. Every row is the scope's partition's.
+///
+/// In a database of several partitions the counters follow the sync plane
+/// ([`crate::syncplane`]): store writers' entries are the sync plane's to write (it merged them
+/// already), and the hub writer's are numbered by their store's sequence ([`Rows::stamp`]).
 #[derive(Default)]
 struct Rows {
+    scope: Scope,
     stores: Keyed<String, StoreRow>,
     entries: Keyed<(String, String, String), (i64, i64, i64)>,
     decisions: Keyed<(&'static str, String), String>,
     transfers: Keyed<String, (String, String, String, i64, String)>,
-    meta: Keyed<&'static str, String>,
+    meta: Keyed<String, String>,
     feed: Vec<(i64, String, i64, String)>,
     journal: Vec<JournalRow>,
+    /// The stores' sequences after [`Rows::stamp`]: (store, new head).
+    store_heads: Vec<(String, i64)>,
 }
 
 type StoreRow = (String, i64, Option<i64>, Option<i64>, i64);
@@ -1167,6 +1287,10 @@ fn col<T: ToSql + Sync + Send + 'static>(v: Vec<T>) -> Box<dyn ToSql + Sync + Se
 }
 
 impl Rows {
+    fn new(scope: Scope) -> Rows {
+        Rows { scope, ..Rows::default() }
+    }
+
     fn add_records(&mut self, records: &[Record]) {
         for row in persist::rows(records) {
             match row {
@@ -1174,6 +1298,8 @@ impl Rows {
                     s.id.to_string(),
                     (s.id.to_string(), s.added_at_ms, s.revoked_at_ms, s.last_seen_ms, big(s.holds_version)),
                 ),
+                // The sync plane merged it (and numbered it) already.
+                RowWrite::Entry(e) if self.scope.several && !e.writer.is_hub() => {}
                 RowWrite::Entry(e) => self.entries.put(
                     (e.store.to_string(), e.sku.to_string(), e.writer.to_string()),
                     (big(e.entry.p), big(e.entry.n), big(e.seq)),
@@ -1185,31 +1311,84 @@ impl Rows {
                 ),
                 RowWrite::Feed(e, body) => self.feed.push((big(e.cursor), e.kind.as_str().to_owned(), e.at_ms, body)),
                 RowWrite::Journal(e) => self.journal.push(journal_row(e)),
-                RowWrite::Meta(key, value) => self.meta.put(key, value),
+                RowWrite::Meta(key, value) => self.meta.put(meta_key(key, self.scope.partition), value),
             }
         }
+    }
+
+    /// The stores whose sequence numbers this commit's entries, in the order their rows are
+    /// locked (every writer locks in this order, so none waits for another in a cycle): none
+    /// unless the database has several partitions.
+    fn stamped_stores(&self) -> Vec<String> {
+        if !self.scope.several {
+            return Vec::new();
+        }
+        let stores: std::collections::BTreeSet<&String> = self.entries.rows.iter().map(|((st, _, _), _)| st).collect();
+        stores.into_iter().cloned().collect()
+    }
+
+    /// Numbers the entries by their store's sequence, after `heads` (each store's sequence as
+    /// locked), in the order they were decided: the store's next numbers, as counter sequence
+    /// and store sequence both.
+    fn stamp(&mut self, heads: impl IntoIterator<Item = (String, i64)>) {
+        let mut next: std::collections::BTreeMap<String, i64> = heads.into_iter().collect();
+        for ((store, _, _), (_, _, seq)) in &mut self.entries.rows {
+            let head = next.get_mut(store).expect("every stamped store's sequence is locked");
+            *head += 1;
+            *seq = *head;
+        }
+        self.store_heads = next.into_iter().collect();
+    }
+
+    /// The sequence each entry row carries, by (store, SKU, writer).
+    fn entry_seqs(&self) -> std::collections::HashMap<(String, String, String), i64> {
+        self.entries.rows.iter().map(|(k, (_, _, seq))| (k.clone(), *seq)).collect()
     }
 
     /// One statement per table that has rows.
     fn ops(self) -> Vec<Op> {
         let mut ops = Vec::new();
+        let part = part_col(self.scope.partition);
         if !self.stores.rows.is_empty() {
             let (mut id, mut added, mut revoked, mut seen, mut holds) = (vec![], vec![], vec![], vec![], vec![]);
-            for (_, (i, a, r, l, h)) in self.stores.rows {
+            // By id: the partitions' writers upsert (and so lock) the rows of the stores they
+            // share in one order, so none waits for another in a cycle.
+            let mut stores = self.stores.rows;
+            stores.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (_, (i, a, r, l, h)) in stores {
                 id.push(i);
                 added.push(a);
                 revoked.push(r);
                 seen.push(l);
                 holds.push(h);
             }
+            // A store's holds version is each partition's own (`store_parts`); the `stores` column
+            // is the one partition's of a database that has only one, as before partitions.
+            ops.push(if self.scope.several {
+                op(
+                    "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms)
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[])
+                     ON CONFLICT (id) DO UPDATE SET
+                        revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
+                        last_seen_ms = GREATEST(stores.last_seen_ms, excluded.last_seen_ms)",
+                    vec![col(id.clone()), col(added), col(revoked), col(seen)],
+                )
+            } else {
+                op(
+                    "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                     ON CONFLICT (id) DO UPDATE SET
+                        revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
+                        last_seen_ms = GREATEST(stores.last_seen_ms, excluded.last_seen_ms),
+                        holds_version = excluded.holds_version",
+                    vec![col(id.clone()), col(added), col(revoked), col(seen), col(holds.clone())],
+                )
+            });
             ops.push(op(
-                "INSERT INTO stores (id, created_at_ms, revoked_at_ms, last_seen_ms, holds_version)
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
-                 ON CONFLICT (id) DO UPDATE SET
-                    revoked_at_ms = COALESCE(stores.revoked_at_ms, excluded.revoked_at_ms),
-                    last_seen_ms = GREATEST(stores.last_seen_ms, excluded.last_seen_ms),
-                    holds_version = excluded.holds_version",
-                vec![col(id), col(added), col(revoked), col(seen), col(holds)],
+                "INSERT INTO store_parts (partition, store, holds_version)
+                 SELECT $3::int2, s, h FROM unnest($1::text[], $2::int8[]) AS u(s, h)
+                 ON CONFLICT (partition, store) DO UPDATE SET holds_version = excluded.holds_version",
+                vec![col(id), col(holds), Box::new(part)],
             ));
         }
         if !self.entries.rows.is_empty() {
@@ -1223,11 +1402,33 @@ impl Rows {
                 n.push(nn);
                 seq.push(sq);
             }
+            ops.push(if self.scope.several {
+                op(
+                    "INSERT INTO counters (store, sku, writer, p, n, seq, store_seq, partition)
+                     SELECT s, k, w, p, n, q, q, $7::int2
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                          AS u(s, k, w, p, n, q)
+                     ON CONFLICT (store, sku, writer) DO UPDATE SET
+                        p = GREATEST(counters.p, excluded.p), n = GREATEST(counters.n, excluded.n),
+                        seq = excluded.seq, store_seq = excluded.store_seq, partition = excluded.partition",
+                    vec![col(store), col(sku), col(writer), col(p), col(n), col(seq), Box::new(part)],
+                )
+            } else {
+                op(
+                    "INSERT INTO counters (store, sku, writer, p, n, seq)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                     ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
+                    vec![col(store), col(sku), col(writer), col(p), col(n), col(seq)],
+                )
+            });
+        }
+        if !self.store_heads.is_empty() {
+            let (store, head): (Vec<String>, Vec<i64>) = self.store_heads.into_iter().unzip();
+            // The rows were locked before the entries were numbered ([`lock_store_seqs`]).
             ops.push(op(
-                "INSERT INTO counters (store, sku, writer, p, n, seq)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
-                 ON CONFLICT (store, sku, writer) DO UPDATE SET p = excluded.p, n = excluded.n, seq = excluded.seq",
-                vec![col(store), col(sku), col(writer), col(p), col(n), col(seq)],
+                "UPDATE store_seqs SET counter = u.h FROM unnest($1::text[], $2::int8[]) AS u(s, h)
+                 WHERE store_seqs.store = u.s",
+                vec![col(store), col(head)],
             ));
         }
         if !self.decisions.rows.is_empty() {
@@ -1238,9 +1439,10 @@ impl Rows {
                 body.push(b);
             }
             ops.push(op(
-                "INSERT INTO decisions (kind, key, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-                 ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body",
-                vec![col(kind), col(key), col(body)],
+                "INSERT INTO decisions (partition, kind, key, body)
+                 SELECT $4::int2, k, y, b FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, y, b)
+                 ON CONFLICT (partition, kind, key) DO UPDATE SET body = excluded.body",
+                vec![col(kind), col(key), col(body), Box::new(part)],
             ));
         }
         if !self.transfers.rows.is_empty() {
@@ -1255,10 +1457,12 @@ impl Rows {
                 body.push(b);
             }
             ops.push(op(
-                "INSERT INTO transfers (id, from_store, to_store, status, shipped_at_ms, body)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[])
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-                vec![col(id), col(from), col(to), col(status), col(at), col(body)],
+                "INSERT INTO transfers (partition, id, from_store, to_store, status, shipped_at_ms, body)
+                 SELECT $7::int2, i, f, t, s, a, b
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[])
+                      AS u(i, f, t, s, a, b)
+                 ON CONFLICT (partition, id) DO UPDATE SET status = excluded.status, body = excluded.body",
+                vec![col(id), col(from), col(to), col(status), col(at), col(body), Box::new(part)],
             ));
         }
         if !self.feed.is_empty() {
@@ -1270,9 +1474,9 @@ impl Rows {
                 body.push(b);
             }
             ops.push(op(
-                "INSERT INTO feed (cursor, kind, at_ms, body)
-                 SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[])",
-                vec![col(cursor), col(kind), col(at), col(body)],
+                "INSERT INTO feed (partition, cursor, kind, at_ms, body)
+                 SELECT $5::int2, c, k, a, b FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[]) AS u(c, k, a, b)",
+                vec![col(cursor), col(kind), col(at), col(body), Box::new(part)],
             ));
         }
         if !self.journal.is_empty() {
@@ -1308,8 +1512,8 @@ impl Rows {
             // In order: the journal's sequence follows the order the events were decided.
             ops.push(op(
                 "INSERT INTO journal
-                    (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags)
-                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+                    (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, partition)
+                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, $12::int2
                  FROM unnest($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[],
                              $8::int8[], $9::int8[], $10::text[], $11::int4[])
                       WITH ORDINALITY AS t(id, line, kind, store, sku, delta, reason, occurred_at_ms,
@@ -1328,6 +1532,7 @@ impl Rows {
                     col(recorded),
                     col(writer),
                     col(flags),
+                    Box::new(part),
                 ],
             ));
         }
@@ -1342,7 +1547,10 @@ impl Rows {
 fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
     match w {
         SideWrite::NewLife { at_ms } => vec![
-            op(META_SET, vec![Box::new("incarnation_started_ms"), Box::new(at_ms.to_string())]),
+            op(
+                META_SET,
+                vec![Box::new(meta_key("incarnation_started_ms", rows.scope.partition)), Box::new(at_ms.to_string())],
+            ),
             op("DELETE FROM meta WHERE key = 'restored_copy'", vec![]),
         ],
         SideWrite::PeerApplied { store, peer, upto, at_ms, lineage } => vec![op(
@@ -1452,14 +1660,28 @@ struct Statements(std::collections::HashMap<&'static str, tokio_postgres::Statem
 
 impl Statements {
     /// Prepares what `ops` use that is not prepared yet (pipelined).
-    async fn prepare(&mut self, client: &Client, ops: &[Op]) -> StorageResult<()> {
-        let mut missing: Vec<&'static str> =
-            ops.iter().map(|(sql, _)| *sql).filter(|s| !self.0.contains_key(s)).collect();
+    async fn prepare(&mut self, client: &impl tokio_postgres::GenericClient, ops: &[Op]) -> StorageResult<()> {
+        self.prepare_sql(client, ops.iter().map(|(sql, _)| *sql)).await
+    }
+
+    /// Prepares the statements of `sqls` that are not prepared yet (pipelined). Prepared
+    /// statements belong to the connection: those prepared inside a transaction outlive it.
+    async fn prepare_sql(
+        &mut self,
+        client: &impl tokio_postgres::GenericClient,
+        sqls: impl IntoIterator<Item = &'static str>,
+    ) -> StorageResult<()> {
+        let mut missing: Vec<&'static str> = sqls.into_iter().filter(|s| !self.0.contains_key(s)).collect();
         missing.sort_unstable();
         missing.dedup();
         let prepared = try_join_all(missing.iter().map(|sql| client.prepare(sql))).await?;
         self.0.extend(missing.into_iter().zip(prepared));
         Ok(())
+    }
+
+    /// The prepared statement of `sql` ([`Statements::prepare_sql`] first).
+    fn get(&self, sql: &'static str) -> &tokio_postgres::Statement {
+        self.0.get(sql).expect("prepared before use")
     }
 }
 
@@ -1477,6 +1699,159 @@ async fn run_prepared(tx: &tokio_postgres::Transaction<'_>, ops: &[Op], stmts: &
     Ok(())
 }
 
+/// A store's sequence row, made if missing.
+const STORE_SEQ_ROW: &str = "INSERT INTO store_seqs (store) VALUES ($1) ON CONFLICT DO NOTHING";
+/// A store's sequence, its row locked until the commit ([`crate::syncplane`] locks it the same
+/// way: a store's entries are numbered in commit order, whoever writes them).
+const STORE_SEQ_LOCK: &str = "SELECT counter FROM store_seqs WHERE store = $1 FOR UPDATE";
+
+/// Fails unless the lease is still at the epoch `fence` holds (`epoch`: what the lease row says).
+fn check_fence(fence: &crate::cluster::Fence, epoch: i64) -> StorageResult<()> {
+    let held = fence.epoch();
+    if held == 0 || epoch != held {
+        return Err(StorageError::Stopped(format!(
+            "fenced: the lease is at epoch {epoch} and this hub holds {held}; another hub took over, \
+             nothing of this batch was written"
+        )));
+    }
+    Ok(())
+}
+
+/// In `tx`: the fence's check, then the sequence rows of `stores` (sorted) made and locked, one
+/// store after the other, pipelined in that order. Returns each store's sequence as locked.
+async fn lock_store_seqs(
+    tx: &tokio_postgres::Transaction<'_>,
+    stmts: &Statements,
+    fence: Option<&crate::cluster::Fence>,
+    partition: Partition,
+    stores: &[String],
+) -> StorageResult<Vec<(String, i64)>> {
+    let lease = i32::from(partition);
+    let check = async {
+        match fence {
+            None => Ok(None),
+            Some(_) => tx.query_one(stmts.get(crate::cluster::Fence::CHECK), &[&lease]).await.map(Some),
+        }
+    };
+    // One future per statement, polled in order: each is sent on its first poll, so the server
+    // runs them in this order.
+    type Step<'a> = futures_util::future::BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>>;
+    let steps = stores.iter().flat_map(|store| -> [Step<'_>; 2] {
+        [
+            Box::pin(async move { tx.execute(stmts.get(STORE_SEQ_ROW), &[store]).await.map(|_| None) }),
+            Box::pin(async move { tx.query_one(stmts.get(STORE_SEQ_LOCK), &[store]).await.map(|r| Some(r.get(0))) }),
+        ]
+    });
+    let (row, heads) = tokio::try_join!(check, try_join_all(steps))?;
+    if let (Some(fence), Some(row)) = (fence, row) {
+        check_fence(fence, row.get(0))?;
+    }
+    Ok(stores.iter().cloned().zip(heads.into_iter().flatten()).collect())
+}
+
+/// Commits one group of batches in one transaction; returns the journal's head after it.
+///
+/// A database of one partition: every statement pipelined in one round trip, the fence's check
+/// first. Several partitions, when the hub writer authored entries: first the check and the
+/// entries' stores' sequence rows locked ([`lock_store_seqs`]), then the rest with the entries
+/// numbered from those sequences; the record log carries them as numbered.
+async fn commit_group(
+    client: &mut Client,
+    stmts: &mut Statements,
+    fence: Option<&crate::cluster::Fence>,
+    mut rows: Rows,
+    side: Vec<Op>,
+    records: &[&Record],
+    trim: bool,
+) -> StorageResult<u64> {
+    if shelfsync_node::fatal::is_stopping() {
+        return Err(StorageError::Stopped("the hub is stopping".into()));
+    }
+    let scope = rows.scope;
+    let stamped = rows.stamped_stores();
+    let finish = |rows: Rows, log: String| {
+        let mut ops = rows.ops();
+        ops.extend(side);
+        // Every commit's records, for the warm standbys; trimmed to the last seconds now and then.
+        ops.push(op(
+            "INSERT INTO record_log (partition, body) VALUES ($1, $2)",
+            vec![Box::new(part_col(scope.partition)), Box::new(log)],
+        ));
+        if trim {
+            ops.push(op(
+                "UPDATE record_log_floor SET floor = GREATEST(floor, COALESCE(
+                    (SELECT MAX(seq) FROM record_log WHERE partition = $2 AND at < now() - make_interval(secs => $1)),
+                    floor))
+                 WHERE id = $3",
+                vec![
+                    Box::new(RECORD_LOG_KEEP_SECS),
+                    Box::new(part_col(scope.partition)),
+                    Box::new(i32::from(scope.partition)),
+                ],
+            ));
+            ops.push(op(
+                "DELETE FROM record_log
+                 WHERE partition = $1 AND seq <= (SELECT floor FROM record_log_floor WHERE id = $2)",
+                vec![Box::new(part_col(scope.partition)), Box::new(i32::from(scope.partition))],
+            ));
+        }
+        ops
+    };
+    if stamped.is_empty() {
+        let log = serde_json::to_string(records).expect("records serialise");
+        let ops = finish(rows, log);
+        stmts.prepare(&*client, &ops).await?;
+        let tx = client.transaction().await?;
+        match fence {
+            None => run_prepared(&tx, &ops, stmts).await?,
+            Some(fence) => {
+                // Pipelined: the check goes first, so its share lock is held by the time the
+                // writes run.
+                let check = async {
+                    Ok::<_, StorageError>(
+                        tx.query_one(crate::cluster::Fence::CHECK, &[&i32::from(scope.partition)]).await?,
+                    )
+                };
+                let (row, ()) = tokio::try_join!(check, run_prepared(&tx, &ops, stmts))?;
+                check_fence(fence, row.get(0))?;
+            }
+        }
+        let head = journal_head(&tx).await?;
+        tx.commit().await?;
+        return Ok(head);
+    }
+    stmts.prepare_sql(&*client, [crate::cluster::Fence::CHECK, STORE_SEQ_ROW, STORE_SEQ_LOCK]).await?;
+    let tx = client.transaction().await?;
+    let heads = lock_store_seqs(&tx, stmts, fence, scope.partition, &stamped).await?;
+    rows.stamp(heads);
+    let seqs = rows.entry_seqs();
+    // The log holds the hub writer's entries as stored: numbered by their store's sequence.
+    let logged: Vec<std::borrow::Cow<'_, Record>> = records
+        .iter()
+        .map(|r| match r {
+            Record::Entry(e) if e.writer.is_hub() => {
+                let key = (e.store.to_string(), e.sku.to_string(), e.writer.to_string());
+                match seqs.get(&key) {
+                    Some(seq) => {
+                        let mut e = e.clone();
+                        e.seq = u64::try_from(*seq).unwrap_or(0);
+                        std::borrow::Cow::Owned(Record::Entry(e))
+                    }
+                    None => std::borrow::Cow::Borrowed(*r),
+                }
+            }
+            _ => std::borrow::Cow::Borrowed(*r),
+        })
+        .collect();
+    let log = serde_json::to_string(&logged).expect("records serialise");
+    let ops = finish(rows, log);
+    stmts.prepare(&tx, &ops).await?;
+    run_prepared(&tx, &ops, stmts).await?;
+    let head = journal_head(&tx).await?;
+    tx.commit().await?;
+    Ok(head)
+}
+
 /// The writer task: takes the queued batches (up to `group_max` at once), commits them in one
 /// transaction, publishes the journal's head, then answers them in order.
 async fn write_loop(
@@ -1485,6 +1860,7 @@ async fn write_loop(
     group_max: usize,
     journal: Arc<AtomicU64>,
     fence: Option<crate::cluster::Fence>,
+    scope: Scope,
 ) {
     let mut batch = Vec::new();
     let mut stmts = Statements::default();
@@ -1498,61 +1874,19 @@ async fn write_loop(
             }
         }
         let (commits, dones): (Vec<Commit>, Vec<CommitDone>) = batch.drain(..).unzip();
-        let (mut rows, mut side) = (Rows::default(), Vec::new());
+        let (mut rows, mut side) = (Rows::new(scope), Vec::new());
         for c in &commits {
             rows.add_records(&c.records);
             for w in &c.side {
                 side.extend(side_ops(w, &mut rows));
             }
         }
-        let log = serde_json::to_string(&commits.iter().flat_map(|c| &c.records).collect::<Vec<_>>())
-            .expect("records serialise");
-        drop(commits);
-        let mut ops = rows.ops();
-        ops.extend(side);
-        // Every commit's records, for the warm standbys; trimmed to the last seconds now and then.
-        ops.push(op("INSERT INTO record_log (body) VALUES ($1)", vec![Box::new(log)]));
         commits_done += 1;
-        if commits_done.is_multiple_of(RECORD_LOG_TRIM_EVERY) {
-            ops.push(op(
-                "UPDATE record_log_floor SET floor = GREATEST(floor, COALESCE(
-                    (SELECT MAX(seq) FROM record_log WHERE at < now() - make_interval(secs => $1)), floor))",
-                vec![Box::new(RECORD_LOG_KEEP_SECS)],
-            ));
-            ops.push(op("DELETE FROM record_log WHERE seq <= (SELECT floor FROM record_log_floor)", vec![]));
-        }
-        let result = async {
-            if shelfsync_node::fatal::is_stopping() {
-                return Err(StorageError::Stopped("the hub is stopping".into()));
-            }
-            stmts.prepare(&client, &ops).await?;
-            let tx = client.transaction().await?;
-            match &fence {
-                None => run_prepared(&tx, &ops, &stmts).await?,
-                Some(fence) => {
-                    // Pipelined: the check goes first, so its share lock is held by the time the
-                    // writes run.
-                    let held = fence.epoch();
-                    let check = async {
-                        Ok::<_, StorageError>(
-                            tx.query_one(crate::cluster::Fence::CHECK, &[&crate::cluster::PARTITION]).await?,
-                        )
-                    };
-                    let (row, ()) = tokio::try_join!(check, run_prepared(&tx, &ops, &stmts))?;
-                    let epoch: i64 = row.get(0);
-                    if held == 0 || epoch != held {
-                        return Err(StorageError::Stopped(format!(
-                            "fenced: the lease is at epoch {epoch} and this hub holds {held}; another hub took over, \
-                             nothing of this batch was written"
-                        )));
-                    }
-                }
-            }
-            let head = journal_head(&tx).await?;
-            tx.commit().await?;
-            Ok(head)
-        }
-        .await;
+        let trim = commits_done.is_multiple_of(RECORD_LOG_TRIM_EVERY);
+        let records: Vec<&Record> = commits.iter().flat_map(|c| &c.records).collect();
+        let result = commit_group(&mut client, &mut stmts, fence.as_ref(), rows, side, &records, trim).await;
+        drop(records);
+        drop(commits);
         match result {
             Ok(head) => {
                 journal.fetch_max(head, Ordering::AcqRel);

@@ -98,7 +98,7 @@ async fn open_hub(
 ) -> Result<Arc<Hub>, HubError> {
     tracing::info!(database = %target.describe(), "opening the hub's database");
     let (opts, engine_opts) = storage_options(config);
-    let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence, warm).await?);
+    let storage = Arc::new(crate::engine::Engine::open_target(target, opts, engine_opts, fence, warm, 0).await?);
     let catalog = crate::catalog::HubCatalog::load(storage.as_ref()).await?;
     let metrics = match edge {
         Some(edge) => crate::metrics::Metrics::with_edge(edge),
@@ -375,7 +375,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
             let (coord, fence, more_tasks) = (coord.clone(), fence.clone(), tasks.clone());
             // A standby keeps a decider loaded (warm), so a takeover reads only the last moments.
             let follower = config.storage.warm_standby.then(|| {
-                crate::standby::Follower::start_reporting(url.to_owned(), storage_options(&config).1, warm_tx)
+                crate::standby::Follower::start_reporting(url.to_owned(), storage_options(&config).1, 0, warm_tx)
             });
             tasks.lock().expect("tasks lock").push(tokio::spawn(async move {
                 let epoch = crate::cluster::acquire(&coord, &fence).await;

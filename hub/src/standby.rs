@@ -8,10 +8,13 @@
 //! log loads the tables again. On takeover, the lease is taken first, so nothing more is
 //! committed by the old owner; the new owner then reads the rest of the log and the stores' rows
 //! (the admin writes some of their columns directly), and rebuilds the indexes once.
+//!
+//! A standby follows one partition: its rows and its part of the log (each partition has its own
+//! writer, so each part of the log is in that partition's commit order).
 
 use std::time::Duration;
 
-use shelfsync_hub_core::{Loader, Record};
+use shelfsync_hub_core::{Loader, Partition, Record};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -23,6 +26,8 @@ pub const POLL: Duration = Duration::from_millis(250);
 
 /// A decider loaded up to a point of the record log.
 pub struct Warm {
+    /// The partition it follows.
+    pub(crate) partition: Partition,
     pub(crate) loader: Loader,
     /// The last record-log row loaded (or read into `pending`).
     pub(crate) cursor: i64,
@@ -36,6 +41,11 @@ impl Warm {
     /// Records loaded so far.
     pub fn records(&self) -> usize {
         self.loader.records()
+    }
+
+    /// The partition it follows.
+    pub fn partition(&self) -> Partition {
+        self.partition
     }
 
     /// Loads what was read (CPU work: off the runtime's threads).
@@ -65,16 +75,27 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Starts following the database at `url`.
+    /// Starts following partition 0 of the database at `url`.
     pub fn start(url: String, opts: EngineOptions) -> Follower {
-        Self::start_reporting(url, opts, watch::channel(None).0)
+        Self::start_partition(url, opts, 0)
     }
 
-    /// [`Follower::start`], publishing its progress on `progress` too (a hub's `/healthz`).
-    pub fn start_reporting(url: String, opts: EngineOptions, progress: watch::Sender<Progress>) -> Follower {
+    /// Starts following `partition` of the database at `url`.
+    pub fn start_partition(url: String, opts: EngineOptions, partition: Partition) -> Follower {
+        Self::start_reporting(url, opts, partition, watch::channel(None).0)
+    }
+
+    /// [`Follower::start_partition`], publishing its progress on `progress` too (a hub's
+    /// `/healthz`).
+    pub fn start_reporting(
+        url: String,
+        opts: EngineOptions,
+        partition: Partition,
+        progress: watch::Sender<Progress>,
+    ) -> Follower {
         let (stop, stopped) = watch::channel(false);
         let rx = progress.subscribe();
-        Follower { stop, progress: rx, task: tokio::spawn(follow(url, opts, stopped, progress)) }
+        Follower { stop, progress: rx, task: tokio::spawn(follow(url, opts, partition, stopped, progress)) }
     }
 
     /// The last record-log row loaded (None: not loaded yet).
@@ -92,6 +113,7 @@ impl Follower {
 async fn follow(
     url: String,
     opts: EngineOptions,
+    partition: Partition,
     mut stopped: watch::Receiver<bool>,
     progress: watch::Sender<Progress>,
 ) -> Option<Warm> {
@@ -109,17 +131,21 @@ async fn follow(
             match warm.take() {
                 None => {
                     let started = std::time::Instant::now();
-                    let (records, writer, cursor) = crate::postgres::warm_snapshot(c, opts.feed_retain).await?;
+                    let (records, writer, cursor) =
+                        crate::postgres::warm_snapshot(c, partition, opts.feed_retain).await?;
                     let loader = Loader::new(opts.decider_config(writer), rand::random::<u128>());
-                    let w = Warm { loader, cursor, pending: records, feed_retain: opts.feed_retain }.settle().await?;
+                    let w = Warm { partition, loader, cursor, pending: records, feed_retain: opts.feed_retain }
+                        .settle()
+                        .await?;
                     tracing::info!(
+                        partition,
                         records = w.records(),
                         ms = started.elapsed().as_millis() as u64,
                         "standing by warm: loaded the decider, following the active hub's commits"
                     );
                     Ok::<_, StorageError>(Some(w))
                 }
-                Some(mut w) => match crate::postgres::catch_up(c, &mut w).await {
+                Some(mut w) => match crate::postgres::catch_up(c, partition, &mut w).await {
                     Ok(true) => Ok(Some(w.settle().await?)),
                     Ok(false) => {
                         tracing::warn!("the warm standby fell behind the record log; loading every record again");
