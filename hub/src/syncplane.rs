@@ -182,6 +182,8 @@ pub async fn merge(c: &mut Client, partitions: Partitions, d: AgentDelta) -> Sto
     if !grown.is_empty() {
         new_head = head + n as i64;
         tx.execute("UPDATE store_seqs SET counter = $2 WHERE store = $1", &[&store, &new_head]).await?;
+        // The hubs other agents of the store are connected to read the new entries.
+        tx.execute(crate::notify::NOTIFY, &[&store]).await?;
     }
     let mut logged = Vec::with_capacity(by_part.len());
     for (p, part) in &by_part {

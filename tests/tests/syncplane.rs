@@ -227,3 +227,43 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
     }
     assert_eq!(logged, want, "the partitions' logs add up to what was merged");
 }
+
+/// Wake-ups between hubs: a listener hears of a store's change once the transaction that made it
+/// commits (a merge, here), never of one that rolled back; when its connection breaks it
+/// reconnects and says Resync (it may have missed some), then hears again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_hears_of_commits_not_rollbacks_and_resyncs_after_a_break() {
+    use shelfsync_hub::notify::{Notice, NOTIFY};
+    let (url, parts) = database().await;
+    let mut rx = shelfsync_hub::notify::listen(url.clone());
+    let mut next = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a notice within the deadline")
+            .expect("the listener runs")
+    };
+    assert_eq!(next().await, Notice::Resync, "connected: follow everything from the tables");
+    let mut c = client(&url).await;
+    syncplane::merge(&mut c, parts, delta(&writer(1), vec![(sku(1), PnEntry { p: 1, n: 0 })], 1)).await.unwrap();
+    assert_eq!(next().await, Notice::Store(store()), "another hub's merge");
+
+    let tx = c.transaction().await.unwrap();
+    tx.execute(NOTIFY, &[&"store-9"]).await.unwrap();
+    tx.rollback().await.unwrap();
+    c.execute(NOTIFY, &[&"store-2"]).await.unwrap();
+    assert_eq!(next().await, Notice::Store("store-2".parse().unwrap()), "the rolled-back change was never heard");
+
+    let killed: i64 = c
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = 'shelfsync-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    assert_eq!(next().await, Notice::Resync, "after a break, re-read everything");
+    c.execute(NOTIFY, &[&"store-3"]).await.unwrap();
+    assert_eq!(next().await, Notice::Store("store-3".parse().unwrap()), "and it hears again");
+}
