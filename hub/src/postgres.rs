@@ -357,7 +357,6 @@ impl PgStorage {
         tx.execute(META_SET, &[&"incarnation_started_ms", &now_ms().to_string()]).await?;
         tx.execute(META_SET, &[&"mac_key", &key]).await?;
         tx.execute(META_SET, &[&"partitions", &partitions.count().to_string()]).await?;
-        crate::syncplane::create(&tx, partitions).await?;
         for p in partitions.all() {
             tx.execute(
                 "INSERT INTO leases (partition) VALUES ($1) ON CONFLICT (partition) DO NOTHING",

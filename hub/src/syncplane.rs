@@ -11,8 +11,13 @@
 //! 2. the store's `store_seqs` row: the store's sequence. Entries are stamped under it, so a
 //!    store's sequence follows commit order, and a reader that read the head `h` never later
 //!    finds a new row at or below `h` (gaps are allowed; going back is not);
-//! 3. each touched partition's `part_seqs` row: the partition's merge log sequence, which its
-//!    decider tails in commit order ([`tail`]).
+//!
+//! Each partition's decider learns of merges from its `merge_log` rows ([`tail`]), one per merge
+//! that grew an entry of its SKUs, keyed by (partition, store, the store's sequence after the
+//! merge): in order per store, which is all a merge needs (stores are independent). The decider
+//! deletes the rows it applied in the commit that applies them ([`APPLIED`]), so the log holds
+//! only what is still to apply, and no lock orders merges of different stores: the sync plane
+//! scales with stores, not with one sequence.
 //!
 //! The single-decider path (SQLite, PostgreSQL with one partition) does not use this module.
 
@@ -35,10 +40,13 @@ pub const MIGRATION: &str = "
     CREATE INDEX counters_store_seq ON counters(store, store_seq) WHERE store_seq IS NOT NULL;
     CREATE TABLE store_seqs (
         store TEXT PRIMARY KEY, counter BIGINT NOT NULL DEFAULT 0, journal BIGINT NOT NULL DEFAULT 0);
-    CREATE TABLE part_seqs (partition SMALLINT PRIMARY KEY, merged BIGINT NOT NULL DEFAULT 0);
     CREATE TABLE merge_log (
-        partition SMALLINT NOT NULL, seq BIGINT NOT NULL, store TEXT NOT NULL, body BYTEA NOT NULL,
-        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, seq));";
+        partition SMALLINT NOT NULL, store TEXT NOT NULL, seq BIGINT NOT NULL, body BYTEA NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, store, seq));";
+
+/// What a partition's decider runs in the commit that applied a store's merges up to a
+/// sequence (arguments: partition, store, sequence).
+pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND seq <= $3";
 
 /// Most entries one delta may bring (the wire's own limit is lower; this guards the SQL arrays).
 pub const ENTRIES_MAX: usize = 100_000;
@@ -84,16 +92,8 @@ pub struct Merged {
     pub changed: usize,
     /// The store's sequence after it.
     pub head: u64,
-    /// The merge-log rows written: (partition, its sequence).
-    pub parts: Vec<(Partition, u64)>,
-}
-
-/// Sets up the partitions' merge-log sequences (at `init`).
-pub async fn create(c: &impl tokio_postgres::GenericClient, partitions: Partitions) -> StorageResult<()> {
-    for p in partitions.all() {
-        c.execute("INSERT INTO part_seqs (partition) VALUES ($1) ON CONFLICT DO NOTHING", &[&part_col(p)]).await?;
-    }
-    Ok(())
+    /// The partitions given a merge-log row (each at `head`).
+    pub parts: Vec<Partition>,
 }
 
 fn part_col(p: Partition) -> i16 {
@@ -187,20 +187,13 @@ pub async fn merge(c: &mut Client, partitions: Partitions, d: AgentDelta) -> Sto
     }
     let mut logged = Vec::with_capacity(by_part.len());
     for (p, part) in &by_part {
-        let seq: i64 = tx
-            .query_one(
-                "UPDATE part_seqs SET merged = merged + 1 WHERE partition = $1 RETURNING merged",
-                &[&part_col(*p)],
-            )
-            .await?
-            .get(0);
         let body = postcard::to_stdvec(part).expect("merge parts serialise");
         tx.execute(
-            "INSERT INTO merge_log (partition, seq, store, body) VALUES ($1, $2, $3, $4)",
-            &[&part_col(*p), &seq, &store, &body],
+            "INSERT INTO merge_log (partition, store, seq, body) VALUES ($1, $2, $3, $4)",
+            &[&part_col(*p), &store, &new_head, &body],
         )
         .await?;
-        logged.push((*p, unsigned(seq, "part_seqs.merged")?));
+        logged.push(*p);
     }
     let lineage_row = match &d.lineage {
         Some(l) => {
@@ -286,27 +279,23 @@ pub async fn digest(c: &Client, store: &StoreId) -> StorageResult<(StateDigest, 
     read
 }
 
-/// Partition `partition`'s merge log after `after`, at most `limit` rows, in order: what its
-/// decider applies as `Merge` commands.
-pub async fn tail(
-    c: &Client,
-    partition: Partition,
-    after: u64,
-    limit: usize,
-) -> StorageResult<Vec<(u64, StoreId, MergePart)>> {
+/// Partition `partition`'s merges still to apply, at most `limit`, each store's in its order:
+/// what its decider applies as `Merge` commands (then deletes, [`APPLIED`]).
+pub async fn tail(c: &Client, partition: Partition, limit: usize) -> StorageResult<Vec<(StoreId, u64, MergePart)>> {
     let rows = c
         .query(
-            "SELECT seq, store, body FROM merge_log WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            &[&part_col(partition), &big(after), &(limit as i64)],
+            "SELECT store, seq, body FROM merge_log WHERE partition = $1 ORDER BY store, seq LIMIT $2",
+            &[&part_col(partition), &(limit as i64)],
         )
         .await?;
     rows.iter()
         .map(|r| {
-            let seq = unsigned(r.get(0), "merge_log.seq")?;
+            let store = crate::sqlite::store_col(r.get(0))?;
+            let seq = unsigned(r.get(1), "merge_log.seq")?;
             let body: Vec<u8> = r.get(2);
             let part = postcard::from_bytes(&body)
-                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{seq}: {e}")))?;
-            Ok((seq, crate::sqlite::store_col(r.get(1))?, part))
+                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{store}/{seq}: {e}")))?;
+            Ok((store, seq, part))
         })
         .collect()
 }
