@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use shelfsync_hub::db::{HubDb, Target};
 use shelfsync_hub::storage::StorageError;
-use shelfsync_hub::syncplane::{self, AgentDelta};
+use shelfsync_hub::syncplane::{self, AgentDelta, SyncPlane};
 use shelfsync_hub_core::Partitions;
 use shelfsync_shared::id::{Incarnation, NodeId};
 use shelfsync_shared::lineage::Checkpoint;
@@ -25,6 +25,10 @@ async fn database() -> (String, Partitions) {
 
 async fn client(url: &str) -> tokio_postgres::Client {
     shelfsync_tests::pg::connect(url).await
+}
+
+async fn plane(url: &str) -> SyncPlane {
+    SyncPlane::connect(url).await.unwrap()
 }
 
 fn store() -> StoreId {
@@ -68,12 +72,13 @@ async fn stored(c: &tokio_postgres::Client) -> BTreeMap<(String, String), PnEntr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     let (url, parts) = database().await;
-    let mut c = client(&url).await;
+    let mut sp = plane(&url).await;
+    let c = client(&url).await;
     let w = writer(1);
     let entries: Vec<(Sku, PnEntry)> = (0..20).map(|i| (sku(i), PnEntry { p: 10 + i as u64, n: 1 })).collect();
     let mut d = delta(&w, entries.clone(), 20);
     d.fulfilled = vec![uuid::Uuid::from_u128(7)];
-    let first = syncplane::merge(&mut c, parts, d.clone()).await.unwrap();
+    let first = sp.merge(parts, d.clone()).await.unwrap();
     assert_eq!((first.changed, first.head), (20, 20));
     let touched: Vec<u16> = parts.all().filter(|p| entries.iter().any(|(s, _)| parts.of(s) == *p)).collect();
     assert!(touched.len() > 1, "20 SKUs spread over several of {PARTS} partitions: {touched:?}");
@@ -93,10 +98,10 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     }
 
     // Again, and stale: nothing changes, nothing is logged, the store's sequence stays.
-    let again = syncplane::merge(&mut c, parts, d).await.unwrap();
+    let again = sp.merge(parts, d).await.unwrap();
     assert_eq!((again.changed, again.head, again.parts.len()), (0, 20, 0));
     let stale = delta(&w, vec![(sku(3), PnEntry { p: 1, n: 0 })], 21);
-    assert_eq!(syncplane::merge(&mut c, parts, stale).await.unwrap().changed, 0);
+    assert_eq!(sp.merge(parts, stale).await.unwrap().changed, 0);
     assert_eq!(stored(&c).await[&(sku(3).to_string(), w.to_string())], PnEntry { p: 13, n: 1 }, "never goes back");
 
     // The decider of sku(3)'s partition applies its row (and deletes it in that commit).
@@ -106,7 +111,7 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
 
     // One entry grows: logged once, in its partition.
     let grown = delta(&w, vec![(sku(3), PnEntry { p: 13, n: 2 })], 22);
-    let m = syncplane::merge(&mut c, parts, grown).await.unwrap();
+    let m = sp.merge(parts, grown).await.unwrap();
     assert_eq!((m.changed, m.parts.clone()), (1, vec![p3]));
     let log = syncplane::tail(&c, p3, 100).await.unwrap();
     assert_eq!(log.len(), 1);
@@ -132,7 +137,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
     let (url, parts) = database().await;
     let w = writer(2);
     // The writer's row exists, and a third session holds it while both deltas arrive.
-    syncplane::merge(&mut client(&url).await, parts, delta(&w, Vec::new(), 0)).await.unwrap();
+    plane(&url).await.merge(parts, delta(&w, Vec::new(), 0)).await.unwrap();
     let mut holder = client(&url).await;
     let hold = holder.transaction().await.unwrap();
     hold.execute("SELECT 1 FROM peers WHERE store = 'store-1' AND writer = $1 FOR UPDATE", &[&w.to_string()])
@@ -145,7 +150,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
             d.lineage_base = Some(Checkpoint::ZERO);
             let head = Checkpoint::ZERO.next(&uuid::Uuid::from_u128(n.into()), 0, &sku(n as usize), n as i64);
             d.lineage = Some(DeltaLineage { head, boots: Vec::new() });
-            syncplane::merge(&mut client(&url).await, parts, d).await
+            plane(&url).await.merge(parts, d).await
         })
     };
     let (a, b) = (copy(1), copy(2));
@@ -153,7 +158,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
     let probe = client(&url).await;
     shelfsync_tests::procs::wait_until("both merges waiting on the writer's row", std::time::Duration::from_secs(20), || async {
         let waiting: i64 = probe
-            .query_one("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM peers%'", &[])
+            .query_one("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INTO peers%'", &[])
             .await
             .unwrap()
             .get(0);
@@ -179,12 +184,12 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
     for k in 0..4u64 {
         let url = url.clone();
         merges.spawn(async move {
-            let mut c = client(&url).await;
+            let mut sp = plane(&url).await;
             let w = writer(10 + k);
             for round in 1..=40u64 {
                 let entries =
                     (0..5).map(|i| (sku(((round * 7 + i * 3 + k) % 30) as usize), PnEntry { p: round, n: round / 2 }));
-                syncplane::merge(&mut c, parts, delta(&w, entries.collect(), round)).await.unwrap();
+                sp.merge(parts, delta(&w, entries.collect(), round)).await.unwrap();
             }
         });
     }
@@ -250,7 +255,7 @@ async fn a_listener_hears_of_commits_not_rollbacks_and_resyncs_after_a_break() {
     };
     assert_eq!(next().await, Notice::Resync, "connected: follow everything from the tables");
     let mut c = client(&url).await;
-    syncplane::merge(&mut c, parts, delta(&writer(1), vec![(sku(1), PnEntry { p: 1, n: 0 })], 1)).await.unwrap();
+    plane(&url).await.merge(parts, delta(&writer(1), vec![(sku(1), PnEntry { p: 1, n: 0 })], 1)).await.unwrap();
     assert_eq!(next().await, Notice::Store(store()), "another hub's merge");
 
     let tx = c.transaction().await.unwrap();
