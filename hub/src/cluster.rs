@@ -409,10 +409,14 @@ pub struct HubView {
     pub http_addr: String,
     /// Where agents reach it.
     pub quic_addr: String,
+    /// Where other hubs reach it ([`crate::internal`]; none for a hub of an older version).
+    pub internal_addr: Option<String>,
     /// Seconds since it last said it is alive.
     pub heartbeat_age_secs: f64,
-    /// It holds an unexpired lease.
+    /// It holds partition 0's unexpired lease.
     pub active: bool,
+    /// The partitions whose unexpired leases it holds.
+    pub partitions: Vec<i32>,
 }
 
 /// Reads the hubs and the lease.
@@ -432,7 +436,8 @@ pub async fn view(c: &Client) -> StorageResult<ClusterView> {
     let (owner, epoch, left) = (first.owner.clone(), first.epoch, first.expires_in_secs);
     let mut hubs: Vec<HubView> = c
         .query(
-            "SELECT id, http_addr, quic_addr, EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8 FROM hubs ORDER BY started_at",
+            "SELECT id, http_addr, quic_addr, EXTRACT(EPOCH FROM (now() - heartbeat_at))::float8, internal_addr
+             FROM hubs ORDER BY started_at",
             &[],
         )
         .await?
@@ -441,10 +446,16 @@ pub async fn view(c: &Client) -> StorageResult<ClusterView> {
             let id: String = r.get(0);
             HubView {
                 active: left > 0.0 && owner.as_deref() == Some(id.as_str()),
+                partitions: leases
+                    .iter()
+                    .filter(|l| l.expires_in_secs > 0.0 && l.owner.as_deref() == Some(id.as_str()))
+                    .map(|l| l.partition)
+                    .collect(),
                 id,
                 http_addr: r.get(1),
                 quic_addr: r.get(2),
                 heartbeat_age_secs: r.get(3),
+                internal_addr: r.get(4),
             }
         })
         .collect();

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod feed;
 pub mod internal;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod persist;
 pub mod pki;

@@ -558,13 +558,22 @@ async fn status(
             }
         }
         for h in &c.hubs {
+            let role = match (c.leases.len(), h.active) {
+                (1, true) => "  ACTIVE".to_owned(),
+                (1, false) => "  standby".to_owned(),
+                (_, _) if h.partitions.is_empty() => "  holds no partition".to_owned(),
+                (_, _) => format!(
+                    "  holds partitions {}",
+                    h.partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                ),
+            };
             println!(
-                "hub            {} http {} quic {}  heard {:.1} s ago{}",
+                "hub            {} http {} quic {} internal {}  heard {:.1} s ago{role}",
                 h.id,
                 h.http_addr,
                 h.quic_addr,
+                h.internal_addr.as_deref().unwrap_or("-"),
                 h.heartbeat_age_secs,
-                if h.active { "  ACTIVE" } else { "  standby" }
             );
         }
     }

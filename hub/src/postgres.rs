@@ -401,7 +401,6 @@ impl PgStorage {
         let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
         tx.execute(META_SET, &[&"mac_key", &key]).await?;
         tx.execute(META_SET, &[&"partitions", &partitions.count().to_string()]).await?;
-        crate::syncplane::create(&tx, partitions).await?;
         let mut first = None;
         for p in partitions.all() {
             // Each partition is its own hub writer: the entries one partition authors never share

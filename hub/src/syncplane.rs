@@ -11,10 +11,17 @@
 //! 2. the store's `store_seqs` row: the store's sequence. Entries are stamped under it, so a
 //!    store's sequence follows commit order, and a reader that read the head `h` never later
 //!    finds a new row at or below `h` (gaps are allowed; going back is not);
-//! 3. each touched partition's `part_seqs` row: the partition's merge log sequence, which its
-//!    decider tails in commit order ([`tail`]).
+//!
+//! Each partition's decider learns of merges from its `merge_log` rows ([`tail`]), one per merge
+//! that grew an entry of its SKUs, keyed by (partition, store, the store's sequence after the
+//! merge): in order per store, which is all a merge needs (stores are independent). The decider
+//! deletes the rows it applied in the commit that applies them ([`APPLIED`]), so the log holds
+//! only what is still to apply, and no lock orders merges of different stores: the sync plane
+//! scales with stores, not with one sequence.
 //!
 //! The single-decider path (SQLite, PostgreSQL with one partition) does not use this module.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use shelfsync_hub_core::{Partition, Partitions};
@@ -22,7 +29,9 @@ use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage};
 use shelfsync_shared::wire::DeltaLineage;
 use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
-use tokio_postgres::Client;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::storage::{StorageError, StorageResult};
@@ -35,10 +44,13 @@ pub const MIGRATION: &str = "
     CREATE INDEX counters_store_seq ON counters(store, store_seq) WHERE store_seq IS NOT NULL;
     CREATE TABLE store_seqs (
         store TEXT PRIMARY KEY, counter BIGINT NOT NULL DEFAULT 0, journal BIGINT NOT NULL DEFAULT 0);
-    CREATE TABLE part_seqs (partition SMALLINT PRIMARY KEY, merged BIGINT NOT NULL DEFAULT 0);
     CREATE TABLE merge_log (
-        partition SMALLINT NOT NULL, seq BIGINT NOT NULL, store TEXT NOT NULL, body BYTEA NOT NULL,
-        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, seq));";
+        partition SMALLINT NOT NULL, store TEXT NOT NULL, seq BIGINT NOT NULL, body BYTEA NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, store, seq));";
+
+/// What a partition's decider runs in the commit that applied a store's merges up to a
+/// sequence (arguments: partition, store, sequence).
+pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND seq <= $3";
 
 /// Most entries one delta may bring (the wire's own limit is lower; this guards the SQL arrays).
 pub const ENTRIES_MAX: usize = 100_000;
@@ -84,16 +96,8 @@ pub struct Merged {
     pub changed: usize,
     /// The store's sequence after it.
     pub head: u64,
-    /// The merge-log rows written: (partition, its sequence).
-    pub parts: Vec<(Partition, u64)>,
-}
-
-/// Sets up the partitions' merge-log sequences (at `init`).
-pub async fn create(c: &impl tokio_postgres::GenericClient, partitions: Partitions) -> StorageResult<()> {
-    for p in partitions.all() {
-        c.execute("INSERT INTO part_seqs (partition) VALUES ($1) ON CONFLICT DO NOTHING", &[&part_col(p)]).await?;
-    }
-    Ok(())
+    /// The partitions given a merge-log row (each at `head`).
+    pub parts: Vec<Partition>,
 }
 
 fn part_col(p: Partition) -> i16 {
@@ -108,113 +112,159 @@ fn unsigned(v: i64, what: &str) -> StorageResult<u64> {
     u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} is negative: {v}")))
 }
 
-/// Merges `d` in one transaction (see the module documentation for the locks, in order).
-/// Merging the same delta again changes nothing and writes no merge-log row.
-pub async fn merge(c: &mut Client, partitions: Partitions, d: AgentDelta) -> StorageResult<Merged> {
-    if d.entries.len() > ENTRIES_MAX {
-        return Err(StorageError::Invalid(format!(
-            "a delta of {} entries is more than {ENTRIES_MAX}",
-            d.entries.len()
-        )));
+/// The statements of a merge, prepared once per connection.
+struct Statements {
+    lock_peer: Statement,
+    lock_store: Statement,
+    upsert: Statement,
+    bump_store: Statement,
+    notify: Statement,
+    log: Statement,
+    applied: Statement,
+}
+
+/// A connection that merges agents' deltas ([`SyncPlane::merge`]), its statements prepared.
+pub struct SyncPlane {
+    client: Client,
+    stmts: Statements,
+}
+
+impl SyncPlane {
+    /// Connects and prepares.
+    pub async fn connect(url: &str) -> StorageResult<SyncPlane> {
+        let client = crate::postgres::connect(url).await?;
+        let (lock_peer, lock_store, upsert, bump_store, notify, log, applied) = tokio::try_join!(
+            // Upserts that always touch the row: they take its lock and return it in one trip.
+            client.prepare(
+                "INSERT INTO peers (store, writer) VALUES ($1, $2)
+                 ON CONFLICT (store, writer) DO UPDATE SET store = excluded.store RETURNING lineage"
+            ),
+            client.prepare(
+                "INSERT INTO store_seqs (store) VALUES ($1)
+                 ON CONFLICT (store) DO UPDATE SET store = excluded.store RETURNING counter"
+            ),
+            client.prepare(
+                "INSERT INTO counters (store, sku, writer, p, n, seq, partition, store_seq)
+                 SELECT $1, s, w, p, n, q, pt, q
+                 FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int2[], $7::int8[]) AS u(s, w, p, n, pt, q)
+                 ON CONFLICT (store, sku, writer) DO UPDATE SET
+                     p = GREATEST(counters.p, excluded.p), n = GREATEST(counters.n, excluded.n),
+                     seq = excluded.seq, store_seq = excluded.store_seq, partition = excluded.partition
+                 WHERE counters.p < excluded.p OR counters.n < excluded.n
+                 RETURNING sku, writer"
+            ),
+            client.prepare("UPDATE store_seqs SET counter = $2 WHERE store = $1"),
+            client.prepare(crate::notify::NOTIFY),
+            client.prepare(
+                "INSERT INTO merge_log (partition, store, seq, body)
+                 SELECT pt, $1, $2, b FROM unnest($3::int2[], $4::bytea[]) AS u(pt, b)"
+            ),
+            client.prepare(
+                "UPDATE peers SET applied = GREATEST(applied, $3), last_seen_ms = $4, lineage = COALESCE($5, lineage)
+                 WHERE store = $1 AND writer = $2"
+            ),
+        )?;
+        let stmts = Statements { lock_peer, lock_store, upsert, bump_store, notify, log, applied };
+        Ok(SyncPlane { client, stmts })
     }
-    // One row per (SKU, writer): the upsert may touch a row once per statement.
-    let mut joined: std::collections::BTreeMap<(Sku, WriterId), PnEntry> = std::collections::BTreeMap::new();
-    for (sku, writer, e) in d.entries {
-        let slot = joined.entry((sku, writer)).or_default();
-        *slot = slot.join(e);
+
+    /// The connection, for reads ([`read_delta`], [`digest`], [`tail`], [`peer`]).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
-    let (store, peer) = (d.store.as_str(), d.peer.to_string());
-    let tx = c.transaction().await?;
-    tx.execute("INSERT INTO peers (store, writer) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&store, &peer]).await?;
-    let row =
-        tx.query_one("SELECT lineage FROM peers WHERE store = $1 AND writer = $2 FOR UPDATE", &[&store, &peer]).await?;
-    let mut lineage = crate::sqlite::lineage_col(row.get(0))?;
-    if let Some(base) = d.lineage_base.filter(|b| *b != lineage.head) {
-        return Err(StorageError::Forked(format!(
-            "another connection moved {}'s history from change {} to {} since this one was welcomed; reconnect",
-            d.peer, base.ordinal, lineage.head.ordinal
-        )));
-    }
-    tx.execute("INSERT INTO store_seqs (store) VALUES ($1) ON CONFLICT DO NOTHING", &[&store]).await?;
-    let head: i64 = tx.query_one("SELECT counter FROM store_seqs WHERE store = $1 FOR UPDATE", &[&store]).await?.get(0);
-    let n = joined.len();
-    let (mut skus, mut writers, mut ps, mut ns, mut parts, mut seqs) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (i, ((sku, writer), e)) in joined.iter().enumerate() {
-        skus.push(sku.as_str().to_owned());
-        writers.push(writer.to_string());
-        ps.push(big(e.p));
-        ns.push(big(e.n));
-        parts.push(part_col(partitions.of(sku)));
-        seqs.push(head + 1 + i as i64);
-    }
-    let grown = tx
-        .query(
-            "INSERT INTO counters (store, sku, writer, p, n, seq, partition, store_seq)
-             SELECT $1, s, w, p, n, q, pt, q FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int2[], $7::int8[])
-                 AS u(s, w, p, n, pt, q)
-             ON CONFLICT (store, sku, writer) DO UPDATE SET
-                 p = GREATEST(counters.p, excluded.p), n = GREATEST(counters.n, excluded.n),
-                 seq = excluded.seq, store_seq = excluded.store_seq, partition = excluded.partition
-             WHERE counters.p < excluded.p OR counters.n < excluded.n
-             RETURNING sku, writer",
-            &[&store, &skus, &writers, &ps, &ns, &parts, &seqs],
-        )
-        .await?;
-    let grown: std::collections::BTreeSet<(String, String)> =
-        grown.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect();
-    let mut by_part: std::collections::BTreeMap<Partition, MergePart> = std::collections::BTreeMap::new();
-    for ((sku, writer), e) in &joined {
-        if grown.contains(&(sku.as_str().to_owned(), writer.to_string())) {
-            let part = by_part
-                .entry(partitions.of(sku))
-                .or_insert_with(|| MergePart { entries: Vec::new(), fulfilled: d.fulfilled.clone() });
-            part.entries.push((sku.clone(), writer.clone(), *e));
+
+    /// Merges `d` in one transaction (see the module documentation for the locks, in order),
+    /// in five round trips: begin; both locks, pipelined; the upsert; the sequence, the wake-up,
+    /// the merge log and the watermark, pipelined; commit. Merging the same delta again changes
+    /// nothing and writes no merge-log row.
+    pub async fn merge(&mut self, partitions: Partitions, d: AgentDelta) -> StorageResult<Merged> {
+        if d.entries.len() > ENTRIES_MAX {
+            return Err(StorageError::Invalid(format!(
+                "a delta of {} entries is more than {ENTRIES_MAX}",
+                d.entries.len()
+            )));
         }
-    }
-    let mut new_head = head;
-    if !grown.is_empty() {
-        new_head = head + n as i64;
-        tx.execute("UPDATE store_seqs SET counter = $2 WHERE store = $1", &[&store, &new_head]).await?;
-    }
-    let mut logged = Vec::with_capacity(by_part.len());
-    for (p, part) in &by_part {
-        let seq: i64 = tx
-            .query_one(
-                "UPDATE part_seqs SET merged = merged + 1 WHERE partition = $1 RETURNING merged",
-                &[&part_col(*p)],
-            )
-            .await?
-            .get(0);
-        let body = postcard::to_stdvec(part).expect("merge parts serialise");
-        tx.execute(
-            "INSERT INTO merge_log (partition, seq, store, body) VALUES ($1, $2, $3, $4)",
-            &[&part_col(*p), &seq, &store, &body],
-        )
-        .await?;
-        logged.push((*p, unsigned(seq, "part_seqs.merged")?));
-    }
-    let lineage_row = match &d.lineage {
-        Some(l) => {
+        // One row per (SKU, writer): the upsert may touch a row once per statement.
+        let mut joined: BTreeMap<(Sku, WriterId), PnEntry> = BTreeMap::new();
+        for (sku, writer, e) in d.entries {
+            let slot = joined.entry((sku, writer)).or_default();
+            *slot = slot.join(e);
+        }
+        let st = &self.stmts;
+        let (store, peer) = (d.store.as_str(), d.peer.to_string());
+        let tx = self.client.transaction().await?;
+        // The writer's row first, then the store's: every merge locks in this order.
+        let (peer_args, store_args): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) = ([&store, &peer], [&store]);
+        let (peer_row, store_row) =
+            tokio::try_join!(tx.query_one(&st.lock_peer, &peer_args), tx.query_one(&st.lock_store, &store_args))?;
+        let mut lineage = crate::sqlite::lineage_col(peer_row.get(0))?;
+        if let Some(base) = d.lineage_base.filter(|b| *b != lineage.head) {
+            return Err(StorageError::Forked(format!(
+                "another connection moved {}'s history from change {} to {} since this one was welcomed; reconnect",
+                d.peer, base.ordinal, lineage.head.ordinal
+            )));
+        }
+        let head: i64 = store_row.get(0);
+        let n = joined.len();
+        let (mut skus, mut writers, mut ps, mut ns, mut parts, mut seqs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (i, ((sku, writer), e)) in joined.iter().enumerate() {
+            skus.push(sku.as_str().to_owned());
+            writers.push(writer.to_string());
+            ps.push(big(e.p));
+            ns.push(big(e.n));
+            parts.push(part_col(partitions.of(sku)));
+            seqs.push(head + 1 + i as i64);
+        }
+        let grown = tx.query(&st.upsert, &[&store, &skus, &writers, &ps, &ns, &parts, &seqs]).await?;
+        let grown: BTreeSet<(String, String)> =
+            grown.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+        let mut by_part: BTreeMap<Partition, MergePart> = BTreeMap::new();
+        for ((sku, writer), e) in &joined {
+            if grown.contains(&(sku.as_str().to_owned(), writer.to_string())) {
+                let part = by_part
+                    .entry(partitions.of(sku))
+                    .or_insert_with(|| MergePart { entries: Vec::new(), fulfilled: d.fulfilled.clone() });
+                part.entries.push((sku.clone(), writer.clone(), *e));
+            }
+        }
+        let new_head = if grown.is_empty() { head } else { head + n as i64 };
+        let lineage_row = d.lineage.as_ref().map(|l| {
             lineage.advance(l.head, &l.boots, &d.pusher_boots);
-            Some(postcard::to_stdvec(&lineage).expect("lineage serialises"))
+            postcard::to_stdvec(&lineage).expect("lineage serialises")
+        });
+        let log_parts: Vec<i16> = by_part.keys().map(|p| part_col(*p)).collect();
+        let log_bodies: Vec<Vec<u8>> =
+            by_part.values().map(|part| postcard::to_stdvec(part).expect("merge parts serialise")).collect();
+        let upto = big(d.upto);
+        let applied_args: [&(dyn ToSql + Sync); 5] = [&store, &peer, &upto, &d.at_ms, &lineage_row];
+        let watermark = tx.execute(&st.applied, &applied_args);
+        if grown.is_empty() {
+            watermark.await?;
+        } else {
+            let bump_args: [&(dyn ToSql + Sync); 2] = [&store, &new_head];
+            let log_args: [&(dyn ToSql + Sync); 4] = [&store, &new_head, &log_parts, &log_bodies];
+            // The wake-up: the hubs other agents of the store are connected to read the entries.
+            tokio::try_join!(
+                tx.execute(&st.bump_store, &bump_args),
+                tx.execute(&st.notify, &store_args),
+                tx.execute(&st.log, &log_args),
+                watermark,
+            )?;
         }
-        None => None,
-    };
-    tx.execute(
-        "UPDATE peers SET applied = GREATEST(applied, $3), last_seen_ms = $4, lineage = COALESCE($5, lineage)
-         WHERE store = $1 AND writer = $2",
-        &[&store, &peer, &big(d.upto), &d.at_ms, &lineage_row],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Merged { changed: grown.len(), head: unsigned(new_head, "store_seqs.counter")?, parts: logged })
+        tx.commit().await?;
+        Ok(Merged {
+            changed: grown.len(),
+            head: unsigned(new_head, "store_seqs.counter")?,
+            parts: by_part.into_keys().collect(),
+        })
+    }
 }
 
 /// A page of a store's entries in the store's sequence.
@@ -284,27 +334,23 @@ pub async fn digest(c: &Client, store: &StoreId) -> StorageResult<(StateDigest, 
     read
 }
 
-/// Partition `partition`'s merge log after `after`, at most `limit` rows, in order: what its
-/// decider applies as `Merge` commands.
-pub async fn tail(
-    c: &Client,
-    partition: Partition,
-    after: u64,
-    limit: usize,
-) -> StorageResult<Vec<(u64, StoreId, MergePart)>> {
+/// Partition `partition`'s merges still to apply, at most `limit`, each store's in its order:
+/// what its decider applies as `Merge` commands (then deletes, [`APPLIED`]).
+pub async fn tail(c: &Client, partition: Partition, limit: usize) -> StorageResult<Vec<(StoreId, u64, MergePart)>> {
     let rows = c
         .query(
-            "SELECT seq, store, body FROM merge_log WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            &[&part_col(partition), &big(after), &(limit as i64)],
+            "SELECT store, seq, body FROM merge_log WHERE partition = $1 ORDER BY store, seq LIMIT $2",
+            &[&part_col(partition), &(limit as i64)],
         )
         .await?;
     rows.iter()
         .map(|r| {
-            let seq = unsigned(r.get(0), "merge_log.seq")?;
+            let store = crate::sqlite::store_col(r.get(0))?;
+            let seq = unsigned(r.get(1), "merge_log.seq")?;
             let body: Vec<u8> = r.get(2);
             let part = postcard::from_bytes(&body)
-                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{seq}: {e}")))?;
-            Ok((seq, crate::sqlite::store_col(r.get(1))?, part))
+                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{store}/{seq}: {e}")))?;
+            Ok((store, seq, part))
         })
         .collect()
 }

@@ -152,8 +152,7 @@ async fn two_partitions_side_by_side_persist_and_load_only_their_own_state() {
     left.hub_change(restock(1_001, "store-a", &a[0..2]), now).await.unwrap();
     right.hub_change(restock(2_001, "store-a", &b[0..1]), now).await.unwrap();
     let agent = WriterId::new(NodeId::Store(store("store-a")), Incarnation::from_u64(7));
-    let merged = syncplane::merge(
-        &mut shelfsync_tests::pg::connect(&url).await,
+    let merged = syncplane::SyncPlane::connect(&url).await.unwrap().merge(
         parts,
         AgentDelta {
             store: store("store-a"),

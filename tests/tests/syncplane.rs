@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use shelfsync_hub::db::{HubDb, Target};
 use shelfsync_hub::storage::StorageError;
-use shelfsync_hub::syncplane::{self, AgentDelta};
+use shelfsync_hub::syncplane::{self, AgentDelta, SyncPlane};
 use shelfsync_hub_core::Partitions;
 use shelfsync_shared::id::{Incarnation, NodeId};
 use shelfsync_shared::lineage::Checkpoint;
@@ -25,6 +25,10 @@ async fn database() -> (String, Partitions) {
 
 async fn client(url: &str) -> tokio_postgres::Client {
     shelfsync_tests::pg::connect(url).await
+}
+
+async fn plane(url: &str) -> SyncPlane {
+    SyncPlane::connect(url).await.unwrap()
 }
 
 fn store() -> StoreId {
@@ -68,43 +72,50 @@ async fn stored(c: &tokio_postgres::Client) -> BTreeMap<(String, String), PnEntr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     let (url, parts) = database().await;
-    let mut c = client(&url).await;
+    let mut sp = plane(&url).await;
+    let c = client(&url).await;
     let w = writer(1);
     let entries: Vec<(Sku, PnEntry)> = (0..20).map(|i| (sku(i), PnEntry { p: 10 + i as u64, n: 1 })).collect();
     let mut d = delta(&w, entries.clone(), 20);
     d.fulfilled = vec![uuid::Uuid::from_u128(7)];
-    let first = syncplane::merge(&mut c, parts, d.clone()).await.unwrap();
+    let first = sp.merge(parts, d.clone()).await.unwrap();
     assert_eq!((first.changed, first.head), (20, 20));
     let touched: Vec<u16> = parts.all().filter(|p| entries.iter().any(|(s, _)| parts.of(s) == *p)).collect();
     assert!(touched.len() > 1, "20 SKUs spread over several of {PARTS} partitions: {touched:?}");
-    assert_eq!(first.parts, touched.iter().map(|p| (*p, 1)).collect::<Vec<_>>());
+    assert_eq!(first.parts, touched);
     for p in parts.all() {
-        let log = syncplane::tail(&c, p, 0, 100).await.unwrap();
+        let log = syncplane::tail(&c, p, 100).await.unwrap();
         let want: Vec<&Sku> = entries.iter().filter(|(s, _)| parts.of(s) == p).map(|(s, _)| s).collect();
         if want.is_empty() {
             assert!(log.is_empty(), "partition {p} has none of these SKUs: {log:?}");
             continue;
         }
         assert_eq!(log.len(), 1, "partition {p}");
-        let (seq, st, part) = &log[0];
-        assert_eq!((*seq, st), (1, &store()));
+        let (st, seq, part) = &log[0];
+        assert_eq!((st, *seq), (&store(), 20), "keyed by the store's sequence after the merge");
         assert_eq!(part.entries.iter().map(|(s, ..)| s).collect::<Vec<_>>(), want, "partition {p}");
         assert_eq!(part.fulfilled, vec![uuid::Uuid::from_u128(7)], "every part carries the fulfilled holds");
     }
 
     // Again, and stale: nothing changes, nothing is logged, the store's sequence stays.
-    let again = syncplane::merge(&mut c, parts, d).await.unwrap();
+    let again = sp.merge(parts, d).await.unwrap();
     assert_eq!((again.changed, again.head, again.parts.len()), (0, 20, 0));
     let stale = delta(&w, vec![(sku(3), PnEntry { p: 1, n: 0 })], 21);
-    assert_eq!(syncplane::merge(&mut c, parts, stale).await.unwrap().changed, 0);
+    assert_eq!(sp.merge(parts, stale).await.unwrap().changed, 0);
     assert_eq!(stored(&c).await[&(sku(3).to_string(), w.to_string())], PnEntry { p: 13, n: 1 }, "never goes back");
 
-    // One entry grows: logged once, in its partition, after the first row.
+    // The decider of sku(3)'s partition applies its row (and deletes it in that commit).
+    let p3 = parts.of(&sku(3));
+    c.execute(syncplane::APPLIED, &[&(p3 as i16), &"store-1", &20i64]).await.unwrap();
+    assert!(syncplane::tail(&c, p3, 100).await.unwrap().is_empty(), "applied: nothing left to apply");
+
+    // One entry grows: logged once, in its partition.
     let grown = delta(&w, vec![(sku(3), PnEntry { p: 13, n: 2 })], 22);
-    let m = syncplane::merge(&mut c, parts, grown).await.unwrap();
-    assert_eq!((m.changed, m.parts), (1, vec![(parts.of(&sku(3)), 2)]));
-    let log = syncplane::tail(&c, parts.of(&sku(3)), 1, 100).await.unwrap();
+    let m = sp.merge(parts, grown).await.unwrap();
+    assert_eq!((m.changed, m.parts.clone()), (1, vec![p3]));
+    let log = syncplane::tail(&c, p3, 100).await.unwrap();
     assert_eq!(log.len(), 1);
+    assert_eq!(log[0].1, m.head);
     assert_eq!(log[0].2.entries, vec![(sku(3), w.clone(), PnEntry { p: 13, n: 2 })]);
     assert!(m.head > 20, "the store's sequence moved on: {}", m.head);
 
@@ -126,7 +137,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
     let (url, parts) = database().await;
     let w = writer(2);
     // The writer's row exists, and a third session holds it while both deltas arrive.
-    syncplane::merge(&mut client(&url).await, parts, delta(&w, Vec::new(), 0)).await.unwrap();
+    plane(&url).await.merge(parts, delta(&w, Vec::new(), 0)).await.unwrap();
     let mut holder = client(&url).await;
     let hold = holder.transaction().await.unwrap();
     hold.execute("SELECT 1 FROM peers WHERE store = 'store-1' AND writer = $1 FOR UPDATE", &[&w.to_string()])
@@ -139,7 +150,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
             d.lineage_base = Some(Checkpoint::ZERO);
             let head = Checkpoint::ZERO.next(&uuid::Uuid::from_u128(n.into()), 0, &sku(n as usize), n as i64);
             d.lineage = Some(DeltaLineage { head, boots: Vec::new() });
-            syncplane::merge(&mut client(&url).await, parts, d).await
+            plane(&url).await.merge(parts, d).await
         })
     };
     let (a, b) = (copy(1), copy(2));
@@ -147,7 +158,7 @@ async fn a_clones_second_connection_fails_instead_of_merging_past_the_first() {
     let probe = client(&url).await;
     shelfsync_tests::procs::wait_until("both merges waiting on the writer's row", std::time::Duration::from_secs(20), || async {
         let waiting: i64 = probe
-            .query_one("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM peers%'", &[])
+            .query_one("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INTO peers%'", &[])
             .await
             .unwrap()
             .get(0);
@@ -173,12 +184,12 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
     for k in 0..4u64 {
         let url = url.clone();
         merges.spawn(async move {
-            let mut c = client(&url).await;
+            let mut sp = plane(&url).await;
             let w = writer(10 + k);
             for round in 1..=40u64 {
                 let entries =
                     (0..5).map(|i| (sku(((round * 7 + i * 3 + k) % 30) as usize), PnEntry { p: round, n: round / 2 }));
-                syncplane::merge(&mut c, parts, delta(&w, entries.collect(), round)).await.unwrap();
+                sp.merge(parts, delta(&w, entries.collect(), round)).await.unwrap();
             }
         });
     }
@@ -214,9 +225,9 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
 
     let mut logged: BTreeMap<(String, String), PnEntry> = BTreeMap::new();
     for p in parts.all() {
-        let log = syncplane::tail(&c, p, 0, 100_000).await.unwrap();
-        let seqs: Vec<u64> = log.iter().map(|(s, ..)| *s).collect();
-        assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>(), "partition {p}'s log has no gap");
+        let log = syncplane::tail(&c, p, 100_000).await.unwrap();
+        let keys: Vec<(StoreId, u64)> = log.iter().map(|(st, seq, _)| (st.clone(), *seq)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "partition {p}'s log in each store's order");
         for (_, _, part) in log {
             for (s, w, e) in part.entries {
                 assert_eq!(parts.of(&s), p, "{s} logged in partition {p}");
@@ -226,4 +237,44 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
         }
     }
     assert_eq!(logged, want, "the partitions' logs add up to what was merged");
+}
+
+/// Wake-ups between hubs: a listener hears of a store's change once the transaction that made it
+/// commits (a merge, here), never of one that rolled back; when its connection breaks it
+/// reconnects and says Resync (it may have missed some), then hears again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_hears_of_commits_not_rollbacks_and_resyncs_after_a_break() {
+    use shelfsync_hub::notify::{Notice, NOTIFY};
+    let (url, parts) = database().await;
+    let mut rx = shelfsync_hub::notify::listen(url.clone());
+    let mut next = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a notice within the deadline")
+            .expect("the listener runs")
+    };
+    assert_eq!(next().await, Notice::Resync, "connected: follow everything from the tables");
+    let mut c = client(&url).await;
+    plane(&url).await.merge(parts, delta(&writer(1), vec![(sku(1), PnEntry { p: 1, n: 0 })], 1)).await.unwrap();
+    assert_eq!(next().await, Notice::Store(store()), "another hub's merge");
+
+    let tx = c.transaction().await.unwrap();
+    tx.execute(NOTIFY, &[&"store-9"]).await.unwrap();
+    tx.rollback().await.unwrap();
+    c.execute(NOTIFY, &[&"store-2"]).await.unwrap();
+    assert_eq!(next().await, Notice::Store("store-2".parse().unwrap()), "the rolled-back change was never heard");
+
+    let killed: i64 = c
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = 'shelfsync-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    assert_eq!(next().await, Notice::Resync, "after a break, re-read everything");
+    c.execute(NOTIFY, &[&"store-3"]).await.unwrap();
+    assert_eq!(next().await, Notice::Store("store-3".parse().unwrap()), "and it hears again");
 }
