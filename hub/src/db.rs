@@ -132,6 +132,16 @@ pub enum SideWrite {
     },
     /// A catalog change's rows.
     Catalog(CatalogCommit),
+    /// A partition's decider applied a store's merges from the sync plane up to `upto`
+    /// (partitioned PostgreSQL databases only: `crate::syncplane`): their merge-log rows go.
+    MergeApplied {
+        /// The partition.
+        partition: shelfsync_hub_core::Partition,
+        /// The store.
+        store: StoreId,
+        /// The store sequence applied up to.
+        upto: u64,
+    },
 }
 
 /// One decided batch to commit in one transaction.

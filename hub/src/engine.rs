@@ -594,6 +594,39 @@ impl Engine {
         Ok(applied)
     }
 
+    /// Applies what the sync plane merged for this partition's SKUs of `store`, up to the store
+    /// sequence `upto` (`crate::syncplane::tail`), and deletes those merge-log rows in the same
+    /// commit. Applying the same rows again (a crash before that commit) changes nothing: the
+    /// entries are already joined, and fulfilled holds stay fulfilled.
+    pub async fn apply_merged(
+        &self,
+        partition: shelfsync_hub_core::Partition,
+        store: StoreId,
+        upto: u64,
+        part: crate::syncplane::MergePart,
+        now_ms: i64,
+    ) -> StorageResult<shelfsync_hub_core::Merged> {
+        // A store the admin CLI added since this decider loaded: learnt on the way.
+        self.knowing_new_stores(|| {
+            let (store, part) = (store.clone(), part.clone());
+            async move {
+                self.run(move |st, extras| {
+                    let merged = match st.decide(
+                        Command::Merge { store: store.clone(), entries: part.entries, fulfilled: part.fulfilled },
+                        now_ms,
+                    )? {
+                        Done::Merged(m) => m,
+                        other => return Err(unexpected(other)),
+                    };
+                    extras.push(SideWrite::MergeApplied { partition, store, upto });
+                    Ok(merged)
+                })
+                .await?
+            }
+        })
+        .await
+    }
+
     /// Entries of `store` above `after` (all writers except `exclude`), sequence order, each with
     /// the hub's tag.
     pub async fn read_delta(

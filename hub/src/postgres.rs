@@ -1573,6 +1573,14 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
                 vec![Box::new(store.to_string()), Box::new(peer.to_string()), Box::new(big(*upto))],
             )]
         }
+        SideWrite::MergeApplied { partition, store, upto } => vec![op(
+            crate::syncplane::APPLIED,
+            vec![
+                Box::new(i16::try_from(*partition).expect("at most Partitions::MAX")),
+                Box::new(store.to_string()),
+                Box::new(big(*upto)),
+            ],
+        )],
         SideWrite::Catalog(c) => {
             let mut ops = Vec::new();
             if let Some(w) = &c.write {

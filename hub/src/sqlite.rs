@@ -575,6 +575,11 @@ pub fn write_side(conn: &Connection, w: &crate::db::SideWrite) -> StorageResult<
             .execute(params![store.as_str(), peer.to_string(), upto])?;
         }
         SideWrite::Catalog(c) => write_catalog(conn, c)?,
+        SideWrite::MergeApplied { .. } => {
+            return Err(StorageError::Invalid(
+                "the sync plane's merge log exists only in a partitioned PostgreSQL database".into(),
+            ))
+        }
     }
     Ok(())
 }

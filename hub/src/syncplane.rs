@@ -48,9 +48,10 @@ pub const MIGRATION: &str = "
         partition SMALLINT NOT NULL, store TEXT NOT NULL, seq BIGINT NOT NULL, body BYTEA NOT NULL,
         at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, store, seq));";
 
-/// What a partition's decider runs in the commit that applied a store's merges up to a
-/// sequence (arguments: partition, store, sequence).
-pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND seq <= $3";
+/// What a partition's decider runs in the commit that applied one merge-log row (arguments:
+/// partition, store, the row's sequence). One row each: a row applied later never takes an
+/// earlier one it did not apply with it.
+pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND seq = $3";
 
 /// Most entries one delta may bring (the wire's own limit is lower; this guards the SQL arrays).
 pub const ENTRIES_MAX: usize = 100_000;
@@ -366,5 +367,57 @@ pub async fn peer(c: &Client, store: &StoreId, writer: &WriterId) -> StorageResu
     match row {
         None => Ok((0, HubLineage::default())),
         Some(r) => Ok((unsigned(r.get(0), "peers.applied")?, crate::sqlite::lineage_col(r.get(1))?)),
+    }
+}
+
+/// Most merge-log rows a decider applies per read.
+pub const APPLY_PAGE: usize = 256;
+
+/// Applies one page of partition `partition`'s merge log to its decider (each row a `Merge`, in
+/// order; the decider batches them into few commits), and returns what they changed.
+pub async fn apply_page(
+    engine: &crate::engine::Engine,
+    c: &Client,
+    partition: Partition,
+    limit: usize,
+) -> StorageResult<Vec<shelfsync_hub_core::Merged>> {
+    let rows = tail(c, partition, limit).await?;
+    let now = shelfsync_node::now_ms();
+    let applied = futures_util::future::join_all(
+        rows.into_iter().map(|(store, seq, part)| engine.apply_merged(partition, store, seq, part, now)),
+    )
+    .await;
+    applied.into_iter().collect()
+}
+
+/// Keeps partition `partition`'s decider up to date with the sync plane: a page whenever woken
+/// (a store changed, `crate::notify`) and at least every `poll`; `changed` hears what each page
+/// changed (for the hub to push holds and availability). Runs until the engine stops.
+pub async fn apply_forever(
+    engine: std::sync::Arc<crate::engine::Engine>,
+    c: Client,
+    partition: Partition,
+    poll: std::time::Duration,
+    mut wake: tokio::sync::watch::Receiver<()>,
+    changed: tokio::sync::mpsc::Sender<Vec<shelfsync_hub_core::Merged>>,
+) {
+    loop {
+        match apply_page(&engine, &c, partition, APPLY_PAGE).await {
+            Ok(merged) => {
+                let full = merged.len() == APPLY_PAGE;
+                if !merged.is_empty() && changed.send(merged).await.is_err() {
+                    return;
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(StorageError::Stopped(_)) => return,
+            Err(e) => tracing::error!(partition, error = %e, "applying the sync plane's merges"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            r = wake.changed() => if r.is_err() { return },
+        }
     }
 }

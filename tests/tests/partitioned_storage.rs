@@ -152,25 +152,28 @@ async fn two_partitions_side_by_side_persist_and_load_only_their_own_state() {
     left.hub_change(restock(1_001, "store-a", &a[0..2]), now).await.unwrap();
     right.hub_change(restock(2_001, "store-a", &b[0..1]), now).await.unwrap();
     let agent = WriterId::new(NodeId::Store(store("store-a")), Incarnation::from_u64(7));
-    let merged = syncplane::SyncPlane::connect(&url).await.unwrap().merge(
-        parts,
-        AgentDelta {
-            store: store("store-a"),
-            peer: agent.clone(),
-            entries: vec![
-                (others0[0].clone(), agent.clone(), PnEntry { p: 5, n: 1 }),
-                (others3[0].clone(), agent.clone(), PnEntry { p: 4, n: 0 }),
-            ],
-            fulfilled: Vec::new(),
-            upto: 2,
-            lineage_base: None,
-            lineage: None,
-            pusher_boots: Vec::new(),
-            at_ms: now,
-        },
-    )
-    .await
-    .unwrap();
+    let merged = syncplane::SyncPlane::connect(&url)
+        .await
+        .unwrap()
+        .merge(
+            parts,
+            AgentDelta {
+                store: store("store-a"),
+                peer: agent.clone(),
+                entries: vec![
+                    (others0[0].clone(), agent.clone(), PnEntry { p: 5, n: 1 }),
+                    (others3[0].clone(), agent.clone(), PnEntry { p: 4, n: 0 }),
+                ],
+                fulfilled: Vec::new(),
+                upto: 2,
+                lineage_base: None,
+                lineage: None,
+                pusher_boots: Vec::new(),
+                at_ms: now,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(merged.head, 5, "the sync plane numbers after the partitions' three entries");
     left.hub_change(restock(1_002, "store-b", &a[0..1]), now).await.unwrap();
     right.hub_change(restock(2_002, "store-b", &b[0..2]), now).await.unwrap();
@@ -380,4 +383,104 @@ async fn one_partition_writes_as_before() {
         .unwrap()
         .get(0);
     assert_eq!(unpartitioned, 0);
+}
+
+/// The sync plane reaches the deciders: an agent's delta merged by any hub (here, straight
+/// through `SyncPlane`) is applied by each partition's decider to its own SKUs only, its sale
+/// fulfils the hold the store picked, and the merge log empties; rows applied again (a crash
+/// before the applying commit) change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_partitions_decider_applies_the_sync_planes_merges_of_its_skus() {
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let target = Target::Postgres(url.clone());
+    let parts = Partitions::new(PARTS).unwrap();
+    HubDb::create(&target, parts).await.unwrap();
+    add_stores(&target, &["store-a"]).await;
+    let db = shelfsync_tests::pg::connect(&url).await;
+    let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
+    let now = shelfsync_node::now_ms();
+    let mut engines = Vec::new();
+    let mut skus = Vec::new();
+    for p in parts.all() {
+        let fence = take_lease(&db, p).await;
+        let e = Engine::open_target(&target, sql, opts, Some(fence), None, p).await.unwrap();
+        let sku = skus_of(parts, p, 1).remove(0);
+        e.hub_change(restock(9_000 + u128::from(p), "store-a", std::slice::from_ref(&sku)), now).await.unwrap();
+        engines.push(e);
+        skus.push(sku);
+    }
+    // A reservation held at the store in partition 2, which the store then picks and sells.
+    let held = engines[2].create_reservation(reserve(7_000, "store-a", &skus[2], 2), now).await.unwrap();
+    let hold = held.view.allocations[0].hold;
+    let agent = WriterId::new(NodeId::Store(store("store-a")), Incarnation::from_u64(3));
+    let sales = |units: &dyn Fn(usize) -> u64| -> Vec<(Sku, WriterId, PnEntry)> {
+        skus.iter().enumerate().map(|(i, s)| (s.clone(), agent.clone(), PnEntry { p: 0, n: units(i) })).collect()
+    };
+    let delta = AgentDelta {
+        store: store("store-a"),
+        peer: agent.clone(),
+        entries: sales(&|i| if i == 2 { 2 } else { i as u64 + 1 }),
+        fulfilled: vec![hold],
+        upto: 4,
+        lineage_base: None,
+        lineage: None,
+        pusher_boots: Vec::new(),
+        at_ms: now,
+    };
+    let merged = syncplane::SyncPlane::connect(&url).await.unwrap().merge(parts, delta).await.unwrap();
+    assert_eq!(merged.parts, parts.all().collect::<Vec<_>>(), "one row per partition");
+    let log_rows = db.query("SELECT partition, store, seq, body FROM merge_log ORDER BY partition", &[]).await.unwrap();
+    assert_eq!(log_rows.len(), usize::from(PARTS));
+
+    for (p, e) in engines.iter().enumerate() {
+        let applied = syncplane::apply_page(e, &db, p as Partition, 100).await.unwrap();
+        assert_eq!(applied.len(), 1, "partition {p} applied its one row");
+        assert_eq!(applied[0].changed.iter().map(|(s, _)| s).collect::<Vec<_>>(), vec![&skus[p]], "its SKU only");
+    }
+    let left: i64 = db.query_one("SELECT COUNT(*) FROM merge_log", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "the applying commits deleted the rows");
+
+    async fn figures(e: &Engine, sku: Sku, now: i64) -> (i64, u64) {
+        let a = e.availability(vec![sku], now).await.unwrap();
+        let f = &a[0].1[0];
+        (f.on_hand, f.held)
+    }
+    for (p, e) in engines.iter().enumerate() {
+        let sold = if p == 2 { 2 } else { p as i64 + 1 };
+        assert_eq!(
+            figures(e, skus[p].clone(), now).await,
+            (10 - sold, 0),
+            "partition {p}: the sale counted, no hold left"
+        );
+        for (q, other) in skus.iter().enumerate().filter(|(q, _)| *q != p) {
+            let a = e.availability(vec![other.clone()], now).await.unwrap();
+            assert!(a[0].1.iter().all(|f| f.on_hand == 0), "partition {p} knows nothing of partition {q}'s {other}");
+        }
+    }
+    let r = engines[2].reservation(Uuid::from_u128(7_000)).await.unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", r.lines[0].allocations[0].status),
+        "Fulfilled",
+        "the store's sale of the held units fulfilled the hold: {r:?}"
+    );
+
+    // Applied again (the rows come back, as after a crash before the applying commit): nothing moves.
+    let feed_before: i64 = db.query_one("SELECT COUNT(*) FROM feed", &[]).await.unwrap().get(0);
+    for r in &log_rows {
+        let (p, s, seq, body): (i16, String, i64, Vec<u8>) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        db.execute(
+            "INSERT INTO merge_log (partition, store, seq, body) VALUES ($1, $2, $3, $4)",
+            &[&p, &s, &seq, &body],
+        )
+        .await
+        .unwrap();
+    }
+    for (p, e) in engines.iter().enumerate() {
+        let again = syncplane::apply_page(e, &db, p as Partition, 100).await.unwrap();
+        assert!(again.iter().all(|m| m.changed.is_empty() && m.holds_changed.is_empty()), "partition {p}: {again:?}");
+        let sold = if p == 2 { 2 } else { p as i64 + 1 };
+        assert_eq!(figures(e, skus[p].clone(), now).await, (10 - sold, 0));
+    }
+    let feed_after: i64 = db.query_one("SELECT COUNT(*) FROM feed", &[]).await.unwrap().get(0);
+    assert_eq!(feed_after, feed_before, "no event for a merge applied twice");
 }
