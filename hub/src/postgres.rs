@@ -115,6 +115,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE transfers DROP CONSTRAINT transfers_pkey, ADD PRIMARY KEY (partition, id);
     ALTER TABLE journal ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
     CREATE INDEX counters_partition ON counters (partition);
+    CREATE INDEX decisions_open_holds ON decisions ((body::jsonb->>'store'))
+        WHERE kind = 'allocation' AND body::jsonb->>'status' IN ('held', 'committed');
     ALTER TABLE record_log ADD COLUMN partition SMALLINT NOT NULL DEFAULT 0;
     CREATE INDEX record_log_partition_seq ON record_log (partition, seq);
     INSERT INTO record_log_floor (id, floor) SELECT partition, 0 FROM leases ON CONFLICT (id) DO NOTHING;

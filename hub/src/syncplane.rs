@@ -421,3 +421,56 @@ pub async fn apply_forever(
         }
     }
 }
+
+/// The holds of `store` over every partition, as an agent gets them: the open allocations the
+/// partitions' deciders committed (their rows in `decisions`), each with its reservation's
+/// expiry, and as version the sum of the partitions' holds versions of the store (each only
+/// grows, so the sum grows with every change anywhere). Read from one snapshot, so a hub that
+/// decides none of them sends a store what every partition decided.
+pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfsync_shared::wire::HoldsSnapshot> {
+    use shelfsync_hub_core::{Allocation, AllocationStatus, Reservation};
+    use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let read = async {
+        let version: i64 = c
+            .query_one(
+                "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1",
+                &[&store.as_str()],
+            )
+            .await?
+            .get(0);
+        let rows = c
+            .query(
+                "SELECT a.body, r.body FROM decisions a
+                 LEFT JOIN decisions r ON r.partition = a.partition AND r.kind = 'reservation'
+                     AND r.key = a.body::jsonb->>'reservation'
+                 WHERE a.kind = 'allocation' AND a.body::jsonb->>'store' = $1
+                     AND a.body::jsonb->>'status' IN ('held', 'committed')
+                 LIMIT $2",
+                &[&store.as_str(), &(HOLDS_MAX as i64)],
+            )
+            .await?;
+        Ok::<_, StorageError>((version, rows))
+    }
+    .await;
+    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+    let (version, rows) = read?;
+    let mut holds = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let a: Allocation = serde_json::from_str(&r.get::<_, String>(0))
+            .map_err(|e| StorageError::Corrupt(format!("an allocation row: {e}")))?;
+        let reservation: Option<Reservation> = r
+            .get::<_, Option<String>>(1)
+            .map(|b| serde_json::from_str(&b))
+            .transpose()
+            .map_err(|e| StorageError::Corrupt(format!("a reservation row: {e}")))?;
+        let status = if a.status == AllocationStatus::Held { HoldStatus::Held } else { HoldStatus::Committed };
+        let expires_at_ms = match status {
+            HoldStatus::Held => reservation.and_then(|r| r.expires_at_ms),
+            HoldStatus::Committed => None,
+        };
+        holds.push(Hold { id: a.id, reservation: a.reservation, sku: a.sku, qty: a.qty, status, expires_at_ms });
+    }
+    holds.sort_by_key(|h| h.id);
+    Ok(HoldsSnapshot { version: unsigned(version, "store_parts.holds_version")?, holds })
+}

@@ -510,3 +510,61 @@ async fn each_partitions_decider_applies_the_sync_planes_merges_of_its_skus() {
     let feed_after: i64 = db.query_one("SELECT COUNT(*) FROM feed", &[]).await.unwrap().get(0);
     assert_eq!(feed_after, feed_before, "no event for a merge applied twice");
 }
+
+/// A store's holds as any hub reads them from the database (`syncplane::holds_snapshot`): every
+/// partition's open holds at the store, with their expiry, and a version that grows with a
+/// change in any partition; the same as the deciders hold, through holds made, paid, extended
+/// and cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_hub_reads_a_stores_holds_of_every_partition_from_the_database() {
+    use shelfsync_hub_core::Action;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let target = Target::Postgres(url.clone());
+    let parts = Partitions::new(PARTS).unwrap();
+    HubDb::create(&target, parts).await.unwrap();
+    add_stores(&target, &["store-a", "store-b"]).await;
+    let db = shelfsync_tests::pg::connect(&url).await;
+    let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
+    let now = shelfsync_node::now_ms();
+    let (a, b) = (skus_of(parts, LEFT, 3), skus_of(parts, RIGHT, 3));
+    let left = Engine::open_target(&target, sql, opts, Some(take_lease(&db, LEFT).await), None, LEFT).await.unwrap();
+    let right = Engine::open_target(&target, sql, opts, Some(take_lease(&db, RIGHT).await), None, RIGHT).await.unwrap();
+    left.hub_change(restock(1, "store-a", &a), now).await.unwrap();
+    right.hub_change(restock(2, "store-a", &b), now).await.unwrap();
+    right.hub_change(restock(3, "store-b", &b), now).await.unwrap();
+    let check = |what: &'static str| {
+        let (left, right, db) = (&left, &right, &db);
+        async move {
+            let (l, r) = (
+                left.holds_snapshot(store("store-a")).await.unwrap(),
+                right.holds_snapshot(store("store-a")).await.unwrap(),
+            );
+            let mut want: Vec<_> = l.holds.iter().chain(r.holds.iter()).cloned().collect();
+            want.sort_by_key(|h| h.id);
+            let got = syncplane::holds_snapshot(db, &store("store-a")).await.unwrap();
+            assert_eq!(got.holds, want, "{what}: the holds of both partitions");
+            assert_eq!(got.version, l.version + r.version, "{what}: the version is the partitions' sum");
+            got
+        }
+    };
+    let empty = check("nothing held").await;
+    assert!(empty.holds.is_empty());
+    for (i, sku) in a.iter().enumerate() {
+        left.create_reservation(reserve(100 + i as u128, "store-a", sku, 1), now).await.unwrap();
+    }
+    right.create_reservation(reserve(200, "store-a", &b[0], 2), now).await.unwrap();
+    right.create_reservation(reserve(201, "store-b", &b[1], 1), now).await.unwrap();
+    let held = check("four holds at store-a, one elsewhere").await;
+    assert_eq!(held.holds.len(), 4);
+    assert!(held.version > empty.version);
+    left.act(Uuid::from_u128(100), Action::Commit, None, now).await.unwrap();
+    left.act(Uuid::from_u128(101), Action::Release, None, now).await.unwrap();
+    right.act(Uuid::from_u128(200), Action::Extend { ttl_secs: 3600 }, None, now).await.unwrap();
+    let after = check("one paid, one cancelled, one extended").await;
+    assert_eq!(after.holds.len(), 3);
+    assert!(after.version > held.version);
+    let paid = after.holds.iter().find(|h| h.reservation == Uuid::from_u128(100)).unwrap();
+    assert_eq!((format!("{:?}", paid.status), paid.expires_at_ms), ("Committed".to_owned(), None));
+    let extended = after.holds.iter().find(|h| h.reservation == Uuid::from_u128(200)).unwrap();
+    assert_eq!(extended.expires_at_ms, Some(now + 3_600_000));
+}
