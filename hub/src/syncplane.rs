@@ -320,11 +320,21 @@ pub async fn store_head(c: &Client, store: &StoreId) -> StorageResult<u64> {
 /// Digest of every entry of `store`, and the store's sequence head it covers, read from one
 /// snapshot.
 pub async fn digest(c: &Client, store: &StoreId) -> StorageResult<(StateDigest, u64)> {
+    digest_of(c, store, "SELECT sku, writer, p, n FROM counters WHERE store = $1").await
+}
+
+/// Digest of the entries of `store` the partitions' hub writers authored (what an agent that
+/// holds others must give back), and the store's sequence head it covers.
+pub async fn hub_entries_digest(c: &Client, store: &StoreId) -> StorageResult<(StateDigest, u64)> {
+    digest_of(c, store, "SELECT sku, writer, p, n FROM counters WHERE store = $1 AND writer LIKE 'hub@%'").await
+}
+
+async fn digest_of(c: &Client, store: &StoreId, rows: &str) -> StorageResult<(StateDigest, u64)> {
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
     let read = async {
         let head = store_head(c, store).await?;
         let mut d = StateDigest::default();
-        for r in c.query("SELECT sku, writer, p, n FROM counters WHERE store = $1", &[&store.as_str()]).await? {
+        for r in c.query(rows, &[&store.as_str()]).await? {
             let entry = PnEntry { p: unsigned(r.get(2), "counters.p")?, n: unsigned(r.get(3), "counters.n")? };
             d.add(&shelfsync_node::db::sku_col(r.get(0))?, &shelfsync_node::db::writer_col(r.get(1))?, entry);
         }

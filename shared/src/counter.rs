@@ -206,6 +206,12 @@ impl StateDigest {
         self.count = self.count.wrapping_sub(1);
         self.hash = self.hash.wrapping_sub(Self::entry_hash(sku, writer, entry));
     }
+
+    /// Adds the entries of another digest (of disjoint entries: another partition's SKUs).
+    pub fn absorb(&mut self, other: StateDigest) {
+        self.count = self.count.wrapping_add(other.count);
+        self.hash = self.hash.wrapping_add(other.hash);
+    }
 }
 
 /// Many counters of one replica sharing one sequence, keyed by SKU: the in-memory model of a

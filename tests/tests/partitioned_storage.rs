@@ -547,6 +547,11 @@ async fn any_hub_reads_a_stores_holds_of_every_partition_from_the_database() {
             got
         }
     };
+    // The hub writers' entries of the store, over both partitions, as an agent compares them.
+    let mut both = left.hub_entries_digest(store("store-a")).await.unwrap();
+    both.absorb(right.hub_entries_digest(store("store-a")).await.unwrap());
+    let (read, head) = syncplane::hub_entries_digest(&db, &store("store-a")).await.unwrap();
+    assert_eq!((read, read.count, head), (both, 6, 6), "six restocked entries, numbered 1..6");
     let empty = check("nothing held").await;
     assert!(empty.holds.is_empty());
     for (i, sku) in a.iter().enumerate() {
