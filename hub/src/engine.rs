@@ -103,6 +103,37 @@ impl State {
 /// silent stores); drained at the start of every batch, so no change is lost or reordered.
 type Connectivity = Arc<std::sync::Mutex<Vec<(StoreId, bool)>>>;
 
+/// The entries of a store's delta the store may give: its own writers' entries, and others'
+/// only with the tag the hub put on them (the indexes of those in the second list). Whichever
+/// hub merges the delta checks this first (`Engine::apply_delta`, and the sync plane's caller).
+pub fn authenticate(
+    key: &MacKey,
+    store: &StoreId,
+    delta: &Delta,
+) -> StorageResult<(Vec<(Sku, WriterId, shelfsync_shared::PnEntry)>, Vec<usize>)> {
+    let tags: HashMap<u32, shelfsync_shared::mac::EntryMac> = delta.macs.iter().copied().collect();
+    let mut entries = Vec::with_capacity(delta.entries.len());
+    let mut tagged = Vec::new();
+    for (i, (sku, writer, incoming)) in delta.entries().enumerate() {
+        match tags.get(&(i as u32)) {
+            Some(t) if !key.verify(store, sku, writer, incoming, t) => {
+                return Err(StorageError::Invalid(format!(
+                    "store {store} gave back an entry of {writer} for {sku} whose tag does not match; \
+                     a store cannot make up entries it was not sent"
+                )));
+            }
+            Some(_) => tagged.push(entries.len()),
+            None if !writer.is_store(store) => {
+                return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
+            }
+            None => {}
+        }
+        incoming.check(writer)?;
+        entries.push((sku.clone(), writer.clone(), incoming));
+    }
+    Ok((entries, tagged))
+}
+
 /// A conflict id derived from what makes two reports "the same".
 fn conflict_id(parts: &[&str]) -> Uuid {
     let mut h = Sha256::new();
@@ -524,28 +555,7 @@ impl Engine {
         pusher_boots: Vec<Boot>,
         now_ms: i64,
     ) -> StorageResult<Applied> {
-        let tags: HashMap<u32, shelfsync_shared::mac::EntryMac> = delta.macs.iter().copied().collect();
-        let mut entries = Vec::with_capacity(delta.entries.len());
-        let mut tagged = Vec::new();
-        for (i, (sku, writer, incoming)) in delta.entries().enumerate() {
-            // A store writes its own writers' entries; anything else it may only give back with
-            // the tag the hub put on it.
-            match tags.get(&(i as u32)) {
-                Some(t) if !self.key.verify(&store, sku, writer, incoming, t) => {
-                    return Err(StorageError::Invalid(format!(
-                        "store {store} gave back an entry of {writer} for {sku} whose tag does not match; \
-                         a store cannot make up entries it was not sent"
-                    )));
-                }
-                Some(_) => tagged.push(entries.len()),
-                None if !writer.is_store(&store) => {
-                    return Err(StorageError::Invalid(format!("writer {writer} may not write store {store}")));
-                }
-                None => {}
-            }
-            incoming.check(writer)?;
-            entries.push((sku.clone(), writer.clone(), incoming));
-        }
+        let (entries, tagged) = authenticate(&self.key, &store, &delta)?;
         let me = self.hub_writer();
         let (upto, lineage, fulfilled) = (delta.upto, delta.lineage.clone(), delta.fulfilled.clone());
         let mut applied = self.run(move |st, extras| {

@@ -178,7 +178,10 @@ both_backends! {
         c.start_hub().await;
         let all = c.converged(&["D"], DEADLINE).await;
         assert_eq!(all[&("store-0".into(), "D".into())], 15);
-        assert_eq!(c.metric("digests_mismatched_total").await, 1);
+        // Seen at least once (a busy hub under load may take a second digest before the
+        // resync it started has finished).
+        let mismatched = c.metric("digests_mismatched_total").await;
+        assert!(mismatched >= 1, "the mismatch is visible to head office: {mismatched}");
     }
 }
 
