@@ -139,7 +139,9 @@ pub enum SideWrite {
         partition: shelfsync_hub_core::Partition,
         /// The store.
         store: StoreId,
-        /// The store sequence applied up to.
+        /// Which log: `crate::syncplane::LogKind` as its column.
+        kind: i16,
+        /// The row's store sequence.
         upto: u64,
     },
 }

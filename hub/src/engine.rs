@@ -134,6 +134,15 @@ pub fn authenticate(
     Ok((entries, tagged))
 }
 
+/// Fails unless every event is the store's own (its store, one of its writers): what a store may
+/// send in its journal, whichever hub takes it.
+pub fn journal_belongs(store: &StoreId, events: &[shelfsync_shared::journal::JournalEvent]) -> StorageResult<()> {
+    match events.iter().find(|e| e.store != *store || !e.writer.is_store(store)) {
+        Some(e) => Err(StorageError::Invalid(format!("journal event {} does not belong to store {store}", e.id))),
+        None => Ok(()),
+    }
+}
+
 /// A conflict id derived from what makes two reports "the same".
 fn conflict_id(parts: &[&str]) -> Uuid {
     let mut h = Sha256::new();
@@ -604,31 +613,43 @@ impl Engine {
         Ok(applied)
     }
 
-    /// Applies what the sync plane merged for this partition's SKUs of `store`, up to the store
-    /// sequence `upto` (`crate::syncplane::tail`), and deletes those merge-log rows in the same
-    /// commit. Applying the same rows again (a crash before that commit) changes nothing: the
-    /// entries are already joined, and fulfilled holds stay fulfilled.
+    /// Applies one row of this partition's merge log (`crate::syncplane::tail`): a delta's
+    /// entries of its SKUs and the holds the store fulfilled (`Merge`), or a journal batch's
+    /// flagged SKUs and adjustments; and deletes that row in the same commit. Applying a row
+    /// again (a crash before that commit) changes nothing: the entries are already joined,
+    /// fulfilled holds stay fulfilled, a flagged SKU's conflict is open already, and an
+    /// adjustment reaches the feed once per (id, line).
     pub async fn apply_merged(
         &self,
         partition: shelfsync_hub_core::Partition,
-        store: StoreId,
-        upto: u64,
-        part: crate::syncplane::MergePart,
+        row: crate::syncplane::LogRow,
         now_ms: i64,
     ) -> StorageResult<shelfsync_hub_core::Merged> {
         // A store the admin CLI added since this decider loaded: learnt on the way.
         self.knowing_new_stores(|| {
-            let (store, part) = (store.clone(), part.clone());
+            let row = row.clone();
             async move {
                 self.run(move |st, extras| {
-                    let merged = match st.decide(
-                        Command::Merge { store: store.clone(), entries: part.entries, fulfilled: part.fulfilled },
-                        now_ms,
-                    )? {
-                        Done::Merged(m) => m,
-                        other => return Err(unexpected(other)),
-                    };
-                    extras.push(SideWrite::MergeApplied { partition, store, upto });
+                    let crate::syncplane::LogRow { store, kind, seq, part } = row;
+                    let mut merged = shelfsync_hub_core::Merged::default();
+                    if !part.entries.is_empty() || !part.fulfilled.is_empty() {
+                        let cmd =
+                            Command::Merge { store: store.clone(), entries: part.entries, fulfilled: part.fulfilled };
+                        merged = match st.decide(cmd, now_ms)? {
+                            Done::Merged(m) => m,
+                            other => return Err(unexpected(other)),
+                        };
+                    }
+                    if !part.flagged.is_empty() {
+                        st.decide(Command::JournalSkus { store: store.clone(), skus: part.flagged }, now_ms)?;
+                    }
+                    if !part.adjustments.is_empty() {
+                        st.decide(
+                            Command::JournalAdjustments { store: store.clone(), events: part.adjustments },
+                            now_ms,
+                        )?;
+                    }
+                    extras.push(SideWrite::MergeApplied { partition, store, kind: kind.col(), upto: seq });
                     Ok(merged)
                 })
                 .await?
@@ -662,11 +683,7 @@ impl Engine {
     /// Stores an agent's journal events and records `batch.upto`; SKUs the store flagged as
     /// unknown or inactive open `unknown_sku` conflicts (once: a resent batch opens none).
     pub async fn apply_journal(&self, store: StoreId, peer: WriterId, batch: JournalBatch) -> StorageResult<()> {
-        for e in &batch.events {
-            if e.store != store || !e.writer.is_store(&store) {
-                return Err(StorageError::Invalid(format!("journal event {} does not belong to store {store}", e.id)));
-            }
-        }
+        journal_belongs(&store, &batch.events)?;
         self.run(move |st, extras| {
             if st.d.store(&store).is_none() {
                 return Err(Refusal::UnknownStore(store).into());

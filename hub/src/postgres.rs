@@ -988,7 +988,7 @@ impl PgStorage {
     }
 }
 
-fn journal_event(r: &Row) -> StorageResult<JournalEvent> {
+pub(crate) fn journal_event(r: &Row) -> StorageResult<JournalEvent> {
     let id: Vec<u8> = get(r, 1)?;
     let kind: String = get(r, 3)?;
     let store: String = get(r, 4)?;
@@ -1241,13 +1241,15 @@ struct Rows {
     meta: Keyed<String, String>,
     feed: Vec<(i64, String, i64, String)>,
     journal: Vec<JournalRow>,
-    /// The stores' sequences after [`Rows::stamp`]: (store, new head).
-    store_heads: Vec<(String, i64)>,
+    /// Each journal row's store journal sequence, after [`Rows::stamp`] (several partitions).
+    journal_seqs: Vec<i64>,
+    /// The stores' sequences after [`Rows::stamp`]: (store, counter head, journal head).
+    store_heads: Vec<(String, i64, i64)>,
 }
 
 type StoreRow = (String, i64, Option<i64>, Option<i64>, i64);
 
-type JournalRow = (Vec<u8>, i32, String, String, String, i64, Option<String>, i64, i64, String, i32);
+pub(crate) type JournalRow = (Vec<u8>, i32, String, String, String, i64, Option<String>, i64, i64, String, i32);
 
 /// Rows by key, the last one of a key winning, in first-seen order.
 struct Keyed<K, V> {
@@ -1273,7 +1275,7 @@ impl<K: std::hash::Hash + Eq + Clone, V> Keyed<K, V> {
     }
 }
 
-fn journal_row(e: &JournalEvent) -> JournalRow {
+pub(crate) fn journal_row(e: &JournalEvent) -> JournalRow {
     (
         e.id.as_bytes().to_vec(),
         e.line as i32,
@@ -1331,21 +1333,33 @@ impl Rows {
         if !self.scope.several {
             return Vec::new();
         }
-        let stores: std::collections::BTreeSet<&String> = self.entries.rows.iter().map(|((st, _, _), _)| st).collect();
+        let stores: std::collections::BTreeSet<&String> =
+            self.entries.rows.iter().map(|((st, _, _), _)| st).chain(self.journal.iter().map(|j| &j.3)).collect();
         stores.into_iter().cloned().collect()
     }
 
     /// Numbers the entries by their store's sequence, after `heads` (each store's sequence as
     /// locked), in the order they were decided: the store's next numbers, as counter sequence
     /// and store sequence both.
-    fn stamp(&mut self, heads: impl IntoIterator<Item = (String, i64)>) {
-        let mut next: std::collections::BTreeMap<String, i64> = heads.into_iter().collect();
+    /// The journal's events likewise, by the store's journal sequence.
+    fn stamp(&mut self, heads: impl IntoIterator<Item = (String, i64, i64)>) {
+        let mut next: std::collections::BTreeMap<String, (i64, i64)> =
+            heads.into_iter().map(|(s, c, j)| (s, (c, j))).collect();
         for ((store, _, _), (_, _, seq)) in &mut self.entries.rows {
-            let head = next.get_mut(store).expect("every stamped store's sequence is locked");
+            let head = &mut next.get_mut(store).expect("every stamped store's sequence is locked").0;
             *head += 1;
             *seq = *head;
         }
-        self.store_heads = next.into_iter().collect();
+        self.journal_seqs = self
+            .journal
+            .iter()
+            .map(|j| {
+                let head = &mut next.get_mut(&j.3).expect("every stamped store's sequence is locked").1;
+                *head += 1;
+                *head
+            })
+            .collect();
+        self.store_heads = next.into_iter().map(|(s, (c, j))| (s, c, j)).collect();
     }
 
     /// The sequence each entry row carries, by (store, SKU, writer).
@@ -1431,12 +1445,17 @@ impl Rows {
             });
         }
         if !self.store_heads.is_empty() {
-            let (store, head): (Vec<String>, Vec<i64>) = self.store_heads.into_iter().unzip();
+            let (mut store, mut head, mut journal) = (vec![], vec![], vec![]);
+            for (s, c, j) in self.store_heads {
+                store.push(s);
+                head.push(c);
+                journal.push(j);
+            }
             // The rows were locked before the entries were numbered ([`lock_store_seqs`]).
             ops.push(op(
-                "UPDATE store_seqs SET counter = u.h FROM unnest($1::text[], $2::int8[]) AS u(s, h)
+                "UPDATE store_seqs SET counter = u.h, journal = u.j FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(s, h, j)
                  WHERE store_seqs.store = u.s",
-                vec![col(store), col(head)],
+                vec![col(store), col(head), col(journal)],
             ));
         }
         if !self.decisions.rows.is_empty() {
@@ -1504,6 +1523,12 @@ impl Rows {
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
             );
+            // The store's journal sequence (several partitions), else none.
+            let store_seqs: Vec<Option<i64>> = if self.journal_seqs.len() == n {
+                self.journal_seqs.iter().copied().map(Some).collect()
+            } else {
+                vec![None; n]
+            };
             for row in self.journal {
                 id.push(row.0);
                 line.push(row.1);
@@ -1520,12 +1545,14 @@ impl Rows {
             // In order: the journal's sequence follows the order the events were decided.
             ops.push(op(
                 "INSERT INTO journal
-                    (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, partition)
-                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, $12::int2
+                    (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, partition,
+                     store_seq)
+                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, $12::int2,
+                        q
                  FROM unnest($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[],
-                             $8::int8[], $9::int8[], $10::text[], $11::int4[])
+                             $8::int8[], $9::int8[], $10::text[], $11::int4[], $13::int8[])
                       WITH ORDINALITY AS t(id, line, kind, store, sku, delta, reason, occurred_at_ms,
-                                           recorded_at_ms, writer, flags, n)
+                                           recorded_at_ms, writer, flags, q, n)
                  ORDER BY n
                  ON CONFLICT (store, id, line) DO NOTHING",
                 vec![
@@ -1541,6 +1568,7 @@ impl Rows {
                     col(writer),
                     col(flags),
                     Box::new(part),
+                    col(store_seqs),
                 ],
             ));
         }
@@ -1582,11 +1610,12 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
                 vec![Box::new(store.to_string()), Box::new(peer.to_string()), Box::new(big(*upto))],
             )]
         }
-        SideWrite::MergeApplied { partition, store, upto } => vec![op(
+        SideWrite::MergeApplied { partition, store, kind, upto } => vec![op(
             crate::syncplane::APPLIED,
             vec![
                 Box::new(i16::try_from(*partition).expect("at most Partitions::MAX")),
                 Box::new(store.to_string()),
+                Box::new(*kind),
                 Box::new(big(*upto)),
             ],
         )],
@@ -1719,7 +1748,7 @@ async fn run_prepared(tx: &tokio_postgres::Transaction<'_>, ops: &[Op], stmts: &
 const STORE_SEQ_ROW: &str = "INSERT INTO store_seqs (store) VALUES ($1) ON CONFLICT DO NOTHING";
 /// A store's sequence, its row locked until the commit ([`crate::syncplane`] locks it the same
 /// way: a store's entries are numbered in commit order, whoever writes them).
-const STORE_SEQ_LOCK: &str = "SELECT counter FROM store_seqs WHERE store = $1 FOR UPDATE";
+const STORE_SEQ_LOCK: &str = "SELECT counter, journal FROM store_seqs WHERE store = $1 FOR UPDATE";
 
 /// Fails unless the lease is still at the epoch `fence` holds (`epoch`: what the lease row says).
 fn check_fence(fence: &crate::cluster::Fence, epoch: i64) -> StorageResult<()> {
@@ -1741,7 +1770,7 @@ async fn lock_store_seqs(
     fence: Option<&crate::cluster::Fence>,
     partition: Partition,
     stores: &[String],
-) -> StorageResult<Vec<(String, i64)>> {
+) -> StorageResult<Vec<(String, i64, i64)>> {
     let lease = i32::from(partition);
     let check = async {
         match fence {
@@ -1751,18 +1780,20 @@ async fn lock_store_seqs(
     };
     // One future per statement, polled in order: each is sent on its first poll, so the server
     // runs them in this order.
-    type Step<'a> = futures_util::future::BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>>;
+    type Step<'a> = futures_util::future::BoxFuture<'a, Result<Option<(i64, i64)>, tokio_postgres::Error>>;
     let steps = stores.iter().flat_map(|store| -> [Step<'_>; 2] {
         [
             Box::pin(async move { tx.execute(stmts.get(STORE_SEQ_ROW), &[store]).await.map(|_| None) }),
-            Box::pin(async move { tx.query_one(stmts.get(STORE_SEQ_LOCK), &[store]).await.map(|r| Some(r.get(0))) }),
+            Box::pin(async move {
+                tx.query_one(stmts.get(STORE_SEQ_LOCK), &[store]).await.map(|r| Some((r.get(0), r.get(1))))
+            }),
         ]
     });
     let (row, heads) = tokio::try_join!(check, try_join_all(steps))?;
     if let (Some(fence), Some(row)) = (fence, row) {
         check_fence(fence, row.get(0))?;
     }
-    Ok(stores.iter().cloned().zip(heads.into_iter().flatten()).collect())
+    Ok(stores.iter().cloned().zip(heads.into_iter().flatten()).map(|(s, (c, j))| (s, c, j)).collect())
 }
 
 /// Commits one group of batches in one transaction; returns the journal's head after it.

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use shelfsync_hub_core::{Partition, Partitions};
 use shelfsync_shared::counter::StateDigest;
+use shelfsync_shared::journal::JournalEvent;
 use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage};
 use shelfsync_shared::wire::DeltaLineage;
 use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
@@ -45,13 +46,39 @@ pub const MIGRATION: &str = "
     CREATE TABLE store_seqs (
         store TEXT PRIMARY KEY, counter BIGINT NOT NULL DEFAULT 0, journal BIGINT NOT NULL DEFAULT 0);
     CREATE TABLE merge_log (
-        partition SMALLINT NOT NULL, store TEXT NOT NULL, seq BIGINT NOT NULL, body BYTEA NOT NULL,
-        at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, store, seq));";
+        partition SMALLINT NOT NULL, store TEXT NOT NULL, kind SMALLINT NOT NULL, seq BIGINT NOT NULL,
+        body BYTEA NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (partition, store, kind, seq));
+    ALTER TABLE journal ADD COLUMN store_seq BIGINT;
+    CREATE INDEX journal_store_store_seq ON journal(store, store_seq) WHERE store_seq IS NOT NULL;";
 
 /// What a partition's decider runs in the commit that applied one merge-log row (arguments:
-/// partition, store, the row's sequence). One row each: a row applied later never takes an
-/// earlier one it did not apply with it.
-pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND seq = $3";
+/// partition, store, kind, the row's sequence). One row each: a row applied later never takes
+/// an earlier one it did not apply with it.
+pub const APPLIED: &str = "DELETE FROM merge_log WHERE partition = $1 AND store = $2 AND kind = $3 AND seq = $4";
+
+/// What a merge-log row comes from, and so which of the store's sequences numbers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogKind {
+    /// An agent's delta (the store's counter sequence).
+    Delta = 0,
+    /// An agent's journal batch (the store's journal sequence).
+    Journal = 1,
+}
+
+impl LogKind {
+    /// The `kind` column.
+    pub fn col(self) -> i16 {
+        self as i16
+    }
+
+    fn of(v: i16) -> StorageResult<LogKind> {
+        match v {
+            0 => Ok(LogKind::Delta),
+            1 => Ok(LogKind::Journal),
+            _ => Err(StorageError::Corrupt(format!("merge_log.kind {v}"))),
+        }
+    }
+}
 
 /// Most entries one delta may bring (the wire's own limit is lower; this guards the SQL arrays).
 pub const ENTRIES_MAX: usize = 100_000;
@@ -82,12 +109,16 @@ pub struct AgentDelta {
 
 /// What one partition's decider takes from a merge: the entries of its SKUs that grew, and the
 /// holds the store fulfilled (every part carries them all; a decider ignores holds it never made).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergePart {
     /// Entries that grew.
     pub entries: Vec<(Sku, WriterId, PnEntry)>,
     /// Fulfilled holds.
     pub fulfilled: Vec<Uuid>,
+    /// SKUs of this partition the store flagged unknown or inactive in new journal events.
+    pub flagged: Vec<Sku>,
+    /// The tills' adjustments of this partition's SKUs among new journal events.
+    pub adjustments: Vec<JournalEvent>,
 }
 
 /// What a merge did.
@@ -117,6 +148,9 @@ fn unsigned(v: i64, what: &str) -> StorageResult<u64> {
 struct Statements {
     lock_peer: Statement,
     lock_store: Statement,
+    insert_journal: Statement,
+    bump_journal: Statement,
+    journal_applied: Statement,
     upsert: Statement,
     bump_store: Statement,
     notify: Statement,
@@ -142,7 +176,7 @@ impl SyncPlane {
             ),
             client.prepare(
                 "INSERT INTO store_seqs (store) VALUES ($1)
-                 ON CONFLICT (store) DO UPDATE SET store = excluded.store RETURNING counter"
+                 ON CONFLICT (store) DO UPDATE SET store = excluded.store RETURNING counter, journal"
             ),
             client.prepare(
                 "INSERT INTO counters (store, sku, writer, p, n, seq, partition, store_seq)
@@ -157,15 +191,45 @@ impl SyncPlane {
             client.prepare("UPDATE store_seqs SET counter = $2 WHERE store = $1"),
             client.prepare(crate::notify::NOTIFY),
             client.prepare(
-                "INSERT INTO merge_log (partition, store, seq, body)
-                 SELECT pt, $1, $2, b FROM unnest($3::int2[], $4::bytea[]) AS u(pt, b)"
+                "INSERT INTO merge_log (partition, store, kind, seq, body)
+                 SELECT pt, $1, $5, $2, b FROM unnest($3::int2[], $4::bytea[]) AS u(pt, b)"
             ),
             client.prepare(
                 "UPDATE peers SET applied = GREATEST(applied, $3), last_seen_ms = $4, lineage = COALESCE($5, lineage)
                  WHERE store = $1 AND writer = $2"
             ),
         )?;
-        let stmts = Statements { lock_peer, lock_store, upsert, bump_store, notify, log, applied };
+        let (insert_journal, bump_journal, journal_applied) = tokio::try_join!(
+            // A resent event is stored once (its number is skipped: numbers only need to grow).
+            client.prepare(
+                "INSERT INTO journal (id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms,
+                                      writer, flags, partition, store_seq)
+                 SELECT id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags, pt, q
+                 FROM unnest($1::bytea[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[],
+                             $8::int8[], $9::int8[], $10::text[], $11::int4[], $12::int2[], $13::int8[])
+                      WITH ORDINALITY AS t(id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms,
+                                           writer, flags, pt, q, n)
+                 ORDER BY n
+                 ON CONFLICT (store, id, line) DO NOTHING
+                 RETURNING id, line"
+            ),
+            client.prepare("UPDATE store_seqs SET journal = $2 WHERE store = $1"),
+            client.prepare(
+                "UPDATE peers SET journal_applied = GREATEST(journal_applied, $3) WHERE store = $1 AND writer = $2"
+            ),
+        )?;
+        let stmts = Statements {
+            lock_peer,
+            lock_store,
+            insert_journal,
+            bump_journal,
+            journal_applied,
+            upsert,
+            bump_store,
+            notify,
+            log,
+            applied,
+        };
         Ok(SyncPlane { client, stmts })
     }
 
@@ -231,7 +295,7 @@ impl SyncPlane {
             if grown.contains(&(sku.as_str().to_owned(), writer.to_string())) {
                 let part = by_part
                     .entry(partitions.of(sku))
-                    .or_insert_with(|| MergePart { entries: Vec::new(), fulfilled: d.fulfilled.clone() });
+                    .or_insert_with(|| MergePart { fulfilled: d.fulfilled.clone(), ..MergePart::default() });
                 part.entries.push((sku.clone(), writer.clone(), *e));
             }
         }
@@ -250,7 +314,8 @@ impl SyncPlane {
             watermark.await?;
         } else {
             let bump_args: [&(dyn ToSql + Sync); 2] = [&store, &new_head];
-            let log_args: [&(dyn ToSql + Sync); 4] = [&store, &new_head, &log_parts, &log_bodies];
+            let kind = LogKind::Delta.col();
+            let log_args: [&(dyn ToSql + Sync); 5] = [&store, &new_head, &log_parts, &log_bodies, &kind];
             // The wake-up: the hubs other agents of the store are connected to read the entries.
             tokio::try_join!(
                 tx.execute(&st.bump_store, &bump_args),
@@ -263,6 +328,103 @@ impl SyncPlane {
         Ok(Merged {
             changed: grown.len(),
             head: unsigned(new_head, "store_seqs.counter")?,
+            parts: by_part.into_keys().collect(),
+        })
+    }
+
+    /// Stores an agent's journal batch in one transaction (the writer's row, then the store's,
+    /// as [`SyncPlane::merge`]): new events numbered by the store's journal sequence, the
+    /// partitions told of the SKUs flagged unknown or inactive and of the tills' adjustments
+    /// (a merge-log row of kind journal each), the writer's journal watermark. A resent batch
+    /// stores nothing again and tells no decider twice.
+    pub async fn append_journal(
+        &mut self,
+        partitions: Partitions,
+        store: &StoreId,
+        peer: &WriterId,
+        batch: shelfsync_shared::wire::JournalBatch,
+    ) -> StorageResult<JournalAppended> {
+        crate::engine::journal_belongs(store, &batch.events)?;
+        if batch.events.len() > ENTRIES_MAX {
+            return Err(StorageError::Invalid(format!("a journal batch of {} events is too long", batch.events.len())));
+        }
+        let st = &self.stmts;
+        let (store_s, peer_s) = (store.as_str(), peer.to_string());
+        let tx = self.client.transaction().await?;
+        let (peer_args, store_args): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
+            ([&store_s, &peer_s], [&store_s]);
+        let (_, store_row) =
+            tokio::try_join!(tx.query_one(&st.lock_peer, &peer_args), tx.query_one(&st.lock_store, &store_args))?;
+        let head: i64 = store_row.get(1);
+        let n = batch.events.len();
+        let mut cols: (Vec<Vec<u8>>, Vec<i32>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
+        let mut more: (Vec<Option<String>>, Vec<i64>, Vec<i64>, Vec<String>, Vec<i32>, Vec<i16>, Vec<i64>) =
+            Default::default();
+        for (i, e) in batch.events.iter().enumerate() {
+            let r = crate::postgres::journal_row(e);
+            cols.0.push(r.0);
+            cols.1.push(r.1);
+            cols.2.push(r.2);
+            cols.3.push(r.3);
+            cols.4.push(r.4);
+            cols.5.push(r.5);
+            more.0.push(r.6);
+            more.1.push(r.7);
+            more.2.push(r.8);
+            more.3.push(r.9);
+            more.4.push(r.10);
+            more.5.push(part_col(partitions.of(&e.sku)));
+            more.6.push(head + 1 + i as i64);
+        }
+        let inserted = tx
+            .query(
+                &st.insert_journal,
+                &[
+                    &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &more.0, &more.1, &more.2, &more.3, &more.4,
+                    &more.5, &more.6,
+                ],
+            )
+            .await?;
+        let new: BTreeSet<(Vec<u8>, i32)> = inserted.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut by_part: BTreeMap<Partition, MergePart> = BTreeMap::new();
+        for e in batch.events.iter().filter(|e| new.contains(&(e.id.as_bytes().to_vec(), e.line as i32))) {
+            use shelfsync_shared::journal::{EventFlag, EventKind};
+            let flagged = e.flags.contains(&EventFlag::UnknownSku) || e.flags.contains(&EventFlag::InactiveSku);
+            let adjustment = e.kind == EventKind::Adjustment;
+            if flagged || adjustment {
+                let part = by_part.entry(partitions.of(&e.sku)).or_default();
+                if flagged && !part.flagged.contains(&e.sku) {
+                    part.flagged.push(e.sku.clone());
+                }
+                if adjustment {
+                    part.adjustments.push(e.clone());
+                }
+            }
+        }
+        let new_head = if new.is_empty() { head } else { head + n as i64 };
+        let upto = big(batch.upto);
+        let applied_args: [&(dyn ToSql + Sync); 3] = [&store_s, &peer_s, &upto];
+        let watermark = tx.execute(&st.journal_applied, &applied_args);
+        if new.is_empty() {
+            watermark.await?;
+        } else {
+            let kind = LogKind::Journal.col();
+            let log_parts: Vec<i16> = by_part.keys().map(|p| part_col(*p)).collect();
+            let log_bodies: Vec<Vec<u8>> =
+                by_part.values().map(|p| postcard::to_stdvec(p).expect("merge parts serialise")).collect();
+            let bump_args: [&(dyn ToSql + Sync); 2] = [&store_s, &new_head];
+            let log_args: [&(dyn ToSql + Sync); 5] = [&store_s, &new_head, &log_parts, &log_bodies, &kind];
+            tokio::try_join!(
+                tx.execute(&st.bump_journal, &bump_args),
+                tx.execute(&st.notify, &store_args),
+                tx.execute(&st.log, &log_args),
+                watermark,
+            )?;
+        }
+        tx.commit().await?;
+        Ok(JournalAppended {
+            added: new.len(),
+            head: unsigned(new_head, "store_seqs.journal")?,
             parts: by_part.into_keys().collect(),
         })
     }
@@ -345,23 +507,37 @@ async fn digest_of(c: &Client, store: &StoreId, rows: &str) -> StorageResult<(St
     read
 }
 
+/// One row of a partition's merge log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRow {
+    /// The store.
+    pub store: StoreId,
+    /// Delta or journal.
+    pub kind: LogKind,
+    /// The store's sequence (of that kind) after the merge.
+    pub seq: u64,
+    /// What the partition's decider applies.
+    pub part: MergePart,
+}
+
 /// Partition `partition`'s merges still to apply, at most `limit`, each store's in its order:
-/// what its decider applies as `Merge` commands (then deletes, [`APPLIED`]).
-pub async fn tail(c: &Client, partition: Partition, limit: usize) -> StorageResult<Vec<(StoreId, u64, MergePart)>> {
+/// what its decider applies (then deletes, [`APPLIED`]).
+pub async fn tail(c: &Client, partition: Partition, limit: usize) -> StorageResult<Vec<LogRow>> {
     let rows = c
         .query(
-            "SELECT store, seq, body FROM merge_log WHERE partition = $1 ORDER BY store, seq LIMIT $2",
+            "SELECT store, kind, seq, body FROM merge_log WHERE partition = $1 ORDER BY store, kind, seq LIMIT $2",
             &[&part_col(partition), &(limit as i64)],
         )
         .await?;
     rows.iter()
         .map(|r| {
             let store = crate::sqlite::store_col(r.get(0))?;
-            let seq = unsigned(r.get(1), "merge_log.seq")?;
-            let body: Vec<u8> = r.get(2);
+            let kind = LogKind::of(r.get(1))?;
+            let seq = unsigned(r.get(2), "merge_log.seq")?;
+            let body: Vec<u8> = r.get(3);
             let part = postcard::from_bytes(&body)
-                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{store}/{seq}: {e}")))?;
-            Ok((store, seq, part))
+                .map_err(|e| StorageError::Corrupt(format!("merge_log {partition}/{store}/{kind:?}/{seq}: {e}")))?;
+            Ok(LogRow { store, kind, seq, part })
         })
         .collect()
 }
@@ -393,10 +569,8 @@ pub async fn apply_page(
 ) -> StorageResult<Vec<shelfsync_hub_core::Merged>> {
     let rows = tail(c, partition, limit).await?;
     let now = shelfsync_node::now_ms();
-    let applied = futures_util::future::join_all(
-        rows.into_iter().map(|(store, seq, part)| engine.apply_merged(partition, store, seq, part, now)),
-    )
-    .await;
+    let applied =
+        futures_util::future::join_all(rows.into_iter().map(|r| engine.apply_merged(partition, r, now))).await;
     applied.into_iter().collect()
 }
 
@@ -483,4 +657,47 @@ pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfs
     }
     holds.sort_by_key(|h| h.id);
     Ok(HoldsSnapshot { version: unsigned(version, "store_parts.holds_version")?, holds })
+}
+
+/// What [`SyncPlane::append_journal`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalAppended {
+    /// Events stored (the rest were stored already).
+    pub added: usize,
+    /// The store's journal sequence after it.
+    pub head: u64,
+    /// The partitions given a merge-log row (flagged SKUs or adjustments).
+    pub parts: Vec<Partition>,
+}
+
+/// `store`'s journal events above `after` in the store's journal sequence, except `exclude`'s
+/// (the agent being sent them), at most `limit`; the head read first, as [`read_delta`].
+pub async fn read_journal(
+    c: &Client,
+    store: &StoreId,
+    exclude: Option<&WriterId>,
+    after: u64,
+    limit: usize,
+) -> StorageResult<shelfsync_shared::sync::JournalRead> {
+    let head: u64 = match c.query_opt("SELECT journal FROM store_seqs WHERE store = $1", &[&store.as_str()]).await? {
+        Some(r) => unsigned(r.get(0), "store_seqs.journal")?,
+        None => 0,
+    };
+    let exclude = exclude.map(|w| w.to_string()).unwrap_or_default();
+    let rows = c
+        .query(
+            "SELECT store_seq, id, line, kind, store, sku, delta, reason, occurred_at_ms, recorded_at_ms, writer, flags
+             FROM journal WHERE store = $1 AND store_seq > $2 AND store_seq <= $3 AND writer <> $4
+             ORDER BY store_seq LIMIT $5",
+            &[&store.as_str(), &big(after), &big(head), &exclude, &(limit as i64)],
+        )
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut last = after;
+    for r in &rows {
+        last = unsigned(r.get(0), "journal.store_seq")?;
+        events.push(crate::postgres::journal_event(r)?);
+    }
+    let upto = if events.len() == limit { last } else { head.max(after) };
+    Ok(shelfsync_shared::sync::JournalRead { upto, events })
 }

@@ -495,7 +495,7 @@ async fn each_partitions_decider_applies_the_sync_planes_merges_of_its_skus() {
     for r in &log_rows {
         let (p, s, seq, body): (i16, String, i64, Vec<u8>) = (r.get(0), r.get(1), r.get(2), r.get(3));
         db.execute(
-            "INSERT INTO merge_log (partition, store, seq, body) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO merge_log (partition, store, kind, seq, body) VALUES ($1, $2, 0, $3, $4)",
             &[&p, &s, &seq, &body],
         )
         .await
@@ -572,4 +572,103 @@ async fn any_hub_reads_a_stores_holds_of_every_partition_from_the_database() {
     assert_eq!((format!("{:?}", paid.status), paid.expires_at_ms), ("Committed".to_owned(), None));
     let extended = after.holds.iter().find(|h| h.reservation == Uuid::from_u128(200)).unwrap();
     assert_eq!(extended.expires_at_ms, Some(now + 3_600_000));
+}
+
+/// A store's journal through the sync plane: any hub stores an agent's batch numbered by the
+/// store's journal sequence, shared with the events the partitions' hub writers record
+/// (restocks), so an agent following that sequence gets every other writer's events once, in
+/// order; the partitions hear of the SKUs flagged unknown (a conflict opens in the SKU's
+/// partition) and of the tills' adjustments (the feed of that partition), once even when the
+/// batch comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stores_journal_goes_through_the_sync_plane_to_the_right_partitions() {
+    use shelfsync_shared::journal::{EventFlag, EventKind, JournalEvent};
+    use shelfsync_shared::wire::JournalBatch;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let target = Target::Postgres(url.clone());
+    let parts = Partitions::new(PARTS).unwrap();
+    HubDb::create(&target, parts).await.unwrap();
+    add_stores(&target, &["store-a"]).await;
+    let db = shelfsync_tests::pg::connect(&url).await;
+    let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
+    let now = shelfsync_node::now_ms();
+    let mut engines = Vec::new();
+    for p in parts.all() {
+        engines.push(Engine::open_target(&target, sql, opts, Some(take_lease(&db, p).await), None, p).await.unwrap());
+    }
+    let (sold, adjusted) = (skus_of(parts, 0, 1).remove(0), skus_of(parts, 1, 1).remove(0));
+    let unknown: Sku = (0..).map(|i| format!("ZZ-{i}").parse::<Sku>().unwrap()).find(|s| parts.of(s) == 3).unwrap();
+    engines[0].hub_change(restock(1, "store-a", std::slice::from_ref(&sold)), now).await.unwrap();
+    engines[1].hub_change(restock(2, "store-a", std::slice::from_ref(&adjusted)), now).await.unwrap();
+
+    let agent = WriterId::new(NodeId::Store(store("store-a")), Incarnation::from_u64(5));
+    let event = |n: u128, kind: EventKind, sku: &Sku, delta: i64, flags: Vec<EventFlag>| JournalEvent {
+        id: Uuid::from_u128(n),
+        line: 0,
+        kind,
+        store: store("store-a"),
+        sku: sku.clone(),
+        delta,
+        reason: (kind == EventKind::Adjustment).then(|| "damaged".to_owned()),
+        occurred_at_ms: now,
+        recorded_at_ms: now,
+        writer: agent.clone(),
+        flags,
+    };
+    let batch = JournalBatch {
+        after: 0,
+        upto: 3,
+        events: vec![
+            event(501, EventKind::Sale, &sold, -1, vec![]),
+            event(502, EventKind::Adjustment, &adjusted, -2, vec![]),
+            event(503, EventKind::Sale, &unknown, -1, vec![EventFlag::UnknownSku]),
+        ],
+    };
+    let mut plane = syncplane::SyncPlane::connect(&url).await.unwrap();
+    let stored = plane.append_journal(parts, &store("store-a"), &agent, batch.clone()).await.unwrap();
+    assert_eq!(
+        (stored.added, stored.parts.clone()),
+        (3, vec![1, 3]),
+        "the adjustment's and the unknown SKU's partitions"
+    );
+    let again = plane.append_journal(parts, &store("store-a"), &agent, batch).await.unwrap();
+    assert_eq!((again.added, again.parts.len(), again.head), (0, 0, stored.head), "a resent batch stores nothing");
+
+    // Another writer of the store (a second agent) follows the store's journal sequence.
+    let all = syncplane::read_journal(&db, &store("store-a"), None, 0, 100).await.unwrap();
+    let ids: Vec<u128> = all.events.iter().map(|e| e.id.as_u128()).collect();
+    assert_eq!(ids.len(), 5, "two restocks by the partitions' hub writers and three of the agent: {ids:?}");
+    assert_eq!(&ids[2..], &[501, 502, 503], "in the order stored");
+    assert_eq!(all.upto, stored.head);
+    let others = syncplane::read_journal(&db, &store("store-a"), Some(&agent), 0, 100).await.unwrap();
+    assert_eq!(others.events.len(), 2, "an agent is not sent its own events");
+    let paged = syncplane::read_journal(&db, &store("store-a"), None, 0, 2).await.unwrap();
+    let rest = syncplane::read_journal(&db, &store("store-a"), None, paged.upto, 100).await.unwrap();
+    let resumed: Vec<u128> = paged.events.iter().chain(rest.events.iter()).map(|e| e.id.as_u128()).collect();
+    assert_eq!(resumed, ids, "resuming from a page's end misses and repeats nothing");
+
+    // The partitions apply what concerns them.
+    for (p, e) in engines.iter().enumerate() {
+        syncplane::apply_page(e, &db, p as Partition, 100).await.unwrap();
+    }
+    let left: i64 = db.query_one("SELECT COUNT(*) FROM merge_log", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let filter = |sku: &Sku| shelfsync_hub_core::ConflictFilter {
+        store: None,
+        sku: Some(sku.clone()),
+        status: None,
+        after: None,
+        limit: 10,
+    };
+    let conflicts = engines[3].conflicts(filter(&unknown)).await.unwrap();
+    assert_eq!(conflicts.len(), 1, "an unknown_sku conflict in the SKU's partition: {conflicts:?}");
+    assert!(engines[0].conflicts(filter(&unknown)).await.unwrap().is_empty(), "and nowhere else");
+    async fn kinds(e: &Engine) -> Vec<String> {
+        e.changes_after(0, 100).await.unwrap().into_iter().map(|c| c.kind).collect()
+    }
+    assert!(
+        kinds(&engines[1]).await.contains(&"adjustment_recorded".to_owned()),
+        "the adjustment reached partition 1's feed"
+    );
+    assert!(!kinds(&engines[0]).await.contains(&"adjustment_recorded".to_owned()));
 }

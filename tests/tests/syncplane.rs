@@ -91,7 +91,7 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
             continue;
         }
         assert_eq!(log.len(), 1, "partition {p}");
-        let (st, seq, part) = &log[0];
+        let syncplane::LogRow { store: st, seq, part, .. } = &log[0];
         assert_eq!((st, *seq), (&store(), 20), "keyed by the store's sequence after the merge");
         assert_eq!(part.entries.iter().map(|(s, ..)| s).collect::<Vec<_>>(), want, "partition {p}");
         assert_eq!(part.fulfilled, vec![uuid::Uuid::from_u128(7)], "every part carries the fulfilled holds");
@@ -106,7 +106,7 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
 
     // The decider of sku(3)'s partition applies its row (and deletes it in that commit).
     let p3 = parts.of(&sku(3));
-    c.execute(syncplane::APPLIED, &[&(p3 as i16), &"store-1", &20i64]).await.unwrap();
+    c.execute(syncplane::APPLIED, &[&(p3 as i16), &"store-1", &syncplane::LogKind::Delta.col(), &20i64]).await.unwrap();
     assert!(syncplane::tail(&c, p3, 100).await.unwrap().is_empty(), "applied: nothing left to apply");
 
     // One entry grows: logged once, in its partition.
@@ -115,8 +115,8 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     assert_eq!((m.changed, m.parts.clone()), (1, vec![p3]));
     let log = syncplane::tail(&c, p3, 100).await.unwrap();
     assert_eq!(log.len(), 1);
-    assert_eq!(log[0].1, m.head);
-    assert_eq!(log[0].2.entries, vec![(sku(3), w.clone(), PnEntry { p: 13, n: 2 })]);
+    assert_eq!(log[0].seq, m.head);
+    assert_eq!(log[0].part.entries, vec![(sku(3), w.clone(), PnEntry { p: 13, n: 2 })]);
     assert!(m.head > 20, "the store's sequence moved on: {}", m.head);
 
     // What the agent reads back (another writer's view: this writer's own entries excluded).
@@ -226,9 +226,9 @@ async fn a_reader_following_the_store_sequence_misses_nothing_under_concurrent_m
     let mut logged: BTreeMap<(String, String), PnEntry> = BTreeMap::new();
     for p in parts.all() {
         let log = syncplane::tail(&c, p, 100_000).await.unwrap();
-        let keys: Vec<(StoreId, u64)> = log.iter().map(|(st, seq, _)| (st.clone(), *seq)).collect();
+        let keys: Vec<(StoreId, u64)> = log.iter().map(|r| (r.store.clone(), r.seq)).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "partition {p}'s log in each store's order");
-        for (_, _, part) in log {
+        for syncplane::LogRow { part, .. } in log {
             for (s, w, e) in part.entries {
                 assert_eq!(parts.of(&s), p, "{s} logged in partition {p}");
                 let slot = logged.entry((s.to_string(), w.to_string())).or_default();
