@@ -103,14 +103,13 @@ impl State {
 /// silent stores); drained at the start of every batch, so no change is lost or reordered.
 type Connectivity = Arc<std::sync::Mutex<Vec<(StoreId, bool)>>>;
 
+/// Counter entries as a delta carries them: (SKU, writer, entry).
+pub type StoreEntries = Vec<(Sku, WriterId, shelfsync_shared::PnEntry)>;
+
 /// The entries of a store's delta the store may give: its own writers' entries, and others'
 /// only with the tag the hub put on them (the indexes of those in the second list). Whichever
 /// hub merges the delta checks this first (`Engine::apply_delta`, and the sync plane's caller).
-pub fn authenticate(
-    key: &MacKey,
-    store: &StoreId,
-    delta: &Delta,
-) -> StorageResult<(Vec<(Sku, WriterId, shelfsync_shared::PnEntry)>, Vec<usize>)> {
+pub fn authenticate(key: &MacKey, store: &StoreId, delta: &Delta) -> StorageResult<(StoreEntries, Vec<usize>)> {
     let tags: HashMap<u32, shelfsync_shared::mac::EntryMac> = delta.macs.iter().copied().collect();
     let mut entries = Vec::with_capacity(delta.entries.len());
     let mut tagged = Vec::new();

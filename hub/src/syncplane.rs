@@ -357,31 +357,26 @@ impl SyncPlane {
             tokio::try_join!(tx.query_one(&st.lock_peer, &peer_args), tx.query_one(&st.lock_store, &store_args))?;
         let head: i64 = store_row.get(1);
         let n = batch.events.len();
-        let mut cols: (Vec<Vec<u8>>, Vec<i32>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
-        let mut more: (Vec<Option<String>>, Vec<i64>, Vec<i64>, Vec<String>, Vec<i32>, Vec<i16>, Vec<i64>) =
-            Default::default();
-        for (i, e) in batch.events.iter().enumerate() {
-            let r = crate::postgres::journal_row(e);
-            cols.0.push(r.0);
-            cols.1.push(r.1);
-            cols.2.push(r.2);
-            cols.3.push(r.3);
-            cols.4.push(r.4);
-            cols.5.push(r.5);
-            more.0.push(r.6);
-            more.1.push(r.7);
-            more.2.push(r.8);
-            more.3.push(r.9);
-            more.4.push(r.10);
-            more.5.push(part_col(partitions.of(&e.sku)));
-            more.6.push(head + 1 + i as i64);
-        }
+        let rows: Vec<crate::postgres::JournalRow> = batch.events.iter().map(crate::postgres::journal_row).collect();
+        let parts: Vec<i16> = batch.events.iter().map(|e| part_col(partitions.of(&e.sku))).collect();
+        let seqs: Vec<i64> = (0..n as i64).map(|i| head + 1 + i).collect();
+        let ids: Vec<Vec<u8>> = rows.iter().map(|r| r.0.clone()).collect();
+        let lines: Vec<i32> = rows.iter().map(|r| r.1).collect();
+        let kinds: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        let stores: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+        let skus: Vec<&str> = rows.iter().map(|r| r.4.as_str()).collect();
+        let deltas: Vec<i64> = rows.iter().map(|r| r.5).collect();
+        let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.6.as_deref()).collect();
+        let occurred: Vec<i64> = rows.iter().map(|r| r.7).collect();
+        let recorded: Vec<i64> = rows.iter().map(|r| r.8).collect();
+        let writers: Vec<&str> = rows.iter().map(|r| r.9.as_str()).collect();
+        let flags: Vec<i32> = rows.iter().map(|r| r.10).collect();
         let inserted = tx
             .query(
                 &st.insert_journal,
                 &[
-                    &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &more.0, &more.1, &more.2, &more.3, &more.4,
-                    &more.5, &more.6,
+                    &ids, &lines, &kinds, &stores, &skus, &deltas, &reasons, &occurred, &recorded, &writers, &flags,
+                    &parts, &seqs,
                 ],
             )
             .await?;
