@@ -69,7 +69,12 @@ impl Fence {
 
     /// A fence at `epoch` with the default lease (the lease loop sets it; tests make their own).
     pub fn at(epoch: i64) -> Fence {
-        let f = Fence::new(LEASE);
+        Fence::holding(LEASE, epoch)
+    }
+
+    /// A fence at `epoch` of a lease lasting `lease` (a partition's, from [`LeaseEvent::Gained`]).
+    pub fn holding(lease: Duration, epoch: i64) -> Fence {
+        let f = Fence::new(lease);
         f.set(epoch);
         f
     }

@@ -26,6 +26,7 @@ pub mod internal;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
+pub mod partitioned;
 pub mod persist;
 pub mod pki;
 pub mod postgres;

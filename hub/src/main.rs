@@ -282,6 +282,13 @@ fn main() -> ExitCode {
     shelfsync_node::cli::run_main(dispatch(Cli::parse()))
 }
 
+/// The hub `serve` runs: alone, one of several on a database, or deciding for partitions.
+enum Running {
+    One(server::RunningHub),
+    Clustered(server::ClusterNode),
+    Partitioned(shelfsync_hub::partitioned::PartitionedNode),
+}
+
 fn store_id(s: &str) -> anyhow::Result<StoreId> {
     s.parse().map_err(|e| anyhow::anyhow!("store id {s:?}: {e}"))
 }
@@ -358,13 +365,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             shelfsync_node::cli::init_tracing(&cfg.log.filter, cfg.log.format);
             let target = shelfsync_hub::db::Target::for_data_dir(&cfg.data_dir, cfg.storage.url.as_deref())?;
-            // On PostgreSQL a hub may have company: it decides while it holds the lease.
+            // On PostgreSQL a hub may have company: it decides while it holds the lease (or, on a
+            // database of several partitions, its share of the partitions' leases).
             let clustered = matches!(target, shelfsync_hub::db::Target::Postgres(_));
-            let running =
-                if clustered { Err(server::start_clustered(cfg).await?) } else { Ok(server::start(cfg).await?) };
+            let partitioned = shelfsync_hub::partitioned::partition_count(&target).await?.count() > 1;
+            let running = match (clustered, partitioned) {
+                (_, true) => Running::Partitioned(shelfsync_hub::partitioned::start_partitioned(cfg).await?),
+                (true, false) => Running::Clustered(server::start_clustered(cfg).await?),
+                (false, false) => Running::One(server::start(cfg).await?),
+            };
             let (quic, url) = match &running {
-                Ok(hub) => (hub.quic_addr, hub.url()),
-                Err(node) => (node.quic_addr, node.url()),
+                Running::One(hub) => (hub.quic_addr, hub.url()),
+                Running::Clustered(node) => (node.quic_addr, node.url()),
+                Running::Partitioned(node) => (node.quic_addr, node.url()),
             };
             // Machine-readable lines, so scripts and tests learn the bound ports.
             println!("shelfsync-hub quic on {quic}");
@@ -375,8 +388,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             tracing::info!("shutting down");
             match running {
-                Ok(hub) => hub.stop().await,
-                Err(node) => node.stop().await,
+                Running::One(hub) => hub.stop().await,
+                Running::Clustered(node) => node.stop().await,
+                Running::Partitioned(node) => node.stop().await,
             }
             if let Some(reason) = fatal {
                 anyhow::bail!("fail-stop: {reason}; restart the hub: it reloads what was committed");

@@ -74,7 +74,7 @@ impl RunningHub {
 }
 
 /// Storage options from the config.
-fn storage_options(config: &HubConfig) -> (SqliteOptions, crate::engine::EngineOptions) {
+pub(crate) fn storage_options(config: &HubConfig) -> (SqliteOptions, crate::engine::EngineOptions) {
     (
         SqliteOptions {
             synchronous: config.storage.synchronous,
@@ -113,7 +113,7 @@ async fn open_hub(
 
 /// Binds the QUIC endpoint (with a configuration from the PKI; an active hub sets its own with
 /// the revocation list) and the HTTP listener.
-async fn bind(
+pub(crate) async fn bind(
     config: &HubConfig,
     pki: &Pki,
 ) -> Result<(quinn::Endpoint, SocketAddr, tokio::net::TcpListener, SocketAddr), HubError> {
@@ -285,11 +285,8 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
     crate::postgres::PgStorage::migrate(&url).await?;
     let partitions = crate::postgres::PgStorage::partitions(&crate::postgres::connect(&url).await?).await?;
     if partitions != shelfsync_hub_core::Partitions::ONE {
-        // Said plainly rather than half-served: the partitioned deciders are being built
-        // (`hub/docs/scale-out.md`, step 3).
         return Err(HubError::Other(format!(
-            "this database was made with {} partitions; serving several partitions is not built yet \
-             (hub/docs/scale-out.md, step 3): make the database with one partition",
+            "this database was made with {} partitions: a hub serves it with `partitioned::start_partitioned`",
             partitions.count()
         )));
     }
@@ -412,7 +409,7 @@ pub async fn start_clustered(config: HubConfig) -> Result<ClusterNode, HubError>
 }
 
 /// A standby refuses agents at once (they try the next hub of their bundle) until it is active.
-async fn refuse_agents(endpoint: quinn::Endpoint, mut activated: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn refuse_agents(endpoint: quinn::Endpoint, mut activated: tokio::sync::watch::Receiver<bool>) {
     loop {
         if *activated.borrow() {
             return;

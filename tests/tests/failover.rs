@@ -559,19 +559,144 @@ async fn init_fixes_the_partitions_and_status_lists_their_leases() {
     let parts: Vec<i64> =
         json["cluster"]["leases"].as_array().unwrap().iter().map(|l| l["partition"].as_i64().unwrap()).collect();
     assert_eq!(parts, (0..6).collect::<Vec<i64>>(), "{json}");
-    refused(
-        vec![
-            "serve".into(),
-            "--data-dir".into(),
-            d.into(),
-            "--quic-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-        ],
-        "this database was made with 6 partitions; serving several partitions is not built yet",
+}
+
+/// Three hubs on a database of 6 partitions share them 2/2/2, each partition's decider applying
+/// the sync plane's merges of its SKUs whichever hub merged them; when one hub is killed the
+/// two others take its partitions over (3/3) once their leases expire and apply what was merged
+/// meanwhile; nothing merged is left unapplied. The API says plainly what is not built yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
+    use shelfsync_hub::syncplane::{AgentDelta, SyncPlane};
+    use shelfsync_hub_core::Partitions;
+    use shelfsync_shared::id::{Incarnation, NodeId};
+    use shelfsync_shared::{PnEntry, WriterId};
+    use shelfsync_tests::procs::Proc;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub0 = dir.path().join("hub-0");
+    let h0 = hub0.to_str().unwrap();
+    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", h0, "--database-url", &url, "--partitions", "6"]).await;
+    let bundle = dir.path().join("bundle");
+    Proc::run_ok(
+        "shelfsync-hub",
+        &["store", "add", "store-0", "--out", bundle.to_str().unwrap(), "--hub-addr", "127.0.0.1:1", "--data-dir", h0],
     )
     .await;
+    let env = [("SHELFSYNC_HUB__STORAGE__LEASE_MS", "1000"), ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS", "200")];
+    let mut hubs = Vec::new();
+    for i in 0..3 {
+        let d = dir.path().join(format!("hub-{i}"));
+        if i > 0 {
+            shelfsync_tests::cluster::copy_dir(&hub0, &d);
+        }
+        let args = [
+            "serve",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ];
+        hubs.push(Some(Proc::start("shelfsync-hub", &args, &env).await));
+    }
+    let db = shelfsync_tests::pg::connect(&url).await;
+    let shares = || async {
+        let rows = db
+            .query(
+                "SELECT owner, COUNT(*) FROM leases WHERE expires_at > now() AND owner IS NOT NULL GROUP BY owner",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut counts: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+        counts.sort();
+        counts
+    };
+    wait_until("the hubs hold 2 partitions each", DEADLINE, || async { (shares().await == [2, 2, 2]).then_some(()) })
+        .await;
+    let http = reqwest::Client::new();
+    let health = |u: String| {
+        let http = http.clone();
+        async move { http.get(format!("{u}/healthz")).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    for h in hubs.iter().flatten() {
+        let v = health(h.url.clone()).await;
+        assert_eq!(
+            (v["role"].as_str(), v["partitions"].as_array().map(Vec::len)),
+            (Some("partitioned"), Some(2)),
+            "{v}"
+        );
+        let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "not_built", "{v}");
+    }
+
+    // An agent's deltas, merged by "any hub" (here the test itself, through the sync plane).
+    let parts = Partitions::new(6).unwrap();
+    let store: shelfsync_shared::StoreId = "store-0".parse().unwrap();
+    let agent = WriterId::new(NodeId::Store(store.clone()), Incarnation::from_u64(1));
+    let mut plane = SyncPlane::connect(&url).await.unwrap();
+    let mut upto = 0;
+    let mut merge = async |round: u64| {
+        upto += 1;
+        let entries = (0..24)
+            .map(|i| (format!("SKU-{i:02}").parse().unwrap(), agent.clone(), PnEntry { p: 0, n: round }))
+            .collect();
+        let d = AgentDelta {
+            store: store.clone(),
+            peer: agent.clone(),
+            entries,
+            fulfilled: Vec::new(),
+            upto,
+            lineage_base: None,
+            lineage: None,
+            pusher_boots: Vec::new(),
+            at_ms: shelfsync_node::now_ms(),
+        };
+        let merged = plane.merge(parts, d).await.unwrap();
+        assert_eq!(merged.parts.len(), 6, "24 SKUs touch every partition");
+    };
+    let drained = || async {
+        let left: i64 = db.query_one("SELECT COUNT(*) FROM merge_log", &[]).await.unwrap().get(0);
+        (left == 0).then_some(())
+    };
+    merge(1).await;
+    wait_until("every partition's decider applied its merges", DEADLINE, drained).await;
+
+    // Kill one hub: its two partitions go to the others once their leases expire.
+    let leases = || async {
+        db.query("SELECT partition, owner, epoch FROM leases ORDER BY partition", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), (r.get::<_, String>(1), r.get::<_, i64>(2))))
+            .collect::<BTreeMap<i32, (String, i64)>>()
+    };
+    let before = leases().await;
+    let victim = hubs[1].take().unwrap();
+    let victim_id = health(victim.url.clone()).await["hub"].as_str().unwrap().to_owned();
+    victim.kill9().await;
+    merge(2).await;
+    wait_until("the survivors hold 3 partitions each", DEADLINE, || async { (shares().await == [3, 3]).then_some(()) })
+        .await;
+    wait_until("the merges made while the partitions changed hands applied", DEADLINE, drained).await;
+    merge(3).await;
+    wait_until("and what comes after", DEADLINE, drained).await;
+    let after = leases().await;
+    for (p, (owner, epoch)) in &before {
+        let (now_owner, now_epoch) = &after[p];
+        if *owner == victim_id {
+            assert_eq!((now_owner != owner, *now_epoch), (true, epoch + 1), "partition {p} taken over once");
+        } else {
+            assert_eq!((now_owner, now_epoch), (owner, epoch), "partition {p} stayed where it was");
+        }
+    }
+    for h in hubs.into_iter().flatten() {
+        h.stop().await;
+    }
 }
 
 /// A warm standby (loaded once, then following the record log) rebuilds exactly the decider a
