@@ -158,6 +158,11 @@ async fn activate(
     for w in &config.webhooks {
         tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
     }
+    Ok((api_app(config, hub), tasks))
+}
+
+/// The public API of `hub` (authentication, rate limits, CORS).
+pub(crate) fn api_app(config: &HubConfig, hub: &Arc<Hub>) -> axum::Router {
     let edge = hub.metrics.edge.clone();
     let limits = &config.http.rate_limit;
     let limiter = Limiter::new(limits.enabled, &limits.classes(), TokenKeys::Any, edge.clone());
@@ -172,7 +177,7 @@ async fn activate(
         },
         config.http.max_body_bytes,
     );
-    Ok((app.layer(cors(&config.http.cors_allowed_origins)), tasks))
+    app.layer(cors(&config.http.cors_allowed_origins))
 }
 
 /// Opens the hub's state and starts serving. Returns once both endpoints listen. (On a
@@ -456,7 +461,7 @@ async fn internal_door(
 }
 
 /// Headers that belong to one HTTP/1.1 hop and are not carried over (HTTP/2 forbids them).
-fn hop_by_hop(name: &axum::http::HeaderName) -> bool {
+pub(crate) fn hop_by_hop(name: &axum::http::HeaderName) -> bool {
     use axum::http::header;
     [
         header::HOST,
@@ -583,7 +588,7 @@ async fn front_door(
 }
 
 /// Expires due reservation leases, on time, and pushes the freed holds to the stores.
-async fn expire_leases(hub: Arc<Hub>, every: Duration) {
+pub(crate) async fn expire_leases(hub: Arc<Hub>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -603,7 +608,7 @@ async fn expire_leases(hub: Arc<Hub>, every: Duration) {
 
 /// Picks up catalog edits made by another process (`shelfsync-hub catalog import`) and pushes them
 /// to the stores.
-async fn watch_catalog_imports(hub: Arc<Hub>) {
+pub(crate) async fn watch_catalog_imports(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

@@ -628,10 +628,12 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             (Some("partitioned"), Some(2)),
             "{v}"
         );
-        let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
-        assert_eq!(r.status(), 503);
+        let r = http.get(format!("{}/v1/conflicts", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 503, "a list over every partition");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"], "not_built", "{v}");
+        let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "one SKU's request reaches its partition's API, which wants a token");
     }
 
     // An agent's deltas, merged by "any hub" (here the test itself, through the sync plane).
@@ -874,4 +876,199 @@ async fn the_hub_reaches_postgres_over_verified_tls_only_when_asked_and_verifiab
         .get(0);
     assert!(encrypted > 0, "the hub's sessions are encrypted");
     hub.kill9().await;
+}
+
+/// Reservations on a partitioned chain, through any hub: 3 hubs on 6 partitions, storefront
+/// clients on every hub reserving the hot SKU (forwarded to the hub deciding its partition over
+/// the internal API), and `kill -9` of that hub mid-burst. Every reservation answered 201 is
+/// still there afterwards, through any survivor; no unit is promised twice (held counts every
+/// answered reservation and at most one undetermined per client, within on_hand); a survivor
+/// decides the partition within a lease and a second; the other partitions keep answering
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
+    use shelfsync_hub_core::Partitions;
+    use shelfsync_tests::procs::Proc;
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub0 = dir.path().join("hub-0");
+    let h0 = hub0.to_str().unwrap();
+    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", h0, "--database-url", &url, "--partitions", "6"]).await;
+    let bundle = dir.path().join("bundle");
+    Proc::run_ok(
+        "shelfsync-hub",
+        &["store", "add", "store-0", "--out", bundle.to_str().unwrap(), "--hub-addr", "127.0.0.1:1", "--data-dir", h0],
+    )
+    .await;
+    let token = |role: &'static str| async move {
+        Proc::run_ok("shelfsync-hub", &["token", "create", "--role", role, "--data-dir", h0]).await.trim().to_owned()
+    };
+    let (admin, storefront) = (token("admin").await, token("storefront").await);
+    let env: Vec<(&str, &str)> =
+        [("SHELFSYNC_HUB__STORAGE__LEASE_MS", "1000"), ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS", "200")]
+            .into_iter()
+            .chain(shelfsync_tests::cluster::RAISED_HUB_LIMITS.iter().copied())
+            .collect();
+    let mut hubs = Vec::new();
+    for i in 0..3 {
+        let d = dir.path().join(format!("hub-{i}"));
+        if i > 0 {
+            shelfsync_tests::cluster::copy_dir(&hub0, &d);
+        }
+        let args = [
+            "serve",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ];
+        hubs.push(Some(Proc::start("shelfsync-hub", &args, &env).await));
+    }
+    let urls: Vec<String> = hubs.iter().map(|h| h.as_ref().unwrap().url.clone()).collect();
+    let db = shelfsync_tests::pg::connect(&url).await;
+    wait_until("the hubs decide 2 partitions each", DEADLINE, || async {
+        let rows = db
+            .query("SELECT COUNT(*) FROM leases WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner", &[])
+            .await
+            .unwrap();
+        (rows.len() == 3 && rows.iter().all(|r| r.get::<_, i64>(0) == 2)).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let call = {
+        let (http, urls) = (http.clone(), urls.clone());
+        move |i: usize, method: Method, path: String, token: String, body: Option<Value>| {
+            let (http, base) = (http.clone(), urls[i].clone());
+            async move {
+                let mut r = http.request(method, format!("{base}{path}")).bearer_auth(token);
+                if let Some(b) = body {
+                    r = r.json(&b);
+                }
+                let resp = r.send().await.ok()?;
+                let status = resp.status().as_u16();
+                Some((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+            }
+        }
+    };
+    // One SKU per partition, restocked through the hubs in turn (each request one partition's).
+    let parts = Partitions::new(6).unwrap();
+    let skus: Vec<String> = (0..6u16)
+        .map(|p| (0..).map(|i| format!("SKU-{i:03}")).find(|s| parts.of(&s.parse().unwrap()) == p).unwrap())
+        .collect();
+    for (i, sku) in skus.iter().enumerate() {
+        let body = json!({"id": format!("restock-{i}"), "store": "store-0", "lines": [{"sku": sku, "qty": 100_000}]});
+        let (s, v) = call(i % 3, Method::POST, "/v1/restocks".into(), admin.clone(), Some(body)).await.unwrap();
+        assert_eq!(s, 201, "restock of {sku} through hub {}: {v}", i % 3);
+    }
+    let hot = skus[0].clone();
+    let hot_part = parts.of(&hot.parse().unwrap());
+    let owner_url: String = db
+        .query_one(
+            "SELECT h.http_addr FROM leases l JOIN hubs h ON h.id = l.owner WHERE l.partition = $1",
+            &[&i32::from(hot_part)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let victim = urls.iter().position(|u| u.ends_with(&owner_url)).expect("the hot partition's hub is one of ours");
+
+    // The burst: clients on every hub; a client whose hub stops answering moves to the next.
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..9usize {
+        let (call, answered, hot, token) = (call.clone(), answered.clone(), hot.clone(), storefront.clone());
+        clients.spawn(async move {
+            let mut n = 0;
+            let mut at = c % 3;
+            while Instant::now() < stop_at {
+                n += 1;
+                let key = format!("r-{c}-{n}");
+                let body = json!({"id": key, "lines": [{"sku": hot, "qty": 1}], "ttl_secs": 3600});
+                loop {
+                    match call(at, Method::POST, "/v1/reservations".into(), token.clone(), Some(body.clone())).await {
+                        // 200: a retry of one decided before (its answer was lost with a hub).
+                        Some((201 | 200, _)) => {
+                            answered.lock().unwrap().push(key.clone());
+                            break;
+                        }
+                        Some((s, v)) if s != 503 => panic!("reservation {key}: {s} {v}"),
+                        _ if Instant::now() > stop_at => break,
+                        _ => {
+                            at = (at + 1) % 3;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before_kill = answered.lock().unwrap().len();
+    assert!(before_kill > 0, "reservations were answered before the kill");
+    hubs[victim].take().unwrap().kill9().await;
+    let killed_at = Instant::now();
+    // Another partition keeps answering while the hot one changes hands.
+    let other = (victim + 1) % 3;
+    let (s, v) =
+        call(other, Method::GET, format!("/v1/availability/{}", skus[1]), storefront.clone(), None).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let taken = wait_until("a survivor decides the hot partition", DEADLINE, || async {
+        let r = db
+            .query_one(
+                "SELECT owner IS NOT NULL AND expires_at > now(), epoch FROM leases WHERE partition = $1",
+                &[&i32::from(hot_part)],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, bool>(0) && r.get::<_, i64>(1) >= 2).then(Instant::now)
+    })
+    .await;
+    assert!(
+        taken.duration_since(killed_at) <= Duration::from_millis(1000 + 1000 + 500),
+        "taken over {:?} after the kill (lease 1 s + 1 s)",
+        taken.duration_since(killed_at)
+    );
+    while clients.join_next().await.is_some() {}
+    let answered = answered.lock().unwrap().clone();
+    assert!(answered.len() > before_kill, "reservations were answered after the takeover too");
+
+    // Every answered reservation is there, through any survivor, and held counts them exactly.
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let stored: BTreeSet<String> = db
+        .query("SELECT body::jsonb->>'key' FROM decisions WHERE kind = 'reservation'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.get::<_, Option<String>>(0))
+        .collect();
+    let lost: Vec<&String> = answered.iter().filter(|k| !stored.contains(*k)).collect();
+    assert!(lost.is_empty(), "answered but not stored: {lost:?}");
+    // And through the API of any survivor (a sample: the first, the last, and around the kill).
+    let sample: Vec<&String> = answered
+        .iter()
+        .take(5)
+        .chain(answered.iter().skip(before_kill.saturating_sub(5)).take(10))
+        .chain(answered.iter().rev().take(5))
+        .collect();
+    for (k, key) in sample.into_iter().enumerate() {
+        let via = survivors[k % 2];
+        let (s, v) = call(via, Method::GET, format!("/v1/reservations/{key}"), storefront.clone(), None).await.unwrap();
+        assert_eq!(s, 200, "reservation {key} answered 201 is there (through hub {via}): {v}");
+    }
+    let (s, v) =
+        call(survivors[0], Method::GET, format!("/v1/availability/{hot}"), storefront.clone(), None).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let store = v["stores"].as_array().unwrap().iter().find(|f| f["store"] == "store-0").unwrap().clone();
+    // Held counts every answered reservation, and at most one more per client (one it sent
+    // when the burst ended, decided but never answered).
+    let held = store["held"].as_u64().unwrap();
+    let answered_n = answered.len() as u64;
+    assert!((answered_n..=answered_n + 9).contains(&held), "held {held} for {answered_n} answered: {v}");
+    assert!(held <= store["on_hand"].as_i64().unwrap() as u64, "no unit promised twice: {v}");
+    for h in hubs.into_iter().flatten() {
+        h.stop().await;
+    }
 }
