@@ -5,7 +5,9 @@
 //!    clients running the same check-and-decrement as a plain `UPDATE … WHERE qty >= 1`;
 //! 2. distinct SKUs (a SKU per client) through 1, 2 and 3 hubs (clients spread over them; one
 //!    hub decides, the others forward);
-//! 3. failover: `kill -9` of the active hub, then the time until a reservation sent to a
+//! 3. the same distinct SKUs over 6 SKU partitions shared by 1, 2 and 3 hubs (each hub decides
+//!    its share; a request about another hub's partition is forwarded to it);
+//! 4. failover: `kill -9` of the active hub, then the time until a reservation sent to a
 //!    survivor is answered 201 (three times).
 //!
 //! Hubs run as release processes: `cargo build --release -p shelfsync-hub -p shelfsync-agent &&
@@ -155,6 +157,38 @@ async fn main() -> anyhow::Result<()> {
         let note =
             if n == 1 { "the active hub".to_owned() } else { format!("the active hub and {} forwarding", n - 1) };
         println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
+    }
+
+    // 2b. The same over 6 SKU partitions, each hub deciding its share (a request about another
+    // hub's partition forwarded to it over the internal API).
+    println!("distinct SKUs (one per client) over 6 partitions, clients spread over the hubs:");
+    for n in 1..=3usize {
+        let parted = HubSet::start_with(n, 1, 6, Vec::new()).await;
+        shelfsync_tests::procs::wait_until(
+            "the hubs hold every partition",
+            std::time::Duration::from_secs(60),
+            || async {
+                let held =
+                    parted.sql_i64("SELECT COUNT(*) FROM leases WHERE owner IS NOT NULL AND expires_at > now()").await;
+                let owners = parted
+                    .sql_i64("SELECT COUNT(DISTINCT owner) FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
+                    .await;
+                (held == 6 && owners == n as i64).then_some(())
+            },
+        )
+        .await;
+        let hubs: Vec<usize> = (0..n).collect();
+        let mut done = Vec::new();
+        for _ in 0..rounds {
+            for sku in &skus {
+                restock(&parted, std::slice::from_ref(sku), stock / clients as u64 + 1000).await?;
+            }
+            let skus = skus.clone();
+            done.push(round(&parted, &hubs, clients, secs, move |c| skus[c].clone()).await?);
+        }
+        let note = format!("{n} hub(s) deciding 6 partitions between them");
+        println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
+        parted.shutdown().await;
     }
 
     // 3. Failover: kill -9 the active hub, then reserve through a survivor until it answers 201;

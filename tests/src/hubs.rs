@@ -43,11 +43,23 @@ impl HubSet {
     /// `n_hubs` hubs (one data dir each, copies of the first: same CA, same database) and
     /// `n_stores` stores whose bundles name every hub, starting at a different one per store.
     pub async fn start(n_hubs: usize, n_stores: usize) -> HubSet {
+        Self::start_with(n_hubs, n_stores, 1, Vec::new()).await
+    }
+
+    /// [`HubSet::start`] on a database of `partitions` partitions, the hubs started with `env`
+    /// too. With several partitions the stores are registered but no agent runs (a hub on a
+    /// partitioned database does not serve agents yet).
+    pub async fn start_with(n_hubs: usize, n_stores: usize, partitions: u16, env: Vec<(String, String)>) -> HubSet {
         let dir = tempfile::tempdir().expect("tempdir");
         let database_url = crate::pg::fresh_database().await;
         let hub0 = dir.path().join("hub-0");
         let h0 = hub0.to_str().unwrap();
-        Proc::run_ok("shelfsync-hub", &["init", "--data-dir", h0, "--database-url", &database_url]).await;
+        let count = partitions.to_string();
+        Proc::run_ok(
+            "shelfsync-hub",
+            &["init", "--data-dir", h0, "--database-url", &database_url, "--partitions", &count],
+        )
+        .await;
         for i in 1..n_hubs {
             copy_dir(&hub0, &dir.path().join(format!("hub-{i}")));
         }
@@ -73,7 +85,7 @@ impl HubSet {
             storefront,
             stores: (0..n_stores).map(|i| format!("store-{i}")).collect(),
             agents: (0..n_stores).map(|_| None).collect(),
-            hub_env: Vec::new(),
+            hub_env: env,
             client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
             db,
         };
@@ -98,6 +110,9 @@ impl HubSet {
                 ],
             )
             .await;
+            if partitions > 1 {
+                continue;
+            }
             let ad = set.agent_dir(s);
             Proc::run_ok(
                 "shelfsync-agent",
