@@ -132,6 +132,17 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         .await?,
     );
     let hub_id = coord.hub_id.clone();
+    // The hubs' internal API, advertised before any lease is taken: where other hubs forward
+    // requests about the partitions held here.
+    let creds = pki.peer_credentials().map_err(|e| HubError::Pki(e.to_string()))?;
+    let internal_at = config.http.internal_listen.unwrap_or(SocketAddr::new(http_addr.ip(), 0));
+    let internal_listener = tokio::net::TcpListener::bind(internal_at)
+        .await
+        .map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
+    let internal_addr =
+        internal_listener.local_addr().map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
+    let db = crate::postgres::connect(&url).await?;
+    crate::internal::advertise(&db, &hub_id, internal_addr).await?;
     let (keeper, events) = crate::cluster::keep(coord, partitions);
     let mut tasks = Vec::new();
     // Any store's change anywhere wakes the deciders (each reads only its own rows).
@@ -160,16 +171,6 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         let _open = never_tx;
         crate::server::refuse_agents(refusing, never).await
     }));
-    // The hubs' internal API: where other hubs forward requests about the partitions held here.
-    let creds = pki.peer_credentials().map_err(|e| HubError::Pki(e.to_string()))?;
-    let internal_at = config.http.internal_listen.unwrap_or(SocketAddr::new(http_addr.ip(), 0));
-    let internal_listener = tokio::net::TcpListener::bind(internal_at)
-        .await
-        .map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
-    let internal_addr =
-        internal_listener.local_addr().map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
-    let db = crate::postgres::connect(&url).await?;
-    crate::internal::advertise(&db, &hub_id, internal_addr).await?;
     let front = Front {
         hub_id: hub_id.clone(),
         partitions,
