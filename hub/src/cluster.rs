@@ -121,17 +121,6 @@ fn log_taken(coord: &Coordinator, partition: Partition, epoch: i64, taken: &Take
     }
 }
 
-/// Who holds the lease, as a standby sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    /// The hub's id.
-    pub hub: String,
-    /// Its HTTP address.
-    pub http_addr: String,
-    /// The lease's epoch.
-    pub epoch: i64,
-}
-
 /// One hub's connection for coordination (separate from storage: renewals never queue behind
 /// writes).
 pub struct Coordinator {
@@ -302,18 +291,6 @@ impl Coordinator {
             })
             .collect()
     }
-}
-
-/// Who holds an unexpired lease, through any connection.
-pub async fn owner(client: &Client) -> StorageResult<Option<Owner>> {
-    let row = client
-        .query_opt(
-            "SELECT l.owner, h.http_addr, l.epoch FROM leases l JOIN hubs h ON h.id = l.owner
-             WHERE l.partition = $1 AND l.expires_at > now()",
-            &[&PARTITION],
-        )
-        .await?;
-    Ok(row.map(|r| Owner { hub: r.get(0), http_addr: r.get(1), epoch: r.get(2) }))
 }
 
 /// Tries to take the lease every tick until it does (heartbeating meanwhile); returns the

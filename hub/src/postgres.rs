@@ -1057,6 +1057,18 @@ async fn load_stores(c: &Client, partition: Partition) -> StorageResult<Vec<Reco
     Ok(out)
 }
 
+/// Runs `read` in one read-only REPEATABLE READ transaction on `c` (one snapshot of the
+/// database), ended however `read` ends.
+pub(crate) async fn in_snapshot<T>(
+    c: &Client,
+    read: impl std::future::Future<Output = StorageResult<T>>,
+) -> StorageResult<T> {
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let read = read.await;
+    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+    read
+}
+
 /// A warm standby's first load: every record of `partition` and where its record log stood,
 /// from one snapshot of the database (so the log's later rows are exactly what was committed
 /// after it).
@@ -1065,8 +1077,7 @@ pub(crate) async fn warm_snapshot(
     partition: Partition,
     feed_retain: usize,
 ) -> StorageResult<(Vec<Record>, WriterId, i64)> {
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    let read = async {
+    in_snapshot(c, async {
         if meta_get(c, "writer").await?.is_none() {
             return Err(StorageError::Invalid("no hub database here yet".into()));
         }
@@ -1074,11 +1085,9 @@ pub(crate) async fn warm_snapshot(
         let records = load_records(c, partition, feed_retain).await?;
         let cursor: Option<i64> =
             c.query_one("SELECT MAX(seq) FROM record_log WHERE partition = $1", &[&part_col(partition)]).await?.get(0);
-        Ok::<_, StorageError>((records, writer, cursor.unwrap_or(0)))
-    }
-    .await;
-    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
-    read
+        Ok((records, writer, cursor.unwrap_or(0)))
+    })
+    .await
 }
 
 /// A warm standby's decider brought up to date at takeover: the records since its last read,
@@ -1127,8 +1136,7 @@ async fn warm_takeover(
 /// again).
 pub(crate) async fn catch_up(c: &Client, partition: Partition, warm: &mut crate::standby::Warm) -> StorageResult<bool> {
     loop {
-        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-        let read = async {
+        let (floor, rows) = in_snapshot(c, async {
             let floor: Option<i64> = c
                 .query_opt("SELECT floor FROM record_log_floor WHERE id = $1", &[&i32::from(partition)])
                 .await?
@@ -1139,11 +1147,9 @@ pub(crate) async fn catch_up(c: &Client, partition: Partition, warm: &mut crate:
                     &[&warm.cursor, &RECORD_LOG_PAGE, &part_col(partition)],
                 )
                 .await?;
-            Ok::<_, StorageError>((floor, rows))
-        }
-        .await;
-        c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
-        let (floor, rows) = read?;
+            Ok((floor, rows))
+        })
+        .await?;
         if floor.unwrap_or(0) > warm.cursor {
             return Ok(false);
         }

@@ -487,19 +487,16 @@ pub async fn hub_entries_digest(c: &Client, store: &StoreId) -> StorageResult<(S
 }
 
 async fn digest_of(c: &Client, store: &StoreId, rows: &str) -> StorageResult<(StateDigest, u64)> {
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    let read = async {
+    crate::postgres::in_snapshot(c, async {
         let head = store_head(c, store).await?;
         let mut d = StateDigest::default();
         for r in c.query(rows, &[&store.as_str()]).await? {
             let entry = PnEntry { p: unsigned(r.get(2), "counters.p")?, n: unsigned(r.get(3), "counters.n")? };
             d.add(&shelfsync_node::db::sku_col(r.get(0))?, &shelfsync_node::db::writer_col(r.get(1))?, entry);
         }
-        Ok::<_, StorageError>((d, head))
-    }
-    .await;
-    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
-    read
+        Ok((d, head))
+    })
+    .await
 }
 
 /// One row of a partition's merge log.
@@ -609,8 +606,7 @@ pub async fn apply_forever(
 pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfsync_shared::wire::HoldsSnapshot> {
     use shelfsync_hub_core::{Allocation, AllocationStatus, Reservation};
     use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    let read = async {
+    let (version, rows) = crate::postgres::in_snapshot(c, async {
         let version: i64 = c
             .query_one(
                 "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1",
@@ -629,11 +625,9 @@ pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfs
                 &[&store.as_str(), &(HOLDS_MAX as i64)],
             )
             .await?;
-        Ok::<_, StorageError>((version, rows))
-    }
-    .await;
-    c.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
-    let (version, rows) = read?;
+        Ok((version, rows))
+    })
+    .await?;
     let mut holds = Vec::with_capacity(rows.len());
     for r in &rows {
         let a: Allocation = serde_json::from_str(&r.get::<_, String>(0))

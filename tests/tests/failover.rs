@@ -571,36 +571,12 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
     use shelfsync_hub_core::Partitions;
     use shelfsync_shared::id::{Incarnation, NodeId};
     use shelfsync_shared::{PnEntry, WriterId};
-    use shelfsync_tests::procs::Proc;
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let hub0 = dir.path().join("hub-0");
-    let h0 = hub0.to_str().unwrap();
-    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", h0, "--database-url", &url, "--partitions", "6"]).await;
-    let bundle = dir.path().join("bundle");
-    Proc::run_ok(
-        "shelfsync-hub",
-        &["store", "add", "store-0", "--out", bundle.to_str().unwrap(), "--hub-addr", "127.0.0.1:1", "--data-dir", h0],
-    )
-    .await;
-    let env = [("SHELFSYNC_HUB__STORAGE__LEASE_MS", "1000"), ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS", "200")];
-    let mut hubs = Vec::new();
-    for i in 0..3 {
-        let d = dir.path().join(format!("hub-{i}"));
-        if i > 0 {
-            shelfsync_tests::cluster::copy_dir(&hub0, &d);
-        }
-        let args = [
-            "serve",
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ];
-        hubs.push(Some(Proc::start("shelfsync-hub", &args, &env).await));
-    }
+    let env = vec![
+        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
+        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
+    ];
+    let mut set = HubSet::start_with(3, 1, 6, env).await;
+    let url = set.database_url.clone();
     let db = shelfsync_tests::pg::connect(&url).await;
     let shares = || async {
         let rows = db
@@ -621,7 +597,7 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
         let http = http.clone();
         async move { http.get(format!("{u}/healthz")).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
     };
-    for h in hubs.iter().flatten() {
+    for h in set.hubs.iter().flatten() {
         let v = health(h.url.clone()).await;
         assert_eq!(
             (v["role"].as_str(), v["partitions"].as_array().map(Vec::len)),
@@ -678,7 +654,7 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             .collect::<BTreeMap<i32, (String, i64)>>()
     };
     let before = leases().await;
-    let victim = hubs[1].take().unwrap();
+    let victim = set.hubs[1].take().unwrap();
     let victim_id = health(victim.url.clone()).await["hub"].as_str().unwrap().to_owned();
     victim.kill9().await;
     merge(2).await;
@@ -696,9 +672,7 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             assert_eq!((now_owner, now_epoch), (owner, epoch), "partition {p} stayed where it was");
         }
     }
-    for h in hubs.into_iter().flatten() {
-        h.stop().await;
-    }
+    set.shutdown().await;
 }
 
 /// A warm standby (loaded once, then following the record log) rebuilds exactly the decider a
@@ -888,45 +862,13 @@ async fn the_hub_reaches_postgres_over_verified_tls_only_when_asked_and_verifiab
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     use shelfsync_hub_core::Partitions;
-    use shelfsync_tests::procs::Proc;
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let hub0 = dir.path().join("hub-0");
-    let h0 = hub0.to_str().unwrap();
-    Proc::run_ok("shelfsync-hub", &["init", "--data-dir", h0, "--database-url", &url, "--partitions", "6"]).await;
-    let bundle = dir.path().join("bundle");
-    Proc::run_ok(
-        "shelfsync-hub",
-        &["store", "add", "store-0", "--out", bundle.to_str().unwrap(), "--hub-addr", "127.0.0.1:1", "--data-dir", h0],
-    )
-    .await;
-    let token = |role: &'static str| async move {
-        Proc::run_ok("shelfsync-hub", &["token", "create", "--role", role, "--data-dir", h0]).await.trim().to_owned()
-    };
-    let (admin, storefront) = (token("admin").await, token("storefront").await);
-    let env: Vec<(&str, &str)> =
-        [("SHELFSYNC_HUB__STORAGE__LEASE_MS", "1000"), ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS", "200")]
-            .into_iter()
-            .chain(shelfsync_tests::cluster::RAISED_HUB_LIMITS.iter().copied())
-            .collect();
-    let mut hubs = Vec::new();
-    for i in 0..3 {
-        let d = dir.path().join(format!("hub-{i}"));
-        if i > 0 {
-            shelfsync_tests::cluster::copy_dir(&hub0, &d);
-        }
-        let args = [
-            "serve",
-            "--data-dir",
-            d.to_str().unwrap(),
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ];
-        hubs.push(Some(Proc::start("shelfsync-hub", &args, &env).await));
-    }
-    let urls: Vec<String> = hubs.iter().map(|h| h.as_ref().unwrap().url.clone()).collect();
+    let env = vec![
+        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
+        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
+    ];
+    let mut set = HubSet::start_with(3, 1, 6, env).await;
+    let (url, urls) = (set.database_url.clone(), set.http.clone());
+    let (admin, storefront) = (set.admin.clone(), set.storefront.clone());
     let db = shelfsync_tests::pg::connect(&url).await;
     wait_until("the hubs decide 2 partitions each", DEADLINE, || async {
         let rows = db
@@ -1008,7 +950,7 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before_kill = answered.lock().unwrap().len();
     assert!(before_kill > 0, "reservations were answered before the kill");
-    hubs[victim].take().unwrap().kill9().await;
+    set.hubs[victim].take().unwrap().kill9().await;
     let killed_at = Instant::now();
     // Another partition keeps answering while the hot one changes hands.
     let other = (victim + 1) % 3;
@@ -1068,7 +1010,5 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     let answered_n = answered.len() as u64;
     assert!((answered_n..=answered_n + 9).contains(&held), "held {held} for {answered_n} answered: {v}");
     assert!(held <= store["on_hand"].as_i64().unwrap() as u64, "no unit promised twice: {v}");
-    for h in hubs.into_iter().flatten() {
-        h.stop().await;
-    }
+    set.shutdown().await;
 }

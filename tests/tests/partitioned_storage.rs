@@ -88,6 +88,17 @@ async fn add_stores(target: &Target, names: &[&str]) {
     }
 }
 
+/// A fresh database of [`PARTS`] partitions with `stores` registered, and a connection to it.
+async fn database(stores: &[&str]) -> (String, Target, Partitions, Client) {
+    let url = shelfsync_tests::pg::fresh_database().await;
+    let target = Target::Postgres(url.clone());
+    let parts = Partitions::new(PARTS).unwrap();
+    HubDb::create(&target, parts).await.unwrap();
+    add_stores(&target, stores).await;
+    let db = shelfsync_tests::pg::connect(&url).await;
+    (url, target, parts, db)
+}
+
 /// The decider an opened database holds (warm, or loaded from its records).
 fn decider(opened: Opened, opts: EngineOptions) -> Decider {
     let writer = opened.storage.hub_writer();
@@ -124,12 +135,7 @@ async fn hub_rows(db: &Client) -> BTreeMap<String, Vec<(i64, String, String, i16
 /// unique under concurrent commits of both partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_partitions_side_by_side_persist_and_load_only_their_own_state() {
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let target = Target::Postgres(url.clone());
-    let parts = Partitions::new(PARTS).unwrap();
-    HubDb::create(&target, parts).await.unwrap();
-    add_stores(&target, &["store-a", "store-b", "store-c"]).await;
-    let db = shelfsync_tests::pg::connect(&url).await;
+    let (url, target, parts, db) = database(&["store-a", "store-b", "store-c"]).await;
     let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
     let (a, b) = (skus_of(parts, LEFT, 30), skus_of(parts, RIGHT, 30));
     let (others0, others3) = (skus_of(parts, 0, 1), skus_of(parts, 3, 1));
@@ -391,12 +397,7 @@ async fn one_partition_writes_as_before() {
 /// before the applying commit) change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_partitions_decider_applies_the_sync_planes_merges_of_its_skus() {
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let target = Target::Postgres(url.clone());
-    let parts = Partitions::new(PARTS).unwrap();
-    HubDb::create(&target, parts).await.unwrap();
-    add_stores(&target, &["store-a"]).await;
-    let db = shelfsync_tests::pg::connect(&url).await;
+    let (url, target, parts, db) = database(&["store-a"]).await;
     let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
     let now = shelfsync_node::now_ms();
     let mut engines = Vec::new();
@@ -518,12 +519,7 @@ async fn each_partitions_decider_applies_the_sync_planes_merges_of_its_skus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn any_hub_reads_a_stores_holds_of_every_partition_from_the_database() {
     use shelfsync_hub_core::Action;
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let target = Target::Postgres(url.clone());
-    let parts = Partitions::new(PARTS).unwrap();
-    HubDb::create(&target, parts).await.unwrap();
-    add_stores(&target, &["store-a", "store-b"]).await;
-    let db = shelfsync_tests::pg::connect(&url).await;
+    let (_, target, parts, db) = database(&["store-a", "store-b"]).await;
     let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
     let now = shelfsync_node::now_ms();
     let (a, b) = (skus_of(parts, LEFT, 3), skus_of(parts, RIGHT, 3));
@@ -584,12 +580,7 @@ async fn any_hub_reads_a_stores_holds_of_every_partition_from_the_database() {
 async fn a_stores_journal_goes_through_the_sync_plane_to_the_right_partitions() {
     use shelfsync_shared::journal::{EventFlag, EventKind, JournalEvent};
     use shelfsync_shared::wire::JournalBatch;
-    let url = shelfsync_tests::pg::fresh_database().await;
-    let target = Target::Postgres(url.clone());
-    let parts = Partitions::new(PARTS).unwrap();
-    HubDb::create(&target, parts).await.unwrap();
-    add_stores(&target, &["store-a"]).await;
-    let db = shelfsync_tests::pg::connect(&url).await;
+    let (url, target, parts, db) = database(&["store-a"]).await;
     let (sql, opts) = (SqliteOptions::default(), EngineOptions::default());
     let now = shelfsync_node::now_ms();
     let mut engines = Vec::new();
