@@ -154,6 +154,33 @@ fn conflict_id(parts: &[&str]) -> Uuid {
     uuid::Builder::from_random_bytes(b).into_uuid()
 }
 
+/// What head office should do about a conflict of `kind`.
+fn agent_conflict_resolution(kind: AgentConflictKind) -> String {
+    match kind {
+        AgentConflictKind::DuplicateAgent => {
+            "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
+        }
+        AgentConflictKind::WriterCloned => {
+            "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
+             offline); switch one off, and its sales arrive under a new writer"
+        }
+        AgentConflictKind::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+        AgentConflictKind::HubRolledBack => "the hub's files are older than what the store saw",
+    }
+    .to_owned()
+}
+
+/// The decider's command for what a hub noticed about `store`'s agents (the sync plane's notes).
+pub(crate) fn agent_note_cmd(store: &StoreId, note: &crate::syncplane::AgentNote) -> Command {
+    match note {
+        crate::syncplane::AgentNote::Conflict { kind, key, details } => {
+            let details = serde_json::from_str(details).unwrap_or_else(|_| serde_json::json!({ "raw": details }));
+            agent_conflict_cmd(*kind, store.clone(), key, agent_conflict_resolution(*kind), details)
+        }
+        crate::syncplane::AgentNote::Retired(r) => retirement_cmd(store, r),
+    }
+}
+
 fn agent_conflict_cmd(
     kind: AgentConflictKind,
     store: StoreId,
@@ -373,21 +400,7 @@ impl Engine {
         details: serde_json::Value,
         now_ms: i64,
     ) -> StorageResult<bool> {
-        let resolution = match kind {
-            AgentConflictKind::DuplicateAgent => {
-                "a second agent of this store was refused: switch one off (or allow several with `store agents`)"
-            }
-            AgentConflictKind::WriterCloned => {
-                "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
-                 offline); switch one off, and its sales arrive under a new writer"
-            }
-            AgentConflictKind::StoreRolledBack => {
-                "the store's files were put back; its later sales count under a new writer"
-            }
-            AgentConflictKind::HubRolledBack => "the hub's files are older than what the store saw",
-        }
-        .to_owned();
-        let cmd = agent_conflict_cmd(kind, store, &key, resolution, details);
+        let cmd = agent_conflict_cmd(kind, store, &key, agent_conflict_resolution(kind), details);
         match self.run(move |st, _| st.decide(cmd, now_ms)).await?? {
             Done::AgentConflict { new } => Ok(new),
             other => Err(unexpected(other)),
@@ -647,6 +660,9 @@ impl Engine {
                             Command::JournalAdjustments { store: store.clone(), events: part.adjustments },
                             now_ms,
                         )?;
+                    }
+                    for note in &part.notes {
+                        st.decide(agent_note_cmd(&store, note), now_ms)?;
                     }
                     extras.push(SideWrite::MergeApplied { partition, store, kind: kind.col(), upto: seq });
                     Ok(merged)

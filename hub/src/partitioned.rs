@@ -35,6 +35,13 @@ use crate::server::HubError;
 /// Marks a hub's answer "I do not hold that partition (any more)": nothing was decided.
 const NOT_HELD: &str = "x-shelfsync-not-held";
 
+/// Connections of this hub's sync plane (merges of the agents connected here, their reads).
+const PLANE_CONNECTIONS: usize = 4;
+
+/// How often the sessions of the stores connected here look for what the deciders committed
+/// for them (holds, restocks).
+const HEADS_POLL: Duration = Duration::from_millis(100);
+
 /// How often a decider looks at its merge log when no wake-up came.
 const APPLY_POLL: Duration = Duration::from_millis(200);
 
@@ -147,10 +154,15 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     let mut tasks = Vec::new();
     // Any store's change anywhere wakes the deciders (each reads only its own rows).
     let (wake_tx, wake) = watch::channel(());
+    // And the sessions of the stores connected here (`crate::plane::follow_heads`).
     let mut notices = crate::notify::listen(url.clone());
+    let (heads_tx, heads_rx) = mpsc::channel(crate::notify::QUEUE);
     tasks.push(tokio::spawn(async move {
-        while notices.recv().await.is_some() {
+        while let Some(n) = notices.recv().await {
             let _ = wake_tx.send(());
+            if let Err(mpsc::error::TrySendError::Full(_)) = heads_tx.try_send(n) {
+                // The sessions' follower is behind: its next poll reads every store anyway.
+            }
         }
     }));
     // What the merges changed: for the stores' holds and the live feeds, once those are served
@@ -164,13 +176,16 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     let held: HeldMap = Arc::default();
     let deciders = Deciders { config: config.clone(), target, url: url.clone(), lease, wake, changed: changed_tx };
     tasks.push(tokio::spawn(follow_leases(events, keeper.clone(), held.clone(), deciders)));
-    // Agents: refused until their path through the sync plane is served here.
-    let (never_tx, never) = watch::channel(false);
-    let refusing = endpoint.clone();
-    tasks.push(tokio::spawn(async move {
-        let _open = never_tx;
-        crate::server::refuse_agents(refusing, never).await
-    }));
+    // Agents: merged into the database here, whoever decides for their SKUs.
+    let (sql, _) = crate::server::storage_options(&config);
+    let plane = Arc::new(
+        crate::plane::Plane::open(&crate::db::Target::Postgres(url.clone()), sql, PLANE_CONNECTIONS).await?,
+    );
+    let catalog = crate::catalog::HubCatalog::load(plane.as_ref()).await?;
+    let agents = crate::state::Hub::with_ledger(plane, catalog, crate::metrics::Metrics::default());
+    let pki = Arc::new(pki);
+    tasks.extend(crate::server::serve_agents(&config, &agents, &pki, &endpoint).await?);
+    tasks.push(tokio::spawn(crate::plane::follow_heads(agents, heads_rx, HEADS_POLL)));
     let front = Front {
         hub_id: hub_id.clone(),
         partitions,

@@ -11,6 +11,7 @@ use shelfsync_shared::sync::{Effect, HubSession, PeerAccept, SessionError, SyncC
 use shelfsync_shared::wire::close_code;
 use shelfsync_shared::StoreId;
 
+use crate::ledger::AgentLedger;
 use crate::metrics::Metrics;
 use crate::pki::{self, Pki};
 use crate::state::{Hub, Pongs, StockChange};
@@ -18,15 +19,15 @@ use crate::storage::{AgentConflictKind, StorageError};
 use shelfsync_hub_core::Refusal;
 
 /// Builds the server TLS config with a CRL of every revoked certificate.
-pub async fn server_config(hub: &Hub, pki: &Pki) -> Result<quinn::ServerConfig, String> {
+pub async fn server_config<L: AgentLedger>(hub: &Hub<L>, pki: &Pki) -> Result<quinn::ServerConfig, String> {
     let revoked = hub.storage.revoked_serials().await.map_err(|e| e.to_string())?;
     let crls = if revoked.is_empty() { Vec::new() } else { vec![pki.crl(&revoked).map_err(|e| e.to_string())?] };
     pki.server_config(crls).map_err(|e| e.to_string())
 }
 
 /// Accepts agent connections until the endpoint closes.
-pub async fn serve(
-    hub: Arc<Hub>,
+pub async fn serve<L: AgentLedger>(
+    hub: Arc<Hub<L>>,
     endpoint: quinn::Endpoint,
     sync: SyncConfig,
     max_connections: usize,
@@ -51,7 +52,7 @@ pub async fn serve(
 
 /// Periodically closes connections of revoked stores and refreshes the endpoint's CRL, so a
 /// `store revoke` made by the CLI (another process) takes effect on a running hub.
-pub async fn watch_revocations(hub: Arc<Hub>, endpoint: quinn::Endpoint, pki: Arc<Pki>, every: Duration) {
+pub async fn watch_revocations<L: AgentLedger>(hub: Arc<Hub<L>>, endpoint: quinn::Endpoint, pki: Arc<Pki>, every: Duration) {
     let mut known = hub.storage.revoked_serials().await.map(|r| r.len()).unwrap_or(0);
     let mut tick = tokio::time::interval(every);
     loop {
@@ -66,7 +67,7 @@ pub async fn watch_revocations(hub: Arc<Hub>, endpoint: quinn::Endpoint, pki: Ar
         if revoked.len() != known {
             known = revoked.len();
             // The decider stops offering revoked stores online.
-            if let Err(e) = hub.storage.sync_stores().await {
+            if let Err(e) = hub.storage.stores_changed().await {
                 tracing::error!(error = %e, "cannot bring the decider in line with the stores table");
             }
             match server_config(&hub, &pki).await {
@@ -93,7 +94,7 @@ fn refusal_code(e: &StorageError) -> u32 {
     }
 }
 
-async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, probe_timeout: Duration) {
+async fn handle<L: AgentLedger>(hub: Arc<Hub<L>>, incoming: quinn::Incoming, sync: SyncConfig, probe_timeout: Duration) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -135,7 +136,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
     };
     // Subscribe before reading the heads: a change committed in between still wakes this session.
     let wake = hub.subscribe(&store, Default::default());
-    let heads = match hub.storage.heads().await {
+    let heads = match hub.storage.heads(&store).await {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(peer, error = %e, "cannot read heads");
@@ -144,7 +145,7 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
         }
     };
     hub.notify(std::slice::from_ref(&store), heads);
-    let mut session = HubSession::new(sync, store.clone(), hub.storage.hub_writer(), heads.counter, heads.journal);
+    let mut session = HubSession::new(sync, store.clone(), hub.storage.life(), heads.counter, heads.journal);
     let ping_seen = wake.borrow().ping;
     let (conn_id, pongs) = hub.connected(&store, conn.clone(), ident.serial_hex.clone());
     hub.metrics.connections_open.inc();
@@ -207,8 +208,8 @@ async fn handle(hub: Arc<Hub>, incoming: quinn::Incoming, sync: SyncConfig, prob
     }
 }
 
-struct HubHost {
-    hub: Arc<Hub>,
+struct HubHost<L: AgentLedger> {
+    hub: Arc<Hub<L>>,
     store: StoreId,
     /// This connection in the registry of live connections.
     /// The agent's writer once the session is established (the journal it is sent skips it).
@@ -235,7 +236,7 @@ struct HubHost {
 /// Least time between two holds snapshots to one store: a burst of reservations becomes one push.
 const HOLDS_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 
-impl HubHost {
+impl<L: AgentLedger> HubHost<L> {
     /// The agent said who it is: record what it reports, notice when it has seen more of this
     /// hub's life than the hub's files hold, decide whether it may join the store's live agents,
     /// and welcome it with what the hub holds of its writer.
@@ -259,9 +260,9 @@ impl HubHost {
                     "a store's files forked (restored or copied): its later changes count under a new writer");
             }
         }
-        let life = hub.storage.hub_writer();
+        let life = hub.storage.life();
         if hello.hub_writer.as_ref() == Some(&life) {
-            let heads = hub.storage.heads().await.map_err(|e| internal("reading heads", e))?;
+            let heads = hub.storage.heads(&store).await.map_err(|e| internal("reading heads", e))?;
             if hello.applied > heads.counter || hello.journal_applied > heads.journal {
                 let why = format!(
                     "store {store} applied this hub's changes up to {} (journal {}), its files end at {} ({})",
@@ -361,7 +362,9 @@ impl HubHost {
             .incoming_snapshot(self.store.clone())
             .await
             .map_err(|e| internal("reading incoming transfers", e))?;
-        session.send_incoming(incoming);
+        if let Some(incoming) = incoming {
+            session.send_incoming(incoming);
+        }
         Ok(())
     }
 }
@@ -378,7 +381,7 @@ fn internal(what: &str, e: StorageError) -> SessionError {
     SessionError { code, message: format!("{what}: {e}"), from_peer: false }
 }
 
-impl EffectHost<HubSession> for HubHost {
+impl<L: AgentLedger> EffectHost<HubSession> for HubHost<L> {
     async fn effect(&mut self, session: &mut HubSession, effect: Effect) -> Result<(), SessionError> {
         let (hub, store) = (self.hub.clone(), self.store.clone());
         let (hub, store) = (&hub, &store);
@@ -461,7 +464,7 @@ impl EffectHost<HubSession> for HubHost {
                 hub.holds_changed(&applied.holds_changed);
                 session.delta_applied(now(), upto)?;
                 if applied.own_lost {
-                    let life = hub.storage.hub_writer();
+                    let life = hub.storage.life();
                     let why = format!(
                         "store {store} gave back entries of the hub's current writer {life} that its files lack"
                     );

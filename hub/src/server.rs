@@ -138,6 +138,22 @@ async fn activate(
     pki: &Arc<Pki>,
     endpoint: &quinn::Endpoint,
 ) -> Result<(axum::Router, Vec<JoinHandle<()>>), HubError> {
+    let mut tasks = serve_agents(config, hub, pki, endpoint).await?;
+    tasks.push(tokio::spawn(expire_leases(hub.clone(), Duration::from_millis(config.reservations.expiry_check_ms))));
+    for w in &config.webhooks {
+        tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
+    }
+    Ok((api_app(config, hub), tasks))
+}
+
+/// Serves agents on `endpoint` from `hub`'s ledger: their sync sessions, revocations of their
+/// certificates, and the catalog changes other processes made.
+pub(crate) async fn serve_agents<L: crate::ledger::AgentLedger>(
+    config: &HubConfig,
+    hub: &Arc<Hub<L>>,
+    pki: &Arc<Pki>,
+    endpoint: &quinn::Endpoint,
+) -> Result<Vec<JoinHandle<()>>, HubError> {
     endpoint.set_server_config(Some(quic_server::server_config(hub, pki).await.map_err(HubError::Pki)?));
     let sync = SyncConfig { coalesce: Duration::from_millis(config.sync.coalesce_ms), ..SyncConfig::default() };
     let mut tasks = vec![tokio::spawn(quic_server::serve(
@@ -154,11 +170,7 @@ async fn activate(
         Duration::from_secs(config.sync.revocation_check_secs),
     )));
     tasks.push(tokio::spawn(watch_catalog_imports(hub.clone())));
-    tasks.push(tokio::spawn(expire_leases(hub.clone(), Duration::from_millis(config.reservations.expiry_check_ms))));
-    for w in &config.webhooks {
-        tasks.push(tokio::spawn(crate::feed::run_webhook(hub.clone(), w.clone(), Duration::from_secs(30))));
-    }
-    Ok((api_app(config, hub), tasks))
+    Ok(tasks)
 }
 
 /// The public API of `hub` (authentication, rate limits, CORS).
@@ -608,7 +620,7 @@ pub(crate) async fn expire_leases(hub: Arc<Hub>, every: Duration) {
 
 /// Picks up catalog edits made by another process (`shelfsync-hub catalog import`) and pushes them
 /// to the stores.
-pub(crate) async fn watch_catalog_imports(hub: Arc<Hub>) {
+pub(crate) async fn watch_catalog_imports<L: crate::ledger::AgentLedger>(hub: Arc<Hub<L>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

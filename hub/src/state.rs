@@ -10,6 +10,7 @@ use shelfsync_shared::{Sku, StoreId};
 use tokio::sync::{broadcast, watch};
 
 use crate::engine::Engine;
+use crate::ledger::AgentLedger;
 use crate::metrics::Metrics;
 use crate::storage::{HubHeads, StorageError};
 use shelfsync_shared::lineage::Boot;
@@ -64,9 +65,9 @@ pub struct StockChange {
 pub const STOCK_EVENTS_CAPACITY: usize = 16_384;
 
 /// State shared by every hub task.
-pub struct Hub {
-    /// Durable state.
-    pub storage: Arc<Engine>,
+pub struct Hub<L = Engine> {
+    /// Durable state: one decider's engine, or the sync plane of a partitioned database.
+    pub storage: Arc<L>,
     /// The catalog documents.
     pub catalog: Arc<crate::catalog::HubCatalog>,
     /// Counters.
@@ -96,6 +97,51 @@ impl Hub {
 
     /// [`Hub::new`] with its metrics made already (sharing an HTTP edge's counters).
     pub fn with_metrics(storage: Arc<Engine>, catalog: Arc<crate::catalog::HubCatalog>, metrics: Metrics) -> Arc<Hub> {
+        Hub::with_ledger(storage, catalog, metrics)
+    }
+
+    /// Judges a presented API token now. Every call reads the token's row (one primary-key read
+    /// on a reader thread), so a revocation or expiry written by any process counts from the very
+    /// next request. A valid token's last use is recorded in the background, at most once per
+    /// [`crate::tokens::LAST_USED_RESOLUTION_MS`] per token.
+    pub async fn authenticate(&self, token: &str) -> Result<crate::tokens::Verdict, crate::storage::StorageError> {
+        let found = self.storage.token_by_hash(crate::api::token_hash(token)).await?;
+        let now = shelfsync_node::now_ms();
+        let verdict = crate::tokens::Verdict::of(found, now);
+        if let crate::tokens::Verdict::Valid(t) = &verdict {
+            self.note_token_use(t, now);
+        }
+        Ok(verdict)
+    }
+
+    fn note_token_use(&self, t: &crate::tokens::TokenInfo, now: i64) {
+        use crate::tokens::LAST_USED_RESOLUTION_MS as RES;
+        if t.last_used_at_ms.is_some_and(|at| now - at < RES) {
+            return;
+        }
+        {
+            // Requests racing past the check above before the first write lands write once.
+            let mut uses = self.token_uses.lock().expect("token uses lock");
+            if uses.get(&t.id).is_some_and(|at| now - at < RES) {
+                return;
+            }
+            if uses.len() >= TOKEN_USES_MAX {
+                uses.retain(|_, at| now - *at < RES);
+            }
+            uses.insert(t.id, now);
+        }
+        let (storage, id) = (self.storage.clone(), t.id);
+        tokio::spawn(async move {
+            if let Err(e) = storage.touch_token(id, now).await {
+                tracing::warn!(token = %id, error = %e, "cannot record a token's last use");
+            }
+        });
+    }
+}
+
+impl<L: AgentLedger> Hub<L> {
+    /// Wraps a ledger: what the agents' sessions read and write.
+    pub fn with_ledger(storage: Arc<L>, catalog: Arc<crate::catalog::HubCatalog>, metrics: Metrics) -> Arc<Hub<L>> {
         Arc::new(Hub {
             storage,
             catalog,
@@ -248,7 +294,7 @@ impl Hub {
     /// stores reveal it at once. Returns whether this call did it.
     pub async fn reincarnate(&self, seen_by: &StoreId, life: &WriterId, why: String) -> Result<bool, StorageError> {
         let _one = self.reincarnating.lock().await;
-        if self.storage.hub_writer() != *life {
+        if self.storage.life() != *life {
             return Ok(false);
         }
         let new = self.storage.reincarnate(why.clone(), shelfsync_node::now_ms()).await?;
@@ -260,44 +306,6 @@ impl Hub {
             c.conn.close(quinn::VarInt::from_u32(0), b"the hub took a new life; reconnect");
         }
         Ok(true)
-    }
-
-    /// Judges a presented API token now. Every call reads the token's row (one primary-key read
-    /// on a reader thread), so a revocation or expiry written by any process counts from the very
-    /// next request. A valid token's last use is recorded in the background, at most once per
-    /// [`crate::tokens::LAST_USED_RESOLUTION_MS`] per token.
-    pub async fn authenticate(&self, token: &str) -> Result<crate::tokens::Verdict, crate::storage::StorageError> {
-        let found = self.storage.token_by_hash(crate::api::token_hash(token)).await?;
-        let now = shelfsync_node::now_ms();
-        let verdict = crate::tokens::Verdict::of(found, now);
-        if let crate::tokens::Verdict::Valid(t) = &verdict {
-            self.note_token_use(t, now);
-        }
-        Ok(verdict)
-    }
-
-    fn note_token_use(&self, t: &crate::tokens::TokenInfo, now: i64) {
-        use crate::tokens::LAST_USED_RESOLUTION_MS as RES;
-        if t.last_used_at_ms.is_some_and(|at| now - at < RES) {
-            return;
-        }
-        {
-            // Requests racing past the check above before the first write lands write once.
-            let mut uses = self.token_uses.lock().expect("token uses lock");
-            if uses.get(&t.id).is_some_and(|at| now - at < RES) {
-                return;
-            }
-            if uses.len() >= TOKEN_USES_MAX {
-                uses.retain(|_, at| now - *at < RES);
-            }
-            uses.insert(t.id, now);
-        }
-        let (storage, id) = (self.storage.clone(), t.id);
-        tokio::spawn(async move {
-            if let Err(e) = storage.touch_token(id, now).await {
-                tracing::warn!(token = %id, error = %e, "cannot record a token's last use");
-            }
-        });
     }
 
     /// Stores whose holds changed: wakes their sessions to send a new snapshot.

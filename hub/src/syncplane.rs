@@ -63,6 +63,9 @@ pub enum LogKind {
     Delta = 0,
     /// An agent's journal batch (the store's journal sequence).
     Journal = 1,
+    /// What a hub noticed about a store's agents (conflicts, retirements), for the home
+    /// partition's decider ([`HOME`]); numbered at random (they need no order).
+    Agent = 2,
 }
 
 impl LogKind {
@@ -75,6 +78,7 @@ impl LogKind {
         match v {
             0 => Ok(LogKind::Delta),
             1 => Ok(LogKind::Journal),
+            2 => Ok(LogKind::Agent),
             _ => Err(StorageError::Corrupt(format!("merge_log.kind {v}"))),
         }
     }
@@ -119,6 +123,30 @@ pub struct MergePart {
     pub flagged: Vec<Sku>,
     /// The tills' adjustments of this partition's SKUs among new journal events.
     pub adjustments: Vec<JournalEvent>,
+    /// What a hub noticed about the store's agents (home partition only).
+    pub notes: Vec<AgentNote>,
+}
+
+/// The partition whose decider records what concerns a store's agents rather than a SKU
+/// (duplicate or cloned agents, retired writers).
+pub const HOME: Partition = 0;
+
+/// What a hub noticed about a store's agents, recorded by the home partition's decider as a
+/// conflict (idempotent: the same report makes the same conflict).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentNote {
+    /// A duplicate or cloned agent (`kind` as named on the API), `key` what makes two reports
+    /// the same, `details` its JSON.
+    Conflict {
+        /// Which.
+        kind: shelfsync_hub_core::AgentConflictKind,
+        /// Two reports with the same key are one conflict.
+        key: String,
+        /// JSON.
+        details: String,
+    },
+    /// An agent retired a writer (its files forked).
+    Retired(shelfsync_shared::wire::Retirement),
 }
 
 /// What a merge did.
@@ -130,6 +158,8 @@ pub struct Merged {
     pub head: u64,
     /// The partitions given a merge-log row (each at `head`).
     pub parts: Vec<Partition>,
+    /// The entries that grew, as (SKU, writer).
+    pub grown: Vec<(Sku, WriterId)>,
 }
 
 fn part_col(p: Partition) -> i16 {
@@ -291,8 +321,10 @@ impl SyncPlane {
         let grown: BTreeSet<(String, String)> =
             grown.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect();
         let mut by_part: BTreeMap<Partition, MergePart> = BTreeMap::new();
+        let mut grown_keys = Vec::with_capacity(grown.len());
         for ((sku, writer), e) in &joined {
             if grown.contains(&(sku.as_str().to_owned(), writer.to_string())) {
+                grown_keys.push((sku.clone(), writer.clone()));
                 let part = by_part
                     .entry(partitions.of(sku))
                     .or_insert_with(|| MergePart { fulfilled: d.fulfilled.clone(), ..MergePart::default() });
@@ -329,7 +361,26 @@ impl SyncPlane {
             changed: grown.len(),
             head: unsigned(new_head, "store_seqs.counter")?,
             parts: by_part.into_keys().collect(),
+            grown: grown_keys,
         })
+    }
+
+    /// Logs `notes` about `store`'s agents for the home partition's decider ([`HOME`]), with
+    /// the store's wake-up.
+    pub async fn note(&mut self, store: &StoreId, notes: Vec<AgentNote>) -> StorageResult<()> {
+        if notes.is_empty() {
+            return Ok(());
+        }
+        let body = postcard::to_stdvec(&MergePart { notes, ..MergePart::default() }).expect("notes serialise");
+        let seq = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
+        let kind = LogKind::Agent.col();
+        let (parts, bodies) = (vec![part_col(HOME)], vec![body]);
+        let tx = self.client.transaction().await?;
+        let log_args: [&(dyn ToSql + Sync); 5] = [&store.as_str(), &seq, &parts, &bodies, &kind];
+        let store_args: [&(dyn ToSql + Sync); 1] = [&store.as_str()];
+        tokio::try_join!(tx.execute(&self.stmts.log, &log_args), tx.execute(&self.stmts.notify, &store_args))?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Stores an agent's journal batch in one transaction (the writer's row, then the store's,

@@ -110,9 +110,6 @@ impl HubSet {
                 ],
             )
             .await;
-            if partitions > 1 {
-                continue;
-            }
             let ad = set.agent_dir(s);
             Proc::run_ok(
                 "shelfsync-agent",
