@@ -235,8 +235,13 @@ impl HubSet {
 
     /// A store agent's own `on_hand` of `sku`.
     pub async fn agent_on_hand(&self, s: usize, sku: &str) -> i64 {
+        self.agent_stock(s, sku).await["on_hand"].as_i64().unwrap_or(i64::MIN)
+    }
+
+    /// A store agent's figures of `sku` (`on_hand`, `held`, `sellable`).
+    pub async fn agent_stock(&self, s: usize, sku: &str) -> Value {
         let r = self.client.get(format!("{}/v1/stock/{sku}", self.agent_url(s))).send().await.unwrap();
-        r.json::<Value>().await.unwrap()["on_hand"].as_i64().unwrap_or(i64::MIN)
+        r.json::<Value>().await.unwrap()
     }
 
     /// Kills every process (the test is over).
@@ -248,4 +253,12 @@ impl HubSet {
             h.kill9().await;
         }
     }
+}
+
+/// The first SKU (`SKU-000`, `SKU-001`, ...) of each of `count` partitions, by partition.
+pub fn one_sku_per_partition(count: u16) -> Vec<String> {
+    let parts = shelfsync_hub_core::Partitions::new(count).expect("a partition count");
+    (0..count)
+        .map(|p| (0..).map(|i| format!("SKU-{i:03}")).find(|s| parts.of(&s.parse().unwrap()) == p).unwrap())
+        .collect()
 }

@@ -896,9 +896,7 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     };
     // One SKU per partition, restocked through the hubs in turn (each request one partition's).
     let parts = Partitions::new(6).unwrap();
-    let skus: Vec<String> = (0..6u16)
-        .map(|p| (0..).map(|i| format!("SKU-{i:03}")).find(|s| parts.of(&s.parse().unwrap()) == p).unwrap())
-        .collect();
+    let skus = shelfsync_tests::hubs::one_sku_per_partition(6);
     for (i, sku) in skus.iter().enumerate() {
         let body = json!({"id": format!("restock-{i}"), "store": "store-0", "lines": [{"sku": sku, "qty": 100_000}]});
         let (s, v) = call(i % 3, Method::POST, "/v1/restocks".into(), admin.clone(), Some(body)).await.unwrap();
@@ -1011,4 +1009,115 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     assert!((answered_n..=answered_n + 9).contains(&held), "held {held} for {answered_n} answered: {v}");
     assert!(held <= store["on_hand"].as_i64().unwrap() as u64, "no unit promised twice: {v}");
     set.shutdown().await;
+}
+
+/// Agents on a partitioned database: each store's agent syncs with whichever hub it reached,
+/// whoever decides for its SKUs. Restocks decided on any hub reach the stores, sales reach
+/// every partition's decider, holds reach the store through the hub it is connected to, and
+/// when that hub dies the agent moves to another and nothing is counted twice or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
+    let env = vec![
+        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
+        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
+    ];
+    let mut set = HubSet::start_with(3, 3, 6, env).await;
+    let skus = shelfsync_tests::hubs::one_sku_per_partition(6);
+    // Two SKUs of different partitions, very likely decided on different hubs.
+    let (a, b) = (skus[1].clone(), skus[4].clone());
+    for s in 0..3 {
+        for (k, sku) in [&a, &b].into_iter().enumerate() {
+            let body = json!({"id": format!("restock-{s}-{k}"), "store": set.stores[s], "lines": [{"sku": sku, "qty": 50}]});
+            let (status, v) = set.call(s, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+            assert_eq!(status, 201, "{v}");
+        }
+    }
+    for s in 0..3 {
+        for sku in [&a, &b] {
+            wait_until("the restocks at every store", DEADLINE, || async {
+                (set.agent_on_hand(s, sku).await == 50).then_some(())
+            })
+            .await;
+        }
+    }
+    // The stores sell; every hub's view of every partition counts each sale once.
+    let mut sold_a = [0i64; 3];
+    for (s, n) in sold_a.iter_mut().enumerate() {
+        assert_eq!(set.sell(s, &a, s as u64 + 1).await, 201);
+        *n += s as i64 + 1;
+        assert_eq!(set.sell(s, &b, 2).await, 201);
+    }
+    let want_a: Vec<i64> = sold_a.iter().map(|n| 50 - n).collect();
+    for hub in 0..3 {
+        wait_until("every hub sees the sales of partition a", DEADLINE, || async {
+            (on_hand_at(&set, hub, &a).await? == want_a).then_some(())
+        })
+        .await;
+        wait_until("every hub sees the sales of partition b", DEADLINE, || async {
+            (on_hand_at(&set, hub, &b).await? == vec![48, 48, 48]).then_some(())
+        })
+        .await;
+    }
+    // A reservation decided by a's partition holds units at stores, whichever hub they reach.
+    let body = json!({"id": "web-1", "lines": [{"sku": a, "qty": 5}], "ttl_secs": 3600});
+    let (status, v) = set.call(2, Method::POST, "/v1/reservations", &set.storefront, Some(body)).await.unwrap();
+    assert_eq!(status, 201, "{v}");
+    wait_until("the holds at the stores", DEADLINE, || async { (held_at_stores(&set, &a).await == 5).then_some(()) }).await;
+
+    // Store 0's agent reached hub 0 first (its bundle's order). Kill that hub; the agent fails
+    // over, keeps its holds, and what it sells meanwhile and after is counted once.
+    set.hubs[0].take().unwrap().kill9().await;
+    assert_eq!(set.sell(0, &a, 2).await, 201, "the store sells while its hub is gone");
+    let mut want_a = want_a;
+    want_a[0] -= 2;
+    for hub in [1, 2] {
+        wait_until("the survivors count the failed-over store's sale", DEADLINE, || async {
+            (on_hand_at(&set, hub, &a).await? == want_a).then_some(())
+        })
+        .await;
+    }
+    let connected_at: i64 = shelfsync_tests::pg::connect(&set.database_url)
+        .await
+        .query_one("SELECT COUNT(*) FROM peers WHERE store = 'store-0'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(connected_at, 1, "one writer of store 0, whichever hub it synced with");
+    assert_eq!(set.sell(0, &a, 1).await, 201);
+    want_a[0] -= 1;
+    wait_until("the sale after the failover", DEADLINE, || async {
+        (on_hand_at(&set, 1, &a).await? == want_a).then_some(())
+    })
+    .await;
+    for s in 0..3 {
+        assert_eq!(set.agent_on_hand(s, &a).await, want_a[s], "store {s}'s own count of {a}");
+        assert_eq!(set.agent_on_hand(s, &b).await, 48, "store {s}'s own count of {b}");
+    }
+    assert_eq!(held_at_stores(&set, &a).await, 5, "the holds stay at the stores");
+    set.shutdown().await;
+}
+
+/// Each store's `on_hand` of `sku` as hub `hub` answers it (None: it did not answer).
+async fn on_hand_at(set: &HubSet, hub: usize, sku: &str) -> Option<Vec<i64>> {
+    let (_, v) = set.call(hub, Method::GET, &format!("/v1/availability/{sku}"), &set.admin, None).await?;
+    let got = set
+        .stores
+        .iter()
+        .map(|id| {
+            v["stores"]
+                .as_array()
+                .and_then(|x| x.iter().find(|st| st["store"] == json!(id)))
+                .map_or(i64::MIN, |st| st["on_hand"].as_i64().unwrap_or(i64::MIN))
+        })
+        .collect();
+    Some(got)
+}
+
+/// Units of `sku` held at the stores whose agents run, as the agents report them.
+async fn held_at_stores(set: &HubSet, sku: &str) -> i64 {
+    let mut held = 0;
+    for s in (0..set.stores.len()).filter(|s| set.agents[*s].is_some()) {
+        held += set.agent_stock(s, sku).await["held"].as_i64().unwrap_or(0);
+    }
+    held
 }
