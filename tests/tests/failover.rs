@@ -866,7 +866,7 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
         ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
         ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
     ];
-    let mut set = HubSet::start_with(3, 1, 6, env).await;
+    let mut set = HubSet::start_with(3, 6, 6, env).await;
     let (url, urls) = (set.database_url.clone(), set.http.clone());
     let (admin, storefront) = (set.admin.clone(), set.storefront.clone());
     let db = shelfsync_tests::pg::connect(&url).await;
@@ -903,6 +903,20 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
         assert_eq!(s, 201, "restock of {sku} through hub {}: {v}", i % 3);
     }
     let hot = skus[0].clone();
+    // The hot SKU is at every store (store 0's was restocked above).
+    const STOCK: i64 = 20_000;
+    for st in 1..6 {
+        let body = json!({"id": format!("hot-{st}"), "store": set.stores[st], "lines": [{"sku": hot, "qty": STOCK}]});
+        let (s, v) = call(st % 3, Method::POST, "/v1/restocks".into(), admin.clone(), Some(body)).await.unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    let start: Vec<i64> = (0..6).map(|st| if st == 0 { 100_000 } else { STOCK }).collect();
+    for st in 0..6 {
+        wait_until("the hot SKU at every store", DEADLINE, || async {
+            (set.agent_on_hand(st, &hot).await == start[st]).then_some(())
+        })
+        .await;
+    }
     let hot_part = parts.of(&hot.parse().unwrap());
     let owner_url: String = db
         .query_one(
@@ -945,11 +959,21 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The stores sell the hot SKU too, before and after the kill.
+    let mut sold = [0i64; 6];
+    for (st, n) in sold.iter_mut().enumerate() {
+        assert_eq!(set.sell(st, &hot, 1).await, 201);
+        *n += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let before_kill = answered.lock().unwrap().len();
     assert!(before_kill > 0, "reservations were answered before the kill");
     set.hubs[victim].take().unwrap().kill9().await;
     let killed_at = Instant::now();
+    for (st, n) in sold.iter_mut().enumerate() {
+        assert_eq!(set.sell(st, &hot, 2).await, 201, "store {st} sells while its hub may be gone");
+        *n += 2;
+    }
     // Another partition keeps answering while the hot one changes hands.
     let other = (victim + 1) % 3;
     let (s, v) =
@@ -1001,13 +1025,28 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     let (s, v) =
         call(survivors[0], Method::GET, format!("/v1/availability/{hot}"), storefront.clone(), None).await.unwrap();
     assert_eq!(s, 200, "{v}");
-    let store = v["stores"].as_array().unwrap().iter().find(|f| f["store"] == "store-0").unwrap().clone();
     // Held counts every answered reservation, and at most one more per client (one it sent
-    // when the burst ended, decided but never answered).
-    let held = store["held"].as_u64().unwrap();
+    // when the burst ended, decided but never answered); no store promised a unit twice.
+    let mut held = 0;
+    for f in v["stores"].as_array().unwrap() {
+        let (h, on_hand) = (f["held"].as_i64().unwrap(), f["on_hand"].as_i64().unwrap());
+        assert!(h <= on_hand, "no unit promised twice: {v}");
+        held += h as u64;
+    }
     let answered_n = answered.len() as u64;
     assert!((answered_n..=answered_n + 9).contains(&held), "held {held} for {answered_n} answered: {v}");
-    assert!(held <= store["on_hand"].as_i64().unwrap() as u64, "no unit promised twice: {v}");
+    // The agents of the dead hub failed over: every sale counted once, at the hub and at the
+    // stores.
+    let want: Vec<i64> = start.iter().zip(sold).map(|(s, n)| s - n).collect();
+    for via in &survivors {
+        wait_until("the stores' counts through every survivor", DEADLINE, || async {
+            (on_hand_at(&set, *via, &hot).await? == want).then_some(())
+        })
+        .await;
+    }
+    for (st, want) in want.iter().enumerate() {
+        assert_eq!(set.agent_on_hand(st, &hot).await, *want, "store {st}'s own count");
+    }
     set.shutdown().await;
 }
 
