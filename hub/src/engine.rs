@@ -164,7 +164,9 @@ fn agent_conflict_resolution(kind: AgentConflictKind) -> String {
             "the store's files run on two machines: the copy is refused while the other is live (it keeps selling \
              offline); switch one off, and its sales arrive under a new writer"
         }
-        AgentConflictKind::StoreRolledBack => "the store's files were put back; its later sales count under a new writer",
+        AgentConflictKind::StoreRolledBack => {
+            "the store's files were put back; its later sales count under a new writer"
+        }
         AgentConflictKind::HubRolledBack => "the hub's files are older than what the store saw",
     }
     .to_owned()

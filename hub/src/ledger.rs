@@ -54,10 +54,8 @@ pub trait AgentLedger: CatalogStore + Send + Sync + 'static {
     /// The holds a store keeps for the online channel.
     fn holds_snapshot(&self, store: StoreId) -> impl Future<Output = StorageResult<HoldsSnapshot>> + Send;
     /// Transfers on their way to `store` (`None`: this ledger does not carry transfers).
-    fn incoming_snapshot(
-        &self,
-        store: StoreId,
-    ) -> impl Future<Output = StorageResult<Option<IncomingSnapshot>>> + Send;
+    fn incoming_snapshot(&self, store: StoreId)
+        -> impl Future<Output = StorageResult<Option<IncomingSnapshot>>> + Send;
     /// The store was seen.
     fn touch_store(&self, store: StoreId, at_ms: i64) -> impl Future<Output = StorageResult<()>> + Send;
     /// Entries of `store` above `after`, tagged.

@@ -35,6 +35,15 @@ use crate::server::HubError;
 /// Marks a hub's answer "I do not hold that partition (any more)": nothing was decided.
 const NOT_HELD: &str = "x-shelfsync-not-held";
 
+/// On a request between hubs: the partition it is for (a part of a gathered answer).
+const PARTITION: &str = "x-shelfsync-partition";
+
+/// Most bytes of one partition's part of a gathered answer.
+const PART_MAX_BYTES: usize = 64 << 20;
+
+/// How often a live feed (`/v1/events`) asks the partitions for new events when it has none.
+const EVENTS_POLL: Duration = Duration::from_millis(200);
+
 /// Connections of this hub's sync plane (merges of the agents connected here, their reads).
 const PLANE_CONNECTIONS: usize = 4;
 
@@ -75,6 +84,7 @@ pub struct PartitionedNode {
     held: HeldMap,
     endpoint: quinn::Endpoint,
     shutdown: Option<oneshot::Sender<()>>,
+    stopping: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -88,6 +98,7 @@ impl PartitionedNode {
     /// Stops deciding and gives every lease up, so other hubs take the partitions at once.
     pub async fn stop(mut self) {
         self.endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
+        self.stopping.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -178,14 +189,14 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     tasks.push(tokio::spawn(follow_leases(events, keeper.clone(), held.clone(), deciders)));
     // Agents: merged into the database here, whoever decides for their SKUs.
     let (sql, _) = crate::server::storage_options(&config);
-    let plane = Arc::new(
-        crate::plane::Plane::open(&crate::db::Target::Postgres(url.clone()), sql, PLANE_CONNECTIONS).await?,
-    );
+    let plane =
+        Arc::new(crate::plane::Plane::open(&crate::db::Target::Postgres(url.clone()), sql, PLANE_CONNECTIONS).await?);
     let catalog = crate::catalog::HubCatalog::load(plane.as_ref()).await?;
     let agents = crate::state::Hub::with_ledger(plane, catalog, crate::metrics::Metrics::default());
     let pki = Arc::new(pki);
     tasks.extend(crate::server::serve_agents(&config, &agents, &pki, &endpoint).await?);
     tasks.push(tokio::spawn(crate::plane::follow_heads(agents, heads_rx, HEADS_POLL)));
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let front = Front {
         hub_id: hub_id.clone(),
         partitions,
@@ -195,6 +206,8 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         peers: crate::internal::client(&creds).map_err(HubError::Pki)?,
         lease,
         max_body_bytes: config.http.max_body_bytes,
+        streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
+        stopping: stopping_rx,
     };
     let internal_tls = creds.server_config().map_err(|e| HubError::Pki(e.to_string()))?;
     let internal_app = axum::Router::new().fallback(internal_door).with_state(front.clone());
@@ -219,6 +232,7 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         held,
         endpoint,
         shutdown: Some(shutdown_tx),
+        stopping: stopping_tx,
         http,
         tasks,
     })
@@ -309,6 +323,10 @@ struct Front {
     peers: reqwest::Client,
     lease: Duration,
     max_body_bytes: usize,
+    /// Slots for live feeds (`/v1/events`).
+    streams: Arc<tokio::sync::Semaphore>,
+    /// Set when the hub stops: live feeds end.
+    stopping: watch::Receiver<bool>,
 }
 
 /// Where a request goes.
@@ -316,6 +334,10 @@ struct Front {
 enum Route {
     /// To this partition's decider.
     Partition(Partition),
+    /// `GET /v1/changes`: every partition's page, merged.
+    Changes,
+    /// `GET /v1/events`: every partition's feed, merged, live.
+    Events,
     /// Not served on a partitioned database yet (why).
     NotBuilt(String),
 }
@@ -373,6 +395,8 @@ async fn route(front: &Front, method: &axum::http::Method, path: &str, body: &[u
                 Err(e) => Route::NotBuilt(format!("cannot find the reservation's partition: {e}")),
             }
         }
+        (&Method::GET, ["v1", "changes"]) => Route::Changes,
+        (&Method::GET, ["v1", "events"]) => Route::Events,
         _ => Route::NotBuilt(format!("{method} {path} over every partition")),
     }
 }
@@ -436,10 +460,33 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
         Ok(b) => b,
         Err(e) => return error(axum::http::StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string(), "1"),
     };
-    let partition = match route(&front, &parts.method, parts.uri.path(), &body).await {
-        Route::Partition(p) => p,
-        Route::NotBuilt(why) => return not_built(why),
+    // A front's request for one partition's part of a gathered answer (only hubs reach the
+    // internal door).
+    let pinned = (!may_forward)
+        .then(|| parts.headers.get(PARTITION)?.to_str().ok()?.parse::<Partition>().ok())
+        .flatten()
+        .filter(|p| *p < front.partitions.count());
+    let partition = match pinned {
+        Some(p) => p,
+        None => match route(&front, &parts.method, parts.uri.path(), &body).await {
+            Route::Partition(p) => p,
+            Route::Changes => return changes(&front, &parts).await.unwrap_or_else(|r| r),
+            Route::Events => return events(front, parts).await.unwrap_or_else(|r| r),
+            Route::NotBuilt(why) => return not_built(why),
+        },
     };
+    to_partition(&front, partition, parts, body, may_forward).await
+}
+
+/// Serves a request on `partition`'s decider: here when this hub holds it, else forwarded to
+/// the hub that does (waiting out a hand-over, at most a lease and a second).
+async fn to_partition(
+    front: &Front,
+    partition: Partition,
+    parts: axum::http::request::Parts,
+    body: axum::body::Bytes,
+    may_forward: bool,
+) -> axum::response::Response {
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
     let deadline = tokio::time::Instant::now() + front.lease + Duration::from_secs(1);
     let unavailable = |m: String| error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no_active_hub", m, "1");
@@ -483,10 +530,11 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
         };
         let mut out = front.peers.request(parts.method.clone(), format!("https://{addr}{path}"));
         for (name, value) in parts.headers.iter() {
-            if !crate::server::hop_by_hop(name) {
+            if !crate::server::hop_by_hop(name) && name != PARTITION {
                 out = out.header(name, value);
             }
         }
+        out = out.header(PARTITION, partition.to_string());
         match out.body(body.clone()).send().await {
             // It handed the partition over (or lost it) meanwhile, deciding nothing: ask again.
             Ok(resp) if resp.headers().contains_key(NOT_HELD) && !late => {
@@ -508,4 +556,226 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Err(e) => return unavailable(format!("the hub deciding partition {partition} did not answer: {e}")),
         }
     }
+}
+
+/// One partition's feed event, as its API returned it, for [`shelfsync_hub_core::merge_feeds`].
+struct PartEvent {
+    cursor: u64,
+    at_ms: i64,
+    item: serde_json::Value,
+}
+
+impl shelfsync_hub_core::Positioned for PartEvent {
+    fn cursor(&self) -> u64 {
+        self.cursor
+    }
+    fn at_ms(&self) -> i64 {
+        self.at_ms
+    }
+}
+
+/// A `GET` of `path` for one partition, with the caller's headers (its token above all).
+fn sub_request(parts: &axum::http::request::Parts, path: &str) -> axum::http::request::Parts {
+    let mut b = axum::http::Request::builder().method(axum::http::Method::GET).uri(path);
+    for (name, value) in parts.headers.iter() {
+        let skip = crate::server::hop_by_hop(name)
+            || name == axum::http::header::CONTENT_LENGTH
+            || name == axum::http::header::CONTENT_TYPE
+            || name.as_str() == "last-event-id"
+            || name == PARTITION;
+        if !skip {
+            b = b.header(name, value);
+        }
+    }
+    b.body(()).expect("a request of valid parts").into_parts().0
+}
+
+/// Partition `p`'s answer to `path` as JSON, or its answer as is when that is not a 200.
+async fn part_json(
+    front: &Front,
+    p: Partition,
+    parts: &axum::http::request::Parts,
+    path: &str,
+) -> Result<serde_json::Value, axum::response::Response> {
+    let resp = to_partition(front, p, sub_request(parts, path), axum::body::Bytes::new(), true).await;
+    if resp.status() != axum::http::StatusCode::OK {
+        return Err(resp);
+    }
+    let bytes = axum::body::to_bytes(resp.into_body(), PART_MAX_BYTES).await.map_err(|e| {
+        error(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "no_active_hub",
+            format!("partition {p}'s answer broke off: {e}"),
+            "1",
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!("partition {p} answered something that is not JSON: {e}"),
+            "1",
+        )
+    })
+}
+
+/// Every partition's feed after `from`, at most `limit` each, merged: (events each with the
+/// position after it, whether that is everything committed).
+async fn gather_feed(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+    from: &shelfsync_hub_core::FeedPosition,
+    limit: usize,
+) -> Result<(Vec<(serde_json::Value, shelfsync_hub_core::FeedPosition)>, bool), axum::response::Response> {
+    let pages = futures_util::future::join_all(front.partitions.all().map(|p| async move {
+        (p, part_json(front, p, parts, &format!("/v1/changes?after={}&limit={limit}", from.get(p))).await)
+    }))
+    .await;
+    let (mut events, mut complete, mut total) = (Vec::with_capacity(pages.len()), true, 0);
+    for (p, page) in pages {
+        let page = page?;
+        complete &= page["next"].is_null();
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        total += items.len();
+        let mut part = Vec::with_capacity(items.len());
+        for mut item in items {
+            let cursor = item["cursor"].as_u64().unwrap_or(0);
+            let at_ms = item["at"].as_str().and_then(|a| shelfsync_shared::fmt::parse_rfc3339(a).ok()).unwrap_or(0);
+            item["partition"] = serde_json::json!(p);
+            item["partition_cursor"] = serde_json::json!(cursor);
+            part.push(PartEvent { cursor, at_ms, item });
+        }
+        events.push(part);
+    }
+    let merged = shelfsync_hub_core::merge_feeds(from, events, limit);
+    let caught_up = complete && merged.len() == total;
+    let out = merged
+        .into_iter()
+        .map(|(mut e, pos)| {
+            e.item["cursor"] = serde_json::json!(pos.encode());
+            (e.item, pos)
+        })
+        .collect();
+    Ok((out, caught_up))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The position a client gave as `what`.
+fn position(front: &Front, what: &str, s: &str) -> Result<shelfsync_hub_core::FeedPosition, axum::response::Response> {
+    use axum::response::IntoResponse;
+    shelfsync_hub_core::FeedPosition::parse(s, front.partitions).map_err(|m| {
+        shelfsync_node::http::ApiError::invalid(format!("{what}: {m}")).with("parameter", what).into_response()
+    })
+}
+
+/// `GET /v1/changes` over every partition: each partition's page after the client's position,
+/// merged by decision time (each partition in its own order); cursors are positions over
+/// every partition, opaque, good on any hub.
+async fn changes(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+) -> Result<axum::response::Response, axum::response::Response> {
+    use axum::response::IntoResponse;
+    let invalid = |m: String, what: &str| {
+        shelfsync_node::http::ApiError::invalid(m).with("parameter", what.to_owned()).into_response()
+    };
+    let axum::extract::Query(q) = axum::extract::Query::<ChangesQuery>::try_from_uri(&parts.uri)
+        .map_err(|e| invalid(format!("the query: {}", e.body_text()), "query"))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=crate::api::CHANGES_PAGE_MAX).contains(&limit) {
+        return Err(invalid(format!("limit must be 1 to {}; got {limit}", crate::api::CHANGES_PAGE_MAX), "limit"));
+    }
+    let from = match q.after.as_deref() {
+        None => shelfsync_hub_core::FeedPosition::start(front.partitions),
+        Some(a) => position(front, "after", a)?,
+    };
+    let (items, caught_up) = gather_feed(front, parts, &from, limit).await?;
+    let cursor = items.last().map_or_else(|| from.encode(), |(_, pos)| pos.encode());
+    let next = (!caught_up).then(|| cursor.clone());
+    let items: Vec<serde_json::Value> = items.into_iter().map(|(i, _)| i).collect();
+    Ok(axum::Json(serde_json::json!({ "items": items, "next": next, "cursor": cursor })).into_response())
+}
+
+/// Every partition's newest feed cursor (what "from now" starts after).
+async fn feed_heads(front: &Front) -> Result<shelfsync_hub_core::FeedPosition, axum::response::Response> {
+    let rows =
+        front.db.query("SELECT partition, MAX(cursor) FROM feed GROUP BY partition", &[]).await.map_err(|e| {
+            error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the feed: {e}"), "1")
+        })?;
+    let mut pos = shelfsync_hub_core::FeedPosition::start(front.partitions);
+    for r in rows {
+        if let (Ok(p), Some(c)) = (Partition::try_from(r.get::<_, i16>(0)), r.get::<_, Option<i64>>(1)) {
+            pos.advance(p, c.max(0) as u64);
+        }
+    }
+    Ok(pos)
+}
+
+/// `GET /v1/events` over every partition: Server-Sent Events whose ids are positions over
+/// every partition (`Last-Event-ID` resumes on any hub, nothing missed or repeated). The
+/// partitions are asked for new events every [`EVENTS_POLL`] while there are none; the
+/// caller's token goes with every ask, so a revoked token ends the stream.
+async fn events(
+    front: Front,
+    parts: axum::http::request::Parts,
+) -> Result<axum::response::Response, axum::response::Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use axum::response::IntoResponse;
+    let permit = front.streams.clone().try_acquire_owned().map_err(|_| {
+        shelfsync_node::http::ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            "too many open event streams; use GET /v1/changes or retry later",
+        )
+        .into_response()
+    })?;
+    let axum::extract::Query(q) = axum::extract::Query::<ChangesQuery>::try_from_uri(&parts.uri).map_err(|e| {
+        shelfsync_node::http::ApiError::invalid(format!("the query: {}", e.body_text())).into_response()
+    })?;
+    let start = match (parts.headers.get("last-event-id"), q.after) {
+        (Some(v), _) => position(&front, "Last-Event-ID", v.to_str().unwrap_or("?"))?,
+        (None, Some(a)) => position(&front, "after", &a)?,
+        (None, None) => feed_heads(&front).await?,
+    };
+    // The first page before answering: a bad token is a 401, not an empty stream.
+    let (first, _) = gather_feed(&front, &parts, &start, crate::api::CHANGES_PAGE_MAX).await?;
+    let buf: std::collections::VecDeque<_> = first.into();
+    let stopping = front.stopping.clone();
+    let stream = futures_util::stream::unfold((start, buf, front, parts, permit), move |state| {
+        let mut stopping = stopping.clone();
+        async move {
+            let (mut pos, mut buf, front, parts, permit) = state;
+            loop {
+                if let Some((item, at)) = buf.pop_front() {
+                    pos = at;
+                    let kind = item["kind"].as_str().unwrap_or("change").to_owned();
+                    let e = Event::default().id(pos.encode()).event(kind).data(item.to_string());
+                    return Some((Ok::<_, std::convert::Infallible>(e), (pos, buf, front, parts, permit)));
+                }
+                if *stopping.borrow() {
+                    return None;
+                }
+                match gather_feed(&front, &parts, &pos, crate::api::CHANGES_PAGE_MAX).await {
+                    Ok((items, _)) if !items.is_empty() => buf.extend(items),
+                    Ok(_) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(EVENTS_POLL) => {}
+                            _ = stopping.changed() => return None,
+                        }
+                    }
+                    Err(resp) => {
+                        tracing::info!(status = %resp.status(), "closing an event stream: a partition refused it");
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }

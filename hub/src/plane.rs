@@ -94,10 +94,7 @@ impl Plane {
         let mut conn = self.conn(store).lock().await;
         let known = conn
             .client()
-            .query_one(
-                "SELECT count(*) FROM decisions WHERE kind = 'conflict' AND key = ANY($1)",
-                &[&ids],
-            )
+            .query_one("SELECT count(*) FROM decisions WHERE kind = 'conflict' AND key = ANY($1)", &[&ids])
             .await?
             .get::<_, i64>(0);
         conn.note(store, notes).await?;
@@ -148,7 +145,11 @@ impl AgentLedger for Plane {
         }))
     }
 
-    fn check_cert(&self, store: StoreId, serial: String) -> impl std::future::Future<Output = StorageResult<()>> + Send {
+    fn check_cert(
+        &self,
+        store: StoreId,
+        serial: String,
+    ) -> impl std::future::Future<Output = StorageResult<()>> + Send {
         self.db.check_cert(store, serial)
     }
 
@@ -356,10 +357,8 @@ pub async fn follow_heads(hub: Arc<Hub<Plane>>, mut notices: mpsc::Receiver<Noti
         };
         for r in rows {
             let Ok(store) = r.get::<_, String>(0).parse::<StoreId>() else { continue };
-            let heads = HubHeads {
-                counter: r.get::<_, i64>(1).max(0) as u64,
-                journal: r.get::<_, i64>(2).max(0) as u64,
-            };
+            let heads =
+                HubHeads { counter: r.get::<_, i64>(1).max(0) as u64, journal: r.get::<_, i64>(2).max(0) as u64 };
             hub.notify(std::slice::from_ref(&store), heads);
             let holds: i64 = r.get(3);
             if holds_seen.insert(store.clone(), holds) != Some(holds) {

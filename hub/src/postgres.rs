@@ -1013,7 +1013,10 @@ async fn journal_head(c: &impl tokio_postgres::GenericClient) -> StorageResult<u
 }
 
 /// `partition`'s hub writer (`meta.writer`, `meta.writer:p`).
-pub(crate) async fn partition_writer(c: &impl tokio_postgres::GenericClient, partition: Partition) -> StorageResult<WriterId> {
+pub(crate) async fn partition_writer(
+    c: &impl tokio_postgres::GenericClient,
+    partition: Partition,
+) -> StorageResult<WriterId> {
     let key = meta_key("writer", partition);
     meta_get(c, &key)
         .await?

@@ -52,7 +52,12 @@ pub async fn serve<L: AgentLedger>(
 
 /// Periodically closes connections of revoked stores and refreshes the endpoint's CRL, so a
 /// `store revoke` made by the CLI (another process) takes effect on a running hub.
-pub async fn watch_revocations<L: AgentLedger>(hub: Arc<Hub<L>>, endpoint: quinn::Endpoint, pki: Arc<Pki>, every: Duration) {
+pub async fn watch_revocations<L: AgentLedger>(
+    hub: Arc<Hub<L>>,
+    endpoint: quinn::Endpoint,
+    pki: Arc<Pki>,
+    every: Duration,
+) {
     let mut known = hub.storage.revoked_serials().await.map(|r| r.len()).unwrap_or(0);
     let mut tick = tokio::time::interval(every);
     loop {
@@ -94,7 +99,12 @@ fn refusal_code(e: &StorageError) -> u32 {
     }
 }
 
-async fn handle<L: AgentLedger>(hub: Arc<Hub<L>>, incoming: quinn::Incoming, sync: SyncConfig, probe_timeout: Duration) {
+async fn handle<L: AgentLedger>(
+    hub: Arc<Hub<L>>,
+    incoming: quinn::Incoming,
+    sync: SyncConfig,
+    probe_timeout: Duration,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,

@@ -1066,7 +1066,8 @@ async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
     let (a, b) = (skus[1].clone(), skus[4].clone());
     for s in 0..3 {
         for (k, sku) in [&a, &b].into_iter().enumerate() {
-            let body = json!({"id": format!("restock-{s}-{k}"), "store": set.stores[s], "lines": [{"sku": sku, "qty": 50}]});
+            let body =
+                json!({"id": format!("restock-{s}-{k}"), "store": set.stores[s], "lines": [{"sku": sku, "qty": 50}]});
             let (status, v) = set.call(s, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
             assert_eq!(status, 201, "{v}");
         }
@@ -1101,7 +1102,8 @@ async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
     let body = json!({"id": "web-1", "lines": [{"sku": a, "qty": 5}], "ttl_secs": 3600});
     let (status, v) = set.call(2, Method::POST, "/v1/reservations", &set.storefront, Some(body)).await.unwrap();
     assert_eq!(status, 201, "{v}");
-    wait_until("the holds at the stores", DEADLINE, || async { (held_at_stores(&set, &a).await == 5).then_some(()) }).await;
+    wait_until("the holds at the stores", DEADLINE, || async { (held_at_stores(&set, &a).await == 5).then_some(()) })
+        .await;
 
     // Store 0's agent reached hub 0 first (its bundle's order). Kill that hub; the agent fails
     // over, keeps its holds, and what it sells meanwhile and after is counted once.
@@ -1159,4 +1161,99 @@ async fn held_at_stores(set: &HubSet, sku: &str) -> i64 {
         held += set.agent_stock(s, sku).await["held"].as_i64().unwrap_or(0);
     }
     held
+}
+
+/// The change feed of a partitioned database, read on one hub while other hubs decide: an SSE
+/// client gets every partition's events once, each partition in its own order, and its event
+/// ids are positions over every partition that `/v1/changes` on any other hub resumes from
+/// with nothing missed or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_feed_reaches_a_client_of_any_hub_once_in_each_partitions_order() {
+    let mut set = HubSet::start_with(3, 1, 6, Vec::new()).await;
+    let skus = shelfsync_tests::hubs::one_sku_per_partition(6);
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/events?after=0", set.http[0]))
+        .bearer_auth(&set.storefront)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Restocks of every partition's SKU, through the other hubs.
+    for round in 0..3 {
+        for (i, sku) in skus.iter().enumerate() {
+            let via = 1 + (i + round) % 2;
+            let body = json!({"id": format!("r-{round}-{i}"), "store": "store-0", "lines": [{"sku": sku, "qty": 1}]});
+            let (s, v) = set.call(via, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+            assert_eq!(s, 201, "{v}");
+        }
+    }
+    // What was decided, read page by page through hub 2 (small pages: the cursor resumes).
+    let key = |e: &Value| (e["partition"].as_u64().unwrap(), e["partition_cursor"].as_u64().unwrap());
+    let read_all = |after: String, via: usize| {
+        let set = &set;
+        async move {
+            let (mut after, mut all) = (after, Vec::new());
+            loop {
+                let (s, page) = set
+                    .call(via, Method::GET, &format!("/v1/changes?after={after}&limit=7"), &set.admin, None)
+                    .await
+                    .unwrap();
+                assert_eq!(s, 200, "{page}");
+                all.extend(page["items"].as_array().unwrap().iter().cloned());
+                after = page["cursor"].as_str().unwrap().to_owned();
+                if page["next"].is_null() {
+                    return (all, after);
+                }
+            }
+        }
+    };
+    let want = wait_until("every restock on the feed", DEADLINE, || async {
+        let (all, _) = read_all("0".into(), 2).await;
+        let restocked = all.iter().filter(|e| e["kind"] == json!("availability_changed")).count();
+        (restocked >= 18).then_some(all)
+    })
+    .await;
+    let want_keys: Vec<(u64, u64)> = want.iter().map(key).collect();
+    let distinct: BTreeSet<(u64, u64)> = want_keys.iter().copied().collect();
+    assert_eq!(distinct.len(), want_keys.len(), "no event twice across pages");
+    assert_eq!(want_keys.iter().map(|k| k.0).collect::<BTreeSet<_>>().len(), 6, "every partition's events");
+
+    let mut text = String::new();
+    let mut got: Vec<(u64, u64)> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while got.len() < want_keys.len() {
+            let chunk = resp.chunk().await.expect("stream chunk").expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                let id = event.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
+                let data = event.lines().find_map(|l| l.strip_prefix("data:")).map(|s| s.trim().to_owned());
+                if let (Some(id), Some(data)) = (id, data) {
+                    let v: Value = serde_json::from_str(&data).unwrap();
+                    assert_eq!(v["cursor"], json!(id), "an event's id is its cursor");
+                    got.push(key(&v));
+                    ids.push(id);
+                }
+            }
+        }
+    })
+    .await
+    .expect("every event within the deadline");
+    assert_eq!(got.iter().copied().collect::<BTreeSet<_>>(), distinct, "each event once");
+    assert_eq!(got.len(), want_keys.len(), "each event once");
+    for p in 0..6u64 {
+        let order: Vec<u64> = got.iter().filter(|k| k.0 == p).map(|k| k.1).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "partition {p} in its order: {order:?}");
+    }
+    // An id from the stream on hub 0 resumes on hub 1: exactly what came after it.
+    let (rest, _) = read_all(ids[4].clone(), 1).await;
+    let rest: BTreeSet<(u64, u64)> = rest.iter().map(key).collect();
+    assert_eq!(rest, got[5..].iter().copied().collect::<BTreeSet<_>>(), "resumed with nothing missed or repeated");
+    // A cursor that is not one a hub gave out is refused, naming the parameter.
+    let (s, v) = set.call(1, Method::GET, "/v1/changes?after=p1.zz", &set.admin, None).await.unwrap();
+    assert_eq!((s, v["error"].clone(), v["parameter"].clone()), (422, json!("invalid_request"), json!("after")), "{v}");
+    drop(resp);
+    set.hubs[0].take().unwrap().kill9().await;
+    set.shutdown().await;
 }

@@ -100,28 +100,45 @@ impl FeedPosition {
     }
 }
 
+/// A feed event as [`merge_feeds`] orders it.
+pub trait Positioned {
+    /// Its partition's cursor.
+    fn cursor(&self) -> u64;
+    /// When it was decided.
+    fn at_ms(&self) -> i64;
+}
+
+impl Positioned for FeedEvent {
+    fn cursor(&self) -> u64 {
+        self.cursor
+    }
+    fn at_ms(&self) -> i64 {
+        self.at_ms
+    }
+}
+
 /// Merges the partitions' next events into one stream from `from`: `pages[p]` holds partition
 /// `p`'s events after `from.get(p)`, ascending. Events come out by decision time (ties by
 /// partition), each partition in its own order, at most `limit`, each with the position just
 /// after it (what a client resumes from). Events at or before `from` are skipped.
-pub fn merge_feeds(from: &FeedPosition, pages: Vec<Vec<FeedEvent>>, limit: usize) -> Vec<(FeedEvent, FeedPosition)> {
+pub fn merge_feeds<E: Positioned>(from: &FeedPosition, pages: Vec<Vec<E>>, limit: usize) -> Vec<(E, FeedPosition)> {
     let mut pos = from.clone();
-    let mut heads: Vec<std::iter::Peekable<std::vec::IntoIter<FeedEvent>>> =
+    let mut heads: Vec<std::iter::Peekable<std::vec::IntoIter<E>>> =
         pages.into_iter().map(|p| p.into_iter().peekable()).collect();
     let mut out = Vec::new();
     while out.len() < limit {
         // Skip what the client has seen.
         for (p, h) in heads.iter_mut().enumerate() {
             let p = Partition::try_from(p).expect("at most Partitions::MAX");
-            while h.peek().is_some_and(|e| e.cursor <= pos.get(p)) {
+            while h.peek().is_some_and(|e| e.cursor() <= pos.get(p)) {
                 h.next();
             }
         }
         let next =
-            heads.iter_mut().enumerate().filter_map(|(p, h)| h.peek().map(|e| (e.at_ms, p))).min().map(|(_, p)| p);
+            heads.iter_mut().enumerate().filter_map(|(p, h)| h.peek().map(|e| (e.at_ms(), p))).min().map(|(_, p)| p);
         let Some(p) = next else { break };
         let event = heads[p].next().expect("peeked");
-        pos.advance(Partition::try_from(p).expect("at most Partitions::MAX"), event.cursor);
+        pos.advance(Partition::try_from(p).expect("at most Partitions::MAX"), event.cursor());
         out.push((event, pos.clone()));
     }
     out

@@ -72,7 +72,7 @@ pub use command::{
     ReservationRequest, RestockEntry, Written, CUSTOMER_MAX_LEN, RESTOCK_BATCH_MAX, TTL_SECS_MAX,
 };
 pub use conflicts::ConflictFilter;
-pub use cursor::{merge_feeds, FeedPosition, CURSOR_MAX};
+pub use cursor::{merge_feeds, FeedPosition, Positioned, CURSOR_MAX};
 pub use feed::{FeedData, FeedEvent, FeedKind, FeedRead};
 pub use ids::mint as mint_id;
 pub use lifecycle::ReservationFilter;
