@@ -124,6 +124,8 @@ const MIGRATIONS: &[&str] = &[
         partition SMALLINT NOT NULL, store TEXT NOT NULL, holds_version BIGINT NOT NULL,
         PRIMARY KEY (partition, store));
     INSERT INTO store_parts (partition, store, holds_version) SELECT 0, id, holds_version FROM stores;",
+    // 7: how partitioned hubs split reservations over partitions.
+    crate::partitioned::SPLIT_MIGRATION,
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or

@@ -1257,3 +1257,77 @@ async fn a_partitioned_feed_reaches_a_client_of_any_hub_once_in_each_partitions_
     set.hubs[0].take().unwrap().kill9().await;
     set.shutdown().await;
 }
+
+/// Requests over SKUs of several partitions, on two hubs: a restock and a cart of several SKUs
+/// are split into one part per partition and answered as one; a cart one part of which cannot
+/// be held holds nothing; the parts are found, committed and read through any hub by the
+/// request's key or id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_over_several_partitions_are_split_and_answered_as_one() {
+    let set = HubSet::start_with(2, 1, 6, Vec::new()).await;
+    let skus = shelfsync_tests::hubs::one_sku_per_partition(6);
+    let lines: Vec<Value> = skus.iter().rev().map(|s| json!({"sku": s, "qty": 10})).collect();
+    let body = json!({"id": "delivery-1", "store": "store-0", "lines": lines});
+    let (s, first) = set.call(0, Method::POST, "/v1/restocks", &set.admin, Some(body.clone())).await.unwrap();
+    assert_eq!(s, 201, "{first}");
+    let answered: Vec<&str> = first["lines"].as_array().unwrap().iter().map(|l| l["sku"].as_str().unwrap()).collect();
+    let asked: Vec<&str> = skus.iter().rev().map(String::as_str).collect();
+    assert_eq!(answered, asked, "the lines in the request's order: {first}");
+    assert_eq!(first["parts"].as_array().unwrap().len(), 6, "{first}");
+    // A retry, through the other hub, replays every part.
+    let (s, again) = set.call(1, Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+    assert_eq!((s, &again["lines"], &again["id"]), (200, &first["lines"], &first["id"]), "{again}");
+
+    // Availability of every SKU at once, through either hub, in the order asked.
+    let query: Vec<String> = skus.iter().map(|s| format!("sku={s}")).collect();
+    let (s, v) = set
+        .call(1, Method::GET, &format!("/v1/availability?{}", query.join("&")), &set.storefront, None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let got: Vec<(String, i64)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["sku"].as_str().unwrap().to_owned(), i["on_hand"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, skus.iter().map(|s| (s.clone(), 10)).collect::<Vec<_>>(), "{v}");
+
+    // A cart of two partitions' SKUs.
+    let cart =
+        json!({"id": "cart-1", "lines": [{"sku": skus[0], "qty": 3}, {"sku": skus[3], "qty": 2}], "ttl_secs": 600});
+    let (s, r) = set.call(1, Method::POST, "/v1/reservations", &set.storefront, Some(cart)).await.unwrap();
+    assert_eq!((s, r["status"].clone(), r["key"].clone()), (201, json!("held"), json!("cart-1")), "{r}");
+    assert_eq!(r["parts"].as_array().unwrap().len(), 2, "{r}");
+    let held: i64 = r["allocations"].as_array().unwrap().iter().map(|a| a["qty"].as_i64().unwrap()).sum();
+    assert_eq!(held, 5, "{r}");
+    for path in ["/v1/reservations/cart-1".to_owned(), format!("/v1/reservations/{}", r["id"].as_str().unwrap())] {
+        let (s, v) = set.call(0, Method::GET, &path, &set.storefront, None).await.unwrap();
+        assert_eq!((s, &v["id"], &v["status"]), (200, &r["id"], &json!("held")), "{path}: {v}");
+    }
+    let held_of = |sku: String| {
+        let set = &set;
+        async move {
+            let (_, v) =
+                set.call(0, Method::GET, &format!("/v1/availability/{sku}"), &set.storefront, None).await.unwrap();
+            v["held"].as_i64().unwrap()
+        }
+    };
+    assert_eq!((held_of(skus[0].clone()).await, held_of(skus[3].clone()).await), (3, 2));
+
+    // A cart one part of which cannot be held holds nothing.
+    let short = json!({"id": "cart-2", "lines": [{"sku": skus[1], "qty": 1}, {"sku": skus[2], "qty": 1000}]});
+    let (s, v) = set.call(0, Method::POST, "/v1/reservations", &set.storefront, Some(short)).await.unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(held_of(skus[1].clone()).await, 0, "the part held before the refusal was released");
+
+    // Committed through the other hub: every part.
+    let (s, v) = set.call(0, Method::POST, "/v1/reservations/cart-1/commit", &set.storefront, None).await.unwrap();
+    assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{v}");
+    let statuses: Vec<&Value> = v["parts"].as_array().unwrap().iter().map(|p| &p["status"]).collect();
+    assert_eq!(statuses, [&json!("committed"), &json!("committed")], "{v}");
+    // What every partition answers alike is answered by any hub.
+    let (s, v) = set.call(1, Method::GET, "/v1/tokens", &set.admin, None).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    set.shutdown().await;
+}

@@ -32,6 +32,10 @@ use crate::engine::Engine;
 use crate::pki::Pki;
 use crate::server::HubError;
 
+mod split;
+
+pub use split::MIGRATION as SPLIT_MIGRATION;
+
 /// Marks a hub's answer "I do not hold that partition (any more)": nothing was decided.
 const NOT_HELD: &str = "x-shelfsync-not-held";
 
@@ -338,27 +342,39 @@ enum Route {
     Changes,
     /// `GET /v1/events`: every partition's feed, merged, live.
     Events,
+    /// `POST /v1/restocks` of lines of several partitions.
+    SplitRestock,
+    /// `POST /v1/reservations` of lines of several partitions.
+    SplitReservation,
+    /// A split reservation's own route: its parts (partition, part key).
+    ReservationParts(String, Vec<(Partition, String)>),
+    /// `GET /v1/availability?sku=…`: each partition asked for its SKUs.
+    AvailabilityBatch,
+    /// What every partition answers alike (tokens, stores, the API's description): one held
+    /// here if any.
+    Any,
     /// Not served on a partitioned database yet (why).
     NotBuilt(String),
 }
 
-/// The partition of a set of SKUs, if they share one.
-fn one_partition<'a>(parts: shelfsync_hub_core::Partitions, skus: impl IntoIterator<Item = &'a str>) -> Route {
+/// The partition of a set of SKUs, if they share one (`None`: several).
+fn one_partition<'a>(
+    parts: shelfsync_hub_core::Partitions,
+    skus: impl IntoIterator<Item = &'a str>,
+) -> Option<Partition> {
     let mut seen: Option<Partition> = None;
     for s in skus {
         let Ok(sku) = s.parse::<shelfsync_shared::Sku>() else {
             // The partition's API says what is wrong with it.
-            return Route::Partition(seen.unwrap_or(0));
+            return Some(seen.unwrap_or(0));
         };
         let p = parts.of(&sku);
         if seen.is_some_and(|q| q != p) {
-            return Route::NotBuilt(
-                "lines of SKUs of several partitions (split them into one request per partition for now)".into(),
-            );
+            return None;
         }
         seen = Some(p);
     }
-    Route::Partition(seen.unwrap_or(0))
+    Some(seen.unwrap_or(0))
 }
 
 /// Which partition decides a request (`body`: its JSON, for the lines).
@@ -374,27 +390,38 @@ async fn route(front: &Front, method: &axum::http::Method, path: &str, body: &[u
     };
     match (method, segs.as_slice()) {
         (&Method::GET, ["v1", "availability", sku]) | (_, ["v1", "catalog", sku]) => {
-            one_partition(front.partitions, [*sku])
+            Route::Partition(one_partition(front.partitions, [*sku]).unwrap_or(0))
         }
-        (&Method::POST, ["v1", "reservations"]) | (&Method::POST, ["v1", "restocks"]) => {
+        (&Method::GET, ["v1", "availability"]) => Route::AvailabilityBatch,
+        (&Method::POST, ["v1", "reservations"]) => {
             let skus = lines();
             one_partition(front.partitions, skus.iter().map(String::as_str))
+                .map_or(Route::SplitReservation, Route::Partition)
+        }
+        (&Method::POST, ["v1", "restocks"]) => {
+            let skus = lines();
+            one_partition(front.partitions, skus.iter().map(String::as_str))
+                .map_or(Route::SplitRestock, Route::Partition)
         }
         (_, ["v1", "reservations", id, ..]) => {
+            // By its UUID, which the id names (a UUID, or the key it was made with).
+            let uuid = shelfsync_shared::key::IdempotencyKey::parse(id).map(|k| k.id().to_string()).unwrap_or_default();
             let row = front
                 .db
-                .query_opt(
-                    "SELECT partition FROM decisions WHERE kind = 'reservation' AND key = $1 LIMIT 1",
-                    &[&id.to_string()],
-                )
+                .query_opt("SELECT partition FROM decisions WHERE kind = 'reservation' AND key = $1 LIMIT 1", &[&uuid])
                 .await;
             match row {
                 Ok(Some(r)) => Route::Partition(Partition::try_from(r.get::<_, i16>(0)).unwrap_or(0)),
-                // Unknown (or malformed): partition 0's API answers 404 (or 400).
-                Ok(None) => Route::Partition(0),
+                Ok(None) => match split::reservation_parts(front, id).await {
+                    Ok(parts) if !parts.is_empty() => Route::ReservationParts(id.to_string(), parts),
+                    // Unknown (or malformed): partition 0's API answers 404 (or 422).
+                    Ok(_) => Route::Partition(0),
+                    Err(e) => Route::NotBuilt(format!("cannot find the reservation's parts: {e}")),
+                },
                 Err(e) => Route::NotBuilt(format!("cannot find the reservation's partition: {e}")),
             }
         }
+        (_, ["v1", "tokens", ..]) | (&Method::GET, ["v1", "stores"]) | (&Method::GET, ["openapi.json"]) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
         (&Method::GET, ["v1", "events"]) => Route::Events,
         _ => Route::NotBuilt(format!("{method} {path} over every partition")),
@@ -472,6 +499,23 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::Partition(p) => p,
             Route::Changes => return changes(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Events => return events(front, parts).await.unwrap_or_else(|r| r),
+            r @ (Route::SplitRestock | Route::SplitReservation) => {
+                let json: serde_json::Value = match serde_json::from_slice(&body) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        use axum::response::IntoResponse;
+                        return shelfsync_node::http::ApiError::invalid(format!("the body is not JSON: {e}"))
+                            .into_response();
+                    }
+                };
+                return match r {
+                    Route::SplitRestock => split::restock(&front, &parts, json).await,
+                    _ => split::reserve(&front, &parts, json).await,
+                };
+            }
+            Route::ReservationParts(id, split) => return split::on_parts(&front, &parts, &id, split, &body).await,
+            Route::AvailabilityBatch => return split::availability(&front, &parts).await,
+            Route::Any => front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0),
             Route::NotBuilt(why) => return not_built(why),
         },
     };
@@ -576,16 +620,32 @@ impl shelfsync_hub_core::Positioned for PartEvent {
 
 /// A `GET` of `path` for one partition, with the caller's headers (its token above all).
 fn sub_request(parts: &axum::http::request::Parts, path: &str) -> axum::http::request::Parts {
-    let mut b = axum::http::Request::builder().method(axum::http::Method::GET).uri(path);
+    sub_request_with(parts, axum::http::Method::GET, path, false)
+}
+
+/// A `method` of `path` for one partition with the caller's headers, except what belongs to
+/// the whole request (its idempotency key, its body's length, where a feed resumes); `json`:
+/// it carries a JSON body.
+fn sub_request_with(
+    parts: &axum::http::request::Parts,
+    method: axum::http::Method,
+    path: &str,
+    json: bool,
+) -> axum::http::request::Parts {
+    let mut b = axum::http::Request::builder().method(method).uri(path);
     for (name, value) in parts.headers.iter() {
         let skip = crate::server::hop_by_hop(name)
             || name == axum::http::header::CONTENT_LENGTH
             || name == axum::http::header::CONTENT_TYPE
             || name.as_str() == "last-event-id"
+            || name.as_str() == "idempotency-key"
             || name == PARTITION;
         if !skip {
             b = b.header(name, value);
         }
+    }
+    if json {
+        b = b.header(axum::http::header::CONTENT_TYPE, "application/json");
     }
     b.body(()).expect("a request of valid parts").into_parts().0
 }

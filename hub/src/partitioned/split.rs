@@ -1,0 +1,389 @@
+//! Requests whose lines span several partitions, split into one part per partition, each part
+//! an ordinary request to that partition's decider under a derived idempotency key
+//! (`{key}/p{partition}`), so a retry of the whole request replays the parts already decided
+//! and decides the rest.
+//!
+//! - **Restocks**: every part recorded, the answer their lines in the request's order. A part
+//!   refused (an unknown store: every part is refused the same) answers the refusal; parts
+//!   recorded before stay recorded, and the same request again completes it.
+//! - **Reservations**: all lines or none, as with one partition. Parts are held one partition
+//!   after the other; when one is refused (not enough stock), the parts held so far are
+//!   released and the refusal answered. The split is recorded first (`reservation_parts`), so
+//!   `/v1/reservations/{id or key}` finds the parts on any hub, and commit, extend and cancel
+//!   reach every part. A hub that dies between two parts leaves the first held until its TTL,
+//!   unless the storefront retries (it completes the reservation) or cancels it.
+//! - **Availability of several SKUs**: each partition's SKUs asked of it, the answers in the
+//!   request's order.
+
+use std::collections::BTreeMap;
+
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use shelfsync_hub_core::Partition;
+use shelfsync_shared::key::{IdempotencyKey, KEY_MAX_LEN};
+
+use super::{error, to_partition, Front, PART_MAX_BYTES};
+
+/// Schema (PostgreSQL migration 7): how the partitioned hubs split reservations.
+pub const MIGRATION: &str = "
+    CREATE TABLE reservation_parts (
+        id TEXT NOT NULL, key TEXT NOT NULL, partition SMALLINT NOT NULL, part_key TEXT NOT NULL,
+        PRIMARY KEY (id, partition));
+    CREATE INDEX reservation_parts_key ON reservation_parts (key);";
+
+/// Partition `p`'s part of the request with idempotency key `key`.
+pub(super) fn part_key(key: &str, p: Partition) -> String {
+    format!("{key}/p{p}")
+}
+
+/// `s` as one segment of a path (a part's key holds a `/`).
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A partition's answer: status, its `Retry-After` if any, its JSON.
+pub(super) struct PartAnswer {
+    pub(super) status: StatusCode,
+    retry_after: Option<axum::http::HeaderValue>,
+    pub(super) body: Value,
+}
+
+impl PartAnswer {
+    fn ok(&self) -> bool {
+        self.status.is_success()
+    }
+
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body)).into_response();
+        if let Some(v) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+/// Sends `method path` (with `body` as JSON, and the idempotency key `key` if any) to
+/// partition `p`, with the caller's headers.
+pub(super) async fn call(
+    front: &Front,
+    p: Partition,
+    parts: &axum::http::request::Parts,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+) -> PartAnswer {
+    let bytes = body.map(|b| axum::body::Bytes::from(b.to_string())).unwrap_or_default();
+    let mut req = super::sub_request_with(parts, method, path, body.is_some());
+    if let Some(v) = key.and_then(|k| axum::http::HeaderValue::from_str(k).ok()) {
+        req.headers.insert("idempotency-key", v);
+    }
+    let resp = to_partition(front, p, req, bytes, true).await;
+    let (status, retry_after) = (resp.status(), resp.headers().get(axum::http::header::RETRY_AFTER).cloned());
+    let body = match axum::body::to_bytes(resp.into_body(), PART_MAX_BYTES).await {
+        Ok(b) if b.is_empty() => Value::Null,
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            json!({"error": "bad_gateway", "message": format!("partition {p} answered something that is not JSON: {e}")})
+        }),
+        Err(e) => {
+            return PartAnswer {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: Some(axum::http::HeaderValue::from_static("1")),
+                body: json!({"error": "no_active_hub", "message": format!("partition {p}'s answer broke off: {e}")}),
+            }
+        }
+    };
+    PartAnswer { status, retry_after, body }
+}
+
+fn invalid(message: String, field: &str) -> Response {
+    shelfsync_node::http::ApiError::invalid(message).with("field", field.to_owned()).into_response()
+}
+
+/// The request's idempotency key (its body's `id`, or the `Idempotency-Key` header), short
+/// enough to derive its parts' keys from.
+fn request_key(parts: &axum::http::request::Parts, body: &Value) -> Result<IdempotencyKey, Response> {
+    let header = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let key = match (body["id"].as_str(), header) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(invalid("the body's id and the Idempotency-Key header differ; give one".into(), "id"))
+        }
+        (Some(k), _) | (None, Some(k)) => k,
+        (None, None) => return Err(invalid("give an id (the body's id or an Idempotency-Key header)".into(), "id")),
+    };
+    let key = IdempotencyKey::parse(key).map_err(|e| invalid(format!("id {e}"), "id"))?;
+    let longest = part_key(key.as_str(), Partition::MAX).len();
+    if longest > KEY_MAX_LEN {
+        return Err(invalid(
+            format!(
+                "id is {} characters long; lines of several SKU partitions take ids of at most {}",
+                key.as_str().len(),
+                KEY_MAX_LEN - (longest - key.as_str().len())
+            ),
+            "id",
+        ));
+    }
+    Ok(key)
+}
+
+/// The body's lines by the partition of their SKU (a line without a valid SKU goes to
+/// partition 0, whose API says what is wrong with it).
+pub(super) fn lines_by_partition(front: &Front, body: &Value) -> BTreeMap<Partition, Vec<Value>> {
+    let mut out: BTreeMap<Partition, Vec<Value>> = BTreeMap::new();
+    for line in body["lines"].as_array().into_iter().flatten() {
+        let p = line["sku"].as_str().and_then(|s| s.parse().ok()).map_or(0, |sku| front.partitions.of(&sku));
+        out.entry(p).or_default().push(line.clone());
+    }
+    out
+}
+
+/// `body` for partition `p`: its lines, under the part's key.
+fn part_body(body: &Value, key: &IdempotencyKey, p: Partition, lines: &[Value]) -> Value {
+    let mut b = body.clone();
+    b["id"] = json!(part_key(key.as_str(), p));
+    b["lines"] = json!(lines);
+    b
+}
+
+/// `POST /v1/restocks` whose lines span partitions.
+pub(super) async fn restock(front: &Front, parts: &axum::http::request::Parts, body: Value) -> Response {
+    let key = match request_key(parts, &body) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let by_part = lines_by_partition(front, &body);
+    // The first part alone: a request every part would refuse is refused once.
+    let mut answers = Vec::with_capacity(by_part.len());
+    for (i, (p, lines)) in by_part.iter().enumerate() {
+        let pb = part_body(&body, &key, *p, lines);
+        let a = call(front, *p, parts, Method::POST, "/v1/restocks", Some(&pb), None).await;
+        if !a.ok() {
+            if i > 0 {
+                tracing::warn!(key = key.as_str(), partition = p, status = %a.status,
+                    "a restock over several partitions is recorded in part; the same request again completes it");
+            }
+            return a.into_response();
+        }
+        answers.push((*p, a));
+    }
+    // The lines in the request's order.
+    let order: Vec<String> = body["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["sku"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut lines: Vec<Value> =
+        answers.iter().flat_map(|(_, a)| a.body["lines"].as_array().cloned().unwrap_or_default()).collect();
+    lines.sort_by_key(|l| order.iter().position(|s| l["sku"] == json!(s)).unwrap_or(usize::MAX));
+    let created = answers.iter().any(|(_, a)| a.status == StatusCode::CREATED);
+    let recorded_at = answers.iter().filter_map(|(_, a)| a.body["recorded_at"].as_str()).max().unwrap_or_default();
+    let parts_json: Vec<Value> =
+        answers.iter().map(|(p, a)| json!({"partition": p, "id": a.body["id"], "key": a.body["key"]})).collect();
+    let out = json!({
+        "id": key.id(),
+        "key": key.as_str(),
+        "kind": "restock",
+        "lines": lines,
+        "recorded_at": recorded_at,
+        "parts": parts_json,
+    });
+    (if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(out)).into_response()
+}
+
+/// The parts of a split reservation known by `id` (its UUID or its key): (partition, part key).
+pub(super) async fn reservation_parts(front: &Front, id: &str) -> Result<Vec<(Partition, String)>, String> {
+    let uuid = IdempotencyKey::parse(id).map(|k| k.id().to_string()).unwrap_or_default();
+    let rows = front
+        .db
+        .query(
+            "SELECT partition, part_key FROM reservation_parts WHERE id = $1 OR key = $2 ORDER BY partition",
+            &[&uuid, &id],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().filter_map(|r| Some((Partition::try_from(r.get::<_, i16>(0)).ok()?, r.get(1)))).collect())
+}
+
+/// `POST /v1/reservations` whose lines span partitions.
+pub(super) async fn reserve(front: &Front, parts: &axum::http::request::Parts, body: Value) -> Response {
+    let key = match request_key(parts, &body) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let by_part = lines_by_partition(front, &body);
+    // The split first: whoever asks for the reservation later finds every part.
+    let (ids, keys, ps, part_keys): (Vec<String>, Vec<String>, Vec<i16>, Vec<String>) = by_part
+        .keys()
+        .map(|p| (key.id().to_string(), key.as_str().to_owned(), *p as i16, part_key(key.as_str(), *p)))
+        .fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
+            acc.0.push(a);
+            acc.1.push(b);
+            acc.2.push(c);
+            acc.3.push(d);
+            acc
+        });
+    let recorded = front
+        .db
+        .execute(
+            "INSERT INTO reservation_parts (id, key, partition, part_key)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) ON CONFLICT DO NOTHING",
+            &[&ids, &keys, &ps, &part_keys],
+        )
+        .await;
+    if let Err(e) = recorded {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("recording the split: {e}"), "1");
+    }
+    let mut held: Vec<(Partition, PartAnswer)> = Vec::with_capacity(by_part.len());
+    for (p, lines) in &by_part {
+        let pb = part_body(&body, &key, *p, lines);
+        let a = call(front, *p, parts, Method::POST, "/v1/reservations", Some(&pb), None).await;
+        // A part decided before and since released (an earlier attempt under this key was
+        // refused): the whole reservation is.
+        let ended = matches!(a.body["status"].as_str(), Some("released" | "expired"));
+        if !a.ok() || ended {
+            for (q, _) in &held {
+                let path = format!("/v1/reservations/{}", segment(&part_key(key.as_str(), *q)));
+                let r = call(front, *q, parts, Method::DELETE, &path, None, None).await;
+                if !r.ok() {
+                    tracing::error!(key = key.as_str(), partition = q, status = %r.status,
+                        "could not release a part of a refused reservation; it is held until its TTL");
+                }
+            }
+            if ended {
+                return shelfsync_node::http::ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_conflict",
+                    format!(
+                        "reservation {} was refused or released before (its part in partition {p} is {}); \
+                         use a new id",
+                        key.as_str(),
+                        a.body["status"].as_str().unwrap_or("?")
+                    ),
+                )
+                .into_response();
+            }
+            return a.into_response();
+        }
+        held.push((*p, a));
+    }
+    let created = held.iter().any(|(_, a)| a.status == StatusCode::CREATED);
+    let view = merged_view(&key, held);
+    (if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(view)).into_response()
+}
+
+/// Where a reservation stands given its parts' statuses: ended if any part ended, else the
+/// least advanced.
+fn merged_status<'a>(statuses: impl Iterator<Item = &'a str>) -> &'a str {
+    const PROGRESS: [&str; 3] = ["held", "committed", "fulfilled"];
+    let all: Vec<&str> = statuses.collect();
+    if let Some(ended) = all.iter().find(|s| !PROGRESS.contains(s)) {
+        return ended;
+    }
+    all.into_iter().min_by_key(|s| PROGRESS.iter().position(|p| p == s)).unwrap_or("held")
+}
+
+/// One reservation's view from its parts' views.
+fn merged_view(key: &IdempotencyKey, parts: Vec<(Partition, PartAnswer)>) -> Value {
+    let views: Vec<(Partition, Value)> = parts.into_iter().map(|(p, a)| (p, a.body)).collect();
+    let status = merged_status(views.iter().map(|(_, v)| v["status"].as_str().unwrap_or("?")));
+    let cat = |field: &str| -> Vec<Value> {
+        views.iter().flat_map(|(_, v)| v[field].as_array().cloned().unwrap_or_default()).collect()
+    };
+    let min_str = |field: &str| views.iter().filter_map(|(_, v)| v[field].as_str()).min().map(str::to_owned);
+    let first = views.first().map(|(_, v)| v.clone()).unwrap_or_default();
+    json!({
+        "id": key.id(),
+        "key": key.as_str(),
+        "status": status,
+        "short": views.iter().any(|(_, v)| v["short"] == json!(true)),
+        "pickup_store": first["pickup_store"],
+        "customer": first["customer"],
+        "created_at": min_str("created_at"),
+        "expires_at": min_str("expires_at"),
+        "allocations": cat("allocations"),
+        "lines": cat("lines"),
+        "parts": views.iter().map(|(p, v)| json!({"partition": p, "key": v["key"], "id": v["id"], "status": v["status"]})).collect::<Vec<_>>(),
+    })
+}
+
+/// A reservation's own route (`GET`, `DELETE`, `POST …/commit`, `POST …/extend`) on a split
+/// reservation: sent to every part, the answer merged (the first refusal answered as is).
+pub(super) async fn on_parts(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+    id: &str,
+    split: Vec<(Partition, String)>,
+    body: &[u8],
+) -> Response {
+    let tail: String = {
+        let path = parts.uri.path().trim_end_matches('/');
+        let segs: Vec<&str> = path.split('/').collect();
+        // /v1/reservations/{id}[/commit|/extend]
+        segs.get(4).map(|s| format!("/{s}")).unwrap_or_default()
+    };
+    let json_body: Option<Value> = (!body.is_empty()).then(|| serde_json::from_slice(body).ok()).flatten();
+    let key_text = split
+        .first()
+        .and_then(|(p, k)| k.strip_suffix(&format!("/p{p}")))
+        .map(str::to_owned)
+        .unwrap_or_else(|| id.to_owned());
+    let Ok(key) = IdempotencyKey::parse(&key_text) else {
+        return invalid(format!("a reservation split under a key that does not parse: {key_text}"), "id");
+    };
+    // The action's own key, if it has one, derived per part as the reservation's.
+    let action_key = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let answers = futures_util::future::join_all(split.iter().map(|(p, k)| {
+        let path = format!("/v1/reservations/{}{tail}", segment(k));
+        let (method, json_body) = (parts.method.clone(), json_body.as_ref());
+        let key = action_key.as_deref().map(|a| part_key(a, *p));
+        async move { (*p, call(front, *p, parts, method, &path, json_body, key.as_deref()).await) }
+    }))
+    .await;
+    if let Some(i) = answers.iter().position(|(_, a)| !a.ok()) {
+        let (_, a) = answers.into_iter().nth(i).expect("found");
+        return a.into_response();
+    }
+    axum::Json(merged_view(&key, answers)).into_response()
+}
+
+/// `GET /v1/availability?sku=…` over several partitions: each partition asked for its SKUs,
+/// the items in the request's order.
+pub(super) async fn availability(front: &Front, parts: &axum::http::request::Parts) -> Response {
+    let query: Vec<(String, String)> = match axum::extract::Query::try_from_uri(&parts.uri) {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return invalid(format!("the query: {}", e.body_text()), "query"),
+    };
+    let mut by_part: BTreeMap<Partition, Vec<(String, String)>> = BTreeMap::new();
+    let (mut skus, mut rest) = (Vec::new(), Vec::new());
+    for (k, v) in query {
+        if k == "sku" {
+            let p = v.parse().map_or(0, |sku| front.partitions.of(&sku));
+            by_part.entry(p).or_default().push((k, v.clone()));
+            skus.push(v);
+        } else {
+            rest.push((k, v));
+        }
+    }
+    if by_part.len() <= 1 {
+        let p = by_part.keys().next().copied().unwrap_or(0);
+        let path = parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/").to_owned();
+        return call(front, p, parts, Method::GET, &path, None, None).await.into_response();
+    }
+    let answers = futures_util::future::join_all(by_part.into_iter().map(|(p, mut q)| {
+        q.extend(rest.iter().cloned());
+        let path = format!("/v1/availability?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
+        async move { call(front, p, parts, Method::GET, &path, None, None).await }
+    }))
+    .await;
+    let mut items = Vec::new();
+    for a in answers {
+        if !a.ok() {
+            return a.into_response();
+        }
+        items.extend(a.body["items"].as_array().cloned().unwrap_or_default());
+    }
+    items.sort_by_key(|i| skus.iter().position(|s| i["sku"] == json!(s)).unwrap_or(usize::MAX));
+    axum::Json(json!({ "items": items })).into_response()
+}
