@@ -1329,5 +1329,61 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
     // What every partition answers alike is answered by any hub.
     let (s, v) = set.call(1, Method::GET, "/v1/tokens", &set.admin, None).await.unwrap();
     assert_eq!(s, 200, "{v}");
+
+    // Lists over every partition, a page at a time, each item once, in the list's order.
+    let (reservations, _) = read_pages(&set, 0, "/v1/reservations", "limit=1", &set.admin).await;
+    let keys: BTreeSet<String> = reservations.iter().map(|r| r["key"].as_str().unwrap().to_owned()).collect();
+    let want: BTreeSet<String> = ["cart-1/p0", "cart-1/p3", "cart-2/p1"].into_iter().map(String::from).collect();
+    assert_eq!((keys, reservations.len()), (want, 3), "{reservations:?}");
+    let created: Vec<&str> = reservations.iter().map(|r| r["created_at"].as_str().unwrap()).collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first: {created:?}");
+    let (stock, _) = read_pages(&set, 1, "/v1/stores/store-0/stock", "limit=2", &set.admin).await;
+    let stocked: Vec<&str> = stock.iter().map(|r| r["sku"].as_str().unwrap()).collect();
+    let mut sorted = skus.clone();
+    sorted.sort();
+    assert_eq!(stocked, sorted, "by SKU, each once");
+    // The store sells two partitions' SKUs it never saw and its catalog does not list: a
+    // conflict in each partition.
+    let parts = shelfsync_hub_core::Partitions::new(6).unwrap();
+    let unknown = |p: u16| (0..).map(|i| format!("NEW-{i}")).find(|s| parts.of(&s.parse().unwrap()) == p).unwrap();
+    let (u0, u3) = (unknown(0), unknown(3));
+    assert_eq!(set.sell(0, &u0, 1).await, 201);
+    assert_eq!(set.sell(0, &u3, 1).await, 201);
+    let conflicts = wait_until("a conflict in each partition", DEADLINE, || async {
+        let (all, _) = read_pages(&set, 1, "/v1/conflicts", "limit=1", &set.admin).await;
+        (all.len() >= 2).then_some(all)
+    })
+    .await;
+    let conflicted: BTreeSet<&str> = conflicts.iter().map(|c| c["sku"].as_str().unwrap_or("")).collect();
+    assert!(conflicted.contains(u0.as_str()) && conflicted.contains(u3.as_str()), "{conflicts:?}");
+    let ids: BTreeSet<&str> = conflicts.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), conflicts.len(), "each conflict once");
+    let one = conflicts.iter().find(|c| c["sku"] == json!(u3)).unwrap();
+    let (s, v) = set.call(0, Method::GET, &format!("/v1/conflicts?sku={u3}"), &set.admin, None).await.unwrap();
+    let of_u3 = v["items"].as_array().unwrap();
+    assert!(s == 200 && !of_u3.is_empty() && of_u3.iter().all(|c| c["sku"] == json!(u3)), "{v}");
+    let path = format!("/v1/conflicts/{}/resolve", one["id"].as_str().unwrap());
+    let (s, v) =
+        set.call(0, Method::POST, &path, &set.admin, Some(json!({"note": "added to the catalog"}))).await.unwrap();
+    assert_eq!((s, v["status"].clone()), (200, json!("resolved")), "{v}");
     set.shutdown().await;
+}
+
+/// Every item of a list through hub `via`, following `next` (the last page's body too).
+async fn read_pages(set: &HubSet, via: usize, path: &str, query: &str, token: &str) -> (Vec<Value>, Value) {
+    let (mut items, mut after): (Vec<Value>, Option<String>) = (Vec::new(), None);
+    for _ in 0..1000 {
+        let q = match &after {
+            Some(a) => format!("{query}&after={a}"),
+            None => query.to_owned(),
+        };
+        let (s, page) = set.call(via, Method::GET, &format!("{path}?{q}"), token, None).await.unwrap();
+        assert_eq!(s, 200, "{path}?{q}: {page}");
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_owned()),
+            None => return (items, page),
+        }
+    }
+    panic!("{path}: more than 1000 pages");
 }

@@ -350,6 +350,8 @@ enum Route {
     ReservationParts(String, Vec<(Partition, String)>),
     /// `GET /v1/availability?sku=…`: each partition asked for its SKUs.
     AvailabilityBatch,
+    /// A list over every partition, in this order.
+    List(split::Order),
     /// What every partition answers alike (tokens, stores, the API's description): one held
     /// here if any.
     Any,
@@ -378,8 +380,9 @@ fn one_partition<'a>(
 }
 
 /// Which partition decides a request (`body`: its JSON, for the lines).
-async fn route(front: &Front, method: &axum::http::Method, path: &str, body: &[u8]) -> Route {
+async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri, body: &[u8]) -> Route {
     use axum::http::Method;
+    let path = uri.path();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let lines = || -> Vec<String> {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
@@ -421,7 +424,32 @@ async fn route(front: &Front, method: &axum::http::Method, path: &str, body: &[u
                 Err(e) => Route::NotBuilt(format!("cannot find the reservation's partition: {e}")),
             }
         }
-        (_, ["v1", "tokens", ..]) | (&Method::GET, ["v1", "stores"]) | (&Method::GET, ["openapi.json"]) => Route::Any,
+        (&Method::GET, ["v1", "conflicts"]) => {
+            let sku = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+                .ok()
+                .and_then(|q| q.0.into_iter().find(|(k, _)| k == "sku").map(|(_, v)| v));
+            match sku {
+                Some(sku) => Route::Partition(one_partition(front.partitions, [sku.as_str()]).unwrap_or(0)),
+                None => Route::List(split::Order::NewestFirst("detected_at")),
+            }
+        }
+        (&Method::GET, ["v1", "reservations"]) => Route::List(split::Order::NewestFirst("created_at")),
+        (&Method::GET, ["v1", "stores", _, "stock"]) => Route::List(split::Order::BySku),
+        (&Method::POST, ["v1", "conflicts", id, "resolve"]) => {
+            let row = front
+                .db
+                .query_opt("SELECT partition FROM decisions WHERE kind = 'conflict' AND key = $1 LIMIT 1", &[id])
+                .await;
+            match row {
+                Ok(r) => Route::Partition(r.map_or(0, |r| Partition::try_from(r.get::<_, i16>(0)).unwrap_or(0))),
+                Err(e) => Route::NotBuilt(format!("cannot find the conflict's partition: {e}")),
+            }
+        }
+        (_, ["v1", "tokens", ..])
+        | (&Method::GET, ["v1", "stores"])
+        | (&Method::GET, ["v1", "stores", _, "adjustments"])
+        | (&Method::GET, ["v1", "catalog"])
+        | (&Method::GET, ["openapi.json"]) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
         (&Method::GET, ["v1", "events"]) => Route::Events,
         _ => Route::NotBuilt(format!("{method} {path} over every partition")),
@@ -495,7 +523,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
         .filter(|p| *p < front.partitions.count());
     let partition = match pinned {
         Some(p) => p,
-        None => match route(&front, &parts.method, parts.uri.path(), &body).await {
+        None => match route(&front, &parts.method, &parts.uri, &body).await {
             Route::Partition(p) => p,
             Route::Changes => return changes(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Events => return events(front, parts).await.unwrap_or_else(|r| r),
@@ -515,6 +543,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             }
             Route::ReservationParts(id, split) => return split::on_parts(&front, &parts, &id, split, &body).await,
             Route::AvailabilityBatch => return split::availability(&front, &parts).await,
+            Route::List(order) => return split::gather_list(&front, &parts, order).await,
             Route::Any => front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0),
             Route::NotBuilt(why) => return not_built(why),
         },

@@ -387,3 +387,115 @@ pub(super) async fn availability(front: &Front, parts: &axum::http::request::Par
     items.sort_by_key(|i| skus.iter().position(|s| i["sku"] == json!(s)).unwrap_or(usize::MAX));
     axum::Json(json!({ "items": items })).into_response()
 }
+
+/// How a gathered list is ordered, and so how its pages resume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Order {
+    /// Newest first by this time field; each partition resumes after its own last item (the
+    /// page's `next` is opaque: one id per partition).
+    NewestFirst(&'static str),
+    /// By SKU; every partition resumes after the same SKU (`next` is that SKU).
+    BySku,
+}
+
+/// The prefix of a position in a gathered newest-first list (its format's version).
+const LIST_PREFIX: &str = "g1.";
+
+fn list_position(s: &str, partitions: usize) -> Result<Vec<Option<String>>, String> {
+    use base64::Engine as _;
+    let bad =
+        || format!("after must be the next of a page of this list; got {:?}", s.chars().take(64).collect::<String>());
+    let rest = s.strip_prefix(LIST_PREFIX).ok_or_else(bad)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(rest).map_err(|_| bad())?;
+    let v: Vec<Option<String>> = postcard::from_bytes(&bytes).map_err(|_| bad())?;
+    if v.len() != partitions {
+        return Err(bad());
+    }
+    Ok(v)
+}
+
+fn encode_list_position(v: &[Option<String>]) -> String {
+    use base64::Engine as _;
+    let bytes = postcard::to_stdvec(v).expect("ids serialise");
+    format!("{LIST_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A list over every partition (`GET /v1/conflicts`, `/v1/reservations`,
+/// `/v1/stores/{id}/stock`): each partition asked for a page from where the client stands in
+/// it, the pages merged in the list's order (each partition's own order kept), `limit` items.
+pub(super) async fn gather_list(front: &Front, parts: &axum::http::request::Parts, order: Order) -> Response {
+    let query: Vec<(String, String)> = match axum::extract::Query::try_from_uri(&parts.uri) {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return invalid(format!("the query: {}", e.body_text()), "query"),
+    };
+    let mut limit = 100usize;
+    let mut after: Option<String> = None;
+    let mut rest = Vec::new();
+    for (k, v) in query {
+        match k.as_str() {
+            "limit" => match v.parse::<usize>() {
+                Ok(l) if (1..=1000).contains(&l) => limit = l,
+                _ => return invalid(format!("limit must be 1 to 1000; got {v:?}"), "limit"),
+            },
+            "after" => after = Some(v),
+            _ => rest.push((k, v)),
+        }
+    }
+    let n = usize::from(front.partitions.count());
+    let afters: Vec<Option<String>> = match (order, after) {
+        (_, None) => vec![None; n],
+        (Order::BySku, Some(a)) => vec![Some(a); n],
+        (Order::NewestFirst(_), Some(a)) => match list_position(&a, n) {
+            Ok(v) => v,
+            Err(m) => return invalid(m, "after"),
+        },
+    };
+    let path = parts.uri.path().to_owned();
+    let answers = futures_util::future::join_all(front.partitions.all().map(|p| {
+        let mut q = rest.clone();
+        q.push(("limit".into(), limit.to_string()));
+        if let Some(a) = &afters[usize::from(p)] {
+            q.push(("after".into(), a.clone()));
+        }
+        let path = format!("{path}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
+        async move { call(front, p, parts, Method::GET, &path, None, None).await }
+    }))
+    .await;
+    let mut pages: Vec<std::collections::VecDeque<Value>> = Vec::with_capacity(n);
+    let mut more: Vec<bool> = Vec::with_capacity(n);
+    for a in answers {
+        if !a.ok() {
+            return a.into_response();
+        }
+        more.push(!a.body["next"].is_null());
+        pages.push(a.body["items"].as_array().cloned().unwrap_or_default().into());
+    }
+    let key = |v: &Value| -> String {
+        match order {
+            Order::NewestFirst(field) => v[field].as_str().unwrap_or_default().to_owned(),
+            Order::BySku => v["sku"].as_str().unwrap_or_default().to_owned(),
+        }
+    };
+    let mut items = Vec::with_capacity(limit);
+    let mut last: Vec<Option<String>> = afters;
+    while items.len() < limit {
+        let heads = pages.iter().enumerate().filter_map(|(p, page)| page.front().map(|v| (key(v), p)));
+        let next = match order {
+            Order::NewestFirst(_) => heads.max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1))),
+            Order::BySku => heads.min(),
+        };
+        let Some((_, p)) = next else { break };
+        let item = pages[p].pop_front().expect("a head");
+        last[p] = Some(match order {
+            Order::NewestFirst(_) => item["id"].as_str().unwrap_or_default().to_owned(),
+            Order::BySku => item["sku"].as_str().unwrap_or_default().to_owned(),
+        });
+        items.push(item);
+    }
+    let remaining = pages.iter().zip(&more).any(|(page, more)| !page.is_empty() || *more);
+    let next = remaining.then(|| match order {
+        Order::NewestFirst(_) => json!(encode_list_position(&last)),
+        Order::BySku => json!(items.last().map(|i| i["sku"].clone()).unwrap_or(Value::Null)),
+    });
+    axum::Json(json!({ "items": items, "next": next })).into_response()
+}
