@@ -241,6 +241,8 @@ pub struct Engine {
     connectivity: Connectivity,
     /// Whether these files were a restored backup (a new life was taken when they opened).
     opened_restored: bool,
+    /// Loaded from a warm standby's decider (the record log), not from the tables.
+    opened_warm: bool,
 }
 
 impl Engine {
@@ -317,12 +319,18 @@ impl Engine {
             change_head,
             connectivity,
             opened_restored: opened.restored_from.is_some(),
+            opened_warm: warm,
         };
         if let Some(old) = opened.restored_from {
             tracing::warn!(old = %old, "hub database was restored from a backup; minting a new writer incarnation; stores give back what it lost");
             engine.reincarnate_blocking("opened a restored backup".to_owned())?;
         }
         Ok(engine)
+    }
+
+    /// Whether the decider was taken over from a warm standby rather than loaded cold.
+    pub fn opened_warm(&self) -> bool {
+        self.opened_warm
     }
 
     /// Whether the files opened were a restored backup (this hub took a new life for it).

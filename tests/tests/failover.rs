@@ -604,8 +604,8 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             (Some("partitioned"), Some(2)),
             "{v}"
         );
-        let r = http.get(format!("{}/v1/conflicts", h.url)).send().await.unwrap();
-        assert_eq!(r.status(), 503, "a list over every partition");
+        let r = http.get(format!("{}/v1/overview", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 503, "figures over every partition are not built");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"], "not_built", "{v}");
         let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
@@ -927,6 +927,15 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
         .unwrap()
         .get(0);
     let victim = urls.iter().position(|u| u.ends_with(&owner_url)).expect("the hot partition's hub is one of ours");
+    // The other hubs keep the hot partition warm (a standby decider tailing its record log).
+    for h in (0..3).filter(|h| *h != victim) {
+        wait_until("the hot partition warm on every other hub", DEADLINE, || async {
+            let (_, v) = call(h, Method::GET, "/healthz".into(), String::new(), None).await?;
+            let warm = v["standby"].as_array()?.iter().any(|s| s["partition"] == json!(hot_part));
+            warm.then_some(())
+        })
+        .await;
+    }
 
     // The burst: clients on every hub; a client whose hub stops answering moves to the next.
     let stop_at = Instant::now() + Duration::from_secs(8);
@@ -998,6 +1007,15 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     while clients.join_next().await.is_some() {}
     let answered = answered.lock().unwrap().clone();
     assert!(answered.len() > before_kill, "reservations were answered after the takeover too");
+    // The survivor that took it over did so from its warm standby, not from the tables.
+    let mut taken_warm = None;
+    for h in (0..3).filter(|h| *h != victim) {
+        let (_, v) = call(h, Method::GET, "/healthz".into(), String::new(), None).await.unwrap();
+        if let Some(d) = v["deciding"].as_array().unwrap().iter().find(|d| d["partition"] == json!(hot_part)) {
+            taken_warm = Some(d["warm"].clone());
+        }
+    }
+    assert_eq!(taken_warm, Some(json!(true)), "the hot partition was taken over warm");
 
     // Every answered reservation is there, through any survivor, and held counts them exactly.
     let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();

@@ -61,6 +61,9 @@ const APPLY_POLL: Duration = Duration::from_millis(200);
 /// A partition this hub decides for.
 struct Held {
     app: axum::Router,
+    /// At which epoch, and whether its decider was taken over warm.
+    epoch: i64,
+    warm: bool,
     /// The merge-log follower, reservation expiry and catalog pick-up.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -75,6 +78,9 @@ impl Held {
 }
 
 type HeldMap = Arc<Mutex<BTreeMap<Partition, Held>>>;
+
+/// The progress of this hub's warm standby of each partition it does not decide.
+type Standbys = Arc<Mutex<BTreeMap<Partition, watch::Receiver<crate::standby::Progress>>>>;
 
 /// A running hub on a partitioned database.
 pub struct PartitionedNode {
@@ -189,7 +195,17 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         }
     }));
     let held: HeldMap = Arc::default();
-    let deciders = Deciders { config: config.clone(), target, url: url.clone(), lease, wake, changed: changed_tx };
+    let standbys = Standbys::default();
+    let deciders = Deciders {
+        config: config.clone(),
+        standbys: standbys.clone(),
+        partitions,
+        target,
+        url: url.clone(),
+        lease,
+        wake,
+        changed: changed_tx,
+    };
     tasks.push(tokio::spawn(follow_leases(events, keeper.clone(), held.clone(), deciders)));
     // Agents: merged into the database here, whoever decides for their SKUs.
     let (sql, _) = crate::server::storage_options(&config);
@@ -205,6 +221,7 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         hub_id: hub_id.clone(),
         partitions,
         held: held.clone(),
+        standbys,
         leases: keeper.watch(),
         db: Arc::new(db),
         peers: crate::internal::client(&creds).map_err(HubError::Pki)?,
@@ -245,6 +262,9 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
 /// What a hub needs to start a partition's decider.
 struct Deciders {
     config: HubConfig,
+    /// How far the warm standby of each partition not decided here is.
+    standbys: Standbys,
+    partitions: shelfsync_hub_core::Partitions,
     target: crate::db::Target,
     url: String,
     lease: Duration,
@@ -254,21 +274,39 @@ struct Deciders {
 
 /// Opens a decider for every partition gained, drains and drops one handed over (then lets
 /// the keeper give it up), and drops one lost.
+///
+/// Every partition this hub does not decide is kept warm (a [`crate::standby::Follower`]
+/// tailing its record log), so taking it over costs what the follower had not read yet rather
+/// than a load of the partition.
 async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, held: HeldMap, d: Deciders) {
+    let opts = crate::server::storage_options(&d.config).1;
+    let follow = |p: Partition| {
+        let (tx, rx) = watch::channel(None);
+        d.standbys.lock().expect("standbys lock").insert(p, rx);
+        crate::standby::Follower::start_reporting(d.url.clone(), opts.clone(), p, tx)
+    };
+    let mut warm: BTreeMap<Partition, crate::standby::Follower> = d.partitions.all().map(|p| (p, follow(p))).collect();
     while let Some(event) = events.recv().await {
         match event {
-            LeaseEvent::Gained { partition, epoch, .. } => match open(&d, partition, epoch).await {
-                Ok(h) => {
-                    tracing::info!(partition, epoch, "deciding for the partition");
-                    held.lock().expect("held lock").insert(partition, h);
+            LeaseEvent::Gained { partition, epoch, .. } => {
+                d.standbys.lock().expect("standbys lock").remove(&partition);
+                let standby = match warm.remove(&partition) {
+                    Some(f) => f.stop().await,
+                    None => None,
+                };
+                match open(&d, partition, epoch, standby).await {
+                    Ok(h) => {
+                        tracing::info!(partition, epoch, "deciding for the partition");
+                        held.lock().expect("held lock").insert(partition, h);
+                    }
+                    Err(e) => {
+                        // Holding a lease without deciding would stall the partition: stop, so that
+                        // another hub takes it once the lease expires.
+                        shelfsync_node::fatal::stop(&format!("could not open partition {partition}'s decider: {e}"));
+                        return;
+                    }
                 }
-                Err(e) => {
-                    // Holding a lease without deciding would stall the partition: stop, so that
-                    // another hub takes it once the lease expires.
-                    shelfsync_node::fatal::stop(&format!("could not open partition {partition}'s decider: {e}"));
-                    return;
-                }
-            },
+            }
             LeaseEvent::Releasing(partition) => {
                 let gone = held.lock().expect("held lock").remove(&partition);
                 // Its queued commits finish or are fenced off once the next holder's epoch is in
@@ -276,10 +314,12 @@ async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, h
                 gone.into_iter().for_each(Held::stop);
                 tracing::info!(partition, "handed the partition over (another hub's share)");
                 keeper.released(partition).await;
+                warm.insert(partition, follow(partition));
             }
             LeaseEvent::Lost(partition) => {
                 let gone = held.lock().expect("held lock").remove(&partition);
                 gone.into_iter().for_each(Held::stop);
+                warm.insert(partition, follow(partition));
                 tracing::warn!(
                     partition,
                     "lost the partition's lease (another hub took it over); stopped deciding for it"
@@ -290,10 +330,16 @@ async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, h
 }
 
 /// Opens partition `partition`'s decider at `epoch`, with its API and its tasks.
-async fn open(d: &Deciders, partition: Partition, epoch: i64) -> Result<Held, HubError> {
+async fn open(
+    d: &Deciders,
+    partition: Partition,
+    epoch: i64,
+    warm: Option<crate::standby::Warm>,
+) -> Result<Held, HubError> {
     let (sql, opts) = crate::server::storage_options(&d.config);
     let fence = Fence::holding(d.lease, epoch);
-    let engine = Arc::new(Engine::open_target(&d.target, sql, opts, Some(fence), None, partition).await?);
+    let engine = Arc::new(Engine::open_target(&d.target, sql, opts, Some(fence), warm, partition).await?);
+    let engine_warm = engine.opened_warm();
     let client = crate::postgres::connect(&d.url).await?;
     let catalog = crate::catalog::HubCatalog::load(engine.as_ref()).await?;
     let hub = crate::state::Hub::new(engine.clone(), catalog);
@@ -311,7 +357,7 @@ async fn open(d: &Deciders, partition: Partition, epoch: i64) -> Result<Held, Hu
         tokio::spawn(crate::server::expire_leases(hub.clone(), every)),
         tokio::spawn(crate::server::watch_catalog_imports(hub)),
     ];
-    Ok(Held { app, tasks })
+    Ok(Held { app, epoch, warm: engine_warm, tasks })
 }
 
 /// State of a partitioned hub's HTTP fronts (public and internal).
@@ -320,6 +366,7 @@ struct Front {
     hub_id: String,
     partitions: shelfsync_hub_core::Partitions,
     held: HeldMap,
+    standbys: Standbys,
     leases: watch::Receiver<BTreeMap<Partition, i64>>,
     /// For who holds what, and which partition holds a reservation.
     db: Arc<tokio_postgres::Client>,
@@ -502,11 +549,30 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
     use axum::response::IntoResponse;
     if req.method() == axum::http::Method::GET && req.uri().path() == "/healthz" {
         let partitions: Vec<Partition> = front.leases.borrow().keys().copied().collect();
+        let deciding: Vec<serde_json::Value> = front
+            .held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .map(|(p, h)| serde_json::json!({"partition": p, "epoch": h.epoch, "warm": h.warm}))
+            .collect();
+        let standby: Vec<serde_json::Value> = front
+            .standbys
+            .lock()
+            .expect("standbys lock")
+            .iter()
+            .filter_map(|(p, rx)| {
+                let (cursor, records) = (*rx.borrow())?;
+                Some(serde_json::json!({"partition": p, "record_log": cursor, "records": records}))
+            })
+            .collect();
         return axum::Json(serde_json::json!({
             "status": "ok",
             "role": "partitioned",
             "hub": front.hub_id,
             "partitions": partitions,
+            "deciding": deciding,
+            "standby": standby,
         }))
         .into_response();
     }
