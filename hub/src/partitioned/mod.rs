@@ -4,18 +4,28 @@
 //! partitions over as hubs join and leave. Any hub's deciders stay fenced by their partition's
 //! epoch, so a hub that lost a partition cannot write for it.
 //!
-//! **The API.** Any hub answers any request about one partition: served here when this hub
-//! holds the partition (that partition's own API over its decider), else forwarded whole over
-//! the internal API ([`crate::internal`]) to the hub that does, with the caller's token (which
-//! that hub checks). A request's partition is its SKU's: `/v1/availability/{sku}`,
-//! `/v1/catalog/{sku}`, a reservation's or a restock's lines (all of one partition), and a
-//! reservation's own routes by the partition that holds it. During a hand-over the request
-//! waits for the new holder (at most a lease and a second), as with one partition.
+//! **The API.** Any hub answers any request: one about one partition is served here when this
+//! hub holds the partition (that partition's own API over its decider), else forwarded whole
+//! over the internal API ([`crate::internal`]) to the hub that does, with the caller's token
+//! (which that hub checks). A request's partition is its SKU's: `/v1/availability/{sku}`,
+//! `/v1/catalog/{sku}`, a reservation's or a restock's lines, and a reservation's own routes by
+//! the partition that holds it. During a hand-over the request waits for the new holder (at
+//! most a lease and a second), as with one partition. Requests over several partitions are
+//! split into parts or gathered from every partition (`split`); the change feed is every
+//! partition's, merged (`changes`, `events`).
 //!
-//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): requests over several
-//! partitions (lines of several, lists, the feed) answer 503 `not_built`, saying so; agents are
-//! refused (they try the next hub of their bundle, and keep selling offline) until their path
-//! through the sync plane is served here.
+//! **Agents** connect to any hub: their sessions run over the sync plane
+//! ([`crate::plane::Plane`]), whoever decides for their SKUs.
+//!
+//! **Warm standbys**: every partition this hub does not decide is kept warm, and taken over
+//! from there.
+//!
+//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): transfers, batch restocks,
+//! adjustments through the API, catalog imports and the dashboard's figures answer 503
+//! `not_built`, saying so.
+
+// The fronts answer with a response either way: an error is the answer to send as is.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,7 +94,7 @@ type Standbys = Arc<Mutex<BTreeMap<Partition, watch::Receiver<crate::standby::Pr
 
 /// A running hub on a partitioned database.
 pub struct PartitionedNode {
-    /// Where agents connect (refused for now).
+    /// Where agents connect.
     pub quic_addr: SocketAddr,
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
@@ -283,7 +293,7 @@ async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, h
     let follow = |p: Partition| {
         let (tx, rx) = watch::channel(None);
         d.standbys.lock().expect("standbys lock").insert(p, rx);
-        crate::standby::Follower::start_reporting(d.url.clone(), opts.clone(), p, tx)
+        crate::standby::Follower::start_reporting(d.url.clone(), opts, p, tx)
     };
     let mut warm: BTreeMap<Partition, crate::standby::Follower> = d.partitions.all().map(|p| (p, follow(p))).collect();
     while let Some(event) = events.recv().await {
