@@ -7,11 +7,10 @@
 //! What concerns a store's agents rather than a SKU (a duplicate or cloned agent, a retired
 //! writer) goes to the home partition's decider as a note ([`crate::syncplane::HOME`]).
 //!
-//! **Not carried here yet** (`hub/docs/scale-out.md`): transfers between stores (a transfer is
-//! refused on a partitioned database, so none is ever on its way), a new life after the
-//! database is restored from an older copy (refused with an error, see [`Plane`]'s
-//! `reincarnate`), and which stores are connected (the deciders judge a store's silence by
-//! when its last merge arrived).
+//! **Not carried here yet** (`hub/docs/scale-out.md`): a new life after the database is
+//! restored from an older copy (refused with an error, see [`Plane`]'s `reincarnate`), and
+//! which stores are connected (the deciders judge a store's silence by when its last merge
+//! arrived).
 
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -197,8 +196,9 @@ impl AgentLedger for Plane {
         crate::syncplane::holds_snapshot(conn.client(), &store).await
     }
 
-    async fn incoming_snapshot(&self, _store: StoreId) -> StorageResult<Option<IncomingSnapshot>> {
-        Ok(None)
+    async fn incoming_snapshot(&self, store: StoreId) -> StorageResult<Option<IncomingSnapshot>> {
+        let conn = self.conn(&store).lock().await;
+        crate::syncplane::incoming_snapshot(conn.client(), &store).await.map(Some)
     }
 
     async fn touch_store(&self, store: StoreId, at_ms: i64) -> StorageResult<()> {

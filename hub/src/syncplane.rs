@@ -741,3 +741,46 @@ pub async fn read_journal(
     let upto = if events.len() == limit { last } else { head.max(after) };
     Ok(shelfsync_shared::sync::JournalRead { upto, events })
 }
+
+/// The transfers on their way to `store` over every partition, as its agent gets them (the
+/// oldest shipments first, within the wire's limits), versioned as [`holds_snapshot`] is (the
+/// deciders bump a store's holds version when a transfer to it ships or closes). One snapshot.
+pub async fn incoming_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfsync_shared::wire::IncomingSnapshot> {
+    use shelfsync_shared::wire::{
+        IncomingLine, IncomingSnapshot, IncomingTransfer, INCOMING_LINES_MAX, INCOMING_TRANSFERS_MAX,
+    };
+    let (version, rows) = crate::postgres::in_snapshot(c, async {
+        let version: i64 = c
+            .query_one(
+                "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1",
+                &[&store.as_str()],
+            )
+            .await?
+            .get(0);
+        let rows = c
+            .query(
+                "SELECT body FROM transfers WHERE to_store = $1 AND status = 'in_transit'
+                 ORDER BY shipped_at_ms, id LIMIT $2",
+                &[&store.as_str(), &(INCOMING_TRANSFERS_MAX as i64)],
+            )
+            .await?;
+        Ok((version, rows))
+    })
+    .await?;
+    let (mut transfers, mut lines_total) = (Vec::with_capacity(rows.len()), 0);
+    for r in &rows {
+        let t: shelfsync_hub_core::Transfer = serde_json::from_str(&r.get::<_, String>(0))
+            .map_err(|e| StorageError::Corrupt(format!("a transfer row: {e}")))?;
+        if lines_total + t.lines.len() > INCOMING_LINES_MAX {
+            break;
+        }
+        lines_total += t.lines.len();
+        transfers.push(IncomingTransfer {
+            id: t.id,
+            from: t.from,
+            lines: t.lines.iter().map(|l| IncomingLine { sku: l.sku.clone(), qty: l.shipped }).collect(),
+            shipped_at_ms: t.shipped_at_ms,
+        });
+    }
+    Ok(IncomingSnapshot { version: unsigned(version, "store_parts.holds_version")?, transfers })
+}

@@ -7,6 +7,8 @@
 //!    hub decides, the others forward);
 //! 3. the same distinct SKUs over 6 SKU partitions shared by 1, 2 and 3 hubs (each hub decides
 //!    its share; a request about another hub's partition is forwarded to it);
+//!    then, on 3 hubs, a partition's failover: `kill -9` of the hub deciding one SKU's
+//!    partition, until a survivor answers a reservation of it 201 (warm standbys, then cold);
 //! 4. failover: `kill -9` of the active hub, then the time until a reservation sent to a
 //!    survivor is answered 201 (three times).
 //!
@@ -188,7 +190,24 @@ async fn main() -> anyhow::Result<()> {
         }
         let note = format!("{n} hub(s) deciding 6 partitions between them");
         println!("  {}", load::line(&format!("{n} hub(s)"), clients, &done, &note));
-        parted.shutdown().await;
+        if n == 3 {
+            // 3b. A partition's failover: kill -9 of the hub deciding a SKU's partition, with
+            // warm standbys of every partition (the default), then with none.
+            let mut parted = parted;
+            let records = parted.sql_i64("SELECT (SELECT COUNT(*) FROM decisions) + (SELECT COUNT(*) FROM feed)").await;
+            partition_failover(&mut parted, true, records).await?;
+            parted.hub_env.push(("SHELFSYNC_HUB__STORAGE__WARM_STANDBY".into(), "false".into()));
+            for i in 0..3 {
+                if let Some(h) = parted.hubs[i].take() {
+                    h.kill9().await;
+                }
+                parted.start_hub(i).await;
+            }
+            partition_failover(&mut parted, false, records).await?;
+            parted.shutdown().await;
+        } else {
+            parted.shutdown().await;
+        }
     }
 
     // 3. Failover: kill -9 the active hub, then reserve through a survivor until it answers 201;
@@ -213,6 +232,56 @@ async fn main() -> anyhow::Result<()> {
         failover(&mut set, warm, records).await?;
     }
     set.shutdown().await;
+    Ok(())
+}
+
+/// Three `kill -9`s of the hub deciding SKU `F`'s partition (6 partitions over 3 hubs), each
+/// timed to the first reservation of `F` a survivor answers 201.
+async fn partition_failover(set: &mut HubSet, warm: bool, records: i64) -> anyhow::Result<()> {
+    let part = shelfsync_hub_core::Partitions::new(6).map_err(anyhow::Error::msg)?.of(&"F".parse()?);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let until = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = restock(set, &["F".to_owned()], 1000).await {
+            anyhow::ensure!(Instant::now() < until, "no hub decides F's partition: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let owner = shelfsync_tests::procs::wait_until("F's partition decided", Duration::from_secs(60), || async {
+            let addr = set
+                .db_query_opt_string(
+                    "SELECT h.http_addr FROM leases l JOIN hubs h ON h.id = l.owner
+                     WHERE l.partition = $1 AND l.expires_at > now()",
+                    i32::from(part),
+                )
+                .await?;
+            set.http.iter().position(|u| !u.is_empty() && u.ends_with(&addr))
+        })
+        .await;
+        let survivor = (owner + 1) % 3;
+        set.hubs[owner].take().expect("the deciding hub running").kill9().await;
+        let killed = Instant::now();
+        let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "F", "qty": 1}]});
+        loop {
+            if let Some((201, _)) =
+                set.call(survivor, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        times.push(killed.elapsed().as_secs_f64());
+        set.start_hub(owner).await;
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "partition failover, {} standbys (6 partitions over 3 hubs; kill -9 of the hub deciding F's partition -> \
+         first reservation of F answered 201 through a survivor, {records} decisions and feed events over all \
+         partitions): median {:.2} s, runs {:?} s (lease {} s)",
+        if warm { "warm" } else { "cold" },
+        times[1],
+        times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        shelfsync_hub::cluster::LEASE.as_secs(),
+    );
     Ok(())
 }
 

@@ -198,6 +198,11 @@ impl HubSet {
         .await
     }
 
+    /// The first column of the first row of `sql` with one integer argument, if any.
+    pub async fn db_query_opt_string(&self, sql: &str, arg: i32) -> Option<String> {
+        self.db.query_opt(sql, &[&arg]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).map(|r| r.get(0))
+    }
+
     /// Runs one statement on the shared database.
     pub async fn sql_i64(&self, sql: &str) -> i64 {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)

@@ -604,8 +604,8 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             (Some("partitioned"), Some(2)),
             "{v}"
         );
-        let r = http.get(format!("{}/v1/overview", h.url)).send().await.unwrap();
-        assert_eq!(r.status(), 503, "figures over every partition are not built");
+        let r = http.get(format!("{}/metrics", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 503, "metrics over every partition are not built");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"], "not_built", "{v}");
         let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
@@ -1123,11 +1123,46 @@ async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
     wait_until("the holds at the stores", DEADLINE, || async { (held_at_stores(&set, &a).await == 5).then_some(()) })
         .await;
 
+    // A transfer of both SKUs (two partitions) from store 1 to store 2: one transfer in two
+    // parts, on its way to store 2's agent, received through another hub.
+    let t = json!({"id": "move-1", "from": "store-1", "to": "store-2",
+        "lines": [{"sku": a, "qty": 3}, {"sku": b, "qty": 2}]});
+    let (s, v) = set.call(1, Method::POST, "/v1/transfers", &set.admin, Some(t)).await.unwrap();
+    assert_eq!(
+        (s, v["status"].clone(), v["parts"].as_array().map(Vec::len)),
+        (201, json!("in_transit"), Some(2)),
+        "{v}"
+    );
+    wait_until("the transfer on its way to store 2", DEADLINE, || async {
+        let (ia, ib) =
+            (set.agent_stock(2, &a).await["incoming"].clone(), set.agent_stock(2, &b).await["incoming"].clone());
+        (ia == json!(3) && ib == json!(2)).then_some(())
+    })
+    .await;
+    let (s, v) = set.call(2, Method::POST, "/v1/transfers/move-1/receive", &set.admin, None).await.unwrap();
+    assert_eq!((s, v["status"].clone()), (200, json!("received")), "{v}");
+    let mut want_a = want_a;
+    want_a[1] -= 3;
+    want_a[2] += 3;
+    let want_b = vec![48, 46, 50];
+    for hub in 0..3 {
+        wait_until("every hub sees the transfer received", DEADLINE, || async {
+            (on_hand_at(&set, hub, &a).await? == want_a && on_hand_at(&set, hub, &b).await? == want_b).then_some(())
+        })
+        .await;
+    }
+    for st in 1..3 {
+        wait_until("the stores' own counts after the transfer", DEADLINE, || async {
+            (set.agent_on_hand(st, &a).await == want_a[st] && set.agent_on_hand(st, &b).await == want_b[st])
+                .then_some(())
+        })
+        .await;
+    }
+
     // Store 0's agent reached hub 0 first (its bundle's order). Kill that hub; the agent fails
     // over, keeps its holds, and what it sells meanwhile and after is counted once.
     set.hubs[0].take().unwrap().kill9().await;
     assert_eq!(set.sell(0, &a, 2).await, 201, "the store sells while its hub is gone");
-    let mut want_a = want_a;
     want_a[0] -= 2;
     for hub in [1, 2] {
         wait_until("the survivors count the failed-over store's sale", DEADLINE, || async {
@@ -1150,7 +1185,7 @@ async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
     .await;
     for s in 0..3 {
         assert_eq!(set.agent_on_hand(s, &a).await, want_a[s], "store {s}'s own count of {a}");
-        assert_eq!(set.agent_on_hand(s, &b).await, 48, "store {s}'s own count of {b}");
+        assert_eq!(set.agent_on_hand(s, &b).await, want_b[s], "store {s}'s own count of {b}");
     }
     assert_eq!(held_at_stores(&set, &a).await, 5, "the holds stay at the stores");
     set.shutdown().await;
@@ -1310,6 +1345,12 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
         .map(|i| (i["sku"].as_str().unwrap().to_owned(), i["on_hand"].as_i64().unwrap()))
         .collect();
     assert_eq!(got, skus.iter().map(|s| (s.clone(), 10)).collect::<Vec<_>>(), "{v}");
+    // The chain at a glance adds every partition's figures up.
+    let (s, o) = set.call(1, Method::GET, "/v1/overview", &set.admin, None).await.unwrap();
+    assert_eq!((s, o["skus"].clone()), (200, json!(6)), "{o}");
+    let store0 = o["stores"].as_array().unwrap().iter().find(|x| x["id"] == json!("store-0")).unwrap();
+    assert_eq!(store0["on_hand"], json!(60), "{o}");
+    assert!(o["feed_head"].as_str().is_some_and(|h| h.starts_with("p1.")), "a position over every partition: {o}");
 
     // A cart of two partitions' SKUs.
     let cart =
@@ -1344,6 +1385,12 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
     assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{v}");
     let statuses: Vec<&Value> = v["parts"].as_array().unwrap().iter().map(|p| &p["status"]).collect();
     assert_eq!(statuses, [&json!("committed"), &json!("committed")], "{v}");
+    // A head-office correction goes to its SKU's partition, through either hub.
+    let adj = json!({"id": "fix-1", "sku": skus[4], "delta": -1, "reason": "damaged"});
+    let (s, v) = set.call(1, Method::POST, "/v1/stores/store-0/adjustments", &set.admin, Some(adj)).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = set.call(0, Method::GET, &format!("/v1/availability/{}", skus[4]), &set.admin, None).await.unwrap();
+    assert_eq!(v["on_hand"], json!(9), "{v}");
     // What every partition answers alike is answered by any hub.
     let (s, v) = set.call(1, Method::GET, "/v1/tokens", &set.admin, None).await.unwrap();
     assert_eq!(s, 200, "{v}");

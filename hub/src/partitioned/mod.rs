@@ -20,9 +20,8 @@
 //! **Warm standbys**: every partition this hub does not decide is kept warm, and taken over
 //! from there.
 //!
-//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): transfers, batch restocks,
-//! adjustments through the API, catalog imports and the dashboard's figures answer 503
-//! `not_built`, saying so.
+//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): batch restocks, catalog
+//! imports and `/metrics` answer 503 `not_built`, saying so.
 
 // The fronts answer with a response either way: an error is the answer to send as is.
 #![allow(clippy::result_large_err)]
@@ -295,7 +294,10 @@ async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, h
         d.standbys.lock().expect("standbys lock").insert(p, rx);
         crate::standby::Follower::start_reporting(d.url.clone(), opts, p, tx)
     };
-    let mut warm: BTreeMap<Partition, crate::standby::Follower> = d.partitions.all().map(|p| (p, follow(p))).collect();
+    // `storage.warm_standby = false`: every takeover loads the partition from the tables.
+    let keep_warm = d.config.storage.warm_standby;
+    let mut warm: BTreeMap<Partition, crate::standby::Follower> =
+        d.partitions.all().filter(|_| keep_warm).map(|p| (p, follow(p))).collect();
     while let Some(event) = events.recv().await {
         match event {
             LeaseEvent::Gained { partition, epoch, .. } => {
@@ -324,12 +326,16 @@ async fn follow_leases(mut events: mpsc::Receiver<LeaseEvent>, keeper: Keeper, h
                 gone.into_iter().for_each(Held::stop);
                 tracing::info!(partition, "handed the partition over (another hub's share)");
                 keeper.released(partition).await;
-                warm.insert(partition, follow(partition));
+                if keep_warm {
+                    warm.insert(partition, follow(partition));
+                }
             }
             LeaseEvent::Lost(partition) => {
                 let gone = held.lock().expect("held lock").remove(&partition);
                 gone.into_iter().for_each(Held::stop);
-                warm.insert(partition, follow(partition));
+                if keep_warm {
+                    warm.insert(partition, follow(partition));
+                }
                 tracing::warn!(
                     partition,
                     "lost the partition's lease (another hub took it over); stopped deciding for it"
@@ -401,14 +407,16 @@ enum Route {
     Events,
     /// `POST /v1/restocks` of lines of several partitions.
     SplitRestock,
-    /// `POST /v1/reservations` of lines of several partitions.
-    SplitReservation,
-    /// A split reservation's own route: its parts (partition, part key).
-    ReservationParts(String, Vec<(Partition, String)>),
+    /// `POST /v1/reservations` or `/v1/transfers` of lines of several partitions.
+    SplitWhole(split::Whole),
+    /// A split reservation's or transfer's own route: its id and parts (partition, part key).
+    WholeParts(split::Whole, String, Vec<(Partition, String)>),
     /// `GET /v1/availability?sku=…`: each partition asked for its SKUs.
     AvailabilityBatch,
     /// A list over every partition, in this order.
     List(split::Order),
+    /// `GET /v1/overview`: every partition's figures, added up.
+    Overview,
     /// What every partition answers alike (tokens, stores, the API's description): one held
     /// here if any.
     Any,
@@ -436,6 +444,22 @@ fn one_partition<'a>(
     Some(seen.unwrap_or(0))
 }
 
+/// Where a reservation's or a transfer's own route goes: the partition whose row `sql` finds
+/// by the UUID `id` names (a UUID, or the key it was made with), else its parts if it was
+/// split, else partition 0 (whose API answers 404, or 422 for a malformed id).
+async fn whole_route(front: &Front, whole: split::Whole, id: &str, sql: &str) -> Route {
+    let uuid = shelfsync_shared::key::IdempotencyKey::parse(id).map(|k| k.id().to_string()).unwrap_or_default();
+    match front.db.query_opt(sql, &[&uuid]).await {
+        Ok(Some(r)) => Route::Partition(Partition::try_from(r.get::<_, i16>(0)).unwrap_or(0)),
+        Ok(None) => match split::parts_of(front, whole, id).await {
+            Ok(parts) if !parts.is_empty() => Route::WholeParts(whole, id.to_string(), parts),
+            Ok(_) => Route::Partition(0),
+            Err(e) => Route::NotBuilt(format!("cannot find the parts: {e}")),
+        },
+        Err(e) => Route::NotBuilt(format!("cannot find the partition: {e}")),
+    }
+}
+
 /// Which partition decides a request (`body`: its JSON, for the lines).
 async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri, body: &[u8]) -> Route {
     use axum::http::Method;
@@ -456,30 +480,31 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         (&Method::POST, ["v1", "reservations"]) => {
             let skus = lines();
             one_partition(front.partitions, skus.iter().map(String::as_str))
-                .map_or(Route::SplitReservation, Route::Partition)
+                .map_or(Route::SplitWhole(split::Whole::Reservation), Route::Partition)
+        }
+        (&Method::POST, ["v1", "stores", _, "adjustments"]) => {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            Route::Partition(one_partition(front.partitions, v["sku"].as_str()).unwrap_or(0))
         }
         (&Method::POST, ["v1", "restocks"]) => {
             let skus = lines();
             one_partition(front.partitions, skus.iter().map(String::as_str))
                 .map_or(Route::SplitRestock, Route::Partition)
         }
+        (&Method::POST, ["v1", "transfers"]) => {
+            let skus = lines();
+            one_partition(front.partitions, skus.iter().map(String::as_str))
+                .map_or(Route::SplitWhole(split::Whole::Transfer), Route::Partition)
+        }
+        (&Method::GET, ["v1", "transfers"]) => Route::List(split::Order::NewestFirst("shipped_at")),
         (_, ["v1", "reservations", id, ..]) => {
             // By its UUID, which the id names (a UUID, or the key it was made with).
-            let uuid = shelfsync_shared::key::IdempotencyKey::parse(id).map(|k| k.id().to_string()).unwrap_or_default();
-            let row = front
-                .db
-                .query_opt("SELECT partition FROM decisions WHERE kind = 'reservation' AND key = $1 LIMIT 1", &[&uuid])
-                .await;
-            match row {
-                Ok(Some(r)) => Route::Partition(Partition::try_from(r.get::<_, i16>(0)).unwrap_or(0)),
-                Ok(None) => match split::reservation_parts(front, id).await {
-                    Ok(parts) if !parts.is_empty() => Route::ReservationParts(id.to_string(), parts),
-                    // Unknown (or malformed): partition 0's API answers 404 (or 422).
-                    Ok(_) => Route::Partition(0),
-                    Err(e) => Route::NotBuilt(format!("cannot find the reservation's parts: {e}")),
-                },
-                Err(e) => Route::NotBuilt(format!("cannot find the reservation's partition: {e}")),
-            }
+            let sql = "SELECT partition FROM decisions WHERE kind = 'reservation' AND key = $1 LIMIT 1";
+            whole_route(front, split::Whole::Reservation, id, sql).await
+        }
+        (_, ["v1", "transfers", id, ..]) => {
+            let sql = "SELECT partition FROM transfers WHERE id = $1 LIMIT 1";
+            whole_route(front, split::Whole::Transfer, id, sql).await
         }
         (&Method::GET, ["v1", "conflicts"]) => {
             let sku = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
@@ -491,6 +516,7 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
             }
         }
         (&Method::GET, ["v1", "reservations"]) => Route::List(split::Order::NewestFirst("created_at")),
+        (&Method::GET, ["v1", "overview"]) => Route::Overview,
         (&Method::GET, ["v1", "stores", _, "stock"]) => Route::List(split::Order::BySku),
         (&Method::POST, ["v1", "conflicts", id, "resolve"]) => {
             let row = front
@@ -506,7 +532,8 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         | (&Method::GET, ["v1", "stores"])
         | (&Method::GET, ["v1", "stores", _, "adjustments"])
         | (&Method::GET, ["v1", "catalog"])
-        | (&Method::GET, ["openapi.json"]) => Route::Any,
+        | (&Method::GET, ["openapi.json"])
+        | (&Method::GET, []) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
         (&Method::GET, ["v1", "events"]) => Route::Events,
         _ => Route::NotBuilt(format!("{method} {path} over every partition")),
@@ -603,7 +630,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::Partition(p) => p,
             Route::Changes => return changes(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Events => return events(front, parts).await.unwrap_or_else(|r| r),
-            r @ (Route::SplitRestock | Route::SplitReservation) => {
+            r @ (Route::SplitRestock | Route::SplitWhole(_)) => {
                 let json: serde_json::Value = match serde_json::from_slice(&body) {
                     Ok(v) => v,
                     Err(e) => {
@@ -614,12 +641,16 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
                 };
                 return match r {
                     Route::SplitRestock => split::restock(&front, &parts, json).await,
-                    _ => split::reserve(&front, &parts, json).await,
+                    Route::SplitWhole(whole) => split::all_or_none(&front, &parts, whole, json).await,
+                    _ => unreachable!("matched above"),
                 };
             }
-            Route::ReservationParts(id, split) => return split::on_parts(&front, &parts, &id, split, &body).await,
+            Route::WholeParts(whole, id, split) => {
+                return split::on_parts(&front, &parts, whole, &id, split, &body).await
+            }
             Route::AvailabilityBatch => return split::availability(&front, &parts).await,
             Route::List(order) => return split::gather_list(&front, &parts, order).await,
+            Route::Overview => return split::overview(&front, &parts).await,
             Route::Any => front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0),
             Route::NotBuilt(why) => return not_built(why),
         },

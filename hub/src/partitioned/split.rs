@@ -25,12 +25,13 @@ use shelfsync_shared::key::{IdempotencyKey, KEY_MAX_LEN};
 
 use super::{error, to_partition, Front, PART_MAX_BYTES};
 
-/// Schema (PostgreSQL migration 7): how the partitioned hubs split reservations.
+/// Schema (PostgreSQL migration 7): how the partitioned hubs split requests that are all or
+/// none (`kind`: reservation or transfer; `id` and `key`: the whole's).
 pub const MIGRATION: &str = "
-    CREATE TABLE reservation_parts (
-        id TEXT NOT NULL, key TEXT NOT NULL, partition SMALLINT NOT NULL, part_key TEXT NOT NULL,
-        PRIMARY KEY (id, partition));
-    CREATE INDEX reservation_parts_key ON reservation_parts (key);";
+    CREATE TABLE request_parts (
+        kind TEXT NOT NULL, id TEXT NOT NULL, key TEXT NOT NULL, partition SMALLINT NOT NULL,
+        part_key TEXT NOT NULL, PRIMARY KEY (kind, id, partition));
+    CREATE INDEX request_parts_key ON request_parts (kind, key);";
 
 /// Partition `p`'s part of the request with idempotency key `key`.
 pub(super) fn part_key(key: &str, p: Partition) -> String {
@@ -192,63 +193,111 @@ pub(super) async fn restock(front: &Front, parts: &axum::http::request::Parts, b
     (if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(out)).into_response()
 }
 
-/// The parts of a split reservation known by `id` (its UUID or its key): (partition, part key).
-pub(super) async fn reservation_parts(front: &Front, id: &str) -> Result<Vec<(Partition, String)>, String> {
+/// What is split all or none: a cart's reservation, or a transfer between two stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Whole {
+    /// `/v1/reservations`.
+    Reservation,
+    /// `/v1/transfers`.
+    Transfer,
+}
+
+impl Whole {
+    fn kind(self) -> &'static str {
+        match self {
+            Whole::Reservation => "reservation",
+            Whole::Transfer => "transfer",
+        }
+    }
+
+    fn base(self) -> &'static str {
+        match self {
+            Whole::Reservation => "/v1/reservations",
+            Whole::Transfer => "/v1/transfers",
+        }
+    }
+
+    /// Statuses a part cannot leave (an earlier attempt under the key was undone).
+    fn ended(self, status: &str) -> bool {
+        match self {
+            Whole::Reservation => matches!(status, "released" | "expired"),
+            Whole::Transfer => status == "cancelled",
+        }
+    }
+
+    /// Undoes a part made before one that was refused: (method, path under the part).
+    fn undo(self) -> (Method, &'static str) {
+        match self {
+            Whole::Reservation => (Method::DELETE, ""),
+            Whole::Transfer => (Method::POST, "/cancel"),
+        }
+    }
+
+    /// Statuses in the order a whole goes through them (any other is an end).
+    fn progress(self) -> &'static [&'static str] {
+        match self {
+            Whole::Reservation => &["held", "committed", "fulfilled"],
+            Whole::Transfer => &["in_transit", "received"],
+        }
+    }
+}
+
+/// The parts of a split `whole` known by `id` (its UUID or its key): (partition, part key).
+pub(super) async fn parts_of(front: &Front, whole: Whole, id: &str) -> Result<Vec<(Partition, String)>, String> {
     let uuid = IdempotencyKey::parse(id).map(|k| k.id().to_string()).unwrap_or_default();
     let rows = front
         .db
         .query(
-            "SELECT partition, part_key FROM reservation_parts WHERE id = $1 OR key = $2 ORDER BY partition",
-            &[&uuid, &id],
+            "SELECT partition, part_key FROM request_parts WHERE kind = $1 AND (id = $2 OR key = $3)
+             ORDER BY partition",
+            &[&whole.kind(), &uuid, &id],
         )
         .await
         .map_err(|e| e.to_string())?;
     Ok(rows.iter().filter_map(|r| Some((Partition::try_from(r.get::<_, i16>(0)).ok()?, r.get(1)))).collect())
 }
 
-/// `POST /v1/reservations` whose lines span partitions.
-pub(super) async fn reserve(front: &Front, parts: &axum::http::request::Parts, body: Value) -> Response {
+/// `POST /v1/reservations` or `/v1/transfers` whose lines span partitions: all parts or none.
+pub(super) async fn all_or_none(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+    whole: Whole,
+    body: Value,
+) -> Response {
     let key = match request_key(parts, &body) {
         Ok(k) => k,
         Err(r) => return r,
     };
     let by_part = lines_by_partition(front, &body);
-    // The split first: whoever asks for the reservation later finds every part.
-    let (ids, keys, ps, part_keys): (Vec<String>, Vec<String>, Vec<i16>, Vec<String>) = by_part
-        .keys()
-        .map(|p| (key.id().to_string(), key.as_str().to_owned(), *p as i16, part_key(key.as_str(), *p)))
-        .fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
-            acc.0.push(a);
-            acc.1.push(b);
-            acc.2.push(c);
-            acc.3.push(d);
-            acc
-        });
+    // The split first: whoever asks for it later finds every part.
+    let ps: Vec<i16> = by_part.keys().map(|p| *p as i16).collect();
+    let part_keys: Vec<String> = by_part.keys().map(|p| part_key(key.as_str(), *p)).collect();
     let recorded = front
         .db
         .execute(
-            "INSERT INTO reservation_parts (id, key, partition, part_key)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::text[]) ON CONFLICT DO NOTHING",
-            &[&ids, &keys, &ps, &part_keys],
+            "INSERT INTO request_parts (kind, id, key, partition, part_key)
+             SELECT $1, $2, $3, p, k FROM unnest($4::int2[], $5::text[]) AS u(p, k) ON CONFLICT DO NOTHING",
+            &[&whole.kind(), &key.id().to_string(), &key.as_str(), &ps, &part_keys],
         )
         .await;
     if let Err(e) = recorded {
         return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("recording the split: {e}"), "1");
     }
-    let mut held: Vec<(Partition, PartAnswer)> = Vec::with_capacity(by_part.len());
+    let mut made: Vec<(Partition, PartAnswer)> = Vec::with_capacity(by_part.len());
     for (p, lines) in &by_part {
         let pb = part_body(&body, &key, *p, lines);
-        let a = call(front, *p, parts, Method::POST, "/v1/reservations", Some(&pb), None).await;
-        // A part decided before and since released (an earlier attempt under this key was
-        // refused): the whole reservation is.
-        let ended = matches!(a.body["status"].as_str(), Some("released" | "expired"));
+        let a = call(front, *p, parts, Method::POST, whole.base(), Some(&pb), None).await;
+        // A part decided before and since undone (an earlier attempt under this key was
+        // refused): so is the whole.
+        let ended = a.ok() && whole.ended(a.body["status"].as_str().unwrap_or_default());
         if !a.ok() || ended {
-            for (q, _) in &held {
-                let path = format!("/v1/reservations/{}", segment(&part_key(key.as_str(), *q)));
-                let r = call(front, *q, parts, Method::DELETE, &path, None, None).await;
+            for (q, _) in &made {
+                let (method, tail) = whole.undo();
+                let path = format!("{}/{}{tail}", whole.base(), segment(&part_key(key.as_str(), *q)));
+                let r = call(front, *q, parts, method, &path, None, None).await;
                 if !r.ok() {
-                    tracing::error!(key = key.as_str(), partition = q, status = %r.status,
-                        "could not release a part of a refused reservation; it is held until its TTL");
+                    tracing::error!(key = key.as_str(), partition = q, status = %r.status, kind = whole.kind(),
+                        "could not undo a part of a refused request over several partitions; undo it by its key");
                 }
             }
             if ended {
@@ -256,8 +305,8 @@ pub(super) async fn reserve(front: &Front, parts: &axum::http::request::Parts, b
                     StatusCode::CONFLICT,
                     "idempotency_conflict",
                     format!(
-                        "reservation {} was refused or released before (its part in partition {p} is {}); \
-                         use a new id",
+                        "{} {} was refused or undone before (its part in partition {p} is {}); use a new id",
+                        whole.kind(),
                         key.as_str(),
                         a.body["status"].as_str().unwrap_or("?")
                     ),
@@ -266,53 +315,76 @@ pub(super) async fn reserve(front: &Front, parts: &axum::http::request::Parts, b
             }
             return a.into_response();
         }
-        held.push((*p, a));
+        made.push((*p, a));
     }
-    let created = held.iter().any(|(_, a)| a.status == StatusCode::CREATED);
-    let view = merged_view(&key, held);
+    let created = made.iter().any(|(_, a)| a.status == StatusCode::CREATED);
+    let view = merged_view(whole, &key, made);
     (if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(view)).into_response()
 }
 
-/// Where a reservation stands given its parts' statuses: ended if any part ended, else the
-/// least advanced.
-fn merged_status<'a>(statuses: impl Iterator<Item = &'a str>) -> &'a str {
-    const PROGRESS: [&str; 3] = ["held", "committed", "fulfilled"];
+/// Where a whole stands given its parts' statuses: ended if any part ended, else the least
+/// advanced.
+fn merged_status<'a>(whole: Whole, statuses: impl Iterator<Item = &'a str>) -> &'a str {
+    let progress = whole.progress();
     let all: Vec<&str> = statuses.collect();
-    if let Some(ended) = all.iter().find(|s| !PROGRESS.contains(s)) {
+    if let Some(ended) = all.iter().find(|s| !progress.contains(s)) {
         return ended;
     }
-    all.into_iter().min_by_key(|s| PROGRESS.iter().position(|p| p == s)).unwrap_or("held")
+    all.into_iter().min_by_key(|s| progress.iter().position(|p| p == s)).unwrap_or(progress[0])
 }
 
-/// One reservation's view from its parts' views.
-fn merged_view(key: &IdempotencyKey, parts: Vec<(Partition, PartAnswer)>) -> Value {
+/// One whole's view from its parts' views: the parts' lines (and allocations), the earliest
+/// start and expiry, the latest end.
+fn merged_view(whole: Whole, key: &IdempotencyKey, parts: Vec<(Partition, PartAnswer)>) -> Value {
     let views: Vec<(Partition, Value)> = parts.into_iter().map(|(p, a)| (p, a.body)).collect();
-    let status = merged_status(views.iter().map(|(_, v)| v["status"].as_str().unwrap_or("?")));
+    let status = merged_status(whole, views.iter().map(|(_, v)| v["status"].as_str().unwrap_or("?")));
     let cat = |field: &str| -> Vec<Value> {
         views.iter().flat_map(|(_, v)| v[field].as_array().cloned().unwrap_or_default()).collect()
     };
     let min_str = |field: &str| views.iter().filter_map(|(_, v)| v[field].as_str()).min().map(str::to_owned);
+    let max_str = |field: &str| views.iter().filter_map(|(_, v)| v[field].as_str()).max().map(str::to_owned);
     let first = views.first().map(|(_, v)| v.clone()).unwrap_or_default();
-    json!({
-        "id": key.id(),
-        "key": key.as_str(),
-        "status": status,
-        "short": views.iter().any(|(_, v)| v["short"] == json!(true)),
-        "pickup_store": first["pickup_store"],
-        "customer": first["customer"],
-        "created_at": min_str("created_at"),
-        "expires_at": min_str("expires_at"),
-        "allocations": cat("allocations"),
-        "lines": cat("lines"),
-        "parts": views.iter().map(|(p, v)| json!({"partition": p, "key": v["key"], "id": v["id"], "status": v["status"]})).collect::<Vec<_>>(),
-    })
+    let parts: Vec<Value> = views
+        .iter()
+        .map(|(p, v)| json!({"partition": p, "key": v["key"], "id": v["id"], "status": v["status"]}))
+        .collect();
+    match whole {
+        Whole::Reservation => json!({
+            "id": key.id(),
+            "key": key.as_str(),
+            "status": status,
+            "short": views.iter().any(|(_, v)| v["short"] == json!(true)),
+            "pickup_store": first["pickup_store"],
+            "customer": first["customer"],
+            "created_at": min_str("created_at"),
+            "expires_at": min_str("expires_at"),
+            "allocations": cat("allocations"),
+            "lines": cat("lines"),
+            "parts": parts,
+        }),
+        Whole::Transfer => json!({
+            "id": key.id(),
+            "key": key.as_str(),
+            "from": first["from"],
+            "to": first["to"],
+            "status": status,
+            "reason": first["reason"],
+            "lines": cat("lines"),
+            "shipped_at": min_str("shipped_at"),
+            "received_at": (status == "received").then(|| max_str("received_at")).flatten(),
+            "cancelled_at": max_str("cancelled_at"),
+            "parts": parts,
+        }),
+    }
 }
 
-/// A reservation's own route (`GET`, `DELETE`, `POST …/commit`, `POST …/extend`) on a split
-/// reservation: sent to every part, the answer merged (the first refusal answered as is).
+/// A split whole's own route (`GET`, a reservation's `DELETE`, `…/commit`, `…/extend`, a
+/// transfer's `…/receive`, `…/cancel`): sent to every part (a body's lines to the part of
+/// their SKU), the answer merged (the first refusal answered as is).
 pub(super) async fn on_parts(
     front: &Front,
     parts: &axum::http::request::Parts,
+    whole: Whole,
     id: &str,
     split: Vec<(Partition, String)>,
     body: &[u8],
@@ -320,7 +392,7 @@ pub(super) async fn on_parts(
     let tail: String = {
         let path = parts.uri.path().trim_end_matches('/');
         let segs: Vec<&str> = path.split('/').collect();
-        // /v1/reservations/{id}[/commit|/extend]
+        // /v1/{reservations,transfers}/{id}[/action]
         segs.get(4).map(|s| format!("/{s}")).unwrap_or_default()
     };
     let json_body: Option<Value> = (!body.is_empty()).then(|| serde_json::from_slice(body).ok()).flatten();
@@ -330,22 +402,31 @@ pub(super) async fn on_parts(
         .map(str::to_owned)
         .unwrap_or_else(|| id.to_owned());
     let Ok(key) = IdempotencyKey::parse(&key_text) else {
-        return invalid(format!("a reservation split under a key that does not parse: {key_text}"), "id");
+        return invalid(format!("a {} split under a key that does not parse: {key_text}", whole.kind()), "id");
     };
-    // The action's own key, if it has one, derived per part as the reservation's.
+    // The action's own key, if it has one, derived per part as the whole's.
     let action_key = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let by_part = json_body.as_ref().filter(|b| b["lines"].is_array()).map(|b| lines_by_partition(front, b));
     let answers = futures_util::future::join_all(split.iter().map(|(p, k)| {
-        let path = format!("/v1/reservations/{}{tail}", segment(k));
-        let (method, json_body) = (parts.method.clone(), json_body.as_ref());
+        let path = format!("{}/{}{tail}", whole.base(), segment(k));
+        let body = json_body.as_ref().map(|b| match &by_part {
+            Some(lines) => {
+                let mut b = b.clone();
+                b["lines"] = json!(lines.get(p).cloned().unwrap_or_default());
+                b
+            }
+            None => b.clone(),
+        });
         let key = action_key.as_deref().map(|a| part_key(a, *p));
-        async move { (*p, call(front, *p, parts, method, &path, json_body, key.as_deref()).await) }
+        let method = parts.method.clone();
+        async move { (*p, call(front, *p, parts, method, &path, body.as_ref(), key.as_deref()).await) }
     }))
     .await;
     if let Some(i) = answers.iter().position(|(_, a)| !a.ok()) {
         let (_, a) = answers.into_iter().nth(i).expect("found");
         return a.into_response();
     }
-    axum::Json(merged_view(&key, answers)).into_response()
+    axum::Json(merged_view(whole, &key, answers)).into_response()
 }
 
 /// `GET /v1/availability?sku=…` over several partitions: each partition asked for its SKUs,
@@ -498,4 +579,104 @@ pub(super) async fn gather_list(front: &Front, parts: &axum::http::request::Part
         Order::BySku => json!(items.last().map(|i| i["sku"].clone()).unwrap_or(Value::Null)),
     });
     axum::Json(json!({ "items": items, "next": next })).into_response()
+}
+
+/// Adds `b`'s numbers into `a`, field by field (objects of numbers: per key).
+fn add_numbers(a: &mut Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(k) {
+                    Some(x) => add_numbers(x, v),
+                    None => {
+                        a.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (a @ Value::Number(_), Value::Number(b)) => {
+            *a = json!(a.as_i64().unwrap_or(0) + b.as_i64().unwrap_or(0));
+        }
+        _ => {}
+    }
+}
+
+/// Adds `b` into `a` element by element (series of the same buckets).
+fn add_series(a: &mut Value, b: &Value) {
+    if let (Some(a), Some(b)) = (a.as_array_mut(), b.as_array()) {
+        for (x, y) in a.iter_mut().zip(b) {
+            add_numbers(x, y);
+        }
+    }
+}
+
+/// `GET /v1/overview` over every partition: each partition's figures of its SKUs, added up
+/// per store and for the chain; `feed_head` a position over every partition.
+pub(super) async fn overview(front: &Front, parts: &axum::http::request::Parts) -> Response {
+    let path = parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/v1/overview").to_owned();
+    let answers = futures_util::future::join_all(front.partitions.all().map(|p| {
+        let path = path.clone();
+        async move { (p, call(front, p, parts, Method::GET, &path, None, None).await) }
+    }))
+    .await;
+    let mut head = shelfsync_hub_core::FeedPosition::start(front.partitions);
+    let mut out: Option<Value> = None;
+    let mut stores: BTreeMap<String, Value> = BTreeMap::new();
+    for (p, a) in answers {
+        if !a.ok() {
+            return a.into_response();
+        }
+        let o = a.body;
+        head.advance(p, o["feed_head"].as_u64().unwrap_or(0));
+        for s in o["stores"].as_array().into_iter().flatten() {
+            let id = s["id"].as_str().unwrap_or_default().to_owned();
+            match stores.get_mut(&id) {
+                None => {
+                    stores.insert(id, s.clone());
+                }
+                Some(t) => {
+                    for f in [
+                        "skus",
+                        "on_hand",
+                        "held",
+                        "available",
+                        "unseen_sales_estimate",
+                        "unsynced_hub_changes",
+                        "low_stock",
+                        "out_of_stock",
+                        "open_conflicts",
+                    ] {
+                        add_numbers(&mut t[f], &s[f]);
+                    }
+                    // The same store seen by every partition: the latest contact, the shortest silence.
+                    if s["last_seen"].as_str() > t["last_seen"].as_str() {
+                        t["last_seen"] = s["last_seen"].clone();
+                    }
+                    if s["silent_secs"].as_i64() < t["silent_secs"].as_i64() {
+                        t["silent_secs"] = s["silent_secs"].clone();
+                    }
+                    t["connected"] = json!(t["connected"] == json!(true) || s["connected"] == json!(true));
+                }
+            }
+        }
+        match &mut out {
+            None => out = Some(o),
+            Some(t) => {
+                for f in ["skus", "reservations", "open_conflicts", "low_stock", "out_of_stock"] {
+                    add_numbers(&mut t[f], &o[f]);
+                }
+                for f in ["sold", "reserved"] {
+                    add_series(&mut t["series"][f], &o["series"][f]);
+                }
+                if o["series"]["truncated"] == json!(true) {
+                    t["series"]["truncated"] = json!(true);
+                }
+            }
+        }
+    }
+    let mut out = out.unwrap_or_else(|| json!({}));
+    out["feed_head"] = json!(head.encode());
+    out["stores"] = json!(stores.into_values().collect::<Vec<_>>());
+    out["partitions"] = json!(front.partitions.count());
+    axum::Json(out).into_response()
 }
