@@ -911,9 +911,9 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
         assert_eq!(s, 201, "{v}");
     }
     let start: Vec<i64> = (0..6).map(|st| if st == 0 { 100_000 } else { STOCK }).collect();
-    for st in 0..6 {
+    for (st, want) in start.iter().enumerate() {
         wait_until("the hot SKU at every store", DEADLINE, || async {
-            (set.agent_on_hand(st, &hot).await == start[st]).then_some(())
+            (set.agent_on_hand(st, &hot).await == *want).then_some(())
         })
         .await;
     }
@@ -1345,11 +1345,41 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
         .map(|i| (i["sku"].as_str().unwrap().to_owned(), i["on_hand"].as_i64().unwrap()))
         .collect();
     assert_eq!(got, skus.iter().map(|s| (s.clone(), 10)).collect::<Vec<_>>(), "{v}");
+    // A batch of deliveries over several partitions; one naming an unknown store records nothing.
+    let night = |id: &str, store: &str| {
+        json!({"id": id, "restocks": [
+            {"store": "store-0", "lines": [{"sku": skus[5], "qty": 1}, {"sku": skus[2], "qty": 1}]},
+            {"store": store, "lines": [{"sku": skus[2], "qty": 1}]}]})
+    };
+    let (s, v) =
+        set.call(0, Method::POST, "/v1/restocks/batch", &set.admin, Some(night("night-0", "store-9"))).await.unwrap();
+    assert_eq!((s, v["field"].clone()), (404, json!("restocks[1].store")), "{v}");
+    let (s, v) =
+        set.call(1, Method::POST, "/v1/restocks/batch", &set.admin, Some(night("night-1", "store-0"))).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let per_entry: Vec<Vec<&str>> = v["restocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lines"].as_array().unwrap().iter().map(|l| l["sku"].as_str().unwrap()).collect())
+        .collect();
+    assert_eq!(
+        per_entry,
+        [vec![skus[5].as_str(), skus[2].as_str()], vec![skus[2].as_str()]],
+        "per entry, in order: {v}"
+    );
+    for (sku, want) in [(&skus[5], 11), (&skus[2], 12)] {
+        let (_, a) = set.call(0, Method::GET, &format!("/v1/availability/{sku}"), &set.admin, None).await.unwrap();
+        assert_eq!(a["on_hand"], json!(want), "{a}");
+    }
+    let (s, again) =
+        set.call(0, Method::POST, "/v1/restocks/batch", &set.admin, Some(night("night-1", "store-0"))).await.unwrap();
+    assert_eq!((s, &again["restocks"]), (200, &v["restocks"]), "a retry replays every part: {again}");
     // The chain at a glance adds every partition's figures up.
     let (s, o) = set.call(1, Method::GET, "/v1/overview", &set.admin, None).await.unwrap();
     assert_eq!((s, o["skus"].clone()), (200, json!(6)), "{o}");
     let store0 = o["stores"].as_array().unwrap().iter().find(|x| x["id"] == json!("store-0")).unwrap();
-    assert_eq!(store0["on_hand"], json!(60), "{o}");
+    assert_eq!(store0["on_hand"], json!(63), "{o}");
     assert!(o["feed_head"].as_str().is_some_and(|h| h.starts_with("p1.")), "a position over every partition: {o}");
 
     // A cart of two partitions' SKUs.
@@ -1391,6 +1421,25 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
     assert_eq!(s, 201, "{v}");
     let (_, v) = set.call(0, Method::GET, &format!("/v1/availability/{}", skus[4]), &set.admin, None).await.unwrap();
     assert_eq!(v["on_hand"], json!(9), "{v}");
+    // A catalog import through one hub sets the rules of SKUs of every partition.
+    let csv = format!("sku,name,safety_stock\n{},One,2\n{},Five,3\n", skus[1], skus[5]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/catalog-imports", set.http[0]))
+        .bearer_auth(&set.admin)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    for (sku, safety) in [(&skus[1], 2), (&skus[5], 3)] {
+        wait_until("the imported rule in its partition", DEADLINE, || async {
+            let (_, v) = set.call(1, Method::GET, &format!("/v1/availability/{sku}"), &set.admin, None).await?;
+            let st = v["stores"].as_array()?.iter().find(|x| x["store"] == json!("store-0"))?.clone();
+            (st["safety_stock"] == json!(safety)).then_some(())
+        })
+        .await;
+    }
     // What every partition answers alike is answered by any hub.
     let (s, v) = set.call(1, Method::GET, "/v1/tokens", &set.admin, None).await.unwrap();
     assert_eq!(s, 200, "{v}");

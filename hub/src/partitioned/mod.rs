@@ -20,8 +20,8 @@
 //! **Warm standbys**: every partition this hub does not decide is kept warm, and taken over
 //! from there.
 //!
-//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): batch restocks, catalog
-//! imports and `/metrics` answer 503 `not_built`, saying so.
+//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): `/metrics` answers 503
+//! `not_built`, saying so.
 
 // The fronts answer with a response either way: an error is the answer to send as is.
 #![allow(clippy::result_large_err)]
@@ -407,6 +407,8 @@ enum Route {
     Events,
     /// `POST /v1/restocks` of lines of several partitions.
     SplitRestock,
+    /// `POST /v1/restocks/batch` of lines of several partitions.
+    SplitRestockBatch,
     /// `POST /v1/reservations` or `/v1/transfers` of lines of several partitions.
     SplitWhole(split::Whole),
     /// A split reservation's or transfer's own route: its id and parts (partition, part key).
@@ -491,6 +493,18 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
             one_partition(front.partitions, skus.iter().map(String::as_str))
                 .map_or(Route::SplitRestock, Route::Partition)
         }
+        (&Method::POST, ["v1", "restocks", "batch"]) => {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let skus: Vec<String> = v["restocks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e["lines"].as_array().cloned().unwrap_or_default())
+                .filter_map(|l| l["sku"].as_str().map(str::to_owned))
+                .collect();
+            one_partition(front.partitions, skus.iter().map(String::as_str))
+                .map_or(Route::SplitRestockBatch, Route::Partition)
+        }
         (&Method::POST, ["v1", "transfers"]) => {
             let skus = lines();
             one_partition(front.partitions, skus.iter().map(String::as_str))
@@ -532,6 +546,9 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         | (&Method::GET, ["v1", "stores"])
         | (&Method::GET, ["v1", "stores", _, "adjustments"])
         | (&Method::GET, ["v1", "catalog"])
+        // The catalog is one document: the partition importing it decides its SKUs' rules at
+        // once, the others pick the document up within a second (as after an edit by the CLI).
+        | (&Method::POST, ["v1", "catalog-imports"])
         | (&Method::GET, ["openapi.json"])
         | (&Method::GET, []) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
@@ -614,7 +631,13 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
         .into_response();
     }
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, front.max_body_bytes).await {
+    // A catalog import's CSV may be larger than any other body.
+    let limit = if parts.uri.path() == "/v1/catalog-imports" {
+        crate::api::CATALOG_IMPORT_MAX_BYTES
+    } else {
+        front.max_body_bytes
+    };
+    let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => return error(axum::http::StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string(), "1"),
     };
@@ -630,7 +653,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::Partition(p) => p,
             Route::Changes => return changes(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Events => return events(front, parts).await.unwrap_or_else(|r| r),
-            r @ (Route::SplitRestock | Route::SplitWhole(_)) => {
+            r @ (Route::SplitRestock | Route::SplitRestockBatch | Route::SplitWhole(_)) => {
                 let json: serde_json::Value = match serde_json::from_slice(&body) {
                     Ok(v) => v,
                     Err(e) => {
@@ -641,6 +664,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
                 };
                 return match r {
                     Route::SplitRestock => split::restock(&front, &parts, json).await,
+                    Route::SplitRestockBatch => split::restock_batch(&front, &parts, json).await,
                     Route::SplitWhole(whole) => split::all_or_none(&front, &parts, whole, json).await,
                     _ => unreachable!("matched above"),
                 };

@@ -3,9 +3,10 @@
 //! (`{key}/p{partition}`), so a retry of the whole request replays the parts already decided
 //! and decides the rest.
 //!
-//! - **Restocks**: every part recorded, the answer their lines in the request's order. A part
-//!   refused (an unknown store: every part is refused the same) answers the refusal; parts
-//!   recorded before stay recorded, and the same request again completes it.
+//! - **Restocks and batches of restocks**: every part recorded, the answer their lines in the
+//!   request's order. A part refused (an unknown store: every part is refused the same; a
+//!   batch's stores are checked first) answers the refusal; parts recorded before stay
+//!   recorded, and the same request again completes it.
 //! - **Reservations**: all lines or none, as with one partition. Parts are held one partition
 //!   after the other; when one is refused (not enough stock), the parts held so far are
 //!   released and the refusal answered. The split is recorded first (`reservation_parts`), so
@@ -153,22 +154,11 @@ pub(super) async fn restock(front: &Front, parts: &axum::http::request::Parts, b
         Ok(k) => k,
         Err(r) => return r,
     };
-    let by_part = lines_by_partition(front, &body);
-    // The first part alone: a request every part would refuse is refused once.
-    let mut answers = Vec::with_capacity(by_part.len());
-    for (i, (p, lines)) in by_part.iter().enumerate() {
-        let pb = part_body(&body, &key, *p, lines);
-        let a = call(front, *p, parts, Method::POST, "/v1/restocks", Some(&pb), None).await;
-        if !a.ok() {
-            if i > 0 {
-                tracing::warn!(key = key.as_str(), partition = p, status = %a.status,
-                    "a restock over several partitions is recorded in part; the same request again completes it");
-            }
-            return a.into_response();
-        }
-        answers.push((*p, a));
-    }
-    // The lines in the request's order.
+    let bodies = lines_by_partition(front, &body).into_iter().map(|(p, lines)| (p, part_body(&body, &key, p, &lines)));
+    let answers = match in_parts(front, parts, &key, "/v1/restocks", bodies.collect()).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let order: Vec<String> = body["lines"]
         .as_array()
         .into_iter()
@@ -178,19 +168,115 @@ pub(super) async fn restock(front: &Front, parts: &axum::http::request::Parts, b
     let mut lines: Vec<Value> =
         answers.iter().flat_map(|(_, a)| a.body["lines"].as_array().cloned().unwrap_or_default()).collect();
     lines.sort_by_key(|l| order.iter().position(|s| l["sku"] == json!(s)).unwrap_or(usize::MAX));
-    let created = answers.iter().any(|(_, a)| a.status == StatusCode::CREATED);
+    let mut out = parts_answer(&key, &answers);
+    out["lines"] = json!(lines);
+    (parts_status(&answers), axum::Json(out)).into_response()
+}
+
+/// `POST /v1/restocks/batch` whose entries' lines span partitions: one batch per partition
+/// (each entry with its lines of that partition's SKUs). The stores are checked first (every
+/// part would refuse an unknown or revoked one), so such a batch records nothing. Answered per
+/// entry in the request's order, as with one partition.
+pub(super) async fn restock_batch(front: &Front, parts: &axum::http::request::Parts, body: Value) -> Response {
+    let key = match request_key(parts, &body) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let entries = body["restocks"].as_array().cloned().unwrap_or_default();
+    let stores: Vec<String> = entries.iter().filter_map(|e| e["store"].as_str().map(str::to_owned)).collect();
+    let live: std::collections::BTreeSet<String> =
+        match front.db.query("SELECT id FROM stores WHERE id = ANY($1) AND revoked_at_ms IS NULL", &[&stores]).await {
+            Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the stores: {e}"), "1"),
+        };
+    if let Some((i, s)) = stores.iter().enumerate().find(|(_, s)| !live.contains(*s)) {
+        return shelfsync_node::http::ApiError::not_found(format!("no store {s} (or it is revoked)"))
+            .with("field", format!("restocks[{i}].store"))
+            .into_response();
+    }
+    // Per partition, its entries (with their lines of its SKUs) and which request entry each is.
+    let mut bodies: BTreeMap<Partition, (Vec<Value>, Vec<usize>)> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        for (p, lines) in lines_by_partition(front, e) {
+            let mut part = e.clone();
+            part["lines"] = json!(lines);
+            let slot = bodies.entry(p).or_default();
+            slot.0.push(part);
+            slot.1.push(i);
+        }
+    }
+    let calls = bodies
+        .iter()
+        .map(|(p, (restocks, _))| (*p, json!({"id": part_key(key.as_str(), *p), "restocks": restocks})))
+        .collect();
+    let answers = match in_parts(front, parts, &key, "/v1/restocks/batch", calls).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let mut merged: Vec<Value> =
+        entries.iter().enumerate().map(|(i, e)| json!({"id": key.item(i), "store": e["store"], "lines": []})).collect();
+    for (p, a) in &answers {
+        let index = &bodies[p].1;
+        for (j, entry) in a.body["restocks"].as_array().into_iter().flatten().enumerate() {
+            if let Some(&i) = index.get(j) {
+                let lines = merged[i]["lines"].as_array_mut().expect("built above");
+                lines.extend(entry["lines"].as_array().cloned().unwrap_or_default());
+            }
+        }
+    }
+    for (i, e) in entries.iter().enumerate() {
+        let order: Vec<&str> =
+            e["lines"].as_array().into_iter().flatten().map(|l| l["sku"].as_str().unwrap_or_default()).collect();
+        if let Some(lines) = merged[i]["lines"].as_array_mut() {
+            lines.sort_by_key(|l| order.iter().position(|s| l["sku"] == json!(s)).unwrap_or(usize::MAX));
+        }
+    }
+    let mut out = parts_answer(&key, &answers);
+    out["restocks"] = json!(merged);
+    (parts_status(&answers), axum::Json(out)).into_response()
+}
+
+/// Records a request as its parts (`bodies`, by partition), the first alone (a request every
+/// part would refuse is refused once). A part refused after others were recorded answers the
+/// refusal; the same request again replays the recorded parts and decides the rest.
+async fn in_parts(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+    key: &IdempotencyKey,
+    path: &str,
+    bodies: BTreeMap<Partition, Value>,
+) -> Result<Vec<(Partition, PartAnswer)>, Response> {
+    let mut answers = Vec::with_capacity(bodies.len());
+    for (i, (p, pb)) in bodies.iter().enumerate() {
+        let a = call(front, *p, parts, Method::POST, path, Some(pb), None).await;
+        if !a.ok() {
+            if i > 0 {
+                tracing::error!(key = key.as_str(), partition = p, status = %a.status, path,
+                    "a request over several partitions is recorded in part; the same request again completes it");
+            }
+            return Err(a.into_response());
+        }
+        answers.push((*p, a));
+    }
+    Ok(answers)
+}
+
+/// 201 if any part was recorded now, else 200 (a retry).
+fn parts_status(answers: &[(Partition, PartAnswer)]) -> StatusCode {
+    if answers.iter().any(|(_, a)| a.status == StatusCode::CREATED) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// What every answer of parts says: the whole's id and key, its kind, when, and its parts.
+fn parts_answer(key: &IdempotencyKey, answers: &[(Partition, PartAnswer)]) -> Value {
     let recorded_at = answers.iter().filter_map(|(_, a)| a.body["recorded_at"].as_str()).max().unwrap_or_default();
-    let parts_json: Vec<Value> =
+    let kind = answers.first().map(|(_, a)| a.body["kind"].clone()).unwrap_or(Value::Null);
+    let parts: Vec<Value> =
         answers.iter().map(|(p, a)| json!({"partition": p, "id": a.body["id"], "key": a.body["key"]})).collect();
-    let out = json!({
-        "id": key.id(),
-        "key": key.as_str(),
-        "kind": "restock",
-        "lines": lines,
-        "recorded_at": recorded_at,
-        "parts": parts_json,
-    });
-    (if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(out)).into_response()
+    json!({"id": key.id(), "key": key.as_str(), "kind": kind, "recorded_at": recorded_at, "parts": parts})
 }
 
 /// What is split all or none: a cart's reservation, or a transfer between two stores.
