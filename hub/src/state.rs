@@ -71,7 +71,7 @@ pub struct Hub<L = Engine> {
     /// The catalog documents.
     pub catalog: Arc<crate::catalog::HubCatalog>,
     /// Counters.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     live: Mutex<HashMap<StoreId, Vec<LiveConn>>>,
     /// Serialises taking a new life (several stores may reveal the same restore at once).
     reincarnating: tokio::sync::Mutex<()>,
@@ -97,7 +97,7 @@ impl Hub {
 
     /// [`Hub::new`] with its metrics made already (sharing an HTTP edge's counters).
     pub fn with_metrics(storage: Arc<Engine>, catalog: Arc<crate::catalog::HubCatalog>, metrics: Metrics) -> Arc<Hub> {
-        Hub::with_ledger(storage, catalog, metrics)
+        Hub::with_ledger(storage, catalog, Arc::new(metrics))
     }
 
     /// Judges a presented API token now. Every call reads the token's row (one primary-key read
@@ -141,7 +141,12 @@ impl Hub {
 
 impl<L: AgentLedger> Hub<L> {
     /// Wraps a ledger: what the agents' sessions read and write.
-    pub fn with_ledger(storage: Arc<L>, catalog: Arc<crate::catalog::HubCatalog>, metrics: Metrics) -> Arc<Hub<L>> {
+    /// `metrics` may be shared (a partitioned hub's deciders and agent sessions count in one).
+    pub fn with_ledger(
+        storage: Arc<L>,
+        catalog: Arc<crate::catalog::HubCatalog>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Hub<L>> {
         Arc::new(Hub {
             storage,
             catalog,

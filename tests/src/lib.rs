@@ -8,6 +8,7 @@ pub mod hubs;
 pub mod inproc;
 pub mod pg;
 pub mod procs;
+pub mod promtool;
 pub mod proxy;
 pub mod webhook;
 

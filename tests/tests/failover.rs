@@ -604,10 +604,10 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             (Some("partitioned"), Some(2)),
             "{v}"
         );
-        let r = http.get(format!("{}/metrics", h.url)).send().await.unwrap();
-        assert_eq!(r.status(), 503, "metrics over every partition are not built");
+        let r = http.get(format!("{}/v1/nothing-here", h.url)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "what no route serves is a partition API's 404");
         let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(v["error"], "not_built", "{v}");
+        assert_eq!(v["error"], "not_found", "{v}");
         let r = http.get(format!("{}/v1/availability/A", h.url)).send().await.unwrap();
         assert_eq!(r.status(), 401, "one SKU's request reaches its partition's API, which wants a token");
     }
@@ -1439,6 +1439,22 @@ async fn requests_over_several_partitions_are_split_and_answered_as_one() {
             (st["safety_stock"] == json!(safety)).then_some(())
         })
         .await;
+    }
+    // Each hub's /metrics: its process's counters (every decider it runs, its agents'
+    // sessions), the chain's stores and every partition's open conflicts, for a viewer only.
+    let scrape = |token: String| {
+        let url = format!("{}/metrics", set.http[1]);
+        async move { reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    assert_eq!(scrape("nope".into()).await.status(), 401);
+    let text = scrape(set.admin.clone()).await.text().await.unwrap();
+    shelfsync_tests::promtool::check("partitioned hub's metrics", &text);
+    for want in [
+        "shelfsync_hub_reservations_total{",
+        "shelfsync_hub_stores 1",
+        "shelfsync_hub_store_connected{store=\"store-0\"}",
+    ] {
+        assert!(text.contains(want), "{want} in:\n{text}");
     }
     // What every partition answers alike is answered by any hub.
     let (s, v) = set.call(1, Method::GET, "/v1/tokens", &set.admin, None).await.unwrap();

@@ -20,8 +20,8 @@
 //! **Warm standbys**: every partition this hub does not decide is kept warm, and taken over
 //! from there.
 //!
-//! **Not built yet** (`hub/docs/scale-out.md`, "Not built yet"): `/metrics` answers 503
-//! `not_built`, saying so.
+//! **`/metrics`** is this process's: one set of counters shared by every decider it runs and
+//! its agents' sessions, with the chain's figures read from the database at the scrape.
 
 // The fronts answer with a response either way: an error is the answer to send as is.
 #![allow(clippy::result_large_err)]
@@ -205,8 +205,13 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     }));
     let held: HeldMap = Arc::default();
     let standbys = Standbys::default();
+    // One set of metrics for the whole process: every decider's API and the agents' sessions
+    // count in it, and the front's listener is its HTTP edge.
+    let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
+    let metrics = Arc::new(crate::metrics::Metrics::with_edge(edge.clone()));
     let deciders = Deciders {
         config: config.clone(),
+        metrics: metrics.clone(),
         standbys: standbys.clone(),
         partitions,
         target,
@@ -221,10 +226,10 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     let plane =
         Arc::new(crate::plane::Plane::open(&crate::db::Target::Postgres(url.clone()), sql, PLANE_CONNECTIONS).await?);
     let catalog = crate::catalog::HubCatalog::load(plane.as_ref()).await?;
-    let agents = crate::state::Hub::with_ledger(plane, catalog, crate::metrics::Metrics::default());
+    let agents = crate::state::Hub::with_ledger(plane, catalog, metrics.clone());
     let pki = Arc::new(pki);
     tasks.extend(crate::server::serve_agents(&config, &agents, &pki, &endpoint).await?);
-    tasks.push(tokio::spawn(crate::plane::follow_heads(agents, heads_rx, HEADS_POLL)));
+    tasks.push(tokio::spawn(crate::plane::follow_heads(agents.clone(), heads_rx, HEADS_POLL)));
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let front = Front {
         hub_id: hub_id.clone(),
@@ -238,6 +243,7 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         max_body_bytes: config.http.max_body_bytes,
         streams: Arc::new(tokio::sync::Semaphore::new(config.http.max_event_streams)),
         stopping: stopping_rx,
+        agents,
     };
     let internal_tls = creds.server_config().map_err(|e| HubError::Pki(e.to_string()))?;
     let internal_app = axum::Router::new().fallback(internal_door).with_state(front.clone());
@@ -248,7 +254,6 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         std::future::pending(),
     )));
     let app = axum::Router::new().fallback(front_door).with_state(front);
-    let edge = Arc::new(shelfsync_node::http::EdgeStats::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(shelfsync_node::http::serve(listener, app, config.serve_options(), edge, async move {
         let _ = shutdown_rx.await;
@@ -271,6 +276,8 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
 /// What a hub needs to start a partition's decider.
 struct Deciders {
     config: HubConfig,
+    /// The process's metrics, shared by every decider's API.
+    metrics: Arc<crate::metrics::Metrics>,
     /// How far the warm standby of each partition not decided here is.
     standbys: Standbys,
     partitions: shelfsync_hub_core::Partitions,
@@ -358,7 +365,7 @@ async fn open(
     let engine_warm = engine.opened_warm();
     let client = crate::postgres::connect(&d.url).await?;
     let catalog = crate::catalog::HubCatalog::load(engine.as_ref()).await?;
-    let hub = crate::state::Hub::new(engine.clone(), catalog);
+    let hub = crate::state::Hub::with_ledger(engine.clone(), catalog, d.metrics.clone());
     let app = crate::server::api_app(&d.config, &hub);
     let every = Duration::from_millis(d.config.reservations.expiry_check_ms);
     let tasks = vec![
@@ -394,6 +401,8 @@ struct Front {
     streams: Arc<tokio::sync::Semaphore>,
     /// Set when the hub stops: live feeds end.
     stopping: watch::Receiver<bool>,
+    /// The agents' sessions here (which stores are connected) and the process's metrics.
+    agents: Arc<crate::state::Hub<crate::plane::Plane>>,
 }
 
 /// Where a request goes.
@@ -419,11 +428,13 @@ enum Route {
     List(split::Order),
     /// `GET /v1/overview`: every partition's figures, added up.
     Overview,
-    /// What every partition answers alike (tokens, stores, the API's description): one held
-    /// here if any.
+    /// `GET /metrics`: this hub process's.
+    Metrics,
+    /// What every partition answers alike (tokens, stores, the API's description, and what
+    /// no route serves: a 404 or 405): one held here if any.
     Any,
-    /// Not served on a partitioned database yet (why).
-    NotBuilt(String),
+    /// The database could not say where a request goes (why).
+    Unavailable(String),
 }
 
 /// The partition of a set of SKUs, if they share one (`None`: several).
@@ -456,9 +467,9 @@ async fn whole_route(front: &Front, whole: split::Whole, id: &str, sql: &str) ->
         Ok(None) => match split::parts_of(front, whole, id).await {
             Ok(parts) if !parts.is_empty() => Route::WholeParts(whole, id.to_string(), parts),
             Ok(_) => Route::Partition(0),
-            Err(e) => Route::NotBuilt(format!("cannot find the parts: {e}")),
+            Err(e) => Route::Unavailable(format!("cannot find the parts: {e}")),
         },
-        Err(e) => Route::NotBuilt(format!("cannot find the partition: {e}")),
+        Err(e) => Route::Unavailable(format!("cannot find the partition: {e}")),
     }
 }
 
@@ -531,6 +542,7 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         }
         (&Method::GET, ["v1", "reservations"]) => Route::List(split::Order::NewestFirst("created_at")),
         (&Method::GET, ["v1", "overview"]) => Route::Overview,
+        (&Method::GET, ["metrics"]) => Route::Metrics,
         (&Method::GET, ["v1", "stores", _, "stock"]) => Route::List(split::Order::BySku),
         (&Method::POST, ["v1", "conflicts", id, "resolve"]) => {
             let row = front
@@ -539,7 +551,7 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
                 .await;
             match row {
                 Ok(r) => Route::Partition(r.map_or(0, |r| Partition::try_from(r.get::<_, i16>(0)).unwrap_or(0))),
-                Err(e) => Route::NotBuilt(format!("cannot find the conflict's partition: {e}")),
+                Err(e) => Route::Unavailable(format!("cannot find the conflict's partition: {e}")),
             }
         }
         (_, ["v1", "tokens", ..])
@@ -553,7 +565,9 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         | (&Method::GET, []) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
         (&Method::GET, ["v1", "events"]) => Route::Events,
-        _ => Route::NotBuilt(format!("{method} {path} over every partition")),
+        // Every route of the API is placed above: the rest is a 404 or 405, as any partition's
+        // API answers it.
+        _ => Route::Any,
     }
 }
 
@@ -569,20 +583,12 @@ fn error(
     r
 }
 
-fn not_built(why: String) -> axum::response::Response {
-    error(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "not_built",
-        format!(
-            "this hub decides for SKU partitions; {why} is not built yet (hub/docs/scale-out.md): \
-             make the database with one partition to serve the whole API"
-        ),
-        "60",
-    )
+fn unavailable(why: String) -> axum::response::Response {
+    error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no_active_hub", format!("{why}; retry"), "1")
 }
 
 /// `/healthz` with the partitions this hub decides; a request about one partition served here
-/// or forwarded to its holder; 503 `not_built` for the rest.
+/// or forwarded to its holder; one over several split or gathered.
 async fn front_door(
     axum::extract::State(front): axum::extract::State<Front>,
     req: axum::extract::Request,
@@ -675,8 +681,9 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::AvailabilityBatch => return split::availability(&front, &parts).await,
             Route::List(order) => return split::gather_list(&front, &parts, order).await,
             Route::Overview => return split::overview(&front, &parts).await,
+            Route::Metrics => return metrics(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Any => front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0),
-            Route::NotBuilt(why) => return not_built(why),
+            Route::Unavailable(why) => return unavailable(why),
         },
     };
     to_partition(&front, partition, parts, body, may_forward).await
@@ -998,4 +1005,72 @@ async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+}
+
+/// `GET /metrics` on a partitioned hub: this process's counters (every decider it runs, its
+/// agents' sessions, its HTTP edge: one set, shared) and, read from the database at the
+/// scrape, the chain's stores (connected: to this hub), open conflicts of every partition and
+/// the feed's events over every partition. The caller's token is checked by a partition's API
+/// (the role `/v1/stores` wants, as `/metrics` on one hub).
+async fn metrics(
+    front: &Front,
+    parts: &axum::http::request::Parts,
+) -> Result<axum::response::Response, axum::response::Response> {
+    let p = front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0);
+    part_json(front, p, parts, "/v1/stores").await?;
+    let unavailable = |e: tokio_postgres::Error| {
+        error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string(), "1")
+    };
+    let now_ms = shelfsync_node::now_ms();
+    let rows = front
+        .db
+        .query(
+            "SELECT s.id, s.last_seen_ms, s.revoked_at_ms IS NOT NULL,
+                    GREATEST(COALESCE(q.counter, 0) - COALESCE((SELECT MAX(acked) FROM peers p WHERE p.store = s.id), 0), 0)
+             FROM stores s LEFT JOIN store_seqs q ON q.store = s.id ORDER BY s.id",
+            &[],
+        )
+        .await
+        .map_err(unavailable)?;
+    let stores = rows
+        .iter()
+        .map(|r| {
+            let store: String = r.get(0);
+            let connected = store.parse().ok().is_some_and(|id| front.agents.live(&id).is_some());
+            crate::metrics::StoreGauge {
+                connected,
+                last_seen_age_secs: r.get::<_, Option<i64>>(1).map(|t| (now_ms - t).max(0) as f64 / 1000.0),
+                unacked_entries: (r.get::<_, i64>(3).max(0) as u64).min(crate::metrics::UNACKED_COUNT_MAX as u64),
+                revoked: r.get(2),
+                store,
+            }
+        })
+        .collect();
+    let open: BTreeMap<String, i64> = front
+        .db
+        .query(
+            "SELECT body::jsonb->>'kind', COUNT(*) FROM decisions
+             WHERE kind = 'conflict' AND body::jsonb->>'status' = 'open' GROUP BY 1",
+            &[],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .filter_map(|r| Some((r.get::<_, Option<String>>(0)?, r.get(1))))
+        .collect();
+    let conflicts_open = shelfsync_hub_core::ConflictKind::ALL
+        .iter()
+        .map(|k| (k.as_str(), open.get(k.as_str()).copied().unwrap_or(0).max(0) as u64))
+        .collect();
+    let feed_head: i64 = front
+        .db
+        .query_one(
+            "SELECT COALESCE(SUM(m), 0)::int8 FROM (SELECT MAX(cursor) AS m FROM feed GROUP BY partition) h",
+            &[],
+        )
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head: feed_head.max(0) as u64 };
+    Ok(crate::metrics::render(&front.agents.metrics, snapshot))
 }
