@@ -13,6 +13,7 @@ pub mod lineage;
 pub mod mac;
 pub mod qty;
 pub mod reason;
+pub mod rights;
 pub mod sync;
 pub mod wire;
 
@@ -23,3 +24,4 @@ pub use journal::{EventFlag, EventKind, JournalEvent, UnixMs};
 pub use key::{IdempotencyKey, KeyError, KEY_MAX_LEN};
 pub use qty::{QtyError, StockFigures};
 pub use reason::{Reason, ReasonCode, ReasonError};
+pub use rights::{Rights, RightsError, RightsKind};
