@@ -61,16 +61,19 @@ impl Plane {
             return Err(StorageError::Invalid("the sync plane lives in a partitioned PostgreSQL database".into()));
         };
         let db = HubDb::open_partition(target, opts, crate::db::Load::Nothing, None, HOME).await?.storage;
-        let admin = crate::postgres::connect(url).await?;
-        let partitions = crate::postgres::PgStorage::partitions(&admin).await?;
-        let mut writers = BTreeSet::new();
-        for p in partitions.all() {
-            writers.insert(crate::postgres::partition_writer(&admin, p).await?);
-        }
         let mut conns = Vec::with_capacity(connections.max(1));
         for _ in 0..connections.max(1) {
             conns.push(Mutex::new(SyncPlane::connect(url).await?));
         }
+        let (partitions, writers) = {
+            let c = conns[0].get_mut().client();
+            let partitions = crate::postgres::PgStorage::partitions(c).await?;
+            let mut writers = BTreeSet::new();
+            for p in partitions.all() {
+                writers.insert(crate::postgres::partition_writer(c, p).await?);
+            }
+            (partitions, writers)
+        };
         Ok(Plane { partitions, key: db.mac_key(), life: db.hub_writer(), db, conns, writers })
     }
 
@@ -133,15 +136,7 @@ impl AgentLedger for Plane {
     }
 
     async fn heads(&self, store: &StoreId) -> StorageResult<HubHeads> {
-        let conn = self.conn(store).lock().await;
-        let row = conn
-            .client()
-            .query_opt("SELECT counter, journal FROM store_seqs WHERE store = $1", &[&store.as_str()])
-            .await?;
-        Ok(row.map_or(HubHeads::default(), |r| HubHeads {
-            counter: r.get::<_, i64>(0).max(0) as u64,
-            journal: r.get::<_, i64>(1).max(0) as u64,
-        }))
+        crate::syncplane::store_heads(self.conn(store).lock().await.client(), store).await
     }
 
     fn check_cert(
@@ -259,7 +254,7 @@ impl AgentLedger for Plane {
             // The deciders close holds and announce stock as they apply the merge.
             holds_changed: Vec::new(),
             changed: Vec::new(),
-            entries_changed: merged.changed,
+            entries_changed: merged.grown.len(),
             heads: HubHeads { counter: merged.head, journal: 0 },
             recovered: recovered.len() as u64,
             own_lost: recovered.iter().any(|(_, w)| self.writers.contains(w)),
@@ -323,17 +318,22 @@ pub async fn follow_heads(hub: Arc<Hub<Plane>>, mut notices: mpsc::Receiver<Noti
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stores: Vec<StoreId> = tokio::select! {
+        // One store (a merge's notice), or every store (a tick, or notices were missed).
+        let only: Option<StoreId> = tokio::select! {
             n = notices.recv() => match n {
                 None => return,
-                Some(Notice::Store(s)) => vec![s],
-                Some(Notice::Resync) => live_stores(&hub),
+                Some(Notice::Store(s)) => Some(s),
+                Some(Notice::Resync) => None,
             },
-            _ = tick.tick() => live_stores(&hub),
+            _ = tick.tick() => None,
         };
-        let live: BTreeSet<StoreId> = live_stores(&hub).into_iter().collect();
-        let stores: Vec<String> = stores.into_iter().filter(|s| live.contains(s)).map(|s| s.to_string()).collect();
+        let live: BTreeSet<StoreId> = hub.all_live().into_iter().map(|(s, _)| s).collect();
         holds_seen.retain(|s, _| live.contains(s));
+        let stores: Vec<String> = match only {
+            Some(s) if live.contains(&s) => vec![s.to_string()],
+            Some(_) => Vec::new(),
+            None => live.iter().map(ToString::to_string).collect(),
+        };
         if stores.is_empty() {
             continue;
         }
@@ -366,10 +366,4 @@ pub async fn follow_heads(hub: Arc<Hub<Plane>>, mut notices: mpsc::Receiver<Noti
             }
         }
     }
-}
-
-fn live_stores(hub: &Hub<Plane>) -> Vec<StoreId> {
-    let mut v: Vec<StoreId> = hub.all_live().into_iter().map(|(s, _)| s).collect();
-    v.dedup();
-    v
 }

@@ -152,14 +152,12 @@ pub enum AgentNote {
 /// What a merge did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Merged {
-    /// Entries that grew (the rest were known already).
-    pub changed: usize,
+    /// The entries that grew, as (SKU, writer) (the rest were known already).
+    pub grown: Vec<(Sku, WriterId)>,
     /// The store's sequence after it.
     pub head: u64,
     /// The partitions given a merge-log row (each at `head`).
     pub parts: Vec<Partition>,
-    /// The entries that grew, as (SKU, writer).
-    pub grown: Vec<(Sku, WriterId)>,
 }
 
 fn part_col(p: Partition) -> i16 {
@@ -358,7 +356,6 @@ impl SyncPlane {
         }
         tx.commit().await?;
         Ok(Merged {
-            changed: grown.len(),
             head: unsigned(new_head, "store_seqs.counter")?,
             parts: by_part.into_keys().collect(),
             grown: grown_keys,
@@ -372,7 +369,7 @@ impl SyncPlane {
             return Ok(());
         }
         let body = postcard::to_stdvec(&MergePart { notes, ..MergePart::default() }).expect("notes serialise");
-        let seq = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
+        let seq = (rand::random::<u64>() >> 1) as i64;
         let kind = LogKind::Agent.col();
         let (parts, bodies) = (vec![part_col(HOME)], vec![body]);
         let tx = self.client.transaction().await?;
@@ -521,8 +518,19 @@ pub async fn read_delta(
 
 /// The store's sequence head (0: nothing merged yet).
 pub async fn store_head(c: &Client, store: &StoreId) -> StorageResult<u64> {
-    let row = c.query_opt("SELECT counter FROM store_seqs WHERE store = $1", &[&store.as_str()]).await?;
-    row.map_or(Ok(0), |r| unsigned(r.get(0), "store_seqs.counter"))
+    Ok(store_heads(c, store).await?.counter)
+}
+
+/// The store's sequences: its counter entries' and its journal's (0: nothing yet).
+pub async fn store_heads(c: &Client, store: &StoreId) -> StorageResult<crate::storage::HubHeads> {
+    let row = c.query_opt("SELECT counter, journal FROM store_seqs WHERE store = $1", &[&store.as_str()]).await?;
+    Ok(match row {
+        None => crate::storage::HubHeads::default(),
+        Some(r) => crate::storage::HubHeads {
+            counter: unsigned(r.get(0), "store_seqs.counter")?,
+            journal: unsigned(r.get(1), "store_seqs.journal")?,
+        },
+    })
 }
 
 /// Digest of every entry of `store`, and the store's sequence head it covers, read from one
@@ -618,27 +626,20 @@ pub async fn apply_page(
 }
 
 /// Keeps partition `partition`'s decider up to date with the sync plane: a page whenever woken
-/// (a store changed, `crate::notify`) and at least every `poll`; `changed` hears what each page
-/// changed (for the hub to push holds and availability). Runs until the engine stops.
+/// (a store changed, `crate::notify`) and at least every `poll`. What it changes reaches the
+/// stores' sessions through the database (their holds versions and sequences, followed by
+/// `crate::plane::follow_heads`) and the feed. Runs until the engine stops.
 pub async fn apply_forever(
     engine: std::sync::Arc<crate::engine::Engine>,
     c: Client,
     partition: Partition,
     poll: std::time::Duration,
     mut wake: tokio::sync::watch::Receiver<()>,
-    changed: tokio::sync::mpsc::Sender<Vec<shelfsync_hub_core::Merged>>,
 ) {
     loop {
         match apply_page(&engine, &c, partition, APPLY_PAGE).await {
-            Ok(merged) => {
-                let full = merged.len() == APPLY_PAGE;
-                if !merged.is_empty() && changed.send(merged).await.is_err() {
-                    return;
-                }
-                if full {
-                    continue;
-                }
-            }
+            Ok(merged) if merged.len() == APPLY_PAGE => continue,
+            Ok(_) => {}
             Err(StorageError::Stopped(_)) => return,
             Err(e) => tracing::error!(partition, error = %e, "applying the sync plane's merges"),
         }
@@ -658,13 +659,7 @@ pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfs
     use shelfsync_hub_core::{Allocation, AllocationStatus, Reservation};
     use shelfsync_shared::wire::{Hold, HoldStatus, HoldsSnapshot, HOLDS_MAX};
     let (version, rows) = crate::postgres::in_snapshot(c, async {
-        let version: i64 = c
-            .query_one(
-                "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1",
-                &[&store.as_str()],
-            )
-            .await?
-            .get(0);
+        let version = holds_version(c, store).await?;
         let rows = c
             .query(
                 "SELECT a.body, r.body FROM decisions a
@@ -696,7 +691,7 @@ pub async fn holds_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfs
         holds.push(Hold { id: a.id, reservation: a.reservation, sku: a.sku, qty: a.qty, status, expires_at_ms });
     }
     holds.sort_by_key(|h| h.id);
-    Ok(HoldsSnapshot { version: unsigned(version, "store_parts.holds_version")?, holds })
+    Ok(HoldsSnapshot { version, holds })
 }
 
 /// What [`SyncPlane::append_journal`] did.
@@ -719,10 +714,7 @@ pub async fn read_journal(
     after: u64,
     limit: usize,
 ) -> StorageResult<shelfsync_shared::sync::JournalRead> {
-    let head: u64 = match c.query_opt("SELECT journal FROM store_seqs WHERE store = $1", &[&store.as_str()]).await? {
-        Some(r) => unsigned(r.get(0), "store_seqs.journal")?,
-        None => 0,
-    };
+    let head = store_heads(c, store).await?.journal;
     let exclude = exclude.map(|w| w.to_string()).unwrap_or_default();
     let rows = c
         .query(
@@ -742,45 +734,35 @@ pub async fn read_journal(
     Ok(shelfsync_shared::sync::JournalRead { upto, events })
 }
 
-/// The transfers on their way to `store` over every partition, as its agent gets them (the
-/// oldest shipments first, within the wire's limits), versioned as [`holds_snapshot`] is (the
-/// deciders bump a store's holds version when a transfer to it ships or closes). One snapshot.
+/// The transfers on their way to `store` over every partition, as its agent gets them
+/// ([`shelfsync_hub_core::incoming_snapshot`]), versioned as [`holds_snapshot`] is. One snapshot.
 pub async fn incoming_snapshot(c: &Client, store: &StoreId) -> StorageResult<shelfsync_shared::wire::IncomingSnapshot> {
-    use shelfsync_shared::wire::{
-        IncomingLine, IncomingSnapshot, IncomingTransfer, INCOMING_LINES_MAX, INCOMING_TRANSFERS_MAX,
-    };
     let (version, rows) = crate::postgres::in_snapshot(c, async {
-        let version: i64 = c
-            .query_one(
-                "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1",
-                &[&store.as_str()],
-            )
-            .await?
-            .get(0);
+        let version = holds_version(c, store).await?;
         let rows = c
             .query(
                 "SELECT body FROM transfers WHERE to_store = $1 AND status = 'in_transit'
                  ORDER BY shipped_at_ms, id LIMIT $2",
-                &[&store.as_str(), &(INCOMING_TRANSFERS_MAX as i64)],
+                &[&store.as_str(), &(shelfsync_shared::wire::INCOMING_TRANSFERS_MAX as i64)],
             )
             .await?;
         Ok((version, rows))
     })
     .await?;
-    let (mut transfers, mut lines_total) = (Vec::with_capacity(rows.len()), 0);
-    for r in &rows {
-        let t: shelfsync_hub_core::Transfer = serde_json::from_str(&r.get::<_, String>(0))
-            .map_err(|e| StorageError::Corrupt(format!("a transfer row: {e}")))?;
-        if lines_total + t.lines.len() > INCOMING_LINES_MAX {
-            break;
-        }
-        lines_total += t.lines.len();
-        transfers.push(IncomingTransfer {
-            id: t.id,
-            from: t.from,
-            lines: t.lines.iter().map(|l| IncomingLine { sku: l.sku.clone(), qty: l.shipped }).collect(),
-            shipped_at_ms: t.shipped_at_ms,
-        });
-    }
-    Ok(IncomingSnapshot { version: unsigned(version, "store_parts.holds_version")?, transfers })
+    let transfers = rows
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<shelfsync_hub_core::Transfer>(&r.get::<_, String>(0))
+                .map_err(|e| StorageError::Corrupt(format!("a transfer row: {e}")))
+        })
+        .collect::<StorageResult<Vec<_>>>()?;
+    Ok(shelfsync_hub_core::incoming_snapshot(version, &transfers))
+}
+
+/// What `store`'s holds version is over every partition: the sum of each partition's (each
+/// only grows, so the sum grows with every change anywhere).
+pub const HOLDS_VERSION: &str = "SELECT COALESCE(SUM(holds_version), 0)::int8 FROM store_parts WHERE store = $1";
+
+async fn holds_version(c: &Client, store: &StoreId) -> StorageResult<u64> {
+    unsigned(c.query_one(HOLDS_VERSION, &[&store.as_str()]).await?.get(0), "store_parts.holds_version")
 }

@@ -66,7 +66,7 @@ pub enum RightsError {
 }
 
 /// The rights of one (store, SKU) as one replica knows them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rights {
     entries: BTreeMap<(WriterId, RightsKind), u64>,
 }

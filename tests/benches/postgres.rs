@@ -257,29 +257,16 @@ async fn partition_failover(set: &mut HubSet, warm: bool, records: i64) -> anyho
             set.http.iter().position(|u| !u.is_empty() && u.ends_with(&addr))
         })
         .await;
-        let survivor = (owner + 1) % 3;
-        set.hubs[owner].take().expect("the deciding hub running").kill9().await;
-        let killed = Instant::now();
-        let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "F", "qty": 1}]});
-        loop {
-            if let Some((201, _)) =
-                set.call(survivor, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        times.push(killed.elapsed().as_secs_f64());
-        set.start_hub(owner).await;
+        times.push(kill_and_reserve(set, owner).await);
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (median, runs) = median_of(times);
     println!(
         "partition failover, {} standbys (6 partitions over 3 hubs; kill -9 of the hub deciding F's partition -> \
          first reservation of F answered 201 through a survivor, {records} decisions and feed events over all \
          partitions): median {:.2} s, runs {:?} s (lease {} s)",
         if warm { "warm" } else { "cold" },
-        times[1],
-        times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        median,
+        runs,
         shelfsync_hub::cluster::LEASE.as_secs(),
     );
     Ok(())
@@ -291,30 +278,43 @@ async fn failover(set: &mut HubSet, warm: bool, records: i64) -> anyhow::Result<
     for _ in 0..3 {
         restock(set, &["F".to_owned()], 1000).await?;
         let active = set.active().await;
-        let survivor = (active + 1) % 3;
-        set.hubs[active].take().expect("active hub running").kill9().await;
-        let killed = Instant::now();
-        let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "F", "qty": 1}]});
-        loop {
-            if let Some((201, _)) =
-                set.call(survivor, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        times.push(killed.elapsed().as_secs_f64());
-        set.start_hub(active).await;
+        times.push(kill_and_reserve(set, active).await);
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (median, runs) = median_of(times);
     println!(
         "failover, {} standbys (kill -9 of the active hub → first reservation answered 201 through a survivor, \
          {records} decisions and feed events stored): median {:.2} s, runs {:?} s (lease {} s, renewed every {} ms)",
         if warm { "warm" } else { "cold" },
-        times[1],
-        times.iter().map(|t| (t * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        median,
+        runs,
         shelfsync_hub::cluster::LEASE.as_secs(),
         shelfsync_hub::cluster::TICK.as_millis()
     );
     Ok(())
+}
+
+/// `kill -9` of hub `victim`, then reservations of `F` through the next hub until one is
+/// answered 201; the seconds that took. The victim is started again.
+async fn kill_and_reserve(set: &mut HubSet, victim: usize) -> f64 {
+    let survivor = (victim + 1) % set.hubs.len();
+    set.hubs[victim].take().expect("the hub to kill running").kill9().await;
+    let killed = Instant::now();
+    let body = json!({"id": Uuid::now_v7(), "lines": [{"sku": "F", "qty": 1}]});
+    loop {
+        if let Some((201, _)) =
+            set.call(survivor, Method::POST, "/v1/reservations", &set.storefront, Some(body.clone())).await
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = killed.elapsed().as_secs_f64();
+    set.start_hub(victim).await;
+    took
+}
+
+/// The median of three runs and the runs, sorted, to the hundredth.
+fn median_of(mut times: Vec<f64>) -> (f64, Vec<f64>) {
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], times.iter().map(|t| (t * 100.0).round() / 100.0).collect())
 }

@@ -12,6 +12,15 @@ use shelfsync_tests::hubs::HubSet;
 use shelfsync_tests::procs::wait_until;
 
 const HOT: &str = "HOT-1";
+
+/// Hub settings for the partitioned tests: a 1 s lease renewed every 200 ms, so takeovers
+/// come within the tests' patience.
+fn short_leases() -> Vec<(String, String)> {
+    vec![
+        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
+        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
+    ]
+}
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Reserves one unit under `key` through hub `first`, moving to the next hub while a hub does not
@@ -571,10 +580,7 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
     use shelfsync_hub_core::Partitions;
     use shelfsync_shared::id::{Incarnation, NodeId};
     use shelfsync_shared::{PnEntry, WriterId};
-    let env = vec![
-        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
-        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
-    ];
+    let env = short_leases();
     let mut set = HubSet::start_with(3, 1, 6, env).await;
     let url = set.database_url.clone();
     let db = shelfsync_tests::pg::connect(&url).await;
@@ -862,10 +868,7 @@ async fn the_hub_reaches_postgres_over_verified_tls_only_when_asked_and_verifiab
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
     use shelfsync_hub_core::Partitions;
-    let env = vec![
-        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
-        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
-    ];
+    let env = short_leases();
     let mut set = HubSet::start_with(3, 6, 6, env).await;
     let (url, urls) = (set.database_url.clone(), set.http.clone());
     let (admin, storefront) = (set.admin.clone(), set.storefront.clone());
@@ -1074,10 +1077,7 @@ async fn a_partitions_hub_dies_mid_burst_and_no_answered_reservation_is_lost() {
 /// when that hub dies the agent moves to another and nothing is counted twice or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_sync_through_any_hub_of_a_partitioned_database_and_fail_over() {
-    let env = vec![
-        ("SHELFSYNC_HUB__STORAGE__LEASE_MS".to_owned(), "1000".to_owned()),
-        ("SHELFSYNC_HUB__STORAGE__LEASE_RENEW_MS".to_owned(), "200".to_owned()),
-    ];
+    let env = short_leases();
     let mut set = HubSet::start_with(3, 3, 6, env).await;
     let skus = shelfsync_tests::hubs::one_sku_per_partition(6);
     // Two SKUs of different partitions, very likely decided on different hubs.

@@ -79,7 +79,7 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     let mut d = delta(&w, entries.clone(), 20);
     d.fulfilled = vec![uuid::Uuid::from_u128(7)];
     let first = sp.merge(parts, d.clone()).await.unwrap();
-    assert_eq!((first.changed, first.head), (20, 20));
+    assert_eq!((first.grown.len(), first.head), (20, 20));
     let touched: Vec<u16> = parts.all().filter(|p| entries.iter().any(|(s, _)| parts.of(s) == *p)).collect();
     assert!(touched.len() > 1, "20 SKUs spread over several of {PARTS} partitions: {touched:?}");
     assert_eq!(first.parts, touched);
@@ -99,9 +99,9 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
 
     // Again, and stale: nothing changes, nothing is logged, the store's sequence stays.
     let again = sp.merge(parts, d).await.unwrap();
-    assert_eq!((again.changed, again.head, again.parts.len()), (0, 20, 0));
+    assert_eq!((again.grown.len(), again.head, again.parts.len()), (0, 20, 0));
     let stale = delta(&w, vec![(sku(3), PnEntry { p: 1, n: 0 })], 21);
-    assert_eq!(sp.merge(parts, stale).await.unwrap().changed, 0);
+    assert_eq!(sp.merge(parts, stale).await.unwrap().grown.len(), 0);
     assert_eq!(stored(&c).await[&(sku(3).to_string(), w.to_string())], PnEntry { p: 13, n: 1 }, "never goes back");
 
     // The decider of sku(3)'s partition applies its row (and deletes it in that commit).
@@ -112,7 +112,7 @@ async fn a_delta_is_merged_once_and_each_partition_logs_its_own_skus() {
     // One entry grows: logged once, in its partition.
     let grown = delta(&w, vec![(sku(3), PnEntry { p: 13, n: 2 })], 22);
     let m = sp.merge(parts, grown).await.unwrap();
-    assert_eq!((m.changed, m.parts.clone()), (1, vec![p3]));
+    assert_eq!((m.grown.len(), m.parts.clone()), (1, vec![p3]));
     let log = syncplane::tail(&c, p3, 100).await.unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].seq, m.head);

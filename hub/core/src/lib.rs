@@ -87,7 +87,9 @@ pub use partition::{Partition, Partitions};
 pub use records::{EntryRecord, LoadError, Loader, Record, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
-pub use transfers::{Closing, Transfer, TransferChanged, TransferFilter, TransferLine, TransferStatus};
+pub use transfers::{
+    incoming_snapshot, Closing, Transfer, TransferChanged, TransferFilter, TransferLine, TransferStatus,
+};
 pub use view::{AllocationView, LineView, ReservationView};
 
 use crate::sourcing::Moment;

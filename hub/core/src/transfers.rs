@@ -473,28 +473,13 @@ impl Decider {
         self.t.incoming.get(sk).and_then(|m| m.get(st)).copied().unwrap_or(0)
     }
 
-    /// The transfers on their way to a store, as pushed to its agent: oldest first, as many
-    /// whole transfers as the frame's limits allow; the version is the holds snapshot's.
+    /// The transfers on their way to a store, as pushed to its agent ([`incoming_snapshot`]).
     pub fn incoming_snapshot(&self, store: &StoreId) -> IncomingSnapshot {
         let Some(&st) = self.t.store_ix.get(store) else {
             return IncomingSnapshot { version: 0, transfers: Vec::new() };
         };
-        let mut transfers = Vec::new();
-        let mut lines_total = 0;
-        for (_, id) in self.t.in_transit_to.get(&st).into_iter().flatten() {
-            let t = &self.t.transfers[id];
-            if transfers.len() == INCOMING_TRANSFERS_MAX || lines_total + t.lines.len() > INCOMING_LINES_MAX {
-                break;
-            }
-            lines_total += t.lines.len();
-            transfers.push(IncomingTransfer {
-                id: t.id,
-                from: t.from.clone(),
-                lines: t.lines.iter().map(|l| IncomingLine { sku: l.sku.clone(), qty: l.shipped }).collect(),
-                shipped_at_ms: t.shipped_at_ms,
-            });
-        }
-        IncomingSnapshot { version: self.t.store(st).holds_version, transfers }
+        let transfers = self.t.in_transit_to.get(&st).into_iter().flatten().map(|(_, id)| &self.t.transfers[id]);
+        incoming_snapshot(self.t.store(st).holds_version, transfers)
     }
 
     /// Per SKU, the units on their way to a store (SKUs in order).
@@ -508,4 +493,24 @@ impl Decider {
         }
         out
     }
+}
+
+/// The transfers on their way to a store as pushed to its agent: `transfers` oldest first, as
+/// many whole ones as the frame's limits allow; `version` is the store's holds version (the
+/// deciders bump it when a transfer to it ships or closes).
+pub fn incoming_snapshot<'a>(version: u64, transfers: impl IntoIterator<Item = &'a Transfer>) -> IncomingSnapshot {
+    let (mut out, mut lines_total) = (Vec::new(), 0);
+    for t in transfers {
+        if out.len() == INCOMING_TRANSFERS_MAX || lines_total + t.lines.len() > INCOMING_LINES_MAX {
+            break;
+        }
+        lines_total += t.lines.len();
+        out.push(IncomingTransfer {
+            id: t.id,
+            from: t.from.clone(),
+            lines: t.lines.iter().map(|l| IncomingLine { sku: l.sku.clone(), qty: l.shipped }).collect(),
+            shipped_at_ms: t.shipped_at_ms,
+        });
+    }
+    IncomingSnapshot { version, transfers: out }
 }

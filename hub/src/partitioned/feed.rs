@@ -159,8 +159,10 @@ pub(super) async fn events(
             loop {
                 if let Some((item, at)) = buf.pop_front() {
                     pos = at;
+                    // Its cursor is the position after it, encoded once (`gather_feed`).
+                    let id = item["cursor"].as_str().unwrap_or_default().to_owned();
                     let kind = item["kind"].as_str().unwrap_or("change").to_owned();
-                    let e = Event::default().id(pos.encode()).event(kind).data(item.to_string());
+                    let e = Event::default().id(id).event(kind).data(item.to_string());
                     return Some((Ok::<_, std::convert::Infallible>(e), (pos, buf, front, parts, permit)));
                 }
                 if *stopping.borrow() {

@@ -156,7 +156,8 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     };
     let pki = Pki::load(&config.pki_dir()).map_err(|e| HubError::Pki(e.to_string()))?;
     crate::postgres::PgStorage::migrate(&url).await?;
-    let partitions = crate::postgres::PgStorage::partitions(&crate::postgres::connect(&url).await?).await?;
+    let db = crate::postgres::connect(&url).await?;
+    let partitions = crate::postgres::PgStorage::partitions(&db).await?;
     let (endpoint, quic_addr, listener, http_addr) = crate::server::bind(&config, &pki).await?;
     let lease = Duration::from_millis(config.storage.lease_ms);
     let coord = Arc::new(
@@ -179,7 +180,6 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         .map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
     let internal_addr =
         internal_listener.local_addr().map_err(|e| HubError::Bind { addr: internal_at, message: e.to_string() })?;
-    let db = crate::postgres::connect(&url).await?;
     crate::internal::advertise(&db, &hub_id, internal_addr).await?;
     let (keeper, events) = crate::cluster::keep(coord, partitions);
     let mut tasks = Vec::new();
@@ -194,14 +194,6 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
             if let Err(mpsc::error::TrySendError::Full(_)) = heads_tx.try_send(n) {
                 // The sessions' follower is behind: its next poll reads every store anyway.
             }
-        }
-    }));
-    // What the merges changed: for the stores' holds and the live feeds, once those are served
-    // here; counted meanwhile.
-    let (changed_tx, mut changed) = mpsc::channel::<Vec<shelfsync_hub_core::Merged>>(64);
-    tasks.push(tokio::spawn(async move {
-        while let Some(m) = changed.recv().await {
-            tracing::debug!(merges = m.len(), "applied the sync plane's merges");
         }
     }));
     let held: HeldMap = Arc::default();
@@ -219,7 +211,6 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
         url: url.clone(),
         lease,
         wake,
-        changed: changed_tx,
     };
     tasks.push(tokio::spawn(follow_leases(events, keeper.clone(), held.clone(), deciders)));
     // Agents: merged into the database here, whoever decides for their SKUs.
@@ -286,7 +277,6 @@ struct Deciders {
     url: String,
     lease: Duration,
     wake: watch::Receiver<()>,
-    changed: mpsc::Sender<Vec<shelfsync_hub_core::Merged>>,
 }
 
 /// Opens a decider for every partition gained, drains and drops one handed over (then lets
@@ -370,14 +360,7 @@ async fn open(
     let app = crate::server::api_app(&d.config, &hub);
     let every = Duration::from_millis(d.config.reservations.expiry_check_ms);
     let tasks = vec![
-        tokio::spawn(crate::syncplane::apply_forever(
-            engine,
-            client,
-            partition,
-            APPLY_POLL,
-            d.wake.clone(),
-            d.changed.clone(),
-        )),
+        tokio::spawn(crate::syncplane::apply_forever(engine, client, partition, APPLY_POLL, d.wake.clone())),
         tokio::spawn(crate::server::expire_leases(hub.clone(), every)),
         tokio::spawn(crate::server::watch_catalog_imports(hub)),
     ];
@@ -406,6 +389,14 @@ struct Front {
     agents: Arc<crate::state::Hub<crate::plane::Plane>>,
 }
 
+impl Front {
+    /// A partition held here (none: partition 0, wherever it is held), for what every
+    /// partition answers alike.
+    fn local_partition(&self) -> Partition {
+        self.held.lock().expect("held lock").keys().next().copied().unwrap_or(0)
+    }
+}
+
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
@@ -415,12 +406,12 @@ enum Route {
     Changes,
     /// `GET /v1/events`: every partition's feed, merged, live.
     Events,
-    /// `POST /v1/restocks` of lines of several partitions.
-    SplitRestock,
-    /// `POST /v1/restocks/batch` of lines of several partitions.
-    SplitRestockBatch,
-    /// `POST /v1/reservations` or `/v1/transfers` of lines of several partitions.
-    SplitWhole(split::Whole),
+    /// `POST /v1/restocks` of lines of several partitions (its body).
+    SplitRestock(serde_json::Value),
+    /// `POST /v1/restocks/batch` of lines of several partitions (its body).
+    SplitRestockBatch(serde_json::Value),
+    /// `POST /v1/reservations` or `/v1/transfers` of lines of several partitions (its body).
+    SplitWhole(split::Whole, serde_json::Value),
     /// A split reservation's or transfer's own route: its id and parts (partition, part key).
     WholeParts(split::Whole, String, Vec<(Partition, String)>),
     /// `GET /v1/availability?sku=…`: each partition asked for its SKUs.
@@ -479,12 +470,19 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
     use axum::http::Method;
     let path = uri.path();
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let lines = || -> Vec<String> {
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-        v["lines"]
-            .as_array()
-            .map(|ls| ls.iter().filter_map(|l| l["sku"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
+    // The body's JSON, for the routes that read it (a body that is not JSON goes to a
+    // partition's API, which says so).
+    let json = || serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let skus = |lines: &serde_json::Value| -> Vec<String> {
+        lines.as_array().into_iter().flatten().filter_map(|l| l["sku"].as_str().map(str::to_owned)).collect()
+    };
+    // One partition's, or split (`split` makes the route from the body).
+    let by_lines = |v: serde_json::Value, skus: Vec<String>, split: fn(serde_json::Value) -> Route| match one_partition(
+        front.partitions,
+        skus.iter().map(String::as_str),
+    ) {
+        Some(p) => Route::Partition(p),
+        None => split(v),
     };
     match (method, segs.as_slice()) {
         (&Method::GET, ["v1", "availability", sku]) | (_, ["v1", "catalog", sku]) => {
@@ -492,35 +490,27 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         }
         (&Method::GET, ["v1", "availability"]) => Route::AvailabilityBatch,
         (&Method::POST, ["v1", "reservations"]) => {
-            let skus = lines();
-            one_partition(front.partitions, skus.iter().map(String::as_str))
-                .map_or(Route::SplitWhole(split::Whole::Reservation), Route::Partition)
-        }
-        (&Method::POST, ["v1", "stores", _, "adjustments"]) => {
-            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            Route::Partition(one_partition(front.partitions, v["sku"].as_str()).unwrap_or(0))
-        }
-        (&Method::POST, ["v1", "restocks"]) => {
-            let skus = lines();
-            one_partition(front.partitions, skus.iter().map(String::as_str))
-                .map_or(Route::SplitRestock, Route::Partition)
-        }
-        (&Method::POST, ["v1", "restocks", "batch"]) => {
-            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            let skus: Vec<String> = v["restocks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|e| e["lines"].as_array().cloned().unwrap_or_default())
-                .filter_map(|l| l["sku"].as_str().map(str::to_owned))
-                .collect();
-            one_partition(front.partitions, skus.iter().map(String::as_str))
-                .map_or(Route::SplitRestockBatch, Route::Partition)
+            let v = json();
+            let skus = skus(&v["lines"]);
+            by_lines(v, skus, |v| Route::SplitWhole(split::Whole::Reservation, v))
         }
         (&Method::POST, ["v1", "transfers"]) => {
-            let skus = lines();
-            one_partition(front.partitions, skus.iter().map(String::as_str))
-                .map_or(Route::SplitWhole(split::Whole::Transfer), Route::Partition)
+            let v = json();
+            let skus = skus(&v["lines"]);
+            by_lines(v, skus, |v| Route::SplitWhole(split::Whole::Transfer, v))
+        }
+        (&Method::POST, ["v1", "restocks"]) => {
+            let v = json();
+            let skus = skus(&v["lines"]);
+            by_lines(v, skus, Route::SplitRestock)
+        }
+        (&Method::POST, ["v1", "restocks", "batch"]) => {
+            let v = json();
+            let skus = v["restocks"].as_array().into_iter().flatten().flat_map(|e| skus(&e["lines"])).collect();
+            by_lines(v, skus, Route::SplitRestockBatch)
+        }
+        (&Method::POST, ["v1", "stores", _, "adjustments"]) => {
+            Route::Partition(one_partition(front.partitions, json()["sku"].as_str()).unwrap_or(0))
         }
         (&Method::GET, ["v1", "transfers"]) => Route::List(split::Order::NewestFirst("shipped_at")),
         (_, ["v1", "reservations", id, ..]) => {
@@ -555,19 +545,13 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
                 Err(e) => Route::Unavailable(format!("cannot find the conflict's partition: {e}")),
             }
         }
-        (_, ["v1", "tokens", ..])
-        | (&Method::GET, ["v1", "stores"])
-        | (&Method::GET, ["v1", "stores", _, "adjustments"])
-        | (&Method::GET, ["v1", "catalog"])
-        // The catalog is one document: the partition importing it decides its SKUs' rules at
-        // once, the others pick the document up within a second (as after an edit by the CLI).
-        | (&Method::POST, ["v1", "catalog-imports"])
-        | (&Method::GET, ["openapi.json"])
-        | (&Method::GET, []) => Route::Any,
         (&Method::GET, ["v1", "changes"]) => Route::Changes,
         (&Method::GET, ["v1", "events"]) => Route::Events,
-        // Every route of the API is placed above: the rest is a 404 or 405, as any partition's
-        // API answers it.
+        // The rest every partition answers alike: tokens, stores, catalog pages, the shrink
+        // report, the API's description, the dashboard page, a catalog import (the catalog is
+        // one document: the partition importing it decides its SKUs' rules at once, the others
+        // pick the document up within a second, as after an edit by the CLI), and what no route
+        // serves (a 404 or 405).
         _ => Route::Any,
     }
 }
@@ -660,22 +644,9 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::Partition(p) => p,
             Route::Changes => return feed::changes(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Events => return feed::events(front, parts).await.unwrap_or_else(|r| r),
-            r @ (Route::SplitRestock | Route::SplitRestockBatch | Route::SplitWhole(_)) => {
-                let json: serde_json::Value = match serde_json::from_slice(&body) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        use axum::response::IntoResponse;
-                        return shelfsync_node::http::ApiError::invalid(format!("the body is not JSON: {e}"))
-                            .into_response();
-                    }
-                };
-                return match r {
-                    Route::SplitRestock => split::restock(&front, &parts, json).await,
-                    Route::SplitRestockBatch => split::restock_batch(&front, &parts, json).await,
-                    Route::SplitWhole(whole) => split::all_or_none(&front, &parts, whole, json).await,
-                    _ => unreachable!("matched above"),
-                };
-            }
+            Route::SplitRestock(json) => return split::restock(&front, &parts, json).await,
+            Route::SplitRestockBatch(json) => return split::restock_batch(&front, &parts, json).await,
+            Route::SplitWhole(whole, json) => return split::all_or_none(&front, &parts, whole, json).await,
             Route::WholeParts(whole, id, split) => {
                 return split::on_parts(&front, &parts, whole, &id, split, &body).await
             }
@@ -683,7 +654,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::List(order) => return split::gather_list(&front, &parts, order).await,
             Route::Overview => return split::overview(&front, &parts).await,
             Route::Metrics => return metrics(&front, &parts).await.unwrap_or_else(|r| r),
-            Route::Any => front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0),
+            Route::Any => front.local_partition(),
             Route::Unavailable(why) => return unavailable(why),
         },
     };
@@ -770,11 +741,6 @@ async fn to_partition(
     }
 }
 
-/// A `GET` of `path` for one partition, with the caller's headers (its token above all).
-fn sub_request(parts: &axum::http::request::Parts, path: &str) -> axum::http::request::Parts {
-    sub_request_with(parts, axum::http::Method::GET, path, false)
-}
-
 /// A `method` of `path` for one partition with the caller's headers, except what belongs to
 /// the whole request (its idempotency key, its body's length, where a feed resumes); `json`:
 /// it carries a JSON body.
@@ -802,33 +768,19 @@ fn sub_request_with(
     b.body(()).expect("a request of valid parts").into_parts().0
 }
 
-/// Partition `p`'s answer to `path` as JSON, or its answer as is when that is not a 200.
+/// Partition `p`'s answer to `GET path` as JSON, or its answer as is when that is not a 200.
 async fn part_json(
     front: &Front,
     p: Partition,
     parts: &axum::http::request::Parts,
     path: &str,
 ) -> Result<serde_json::Value, axum::response::Response> {
-    let resp = to_partition(front, p, sub_request(parts, path), axum::body::Bytes::new(), true).await;
-    if resp.status() != axum::http::StatusCode::OK {
-        return Err(resp);
+    let a = split::call(front, p, parts, axum::http::Method::GET, path, None, None).await;
+    if a.status == axum::http::StatusCode::OK {
+        Ok(a.body)
+    } else {
+        Err(a.into_response())
     }
-    let bytes = axum::body::to_bytes(resp.into_body(), PART_MAX_BYTES).await.map_err(|e| {
-        error(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "no_active_hub",
-            format!("partition {p}'s answer broke off: {e}"),
-            "1",
-        )
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
-            axum::http::StatusCode::BAD_GATEWAY,
-            "bad_gateway",
-            format!("partition {p} answered something that is not JSON: {e}"),
-            "1",
-        )
-    })
 }
 
 /// `GET /metrics` on a partitioned hub: this process's counters (every decider it runs, its
@@ -840,8 +792,7 @@ async fn metrics(
     front: &Front,
     parts: &axum::http::request::Parts,
 ) -> Result<axum::response::Response, axum::response::Response> {
-    let p = front.held.lock().expect("held lock").keys().next().copied().unwrap_or(0);
-    part_json(front, p, parts, "/v1/stores").await?;
+    part_json(front, front.local_partition(), parts, "/v1/stores").await?;
     let unavailable = |e: tokio_postgres::Error| {
         error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string(), "1")
     };

@@ -7,12 +7,13 @@
 //!   request's order. A part refused (an unknown store: every part is refused the same; a
 //!   batch's stores are checked first) answers the refusal; parts recorded before stay
 //!   recorded, and the same request again completes it.
-//! - **Reservations**: all lines or none, as with one partition. Parts are held one partition
-//!   after the other; when one is refused (not enough stock), the parts held so far are
-//!   released and the refusal answered. The split is recorded first (`reservation_parts`), so
-//!   `/v1/reservations/{id or key}` finds the parts on any hub, and commit, extend and cancel
-//!   reach every part. A hub that dies between two parts leaves the first held until its TTL,
-//!   unless the storefront retries (it completes the reservation) or cancels it.
+//! - **Reservations and transfers**: all lines or none, as with one partition. Parts are made
+//!   one partition after the other; when one is refused (not enough stock), the parts made so
+//!   far are undone (released, cancelled) and the refusal answered. The split is recorded first
+//!   (`request_parts`), so `/v1/reservations/{id or key}` and `/v1/transfers/{id or key}` find
+//!   the parts on any hub, and commit, extend, cancel and receive reach every part. A hub that
+//!   dies between two parts leaves the first made (a reservation held until its TTL) unless
+//!   the caller retries (it completes the whole) or cancels it.
 //! - **Availability of several SKUs**: each partition's SKUs asked of it, the answers in the
 //!   request's order.
 
@@ -56,7 +57,7 @@ impl PartAnswer {
         self.status.is_success()
     }
 
-    fn into_response(self) -> Response {
+    pub(super) fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body)).into_response();
         if let Some(v) = self.retry_after {
             r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
@@ -85,9 +86,17 @@ pub(super) async fn call(
     let (status, retry_after) = (resp.status(), resp.headers().get(axum::http::header::RETRY_AFTER).cloned());
     let body = match axum::body::to_bytes(resp.into_body(), PART_MAX_BYTES).await {
         Ok(b) if b.is_empty() => Value::Null,
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            json!({"error": "bad_gateway", "message": format!("partition {p} answered something that is not JSON: {e}")})
-        }),
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(v) => v,
+            Err(e) => {
+                return PartAnswer {
+                    status: StatusCode::BAD_GATEWAY,
+                    retry_after: None,
+                    body: json!({"error": "bad_gateway",
+                        "message": format!("partition {p} answered something that is not JSON: {e}")}),
+                }
+            }
+        },
         Err(e) => {
             return PartAnswer {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -103,18 +112,11 @@ fn invalid(message: String, field: &str) -> Response {
     shelfsync_node::http::ApiError::invalid(message).with("field", field.to_owned()).into_response()
 }
 
-/// The request's idempotency key (its body's `id`, or the `Idempotency-Key` header), short
-/// enough to derive its parts' keys from.
+/// The request's idempotency key (the APIs' one rule: its body's `id` or the
+/// `Idempotency-Key` header), short enough to derive its parts' keys from.
 fn request_key(parts: &axum::http::request::Parts, body: &Value) -> Result<IdempotencyKey, Response> {
-    let header = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let key = match (body["id"].as_str(), header) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(invalid("the body's id and the Idempotency-Key header differ; give one".into(), "id"))
-        }
-        (Some(k), _) | (None, Some(k)) => k,
-        (None, None) => return Err(invalid("give an id (the body's id or an Idempotency-Key header)".into(), "id")),
-    };
-    let key = IdempotencyKey::parse(key).map_err(|e| invalid(format!("id {e}"), "id"))?;
+    let key =
+        shelfsync_node::http::required_key(body["id"].as_str(), &parts.headers).map_err(IntoResponse::into_response)?;
     let longest = part_key(key.as_str(), Partition::MAX).len();
     if longest > KEY_MAX_LEN {
         return Err(invalid(
@@ -140,6 +142,16 @@ pub(super) fn lines_by_partition(front: &Front, body: &Value) -> BTreeMap<Partit
     out
 }
 
+/// Sorts `items` (answers with a `sku`) in the order of the request's `lines` (each with a
+/// `sku`; a SKU's items stay in their order).
+fn in_request_order(items: &mut [Value], lines: &Value) {
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, l) in lines.as_array().into_iter().flatten().enumerate() {
+        at.entry(l["sku"].as_str().unwrap_or_default()).or_insert(i);
+    }
+    items.sort_by_key(|v| v["sku"].as_str().and_then(|s| at.get(s).copied()).unwrap_or(usize::MAX));
+}
+
 /// `body` for partition `p`: its lines, under the part's key.
 fn part_body(body: &Value, key: &IdempotencyKey, p: Partition, lines: &[Value]) -> Value {
     let mut b = body.clone();
@@ -159,15 +171,9 @@ pub(super) async fn restock(front: &Front, parts: &axum::http::request::Parts, b
         Ok(a) => a,
         Err(r) => return r,
     };
-    let order: Vec<String> = body["lines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| l["sku"].as_str().unwrap_or_default().to_owned())
-        .collect();
     let mut lines: Vec<Value> =
         answers.iter().flat_map(|(_, a)| a.body["lines"].as_array().cloned().unwrap_or_default()).collect();
-    lines.sort_by_key(|l| order.iter().position(|s| l["sku"] == json!(s)).unwrap_or(usize::MAX));
+    in_request_order(&mut lines, &body["lines"]);
     let mut out = parts_answer(&key, &answers);
     out["lines"] = json!(lines);
     (parts_status(&answers), axum::Json(out)).into_response()
@@ -224,11 +230,9 @@ pub(super) async fn restock_batch(front: &Front, parts: &axum::http::request::Pa
             }
         }
     }
-    for (i, e) in entries.iter().enumerate() {
-        let order: Vec<&str> =
-            e["lines"].as_array().into_iter().flatten().map(|l| l["sku"].as_str().unwrap_or_default()).collect();
-        if let Some(lines) = merged[i]["lines"].as_array_mut() {
-            lines.sort_by_key(|l| order.iter().position(|s| l["sku"] == json!(s)).unwrap_or(usize::MAX));
+    for (m, e) in merged.iter_mut().zip(&entries) {
+        if let Some(lines) = m["lines"].as_array_mut() {
+            in_request_order(lines, &e["lines"]);
         }
     }
     let mut out = parts_answer(&key, &answers);
@@ -528,7 +532,7 @@ pub(super) async fn availability(front: &Front, parts: &axum::http::request::Par
         if k == "sku" {
             let p = v.parse().map_or(0, |sku| front.partitions.of(&sku));
             by_part.entry(p).or_default().push((k, v.clone()));
-            skus.push(v);
+            skus.push(json!({ "sku": v }));
         } else {
             rest.push((k, v));
         }
@@ -551,7 +555,7 @@ pub(super) async fn availability(front: &Front, parts: &axum::http::request::Par
         }
         items.extend(a.body["items"].as_array().cloned().unwrap_or_default());
     }
-    items.sort_by_key(|i| skus.iter().position(|s| i["sku"] == json!(s)).unwrap_or(usize::MAX));
+    in_request_order(&mut items, &json!(skus));
     axum::Json(json!({ "items": items })).into_response()
 }
 
