@@ -610,7 +610,7 @@ impl Engine {
                     own_lost |= *w == me;
                 }
             }
-            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled }, now_ms)? {
+            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled, rights: Vec::new() }, now_ms)? {
                 Done::Merged(m) => m,
                 other => return Err(unexpected(other)),
             };
@@ -655,8 +655,12 @@ impl Engine {
                     let crate::syncplane::LogRow { store, kind, seq, part } = row;
                     let mut merged = shelfsync_hub_core::Merged::default();
                     if !part.entries.is_empty() || !part.fulfilled.is_empty() {
-                        let cmd =
-                            Command::Merge { store: store.clone(), entries: part.entries, fulfilled: part.fulfilled };
+                        let cmd = Command::Merge {
+                            store: store.clone(),
+                            entries: part.entries,
+                            fulfilled: part.fulfilled,
+                            rights: Vec::new(),
+                        };
                         merged = match st.decide(cmd, now_ms)? {
                             Done::Merged(m) => m,
                             other => return Err(unexpected(other)),

@@ -91,6 +91,7 @@ pub fn rows(records: &[Record]) -> impl Iterator<Item = RowWrite<'_>> {
             Record::Entry(e) => Some(RowWrite::Entry(e)),
             Record::Velocity { store, sku, velocity } => decision("velocity", cell_key(store, sku), json(velocity)),
             Record::Alert { store, sku, state } => decision("alert", cell_key(store, sku), json(state)),
+            Record::Rights { store, sku, rights } => decision("rights", cell_key(store, sku), json(rights)),
             Record::CatalogRule { .. } | Record::Overrides { .. } => None,
             Record::Reservation(x) => decision("reservation", x.id.to_string(), json(x)),
             Record::Allocation(x) => decision("allocation", x.id.to_string(), json(x)),
@@ -265,6 +266,10 @@ pub fn decision_record(kind: &str, key: &str, body: &str) -> StorageResult<Recor
         "alert" => {
             let (store, sku) = cell_of(key)?;
             Record::Alert { store, sku, state: parse(kind, key, body)? }
+        }
+        "rights" => {
+            let (store, sku) = cell_of(key)?;
+            Record::Rights { store, sku, rights: parse(kind, key, body)? }
         }
         "reservation" => Record::Reservation(parse(kind, key, body)?),
         "allocation" => Record::Allocation(parse(kind, key, body)?),

@@ -194,6 +194,84 @@ impl Rights {
     }
 }
 
+impl Rights {
+    /// The hub (its writer `writer`) covers an overdraft: when online holds more rights than the
+    /// store has units (`online > max(on_hand, 0)`, the store sold into them), the difference
+    /// goes back to the store so that `own` is 0 again. Returns the units given back (0: none
+    /// needed). Unlike [`Rights::give_back`] it may take reserved rights: the goods are gone,
+    /// and the holds beyond what is left are cut by the oversell reconciliation.
+    pub fn cover(&mut self, store: &StoreId, writer: &WriterId, on_hand: i64) -> Result<u64, RightsError> {
+        if !RightsKind::Returned.authored_by(store, writer) {
+            return Err(RightsError::NotAuthor {
+                store: store.clone(),
+                writer: writer.clone(),
+                kind: RightsKind::Returned,
+            });
+        }
+        let over = u64::try_from(self.online().saturating_sub(on_hand.max(0))).unwrap_or(0);
+        if over > 0 {
+            self.bump(writer, RightsKind::Returned, over);
+        }
+        Ok(over)
+    }
+}
+
+/// How much of a store's stock is granted online (the chain's defaults, overridable per store and
+/// SKU): online should have `target(on_hand)` unreserved rights, the store always keeps `keep`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscrowPolicy {
+    /// Share of `on_hand` online should be able to promise (0..=1).
+    pub share: f64,
+    /// At most this many unreserved units online (`None`: no cap).
+    #[serde(default)]
+    pub max: Option<u64>,
+    /// Units the store always keeps for walk-ins.
+    pub keep: u64,
+}
+
+impl Default for EscrowPolicy {
+    fn default() -> Self {
+        EscrowPolicy { share: 0.3, max: None, keep: 1 }
+    }
+}
+
+impl EscrowPolicy {
+    /// Checks the values (the config loader names the field).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.share) || self.share.is_nan() {
+            return Err(format!("share must be between 0 and 1, got {}", self.share));
+        }
+        Ok(())
+    }
+
+    /// Unreserved units online should hold of a store with `on_hand`: `share × on_hand`
+    /// (rounded down), at most `max`.
+    pub fn target(&self, on_hand: i64) -> u64 {
+        let t = (self.share * on_hand.max(0) as f64).floor() as u64;
+        self.max.map_or(t, |m| t.min(m))
+    }
+
+    /// What the store should grant now (only a store that is connected is asked): online's
+    /// unreserved rights (`online − held`, `held` as the store knows the holds) topped up to the
+    /// target, from the store's own rights beyond `keep`.
+    pub fn grant_wanted(&self, rights: &Rights, on_hand: i64, held: u64) -> u64 {
+        let free = u64::try_from(rights.online()).unwrap_or(0).saturating_sub(held);
+        let want = self.target(on_hand).saturating_sub(free);
+        let can = u64::try_from(rights.own(on_hand)).unwrap_or(0).saturating_sub(self.keep);
+        want.min(can)
+    }
+
+    /// What the hub should give back now: when the store's own rights fell below `keep` (low
+    /// stock), online's unreserved rights up to what brings the store back to `keep`.
+    pub fn return_wanted(&self, rights: &Rights, on_hand: i64, held: u64) -> u64 {
+        let own = rights.own(on_hand);
+        let short = u64::try_from(i64::try_from(self.keep).unwrap_or(i64::MAX).saturating_sub(own)).unwrap_or(0);
+        let free = u64::try_from(rights.online()).unwrap_or(0).saturating_sub(held);
+        short.min(free)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +308,31 @@ mod tests {
         let other_store: StoreId = "store-2".parse().unwrap();
         let foreign = WriterId::new(NodeId::Store(other_store), Incarnation::from_u64(1));
         assert!(matches!(r.merge_entry(&s, &foreign, RightsKind::Granted, 99), Err(RightsError::NotAuthor { .. })));
+    }
+
+    #[test]
+    fn the_policy_tops_online_up_to_its_target_and_gives_back_at_low_stock() {
+        let (s, a, h) = (store(), agent(), hub());
+        let p = EscrowPolicy { share: 0.3, max: Some(5), keep: 2 };
+        let mut r = Rights::default();
+        assert_eq!(p.target(10), 3);
+        assert_eq!(p.target(100), 5);
+        assert_eq!(p.grant_wanted(&r, 10, 0), 3);
+        r.grant(&s, &a, 10, p.keep, 3).unwrap();
+        assert_eq!(p.grant_wanted(&r, 10, 0), 0);
+        // Two reserved: top up by two.
+        assert_eq!(p.grant_wanted(&r, 10, 2), 2);
+        // Never below keep: 4 on hand, 3 online → own 1 < keep 2; nothing to grant, the hub
+        // gives back one of the unreserved.
+        assert_eq!(p.grant_wanted(&r, 4, 0), 0);
+        assert_eq!(p.return_wanted(&r, 4, 0), 1);
+        assert_eq!(p.return_wanted(&r, 4, 3), 0);
+        // An overdraft: 1 on hand, 3 online → 2 go back.
+        assert_eq!(r.cover(&s, &h, 1), Ok(2));
+        assert_eq!((r.online(), r.own(1)), (1, 0));
+        assert_eq!(r.cover(&s, &h, 1), Ok(0));
+        assert!(matches!(r.cover(&s, &a, 0), Err(RightsError::NotAuthor { .. })));
+        assert!(EscrowPolicy { share: 1.5, max: None, keep: 0 }.validate().is_err());
     }
 
     /// What travels between the store and the hub: an entry's total.

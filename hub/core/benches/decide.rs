@@ -81,7 +81,8 @@ fn merges(rounds: usize, per: usize) -> f64 {
             let entries: Vec<(Sku, WriterId, PnEntry)> =
                 skus.iter().map(|k| (k.clone(), writer.clone(), PnEntry { p: 100, n: r as u64 + 1 })).collect();
             entries_total += entries.len();
-            d.apply(Command::Merge { store: store(i), entries, fulfilled: vec![] }, 10 + r as i64).unwrap();
+            d.apply(Command::Merge { store: store(i), entries, fulfilled: vec![], rights: vec![] }, 10 + r as i64)
+                .unwrap();
             std::hint::black_box(d.take_records().len());
         }
     }

@@ -46,7 +46,11 @@ pub struct StoreFigures {
     pub raw_available: u64,
     /// Buffer for a silent store: recent sales velocity × silence.
     pub staleness_discount: u64,
-    /// What the storefront may promise: `raw_available − staleness_discount`, never below 0.
+    /// Units the store granted online (escrow rights: granted − returned − consumed), whether
+    /// or not escrow is on.
+    pub granted: u64,
+    /// What the storefront may promise: `raw_available − staleness_discount`, never below 0;
+    /// in escrow mode also at most `granted − held`.
     pub available: u64,
     /// Last contact (ms).
     pub last_seen_ms: Option<i64>,
@@ -88,6 +92,12 @@ pub fn available(on_hand: i64, held: u64, safety_stock: u64, active: bool) -> u6
     }
 }
 
+/// In escrow mode, what online may promise of a store: `available` within the unreserved
+/// rights the store granted (`granted − held`).
+pub fn offered(available: u64, granted: i64, held: u64) -> u64 {
+    available.min(u64::try_from(granted).unwrap_or(0).saturating_sub(held))
+}
+
 /// What a store can sell without touching an online promise: `on_hand − held`.
 pub fn sellable(on_hand: i64, held: u64) -> i64 {
     StockFigures { on_hand, held, safety_stock: 0 }.sellable()
@@ -107,8 +117,9 @@ pub fn staleness_discount(st: Staleness, velocity_score: f64, silent_ms: i64, ra
 /// `available` of a cell as the feed reports it (no staleness discount), with the rule used.
 pub(crate) fn cell_available(t: &Tables, st: StoreIx, sk: SkuIx) -> (u64, Effective) {
     let rule = effective(t, &t.store(st).id, sk);
-    let (on_hand, held) = t.cell(st, sk).map_or((0, 0), |c| (c.on_hand, c.held));
-    (available(on_hand, held, rule.safety_stock, rule.active), rule)
+    let Some(c) = t.cell(st, sk) else { return (0, rule) };
+    let a = available(c.on_hand, c.held, rule.safety_stock, rule.active);
+    (if t.escrow { offered(a, c.rights.online(), c.held) } else { a }, rule)
 }
 
 /// Figures of one cell for the storefront, as of `now_ms`.
@@ -130,6 +141,8 @@ pub(crate) fn cell_figures(
         if connected.contains(&store.id) { 0 } else { store.last_seen_ms.map_or(0, |at| (now_ms - at).max(0)) };
     let score = cell.velocity.map_or(0.0, |v| v.score);
     let discount = staleness_discount(staleness, score, silent_ms, raw);
+    let granted = cell.rights.online();
+    let offer = if t.escrow { offered(raw - discount, granted, cell.held) } else { raw - discount };
     StoreFigures {
         store: store.id.clone(),
         on_hand: cell.on_hand,
@@ -138,7 +151,8 @@ pub(crate) fn cell_figures(
         safety_stock: rule.safety_stock,
         raw_available: raw,
         staleness_discount: discount,
-        available: raw - discount,
+        granted: u64::try_from(granted).unwrap_or(0),
+        available: offer,
         last_seen_ms: store.last_seen_ms,
         silent_ms,
     }

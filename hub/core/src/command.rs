@@ -167,6 +167,9 @@ pub enum Command {
         entries: Vec<(Sku, WriterId, PnEntry)>,
         /// Holds (allocation ids) the store fulfilled.
         fulfilled: Vec<Uuid>,
+        /// The store's escrow rights entries (grants and consumptions) in the same delta.
+        #[serde(default)]
+        rights: Vec<crate::escrow::RightsUpdate>,
     },
     /// Reserves all lines or none.
     Reserve(ReservationRequest),
@@ -432,7 +435,9 @@ pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
         Command::StoreSeen { store, at_ms } => crate::stores::seen(cx, &store, at_ms),
         Command::SetConnected { .. } => Ok(Done::Connected),
         Command::SetHubWriter { writer } => crate::stores::set_hub_writer(cx, writer),
-        Command::Merge { store, entries, fulfilled } => crate::merge::merge(cx, &store, &entries, &fulfilled),
+        Command::Merge { store, entries, fulfilled, rights } => {
+            crate::merge::merge(cx, &store, &entries, &fulfilled, &rights)
+        }
         Command::Reserve(req) => crate::lifecycle::reserve(cx, &req).map(Done::Reserved),
         Command::Act { id, action, key } => crate::lifecycle::act(cx, id, action, key).map(Done::Acted),
         Command::ExpireDue => Ok(Done::Expired(crate::lifecycle::expire_due(cx))),

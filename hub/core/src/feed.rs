@@ -64,6 +64,12 @@ named_enum! {
         /// An adjustment was recorded: at a till (synced up) or by head office (a correction, or
         /// the `transit_loss` of a short receipt). The shrink report's rows, live.
         AdjustmentRecorded => "adjustment_recorded",
+        /// A store granted online the right to more of its units (escrow).
+        RightsGranted => "rights_granted",
+        /// The hub gave online rights back to a store (low stock, or to cover an overdraft).
+        RightsReturned => "rights_returned",
+        /// A store sold units it had granted online (see [`crate::ConflictKind::EscrowOverdraft`]).
+        EscrowOverdraft => "escrow_overdraft",
     }
 }
 
@@ -147,6 +153,21 @@ pub enum FeedData {
         /// `store` (a till) or `hub` (head office).
         by: String,
     },
+    /// `rights_granted`, `rights_returned`.
+    Rights {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// Units transferred by this change.
+        qty: u64,
+        /// Online's rights after it (`granted − returned − consumed`).
+        granted: u64,
+        /// Promised online there.
+        held: u64,
+        /// Physical units (hub's view).
+        on_hand: i64,
+    },
     /// `transfer_shipped|received|cancelled`.
     Transfer {
         /// The transfer after the change.
@@ -187,6 +208,9 @@ impl FeedEvent {
             }
             FeedData::Conflict { conflict } => json!({"conflict": conflict.to_json()}),
             FeedData::Transfer { transfer } => json!({"transfer": transfer.to_json()}),
+            FeedData::Rights { store, sku, qty, granted, held, on_hand } => json!({
+                "store": store, "sku": sku, "qty": qty, "granted": granted, "held": held, "on_hand": on_hand,
+            }),
             FeedData::Adjustment { store, sku, delta, reason, id, line, occurred_at_ms, by } => {
                 let r = shelfsync_shared::Reason::parse_stored(reason.as_deref().unwrap_or(""));
                 json!({

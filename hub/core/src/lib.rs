@@ -45,6 +45,7 @@ mod catalog;
 mod command;
 mod conflicts;
 mod cursor;
+mod escrow;
 mod feed;
 mod ids;
 mod lifecycle;
@@ -66,13 +67,14 @@ use std::collections::HashSet;
 use shelfsync_shared::{StoreId, WriterId};
 
 pub use alerts::{alert_state, next_velocity};
-pub use availability::{available, sellable, staleness_discount, Staleness, StoreFigures};
+pub use availability::{available, offered, sellable, staleness_discount, Staleness, StoreFigures};
 pub use command::{
     Action, CatalogApplied, Command, Done, Expired, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal,
     ReservationRequest, RestockEntry, Written, CUSTOMER_MAX_LEN, RESTOCK_BATCH_MAX, TTL_SECS_MAX,
 };
 pub use conflicts::ConflictFilter;
 pub use cursor::{merge_feeds, FeedPosition, Positioned, CURSOR_MAX};
+pub use escrow::Escrow;
 pub use feed::{FeedData, FeedEvent, FeedKind, FeedRead};
 pub use ids::mint as mint_id;
 pub use lifecycle::ReservationFilter;
@@ -84,7 +86,7 @@ pub use model::{
 };
 pub use overview::{Overview, OverviewQuery, ReservationCounts, Series, StoreSummary, OVERVIEW_MINUTES_MAX};
 pub use partition::{Partition, Partitions};
-pub use records::{EntryRecord, LoadError, Loader, Record, StoreRecord};
+pub use records::{EntryRecord, LoadError, Loader, Record, RightsEntries, StoreRecord};
 pub use snapshot::{CellSnapshot, Snapshot, StoreIndexes};
 pub use stores::StoreView;
 pub use transfers::{
@@ -109,12 +111,21 @@ pub struct Config {
     pub expire_batch_max: usize,
     /// Feed events kept in memory (older ones are read from storage).
     pub feed_retain: usize,
+    /// Escrow: whether online promises only within the rights stores granted, and the chain's
+    /// policy (what the hub gives back at low stock).
+    pub escrow: Escrow,
 }
 
 impl Config {
     /// Defaults for everything but the hub's writer.
     pub fn new(hub_writer: WriterId) -> Config {
-        Config { staleness: Staleness::default(), hub_writer, expire_batch_max: EXPIRE_BATCH_MAX, feed_retain: 100_000 }
+        Config {
+            staleness: Staleness::default(),
+            hub_writer,
+            expire_batch_max: EXPIRE_BATCH_MAX,
+            feed_retain: 100_000,
+            escrow: Escrow::default(),
+        }
     }
 }
 
@@ -145,7 +156,8 @@ impl Ctx<'_> {
 impl Decider {
     /// An empty decider. `seed` makes the ids it mints unique to this hub's life.
     pub fn new(config: Config, seed: u128) -> Decider {
-        let t = Tables::new(seed, config.feed_retain, config.hub_writer.clone());
+        let mut t = Tables::new(seed, config.feed_retain, config.hub_writer.clone());
+        t.escrow = config.escrow.enabled;
         Decider { config, t, connected: HashSet::new(), records: Vec::new() }
     }
 

@@ -126,8 +126,10 @@ pub(crate) fn merge(
     store: &StoreId,
     entries: &[(Sku, WriterId, PnEntry)],
     fulfilled: &[Uuid],
+    rights: &[crate::escrow::RightsUpdate],
 ) -> Outcome {
     let st = require(cx.t, store)?;
+    crate::escrow::plan(store, rights)?;
     let mut planned: HashMap<(&Sku, &WriterId), PnEntry> = HashMap::new();
     let mut changes: Vec<(&Sku, &WriterId, PnEntry)> = Vec::new();
     for (sku, writer, incoming) in entries {
@@ -147,11 +149,19 @@ pub(crate) fn merge(
     for (sku, planned) in &by_sku {
         planned_sum(cx.t, st, sku, planned)?;
     }
-    let touched: BTreeSet<&Sku> = by_sku.keys().copied().collect();
+    let counted: BTreeSet<&Sku> = by_sku.keys().copied().collect();
 
     for (sku, writer, next) in &changes {
         let (sk, w) = (cx.t.intern_sku(sku), cx.t.intern_writer(writer));
         cx.t.put_entry(st, sk, w, *next);
+    }
+    // Rights before the holds and on_hand move: a fulfilment's consumption lands with its sale.
+    let granted = crate::escrow::merge(cx, st, rights);
+    let mut touched: BTreeSet<&Sku> = counted.clone();
+    for (sku, ..) in rights {
+        if granted.iter().any(|(sk, _)| cx.t.sku(*sk).sku == *sku) {
+            touched.insert(sku);
+        }
     }
     let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
     // Close the picked holds before on_hand is refreshed: one command lowers both.
@@ -163,9 +173,13 @@ pub(crate) fn merge(
         let sk = cx.t.sku_ix[sku];
         let (old, new) = cx.t.refresh(st, sk);
         record_velocity(cx.t, st, sk, old, new, cx.now, cx.cfg.staleness.tau_ms);
+        let grant = granted.iter().find(|(s, _)| *s == sk).map_or(0, |g| g.1);
+        crate::escrow::settle(cx, st, sk, grant, true);
         emit_availability(cx.t, st, sk, cx.now);
         holds_changed.extend(reconcile(cx, st, sk));
-        changed.push((sku.clone(), new));
+        if counted.contains(sku) {
+            changed.push((sku.clone(), new));
+        }
     }
     // Last contact only moves forward (commands are stamped on arrival, decided in queue order).
     let seen = cx.t.store(st).last_seen_ms.map_or(cx.now, |at| at.max(cx.now));
@@ -364,6 +378,7 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         let line = HubLine { st, sku, delta, kind: journal_kind, reason, id: event, line: *n };
         let sk = write_hub_line(cx, line);
         let (_, on_hand) = cx.t.refresh(st, sk);
+        crate::escrow::settle(cx, st, sk, 0, false);
         emit_availability(cx.t, st, sk, now);
         holds_changed.extend(reconcile(cx, st, sk));
         let store = cx.t.store(st).id.clone();

@@ -112,6 +112,9 @@ named_enum! {
         DuplicateAgent => "duplicate_agent",
         /// The hub's files are older than what its stores saw.
         HubRolledBack => "hub_rolled_back",
+        /// A store sold units it had granted online (escrow): the rights went back to cover
+        /// the sale, holds beyond what is left were cut.
+        EscrowOverdraft => "escrow_overdraft",
     }
 }
 
@@ -268,6 +271,8 @@ pub(crate) struct Cell {
     pub alert: AlertState,
     /// Open allocations here by creation sequence (reconciliation takes the newest first).
     pub open: BTreeMap<u64, Uuid>,
+    /// Escrow rights (`hub/docs/escrow.md`): what the store granted online.
+    pub rights: shelfsync_shared::Rights,
 }
 
 /// A SKU the decider has met, with its catalog rule and the stores that have a cell of it.

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use shelfsync_shared::counter::sum_entries;
 use shelfsync_shared::journal::JournalEvent;
-use shelfsync_shared::{PnEntry, Sku, StoreId, WriterId};
+use shelfsync_shared::{PnEntry, Rights, RightsKind, Sku, StoreId, WriterId};
 use uuid::Uuid;
 
 use crate::feed::FeedEvent;
@@ -56,6 +56,13 @@ pub struct EntryRecord {
     pub seq: u64,
 }
 
+/// A cell's escrow rights as a row: every (writer, kind, total).
+pub type RightsEntries = Vec<(WriterId, RightsKind, u64)>;
+
+pub(crate) fn rights_entries(r: &Rights) -> RightsEntries {
+    r.entries().map(|(w, k, q)| (w.clone(), k, q)).collect()
+}
+
 /// One row to persist.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +79,15 @@ pub enum Record {
         sku: Sku,
         /// The estimate.
         velocity: Velocity,
+    },
+    /// Escrow rights of a cell (by store, sku): every entry.
+    Rights {
+        /// Where.
+        store: StoreId,
+        /// What.
+        sku: Sku,
+        /// Every (writer, kind, total).
+        rights: RightsEntries,
     },
     /// Alert state of a cell (by store, sku).
     Alert {
@@ -154,6 +170,10 @@ pub(crate) fn flush(t: &mut Tables, out: &mut Vec<Record>) {
         let velocity = t.cell(st, sk).and_then(|c| c.velocity).expect("dirty velocity exists");
         out.push(Record::Velocity { store: t.store(st).id.clone(), sku: t.sku(sk).sku.clone(), velocity });
     }
+    for (st, sk) in d.rights {
+        let rights = t.cell(st, sk).map(|c| rights_entries(&c.rights)).unwrap_or_default();
+        out.push(Record::Rights { store: t.store(st).id.clone(), sku: t.sku(sk).sku.clone(), rights });
+    }
     for (st, sk) in d.alerts {
         let state = t.cell(st, sk).map(|c| c.alert).unwrap_or_default();
         out.push(Record::Alert { store: t.store(st).id.clone(), sku: t.sku(sk).sku.clone(), state });
@@ -180,6 +200,9 @@ pub enum LoadError {
     /// A row names a store no store record registered.
     #[error("record names unknown store {0}")]
     UnknownStore(StoreId),
+    /// A row breaks a rule its writer would have refused.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
 }
 
 fn store_ix(t: &Tables, id: &StoreId) -> Result<crate::model::StoreIx, LoadError> {
@@ -220,6 +243,13 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
         Record::Velocity { store, sku, velocity } => {
             let (st, sk) = (store_ix(t, &store)?, t.intern_sku(&sku));
             t.set_velocity(st, sk, velocity);
+        }
+        Record::Rights { store, sku, rights } => {
+            let (st, sk) = (store_ix(t, &store)?, t.intern_sku(&sku));
+            let cell = t.cell_mut(st, sk);
+            for (w, k, q) in rights {
+                cell.rights.merge_entry(&store, &w, k, q).map_err(|e| LoadError::Corrupt(e.to_string()))?;
+            }
         }
         Record::Alert { store, sku, state } => {
             let (st, sk) = (store_ix(t, &store)?, t.intern_sku(&sku));
@@ -270,6 +300,7 @@ pub(crate) struct Dirty {
     pub entries: BTreeSet<(StoreIx, SkuIx, WriterIx)>,
     pub velocity: BTreeSet<(StoreIx, SkuIx)>,
     pub alerts: BTreeSet<(StoreIx, SkuIx)>,
+    pub rights: BTreeSet<(StoreIx, SkuIx)>,
     pub catalog: BTreeSet<SkuIx>,
     pub overrides: BTreeSet<(StoreId, Sku)>,
     pub reservations: BTreeSet<Uuid>,
@@ -290,6 +321,7 @@ impl Dirty {
             && self.entries.is_empty()
             && self.velocity.is_empty()
             && self.alerts.is_empty()
+            && self.rights.is_empty()
             && self.catalog.is_empty()
             && self.overrides.is_empty()
             && self.reservations.is_empty()

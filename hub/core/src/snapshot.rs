@@ -31,6 +31,8 @@ pub struct CellSnapshot {
     pub alert: AlertState,
     /// Open allocations by creation sequence.
     pub open: Vec<(u64, Uuid)>,
+    /// Escrow rights: every (writer, kind, total).
+    pub rights: crate::records::RightsEntries,
 }
 
 /// A store's indexes, canonically.
@@ -116,6 +118,7 @@ impl Decider {
                     velocity: c.velocity,
                     alert: c.alert,
                     open: c.open.iter().map(|(q, id)| (*q, *id)).collect(),
+                    rights: crate::records::rights_entries(&c.rights),
                 };
                 ((store_name(*st), t.sku(*sk).sku.clone()), snap)
             })

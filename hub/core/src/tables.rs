@@ -21,7 +21,7 @@ use crate::transfers::{Transfer, TransferStatus};
 
 /// Conflict kinds that are open at most once per (store, SKU), found through the index.
 pub(crate) fn indexed(kind: ConflictKind) -> bool {
-    matches!(kind, ConflictKind::NegativeStock | ConflictKind::UnknownSku)
+    matches!(kind, ConflictKind::NegativeStock | ConflictKind::UnknownSku | ConflictKind::EscrowOverdraft)
 }
 
 /// All state the decider persists, with its indexes.
@@ -62,6 +62,8 @@ pub(crate) struct Tables {
     pub alloc_seq: u64,
     pub id_counter: u64,
     pub hub_writer: WriterId,
+    /// Escrow mode (`Config::escrow`): online promises only within granted rights.
+    pub escrow: bool,
     pub dirty: Dirty,
 }
 
@@ -97,6 +99,7 @@ impl Tables {
             alloc_seq: 0,
             id_counter: 0,
             hub_writer,
+            escrow: false,
             dirty: Dirty::default(),
         }
     }
@@ -237,6 +240,12 @@ impl Tables {
         }
         index.insert(seq, (sk, w));
         self.dirty.entries.insert((st, sk, w));
+    }
+
+    /// A cell's escrow rights to change (marked for its record).
+    pub fn rights_mut(&mut self, st: StoreIx, sk: SkuIx) -> &mut shelfsync_shared::Rights {
+        self.dirty.rights.insert((st, sk));
+        &mut self.cell_mut(st, sk).rights
     }
 
     /// Recomputes `on_hand` from the entries; returns (before, after). The sum was checked

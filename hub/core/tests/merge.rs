@@ -53,7 +53,8 @@ fn merging_is_idempotent_and_sequences_only_changes() {
     let mut h = H::new();
     h.stores(&["a"]);
     let e = PnEntry { p: 7, n: 2 };
-    let cmd = Command::Merge { store: s("a"), entries: vec![(k("X"), writer("a"), e)], fulfilled: vec![] };
+    let cmd =
+        Command::Merge { store: s("a"), entries: vec![(k("X"), writer("a"), e)], fulfilled: vec![], rights: vec![] };
     let Done::Merged(m) = h.ok(cmd.clone()) else { panic!() };
     assert_eq!((m.entries_changed, m.counter_head, m.changed.clone()), (1, 1, vec![(k("X"), 5)]));
     let head = h.d.feed_head();
@@ -63,7 +64,12 @@ fn merging_is_idempotent_and_sequences_only_changes() {
     assert_eq!(h.d.feed_head(), head);
     // Entry-wise max: an older entry changes nothing, a newer half does.
     let older = PnEntry { p: 6, n: 3 };
-    let cmd = Command::Merge { store: s("a"), entries: vec![(k("X"), writer("a"), older)], fulfilled: vec![] };
+    let cmd = Command::Merge {
+        store: s("a"),
+        entries: vec![(k("X"), writer("a"), older)],
+        fulfilled: vec![],
+        rights: vec![],
+    };
     let Done::Merged(m) = h.ok(cmd) else { panic!() };
     assert_eq!(m.changed, [(k("X"), 4)]);
     assert_eq!(h.d.entries_since(&s("a"), 0, None, 10).entries, [(2, k("X"), writer("a"), PnEntry { p: 7, n: 3 })]);
@@ -78,6 +84,7 @@ fn merges_from_unknown_or_revoked_stores_and_impossible_entries_are_refused() {
         store: s(store),
         entries: vec![(k("X"), writer(store), e)],
         fulfilled: vec![],
+        rights: vec![],
     };
     assert_eq!(h.apply(merge("z", e)), Err(Refusal::UnknownStore(s("z"))));
     let before = h.d.snapshot();
@@ -87,6 +94,7 @@ fn merges_from_unknown_or_revoked_stores_and_impossible_entries_are_refused() {
         store: s("a"),
         entries: vec![(k("X"), writer("a"), big), (k("X"), writer("b"), big)],
         fulfilled: vec![],
+        rights: vec![],
     };
     assert!(matches!(h.apply(two), Err(Refusal::Invalid(_))), "the sum would leave i64");
     assert_eq!(h.d.snapshot(), before);

@@ -265,7 +265,7 @@ impl Run {
                         self.late_moved.insert(*f);
                     }
                 }
-                Command::Merge { store: st(store), entries, fulfilled }
+                Command::Merge { store: st(store), entries, fulfilled, rights: vec![] }
             }
             Op::Restock { reuse, store, sku, qty } => {
                 let req = match reuse.and_then(|i| pick(&self.hub_requests, i)) {

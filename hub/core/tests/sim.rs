@@ -588,7 +588,7 @@ impl Sim {
         let cell = |store: &StoreId, sku: &Sku| self.last.cells.get(&(store.clone(), sku.clone()));
         let mut out = Vec::new();
         match cmd {
-            Command::Merge { store, entries, fulfilled } => {
+            Command::Merge { store, entries, fulfilled, .. } => {
                 let mut by_sku: BTreeMap<&Sku, BTreeMap<WriterId, PnEntry>> = BTreeMap::new();
                 let mut touched: BTreeSet<&Sku> = BTreeSet::new();
                 for (sku, w, e) in entries {
@@ -840,7 +840,7 @@ impl Sim {
         match msg {
             Up::Delta { entries, fulfilled, upto, applied } => {
                 self.hub_applied[i] = self.hub_applied[i].max(applied);
-                let out = self.hub(Command::Merge { store, entries, fulfilled })?;
+                let out = self.hub(Command::Merge { store, entries, fulfilled, rights: vec![] })?;
                 ensure!(out.is_ok(), "the hub refused store {i}'s delta: {out:?}");
                 self.send_down(i, Down::Ack { upto });
             }

@@ -95,7 +95,7 @@ impl H {
         } else {
             e.n += diff.unsigned_abs();
         }
-        Command::Merge { store: s(store), entries: vec![(k(sku), writer(store), *e)], fulfilled }
+        Command::Merge { store: s(store), entries: vec![(k(sku), writer(store), *e)], fulfilled, rights: vec![] }
     }
 
     pub fn stock(&mut self, store: &str, sku: &str, target: i64) -> Done {
@@ -168,6 +168,7 @@ pub fn rows(records: &[Record]) -> Vec<Record> {
             Record::Entry(e) => (3, format!("{}/{}/{}", e.store, e.sku, e.writer)),
             Record::Velocity { store, sku, .. } => (4, format!("{store}/{sku}")),
             Record::Alert { store, sku, .. } => (5, format!("{store}/{sku}")),
+            Record::Rights { store, sku, .. } => (5, format!("rights/{store}/{sku}")),
             Record::Reservation(r) => (6, r.id.to_string()),
             Record::Allocation(a) => (7, a.id.to_string()),
             Record::Conflict(c) => (8, c.id.to_string()),
