@@ -52,6 +52,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::counts::MIGRATION,
     // 6: transfers on their way to this store, pushed down by the hub.
     crate::incoming::MIGRATION,
+    // 7: escrow rights and the hub's escrow policy.
+    crate::rights::MIGRATION,
 ];
 
 /// Who this database is. The writer changes when the agent retires a forked one
@@ -147,16 +149,27 @@ pub(crate) fn load_identity(conn: &Connection) -> Result<Identity, DbError> {
     Ok(Identity { store, writer, incarnation_started_ms: started })
 }
 
+/// The counter sequence's head: the highest place of a counter entry or of an escrow rights
+/// entry of this store's writers (both ride the same deltas).
+pub fn counter_head(conn: &Connection) -> Result<u64, DbError> {
+    let head: Option<u64> = conn
+        .prepare_cached(
+            "SELECT MAX(s) FROM (SELECT MAX(seq) AS s FROM counters UNION ALL SELECT MAX(seq) FROM rights)",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(head.unwrap_or(0))
+}
+
 /// Reads the current heads.
 pub fn heads(conn: &Connection) -> Result<Heads, DbError> {
-    let counter: Option<u64> = conn.query_row("SELECT MAX(seq) FROM counters", [], |r| r.get(0))?;
+    let counter = counter_head(conn)?;
     let journal: Option<u64> = conn.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
     let catalog: u64 = conn.query_row(
         "SELECT COALESCE(MAX(seq), 0) FROM doc_chunks WHERE doc = ?1",
         [crate::catalog::LOCAL_OVERRIDES_DOC],
         |r| r.get(0),
     )?;
-    Ok(Heads { counter: counter.unwrap_or(0), journal: journal.unwrap_or(0), holds: 0, catalog, ping: 0 })
+    Ok(Heads { counter, journal: journal.unwrap_or(0), holds: 0, catalog, ping: 0 })
 }
 
 impl Db {
@@ -322,7 +335,7 @@ pub fn entry(conn: &Connection, sku: &Sku, writer: &WriterId) -> Result<Option<P
 /// The next free counter sequence. A job takes it once and counts up: jobs run one at a time on
 /// the writer connection, so nobody else can take the same numbers.
 pub fn next_seq(conn: &Connection) -> Result<u64, DbError> {
-    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM counters", [], |r| r.get(0))?)
+    Ok(counter_head(conn)? + 1)
 }
 
 /// Writes one entry stamped with `seq` (from [`next_seq`]).

@@ -180,6 +180,8 @@ pub async fn fulfil(db: &Db, id: Uuid) -> Result<Option<(Outcome, FulfilResponse
                 return Err(LedgerError::Invalid(format!("hold {id} is {}; it cannot be fulfilled", hold.status)));
             }
             let delta = -(hold.qty as i64);
+            // The rights the units carried leave with them, no later than the sale.
+            crate::rights::consume(conn, &me, &hold.sku, hold.qty)?;
             let entry = db::entry(conn, &hold.sku, &me.writer)?.unwrap_or_default().apply(&me.writer, delta)?;
             let seq = db::next_seq(conn)?;
             db::put_entry(conn, &hold.sku, &me.writer, entry, seq)?;

@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use shelfsync_shared::qty::{check_range, ADJUST_DELTA_MAX, COUNT_MAX, LINES_MAX, LINE_QTY_MAX, REASON_MAX_LEN};
 use shelfsync_shared::{fingerprint_of, rfc3339};
-use shelfsync_shared::{EventFlag, EventKind, QtyError, Sku, StockFigures, UnixMs};
+use shelfsync_shared::{EventFlag, EventKind, QtyError, Sku, StockFigures, StoreId, UnixMs};
 use uuid::Uuid;
 
 use crate::counts;
@@ -160,8 +160,14 @@ pub struct LineResult {
     pub on_hand: i64,
     /// Units held for online orders.
     pub held: u64,
-    /// `on_hand − held`.
+    /// `on_hand − held`; with escrow, at most the store's own rights (`on_hand − granted`).
     pub sellable: i64,
+    /// Units granted online (escrow rights), 0 without escrow.
+    #[serde(default)]
+    pub granted: u64,
+    /// A sale beyond the store's own rights: the granted units it took (flag `escrow_overdraft`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rights_broken: u64,
     /// For counts: what the store believed before.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_on_hand: Option<i64>,
@@ -177,6 +183,10 @@ pub struct LineResult {
     /// Online holds of this SKU the line dipped into (the store may not be able to serve them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endangered_holds: Vec<crate::holds::HoldView>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How a count was applied ([`crate::counts`]): `on_hand = counted + changes_after`, unless a
@@ -393,6 +403,12 @@ fn record_in(
         let inactive = matches!(standing, Some((true, false)));
         let before = before.unwrap_or(0);
         let line = line_no as u32;
+        // Escrow: a sale beyond the store's own rights takes units granted online. It happens
+        // (the goods are here) and is flagged; the hub covers it and reconciles.
+        let rights_broken = match (&delta, crate::rights::escrowed(conn, &me.store, &sku, before)?) {
+            (Some(d), Some(e)) if *d < 0 => d.unsigned_abs().saturating_sub(u64::try_from(e.own).unwrap_or(0)),
+            _ => 0,
+        };
         // A count is a correction: what makes the corrections add up to its quantity as of its
         // time (crate::counts); 0 when a newer count already stands.
         let (delta, reason, superseded) = match (delta, counted) {
@@ -462,6 +478,11 @@ fn record_in(
         if on_hand < 0 {
             flags.push(EventFlag::NegativeStock);
         }
+        if rights_broken > 0 {
+            flags.push(EventFlag::EscrowOverdraft);
+            tracing::warn!(%sku, rights_broken, "sale beyond the store's own rights: it took units granted online");
+        }
+        let escrow = crate::rights::escrowed(conn, &me.store, &sku, on_hand)?;
         // A sale that leaves fewer units than are promised online still happens (the goods are
         // here), but the POS is told which online orders it endangers.
         let endangered = if delta < 0 && figures.held > 0 && figures.sellable() < 0 {
@@ -496,7 +517,9 @@ fn record_in(
             delta,
             on_hand,
             held: figures.held,
-            sellable: figures.sellable(),
+            sellable: escrow.map_or(figures.sellable(), |e| figures.sellable().min(e.own)),
+            granted: escrow.map_or(0, |e| e.granted),
+            rights_broken,
             previous_on_hand: counted.map(|_| before),
             count,
             absorbed_by_count_at: absorbed.map(rfc3339),
@@ -540,8 +563,11 @@ pub struct StockView {
     pub on_hand: i64,
     /// Units held for online orders.
     pub held: u64,
-    /// `on_hand − held`.
+    /// `on_hand − held`; with escrow, at most the store's own rights (`on_hand − granted`).
     pub sellable: i64,
+    /// Units granted online (escrow rights), 0 without escrow.
+    #[serde(default)]
+    pub granted: u64,
     /// Units on their way here from other stores (not on hand, not sellable).
     pub incoming: u64,
     /// The catalog's name for it, if the store has a catalog that lists it.
@@ -549,15 +575,17 @@ pub struct StockView {
     pub name: Option<String>,
 }
 
-fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
+fn view(conn: &Connection, store: &StoreId, sku: Sku, on_hand: i64) -> Result<StockView, DbError> {
     let f = StockFigures { on_hand, held: crate::holds::held(conn, &sku)?, safety_stock: 0 };
     let incoming = crate::incoming::incoming(conn, &sku)?;
+    let escrow = crate::rights::escrowed(conn, store, &sku, on_hand)?;
     Ok(StockView {
         name: shelfsync_node::catalog::name_of(conn, &sku)?,
         sku,
         on_hand,
         held: f.held,
-        sellable: f.sellable(),
+        sellable: escrow.map_or(f.sellable(), |e| f.sellable().min(e.own)),
+        granted: escrow.map_or(0, |e| e.granted),
         incoming,
     })
 }
@@ -565,6 +593,7 @@ fn view(conn: &Connection, sku: Sku, on_hand: i64) -> Result<StockView, DbError>
 /// One SKU's stock, or `None` if it is unknown here: neither in the store's catalog, nor ever
 /// stocked, nor on its way (the hub answers the same way: known means catalogued or stocked).
 pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
+    let store = db.identity().store;
     db.read(move |conn| {
         let on_hand = match db::on_hand(conn, &sku)? {
             Some(n) => Some(n),
@@ -573,13 +602,14 @@ pub async fn stock(db: &Db, sku: Sku) -> Result<Option<StockView>, DbError> {
                 (listed || crate::incoming::incoming(conn, &sku)? > 0).then_some(0)
             }
         };
-        on_hand.map(|on_hand| view(conn, sku, on_hand)).transpose()
+        on_hand.map(|on_hand| view(conn, &store, sku, on_hand)).transpose()
     })
     .await
 }
 
 /// A page of stock in SKU order, starting after `after`.
 pub async fn stock_page(db: &Db, after: Option<Sku>, limit: usize) -> Result<Vec<StockView>, DbError> {
+    let store = db.identity().store;
     db.read(move |conn| {
         // SKUs on hand, and SKUs only on their way here.
         let mut stmt = conn.prepare_cached(
@@ -593,7 +623,7 @@ pub async fn stock_page(db: &Db, after: Option<Sku>, limit: usize) -> Result<Vec
         let mut out = Vec::new();
         for row in rows {
             let (sku, on_hand) = row?;
-            out.push(view(conn, db::sku_col(sku)?, on_hand)?);
+            out.push(view(conn, &store, db::sku_col(sku)?, on_hand)?);
         }
         Ok(out)
     })

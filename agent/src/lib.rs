@@ -28,6 +28,7 @@ pub mod lineage;
 pub mod metrics;
 pub mod openapi;
 pub mod replica;
+pub mod rights;
 pub mod server;
 pub mod status;
 pub mod sync;

@@ -299,23 +299,28 @@ fn print_human(v: &Value) {
         for l in lines {
             let flags = l.get("flags").and_then(Value::as_array).filter(|f| !f.is_empty());
             println!(
-                "{} {:>6}  on_hand {}  held {}  sellable {}{}",
+                "{} {:>6}  on_hand {}  held {}  granted {}  sellable {}{}",
                 s(l, "sku").unwrap_or_default(),
                 s(l, "delta").unwrap_or_default(),
                 s(l, "on_hand").unwrap_or_default(),
                 s(l, "held").unwrap_or_default(),
+                s(l, "granted").unwrap_or_default(),
                 s(l, "sellable").unwrap_or_default(),
                 flags.map(|f| format!("  flags {}", Value::Array(f.clone()))).unwrap_or_default(),
             );
         }
     } else if let Some(items) = v.get("items").and_then(Value::as_array) {
-        println!("{:<24} {:>10} {:>8} {:>10} {:>10}", "SKU", "ON_HAND", "HELD", "SELLABLE", "INCOMING");
+        println!(
+            "{:<24} {:>10} {:>8} {:>8} {:>10} {:>10}",
+            "SKU", "ON_HAND", "HELD", "GRANTED", "SELLABLE", "INCOMING"
+        );
         for i in items {
             println!(
-                "{:<24} {:>10} {:>8} {:>10} {:>10}",
+                "{:<24} {:>10} {:>8} {:>8} {:>10} {:>10}",
                 s(i, "sku").unwrap_or_default(),
                 s(i, "on_hand").unwrap_or_default(),
                 s(i, "held").unwrap_or_default(),
+                s(i, "granted").unwrap_or_default(),
                 s(i, "sellable").unwrap_or_default(),
                 s(i, "incoming").unwrap_or_default()
             );

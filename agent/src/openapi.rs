@@ -63,8 +63,14 @@ pub struct LineResult {
     pub delta: i64,
     pub on_hand: i64,
     pub held: u64,
-    /// on_hand − held.
+    /// on_hand − held; with escrow, at most the store's own rights (on_hand − granted).
     pub sellable: i64,
+    /// Units granted online (escrow rights), 0 without escrow.
+    pub granted: u64,
+    /// A sale beyond the store's own rights: the granted units it took (flag
+    /// `escrow_overdraft`). Absent when 0.
+    #[schema(nullable = false)]
+    pub rights_broken: Option<u64>,
     /// For counts: what the store believed before.
     #[schema(nullable = false)]
     pub previous_on_hand: Option<i64>,
@@ -129,7 +135,10 @@ pub struct Stock {
     pub sku: String,
     pub on_hand: i64,
     pub held: u64,
+    /// on_hand − held; with escrow, at most the store's own rights (on_hand − granted).
     pub sellable: i64,
+    /// Units granted online (escrow rights), 0 without escrow.
+    pub granted: u64,
     /// Units on their way here from other stores (not on hand, not sellable).
     pub incoming: u64,
     /// The catalog's name, when the store's catalog lists it.

@@ -7,7 +7,7 @@ use shelfsync_shared::lineage::HubLineage;
 use shelfsync_shared::mac::EntryMac;
 use shelfsync_shared::sync::{AgentResume, DeltaRead, JournalRead};
 use shelfsync_shared::wire::{Delta, JournalBatch, Retirement};
-use shelfsync_shared::{JournalEvent, StoreId, WriterId};
+use shelfsync_shared::{JournalEvent, RightsKind, Sku, StoreId, WriterId};
 
 use crate::db::{self, Db, DbError};
 use shelfsync_node::journal::{event_from_row, insert_event};
@@ -56,11 +56,34 @@ pub async fn read_delta(db: &Db, after: u64, limit: usize, full: bool) -> Result
         let mut ours: std::collections::HashSet<String> =
             crate::lineage::retired_writers(&tx)?.iter().map(|w| w.to_string()).collect();
         ours.insert(me.to_string());
+        // Escrow rights of this store's writers share the sequence: merged in by it, and counted
+        // against the same limit (every rights row with a place is this database's own).
+        let mut rights: std::collections::VecDeque<(u64, Sku, WriterId, RightsKind, u64)> = tx
+            .prepare_cached("SELECT seq, sku, writer, kind, total FROM rights WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
+            .query_map(params![after, limit as i64 + 1], |r| {
+                Ok((r.get(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?))
+            })?
+            .map(|row| {
+                let (seq, sku, w, k, total) = row?;
+                Ok((seq, db::sku_col(sku)?, db::writer_col(w)?, crate::rights::kind_of(&k)?, total))
+            })
+            .collect::<Result<_, DbError>>()?;
         let mut stmt =
             tx.prepare_cached("SELECT sku, writer, p, n, seq, mac FROM counters WHERE seq > ?1 ORDER BY seq")?;
         let mut rows = stmt.query(params![after])?;
         let mut read = DeltaRead::default();
         let mut more = false;
+        let take_rights = |read: &mut DeltaRead, rights: &mut std::collections::VecDeque<_>, below: u64| -> bool {
+            while rights.front().is_some_and(|r: &(u64, Sku, WriterId, RightsKind, u64)| r.0 < below) {
+                if read.entries.len() + read.rights.len() == limit {
+                    return true;
+                }
+                let (seq, sku, w, k, total) = rights.pop_front().expect("checked");
+                read.rights.push((sku, w, k, total));
+                read.upto = seq;
+            }
+            false
+        };
         while let Some(r) = rows.next()? {
             let writer: String = r.get(1)?;
             let mac: Option<Vec<u8>> = r.get(5)?;
@@ -69,16 +92,19 @@ pub async fn read_delta(db: &Db, after: u64, limit: usize, full: bool) -> Result
             if !ours.contains(&writer) && tag.is_none() {
                 continue;
             }
-            if read.entries.len() == limit {
+            let (p, n, seq): (u64, u64, u64) = (r.get(2)?, r.get(3)?, r.get(4)?);
+            if take_rights(&mut read, &mut rights, seq) || read.entries.len() + read.rights.len() == limit {
                 more = true;
                 break;
             }
             if let Some(tag) = tag {
                 read.macs.push((read.entries.len() as u32, tag));
             }
-            let (p, n, seq): (u64, u64, u64) = (r.get(2)?, r.get(3)?, r.get(4)?);
             read.entries.push((db::sku_col(r.get(0)?)?, db::writer_col(writer)?, shelfsync_shared::PnEntry { p, n }));
             read.upto = seq;
+        }
+        if !more {
+            more = take_rights(&mut read, &mut rights, u64::MAX);
         }
         drop(rows);
         drop(stmt);
@@ -149,6 +175,7 @@ fn adopt_hub(conn: &Connection, peer: &WriterId) -> Result<(), DbError> {
 /// Merges the hub's entries durably (keeping the hub's tag of each entry that now holds the
 /// hub's value) and records `delta.upto` as applied, in one transaction.
 pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), DbError> {
+    let current = db.current();
     db.write(move |conn| {
         adopt_hub(conn, &peer)?;
         let tags: std::collections::HashMap<u32, EntryMac> = delta.macs.iter().copied().collect();
@@ -169,6 +196,10 @@ pub async fn apply_delta(db: &Db, peer: WriterId, delta: Delta) -> Result<(), Db
         }
         for sku in &touched {
             db::refresh_stock(conn, sku)?;
+        }
+        // A restock (or any hub change) is a moment to grant online its share, while connected.
+        if !touched.is_empty() {
+            crate::rights::grant_due(conn, &current.get())?;
         }
         let now = shelfsync_node::now_ms();
         conn.execute(

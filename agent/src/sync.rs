@@ -567,6 +567,11 @@ impl EffectHost<AgentSession> for AgentHost {
                     .await
                     .map_err(|e| internal("storing incoming transfers", e))?;
             }
+            Effect::ApplyRights { snapshot } => {
+                crate::rights::apply_snapshot(&self.db, snapshot)
+                    .await
+                    .map_err(|e| internal("storing escrow rights", e))?;
+            }
             Effect::LookupPeer { .. } | Effect::DigestCompared { .. } | Effect::Pong { .. } => {}
         }
         Ok(())

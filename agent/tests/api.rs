@@ -109,7 +109,7 @@ async fn sale_return_adjust_count_move_on_hand() {
 
     let (s, v) = h.get("/v1/stock/HSS-001").await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(v, json!({"sku": "HSS-001", "on_hand": 4, "held": 0, "sellable": 4, "incoming": 0}));
+    assert_eq!(v, json!({"sku": "HSS-001", "on_hand": 4, "held": 0, "sellable": 4, "granted": 0, "incoming": 0}));
     let st = h.status().await;
     assert_eq!(st["journal_events"], 6);
     assert_eq!(st["skus"], 1);

@@ -242,6 +242,7 @@ struct StoreAvailability {
     safety_stock: u64,
     raw_available: u64,
     staleness_discount: u64,
+    granted: u64,
     available: u64,
     last_seen: Option<String>,
     silent_secs: i64,
@@ -256,6 +257,7 @@ struct SkuAvailability {
     held: u64,
     incoming: u64,
     raw_available: u64,
+    granted: u64,
     available: u64,
     stores: Vec<StoreAvailability>,
 }
@@ -277,6 +279,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                     safety_stock: f.safety_stock,
                     raw_available: f.raw_available,
                     staleness_discount: f.staleness_discount,
+                    granted: f.granted,
                     available: f.available,
                     last_seen: f.last_seen_ms.map(rfc3339),
                     silent_secs: f.silent_ms / 1000,
@@ -287,6 +290,7 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                 held: stores.iter().map(|s| s.held).fold(0u64, u64::saturating_add),
                 incoming: stores.iter().map(|s| s.incoming).fold(0u64, u64::saturating_add),
                 raw_available: stores.iter().map(|s| s.raw_available).fold(0u64, u64::saturating_add),
+                granted: stores.iter().map(|s| s.granted).fold(0u64, u64::saturating_add),
                 available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
                 stores,
                 sku,
@@ -347,7 +351,7 @@ async fn get_availability_batch(
                 return Err(ApiError::invalid(format!(
                     "unknown query parameter {}; use sku=A&sku=B and optionally store=S",
                     quote(&k)
-                )))
+                )));
             }
         }
     }
@@ -369,6 +373,7 @@ async fn get_availability_batch(
             item.held = item.stores.iter().map(|s| s.held).sum();
             item.incoming = item.stores.iter().map(|s| s.incoming).sum();
             item.raw_available = item.stores.iter().map(|s| s.raw_available).sum();
+            item.granted = item.stores.iter().map(|s| s.granted).sum();
             item.available = item.stores.iter().map(|s| s.available).sum();
         }
     }
@@ -1658,7 +1663,7 @@ async fn get_catalog_page(
                 "q is {} bytes long; the limit is {CATALOG_SEARCH_MAX_LEN}",
                 text.len()
             ))
-            .with("parameter", "q"))
+            .with("parameter", "q"));
         }
         Some(text) => state.hub.storage.catalog_search(text, after, limit + 1).await?,
         None => state.hub.storage.catalog_page(after, limit + 1).await?,

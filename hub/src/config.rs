@@ -28,6 +28,9 @@ pub struct HubConfig {
     pub reservations: ReservationsSection,
     /// Discounting silent stores online.
     pub staleness: StalenessSection,
+    /// Escrow rights: stores grant online the right to some of their units
+    /// (`hub/docs/escrow.md`).
+    pub escrow: EscrowSection,
     /// Logging.
     pub log: LogSection,
     /// Webhook endpoints for the change feed.
@@ -77,6 +80,44 @@ impl StalenessSection {
             enabled: self.enabled,
             grace_ms: self.grace_secs as i64 * 1000,
             tau_ms: self.velocity_window_secs.max(1) as i64 * 1000,
+        }
+    }
+}
+
+/// `[escrow]`: `enabled = false` is today's behaviour (stock offered online as is, with the
+/// staleness discount if `[staleness]` is on); `enabled = true` offers online only what stores
+/// granted, `share` of their units at most `max`, keeping `keep` for walk-ins. With
+/// `[staleness] enabled` too, the discount applies on top ("escrow+staleness").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscrowSection {
+    /// Online promises only within granted rights.
+    pub enabled: bool,
+    /// Share of a store's units it grants online (0..=1).
+    pub share: f64,
+    /// At most this many unreserved units granted per store and SKU (0: no cap).
+    pub max: u64,
+    /// Units a store always keeps for walk-ins.
+    pub keep: u64,
+}
+
+impl Default for EscrowSection {
+    fn default() -> Self {
+        let p = shelfsync_shared::EscrowPolicy::default();
+        EscrowSection { enabled: false, share: p.share, max: 0, keep: p.keep }
+    }
+}
+
+impl EscrowSection {
+    /// As the decider wants it.
+    pub fn to_escrow(&self) -> shelfsync_hub_core::Escrow {
+        shelfsync_hub_core::Escrow {
+            enabled: self.enabled,
+            policy: shelfsync_shared::EscrowPolicy {
+                share: self.share,
+                max: (self.max > 0).then_some(self.max),
+                keep: self.keep,
+            },
         }
     }
 }
@@ -232,6 +273,7 @@ impl Default for HubConfig {
             sync: SyncSection::default(),
             reservations: ReservationsSection::default(),
             staleness: StalenessSection::default(),
+            escrow: EscrowSection::default(),
             log: LogSection::default(),
             webhooks: Vec::new(),
         }
@@ -366,6 +408,9 @@ impl HubConfig {
         }
         if self.staleness.velocity_window_secs == 0 {
             return bad("staleness.velocity_window_secs", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.escrow.share) {
+            return bad("escrow.share", "must be between 0 and 1");
         }
         if self.webhooks.len() > 32 {
             return bad("webhooks", "at most 32 endpoints");

@@ -40,7 +40,7 @@ use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::MacKey;
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
-use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement};
+use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, RightsSnapshot};
 use shelfsync_shared::{EventFlag, Incarnation, NodeId, Sku, StoreId, WriterId};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
@@ -60,18 +60,31 @@ pub struct EngineOptions {
     pub batch_max: usize,
     /// Feed events kept in memory.
     pub feed_retain: usize,
+    /// Escrow rights: on or off, and the chain's policy.
+    pub escrow: shelfsync_hub_core::Escrow,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { staleness: Staleness::default(), queue_max: 16_384, batch_max: 1024, feed_retain: 100_000 }
+        EngineOptions {
+            staleness: Staleness::default(),
+            queue_max: 16_384,
+            batch_max: 1024,
+            feed_retain: 100_000,
+            escrow: shelfsync_hub_core::Escrow::default(),
+        }
     }
 }
 
 impl EngineOptions {
     /// The decider's configuration, starting as `hub_writer`.
     pub fn decider_config(&self, hub_writer: WriterId) -> Config {
-        Config { staleness: self.staleness, feed_retain: self.feed_retain, ..Config::new(hub_writer) }
+        Config {
+            staleness: self.staleness,
+            feed_retain: self.feed_retain,
+            escrow: self.escrow,
+            ..Config::new(hub_writer)
+        }
     }
 }
 
@@ -589,6 +602,7 @@ impl Engine {
         let (entries, tagged) = authenticate(&self.key, &store, &delta)?;
         let me = self.hub_writer();
         let (upto, lineage, fulfilled) = (delta.upto, delta.lineage.clone(), delta.fulfilled.clone());
+        let rights: Vec<_> = delta.rights().map(|(s, w, k, t)| (s.clone(), w.clone(), k, t)).collect();
         let mut applied = self.run(move |st, extras| {
             let key = (store.clone(), peer.clone());
             let mut ps = st.peers.get(&key).cloned().unwrap_or_default();
@@ -610,7 +624,8 @@ impl Engine {
                     own_lost |= *w == me;
                 }
             }
-            let merged = match st.decide(Command::Merge { store: store.clone(), entries, fulfilled, rights: Vec::new() }, now_ms)? {
+            let cmd = Command::Merge { store: store.clone(), entries, fulfilled, rights };
+            let merged = match st.decide(cmd, now_ms)? {
                 Done::Merged(m) => m,
                 other => return Err(unexpected(other)),
             };
@@ -654,12 +669,12 @@ impl Engine {
                 self.run(move |st, extras| {
                     let crate::syncplane::LogRow { store, kind, seq, part } = row;
                     let mut merged = shelfsync_hub_core::Merged::default();
-                    if !part.entries.is_empty() || !part.fulfilled.is_empty() {
+                    if !part.entries.is_empty() || !part.fulfilled.is_empty() || !part.rights.is_empty() {
                         let cmd = Command::Merge {
                             store: store.clone(),
                             entries: part.entries,
                             fulfilled: part.fulfilled,
-                            rights: Vec::new(),
+                            rights: part.rights,
                         };
                         merged = match st.decide(cmd, now_ms)? {
                             Done::Merged(m) => m,
@@ -916,6 +931,17 @@ impl Engine {
     /// A store's open holds.
     pub async fn holds_snapshot(&self, store: StoreId) -> StorageResult<HoldsSnapshot> {
         self.run(move |st, _| st.d.holds_snapshot(&store)).await
+    }
+
+    /// The store's escrow rights as the decider has them, with the policy stores grant by.
+    pub async fn rights_snapshot(&self, store: StoreId) -> StorageResult<RightsSnapshot> {
+        self.run(move |st, _| {
+            let rights = st.d.store_rights(&store);
+            let escrow = st.d.config().escrow;
+            let entries = rights.iter().flat_map(|(sku, r)| r.entries().map(move |(w, k, t)| (sku, w, k, t)));
+            RightsSnapshot::build(escrow.enabled.then_some(escrow.policy), entries)
+        })
+        .await
     }
 
     /// Per SKU, every store's figures (raw and offered availability).

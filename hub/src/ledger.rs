@@ -10,7 +10,7 @@ use shelfsync_hub_core::AgentConflictKind;
 use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint};
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
-use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement};
+use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, RightsSnapshot};
 use shelfsync_shared::{StoreId, WriterId};
 
 use crate::catalog::CatalogStore;
@@ -53,6 +53,8 @@ pub trait AgentLedger: CatalogStore + Send + Sync + 'static {
     fn hub_entries_digest(&self, store: StoreId) -> impl Future<Output = StorageResult<StateDigest>> + Send;
     /// The holds a store keeps for the online channel.
     fn holds_snapshot(&self, store: StoreId) -> impl Future<Output = StorageResult<HoldsSnapshot>> + Send;
+    /// The store's escrow rights as the hub has them, with the policy stores grant by.
+    fn rights_snapshot(&self, store: StoreId) -> impl Future<Output = StorageResult<RightsSnapshot>> + Send;
     /// Transfers on their way to `store` (`None`: this ledger does not carry transfers).
     fn incoming_snapshot(&self, store: StoreId)
         -> impl Future<Output = StorageResult<Option<IncomingSnapshot>>> + Send;
@@ -153,6 +155,9 @@ impl AgentLedger for Engine {
     }
     async fn incoming_snapshot(&self, store: StoreId) -> StorageResult<Option<IncomingSnapshot>> {
         Engine::incoming_snapshot(self, store).await.map(Some)
+    }
+    fn rights_snapshot(&self, store: StoreId) -> impl Future<Output = StorageResult<RightsSnapshot>> + Send {
+        Engine::rights_snapshot(self, store)
     }
     fn touch_store(&self, store: StoreId, at_ms: i64) -> impl Future<Output = StorageResult<()>> + Send {
         Engine::touch_store(self, store, at_ms)

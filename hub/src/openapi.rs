@@ -61,6 +61,9 @@ pub struct StoreAvailability {
     pub safety_stock: u64,
     pub raw_available: u64,
     pub staleness_discount: u64,
+    /// Units the store granted online (escrow rights: granted − returned − consumed). With
+    /// `[escrow] enabled`, `available` is at most `granted − held`.
+    pub granted: u64,
     pub available: u64,
     /// RFC 3339; null when the store never synced.
     pub last_seen: Option<String>,
@@ -80,6 +83,8 @@ pub struct SkuAvailability {
     /// Units on their way between stores (transfers in transit).
     pub incoming: u64,
     pub raw_available: u64,
+    /// Units the stores granted online (escrow rights).
+    pub granted: u64,
     /// What the storefront may promise.
     pub available: u64,
     pub stores: Vec<StoreAvailability>,

@@ -22,7 +22,7 @@ use shelfsync_shared::counter::StateDigest;
 use shelfsync_shared::lineage::{Boot, Checkpoint};
 use shelfsync_shared::mac::MacKey;
 use shelfsync_shared::sync::{DeltaRead, JournalRead};
-use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement};
+use shelfsync_shared::wire::{Delta, HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, RightsSnapshot};
 use shelfsync_shared::{StoreId, WriterId};
 use tokio::sync::{mpsc, Mutex};
 
@@ -48,6 +48,8 @@ pub struct Plane {
     /// Every partition's writer: a store giving back one of their entries that the database
     /// lacks reveals a database older than what the store saw.
     writers: BTreeSet<WriterId>,
+    /// Escrow on or off and the policy stores grant by (told to agents with their rights).
+    escrow: shelfsync_hub_core::Escrow,
 }
 
 impl Plane {
@@ -56,6 +58,7 @@ impl Plane {
         target: &crate::db::Target,
         opts: crate::sqlite::SqliteOptions,
         connections: usize,
+        escrow: shelfsync_hub_core::Escrow,
     ) -> StorageResult<Plane> {
         let crate::db::Target::Postgres(url) = target else {
             return Err(StorageError::Invalid("the sync plane lives in a partitioned PostgreSQL database".into()));
@@ -74,7 +77,7 @@ impl Plane {
             }
             (partitions, writers)
         };
-        Ok(Plane { partitions, key: db.mac_key(), life: db.hub_writer(), db, conns, writers })
+        Ok(Plane { partitions, key: db.mac_key(), life: db.hub_writer(), db, conns, writers, escrow })
     }
 
     /// The connection `store` uses: one store's merges are sequential anyway.
@@ -191,6 +194,15 @@ impl AgentLedger for Plane {
         crate::syncplane::holds_snapshot(conn.client(), &store).await
     }
 
+    async fn rights_snapshot(&self, store: StoreId) -> StorageResult<RightsSnapshot> {
+        let rows = {
+            let conn = self.conn(&store).lock().await;
+            crate::syncplane::rights_entries(conn.client(), &store).await?
+        };
+        let entries = rows.iter().flat_map(|(sku, r)| r.iter().map(move |(w, k, t)| (sku, w, *k, *t)));
+        Ok(RightsSnapshot::build(self.escrow.enabled.then_some(self.escrow.policy), entries))
+    }
+
     async fn incoming_snapshot(&self, store: StoreId) -> StorageResult<Option<IncomingSnapshot>> {
         let conn = self.conn(&store).lock().await;
         crate::syncplane::incoming_snapshot(conn.client(), &store).await.map(Some)
@@ -240,6 +252,7 @@ impl AgentLedger for Plane {
             store: store.clone(),
             peer,
             entries,
+            rights: delta.rights().map(|(s, w, k, t)| (s.clone(), w.clone(), k, t)).collect(),
             fulfilled: delta.fulfilled,
             upto: delta.upto,
             lineage_base,

@@ -375,6 +375,10 @@ impl<L: AgentLedger> HubHost<L> {
         if let Some(incoming) = incoming {
             session.send_incoming(incoming);
         }
+        // So do the store's escrow rights: the hub's returns move the holds version.
+        let rights =
+            self.hub.storage.rights_snapshot(self.store.clone()).await.map_err(|e| internal("reading rights", e))?;
+        session.send_rights(rights);
         Ok(())
     }
 }
@@ -524,7 +528,10 @@ impl<L: AgentLedger> EffectHost<HubSession> for HubHost<L> {
                     hub.storage.digest(store.clone()).await.map_err(|e| internal("computing the digest", e))?;
                 session.digest_computed(now(), digest, head)?;
             }
-            Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. } | Effect::CheckLineage { .. } => {}
+            Effect::ApplyHolds { .. }
+            | Effect::ApplyIncoming { .. }
+            | Effect::ApplyRights { .. }
+            | Effect::CheckLineage { .. } => {}
             Effect::DigestCompared { matched } => {
                 if matched {
                     Metrics::inc(&hub.metrics.digests_matched_total);

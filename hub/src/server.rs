@@ -83,6 +83,7 @@ pub(crate) fn storage_options(config: &HubConfig) -> (SqliteOptions, crate::engi
         },
         crate::engine::EngineOptions {
             staleness: config.staleness.to_staleness(),
+            escrow: config.escrow.to_escrow(),
             ..crate::engine::EngineOptions::default()
         },
     )
@@ -543,7 +544,7 @@ async fn front_door(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
                 axum::Json(serde_json::json!({ "error": "payload_too_large", "message": e.to_string() })),
             )
-                .into_response()
+                .into_response();
         }
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();

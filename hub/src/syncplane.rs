@@ -98,6 +98,8 @@ pub struct AgentDelta {
     pub entries: Vec<(Sku, WriterId, PnEntry)>,
     /// Holds the store fulfilled in this range.
     pub fulfilled: Vec<Uuid>,
+    /// The store's escrow rights entries in this range (the deciders merge them; grow-only).
+    pub rights: Vec<shelfsync_hub_core::RightsUpdate>,
     /// The agent's sequence this delta completes.
     pub upto: u64,
     /// The writer's history head the connection was welcomed with: the merge fails if another
@@ -125,6 +127,8 @@ pub struct MergePart {
     pub adjustments: Vec<JournalEvent>,
     /// What a hub noticed about the store's agents (home partition only).
     pub notes: Vec<AgentNote>,
+    /// The store's escrow rights entries of this partition's SKUs.
+    pub rights: Vec<shelfsync_hub_core::RightsUpdate>,
 }
 
 /// The partition whose decider records what concerns a store's agents rather than a SKU
@@ -329,7 +333,16 @@ impl SyncPlane {
                 part.entries.push((sku.clone(), writer.clone(), *e));
             }
         }
-        let new_head = if grown.is_empty() { head } else { head + n as i64 };
+        // Rights are grow-only totals the deciders merge by maximum: every one goes along, under
+        // a sequence of their own (a delta of rights alone still needs a merge-log row).
+        for r in &d.rights {
+            by_part
+                .entry(partitions.of(&r.0))
+                .or_insert_with(|| MergePart { fulfilled: d.fulfilled.clone(), ..MergePart::default() })
+                .rights
+                .push(r.clone());
+        }
+        let new_head = if by_part.is_empty() { head } else { head + n as i64 + i64::from(!d.rights.is_empty()) };
         let lineage_row = d.lineage.as_ref().map(|l| {
             lineage.advance(l.head, &l.boots, &d.pusher_boots);
             postcard::to_stdvec(&lineage).expect("lineage serialises")
@@ -340,7 +353,7 @@ impl SyncPlane {
         let upto = big(d.upto);
         let applied_args: [&(dyn ToSql + Sync); 5] = [&store, &peer, &upto, &d.at_ms, &lineage_row];
         let watermark = tx.execute(&st.applied, &applied_args);
-        if grown.is_empty() {
+        if by_part.is_empty() {
             watermark.await?;
         } else {
             let bump_args: [&(dyn ToSql + Sync); 2] = [&store, &new_head];
@@ -732,6 +745,29 @@ pub async fn read_journal(
     }
     let upto = if events.len() == limit { last } else { head.max(after) };
     Ok(shelfsync_shared::sync::JournalRead { upto, events })
+}
+
+/// The store's escrow rights as the deciders recorded them (every partition's rows).
+pub async fn rights_entries(
+    c: &Client,
+    store: &StoreId,
+) -> StorageResult<Vec<(Sku, shelfsync_hub_core::RightsEntries)>> {
+    let prefix = format!("{store}\u{1f}");
+    let rows = c
+        .query(
+            "SELECT key, body FROM decisions WHERE kind = 'rights' AND starts_with(key, $1) ORDER BY key LIMIT $2",
+            &[&prefix, &(shelfsync_shared::wire::RIGHTS_MAX as i64)],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let shelfsync_hub_core::Record::Rights { sku, rights, .. } =
+            crate::persist::decision_record("rights", &r.get::<_, String>(0), &r.get::<_, String>(1))?
+        {
+            out.push((sku, rights));
+        }
+    }
+    Ok(out)
 }
 
 /// The transfers on their way to `store` over every partition, as its agent gets them

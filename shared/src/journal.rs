@@ -81,6 +81,9 @@ pub enum EventFlag {
     DipsIntoHolds,
     /// The catalog lists the SKU as inactive.
     InactiveSku,
+    /// A sale took units the store had granted online (escrow): the goods were here, so it was
+    /// recorded; the hub covers it and reconciles (`hub/docs/escrow.md`).
+    EscrowOverdraft,
 }
 
 impl EventFlag {
@@ -91,15 +94,22 @@ impl EventFlag {
             EventFlag::NegativeStock => 2,
             EventFlag::DipsIntoHolds => 4,
             EventFlag::InactiveSku => 8,
+            EventFlag::EscrowOverdraft => 16,
         }
     }
 
     /// Flags from a bit set.
     pub fn from_bits(bits: u32) -> Vec<EventFlag> {
-        [EventFlag::UnknownSku, EventFlag::NegativeStock, EventFlag::DipsIntoHolds, EventFlag::InactiveSku]
-            .into_iter()
-            .filter(|f| bits & f.bit() != 0)
-            .collect()
+        [
+            EventFlag::UnknownSku,
+            EventFlag::NegativeStock,
+            EventFlag::DipsIntoHolds,
+            EventFlag::InactiveSku,
+            EventFlag::EscrowOverdraft,
+        ]
+        .into_iter()
+        .filter(|f| bits & f.bit() != 0)
+        .collect()
     }
 
     /// The bit set of some flags.

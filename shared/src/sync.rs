@@ -23,8 +23,8 @@ use crate::lineage::{Boot, Checkpoint, HubLineage, BOOTS_MAX};
 use crate::mac::EntryMac;
 use crate::wire::{
     close_code, Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello,
-    HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, Welcome, CATALOG_MESSAGE_MAX, CATALOG_PART_MAX,
-    DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
+    HoldsSnapshot, IncomingSnapshot, JournalBatch, Retirement, RightsSnapshot, Welcome, CATALOG_MESSAGE_MAX,
+    CATALOG_PART_MAX, DELTA_ENTRIES_MAX, JOURNAL_BATCH_MAX, MESSAGE_MAX_LEN, PROTOCOL_VERSION, RETIRED_MAX,
 };
 
 /// Timing and flow-control knobs of a session.
@@ -103,6 +103,9 @@ pub struct DeltaRead {
     /// Tags of hub-authored entries, by index into `entries` (hub: every hub entry; agent: hub
     /// entries it returns in a full read).
     pub macs: Vec<(u32, EntryMac)>,
+    /// Agent only: its writers' escrow rights entries (granted, consumed totals) changed in this
+    /// range (they share the counter sequence).
+    pub rights: Vec<(Sku, WriterId, crate::rights::RightsKind, u64)>,
 }
 
 /// The answer to [`Effect::ReadJournal`].
@@ -222,6 +225,12 @@ pub enum Effect {
     ApplyIncoming {
         /// The transfers on their way to this store.
         snapshot: IncomingSnapshot,
+    },
+    /// Agent only: merge the hub's view of the store's escrow rights and keep its policy
+    /// (durably; no ack: entries are grow-only totals, a new connection brings a fresh snapshot).
+    ApplyRights {
+        /// The hub's rights of this store and the escrow policy.
+        snapshot: RightsSnapshot,
     },
     /// The hub compared digests (for metrics and logs).
     DigestCompared {
@@ -584,7 +593,7 @@ impl Link {
         read: DeltaRead,
         lineage: Option<DeltaLineage>,
     ) -> Result<bool, SessionError> {
-        let nonempty = !read.entries.is_empty() || !read.fulfilled.is_empty();
+        let nonempty = !read.entries.is_empty() || !read.fulfilled.is_empty() || !read.rights.is_empty();
         if let Some(after) = self.counters_out.read_done(now, read.upto, nonempty)? {
             if let Some((i, _)) = read.macs.iter().find(|(i, _)| *i as usize >= read.entries.len()) {
                 return Err(SessionError::new(
@@ -592,7 +601,8 @@ impl Link {
                     format!("host tagged entry #{i} of {}", read.entries.len()),
                 ));
             }
-            let mut delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)));
+            let mut delta = Delta::build(after, read.upto, read.entries.iter().map(|(s, w, e)| (s, w, *e)))
+                .with_rights(read.rights.iter().map(|(s, w, k, t)| (s, w, *k, *t)));
             delta.fulfilled = read.fulfilled;
             delta.lineage = lineage;
             delta.macs = read.macs;
@@ -940,6 +950,10 @@ impl AgentSession {
                 self.link.effects.push_back(Effect::ApplyIncoming { snapshot });
                 Ok(())
             }
+            FrameV1::Rights(snapshot) => {
+                self.link.effects.push_back(Effect::ApplyRights { snapshot });
+                Ok(())
+            }
             FrameV1::Ping(nonce) => {
                 self.link.send(StreamKind::State, FrameV1::Pong(nonce));
                 Ok(())
@@ -1199,6 +1213,14 @@ impl HubSession {
         }
     }
 
+    /// Sends the store's escrow rights as the hub has them (after `Established` and whenever
+    /// they change; with the holds).
+    pub fn send_rights(&mut self, snapshot: RightsSnapshot) {
+        if self.is_established() {
+            self.link.send(StreamKind::State, FrameV1::Rights(snapshot));
+        }
+    }
+
     /// Sends the transfers on their way to the store (after `Established` and whenever they
     /// change).
     pub fn send_incoming(&mut self, snapshot: IncomingSnapshot) {
@@ -1306,5 +1328,6 @@ fn frame_name(f: &FrameV1) -> &'static str {
         FrameV1::Ping(_) => "ping",
         FrameV1::Pong(_) => "pong",
         FrameV1::Incoming(_) => "incoming",
+        FrameV1::Rights(_) => "rights",
     }
 }

@@ -10,15 +10,20 @@ use crate::journal::JournalEvent;
 use crate::lineage::{Boot, Checkpoint, HubLineage, RetireReason, BOOTS_MAX, CHECKPOINTS_MAX};
 use crate::mac::EntryMac;
 use crate::qty::REASON_MAX_LEN;
+use crate::rights::{EscrowPolicy, RightsKind};
 
 /// The protocol version exchanged in `Hello`/`Welcome`. Version 2 added writer lineage,
 /// retirement reports, authenticated hub entries and liveness probes; version 3 the store's
-/// incoming transfers (`Incoming`), a frame a version-2 agent could not decode.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// incoming transfers (`Incoming`), a frame a version-2 agent could not decode; version 4 escrow
+/// rights (`Delta::rights` agent → hub, `Rights` hub → agent; `hub/docs/escrow.md`).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Most retirement reports in one `Hello`.
 pub const RETIRED_MAX: usize = 16;
 /// TLS application protocol name.
 pub const ALPN: &[u8] = b"shelfsync/1";
+/// Most entries in one rights snapshot (a writer's granted and consumed, the hub's returned,
+/// per SKU).
+pub const RIGHTS_MAX: usize = 16_384;
 /// Largest encoded frame body, in bytes.
 pub const FRAME_MAX_BYTES: usize = 1 << 20;
 /// Most counter entries in one delta frame.
@@ -119,6 +124,67 @@ pub enum FrameV1 {
     /// Hub → agent: every transfer on its way to this store (shipped, not yet received or
     /// cancelled), replacing the previous snapshot (state stream; protocol version 3).
     Incoming(IncomingSnapshot),
+    /// Hub → agent: the store's escrow rights as the hub has them and the chain's escrow policy
+    /// (state stream; protocol version 4). Entries are grow-only totals: the agent merges them
+    /// (a per-writer maximum), so a late or repeated snapshot changes nothing.
+    Rights(RightsSnapshot),
+}
+
+/// One escrow rights entry; `writer` indexes the frame's writer table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRights {
+    /// The SKU (the store is the connection's).
+    pub sku: Sku,
+    /// Index into the frame's writer table.
+    pub writer: u32,
+    /// What the entry counts.
+    pub kind: RightsKind,
+    /// The entry's total.
+    pub total: u64,
+}
+
+/// The store's escrow rights as the hub has them, with the policy stores grant by.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RightsSnapshot {
+    /// `None`: escrow is off at the hub (the store grants nothing, consumes nothing).
+    pub escrow: Option<EscrowPolicy>,
+    /// Writer table.
+    pub writers: Vec<WriterId>,
+    /// Entries.
+    pub entries: Vec<WireRights>,
+}
+
+impl RightsSnapshot {
+    /// Builds a snapshot, interning writers.
+    pub fn build<'a>(
+        escrow: Option<EscrowPolicy>,
+        entries: impl IntoIterator<Item = (&'a Sku, &'a WriterId, RightsKind, u64)>,
+    ) -> RightsSnapshot {
+        let mut writers = Vec::new();
+        let entries = entries.into_iter().map(|(sku, w, kind, total)| WireRights {
+            sku: sku.clone(),
+            writer: intern(&mut writers, w),
+            kind,
+            total,
+        });
+        let entries = entries.collect();
+        RightsSnapshot { escrow, writers, entries }
+    }
+
+    /// Entries with their writers resolved. Call only on validated frames.
+    pub fn entries(&self) -> impl Iterator<Item = (&Sku, &WriterId, RightsKind, u64)> {
+        self.entries.iter().map(|e| (&e.sku, &self.writers[e.writer as usize], e.kind, e.total))
+    }
+}
+
+fn intern(writers: &mut Vec<WriterId>, w: &WriterId) -> u32 {
+    match writers.iter().position(|x| x == w) {
+        Some(i) => i as u32,
+        None => {
+            writers.push(w.clone());
+            (writers.len() - 1) as u32
+        }
+    }
 }
 
 /// Which replicated document a catalog frame is about.
@@ -363,6 +429,9 @@ pub struct Delta {
     /// Tags of hub-authored entries, by index into `entries` (hub → agent on every hub entry;
     /// agent → hub when it returns them).
     pub macs: Vec<(u32, EntryMac)>,
+    /// Agent → hub: escrow rights entries (its writers' granted and consumed totals) changed in
+    /// this range; their writers are in `writers` too.
+    pub rights: Vec<WireRights>,
 }
 
 impl Delta {
@@ -375,16 +444,36 @@ impl Delta {
         let mut writers: Vec<WriterId> = Vec::new();
         let mut wire = Vec::new();
         for (sku, writer, e) in entries {
-            let idx = match writers.iter().position(|w| w == writer) {
-                Some(i) => i,
-                None => {
-                    writers.push(writer.clone());
-                    writers.len() - 1
-                }
-            };
-            wire.push(WireEntry { sku: sku.clone(), writer: idx as u32, p: e.p, n: e.n });
+            let idx = intern(&mut writers, writer);
+            wire.push(WireEntry { sku: sku.clone(), writer: idx, p: e.p, n: e.n });
         }
-        Delta { after, upto, writers, entries: wire, fulfilled: Vec::new(), lineage: None, macs: Vec::new() }
+        Delta {
+            after,
+            upto,
+            writers,
+            entries: wire,
+            fulfilled: Vec::new(),
+            lineage: None,
+            macs: Vec::new(),
+            rights: Vec::new(),
+        }
+    }
+
+    /// Adds escrow rights entries, interning their writers.
+    pub fn with_rights<'a>(
+        mut self,
+        rights: impl IntoIterator<Item = (&'a Sku, &'a WriterId, RightsKind, u64)>,
+    ) -> Delta {
+        for (sku, w, kind, total) in rights {
+            let writer = intern(&mut self.writers, w);
+            self.rights.push(WireRights { sku: sku.clone(), writer, kind, total });
+        }
+        self
+    }
+
+    /// Rights entries with their writers resolved. Call only on validated frames.
+    pub fn rights(&self) -> impl Iterator<Item = (&Sku, &WriterId, RightsKind, u64)> {
+        self.rights.iter().map(|e| (&e.sku, &self.writers[e.writer as usize], e.kind, e.total))
     }
 
     /// Entries with their writers resolved. Call only on validated frames.
@@ -481,6 +570,16 @@ impl Frame {
                         d.writers.len()
                     )));
                 }
+                limit("delta rights", d.rights.len(), DELTA_ENTRIES_MAX)?;
+                check_rights_writers("delta", &d.rights, d.writers.len())?;
+            }
+            FrameV1::Rights(r) => {
+                limit("rights entries", r.entries.len(), RIGHTS_MAX)?;
+                limit("rights writers", r.writers.len(), DELTA_WRITERS_MAX)?;
+                check_rights_writers("rights", &r.entries, r.writers.len())?;
+                if let Some(p) = &r.escrow {
+                    p.validate().map_err(|e| CodecError::Limit(format!("escrow policy: {e}")))?;
+                }
             }
             FrameV1::Journal(j) => {
                 limit("journal batch", j.events.len(), JOURNAL_BATCH_MAX)?;
@@ -513,6 +612,15 @@ impl Frame {
             _ => {}
         }
         Ok(())
+    }
+}
+
+fn check_rights_writers(what: &str, rights: &[WireRights], writers: usize) -> Result<(), CodecError> {
+    match rights.iter().find(|e| e.writer as usize >= writers) {
+        Some(e) => {
+            Err(CodecError::Limit(format!("{what} rights entry for {} names writer #{} of {writers}", e.sku, e.writer)))
+        }
+        None => Ok(()),
     }
 }
 
@@ -549,7 +657,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, CodecError> {
         Ok(x) => x,
         Err(e) => {
             return Err(handshake_version(body)
-                .map_or_else(|| CodecError::Malformed(e.to_string()), |found| CodecError::Version { found }))
+                .map_or_else(|| CodecError::Malformed(e.to_string()), |found| CodecError::Version { found }));
         }
     };
     if !rest.is_empty() {
@@ -631,6 +739,7 @@ mod tests {
             macs: vec![],
             writers: vec![],
             entries: vec![WireEntry { sku: "A".parse().unwrap(), writer: 0, p: 1, n: 0 }],
+            rights: vec![],
         }));
         assert!(matches!(encode(&bad), Err(CodecError::Limit(_))));
         // Bypass encode's check to prove decode checks too.
@@ -648,6 +757,45 @@ mod tests {
         assert!(
             matches!(encode(&Frame::V1(FrameV1::Delta(tagged))), Err(CodecError::Limit(m)) if m.contains("entry #1 of 1"))
         );
+    }
+
+    /// Rights travel both ways (in a delta and as a snapshot) and their limits hold.
+    #[test]
+    fn rights_round_trip_and_limits() {
+        let (sku, w) = ("A".parse::<Sku>().unwrap(), writer(1));
+        let hub = WriterId::new(NodeId::Hub, Incarnation::from_u64(3));
+        let d = Delta::build(0, 2, [(&sku, &w, PnEntry { p: 5, n: 0 })])
+            .with_rights([(&sku, &w, RightsKind::Granted, 2), (&sku, &w, RightsKind::Consumed, 1)]);
+        assert_eq!(d.writers.len(), 1, "the rights' writer is interned with the entries'");
+        let frame = Frame::V1(FrameV1::Delta(d.clone()));
+        let (back, _) = decode(&encode(&frame).unwrap()).unwrap().unwrap();
+        assert_eq!(back, frame);
+        assert_eq!(
+            d.rights().map(|(_, _, k, t)| (k, t)).collect::<Vec<_>>(),
+            [(RightsKind::Granted, 2), (RightsKind::Consumed, 1)]
+        );
+
+        let policy = EscrowPolicy { share: 0.25, max: Some(10), keep: 2 };
+        let snap = RightsSnapshot::build(
+            Some(policy),
+            [(&sku, &w, RightsKind::Granted, 4), (&sku, &hub, RightsKind::Returned, 1)],
+        );
+        let frame = Frame::V1(FrameV1::Rights(snap.clone()));
+        let (back, _) = decode(&encode(&frame).unwrap()).unwrap().unwrap();
+        assert_eq!(back, frame);
+        assert_eq!(snap.entries().map(|(_, w, _, _)| w.clone()).collect::<Vec<_>>(), [w.clone(), hub]);
+
+        let mut bad = snap.clone();
+        bad.entries[0].writer = 7;
+        assert!(
+            matches!(encode(&Frame::V1(FrameV1::Rights(bad))), Err(CodecError::Limit(m)) if m.contains("writer #7 of 2"))
+        );
+        let mut bad = snap;
+        bad.escrow = Some(EscrowPolicy { share: 2.0, max: None, keep: 0 });
+        assert!(matches!(encode(&Frame::V1(FrameV1::Rights(bad))), Err(CodecError::Limit(m)) if m.contains("share")));
+        let many = std::iter::repeat_n((&sku, &w, RightsKind::Granted, 1), RIGHTS_MAX + 1);
+        let big = Frame::V1(FrameV1::Rights(RightsSnapshot::build(None, many)));
+        assert!(matches!(encode(&big), Err(CodecError::Limit(m)) if m.contains("rights entries")));
     }
 
     /// An incoming snapshot round-trips and its limits hold both ways.

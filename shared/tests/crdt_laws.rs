@@ -316,7 +316,17 @@ fn any_delta() -> impl Strategy<Value = Delta> {
             move |(writers, entries, fulfilled, lineage, tag)| {
                 // Every other entry tagged, as a store giving back hub entries would.
                 let macs = (0..entries.len() as u32).step_by(2).map(|i| (i, tag)).collect();
-                Delta { after, upto, writers, entries, fulfilled, lineage, macs }
+                // Rights entries of the same writers, one per counter entry.
+                let rights = entries
+                    .iter()
+                    .map(|e: &shelfsync_shared::wire::WireEntry| shelfsync_shared::wire::WireRights {
+                        sku: e.sku.clone(),
+                        writer: e.writer,
+                        kind: shelfsync_shared::RightsKind::Granted,
+                        total: e.p,
+                    })
+                    .collect();
+                Delta { after, upto, writers, entries, fulfilled, lineage, macs, rights }
             },
         )
     })

@@ -40,6 +40,7 @@ fn delta(store: usize, writer: u64, round: u64, salt: usize) -> AgentDelta {
         peer: w,
         entries,
         fulfilled: Vec::new(),
+        rights: Vec::new(),
         upto: round,
         lineage_base: None,
         lineage: None,

@@ -49,6 +49,7 @@ fn delta(w: &WriterId, entries: Vec<(Sku, PnEntry)>, upto: u64) -> AgentDelta {
         peer: w.clone(),
         entries: entries.into_iter().map(|(s, e)| (s, w.clone(), e)).collect(),
         fulfilled: Vec::new(),
+        rights: Vec::new(),
         upto,
         lineage_base: None,
         lineage: None,

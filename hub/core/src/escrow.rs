@@ -87,15 +87,17 @@ fn emit_rights(cx: &mut Ctx<'_>, kind: FeedKind, st: StoreIx, sk: SkuIx, qty: u6
 /// with an `escrow_overdraft` conflict when the store's own sale caused it (`by_store`), silently
 /// when a hub change did (a transfer out of the store is the hub's own decision) — then, in escrow
 /// mode, gives unreserved rights back when the store's own fell below the policy's `keep`.
-/// `granted`: units the store granted in this change (told to the feed).
-pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_store: bool) {
+/// `granted`: units the store granted in this change (told to the feed). Returns whether the hub
+/// gave rights back: the store's holds version moved, so its agents hear of it with its holds.
+pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_store: bool) -> bool {
     if granted > 0 {
         emit_rights(cx, FeedKind::RightsGranted, st, sk, granted);
     }
-    let Some(cell) = cx.t.cell(st, sk) else { return };
+    let Some(cell) = cx.t.cell(st, sk) else { return false };
     if cell.rights.entries().next().is_none() {
-        return;
+        return false;
     }
+    let mut gave = false;
     let (on_hand, held) = (cell.on_hand, cell.held);
     let (store, hub) = (cx.t.store(st).id.clone(), cx.t.hub_writer.clone());
     let mut probe = cell.rights.clone();
@@ -103,6 +105,7 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
     if over > 0 {
         cx.t.rights_mut(st, sk).cover(&store, &hub, on_hand).expect("the hub's writer returns");
         emit_rights(cx, FeedKind::RightsReturned, st, sk, over);
+        gave = true;
         if by_store {
             overdraft_conflict(cx, st, sk, over, on_hand);
         }
@@ -113,8 +116,13 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
         if q > 0 {
             cx.t.rights_mut(st, sk).give_back(&store, &hub, held, q).expect("within the unreserved rights");
             emit_rights(cx, FeedKind::RightsReturned, st, sk, q);
+            gave = true;
         }
     }
+    if gave {
+        cx.t.bump_holds(st);
+    }
+    gave
 }
 
 fn overdraft_conflict(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, over: u64, on_hand: i64) {

@@ -74,7 +74,7 @@ pub use command::{
 };
 pub use conflicts::ConflictFilter;
 pub use cursor::{merge_feeds, FeedPosition, Positioned, CURSOR_MAX};
-pub use escrow::Escrow;
+pub use escrow::{Escrow, RightsUpdate};
 pub use feed::{FeedData, FeedEvent, FeedKind, FeedRead};
 pub use ids::mint as mint_id;
 pub use lifecycle::ReservationFilter;

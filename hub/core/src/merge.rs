@@ -174,7 +174,9 @@ pub(crate) fn merge(
         let (old, new) = cx.t.refresh(st, sk);
         record_velocity(cx.t, st, sk, old, new, cx.now, cx.cfg.staleness.tau_ms);
         let grant = granted.iter().find(|(s, _)| *s == sk).map_or(0, |g| g.1);
-        crate::escrow::settle(cx, st, sk, grant, true);
+        if crate::escrow::settle(cx, st, sk, grant, true) {
+            holds_changed.insert(store.clone());
+        }
         emit_availability(cx.t, st, sk, cx.now);
         holds_changed.extend(reconcile(cx, st, sk));
         if counted.contains(sku) {
@@ -378,7 +380,9 @@ pub(crate) fn hub_change(cx: &mut Ctx<'_>, req: &HubChangeRequest) -> Result<Hub
         let line = HubLine { st, sku, delta, kind: journal_kind, reason, id: event, line: *n };
         let sk = write_hub_line(cx, line);
         let (_, on_hand) = cx.t.refresh(st, sk);
-        crate::escrow::settle(cx, st, sk, 0, false);
+        if crate::escrow::settle(cx, st, sk, 0, false) {
+            holds_changed.insert(cx.t.store(st).id.clone());
+        }
         emit_availability(cx.t, st, sk, now);
         holds_changed.extend(reconcile(cx, st, sk));
         let store = cx.t.store(st).id.clone();

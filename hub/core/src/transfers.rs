@@ -241,7 +241,9 @@ fn book(cx: &mut Ctx<'_>, id: Uuid, first_line: u32, b: Booking<'_>) -> Result<B
     for (sku, delta) in net {
         let sk = cx.t.sku_ix[&sku];
         let (_, on_hand) = cx.t.refresh(st, sk);
-        crate::escrow::settle(cx, st, sk, 0, false);
+        if crate::escrow::settle(cx, st, sk, 0, false) {
+            out.holds.insert(store.clone());
+        }
         emit_availability(cx.t, st, sk, now);
         out.holds.extend(reconcile(cx, st, sk));
         out.lines.push(ChangedLine { store: store.clone(), sku, delta, on_hand, entry: None });

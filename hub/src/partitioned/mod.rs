@@ -214,9 +214,9 @@ pub async fn start_partitioned(config: HubConfig) -> Result<PartitionedNode, Hub
     };
     tasks.push(tokio::spawn(follow_leases(events, keeper.clone(), held.clone(), deciders)));
     // Agents: merged into the database here, whoever decides for their SKUs.
-    let (sql, _) = crate::server::storage_options(&config);
-    let plane =
-        Arc::new(crate::plane::Plane::open(&crate::db::Target::Postgres(url.clone()), sql, PLANE_CONNECTIONS).await?);
+    let (sql, opts) = crate::server::storage_options(&config);
+    let target = crate::db::Target::Postgres(url.clone());
+    let plane = Arc::new(crate::plane::Plane::open(&target, sql, PLANE_CONNECTIONS, opts.escrow).await?);
     let catalog = crate::catalog::HubCatalog::load(plane.as_ref()).await?;
     let agents = crate::state::Hub::with_ledger(plane, catalog, metrics.clone());
     let pki = Arc::new(pki);
@@ -648,7 +648,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::SplitRestockBatch(json) => return split::restock_batch(&front, &parts, json).await,
             Route::SplitWhole(whole, json) => return split::all_or_none(&front, &parts, whole, json).await,
             Route::WholeParts(whole, id, split) => {
-                return split::on_parts(&front, &parts, whole, &id, split, &body).await
+                return split::on_parts(&front, &parts, whole, &id, split, &body).await;
             }
             Route::AvailabilityBatch => return split::availability(&front, &parts).await,
             Route::List(order) => return split::gather_list(&front, &parts, order).await,
@@ -702,7 +702,7 @@ async fn to_partition(
             }
             Ok(Some(o)) if o.hub != front.hub_id => o,
             Ok(_) => {
-                return unavailable(format!("no hub decides partition {partition} (a takeover is under way); retry"))
+                return unavailable(format!("no hub decides partition {partition} (a takeover is under way); retry"));
             }
             Err(e) => return unavailable(format!("cannot read who decides partition {partition}: {e}")),
         };

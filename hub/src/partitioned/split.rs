@@ -94,7 +94,7 @@ pub(super) async fn call(
                     retry_after: None,
                     body: json!({"error": "bad_gateway",
                         "message": format!("partition {p} answered something that is not JSON: {e}")}),
-                }
+                };
             }
         },
         Err(e) => {
@@ -102,7 +102,7 @@ pub(super) async fn call(
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 retry_after: Some(axum::http::HeaderValue::from_static("1")),
                 body: json!({"error": "no_active_hub", "message": format!("partition {p}'s answer broke off: {e}")}),
-            }
+            };
         }
     };
     PartAnswer { status, retry_after, body }

@@ -8,10 +8,12 @@ use shelfsync_shared::lineage::{Boot, Checkpoint, HubLineage, RetireReason};
 use shelfsync_shared::mac::EntryMac;
 use shelfsync_shared::wire::{
     Ack, CatalogDoc, CatalogFrame, Delta, DeltaLineage, DigestMsg, ErrorMsg, Frame, FrameV1, Hello, Hold, HoldStatus,
-    HoldsSnapshot, IncomingLine, IncomingSnapshot, IncomingTransfer, JournalBatch, Retirement, Welcome, WireEntry,
-    PROTOCOL_VERSION,
+    HoldsSnapshot, IncomingLine, IncomingSnapshot, IncomingTransfer, JournalBatch, Retirement, RightsSnapshot, Welcome,
+    WireEntry, WireRights, PROTOCOL_VERSION,
 };
-use shelfsync_shared::{EventFlag, EventKind, Incarnation, JournalEvent, NodeId, Sku, StoreId, WriterId};
+use shelfsync_shared::{
+    EscrowPolicy, EventFlag, EventKind, Incarnation, JournalEvent, NodeId, RightsKind, Sku, StoreId, WriterId,
+};
 use uuid::Uuid;
 
 /// The store of the session under test.
@@ -217,6 +219,7 @@ pub fn welcome(u: &mut Unstructured) -> Result<Welcome> {
 /// A delta whose references mostly hold (writer indexes, tag indexes), sometimes not.
 pub fn delta(u: &mut Unstructured) -> Result<Delta> {
     let writers = vec_of(u, writer)?;
+    let writers_len = writers.len();
     let entries = vec_of(u, |u| {
         let w = u.int_in_range(0..=writers.len() as u32)?;
         Ok(WireEntry { sku: sku(u)?, writer: w, p: num(u)?, n: num(u)? })
@@ -236,7 +239,32 @@ pub fn delta(u: &mut Unstructured) -> Result<Delta> {
             None
         },
         macs,
+        rights: vec_of(u, |u| wire_rights(u, writers_len))?,
     })
+}
+
+/// A rights entry naming one of `writers` writers (sometimes one past the end).
+fn wire_rights(u: &mut Unstructured, writers: usize) -> Result<WireRights> {
+    let kind = match u.int_in_range(0u8..=2)? {
+        0 => RightsKind::Granted,
+        1 => RightsKind::Returned,
+        _ => RightsKind::Consumed,
+    };
+    Ok(WireRights { sku: sku(u)?, writer: u.int_in_range(0..=writers as u32)?, kind, total: num(u)? })
+}
+
+/// A rights snapshot (the policy sometimes out of range).
+pub fn rights_snapshot(u: &mut Unstructured) -> Result<RightsSnapshot> {
+    let writers = vec_of(u, writer)?;
+    let n = writers.len();
+    let escrow = if u.arbitrary()? {
+        let share = if u.ratio(7, 8)? { f64::from(u.int_in_range(0u8..=100)?) / 100.0 } else { 1.5 };
+        let max = if u.arbitrary()? { Some(num(u)?) } else { None };
+        Some(EscrowPolicy { share, max, keep: u.int_in_range(0..=5)? })
+    } else {
+        None
+    };
+    Ok(RightsSnapshot { escrow, writers, entries: vec_of(u, |u| wire_rights(u, n))? })
 }
 
 /// A journal event, mostly of this store.
@@ -294,7 +322,7 @@ pub fn catalog_doc(u: &mut Unstructured) -> Result<CatalogDoc> {
 
 /// Any frame of the protocol. Not necessarily valid: callers validate as the codec would.
 pub fn frame(u: &mut Unstructured) -> Result<Frame> {
-    let f = match u.int_in_range(0u8..=13)? {
+    let f = match u.int_in_range(0u8..=14)? {
         0 => FrameV1::Hello(hello(u)?),
         1 => FrameV1::Welcome(welcome(u)?),
         2 => FrameV1::Delta(delta(u)?),
@@ -311,6 +339,7 @@ pub fn frame(u: &mut Unstructured) -> Result<Frame> {
         }
         11 => FrameV1::Ping(num(u)?),
         12 => FrameV1::Incoming(IncomingSnapshot { version: num(u)?, transfers: vec_of(u, incoming)? }),
+        13 => FrameV1::Rights(rights_snapshot(u)?),
         _ => FrameV1::Pong(num(u)?),
     };
     Ok(Frame::V1(f))

@@ -294,7 +294,13 @@ impl Session for HubSession {
     }
 
     fn foreign(effect: &Effect) -> bool {
-        matches!(effect, Effect::CheckLineage { .. } | Effect::ApplyHolds { .. } | Effect::ApplyIncoming { .. })
+        matches!(
+            effect,
+            Effect::CheckLineage { .. }
+                | Effect::ApplyHolds { .. }
+                | Effect::ApplyIncoming { .. }
+                | Effect::ApplyRights { .. }
+        )
     }
 
     fn read_entries(_u: &mut Unstructured, _read: &mut DeltaRead) -> Result<()> {
@@ -647,6 +653,7 @@ impl<S: Session> Run<S> {
             | Effect::ApplyJournal { .. }
             | Effect::ApplyHolds { .. }
             | Effect::ApplyIncoming { .. }
+            | Effect::ApplyRights { .. }
             | Effect::ReadDelta { .. }
             | Effect::ReadJournal { .. }
             | Effect::Acked { .. }
