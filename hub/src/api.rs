@@ -743,7 +743,8 @@ async fn get_metrics(State(state): State<ApiState>) -> Result<Response, ApiError
     let stores = stores
         .iter()
         .zip(unacked)
-        .map(|(s, unacked_entries)| crate::metrics::StoreGauge {
+        .map(|(s, (unacked_entries, granted))| crate::metrics::StoreGauge {
+            escrow_granted: Some(granted),
             store: s.id.to_string(),
             connected: state.hub.live(&s.id).is_some(),
             last_seen_age_secs: s.last_seen_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0),

@@ -1096,8 +1096,10 @@ impl Engine {
 
     /// What `/metrics` shows of the decider's state, in one read: every store (with its
     /// watermarks) and, per store, the hub entries its current writer has not acked (at most
-    /// [`crate::metrics::UNACKED_COUNT_MAX`]); open conflicts per kind; the feed head.
-    pub async fn metrics_snapshot(&self) -> StorageResult<(Vec<StoreInfo>, Vec<u64>, Vec<(&'static str, u64)>)> {
+    /// [`crate::metrics::UNACKED_COUNT_MAX`]) and the units online holds escrow rights to; open
+    /// conflicts per kind.
+    #[allow(clippy::type_complexity)]
+    pub async fn metrics_snapshot(&self) -> StorageResult<(Vec<StoreInfo>, Vec<(u64, u64)>, Vec<(&'static str, u64)>)> {
         let stores = self.stores().await?;
         let marks: Vec<(StoreId, Option<WriterId>, u64)> = stores
             .iter()
@@ -1113,7 +1115,7 @@ impl Engine {
                     .map(|(store, writer, acked)| {
                         let page =
                             st.d.entries_since(store, *acked, writer.as_ref(), crate::metrics::UNACKED_COUNT_MAX);
-                        page.entries.len() as u64
+                        (page.entries.len() as u64, st.d.granted_at(store))
                     })
                     .collect::<Vec<_>>();
                 let open = st.d.conflicts(&ConflictFilter {

@@ -159,6 +159,8 @@ pub struct StoreGauge {
     pub unacked_entries: u64,
     /// Revoked.
     pub revoked: bool,
+    /// Units online holds escrow rights to at the store (`None`: not known at this scrape).
+    pub escrow_granted: Option<u64>,
 }
 
 /// What the scrape reads through the engine (see [`crate::engine::Engine::metrics_snapshot`]).
@@ -201,6 +203,12 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
             "store_unacked_entries",
             "Hub counter entries for a store (restocks, transfers) its agent has not acknowledged yet",
             &mut s.stores.iter().map(|g| (store(g), g.unacked_entries as f64)),
+        )?;
+        family(
+            &mut encoder,
+            "store_escrow_granted_units",
+            "Units a store granted online (escrow rights: granted − returned − consumed), over its SKUs",
+            &mut s.stores.iter().filter_map(|g| g.escrow_granted.map(|n| (store(g), n as f64))),
         )?;
         family(
             &mut encoder,

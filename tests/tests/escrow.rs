@@ -125,6 +125,25 @@ both_backends! {
         assert_eq!(overdrafts.len(), 1);
         assert_eq!(overdrafts[0]["shortfall"], 1, "a fulfilment is no overdraft");
 
+        // Head office sees it in /metrics: what the store granted, the overdraft conflict.
+        let metrics = reqwest::Client::new()
+            .get(format!("{}/metrics", c.hub_url()))
+            .bearer_auth(&c.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |series: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or_else(|| panic!("{series} missing from {metrics}"))
+        };
+        assert_eq!(value(r#"shelfsync_hub_store_escrow_granted_units{store="store-0"} "#), 1.0);
+        assert_eq!(value(r#"shelfsync_hub_conflicts_open{kind="escrow_overdraft"} "#), 1.0);
+
         // The rights are stored: a restarted hub offers the same.
         c.stop_hub().await;
         c.start_hub().await;

@@ -169,6 +169,17 @@ impl crate::Decider {
         self.t.cell_by_name(store, sku).map(|c| c.rights.clone()).unwrap_or_default()
     }
 
+    /// Units online holds the rights to at a store, over its SKUs (`/metrics`).
+    pub fn granted_at(&self, store: &StoreId) -> u64 {
+        let Some(&st) = self.t.store_ix.get(store) else { return 0 };
+        self.t
+            .cells
+            .iter()
+            .filter(|((s, _), _)| *s == st)
+            .map(|(_, c)| u64::try_from(c.rights.online()).unwrap_or(0))
+            .sum()
+    }
+
     /// Every SKU of a store with escrow rights, with them, in SKU order (what the store's agent
     /// learns the hub's returns from).
     pub fn store_rights(&self, store: &StoreId) -> Vec<(Sku, shelfsync_shared::Rights)> {

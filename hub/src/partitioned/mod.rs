@@ -817,6 +817,8 @@ async fn metrics(
                 last_seen_age_secs: r.get::<_, Option<i64>>(1).map(|t| (now_ms - t).max(0) as f64 / 1000.0),
                 unacked_entries: (r.get::<_, i64>(3).max(0) as u64).min(crate::metrics::UNACKED_COUNT_MAX as u64),
                 revoked: r.get(2),
+                // The rights live in every partition's rows; not summed at a scrape here.
+                escrow_granted: None,
                 store,
             }
         })
