@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod browser;
+pub mod chainsim;
 pub mod cluster;
 pub mod fuzz;
 pub mod hubs;

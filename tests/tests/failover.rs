@@ -634,6 +634,7 @@ async fn hubs_share_the_partitions_and_take_over_a_dead_hubs_share() {
             peer: agent.clone(),
             entries,
             fulfilled: Vec::new(),
+            rights: Vec::new(),
             upto,
             lineage_base: None,
             lineage: None,

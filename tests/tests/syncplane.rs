@@ -279,3 +279,52 @@ async fn a_listener_hears_of_commits_not_rollbacks_and_resyncs_after_a_break() {
     c.execute(NOTIFY, &[&"store-3"]).await.unwrap();
     assert_eq!(next().await, Notice::Store("store-3".parse().unwrap()), "and it hears again");
 }
+
+/// Escrow rights ride the merge log to the partition deciding their SKU: a delta of rights alone
+/// still logs a row (under a sequence of its own), each partition gets only its SKUs' rights,
+/// and the deciders' rights rows come back for the store's agents in one snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rights_reach_the_partition_of_their_sku_and_come_back_from_the_rows() {
+    use shelfsync_shared::RightsKind;
+    let (url, parts) = database().await;
+    let mut sp = plane(&url).await;
+    let c = client(&url).await;
+    let w = writer(1);
+    let first = sp.merge(parts, delta(&w, vec![(sku(0), PnEntry { p: 10, n: 0 })], 1)).await.unwrap();
+    let skus: Vec<Sku> = (0..12).map(sku).collect();
+    let mut d = delta(&w, Vec::new(), 2);
+    d.rights = skus.iter().map(|s| (s.clone(), w.clone(), RightsKind::Granted, 3)).collect();
+    let m = sp.merge(parts, d.clone()).await.unwrap();
+    assert!(m.grown.is_empty(), "no counter entry grew");
+    assert!(m.head > first.head, "rights alone take a sequence of their own: {} after {}", m.head, first.head);
+    let touched: Vec<u16> = parts.all().filter(|p| skus.iter().any(|s| parts.of(s) == *p)).collect();
+    assert_eq!(m.parts, touched);
+    for p in parts.all() {
+        let rows = syncplane::tail(&c, p, 100).await.unwrap();
+        let rights: Vec<&Sku> = rows.iter().flat_map(|r| r.part.rights.iter().map(|(s, ..)| s)).collect();
+        let want: Vec<&Sku> = skus.iter().filter(|s| parts.of(s) == p).collect();
+        assert_eq!(rights, want, "partition {p}");
+        assert!(rows.iter().all(|r| r
+            .part
+            .rights
+            .iter()
+            .all(|(_, wr, k, t)| *wr == w && *k == RightsKind::Granted && *t == 3)));
+    }
+
+    // What the deciders record (a `rights` decision row per cell) is what the store's agents get.
+    let key = format!("{}\u{1f}{}", store(), sku(4));
+    let body = serde_json::to_string(&vec![(w.clone(), RightsKind::Granted, 3u64)]).unwrap();
+    c.execute(
+        "INSERT INTO decisions (partition, kind, key, body) VALUES ($1, 'rights', $2, $3)",
+        &[&(parts.of(&sku(4)) as i16), &key, &body],
+    )
+    .await
+    .unwrap();
+    let back = syncplane::rights_entries(&c, &store()).await.unwrap();
+    assert_eq!(back, vec![(sku(4), vec![(w.clone(), RightsKind::Granted, 3)])]);
+    let other: StoreId = "store-10".parse().unwrap();
+    assert!(
+        syncplane::rights_entries(&c, &other).await.unwrap().is_empty(),
+        "a store id that is a prefix of another's"
+    );
+}
