@@ -246,9 +246,10 @@ impl EscrowPolicy {
     }
 
     /// Unreserved units online should hold of a store with `on_hand`: `share × on_hand`
-    /// (rounded down), at most `max`.
+    /// rounded up (so a slow seller with a few units is still offered one), at most `max`.
     pub fn target(&self, on_hand: i64) -> u64 {
-        let t = (self.share * on_hand.max(0) as f64).floor() as u64;
+        // Less a hair, so that 0.3 × 10 is 3, not the 4 its binary rounding would give.
+        let t = (self.share * on_hand.max(0) as f64 - 1e-9).ceil().max(0.0) as u64;
         self.max.map_or(t, |m| t.min(m))
     }
 
@@ -316,6 +317,8 @@ mod tests {
         let p = EscrowPolicy { share: 0.3, max: Some(5), keep: 2 };
         let mut r = Rights::default();
         assert_eq!(p.target(10), 3);
+        assert_eq!(p.target(3), 1, "rounded up: a few units still offer one");
+        assert_eq!(p.target(0), 0);
         assert_eq!(p.target(100), 5);
         assert_eq!(p.grant_wanted(&r, 10, 0), 3);
         r.grant(&s, &a, 10, p.keep, 3).unwrap();

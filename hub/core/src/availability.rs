@@ -103,15 +103,46 @@ pub fn sellable(on_hand: i64, held: u64) -> i64 {
     StockFigures { on_hand, held, safety_stock: 0 }.sellable()
 }
 
-/// Units a silent store probably sold since it went dark: its recent rate × the silence beyond
-/// the grace period (rounded up), never more than `raw`.
+/// How sure the staleness discount is to cover what a silent store sold: the share of silences
+/// in which sales at the store's recent rate stay within it. The chain simulator (`chain-sim`)
+/// measured 1.45 broken promises per 10 000 orders at 0.99 and 0.36 at 0.999, serving 99.9 % of
+/// what an omniscient allocator serves (README, "Oversell safety").
+pub const DISCOUNT_CONFIDENCE: f64 = 0.999;
+
+/// Units a silent store may have sold since it went dark: at its recent rate over the silence
+/// beyond the grace period, sales are Poisson with mean `rate × silence`; the discount is the
+/// [`DISCOUNT_CONFIDENCE`] quantile of that (the mean alone, rounded up, under-covers whenever a
+/// store sells faster than average — about half the time), never more than `raw`.
 pub fn staleness_discount(st: Staleness, velocity_score: f64, silent_ms: i64, raw: u64) -> u64 {
     if !st.enabled || silent_ms <= st.grace_ms {
         return 0;
     }
     let rate_per_ms = velocity_score / st.tau_ms.max(1) as f64;
-    let d = (rate_per_ms * (silent_ms - st.grace_ms) as f64).ceil().max(0.0) as u64;
-    d.min(raw)
+    poisson_quantile(rate_per_ms * (silent_ms - st.grace_ms) as f64, DISCOUNT_CONFIDENCE).min(raw)
+}
+
+/// The smallest `k` with `P(X ≤ k) ≥ q` for `X ~ Poisson(mean)` (a normal approximation for
+/// large means, where summing the terms would underflow).
+pub fn poisson_quantile(mean: f64, q: f64) -> u64 {
+    if mean.is_nan() || mean <= 0.0 {
+        return 0;
+    }
+    if mean > 500.0 {
+        // The normal quantile's z for the usual confidences (rounded up to the next listed one).
+        let z = [(0.9, 1.282), (0.95, 1.645), (0.99, 2.326), (0.999, 3.090)]
+            .iter()
+            .find(|(c, _)| q <= *c)
+            .map_or(3.719, |(_, z)| *z);
+        return (mean + z * mean.sqrt() + 0.5).ceil() as u64;
+    }
+    let (mut k, mut term) = (0u64, (-mean).exp());
+    let mut cdf = term;
+    while cdf < q && k < 10_000 {
+        k += 1;
+        term *= mean / k as f64;
+        cdf += term;
+    }
+    k
 }
 
 /// `available` of a cell as the feed reports it (no staleness discount), with the rule used.
@@ -120,6 +151,24 @@ pub(crate) fn cell_available(t: &Tables, st: StoreIx, sk: SkuIx) -> (u64, Effect
     let Some(c) = t.cell(st, sk) else { return (0, rule) };
     let a = available(c.on_hand, c.held, rule.safety_stock, rule.active);
     (if t.escrow { offered(a, c.rights.online(), c.held) } else { a }, rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_quantiles() {
+        assert_eq!(poisson_quantile(0.0, 0.999), 0);
+        assert_eq!(poisson_quantile(0.0005, 0.999), 0, "P(X = 0) covers 99.95 %");
+        assert_eq!(poisson_quantile(0.1, 0.99), 1);
+        assert_eq!(poisson_quantile(5.0, 0.99), 11);
+        assert_eq!(poisson_quantile(5.0, 0.999), 13);
+        assert_eq!(poisson_quantile(100.0, 0.999), 132);
+        let big = poisson_quantile(1000.0, 0.999);
+        assert!((1097..=1100).contains(&big), "{big}");
+        assert_eq!(poisson_quantile(f64::NAN, 0.999), 0);
+    }
 }
 
 /// Figures of one cell for the storefront, as of `now_ms`.

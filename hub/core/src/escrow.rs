@@ -169,29 +169,29 @@ impl crate::Decider {
         self.t.cell_by_name(store, sku).map(|c| c.rights.clone()).unwrap_or_default()
     }
 
-    /// Units online holds the rights to at a store, over its SKUs (`/metrics`).
-    pub fn granted_at(&self, store: &StoreId) -> u64 {
-        let Some(&st) = self.t.store_ix.get(store) else { return 0 };
-        self.t
-            .cells
-            .iter()
-            .filter(|((s, _), _)| *s == st)
-            .map(|(_, c)| u64::try_from(c.rights.online()).unwrap_or(0))
-            .sum()
+    /// A store's cells with escrow rights, in SKU order. Rights only exist where the store has a
+    /// counter entry (it grants from its units), so the store's own entry index finds them.
+    fn rights_cells(&self, store: &StoreId) -> Vec<(&Sku, &shelfsync_shared::Rights)> {
+        let Some(&st) = self.t.store_ix.get(store) else { return Vec::new() };
+        let skus: std::collections::BTreeSet<SkuIx> =
+            self.t.store(st).entries_by_seq.values().map(|(sk, _)| *sk).collect();
+        let mut out: Vec<(&Sku, &shelfsync_shared::Rights)> = skus
+            .into_iter()
+            .filter_map(|sk| self.t.cell(st, sk).map(|c| (&self.t.sku(sk).sku, &c.rights)))
+            .filter(|(_, r)| r.entries().next().is_some())
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out
     }
 
     /// Every SKU of a store with escrow rights, with them, in SKU order (what the store's agent
     /// learns the hub's returns from).
     pub fn store_rights(&self, store: &StoreId) -> Vec<(Sku, shelfsync_shared::Rights)> {
-        let Some(&st) = self.t.store_ix.get(store) else { return Vec::new() };
-        let mut out: Vec<(Sku, shelfsync_shared::Rights)> = self
-            .t
-            .cells
-            .iter()
-            .filter(|((s, _), c)| *s == st && c.rights.entries().next().is_some())
-            .map(|((_, sk), c)| (self.t.sku(*sk).sku.clone(), c.rights.clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.rights_cells(store).into_iter().map(|(sku, r)| (sku.clone(), r.clone())).collect()
+    }
+
+    /// Units online holds the rights to at a store, over its SKUs (`/metrics`).
+    pub fn granted_at(&self, store: &StoreId) -> u64 {
+        self.rights_cells(store).iter().map(|(_, r)| u64::try_from(r.online()).unwrap_or(0)).sum()
     }
 }

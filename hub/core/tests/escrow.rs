@@ -57,6 +57,9 @@ fn online_promises_only_within_granted_rights() {
     assert_eq!(h.kinds_after(head), [FeedKind::RightsGranted, FeedKind::AvailabilityChanged]);
     let f = &h.d.figures(&k("X"), h.now, &Default::default())[0];
     assert_eq!((f.on_hand, f.granted, f.raw_available, f.available), (10, 3, 10, 3));
+    let rights = h.d.store_rights(&s("a"));
+    assert_eq!((rights.len(), rights[0].1.online(), h.d.granted_at(&s("a"))), (1, 3, 3));
+    assert!(h.d.store_rights(&s("b")).is_empty(), "b granted nothing");
     h.reserved(2, vec![line("X", 2)]);
     assert!(matches!(h.reserve(3, vec![line("X", 2)], None, None), Err(Refusal::Unavailable { available: 1, .. })));
     // A grant applied twice changes nothing.
