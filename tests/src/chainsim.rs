@@ -622,7 +622,7 @@ impl Report {
 }
 
 /// What the omniscient allocator did with the same demand.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OmniReport {
     /// Online orders placed.
     pub online_orders: u64,
@@ -1319,6 +1319,57 @@ pub fn run_all(cfg: &SimConfig, policies: &[Policy]) -> (Vec<Report>, OmniReport
 pub fn run_all_world(w: &World, policies: &[Policy]) -> (Vec<Report>, OmniReport) {
     let omni = omniscient_world(w);
     (policies.iter().map(|p| run_world(w, *p, &omni)).collect(), omni)
+}
+
+/// Several seeds' runs of the same policies added up: counts summed, the median wait the median
+/// of the runs' medians, the worst wait the worst, the ground truth failed if any run's failed.
+pub fn sum(runs: Vec<(Vec<Report>, OmniReport)>) -> (Vec<Report>, OmniReport) {
+    let mut runs = runs.into_iter();
+    let Some((mut total, mut omni)) = runs.next() else { return (Vec::new(), OmniReport::default()) };
+    let mut medians: Vec<Vec<u32>> = total.iter().map(|r| r.wait_median_min.into_iter().collect()).collect();
+    for (reports, o) in runs {
+        omni.online_orders += o.online_orders;
+        omni.served += o.served;
+        omni.walkins += o.walkins;
+        omni.walkins_served += o.walkins_served;
+        omni.walkins_lost += o.walkins_lost;
+        omni.restocked_units += o.restocked_units;
+        for ((t, r), m) in total.iter_mut().zip(reports).zip(&mut medians) {
+            assert_eq!(t.policy, r.policy, "the same policies in every run");
+            t.online_orders += r.online_orders;
+            t.promised += r.promised;
+            t.refused += r.refused;
+            t.broken += r.broken;
+            t.broken_at_dark += r.broken_at_dark;
+            t.served += r.served;
+            t.omniscient_served += r.omniscient_served;
+            t.walkins += r.walkins;
+            t.walkins_served += r.walkins_served;
+            t.walkins_lost += r.walkins_lost;
+            t.oversells += r.oversells;
+            t.oversells_resourced += r.oversells_resourced;
+            t.overdraft_conflicts += r.overdraft_conflicts;
+            t.negative_stock += r.negative_stock;
+            t.overdraft_units += r.overdraft_units;
+            t.granted_units += r.granted_units;
+            t.restocked_units += r.restocked_units;
+            t.picked_units += r.picked_units;
+            t.blocked_picks += r.blocked_picks;
+            t.fulfilled += r.fulfilled;
+            t.open_at_end += r.open_at_end;
+            m.extend(r.wait_median_min);
+            t.wait_worst_min = t.wait_worst_min.max(r.wait_worst_min);
+            if t.truth.is_ok() {
+                t.truth = r.truth;
+            }
+            t.elapsed += r.elapsed;
+        }
+    }
+    for (t, mut m) in total.iter_mut().zip(medians) {
+        m.sort_unstable();
+        t.wait_median_min = m.get(m.len() / 2).copied();
+    }
+    (total, omni)
 }
 
 /// The reports as an aligned table, one row per policy and the omniscient allocator's last.

@@ -9,10 +9,10 @@
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use shelfsync_tests::chainsim::{run_all_world, table, Policy, SimConfig, World};
+use shelfsync_tests::chainsim::{run_all_world, sum, table, Policy, SimConfig, World};
 
 const USAGE: &str = "\
-usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N]
+usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N] [--seeds N]
                  [--policy all|off|staleness|escrow|escrow+staleness]
                  [--share SHARE] [--keep N] [--max N|none] [--overdraft P]
                  [--flash-skus N] [--flash-factor X] [--flash-at MINUTE]
@@ -25,6 +25,7 @@ usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N]
   --days           simulated days (2)
   --dark           long-run share of stores dark at any time, 0 <= x < 1 (0.1)
   --seed           seed of everything (7)
+  --seeds          run seeds seed, seed+1, ... (this many) and add the runs up (1)
   --policy         which policies to run, or all (all)
   --share          escrow: share of on-hand granted online (0.3)
   --keep           escrow: units a store always keeps for walk-ins (1)
@@ -43,7 +44,8 @@ usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N]
   --pick-max       longest such delay (120)
 ";
 
-const FLAGS: [&str; 21] = [
+const FLAGS: [&str; 22] = [
+    "--seeds",
     "--stores",
     "--skus",
     "--days",
@@ -71,8 +73,12 @@ fn value<T: FromStr>(flag: &str, v: &str, what: &str) -> Result<T, String> {
     v.parse().map_err(|_| format!("{flag}: expected {what}, got '{v}'"))
 }
 
-fn parse(args: &[String]) -> Result<Option<(SimConfig, Vec<Policy>)>, String> {
+/// Most seeds one command runs.
+const SEEDS_MAX: u64 = 1000;
+
+fn parse(args: &[String]) -> Result<Option<(SimConfig, Vec<Policy>, u64)>, String> {
     let mut cfg = SimConfig::default();
+    let mut seeds = 1;
     let mut policies = Policy::ALL.to_vec();
     let mut i = 0;
     while i < args.len() {
@@ -104,6 +110,12 @@ fn parse(args: &[String]) -> Result<Option<(SimConfig, Vec<Policy>)>, String> {
             "--days" => cfg.days = value(f, &v, "a whole number")?,
             "--dark" => cfg.dark = value(f, &v, "a number between 0 and 1")?,
             "--seed" => cfg.seed = value(f, &v, "a whole number")?,
+            "--seeds" => {
+                seeds = value(f, &v, "a whole number")?;
+                if seeds == 0 || seeds > SEEDS_MAX {
+                    return Err(format!("--seeds: expected 1 to {SEEDS_MAX}, got {seeds}"));
+                }
+            }
             "--policy" => {
                 policies = if v == "all" {
                     Policy::ALL.to_vec()
@@ -138,12 +150,12 @@ fn parse(args: &[String]) -> Result<Option<(SimConfig, Vec<Policy>)>, String> {
         i += 1;
     }
     cfg.validate()?;
-    Ok(Some((cfg, policies)))
+    Ok(Some((cfg, policies, seeds)))
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cfg, policies) = match parse(&args) {
+    let (cfg, policies, seeds) = match parse(&args) {
         Ok(Some(p)) => p,
         Ok(None) => {
             print!("{USAGE}");
@@ -180,7 +192,14 @@ fn main() -> ExitCode {
         at % 1440 / 60,
         at % 60
     );
-    let (reports, omni) = run_all_world(&world, &policies);
+    let mut runs = vec![run_all_world(&world, &policies)];
+    for s in 1..seeds {
+        runs.push(run_all_world(&World::new(&SimConfig { seed: cfg.seed + s, ..cfg.clone() }), &policies));
+    }
+    if seeds > 1 {
+        println!("added up over seeds {} to {}", cfg.seed, cfg.seed + seeds - 1);
+    }
+    let (reports, omni) = sum(runs);
     println!();
     print!("{}", table(&reports, &omni));
     println!();
