@@ -86,7 +86,8 @@ fn emit_rights(cx: &mut Ctx<'_>, kind: FeedKind, st: StoreIx, sk: SkuIx, qty: u6
 /// overdraft (online holds more rights than the store has units) by giving the difference back —
 /// with an `escrow_overdraft` conflict when the store's own sale caused it (`by_store`), silently
 /// when a hub change did (a transfer out of the store is the hub's own decision) — then, in escrow
-/// mode, gives unreserved rights back when the store's own fell below the policy's `keep`.
+/// mode, gives unreserved rights back when the store's own fell below the policy's `keep`, and
+/// with escrow off (turned off since the store granted) gives every unreserved right back.
 /// `granted`: units the store granted in this change (told to the feed). Returns whether the hub
 /// gave rights back: the store's holds version moved, so its agents hear of it with its holds.
 pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_store: bool) -> bool {
@@ -110,9 +111,14 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
             overdraft_conflict(cx, st, sk, over, on_hand);
         }
     }
-    if cx.t.escrow {
+    {
         let cell = cx.t.cell(st, sk).expect("exists");
-        let q = cx.cfg.escrow.policy.return_wanted(&cell.rights, on_hand, held);
+        // Without escrow (turned off since the store granted), every unreserved right goes back.
+        let q = if cx.t.escrow {
+            cx.cfg.escrow.policy.return_wanted(&cell.rights, on_hand, held)
+        } else {
+            u64::try_from(cell.rights.online()).unwrap_or(0).saturating_sub(held)
+        };
         if q > 0 {
             cx.t.rights_mut(st, sk).give_back(&store, &hub, held, q).expect("within the unreserved rights");
             emit_rights(cx, FeedKind::RightsReturned, st, sk, q);

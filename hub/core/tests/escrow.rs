@@ -156,12 +156,22 @@ fn the_hub_gives_unreserved_rights_back_when_the_store_runs_low() {
 }
 
 #[test]
-fn without_escrow_rights_are_kept_and_shown_but_do_not_limit() {
-    let mut h = H::new();
-    h.stores(&["a"]);
-    h.stock("a", "X", 10);
-    merge(&mut h, "a", "X", 10, 2, 0, vec![]);
+fn without_escrow_rights_do_not_limit_and_unreserved_ones_go_back() {
+    // Granted while escrow was on; the hub now runs without it (a restart with a new config).
+    let mut on = escrow_h(1);
+    on.stores(&["a"]);
+    on.stock("a", "X", 10);
+    merge(&mut on, "a", "X", 10, 4, 0, vec![]);
+    on.reserved(1, vec![line("X", 1)]);
+    let mut cfg = on.d.config().clone();
+    cfg.escrow.enabled = false;
+    let d = shelfsync_hub_core::Decider::from_records(cfg, 42, on.records.clone()).unwrap();
+    let mut h = H { d, now: on.now, agent: on.agent.clone(), records: on.records.clone() };
     let f = &h.d.figures(&k("X"), h.now, &Default::default())[0];
-    assert_eq!((f.granted, f.available), (2, 10));
-    let _ = PnEntry::default();
+    assert_eq!((f.granted, f.available), (4, 9), "granted is shown, not a limit");
+    // The cell's next change gives the 3 unreserved rights back; the held one stays.
+    h.stock("a", "X", 9);
+    let r = h.d.rights(&s("a"), &k("X"));
+    assert_eq!((r.online(), r.total(RightsKind::Returned)), (1, 3));
+    assert!(overdrafts(&h).is_empty());
 }
