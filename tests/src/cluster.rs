@@ -394,14 +394,19 @@ impl Cluster {
 
     /// One of the hub's Prometheus metrics (`shelfsync_hub_<name>`).
     pub async fn metric(&self, name: &str) -> u64 {
-        let r =
-            self.http.get(format!("{}/metrics", self.hub_url())).bearer_auth(&self.admin_token).send().await.unwrap();
-        let text = r.text().await.unwrap();
+        let text = self.hub_metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("shelfsync_hub_{name} ")))
             .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
             .parse()
             .unwrap()
+    }
+
+    /// The hub's `/metrics` text (as the admin).
+    pub async fn hub_metrics(&self) -> String {
+        let r =
+            self.http.get(format!("{}/metrics", self.hub_url())).bearer_auth(&self.admin_token).send().await.unwrap();
+        r.text().await.unwrap()
     }
 
     /// An agent's `/v1/status`.

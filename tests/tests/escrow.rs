@@ -126,15 +126,7 @@ both_backends! {
         assert_eq!(overdrafts[0]["shortfall"], 1, "a fulfilment is no overdraft");
 
         // Head office sees it in /metrics: what the store granted, the overdraft conflict.
-        let metrics = reqwest::Client::new()
-            .get(format!("{}/metrics", c.hub_url()))
-            .bearer_auth(&c.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = c.hub_metrics().await;
         let value = |series: &str| -> f64 {
             metrics
                 .lines()

@@ -172,6 +172,12 @@ both_backends! {
             assert_eq!(c.sell(0, "D", 1).await, 201);
         }
         c.converged(&["D"], DEADLINE).await;
+        // Acked too: an entry the agent still had to resend would carry its totals again and
+        // repair the hub without any digest.
+        wait_until("the agent's changes acked", DEADLINE, || async {
+            (c.agent_status(0).await["unsynced_changes"] == 0).then_some(())
+        })
+        .await;
         c.stop_hub().await;
         let n = c.hub_sql("DELETE FROM counters WHERE store = 'store-0' AND writer LIKE 'store-0@%'").await;
         assert_eq!(n, 1);
