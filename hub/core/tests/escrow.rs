@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use shelfsync_hub_core::{Command, ConflictFilter, ConflictKind, ConflictStatus, Done, Escrow, FeedKind, Refusal};
-use shelfsync_shared::{EscrowPolicy, PnEntry, RightsKind};
+use shelfsync_shared::{EscrowPolicy, RightsKind};
 
 fn escrow_h(keep: u64) -> H {
     let mut c = config(false);
