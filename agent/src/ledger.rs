@@ -405,8 +405,10 @@ fn record_in(
         let line = line_no as u32;
         // Escrow: a sale beyond the store's own rights takes units granted online. It happens
         // (the goods are here) and is flagged; the hub covers it and reconciles.
-        let rights_broken = match (&delta, crate::rights::escrowed(conn, &me.store, &sku, before)?) {
-            (Some(d), Some(e)) if *d < 0 => d.unsigned_abs().saturating_sub(u64::try_from(e.own).unwrap_or(0)),
+        // Read once: the line moves on_hand, not the rights.
+        let rights = crate::rights::escrow_of(conn, &me.store, &sku)?;
+        let rights_broken = match (&delta, &rights) {
+            (Some(d), Some(r)) if *d < 0 => r.overdraft(before, d.unsigned_abs()),
             _ => 0,
         };
         // A count is a correction: what makes the corrections add up to its quantity as of its
@@ -482,7 +484,7 @@ fn record_in(
             flags.push(EventFlag::EscrowOverdraft);
             tracing::warn!(%sku, rights_broken, "sale beyond the store's own rights: it took units granted online");
         }
-        let escrow = crate::rights::escrowed(conn, &me.store, &sku, on_hand)?;
+        let escrow = rights.as_ref().map(|r| crate::rights::Escrowed::of(r, on_hand));
         // A sale that leaves fewer units than are promised online still happens (the goods are
         // here), but the POS is told which online orders it endangers.
         let endangered = if delta < 0 && figures.held > 0 && figures.sellable() < 0 {

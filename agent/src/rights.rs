@@ -8,7 +8,7 @@
 //! ride the same deltas, acks and resends as counter entries; entries learnt from the hub (its
 //! returns, and this store's own of earlier lives) have `seq` 0 and are never sent back.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use shelfsync_shared::wire::RightsSnapshot;
 use shelfsync_shared::{EscrowPolicy, Rights, RightsKind, Sku, StoreId, WriterId};
 
@@ -24,21 +24,8 @@ pub const MIGRATION: &str = "
     CREATE TABLE escrow (id INTEGER PRIMARY KEY CHECK (id = 1), policy TEXT);
     INSERT INTO escrow (id, policy) VALUES (1, NULL);";
 
-fn kind_col(k: RightsKind) -> &'static str {
-    match k {
-        RightsKind::Granted => "granted",
-        RightsKind::Returned => "returned",
-        RightsKind::Consumed => "consumed",
-    }
-}
-
 pub(crate) fn kind_of(s: &str) -> Result<RightsKind, DbError> {
-    Ok(match s {
-        "granted" => RightsKind::Granted,
-        "returned" => RightsKind::Returned,
-        "consumed" => RightsKind::Consumed,
-        other => return Err(DbError::Corrupt(format!("rights kind {other:?}"))),
-    })
+    RightsKind::parse(s).ok_or_else(|| DbError::Corrupt(format!("rights kind {s:?}")))
 }
 
 /// The escrow policy the hub last told (`None`: escrow is off).
@@ -71,7 +58,7 @@ fn raise(conn: &Connection, sku: &Sku, w: &WriterId, k: RightsKind, total: u64, 
                  seq = CASE WHEN excluded.seq > 0 THEN excluded.seq ELSE rights.seq END
              WHERE excluded.total > rights.total",
         )?
-        .execute(params![sku.as_str(), w.to_string(), kind_col(k), total, seq])?;
+        .execute(params![sku.as_str(), w.to_string(), k.as_str(), total, seq])?;
     Ok(n > 0)
 }
 
@@ -85,13 +72,25 @@ pub struct Escrowed {
     pub own: i64,
 }
 
-/// A SKU's escrow figures given its `on_hand` (`None`: escrow is off and nothing was granted).
-pub fn escrowed(conn: &Connection, store: &StoreId, sku: &Sku, on_hand: i64) -> Result<Option<Escrowed>, DbError> {
+impl Escrowed {
+    /// The figures of `rights` for a SKU with `on_hand`.
+    pub fn of(rights: &Rights, on_hand: i64) -> Escrowed {
+        Escrowed { granted: u64::try_from(rights.online()).unwrap_or(0), own: rights.own(on_hand) }
+    }
+}
+
+/// A SKU's rights when escrow concerns it (`None`: escrow is off and nothing was granted).
+pub fn escrow_of(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Option<Rights>, DbError> {
     let r = rights_of(conn, store, sku)?;
     if r.entries().next().is_none() && policy(conn)?.is_none() {
         return Ok(None);
     }
-    Ok(Some(Escrowed { granted: u64::try_from(r.online()).unwrap_or(0), own: r.own(on_hand) }))
+    Ok(Some(r))
+}
+
+/// A SKU's escrow figures given its `on_hand` (`None`: escrow is off and nothing was granted).
+pub fn escrowed(conn: &Connection, store: &StoreId, sku: &Sku, on_hand: i64) -> Result<Option<Escrowed>, DbError> {
+    Ok(escrow_of(conn, store, sku)?.map(|r| Escrowed::of(&r, on_hand)))
 }
 
 /// Grants what the policy asks of every SKU with units beyond `keep` (only while connected:
@@ -162,39 +161,4 @@ pub async fn apply_snapshot(db: &Db, snapshot: RightsSnapshot) -> Result<(), DbE
         Ok(())
     })
     .await
-}
-
-/// This store's writers' entries with a place in `(after, upto]` of the counter sequence.
-pub fn own_between(
-    conn: &Connection,
-    ours: &std::collections::HashSet<String>,
-    after: u64,
-    upto: u64,
-) -> Result<Vec<(Sku, WriterId, RightsKind, u64)>, DbError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT sku, writer, kind, total FROM rights WHERE seq > ?1 AND seq <= ?2 ORDER BY seq")?;
-    let mut rows = stmt.query(params![after, upto])?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let w: String = r.get(1)?;
-        if !ours.contains(&w) {
-            continue;
-        }
-        out.push((db::sku_col(r.get(0)?)?, db::writer_col(w)?, kind_of(&r.get::<_, String>(2)?)?, r.get(3)?));
-    }
-    Ok(out)
-}
-
-/// Whether escrow is on here (the hub said so on the last connection).
-pub fn enabled(conn: &Connection) -> Result<bool, DbError> {
-    Ok(policy(conn)?.is_some())
-}
-
-/// The highest place rights took in the counter sequence.
-pub fn head(conn: &Connection) -> Result<u64, DbError> {
-    Ok(conn
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM rights")?
-        .query_row([], |r| r.get::<_, u64>(0))
-        .optional()?
-        .unwrap_or(0))
 }

@@ -409,8 +409,8 @@ impl HubConfig {
         if self.staleness.velocity_window_secs == 0 {
             return bad("staleness.velocity_window_secs", "must be at least 1");
         }
-        if !(0.0..=1.0).contains(&self.escrow.share) {
-            return bad("escrow.share", "must be between 0 and 1");
+        if let Err(e) = self.escrow.to_escrow().policy.validate() {
+            return bad("escrow.share", &e);
         }
         if self.webhooks.len() > 32 {
             return bad("webhooks", "at most 32 endpoints");

@@ -33,6 +33,29 @@ impl RightsKind {
     /// Every kind.
     pub const ALL: [RightsKind; 3] = [RightsKind::Granted, RightsKind::Returned, RightsKind::Consumed];
 
+    /// The kind's name, as stored and as messages say it (`granted`, `returned`, `consumed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RightsKind::Granted => "granted",
+            RightsKind::Returned => "returned",
+            RightsKind::Consumed => "consumed",
+        }
+    }
+
+    /// The kind named `s` ([`RightsKind::as_str`]).
+    pub fn parse(s: &str) -> Option<RightsKind> {
+        RightsKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Refuses unless `writer` may move an entry of this kind of `store`'s rights.
+    fn check_author(self, store: &StoreId, writer: &WriterId) -> Result<(), RightsError> {
+        if self.authored_by(store, writer) {
+            Ok(())
+        } else {
+            Err(RightsError::NotAuthor { store: store.clone(), writer: writer.clone(), kind: self })
+        }
+    }
+
     /// Whether `writer` may move an entry of this kind of `store`'s rights.
     pub fn authored_by(self, store: &StoreId, writer: &WriterId) -> bool {
         match self {
@@ -91,9 +114,7 @@ impl Rights {
         kind: RightsKind,
         total: u64,
     ) -> Result<bool, RightsError> {
-        if !kind.authored_by(store, writer) {
-            return Err(RightsError::NotAuthor { store: store.clone(), writer: writer.clone(), kind });
-        }
+        kind.check_author(store, writer)?;
         let slot = self.entries.entry((writer.clone(), kind)).or_insert(0);
         let grew = total > *slot;
         *slot = (*slot).max(total);
@@ -126,6 +147,12 @@ impl Rights {
         on_hand.saturating_sub(self.online())
     }
 
+    /// Rights online holds beyond what the store has (`online − max(on_hand, 0)`, at least 0):
+    /// what a store sold of units it had granted, not yet covered.
+    pub fn excess(&self, on_hand: i64) -> u64 {
+        u64::try_from(self.online().saturating_sub(on_hand.max(0))).unwrap_or(0)
+    }
+
     /// Adds `q` to `writer`'s entry of `kind`; the new total.
     fn bump(&mut self, writer: &WriterId, kind: RightsKind, q: u64) -> u64 {
         let slot = self.entries.entry((writer.clone(), kind)).or_insert(0);
@@ -143,13 +170,7 @@ impl Rights {
         keep: u64,
         q: u64,
     ) -> Result<u64, RightsError> {
-        if !RightsKind::Granted.authored_by(store, writer) {
-            return Err(RightsError::NotAuthor {
-                store: store.clone(),
-                writer: writer.clone(),
-                kind: RightsKind::Granted,
-            });
-        }
+        RightsKind::Granted.check_author(store, writer)?;
         let have = u64::try_from(self.own(on_hand)).unwrap_or(0).saturating_sub(keep);
         if q > have {
             return Err(RightsError::NotEnough { wanted: q, have });
@@ -160,13 +181,7 @@ impl Rights {
     /// The hub (its writer `writer`) gives `q` units of online rights back to `store`; `held`:
     /// what online holds reserved at the store (not given back). Returns the entry's new total.
     pub fn give_back(&mut self, store: &StoreId, writer: &WriterId, held: u64, q: u64) -> Result<u64, RightsError> {
-        if !RightsKind::Returned.authored_by(store, writer) {
-            return Err(RightsError::NotAuthor {
-                store: store.clone(),
-                writer: writer.clone(),
-                kind: RightsKind::Returned,
-            });
-        }
+        RightsKind::Returned.check_author(store, writer)?;
         let have = u64::try_from(self.online()).unwrap_or(0).saturating_sub(held);
         if q > have {
             return Err(RightsError::NotEnough { wanted: q, have });
@@ -177,13 +192,7 @@ impl Rights {
     /// The store (its writer `writer`) fulfilled `q` units of an online hold: they leave with
     /// online's rights (the store's own do not move). Returns the entry's new total.
     pub fn consume(&mut self, store: &StoreId, writer: &WriterId, q: u64) -> Result<u64, RightsError> {
-        if !RightsKind::Consumed.authored_by(store, writer) {
-            return Err(RightsError::NotAuthor {
-                store: store.clone(),
-                writer: writer.clone(),
-                kind: RightsKind::Consumed,
-            });
-        }
+        RightsKind::Consumed.check_author(store, writer)?;
         Ok(self.bump(writer, RightsKind::Consumed, q))
     }
 
@@ -201,14 +210,8 @@ impl Rights {
     /// needed). Unlike [`Rights::give_back`] it may take reserved rights: the goods are gone,
     /// and the holds beyond what is left are cut by the oversell reconciliation.
     pub fn cover(&mut self, store: &StoreId, writer: &WriterId, on_hand: i64) -> Result<u64, RightsError> {
-        if !RightsKind::Returned.authored_by(store, writer) {
-            return Err(RightsError::NotAuthor {
-                store: store.clone(),
-                writer: writer.clone(),
-                kind: RightsKind::Returned,
-            });
-        }
-        let over = u64::try_from(self.online().saturating_sub(on_hand.max(0))).unwrap_or(0);
+        RightsKind::Returned.check_author(store, writer)?;
+        let over = self.excess(on_hand);
         if over > 0 {
             self.bump(writer, RightsKind::Returned, over);
         }

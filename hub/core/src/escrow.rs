@@ -33,19 +33,11 @@ pub(crate) fn plan(store: &StoreId, rights: &[RightsUpdate]) -> Result<(), Refus
         if *kind == RightsKind::Returned || !kind.authored_by(store, writer) {
             return Err(Refusal::Invalid(format!(
                 "rights of {sku}: writer {writer} may not write {} rights of store {store}",
-                kind_name(*kind)
+                kind.as_str()
             )));
         }
     }
     Ok(())
-}
-
-fn kind_name(k: RightsKind) -> &'static str {
-    match k {
-        RightsKind::Granted => "granted",
-        RightsKind::Returned => "returned",
-        RightsKind::Consumed => "consumed",
-    }
 }
 
 /// Merges a store's planned rights entries; returns the cells whose rights grew. Grants are told
@@ -101,8 +93,7 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
     let mut gave = false;
     let (on_hand, held) = (cell.on_hand, cell.held);
     let (store, hub) = (cx.t.store(st).id.clone(), cx.t.hub_writer.clone());
-    let mut probe = cell.rights.clone();
-    let over = probe.cover(&store, &hub, on_hand).expect("the hub's writer returns");
+    let over = cell.rights.excess(on_hand);
     if over > 0 {
         cx.t.rights_mut(st, sk).cover(&store, &hub, on_hand).expect("the hub's writer returns");
         emit_rights(cx, FeedKind::RightsReturned, st, sk, over);
