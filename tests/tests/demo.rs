@@ -44,6 +44,9 @@ async fn demo_tells_its_story_and_converges() {
         let l = lines.lock().unwrap();
         let hub = after(&l, "hub API")?.to_owned();
         let token = after(&l, "viewer token")?.split_whitespace().next()?.to_owned();
+        // Every store's line too: they are printed after the token, and read as they come.
+        let stores = ["store-001", "store-002", "store-003"];
+        stores.iter().all(|s| l.iter().any(|x| x.contains(s) && x.contains("POS API "))).then_some(())?;
         Some((hub, token))
     })
     .await;
