@@ -603,12 +603,17 @@ async fn get_catalog(
 struct OverridesBody {
     safety_stock: Option<u64>,
     low_stock_threshold: Option<u64>,
+    /// This store's escrow values for the SKU (over the catalog's and the chain's; absent or
+    /// `{}`: none).
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::EscrowRule>)]
+    escrow: shelfsync_shared::EscrowRule,
 }
 
 #[utoipa::path(
     put,
     path = "/catalog/{sku}/overrides",
-    summary = "Set this store's safety stock / low-stock threshold for a SKU",
+    summary = "Set this store's safety stock / low-stock threshold / escrow values for a SKU",
     params(("sku" = String, Path, description = "The SKU")),
     request_body = OverridesBody,
     responses((status = 200, description = "The entry after", body = Object), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "A token is configured and this request lacks it", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
@@ -620,8 +625,11 @@ async fn put_overrides(
     ApiJson(b): ApiJson<OverridesBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
-    let o =
-        shelfsync_node::catalog::Overrides { safety_stock: b.safety_stock, low_stock_threshold: b.low_stock_threshold };
+    let o = shelfsync_node::catalog::Overrides {
+        safety_stock: b.safety_stock,
+        low_stock_threshold: b.low_stock_threshold,
+        escrow: b.escrow,
+    };
     state.catalog.set_overrides(&state.db, &sku, o).await.map_err(|e| match e {
         shelfsync_node::catalog::CatalogError::Invalid(m) => ApiError::invalid(m),
         other => ApiError::internal(other),

@@ -116,11 +116,15 @@ impl AgentCatalog {
         let items = if doc == CatalogDoc::Catalog { item_rows(&tracked.doc, &changed) } else { Vec::new() };
         let reply = generate(&mut tracked.doc, state);
         let encoded = state.encode();
+        let current = db.current();
         db.write(move |conn| -> Result<(), CatalogError> {
             if let Some(w) = &write {
                 write_chunk(conn, w)?;
             }
             write_item_rows(conn, &items)?;
+            // A message from the hub means a live session: a moment to grant online what the
+            // catalog's (possibly new) escrow rules ask, as after a restock.
+            crate::rights::grant_due(conn, &current.get())?;
             conn.prepare_cached(
                 "INSERT INTO doc_sync (doc, peer, state) VALUES (?1, ?2, ?3)
                  ON CONFLICT (doc, peer) DO UPDATE SET state = excluded.state",

@@ -54,6 +54,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::incoming::MIGRATION,
     // 7: escrow rights and the hub's escrow policy.
     crate::rights::MIGRATION,
+    // 8: escrow rules of catalog entries and of this store's overrides.
+    shelfsync_node::catalog::ESCROW_MIGRATION,
 ];
 
 /// Who this database is. The writer changes when the agent retires a forked one

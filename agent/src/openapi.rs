@@ -236,10 +236,28 @@ pub struct CatalogEntry {
     pub low_stock_threshold: u64,
     pub max_per_customer: u64,
     pub active: bool,
+    /// The SKU's escrow values over the chain's (absent when it sets none).
+    #[schema(nullable = false)]
+    pub escrow: Option<EscrowRule>,
     #[schema(value_type = Option<Object>, nullable = false)]
     pub overrides: Option<serde_json::Value>,
     #[schema(value_type = Option<Object>, nullable = false)]
     pub effective: Option<serde_json::Value>,
+}
+
+/// A SKU's or this store's escrow values over the chain's policy (from the hub): each set value
+/// replaces the one below (chain ← SKU ← store); an absent one leaves it.
+#[derive(Serialize, ToSchema)]
+pub struct EscrowRule {
+    /// Share of on_hand granted online, in percent (0..=100; 0: nothing online).
+    #[schema(nullable = false)]
+    pub share_pct: Option<u64>,
+    /// At most this many unreserved units online (0: no cap).
+    #[schema(nullable = false)]
+    pub max: Option<u64>,
+    /// Units the store always keeps for walk-ins.
+    #[schema(nullable = false)]
+    pub keep: Option<u64>,
 }
 
 /// `GET /healthz`.

@@ -9,8 +9,9 @@
 //! returns, and this store's own of earlier lives) have `seq` 0 and are never sent back.
 
 use rusqlite::{params, Connection};
+use shelfsync_node::catalog::escrow_rule;
 use shelfsync_shared::wire::RightsSnapshot;
-use shelfsync_shared::{EscrowPolicy, Rights, RightsKind, Sku, StoreId, WriterId};
+use shelfsync_shared::{EscrowPolicy, EscrowRule, Rights, RightsKind, Sku, StoreId, WriterId};
 
 use crate::db::{self, Db, DbError, Identity};
 
@@ -93,16 +94,32 @@ pub fn escrowed(conn: &Connection, store: &StoreId, sku: &Sku, on_hand: i64) -> 
     Ok(escrow_of(conn, store, sku)?.map(|r| Escrowed::of(&r, on_hand)))
 }
 
-/// Grants what the policy asks of every SKU with units beyond `keep` (only while connected:
-/// the callers are the live sync session's writes). Returns the units granted per SKU.
+/// Grants what the policy in force asks of every SKU with units (only while connected: the
+/// callers are the live sync session's writes). The policy of a SKU is the chain's (from the hub)
+/// under the catalog's rule for the SKU under this store's override, as the replicas have them.
+/// Returns the units granted per SKU.
 pub fn grant_due(conn: &Connection, me: &Identity) -> Result<Vec<(Sku, u64)>, DbError> {
-    let Some(policy) = policy(conn)? else { return Ok(Vec::new()) };
-    let candidates: Vec<(String, i64)> = conn
-        .prepare_cached("SELECT sku, on_hand FROM stock WHERE on_hand > ?1 ORDER BY sku")?
-        .query_map([policy.keep as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+    let Some(chain) = policy(conn)? else { return Ok(Vec::new()) };
+    let candidates: Vec<(String, i64, EscrowRule, EscrowRule)> = conn
+        .prepare_cached(
+            "SELECT s.sku, s.on_hand, i.escrow_share_pct, i.escrow_max, i.escrow_keep,
+                    o.escrow_share_pct, o.escrow_max, o.escrow_keep
+             FROM stock s
+             LEFT JOIN catalog_items i ON i.sku = s.sku
+             LEFT JOIN catalog_overrides o ON o.store = ?1 AND o.sku = s.sku
+             WHERE s.on_hand > 0 ORDER BY s.sku",
+        )?
+        .query_map([me.store.as_str()], |r| {
+            let item = escrow_rule([r.get(2)?, r.get(3)?, r.get(4)?]);
+            Ok((r.get(0)?, r.get(1)?, item, escrow_rule([r.get(5)?, r.get(6)?, r.get(7)?])))
+        })?
         .collect::<Result<_, _>>()?;
     let mut granted = Vec::new();
-    for (sku, on_hand) in candidates {
+    for (sku, on_hand, item, own) in candidates {
+        let policy = chain.effective(&item, &own);
+        if on_hand <= policy.keep as i64 {
+            continue;
+        }
         let sku = db::sku_col(sku)?;
         let mut r = rights_of(conn, &me.store, &sku)?;
         let held = crate::holds::held(conn, &sku)?;

@@ -1707,6 +1707,10 @@ struct PutItemBody {
     max_per_customer: u64,
     #[serde(default = "yes")]
     active: bool,
+    /// How much of each store's stock online gets the rights to (over the chain's `[escrow]`).
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::EscrowRule>)]
+    escrow: shelfsync_shared::EscrowRule,
 }
 
 fn yes() -> bool {
@@ -1714,9 +1718,10 @@ fn yes() -> bool {
 }
 
 async fn catalog_edit(state: &ApiState, sku: Sku, edit: crate::catalog::Edit) -> Result<Json<Value>, ApiError> {
-    let done =
+    let (done, holds) =
         state.hub.catalog.edit(state.hub.storage.as_ref(), vec![(sku.clone(), edit)]).await.map_err(catalog_error)?;
     state.hub.catalog_changed();
+    state.hub.holds_changed(&holds);
     let item = done.into_iter().next().map(|(_, i)| i);
     Ok(Json(json!({"sku": sku, "item": item})))
 }
@@ -1744,6 +1749,7 @@ async fn put_catalog_item(
         low_stock_threshold: b.low_stock_threshold,
         max_per_customer: b.max_per_customer,
         active: b.active,
+        escrow: b.escrow,
     };
     catalog_edit(&state, sku, crate::catalog::Edit::Put(item)).await
 }
@@ -1771,7 +1777,7 @@ async fn patch_catalog_item(
     post,
     path = "/v1/catalog-imports",
     tag = "admin",
-    summary = "Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active): all rows or none",
+    summary = "Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active,escrow_share_pct,escrow_max,escrow_keep): all rows or none",
     request_body(content = String, content_type = "text/csv"),
     responses((status = 200, description = "Imported", body = crate::openapi::Imported), (status = 413, description = "Over the import limit", body = crate::openapi::Error), (status = 415, description = "Not text/csv", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
@@ -1804,8 +1810,9 @@ async fn post_catalog_import(
     })?;
     let n = rows.len();
     let edits = rows.into_iter().map(|(sku, item)| (sku, crate::catalog::Edit::Put(item))).collect();
-    state.hub.catalog.edit(state.hub.storage.as_ref(), edits).await.map_err(catalog_error)?;
+    let (_, holds) = state.hub.catalog.edit(state.hub.storage.as_ref(), edits).await.map_err(catalog_error)?;
     state.hub.catalog_changed();
+    state.hub.holds_changed(&holds);
     Ok(Json(json!({ "imported": n })))
 }
 

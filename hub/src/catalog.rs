@@ -31,8 +31,10 @@ pub trait CatalogStore: Sync {
         doc: String,
         peer: String,
     ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send;
-    /// Persists a catalog change.
-    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send;
+    /// Persists a catalog change; returns the stores whose holds changed (a running hub's decider
+    /// gave escrow rights back under the new rules: their agents are told).
+    fn catalog_commit(&self, c: CatalogCommit)
+        -> impl std::future::Future<Output = StorageResult<Vec<StoreId>>> + Send;
 }
 
 impl CatalogStore for crate::db::HubDb {
@@ -53,8 +55,9 @@ impl CatalogStore for crate::db::HubDb {
     ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
         crate::db::HubDb::sync_state(self, doc, peer)
     }
-    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
-        crate::db::HubDb::catalog_commit(self, c)
+    async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<Vec<StoreId>> {
+        // The database alone (the admin CLI): the running hub's decider picks the change up.
+        crate::db::HubDb::catalog_commit(self, c).await.map(|()| Vec::new())
     }
 }
 
@@ -76,7 +79,10 @@ impl CatalogStore for crate::engine::Engine {
     ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
         self.db().sync_state(doc, peer)
     }
-    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
+    fn catalog_commit(
+        &self,
+        c: CatalogCommit,
+    ) -> impl std::future::Future<Output = StorageResult<Vec<StoreId>>> + Send {
         crate::engine::Engine::catalog_commit(self, c)
     }
 }
@@ -143,11 +149,12 @@ impl HubCatalog {
     }
 
     /// Applies edits (all or none: any invalid entry refuses the whole batch) and persists them.
+    /// Returns the entries after the edits and the stores whose holds changed.
     pub async fn edit(
         &self,
         storage: &impl CatalogStore,
         edits: Vec<(Sku, Edit)>,
-    ) -> StorageResult<Vec<(Sku, CatalogItem)>> {
+    ) -> StorageResult<(Vec<(Sku, CatalogItem)>, Vec<StoreId>)> {
         let _order = self.persist.lock().await;
         let (planned, commit) = self
             .with_docs(move |docs| -> StorageResult<_> {
@@ -177,16 +184,16 @@ impl HubCatalog {
             .await?;
         // `seen` is left to `refresh`: another process may have appended a chunk just before ours,
         // and re-reading our own chunk there is a no-op merge.
-        storage.catalog_commit(commit).await?;
-        Ok(planned)
+        let holds = storage.catalog_commit(commit).await?;
+        Ok((planned, holds))
     }
 
     /// Picks up catalog chunks another process (the `catalog import` CLI) appended. Returns
-    /// whether the catalog changed.
-    pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<bool> {
+    /// the stores whose holds changed if the catalog changed.
+    pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<Option<Vec<StoreId>>> {
         let after = self.seen.load(Ordering::SeqCst);
         let chunks = storage.doc_chunks_after(CATALOG_DOC.into(), after).await?;
-        let Some(last) = chunks.last().map(|c| c.0) else { return Ok(false) };
+        let Some(last) = chunks.last().map(|c| c.0) else { return Ok(None) };
         let _order = self.persist.lock().await;
         let commit = self
             .with_docs(move |docs| -> StorageResult<_> {
@@ -207,11 +214,8 @@ impl HubCatalog {
             .await?;
         self.seen.fetch_max(last, Ordering::SeqCst);
         match commit {
-            None => Ok(false),
-            Some(c) => {
-                storage.catalog_commit(c).await?;
-                Ok(true)
-            }
+            None => Ok(None),
+            Some(c) => Ok(Some(storage.catalog_commit(c).await?)),
         }
     }
 
@@ -274,13 +278,14 @@ impl HubCatalog {
 
     /// A sync message from a store. The catalog is read-only for stores (a message carrying
     /// changes is refused); the store's overrides merge here and take effect in availability.
+    /// Returns the reply and the stores whose holds changed.
     pub async fn message(
         &self,
         storage: &impl CatalogStore,
         peer: &mut PeerSync,
         doc: CatalogDoc,
         bytes: &[u8],
-    ) -> Result<Option<Vec<u8>>, CatalogError> {
+    ) -> Result<(Option<Vec<u8>>, Vec<StoreId>), CatalogError> {
         let store = peer.store.clone();
         let who = peer.peer.clone();
         let bytes = bytes.to_vec();
@@ -323,8 +328,8 @@ impl HubCatalog {
                 (reply, CatalogCommit { write, overrides, sync_states: states, ..Default::default() })
             }
         };
-        storage.catalog_commit(commit).await.map_err(storage_to_catalog)?;
-        Ok(reply)
+        let holds = storage.catalog_commit(commit).await.map_err(storage_to_catalog)?;
+        Ok((reply, holds))
     }
 
     /// Approximate memory held by the catalog document (its saved size is a lower bound; used by
@@ -367,12 +372,23 @@ pub struct CsvError {
     pub message: String,
 }
 
-const COLUMNS: [&str; 7] =
-    ["sku", "name", "barcodes", "safety_stock", "low_stock_threshold", "max_per_customer", "active"];
+const COLUMNS: [&str; 10] = [
+    "sku",
+    "name",
+    "barcodes",
+    "safety_stock",
+    "low_stock_threshold",
+    "max_per_customer",
+    "active",
+    "escrow_share_pct",
+    "escrow_max",
+    "escrow_keep",
+];
 
 /// Parses a catalog CSV: a header naming columns from `sku,name,barcodes,safety_stock,
-/// low_stock_threshold,max_per_customer,active` (`sku` and `name` required, the rest optional),
-/// barcodes separated by `|`, `active` as true/false/yes/no/1/0. Every row is checked before
+/// low_stock_threshold,max_per_customer,active,escrow_share_pct,escrow_max,escrow_keep` (`sku`
+/// and `name` required, the rest optional), barcodes separated by `|`, `active` as
+/// true/false/yes/no/1/0, an empty escrow value as the chain's. Every row is checked before
 /// anything is applied.
 pub fn parse_csv(text: &str) -> Result<Vec<(Sku, CatalogItem)>, CsvError> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).trim(csv::Trim::All).from_reader(text.as_bytes());
@@ -410,13 +426,15 @@ pub fn parse_csv(text: &str) -> Result<Vec<(Sku, CatalogItem)>, CsvError> {
         if !seen.insert(sku.clone()) {
             return Err(err("sku", format!("{sku} appears more than once")));
         }
-        let num = |c: &str| -> Result<u64, CsvError> {
+        let opt = |c: &str| -> Result<Option<u64>, CsvError> {
             let v = field(c);
             if v.is_empty() {
-                return Ok(0);
+                return Ok(None);
             }
-            v.parse::<u64>().map_err(|_| err(c, format!("{} is not a whole number", shelfsync_shared::id::quote(v))))
+            let n = v.parse::<u64>();
+            n.map(Some).map_err(|_| err(c, format!("{} is not a whole number", shelfsync_shared::id::quote(v))))
         };
+        let num = |c: &str| opt(c).map(Option::unwrap_or_default);
         let active = match field("active").to_ascii_lowercase().as_str() {
             "" | "true" | "yes" | "1" => true,
             "false" | "no" | "0" => false,
@@ -431,10 +449,11 @@ pub fn parse_csv(text: &str) -> Result<Vec<(Sku, CatalogItem)>, CsvError> {
             low_stock_threshold: num("low_stock_threshold")?,
             max_per_customer: num("max_per_customer")?,
             active,
+            escrow: cat::escrow_rule([opt("escrow_share_pct")?, opt("escrow_max")?, opt("escrow_keep")?]),
         };
         if let Err(e) = item.validate() {
-            // Name the column the rule is about.
-            let msg = e.to_string();
+            // Name the column the rule is about (`escrow.keep` is the column `escrow_keep`).
+            let msg = e.to_string().replacen("escrow.", "escrow_", 1);
             let column = COLUMNS.iter().find(|c| msg.starts_with(*c)).copied().unwrap_or("-");
             return Err(err(column, msg));
         }
@@ -456,6 +475,11 @@ mod tests {
         assert!(!rows[1].1.active);
         let e = parse_csv("sku,name,safety_stock\nA,Apple,x\n").unwrap_err();
         assert_eq!((e.row, e.column.as_str()), (2, "safety_stock"));
+        let rows = parse_csv("sku,name,escrow_share_pct,escrow_keep\nA,Apple,40,\nB,Banana,,2\n").unwrap();
+        assert_eq!(rows[0].1.escrow, shelfsync_shared::EscrowRule { share_pct: Some(40), max: None, keep: None });
+        assert_eq!(rows[1].1.escrow, shelfsync_shared::EscrowRule { share_pct: None, max: None, keep: Some(2) });
+        let e = parse_csv("sku,name,escrow_share_pct\nA,Apple,150\n").unwrap_err();
+        assert_eq!((e.row, e.column.as_str()), (2, "escrow_share_pct"), "{e}");
         let e = parse_csv("sku,name\nA,Apple\nbad/sku,B\n").unwrap_err();
         assert_eq!((e.row, e.column.as_str()), (3, "sku"));
         let e = parse_csv("sku,name,colour\n").unwrap_err();

@@ -1016,8 +1016,9 @@ impl Engine {
     }
 
     /// Persists catalog document changes, their materialised rows and sync states with the
-    /// decider's new rules, in one batch.
-    pub async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<()> {
+    /// decider's new rules, in one batch. Returns the stores whose holds changed (the new rules
+    /// gave escrow rights back).
+    pub async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<Vec<StoreId>> {
         let items: Vec<(Sku, Option<CatalogRule>)> = c
             .items
             .iter()
@@ -1035,6 +1036,7 @@ impl Engine {
                             shelfsync_hub_core::Overrides {
                                 safety_stock: o.safety_stock,
                                 low_stock_threshold: o.low_stock_threshold,
+                                escrow: o.escrow,
                             },
                         ))
                     })
@@ -1043,11 +1045,14 @@ impl Engine {
             None => None,
         };
         self.run(move |st, extras| {
+            let mut holds = Vec::new();
             if !items.is_empty() || overrides.is_some() {
-                st.decide(Command::CatalogChanged { items, overrides }, now_ms())?;
+                if let Done::CatalogApplied(a) = st.decide(Command::CatalogChanged { items, overrides }, now_ms())? {
+                    holds = a.holds;
+                }
             }
             extras.push(SideWrite::Catalog(c));
-            Ok(())
+            Ok(holds)
         })
         .await?
     }
@@ -1181,6 +1186,7 @@ fn rule_of(item: &shelfsync_node::catalog::CatalogItem) -> CatalogRule {
         low_stock_threshold: item.low_stock_threshold,
         max_per_customer: item.max_per_customer,
         active: item.active,
+        escrow: item.escrow,
     }
 }
 

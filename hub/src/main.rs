@@ -235,7 +235,7 @@ enum ConflictsCmd {
 
 #[derive(Subcommand)]
 enum CatalogCmd {
-    /// Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active).
+    /// Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active,escrow_share_pct,escrow_max,escrow_keep).
     /// All rows or none; a running hub picks the change up within a second.
     Import {
         /// The CSV file.

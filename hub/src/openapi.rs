@@ -419,6 +419,20 @@ pub struct CatalogEntry {
     pub low_stock_threshold: u64,
     pub max_per_customer: u64,
     pub active: bool,
+    /// The SKU's escrow values over the chain's `[escrow]` (absent when it sets none).
+    pub escrow: Option<EscrowRule>,
+}
+
+/// A SKU's or a store's escrow values over the chain's policy: each set value replaces the one
+/// below (chain ← SKU ← store); an absent one leaves it.
+#[derive(Serialize, ToSchema)]
+pub struct EscrowRule {
+    /// Share of on_hand granted online, in percent (0..=100; 0: nothing online).
+    pub share_pct: Option<u64>,
+    /// At most this many unreserved units online (0: no cap).
+    pub max: Option<u64>,
+    /// Units the store always keeps for walk-ins.
+    pub keep: Option<u64>,
 }
 
 /// `GET /v1/catalog`: a page by SKU.

@@ -15,13 +15,17 @@
 
 use rusqlite::{params, Connection};
 use shelfsync_hub_core::{CatalogRule, FeedEvent, Overrides, Record, StoreRecord};
+use shelfsync_node::catalog::escrow_rule;
 use shelfsync_node::db as adb;
 use shelfsync_node::journal::insert_event;
-use shelfsync_shared::{PnEntry, Sku, StoreId};
+use shelfsync_shared::{EscrowRule, PnEntry, Sku, StoreId};
 
 use crate::storage::{StorageError, StorageResult};
 
 /// Schema (migration 6 of the hub database): the decider's rows.
+/// The escrow rule's columns of `catalog_items` and `catalog_overrides`, in `EscrowRule` order.
+pub const ESCROW: &str = "escrow_share_pct, escrow_max, escrow_keep";
+
 pub const MIGRATION: &str = "
     CREATE TABLE decisions (
         kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
@@ -235,10 +239,11 @@ pub fn rule_record(
     low_stock_threshold: u64,
     max_per_customer: u64,
     active: bool,
+    escrow: EscrowRule,
 ) -> StorageResult<Record> {
     Ok(Record::CatalogRule {
         sku: col("sku", sku)?,
-        rule: Some(CatalogRule { safety_stock, low_stock_threshold, max_per_customer, active }),
+        rule: Some(CatalogRule { safety_stock, low_stock_threshold, max_per_customer, active, escrow }),
     })
 }
 
@@ -248,11 +253,12 @@ pub fn overrides_record(
     sku: String,
     safety_stock: Option<u64>,
     low_stock_threshold: Option<u64>,
+    escrow: EscrowRule,
 ) -> StorageResult<Record> {
     Ok(Record::Overrides {
         store: col("store", store)?,
         sku: col("sku", sku)?,
-        overrides: Overrides { safety_stock, low_stock_threshold },
+        overrides: Overrides { safety_stock, low_stock_threshold, escrow },
     })
 }
 
@@ -311,10 +317,17 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
     each_row(conn, "SELECT store, sku, writer, p, n, seq FROM counters", &mut out, |r| {
         entry_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)
     })?;
-    let sql = "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items";
-    each_row(conn, sql, &mut out, |r| rule_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
-    let sql = "SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides";
-    each_row(conn, sql, &mut out, |r| overrides_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))?;
+    let sql =
+        format!("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active, {ESCROW} FROM catalog_items");
+    each_row(conn, &sql, &mut out, |r| {
+        let escrow = escrow_rule([r.get(5)?, r.get(6)?, r.get(7)?]);
+        rule_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, escrow)
+    })?;
+    let sql = format!("SELECT store, sku, safety_stock, low_stock_threshold, {ESCROW} FROM catalog_overrides");
+    each_row(conn, &sql, &mut out, |r| {
+        let escrow = escrow_rule([r.get(4)?, r.get(5)?, r.get(6)?]);
+        overrides_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, escrow)
+    })?;
     each_row(conn, "SELECT kind, key, body FROM decisions", &mut out, |r| {
         let (kind, key, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
         decision_record(&kind, &key, &body)

@@ -128,8 +128,10 @@ impl CatalogStore for Plane {
     ) -> impl std::future::Future<Output = StorageResult<automerge::sync::State>> + Send {
         self.db.sync_state(doc, peer)
     }
-    fn catalog_commit(&self, c: CatalogCommit) -> impl std::future::Future<Output = StorageResult<()>> + Send {
-        self.db.catalog_commit(c)
+    async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<Vec<StoreId>> {
+        // The partitions' deciders hold the rules; their holds versions reach the agents by the
+        // plane's poll of `store_parts`.
+        self.db.catalog_commit(c).await.map(|()| Vec::new())
     }
 }
 

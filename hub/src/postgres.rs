@@ -126,6 +126,12 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO store_parts (partition, store, holds_version) SELECT 0, id, holds_version FROM stores;",
     // 7: how partitioned hubs split reservations over partitions.
     crate::partitioned::SPLIT_MIGRATION,
+    // 8: escrow rules of catalog entries and of stores' overrides (`NULL`: the level below).
+    "
+    ALTER TABLE catalog_items ADD COLUMN escrow_share_pct BIGINT, ADD COLUMN escrow_max BIGINT,
+        ADD COLUMN escrow_keep BIGINT;
+    ALTER TABLE catalog_overrides ADD COLUMN escrow_share_pct BIGINT, ADD COLUMN escrow_max BIGINT,
+        ADD COLUMN escrow_keep BIGINT;",
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or
@@ -165,6 +171,11 @@ fn unsigned(r: &Row, i: usize) -> StorageResult<u64> {
 fn opt_unsigned(r: &Row, i: usize) -> StorageResult<Option<u64>> {
     let v: Option<i64> = get(r, i)?;
     v.map(|v| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("column {i} is negative ({v})")))).transpose()
+}
+
+/// An escrow rule from its three columns from `i` on.
+fn escrow_at(r: &Row, i: usize) -> StorageResult<shelfsync_shared::EscrowRule> {
+    Ok(shelfsync_node::catalog::escrow_rule([opt_unsigned(r, i)?, opt_unsigned(r, i + 1)?, opt_unsigned(r, i + 2)?]))
 }
 
 /// A figure as `BIGINT` (figures stay far below 2^63; saturates rather than wraps).
@@ -859,8 +870,16 @@ impl PgStorage {
     }
 
     fn item(r: &Row) -> StorageResult<CatalogView> {
-        let row: cat::ItemRow =
-            (get(r, 0)?, get(r, 1)?, get(r, 2)?, unsigned(r, 3)?, unsigned(r, 4)?, unsigned(r, 5)?, get(r, 6)?);
+        let row: cat::ItemRow = (
+            get(r, 0)?,
+            get(r, 1)?,
+            get(r, 2)?,
+            unsigned(r, 3)?,
+            unsigned(r, 4)?,
+            unsigned(r, 5)?,
+            get(r, 6)?,
+            escrow_at(r, 7)?,
+        );
         let (sku, item) = cat::item_from_row(row)?;
         Ok(CatalogView::new(sku, item, None))
     }
@@ -1187,12 +1206,32 @@ async fn load_records(c: &Client, partition: Partition, feed_retain: usize) -> S
             unsigned(&r, 5)?,
         )?);
     }
-    let sql = "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active FROM catalog_items";
-    for r in c.query(sql, &[]).await? {
-        out.push(persist::rule_record(get(&r, 0)?, unsigned(&r, 1)?, unsigned(&r, 2)?, unsigned(&r, 3)?, get(&r, 4)?)?);
+    let sql = format!(
+        "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active, {} FROM catalog_items",
+        persist::ESCROW
+    );
+    for r in c.query(&sql, &[]).await? {
+        let escrow = escrow_at(&r, 5)?;
+        out.push(persist::rule_record(
+            get(&r, 0)?,
+            unsigned(&r, 1)?,
+            unsigned(&r, 2)?,
+            unsigned(&r, 3)?,
+            get(&r, 4)?,
+            escrow,
+        )?);
     }
-    for r in c.query("SELECT store, sku, safety_stock, low_stock_threshold FROM catalog_overrides", &[]).await? {
-        out.push(persist::overrides_record(get(&r, 0)?, get(&r, 1)?, opt_unsigned(&r, 2)?, opt_unsigned(&r, 3)?)?);
+    let sql =
+        format!("SELECT store, sku, safety_stock, low_stock_threshold, {} FROM catalog_overrides", persist::ESCROW);
+    for r in c.query(&sql, &[]).await? {
+        let escrow = escrow_at(&r, 4)?;
+        out.push(persist::overrides_record(
+            get(&r, 0)?,
+            get(&r, 1)?,
+            opt_unsigned(&r, 2)?,
+            opt_unsigned(&r, 3)?,
+            escrow,
+        )?);
     }
     for r in c.query("SELECT kind, key, body FROM decisions WHERE partition = $1", &[&part]).await? {
         out.push(persist::decision_record(&get::<String>(&r, 0)?, &get::<String>(&r, 1)?, &get::<String>(&r, 2)?)?);
@@ -1650,11 +1689,14 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
                 ops.push(match item {
                     Some(i) => op(
                         "INSERT INTO catalog_items
-                            (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                            (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active,
+                             escrow_share_pct, escrow_max, escrow_keep)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                          ON CONFLICT (sku) DO UPDATE SET name = excluded.name, barcodes = excluded.barcodes,
                            safety_stock = excluded.safety_stock, low_stock_threshold = excluded.low_stock_threshold,
-                           max_per_customer = excluded.max_per_customer, active = excluded.active",
+                           max_per_customer = excluded.max_per_customer, active = excluded.active,
+                           escrow_share_pct = excluded.escrow_share_pct, escrow_max = excluded.escrow_max,
+                           escrow_keep = excluded.escrow_keep",
                         vec![
                             Box::new(sku.clone()),
                             Box::new(i.name.clone()),
@@ -1663,6 +1705,9 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
                             Box::new(big(i.low_stock_threshold)),
                             Box::new(big(i.max_per_customer)),
                             Box::new(i.active),
+                            Box::new(i.escrow.share_pct.map(big)),
+                            Box::new(i.escrow.max.map(big)),
+                            Box::new(i.escrow.keep.map(big)),
                         ],
                     ),
                     None => op("DELETE FROM catalog_items WHERE sku = $1", vec![Box::new(sku.clone())]),
@@ -1677,15 +1722,21 @@ fn side_ops(w: &SideWrite, rows: &mut Rows) -> Vec<Op> {
                         )
                     } else {
                         op(
-                            "INSERT INTO catalog_overrides (store, sku, safety_stock, low_stock_threshold)
-                             VALUES ($1, $2, $3, $4)
+                            "INSERT INTO catalog_overrides (store, sku, safety_stock, low_stock_threshold,
+                               escrow_share_pct, escrow_max, escrow_keep)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)
                              ON CONFLICT (store, sku) DO UPDATE SET safety_stock = excluded.safety_stock,
-                               low_stock_threshold = excluded.low_stock_threshold",
+                               low_stock_threshold = excluded.low_stock_threshold,
+                               escrow_share_pct = excluded.escrow_share_pct, escrow_max = excluded.escrow_max,
+                               escrow_keep = excluded.escrow_keep",
                             vec![
                                 Box::new(store.to_string()),
                                 Box::new(sku.clone()),
                                 Box::new(o.safety_stock.map(big)),
                                 Box::new(o.low_stock_threshold.map(big)),
+                                Box::new(o.escrow.share_pct.map(big)),
+                                Box::new(o.escrow.max.map(big)),
+                                Box::new(o.escrow.keep.map(big)),
                             ],
                         )
                     });

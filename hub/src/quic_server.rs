@@ -427,14 +427,16 @@ impl<L: AgentLedger> EffectHost<HubSession> for HubHost<L> {
                         from_peer: false,
                     });
                 };
-                let reply = hub.catalog.message(hub.storage.as_ref(), peer, doc, &bytes).await.map_err(|e| {
-                    let code = match e {
-                        shelfsync_node::catalog::CatalogError::Forbidden(_) => close_code::UNAUTHORIZED,
-                        shelfsync_node::catalog::CatalogError::Invalid(_) => close_code::PROTOCOL_VIOLATION,
-                        _ => close_code::INTERNAL,
-                    };
-                    SessionError { code, message: format!("catalog: {e}"), from_peer: false }
-                })?;
+                let (reply, holds) =
+                    hub.catalog.message(hub.storage.as_ref(), peer, doc, &bytes).await.map_err(|e| {
+                        let code = match e {
+                            shelfsync_node::catalog::CatalogError::Forbidden(_) => close_code::UNAUTHORIZED,
+                            shelfsync_node::catalog::CatalogError::Invalid(_) => close_code::PROTOCOL_VIOLATION,
+                            _ => close_code::INTERNAL,
+                        };
+                        SessionError { code, message: format!("catalog: {e}"), from_peer: false }
+                    })?;
+                hub.holds_changed(&holds);
                 if let Some(r) = reply {
                     session.send_catalog(doc, r);
                 }

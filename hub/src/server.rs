@@ -626,8 +626,11 @@ pub(crate) async fn watch_catalog_imports<L: crate::ledger::AgentLedger>(hub: Ar
     loop {
         tick.tick().await;
         match hub.catalog.refresh(hub.storage.as_ref()).await {
-            Ok(true) => hub.catalog_changed(),
-            Ok(false) => {}
+            Ok(Some(holds)) => {
+                hub.catalog_changed();
+                hub.holds_changed(&holds);
+            }
+            Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "picking up catalog changes"),
         }
     }

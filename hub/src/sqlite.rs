@@ -119,6 +119,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "CREATE INDEX journal_adjustments ON journal(store, occurred_at_ms, seq) WHERE kind = 'adjustment';",
     // 8: transfers between stores (shipped, received, cancelled).
     crate::persist::TRANSFERS_MIGRATION,
+    // 9: escrow rules of catalog entries and of stores' overrides.
+    shelfsync_node::catalog::ESCROW_MIGRATION,
 ];
 
 /// One argument of a query built at run time.

@@ -24,4 +24,4 @@ pub use journal::{EventFlag, EventKind, JournalEvent, UnixMs};
 pub use key::{IdempotencyKey, KeyError, KEY_MAX_LEN};
 pub use qty::{QtyError, StockFigures};
 pub use reason::{Reason, ReasonCode, ReasonError};
-pub use rights::{EscrowPolicy, Rights, RightsError, RightsKind};
+pub use rights::{EscrowPolicy, EscrowRule, Rights, RightsError, RightsKind};

@@ -266,13 +266,82 @@ impl EscrowPolicy {
         want.min(can)
     }
 
-    /// What the hub should give back now: when the store's own rights fell below `keep` (low
-    /// stock), online's unreserved rights up to what brings the store back to `keep`.
+    /// What the hub should give back now, of online's unreserved rights: what brings the store's
+    /// own back to `keep` when it fell below (low stock), and at least what lies beyond the target
+    /// (the store sold at its tills, or the policy was lowered). The mirror of
+    /// [`EscrowPolicy::grant_wanted`]: a store and a hub that agree on the figures neither grant
+    /// nor give back.
     pub fn return_wanted(&self, rights: &Rights, on_hand: i64, held: u64) -> u64 {
         let own = rights.own(on_hand);
         let short = u64::try_from(i64::try_from(self.keep).unwrap_or(i64::MAX).saturating_sub(own)).unwrap_or(0);
         let free = u64::try_from(rights.online()).unwrap_or(0).saturating_sub(held);
-        short.min(free)
+        let beyond = free.saturating_sub(self.target(on_hand));
+        short.max(beyond).min(free)
+    }
+}
+
+/// Most a per-SKU or per-store escrow value may be (`max`, `keep`; `share_pct` is at most 100).
+pub const ESCROW_RULE_MAX: u64 = 1_000_000;
+
+/// A SKU's (catalog) or a store's (its overrides) escrow settings over the chain's policy: each
+/// value set replaces the one below it (chain ← SKU ← store), `None` leaves it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscrowRule {
+    /// Share of `on_hand` granted online, in percent (0..=100; 0: nothing online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_pct: Option<u64>,
+    /// At most this many unreserved units online (0: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Units the store always keeps for walk-ins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u64>,
+}
+
+impl EscrowRule {
+    /// Whether it sets nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == EscrowRule::default()
+    }
+
+    /// Checks the values; the message names the field (`escrow.share_pct`, ...).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.share_pct.filter(|p| *p > 100) {
+            return Err(format!("escrow.share_pct must be between 0 and 100, got {p}"));
+        }
+        for (field, v) in [("max", self.max), ("keep", self.keep)] {
+            if let Some(v) = v.filter(|v| *v > ESCROW_RULE_MAX) {
+                return Err(format!("escrow.{field} must be at most {ESCROW_RULE_MAX}, got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// This rule's values, else `below`'s, field by field (a store's override over the SKU's).
+    pub fn or(&self, below: &EscrowRule) -> EscrowRule {
+        EscrowRule {
+            share_pct: self.share_pct.or(below.share_pct),
+            max: self.max.or(below.max),
+            keep: self.keep.or(below.keep),
+        }
+    }
+
+    /// `base` with this rule's values in place of its own.
+    pub fn over(&self, base: EscrowPolicy) -> EscrowPolicy {
+        EscrowPolicy {
+            share: self.share_pct.map_or(base.share, |p| p.min(100) as f64 / 100.0),
+            max: self.max.map_or(base.max, |m| (m > 0).then_some(m)),
+            keep: self.keep.unwrap_or(base.keep),
+        }
+    }
+}
+
+impl EscrowPolicy {
+    /// The policy in force for one (store, SKU): the chain's, under the SKU's catalog rule, under
+    /// the store's override.
+    pub fn effective(self, sku: &EscrowRule, store: &EscrowRule) -> EscrowPolicy {
+        store.or(sku).over(self)
     }
 }
 
@@ -339,6 +408,46 @@ mod tests {
         assert_eq!(r.cover(&s, &h, 1), Ok(0));
         assert!(matches!(r.cover(&s, &a, 0), Err(RightsError::NotAuthor { .. })));
         assert!(EscrowPolicy { share: 1.5, max: None, keep: 0 }.validate().is_err());
+    }
+
+    #[test]
+    fn the_hub_gives_back_what_lies_beyond_the_target() {
+        let (s, a) = (store(), agent());
+        let p = EscrowPolicy { share: 0.3, max: None, keep: 1 };
+        let mut r = Rights::default();
+        r.grant(&s, &a, 10, p.keep, 5).unwrap();
+        // 10 on hand, 5 online of which 2 held: 3 unreserved = the target; nothing either way.
+        assert_eq!((p.grant_wanted(&r, 10, 2), p.return_wanted(&r, 10, 2)), (0, 0));
+        // The tills sold 4: target ⌈1.8⌉ = 2, one unreserved right goes back.
+        assert_eq!(p.return_wanted(&r, 6, 2), 1);
+        // The policy was lowered to 10 %: target 1, two go back; reserved rights never do.
+        let low = EscrowRule { share_pct: Some(10), ..Default::default() }.over(p);
+        assert_eq!(low.return_wanted(&r, 10, 2), 2);
+        assert_eq!(low.return_wanted(&r, 10, 5), 0);
+        assert_eq!(EscrowRule { share_pct: Some(0), ..Default::default() }.over(p).return_wanted(&r, 10, 0), 5);
+    }
+
+    #[test]
+    fn rules_replace_the_chain_policy_field_by_field() {
+        let chain = EscrowPolicy { share: 0.3, max: Some(8), keep: 1 };
+        let sku = EscrowRule { share_pct: Some(50), max: None, keep: Some(3) };
+        let store = EscrowRule { share_pct: None, max: Some(0), keep: Some(0) };
+        assert_eq!(chain.effective(&EscrowRule::default(), &EscrowRule::default()), chain);
+        assert_eq!(chain.effective(&sku, &EscrowRule::default()), EscrowPolicy { share: 0.5, max: Some(8), keep: 3 });
+        // The store's max 0 lifts the chain's cap; its keep 0 replaces the SKU's 3.
+        assert_eq!(chain.effective(&sku, &store), EscrowPolicy { share: 0.5, max: None, keep: 0 });
+        assert!(EscrowRule { share_pct: Some(101), ..Default::default() }
+            .validate()
+            .unwrap_err()
+            .contains("share_pct"));
+        assert!(EscrowRule { keep: Some(ESCROW_RULE_MAX + 1), ..Default::default() }
+            .validate()
+            .unwrap_err()
+            .contains("escrow.keep"));
+        assert!(sku.validate().is_ok() && EscrowRule::default().is_empty() && !sku.is_empty());
+        let json = serde_json::to_string(&EscrowRule { share_pct: Some(20), ..Default::default() }).unwrap();
+        assert_eq!(json, r#"{"share_pct":20}"#);
+        assert!(serde_json::from_str::<EscrowRule>(r#"{"shares":1}"#).is_err());
     }
 
     /// What travels between the store and the hub: an entry's total.

@@ -33,6 +33,7 @@ fn items(n: usize) -> Vec<(Sku, Edit)> {
                     low_stock_threshold: 5,
                     max_per_customer: 0,
                     active: true,
+                    escrow: Default::default(),
                 }),
             )
         })

@@ -69,6 +69,8 @@ pub(crate) struct Effective {
     pub active: bool,
     /// Whether the catalog lists the SKU (alerts fire only for catalogued SKUs).
     pub catalogued: bool,
+    /// Escrow values: the store's override, else the catalog's (the chain's policy under both).
+    pub escrow: shelfsync_shared::EscrowRule,
 }
 
 pub(crate) fn effective(t: &Tables, store: &StoreId, sk: SkuIx) -> Effective {
@@ -79,6 +81,7 @@ pub(crate) fn effective(t: &Tables, store: &StoreId, sk: SkuIx) -> Effective {
         low_stock_threshold: o.low_stock_threshold.or(rule.map(|r| r.low_stock_threshold)).unwrap_or(0),
         active: rule.is_none_or(|r| r.active),
         catalogued: rule.is_some(),
+        escrow: o.escrow.or(&rule.map(|r| r.escrow).unwrap_or_default()),
     }
 }
 

@@ -7,12 +7,13 @@ use shelfsync_shared::{Sku, StoreId};
 use crate::alerts::emit_availability;
 use crate::command::{CatalogApplied, Done, Outcome};
 use crate::feed::{FeedData, FeedKind};
-use crate::model::{CatalogRule, Conflict, ConflictKind, ConflictStatus, Overrides};
+use crate::model::{CatalogRule, Conflict, ConflictKind, ConflictStatus, Overrides, SkuIx, StoreIx};
 use crate::stores::require;
 use crate::Ctx;
 
 /// Stores the changed rules and overrides, resolves `unknown_sku` conflicts of SKUs now
-/// catalogued and active, and announces the figures of every cell whose rules changed.
+/// catalogued and active, gives back escrow rights the new rules no longer grant online, and
+/// announces the figures of every cell whose rules changed.
 pub(crate) fn changed(
     cx: &mut Ctx<'_>,
     items: &[(Sku, Option<CatalogRule>)],
@@ -22,7 +23,7 @@ pub(crate) fn changed(
     for (sku, rule) in items {
         cx.t.set_rule(sku, *rule);
     }
-    let mut resolved = Vec::new();
+    let (mut resolved, mut holds) = (Vec::new(), Vec::new());
     for (sku, _) in items {
         let sk = cx.t.sku_ix[sku];
         if cx.t.sku(sk).rule.is_some_and(|r| r.active) {
@@ -40,6 +41,7 @@ pub(crate) fn changed(
         }
         // Every store with a counter of the SKU, revoked or not, in store-id order.
         for st in cx.t.sku(sk).stores.clone() {
+            settle(cx, st, sk, &mut holds);
             emit_availability(cx.t, st, sk, now);
         }
     }
@@ -51,13 +53,25 @@ pub(crate) fn changed(
             for (sku, _) in rows {
                 if let Some(&sk) = cx.t.sku_ix.get(sku) {
                     if cx.t.cell(st, sk).is_some() {
+                        settle(cx, st, sk, &mut holds);
                         emit_availability(cx.t, st, sk, now);
                     }
                 }
             }
         }
     }
-    Ok(Done::CatalogApplied(CatalogApplied { resolved }))
+    Ok(Done::CatalogApplied(CatalogApplied { resolved, holds }))
+}
+
+/// A rule changed: the escrow policy of the cell may have (a lower share, a higher `keep`), so
+/// the hub gives back what it no longer should hold. Stores whose holds changed go to `holds`.
+fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, holds: &mut Vec<StoreId>) {
+    if crate::escrow::settle(cx, st, sk, 0, false) {
+        let store = cx.t.store(st).id.clone();
+        if !holds.contains(&store) {
+            holds.push(store);
+        }
+    }
 }
 
 /// Opens an `unknown_sku` conflict per (store, SKU) while none is open, for SKUs a store flagged

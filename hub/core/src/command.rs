@@ -305,6 +305,8 @@ pub struct HubChanged {
 pub struct CatalogApplied {
     /// `unknown_sku` conflicts resolved because their SKU is catalogued and active now.
     pub resolved: Vec<Uuid>,
+    /// Stores whose holds changed (the hub gave escrow rights back under the new rules).
+    pub holds: Vec<StoreId>,
 }
 
 /// A decision.

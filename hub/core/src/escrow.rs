@@ -18,8 +18,9 @@ pub struct Escrow {
     /// Online promises only within the rights stores granted (else as without escrow; rights
     /// are still merged, shown and overdrafts covered).
     pub enabled: bool,
-    /// What stores grant and the hub gives back (the hub uses `keep`: it gives back unreserved
-    /// rights when a store's own fall below it).
+    /// The chain's policy: what stores grant and the hub gives back, unless the catalog (per SKU)
+    /// or a store's overrides say otherwise. The hub gives back unreserved rights when a store's
+    /// own fall below `keep` or online's lie beyond the target.
     pub policy: EscrowPolicy,
 }
 
@@ -106,7 +107,7 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
         let cell = cx.t.cell(st, sk).expect("exists");
         // Without escrow (turned off since the store granted), every unreserved right goes back.
         let q = if cx.t.escrow {
-            cx.cfg.escrow.policy.return_wanted(&cell.rights, on_hand, held)
+            policy(cx, st, sk).return_wanted(&cell.rights, on_hand, held)
         } else {
             u64::try_from(cell.rights.online()).unwrap_or(0).saturating_sub(held)
         };
@@ -120,6 +121,13 @@ pub(crate) fn settle(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, granted: u64, by_
         cx.t.bump_holds(st);
     }
     gave
+}
+
+/// The escrow policy in force at a (store, SKU): the chain's, under the SKU's catalog rule, under
+/// the store's override.
+pub(crate) fn policy(cx: &Ctx<'_>, st: StoreIx, sk: SkuIx) -> EscrowPolicy {
+    let rule = crate::availability::effective(cx.t, &cx.t.store(st).id, sk).escrow;
+    rule.over(cx.cfg.escrow.policy)
 }
 
 fn overdraft_conflict(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx, over: u64, on_hand: i64) {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use shelfsync_shared::{PnEntry, Sku, StoreId};
+use shelfsync_shared::{EscrowRule, PnEntry, Sku, StoreId};
 use uuid::Uuid;
 
 use crate::view::ReservationView;
@@ -206,6 +206,9 @@ pub struct CatalogRule {
     pub max_per_customer: u64,
     /// Whether it is sold at all (inactive: never offered online).
     pub active: bool,
+    /// The SKU's escrow values over the chain's policy.
+    #[serde(default)]
+    pub escrow: EscrowRule,
 }
 
 /// A store's overrides of catalog values (`None`: the catalog's value applies).
@@ -215,6 +218,9 @@ pub struct Overrides {
     pub safety_stock: Option<u64>,
     /// Low-stock threshold at this store.
     pub low_stock_threshold: Option<u64>,
+    /// Escrow values at this store over the SKU's.
+    #[serde(default)]
+    pub escrow: EscrowRule,
 }
 
 /// One line of a reservation, restock or transfer.

@@ -80,7 +80,10 @@ fn safety_stock_overrides_and_inactive_skus_shape_what_is_offered() {
     let head = h.d.feed_head();
     h.ok(Command::CatalogChanged {
         items: vec![],
-        overrides: Some((s("b"), vec![(k("X"), Overrides { safety_stock: Some(5), low_stock_threshold: None })])),
+        overrides: Some((
+            s("b"),
+            vec![(k("X"), Overrides { safety_stock: Some(5), low_stock_threshold: None, escrow: Default::default() })],
+        )),
     });
     assert_eq!(h.kinds_after(head), [FeedKind::AvailabilityChanged], "only b's cell");
     let f = h.d.figures(&k("X"), h.now, h.d.connected());

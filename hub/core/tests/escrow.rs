@@ -8,8 +8,12 @@ use shelfsync_hub_core::{Command, ConflictFilter, ConflictKind, ConflictStatus, 
 use shelfsync_shared::{EscrowPolicy, RightsKind};
 
 fn escrow_h(keep: u64) -> H {
+    escrow_share(0.3, keep)
+}
+
+fn escrow_share(share: f64, keep: u64) -> H {
     let mut c = config(false);
-    c.escrow = Escrow { enabled: true, policy: EscrowPolicy { share: 0.3, max: None, keep } };
+    c.escrow = Escrow { enabled: true, policy: EscrowPolicy { share, max: None, keep } };
     H::with(c)
 }
 
@@ -88,7 +92,7 @@ fn a_store_cannot_return_rights_nor_write_another_stores() {
 
 #[test]
 fn an_overdraft_gives_the_rights_back_flags_it_and_cuts_what_is_gone() {
-    let mut h = escrow_h(0);
+    let mut h = escrow_share(0.4, 0);
     h.stores(&["a"]);
     h.stock("a", "X", 10);
     merge(&mut h, "a", "X", 10, 4, 0, vec![]);
@@ -158,7 +162,7 @@ fn the_hub_gives_unreserved_rights_back_when_the_store_runs_low() {
 #[test]
 fn without_escrow_rights_do_not_limit_and_unreserved_ones_go_back() {
     // Granted while escrow was on; the hub now runs without it (a restart with a new config).
-    let mut on = escrow_h(1);
+    let mut on = escrow_share(0.4, 1);
     on.stores(&["a"]);
     on.stock("a", "X", 10);
     merge(&mut on, "a", "X", 10, 4, 0, vec![]);
@@ -174,4 +178,52 @@ fn without_escrow_rights_do_not_limit_and_unreserved_ones_go_back() {
     let r = h.d.rights(&s("a"), &k("X"));
     assert_eq!((r.online(), r.total(RightsKind::Returned)), (1, 3));
     assert!(overdrafts(&h).is_empty());
+}
+
+#[test]
+fn a_skus_rule_and_a_stores_override_replace_the_chains_policy() {
+    use shelfsync_hub_core::Overrides;
+    use shelfsync_shared::EscrowRule;
+    let mut h = escrow_h(1);
+    h.stores(&["a", "b"]);
+    let half = EscrowRule { share_pct: Some(50), ..Default::default() };
+    let mut r = rule(0, 0, 0, true);
+    r.escrow = half;
+    h.ok(Command::CatalogChanged { items: vec![(k("X"), Some(r))], overrides: None });
+    h.stock("a", "X", 10);
+    h.stock("b", "X", 10);
+    // Half of 10 is the SKU's target: a grant of 5 stays (the chain's 30 % would give 2 back).
+    merge(&mut h, "a", "X", 10, 5, 0, vec![]);
+    merge(&mut h, "b", "X", 10, 5, 0, vec![]);
+    assert_eq!((h.d.rights(&s("a"), &k("X")).online(), h.d.rights(&s("b"), &k("X")).online()), (5, 5));
+    h.reserved(1, vec![line("X", 2)]);
+    let held_a = h.d.held(&s("a"), &k("X"));
+
+    // Store a keeps 9 for walk-ins: the hub gives back what brings its own to 9, never a held unit.
+    let keep9 = Overrides { escrow: EscrowRule { keep: Some(9), ..Default::default() }, ..Default::default() };
+    let head = h.d.feed_head();
+    let Done::CatalogApplied(applied) =
+        h.ok(Command::CatalogChanged { items: vec![], overrides: Some((s("a"), vec![(k("X"), keep9)])) })
+    else {
+        panic!("a catalog change")
+    };
+    assert_eq!(applied.holds, [s("a")], "a's agent hears of the return");
+    let ra = h.d.rights(&s("a"), &k("X"));
+    assert_eq!(ra.online() as u64, 5 - (5 - held_a).min(4), "own was 5, short 4, within the unreserved");
+    assert!(h.kinds_after(head).contains(&FeedKind::RightsReturned));
+    assert_eq!(h.d.rights(&s("b"), &k("X")).online(), 5, "b has no override");
+
+    // Head office lowers the SKU to 10 %: b's unreserved rights beyond the new target go back.
+    let held_b = h.d.held(&s("b"), &k("X"));
+    let mut r = rule(0, 0, 0, true);
+    r.escrow = EscrowRule { share_pct: Some(10), ..Default::default() };
+    let Done::CatalogApplied(applied) =
+        h.ok(Command::CatalogChanged { items: vec![(k("X"), Some(r))], overrides: None })
+    else {
+        panic!("a catalog change")
+    };
+    assert!(applied.holds.contains(&s("b")));
+    assert_eq!(h.d.rights(&s("b"), &k("X")).online() as u64, held_b + 1, "target ⌈10 % × 10⌉ = 1 unreserved");
+    assert!(overdrafts(&h).is_empty());
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
 }

@@ -335,6 +335,7 @@ impl Run {
                         low_stock_threshold,
                         max_per_customer,
                         active,
+                        escrow: Default::default(),
                     }),
                 )],
                 overrides: None,
@@ -343,7 +344,10 @@ impl Run {
                 items: vec![],
                 overrides: Some((
                     st(store),
-                    vec![(sk(sku), Overrides { safety_stock: safety, low_stock_threshold: None })],
+                    vec![(
+                        sk(sku),
+                        Overrides { safety_stock: safety, low_stock_threshold: None, escrow: Default::default() },
+                    )],
                 )),
             },
             Op::AddStore(i) => Command::AddStore { store: st(i) },

@@ -22,7 +22,14 @@ fn scenario(h: &mut H) {
         items: vec![],
         overrides: Some((
             s("b"),
-            vec![(k("X"), shelfsync_hub_core::Overrides { safety_stock: Some(0), low_stock_threshold: None })],
+            vec![(
+                k("X"),
+                shelfsync_hub_core::Overrides {
+                    safety_stock: Some(0),
+                    low_stock_threshold: None,
+                    escrow: Default::default(),
+                },
+            )],
         )),
     });
 }

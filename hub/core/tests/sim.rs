@@ -1262,12 +1262,13 @@ impl Sim {
                 low_stock_threshold: self.rng.range(0, 3) as u64,
                 max_per_customer: [0, 0, 3, 6][self.rng.below(4)],
                 active: self.rng.chance(0.9),
+                escrow: Default::default(),
             };
             Command::CatalogChanged { items: vec![(sku, Some(rule))], overrides: None }
         } else {
             let store = self.stores[self.rng.below(self.stores.len())].clone();
             let safety_stock = self.rng.chance(0.6).then(|| self.rng.range(0, 3) as u64);
-            let o = Overrides { safety_stock, low_stock_threshold: None };
+            let o = Overrides { safety_stock, low_stock_threshold: None, escrow: Default::default() };
             Command::CatalogChanged { items: vec![], overrides: Some((store, vec![(sku, o)])) }
         };
         match self.hub(cmd)? {
@@ -1318,6 +1319,7 @@ impl Sim {
                     low_stock_threshold: 2,
                     max_per_customer: if n == 0 { 4 } else { 0 },
                     active: true,
+                    escrow: Default::default(),
                 };
                 (sku.clone(), Some(rule))
             })

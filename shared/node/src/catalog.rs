@@ -1,9 +1,10 @@
 //! The product catalog as automerge documents, shared by the agent and the hub.
 //!
 //! - `catalog`: owned by the hub, replicated to every store. `ROOT.skus[sku]` is a map
-//!   `{name, barcodes[], safety_stock, low_stock_threshold, max_per_customer, active}`.
+//!   `{name, barcodes[], safety_stock, low_stock_threshold, max_per_customer, active,
+//!   escrow_share_pct?, escrow_max?, escrow_keep?}`.
 //! - `overrides/<store>`: owned by one store, replicated to the hub. `ROOT[sku]` is a map
-//!   `{safety_stock?, low_stock_threshold?}`. Each store writes only its own document, so the
+//!   `{safety_stock?, low_stock_threshold?, escrow_share_pct?, escrow_max?, escrow_keep?}`. Each store writes only its own document, so the
 //!   security boundary is the document, and a store's edits merge with head office's by
 //!   construction: the hub's value and the store's override both survive, the override wins.
 //!
@@ -18,7 +19,7 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ChangeHash, ObjType, PatchAction, Prop, ReadDoc, ScalarValue, Value, ROOT};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
-use shelfsync_shared::{Sku, StoreId};
+use shelfsync_shared::{EscrowRule, Sku, StoreId};
 
 use crate::db::DbError;
 
@@ -46,6 +47,29 @@ pub const MIGRATION: &str = "
     CREATE TABLE catalog_overrides (
         store TEXT NOT NULL, sku TEXT NOT NULL, safety_stock INTEGER, low_stock_threshold INTEGER,
         PRIMARY KEY (store, sku)) WITHOUT ROWID;";
+
+/// Schema (agent migration 8, hub migration 9): the escrow rule of a SKU and of a store's
+/// override (`NULL`: the level below applies).
+pub const ESCROW_MIGRATION: &str = "
+    ALTER TABLE catalog_items ADD COLUMN escrow_share_pct INTEGER;
+    ALTER TABLE catalog_items ADD COLUMN escrow_max INTEGER;
+    ALTER TABLE catalog_items ADD COLUMN escrow_keep INTEGER;
+    ALTER TABLE catalog_overrides ADD COLUMN escrow_share_pct INTEGER;
+    ALTER TABLE catalog_overrides ADD COLUMN escrow_max INTEGER;
+    ALTER TABLE catalog_overrides ADD COLUMN escrow_keep INTEGER;";
+
+/// The document keys (and SQL columns) of an [`EscrowRule`]'s fields, in order.
+pub const ESCROW_KEYS: [&str; 3] = ["escrow_share_pct", "escrow_max", "escrow_keep"];
+
+/// An escrow rule's fields, in [`ESCROW_KEYS`] order.
+pub fn escrow_fields(r: &EscrowRule) -> [Option<u64>; 3] {
+    [r.share_pct, r.max, r.keep]
+}
+
+/// An escrow rule from its fields, in [`ESCROW_KEYS`] order.
+pub fn escrow_rule([share_pct, max, keep]: [Option<u64>; 3]) -> EscrowRule {
+    EscrowRule { share_pct, max, keep }
+}
 
 /// The overrides document of a store.
 pub fn overrides_doc(store: &StoreId) -> String {
@@ -90,6 +114,9 @@ pub struct CatalogItem {
     pub max_per_customer: u64,
     /// Whether it is sold at all.
     pub active: bool,
+    /// How much of a store's stock online gets the rights to (over the chain's `[escrow]`).
+    #[serde(default, skip_serializing_if = "EscrowRule::is_empty")]
+    pub escrow: EscrowRule,
 }
 
 impl CatalogItem {
@@ -122,7 +149,7 @@ impl CatalogItem {
                 return bad(format!("{field} must be at most {QTY_FIELD_MAX}, got {v}"));
             }
         }
-        Ok(())
+        self.escrow.validate().map_err(CatalogError::Invalid)
     }
 }
 
@@ -142,6 +169,8 @@ pub struct CatalogPatch {
     pub max_per_customer: Option<u64>,
     /// New active flag.
     pub active: Option<bool>,
+    /// New escrow rule (replaces the whole rule; `{}` clears it).
+    pub escrow: Option<EscrowRule>,
 }
 
 impl CatalogPatch {
@@ -156,6 +185,7 @@ impl CatalogPatch {
                 low_stock_threshold: 0,
                 max_per_customer: 0,
                 active: true,
+                escrow: EscrowRule::default(),
             },
         };
         if let Some(v) = &self.name {
@@ -176,6 +206,9 @@ impl CatalogPatch {
         if let Some(v) = self.active {
             item.active = v;
         }
+        if let Some(v) = self.escrow {
+            item.escrow = v;
+        }
         item.validate()?;
         Ok(item)
     }
@@ -188,6 +221,9 @@ pub struct Overrides {
     pub safety_stock: Option<u64>,
     /// Low-stock threshold at this store.
     pub low_stock_threshold: Option<u64>,
+    /// Escrow values at this store (over the SKU's and the chain's).
+    #[serde(default, skip_serializing_if = "EscrowRule::is_empty")]
+    pub escrow: EscrowRule,
 }
 
 fn map_at(doc: &AutoCommit, obj: &automerge::ObjId, key: &str) -> Option<automerge::ObjId> {
@@ -244,7 +280,25 @@ pub fn read_item(doc: &AutoCommit, sku: &str) -> Option<CatalogItem> {
         low_stock_threshold: u64_at(doc, &m, "low_stock_threshold").unwrap_or(0),
         max_per_customer: u64_at(doc, &m, "max_per_customer").unwrap_or(0),
         active: scalar(doc, &m, "active").and_then(|s| s.to_bool()).unwrap_or(true),
+        escrow: read_escrow(doc, &m),
     })
+}
+
+fn read_escrow(doc: &AutoCommit, m: &automerge::ObjId) -> EscrowRule {
+    escrow_rule(ESCROW_KEYS.map(|k| u64_at(doc, m, k)))
+}
+
+/// Writes an escrow rule's fields into a map: set values put, unset ones deleted.
+fn write_escrow(doc: &mut AutoCommit, m: &automerge::ObjId, r: &EscrowRule) -> Result<(), CatalogError> {
+    let before = read_escrow(doc, m);
+    for ((key, v), was) in ESCROW_KEYS.iter().zip(escrow_fields(r)).zip(escrow_fields(&before)) {
+        match v {
+            _ if v == was => {}
+            Some(v) => doc.put(m, *key, v)?,
+            None => doc.delete(m, *key)?,
+        }
+    }
+    Ok(())
 }
 
 /// Writes one entry into a catalog document, field by field (so concurrent edits of different
@@ -278,7 +332,7 @@ pub fn write_item(doc: &mut AutoCommit, sku: &str, item: &CatalogItem) -> Result
     if !unchanged(&|b| b.active == item.active) {
         doc.put(&m, "active", item.active)?;
     }
-    Ok(())
+    write_escrow(doc, &m, &item.escrow)
 }
 
 /// Reads a store's overrides of one SKU from its overrides document.
@@ -287,6 +341,7 @@ pub fn read_overrides(doc: &AutoCommit, sku: &str) -> Overrides {
         Some(m) => Overrides {
             safety_stock: u64_at(doc, &m, "safety_stock"),
             low_stock_threshold: u64_at(doc, &m, "low_stock_threshold"),
+            escrow: read_escrow(doc, &m),
         },
         None => Overrides::default(),
     }
@@ -299,6 +354,7 @@ pub fn write_overrides(doc: &mut AutoCommit, sku: &str, o: &Overrides) -> Result
             return Err(CatalogError::Invalid(format!("{field} must be at most {QTY_FIELD_MAX}")));
         }
     }
+    o.escrow.validate().map_err(CatalogError::Invalid)?;
     let m = match map_at(doc, &ROOT, sku) {
         Some(m) => m,
         None => doc.put_object(ROOT, sku, ObjType::Map)?,
@@ -313,7 +369,7 @@ pub fn write_overrides(doc: &mut AutoCommit, sku: &str, o: &Overrides) -> Result
             }
         }
     }
-    Ok(())
+    write_escrow(doc, &m, &o.escrow)
 }
 
 /// SKUs whose entries changed between two sets of heads. `depth` is where the SKU key sits in
@@ -485,11 +541,14 @@ pub fn write_item_rows(conn: &Connection, rows: &[(String, Option<CatalogItem>)]
         match item {
             Some(i) => {
                 conn.prepare_cached(
-                    "INSERT INTO catalog_items (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    "INSERT INTO catalog_items (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active,
+                       escrow_share_pct, escrow_max, escrow_keep)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT (sku) DO UPDATE SET name = excluded.name, barcodes = excluded.barcodes,
                        safety_stock = excluded.safety_stock, low_stock_threshold = excluded.low_stock_threshold,
-                       max_per_customer = excluded.max_per_customer, active = excluded.active",
+                       max_per_customer = excluded.max_per_customer, active = excluded.active,
+                       escrow_share_pct = excluded.escrow_share_pct, escrow_max = excluded.escrow_max,
+                       escrow_keep = excluded.escrow_keep",
                 )?
                 .execute(params![
                     sku,
@@ -498,7 +557,10 @@ pub fn write_item_rows(conn: &Connection, rows: &[(String, Option<CatalogItem>)]
                     i.safety_stock,
                     i.low_stock_threshold,
                     i.max_per_customer,
-                    i.active
+                    i.active,
+                    i.escrow.share_pct,
+                    i.escrow.max,
+                    i.escrow.keep
                 ])?;
             }
             None => {
@@ -526,11 +588,21 @@ pub fn write_override_rows(
                 .execute([store.as_str(), sku])?;
         } else {
             conn.prepare_cached(
-                "INSERT INTO catalog_overrides (store, sku, safety_stock, low_stock_threshold) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO catalog_overrides (store, sku, safety_stock, low_stock_threshold,
+                   escrow_share_pct, escrow_max, escrow_keep) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (store, sku) DO UPDATE SET safety_stock = excluded.safety_stock,
-                   low_stock_threshold = excluded.low_stock_threshold",
+                   low_stock_threshold = excluded.low_stock_threshold, escrow_share_pct = excluded.escrow_share_pct,
+                   escrow_max = excluded.escrow_max, escrow_keep = excluded.escrow_keep",
             )?
-            .execute(params![store.as_str(), sku, o.safety_stock, o.low_stock_threshold])?;
+            .execute(params![
+                store.as_str(),
+                sku,
+                o.safety_stock,
+                o.low_stock_threshold,
+                o.escrow.share_pct,
+                o.escrow.max,
+                o.escrow.keep
+            ])?;
         }
     }
     Ok(())
@@ -559,15 +631,18 @@ pub struct Effective {
     pub safety_stock: u64,
     /// Threshold in force.
     pub low_stock_threshold: u64,
+    /// Escrow values in force (the store's over the SKU's; what is unset here is the chain's).
+    #[serde(default, skip_serializing_if = "EscrowRule::is_empty")]
+    pub escrow: EscrowRule,
 }
 
 /// A `catalog_items` row: sku, name, barcodes (JSON), safety stock, threshold, max per customer,
-/// active.
-pub type ItemRow = (String, String, String, u64, u64, u64, bool);
+/// active, escrow rule.
+pub type ItemRow = (String, String, String, u64, u64, u64, bool, EscrowRule);
 
 /// A `catalog_items` row as an entry.
 pub fn item_from_row(row: ItemRow) -> Result<(Sku, CatalogItem), DbError> {
-    let (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active) = row;
+    let (sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active, escrow) = row;
     Ok((
         crate::db::sku_col(sku)?,
         CatalogItem {
@@ -577,15 +652,18 @@ pub fn item_from_row(row: ItemRow) -> Result<(Sku, CatalogItem), DbError> {
             low_stock_threshold,
             max_per_customer,
             active,
+            escrow,
         },
     ))
 }
 
 /// The columns of [`ItemRow`], in order.
-pub const ITEM_COLUMNS: &str = "sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active";
+pub const ITEM_COLUMNS: &str = "sku, name, barcodes, safety_stock, low_stock_threshold, max_per_customer, active, \
+                                escrow_share_pct, escrow_max, escrow_keep";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    let escrow = escrow_rule([r.get(7)?, r.get(8)?, r.get(9)?]);
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, escrow))
 }
 
 /// One entry from the materialised tables, with `store`'s overrides if given.
@@ -606,6 +684,7 @@ impl CatalogView {
         let effective = overrides.map(|o| Effective {
             safety_stock: o.safety_stock.unwrap_or(item.safety_stock),
             low_stock_threshold: o.low_stock_threshold.unwrap_or(item.low_stock_threshold),
+            escrow: o.escrow.or(&item.escrow),
         });
         CatalogView { sku, item, overrides, effective }
     }
@@ -642,10 +721,15 @@ pub fn search(conn: &Connection, q: &str, after: Option<&Sku>, limit: usize) -> 
 pub fn store_overrides(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Overrides, DbError> {
     Ok(conn
         .prepare_cached(
-            "SELECT safety_stock, low_stock_threshold FROM catalog_overrides WHERE store = ?1 AND sku = ?2",
+            "SELECT safety_stock, low_stock_threshold, escrow_share_pct, escrow_max, escrow_keep
+             FROM catalog_overrides WHERE store = ?1 AND sku = ?2",
         )?
         .query_row([store.as_str(), sku.as_str()], |r| {
-            Ok(Overrides { safety_stock: r.get(0)?, low_stock_threshold: r.get(1)? })
+            Ok(Overrides {
+                safety_stock: r.get(0)?,
+                low_stock_threshold: r.get(1)?,
+                escrow: escrow_rule([r.get(2)?, r.get(3)?, r.get(4)?]),
+            })
         })
         .optional()?
         .unwrap_or_default())
@@ -722,6 +806,7 @@ mod tests {
             low_stock_threshold: 3,
             max_per_customer: 2,
             active: true,
+            escrow: EscrowRule::default(),
         }
     }
 
@@ -760,12 +845,45 @@ mod tests {
     fn overrides_set_and_clear() {
         let mut d = AutoCommit::new();
         let h0 = d.get_heads();
-        write_overrides(&mut d, "A", &Overrides { safety_stock: Some(5), low_stock_threshold: None }).unwrap();
+        write_overrides(&mut d, "A", &Overrides { safety_stock: Some(5), ..Default::default() }).unwrap();
         assert_eq!(read_overrides(&d, "A").safety_stock, Some(5));
         let h1 = d.get_heads();
         assert_eq!(changed_skus(&mut d, &h0, &h1, 0), ["A".to_string()].into());
         write_overrides(&mut d, "A", &Overrides::default()).unwrap();
         assert_eq!(read_overrides(&d, "A"), Overrides::default());
+    }
+
+    #[test]
+    fn escrow_rules_round_trip_through_documents_and_tables() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATION).unwrap();
+        conn.execute_batch(ESCROW_MIGRATION).unwrap();
+        let mut d = AutoCommit::new();
+        let mut a = item("Apple", 1);
+        a.escrow = EscrowRule { share_pct: Some(50), max: None, keep: Some(2) };
+        write_item(&mut d, "A", &a).unwrap();
+        assert_eq!(read_item(&d, "A"), Some(a.clone()));
+        // Clearing one value removes its key; the others stay.
+        let h = d.get_heads();
+        a.escrow.keep = None;
+        write_item(&mut d, "A", &a).unwrap();
+        assert_eq!(read_item(&d, "A").unwrap().escrow, EscrowRule { share_pct: Some(50), ..Default::default() });
+        let h2 = d.get_heads();
+        assert_eq!(changed_skus(&mut d, &h, &h2, 1), ["A".to_string()].into());
+        write_item_rows(&conn, &item_rows(&d, &["A".to_string()].into())).unwrap();
+        let store: StoreId = "store-1".parse().unwrap();
+        let mut o = AutoCommit::new();
+        let ov = Overrides { escrow: EscrowRule { keep: Some(4), ..Default::default() }, ..Default::default() };
+        write_overrides(&mut o, "A", &ov).unwrap();
+        assert_eq!(read_overrides(&o, "A"), ov);
+        write_override_rows(&conn, &store, &override_rows(&o, &["A".to_string()].into())).unwrap();
+        let v = view(&conn, &"A".parse().unwrap(), Some(&store)).unwrap().unwrap();
+        assert_eq!(v.item, a);
+        assert_eq!(v.effective.unwrap().escrow, EscrowRule { share_pct: Some(50), max: None, keep: Some(4) });
+        let bad = Overrides { escrow: EscrowRule { share_pct: Some(120), ..Default::default() }, ..Default::default() };
+        assert!(write_overrides(&mut o, "A", &bad).unwrap_err().to_string().contains("escrow.share_pct"));
+        let patch: CatalogPatch = serde_json::from_str(r#"{"escrow": {"max": 6}}"#).unwrap();
+        assert_eq!(patch.apply_to(Some(a)).unwrap().escrow, EscrowRule { max: Some(6), ..Default::default() });
     }
 
     #[test]

@@ -39,7 +39,13 @@ pub fn line(sku: &str, qty: u64) -> QtyLine {
 }
 
 pub fn rule(safety: u64, threshold: u64, max_per_customer: u64, active: bool) -> CatalogRule {
-    CatalogRule { safety_stock: safety, low_stock_threshold: threshold, max_per_customer, active }
+    CatalogRule {
+        safety_stock: safety,
+        low_stock_threshold: threshold,
+        max_per_customer,
+        active,
+        escrow: Default::default(),
+    }
 }
 
 pub fn config(staleness: bool) -> Config {
