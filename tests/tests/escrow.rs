@@ -149,3 +149,81 @@ both_backends! {
         assert_eq!((st["on_hand"].as_i64(), st["granted"].as_u64(), st["sellable"].as_i64()), (Some(2), Some(1), Some(1)), "{st}");
     }
 }
+
+both_backends! {
+    async fn a_skus_catalog_rule_and_a_stores_override_set_what_online_gets() {
+        let mut c = Cluster::start_full(1, vec![], escrow_env()).await;
+        // Head office grants online half of every store's B (the chain's share is 30 %).
+        let item = json!({"name": "Boots", "escrow": {"share_pct": 50}});
+        let (s, r) = c.hub_call(reqwest::Method::PUT, "/v1/catalog/B", Some(item)).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["item"]["escrow"], json!({"share_pct": 50}), "{r}");
+        let bad = json!({"name": "Boots", "escrow": {"share_pct": 120}});
+        let (s, r) = c.hub_call(reqwest::Method::PUT, "/v1/catalog/B", Some(bad)).await;
+        assert_eq!((s, r["error"].as_str()), (422, Some("invalid_request")), "{r}");
+        assert!(r["message"].as_str().unwrap().contains("escrow.share_pct"), "{r}");
+        let catalog = |path: &'static str| {
+            let url = format!("{}{path}", c.agent_url(0));
+            async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() }
+        };
+        wait_until("the store to have the rule", DEADLINE, || async {
+            (catalog("/v1/catalog/B").await["escrow"]["share_pct"] == 50).then_some(())
+        })
+        .await;
+        c.restock(0, "B", 10).await;
+        let f = wait_until("the store to grant half", DEADLINE, || async {
+            let f = hub_figures(&c, "B").await;
+            (f.0 == 10 && f.2 == 5).then_some(f)
+        })
+        .await;
+        assert_eq!(f, (10, 0, 5, 5));
+
+        // The store keeps 8 for walk-ins (its own override): the hub gives back 3.
+        let url = format!("{}/v1/catalog/B/overrides", c.agent_url(0));
+        let r = reqwest::Client::new().put(&url).json(&json!({"escrow": {"keep": 8}})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["effective"]["escrow"], json!({"share_pct": 50, "keep": 8}), "{v}");
+        let bad = reqwest::Client::new().put(&url).json(&json!({"escrow": {"keeps": 8}})).send().await.unwrap();
+        assert_eq!(bad.status(), 422);
+        let f = wait_until("the hub to honour the store's keep", DEADLINE, || async {
+            let f = hub_figures(&c, "B").await;
+            (f.2 == 2).then_some(f)
+        })
+        .await;
+        assert_eq!(f, (10, 0, 2, 2));
+        let st = wait_until("the agent to hear of the return", DEADLINE, || async {
+            let st = agent_stock(&c, "B").await;
+            (st["granted"] == 2).then_some(st)
+        })
+        .await;
+        assert_eq!(st["sellable"], 8, "{st}");
+
+        // Head office lowers B to 10 %: online keeps ⌈10 % × 10⌉ = 1, the other right goes back,
+        // and the store, once it has the new rule, does not grant it again.
+        let (s, r) = c.hub_call(reqwest::Method::PATCH, "/v1/catalog/B", Some(json!({"escrow": {"share_pct": 10}}))).await;
+        assert_eq!(s, 200, "{r}");
+        wait_until("the store to have the new rule", DEADLINE, || async {
+            (catalog("/v1/catalog/B").await["escrow"]["share_pct"] == 10).then_some(())
+        })
+        .await;
+        let (f, st) = wait_until("both sides to settle at one right", DEADLINE, || async {
+            let (f, st) = (hub_figures(&c, "B").await, agent_stock(&c, "B").await);
+            (f.2 == 1 && st["granted"] == 1).then_some((f, st))
+        })
+        .await;
+        assert_eq!((f.3, st["sellable"].as_i64()), (1, Some(9)), "{st}");
+        let csv = "sku,name,escrow_share_pct,escrow_keep\nC,Coat,40,\nD,Dress,,2\n";
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/catalog-imports", c.hub_url()))
+            .bearer_auth(&c.admin_token)
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(c.hub_get("/v1/catalog/C").await["escrow"], json!({"share_pct": 40}));
+        assert_eq!(c.hub_get("/v1/catalog/D").await["escrow"], json!({"keep": 2}));
+    }
+}
