@@ -35,6 +35,8 @@ pub trait CatalogStore: Sync {
     /// gave escrow rights back under the new rules: their agents are told).
     fn catalog_commit(&self, c: CatalogCommit)
         -> impl std::future::Future<Output = StorageResult<Vec<StoreId>>> + Send;
+    /// The database under it.
+    fn hub_db(&self) -> &crate::db::HubDb;
 }
 
 impl CatalogStore for crate::db::HubDb {
@@ -58,6 +60,9 @@ impl CatalogStore for crate::db::HubDb {
     async fn catalog_commit(&self, c: CatalogCommit) -> StorageResult<Vec<StoreId>> {
         // The database alone (the admin CLI): the running hub's decider picks the change up.
         crate::db::HubDb::catalog_commit(self, c).await.map(|()| Vec::new())
+    }
+    fn hub_db(&self) -> &crate::db::HubDb {
+        self
     }
 }
 
@@ -85,6 +90,9 @@ impl CatalogStore for crate::engine::Engine {
     ) -> impl std::future::Future<Output = StorageResult<Vec<StoreId>>> + Send {
         crate::engine::Engine::catalog_commit(self, c)
     }
+    fn hub_db(&self) -> &crate::db::HubDb {
+        self.db()
+    }
 }
 
 /// Most rows in one CSV import.
@@ -108,6 +116,17 @@ pub struct HubCatalog {
     persist: Mutex<()>,
     /// The newest catalog chunk this process has loaded.
     seen: AtomicI64,
+    /// The newest chunk of any store's overrides this process has looked at.
+    overrides_seen: AtomicI64,
+}
+
+/// What [`HubCatalog::refresh`] picked up.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// The catalog changed (the stores are told).
+    pub catalog_changed: bool,
+    /// Stores whose holds changed (the decider gave escrow rights back under new rules).
+    pub holds: Vec<StoreId>,
 }
 
 /// One edit of a catalog entry.
@@ -125,6 +144,8 @@ impl HubCatalog {
     pub async fn load(storage: &impl CatalogStore) -> StorageResult<Arc<HubCatalog>> {
         let doc = storage.load_doc(CATALOG_DOC.into()).await?;
         let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
+        // Overrides documents load when a store connects, or when they change (`refresh`).
+        let overrides_seen = storage.hub_db().newest_chunk().await?;
         let (jobs, rx) = std::sync::mpsc::channel::<DocsJob>();
         let mut docs = Docs { catalog: doc, overrides: HashMap::new() };
         std::thread::Builder::new()
@@ -135,7 +156,12 @@ impl HubCatalog {
                 }
             })
             .map_err(|e| StorageError::Backend(format!("spawning the catalog thread: {e}")))?;
-        Ok(Arc::new(HubCatalog { jobs, persist: Mutex::new(()), seen: AtomicI64::new(seen) }))
+        Ok(Arc::new(HubCatalog {
+            jobs,
+            persist: Mutex::new(()),
+            seen: AtomicI64::new(seen),
+            overrides_seen: AtomicI64::new(overrides_seen),
+        }))
     }
 
     /// Runs `f` on the documents (on the actor thread).
@@ -188,9 +214,81 @@ impl HubCatalog {
         Ok((planned, holds))
     }
 
-    /// Picks up catalog chunks another process (the `catalog import` CLI) appended. Returns
-    /// the stores whose holds changed if the catalog changed.
-    pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<Option<Vec<StoreId>>> {
+    /// Picks up what other processes changed: catalog chunks (the `catalog import` CLI, another
+    /// hub's API) and stores' overrides (merged by the hub their agent is connected to, on a
+    /// database several hubs share), so this process's decider applies them too.
+    pub async fn refresh(&self, storage: &impl CatalogStore) -> StorageResult<Refreshed> {
+        let catalog = self.refresh_catalog(storage).await?;
+        let overrides = self.refresh_overrides(storage).await?;
+        let catalog_changed = catalog.is_some();
+        let mut holds = catalog.unwrap_or_default();
+        holds.extend(overrides.into_iter().filter(|s| !holds.contains(s)).collect::<Vec<_>>());
+        Ok(Refreshed { catalog_changed, holds })
+    }
+
+    /// Stores' overrides chunks appended since the last look: merged into the documents this
+    /// process holds (a document it does not hold yet is loaded whole, and all its rows count as
+    /// changed), their rows and the decider's overrides updated. Returns the stores whose holds
+    /// changed.
+    async fn refresh_overrides(&self, storage: &impl CatalogStore) -> StorageResult<Vec<StoreId>> {
+        let after = self.overrides_seen.load(Ordering::SeqCst);
+        let chunks = storage.hub_db().override_chunks_after(after).await?;
+        let Some(last) = chunks.last().map(|c| c.0) else { return Ok(Vec::new()) };
+        let mut by_store: std::collections::BTreeMap<StoreId, Vec<Vec<u8>>> = Default::default();
+        for (_, doc, bytes) in chunks {
+            match cat::overrides_store(&doc) {
+                Some(store) => by_store.entry(store).or_default().push(bytes),
+                None => tracing::warn!(doc, "a document named like overrides of no valid store id; skipped"),
+            }
+        }
+        let _order = self.persist.lock().await;
+        let mut holds = Vec::new();
+        for (store, chunks) in by_store {
+            let s = store.clone();
+            let held = self.with_docs(move |docs| docs.overrides.contains_key(&s)).await;
+            // Loaded whole (it holds these chunks already), or merged into the one held here.
+            let whole = if held { None } else { Some(storage.load_doc(cat::overrides_doc(&store)).await?) };
+            let s = store.clone();
+            let rows = self
+                .with_docs(move |docs| -> StorageResult<_> {
+                    let d = match (docs.overrides.entry(s), whole) {
+                        (std::collections::hash_map::Entry::Vacant(v), Some(d)) => {
+                            let rows = cat::override_rows(&d.doc, &cat::override_skus(&d.doc));
+                            v.insert(d);
+                            return Ok(rows);
+                        }
+                        // A store's session loaded it meanwhile: merge into that one.
+                        (std::collections::hash_map::Entry::Occupied(o), _) => o.into_mut(),
+                        (std::collections::hash_map::Entry::Vacant(_), None) => {
+                            unreachable!("documents are never dropped")
+                        }
+                    };
+                    let before = d.doc.get_heads();
+                    for bytes in &chunks {
+                        d.doc.load_incremental(bytes).map_err(CatalogError::from)?;
+                    }
+                    // Already persisted: mark as saved.
+                    let _ = d.doc.save_incremental();
+                    let after_heads = d.doc.get_heads();
+                    if before == after_heads {
+                        return Ok(Vec::new());
+                    }
+                    let skus = cat::changed_skus(&mut d.doc, &before, &after_heads, 0);
+                    Ok(cat::override_rows(&d.doc, &skus))
+                })
+                .await?;
+            if !rows.is_empty() {
+                let commit = CatalogCommit { overrides: Some((store.clone(), rows)), ..Default::default() };
+                holds.extend(storage.catalog_commit(commit).await?);
+            }
+        }
+        self.overrides_seen.fetch_max(last, Ordering::SeqCst);
+        Ok(holds)
+    }
+
+    /// Catalog chunks appended since the last look. Returns the stores whose holds changed if
+    /// the catalog changed.
+    async fn refresh_catalog(&self, storage: &impl CatalogStore) -> StorageResult<Option<Vec<StoreId>>> {
         let after = self.seen.load(Ordering::SeqCst);
         let chunks = storage.doc_chunks_after(CATALOG_DOC.into(), after).await?;
         let Some(last) = chunks.last().map(|c| c.0) else { return Ok(None) };

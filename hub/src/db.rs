@@ -437,6 +437,17 @@ impl HubDb {
         both!(self, s => s.doc_chunks_after(doc, after).await)
     }
 
+    /// Chunks of every store's overrides document after `after` (to pick up what stores
+    /// connected to another process changed): (sequence, document, bytes).
+    pub async fn override_chunks_after(&self, after: i64) -> StorageResult<Vec<(i64, String, Vec<u8>)>> {
+        both!(self, s => s.override_chunks_after(after).await)
+    }
+
+    /// The newest chunk sequence of any document.
+    pub async fn newest_chunk(&self) -> StorageResult<i64> {
+        both!(self, s => s.newest_chunk().await)
+    }
+
     /// One catalog entry (materialised).
     pub async fn catalog_item(&self, sku: Sku) -> StorageResult<Option<CatalogView>> {
         both!(self, s => s.catalog_item(sku).await)

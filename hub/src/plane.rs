@@ -133,6 +133,9 @@ impl CatalogStore for Plane {
         // plane's poll of `store_parts`.
         self.db.catalog_commit(c).await.map(|()| Vec::new())
     }
+    fn hub_db(&self) -> &crate::db::HubDb {
+        &self.db
+    }
 }
 
 impl AgentLedger for Plane {

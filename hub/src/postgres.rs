@@ -869,6 +869,23 @@ impl PgStorage {
             .collect()
     }
 
+    /// Chunks of every store's overrides document after `after`: (sequence, document, bytes).
+    pub async fn override_chunks_after(&self, after: i64) -> StorageResult<Vec<(i64, String, Vec<u8>)>> {
+        let sql =
+            "SELECT seq, doc, bytes FROM doc_chunks WHERE seq > $1 AND substr(doc, 1, length($2)) = $2 ORDER BY seq";
+        self.r()
+            .query(sql, &[&after, &cat::OVERRIDES_PREFIX])
+            .await?
+            .iter()
+            .map(|r| Ok((get(r, 0)?, get(r, 1)?, get(r, 2)?)))
+            .collect()
+    }
+
+    /// The newest chunk sequence of any document.
+    pub async fn newest_chunk(&self) -> StorageResult<i64> {
+        get(&self.r().query_one("SELECT COALESCE(MAX(seq), 0)::int8 FROM doc_chunks", &[]).await?, 0)
+    }
+
     fn item(r: &Row) -> StorageResult<CatalogView> {
         let row: cat::ItemRow = (
             get(r, 0)?,

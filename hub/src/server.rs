@@ -626,11 +626,12 @@ pub(crate) async fn watch_catalog_imports<L: crate::ledger::AgentLedger>(hub: Ar
     loop {
         tick.tick().await;
         match hub.catalog.refresh(hub.storage.as_ref()).await {
-            Ok(Some(holds)) => {
-                hub.catalog_changed();
-                hub.holds_changed(&holds);
+            Ok(r) => {
+                if r.catalog_changed {
+                    hub.catalog_changed();
+                }
+                hub.holds_changed(&r.holds);
             }
-            Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "picking up catalog changes"),
         }
     }

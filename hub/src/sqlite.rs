@@ -901,6 +901,16 @@ impl SqliteStorage {
         self.read(move |conn| Ok(catalog::chunks_after(conn, &doc, after)?)).await
     }
 
+    /// Chunks of every store's overrides document after `after`: (sequence, document, bytes).
+    pub async fn override_chunks_after(&self, after: i64) -> StorageResult<Vec<(i64, String, Vec<u8>)>> {
+        self.read(move |conn| Ok(catalog::override_chunks_after(conn, after)?)).await
+    }
+
+    /// The newest chunk sequence of any document.
+    pub async fn newest_chunk(&self) -> StorageResult<i64> {
+        self.read(|conn| Ok(catalog::newest_chunk(conn)?)).await
+    }
+
     /// One catalog entry (materialised).
     pub async fn catalog_item(&self, sku: Sku) -> StorageResult<Option<CatalogView>> {
         self.read(move |conn| Ok(catalog::view(conn, &sku, None)?)).await

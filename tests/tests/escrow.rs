@@ -227,3 +227,61 @@ both_backends! {
         assert_eq!(c.hub_get("/v1/catalog/D").await["escrow"], json!({"keep": 2}));
     }
 }
+
+/// On a database of two partitions shared by two hubs, a store's override reaches the decider
+/// of every partition, also the one the hub its agent talks to does not hold: each hub picks up
+/// the overrides other hubs merged (`HubCatalog::refresh`), gives back what the store now keeps,
+/// and the store hears of it through the sync plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stores_override_reaches_every_partitions_decider() {
+    use shelfsync_tests::hubs::{one_sku_per_partition, HubSet};
+    let mut env = escrow_env();
+    env.retain(|(k, _)| !k.ends_with("SHARE"));
+    env.push(("SHELFSYNC_HUB__ESCROW__SHARE".into(), "0.5".into()));
+    let set = HubSet::start_with(2, 1, 2, env).await;
+    let skus = one_sku_per_partition(2);
+    let figures = |sku: String| {
+        let set = &set;
+        async move {
+            let path = format!("/v1/availability/{sku}");
+            let (s, v) = set.call(1, reqwest::Method::GET, &path, &set.admin, None).await?;
+            let st = v["stores"].as_array()?.iter().find(|s| s["store"] == "store-0")?.clone();
+            (s == 200).then(|| {
+                (
+                    st["on_hand"].as_i64().unwrap_or(0),
+                    st["granted"].as_u64().unwrap_or(0),
+                    st["safety_stock"].as_u64().unwrap_or(0),
+                )
+            })
+        }
+    };
+    for (i, sku) in skus.iter().enumerate() {
+        let body = json!({"id": format!("restock-{i}"), "store": "store-0", "lines": [{"sku": sku, "qty": 10}]});
+        let (s, v) = set.call(i, reqwest::Method::POST, "/v1/restocks", &set.admin, Some(body)).await.unwrap();
+        assert_eq!(s, 201, "{v}");
+    }
+    for sku in &skus {
+        wait_until("the store to grant half of each SKU", DEADLINE, || async {
+            figures(sku.clone()).await.filter(|f| f.0 == 10 && f.1 == 5)
+        })
+        .await;
+    }
+    for sku in &skus {
+        let url = format!("{}/v1/catalog/{sku}/overrides", set.agent_url(0));
+        let body = json!({"safety_stock": 1, "escrow": {"keep": 8}});
+        let r = reqwest::Client::new().put(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for sku in &skus {
+        let f = wait_until("every partition to apply the store's override", DEADLINE, || async {
+            figures(sku.clone()).await.filter(|f| f.1 == 2)
+        })
+        .await;
+        assert_eq!(f, (10, 2, 1), "{sku}: own back to 8, the safety stock in force");
+        wait_until("the store to hear of the return", DEADLINE, || async {
+            (set.agent_stock(0, sku).await["granted"] == 2).then_some(())
+        })
+        .await;
+    }
+    set.shutdown().await;
+}

@@ -71,9 +71,17 @@ pub fn escrow_rule([share_pct, max, keep]: [Option<u64>; 3]) -> EscrowRule {
     EscrowRule { share_pct, max, keep }
 }
 
+/// What every store's overrides document is named after.
+pub const OVERRIDES_PREFIX: &str = "overrides/";
+
 /// The overrides document of a store.
 pub fn overrides_doc(store: &StoreId) -> String {
-    format!("overrides/{store}")
+    format!("{OVERRIDES_PREFIX}{store}")
+}
+
+/// The store an overrides document belongs to (`None`: not an overrides document).
+pub fn overrides_store(doc: &str) -> Option<StoreId> {
+    doc.strip_prefix(OVERRIDES_PREFIX)?.parse().ok()
 }
 
 /// Catalog failures.
@@ -419,6 +427,11 @@ pub fn all_skus(doc: &AutoCommit) -> Vec<String> {
     }
 }
 
+/// All SKUs a store's overrides document has entries for.
+pub fn override_skus(doc: &AutoCommit) -> BTreeSet<String> {
+    doc.keys(ROOT).collect()
+}
+
 /// A document with the bookkeeping to persist it incrementally.
 pub struct TrackedDoc {
     /// Its name (`catalog`, `overrides/<store>`).
@@ -499,6 +512,23 @@ pub fn chunks_after(conn: &Connection, doc: &str, after: i64) -> Result<Vec<(i64
     let mut stmt = conn.prepare_cached("SELECT seq, bytes FROM doc_chunks WHERE doc = ?1 AND seq > ?2 ORDER BY seq")?;
     let rows = stmt.query_map(params![doc, after], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+/// Chunks of every store's overrides document written after `after`, with their sequence and
+/// document, in order.
+pub fn override_chunks_after(conn: &Connection, after: i64) -> Result<Vec<(i64, String, Vec<u8>)>, CatalogError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, doc, bytes FROM doc_chunks WHERE seq > ?1 AND substr(doc, 1, length(?2)) = ?2 ORDER BY seq",
+    )?;
+    let rows = stmt
+        .query_map(params![after, OVERRIDES_PREFIX], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// The newest chunk sequence of any document (0 if none).
+pub fn newest_chunk(conn: &Connection) -> Result<i64, CatalogError> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM doc_chunks", [], |r| r.get(0))?)
 }
 
 /// The newest chunk sequence of `doc` (0 if none).
