@@ -152,7 +152,7 @@ both_backends! {
 
 both_backends! {
     async fn a_skus_catalog_rule_and_a_stores_override_set_what_online_gets() {
-        let mut c = Cluster::start_full(1, vec![], escrow_env()).await;
+        let c = Cluster::start_full(1, vec![], escrow_env()).await;
         // Head office grants online half of every store's B (the chain's share is 30 %).
         let item = json!({"name": "Boots", "escrow": {"share_pct": 50}});
         let (s, r) = c.hub_call(reqwest::Method::PUT, "/v1/catalog/B", Some(item)).await;
