@@ -1276,6 +1276,9 @@ async fn post_reservation(
         ttl_secs,
         pickup_store,
         customer: b.customer,
+        // Tokens are not bound to channels yet (hub/docs/channels.md, step 2): every
+        // reservation through the API is web's.
+        channel: None,
     };
     let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)
         .map_err(|e| name_key(e, Some(key.as_str())))?;

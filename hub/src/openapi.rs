@@ -343,6 +343,8 @@ pub struct Reservation {
     pub short: bool,
     pub pickup_store: Option<String>,
     pub customer: Option<String>,
+    /// The sales channel it came through (`web` for every reservation from before channels).
+    pub channel: String,
     pub created_at: String,
     pub expires_at: Option<String>,
     /// Open allocations, flat.

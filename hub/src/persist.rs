@@ -97,6 +97,8 @@ pub fn rows(records: &[Record]) -> impl Iterator<Item = RowWrite<'_>> {
             Record::Alert { store, sku, state } => decision("alert", cell_key(store, sku), json(state)),
             Record::Rights { store, sku, rights } => decision("rights", cell_key(store, sku), json(rights)),
             Record::CatalogRule { .. } | Record::Overrides { .. } => None,
+            // A removed channel stays as a `null` row (there are at most a few dozen).
+            Record::Channel { id, channel } => decision("channel", id.to_string(), json(channel)),
             Record::Reservation(x) => decision("reservation", x.id.to_string(), json(x)),
             Record::Allocation(x) => decision("allocation", x.id.to_string(), json(x)),
             Record::Conflict(x) => decision("conflict", x.id.to_string(), json(x)),
@@ -277,6 +279,10 @@ pub fn decision_record(kind: &str, key: &str, body: &str) -> StorageResult<Recor
             let (store, sku) = cell_of(key)?;
             Record::Rights { store, sku, rights: parse(kind, key, body)? }
         }
+        "channel" => Record::Channel {
+            id: key.parse().map_err(|e: String| StorageError::Corrupt(format!("decisions row channel {key:?}: {e}")))?,
+            channel: parse(kind, key, body)?,
+        },
         "reservation" => Record::Reservation(parse(kind, key, body)?),
         "allocation" => Record::Allocation(parse(kind, key, body)?),
         "conflict" => Record::Conflict(parse(kind, key, body)?),

@@ -1077,6 +1077,7 @@ impl<'w> Run<'w> {
             ttl_secs: 900,
             pickup_store: None,
             customer: None,
+            channel: None,
         };
         match self.apply(Command::Reserve(req)) {
             Ok(Done::Reserved(_)) => {}

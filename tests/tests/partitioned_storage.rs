@@ -58,6 +58,7 @@ fn reserve(id: u128, at: &str, sku: &Sku, qty: u64) -> ReservationRequest {
         ttl_secs: 600,
         pickup_store: Some(store(at)),
         customer: None,
+        channel: None,
     }
 }
 

@@ -57,6 +57,7 @@ fn reservations(n: usize) -> f64 {
             ttl_secs: 900,
             pickup_store: None,
             customer: None,
+            channel: None,
         };
         d.apply(Command::Reserve(req), 2 + i as i64).unwrap();
         let action = if i % 2 == 0 { Action::Commit } else { Action::Release };

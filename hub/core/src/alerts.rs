@@ -22,6 +22,7 @@ pub(crate) fn emit_availability(t: &mut Tables, st: StoreIx, sk: SkuIx, now_ms: 
     if rule.catalogued {
         alert(t, st, sk, available, rule.low_stock_threshold, now_ms);
     }
+    crate::channels::emit_ats(t, sk, now_ms);
 }
 
 /// The alert state `available` puts a cell in.

@@ -32,6 +32,9 @@ pub struct ReservationRequest {
     pub pickup_store: Option<StoreId>,
     /// Who (for per-customer limits).
     pub customer: Option<String>,
+    /// Through which sales channel (`None`: `web`).
+    #[serde(default)]
+    pub channel: Option<crate::channels::ChannelId>,
 }
 
 /// A lifecycle action on a reservation.
@@ -203,6 +206,10 @@ pub enum Command {
         /// The caller's Idempotency-Key.
         key: Option<String>,
     },
+    /// Adds or replaces a sales channel (`hub/docs/channels.md`).
+    PutChannel(crate::channels::Channel),
+    /// Removes a sales channel (not `web`).
+    RemoveChannel(crate::channels::ChannelId),
     /// The materialised catalog changed: rules (`None`: removed) and one store's overrides.
     CatalogChanged {
         /// Rules by SKU.
@@ -350,6 +357,10 @@ pub enum Done {
     },
     /// `ResolveConflict`: the conflict after.
     ConflictResolved(Conflict),
+    /// `PutChannel`: the channel as stored.
+    ChannelPut(crate::channels::Channel),
+    /// `RemoveChannel`.
+    ChannelRemoved(crate::channels::ChannelId),
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -449,6 +460,8 @@ pub(crate) fn dispatch(cx: &mut Ctx<'_>, cmd: Command) -> Outcome {
         }
         Command::CancelTransfer { id, key } => crate::transfers::cancel(cx, id, key).map(Done::TransferChanged),
         Command::CatalogChanged { items, overrides } => crate::catalog::changed(cx, &items, overrides.as_ref()),
+        Command::PutChannel(ch) => crate::channels::put(cx, &ch),
+        Command::RemoveChannel(id) => crate::channels::remove(cx, &id),
         Command::JournalSkus { store, skus } => crate::catalog::journal_skus(cx, &store, &skus),
         Command::JournalAdjustments { store, events } => {
             crate::stores::require(cx.t, &store)?;

@@ -70,6 +70,11 @@ named_enum! {
         RightsReturned => "rights_returned",
         /// A store sold units it had granted online (see [`crate::ConflictKind::EscrowOverdraft`]).
         EscrowOverdraft => "escrow_overdraft",
+        /// A sales channel's available-to-sell of a SKU moved (`hub/docs/channels.md`).
+        ChannelAtsChanged => "channel_ats_changed",
+        /// A lagged channel's order took more than its stores had (see
+        /// [`crate::ConflictKind::ChannelOversell`]).
+        ChannelOversell => "channel_oversell",
     }
 }
 
@@ -168,6 +173,13 @@ pub enum FeedData {
         /// Physical units (hub's view).
         on_hand: i64,
     },
+    /// `channel_ats_changed`.
+    ChannelAts {
+        /// What.
+        sku: Sku,
+        /// The channel's figures after the change (without any staleness discount).
+        figures: crate::channels::ChannelFigures,
+    },
     /// `transfer_shipped|received|cancelled`.
     Transfer {
         /// The transfer after the change.
@@ -208,6 +220,10 @@ impl FeedEvent {
             }
             FeedData::Conflict { conflict } => json!({"conflict": conflict.to_json()}),
             FeedData::Transfer { transfer } => json!({"transfer": transfer.to_json()}),
+            FeedData::ChannelAts { sku, figures: f } => json!({
+                "channel": f.channel, "sku": sku, "ats": f.ats, "pool": f.pool, "buffer": f.buffer,
+                "lag_margin": f.lag_margin, "cap": f.cap,
+            }),
             FeedData::Rights { store, sku, qty, granted, held, on_hand } => json!({
                 "store": store, "sku": sku, "qty": qty, "granted": granted, "held": held, "on_hand": on_hand,
             }),

@@ -19,7 +19,10 @@
 //!   `Merge` and `HubChange`, and both reconcile each changed cell at once (re-sourcing, else
 //!   marking units short); reservations and re-sourcing only take what `available` offers.
 //! - Every `short` allocation has an oversell conflict of its cell naming its reservation (open
-//!   unless a person resolved it).
+//!   unless a person resolved it), or, for a lagged sales channel's order beyond its stores'
+//!   stock, a `channel_oversell` conflict naming it.
+//! - A reservation takes only from the stores of its sales channel; a live channel's within the
+//!   channel's available-to-sell (`channels`).
 //! - A reservation is all lines or none: per line, the allocations that are not `moved` add up to
 //!   the line's quantity (an allocation shrunk by reconciliation keeps the rest; one a store
 //!   fulfilled after the hub had moved it counts as moved). Open allocations carry their
@@ -42,6 +45,7 @@
 mod alerts;
 mod availability;
 mod catalog;
+mod channels;
 mod command;
 mod conflicts;
 mod cursor;
@@ -68,6 +72,10 @@ use shelfsync_shared::{StoreId, WriterId};
 
 pub use alerts::{alert_state, next_velocity};
 pub use availability::{available, offered, sellable, staleness_discount, Staleness, StoreFigures};
+pub use channels::{
+    Buffer, Cap, Channel, ChannelFigures, ChannelId, Fulfil, Latency, CHANNELS_MAX, CHANNEL_ID_MAX_LEN, LAG_SECS_MAX,
+    WEB,
+};
 pub use command::{
     Action, CatalogApplied, Command, Done, Expired, HubChange, HubChangeRequest, HubChanged, Merged, Outcome, Refusal,
     ReservationRequest, RestockEntry, Written, CUSTOMER_MAX_LEN, RESTOCK_BATCH_MAX, TTL_SECS_MAX,
@@ -158,6 +166,7 @@ impl Decider {
     pub fn new(config: Config, seed: u128) -> Decider {
         let mut t = Tables::new(seed, config.feed_retain, config.hub_writer.clone());
         t.escrow = config.escrow.enabled;
+        t.tau_ms = config.staleness.tau_ms;
         Decider { config, t, connected: HashSet::new(), records: Vec::new() }
     }
 

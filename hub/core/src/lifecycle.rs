@@ -20,6 +20,7 @@ use uuid::Uuid;
 use shelfsync_shared::fingerprint_of;
 
 use crate::alerts::emit_availability;
+use crate::channels::{Basis, ChannelId, Fulfil};
 use crate::command::{Action, Expired, Refusal, ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{ActionRequest, AllocationStatus, Reservation, ReservationStatus, SkuIx, StoreIx};
@@ -78,7 +79,12 @@ fn customer_has(t: &Tables, customer: &str, sku: &Sku) -> u64 {
 /// Reserves all lines or none.
 pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Written, Refusal> {
     let ttl_ms = validate(req)?;
-    let fingerprint = fingerprint_of(&(&req.lines, req.ttl_secs, &req.pickup_store, &req.customer));
+    // A `web` request fingerprints as before channels (a retry across the upgrade replays).
+    let channel = req.channel.clone().filter(|c| !c.is_web());
+    let fingerprint = match &channel {
+        None => fingerprint_of(&(&req.lines, req.ttl_secs, &req.pickup_store, &req.customer)),
+        Some(c) => fingerprint_of(&(&req.lines, req.ttl_secs, &req.pickup_store, &req.customer, c)),
+    };
     if let Some(r) = cx.t.reservations.get(&req.id) {
         if r.fingerprint != fingerprint {
             return Err(Refusal::IdempotencyConflict { id: req.id, kind: "reservation".into() });
@@ -93,6 +99,22 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
             Some(ix) => Some(*ix),
         },
     };
+    let ch_id = channel.clone().unwrap_or_else(ChannelId::web);
+    let Some(ch) = cx.t.channel(&ch_id) else {
+        return Err(Refusal::Invalid(format!("no channel {ch_id}")));
+    };
+    match (&ch.fulfil, &req.pickup_store) {
+        (Fulfil::Pickup, None) => {
+            return Err(Refusal::Invalid(format!("channel {ch_id} is click-and-collect: name a pickup_store")))
+        }
+        (_, Some(p)) if !ch.fulfils(p) => {
+            return Err(Refusal::Invalid(format!("store {p} does not fulfil channel {ch_id}")));
+        }
+        _ => {}
+    }
+    let among = crate::channels::among_of(cx.t, Some(&ch_id));
+    // A configured channel promises within its available-to-sell (buffer, cap, lag margin).
+    let limited = cx.t.channels.contains_key(&ch_id);
     // Per-customer limits from the catalog, over all lines of a SKU.
     let mut asked: BTreeMap<&Sku, u64> = BTreeMap::new();
     for l in &req.lines {
@@ -108,15 +130,47 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
             return Err(Refusal::LimitExceeded { sku: sku.clone(), limit, already });
         }
     }
-    // Plan every line before anything is written.
+    // Plan every line before anything is written. A lagged channel (a marketplace) cannot
+    // refuse: what its stores cannot supply is recorded short at one of them (`short`).
     let mut taken = Taken::new();
     let mut plans: Vec<(SkuIx, Vec<(StoreIx, u64)>)> = Vec::with_capacity(req.lines.len());
-    for l in &req.lines {
+    let mut shorts: Vec<(usize, StoreIx, u64, crate::channels::ChannelFigures)> = Vec::new();
+    let mut promised: BTreeMap<SkuIx, u64> = BTreeMap::new();
+    for (i, l) in req.lines.iter().enumerate() {
         let unavailable =
             |available| Refusal::Unavailable { sku: l.sku.clone(), available, store: req.pickup_store.clone() };
         let Some(&sk) = cx.t.sku_ix.get(&l.sku) else { return Err(unavailable(0)) };
-        let plan = source(cx.t, sk, l.qty, pickup, None, &taken, cx.moment()).map_err(unavailable)?;
+        let m = cx.moment();
+        let ats = limited.then(|| {
+            let basis = Basis::Read { now_ms: m.now_ms, connected: m.connected, staleness: m.staleness };
+            crate::channels::figures(cx.t, &ch, sk, basis)
+        });
+        let before = promised.get(&sk).copied().unwrap_or(0);
+        if let Some(f) = ats.as_ref().filter(|_| ch.is_live()) {
+            let left = f.ats.saturating_sub(before);
+            if l.qty > left {
+                return Err(unavailable(left));
+            }
+        }
+        let plan = match source(cx.t, sk, l.qty, pickup, None, &taken, m, among.as_ref()) {
+            Ok(plan) => plan,
+            Err(_) if !ch.is_live() => {
+                let plan = match pickup {
+                    Some(p) => partial_at(cx.t, sk, l.qty, p, &taken, m),
+                    None => crate::sourcing::partial(cx.t, sk, l.qty, None, &taken, m, among.as_ref()),
+                };
+                let found: u64 = plan.iter().map(|p| p.1).sum();
+                let Some(at) = pickup.or_else(|| short_store(cx.t, sk, among.as_ref())) else {
+                    return Err(unavailable(0));
+                };
+                let f = ats.clone().expect("a lagged channel is configured");
+                shorts.push((i, at, l.qty - found, f));
+                plan
+            }
+            Err(total) => return Err(unavailable(total)),
+        };
         take(&mut taken, sk, &plan);
+        *promised.entry(sk).or_default() += l.qty;
         plans.push((sk, plan));
     }
 
@@ -127,6 +181,7 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
         status: ReservationStatus::Held,
         pickup_store: req.pickup_store.clone(),
         customer: req.customer.clone(),
+        channel: channel.clone(),
         created_at_ms: now,
         expires_at_ms: Some(now.saturating_add(ttl_ms)),
         updated_at_ms: now,
@@ -141,10 +196,16 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
             stores.insert(cx.t.store(*st).id.clone());
         }
     }
+    for (line, at, short, _) in &shorts {
+        cx.t.insert_alloc(req.id, *line as u32, *at, plans[*line].0, *short, AllocationStatus::Short, now);
+    }
     r.first_response = build(cx.t, &r);
     let view = r.first_response.clone();
     cx.t.insert_reservation(r);
     cx.t.emit(FeedKind::ReservationHeld, now, FeedData::Reservation { reservation: view.clone() });
+    for (line, at, short, f) in shorts {
+        crate::channels::oversell(cx, &ch, req.id, plans[line].0, at, short, &f);
+    }
     let touched: BTreeMap<(StoreId, Sku), (StoreIx, SkuIx)> =
         taken.keys().map(|&(st, sk)| ((cx.t.store(st).id.clone(), cx.t.sku(sk).sku.clone()), (st, sk))).collect();
     for (st, sk) in touched.into_values() {
@@ -152,6 +213,32 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
         emit_availability(cx.t, st, sk, now);
     }
     Ok(Written { created: true, view, stores: stores.into_iter().collect() })
+}
+
+/// What one store can supply of `qty`, at most.
+fn partial_at(
+    t: &Tables,
+    sk: SkuIx,
+    qty: u64,
+    st: StoreIx,
+    taken: &Taken,
+    m: crate::sourcing::Moment<'_>,
+) -> Vec<(StoreIx, u64)> {
+    let have = crate::availability::cell_figures(t, st, sk, m.now_ms, m.connected, m.staleness).available;
+    let q = have.saturating_sub(taken.get(&(st, sk)).copied().unwrap_or(0)).min(qty);
+    if q > 0 {
+        vec![(st, q)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Where a lagged channel's unsupplied units are recorded: the store among `among` with the most
+/// `on_hand` of the SKU (ties by id), `None` when no such store has it at all.
+fn short_store(t: &Tables, sk: SkuIx, among: Option<&std::collections::BTreeSet<StoreId>>) -> Option<StoreIx> {
+    crate::availability::live_stores_of(t, sk)
+        .filter(|st| among.is_none_or(|a| a.contains(&t.store(*st).id)))
+        .max_by_key(|st| (t.cell(*st, sk).map_or(i64::MIN, |c| c.on_hand), std::cmp::Reverse(t.store(*st).id.clone())))
 }
 
 fn placeholder(id: Uuid, now: i64) -> ReservationView {
@@ -162,6 +249,7 @@ fn placeholder(id: Uuid, now: i64) -> ReservationView {
         short: false,
         pickup_store: None,
         customer: None,
+        channel: None,
         created_at_ms: now,
         expires_at_ms: None,
         allocations: Vec::new(),

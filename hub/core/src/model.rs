@@ -115,6 +115,9 @@ named_enum! {
         /// A store sold units it had granted online (escrow): the rights went back to cover
         /// the sale, holds beyond what is left were cut.
         EscrowOverdraft => "escrow_overdraft",
+        /// A lagged sales channel (a marketplace) sold more than its stores had: the units
+        /// beyond were recorded short (`hub/docs/channels.md`).
+        ChannelOversell => "channel_oversell",
     }
 }
 
@@ -304,6 +307,10 @@ pub struct Reservation {
     pub pickup_store: Option<StoreId>,
     /// Customer reference (per-customer limits).
     pub customer: Option<String>,
+    /// The sales channel it came through (`None`: `web`, as every reservation from before
+    /// channels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::channels::ChannelId>,
     /// When it was created.
     pub created_at_ms: i64,
     /// When an unpaid lease lapses.

@@ -75,6 +75,8 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
         let a = &cx.t.allocations[&aid];
         let (res, line, qty, status) = (a.reservation, a.line, a.qty, a.status);
         let pickup = cx.t.reservations[&res].pickup_store.is_some();
+        // A channel's reservation is re-sourced only among the stores that fulfil the channel.
+        let among = crate::channels::among_of(cx.t, cx.t.reservations[&res].channel.as_ref());
         touched.insert(res);
         let take_qty = qty.min(remaining);
         remaining -= take_qty;
@@ -87,9 +89,9 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
         let mut found = 0u64;
         if !pickup {
             let m = cx.moment();
-            let plan = source(cx.t, sk, take_qty, None, Some(st), &taken, m)
+            let plan = source(cx.t, sk, take_qty, None, Some(st), &taken, m, among.as_ref())
                 // Not enough anywhere: take what there is, the rest is short.
-                .unwrap_or_else(|_| partial(cx.t, sk, take_qty, st, &taken, m));
+                .unwrap_or_else(|_| partial(cx.t, sk, take_qty, Some(st), &taken, m, among.as_ref()));
             for (s, q) in plan {
                 cx.t.insert_alloc(res, line, s, sk, q, status, now);
                 let name = cx.t.store(s).id.clone();

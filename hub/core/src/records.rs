@@ -114,6 +114,13 @@ pub enum Record {
         /// The overrides.
         overrides: Overrides,
     },
+    /// A sales channel (by id; `None`: removed).
+    Channel {
+        /// Which.
+        id: crate::channels::ChannelId,
+        /// Its configuration.
+        channel: Option<crate::channels::Channel>,
+    },
     /// A reservation (by id).
     Reservation(Reservation),
     /// An allocation (by id).
@@ -155,6 +162,10 @@ pub(crate) fn flush(t: &mut Tables, out: &mut Vec<Record>) {
     for (store, sku) in d.overrides {
         let overrides = t.overrides_of(&store, &sku).copied().unwrap_or_default();
         out.push(Record::Overrides { store, sku, overrides });
+    }
+    for id in d.channels {
+        let channel = t.channels.get(&id).cloned();
+        out.push(Record::Channel { id, channel });
     }
     for (st, sk, w) in d.entries {
         let slot = t.cell(st, sk).and_then(|c| c.slots.iter().find(|s| s.writer == w)).expect("dirty entry exists");
@@ -257,6 +268,11 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
         }
         Record::CatalogRule { sku, rule } => t.set_rule(&sku, rule),
         Record::Overrides { store, sku, overrides } => t.set_overrides(&store, &sku, overrides),
+        Record::Channel { id, channel } => match channel {
+            Some(c) if c.id == id => t.put_channel(c),
+            Some(c) => return Err(LoadError::Corrupt(format!("channel row {id} holds channel {}", c.id))),
+            None => t.remove_channel(&id),
+        },
         Record::Reservation(r) => {
             t.reservations.insert(r.id, r);
         }
@@ -303,6 +319,7 @@ pub(crate) struct Dirty {
     pub rights: BTreeSet<(StoreIx, SkuIx)>,
     pub catalog: BTreeSet<SkuIx>,
     pub overrides: BTreeSet<(StoreId, Sku)>,
+    pub channels: BTreeSet<crate::channels::ChannelId>,
     pub reservations: BTreeSet<Uuid>,
     pub allocations: BTreeSet<Uuid>,
     pub conflicts: BTreeSet<Uuid>,
@@ -324,6 +341,7 @@ impl Dirty {
             && self.rights.is_empty()
             && self.catalog.is_empty()
             && self.overrides.is_empty()
+            && self.channels.is_empty()
             && self.reservations.is_empty()
             && self.allocations.is_empty()
             && self.conflicts.is_empty()
@@ -453,6 +471,7 @@ impl Loader {
             d.t.transfers.insert(tr.id, tr);
         }
         reindex(&mut d.t);
+        crate::channels::rebuild_ats(&mut d.t);
         d.t.dirty = Dirty::default();
         d
     }

@@ -59,6 +59,10 @@ pub struct Snapshot {
     pub catalog: BTreeMap<Sku, CatalogRule>,
     /// Store overrides.
     pub overrides: BTreeMap<(StoreId, Sku), Overrides>,
+    /// Configured sales channels.
+    pub channels: BTreeMap<crate::channels::ChannelId, crate::channels::Channel>,
+    /// Each channel's last announced `ats` per SKU (derived: equal after a rebuild).
+    pub channel_ats: BTreeMap<(crate::channels::ChannelId, Sku), u64>,
     /// Reservations.
     pub reservations: BTreeMap<Uuid, Reservation>,
     /// Allocation ids of each reservation, by creation.
@@ -142,6 +146,8 @@ impl Decider {
             sku_stores,
             catalog,
             overrides,
+            channels: t.channels.clone(),
+            channel_ats: t.channel_ats.iter().map(|((c, sk), n)| ((c.clone(), t.sku(*sk).sku.clone()), *n)).collect(),
             reservations: t.reservations.iter().map(|(k, v)| (*k, v.clone())).collect(),
             reservation_allocations: t.res_allocs.iter().map(|(k, v)| (*k, v.clone())).collect(),
             customers: t.by_customer.iter().map(|(k, v)| (k.clone(), v.iter().copied().collect())).collect(),

@@ -3,7 +3,7 @@
 //! when one has too few. Units already chosen earlier in the same command (`taken`) are not
 //! offered twice.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use shelfsync_shared::StoreId;
 
@@ -22,9 +22,14 @@ pub(crate) struct Moment<'a> {
     pub staleness: Staleness,
 }
 
-/// Available units per store (not revoked, with a cell), in store-id order, after `taken`.
-fn offers(t: &Tables, sk: SkuIx, taken: &Taken, m: Moment<'_>) -> Vec<(StoreIx, u64)> {
+/// Which stores may supply: every store, or a sales channel's list.
+pub(crate) type Among<'a> = Option<&'a BTreeSet<StoreId>>;
+
+/// Available units per store (not revoked, with a cell, among `among`), in store-id order, after
+/// `taken`.
+fn offers(t: &Tables, sk: SkuIx, taken: &Taken, m: Moment<'_>, among: Among<'_>) -> Vec<(StoreIx, u64)> {
     live_stores_of(t, sk)
+        .filter(|st| among.is_none_or(|a| a.contains(&t.store(*st).id)))
         .map(|st| {
             let f = cell_figures(t, st, sk, m.now_ms, m.connected, m.staleness);
             (st, f.available.saturating_sub(taken.get(&(st, sk)).copied().unwrap_or(0)))
@@ -42,8 +47,9 @@ pub(crate) fn source(
     exclude: Option<StoreIx>,
     taken: &Taken,
     m: Moment<'_>,
+    among: Among<'_>,
 ) -> Result<Vec<(StoreIx, u64)>, u64> {
-    let mut cands: Vec<(StoreIx, u64)> = offers(t, sk, taken, m)
+    let mut cands: Vec<(StoreIx, u64)> = offers(t, sk, taken, m, among)
         .into_iter()
         .filter(|(st, a)| only.is_none_or(|o| o == *st) && exclude != Some(*st) && *a > 0)
         .collect();
@@ -72,14 +78,15 @@ pub(crate) fn partial(
     t: &Tables,
     sk: SkuIx,
     qty: u64,
-    exclude: StoreIx,
+    exclude: Option<StoreIx>,
     taken: &Taken,
     m: Moment<'_>,
+    among: Among<'_>,
 ) -> Vec<(StoreIx, u64)> {
     let mut need = qty;
     let mut plan = Vec::new();
-    for (st, avail) in offers(t, sk, taken, m) {
-        if st == exclude || need == 0 {
+    for (st, avail) in offers(t, sk, taken, m, among) {
+        if Some(st) == exclude || need == 0 {
             continue;
         }
         let a = avail.min(need);

@@ -73,6 +73,15 @@ pub(crate) fn revoke(cx: &mut Ctx<'_>, store: &StoreId) -> Outcome {
         return Ok(Done::StoreRevoked { newly: false });
     }
     cx.t.store_mut(ix).revoked_at_ms = Some(cx.now);
+    // Its units leave every channel's pool.
+    if !cx.t.channels.is_empty() {
+        let mut skus: Vec<crate::model::SkuIx> =
+            cx.t.cells.keys().filter(|(st, _)| *st == ix).map(|(_, sk)| *sk).collect();
+        skus.sort();
+        for sk in skus {
+            crate::channels::emit_ats(cx.t, sk, cx.now);
+        }
+    }
     Ok(Done::StoreRevoked { newly: true })
 }
 

@@ -64,6 +64,12 @@ pub(crate) struct Tables {
     pub hub_writer: WriterId,
     /// Escrow mode (`Config::escrow`): online promises only within granted rights.
     pub escrow: bool,
+    /// Time constant of the sales velocity (`Config::staleness`), for channels' lag margins.
+    pub tau_ms: i64,
+    /// Configured sales channels (`web` only when configured; else its defaults apply).
+    pub channels: BTreeMap<crate::channels::ChannelId, crate::channels::Channel>,
+    /// Each configured channel's last announced `ats` per SKU (absent: 0); derived, rebuilt on load.
+    pub channel_ats: HashMap<(crate::channels::ChannelId, SkuIx), u64>,
     pub dirty: Dirty,
 }
 
@@ -100,6 +106,9 @@ impl Tables {
             id_counter: 0,
             hub_writer,
             escrow: false,
+            tau_ms: 1,
+            channels: BTreeMap::new(),
+            channel_ats: HashMap::new(),
             dirty: Dirty::default(),
         }
     }
@@ -260,6 +269,26 @@ impl Tables {
     pub fn set_velocity(&mut self, st: StoreIx, sk: SkuIx, v: Velocity) {
         self.cell_mut(st, sk).velocity = Some(v);
         self.dirty.velocity.insert((st, sk));
+    }
+
+    pub fn put_channel(&mut self, ch: crate::channels::Channel) {
+        self.dirty.channels.insert(ch.id.clone());
+        self.channels.insert(ch.id.clone(), ch);
+    }
+
+    pub fn remove_channel(&mut self, id: &crate::channels::ChannelId) {
+        self.channels.remove(id);
+        self.channel_ats.retain(|(c, _), _| c != id);
+        self.dirty.channels.insert(id.clone());
+    }
+
+    /// Derived: not a record.
+    pub fn set_channel_ats(&mut self, id: crate::channels::ChannelId, sk: SkuIx, ats: u64) {
+        if ats == 0 {
+            self.channel_ats.remove(&(id, sk));
+        } else {
+            self.channel_ats.insert((id, sk), ats);
+        }
     }
 
     pub fn set_alert(&mut self, st: StoreIx, sk: SkuIx, a: AlertState) {

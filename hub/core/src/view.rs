@@ -56,6 +56,9 @@ pub struct ReservationView {
     pub pickup_store: Option<StoreId>,
     /// Customer reference.
     pub customer: Option<String>,
+    /// The sales channel (`None`: `web`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::channels::ChannelId>,
     /// Creation time.
     pub created_at_ms: i64,
     /// When an unpaid lease lapses.
@@ -81,6 +84,7 @@ impl ReservationView {
             "short": self.short,
             "pickup_store": self.pickup_store,
             "customer": self.customer,
+            "channel": self.channel.as_ref().map_or(crate::channels::WEB, |c| c.as_str()),
             "created_at": rfc3339(self.created_at_ms),
             "expires_at": self.expires_at_ms.map(rfc3339),
             "allocations": self.allocations,
@@ -181,6 +185,7 @@ pub(crate) fn build(t: &Tables, r: &Reservation) -> ReservationView {
         short,
         pickup_store: r.pickup_store.clone(),
         customer: r.customer.clone(),
+        channel: r.channel.clone(),
         created_at_ms: r.created_at_ms,
         expires_at_ms: r.expires_at_ms,
         allocations: open.into_iter().map(|(_, v)| v).collect(),

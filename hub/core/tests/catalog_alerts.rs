@@ -212,7 +212,7 @@ fn reservation_events_carry_todays_json() {
     assert_eq!(
         e.data_json(),
         json!({"reservation": {
-            "id": uid(1), "key": uid(1).to_string(), "status": "held", "short": false, "pickup_store": "a", "customer": "ann",
+            "id": uid(1), "key": uid(1).to_string(), "status": "held", "short": false, "pickup_store": "a", "customer": "ann", "channel": "web",
             "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:28:20Z",
             "allocations": [alloc.clone()],
             "lines": [{"sku": "X", "qty": 2, "short": 0, "allocations": [alloc]}],

@@ -221,6 +221,7 @@ impl Run {
                     ttl_secs: ttl,
                     pickup_store: pickup.map(st),
                     customer: customer.map(|c| format!("c{c}")),
+                    channel: None,
                 };
                 self.requests.push(req.clone());
                 Command::Reserve(req)

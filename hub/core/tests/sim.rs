@@ -1071,6 +1071,7 @@ impl Sim {
             ttl_secs: self.rng.range(5, 300) as u64,
             pickup_store: pickup,
             customer,
+            channel: None,
         };
         self.requests.push(req.clone());
         match self.hub(Command::Reserve(req))? {

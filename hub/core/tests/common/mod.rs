@@ -117,6 +117,7 @@ impl H {
             ttl_secs: 900,
             pickup_store: pickup.map(s),
             customer: customer.map(str::to_owned),
+            channel: None,
         }))
     }
 
@@ -171,6 +172,7 @@ pub fn rows(records: &[Record]) -> Vec<Record> {
             Record::Store(s) => (0, s.id.to_string()),
             Record::CatalogRule { sku, .. } => (1, sku.to_string()),
             Record::Overrides { store, sku, .. } => (2, format!("{store}/{sku}")),
+            Record::Channel { id, .. } => (2, format!("channel/{id}")),
             Record::Entry(e) => (3, format!("{}/{}/{}", e.store, e.sku, e.writer)),
             Record::Velocity { store, sku, .. } => (4, format!("{store}/{sku}")),
             Record::Alert { store, sku, .. } => (5, format!("{store}/{sku}")),
@@ -191,7 +193,7 @@ pub fn rows(records: &[Record]) -> Vec<Record> {
     table
         .into_values()
         .filter(|r| {
-            !matches!(r, Record::CatalogRule { rule: None, .. })
+            !matches!(r, Record::CatalogRule { rule: None, .. } | Record::Channel { channel: None, .. })
                 && !matches!(r, Record::Overrides { overrides, .. } if *overrides == Default::default())
         })
         .collect()
