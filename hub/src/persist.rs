@@ -280,7 +280,9 @@ pub fn decision_record(kind: &str, key: &str, body: &str) -> StorageResult<Recor
             Record::Rights { store, sku, rights: parse(kind, key, body)? }
         }
         "channel" => Record::Channel {
-            id: key.parse().map_err(|e: String| StorageError::Corrupt(format!("decisions row channel {key:?}: {e}")))?,
+            id: key
+                .parse()
+                .map_err(|e: String| StorageError::Corrupt(format!("decisions row channel {key:?}: {e}")))?,
             channel: parse(kind, key, body)?,
         },
         "reservation" => Record::Reservation(parse(kind, key, body)?),

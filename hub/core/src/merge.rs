@@ -165,7 +165,8 @@ pub(crate) fn merge(
     }
     let mut holds_changed: BTreeSet<StoreId> = BTreeSet::new();
     // Close the picked holds before on_hand is refreshed: one command lowers both.
-    if fulfil(cx, st, fulfilled) {
+    let picked = fulfil(cx, st, fulfilled);
+    if !picked.is_empty() {
         holds_changed.insert(store.clone());
     }
     let mut changed = Vec::with_capacity(touched.len());
@@ -183,6 +184,11 @@ pub(crate) fn merge(
             changed.push((sku.clone(), new));
         }
     }
+    // A picked hold frees its units for the channels even when the same delta did not move
+    // on_hand (a pick the counter already had).
+    for sk in picked {
+        crate::channels::emit_ats(cx.t, sk, cx.now);
+    }
     // Last contact only moves forward (commands are stamped on arrival, decided in queue order).
     let seen = cx.t.store(st).last_seen_ms.map_or(cx.now, |at| at.max(cx.now));
     if cx.t.store(st).last_seen_ms != Some(seen) {
@@ -198,19 +204,19 @@ pub(crate) fn merge(
 
 /// Closes holds a store picked. Unknown ids (or another store's) are skipped; a hold the hub had
 /// already closed (moved, released, expired) is still marked fulfilled: the customer got the
-/// goods. Returns whether any changed.
-fn fulfil(cx: &mut Ctx<'_>, st: StoreIx, holds: &[Uuid]) -> bool {
+/// goods. Returns the SKUs of the holds that changed.
+fn fulfil(cx: &mut Ctx<'_>, st: StoreIx, holds: &[Uuid]) -> BTreeSet<SkuIx> {
     let now = cx.now;
     let store = cx.t.store(st).id.clone();
-    let mut any = false;
+    let mut any = BTreeSet::new();
     for h in holds {
         let Some(a) = cx.t.allocations.get(h).filter(|a| a.store == store) else { continue };
         if a.status == AllocationStatus::Fulfilled {
             continue;
         }
-        let res = a.reservation;
+        let (res, sk) = (a.reservation, cx.t.sku_ix[&a.sku]);
         cx.t.set_alloc_status(*h, AllocationStatus::Fulfilled, now);
-        any = true;
+        any.insert(sk);
         let open = cx.t.allocations_of(res).any(|a| cx.t.allocations[a].status.is_open());
         if !open && cx.t.reservations[&res].status.is_open() {
             cx.t.set_reservation(res, ReservationStatus::Fulfilled, None, now);
@@ -222,7 +228,7 @@ fn fulfil(cx: &mut Ctx<'_>, st: StoreIx, holds: &[Uuid]) -> bool {
             FeedData::Fulfilled { reservation: view, hold: *h, store: store.clone() },
         );
     }
-    if any {
+    if !any.is_empty() {
         cx.t.bump_holds(st);
     }
     any

@@ -40,6 +40,8 @@ enum Op {
         pickup: Option<u8>,
         customer: Option<u8>,
         ttl: u64,
+        /// None: web; 0: app (live, two stores, a buffer); 1: market (lagged, a cap).
+        channel: Option<u8>,
     },
     Act {
         pick: u8,
@@ -109,6 +111,35 @@ enum Op {
         store: u8,
         n: u8,
     },
+    /// Puts (or removes) channel `app` (0) or `market` (1), its numbers from `n`.
+    Channel {
+        which: u8,
+        n: u8,
+        remove: bool,
+    },
+}
+
+const CHANNELS: [&str; 2] = ["app", "market"];
+
+fn channel_config(which: u8, n: u8) -> shelfsync_hub_core::Channel {
+    use shelfsync_hub_core::{Buffer, Cap, Channel, Fulfil, Latency};
+    let id = CHANNELS[which as usize % 2].parse().unwrap();
+    match which % 2 {
+        0 => Channel {
+            id,
+            fulfil: Fulfil::Stores([s(STORES[(n % 3) as usize]), s(STORES[(n as usize + 1) % 3])].into()),
+            buffer: Buffer { units: (n % 3) as u64, share_pct: 10 * (n % 4) as u64 },
+            cap: Cap::default(),
+            latency: Latency::Live,
+        },
+        _ => Channel {
+            id,
+            fulfil: Fulfil::All,
+            buffer: Buffer { units: (n % 2) as u64, share_pct: 0 },
+            cap: Cap { units: (n % 3 > 0).then_some((n % 7) as u64), share_pct: Some(50 + (n % 50) as u64) },
+            latency: Latency::Lagged { lag_secs: 60 * (1 + (n % 10) as u64) },
+        },
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -121,8 +152,16 @@ fn op() -> impl Strategy<Value = Op> {
             proptest::option::weighted(0.3, store.clone()),
             proptest::option::weighted(0.5, 0..2u8),
             1..60u64,
+            proptest::option::weighted(0.4, 0..2u8),
         )
-            .prop_map(|(reuse, lines, pickup, customer, ttl)| Op::Reserve { reuse, lines, pickup, customer, ttl }),
+            .prop_map(|(reuse, lines, pickup, customer, ttl, channel)| Op::Reserve {
+                reuse,
+                lines,
+                pickup,
+                customer,
+                ttl,
+                channel
+            }),
         5 => (any::<u8>(), 0..3u8, 1..60u64, proptest::option::weighted(0.3, 0..3u8))
             .prop_map(|(pick, action, ttl, key)| Op::Act { pick, action, ttl, key }),
         2 => Just(Op::Expire),
@@ -155,6 +194,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (store.clone(), sku.clone()).prop_map(|(store, sku)| Op::Journal { store, sku }),
         1 => any::<u8>().prop_map(Op::Resolve),
         1 => (store, 0..3u8).prop_map(|(store, n)| Op::Agent { store, n }),
+        2 => (0..2u8, any::<u8>(), proptest::bool::weighted(0.15))
+            .prop_map(|(which, n, remove)| Op::Channel { which, n, remove }),
     ]
 }
 
@@ -213,7 +254,7 @@ impl Run {
                 }
                 Command::Reserve(req)
             }
-            Op::Reserve { reuse: None, lines, pickup, customer, ttl } => {
+            Op::Reserve { reuse: None, lines, pickup, customer, ttl, channel } => {
                 let req = ReservationRequest {
                     id: self.fresh(),
                     key: None,
@@ -221,7 +262,7 @@ impl Run {
                     ttl_secs: ttl,
                     pickup_store: pickup.map(st),
                     customer: customer.map(|c| format!("c{c}")),
-                    channel: None,
+                    channel: channel.map(|c| CHANNELS[c as usize].parse().unwrap()),
                 };
                 self.requests.push(req.clone());
                 Command::Reserve(req)
@@ -367,6 +408,10 @@ impl Run {
                 resolution: "switch one off".into(),
                 details: serde_json::json!({"n": n}),
             },
+            Op::Channel { which, remove: true, .. } => {
+                Command::RemoveChannel(CHANNELS[which as usize % 2].parse().unwrap())
+            }
+            Op::Channel { which, n, remove: false } => Command::PutChannel(channel_config(which, n)),
         })
     }
 
@@ -547,6 +592,8 @@ fn sequences_reach_oversells_shorts_fulfilments_and_expiries() {
         "feed transfer_cancelled",
         "feed adjustment_recorded",
         "feed back_in_stock",
+        "feed channel_ats_changed",
+        "conflict channel_oversell open",
         "refused Unavailable",
         "refused LimitExceeded",
         "refused InsufficientStock",

@@ -243,7 +243,7 @@ pub fn check_state(d: &Decider, snap: &Snapshot, late_moved: &HashSet<Uuid>) -> 
     ensure!(listed.values().all(|q| *q == 0), "holds listed outside any cell: {listed:?}");
     for a in snap.allocations.values().filter(|a| a.status == AllocationStatus::Short) {
         let named = snap.conflicts.values().any(|c| {
-            c.kind == ConflictKind::Oversell
+            matches!(c.kind, ConflictKind::Oversell | ConflictKind::ChannelOversell)
                 && c.store == a.store
                 && c.sku.as_ref() == Some(&a.sku)
                 && c.reservations.contains(&a.reservation)
