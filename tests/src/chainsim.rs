@@ -47,8 +47,9 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use shelfsync_hub_core::{
-    Action, AllocationStatus, Command, Config, ConflictFilter, ConflictKind, ConflictStatus, Decider, Done, Escrow,
-    HubChange, HubChangeRequest, Outcome, QtyLine, Refusal, ReservationRequest, ReservationStatus, Staleness,
+    Action, AllocationStatus, Buffer, Cap, Channel, ChannelId, Command, Config, ConflictFilter, ConflictKind,
+    ConflictStatus, Decider, Done, Escrow, Fulfil, HubChange, HubChangeRequest, Latency, Outcome, QtyLine, Refusal,
+    ReservationRequest, ReservationStatus, Staleness,
 };
 use shelfsync_shared::wire::HoldStatus;
 use shelfsync_shared::{EscrowPolicy, Incarnation, NodeId, PnEntry, Rights, RightsKind, Sku, StoreId, WriterId};
@@ -125,6 +126,17 @@ pub struct SimConfig {
     pub pick_delay_min: u32,
     /// Longest such delay.
     pub pick_delay_max: u32,
+    /// A marketplace selling the same SKUs from every store, its orders as a share of the web's
+    /// (0: none). It shows a listing refreshed every `market_refresh_min` from its channel's
+    /// available-to-sell and cannot refuse an order it listed (`hub/docs/channels.md`).
+    pub market: f64,
+    /// Minutes between two refreshes of the marketplace's listing (how stale it may be).
+    pub market_refresh_min: u32,
+    /// Units of every SKU the marketplace channel may not list (its buffer).
+    pub market_buffer: u64,
+    /// Whether the marketplace channel is configured as lagged by its refresh (a lag margin) with
+    /// its buffer; else it lists everything its stores have.
+    pub market_protect: bool,
 }
 
 impl Default for SimConfig {
@@ -150,6 +162,10 @@ impl Default for SimConfig {
             overdraft: 0.0,
             pick_delay_min: 30,
             pick_delay_max: 120,
+            market: 0.0,
+            market_refresh_min: 10,
+            market_buffer: 1,
+            market_protect: true,
         }
     }
 }
@@ -198,6 +214,15 @@ impl SimConfig {
             return Err(format!(
                 "--par-min and --par-max must satisfy 1 <= par-min <= par-max <= 100000, got {} and {}",
                 self.par_min, self.par_max
+            ));
+        }
+        if self.market.is_nan() || self.market < 0.0 {
+            return Err(format!("--market must not be negative, got {}", self.market));
+        }
+        if self.market_refresh_min == 0 || self.market_refresh_min > 1440 {
+            return Err(format!(
+                "--market-refresh must be between 1 and 1440 (minutes), got {}",
+                self.market_refresh_min
             ));
         }
         if self.restock_every_days == 0 {
@@ -338,6 +363,8 @@ enum Arrival {
     WalkIn { store: usize, sku: usize, u: f64 },
     /// An online order, shipped from a store.
     Online { sku: usize, qty: u64 },
+    /// A marketplace customer wants `qty` of `sku` (sold if the marketplace lists it).
+    Market { sku: usize, qty: u64 },
 }
 
 /// Everything a run does not decide: the chain, its stock and every arrival.
@@ -447,6 +474,24 @@ impl World {
             arrivals.extend(minute_batch.drain(..).map(|a| (m, a)));
         }
 
+        // The marketplace's demand, from a stream of its own (the other arrivals stay as they are
+        // without it), after the minute's other arrivals.
+        if cfg.market > 0.0 {
+            let mut rng = Rng::new(cfg.seed, 5);
+            let mut market = Vec::new();
+            for m in 0..minutes {
+                let h = ((m % DAY) / 60) as usize;
+                let lambda = cfg.market * online_orders_day * ONLINE_CURVE[h] / online_sum;
+                for _ in 0..rng.poisson(lambda) {
+                    let sku = rng.pick_cdf(&cdf);
+                    let qty = if rng.unit() < TWO_UNIT_ORDERS { 2 } else { 1 };
+                    market.push((m, Arrival::Market { sku, qty }));
+                }
+            }
+            arrivals.extend(market);
+            arrivals.sort_by_key(|(m, _)| *m);
+        }
+
         // Darkness: alternating spells; lit spells sized for the long-run dark share.
         let mut rng = Rng::new(cfg.seed, 3);
         let d = cfg.dark_mean_min;
@@ -509,6 +554,11 @@ impl World {
     /// The configuration it was drawn from.
     pub fn config(&self) -> &SimConfig {
         &self.cfg
+    }
+
+    /// Marketplace orders over the run.
+    pub fn market_orders(&self) -> u64 {
+        self.arrivals.iter().filter(|(_, a)| matches!(a, Arrival::Market { .. })).count() as u64
     }
 
     /// Online orders over the run.
@@ -599,9 +649,26 @@ pub struct Report {
     pub truth: Result<(), String>,
     /// Wall-clock time of the run.
     pub elapsed: Duration,
+    /// Marketplace customers.
+    pub market_orders: u64,
+    /// Marketplace orders it sold (listed) and sent to the hub: promises it made.
+    pub market_promised: u64,
+    /// Of which some units were never supplied (`short`, at once or later).
+    pub market_broken: u64,
+    /// `channel_oversell` conflicts (marketplace orders beyond the stores' stock when they came).
+    pub market_oversells: u64,
 }
 
 impl Report {
+    /// Broken marketplace promises per 10 000 it made.
+    pub fn market_broken_per_10k(&self) -> f64 {
+        if self.market_promised == 0 {
+            0.0
+        } else {
+            self.market_broken as f64 * 10_000.0 / self.market_promised as f64
+        }
+    }
+
     /// Broken promises per 10 000 accepted online orders.
     pub fn broken_per_10k(&self) -> f64 {
         if self.promised == 0 {
@@ -636,6 +703,10 @@ pub struct OmniReport {
     pub walkins_lost: u64,
     /// Units delivered by restocks.
     pub restocked_units: u64,
+    /// Marketplace customers.
+    pub market_orders: u64,
+    /// Of which served (from the true shelves, like online orders).
+    pub market_served: u64,
 }
 
 // ---- the omniscient allocator -------------------------------------------------------------------
@@ -645,8 +716,7 @@ pub struct OmniReport {
 /// any unit of its store; restocks fill up to par.
 pub fn omniscient_world(w: &World) -> OmniReport {
     let mut units = w.initial.clone();
-    let mut r =
-        OmniReport { online_orders: 0, served: 0, walkins: 0, walkins_served: 0, walkins_lost: 0, restocked_units: 0 };
+    let mut r = OmniReport::default();
     let mut restocks = w.restocks.iter().peekable();
     let mut arrivals = w.arrivals.iter().peekable();
     for m in 0..w.cfg.minutes() {
@@ -670,8 +740,13 @@ pub fn omniscient_world(w: &World) -> OmniReport {
                         r.walkins_lost += 1;
                     }
                 }
-                Arrival::Online { sku, qty } => {
-                    r.online_orders += 1;
+                Arrival::Online { sku, qty } | Arrival::Market { sku, qty } => {
+                    let market = matches!(a, Arrival::Market { .. });
+                    if market {
+                        r.market_orders += 1;
+                    } else {
+                        r.online_orders += 1;
+                    }
                     let total: i64 = units.iter().map(|row| row[sku]).sum();
                     if total < qty as i64 {
                         continue;
@@ -685,7 +760,11 @@ pub fn omniscient_world(w: &World) -> OmniReport {
                         units[s][sku] -= take;
                         need -= take;
                     }
-                    r.served += 1;
+                    if market {
+                        r.market_served += 1;
+                    } else {
+                        r.served += 1;
+                    }
                 }
             }
         }
@@ -763,7 +842,12 @@ struct Tally {
     restocked_units: u64,
     picked_units: u64,
     blocked_picks: u64,
+    market_orders: u64,
+    market_promised: u64,
 }
+
+/// The marketplace's channel.
+const MARKET: &str = "market";
 
 struct Run<'w> {
     w: &'w World,
@@ -779,6 +863,10 @@ struct Run<'w> {
     next_id: u128,
     /// Accepted orders: (order minute, last pick minute).
     orders: BTreeMap<Uuid, (u32, Option<u32>)>,
+    /// Orders the marketplace sold, sent to the hub: order minute.
+    market_orders: BTreeMap<Uuid, u32>,
+    /// What the marketplace lists per SKU (its last refresh, less what it sold since).
+    listing: Vec<u64>,
     t: Tally,
 }
 
@@ -829,6 +917,8 @@ impl<'w> Run<'w> {
             rng: Rng::new(cfg.seed, 4),
             next_id: 1,
             orders: BTreeMap::new(),
+            market_orders: BTreeMap::new(),
+            listing: vec![0; n],
             t: Tally::default(),
         }
     }
@@ -1095,6 +1185,46 @@ impl<'w> Run<'w> {
         self.push_holds(&w.stores);
     }
 
+    /// The marketplace's listing from its channel's available-to-sell now.
+    fn refresh_listing(&mut self) {
+        let connected: HashSet<StoreId> = self.stores.iter().filter(|s| s.lit).map(|s| s.id.clone()).collect();
+        let market: ChannelId = MARKET.parse().expect("an id");
+        for (k, sku) in self.w.skus.iter().enumerate() {
+            let f = self.d.channel_figures(&market, sku, self.now(), &connected).expect("the channel exists");
+            self.listing[k] = f.ats;
+        }
+    }
+
+    /// A marketplace customer: sold if listed (the marketplace cannot ask the hub first), then
+    /// sent to the hub through its channel, paid.
+    fn market(&mut self, k: usize, qty: u64) {
+        self.t.market_orders += 1;
+        if self.listing[k] < qty {
+            return;
+        }
+        self.listing[k] -= qty;
+        let id = self.mint();
+        let req = ReservationRequest {
+            id,
+            key: None,
+            lines: vec![QtyLine { sku: self.w.skus[k].clone(), qty }],
+            ttl_secs: 900,
+            pickup_store: None,
+            customer: None,
+            channel: Some(MARKET.parse().expect("an id")),
+        };
+        match self.apply(Command::Reserve(req)) {
+            Ok(Done::Reserved(_)) => {}
+            other => panic!("a marketplace order is recorded whatever it asks: {other:?}"),
+        }
+        self.t.market_promised += 1;
+        self.market_orders.insert(id, self.minute);
+        let Done::Acted(w) = self.ok(Command::Act { id, action: Action::Commit, key: None }) else {
+            unreachable!("an action answers Acted")
+        };
+        self.push_holds(&w.stores);
+    }
+
     fn restock(&mut self, si: usize) {
         let store = self.stores[si].id.clone();
         let mut lines = Vec::new();
@@ -1146,6 +1276,19 @@ impl<'w> Run<'w> {
                 self.set_lit(si, false);
             }
         }
+        let cfg = &self.w.cfg;
+        if cfg.market > 0.0 {
+            let protect = cfg.market_protect;
+            let market = Channel {
+                id: MARKET.parse().expect("an id"),
+                fulfil: Fulfil::All,
+                buffer: Buffer { units: if protect { cfg.market_buffer } else { 0 }, share_pct: 0 },
+                cap: Cap::default(),
+                latency: Latency::Lagged { lag_secs: if protect { u64::from(cfg.market_refresh_min) * 60 } else { 1 } },
+            };
+            self.ok(Command::PutChannel(market));
+            self.refresh_listing();
+        }
     }
 
     fn simulate(&mut self) {
@@ -1177,7 +1320,11 @@ impl<'w> Run<'w> {
                 match a {
                     Arrival::WalkIn { store, sku, u } => self.walk_in(store, sku, u),
                     Arrival::Online { sku, qty } => self.online(sku, qty),
+                    Arrival::Market { sku, qty } => self.market(sku, qty),
                 }
+            }
+            if w.cfg.market > 0.0 && m % w.cfg.market_refresh_min == 0 {
+                self.refresh_listing();
             }
             if m % EXPIRE_EVERY == 0 {
                 let Done::Expired(e) = self.ok(Command::ExpireDue) else { unreachable!("expiry answers") };
@@ -1259,6 +1406,11 @@ impl<'w> Run<'w> {
             }
         }
         waits.sort_unstable();
+        let market_broken = self
+            .market_orders
+            .keys()
+            .filter(|id| self.d.reservation(**id).expect("recorded orders exist").short)
+            .count() as u64;
         let conflicts = self.d.conflicts(&ConflictFilter { limit: usize::MAX, ..Default::default() });
         let count = |kind: ConflictKind| conflicts.iter().filter(|c| c.kind == kind).count() as u64;
         let t = &self.t;
@@ -1292,6 +1444,10 @@ impl<'w> Run<'w> {
             wait_worst_min: waits.last().copied(),
             truth,
             elapsed: started.elapsed(),
+            market_orders: t.market_orders,
+            market_promised: t.market_promised,
+            market_broken,
+            market_oversells: count(ConflictKind::ChannelOversell),
         }
     }
 }
@@ -1335,6 +1491,8 @@ pub fn sum(runs: Vec<(Vec<Report>, OmniReport)>) -> (Vec<Report>, OmniReport) {
         omni.walkins_served += o.walkins_served;
         omni.walkins_lost += o.walkins_lost;
         omni.restocked_units += o.restocked_units;
+        omni.market_orders += o.market_orders;
+        omni.market_served += o.market_served;
         for ((t, r), m) in total.iter_mut().zip(reports).zip(&mut medians) {
             assert_eq!(t.policy, r.policy, "the same policies in every run");
             t.online_orders += r.online_orders;
@@ -1364,6 +1522,10 @@ pub fn sum(runs: Vec<(Vec<Report>, OmniReport)>) -> (Vec<Report>, OmniReport) {
                 t.truth = r.truth;
             }
             t.elapsed += r.elapsed;
+            t.market_orders += r.market_orders;
+            t.market_promised += r.market_promised;
+            t.market_broken += r.market_broken;
+            t.market_oversells += r.market_oversells;
         }
     }
     for (t, mut m) in total.iter_mut().zip(medians) {
@@ -1428,9 +1590,49 @@ pub fn table(reports: &[Report], omni: &OmniReport) -> String {
     last.extend([omni.walkins_served.to_string(), omni.walkins_lost.to_string()]);
     last.extend(std::iter::repeat_n("-".to_owned(), head.len() - last.len()));
     rows.push(last);
-    let widths: Vec<usize> = (0..head.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    aligned(&rows)
+}
+
+/// The channels side by side per policy: the web's promises (the storefront asks the hub) and
+/// the marketplace's (it sells on its listing and cannot refuse), broken per 10 000 each.
+pub fn channel_table(reports: &[Report], omni: &OmniReport) -> String {
+    let head = [
+        "policy",
+        "web promised",
+        "broken",
+        "per 10k",
+        "market orders",
+        "sold",
+        "broken",
+        "per 10k",
+        "of omni",
+        "ch oversell",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![head.iter().map(|s| (*s).to_owned()).collect()];
+    for r in reports {
+        let served = r.market_promised - r.market_broken;
+        let of_omni = if omni.market_served == 0 { 1.0 } else { served as f64 / omni.market_served as f64 };
+        rows.push(vec![
+            r.policy.name().to_owned(),
+            r.promised.to_string(),
+            r.broken.to_string(),
+            format!("{:.1}", r.broken_per_10k()),
+            r.market_orders.to_string(),
+            r.market_promised.to_string(),
+            r.market_broken.to_string(),
+            format!("{:.1}", r.market_broken_per_10k()),
+            format!("{:.1}%", 100.0 * of_omni),
+            r.market_oversells.to_string(),
+        ]);
+    }
+    aligned(&rows)
+}
+
+fn aligned(rows: &[Vec<String>]) -> String {
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
             if c == 0 {

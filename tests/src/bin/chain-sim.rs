@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use shelfsync_tests::chainsim::{run_all_world, sum, table, Policy, SimConfig, World};
+use shelfsync_tests::chainsim::{channel_table, run_all_world, sum, table, Policy, SimConfig, World};
 
 const USAGE: &str = "\
 usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N] [--seeds N]
@@ -19,6 +19,8 @@ usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N] [-
                  [--walkins N] [--online RATIO] [--dark-mean MINUTES]
                  [--par-min N] [--par-max N] [--restock-every DAYS]
                  [--pick-min MINUTES] [--pick-max MINUTES]
+                 [--market RATIO] [--market-refresh MINUTES] [--market-buffer N]
+                 [--market-protect yes|no]
 
   --stores         stores in the chain (20)
   --skus           SKUs, every store carries all (200)
@@ -42,9 +44,14 @@ usage: chain-sim [--stores N] [--skus N] [--days N] [--dark SHARE] [--seed N] [-
   --restock-every  days between two restocks of a store (2)
   --pick-min       shortest delay before a store picks a hold, minutes (30)
   --pick-max       longest such delay (120)
+  --market         marketplace orders per web order, 0 = no marketplace (0)
+  --market-refresh minutes between two refreshes of the marketplace's listing (10)
+  --market-buffer  units of each SKU the marketplace channel may not list (1)
+  --market-protect yes: the channel is lagged by the refresh, with the buffer; no: it lists
+                   everything its stores have (yes)
 ";
 
-const FLAGS: [&str; 22] = [
+const FLAGS: [&str; 26] = [
     "--seeds",
     "--stores",
     "--skus",
@@ -67,6 +74,10 @@ const FLAGS: [&str; 22] = [
     "--restock-every",
     "--pick-min",
     "--pick-max",
+    "--market",
+    "--market-refresh",
+    "--market-buffer",
+    "--market-protect",
 ];
 
 fn value<T: FromStr>(flag: &str, v: &str, what: &str) -> Result<T, String> {
@@ -145,6 +156,16 @@ fn parse(args: &[String]) -> Result<Option<(SimConfig, Vec<Policy>, u64)>, Strin
             "--restock-every" => cfg.restock_every_days = value(f, &v, "a whole number of days")?,
             "--pick-min" => cfg.pick_delay_min = value(f, &v, "a whole number of minutes")?,
             "--pick-max" => cfg.pick_delay_max = value(f, &v, "a whole number of minutes")?,
+            "--market" => cfg.market = value(f, &v, "a number")?,
+            "--market-refresh" => cfg.market_refresh_min = value(f, &v, "a whole number of minutes")?,
+            "--market-buffer" => cfg.market_buffer = value(f, &v, "a whole number")?,
+            "--market-protect" => {
+                cfg.market_protect = match v.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    other => return Err(format!("--market-protect: expected yes or no, got '{other}'")),
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
         i += 1;
@@ -215,6 +236,22 @@ wait      order to its last pick, fulfilled orders; open: orders still waiting a
 truth     after a final sync: hub on_hand = store ledger = true units, every (store, SKU)",
         omni.served
     );
+    if cfg.market > 0.0 {
+        println!(
+            "\nchannels: a marketplace refreshing its listing every {} min, {}",
+            cfg.market_refresh_min,
+            if cfg.market_protect {
+                format!("lagged by that with a buffer of {}", cfg.market_buffer)
+            } else {
+                "listing everything its stores have (no buffer, no lag margin)".to_owned()
+            }
+        );
+        print!("{}", channel_table(&reports, &omni));
+        println!(
+            "sold      marketplace orders it listed (and so promised); broken: some units never supplied
+ch oversell  channel_oversell conflicts (marketplace orders beyond the stores' stock when they came)"
+        );
+    }
     let mut failed = false;
     for r in &reports {
         if let Err(e) = &r.truth {
