@@ -1157,8 +1157,9 @@ impl<'w> Run<'w> {
         self.t.walkins_served += 1;
     }
 
-    fn online(&mut self, k: usize, qty: u64) {
-        self.t.online_orders += 1;
+    /// An order of `qty` of SKU `k` through `channel` (`None`: the web), paid at once; `None` when
+    /// the hub refused it (nothing available).
+    fn order(&mut self, k: usize, qty: u64, channel: Option<ChannelId>) -> Option<Uuid> {
         let id = self.mint();
         let req = ReservationRequest {
             id,
@@ -1167,22 +1168,29 @@ impl<'w> Run<'w> {
             ttl_secs: 900,
             pickup_store: None,
             customer: None,
-            channel: None,
+            channel,
         };
         match self.apply(Command::Reserve(req)) {
             Ok(Done::Reserved(_)) => {}
-            Err(Refusal::Unavailable { .. }) => {
-                self.t.refused += 1;
-                return;
-            }
+            Err(Refusal::Unavailable { .. }) => return None,
             other => panic!("reserve: {other:?}"),
         }
-        self.t.promised += 1;
-        self.orders.insert(id, (self.minute, None));
         let Done::Acted(w) = self.ok(Command::Act { id, action: Action::Commit, key: None }) else {
             unreachable!("an action answers Acted")
         };
         self.push_holds(&w.stores);
+        Some(id)
+    }
+
+    fn online(&mut self, k: usize, qty: u64) {
+        self.t.online_orders += 1;
+        match self.order(k, qty, None) {
+            Some(id) => {
+                self.t.promised += 1;
+                self.orders.insert(id, (self.minute, None));
+            }
+            None => self.t.refused += 1,
+        }
     }
 
     /// The marketplace's listing from its channel's available-to-sell now.
@@ -1203,26 +1211,11 @@ impl<'w> Run<'w> {
             return;
         }
         self.listing[k] -= qty;
-        let id = self.mint();
-        let req = ReservationRequest {
-            id,
-            key: None,
-            lines: vec![QtyLine { sku: self.w.skus[k].clone(), qty }],
-            ttl_secs: 900,
-            pickup_store: None,
-            customer: None,
-            channel: Some(MARKET.parse().expect("an id")),
-        };
-        match self.apply(Command::Reserve(req)) {
-            Ok(Done::Reserved(_)) => {}
-            other => panic!("a marketplace order is recorded whatever it asks: {other:?}"),
-        }
+        let id = self
+            .order(k, qty, Some(MARKET.parse().expect("an id")))
+            .expect("a lagged channel's order is recorded whatever it asks");
         self.t.market_promised += 1;
         self.market_orders.insert(id, self.minute);
-        let Done::Acted(w) = self.ok(Command::Act { id, action: Action::Commit, key: None }) else {
-            unreachable!("an action answers Acted")
-        };
-        self.push_holds(&w.stores);
     }
 
     fn restock(&mut self, si: usize) {

@@ -156,24 +156,6 @@ pub(crate) fn cell_available(t: &Tables, st: StoreIx, sk: SkuIx) -> (u64, Effect
     (if t.escrow { offered(a, c.rights.online(), c.held) } else { a }, rule)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn poisson_quantiles() {
-        assert_eq!(poisson_quantile(0.0, 0.999), 0);
-        assert_eq!(poisson_quantile(0.0005, 0.999), 0, "P(X = 0) covers 99.95 %");
-        assert_eq!(poisson_quantile(0.1, 0.99), 1);
-        assert_eq!(poisson_quantile(5.0, 0.99), 11);
-        assert_eq!(poisson_quantile(5.0, 0.999), 13);
-        assert_eq!(poisson_quantile(100.0, 0.999), 132);
-        let big = poisson_quantile(1000.0, 0.999);
-        assert!((1097..=1100).contains(&big), "{big}");
-        assert_eq!(poisson_quantile(f64::NAN, 0.999), 0);
-    }
-}
-
 /// Figures of one cell for the storefront, as of `now_ms`.
 pub(crate) fn cell_figures(
     t: &Tables,
@@ -254,5 +236,23 @@ impl Decider {
     /// Units of a SKU promised to open reservations at a store.
     pub fn held(&self, store: &StoreId, sku: &Sku) -> u64 {
         self.t.cell_by_name(store, sku).map_or(0, |c| c.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_quantiles() {
+        assert_eq!(poisson_quantile(0.0, 0.999), 0);
+        assert_eq!(poisson_quantile(0.0005, 0.999), 0, "P(X = 0) covers 99.95 %");
+        assert_eq!(poisson_quantile(0.1, 0.99), 1);
+        assert_eq!(poisson_quantile(5.0, 0.99), 11);
+        assert_eq!(poisson_quantile(5.0, 0.999), 13);
+        assert_eq!(poisson_quantile(100.0, 0.999), 132);
+        let big = poisson_quantile(1000.0, 0.999);
+        assert!((1097..=1100).contains(&big), "{big}");
+        assert_eq!(poisson_quantile(f64::NAN, 0.999), 0);
     }
 }

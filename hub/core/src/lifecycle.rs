@@ -24,7 +24,7 @@ use crate::channels::{Basis, ChannelId, Fulfil};
 use crate::command::{Action, Expired, Refusal, ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{ActionRequest, AllocationStatus, Reservation, ReservationStatus, SkuIx, StoreIx};
-use crate::sourcing::{source, take, Taken};
+use crate::sourcing::{source, take, Scope, Taken};
 use crate::tables::Tables;
 use crate::view::{build, ReservationView};
 use crate::{Ctx, Decider};
@@ -152,7 +152,8 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
                 return Err(unavailable(left));
             }
         }
-        let plan = match source(cx.t, sk, l.qty, pickup, None, &taken, m, among.as_ref()) {
+        let scope = Scope { only: pickup, exclude: None, among: among.as_ref() };
+        let plan = match source(cx.t, sk, l.qty, scope, &taken, m) {
             Ok(plan) => plan,
             Err(_) if !ch.is_live() => {
                 let plan = match pickup {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::alerts::emit_availability;
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{AllocationStatus, Conflict, ConflictKind, ConflictStatus, SkuIx, StoreIx};
-use crate::sourcing::{partial, source, Taken};
+use crate::sourcing::{partial, source, Scope, Taken};
 use crate::view::build;
 use crate::Ctx;
 
@@ -89,7 +89,8 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
         let mut found = 0u64;
         if !pickup {
             let m = cx.moment();
-            let plan = source(cx.t, sk, take_qty, None, Some(st), &taken, m, among.as_ref())
+            let scope = Scope { only: None, exclude: Some(st), among: among.as_ref() };
+            let plan = source(cx.t, sk, take_qty, scope, &taken, m)
                 // Not enough anywhere: take what there is, the rest is short.
                 .unwrap_or_else(|_| partial(cx.t, sk, take_qty, Some(st), &taken, m, among.as_ref()));
             for (s, q) in plan {

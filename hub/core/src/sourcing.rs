@@ -37,18 +37,25 @@ fn offers(t: &Tables, sk: SkuIx, taken: &Taken, m: Moment<'_>, among: Among<'_>)
         .collect()
 }
 
-/// A plan for `qty` of `sk`: `only` restricts to one store, `exclude` leaves one out.
-/// `Err(total)` is what could be promised when that is less than `qty`.
+/// Which stores a plan may use: `only` one, all but `exclude`, among a sales channel's.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Scope<'a> {
+    pub only: Option<StoreIx>,
+    pub exclude: Option<StoreIx>,
+    pub among: Among<'a>,
+}
+
+/// A plan for `qty` of `sk` within `scope`. `Err(total)` is what could be promised when that is
+/// less than `qty`.
 pub(crate) fn source(
     t: &Tables,
     sk: SkuIx,
     qty: u64,
-    only: Option<StoreIx>,
-    exclude: Option<StoreIx>,
+    scope: Scope<'_>,
     taken: &Taken,
     m: Moment<'_>,
-    among: Among<'_>,
 ) -> Result<Vec<(StoreIx, u64)>, u64> {
+    let Scope { only, exclude, among } = scope;
     let mut cands: Vec<(StoreIx, u64)> = offers(t, sk, taken, m, among)
         .into_iter()
         .filter(|(st, a)| only.is_none_or(|o| o == *st) && exclude != Some(*st) && *a > 0)

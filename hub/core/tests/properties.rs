@@ -136,7 +136,7 @@ fn channel_config(which: u8, n: u8) -> shelfsync_hub_core::Channel {
             id,
             fulfil: Fulfil::All,
             buffer: Buffer { units: (n % 2) as u64, share_pct: 0 },
-            cap: Cap { units: (n % 3 > 0).then_some((n % 7) as u64), share_pct: Some(50 + (n % 50) as u64) },
+            cap: Cap { units: (!n.is_multiple_of(3)).then_some((n % 7) as u64), share_pct: Some(50 + (n % 50) as u64) },
             latency: Latency::Lagged { lag_secs: 60 * (1 + (n % 10) as u64) },
         },
     }
