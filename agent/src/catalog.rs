@@ -117,14 +117,18 @@ impl AgentCatalog {
         let reply = generate(&mut tracked.doc, state);
         let encoded = state.encode();
         let current = db.current();
+        // A message from the hub means a live session: when catalog entries changed, or the hub
+        // acknowledged this store's own overrides, the escrow rules in force may have, so grant
+        // what they ask now (as after a restock). Sync chatter with no change costs no scan.
+        let regrant = !items.is_empty() || doc == CatalogDoc::Overrides;
         db.write(move |conn| -> Result<(), CatalogError> {
             if let Some(w) = &write {
                 write_chunk(conn, w)?;
             }
             write_item_rows(conn, &items)?;
-            // A message from the hub means a live session: a moment to grant online what the
-            // catalog's (possibly new) escrow rules ask, as after a restock.
-            crate::rights::grant_due(conn, &current.get())?;
+            if regrant {
+                crate::rights::grant_due(conn, &current.get())?;
+            }
             conn.prepare_cached(
                 "INSERT INTO doc_sync (doc, peer, state) VALUES (?1, ?2, ?3)
                  ON CONFLICT (doc, peer) DO UPDATE SET state = excluded.state",

@@ -128,7 +128,7 @@ pub async fn revoke_store(data_dir: &Path, store: &StoreId) -> Result<usize, Adm
 
 /// Creates an API token named `unnamed` that never expires; returns its secret.
 pub async fn create_token(data_dir: &Path, role: Role) -> Result<String, AdminError> {
-    Ok(create_named_token(data_dir, role, None, None).await?.1)
+    Ok(create_named_token(data_dir, role, None, None, None).await?.1)
 }
 
 /// Creates an API token; returns its record and its secret (the hub keeps only its hash).
@@ -138,6 +138,7 @@ pub async fn create_named_token(
     role: Role,
     name: Option<&str>,
     expires_in: Option<&str>,
+    channel: Option<&str>,
 ) -> Result<(TokenInfo, String), AdminError> {
     let name = name.unwrap_or(crate::tokens::DEFAULT_NAME).to_owned();
     crate::tokens::check_name(&name).map_err(|m| AdminError::Usage(format!("--name: {m}")))?;
@@ -145,9 +146,18 @@ pub async fn create_named_token(
         .map(crate::tokens::parse_expires_in)
         .transpose()
         .map_err(|m| AdminError::Usage(format!("--expires-in: {m}")))?;
+    let channel =
+        crate::tokens::check_channel(role, channel).map_err(|m| AdminError::Usage(format!("--channel: {m}")))?;
     let storage = open(data_dir).await?;
+    if let Some(c) = channel.as_ref().filter(|c| !c.is_web()) {
+        if !storage.channel_exists(c.clone()).await? {
+            return Err(AdminError::Usage(format!(
+                "--channel: no channel {c}; add it first (`shelfsync-hub channel add {c}`)"
+            )));
+        }
+    }
     let token = new_token();
-    let info = storage.add_token(NewToken { hash: token_hash(&token), name, role, expires_in_secs }).await?;
+    let info = storage.add_token(NewToken { hash: token_hash(&token), name, role, expires_in_secs, channel }).await?;
     Ok((info, token))
 }
 

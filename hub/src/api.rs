@@ -80,6 +80,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_transfers))
         .routes(routes!(get_transfer))
         .routes(routes!(crate::feed::get_events))
+        .routes(routes!(crate::channels::get_channels))
+        .routes(routes!(crate::channels::get_channel))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), require_role));
     let storefront = OpenApiRouter::new()
         .routes(routes!(post_reservation, get_reservations))
@@ -99,6 +101,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .routes(routes!(get_tokens, post_token))
         .routes(routes!(delete_token))
         .routes(routes!(post_resolve_conflict))
+        .routes(routes!(crate::channels::put_channel, crate::channels::delete_channel))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), require_role));
     let public = OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(dashboard)).routes(routes!(get_openapi));
     let (router, doc) = OpenApiRouter::with_openapi(<crate::openapi::HubDoc as utoipa::OpenApi>::openapi())
@@ -131,9 +134,11 @@ async fn count_requests(State(state): State<ApiState>, req: Request, next: Next)
 
 /// Who made an authenticated request (the role layer puts it in the request's extensions).
 #[derive(Clone, Debug)]
-struct Caller {
+pub(crate) struct Caller {
     /// The token's name.
-    token_name: String,
+    pub(crate) token_name: String,
+    /// The sales channel it acts for (`None`: chain-wide).
+    pub(crate) channel: Option<shelfsync_hub_core::ChannelId>,
 }
 
 async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request, next: Next) -> Response {
@@ -144,7 +149,8 @@ async fn require_role(State((state, min)): State<(ApiState, Role)>, req: Request
         Ok(Verdict::Valid(t)) if t.role >= min => {
             shelfsync_node::observe::record_token_name(&t.name);
             let mut req = req;
-            req.extensions_mut().insert(Caller { token_name: t.name });
+            let channel = t.channel();
+            req.extensions_mut().insert(Caller { token_name: t.name, channel });
             next.run(req).await
         }
         Ok(Verdict::Valid(t)) => ApiError::forbidden(format!(
@@ -233,6 +239,13 @@ fn parse_store(field: &str, s: &str) -> Result<StoreId, ApiError> {
     s.parse().map_err(|e| ApiError::invalid(format!("{field}: {e}")))
 }
 
+/// `?channel=` of a single SKU's availability.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelQuery {
+    channel: Option<String>,
+}
+
 #[derive(Serialize)]
 struct StoreAvailability {
     store: StoreId,
@@ -260,15 +273,27 @@ struct SkuAvailability {
     granted: u64,
     available: u64,
     stores: Vec<StoreAvailability>,
+    /// A channel's view: its figures (`available` is then its `ats`, the stores its stores).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<crate::channels::FiguresView>,
+    /// `channel=all`: every channel's figures side by side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channels: Option<Vec<crate::channels::FiguresView>>,
 }
 
-async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailability>, ApiError> {
+async fn availability(
+    state: &ApiState,
+    skus: Vec<Sku>,
+    view: &crate::channels::View,
+) -> Result<Vec<SkuAvailability>, ApiError> {
+    use crate::channels::View;
     let now = shelfsync_node::now_ms();
-    let rows = state.hub.storage.availability_known(skus, now).await?;
+    let (chans, rows) = state.hub.storage.availability_view(skus, view.wanted(), now).await?;
     Ok(rows
         .into_iter()
-        .map(|(sku, known, figs)| {
-            let stores: Vec<StoreAvailability> = figs
+        .map(|row| {
+            let mut stores: Vec<StoreAvailability> = row
+                .stores
                 .into_iter()
                 .map(|f| StoreAvailability {
                     connected: state.hub.live(&f.store).is_some(),
@@ -285,16 +310,35 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
                     silent_secs: f.silent_ms / 1000,
                 })
                 .collect();
+            let mut figures = row.channels.into_iter();
+            let (channel, channels) = match view {
+                View::Chain => (None, None),
+                View::One(_) => {
+                    // Only the channel's stores; what it may promise is its `ats`.
+                    if let Some(ch) = chans.first() {
+                        stores.retain(|s| ch.fulfils(&s.store));
+                    }
+                    (figures.next(), None)
+                }
+                View::All => (None, Some(figures.map(Into::into).collect())),
+            };
+            let sum = |f: fn(&StoreAvailability) -> u64| stores.iter().map(f).fold(0u64, u64::saturating_add);
+            let available = match &channel {
+                Some(f) => f.ats,
+                None => sum(|s| s.available),
+            };
             SkuAvailability {
                 on_hand: stores.iter().map(|s| s.on_hand).fold(0i64, i64::saturating_add),
-                held: stores.iter().map(|s| s.held).fold(0u64, u64::saturating_add),
-                incoming: stores.iter().map(|s| s.incoming).fold(0u64, u64::saturating_add),
-                raw_available: stores.iter().map(|s| s.raw_available).fold(0u64, u64::saturating_add),
-                granted: stores.iter().map(|s| s.granted).fold(0u64, u64::saturating_add),
-                available: stores.iter().map(|s| s.available).fold(0u64, u64::saturating_add),
+                held: sum(|s| s.held),
+                incoming: sum(|s| s.incoming),
+                raw_available: sum(|s| s.raw_available),
+                granted: sum(|s| s.granted),
+                available,
+                channel: channel.map(Into::into),
+                channels,
                 stores,
-                sku,
-                known,
+                sku: row.sku,
+                known: row.known,
             }
         })
         .collect())
@@ -305,16 +349,19 @@ async fn availability(state: &ApiState, skus: Vec<Sku>) -> Result<Vec<SkuAvailab
     path = "/v1/availability/{sku}",
     tag = "viewer",
     summary = "Availability of one SKU in every store",
-    params(("sku" = String, Path, description = "The SKU")),
-    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 404, description = "A SKU neither in the catalog nor ever stocked anywhere", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    params(("sku" = String, Path, description = "The SKU"), ("channel" = Option<String>, Query, description = "A channel's view (its available-to-sell), or all for every channel side by side; a token bound to a channel sees its own only")),
+    responses((status = 200, description = "Figures", body = crate::openapi::SkuAvailability), (status = 404, description = "A SKU neither in the catalog nor ever stocked anywhere, or no such channel", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_availability(
     State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiPath(sku): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ChannelQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let sku = parse_sku("sku", &sku)?;
-    let one = availability(&state, vec![sku]).await?.remove(0);
+    let view = crate::channels::View::of(&caller, q.channel.as_deref())?;
+    let one = availability(&state, vec![sku], &view).await?.remove(0);
     if !one.known {
         // The agent answers the same: a SKU nobody ever catalogued or stocked is not "0 on hand".
         return Err(ApiError::not_found(format!("sku {} is not in the catalog and no store ever stocked it", one.sku)));
@@ -327,16 +374,18 @@ async fn get_availability(
     path = "/v1/availability",
     tag = "viewer",
     summary = "Availability of several SKUs",
-    params(("sku" = Vec<String>, Query, description = "Repeat for each SKU (sku=A&sku=B)"), ("store" = Option<String>, Query, description = "Only this store's figures (click-and-collect); the totals are that store's")),
-    responses((status = 200, description = "Figures per SKU", body = crate::openapi::AvailabilityList), (status = 404, description = "No such store", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
+    params(("sku" = Vec<String>, Query, description = "Repeat for each SKU (sku=A&sku=B)"), ("store" = Option<String>, Query, description = "Only this store's figures (click-and-collect); the totals are that store's"), ("channel" = Option<String>, Query, description = "A channel's view (its available-to-sell), or all for every channel side by side; a token bound to a channel sees its own only")),
+    responses((status = 200, description = "Figures per SKU", body = crate::openapi::AvailabilityList), (status = 404, description = "No such store or channel", body = crate::openapi::Error), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_availability_batch(
     State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiQuery(q): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     let mut skus = Vec::new();
     let mut store: Option<StoreId> = None;
+    let mut channel: Option<String> = None;
     for (k, v) in q {
         match k.as_str() {
             "sku" => {
@@ -347,9 +396,11 @@ async fn get_availability_batch(
             }
             "store" if store.is_none() => store = Some(parse_store("store", &v)?),
             "store" => return Err(ApiError::invalid("give store at most once").with("parameter", "store")),
+            "channel" if channel.is_none() => channel = Some(v),
+            "channel" => return Err(ApiError::invalid("give channel at most once").with("parameter", "channel")),
             _ => {
                 return Err(ApiError::invalid(format!(
-                    "unknown query parameter {}; use sku=A&sku=B and optionally store=S",
+                    "unknown query parameter {}; use sku=A&sku=B and optionally store=S and channel=C",
                     quote(&k)
                 )));
             }
@@ -361,7 +412,8 @@ async fn get_availability_batch(
     if skus.len() > state.max_batch_skus {
         return Err(ApiError::invalid(format!("{} skus asked; the limit is {}", skus.len(), state.max_batch_skus)));
     }
-    let mut items = availability(&state, skus).await?;
+    let view = crate::channels::View::of(&caller, channel.as_deref())?;
+    let mut items = availability(&state, skus, &view).await?;
     if let Some(store) = store {
         // One store's figures (click-and-collect): the totals are that store's.
         if !state.hub.storage.stores().await?.iter().any(|s| s.id == store) {
@@ -374,7 +426,9 @@ async fn get_availability_batch(
             item.incoming = item.stores.iter().map(|s| s.incoming).sum();
             item.raw_available = item.stores.iter().map(|s| s.raw_available).sum();
             item.granted = item.stores.iter().map(|s| s.granted).sum();
-            item.available = item.stores.iter().map(|s| s.available).sum();
+            // A channel promises at most its `ats` there too.
+            let here: u64 = item.stores.iter().map(|s| s.available).sum();
+            item.available = item.channel.as_ref().map_or(here, |c| here.min(c.ats()));
         }
     }
     Ok(Json(json!({ "items": items })))
@@ -1229,6 +1283,9 @@ struct ReservationBody {
     ttl_secs: Option<u64>,
     pickup_store: Option<String>,
     customer: Option<String>,
+    /// The sales channel (a token bound to one reserves for it; an admin token may name any;
+    /// default web).
+    channel: Option<String>,
 }
 
 fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
@@ -1252,9 +1309,19 @@ fn check_ttl(state: &ApiState, ttl: Option<u64>) -> Result<u64, ApiError> {
 )]
 async fn post_reservation(
     State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     headers: axum::http::HeaderMap,
     ApiJson(b): ApiJson<ReservationBody>,
 ) -> Result<Response, ApiError> {
+    let asked = b.channel.as_deref().map(|c| crate::channels::parse_channel("channel", c)).transpose()?;
+    let channel = match (caller.channel, asked) {
+        (Some(own), Some(c)) if c != own => {
+            return Err(ApiError::forbidden(format!(
+                "this token belongs to channel {own}: it cannot reserve for channel {c}"
+            )))
+        }
+        (own, asked) => own.or(asked),
+    };
     let key = required_key(b.id.as_deref(), &headers)?;
     let id = key.id();
     let lines = parse_lines(&b.lines)?;
@@ -1276,9 +1343,7 @@ async fn post_reservation(
         ttl_secs,
         pickup_store,
         customer: b.customer,
-        // Tokens are not bound to channels yet (hub/docs/channels.md, step 2): every
-        // reservation through the API is web's.
-        channel: None,
+        channel,
     };
     let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)
         .map_err(|e| name_key(e, Some(key.as_str())))?;
@@ -1827,6 +1892,9 @@ struct TokenBody {
     role: Role,
     name: Option<String>,
     expires_in: Option<String>,
+    /// The sales channel a storefront or viewer token acts for (a storefront token without one
+    /// is web's).
+    channel: Option<String>,
 }
 
 /// `POST /v1/tokens`: a new token; the answer carries its secret, the only time it is shown.
@@ -1844,11 +1912,17 @@ async fn post_token(State(state): State<ApiState>, ApiJson(b): ApiJson<TokenBody
     crate::tokens::check_name(&name).map_err(ApiError::invalid)?;
     let expires_in_secs =
         b.expires_in.as_deref().map(crate::tokens::parse_expires_in).transpose().map_err(ApiError::invalid)?;
+    let channel = crate::tokens::check_channel(b.role, b.channel.as_deref()).map_err(ApiError::invalid)?;
+    if let Some(c) = &channel {
+        if !state.hub.storage.channels().await?.iter().any(|(ch, _)| &ch.id == c) {
+            return Err(ApiError::not_found(format!("no channel {c}; add it first (PUT /v1/channels/{c})")));
+        }
+    }
     let secret = new_token();
     let t = state
         .hub
         .storage
-        .add_token(NewToken { hash: token_hash(&secret), name, role: b.role, expires_in_secs })
+        .add_token(NewToken { hash: token_hash(&secret), name, role: b.role, expires_in_secs, channel })
         .await?;
     let mut v = serde_json::to_value(t.view(shelfsync_node::now_ms())).expect("serialises");
     v["token"] = Value::String(secret);

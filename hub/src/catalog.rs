@@ -221,8 +221,8 @@ impl HubCatalog {
         let catalog = self.refresh_catalog(storage).await?;
         let overrides = self.refresh_overrides(storage).await?;
         let catalog_changed = catalog.is_some();
-        let mut holds = catalog.unwrap_or_default();
-        holds.extend(overrides.into_iter().filter(|s| !holds.contains(s)).collect::<Vec<_>>());
+        // A store named twice is woken twice: harmless.
+        let holds = catalog.into_iter().flatten().chain(overrides).collect();
         Ok(Refreshed { catalog_changed, holds })
     }
 

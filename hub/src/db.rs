@@ -376,6 +376,12 @@ impl HubDb {
         both!(self, s => s.add_token(token).await)
     }
 
+    /// Whether a channel is configured (its decider record is there and not removed): for the
+    /// CLI, which has no decider, before it binds a token to the channel.
+    pub async fn channel_exists(&self, id: shelfsync_hub_core::ChannelId) -> StorageResult<bool> {
+        both!(self, s => s.channel_exists(id).await)
+    }
+
     /// The token with this hash, whatever its status.
     pub async fn token_by_hash(&self, hash: Vec<u8>) -> StorageResult<Option<crate::tokens::TokenInfo>> {
         both!(self, s => s.token_by_hash(hash).await)

@@ -32,8 +32,8 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest as _, Sha256};
 use shelfsync_hub_core::{
-    AgentConflictKind, CatalogRule, Command, Config, Decider, Done, FeedRead, HubChangeRequest, Loader, Refusal,
-    ReservationRequest, ReservationView, Staleness, StoreFigures, Written,
+    AgentConflictKind, CatalogRule, Channel, ChannelId, Command, Config, Decider, Done, FeedRead, HubChangeRequest,
+    Loader, Refusal, ReservationRequest, ReservationView, Staleness, StoreFigures, Written,
 };
 use shelfsync_node::fatal;
 use shelfsync_shared::counter::StateDigest;
@@ -955,12 +955,75 @@ impl Engine {
         skus: Vec<Sku>,
         now_ms: i64,
     ) -> StorageResult<Vec<(Sku, bool, Vec<StoreFigures>)>> {
+        let (_, rows) = self.availability_view(skus, Some(Vec::new()), now_ms).await?;
+        Ok(rows.into_iter().map(|r| (r.sku, r.known, r.stores)).collect())
+    }
+
+    /// Per SKU, every store's figures and those of the channels asked for (`None`: every
+    /// channel), read at one moment; with the channels' configuration. An unknown channel is
+    /// refused (`NotFound`).
+    pub async fn availability_view(
+        &self,
+        skus: Vec<Sku>,
+        channels: Option<Vec<ChannelId>>,
+        now_ms: i64,
+    ) -> StorageResult<(Vec<Channel>, Vec<SkuView>)> {
         self.run(move |st, _| {
-            skus.into_iter()
-                .map(|s| {
-                    let f = st.d.figures(&s, now_ms, st.d.connected());
-                    let known = st.d.knows_sku(&s);
-                    (s, known, f)
+            let chans: Vec<Channel> = match channels {
+                None => st.d.channels(),
+                Some(ids) => ids
+                    .iter()
+                    .map(|id| {
+                        st.d.channel(id)
+                            .ok_or_else(|| StorageError::Refused(Refusal::NotFound(format!("no channel {id}"))))
+                    })
+                    .collect::<StorageResult<_>>()?,
+            };
+            let connected = st.d.connected();
+            let rows = skus
+                .into_iter()
+                .map(|sku| SkuView {
+                    stores: st.d.figures(&sku, now_ms, connected),
+                    known: st.d.knows_sku(&sku),
+                    channels: chans
+                        .iter()
+                        .filter_map(|c| st.d.channel_figures(&c.id, &sku, now_ms, connected))
+                        .collect(),
+                    sku,
+                })
+                .collect();
+            Ok((chans, rows))
+        })
+        .await?
+    }
+
+    /// Configures a sales channel (new, or replacing its configuration).
+    pub async fn put_channel(&self, ch: Channel, now_ms: i64) -> StorageResult<Channel> {
+        self.run(move |st, _| match st.decide(Command::PutChannel(ch), now_ms)? {
+            Done::ChannelPut(c) => Ok(c),
+            other => Err(unexpected(other)),
+        })
+        .await?
+    }
+
+    /// Removes a sales channel (not `web`).
+    pub async fn remove_channel(&self, id: ChannelId, now_ms: i64) -> StorageResult<()> {
+        self.run(move |st, _| match st.decide(Command::RemoveChannel(id), now_ms)? {
+            Done::ChannelRemoved(_) => Ok(()),
+            other => Err(unexpected(other)),
+        })
+        .await?
+    }
+
+    /// Every channel (`web` included), with whether each is configured.
+    pub async fn channels(&self) -> StorageResult<Vec<(Channel, bool)>> {
+        self.run(|st, _| {
+            let configured = st.d.configured_channels();
+            st.d.channels()
+                .into_iter()
+                .map(|c| {
+                    let set = configured.contains(&c.id);
+                    (c, set)
                 })
                 .collect()
         })

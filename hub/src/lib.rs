@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod api;
 pub mod catalog;
+pub mod channels;
 pub mod cluster;
 pub mod config;
 pub mod db;

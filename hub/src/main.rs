@@ -101,6 +101,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sales channels of the running hub (web, app, marketplaces, click-and-collect), through
+    /// its HTTP API: the hub decides them.
+    Channel {
+        #[command(subcommand)]
+        cmd: ChannelCmd,
+    },
     /// Conflicts of the running hub (through its HTTP API: the hub decides them).
     Conflicts {
         #[command(subcommand)]
@@ -234,6 +240,140 @@ enum ConflictsCmd {
 }
 
 #[derive(Subcommand)]
+enum ChannelCmd {
+    /// Add a channel (refused if it exists: `channel set` changes one).
+    Add {
+        /// The channel id: 1 to 32 of a-z 0-9 - (web, app, amazon, ebay-de).
+        id: String,
+        #[command(flatten)]
+        flags: ChannelFlags,
+        #[command(flatten)]
+        api: HubApiArgs,
+    },
+    /// Change some of a channel's settings (the others stay).
+    Set {
+        /// The channel id.
+        id: String,
+        #[command(flatten)]
+        flags: ChannelFlags,
+        #[command(flatten)]
+        api: HubApiArgs,
+    },
+    /// List every channel.
+    List {
+        /// JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: HubApiArgs,
+    },
+    /// Remove a channel (not web): its tokens are refused from then on.
+    Remove {
+        /// The channel id.
+        id: String,
+        #[command(flatten)]
+        api: HubApiArgs,
+    },
+}
+
+/// A channel's settings on the command line (each one given replaces that setting).
+#[derive(clap::Args)]
+struct ChannelFlags {
+    /// Only these stores fulfil it (comma separated).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["pickup", "all_stores"])]
+    stores: Option<Vec<String>>,
+    /// Click-and-collect: only reservations naming a pickup store.
+    #[arg(long, conflicts_with = "all_stores")]
+    pickup: bool,
+    /// Every store fulfils it (the default).
+    #[arg(long)]
+    all_stores: bool,
+    /// Units of each SKU it may not promise.
+    #[arg(long, value_name = "UNITS")]
+    buffer: Option<u64>,
+    /// Percentage of its stores' availability of each SKU it may not promise (the larger of the
+    /// two buffers counts).
+    #[arg(long, value_name = "PCT")]
+    buffer_pct: Option<u64>,
+    /// At most this many units of each SKU.
+    #[arg(long, value_name = "UNITS", conflicts_with = "no_cap")]
+    cap: Option<u64>,
+    /// At most this percentage of the chain's availability of each SKU.
+    #[arg(long, value_name = "PCT", conflicts_with = "no_cap")]
+    cap_pct: Option<u64>,
+    /// No cap.
+    #[arg(long)]
+    no_cap: bool,
+    /// A lagged channel (a marketplace): its listing may be this many seconds old, and it cannot
+    /// refuse an order.
+    #[arg(long, value_name = "SECS", conflicts_with = "live")]
+    lagged: Option<u64>,
+    /// A live channel (it asks at checkout; the default).
+    #[arg(long)]
+    live: bool,
+}
+
+impl ChannelFlags {
+    /// Applies the flags given to a channel's JSON (as `GET /v1/channels/{id}` shows it).
+    fn apply(&self, c: &mut serde_json::Value) {
+        use serde_json::json;
+        if let Some(s) = &self.stores {
+            c["fulfil"] = json!({ "stores": s });
+        }
+        if self.pickup {
+            c["fulfil"] = json!("pickup");
+        }
+        if self.all_stores {
+            c["fulfil"] = json!("all");
+        }
+        if let Some(u) = self.buffer {
+            c["buffer"]["units"] = json!(u);
+        }
+        if let Some(p) = self.buffer_pct {
+            c["buffer"]["share_pct"] = json!(p);
+        }
+        if self.no_cap {
+            c["cap"] = json!({});
+        }
+        if let Some(u) = self.cap {
+            c["cap"]["units"] = json!(u);
+        }
+        if let Some(p) = self.cap_pct {
+            c["cap"]["share_pct"] = json!(p);
+        }
+        if let Some(l) = self.lagged {
+            c["latency"] = json!({ "lagged": { "lag_secs": l } });
+        }
+        if self.live {
+            c["latency"] = json!("live");
+        }
+    }
+}
+
+/// A channel's settings in a few words, for tables and messages.
+fn channel_summary(c: &serde_json::Value) -> [String; 4] {
+    let fulfil = match &c["fulfil"] {
+        serde_json::Value::String(s) => s.clone(),
+        v => format!(
+            "stores: {}",
+            v["stores"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+        ),
+    };
+    let buffer = format!("{} / {}%", c["buffer"]["units"], c["buffer"]["share_pct"]);
+    let cap = match (c["cap"]["units"].as_u64(), c["cap"]["share_pct"].as_u64()) {
+        (None, None) => "-".to_owned(),
+        (u, p) => {
+            [u.map(|u| u.to_string()), p.map(|p| format!("{p}%"))].into_iter().flatten().collect::<Vec<_>>().join(" / ")
+        }
+    };
+    let latency = match c["latency"]["lagged"]["lag_secs"].as_u64() {
+        Some(s) => format!("lagged {s}s"),
+        None => "live".to_owned(),
+    };
+    [fulfil, buffer, cap, latency]
+}
+
+#[derive(Subcommand)]
 enum CatalogCmd {
     /// Import a CSV (sku,name,barcodes,safety_stock,low_stock_threshold,max_per_customer,active,escrow_share_pct,escrow_max,escrow_keep).
     /// All rows or none; a running hub picks the change up within a second.
@@ -258,6 +398,10 @@ enum TokenCmd {
         /// Lifetime: a number and s, m, h or d (e.g. 30d, 12h, 90m). Default: no expiry.
         #[arg(long)]
         expires_in: Option<String>,
+        /// The sales channel a storefront or viewer token acts for (it must exist; a storefront
+        /// token without one is web's).
+        #[arg(long)]
+        channel: Option<String>,
         #[command(flatten)]
         dir: DataDirArgs,
     },
@@ -328,10 +472,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let n = admin::revoke_store(&data_dir, &store).await?;
             println!("store {store} revoked ({n} certificate(s))");
         }
-        Cmd::Token { cmd: TokenCmd::Create { role, name, expires_in, dir } } => {
+        Cmd::Token { cmd: TokenCmd::Create { role, name, expires_in, channel, dir } } => {
             let data_dir = data_dir(&dir)?;
             let (_, secret) =
-                admin::create_named_token(&data_dir, role, name.as_deref(), expires_in.as_deref()).await?;
+                admin::create_named_token(&data_dir, role, name.as_deref(), expires_in.as_deref(), channel.as_deref())
+                    .await?;
             println!("{secret}");
         }
         Cmd::Token { cmd: TokenCmd::List { json, dir } } => {
@@ -462,6 +607,63 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Channel { cmd: ChannelCmd::Add { id, flags, api } } => {
+            let path = format!("/v1/channels/{id}");
+            // `web` exists unconfigured: adding it configures it.
+            let existing = api.call(reqwest::Method::GET, "/v1/channels", None).await?;
+            let taken = existing["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["id"] == id.as_str() && c["configured"] == true);
+            if taken {
+                anyhow::bail!("channel {id} exists; `channel set {id} ...` changes it");
+            }
+            let mut c = serde_json::json!({});
+            flags.apply(&mut c);
+            let c = api.call(reqwest::Method::PUT, &path, Some(c)).await?;
+            let [fulfil, buffer, cap, latency] = channel_summary(&c);
+            println!("channel {id} added: {fulfil}; buffer {buffer}; cap {cap}; {latency}");
+        }
+        Cmd::Channel { cmd: ChannelCmd::Set { id, flags, api } } => {
+            let path = format!("/v1/channels/{id}");
+            let mut c = api.call(reqwest::Method::GET, &path, None).await?;
+            flags.apply(&mut c);
+            let body = serde_json::json!({
+                "fulfil": c["fulfil"], "buffer": c["buffer"], "cap": c["cap"], "latency": c["latency"],
+            });
+            let c = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
+            let [fulfil, buffer, cap, latency] = channel_summary(&c);
+            println!("channel {id} set: {fulfil}; buffer {buffer}; cap {cap}; {latency}");
+        }
+        Cmd::Channel { cmd: ChannelCmd::List { json, api } } => {
+            let v = api.call(reqwest::Method::GET, "/v1/channels", None).await?;
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                println!(
+                    "{:<16}  {:<24}  {:<12}  {:<12}  {:<12}  CONFIGURED",
+                    "ID", "FULFIL", "BUFFER", "CAP", "LATENCY"
+                );
+                for c in &items {
+                    let [fulfil, buffer, cap, latency] = channel_summary(c);
+                    let set = if c["configured"] == true { "yes" } else { "no (defaults)" };
+                    println!(
+                        "{:<16}  {:<24}  {:<12}  {:<12}  {:<12}  {set}",
+                        c["id"].as_str().unwrap_or("-"),
+                        fulfil,
+                        buffer,
+                        cap,
+                        latency
+                    );
+                }
+            }
+        }
+        Cmd::Channel { cmd: ChannelCmd::Remove { id, api } } => {
+            api.call(reqwest::Method::DELETE, &format!("/v1/channels/{id}"), None).await?;
+            println!("channel {id} removed");
+        }
         Cmd::Conflicts { cmd: ConflictsCmd::Resolve { id, note, api } } => {
             let path = format!("/v1/conflicts/{id}/resolve");
             let c = api.call(reqwest::Method::POST, &path, Some(serde_json::json!({ "note": note }))).await?;
@@ -495,15 +697,16 @@ fn print_tokens(views: &[shelfsync_hub::tokens::TokenView]) {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "{:<36}  {:<24}  {:<10}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
-        "ID", "NAME", "ROLE", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED"
+        "{:<36}  {:<24}  {:<10}  {:<12}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
+        "ID", "NAME", "ROLE", "CHANNEL", "STATUS", "CREATED", "LAST USED", "EXPIRES", "REVOKED"
     );
     for v in views {
         println!(
-            "{:<36}  {:<24}  {:<10}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
+            "{:<36}  {:<24}  {:<10}  {:<12}  {:<7}  {:<20}  {:<20}  {:<20}  {:<20}",
             v.id,
             v.name,
             v.role.as_str(),
+            v.channel.as_ref().map_or("-", |c| c.as_str()),
             v.status.as_str(),
             t(&Some(v.created_at.clone())),
             t(&v.last_used_at),

@@ -85,9 +85,67 @@ pub struct SkuAvailability {
     pub raw_available: u64,
     /// Units the stores granted online (escrow rights).
     pub granted: u64,
-    /// What the storefront may promise.
+    /// What the storefront may promise (a channel's view: the channel's `ats`).
     pub available: u64,
+    /// The stores (a channel's view: the channel's stores).
     pub stores: Vec<StoreAvailability>,
+    /// A channel's view (a token bound to a channel, or `channel=ID`): its figures.
+    #[schema(nullable = false)]
+    pub channel: Option<ChannelFigures>,
+    /// `channel=all`: every channel's figures side by side.
+    #[schema(nullable = false)]
+    pub channels: Option<Vec<ChannelFigures>>,
+}
+
+/// A channel's available-to-sell of a SKU, and how it came about.
+#[derive(Serialize, ToSchema)]
+pub struct ChannelFigures {
+    /// The channel.
+    pub id: String,
+    /// What its stores have available (after safety stock, staleness and escrow).
+    pub pool: u64,
+    /// Withheld by its buffer.
+    pub buffer: u64,
+    /// Withheld for what may sell while a lagged channel's listing is stale.
+    pub lag_margin: u64,
+    /// Its cap, if any.
+    pub cap: Option<u64>,
+    /// What it may promise: min(cap, pool − buffer − lag_margin).
+    pub ats: u64,
+}
+
+/// A sales channel.
+#[derive(Serialize, ToSchema)]
+pub struct Channel {
+    /// 1 to 32 of a-z 0-9 -.
+    pub id: String,
+    /// `"all"`, `{"stores": [ids]}` or `"pickup"`.
+    #[schema(value_type = Value)]
+    pub fulfil: serde_json::Value,
+    /// `{"units", "share_pct"}`.
+    #[schema(value_type = Object)]
+    pub buffer: serde_json::Value,
+    /// `{"units", "share_pct"}`, each null when not set.
+    #[schema(value_type = Object)]
+    pub cap: serde_json::Value,
+    /// `"live"` or `{"lagged": {"lag_secs"}}`.
+    #[schema(value_type = Value)]
+    pub latency: serde_json::Value,
+    /// Whether head office configured it (web exists unconfigured, with its defaults).
+    pub configured: bool,
+}
+
+/// `GET /v1/channels`.
+#[derive(Serialize, ToSchema)]
+pub struct ChannelList {
+    pub items: Vec<Channel>,
+}
+
+/// `DELETE /v1/channels/{id}`.
+#[derive(Serialize, ToSchema)]
+pub struct ChannelRemoved {
+    pub id: String,
+    pub removed: bool,
 }
 
 /// `GET /v1/availability?sku=..`.
@@ -465,6 +523,8 @@ pub struct Token {
     pub name: String,
     /// viewer, storefront or admin.
     pub role: String,
+    /// The sales channel it acts for (null: chain-wide; a storefront token is always a channel's).
+    pub channel: Option<String>,
     /// active, expired or revoked.
     pub status: String,
     pub created_at: String,

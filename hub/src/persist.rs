@@ -15,7 +15,7 @@
 
 use rusqlite::{params, Connection};
 use shelfsync_hub_core::{CatalogRule, FeedEvent, Overrides, Record, StoreRecord};
-use shelfsync_node::catalog::escrow_rule;
+use shelfsync_node::catalog::{escrow_rule, ESCROW_COLUMNS};
 use shelfsync_node::db as adb;
 use shelfsync_node::journal::insert_event;
 use shelfsync_shared::{EscrowRule, PnEntry, Sku, StoreId};
@@ -23,9 +23,6 @@ use shelfsync_shared::{EscrowRule, PnEntry, Sku, StoreId};
 use crate::storage::{StorageError, StorageResult};
 
 /// Schema (migration 6 of the hub database): the decider's rows.
-/// The escrow rule's columns of `catalog_items` and `catalog_overrides`, in `EscrowRule` order.
-pub const ESCROW: &str = "escrow_share_pct, escrow_max, escrow_keep";
-
 pub const MIGRATION: &str = "
     CREATE TABLE decisions (
         kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
@@ -325,13 +322,14 @@ pub fn load(conn: &Connection, feed_retain: usize) -> StorageResult<Vec<Record>>
     each_row(conn, "SELECT store, sku, writer, p, n, seq FROM counters", &mut out, |r| {
         entry_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)
     })?;
-    let sql =
-        format!("SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active, {ESCROW} FROM catalog_items");
+    let sql = format!(
+        "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active, {ESCROW_COLUMNS} FROM catalog_items"
+    );
     each_row(conn, &sql, &mut out, |r| {
         let escrow = escrow_rule([r.get(5)?, r.get(6)?, r.get(7)?]);
         rule_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, escrow)
     })?;
-    let sql = format!("SELECT store, sku, safety_stock, low_stock_threshold, {ESCROW} FROM catalog_overrides");
+    let sql = format!("SELECT store, sku, safety_stock, low_stock_threshold, {ESCROW_COLUMNS} FROM catalog_overrides");
     each_row(conn, &sql, &mut out, |r| {
         let escrow = escrow_rule([r.get(4)?, r.get(5)?, r.get(6)?]);
         overrides_record(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, escrow)

@@ -132,6 +132,8 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN escrow_keep BIGINT;
     ALTER TABLE catalog_overrides ADD COLUMN escrow_share_pct BIGINT, ADD COLUMN escrow_max BIGINT,
         ADD COLUMN escrow_keep BIGINT;",
+    // 9: the sales channel of a token.
+    crate::tokens::CHANNEL_MIGRATION,
 ];
 
 /// How long the record log keeps a commit's records: a standby that fell further behind (or
@@ -723,15 +725,40 @@ impl PgStorage {
             .lock()
             .await
             .execute(
-                "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&t.hash, &info.id.to_string(), &t.name, &t.role.as_str(), &info.created_at_ms, &info.expires_at_ms],
+                "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms, channel)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &t.hash,
+                    &info.id.to_string(),
+                    &t.name,
+                    &t.role.as_str(),
+                    &info.created_at_ms,
+                    &info.expires_at_ms,
+                    &t.channel.as_ref().map(|c| c.as_str()),
+                ],
             )
             .await?;
         Ok(info)
     }
 
     fn token(r: &Row) -> StorageResult<crate::tokens::TokenInfo> {
-        crate::tokens::info((get(r, 0)?, get(r, 1)?, get(r, 2)?, get(r, 3)?, get(r, 4)?, get(r, 5)?, get(r, 6)?))
+        crate::tokens::info((
+            get(r, 0)?,
+            get(r, 1)?,
+            get(r, 2)?,
+            get(r, 3)?,
+            get(r, 4)?,
+            get(r, 5)?,
+            get(r, 6)?,
+            get(r, 7)?,
+        ))
+    }
+
+    /// Whether a channel's record is there and not removed (`null`), in any partition (every
+    /// partition holds the same channels).
+    pub async fn channel_exists(&self, id: shelfsync_hub_core::ChannelId) -> StorageResult<bool> {
+        let sql = "SELECT 1 FROM decisions WHERE kind = 'channel' AND key = $1 AND body <> 'null' LIMIT 1";
+        Ok(self.r().query_opt(sql, &[&id.as_str()]).await?.is_some())
     }
 
     /// The token with this hash, whatever its status.
@@ -1225,7 +1252,7 @@ async fn load_records(c: &Client, partition: Partition, feed_retain: usize) -> S
     }
     let sql = format!(
         "SELECT sku, safety_stock, low_stock_threshold, max_per_customer, active, {} FROM catalog_items",
-        persist::ESCROW
+        cat::ESCROW_COLUMNS
     );
     for r in c.query(&sql, &[]).await? {
         let escrow = escrow_at(&r, 5)?;
@@ -1239,7 +1266,7 @@ async fn load_records(c: &Client, partition: Partition, feed_retain: usize) -> S
         )?);
     }
     let sql =
-        format!("SELECT store, sku, safety_stock, low_stock_threshold, {} FROM catalog_overrides", persist::ESCROW);
+        format!("SELECT store, sku, safety_stock, low_stock_threshold, {} FROM catalog_overrides", cat::ESCROW_COLUMNS);
     for r in c.query(&sql, &[]).await? {
         let escrow = escrow_at(&r, 4)?;
         out.push(persist::overrides_record(

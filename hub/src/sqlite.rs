@@ -121,6 +121,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     crate::persist::TRANSFERS_MIGRATION,
     // 9: escrow rules of catalog entries and of stores' overrides.
     shelfsync_node::catalog::ESCROW_MIGRATION,
+    // 10: the sales channel of a token.
+    crate::tokens::CHANNEL_MIGRATION,
 ];
 
 /// One argument of a query built at run time.
@@ -792,6 +794,19 @@ impl SqliteStorage {
     /// Stores a new API token (its hash only) and returns its record.
     pub async fn add_token(&self, token: crate::tokens::NewToken) -> StorageResult<crate::tokens::TokenInfo> {
         self.write(move |conn| crate::tokens::insert(conn, &token, now_ms())).await
+    }
+
+    /// Whether a channel's record is there and not removed (`null`).
+    pub async fn channel_exists(&self, id: shelfsync_hub_core::ChannelId) -> StorageResult<bool> {
+        self.read(move |conn| {
+            let body: Option<String> = conn
+                .query_row("SELECT body FROM decisions WHERE kind = 'channel' AND key = ?1", [id.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(body.is_some_and(|b| b != "null"))
+        })
+        .await
     }
 
     /// The token with this hash, whatever its status (one point read: it runs on every request).

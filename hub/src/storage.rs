@@ -154,6 +154,19 @@ pub struct TransferOutcome {
     pub heads: HubHeads,
 }
 
+/// A SKU's figures at one moment: every store's, and those of the channels asked for.
+#[derive(Clone, Debug)]
+pub struct SkuView {
+    /// The SKU.
+    pub sku: Sku,
+    /// Whether the hub knows it (catalogued or ever stocked).
+    pub known: bool,
+    /// Every store's figures.
+    pub stores: Vec<StoreFigures>,
+    /// Each channel's available-to-sell, in the order asked.
+    pub channels: Vec<shelfsync_hub_core::ChannelFigures>,
+}
+
 /// One store's row of a SKU's stock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStock {

@@ -13,6 +13,8 @@ use shelfsync_shared::id::quote;
 use shelfsync_shared::rfc3339;
 use uuid::Uuid;
 
+use shelfsync_hub_core::ChannelId;
+
 use crate::storage::{Role, StorageError, StorageResult};
 
 /// Schema change of the hub database: names, expiry, last use and a public id for every token.
@@ -28,6 +30,11 @@ pub const MIGRATION: &str = "
         0x8000 | (random() & 0x3fff), random() & 0xffffffffffff)
      WHERE id IS NULL;
      CREATE UNIQUE INDEX tokens_id ON tokens(id);";
+
+/// Schema change of the hub database (both backends): the sales channel a token belongs to
+/// (`hub/docs/channels.md`). Older tokens have none: a storefront token without one is `web`'s,
+/// the channel every storefront was before channels.
+pub const CHANNEL_MIGRATION: &str = "ALTER TABLE tokens ADD COLUMN channel TEXT;";
 
 /// Longest token name, in bytes.
 pub const NAME_MAX_LEN: usize = 64;
@@ -55,6 +62,8 @@ pub struct TokenInfo {
     pub revoked_at_ms: Option<i64>,
     /// Last request made with it (ms), at [`LAST_USED_RESOLUTION_MS`] resolution.
     pub last_used_at_ms: Option<i64>,
+    /// The sales channel it was bound to, if any (see [`TokenInfo::channel`]).
+    pub bound: Option<ChannelId>,
 }
 
 /// Whether a token may be used now.
@@ -92,12 +101,23 @@ impl TokenInfo {
         }
     }
 
+    /// The channel it acts for: a storefront token always has one (`web` unless bound to
+    /// another), a viewer token when bound to one; an admin token is chain-wide (`None`).
+    pub fn channel(&self) -> Option<ChannelId> {
+        match self.role {
+            Role::Storefront => Some(self.bound.clone().unwrap_or_else(ChannelId::web)),
+            Role::Viewer => self.bound.clone(),
+            Role::Admin => None,
+        }
+    }
+
     /// The public view (API and `token list --json`).
     pub fn view(&self, now_ms: i64) -> TokenView {
         TokenView {
             id: self.id,
             name: self.name.clone(),
             role: self.role,
+            channel: self.channel(),
             status: self.status(now_ms),
             created_at: rfc3339(self.created_at_ms),
             last_used_at: self.last_used_at_ms.map(rfc3339),
@@ -116,6 +136,8 @@ pub struct TokenView {
     pub name: String,
     /// Role.
     pub role: Role,
+    /// The sales channel it acts for (`null`: chain-wide).
+    pub channel: Option<ChannelId>,
     /// `active`, `expired` or `revoked`.
     pub status: TokenStatus,
     /// RFC 3339.
@@ -139,6 +161,19 @@ pub struct NewToken {
     pub role: Role,
     /// Lifetime in seconds from creation, if it expires.
     pub expires_in_secs: Option<u64>,
+    /// The channel it is bound to (checked by [`check_channel`]).
+    pub channel: Option<ChannelId>,
+}
+
+/// Checks a token's channel against its role: storefront and viewer tokens may be bound to one,
+/// admin tokens are chain-wide.
+pub fn check_channel(role: Role, channel: Option<&str>) -> Result<Option<ChannelId>, String> {
+    let Some(c) = channel else { return Ok(None) };
+    let id: ChannelId = c.parse()?;
+    if role == Role::Admin {
+        return Err(format!("admin tokens are chain-wide: a channel ({id}) is for storefront and viewer tokens"));
+    }
+    Ok(Some(id))
 }
 
 /// Checks a token name: 1 to [`NAME_MAX_LEN`] bytes, no control characters.
@@ -182,20 +217,26 @@ pub fn parse_expires_in(s: &str) -> Result<u64, String> {
 }
 
 /// The columns of a [`Row`].
-pub(crate) const COLUMNS: &str = "id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms";
+pub(crate) const COLUMNS: &str =
+    "id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms, channel";
 
 /// A `tokens` row ([`COLUMNS`]).
-pub(crate) type Row = (String, String, String, i64, Option<i64>, Option<i64>, Option<i64>);
+pub(crate) type Row = (String, String, String, i64, Option<i64>, Option<i64>, Option<i64>, Option<String>);
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
 }
 
 /// A row as a token.
 pub(crate) fn info(
-    (id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms): Row,
+    (id, name, role, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms, channel): Row,
 ) -> StorageResult<TokenInfo> {
+    let bound = channel
+        .map(|c| c.parse::<ChannelId>())
+        .transpose()
+        .map_err(|e| StorageError::Corrupt(format!("token {id}'s channel: {e}")))?;
     Ok(TokenInfo {
+        bound,
         id: Uuid::parse_str(&id).map_err(|e| StorageError::Corrupt(format!("token id {id}: {e}")))?,
         name,
         role: Role::parse(&role)
@@ -211,8 +252,17 @@ pub(crate) fn info(
 pub fn insert(conn: &Connection, t: &NewToken, now_ms: i64) -> StorageResult<TokenInfo> {
     let info = mint(t, now_ms);
     conn.execute(
-        "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![t.hash, info.id.to_string(), t.name, t.role.as_str(), now_ms, info.expires_at_ms],
+        "INSERT INTO tokens (hash, id, name, role, created_at_ms, expires_at_ms, channel)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            t.hash,
+            info.id.to_string(),
+            t.name,
+            t.role.as_str(),
+            now_ms,
+            info.expires_at_ms,
+            t.channel.as_ref().map(ChannelId::as_str)
+        ],
     )?;
     Ok(info)
 }
@@ -227,6 +277,7 @@ pub(crate) fn mint(t: &NewToken, now_ms: i64) -> TokenInfo {
         expires_at_ms: t.expires_in_secs.map(|s| now_ms.saturating_add(s as i64 * 1000)),
         revoked_at_ms: None,
         last_used_at_ms: None,
+        bound: t.channel.clone(),
     }
 }
 

@@ -363,9 +363,9 @@ async fn floods_get_429_per_token_and_per_address() {
 async fn revoked_and_expired_tokens_are_charged_to_their_address() {
     let h = hub_with(|c| c.http.rate_limit.unauthenticated = RateLimit::new(1, 20)).await;
     let d = h._dir.path().join("hub");
-    let (leaked, revoked) = admin::create_named_token(&d, Role::Viewer, Some("leaked"), None).await.unwrap();
+    let (leaked, revoked) = admin::create_named_token(&d, Role::Viewer, Some("leaked"), None, None).await.unwrap();
     admin::revoke_token(&d, &leaked.id.to_string()).await.unwrap();
-    let (short, expired) = admin::create_named_token(&d, Role::Viewer, Some("short"), Some("1s")).await.unwrap();
+    let (short, expired) = admin::create_named_token(&d, Role::Viewer, Some("short"), Some("1s"), None).await.unwrap();
     let expires_at_ms = short.expires_at_ms.expect("an expiry");
     wait_until("the short-lived token to expire", DEADLINE, || async {
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();

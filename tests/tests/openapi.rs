@@ -294,6 +294,27 @@ async fn both_documents_list_every_route_and_real_answers_match_them() {
     assert_eq!(hub.call(Method::GET, "/v1/tokens", "/v1/tokens", None).await.0, 200);
     let tpath = format!("/v1/tokens/{}", t["id"].as_str().unwrap());
     assert_eq!(hub.call(Method::DELETE, "/v1/tokens/{id}", &tpath, None).await.0, 200);
+    // Sales channels: configured, shown, seen side by side in availability, removed.
+    let body =
+        json!({"fulfil": {"stores": ["store-0"]}, "buffer": {"units": 1}, "latency": {"lagged": {"lag_secs": 300}}});
+    let (s, _) = hub.call(Method::PUT, "/v1/channels/{id}", "/v1/channels/amazon", Some(body.clone())).await;
+    assert_eq!(s, 201);
+    let (s, _) = hub.call(Method::PUT, "/v1/channels/{id}", "/v1/channels/amazon", Some(body)).await;
+    assert_eq!(s, 200);
+    let (s, _) = hub
+        .call(Method::PUT, "/v1/channels/{id}", "/v1/channels/amazon", Some(json!({"cap": {"share_pct": 101}})))
+        .await;
+    assert_eq!(s, 422);
+    assert_eq!(hub.call(Method::GET, "/v1/channels", "/v1/channels", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/channels/{id}", "/v1/channels/web", None).await.0, 200);
+    assert_eq!(hub.call(Method::GET, "/v1/channels/{id}", "/v1/channels/nosuch", None).await.0, 404);
+    let (s, v) = hub.call(Method::GET, "/v1/availability/{sku}", "/v1/availability/DOC-1?channel=all", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["channels"].as_array().map(Vec::len), Some(2), "amazon and web: {v}");
+    let (s, _) = hub.call(Method::GET, "/v1/availability", "/v1/availability?sku=DOC-1&channel=amazon", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(hub.call(Method::DELETE, "/v1/channels/{id}", "/v1/channels/amazon", None).await.0, 200);
+    assert_eq!(hub.call(Method::DELETE, "/v1/channels/{id}", "/v1/channels/amazon", None).await.0, 404);
     assert_eq!(hub.call(Method::GET, "/healthz", "/healthz", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/openapi.json", "/openapi.json", None).await.0, 200);
     assert_eq!(hub.call(Method::GET, "/metrics", "/metrics", None).await.0, 200);

@@ -86,6 +86,13 @@ impl TryFrom<String> for ChannelId {
     }
 }
 
+/// Lets maps keyed by channel id be read with a `&str` (`WEB`) without making an id.
+impl std::borrow::Borrow<str> for ChannelId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl From<ChannelId> for String {
     fn from(c: ChannelId) -> String {
         c.0
@@ -220,6 +227,14 @@ impl Channel {
     pub fn is_live(&self) -> bool {
         self.latency == Latency::Live
     }
+
+    /// The stores its orders may take from, when it names them (`None`: any store).
+    pub fn among(&self) -> Option<&BTreeSet<StoreId>> {
+        match &self.fulfil {
+            Fulfil::Stores(s) => Some(s),
+            Fulfil::All | Fulfil::Pickup => None,
+        }
+    }
 }
 
 /// A channel's available-to-sell of one SKU, with how it came about.
@@ -294,10 +309,10 @@ pub(crate) fn emit_ats(t: &mut Tables, sk: SkuIx, now_ms: i64) {
         .channels
         .values()
         .map(|ch| figures(t, ch, sk, Basis::Feed))
-        .filter(|f| t.channel_ats.get(&(f.channel.clone(), sk)).copied().unwrap_or(0) != f.ats)
+        .filter(|f| t.announced_ats(&f.channel, sk) != f.ats)
         .collect();
     for f in changed {
-        t.set_channel_ats(f.channel.clone(), sk, f.ats);
+        t.set_channel_ats(&f.channel, sk, f.ats);
         let sku = t.sku(sk).sku.clone();
         t.emit(FeedKind::ChannelAtsChanged, now_ms, FeedData::ChannelAts { sku, figures: f });
     }
@@ -311,7 +326,7 @@ pub(crate) fn rebuild_ats(t: &mut Tables) {
             let sk = SkuIx(i as u32);
             let f = figures(t, &ch, sk, Basis::Feed);
             if f.ats > 0 {
-                t.set_channel_ats(ch.id.clone(), sk, f.ats);
+                t.set_channel_ats(&ch.id, sk, f.ats);
             }
         }
     }
@@ -393,10 +408,7 @@ pub(crate) fn oversell(
 
 /// The stores a reservation of `channel` may take from (`None`: any store).
 pub(crate) fn among_of(t: &Tables, channel: Option<&ChannelId>) -> Option<BTreeSet<StoreId>> {
-    match t.channels.get(channel?)?.fulfil {
-        Fulfil::Stores(ref s) => Some(s.clone()),
-        Fulfil::All | Fulfil::Pickup => None,
-    }
+    t.channels.get(channel?)?.among().cloned()
 }
 
 impl Tables {
@@ -414,11 +426,16 @@ impl Decider {
     /// Every channel, by id (`web` included, configured or not).
     pub fn channels(&self) -> Vec<Channel> {
         let mut out: Vec<Channel> = self.t.channels.values().cloned().collect();
-        if !self.t.channels.contains_key(&ChannelId::web()) {
+        if !self.t.channels.contains_key(WEB) {
             out.push(Channel::web());
             out.sort_by(|a, b| a.id.cmp(&b.id));
         }
         out
+    }
+
+    /// The channels head office configured (`web` only when it was).
+    pub fn configured_channels(&self) -> BTreeSet<ChannelId> {
+        self.t.channels.keys().cloned().collect()
     }
 
     /// One channel (`None`: no such channel).

@@ -20,11 +20,11 @@ use uuid::Uuid;
 use shelfsync_shared::fingerprint_of;
 
 use crate::alerts::emit_availability;
-use crate::channels::{Basis, ChannelId, Fulfil};
+use crate::channels::{Basis, Channel, Fulfil, WEB};
 use crate::command::{Action, Expired, Refusal, ReservationRequest, Written, CUSTOMER_MAX_LEN, TTL_SECS_MAX};
 use crate::feed::{FeedData, FeedKind};
 use crate::model::{ActionRequest, AllocationStatus, Reservation, ReservationStatus, SkuIx, StoreIx};
-use crate::sourcing::{source, take, Scope, Taken};
+use crate::sourcing::{partial, source, take, Scope, Taken};
 use crate::tables::Tables;
 use crate::view::{build, ReservationView};
 use crate::{Ctx, Decider};
@@ -99,22 +99,25 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
             Some(ix) => Some(*ix),
         },
     };
-    let ch_id = channel.clone().unwrap_or_else(ChannelId::web);
-    let Some(ch) = cx.t.channel(&ch_id) else {
-        return Err(Refusal::Invalid(format!("no channel {ch_id}")));
+    // The configured channel, if any (`None`: `web` as it is unconfigured, every store, no
+    // limit); a configured one promises within its available-to-sell (buffer, cap, lag margin).
+    let ch: Option<Channel> = match &channel {
+        Some(id) => Some(cx.t.channels.get(id).cloned().ok_or_else(|| Refusal::Invalid(format!("no channel {id}")))?),
+        None => cx.t.channels.get(WEB).cloned(),
     };
-    match (&ch.fulfil, &req.pickup_store) {
-        (Fulfil::Pickup, None) => {
-            return Err(Refusal::Invalid(format!("channel {ch_id} is click-and-collect: name a pickup_store")))
+    if let Some(ch) = &ch {
+        match (&ch.fulfil, &req.pickup_store) {
+            (Fulfil::Pickup, None) => {
+                return Err(Refusal::Invalid(format!("channel {} is click-and-collect: name a pickup_store", ch.id)))
+            }
+            (_, Some(p)) if !ch.fulfils(p) => {
+                return Err(Refusal::Invalid(format!("store {p} does not fulfil channel {}", ch.id)));
+            }
+            _ => {}
         }
-        (_, Some(p)) if !ch.fulfils(p) => {
-            return Err(Refusal::Invalid(format!("store {p} does not fulfil channel {ch_id}")));
-        }
-        _ => {}
     }
-    let among = crate::channels::among_of(cx.t, Some(&ch_id));
-    // A configured channel promises within its available-to-sell (buffer, cap, lag margin).
-    let limited = cx.t.channels.contains_key(&ch_id);
+    let among = ch.as_ref().and_then(Channel::among);
+    let live = ch.as_ref().is_none_or(Channel::is_live);
     // Per-customer limits from the catalog, over all lines of a SKU.
     let mut asked: BTreeMap<&Sku, u64> = BTreeMap::new();
     for l in &req.lines {
@@ -141,27 +144,24 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
             |available| Refusal::Unavailable { sku: l.sku.clone(), available, store: req.pickup_store.clone() };
         let Some(&sk) = cx.t.sku_ix.get(&l.sku) else { return Err(unavailable(0)) };
         let m = cx.moment();
-        let ats = limited.then(|| {
+        let ats = ch.as_ref().map(|ch| {
             let basis = Basis::Read { now_ms: m.now_ms, connected: m.connected, staleness: m.staleness };
-            crate::channels::figures(cx.t, &ch, sk, basis)
+            crate::channels::figures(cx.t, ch, sk, basis)
         });
         let before = promised.get(&sk).copied().unwrap_or(0);
-        if let Some(f) = ats.as_ref().filter(|_| ch.is_live()) {
+        if let Some(f) = ats.as_ref().filter(|_| live) {
             let left = f.ats.saturating_sub(before);
             if l.qty > left {
                 return Err(unavailable(left));
             }
         }
-        let scope = Scope { only: pickup, exclude: None, among: among.as_ref() };
+        let scope = Scope { only: pickup, exclude: None, among };
         let plan = match source(cx.t, sk, l.qty, scope, &taken, m) {
             Ok(plan) => plan,
-            Err(_) if !ch.is_live() => {
-                let plan = match pickup {
-                    Some(p) => partial_at(cx.t, sk, l.qty, p, &taken, m),
-                    None => crate::sourcing::partial(cx.t, sk, l.qty, None, &taken, m, among.as_ref()),
-                };
+            Err(_) if !live => {
+                let plan = partial(cx.t, sk, l.qty, scope, &taken, m);
                 let found: u64 = plan.iter().map(|p| p.1).sum();
-                let Some(at) = pickup.or_else(|| short_store(cx.t, sk, among.as_ref())) else {
+                let Some(at) = pickup.or_else(|| short_store(cx.t, sk, among)) else {
                     return Err(unavailable(0));
                 };
                 let f = ats.clone().expect("a lagged channel is configured");
@@ -205,7 +205,8 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
     cx.t.insert_reservation(r);
     cx.t.emit(FeedKind::ReservationHeld, now, FeedData::Reservation { reservation: view.clone() });
     for (line, at, short, f) in shorts {
-        crate::channels::oversell(cx, &ch, req.id, plans[line].0, at, short, &f);
+        let ch = ch.as_ref().expect("a lagged channel is configured");
+        crate::channels::oversell(cx, ch, req.id, plans[line].0, at, short, &f);
     }
     let touched: BTreeMap<(StoreId, Sku), (StoreIx, SkuIx)> =
         taken.keys().map(|&(st, sk)| ((cx.t.store(st).id.clone(), cx.t.sku(sk).sku.clone()), (st, sk))).collect();
@@ -214,24 +215,6 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
         emit_availability(cx.t, st, sk, now);
     }
     Ok(Written { created: true, view, stores: stores.into_iter().collect() })
-}
-
-/// What one store can supply of `qty`, at most.
-fn partial_at(
-    t: &Tables,
-    sk: SkuIx,
-    qty: u64,
-    st: StoreIx,
-    taken: &Taken,
-    m: crate::sourcing::Moment<'_>,
-) -> Vec<(StoreIx, u64)> {
-    let have = crate::availability::cell_figures(t, st, sk, m.now_ms, m.connected, m.staleness).available;
-    let q = have.saturating_sub(taken.get(&(st, sk)).copied().unwrap_or(0)).min(qty);
-    if q > 0 {
-        vec![(st, q)]
-    } else {
-        Vec::new()
-    }
 }
 
 /// Where a lagged channel's unsupplied units are recorded: the store among `among` with the most

@@ -92,7 +92,7 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
             let scope = Scope { only: None, exclude: Some(st), among: among.as_ref() };
             let plan = source(cx.t, sk, take_qty, scope, &taken, m)
                 // Not enough anywhere: take what there is, the rest is short.
-                .unwrap_or_else(|_| partial(cx.t, sk, take_qty, Some(st), &taken, m, among.as_ref()));
+                .unwrap_or_else(|_| partial(cx.t, sk, take_qty, scope, &taken, m));
             for (s, q) in plan {
                 cx.t.insert_alloc(res, line, s, sk, q, status, now);
                 let name = cx.t.store(s).id.clone();

@@ -147,7 +147,11 @@ impl Decider {
             catalog,
             overrides,
             channels: t.channels.clone(),
-            channel_ats: t.channel_ats.iter().map(|((c, sk), n)| ((c.clone(), t.sku(*sk).sku.clone()), *n)).collect(),
+            channel_ats: t
+                .channel_ats
+                .iter()
+                .flat_map(|(c, m)| m.iter().map(move |(sk, n)| ((c.clone(), t.sku(*sk).sku.clone()), *n)))
+                .collect(),
             reservations: t.reservations.iter().map(|(k, v)| (*k, v.clone())).collect(),
             reservation_allocations: t.res_allocs.iter().map(|(k, v)| (*k, v.clone())).collect(),
             customers: t.by_customer.iter().map(|(k, v)| (k.clone(), v.iter().copied().collect())).collect(),

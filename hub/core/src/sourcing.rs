@@ -79,21 +79,22 @@ pub(crate) fn source(
     Ok(plan)
 }
 
-/// When no plan covers `qty`: whatever there is, store by store in id order (not most available
-/// first), leaving out `exclude`. Reconciliation uses it to re-source what it can.
+/// When no plan covers `qty`: whatever there is within `scope`, store by store in id order (not
+/// most available first). Reconciliation re-sources what it can with it, a lagged channel's order
+/// takes what its stores have.
 pub(crate) fn partial(
     t: &Tables,
     sk: SkuIx,
     qty: u64,
-    exclude: Option<StoreIx>,
+    scope: Scope<'_>,
     taken: &Taken,
     m: Moment<'_>,
-    among: Among<'_>,
 ) -> Vec<(StoreIx, u64)> {
+    let Scope { only, exclude, among } = scope;
     let mut need = qty;
     let mut plan = Vec::new();
     for (st, avail) in offers(t, sk, taken, m, among) {
-        if Some(st) == exclude || need == 0 {
+        if only.is_some_and(|o| o != st) || Some(st) == exclude || need == 0 {
             continue;
         }
         let a = avail.min(need);

@@ -69,7 +69,7 @@ pub(crate) struct Tables {
     /// Configured sales channels (`web` only when configured; else its defaults apply).
     pub channels: BTreeMap<crate::channels::ChannelId, crate::channels::Channel>,
     /// Each configured channel's last announced `ats` per SKU (absent: 0); derived, rebuilt on load.
-    pub channel_ats: HashMap<(crate::channels::ChannelId, SkuIx), u64>,
+    pub channel_ats: BTreeMap<crate::channels::ChannelId, HashMap<SkuIx, u64>>,
     pub dirty: Dirty,
 }
 
@@ -108,7 +108,7 @@ impl Tables {
             escrow: false,
             tau_ms: 1,
             channels: BTreeMap::new(),
-            channel_ats: HashMap::new(),
+            channel_ats: BTreeMap::new(),
             dirty: Dirty::default(),
         }
     }
@@ -278,16 +278,23 @@ impl Tables {
 
     pub fn remove_channel(&mut self, id: &crate::channels::ChannelId) {
         self.channels.remove(id);
-        self.channel_ats.retain(|(c, _), _| c != id);
+        self.channel_ats.remove(id);
         self.dirty.channels.insert(id.clone());
     }
 
+    /// A channel's last announced `ats` of a SKU (0 when none was).
+    pub fn announced_ats(&self, id: &crate::channels::ChannelId, sk: SkuIx) -> u64 {
+        self.channel_ats.get(id).and_then(|m| m.get(&sk)).copied().unwrap_or(0)
+    }
+
     /// Derived: not a record.
-    pub fn set_channel_ats(&mut self, id: crate::channels::ChannelId, sk: SkuIx, ats: u64) {
+    pub fn set_channel_ats(&mut self, id: &crate::channels::ChannelId, sk: SkuIx, ats: u64) {
         if ats == 0 {
-            self.channel_ats.remove(&(id, sk));
+            if let Some(m) = self.channel_ats.get_mut(id) {
+                m.remove(&sk);
+            }
         } else {
-            self.channel_ats.insert((id, sk), ats);
+            self.channel_ats.entry(id.clone()).or_default().insert(sk, ats);
         }
     }
 

@@ -420,6 +420,8 @@ enum Route {
     List(split::Order),
     /// `GET /v1/overview`: every partition's figures, added up.
     Overview,
+    /// A change every partition's decider makes alike (a sales channel's `PUT` or `DELETE`).
+    Everywhere,
     /// `GET /metrics`: this hub process's.
     Metrics,
     /// What every partition answers alike (tokens, stores, the API's description, and what
@@ -533,6 +535,7 @@ async fn route(front: &Front, method: &axum::http::Method, uri: &axum::http::Uri
         }
         (&Method::GET, ["v1", "reservations"]) => Route::List(split::Order::NewestFirst("created_at")),
         (&Method::GET, ["v1", "overview"]) => Route::Overview,
+        (&Method::PUT | &Method::DELETE, ["v1", "channels", _]) => Route::Everywhere,
         (&Method::GET, ["metrics"]) => Route::Metrics,
         (&Method::GET, ["v1", "stores", _, "stock"]) => Route::List(split::Order::BySku),
         (&Method::POST, ["v1", "conflicts", id, "resolve"]) => {
@@ -653,6 +656,7 @@ async fn serve(front: Front, req: axum::extract::Request, may_forward: bool) -> 
             Route::AvailabilityBatch => return split::availability(&front, &parts).await,
             Route::List(order) => return split::gather_list(&front, &parts, order).await,
             Route::Overview => return split::overview(&front, &parts).await,
+            Route::Everywhere => return split::everywhere(&front, &parts, &body).await,
             Route::Metrics => return metrics(&front, &parts).await.unwrap_or_else(|r| r),
             Route::Any => front.local_partition(),
             Route::Unavailable(why) => return unavailable(why),

@@ -702,6 +702,43 @@ fn add_series(a: &mut Value, b: &Value) {
 
 /// `GET /v1/overview` over every partition: each partition's figures of its SKUs, added up
 /// per store and for the chain; `feed_head` a position over every partition.
+/// A change of what every partition's decider holds alike (a sales channel): made on each
+/// partition in turn, the first partition's answer when all agree, else the first refusal (the
+/// same request again completes it: a channel's `PUT` and `DELETE` are idempotent per
+/// partition, a `DELETE` already made answers 404 there and counts as done).
+pub(super) async fn everywhere(front: &Front, parts: &axum::http::request::Parts, body: &[u8]) -> Response {
+    let path = parts.uri.path().to_owned();
+    let json: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => Some(v),
+            // The partition's API says what is wrong with it.
+            Err(_) => return call_raw(front, 0, parts, body).await,
+        }
+    };
+    let deleting = parts.method == Method::DELETE;
+    let (mut ok, mut gone): (Option<PartAnswer>, Option<PartAnswer>) = (None, None);
+    for p in front.partitions.all() {
+        let a = call(front, p, parts, parts.method.clone(), &path, json.as_ref(), None).await;
+        if a.ok() {
+            ok.get_or_insert(a);
+        } else if deleting && a.status == StatusCode::NOT_FOUND {
+            // Removed there by an earlier try of the same request.
+            gone.get_or_insert(a);
+        } else {
+            return a.into_response();
+        }
+    }
+    ok.or(gone).map_or_else(|| StatusCode::NOT_FOUND.into_response(), PartAnswer::into_response)
+}
+
+/// Sends the request as it came (its bytes) to partition `p`.
+async fn call_raw(front: &Front, p: Partition, parts: &axum::http::request::Parts, body: &[u8]) -> Response {
+    let req = super::sub_request_with(parts, parts.method.clone(), parts.uri.path(), true);
+    super::to_partition(front, p, req, axum::body::Bytes::copy_from_slice(body), true).await
+}
+
 pub(super) async fn overview(front: &Front, parts: &axum::http::request::Parts) -> Response {
     let path = parts.uri.path_and_query().map(|x| x.as_str()).unwrap_or("/v1/overview").to_owned();
     let answers = futures_util::future::join_all(front.partitions.all().map(|p| {

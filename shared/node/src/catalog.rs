@@ -4,9 +4,10 @@
 //!   `{name, barcodes[], safety_stock, low_stock_threshold, max_per_customer, active,
 //!   escrow_share_pct?, escrow_max?, escrow_keep?}`.
 //! - `overrides/<store>`: owned by one store, replicated to the hub. `ROOT[sku]` is a map
-//!   `{safety_stock?, low_stock_threshold?, escrow_share_pct?, escrow_max?, escrow_keep?}`. Each store writes only its own document, so the
-//!   security boundary is the document, and a store's edits merge with head office's by
-//!   construction: the hub's value and the store's override both survive, the override wins.
+//!   `{safety_stock?, low_stock_threshold?, escrow_share_pct?, escrow_max?, escrow_keep?}`. Each
+//!   store writes only its own document, so the security boundary is the document, and a
+//!   store's edits merge with head office's by construction: the hub's value and the store's
+//!   override both survive, the override wins.
 //!
 //! Documents persist as automerge chunks (a full save plus incremental saves) in SQLite, with
 //! each peer's `sync::State`, and are *materialised* into plain tables (`catalog_items`,
@@ -60,6 +61,9 @@ pub const ESCROW_MIGRATION: &str = "
 
 /// The document keys (and SQL columns) of an [`EscrowRule`]'s fields, in order.
 pub const ESCROW_KEYS: [&str; 3] = ["escrow_share_pct", "escrow_max", "escrow_keep"];
+
+/// The same as one SQL column list (for queries written elsewhere: the hub's loaders).
+pub const ESCROW_COLUMNS: &str = "escrow_share_pct, escrow_max, escrow_keep";
 
 /// An escrow rule's fields, in [`ESCROW_KEYS`] order.
 pub fn escrow_fields(r: &EscrowRule) -> [Option<u64>; 3] {
