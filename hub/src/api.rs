@@ -1662,6 +1662,10 @@ pub(crate) fn parse_cursor(what: &str, s: &str) -> Result<u64, ApiError> {
 struct ChangesQuery {
     after: Option<String>,
     limit: Option<usize>,
+    /// One channel's view (admins and unbound viewers; a channel's token has its own).
+    channel: Option<String>,
+    /// What becomes of events the reader may not see: `skip` (default) or `mark`.
+    hidden: Option<String>,
 }
 
 #[utoipa::path(
@@ -1669,22 +1673,39 @@ struct ChangesQuery {
     path = "/v1/changes",
     tag = "viewer",
     summary = "The change feed after a cursor (gap-free); next is null once caught up, cursor always says where to resume",
-    params(("after" = Option<String>, Query, description = "A cursor (default 0)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)")),
+    params(("after" = Option<String>, Query, description = "A cursor (default 0)"), ("limit" = Option<usize>, Query, description = "1..1000 (default 100)"), ("channel" = Option<String>, Query, description = "Only what a channel's reader sees: events about that channel and about none (a token bound to a channel always reads its own)"), ("hidden" = Option<String>, Query, description = "skip (default) leaves out events the reader may not see; mark shows each as {cursor, kind: hidden, at}")),
     responses((status = 200, description = "Events", body = crate::openapi::ChangePage), (status = 422, description = "Invalid request (names what is wrong)", body = crate::openapi::Error), (status = 401, description = "No valid token", body = crate::openapi::Error), (status = 403, description = "The token's role may not", body = crate::openapi::Error), (status = 429, description = "Over the rate limit", body = crate::openapi::Error)),
     security(("bearer" = []))
 )]
 async fn get_changes(
     State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiQuery(q): ApiQuery<ChangesQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(q.limit, 100, CHANGES_PAGE_MAX)?;
     let after = q.after.as_deref().map(|a| parse_cursor("after", a)).transpose()?.unwrap_or(0);
+    let view = crate::channels::View::of(&caller, q.channel.as_deref())?;
+    let mark = match q.hidden.as_deref() {
+        None | Some("skip") => false,
+        Some("mark") => true,
+        Some(h) => return Err(ApiError::invalid(format!("hidden must be skip or mark, got {}", quote(h)))),
+    };
     // The committed head before reading: a page that reaches it is caught up (`next` null), and
     // a feed reader keeps tailing from `cursor`.
     let head = *state.hub.storage.change_head().borrow();
-    let items = state.hub.storage.changes_after(after, limit).await?;
-    let cursor = items.last().map(|e| e.cursor).unwrap_or(after);
-    let next = (items.len() == limit && cursor < head).then_some(cursor);
+    let read = state.hub.storage.changes_after(after, limit).await?;
+    // Where the page ends: the last event read, seen or not (a channel's reader skips the
+    // others' events and goes on after them).
+    let cursor = read.last().map(|e| e.cursor).unwrap_or(after);
+    let next = (read.len() == limit && cursor < head).then_some(cursor);
+    let items: Vec<crate::engine::ChangeEvent> = read
+        .into_iter()
+        .filter_map(|e| match (view.sees(&e), mark) {
+            (true, _) => Some(e),
+            (false, true) => Some(crate::channels::hidden(&e)),
+            (false, false) => None,
+        })
+        .collect();
     Ok(Json(json!({ "items": items, "next": next, "cursor": cursor })))
 }
 

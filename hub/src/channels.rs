@@ -210,3 +210,30 @@ impl From<ChannelFigures> for FiguresView {
         FiguresView { id: f.channel, pool: f.pool, buffer: f.buffer, lag_margin: f.lag_margin, cap: f.cap, ats: f.ats }
     }
 }
+
+/// The kind of a placeholder for a feed event its reader may not see (`hidden=mark`): its
+/// cursor and time only, so a reader gathering several partitions' feeds keeps its place.
+pub const HIDDEN: &str = "hidden";
+
+/// The channel a feed event is about, if any: a reservation's, a channel's figures', a
+/// conflict's (`channel_oversell`).
+pub(crate) fn event_channel(ev: &crate::engine::ChangeEvent) -> Option<&str> {
+    let d = &ev.data;
+    d["channel"].as_str().or_else(|| d["reservation"]["channel"].as_str()).or_else(|| d["conflict"]["details"]["channel"].as_str())
+}
+
+impl View {
+    /// Whether a feed reader of this view sees `ev`: a channel's reader sees what is about its
+    /// channel and what is about none (stock, stores, the catalog); the others see everything.
+    pub(crate) fn sees(&self, ev: &crate::engine::ChangeEvent) -> bool {
+        match self {
+            View::One(c) => event_channel(ev).is_none_or(|e| e == c.as_str()),
+            View::Chain | View::All => true,
+        }
+    }
+}
+
+/// `ev` as a reader who may not see it gets it with `hidden=mark`.
+pub(crate) fn hidden(ev: &crate::engine::ChangeEvent) -> crate::engine::ChangeEvent {
+    crate::engine::ChangeEvent { cursor: ev.cursor, kind: HIDDEN.to_owned(), at: ev.at.clone(), data: Value::Null }
+}

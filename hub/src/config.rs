@@ -422,6 +422,9 @@ impl HubConfig {
             if w.secret.len() < 16 {
                 return bad("webhooks.secret", "must be at least 16 bytes");
             }
+            if let Err(e) = w.check_channel() {
+                return bad("webhooks", &format!("webhooks[{i}]: {e}"));
+            }
             // The delivery cursor is kept per URL: two entries sharing one would skip events.
             if let Some(j) = self.webhooks[..i].iter().position(|o| o.url == w.url) {
                 return bad(
@@ -520,6 +523,7 @@ mod tests {
             url: url.into(),
             secret: "0123456789abcdef".into(),
             kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
         };
         let mut c = HubConfig {
             webhooks: vec![hook("http://a/x", &[]), hook("http://b/x", &[]), hook("http://a/x/", &[])],

@@ -15,7 +15,7 @@ use shelfsync_tests::webhook::WebhookSink;
 use uuid::Uuid;
 
 fn hook(url: &str) -> WebhookConfig {
-    WebhookConfig { url: url.into(), secret: "0123456789abcdef-secret".into(), kinds: vec![] }
+    WebhookConfig { url: url.into(), secret: "0123456789abcdef-secret".into(), ..Default::default() }
 }
 
 async fn hub(dir: &tempfile::TempDir, webhooks: Vec<WebhookConfig>) -> Result<RunningHub, String> {
@@ -66,4 +66,78 @@ async fn two_webhooks_with_one_url_are_refused_at_start() {
         .err()
         .expect("duplicate webhook URLs are refused");
     assert!(e.contains("webhooks[2] repeats the URL of webhooks[0]") && e.contains("http://127.0.0.1:9/a"), "{e}");
+}
+
+/// A marketplace connector's "set quantity to N" hook: one update per SKU per `every_secs`, the
+/// newest quantity winning; with thresholds only when one is crossed. Signed like every hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channels_quantity_hook_sends_the_newest_quantity_coalesced() {
+    let every = WebhookSink::start(0).await;
+    let crossing = WebhookSink::start(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let quantity = |url: &str, thresholds: Vec<u64>| WebhookConfig {
+        channel: Some("amazon".into()),
+        every_secs: Some(1),
+        thresholds,
+        ..hook(url)
+    };
+    let h = hub(&dir, vec![quantity(&every.url, vec![]), quantity(&crossing.url, vec![5])]).await.unwrap();
+    let admin = admin::create_token(&dir.path().join("hub"), Role::Admin).await.unwrap();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+        http.request(method, format!("{}{path}", h.url())).bearer_auth(&admin).json(&body).send()
+    };
+    let r = call(reqwest::Method::PUT, "/v1/channels/amazon", json!({"latency": {"lagged": {"lag_secs": 300}}})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let restock = |qty: u64| json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "A", "qty": qty}]});
+    assert_eq!(call(reqwest::Method::POST, "/v1/restocks", restock(10)).await.unwrap().status(), 201);
+    let quantities = |sink: &WebhookSink| -> Vec<u64> {
+        sink.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| serde_json::from_slice::<serde_json::Value>(&d.body).unwrap()["quantity"].as_u64().unwrap())
+            .collect()
+    };
+    wait_until("the first quantity", Duration::from_secs(30), || async { (quantities(&every) == [10]).then_some(()) })
+        .await;
+    // Three restocks decided together: one update, with the newest quantity.
+    let batch = json!({"restocks": [restock(1), restock(1), restock(1)]});
+    let r = call(reqwest::Method::POST, "/v1/restocks/batch", batch).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    wait_until("the newest quantity", Duration::from_secs(30), || async {
+        (quantities(&every).last() == Some(&13)).then_some(())
+    })
+    .await;
+    assert_eq!(quantities(&every), [10, 13], "coalesced: 11 and 12 are never sent");
+    let d = every.received.lock().unwrap()[1].clone();
+    assert_eq!(d.header("x-shelfsync-event"), Some("channel_quantity"));
+    assert_eq!(d.header("x-shelfsync-signature"), Some(shelfsync_hub::feed::signature("0123456789abcdef-secret", &d.body).as_str()));
+    let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    assert_eq!((body["channel"].as_str(), body["sku"].as_str()), (Some("amazon"), Some("A")), "{body}");
+
+    // With a threshold of 5: 13 stays on the same side as 10 (nothing sent); 3 crosses it.
+    let r = call(reqwest::Method::POST, "/v1/reservations", json!({"id": Uuid::now_v7(), "channel": "amazon", "lines": [{"sku": "A", "qty": 10}]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    wait_until("the crossing", Duration::from_secs(30), || async { (quantities(&crossing).last() == Some(&3)).then_some(()) })
+        .await;
+    assert_eq!(quantities(&crossing), [10, 3]);
+    wait_until("every change reaches the other hook", Duration::from_secs(30), || async {
+        (quantities(&every).last() == Some(&3)).then_some(())
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_quantity_hooks_settings_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = WebhookConfig { channel: Some("amazon".into()), kinds: vec!["reservation_held".into()], ..hook("http://127.0.0.1:9/q") };
+    let e = hub(&dir, vec![bad]).await.err().expect("kinds on a quantity hook are refused");
+    assert!(e.contains("webhooks[0]") && e.contains("leave kinds out"), "{e}");
+    let bad = WebhookConfig { every_secs: Some(5), ..hook("http://127.0.0.1:9/q") };
+    let e = hub(&dir, vec![bad]).await.err().expect("every_secs without a channel is refused");
+    assert!(e.contains("set channel too"), "{e}");
 }

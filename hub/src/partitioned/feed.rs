@@ -25,15 +25,23 @@ impl shelfsync_hub_core::Positioned for PartEvent {
 }
 
 /// Every partition's feed after `from`, at most `limit` each, merged: (events each with the
-/// position after it, whether that is everything committed).
+/// position after it, whether that is everything committed). Events the caller may not see (a
+/// channel's reader) come as `hidden` placeholders, so positions go on past them: the caller
+/// drops them ([`is_hidden`]) and keeps their positions.
 async fn gather_feed(
     front: &Front,
     parts: &axum::http::request::Parts,
     from: &shelfsync_hub_core::FeedPosition,
     limit: usize,
+    channel: Option<&str>,
 ) -> Result<(Vec<(serde_json::Value, shelfsync_hub_core::FeedPosition)>, bool), axum::response::Response> {
-    let pages = futures_util::future::join_all(front.partitions.all().map(|p| async move {
-        (p, part_json(front, p, parts, &format!("/v1/changes?after={}&limit={limit}", from.get(p))).await)
+    let channel = channel.map(|c| format!("&channel={}", super::split::segment(c))).unwrap_or_default();
+    let pages = futures_util::future::join_all(front.partitions.all().map(|p| {
+        let channel = &channel;
+        async move {
+            let path = format!("/v1/changes?after={}&limit={limit}&hidden=mark{channel}", from.get(p));
+            (p, part_json(front, p, parts, &path).await)
+        }
     }))
     .await;
     let (mut events, mut complete, mut total) = (Vec::with_capacity(pages.len()), true, 0);
@@ -64,11 +72,17 @@ async fn gather_feed(
     Ok((out, caught_up))
 }
 
+/// A placeholder for an event the caller may not see.
+fn is_hidden(item: &serde_json::Value) -> bool {
+    item["kind"] == crate::channels::HIDDEN
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChangesQuery {
     after: Option<String>,
     limit: Option<usize>,
+    channel: Option<String>,
 }
 
 /// The position a client gave as `what`.
@@ -100,10 +114,10 @@ pub(super) async fn changes(
         None => shelfsync_hub_core::FeedPosition::start(front.partitions),
         Some(a) => position(front, "after", a)?,
     };
-    let (items, caught_up) = gather_feed(front, parts, &from, limit).await?;
+    let (items, caught_up) = gather_feed(front, parts, &from, limit, q.channel.as_deref()).await?;
     let cursor = items.last().map_or_else(|| from.encode(), |(_, pos)| pos.encode());
     let next = (!caught_up).then(|| cursor.clone());
-    let items: Vec<serde_json::Value> = items.into_iter().map(|(i, _)| i).collect();
+    let items: Vec<serde_json::Value> = items.into_iter().map(|(i, _)| i).filter(|i| !is_hidden(i)).collect();
     Ok(axum::Json(serde_json::json!({ "items": items, "next": next, "cursor": cursor })).into_response())
 }
 
@@ -149,16 +163,21 @@ pub(super) async fn events(
         (None, None) => feed_heads(&front).await?,
     };
     // The first page before answering: a bad token is a 401, not an empty stream.
-    let (first, _) = gather_feed(&front, &parts, &start, crate::api::CHANGES_PAGE_MAX).await?;
+    let channel = q.channel;
+    let (first, _) = gather_feed(&front, &parts, &start, crate::api::CHANGES_PAGE_MAX, channel.as_deref()).await?;
     let buf: std::collections::VecDeque<_> = first.into();
     let stopping = front.stopping.clone();
     let stream = futures_util::stream::unfold((start, buf, front, parts, permit), move |state| {
         let mut stopping = stopping.clone();
+        let channel = channel.clone();
         async move {
             let (mut pos, mut buf, front, parts, permit) = state;
             loop {
                 if let Some((item, at)) = buf.pop_front() {
                     pos = at;
+                    if is_hidden(&item) {
+                        continue;
+                    }
                     // Its cursor is the position after it, encoded once (`gather_feed`).
                     let id = item["cursor"].as_str().unwrap_or_default().to_owned();
                     let kind = item["kind"].as_str().unwrap_or("change").to_owned();
@@ -168,7 +187,7 @@ pub(super) async fn events(
                 if *stopping.borrow() {
                     return None;
                 }
-                match gather_feed(&front, &parts, &pos, crate::api::CHANGES_PAGE_MAX).await {
+                match gather_feed(&front, &parts, &pos, crate::api::CHANGES_PAGE_MAX, channel.as_deref()).await {
                     Ok((items, _)) if !items.is_empty() => buf.extend(items),
                     Ok(_) => {
                         tokio::select! {

@@ -41,7 +41,7 @@ pub(super) fn part_key(key: &str, p: Partition) -> String {
 }
 
 /// `s` as one segment of a path (a part's key holds a `/`).
-fn segment(s: &str) -> String {
+pub(super) fn segment(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
