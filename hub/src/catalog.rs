@@ -142,10 +142,26 @@ impl HubCatalog {
     /// Loads the catalog document and starts the actor thread that owns it (it stops when the
     /// handle is dropped).
     pub async fn load(storage: &impl CatalogStore) -> StorageResult<Arc<HubCatalog>> {
-        let doc = storage.load_doc(CATALOG_DOC.into()).await?;
-        let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
         // Overrides documents load when a store connects, or when they change (`refresh`).
         let overrides_seen = storage.hub_db().newest_chunk().await?;
+        Self::load_after(storage, overrides_seen).await
+    }
+
+    /// [`HubCatalog::load`] for a partition's decider taking over: its first [`refresh`] loads
+    /// every store's overrides document whole and hands the decider all their rows. Its state
+    /// came from the records its partition's deciders wrote, and a store's override merged by
+    /// another hub while none of them followed the documents (between a hand-over and this
+    /// load) is in no record: only the documents are sure to have it. Handing the decider rows
+    /// it has already changes nothing.
+    ///
+    /// [`refresh`]: HubCatalog::refresh
+    pub async fn load_for_takeover(storage: &impl CatalogStore) -> StorageResult<Arc<HubCatalog>> {
+        Self::load_after(storage, 0).await
+    }
+
+    async fn load_after(storage: &impl CatalogStore, overrides_seen: i64) -> StorageResult<Arc<HubCatalog>> {
+        let doc = storage.load_doc(CATALOG_DOC.into()).await?;
+        let seen = storage.doc_chunks_after(CATALOG_DOC.into(), 0).await?.last().map_or(0, |c| c.0);
         let (jobs, rx) = std::sync::mpsc::channel::<DocsJob>();
         let mut docs = Docs { catalog: doc, overrides: HashMap::new() };
         std::thread::Builder::new()

@@ -219,7 +219,10 @@ pub const HIDDEN: &str = "hidden";
 /// conflict's (`channel_oversell`).
 pub(crate) fn event_channel(ev: &crate::engine::ChangeEvent) -> Option<&str> {
     let d = &ev.data;
-    d["channel"].as_str().or_else(|| d["reservation"]["channel"].as_str()).or_else(|| d["conflict"]["details"]["channel"].as_str())
+    d["channel"]
+        .as_str()
+        .or_else(|| d["reservation"]["channel"].as_str())
+        .or_else(|| d["conflict"]["details"]["channel"].as_str())
 }
 
 impl View {

@@ -343,7 +343,8 @@ pub async fn run_quantity_hook(
                 Some((last, _)) => band(&cfg.thresholds, last) != band(&cfg.thresholds, q),
             };
             if crossed {
-                let body = serde_json::json!({"channel": channel, "sku": sku, "quantity": q, "cursor": cursor, "at": at});
+                let body =
+                    serde_json::json!({"channel": channel, "sku": sku, "quantity": q, "cursor": cursor, "at": at});
                 let body = serde_json::to_vec(&body).expect("serialises");
                 post_signed(&hub, &client, &cfg, cursor, "channel_quantity", &at, body, backoff_max).await;
                 st.sent = Some((q, tokio::time::Instant::now()));
@@ -351,7 +352,8 @@ pub async fn run_quantity_hook(
             st.pending = None;
         }
         // Saved: up to the first event still to be sent, else everything read.
-        let keep = skus.values().filter_map(|s| s.pending.as_ref().map(|p| p.3.saturating_sub(1))).min().unwrap_or(read);
+        let keep =
+            skus.values().filter_map(|s| s.pending.as_ref().map(|p| p.3.saturating_sub(1))).min().unwrap_or(read);
         if keep != saved {
             match storage.set_webhook_cursor(cfg.url.clone(), keep).await {
                 Ok(()) => saved = keep,

@@ -139,6 +139,31 @@ both_backends! {
         let over = conflicts["items"].as_array().unwrap().iter().find(|k| k["kind"] == "channel_oversell").cloned();
         assert!(over.is_some_and(|k| k["details"]["channel"] == "amazon"), "{conflicts}");
 
+        // Each channel's feed: what is about it and about no channel, never another channel's.
+        let about = |v: &Value, ch: &str| -> usize {
+            v["items"].as_array().unwrap().iter().filter(|e| {
+                let d = &e["data"];
+                [&d["channel"], &d["reservation"]["channel"], &d["conflict"]["details"]["channel"]].iter().any(|c| *c == ch)
+            }).count()
+        };
+        let (s, mine) = call(&c, &amazon, Method::GET, "/v1/changes?limit=1000", None).await;
+        assert_eq!(s, 200, "{mine}");
+        assert!(about(&mine, "amazon") >= 3, "its reservation, oversell and ats changes: {mine}");
+        assert_eq!(about(&mine, "app"), 0, "{mine}");
+        assert!(mine["items"].as_array().unwrap().iter().any(|e| e["kind"] == "availability_changed"), "chain events stay");
+        let all = c.hub_get("/v1/changes?limit=1000").await;
+        assert!(about(&all, "app") > 0 && about(&all, "amazon") > 0);
+        assert_eq!(mine["cursor"], all["cursor"], "a channel's reader goes on past what it does not see");
+        let app_feed = c.hub_get("/v1/changes?limit=1000&channel=app").await;
+        assert_eq!((about(&app_feed, "amazon"), about(&app_feed, "app") > 0), (0, true));
+        let (s, marked) = call(&c, &amazon, Method::GET, "/v1/changes?limit=1000&hidden=mark", None).await;
+        assert_eq!(s, 200);
+        let items = marked["items"].as_array().unwrap();
+        assert_eq!(items.len(), all["items"].as_array().unwrap().len(), "one placeholder per event not seen");
+        assert!(items.iter().filter(|e| e["kind"] == "hidden").all(|e| e["data"].is_null()));
+        let (s, v) = call(&c, &amazon, Method::GET, "/v1/changes?channel=app", None).await;
+        assert_eq!(s, 403, "{v}");
+
         // Channels and bound tokens outlive a restart.
         c.stop_hub().await;
         c.start_hub().await;
@@ -192,6 +217,37 @@ async fn a_channel_reaches_every_partition() {
         assert_eq!(s, 200, "{v}");
         assert_eq!((v["channel"]["buffer"].as_u64(), v["available"].as_u64()), (Some(3), Some(7)), "{sku}: {v}");
     }
+    // A channel's token reads the feeds of every partition as its channel's view.
+    let (s, t) = set
+        .call(0, Method::POST, "/v1/tokens", &set.admin, Some(json!({"role": "storefront", "channel": "amazon"})))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{t}");
+    let amazon = t["token"].as_str().unwrap().to_owned();
+    for sku in &skus {
+        let order = json!({"id": Uuid::now_v7(), "lines": [{"sku": sku, "qty": 1}]});
+        let (s, v) = set.call(0, Method::POST, "/v1/reservations", &amazon, Some(order.clone())).await.unwrap();
+        assert_eq!((s, v["channel"].as_str()), (201, Some("amazon")), "{v}");
+        let order = json!({"id": Uuid::now_v7(), "lines": [{"sku": sku, "qty": 1}]});
+        let (s, v) = set.call(1, Method::POST, "/v1/reservations", &set.admin, Some(order)).await.unwrap();
+        assert_eq!((s, v["channel"].as_str()), (201, Some("web")), "{v}");
+    }
+    let held = |v: &Value, ch: &str| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "reservation_held" && e["data"]["reservation"]["channel"] == ch)
+            .count()
+    };
+    let (s, mine) = set.call(1, Method::GET, "/v1/changes?limit=1000", &amazon, None).await.unwrap();
+    assert_eq!(s, 200, "{mine}");
+    assert_eq!((held(&mine, "amazon"), held(&mine, "web")), (2, 0), "{mine}");
+    let (_, all) = set.call(1, Method::GET, "/v1/changes?limit=1000", &set.admin, None).await.unwrap();
+    assert_eq!((held(&all, "amazon"), held(&all, "web")), (2, 2));
+    assert_eq!(mine["cursor"], all["cursor"], "past what it does not see, in every partition");
+    assert!(mine["items"].as_array().unwrap().iter().all(|e| e["kind"] != "hidden"), "placeholders stay between hubs");
+
     let (s, v) = set.call(1, Method::DELETE, "/v1/channels/amazon", &set.admin, None).await.unwrap();
     assert_eq!(s, 200, "{v}");
     for sku in &skus {

@@ -87,7 +87,9 @@ async fn a_channels_quantity_hook_sends_the_newest_quantity_coalesced() {
     let call = |method: reqwest::Method, path: &str, body: serde_json::Value| {
         http.request(method, format!("{}{path}", h.url())).bearer_auth(&admin).json(&body).send()
     };
-    let r = call(reqwest::Method::PUT, "/v1/channels/amazon", json!({"latency": {"lagged": {"lag_secs": 300}}})).await.unwrap();
+    let r = call(reqwest::Method::PUT, "/v1/channels/amazon", json!({"latency": {"lagged": {"lag_secs": 300}}}))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let restock = |qty: u64| json!({"id": Uuid::now_v7(), "store": "store-a", "lines": [{"sku": "A", "qty": qty}]});
     assert_eq!(call(reqwest::Method::POST, "/v1/restocks", restock(10)).await.unwrap().status(), 201);
@@ -102,7 +104,8 @@ async fn a_channels_quantity_hook_sends_the_newest_quantity_coalesced() {
     wait_until("the first quantity", Duration::from_secs(30), || async { (quantities(&every) == [10]).then_some(()) })
         .await;
     // Three restocks decided together: one update, with the newest quantity.
-    let batch = json!({"restocks": [restock(1), restock(1), restock(1)]});
+    let one = json!({"store": "store-a", "lines": [{"sku": "A", "qty": 1}]});
+    let batch = json!({"id": Uuid::now_v7(), "restocks": [one, one, one]});
     let r = call(reqwest::Method::POST, "/v1/restocks/batch", batch).await.unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     wait_until("the newest quantity", Duration::from_secs(30), || async {
@@ -112,17 +115,26 @@ async fn a_channels_quantity_hook_sends_the_newest_quantity_coalesced() {
     assert_eq!(quantities(&every), [10, 13], "coalesced: 11 and 12 are never sent");
     let d = every.received.lock().unwrap()[1].clone();
     assert_eq!(d.header("x-shelfsync-event"), Some("channel_quantity"));
-    assert_eq!(d.header("x-shelfsync-signature"), Some(shelfsync_hub::feed::signature("0123456789abcdef-secret", &d.body).as_str()));
+    assert_eq!(
+        d.header("x-shelfsync-signature"),
+        Some(shelfsync_hub::feed::signature("0123456789abcdef-secret", &d.body).as_str())
+    );
     let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
     assert_eq!((body["channel"].as_str(), body["sku"].as_str()), (Some("amazon"), Some("A")), "{body}");
 
     // With a threshold of 5: 13 stays on the same side as 10 (nothing sent); 3 crosses it.
-    let r = call(reqwest::Method::POST, "/v1/reservations", json!({"id": Uuid::now_v7(), "channel": "amazon", "lines": [{"sku": "A", "qty": 10}]}))
-        .await
-        .unwrap();
+    let r = call(
+        reqwest::Method::POST,
+        "/v1/reservations",
+        json!({"id": Uuid::now_v7(), "channel": "amazon", "lines": [{"sku": "A", "qty": 10}]}),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 201);
-    wait_until("the crossing", Duration::from_secs(30), || async { (quantities(&crossing).last() == Some(&3)).then_some(()) })
-        .await;
+    wait_until("the crossing", Duration::from_secs(30), || async {
+        (quantities(&crossing).last() == Some(&3)).then_some(())
+    })
+    .await;
     assert_eq!(quantities(&crossing), [10, 3]);
     wait_until("every change reaches the other hook", Duration::from_secs(30), || async {
         (quantities(&every).last() == Some(&3)).then_some(())
@@ -134,7 +146,11 @@ async fn a_channels_quantity_hook_sends_the_newest_quantity_coalesced() {
 #[tokio::test]
 async fn a_quantity_hooks_settings_are_checked_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = WebhookConfig { channel: Some("amazon".into()), kinds: vec!["reservation_held".into()], ..hook("http://127.0.0.1:9/q") };
+    let bad = WebhookConfig {
+        channel: Some("amazon".into()),
+        kinds: vec!["reservation_held".into()],
+        ..hook("http://127.0.0.1:9/q")
+    };
     let e = hub(&dir, vec![bad]).await.err().expect("kinds on a quantity hook are refused");
     assert!(e.contains("webhooks[0]") && e.contains("leave kinds out"), "{e}");
     let bad = WebhookConfig { every_secs: Some(5), ..hook("http://127.0.0.1:9/q") };

@@ -355,7 +355,7 @@ async fn open(
     let engine = Arc::new(Engine::open_target(&d.target, sql, opts, Some(fence), warm, partition).await?);
     let engine_warm = engine.opened_warm();
     let client = crate::postgres::connect(&d.url).await?;
-    let catalog = crate::catalog::HubCatalog::load(engine.as_ref()).await?;
+    let catalog = crate::catalog::HubCatalog::load_for_takeover(engine.as_ref()).await?;
     let hub = crate::state::Hub::with_ledger(engine.clone(), catalog, d.metrics.clone());
     let app = crate::server::api_app(&d.config, &hub);
     let every = Duration::from_millis(d.config.reservations.expiry_check_ms);
