@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod fuzz;
 pub mod hubs;
 pub mod inproc;
+pub mod marketplace;
 pub mod pg;
 pub mod procs;
 pub mod promtool;
