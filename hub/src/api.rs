@@ -792,7 +792,8 @@ async fn dashboard() -> axum::response::Html<&'static str> {
     security(("bearer" = []))
 )]
 async fn get_metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let (stores, unacked, conflicts_open) = state.hub.storage.metrics_snapshot().await?;
+    let crate::storage::MetricsRead { stores, unacked, conflicts_open, channel_ats } =
+        state.hub.storage.metrics_snapshot().await?;
     let now_ms = shelfsync_node::now_ms();
     let stores = stores
         .iter()
@@ -807,7 +808,7 @@ async fn get_metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         })
         .collect();
     let feed_head = *state.hub.storage.change_head().borrow();
-    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head };
+    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head, channel_ats };
     Ok(crate::metrics::render(&state.hub.metrics, snapshot))
 }
 
@@ -1347,6 +1348,15 @@ async fn post_reservation(
     };
     let w = counted(&state, "create", state.hub.storage.create_reservation(req, shelfsync_node::now_ms()).await)
         .map_err(|e| name_key(e, Some(key.as_str())))?;
+    if w.created {
+        let channel = w.view.channel.as_ref().map_or(shelfsync_hub_core::WEB, |c| c.as_str());
+        let short: u64 = w.view.lines.iter().map(|l| l.short).sum();
+        state.hub.metrics.channel_reservation(channel, short);
+        if short > 0 {
+            // A lagged channel sold what its stores did not have: a conflict is open for it.
+            tracing::warn!(channel, reservation = %w.view.id, short, "channel oversold: units recorded short");
+        }
+    }
     state.hub.holds_changed(&w.stores);
     let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(w.view.to_json())).into_response())

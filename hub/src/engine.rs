@@ -1167,7 +1167,7 @@ impl Engine {
     /// [`crate::metrics::UNACKED_COUNT_MAX`]) and the units online holds escrow rights to; open
     /// conflicts per kind.
     #[allow(clippy::type_complexity)]
-    pub async fn metrics_snapshot(&self) -> StorageResult<(Vec<StoreInfo>, Vec<(u64, u64)>, Vec<(&'static str, u64)>)> {
+    pub async fn metrics_snapshot(&self) -> StorageResult<MetricsRead> {
         let stores = self.stores().await?;
         let marks: Vec<(StoreId, Option<WriterId>, u64)> = stores
             .iter()
@@ -1176,7 +1176,7 @@ impl Engine {
                 None => (s.id.clone(), None, 0),
             })
             .collect();
-        let (unacked, conflicts) = self
+        let read = self
             .run(move |st, _| {
                 let unacked = marks
                     .iter()
@@ -1195,10 +1195,12 @@ impl Engine {
                     .iter()
                     .map(|k| (k.as_str(), open.iter().filter(|c| c.kind == *k).count() as u64))
                     .collect::<Vec<_>>();
-                (unacked, conflicts)
+                let channels = st.d.ats_totals().into_iter().map(|(c, n)| (c.to_string(), n)).collect();
+                (unacked, conflicts, channels)
             })
             .await?;
-        Ok((stores, unacked, conflicts))
+        let (unacked, conflicts_open, channel_ats) = read;
+        Ok(MetricsRead { stores, unacked, conflicts_open, channel_ats })
     }
 
     /// Stock of some SKUs at every store that has them.

@@ -42,6 +42,10 @@ macro_rules! counters {
             pub webhook_cursor: Family<Labels, Gauge>,
             /// Change feed events a webhook has not been sent yet, per URL.
             pub webhook_lag_events: Family<Labels, Gauge>,
+            /// Reservations made per sales channel.
+            pub channel_reservations: Family<Labels, Counter>,
+            /// Units a lagged channel sold beyond its stores' stock (recorded short), per channel.
+            pub channel_oversell_units: Family<Labels, Counter>,
             $(#[doc = $help] pub $name: Counter,)*
         }
 
@@ -68,6 +72,8 @@ macro_rules! counters {
                     webhook_delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
                     webhook_cursor: Family::default(),
                     webhook_lag_events: Family::default(),
+                    channel_reservations: Family::default(),
+                    channel_oversell_units: Family::default(),
                     $($name: Counter::default(),)*
                     registry: Registry::default(),
                 };
@@ -99,6 +105,12 @@ macro_rules! counters {
                     m.webhook_lag_events.clone(),
                 );
                 r.register("webhook_cursor", "Last change feed cursor delivered per webhook URL", m.webhook_cursor.clone());
+                r.register("channel_reservations", "Reservations made per sales channel", m.channel_reservations.clone());
+                r.register(
+                    "channel_oversell_units",
+                    "Units a lagged sales channel sold beyond its stores' stock (recorded short, each with a channel_oversell conflict)",
+                    m.channel_oversell_units.clone(),
+                );
                 $(r.register(stringify!($name).strip_suffix("_total").expect("counter names end in _total"), $help, m.$name.clone());)*
                 Metrics { registry, ..m }
             }
@@ -139,6 +151,15 @@ impl Metrics {
         self.reservations.get_or_create(&vec![("action", "expire".to_owned()), ("outcome", "ok".to_owned())]).inc_by(n);
     }
 
+    /// Counts a new reservation of `channel`, with the units it was short.
+    pub fn channel_reservation(&self, channel: &str, short: u64) {
+        let labels = vec![("channel", channel.to_owned())];
+        self.channel_reservations.get_or_create(&labels).inc();
+        if short > 0 {
+            self.channel_oversell_units.get_or_create(&labels).inc_by(short);
+        }
+    }
+
     /// Counts a reservation call: `action` (create, commit, extend, release, expire) and
     /// `outcome` (ok, or the error code it was answered with).
     pub fn reservation(&self, action: &'static str, outcome: &str) {
@@ -172,6 +193,8 @@ pub struct Snapshot {
     pub conflicts_open: Vec<(&'static str, u64)>,
     /// Newest committed change feed cursor.
     pub feed_head: u64,
+    /// Each configured channel's available-to-sell over every SKU.
+    pub channel_ats: Vec<(String, u64)>,
 }
 
 /// Most unacked entries counted per store at a scrape (the gauge saturates there).
@@ -221,6 +244,12 @@ impl prometheus_client::collector::Collector for SnapshotCollector {
             "conflicts_open",
             "Open conflicts by kind",
             &mut s.conflicts_open.iter().map(|(k, n)| (vec![("kind", (*k).to_owned())], *n as f64)),
+        )?;
+        family(
+            &mut encoder,
+            "channel_ats_units",
+            "A configured sales channel's available-to-sell summed over every SKU (as last announced on the feed)",
+            &mut s.channel_ats.iter().map(|(c, n)| (vec![("channel", c.clone())], *n as f64)),
         )?;
         observe::const_gauge(&mut encoder, "feed_head", "Newest committed change feed cursor", s.feed_head as f64)?;
         observe::const_gauge(&mut encoder, "stores", "Registered stores", s.stores.len() as f64)

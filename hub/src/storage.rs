@@ -154,6 +154,19 @@ pub struct TransferOutcome {
     pub heads: HubHeads,
 }
 
+/// What `/metrics` reads through the engine at a scrape.
+#[derive(Clone, Debug)]
+pub struct MetricsRead {
+    /// Every store.
+    pub stores: Vec<StoreInfo>,
+    /// Per store (same order): hub entries its agent has not acked (capped), units granted online.
+    pub unacked: Vec<(u64, u64)>,
+    /// Open conflicts per kind.
+    pub conflicts_open: Vec<(&'static str, u64)>,
+    /// Each configured channel's available-to-sell over every SKU.
+    pub channel_ats: Vec<(String, u64)>,
+}
+
 /// A SKU's figures at one moment: every store's, and those of the channels asked for.
 #[derive(Clone, Debug)]
 pub struct SkuView {

@@ -136,7 +136,8 @@ impl Marketplace {
             l.shown.insert(sku.to_owned(), shown - qty);
         }
         let body = json!({"id": uuid::Uuid::now_v7(), "lines": [{"sku": sku, "qty": qty}]});
-        let r = self.http.post(format!("{hub_url}/v1/reservations")).bearer_auth(token).json(&body).send().await.unwrap();
+        let r =
+            self.http.post(format!("{hub_url}/v1/reservations")).bearer_auth(token).json(&body).send().await.unwrap();
         let status = r.status();
         let v: Value = r.json().await.unwrap();
         assert_eq!(status, 201, "a lagged channel's order is always recorded: {v}");

@@ -82,7 +82,8 @@ impl Chain {
     /// Open `channel_oversell` conflicts of `sku`: their total shortfall.
     async fn oversold(&self, sku: &str) -> (usize, u64) {
         let (_, v) = self.call(&self.admin, Method::GET, &format!("/v1/conflicts?status=open&sku={sku}"), None).await;
-        let mine: Vec<&Value> = v["items"].as_array().unwrap().iter().filter(|c| c["kind"] == "channel_oversell").collect();
+        let mine: Vec<&Value> =
+            v["items"].as_array().unwrap().iter().filter(|c| c["kind"] == "channel_oversell").collect();
         assert!(mine.iter().all(|c| c["details"]["channel"] == "amazon"), "{v}");
         (mine.len(), mine.iter().map(|c| c["shortfall"].as_u64().unwrap()).sum())
     }
@@ -94,7 +95,8 @@ impl Chain {
 async fn sale(c: &Chain, m: &Marketplace, sku: &str, listed: u64) -> (usize, u64) {
     m.set_lag(Duration::ZERO);
     c.restock(sku, STOCK).await;
-    wait_until("the marketplace to list the stock", DEADLINE, || async { (m.shown(sku) == listed).then_some(()) }).await;
+    wait_until("the marketplace to list the stock", DEADLINE, || async { (m.shown(sku) == listed).then_some(()) })
+        .await;
     m.set_lag(Duration::from_secs(3600));
     c.flash_sale(sku).await;
     let (mut orders, mut units) = (0, 0);
@@ -135,7 +137,14 @@ async fn a_lagged_marketplace_and_a_web_flash_sale_never_promise_a_unit_twice_un
     let channel = json!({"fulfil": {"stores": ["store-0"]}, "latency": {"lagged": {"lag_secs": 600}}});
     let (s, v) = c.call(&c.admin, Method::PUT, "/v1/channels/amazon", Some(channel)).await;
     assert_eq!(s, 201, "{v}");
-    let (s, v) = c.call(&c.admin, Method::POST, "/v1/tokens", Some(json!({"role": "storefront", "channel": "amazon", "name": "amazon connector"}))).await;
+    let (s, v) = c
+        .call(
+            &c.admin,
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"role": "storefront", "channel": "amazon", "name": "amazon connector"})),
+        )
+        .await;
     assert_eq!(s, 201, "{v}");
     c.amazon = v["token"].as_str().unwrap().to_owned();
 
@@ -146,7 +155,11 @@ async fn a_lagged_marketplace_and_a_web_flash_sale_never_promise_a_unit_twice_un
     assert_eq!(web, (FLASH, 0), "no web promise is cut for the marketplace");
     assert_eq!(market, (STOCK - FLASH, MARKET - (STOCK - FLASH)), "what was left, and the rest short");
     assert!(web.0 + market.0 <= STOCK, "no unit promised twice");
-    assert_eq!(c.oversold("BARE").await, ((MARKET - (STOCK - FLASH)) as usize, MARKET - (STOCK - FLASH)), "every oversold unit is a conflict");
+    assert_eq!(
+        c.oversold("BARE").await,
+        ((MARKET - (STOCK - FLASH)) as usize, MARKET - (STOCK - FLASH)),
+        "every oversold unit is a conflict"
+    );
     let (_, v) = c.call(&c.amazon, Method::GET, "/v1/availability/BARE", None).await;
     assert_eq!(v["available"], 0, "{v}");
 
@@ -155,10 +168,28 @@ async fn a_lagged_marketplace_and_a_web_flash_sale_never_promise_a_unit_twice_un
     let (s, v) = c.call(&c.admin, Method::PUT, "/v1/channels/amazon", Some(channel)).await;
     assert_eq!(s, 200, "{v}");
     let (orders, units) = sale(&c, &m, "BUFFERED", STOCK - FLASH).await;
-    assert_eq!((orders, units), ((STOCK - FLASH) as usize, STOCK - FLASH), "the listing's 5, the other customers refused there");
+    assert_eq!(
+        (orders, units),
+        ((STOCK - FLASH) as usize, STOCK - FLASH),
+        "the listing's 5, the other customers refused there"
+    );
     let [web, market] = c.promised("BUFFERED").await;
     assert_eq!((web, market), ((FLASH, 0), (STOCK - FLASH, 0)));
     assert_eq!(c.oversold("BUFFERED").await, (0, 0), "nothing promised twice");
     assert!(m.received() >= 2, "the hook told the marketplace each SKU's quantity");
+
+    // Head office sees it per channel in /metrics.
+    let text =
+        c.http.get(format!("{}/metrics", c.url)).bearer_auth(&c.admin).send().await.unwrap().text().await.unwrap();
+    let value = |line: &str| -> f64 {
+        let l = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("{line} missing:\n{text}"));
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let oversold = MARKET - (STOCK - FLASH);
+    assert_eq!(value("shelfsync_hub_channel_oversell_units_total{channel=\"amazon\"}"), oversold as f64);
+    assert_eq!(value("shelfsync_hub_channel_reservations_total{channel=\"web\"}"), (2 * FLASH) as f64);
+    assert_eq!(value("shelfsync_hub_channel_reservations_total{channel=\"amazon\"}"), (MARKET + STOCK - FLASH) as f64);
+    assert_eq!(value("shelfsync_hub_conflicts_open{kind=\"channel_oversell\"}"), oversold as f64);
+    assert_eq!(value("shelfsync_hub_channel_ats_units{channel=\"amazon\"}"), 0.0, "both SKUs sold out for it");
     h.stop().await;
 }

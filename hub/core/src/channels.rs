@@ -438,6 +438,20 @@ impl Decider {
         self.t.channels.keys().cloned().collect()
     }
 
+    /// Each configured channel's available-to-sell summed over every SKU, as last announced on
+    /// the feed (without any staleness discount), by id.
+    pub fn ats_totals(&self) -> Vec<(ChannelId, u64)> {
+        self.t
+            .channels
+            .keys()
+            .map(|id| {
+                let total =
+                    self.t.channel_ats.get(id).map_or(0, |m| m.values().fold(0u64, |a, n| a.saturating_add(*n)));
+                (id.clone(), total)
+            })
+            .collect()
+    }
+
     /// One channel (`None`: no such channel).
     pub fn channel(&self, id: &ChannelId) -> Option<Channel> {
         self.t.channel(id)

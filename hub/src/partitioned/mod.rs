@@ -852,6 +852,12 @@ async fn metrics(
         .await
         .map_err(unavailable)?
         .get(0);
-    let snapshot = crate::metrics::Snapshot { stores, conflicts_open, feed_head: feed_head.max(0) as u64 };
+    // Channels' available-to-sell is every decider's to sum: not shown on a partitioned hub.
+    let snapshot = crate::metrics::Snapshot {
+        stores,
+        conflicts_open,
+        feed_head: feed_head.max(0) as u64,
+        channel_ats: Vec::new(),
+    };
     Ok(crate::metrics::render(&front.agents.metrics, snapshot))
 }
