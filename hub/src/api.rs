@@ -756,6 +756,7 @@ async fn get_overview(
         "skus": o.skus,
         "stores": stores,
         "reservations": o.reservations,
+        "channels": o.channels,
         "open_conflicts": o.open_conflicts,
         "low_stock": o.low_stock,
         "out_of_stock": o.out_of_stock,

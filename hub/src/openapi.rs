@@ -610,6 +610,8 @@ pub struct Overview {
     pub skus: u64,
     pub stores: Vec<OverviewStore>,
     pub reservations: ReservationCounts,
+    /// The same per sales channel.
+    pub channels: std::collections::BTreeMap<String, ReservationCounts>,
     /// Open conflicts by kind.
     pub open_conflicts: std::collections::BTreeMap<String, u64>,
     pub low_stock: u64,

@@ -31,6 +31,10 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
     let (s, v) = c.hub_post("/v1/tokens", json!({"role": "viewer", "name": "dashboard"})).await;
     assert_eq!(s, 201, "{v}");
     let viewer = v["token"].as_str().unwrap().to_owned();
+    let amazon =
+        json!({"fulfil": {"stores": ["store-1"]}, "buffer": {"units": 1}, "latency": {"lagged": {"lag_secs": 600}}});
+    let (s, v) = c.hub_call(Method::PUT, "/v1/channels/amazon", Some(amazon)).await;
+    assert_eq!(s, 201, "{v}");
     for (sku, name, threshold) in [("OAK-1", "Oak shelf", 5), ("PINE-2", "Pine board", 0)] {
         let (s, v) = c
             .hub_call(
@@ -112,6 +116,13 @@ async fn the_dashboard_shows_the_chain_live_in_a_real_browser() {
         (t.contains("Pine board") && !t.contains("Oak shelf")).then_some(())
     })
     .await;
+    // Each channel's figures: its configuration and reservations, and per SKU what it may promise.
+    let channels =
+        page_text(&b, "#channels", "the sales channels", &["amazon", "store-1", "lagged 600 s", "web (defaults)"])
+            .await;
+    let web = b.text("#channels tr[data-channel='web']").await;
+    assert!(web.contains("every store") && web.contains("live"), "{channels}");
+    page_text(&b, "#stock", "what each channel may promise", &["Pine board", "amazon ", "web "]).await;
     let lines: u64 =
         b.eval("return document.querySelectorAll('#chart-sold polyline').length", vec![]).await.as_u64().unwrap();
     assert_eq!(lines, 2, "one line per store in the sales chart");

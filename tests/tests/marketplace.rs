@@ -191,5 +191,14 @@ async fn a_lagged_marketplace_and_a_web_flash_sale_never_promise_a_unit_twice_un
     assert_eq!(value("shelfsync_hub_channel_reservations_total{channel=\"amazon\"}"), (MARKET + STOCK - FLASH) as f64);
     assert_eq!(value("shelfsync_hub_conflicts_open{kind=\"channel_oversell\"}"), oversold as f64);
     assert_eq!(value("shelfsync_hub_channel_ats_units{channel=\"amazon\"}"), 0.0, "both SKUs sold out for it");
+    // And on the overview (the dashboard's channels table).
+    let (_, o) = c.call(&c.admin, Method::GET, "/v1/overview", None).await;
+    let per = &o["channels"];
+    assert_eq!((per["web"]["held"].as_u64(), per["web"]["units_short"].as_u64()), (Some(2 * FLASH), Some(0)), "{o}");
+    assert_eq!(
+        (per["amazon"]["units_short"].as_u64(), per["amazon"]["short"].as_u64()),
+        (Some(oversold), Some(oversold)),
+        "{o}"
+    );
     h.stop().await;
 }

@@ -113,6 +113,8 @@ pub struct Overview {
     pub stores: Vec<StoreSummary>,
     /// Reservations by status.
     pub reservations: ReservationCounts,
+    /// The same per sales channel (`web` for reservations from before channels).
+    pub channels: BTreeMap<String, ReservationCounts>,
     /// Open conflicts by kind.
     pub open_conflicts: BTreeMap<String, u64>,
     /// Cells (store, catalogued SKU) at or below their low-stock threshold, not counting revoked stores.
@@ -190,24 +192,38 @@ impl Decider {
             }
         }
         let mut reservations = ReservationCounts::default();
+        let mut channels: BTreeMap<String, ReservationCounts> = BTreeMap::new();
+        let channel_of =
+            |r: &crate::model::Reservation| r.channel.as_ref().map_or(crate::channels::WEB, |c| c.as_str()).to_owned();
         for r in t.reservations.values() {
-            let slot = match r.status {
-                ReservationStatus::Held => &mut reservations.held,
-                ReservationStatus::Committed => &mut reservations.committed,
-                ReservationStatus::Fulfilled => &mut reservations.fulfilled,
-                ReservationStatus::Released => &mut reservations.released,
-                ReservationStatus::Expired => &mut reservations.expired,
-            };
-            *slot += 1;
+            let per = channels.entry(channel_of(r)).or_default();
+            for counts in [&mut reservations, per] {
+                let slot = match r.status {
+                    ReservationStatus::Held => &mut counts.held,
+                    ReservationStatus::Committed => &mut counts.committed,
+                    ReservationStatus::Fulfilled => &mut counts.fulfilled,
+                    ReservationStatus::Released => &mut counts.released,
+                    ReservationStatus::Expired => &mut counts.expired,
+                };
+                *slot += 1;
+            }
         }
         let mut short = std::collections::HashSet::new();
         for a in t.allocations.values() {
-            if a.status.is_open() {
-                reservations.units_held += a.qty;
+            let per = t.reservations.get(&a.reservation).map(channel_of).and_then(|c| channels.get_mut(&c));
+            let mut both: Vec<&mut ReservationCounts> = std::iter::once(&mut reservations).chain(per).collect();
+            for counts in both.iter_mut() {
+                if a.status.is_open() {
+                    counts.units_held += a.qty;
+                }
+                if a.status == AllocationStatus::Short {
+                    counts.units_short += a.qty;
+                }
             }
-            if a.status == AllocationStatus::Short {
-                reservations.units_short += a.qty;
-                short.insert(a.reservation);
+            if a.status == AllocationStatus::Short && short.insert(a.reservation) {
+                if let Some(c) = t.reservations.get(&a.reservation).map(channel_of).and_then(|c| channels.get_mut(&c)) {
+                    c.short += 1;
+                }
             }
         }
         reservations.short = short.len() as u64;
@@ -218,6 +234,7 @@ impl Decider {
             skus: t.skus.iter().filter(|s| !s.stores.is_empty()).count() as u64,
             stores,
             reservations,
+            channels,
             open_conflicts,
             low_stock: low,
             out_of_stock: out,

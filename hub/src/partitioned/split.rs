@@ -789,7 +789,7 @@ pub(super) async fn overview(front: &Front, parts: &axum::http::request::Parts) 
         match &mut out {
             None => out = Some(o),
             Some(t) => {
-                for f in ["skus", "reservations", "open_conflicts", "low_stock", "out_of_stock"] {
+                for f in ["skus", "reservations", "channels", "open_conflicts", "low_stock", "out_of_stock"] {
                     add_numbers(&mut t[f], &o[f]);
                 }
                 for f in ["sold", "reserved"] {
