@@ -46,6 +46,10 @@ pub(crate) struct ChannelBody {
     #[serde(default)]
     #[schema(value_type = Value)]
     latency: Latency,
+    /// `{"SKU": units}`: per SKU, units withheld instead of `buffer` (default none).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    sku_buffers: std::collections::BTreeMap<shelfsync_shared::Sku, u64>,
 }
 
 pub(crate) fn parse_channel(field: &str, s: &str) -> Result<ChannelId, ApiError> {
@@ -118,7 +122,8 @@ pub(crate) async fn put_channel(
 ) -> Result<Response, ApiError> {
     let id = parse_channel("id", &id)?;
     let existed = one(&state, &id).await?.is_some_and(|v| v.configured);
-    let ch = Channel { id, fulfil: b.fulfil, buffer: b.buffer, cap: b.cap, latency: b.latency };
+    let ch =
+        Channel { id, fulfil: b.fulfil, buffer: b.buffer, cap: b.cap, latency: b.latency, sku_buffers: b.sku_buffers };
     let channel = state.hub.storage.put_channel(ch, shelfsync_node::now_ms()).await?;
     tracing::info!(channel = %channel.id, "channel configured");
     let status = if existed { StatusCode::OK } else { StatusCode::CREATED };

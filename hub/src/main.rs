@@ -311,12 +311,34 @@ struct ChannelFlags {
     /// A live channel (it asks at checkout; the default).
     #[arg(long)]
     live: bool,
+    /// One SKU's own buffer, instead of the channel's: SKU=UNITS (repeat the flag for several).
+    #[arg(long, value_name = "SKU=UNITS")]
+    sku_buffer: Vec<String>,
+    /// Drop a SKU's own buffer (the channel's applies again); repeat for several.
+    #[arg(long, value_name = "SKU")]
+    clear_sku_buffer: Vec<String>,
 }
 
 impl ChannelFlags {
     /// Applies the flags given to a channel's JSON (as `GET /v1/channels/{id}` shows it).
-    fn apply(&self, c: &mut serde_json::Value) {
+    fn apply(&self, c: &mut serde_json::Value) -> anyhow::Result<()> {
         use serde_json::json;
+        if !c["sku_buffers"].is_object() {
+            c["sku_buffers"] = json!({});
+        }
+        for b in &self.sku_buffer {
+            let Some((sku, units)) = b.split_once('=') else {
+                anyhow::bail!("--sku-buffer {b}: give SKU=UNITS, e.g. HOT-1=5");
+            };
+            let units: u64 =
+                units.parse().map_err(|_| anyhow::anyhow!("--sku-buffer {b}: {units} is not a whole number"))?;
+            c["sku_buffers"][sku] = json!(units);
+        }
+        for sku in &self.clear_sku_buffer {
+            if let Some(m) = c["sku_buffers"].as_object_mut() {
+                m.remove(sku);
+            }
+        }
         if let Some(s) = &self.stores {
             c["fulfil"] = json!({ "stores": s });
         }
@@ -347,6 +369,7 @@ impl ChannelFlags {
         if self.live {
             c["latency"] = json!("live");
         }
+        Ok(())
     }
 }
 
@@ -359,7 +382,13 @@ fn channel_summary(c: &serde_json::Value) -> [String; 4] {
             v["stores"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect::<Vec<_>>().join(",")
         ),
     };
-    let buffer = format!("{} / {}%", c["buffer"]["units"], c["buffer"]["share_pct"]);
+    let own = c["sku_buffers"].as_object().map_or(0, |m| m.len());
+    let buffer = format!(
+        "{} / {}%{}",
+        c["buffer"]["units"],
+        c["buffer"]["share_pct"],
+        if own > 0 { format!(" (+{own} SKUs)") } else { String::new() }
+    );
     let cap = match (c["cap"]["units"].as_u64(), c["cap"]["share_pct"].as_u64()) {
         (None, None) => "-".to_owned(),
         (u, p) => {
@@ -620,7 +649,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("channel {id} exists; `channel set {id} ...` changes it");
             }
             let mut c = serde_json::json!({});
-            flags.apply(&mut c);
+            flags.apply(&mut c)?;
             let c = api.call(reqwest::Method::PUT, &path, Some(c)).await?;
             let [fulfil, buffer, cap, latency] = channel_summary(&c);
             println!("channel {id} added: {fulfil}; buffer {buffer}; cap {cap}; {latency}");
@@ -628,9 +657,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Channel { cmd: ChannelCmd::Set { id, flags, api } } => {
             let path = format!("/v1/channels/{id}");
             let mut c = api.call(reqwest::Method::GET, &path, None).await?;
-            flags.apply(&mut c);
+            flags.apply(&mut c)?;
             let body = serde_json::json!({
                 "fulfil": c["fulfil"], "buffer": c["buffer"], "cap": c["cap"], "latency": c["latency"],
+                "sku_buffers": c["sku_buffers"],
             });
             let c = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
             let [fulfil, buffer, cap, latency] = channel_summary(&c);

@@ -131,6 +131,9 @@ pub struct Channel {
     /// `"live"` or `{"lagged": {"lag_secs"}}`.
     #[schema(value_type = Value)]
     pub latency: serde_json::Value,
+    /// Per SKU, units withheld instead of `buffer` (left out when none).
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub sku_buffers: Option<serde_json::Value>,
     /// Whether head office configured it (web exists unconfigured, with its defaults).
     pub configured: bool,
 }

@@ -1278,6 +1278,7 @@ impl<'w> Run<'w> {
                 buffer: Buffer { units: if protect { cfg.market_buffer } else { 0 }, share_pct: 0 },
                 cap: Cap::default(),
                 latency: Latency::Lagged { lag_secs: if protect { u64::from(cfg.market_refresh_min) * 60 } else { 1 } },
+                sku_buffers: Default::default(),
             };
             self.ok(Command::PutChannel(market));
             self.refresh_listing();

@@ -101,6 +101,18 @@ both_backends! {
         assert_eq!(item["available"], 9, "store-0's 10 less a buffer of 1: {item}");
         let stores: Vec<&str> = item["stores"].as_array().unwrap().iter().map(|s| s["store"].as_str().unwrap()).collect();
         assert_eq!(stores, ["store-0"], "only the channel's stores");
+        // One SKU's own buffer replaces the channel's for it, until cleared.
+        let (ok, out) = channel_cli(&c, &["set", "amazon", "--sku-buffer", "A=4", "--sku-buffer", "B=2"]).await;
+        assert!(ok && out.contains("+2 SKUs"), "{out}");
+        let (_, v) = call(&c, &amazon, Method::GET, "/v1/availability/A", None).await;
+        assert_eq!((v["channel"]["buffer"].as_u64(), v["available"].as_u64()), (Some(4), Some(6)), "{v}");
+        let (ok, out) = channel_cli(&c, &["set", "amazon", "--clear-sku-buffer", "A"]).await;
+        assert!(ok, "{out}");
+        assert_eq!(c.hub_get("/v1/channels/amazon").await["sku_buffers"], json!({"B": 2}));
+        let (_, v) = call(&c, &amazon, Method::GET, "/v1/availability/A", None).await;
+        assert_eq!(v["available"], 9, "{v}");
+        let (ok, out) = channel_cli(&c, &["set", "amazon", "--sku-buffer", "A"]).await;
+        assert!(!ok && out.contains("SKU=UNITS"), "{out}");
         let (s, v) = call(&c, &amazon, Method::GET, "/v1/availability/A?channel=app", None).await;
         assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")), "{v}");
         let (s, v) = call(&c, &web, Method::GET, "/v1/availability/A", None).await;

@@ -32,6 +32,8 @@ pub const CHANNEL_STORES_MAX: usize = 10_000;
 pub const LAG_SECS_MAX: u64 = 86_400;
 /// Largest buffer or cap in units.
 pub const CHANNEL_UNITS_MAX: u64 = 1_000_000_000;
+/// Most per-SKU buffers a channel may name.
+pub const CHANNEL_SKU_BUFFERS_MAX: usize = 10_000;
 
 /// A channel's id: 1 to 32 of `a-z 0-9 -`, starting with a letter or digit.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -164,6 +166,10 @@ pub struct Channel {
     /// Live or lagged.
     #[serde(default)]
     pub latency: Latency,
+    /// Per SKU, units withheld instead of `buffer` (head office holds more of a hot item back
+    /// from one channel without touching the others).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sku_buffers: std::collections::BTreeMap<Sku, u64>,
 }
 
 impl Channel {
@@ -175,6 +181,7 @@ impl Channel {
             buffer: Buffer::default(),
             cap: Cap::default(),
             latency: Latency::Live,
+            sku_buffers: Default::default(),
         }
     }
 
@@ -206,6 +213,15 @@ impl Channel {
             if s.is_empty() || s.len() > CHANNEL_STORES_MAX {
                 return Err(format!("fulfil.stores must list 1 to {CHANNEL_STORES_MAX} stores, got {}", s.len()));
             }
+        }
+        if self.sku_buffers.len() > CHANNEL_SKU_BUFFERS_MAX {
+            return Err(format!(
+                "sku_buffers may name at most {CHANNEL_SKU_BUFFERS_MAX} SKUs, got {}",
+                self.sku_buffers.len()
+            ));
+        }
+        if let Some((sku, u)) = self.sku_buffers.iter().find(|(_, u)| **u > CHANNEL_UNITS_MAX) {
+            return Err(format!("sku_buffers.{sku} must be at most {CHANNEL_UNITS_MAX}, got {u}"));
         }
         if let Latency::Lagged { lag_secs } = self.latency {
             if lag_secs == 0 || lag_secs > LAG_SECS_MAX {
@@ -287,7 +303,10 @@ pub(crate) fn figures(t: &Tables, ch: &Channel, sk: SkuIx, basis: Basis<'_>) -> 
         Latency::Lagged { lag_secs } => poisson_quantile(rate_per_ms * (lag_secs * 1000) as f64, DISCOUNT_CONFIDENCE),
     };
     let share = (ch.buffer.share_pct as f64 * pool as f64 / 100.0 - 1e-9).ceil().max(0.0) as u64;
-    let buffer = ch.buffer.units.max(share);
+    let buffer = match ch.sku_buffers.get(&t.sku(sk).sku) {
+        Some(units) => *units,
+        None => ch.buffer.units.max(share),
+    };
     let cap = match (ch.cap.units, ch.cap.share_pct) {
         (None, None) => None,
         (u, p) => {

@@ -129,6 +129,31 @@ fn a_channels_ats_is_its_stores_less_buffer_within_its_cap() {
 }
 
 #[test]
+fn a_skus_own_buffer_replaces_the_channels_for_that_sku_only() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.stock("a", "X", 10);
+    h.stock("a", "Y", 10);
+    let market = Channel {
+        buffer: Buffer { units: 1, share_pct: 0 },
+        sku_buffers: [(k("X"), 6)].into(),
+        latency: Latency::Lagged { lag_secs: 300 },
+        ..channel("market")
+    };
+    put(&mut h, market.clone());
+    assert_eq!((ats(&h, "market", "X").buffer, ats(&h, "market", "X").ats), (6, 4), "X's own buffer");
+    assert_eq!((ats(&h, "market", "Y").buffer, ats(&h, "market", "Y").ats), (1, 9), "the channel's for the rest");
+    // Less than the channel's works too: the SKU's own number wins either way.
+    put(&mut h, Channel { sku_buffers: [(k("Y"), 0)].into(), ..market });
+    assert_eq!((ats(&h, "market", "X").ats, ats(&h, "market", "Y").ats), (9, 10));
+    let too_many =
+        Channel { sku_buffers: (0..=10_000).map(|i| (k(&format!("S{i}")), 1)).collect(), ..channel("market") };
+    let err = h.apply(Command::PutChannel(too_many)).unwrap_err();
+    assert!(matches!(&err, Refusal::Invalid(m) if m.contains("sku_buffers")), "{err}");
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot());
+}
+
+#[test]
 fn a_lagged_channel_keeps_a_margin_and_its_oversells_are_recorded_short() {
     let mut h = H::new();
     h.stores(&["a", "b"]);

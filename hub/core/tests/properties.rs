@@ -131,6 +131,11 @@ fn channel_config(which: u8, n: u8) -> shelfsync_hub_core::Channel {
             buffer: Buffer { units: (n % 3) as u64, share_pct: 10 * (n % 4) as u64 },
             cap: Cap::default(),
             latency: Latency::Live,
+            // Now and then one SKU withheld more (or less) than the channel's buffer.
+            sku_buffers: (n % 5 == 0)
+                .then(|| (SKUS[(n as usize / 5) % SKUS.len()].parse().unwrap(), (n % 4) as u64))
+                .into_iter()
+                .collect(),
         },
         _ => Channel {
             id,
@@ -138,6 +143,7 @@ fn channel_config(which: u8, n: u8) -> shelfsync_hub_core::Channel {
             buffer: Buffer { units: (n % 2) as u64, share_pct: 0 },
             cap: Cap { units: (!n.is_multiple_of(3)).then_some((n % 7) as u64), share_pct: Some(50 + (n % 50) as u64) },
             latency: Latency::Lagged { lag_secs: 60 * (1 + (n % 10) as u64) },
+            sku_buffers: Default::default(),
         },
     }
 }
