@@ -234,10 +234,12 @@ impl View {
     /// Whether a feed reader of this view sees `ev`: a channel's reader sees what is about its
     /// channel and what is about none (stock, stores, the catalog); the others see everything.
     pub(crate) fn sees(&self, ev: &crate::engine::ChangeEvent) -> bool {
-        match self {
-            View::One(c) => event_channel(ev).is_none_or(|e| e == c.as_str()),
-            View::Chain | View::All => true,
+        let View::One(c) = self else { return true };
+        // An oversell names every channel whose promises it touched.
+        if let Some(list) = ev.data["conflict"]["details"]["channels"].as_array() {
+            return list.iter().any(|e| e == c.as_str());
         }
+        event_channel(ev).is_none_or(|e| e == c.as_str())
     }
 }
 

@@ -175,6 +175,17 @@ both_backends! {
         assert!(items.iter().filter(|e| e["kind"] == "hidden").all(|e| e["data"].is_null()));
         let (s, v) = call(&c, &amazon, Method::GET, "/v1/changes?channel=app", None).await;
         assert_eq!(s, 403, "{v}");
+        // A walk-in at store-0 takes a unit the marketplace was promised: the oversell names the
+        // channels whose promises it touched, and the marketplace's feed shows it.
+        assert_eq!(c.sell(0, "A", 1).await, 201);
+        let over = wait_until("the oversell at store-0", DEADLINE, || async {
+            let v = c.hub_get("/v1/conflicts?store=store-0").await;
+            v["items"].as_array().unwrap().iter().find(|k| k["kind"] == "oversell").cloned()
+        })
+        .await;
+        assert!(over["details"]["channels"].as_array().unwrap().contains(&json!("amazon")), "{over}");
+        let (_, mine) = call(&c, &amazon, Method::GET, "/v1/changes?limit=1000", None).await;
+        assert!(mine["items"].as_array().unwrap().iter().any(|e| e["kind"] == "oversell_detected"), "{mine}");
 
         // Channels and bound tokens outlive a restart.
         c.stop_hub().await;

@@ -125,6 +125,13 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
         (false, n) => format!("re-sourced {}; {n} marked short", moved.join(", ")),
     };
     let resolved = short_total == 0;
+    // The sales channels whose promises it touched (a channel's reader of the feed sees it).
+    let channels: std::collections::BTreeSet<&str> = touched
+        .iter()
+        .filter_map(|r| cx.t.reservations.get(r))
+        .map(|r| r.channel.as_ref().map_or(crate::channels::WEB, |c| c.as_str()))
+        .collect();
+    let details = Some(serde_json::json!({ "channels": channels }));
     let c = Conflict {
         id: cx.t.mint(now),
         kind: ConflictKind::Oversell,
@@ -136,7 +143,7 @@ pub(crate) fn reconcile(cx: &mut Ctx<'_>, st: StoreIx, sk: SkuIx) -> Vec<StoreId
         status: if resolved { ConflictStatus::Resolved } else { ConflictStatus::Open },
         detected_at_ms: now,
         resolved_at_ms: resolved.then_some(now),
-        details: None,
+        details,
     };
     cx.t.put_conflict(c.clone());
     cx.t.emit(FeedKind::OversellDetected, now, FeedData::Conflict { conflict: c.clone() });
