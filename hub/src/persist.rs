@@ -96,6 +96,9 @@ pub fn rows(records: &[Record]) -> impl Iterator<Item = RowWrite<'_>> {
             Record::CatalogRule { .. } | Record::Overrides { .. } => None,
             // A removed channel stays as a `null` row (there are at most a few dozen).
             Record::Channel { id, channel } => decision("channel", id.to_string(), json(channel)),
+            Record::ChannelDemand { channel, sku, velocity } => {
+                decision("channel_demand", format!("{channel}/{sku}"), json(velocity))
+            }
             Record::Reservation(x) => decision("reservation", x.id.to_string(), json(x)),
             Record::Allocation(x) => decision("allocation", x.id.to_string(), json(x)),
             Record::Conflict(x) => decision("conflict", x.id.to_string(), json(x)),
@@ -282,6 +285,15 @@ pub fn decision_record(kind: &str, key: &str, body: &str) -> StorageResult<Recor
                 .map_err(|e: String| StorageError::Corrupt(format!("decisions row channel {key:?}: {e}")))?,
             channel: parse(kind, key, body)?,
         },
+        "channel_demand" => {
+            let bad = |m: String| StorageError::Corrupt(format!("decisions row channel_demand {key:?}: {m}"));
+            let (c, sku) = key.split_once('/').ok_or_else(|| bad("no /".into()))?;
+            Record::ChannelDemand {
+                channel: c.parse().map_err(bad)?,
+                sku: sku.parse().map_err(|e| bad(format!("{e}")))?,
+                velocity: parse(kind, key, body)?,
+            }
+        }
         "reservation" => Record::Reservation(parse(kind, key, body)?),
         "allocation" => Record::Allocation(parse(kind, key, body)?),
         "conflict" => Record::Conflict(parse(kind, key, body)?),

@@ -285,8 +285,10 @@ fn store_available(t: &Tables, st: StoreIx, sk: SkuIx, basis: Basis<'_>) -> u64 
     }
 }
 
-/// A channel's figures of a SKU. The lag margin is the 99.9 % Poisson quantile of what the
-/// channel's stores sell over `lag_secs` at their sales velocity (as of its last update).
+/// A channel's figures of a SKU. The lag margin is the 99.9 % Poisson quantile of what can take
+/// its listed units while its listing is stale, over `lag_secs`: what the channel's stores sell
+/// at their sales velocity, and what every other channel reserves of the SKU at its
+/// reservation velocity (each as of its last update).
 pub(crate) fn figures(t: &Tables, ch: &Channel, sk: SkuIx, basis: Basis<'_>) -> ChannelFigures {
     let (mut pool, mut chain, mut rate_per_ms) = (0u64, 0u64, 0f64);
     for st in live_stores_of(t, sk) {
@@ -296,6 +298,13 @@ pub(crate) fn figures(t: &Tables, ch: &Channel, sk: SkuIx, basis: Basis<'_>) -> 
             pool = pool.saturating_add(a);
             let score = t.cell(st, sk).and_then(|c| c.velocity).map_or(0.0, |v| v.score);
             rate_per_ms += score / t.tau_ms.max(1) as f64;
+        }
+    }
+    if let Some(others) = t.channel_demand.get(&sk) {
+        for (c, v) in others {
+            if *c != ch.id {
+                rate_per_ms += v.score / t.tau_ms.max(1) as f64;
+            }
         }
     }
     let lag_margin = match ch.latency {

@@ -208,6 +208,19 @@ pub(crate) fn reserve(cx: &mut Ctx<'_>, req: &ReservationRequest) -> Result<Writ
         let ch = ch.as_ref().expect("a lagged channel is configured");
         crate::channels::oversell(cx, ch, req.id, plans[line].0, at, short, &f);
     }
+    // How fast this channel reserves each SKU: part of the other channels' lag margins.
+    let mut asked_by_sku: BTreeMap<SkuIx, u64> = BTreeMap::new();
+    for (i, (sk, _)) in plans.iter().enumerate() {
+        *asked_by_sku.entry(*sk).or_default() += req.lines[i].qty;
+    }
+    let by = channel.clone().unwrap_or_else(crate::channels::ChannelId::web);
+    for (sk, qty) in asked_by_sku {
+        let prev = cx.t.demand_of(sk, &by);
+        let qty = i64::try_from(qty).unwrap_or(i64::MAX);
+        if let Some(v) = crate::alerts::next_velocity(prev, qty, 0, now, cx.cfg.staleness.tau_ms) {
+            cx.t.set_demand(sk, by.clone(), v);
+        }
+    }
     let touched: BTreeMap<(StoreId, Sku), (StoreIx, SkuIx)> =
         taken.keys().map(|&(st, sk)| ((cx.t.store(st).id.clone(), cx.t.sku(sk).sku.clone()), (st, sk))).collect();
     for (st, sk) in touched.into_values() {

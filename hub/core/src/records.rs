@@ -121,6 +121,16 @@ pub enum Record {
         /// Its configuration.
         channel: Option<crate::channels::Channel>,
     },
+    /// How fast a sales channel reserves a SKU (by channel, sku): what a lagged channel's margin
+    /// counts of the other channels' demand.
+    ChannelDemand {
+        /// Which channel (`web` for reservations naming none).
+        channel: crate::channels::ChannelId,
+        /// What.
+        sku: Sku,
+        /// Decayed units reserved.
+        velocity: Velocity,
+    },
     /// A reservation (by id).
     Reservation(Reservation),
     /// An allocation (by id).
@@ -166,6 +176,10 @@ pub(crate) fn flush(t: &mut Tables, out: &mut Vec<Record>) {
     for id in d.channels {
         let channel = t.channels.get(&id).cloned();
         out.push(Record::Channel { id, channel });
+    }
+    for (sk, channel) in d.channel_demand {
+        let velocity = t.demand_of(sk, &channel).expect("dirty demand exists");
+        out.push(Record::ChannelDemand { channel, sku: t.sku(sk).sku.clone(), velocity });
     }
     for (st, sk, w) in d.entries {
         let slot = t.cell(st, sk).and_then(|c| c.slots.iter().find(|s| s.writer == w)).expect("dirty entry exists");
@@ -273,6 +287,10 @@ fn load(t: &mut Tables, r: Record) -> Result<(), LoadError> {
             Some(c) => return Err(LoadError::Corrupt(format!("channel row {id} holds channel {}", c.id))),
             None => t.remove_channel(&id),
         },
+        Record::ChannelDemand { channel, sku, velocity } => {
+            let sk = t.intern_sku(&sku);
+            t.set_demand(sk, channel, velocity);
+        }
         Record::Reservation(r) => {
             t.reservations.insert(r.id, r);
         }
@@ -320,6 +338,7 @@ pub(crate) struct Dirty {
     pub catalog: BTreeSet<SkuIx>,
     pub overrides: BTreeSet<(StoreId, Sku)>,
     pub channels: BTreeSet<crate::channels::ChannelId>,
+    pub channel_demand: BTreeSet<(SkuIx, crate::channels::ChannelId)>,
     pub reservations: BTreeSet<Uuid>,
     pub allocations: BTreeSet<Uuid>,
     pub conflicts: BTreeSet<Uuid>,
@@ -342,6 +361,7 @@ impl Dirty {
             && self.catalog.is_empty()
             && self.overrides.is_empty()
             && self.channels.is_empty()
+            && self.channel_demand.is_empty()
             && self.reservations.is_empty()
             && self.allocations.is_empty()
             && self.conflicts.is_empty()

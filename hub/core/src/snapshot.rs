@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub channels: BTreeMap<crate::channels::ChannelId, crate::channels::Channel>,
     /// Each channel's last announced `ats` per SKU (derived: equal after a rebuild).
     pub channel_ats: BTreeMap<(crate::channels::ChannelId, Sku), u64>,
+    /// How fast each channel reserves each SKU.
+    pub channel_demand: BTreeMap<(crate::channels::ChannelId, Sku), crate::model::Velocity>,
     /// Reservations.
     pub reservations: BTreeMap<Uuid, Reservation>,
     /// Allocation ids of each reservation, by creation.
@@ -151,6 +153,11 @@ impl Decider {
                 .channel_ats
                 .iter()
                 .flat_map(|(c, m)| m.iter().map(move |(sk, n)| ((c.clone(), t.sku(*sk).sku.clone()), *n)))
+                .collect(),
+            channel_demand: t
+                .channel_demand
+                .iter()
+                .flat_map(|(sk, m)| m.iter().map(move |(c, v)| ((c.clone(), t.sku(*sk).sku.clone()), *v)))
                 .collect(),
             reservations: t.reservations.iter().map(|(k, v)| (*k, v.clone())).collect(),
             reservation_allocations: t.res_allocs.iter().map(|(k, v)| (*k, v.clone())).collect(),

@@ -70,6 +70,8 @@ pub(crate) struct Tables {
     pub channels: BTreeMap<crate::channels::ChannelId, crate::channels::Channel>,
     /// Each configured channel's last announced `ats` per SKU (absent: 0); derived, rebuilt on load.
     pub channel_ats: BTreeMap<crate::channels::ChannelId, HashMap<SkuIx, u64>>,
+    /// Per SKU, how fast each channel reserves it (a record per (SKU, channel)).
+    pub channel_demand: HashMap<SkuIx, BTreeMap<crate::channels::ChannelId, crate::model::Velocity>>,
     pub dirty: Dirty,
 }
 
@@ -109,6 +111,7 @@ impl Tables {
             tau_ms: 1,
             channels: BTreeMap::new(),
             channel_ats: BTreeMap::new(),
+            channel_demand: HashMap::new(),
             dirty: Dirty::default(),
         }
     }
@@ -280,6 +283,16 @@ impl Tables {
         self.channels.remove(id);
         self.channel_ats.remove(id);
         self.dirty.channels.insert(id.clone());
+    }
+
+    /// How fast `channel` reserves SKU `sk`, if it ever did.
+    pub fn demand_of(&self, sk: SkuIx, channel: &crate::channels::ChannelId) -> Option<crate::model::Velocity> {
+        self.channel_demand.get(&sk)?.get(channel).copied()
+    }
+
+    pub fn set_demand(&mut self, sk: SkuIx, channel: crate::channels::ChannelId, v: crate::model::Velocity) {
+        self.dirty.channel_demand.insert((sk, channel.clone()));
+        self.channel_demand.entry(sk).or_default().insert(channel, v);
     }
 
     /// A channel's last announced `ats` of a SKU (0 when none was).

@@ -154,6 +154,39 @@ fn a_skus_own_buffer_replaces_the_channels_for_that_sku_only() {
 }
 
 #[test]
+fn a_lagged_channels_margin_counts_what_the_other_channels_reserve() {
+    let mut h = H::new();
+    h.stores(&["a"]);
+    h.stock("a", "X", 100);
+    put(&mut h, Channel { latency: Latency::Lagged { lag_secs: 600 }, ..channel("market") });
+    assert_eq!(ats(&h, "market", "X").lag_margin, 0, "nobody sells or reserves X yet");
+    // Its own orders are no reason to hold back from itself.
+    for i in 0..5 {
+        assert!(reserve_via(&mut h, 100 + i, "market", "X", 2, None).is_ok());
+    }
+    assert_eq!(ats(&h, "market", "X").lag_margin, 0);
+    // The web reserving X fast is: while the listing is stale, those orders take its units.
+    for i in 0..10 {
+        let Done::Reserved(_) = h.ok(Command::Reserve(ReservationRequest {
+            id: uid(200 + i),
+            key: None,
+            lines: vec![line("X", 2)],
+            ttl_secs: 900,
+            pickup_store: None,
+            customer: None,
+            channel: None,
+        })) else {
+            panic!("reserved")
+        };
+    }
+    let f = ats(&h, "market", "X");
+    assert!(f.lag_margin > 0, "{f:?}");
+    assert_eq!(f.ats, f.pool - f.lag_margin, "{f:?}");
+    assert_eq!(ats(&h, "web", "X").lag_margin, 0, "a live channel keeps no margin");
+    assert_eq!(h.rebuilt().snapshot(), h.d.snapshot(), "the demand is recorded");
+}
+
+#[test]
 fn a_lagged_channel_keeps_a_margin_and_its_oversells_are_recorded_short() {
     let mut h = H::new();
     h.stores(&["a", "b"]);

@@ -173,6 +173,7 @@ pub fn rows(records: &[Record]) -> Vec<Record> {
             Record::CatalogRule { sku, .. } => (1, sku.to_string()),
             Record::Overrides { store, sku, .. } => (2, format!("{store}/{sku}")),
             Record::Channel { id, .. } => (2, format!("channel/{id}")),
+            Record::ChannelDemand { channel, sku, .. } => (4, format!("demand/{channel}/{sku}")),
             Record::Entry(e) => (3, format!("{}/{}/{}", e.store, e.sku, e.writer)),
             Record::Velocity { store, sku, .. } => (4, format!("{store}/{sku}")),
             Record::Alert { store, sku, .. } => (5, format!("{store}/{sku}")),
