@@ -167,17 +167,7 @@ fn a_lagged_channels_margin_counts_what_the_other_channels_reserve() {
     assert_eq!(ats(&h, "market", "X").lag_margin, 0);
     // The web reserving X fast is: while the listing is stale, those orders take its units.
     for i in 0..10 {
-        let Done::Reserved(_) = h.ok(Command::Reserve(ReservationRequest {
-            id: uid(200 + i),
-            key: None,
-            lines: vec![line("X", 2)],
-            ttl_secs: 900,
-            pickup_store: None,
-            customer: None,
-            channel: None,
-        })) else {
-            panic!("reserved")
-        };
+        assert!(reserve_via(&mut h, 200 + i, "web", "X", 2, None).is_ok());
     }
     let f = ats(&h, "market", "X");
     assert!(f.lag_margin > 0, "{f:?}");

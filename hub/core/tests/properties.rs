@@ -132,7 +132,8 @@ fn channel_config(which: u8, n: u8) -> shelfsync_hub_core::Channel {
             cap: Cap::default(),
             latency: Latency::Live,
             // Now and then one SKU withheld more (or less) than the channel's buffer.
-            sku_buffers: (n % 5 == 0)
+            sku_buffers: n
+                .is_multiple_of(5)
                 .then(|| (SKUS[(n as usize / 5) % SKUS.len()].parse().unwrap(), (n % 4) as u64))
                 .into_iter()
                 .collect(),
